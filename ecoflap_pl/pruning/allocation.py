@@ -1,0 +1,89 @@
+"""ECoFLaP's coarse allocation: group scores -> per-group sparsity under a global budget and a cap."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+
+def _validate(scores: Mapping[str, float], sizes: Mapping[str, int], sparsity: float, max_sparsity: float) -> None:
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity!r}.")
+    if not sparsity <= max_sparsity < 1.0:
+        raise ValueError(f"`max_sparsity` must be in [sparsity, 1) = [{sparsity}, 1), got {max_sparsity!r}.")
+    if set(scores) != set(sizes):
+        raise ValueError(
+            f"`scores` and `sizes` must have the same groups; only in scores: {sorted(set(scores) - set(sizes))}, "
+            f"only in sizes: {sorted(set(sizes) - set(scores))}."
+        )
+    if not sizes:
+        raise ValueError("`sizes` must name at least one group, got {}.")
+    for group, size in sizes.items():
+        if int(size) != size or size <= 0:
+            raise ValueError(f"`sizes[{group!r}]` must be a positive integer, got {size!r}.")
+    for group, score in scores.items():
+        if not (math.isfinite(score) and score >= 0):
+            raise ValueError(f"`scores[{group!r}]` must be finite and >= 0, got {score!r}.")
+
+
+def _water_fill(remaining: int, weights: dict[str, float], capacity: dict[str, int]) -> dict[str, float]:
+    """Hand out ``remaining`` in proportion to ``weights``, saturating groups at ``capacity`` and re-spreading."""
+    share = dict.fromkeys(capacity, 0.0)
+    open_groups = {group for group, cap in capacity.items() if cap > 0}
+    left = float(remaining)
+    while left > 1e-9 and open_groups:
+        total = sum(weights[group] for group in open_groups)
+        # All-zero scores carry no preference: spread by what each group can still take (its size).
+        basis = weights if total > 0 else {group: float(capacity[group]) for group in open_groups}
+        total = sum(basis[group] for group in open_groups)
+        saturated = {group for group in open_groups if share[group] + left * basis[group] / total >= capacity[group]}
+        if not saturated:
+            for group in open_groups:
+                share[group] += left * basis[group] / total
+            break
+        for group in saturated:
+            left -= capacity[group] - share[group]
+            share[group] = float(capacity[group])
+        open_groups -= saturated
+    return share
+
+
+def allocate_sparsity(
+    scores: Mapping[str, float], sizes: Mapping[str, int], sparsity: float, max_sparsity: float
+) -> dict[str, float]:
+    """Per-group sparsity from importance scores (ALGORITHM.md §3), with an exact global budget.
+
+    With ``N = Σ N_g`` parameters and ``K = round(N · (1 − sparsity))`` to keep, every group first keeps its floor
+    ``ceil(N_g · (1 − max_sparsity))``; the rest of ``K`` is handed out in proportion to the scores ``S_g`` (not
+    weighted by ``N_g``), a group saturating at ``N_g`` with its excess re-spread over the others; keeps are then
+    rounded to integers by largest remainder so that ``Σ keep_g = K``. Away from saturation,
+    ``sparsity_g ≈ s_max − (S_g / ΣS) · (s_max − p) · N / N_g``, so sparsity never increases with the score
+    density ``S_g / N_g`` (with equal sizes: a higher score never gets a higher sparsity). All-zero scores spread
+    the budget by size (uniform sparsity). The floors may exceed ``K`` by at most one parameter per group.
+
+    Args:
+        scores: group -> importance ``S_g >= 0``.
+        sizes: group -> parameter count ``N_g``.
+        sparsity: global target fraction of zeros ``p``.
+        max_sparsity: cap ``s_max >= p`` on every group.
+
+    Returns:
+        group -> sparsity ``1 − keep_g / N_g``.
+    """
+    _validate(scores, sizes, sparsity, max_sparsity)
+    sizes = {group: int(size) for group, size in sizes.items()}
+    keep_target = round(sum(sizes.values()) * (1.0 - sparsity))
+    floors = {group: min(size, math.ceil(size * (1.0 - max_sparsity) - 1e-9)) for group, size in sizes.items()}
+    remaining = max(keep_target - sum(floors.values()), 0)
+    capacity = {group: sizes[group] - floors[group] for group in sizes}
+    share = _water_fill(remaining, {group: float(scores[group]) for group in sizes}, capacity)
+
+    extra = {group: math.floor(share[group] + 1e-9) for group in sizes}
+    leftover = remaining - sum(extra.values())
+    by_remainder = sorted(
+        (group for group in sizes if extra[group] < capacity[group]),
+        key=lambda group: (-(share[group] - extra[group]), -scores[group] / sizes[group]),
+    )
+    for group in by_remainder[: max(leftover, 0)]:
+        extra[group] += 1
+    return {group: 1.0 - (floors[group] + extra[group]) / sizes[group] for group in sizes}

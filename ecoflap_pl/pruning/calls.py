@@ -1,0 +1,117 @@
+"""Recording and replaying the calls of the blocks of one stack.
+
+During one real forward of the model per calibration batch, forward pre-hooks record every block's positional
+and keyword arguments; the forward stops at the last block of the stack with a private exception. A block is
+later replayed on its own recorded arguments with only the *hidden stream* (its first positional argument, or
+``hidden_states=``) replaced by the output of the already-pruned block before it, so every other argument
+(masks, T5 position biases, rotary embeddings, encoder states) stays exactly what the model passed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+_HIDDEN_KWARG = "hidden_states"
+
+
+class _StopForward(Exception):
+    """Raised by the last block's pre-hook to end a forward pass early; caught by type only here."""
+
+
+@dataclass
+class BlockCall:
+    """One recorded call of a block. ``hidden`` is None when the hidden stream was dropped to save memory."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    hidden_key: int | str
+    hidden: torch.Tensor | None
+
+    def replay(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Run ``block`` on the recorded arguments with the hidden stream set to ``hidden``; return its output."""
+        args, kwargs = list(self.args), dict(self.kwargs)
+        if isinstance(self.hidden_key, int):
+            args[self.hidden_key] = hidden
+        else:
+            kwargs[self.hidden_key] = hidden
+        return hidden_output(block(*args, **kwargs))
+
+
+def _hidden_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | str:
+    if args and isinstance(args[0], torch.Tensor):
+        return 0
+    if isinstance(kwargs.get(_HIDDEN_KWARG), torch.Tensor):
+        return _HIDDEN_KWARG
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            return key
+    raise TypeError("A block was called without any tensor argument; cannot find its hidden stream.")
+
+
+def hidden_output(output: Any) -> torch.Tensor:
+    """The hidden stream of a block's output: the tensor itself or the first element of a tuple/ModelOutput."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    to_tuple = getattr(output, "to_tuple", None)
+    if callable(to_tuple):
+        return hidden_output(to_tuple())
+    raise TypeError(f"Cannot find the hidden stream in a block output of type {type(output).__name__}.")
+
+
+def capture_block_calls(
+    blocks: Sequence[nn.Module], batches: Sequence[Any], run_forward: Callable[[Any], Any], keep_hidden: bool = False
+) -> list[list[BlockCall]]:
+    """Record every block's call on every batch; ``calls[block][batch]``.
+
+    Args:
+        blocks: the blocks of one stack, in forward order.
+        batches: calibration batches.
+        run_forward: ``run_forward(batch)`` runs the whole model on one batch (the calibration loss).
+        keep_hidden: keep the hidden stream of every block (tests); by default only block 0's is kept.
+
+    Raises:
+        RuntimeError: when a block of the stack did not run during a forward pass.
+    """
+    calls: list[list[BlockCall]] = [[] for _ in blocks]
+    last = len(blocks) - 1
+
+    def recorder(index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if len(calls[index]) == batch_index:
+                key = _hidden_key(args, kwargs)
+                hidden = args[key] if isinstance(key, int) else kwargs[key]
+                if isinstance(key, int):
+                    args = args[:key] + (None,) + args[key + 1 :]
+                else:
+                    kwargs = {**kwargs, key: None}
+                kept = hidden if (index == 0 or keep_hidden) else None
+                calls[index].append(BlockCall(args, kwargs, key, kept))
+            if index == last:
+                raise _StopForward
+
+        return hook
+
+    handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    try:
+        for batch_index, batch in enumerate(batches):
+            try:
+                run_forward(batch)
+            except _StopForward:
+                pass
+            silent = [i for i, block_calls in enumerate(calls) if len(block_calls) != batch_index + 1]
+            if silent:
+                raise RuntimeError(
+                    f"Blocks {silent} of a stack of {len(blocks)} did not run during the forward pass of calibration "
+                    f"batch {batch_index}. HINT: exclude blocks the calibration loss does not use."
+                )
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls

@@ -1,0 +1,167 @@
+"""`PruningConfig`: every knob of an ECoFLaP run, validated once when built."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+IMPORTANCES = ("zeroth_order", "first_order", "uniform")
+SCORES = ("grad_only", "grad_mag_abs", "grad_mag_square")
+AGGREGATES = ("sum", "avg")
+GRANULARITIES = ("block", "layer", "model")
+METHODS = ("wanda", "sparsegpt", "magnitude")
+COMPARISONS = ("per_row", "per_matrix")
+PROBE_GRANULARITIES = ("per_tensor", "per_block")
+_NM_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+# Never pruned by default (ALGORITHM.md §2): BLIP-2's whole Q-Former. Embeddings, heads and inter-tower
+# projections sit outside the discovered block stacks and are never candidates anyway.
+DEFAULT_EXCLUDE = ("*qformer*",)
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> str:
+    normalised = str(value).strip().lower().replace("-", "_")
+    if normalised not in options:
+        raise ValueError(f"`{name}` must be one of {list(options)}, got {value!r}.")
+    return normalised
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """Configuration of one pruning run (ALGORITHM.md §3-§4).
+
+    Args:
+        sparsity: target fraction of zeros over all candidate weights, in [0, 1).
+        max_sparsity: cap on any group's sparsity; defaults to ``sparsity + 0.1`` (every official run), capped
+            below 1. Must be ``>= sparsity``.
+        importance: coarse step: ``"zeroth_order"`` (forward-only, the paper's default), ``"first_order"``
+            (backprop, streamed) or ``"uniform"`` (no coarse step: every tensor gets ``sparsity``).
+        score: ``"grad_only"`` (s), ``"grad_mag_abs"`` (|W|·s) or ``"grad_mag_square"`` (W²·s²).
+        aggregate: ``"sum"`` of the element scores of a group, or ``"avg"`` (divided by its parameter count).
+        granularity: one sparsity per transformer ``"block"``, per weight tensor (``"layer"``) or per tower
+            (``"model"``).
+        method: local pruner of the fine step: ``"wanda"``, ``"sparsegpt"`` or ``"magnitude"``.
+        structure: ``"unstructured"`` or an N:M pattern such as ``"2:4"`` (N kept in every M weights).
+        comparison: rank within each output row (``"per_row"``) or within the whole matrix (``"per_matrix"``).
+            Defaults to ``"per_row"`` for Wanda and SparseGPT and ``"per_matrix"`` for magnitude.
+        coarse_samples: calibration samples for the coarse step (32 in the official BLIP-2 run).
+        fine_samples: calibration samples for the fine step (128).
+        eps: zeroth-order perturbation size ε.
+        probes: zeroth-order probes (random directions) per batch.
+        probe_granularity: one probe per weight tensor (``"per_tensor"``, faithful) or one direction for all
+            tensors of a group (``"per_block"``, #groups instead of #tensors forward pairs).
+        prune_per_model: meet the budget separately inside each tower.
+        include: glob patterns of parameter names to consider (default: every candidate).
+        exclude: glob patterns of parameter names never pruned (default: the BLIP-2 Q-Former).
+        sparsegpt_block_size: SparseGPT column block size.
+        sparsegpt_damping: SparseGPT damping as a fraction of the mean Hessian diagonal.
+        seed: seed of every random choice (zeroth-order directions).
+    """
+
+    sparsity: float = 0.5
+    max_sparsity: float | None = None
+    importance: str = "zeroth_order"
+    score: str = "grad_only"
+    aggregate: str = "sum"
+    granularity: str = "block"
+    method: str = "wanda"
+    structure: str = "unstructured"
+    comparison: str | None = None
+    coarse_samples: int = 32
+    fine_samples: int = 128
+    eps: float = 1e-3
+    probes: int = 1
+    probe_granularity: str = "per_tensor"
+    prune_per_model: bool = False
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = field(default=DEFAULT_EXCLUDE)
+    sparsegpt_block_size: int = 128
+    sparsegpt_damping: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def normalise(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if not 0.0 <= float(self.sparsity) < 1.0:
+            raise ValueError(
+                f"`sparsity` must be in [0, 1) (the fraction of zeros), got {self.sparsity!r}. "
+                "HINT: 0.5 prunes half of the weights."
+            )
+        normalise("sparsity", float(self.sparsity))
+        max_sparsity = min(self.sparsity + 0.1, 0.99) if self.max_sparsity is None else float(self.max_sparsity)
+        if not self.sparsity <= max_sparsity < 1.0:
+            raise ValueError(
+                f"`max_sparsity` must be in [sparsity, 1) = [{self.sparsity}, 1), got {self.max_sparsity!r}. "
+                "HINT: the official runs use sparsity + 0.1; leave it unset for that default."
+            )
+        normalise("max_sparsity", max_sparsity)
+        normalise("importance", _choice("importance", self.importance, IMPORTANCES))
+        normalise("score", _choice("score", self.score, SCORES))
+        normalise("aggregate", _choice("aggregate", self.aggregate, AGGREGATES))
+        normalise("granularity", _choice("granularity", self.granularity, GRANULARITIES))
+        normalise("method", _choice("method", self.method, METHODS))
+        normalise("probe_granularity", _choice("probe_granularity", self.probe_granularity, PROBE_GRANULARITIES))
+        default_comparison = "per_matrix" if self.method == "magnitude" else "per_row"
+        comparison = default_comparison if self.comparison is None else self.comparison
+        normalise("comparison", _choice("comparison", comparison, COMPARISONS))
+        normalise("structure", self._normalised_structure())
+        for name in ("coarse_samples", "fine_samples", "probes", "sparsegpt_block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if not self.eps > 0:
+            raise ValueError(f"`eps` must be > 0, got {self.eps!r}. HINT: the official runs use 1e-3.")
+        if not self.sparsegpt_damping > 0:
+            raise ValueError(f"`sparsegpt_damping` must be > 0, got {self.sparsegpt_damping!r}.")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            patterns = (value,) if isinstance(value, str) else tuple(value)
+            if not all(isinstance(pattern, str) and pattern for pattern in patterns):
+                raise ValueError(f"`{name}` must be a list of non-empty glob patterns, got {value!r}.")
+            normalise(name, patterns)
+        if not self.include:
+            raise ValueError("`include` must name at least one pattern, got []. HINT: use ['*'] for every candidate.")
+
+    def _normalised_structure(self) -> str:
+        structure = str(self.structure).strip().lower()
+        if structure == "unstructured":
+            return structure
+        match = _NM_PATTERN.match(structure)
+        if match is None:
+            raise ValueError(f"`structure` must be 'unstructured' or 'N:M' such as '2:4', got {self.structure!r}.")
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 0 < n < m:
+            raise ValueError(f"`structure` N:M must have 0 < N < M, got {self.structure!r}.")
+        if abs((1 - n / m) - self.sparsity) > 1e-9:
+            raise ValueError(
+                f"`structure` {n}:{m} keeps {n} of every {m} weights (sparsity {1 - n / m:g}), but `sparsity` is "
+                f"{self.sparsity!r}. HINT: set sparsity: {1 - n / m:g}."
+            )
+        if self.importance != "uniform":
+            raise ValueError(
+                f"`structure` {n}:{m} fixes every tensor's sparsity, so `importance` must be 'uniform', got "
+                f"{self.importance!r}. HINT: set importance: uniform for N:M runs."
+            )
+        return f"{n}:{m}"
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        """(N, M) for an N:M structure, else None."""
+        if self.structure == "unstructured":
+            return None
+        n, m = self.structure.split(":")
+        return int(n), int(m)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["include"], data["exclude"] = list(self.include), list(self.exclude)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruningConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown PruningConfig keys {unknown}. Valid keys: {sorted(known)}.")
+        return cls(**data)

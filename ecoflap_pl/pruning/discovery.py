@@ -1,0 +1,141 @@
+"""Discovery of what to prune: stacks of transformer blocks and the Linear weights inside them.
+
+Nothing here knows a model family. A *stack* is an ``nn.ModuleList``/``nn.Sequential`` of at least two blocks
+of one class that contain Linear layers (ViT layers, T5 blocks, LLaMA layers, timm ``blocks``); the outermost
+such containers are taken, so the sub-layers of a block never form a stack of their own. Stacks are ordered by
+the order in which their first block runs during a real forward pass, recorded with pre-hooks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ecoflap_pl.pruning.config import PruningConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One prunable weight: the ``weight`` of a Linear layer inside a block of a stack."""
+
+    name: str
+    module_name: str
+    block: str
+    stack: str
+    numel: int
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A sequence of same-class blocks, in the order the model runs them."""
+
+    name: str
+    blocks: tuple[str, ...]
+
+
+def _has_linear(module: nn.Module) -> bool:
+    return any(isinstance(child, nn.Linear) for child in module.modules() if child is not module)
+
+
+def _is_stack(module: nn.Module) -> bool:
+    if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+        return False
+    children = list(module.children())
+    return len(children) >= 2 and len({type(child) for child in children}) == 1 and _has_linear(children[0])
+
+
+def find_stacks(model: nn.Module) -> list[Stack]:
+    """The outermost stacks of blocks in ``model``, in module-registration order."""
+    stacks: list[Stack] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(stack.name + ".") for stack in stacks) or not _is_stack(module):
+            continue
+        prefix = f"{name}." if name else ""
+        stacks.append(Stack(name, tuple(prefix + child for child, _ in module.named_children())))
+    return stacks
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def find_candidates(model: nn.Module, stacks: list[Stack], config: PruningConfig) -> list[Candidate]:
+    """The Linear weights inside the blocks of ``stacks`` selected by ``config.include``/``config.exclude``.
+
+    Raises:
+        ValueError: when no stack exists, or when the patterns leave nothing to prune.
+    """
+    if not stacks:
+        raise ValueError(
+            f"`model` ({type(model).__name__}) has no discoverable stack of transformer blocks: no nn.ModuleList or "
+            "nn.Sequential holds two or more blocks of one class containing nn.Linear layers. HINT: keep the blocks "
+            "in an nn.ModuleList, as Hugging Face and timm models do."
+        )
+    modules = dict(model.named_modules())
+    candidates = []
+    for stack in stacks:
+        for block in stack.blocks:
+            for sub_name, module in modules[block].named_modules(prefix=block):
+                if not isinstance(module, nn.Linear):
+                    continue
+                name = f"{sub_name}.weight"
+                if _matches(name, config.include) and not _matches(name, config.exclude):
+                    candidates.append(Candidate(name, sub_name, block, stack.name, module.weight.numel()))
+    if not candidates:
+        seen = [f"{stack.name} ({len(stack.blocks)} blocks)" for stack in stacks]
+        raise ValueError(
+            f"`include`={list(config.include)} and `exclude`={list(config.exclude)} select no weight to prune. "
+            f"Stacks found: {seen}. HINT: patterns are globs on parameter names such as "
+            f"'{stacks[0].blocks[0]}.*.weight'."
+        )
+    return candidates
+
+
+def order_stacks(
+    model: nn.Module, stacks: list[Stack], run_forward: Callable[[], Any]
+) -> tuple[list[Stack], list[Stack]]:
+    """Sort ``stacks`` by when their first block runs in ``run_forward()``; return (ran, never_ran)."""
+    modules = dict(model.named_modules())
+    first_call: dict[str, int] = {}
+
+    def recorder(stack_name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            first_call.setdefault(stack_name, len(first_call))
+
+        return hook
+
+    handles = [modules[stack.blocks[0]].register_forward_pre_hook(recorder(stack.name)) for stack in stacks]
+    try:
+        with torch.no_grad():
+            run_forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    ran = sorted((stack for stack in stacks if stack.name in first_call), key=lambda stack: first_call[stack.name])
+    never_ran = [stack for stack in stacks if stack.name not in first_call]
+    return ran, never_ran
+
+
+def group_of(candidate: Candidate, granularity: str) -> str:
+    """The group a candidate's sparsity is shared with: its block, itself, or its whole stack (tower)."""
+    if granularity == "block":
+        return candidate.block
+    if granularity == "layer":
+        return candidate.name
+    return candidate.stack
+
+
+def build_groups(candidates: list[Candidate], granularity: str) -> dict[str, tuple[str, ...]]:
+    """Group name -> candidate parameter names, in candidate (forward) order."""
+    groups: dict[str, list[str]] = {}
+    for candidate in candidates:
+        groups.setdefault(group_of(candidate, granularity), []).append(candidate.name)
+    return {group: tuple(names) for group, names in groups.items()}

@@ -1,0 +1,136 @@
+"""The fine step: layer-wise pruning, block by block, each block seeing its pruned predecessors' outputs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ecoflap_pl.pruning.calls import BlockCall, capture_block_calls
+from ecoflap_pl.pruning.config import PruningConfig
+from ecoflap_pl.pruning.discovery import Candidate, Stack
+from ecoflap_pl.pruning.loss import LossFn
+from ecoflap_pl.pruning.masks import apply_mask_, magnitude_scores, select_mask, wanda_scores
+from ecoflap_pl.pruning.monitor import StageMonitor
+from ecoflap_pl.pruning.sparsegpt import sparsegpt_prune_
+from ecoflap_pl.pruning.statistics import InputStatistics, LinearInputRecorder
+from ecoflap_pl.pruning.transaction import WeightTransaction
+
+logger = logging.getLogger(__name__)
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _prune_weight_(
+    weight: torch.Tensor, statistics: InputStatistics | None, sparsity: float, config: PruningConfig
+) -> torch.Tensor:
+    """Prune one weight in place with the configured method; return its mask."""
+    if config.method == "sparsegpt":
+        assert statistics is not None and statistics.gram is not None
+        return sparsegpt_prune_(
+            weight,
+            statistics.gram,
+            sparsity,
+            comparison=config.comparison or "per_row",
+            n_m=config.n_m,
+            block_size=config.sparsegpt_block_size,
+            damping=config.sparsegpt_damping,
+        )
+    if config.method == "wanda":
+        assert statistics is not None
+        scores = wanda_scores(weight, statistics.column_sq_sums)
+    else:
+        scores = magnitude_scores(weight)
+    mask = select_mask(scores, sparsity, config.comparison or "per_row", config.n_m)
+    apply_mask_(weight, mask)
+    return mask
+
+
+def _block_statistics(
+    block: nn.Module,
+    block_name: str,
+    weights: Mapping[str, nn.Parameter],
+    calls: Sequence[BlockCall],
+    hidden: Sequence[torch.Tensor],
+    hessian: bool,
+    monitor: StageMonitor,
+) -> dict[str, InputStatistics]:
+    """Run ``block`` on every batch while recording the inputs of its candidate weights."""
+    statistics = {
+        name: InputStatistics(weight.shape[1], weight.device, hessian=hessian) for name, weight in weights.items()
+    }
+    with LinearInputRecorder({id(weights[name]): stats for name, stats in statistics.items()}):
+        for call, state in zip(calls, hidden, strict=True):
+            call.replay(block, state)
+            monitor.block_forwards += 1
+    silent = [name for name, stats in statistics.items() if stats.calls == 0]
+    if silent:
+        raise RuntimeError(
+            f"Block {block_name!r} ran, but these weights were never used in an F.linear call, so their inputs "
+            f"cannot be measured: {silent}. HINT: add them to `exclude`, or use method='magnitude'."
+        )
+    return statistics
+
+
+def fine_prune_(
+    model: nn.Module,
+    stacks: Sequence[Stack],
+    candidates: Sequence[Candidate],
+    tensor_sparsity: Mapping[str, float],
+    batches: Sequence[Any],
+    loss_fn: LossFn,
+    config: PruningConfig,
+    *,
+    transaction: WeightTransaction,
+    monitor: StageMonitor,
+    all_reduce: AllReduce | None = None,
+    on_block_done: Callable[[], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Prune every candidate at its sparsity, stack by stack in forward order; return the masks.
+
+    For each stack, one forward per batch (stopped after the stack's last block starts) records every block's
+    arguments with the already-pruned upstream stacks in place. Then, block by block: run the block on its
+    recorded arguments with the propagated hidden stream while collecting input statistics of its Linear weights
+    (summed over ranks with ``all_reduce``), prune them, and re-run the pruned block to produce the next block's
+    hidden stream.
+    """
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    by_block: dict[str, list[Candidate]] = {}
+    for candidate in candidates:
+        by_block.setdefault(candidate.block, []).append(candidate)
+    masks: dict[str, torch.Tensor] = {}
+    needs_inputs = config.method != "magnitude"
+
+    for stack in stacks:
+        blocks = [modules[name] for name in stack.blocks]
+        if needs_inputs:
+            calls = capture_block_calls(blocks, batches, lambda batch: loss_fn(model, batch))
+            monitor.full_forwards += len(batches)
+            hidden = [call.hidden for call in calls[0]]
+        for index, (block_name, block) in enumerate(zip(stack.blocks, blocks, strict=True)):
+            block_candidates = by_block.get(block_name, [])
+            weights = {c.name: params[c.name] for c in block_candidates}
+            statistics: dict[str, InputStatistics] = {}
+            if needs_inputs and weights:
+                statistics = _block_statistics(
+                    block, block_name, weights, calls[index], hidden, config.method == "sparsegpt", monitor
+                )
+                if all_reduce is not None:
+                    for stats in statistics.values():
+                        stats.all_reduce_(all_reduce)
+            for name, weight in weights.items():
+                transaction.save(weight)
+                masks[name] = _prune_weight_(weight, statistics.get(name), tensor_sparsity[name], config)
+            del statistics
+            if needs_inputs and index + 1 < len(blocks):
+                hidden = [call.replay(block, state) for call, state in zip(calls[index], hidden, strict=True)]
+                monitor.block_forwards += len(hidden)
+            if needs_inputs:
+                calls[index] = []  # free this block's recorded arguments as soon as they are used
+            if on_block_done is not None:
+                on_block_done()
+        logger.debug("Pruned stack %s (%d blocks)", stack.name, len(blocks))
+    return masks

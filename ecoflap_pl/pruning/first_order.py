@@ -1,0 +1,73 @@
+"""First-order importance by back-propagation, streamed so no full gradient outlives its batch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ecoflap_pl.pruning.loss import LossFn, checked_loss
+from ecoflap_pl.pruning.monitor import StageMonitor
+
+
+def _reducer(score: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if score == "grad_only":
+        return lambda weight, grad: grad.float().abs().sum()
+    if score == "grad_mag_abs":
+        return lambda weight, grad: (weight.float().abs() * grad.float().abs()).sum()
+    return lambda weight, grad: (weight.float().square() * grad.float().square()).sum()
+
+
+def first_order_sums(
+    model: nn.Module,
+    params: Mapping[str, nn.Parameter],
+    batches: Sequence[tuple[int, Any]],
+    loss_fn: LossFn,
+    *,
+    score: str,
+    monitor: StageMonitor,
+    on_batch_done: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Per tensor, ``Σ_b Σ_i r(w_i, g_{b,i})`` with ``r`` = ``|g|`` (grad_only), ``|w|·|g|`` (grad_mag_abs) or
+    ``w²·g²`` (grad_mag_square).
+
+    Divided by the number of batches this is ``Σ_i |w_i| · mean_b |g_{b,i}|`` and its variants: linear in the
+    batches, so each parameter's gradient is reduced to one scalar by a post-accumulate hook the moment backward
+    produces it, and freed at once. Only the candidate weights require gradients during the pass; every other
+    parameter's ``requires_grad`` and ``.grad`` are restored afterwards.
+    """
+    reduce = _reducer(score)
+    sums = {name: torch.zeros((), dtype=torch.float64, device=param.device) for name, param in params.items()}
+    previous = {param: (param.requires_grad, param.grad) for param in model.parameters()}
+    handles = []
+
+    def hook_for(name: str) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            sums[name] += reduce(param.detach(), param.grad).double()
+            param.grad = None
+
+        return hook
+
+    try:
+        for param in previous:
+            param.requires_grad_(False)
+            param.grad = None
+        for name, param in params.items():
+            param.requires_grad_(True)
+            handles.append(param.register_post_accumulate_grad_hook(hook_for(name)))
+        with torch.enable_grad():
+            for batch_id, batch in batches:
+                checked_loss(loss_fn, model, batch, batch_id).backward()
+                monitor.full_forwards += 1
+                monitor.backward_passes += 1
+                if on_batch_done is not None:
+                    on_batch_done()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for param, (flag, grad) in previous.items():
+            param.requires_grad_(flag)
+            param.grad = grad
+    return {name: float(total) for name, total in sums.items()}

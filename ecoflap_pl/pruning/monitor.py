@@ -1,0 +1,84 @@
+"""Per-stage counters: forward passes, wall time and peak memory."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+@dataclass(frozen=True)
+class StageStats:
+    """What one stage of a pruning run cost.
+
+    ``peak_memory_bytes`` is the peak of ``torch.cuda.max_memory_allocated`` on a CUDA device
+    (``memory_kind="cuda_allocated"``), else the peak resident set size of the process sampled every 5 ms
+    (``"cpu_rss"``).
+    """
+
+    full_forwards: int = 0
+    block_forwards: int = 0
+    backward_passes: int = 0
+    seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    memory_kind: str = "cpu_rss"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * _PAGE_SIZE
+    except OSError:
+        return 0
+
+
+class StageMonitor:
+    """Context manager that counts a stage's work and measures its time and peak memory."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.full_forwards = 0
+        self.block_forwards = 0
+        self.backward_passes = 0
+        self._peak_rss = 0
+        self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
+        self._start = 0.0
+        self.stats = StageStats()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self._peak_rss = max(self._peak_rss, _rss_bytes())
+
+    def __enter__(self) -> StageMonitor:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._peak_rss = _rss_bytes()
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak, kind = torch.cuda.max_memory_allocated(self.device), "cuda_allocated"
+        else:
+            self._stop.set()
+            if self._sampler is not None:
+                self._sampler.join()
+            peak, kind = max(self._peak_rss, _rss_bytes()), "cpu_rss"
+        self.stats = StageStats(
+            self.full_forwards, self.block_forwards, self.backward_passes, time.perf_counter() - self._start, peak, kind
+        )

@@ -1,0 +1,370 @@
+"""``prune()``: discovery, the coarse step (scores -> per-group sparsity) and the fine step, transactionally."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ecoflap_pl.pruning.config import PruningConfig
+from ecoflap_pl.pruning.discovery import (
+    Candidate,
+    Stack,
+    build_groups,
+    find_candidates,
+    find_stacks,
+    order_stacks,
+)
+from ecoflap_pl.pruning.fine import AllReduce, fine_prune_
+from ecoflap_pl.pruning.first_order import first_order_sums
+from ecoflap_pl.pruning.loss import LossFn
+from ecoflap_pl.pruning.monitor import StageMonitor, StageStats
+from ecoflap_pl.pruning.result import GroupScores, PruningResult
+from ecoflap_pl.pruning.transaction import pruning_session
+from ecoflap_pl.pruning.zeroth_order import zeroth_order_sums
+
+logger = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``, called as each unit of work of a stage finishes."""
+
+_SCORE_SETTINGS = ("importance", "score", "aggregate", "granularity", "probe_granularity", "include", "exclude")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    stacks: list[Stack]
+    skipped: list[Stack]
+    candidates: list[Candidate]
+    groups: dict[str, tuple[str, ...]]
+    towers: dict[str, tuple[str, ...]]
+    sizes: dict[str, int]
+
+
+def _batch_samples(batch: Any) -> int:
+    """Samples in a batch: the leading dimension of its first tensor (1 when it has no tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else 1
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        if isinstance(value, (torch.Tensor, dict, list, tuple)):
+            found = _batch_samples(value)
+            if found:
+                return found
+    return 1
+
+
+def _leading_batches(batches: Sequence[Any], samples: int, purpose: str) -> list[tuple[int, Any]]:
+    """The first batches holding ``samples`` samples, with their global ids."""
+    chosen, seen = [], 0
+    for batch_id, batch in enumerate(batches):
+        if seen >= samples:
+            break
+        chosen.append((batch_id, batch))
+        seen += _batch_samples(batch)
+    if seen < samples:
+        logger.warning("%s asked for %d calibration samples but only %d were given; using all.", purpose, samples, seen)
+    return chosen
+
+
+def _shard(batches: list[tuple[int, Any]], rank: int, world_size: int, purpose: str) -> list[tuple[int, Any]]:
+    own = [(batch_id, batch) for batch_id, batch in batches if batch_id % world_size == rank]
+    if not own:
+        raise ValueError(
+            f"{purpose}: rank {rank} of {world_size} got no calibration batch ({len(batches)} batches in all). "
+            "HINT: use more calibration samples or a smaller calibration batch size."
+        )
+    return own
+
+
+def _check_inputs(model: Any, batches: Any, loss_fn: Any, config: Any, rank: int, world_size: int) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if not isinstance(config, PruningConfig):
+        raise TypeError(f"`config` must be a PruningConfig, got {type(config).__name__}.")
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch) -> Tensor, got {loss_fn!r}.")
+    if not isinstance(batches, Sequence) or len(batches) == 0:
+        raise ValueError(
+            f"`calibration_batches` must be a non-empty sequence of batches, got "
+            f"{type(batches).__name__}{'' if not isinstance(batches, Sequence) else ' of length 0'}. "
+            "HINT: pass list(dataloader)."
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"`rank` must be in [0, world_size={world_size}), got {rank!r}.")
+
+
+def _plan(
+    model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, config: PruningConfig, rank: int, world_size: int
+) -> tuple[_Plan, StageStats]:
+    device = next(model.parameters()).device
+    with StageMonitor(device) as monitor:
+        stacks = find_stacks(model)
+        first_batch = batches[rank % len(batches)]
+        ran, skipped = order_stacks(model, stacks, lambda: loss_fn(model, first_batch)) if stacks else ([], [])
+        monitor.full_forwards += 1
+        if stacks and not ran:
+            raise RuntimeError(
+                f"None of the stacks of blocks {[s.name for s in stacks]} ran during `loss_fn(model, batch)`. "
+                "HINT: `loss_fn` must run the model's forward pass."
+            )
+        for stack in skipped:
+            logger.warning("Stack %s never runs in the calibration loss; it is left dense.", stack.name)
+        candidates = find_candidates(model, ran, config)
+    groups = build_groups(candidates, config.granularity)
+    stack_of = {c.name: c.stack for c in candidates}
+    towers: dict[str, list[str]] = {}
+    for group, names in groups.items():
+        towers.setdefault(stack_of[names[0]], []).append(group)
+    numel = {c.name: c.numel for c in candidates}
+    sizes = {group: sum(numel[n] for n in names) for group, names in groups.items()}
+    plan = _Plan(ran, skipped, candidates, groups, {t: tuple(g) for t, g in towers.items()}, sizes)
+    logger.info(
+        "Found %d weights to prune in %d groups over %d stacks: %s",
+        len(candidates),
+        len(groups),
+        len(ran),
+        ", ".join(f"{s.name} ({len(s.blocks)})" for s in ran),
+    )
+    return plan, monitor.stats
+
+
+def _aggregate(
+    plan: _Plan, params: dict[str, nn.Parameter], raw: dict[str, float], config: PruningConfig, batch_count: int
+) -> dict[str, float]:
+    """Turn per-tensor or per-group raw sums into group scores (score variant, then sum/avg aggregation)."""
+
+    def weight_sum(names: Sequence[str], power: int) -> float:
+        return float(sum(params[n].detach().float().abs().pow(power).sum() for n in names))
+
+    scores = {}
+    for group, names in plan.groups.items():
+        if config.importance == "first_order":
+            total = sum(raw[n] for n in names) / batch_count
+        elif config.probe_granularity == "per_block":
+            s = raw[group]
+            total = {
+                "grad_only": s,
+                "grad_mag_abs": s * weight_sum(names, 1),
+                "grad_mag_square": s * s * weight_sum(names, 2),
+            }[config.score]
+        else:
+            total = 0.0
+            for n in names:
+                s = raw[n]
+                total += {
+                    "grad_only": s,
+                    "grad_mag_abs": s * weight_sum([n], 1),
+                    "grad_mag_square": s * s * weight_sum([n], 2),
+                }[config.score]
+        scores[group] = total / plan.sizes[group] if config.aggregate == "avg" else total
+    return scores
+
+
+def _score(
+    model: nn.Module,
+    plan: _Plan,
+    batches: Sequence[Any],
+    loss_fn: LossFn,
+    config: PruningConfig,
+    all_reduce: AllReduce | None,
+    rank: int,
+    world_size: int,
+    progress: Progress | None,
+) -> GroupScores:
+    params = dict(model.named_parameters())
+    chosen = _leading_batches(batches, config.coarse_samples, "The coarse step")
+    own = _shard(chosen, rank, world_size, "The coarse step")
+    device = next(model.parameters()).device
+    done = 0
+
+    def tick(total: int) -> Callable[[], None]:
+        def step() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress("coarse", done, total)
+
+        return step
+
+    with StageMonitor(device) as monitor:
+        if config.importance == "first_order":
+            raw = first_order_sums(
+                model,
+                {c.name: params[c.name] for c in plan.candidates},
+                own,
+                loss_fn,
+                score=config.score,
+                monitor=monitor,
+                on_batch_done=tick(len(own)),
+            )
+        else:
+            if config.probe_granularity == "per_block":
+                units = {g: [params[n] for n in names] for g, names in plan.groups.items()}
+            else:
+                units = {c.name: [params[c.name]] for c in plan.candidates}
+            raw = zeroth_order_sums(
+                model,
+                units,
+                own,
+                loss_fn,
+                eps=config.eps,
+                probes=config.probes,
+                seed=config.seed,
+                monitor=monitor,
+                on_unit_done=tick(len(units)),
+            )
+        if all_reduce is not None:
+            keys = list(raw)
+            summed = all_reduce(torch.tensor([raw[k] for k in keys], dtype=torch.float64, device=device))
+            raw = dict(zip(keys, summed.tolist(), strict=True))
+        scores = _aggregate(plan, params, raw, config, len(chosen))
+    settings = {name: getattr(config, name) for name in _SCORE_SETTINGS}
+    logger.info(
+        "Coarse step (%s) done in %.1f s, %d forward passes",
+        config.importance,
+        monitor.stats.seconds,
+        monitor.stats.full_forwards,
+    )
+    return GroupScores(scores, dict(plan.sizes), dict(plan.groups), dict(plan.towers), settings, monitor.stats)
+
+
+def score_groups(
+    model: nn.Module,
+    calibration_batches: Sequence[Any],
+    loss_fn: LossFn,
+    config: PruningConfig,
+    *,
+    all_reduce: AllReduce | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: Progress | None = None,
+) -> GroupScores:
+    """Run only the coarse step: one importance score per group, reusable by ``prune(..., scores=...)`` for any
+    target sparsity. The model is left exactly as it was."""
+    _check_inputs(model, calibration_batches, loss_fn, config, rank, world_size)
+    if config.importance == "uniform":
+        raise ValueError("`importance` must be 'zeroth_order' or 'first_order' to score groups, got 'uniform'.")
+    with pruning_session(model):
+        plan, _ = _plan(model, calibration_batches, loss_fn, config, rank, world_size)
+        return _score(model, plan, calibration_batches, loss_fn, config, all_reduce, rank, world_size, progress)
+
+
+def _check_scores(scores: GroupScores, plan: _Plan, config: PruningConfig) -> None:
+    settings = {name: getattr(config, name) for name in _SCORE_SETTINGS}
+    differing = {k: (scores.settings.get(k), v) for k, v in settings.items() if scores.settings.get(k) != v}
+    if differing or scores.groups != plan.groups:
+        raise ValueError(
+            f"`scores` were computed with other settings or for other groups than this run: {differing or 'groups'}. "
+            "HINT: compute them with score_groups() on the same model with the same config."
+        )
+
+
+def prune(
+    model: nn.Module,
+    calibration_batches: Sequence[Any],
+    loss_fn: LossFn,
+    config: PruningConfig,
+    *,
+    scores: GroupScores | None = None,
+    all_reduce: AllReduce | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: Progress | None = None,
+) -> PruningResult:
+    """Prune ``model`` in place with ECoFLaP (coarse global scores, then layer-wise fine pruning).
+
+    Args:
+        model: any ``nn.Module`` holding stacks of transformer blocks (HF, timm or plain PyTorch).
+        calibration_batches: a sequence of batches on the model's device, used as given; the coarse step takes the
+            leading batches holding ``config.coarse_samples`` samples, the fine step ``config.fine_samples``.
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor``, the model's own training loss; it also runs the
+            forward passes of the fine step.
+        config: the run's configuration.
+        scores: group scores from :func:`score_groups` to reuse instead of re-scoring.
+        all_reduce: sums a tensor over ranks (DDP); statistics and scores become global.
+        rank: this process's rank; it handles the calibration batches with ``id % world_size == rank``.
+        world_size: number of ranks.
+        progress: ``progress(stage, done, total)`` callback.
+
+    Returns:
+        The result with masks, per-tensor target and achieved sparsity, scores and per-stage costs.
+
+    Raises:
+        ValueError, TypeError: bad arguments, no stacks, patterns selecting nothing, empty data.
+        FloatingPointError: a NaN or infinite calibration loss (naming the batch).
+        On any exception, including KeyboardInterrupt, every weight is restored bit-exactly.
+    """
+    _check_inputs(model, calibration_batches, loss_fn, config, rank, world_size)
+    stages: dict[str, StageStats] = {}
+    with pruning_session(model) as transaction:
+        plan, stages["discovery"] = _plan(model, calibration_batches, loss_fn, config, rank, world_size)
+        if config.importance == "uniform":
+            group_scores: dict[str, float] = {}
+            group_sparsity = dict.fromkeys(plan.groups, config.sparsity)
+        else:
+            if scores is None:
+                scores = _score(
+                    model, plan, calibration_batches, loss_fn, config, all_reduce, rank, world_size, progress
+                )
+            else:
+                _check_scores(scores, plan, config)
+            stages["coarse"] = scores.stats
+            group_scores = dict(scores.scores)
+            assert config.max_sparsity is not None
+            group_sparsity = scores.allocate(config.sparsity, config.max_sparsity, config.prune_per_model)
+        tensor_sparsity = {name: group_sparsity[group] for group, names in plan.groups.items() for name in names}
+
+        chosen = _leading_batches(calibration_batches, config.fine_samples, "The fine step")
+        own = [batch for _, batch in _shard(chosen, rank, world_size, "The fine step")]
+        device = next(model.parameters()).device
+        total_blocks = sum(len(stack.blocks) for stack in plan.stacks)
+        done = 0
+
+        def block_done() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress("fine", done, total_blocks)
+
+        with StageMonitor(device) as monitor, torch.no_grad():
+            masks = fine_prune_(
+                model,
+                plan.stacks,
+                plan.candidates,
+                tensor_sparsity,
+                own,
+                loss_fn,
+                config,
+                transaction=transaction,
+                monitor=monitor,
+                all_reduce=all_reduce,
+                on_block_done=block_done,
+            )
+        stages["fine"] = monitor.stats
+    sizes = {c.name: c.numel for c in plan.candidates}
+    achieved = {name: 1.0 - float(mask.sum()) / mask.numel() for name, mask in masks.items()}
+    result = PruningResult(
+        config=config,
+        groups=plan.groups,
+        towers=plan.towers,
+        group_scores=group_scores,
+        group_sparsity=group_sparsity,
+        target_sparsity=tensor_sparsity,
+        achieved_sparsity=achieved,
+        sizes=sizes,
+        stages=stages,
+        masks=masks,
+        skipped_stacks=tuple(stack.name for stack in plan.skipped),
+    )
+    logger.info(
+        "Pruned %d weights to %.2f%% sparsity (target %.2f%%) in %.1f s",
+        len(masks),
+        100 * result.overall_sparsity,
+        100 * config.sparsity,
+        sum(s.seconds for s in stages.values()),
+    )
+    return result

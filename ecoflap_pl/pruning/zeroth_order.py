@@ -1,0 +1,80 @@
+"""Zeroth-order (forward-only) importance: two-point gradient estimates along random directions (MeZO-style)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ecoflap_pl.pruning.loss import LossFn, checked_loss
+from ecoflap_pl.pruning.monitor import StageMonitor
+
+_MIX = 1_000_003
+
+
+def probe_seed(seed: int, unit: int, batch_id: int, probe: int) -> int:
+    """A distinct, reproducible generator seed for each (unit, batch, probe); independent of the DDP rank."""
+    return (((seed * _MIX + unit) * _MIX + batch_id) * _MIX + probe) % (2**63 - 1)
+
+
+@torch.no_grad()
+def zeroth_order_sums(
+    model: nn.Module,
+    units: Mapping[str, Sequence[nn.Parameter]],
+    batches: Sequence[tuple[int, Any]],
+    loss_fn: LossFn,
+    *,
+    eps: float,
+    probes: int,
+    seed: int,
+    monitor: StageMonitor,
+    on_unit_done: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """``s_u = Σ_b mean_k |ĝ_{u,b,k}|`` for every unit (one tensor, or the tensors of one group).
+
+    For each unit, batch and probe: draw ``z ~ N(0, I)`` shaped like the unit's tensors from a local generator,
+    evaluate ``L± = loss(θ ± εz)`` without gradients, and take ``ĝ = (L+ − L−) / (2ε)``, a scalar whose
+    expected magnitude is ``sqrt(2/π)·‖∇_θ L‖``. The unit's tensors are restored bit-exactly from a copy after
+    every probe (perturbing and un-perturbing in low precision would drift); losses are compared in fp32.
+
+    Args:
+        units: unit name -> the parameters perturbed together.
+        batches: ``(global batch id, batch)`` pairs; the id seeds the directions, so a batch gets the same
+            direction whichever rank evaluates it.
+        eps: perturbation size ε.
+        probes: directions per batch.
+        seed: the run's seed.
+        monitor: counts the forward passes.
+        on_unit_done: called after each unit (progress).
+    """
+    sums: dict[str, float] = {}
+    for unit_index, (unit, tensors) in enumerate(units.items()):
+        originals = [tensor.detach().clone() for tensor in tensors]
+        total = 0.0
+        try:
+            for batch_id, batch in batches:
+                for probe in range(probes):
+                    generator = torch.Generator(device=tensors[0].device)
+                    generator.manual_seed(probe_seed(seed, unit_index, batch_id, probe))
+                    directions = [
+                        torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype) for t in tensors
+                    ]
+                    for tensor, direction in zip(tensors, directions, strict=True):
+                        tensor.data.add_(direction, alpha=eps)
+                    plus = checked_loss(loss_fn, model, batch, batch_id)
+                    for tensor, original, direction in zip(tensors, originals, directions, strict=True):
+                        tensor.data.copy_(original).sub_(direction, alpha=eps)
+                    minus = checked_loss(loss_fn, model, batch, batch_id)
+                    for tensor, original in zip(tensors, originals, strict=True):
+                        tensor.data.copy_(original)
+                    monitor.full_forwards += 2
+                    total += abs(float(plus) - float(minus)) / (2.0 * eps) / probes
+        finally:
+            for tensor, original in zip(tensors, originals, strict=True):
+                tensor.data.copy_(original)
+        sums[unit] = total
+        if on_unit_done is not None:
+            on_unit_done()
+    return sums

@@ -1,0 +1,81 @@
+"""The contract every task LightningModule keeps with the pruning callback, the DataModules and the CLI."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+
+class EcoflapTask(pl.LightningModule):
+    """Base class of the task modules.
+
+    A task owns one network (``self.model``, the module the pruning callback prunes), a picklable
+    ``collator`` that turns the plain sample dicts of the DataModules into model batches, and
+    ``calibration_loss(batch)``: the model's own training loss, the signal ECoFLaP scores with.
+
+    Args:
+        learning_rate: peak AdamW learning rate for fine-tuning after pruning.
+        weight_decay: AdamW weight decay (0.05 in the paper's BLIP fine-tuning runs).
+        warmup_steps: linear warm-up steps before the cosine decay.
+    """
+
+    model: nn.Module
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+    def __init__(self, learning_rate: float = 1e-5, weight_decay: float = 0.05, warmup_steps: int = 0) -> None:
+        super().__init__()
+        if learning_rate <= 0:
+            raise ValueError(f"`learning_rate` must be > 0, got {learning_rate!r}.")
+        if weight_decay < 0:
+            raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
+        if warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps!r}.")
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+
+    def calibration_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The scalar training loss of ``self.model`` on ``batch`` (ALGORITHM.md §3)."""
+        raise NotImplementedError(f"{type(self).__name__} must define calibration_loss(batch).")
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.calibration_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=_batch_size(batch))
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        """AdamW with linear warm-up and cosine decay; no decay on biases and norms (BLIP's recipe)."""
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.learning_rate,
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(self.warmup_steps, total)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(total - warmup, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return int(value.shape[0])
+        if isinstance(value, list):
+            return len(value)
+    return 1
