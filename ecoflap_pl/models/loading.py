@@ -1,0 +1,53 @@
+"""Build a model from a ``from_pretrained`` name (the real path) or from a config (tests, the demo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+ModelT = TypeVar("ModelT", bound=PreTrainedModel)
+
+
+def build_hf_model(
+    model_cls: type[ModelT],
+    pretrained: str | None = None,
+    config: dict[str, Any] | PretrainedConfig | None = None,
+    **from_pretrained_kwargs: Any,
+) -> ModelT:
+    """``model_cls.from_pretrained(pretrained)`` or a random-initialised ``model_cls(config)``.
+
+    Args:
+        model_cls: the Hugging Face class, e.g. ``Blip2ForConditionalGeneration``.
+        pretrained: a hub name (``"Salesforce/blip2-opt-2.7b"``) or a local directory written by
+            ``save_pretrained``.
+        config: a config object or its ``to_dict()``; the model is randomly initialised.
+        from_pretrained_kwargs: passed to ``from_pretrained`` (``dtype``, ``revision``, ...).
+
+    Raises:
+        ValueError: not exactly one of ``pretrained`` and ``config`` given.
+    """
+    if (pretrained is None) == (config is None):
+        raise ValueError(
+            f"Exactly one of `pretrained` and `model_config` must be given, got pretrained={pretrained!r} and "
+            f"model_config={'set' if config is not None else None}. HINT: name a model, e.g. "
+            "pretrained: Salesforce/blip2-opt-2.7b, or give its config to train from scratch."
+        )
+    if pretrained is not None:
+        return model_cls.from_pretrained(pretrained, **from_pretrained_kwargs)
+    if isinstance(config, dict):
+        config = model_cls.config_class.from_dict(config)
+    return model_cls(config)
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` with an error that says what was looked for."""
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as error:
+        where = "local directory" if Path(name_or_path).exists() else "hub name or local directory"
+        raise FileNotFoundError(
+            f"`tokenizer` could not be loaded from {name_or_path!r} ({where}): {error}. HINT: give the directory a "
+            "tokenizer was saved to with save_pretrained(), or the model's hub name."
+        ) from error

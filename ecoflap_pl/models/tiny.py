@@ -1,0 +1,230 @@
+"""Tiny random-initialised models of every supported family, built from configs (no downloads).
+
+Tests use them at their default size; the demo builds the same architectures a little larger. Token ids follow
+:mod:`ecoflap_pl.models.tokenizers`, so a tokenizer trained with ``train_tokenizer`` fits every config here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    CLIPConfig,
+    CLIPModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    T5Config,
+    T5ForConditionalGeneration,
+    ViltConfig,
+    ViltForImagesAndTextClassification,
+)
+
+from ecoflap_pl.models.tokenizers import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, SEP_ID
+
+
+def _vision(hidden: int, layers: int, image_size: int, patch_size: int) -> dict[str, Any]:
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "image_size": image_size,
+        "patch_size": patch_size,
+    }
+
+
+def _opt(vocab: int, hidden: int, layers: int) -> OPTConfig:
+    return OPTConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        word_embed_proj_dim=hidden,
+        ffn_dim=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+
+
+def _t5(vocab: int, hidden: int, layers: int) -> T5Config:
+    return T5Config(
+        vocab_size=vocab,
+        d_model=hidden,
+        d_kv=hidden // 4,
+        d_ff=2 * hidden,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=PAD_ID,
+    )
+
+
+def tiny_config(
+    family: str,
+    *,
+    vocab_size: int = 128,
+    hidden_size: int = 32,
+    layers: int = 2,
+    image_size: int = 32,
+    patch_size: int = 8,
+    num_query_tokens: int = 4,
+    num_labels: int = 2,
+) -> PretrainedConfig:
+    """The config of a tiny model of ``family`` (one of :data:`HF_FAMILIES`).
+
+    Args:
+        family: ``blip2_opt``, ``blip2_t5``, ``blip``, ``clip``, ``vilt``, ``t5`` or ``llama``.
+        vocab_size: text vocabulary size (match the tokenizer's).
+        hidden_size: width of every tower (divisible by 4: every attention has 4 heads).
+        layers: blocks per stack.
+        image_size: input resolution of the vision towers.
+        patch_size: ViT patch size.
+        num_query_tokens: BLIP-2 Q-Former queries.
+        num_labels: ViLT NLVR2 classes.
+    """
+    vision = _vision(hidden_size, layers, image_size, patch_size)
+    if family in ("blip2_opt", "blip2_t5"):
+        text = _opt(vocab_size, hidden_size, layers) if family == "blip2_opt" else _t5(vocab_size, hidden_size, layers)
+        qformer = {
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "encoder_hidden_size": hidden_size,
+            "vocab_size": vocab_size,
+        }
+        return Blip2Config(
+            vision_config=vision,
+            qformer_config=qformer,
+            text_config=text.to_dict(),
+            num_query_tokens=num_query_tokens,
+            image_token_id=IMAGE_ID,
+        )
+    if family == "blip":
+        text = {
+            "vocab_size": vocab_size,
+            "hidden_size": hidden_size,
+            "encoder_hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 64,
+            "pad_token_id": PAD_ID,
+            "bos_token_id": BOS_ID,
+            "eos_token_id": SEP_ID,
+            "sep_token_id": SEP_ID,
+        }
+        return BlipConfig(text_config=text, vision_config=vision, projection_dim=hidden_size)
+    if family == "clip":
+        text = {
+            "vocab_size": vocab_size,
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 64,
+            "pad_token_id": PAD_ID,
+            "bos_token_id": BOS_ID,
+            "eos_token_id": EOS_ID,
+        }
+        return CLIPConfig(text_config=text, vision_config=vision, projection_dim=hidden_size)
+    if family == "vilt":
+        return ViltConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=patch_size,
+            max_position_embeddings=64,
+            num_images=2,
+            modality_type_vocab_size=3,
+            num_labels=num_labels,
+            pad_token_id=PAD_ID,
+        )
+    if family == "t5":
+        return _t5(vocab_size, hidden_size, layers)
+    if family == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=PAD_ID,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+        )
+    raise ValueError(f"`family` must be one of {tuple(HF_FAMILIES)}, got {family!r}.")
+
+
+HF_FAMILIES: dict[str, type[PreTrainedModel]] = {
+    "blip2_opt": Blip2ForConditionalGeneration,
+    "blip2_t5": Blip2ForConditionalGeneration,
+    "blip": BlipForConditionalGeneration,
+    "clip": CLIPModel,
+    "vilt": ViltForImagesAndTextClassification,
+    "t5": T5ForConditionalGeneration,
+    "llama": LlamaForCausalLM,
+}
+"""Family -> the Hugging Face class :func:`tiny_model` builds."""
+
+TIMM_ARCHITECTURES = {"vit": "vit_base_patch16_224", "eva": "eva_giant_patch14_224"}
+"""Tiny timm families -> the registered architecture they shrink (EVA-ViT-g is BLIP-2's vision tower; its
+attention calls ``F.linear`` on the fused qkv weight)."""
+
+
+def tiny_model(family: str, *, seed: int = 0, **config_kwargs: Any) -> PreTrainedModel:
+    """A tiny random-initialised Hugging Face model of ``family``, seeded, in eval mode."""
+    config = tiny_config(family, **config_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = HF_FAMILIES[family](config)
+    return model.eval()
+
+
+def tiny_timm(
+    family: str,
+    *,
+    num_classes: int = 10,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden_size: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+) -> nn.Module:
+    """A tiny random-initialised timm vision transformer: ``family`` is ``"vit"`` or ``"eva"``."""
+    if family not in TIMM_ARCHITECTURES:
+        raise ValueError(f"`family` must be one of {tuple(TIMM_ARCHITECTURES)}, got {family!r}.")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(
+            TIMM_ARCHITECTURES[family],
+            pretrained=False,
+            num_classes=num_classes,
+            img_size=image_size,
+            patch_size=patch_size,
+            embed_dim=hidden_size,
+            depth=layers,
+            num_heads=4,
+        )
+    return model.eval()

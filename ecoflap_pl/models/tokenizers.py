@@ -1,0 +1,74 @@
+"""Tokenizers trained offline with the ``tokenizers`` library, for tiny test models and the demo.
+
+Real runs load the tokenizer that ships with a ``from_pretrained`` model. Tests and the demo cannot reach the model
+hub, so they train a small WordPiece vocabulary on their own text; the special tokens get fixed ids so that tiny model
+configs can name them without looking the tokenizer up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>", "<s>", "<image>", "[CLS]", "[SEP]", "[MASK]")
+"""Special tokens in id order: ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2, ``<s>`` = 3, ``<image>`` = 4, ..."""
+PAD_ID, EOS_ID, UNK_ID, BOS_ID, IMAGE_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
+
+TEMPLATES = ("none", "bos", "eos", "bos_eos", "cls_sep")
+"""How a single sequence is wrapped: as OPT/LLaMA (``bos``), T5 (``eos``), CLIP (``bos_eos``) or BERT (``cls_sep``)."""
+
+
+def _post_processor(template: str) -> processors.TemplateProcessing | None:
+    wrap = {"bos": ("<s>", None), "eos": (None, "</s>"), "bos_eos": ("<s>", "</s>"), "cls_sep": ("[CLS]", "[SEP]")}
+    if template == "none":
+        return None
+    first, last = wrap[template]
+    single = " ".join(token for token in (first, "$A", last) if token)
+    pair = " ".join(token for token in (first, "$A", last, "$B:1", last and f"{last}:1") if token)
+    used = [token for token in (first, last) if token]
+    return processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(token, SPECIAL_TOKENS.index(token)) for token in used]
+    )
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 1000, template: str = "none", model_max_length: int = 64
+) -> PreTrainedTokenizerFast:
+    """Train a lower-casing WordPiece tokenizer on ``texts``.
+
+    Args:
+        texts: the corpus (captions, questions, answers, ...).
+        vocab_size: maximum vocabulary size, special tokens included.
+        template: how encoded sequences are wrapped, one of :data:`TEMPLATES`.
+        model_max_length: the length ``truncation=True`` cuts to.
+
+    Returns:
+        A fast tokenizer with the special tokens of :data:`SPECIAL_TOKENS` at fixed ids; save it with
+        ``save_pretrained(dir)`` and load it back with ``AutoTokenizer.from_pretrained(dir)``.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"`template` must be one of {TEMPLATES}, got {template!r}.")
+    if vocab_size <= len(SPECIAL_TOKENS):
+        raise ValueError(f"`vocab_size` must be > {len(SPECIAL_TOKENS)}, got {vocab_size!r}.")
+    tokenizer = Tokenizer(models.WordPiece(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    post_processor = _post_processor(template)
+    if post_processor is not None:
+        tokenizer.post_processor = post_processor
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=model_max_length,
+    )
