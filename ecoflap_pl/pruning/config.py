@@ -105,11 +105,11 @@ class PruningConfig:
         default_comparison = "per_matrix" if self.method == "magnitude" else "per_row"
         comparison = default_comparison if self.comparison is None else self.comparison
         normalise("comparison", _choice("comparison", comparison, COMPARISONS))
-        normalise("structure", self._normalised_structure())
         for name in ("coarse_samples", "fine_samples", "probes", "sparsegpt_block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        normalise("structure", self._normalised_structure())
         if not self.eps > 0:
             raise ValueError(f"`eps` must be > 0, got {self.eps!r}. HINT: the official runs use 1e-3.")
         if not self.sparsegpt_damping > 0:
@@ -142,6 +142,11 @@ class PruningConfig:
             raise ValueError(
                 f"`structure` {n}:{m} fixes every tensor's sparsity, so `importance` must be 'uniform', got "
                 f"{self.importance!r}. HINT: set importance: uniform for N:M runs."
+            )
+        if self.method == "sparsegpt" and self.sparsegpt_block_size % m:
+            raise ValueError(
+                f"`sparsegpt_block_size` must be a multiple of M={m} for {n}:{m} SparseGPT, got "
+                f"{self.sparsegpt_block_size!r}. HINT: keep the default 128."
             )
         return f"{n}:{m}"
 

@@ -12,12 +12,17 @@ from ecoflap_pl.pruning.loss import LossFn, checked_loss
 from ecoflap_pl.pruning.monitor import StageMonitor
 
 
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in at least fp32 (fp16/bf16 are widened, fp64 is kept)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def _reducer(score: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if score == "grad_only":
-        return lambda weight, grad: grad.float().abs().sum()
+        return lambda weight, grad: _wide(grad).abs().sum()
     if score == "grad_mag_abs":
-        return lambda weight, grad: (weight.float().abs() * grad.float().abs()).sum()
-    return lambda weight, grad: (weight.float().square() * grad.float().square()).sum()
+        return lambda weight, grad: (_wide(weight).abs() * _wide(grad).abs()).sum()
+    return lambda weight, grad: (_wide(weight).square() * _wide(grad).square()).sum()
 
 
 def first_order_sums(

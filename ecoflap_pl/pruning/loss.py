@@ -13,7 +13,7 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 def checked_loss(loss_fn: LossFn, model: nn.Module, batch: Any, batch_id: int) -> torch.Tensor:
-    """``loss_fn(model, batch)`` as an fp32 scalar.
+    """``loss_fn(model, batch)`` as a scalar in at least fp32 (an fp64 loss keeps its precision).
 
     Raises:
         TypeError: when the loss is not a scalar tensor.
@@ -25,7 +25,7 @@ def checked_loss(loss_fn: LossFn, model: nn.Module, batch: Any, batch_id: int) -
             f"`loss_fn` must return a scalar tensor, got {type(loss).__name__}"
             f"{'' if not isinstance(loss, torch.Tensor) else f' of shape {tuple(loss.shape)}'}."
         )
-    loss = loss.reshape(()).float()
+    loss = loss.reshape(()).to(torch.promote_types(loss.dtype, torch.float32))
     value = float(loss.detach())
     if not math.isfinite(value):
         raise FloatingPointError(

@@ -1,0 +1,84 @@
+import pytest
+
+from ecoflap_pl import PruningConfig
+
+
+def test_defaults_follow_the_paper():
+    config = PruningConfig(sparsity=0.5)
+    assert config.max_sparsity == pytest.approx(0.6)
+    assert (config.importance, config.score, config.aggregate, config.granularity) == (
+        "zeroth_order",
+        "grad_only",
+        "sum",
+        "block",
+    )
+    assert (config.method, config.comparison, config.coarse_samples, config.fine_samples) == (
+        "wanda",
+        "per_row",
+        32,
+        128,
+    )
+    assert config.eps == 1e-3 and config.exclude == ("*qformer*",)
+
+
+def test_names_are_normalised_once():
+    config = PruningConfig(
+        sparsity=0.5, importance="Uniform", method="SparseGPT", structure=" 2 : 4 ", include="*.weight"
+    )
+    assert config.method == "sparsegpt" and config.structure == "2:4" and config.n_m == (2, 4)
+    assert config.include == ("*.weight",) and config.importance == "uniform"
+    assert PruningConfig(importance="Zeroth-Order").importance == "zeroth_order"
+    assert PruningConfig(sparsity=0.5, method="magnitude").comparison == "per_matrix"
+    assert PruningConfig(sparsity=0.95).max_sparsity == pytest.approx(0.99)
+
+
+def test_round_trip():
+    config = PruningConfig(sparsity=0.4, importance="first_order", score="grad_mag_abs", exclude=("*fc1*",))
+    assert PruningConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sparsity": 1.0}, r"`sparsity` must be in \[0, 1\)"),
+        ({"sparsity": -0.1}, r"`sparsity` must be in \[0, 1\)"),
+        ({"sparsity": 0.5, "max_sparsity": 0.4}, r"`max_sparsity` must be in \[sparsity, 1\)"),
+        ({"sparsity": 0.5, "max_sparsity": 1.0}, r"`max_sparsity` must be in"),
+        ({"importance": "hessian"}, r"`importance` must be one of \['zeroth_order', 'first_order', 'uniform'\]"),
+        ({"score": "grad"}, r"`score` must be one of"),
+        ({"aggregate": "max"}, r"`aggregate` must be one of"),
+        ({"granularity": "head"}, r"`granularity` must be one of"),
+        ({"method": "obs"}, r"`method` must be one of \['wanda', 'sparsegpt', 'magnitude'\]"),
+        ({"comparison": "per_column"}, r"`comparison` must be one of"),
+        ({"probe_granularity": "per_layer"}, r"`probe_granularity` must be one of"),
+        ({"structure": "2-4"}, r"`structure` must be 'unstructured' or 'N:M'"),
+        ({"structure": "4:2", "sparsity": 0.5, "importance": "uniform"}, r"0 < N < M"),
+        ({"structure": "2:4", "sparsity": 0.6, "importance": "uniform"}, r"sparsity 0.5.*HINT: set sparsity: 0.5"),
+        ({"structure": "2:4", "sparsity": 0.5}, r"`importance` must be 'uniform'"),
+        ({"coarse_samples": 0}, r"`coarse_samples` must be a positive integer"),
+        ({"fine_samples": 2.5}, r"`fine_samples` must be a positive integer"),
+        ({"probes": 0}, r"`probes` must be a positive integer"),
+        ({"eps": 0.0}, r"`eps` must be > 0"),
+        ({"sparsegpt_damping": -1.0}, r"`sparsegpt_damping` must be > 0"),
+        ({"include": ()}, r"`include` must name at least one pattern"),
+        ({"exclude": ("",)}, r"`exclude` must be a list of non-empty glob patterns"),
+        (
+            {
+                "structure": "2:4",
+                "sparsity": 0.5,
+                "importance": "uniform",
+                "method": "sparsegpt",
+                "sparsegpt_block_size": 6,
+            },
+            r"`sparsegpt_block_size` must be a multiple of M=4",
+        ),
+    ],
+)
+def test_errors_name_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PruningConfig(**kwargs)
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match=r"Unknown PruningConfig keys \['sparsity_ratio'\]"):
+        PruningConfig.from_dict({"sparsity_ratio": 0.5})

@@ -1,0 +1,74 @@
+"""Local pruners against slow, obviously-correct loops."""
+
+import pytest
+import torch
+
+from ecoflap_pl.pruning.masks import matrix_mask, nm_mask, row_mask, select_mask, wanda_scores
+
+
+def slow_row_mask(scores, sparsity):
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    for r in range(scores.shape[0]):
+        k = int(scores.shape[1] * sparsity)
+        ranked = sorted(range(scores.shape[1]), key=lambda c: (float(scores[r, c]), c))
+        for c in ranked[:k]:
+            mask[r, c] = False
+    return mask
+
+
+def slow_nm_mask(scores, n, m):
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    for r in range(scores.shape[0]):
+        for start in range(0, scores.shape[1], m):
+            ranked = sorted(range(start, start + m), key=lambda c: (float(scores[r, c]), c))
+            for c in ranked[: m - n]:
+                mask[r, c] = False
+    return mask
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.77])
+def test_wanda_per_row_matches_reference_with_exact_counts(sparsity):
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(12, 40, generator=generator)
+    inputs = torch.randn(3, 7, 40, generator=generator)
+    column_sq_sums = inputs.reshape(-1, 40).square().sum(0)
+    scores = wanda_scores(weight, column_sq_sums)
+    reference = torch.tensor([[abs(weight[i, j]) * column_sq_sums[j].sqrt() for j in range(40)] for i in range(12)])
+    torch.testing.assert_close(scores, reference)
+    mask = row_mask(scores, sparsity)
+    assert torch.equal(mask, slow_row_mask(scores, sparsity))
+    assert (mask.logical_not().sum(dim=1) == int(40 * sparsity)).all()
+
+
+def test_ties_never_prune_more_than_asked():
+    scores = torch.zeros(4, 10)  # all tied: a threshold with <= would prune everything
+    mask = row_mask(scores, 0.5)
+    assert (mask.logical_not().sum(dim=1) == 5).all()
+    assert (matrix_mask(scores, 0.35).logical_not().sum() == 14).all()
+
+
+def test_matrix_mask_exact_count():
+    scores = torch.randn(10, 13, generator=torch.Generator().manual_seed(2))
+    mask = matrix_mask(scores, 0.6)
+    assert int((~mask).sum()) == int(130 * 0.6)
+    assert scores[~mask].max() <= scores[mask].min()
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8)])
+def test_nm_mask_matches_reference(n, m):
+    scores = torch.randn(6, 16, generator=torch.Generator().manual_seed(3)).round(decimals=1)  # with ties
+    mask = nm_mask(scores, n, m)
+    assert torch.equal(mask, slow_nm_mask(scores, n, m))
+    assert (mask.reshape(6, -1, m).sum(dim=2) == n).all()
+
+
+def test_nm_mask_rejects_bad_width():
+    with pytest.raises(ValueError, match=r"multiple of M=4, got a \[2, 6\] weight"):
+        nm_mask(torch.randn(2, 6), 2, 4)
+
+
+def test_select_mask_dispatch():
+    scores = torch.randn(4, 8, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(select_mask(scores, 0.5, "per_row", None), row_mask(scores, 0.5))
+    assert torch.equal(select_mask(scores, 0.5, "per_matrix", None), matrix_mask(scores, 0.5))
+    assert torch.equal(select_mask(scores, 0.5, "per_row", (2, 4)), nm_mask(scores, 2, 4))
