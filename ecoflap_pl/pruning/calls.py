@@ -66,25 +66,32 @@ def hidden_output(output: Any) -> torch.Tensor:
 
 
 def capture_block_calls(
-    blocks: Sequence[nn.Module], batches: Sequence[Any], run_forward: Callable[[Any], Any], keep_hidden: bool = False
+    blocks: Sequence[nn.Module],
+    batches: Sequence[Any],
+    run_forward: Callable[[Any], Any],
+    keep_hidden: bool = False,
+    calls_per_forward: int = 1,
 ) -> list[list[BlockCall]]:
-    """Record every block's call on every batch; ``calls[block][batch]``.
+    """Record every block's calls on every batch; ``calls[block][batch * calls_per_forward + run]``.
 
     Args:
         blocks: the blocks of one stack, in forward order.
         batches: calibration batches.
         run_forward: ``run_forward(batch)`` runs the whole model on one batch (the calibration loss).
         keep_hidden: keep the hidden stream of every block (tests); by default only block 0's is kept.
+        calls_per_forward: how many times one forward runs the stack; the forward stops when the last block
+            starts for the last time.
 
     Raises:
-        RuntimeError: when a block of the stack did not run during a forward pass.
+        RuntimeError: when a block of the stack did not run ``calls_per_forward`` times during a forward pass.
     """
     calls: list[list[BlockCall]] = [[] for _ in blocks]
     last = len(blocks) - 1
+    expected = 0
 
     def recorder(index: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if len(calls[index]) == batch_index:
+            if len(calls[index]) < expected:
                 key = _hidden_key(args, kwargs)
                 hidden = args[key] if isinstance(key, int) else kwargs[key]
                 if isinstance(key, int):
@@ -93,7 +100,7 @@ def capture_block_calls(
                     kwargs = {**kwargs, key: None}
                 kept = hidden if (index == 0 or keep_hidden) else None
                 calls[index].append(BlockCall(args, kwargs, key, kept))
-            if index == last:
+            if index == last and len(calls[last]) == expected:
                 raise _StopForward
 
         return hook
@@ -101,15 +108,17 @@ def capture_block_calls(
     handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
         for batch_index, batch in enumerate(batches):
+            expected = (batch_index + 1) * calls_per_forward
             try:
                 run_forward(batch)
             except _StopForward:
                 pass
-            silent = [i for i, block_calls in enumerate(calls) if len(block_calls) != batch_index + 1]
+            silent = [i for i, block_calls in enumerate(calls) if len(block_calls) != expected]
             if silent:
                 raise RuntimeError(
-                    f"Blocks {silent} of a stack of {len(blocks)} did not run during the forward pass of calibration "
-                    f"batch {batch_index}. HINT: exclude blocks the calibration loss does not use."
+                    f"Blocks {silent} of a stack of {len(blocks)} did not run {calls_per_forward} time(s) during the "
+                    f"forward pass of calibration batch {batch_index}. HINT: exclude blocks the calibration loss "
+                    "does not use, and keep the model's control flow the same for every batch."
                 )
     finally:
         for handle in handles:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -35,10 +35,15 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Stack:
-    """A sequence of same-class blocks, in the order the model runs them."""
+    """A sequence of same-class blocks, in the order the model runs them.
+
+    ``calls_per_forward`` is how many times one forward pass runs the stack (2 for ViLT's NLVR2 head, which
+    encodes each image with the text separately); every run's inputs count in the fine step's statistics.
+    """
 
     name: str
     blocks: tuple[str, ...]
+    calls_per_forward: int = 1
 
 
 def _has_linear(module: nn.Module) -> bool:
@@ -102,13 +107,18 @@ def find_candidates(model: nn.Module, stacks: list[Stack], config: PruningConfig
 def order_stacks(
     model: nn.Module, stacks: list[Stack], run_forward: Callable[[], Any]
 ) -> tuple[list[Stack], list[Stack]]:
-    """Sort ``stacks`` by when their first block runs in ``run_forward()``; return (ran, never_ran)."""
+    """Sort ``stacks`` by when their first block runs in ``run_forward()``; return (ran, never_ran).
+
+    The stacks that ran come back with ``calls_per_forward`` set to the number of times their first block ran.
+    """
     modules = dict(model.named_modules())
     first_call: dict[str, int] = {}
+    call_counts: dict[str, int] = {}
 
     def recorder(stack_name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
             first_call.setdefault(stack_name, len(first_call))
+            call_counts[stack_name] = call_counts.get(stack_name, 0) + 1
 
         return hook
 
@@ -119,7 +129,10 @@ def order_stacks(
     finally:
         for handle in handles:
             handle.remove()
-    ran = sorted((stack for stack in stacks if stack.name in first_call), key=lambda stack: first_call[stack.name])
+    ran = [
+        replace(stack, calls_per_forward=call_counts[stack.name])
+        for stack in sorted((stack for stack in stacks if stack.name in first_call), key=lambda s: first_call[s.name])
+    ]
     never_ran = [stack for stack in stacks if stack.name not in first_call]
     return ran, never_ran
 

@@ -54,17 +54,29 @@ def _block_statistics(
     weights: Mapping[str, nn.Parameter],
     calls: Sequence[BlockCall],
     hidden: Sequence[torch.Tensor],
+    batch_ids: Sequence[int],
     hessian: bool,
     monitor: StageMonitor,
 ) -> dict[str, InputStatistics]:
-    """Run ``block`` on every batch while recording the inputs of its candidate weights."""
+    """Run ``block`` on every recorded call while recording the inputs of its candidate weights.
+
+    Raises:
+        FloatingPointError: when a weight's inputs are not finite, naming the calibration batch.
+        RuntimeError: when a candidate weight was never used in an ``F.linear`` call.
+    """
     statistics = {
         name: InputStatistics(weight.shape[1], weight.device, hessian=hessian) for name, weight in weights.items()
     }
     with LinearInputRecorder({id(weights[name]): stats for name, stats in statistics.items()}):
-        for call, state in zip(calls, hidden, strict=True):
+        for batch_id, call, state in zip(batch_ids, calls, hidden, strict=True):
             call.replay(block, state)
             monitor.block_forwards += 1
+            broken = [name for name, stats in statistics.items() if not bool(stats.column_sq_sums.isfinite().all())]
+            if broken:
+                raise FloatingPointError(
+                    f"The inputs of {broken} in block {block_name!r} are not finite on calibration batch {batch_id}. "
+                    "The model was left unchanged. HINT: check that batch's inputs, or run the model in fp32."
+                )
     silent = [name for name, stats in statistics.items() if stats.calls == 0]
     if silent:
         raise RuntimeError(
@@ -79,7 +91,7 @@ def fine_prune_(
     stacks: Sequence[Stack],
     candidates: Sequence[Candidate],
     tensor_sparsity: Mapping[str, float],
-    batches: Sequence[Any],
+    batches: Sequence[tuple[int, Any]],
     loss_fn: LossFn,
     config: PruningConfig,
     *,
@@ -95,6 +107,9 @@ def fine_prune_(
     recorded arguments with the propagated hidden stream while collecting input statistics of its Linear weights
     (summed over ranks with ``all_reduce``), prune them, and re-run the pruned block to produce the next block's
     hidden stream.
+
+    Args:
+        batches: ``(global batch id, batch)`` pairs of this rank.
     """
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
@@ -105,18 +120,33 @@ def fine_prune_(
     needs_inputs = config.method != "magnitude"
 
     for stack in stacks:
+        if not any(block in by_block for block in stack.blocks):
+            continue  # nothing to prune here (e.g. BLIP-2's excluded Q-Former): no need to replay it
         blocks = [modules[name] for name in stack.blocks]
         if needs_inputs:
-            calls = capture_block_calls(blocks, batches, lambda batch: loss_fn(model, batch))
+            calls = capture_block_calls(
+                blocks,
+                [batch for _, batch in batches],
+                lambda batch: loss_fn(model, batch),
+                calls_per_forward=stack.calls_per_forward,
+            )
             monitor.full_forwards += len(batches)
             hidden = [call.hidden for call in calls[0]]
+            call_batch_ids = [batch_id for batch_id, _ in batches for _ in range(stack.calls_per_forward)]
         for index, (block_name, block) in enumerate(zip(stack.blocks, blocks, strict=True)):
             block_candidates = by_block.get(block_name, [])
             weights = {c.name: params[c.name] for c in block_candidates}
             statistics: dict[str, InputStatistics] = {}
             if needs_inputs and weights:
                 statistics = _block_statistics(
-                    block, block_name, weights, calls[index], hidden, config.method == "sparsegpt", monitor
+                    block,
+                    block_name,
+                    weights,
+                    calls[index],
+                    hidden,
+                    call_batch_ids,
+                    config.method == "sparsegpt",
+                    monitor,
                 )
                 if all_reduce is not None:
                     for stats in statistics.values():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from ecoflap_pl.pruning.discovery import (
 )
 from ecoflap_pl.pruning.fine import AllReduce, fine_prune_
 from ecoflap_pl.pruning.first_order import first_order_sums
-from ecoflap_pl.pruning.loss import LossFn
+from ecoflap_pl.pruning.loss import LossFn, checked_loss
 from ecoflap_pl.pruning.monitor import StageMonitor, StageStats
 from ecoflap_pl.pruning.result import GroupScores, PruningResult
 from ecoflap_pl.pruning.transaction import pruning_session
@@ -103,8 +104,9 @@ def _plan(
     device = next(model.parameters()).device
     with StageMonitor(device) as monitor:
         stacks = find_stacks(model)
-        first_batch = batches[rank % len(batches)]
-        ran, skipped = order_stacks(model, stacks, lambda: loss_fn(model, first_batch)) if stacks else ([], [])
+        first_id = rank % len(batches)
+        run_first = partial(checked_loss, loss_fn, model, batches[first_id], first_id)
+        ran, skipped = order_stacks(model, stacks, run_first) if stacks else ([], [])
         monitor.full_forwards += 1
         if stacks and not ran:
             raise RuntimeError(
@@ -319,7 +321,7 @@ def prune(
         tensor_sparsity = {name: group_sparsity[group] for group, names in plan.groups.items() for name in names}
 
         chosen = _leading_batches(calibration_batches, config.fine_samples, "The fine step")
-        own = [batch for _, batch in _shard(chosen, rank, world_size, "The fine step")]
+        own = _shard(chosen, rank, world_size, "The fine step")
         device = next(model.parameters()).device
         total_blocks = sum(len(stack.blocks) for stack in plan.stacks)
         done = 0
