@@ -1,0 +1,90 @@
+"""Helpers for metric states that torchmetrics can gather across DDP ranks.
+
+Text is not a tensor, so a batch of strings is stored as two tensors: the UTF-8 bytes of all strings concatenated
+(``uint8``) and the byte length of each string (``int64``). Both live in list states with
+``dist_reduce_fx="cat"``; torchmetrics gathers every list state rank by rank, so after a sync the i-th string of
+every text state still belongs to the i-th sample. Integer dtypes also keep the states intact when Lightning casts
+the LightningModule (``module.to(torch.bfloat16)`` converts every floating-point metric state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+from torchmetrics.utilities.distributed import gather_all_tensors
+
+
+def encode_texts(texts: Sequence[str], device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Encode strings as (concatenated UTF-8 bytes ``uint8 [total]``, byte lengths ``int64 [len(texts)]``)."""
+    encoded = [text.encode("utf-8") for text in texts]
+    data = torch.frombuffer(bytearray(b"".join(encoded)), dtype=torch.uint8) if any(encoded) else None
+    flat = data.to(device) if data is not None else torch.zeros(0, dtype=torch.uint8, device=device)
+    lengths = torch.tensor([len(chunk) for chunk in encoded], dtype=torch.int64, device=device)
+    return flat, lengths
+
+
+def decode_texts(data: Tensor, lengths: Tensor) -> list[str]:
+    """Invert :func:`encode_texts`."""
+    raw = data.to(device="cpu", dtype=torch.uint8).numpy().tobytes()
+    texts, start = [], 0
+    for length in lengths.tolist():
+        texts.append(raw[start : start + int(length)].decode("utf-8"))
+        start += int(length)
+    return texts
+
+
+def cat_state(state: Tensor | list[Tensor], dtype: torch.dtype) -> Tensor:
+    """A list state (before sync) or a tensor (after sync) as one tensor of `dtype`; empty gives an empty tensor."""
+    if isinstance(state, list) and not state:
+        return torch.zeros(0, dtype=dtype)
+    return dim_zero_cat(state).to(dtype)
+
+
+def first_occurrences(keys: Sequence[str]) -> list[bool]:
+    """Keep-mask that drops repeated keys (the padding a ``DistributedSampler`` adds); ``""`` means "no key"."""
+    seen: set[str] = set()
+    keep = []
+    for key in keys:
+        keep.append(key == "" or key not in seen)
+        seen.add(key)
+    return keep
+
+
+def sample_ids(ids: Sequence[int | str] | None, size: int, arg: str = "ids") -> list[str]:
+    """Ids as strings (``""`` for none), validated against the batch size."""
+    if ids is None:
+        return [""] * size
+    if len(ids) != size:
+        raise ValueError(f"`{arg}` must have one id per sample ({size}), got {len(ids)}.")
+    out = []
+    for sample_id in ids:
+        if isinstance(sample_id, Tensor):
+            sample_id = sample_id.item()
+        if isinstance(sample_id, bool) or not isinstance(sample_id, (int, str)) or sample_id == "":
+            raise ValueError(
+                f"`{arg}` must hold ints or non-empty strings, got {sample_id!r}. "
+                "HINT: pass the dataset's image_id / question_id."
+            )
+        out.append(str(sample_id))
+    return out
+
+
+class TypedListStatesMixin(Metric):
+    """Gathers empty list states with their own dtype.
+
+    torchmetrics replaces the empty list state of a rank that saw no sample with an empty tensor of the metric's
+    float dtype; gathering that against the ``uint8`` / ``int64`` tensors of the other ranks fails. Subclasses
+    declare the dtype of each list state in ``_list_state_dtypes``.
+    """
+
+    _list_state_dtypes: dict[str, torch.dtype] = {}
+
+    def _sync_dist(self, dist_sync_fn=gather_all_tensors, process_group=None) -> None:  # noqa: ANN001
+        for name, dtype in self._list_state_dtypes.items():
+            if isinstance(getattr(self, name), list) and not getattr(self, name):
+                setattr(self, name, [torch.zeros(0, dtype=dtype, device=self.device)])
+        super()._sync_dist(dist_sync_fn, process_group=process_group)

@@ -1,0 +1,245 @@
+"""COCO caption scores: BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE where it can run) through pycocoevalcap.
+
+The scorers are called directly, exactly as ``COCOEvalCap.evaluate()`` calls them (PTB-tokenise the references
+and the predictions, then each scorer on the tokenised dicts), but without ``evaluate()`` itself: it sets SPICE up
+first, and SPICE downloads Stanford CoreNLP models on first use, which cannot work offline.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+from ecoflap_pl.metrics._states import (
+    TypedListStatesMixin,
+    cat_state,
+    decode_texts,
+    encode_texts,
+    first_occurrences,
+    sample_ids,
+)
+
+log = logging.getLogger(__name__)
+
+CAPTION_SCORE_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
+
+
+def _require_java() -> None:
+    if shutil.which("java") is None:
+        raise RuntimeError(
+            "Caption scores need a Java runtime on PATH (pycocoevalcap's PTB tokenizer and METEOR are Java), "
+            "found none. HINT: install a JRE (e.g. `apt-get install default-jre-headless`)."
+        )
+
+
+def _missing_spice_models() -> list[Path]:
+    from pycocoevalcap.spice import get_stanford_models as models
+
+    lib = Path(models.SPICEDIR) / models.SPICELIB
+    jars = (lib / f"{models.JAR}.jar", lib / f"{models.JAR}-models.jar")
+    return [jar for jar in jars if not jar.is_file()]
+
+
+def _require_spice() -> None:
+    missing = _missing_spice_models()
+    if missing:
+        raise RuntimeError(
+            f"`spice=True` needs the Stanford CoreNLP jars SPICE runs on, missing: {[str(p) for p in missing]}. "
+            "HINT: pycocoevalcap downloads them on first use, which needs network; on a machine with network run "
+            "`python -c 'from pycocoevalcap.spice.get_stanford_models import get_stanford_models as g; g()'` and "
+            "copy the jars to that folder, or set spice=False."
+        )
+
+
+def _clean(text: str) -> str:
+    # PTBTokenizer reads one caption per line (-preserveLines); pycocoevalcap only replaces "\n", so a "\r" or
+    # "\u2028" inside a caption would shift every later caption onto the wrong image. Any line break -> a space.
+    return " ".join(text.splitlines())
+
+
+def _caption_update(
+    predictions: Sequence[str], references: Sequence[Sequence[str]]
+) -> tuple[list[str], list[list[str]]]:
+    """Validate one batch; returns cleaned predictions and references."""
+    if isinstance(predictions, str) or not all(isinstance(p, str) for p in predictions):
+        raise TypeError(f"`predictions` must be a sequence of strings, got {predictions!r}.")
+    if len(references) != len(predictions):
+        raise ValueError(
+            f"`references` must hold one list of reference captions per prediction ({len(predictions)}), "
+            f"got {len(references)}."
+        )
+    cleaned_refs = []
+    for refs in references:
+        if isinstance(refs, str) or not refs or not all(isinstance(r, str) for r in refs):
+            raise ValueError(
+                f"`references` must hold a non-empty list of strings per sample, got {refs!r}. "
+                "HINT: a single caption still goes in a list: [['a dog runs']]."
+            )
+        cleaned_refs.append([_clean(r) for r in refs])
+    return [_clean(p) for p in predictions], cleaned_refs
+
+
+def _tokenize(captions: dict[int, list[dict[str, str]]]) -> dict[int, list[str]]:
+    expected = {key: len(value) for key, value in captions.items()}
+    try:
+        tokenized = PTBTokenizer().tokenize(captions)
+    except PermissionError as err:
+        raise PermissionError(
+            f"pycocoevalcap's PTBTokenizer writes a temporary file next to its jar and could not: {err}. "
+            "HINT: make pycocoevalcap's tokenizer/ folder writable."
+        ) from err
+    if {key: len(value) for key, value in tokenized.items()} != expected:
+        raise RuntimeError("PTBTokenizer returned a different number of captions than it was given.")
+    return tokenized
+
+
+def _caption_compute(
+    predictions: Sequence[str], references: Sequence[Sequence[str]], spice: bool = False
+) -> dict[str, float]:
+    """Corpus-level scores of `predictions` against `references`, as pycocoevalcap computes them."""
+    if not predictions:
+        raise ValueError("Caption scores need at least one sample, got none. HINT: call update() first.")
+    _require_java()
+    if spice:
+        _require_spice()
+    gts = _tokenize({i: [{"caption": ref} for ref in refs] for i, refs in enumerate(references)})
+    res = _tokenize({i: [{"caption": pred}] for i, pred in enumerate(predictions)})
+    scores: dict[str, float] = {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores.update({f"bleu_{n}": float(value) for n, value in enumerate(bleu, start=1)})
+    meteor = Meteor()
+    try:
+        scores["meteor"] = float(meteor.compute_score(gts, res)[0])
+    finally:
+        del meteor  # its __del__ stops the JVM
+    scores["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
+    scores["cider"] = float(Cider().compute_score(gts, res)[0])
+    if spice:
+        from pycocoevalcap.spice.spice import Spice
+
+        scores["spice"] = float(Spice().compute_score(gts, res)[0])
+    log.debug("Caption scores over %d samples: %s", len(predictions), scores)
+    return scores
+
+
+def caption_scores(
+    predictions: Sequence[str], references: Sequence[Sequence[str]], spice: bool = False
+) -> dict[str, float]:
+    """Functional form of :class:`CaptionScores` (one process, no de-duplication).
+
+    Args:
+        predictions: one generated caption per sample.
+        references: the human reference captions of each sample (one or more).
+        spice: also compute SPICE (needs Stanford CoreNLP's jars next to pycocoevalcap's SPICE, see
+            :class:`CaptionScores`).
+
+    Returns:
+        ``{"bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider"}`` (plus ``"spice"``) as floats,
+        on pycocoevalcap's scale (fractions; CIDEr is not multiplied by 100).
+    """
+    if spice:
+        _require_spice()
+    predictions, references = _caption_update(predictions, references)
+    return _caption_compute(predictions, references, spice=spice)
+
+
+class CaptionScores(TypedListStatesMixin):
+    """BLEU-1..4, METEOR, ROUGE-L and CIDEr (SPICE optional) of generated captions, gathered over DDP ranks.
+
+    The text of every sample is kept as ``uint8`` tensors (see ``_states.py``) so torchmetrics gathers the whole
+    split; :meth:`compute` drops repeated ``ids`` (the samples a ``DistributedSampler`` pads the last batch
+    with) and scores the corpus once, on every rank (all ranks get the same numbers). Scoring starts JVMs
+    (PTB tokenizer, METEOR): call :meth:`update` per batch and :meth:`compute` once per epoch, never the
+    metric's ``forward`` (which would score every batch).
+
+    Example::
+
+        metric = CaptionScores()
+        metric.update(["a dog runs on grass"], [["a dog running", "a brown dog on the lawn"]], ids=[42])
+        metric.compute()  # {"bleu_1": ..., "bleu_4": ..., "meteor": ..., "rouge_l": ..., "cider": ...}
+
+    Args:
+        spice: also compute SPICE. SPICE needs Stanford CoreNLP's jars, which pycocoevalcap downloads on first
+            use; without them (offline machines) this raises at construction instead of failing at the end of
+            an evaluation.
+        **kwargs: forwarded to :class:`torchmetrics.Metric`.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+    _list_state_dtypes = {
+        "pred_bytes": torch.uint8,
+        "pred_lengths": torch.int64,
+        "ref_bytes": torch.uint8,
+        "ref_lengths": torch.int64,
+        "refs_per_sample": torch.int64,
+        "id_bytes": torch.uint8,
+        "id_lengths": torch.int64,
+    }
+
+    def __init__(self, spice: bool = False, **kwargs) -> None:  # noqa: ANN003
+        super().__init__(**kwargs)
+        if not isinstance(spice, bool):
+            raise TypeError(f"`spice` must be a bool, got {spice!r}.")
+        _require_java()
+        if spice:
+            _require_spice()
+        self.spice = spice
+        for name in self._list_state_dtypes:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(
+        self,
+        predictions: Sequence[str],
+        references: Sequence[Sequence[str]],
+        ids: Sequence[int | str] | None = None,
+    ) -> None:
+        """Add a batch.
+
+        Args:
+            predictions: one generated caption per sample.
+            references: the reference captions of each sample (a non-empty list per sample).
+            ids: an id per sample (e.g. ``image_id``); a repeated id is scored once. None: no de-duplication.
+        """
+        predictions, references = _caption_update(predictions, references)
+        keys = sample_ids(ids, len(predictions))
+        flat_refs = [ref for refs in references for ref in refs]
+        for prefix, texts in (("pred", predictions), ("ref", flat_refs), ("id", keys)):
+            data, lengths = encode_texts(texts, self.device)
+            getattr(self, f"{prefix}_bytes").append(data)
+            getattr(self, f"{prefix}_lengths").append(lengths)
+        counts = torch.tensor([len(refs) for refs in references], dtype=torch.int64, device=self.device)
+        self.refs_per_sample.append(counts)
+
+    def compute(self) -> dict[str, float]:
+        """Scores over every sample seen by every rank, each id once.
+
+        Returns:
+            ``{"bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider"}`` (plus ``"spice"`` with
+            ``spice=True``) as floats on pycocoevalcap's scale (fractions; CIDEr is not multiplied by 100).
+        """
+        texts = {
+            prefix: decode_texts(
+                cat_state(getattr(self, f"{prefix}_bytes"), torch.uint8),
+                cat_state(getattr(self, f"{prefix}_lengths"), torch.int64),
+            )
+            for prefix in ("pred", "ref", "id")
+        }
+        references, start = [], 0
+        for count in cat_state(self.refs_per_sample, torch.int64).tolist():
+            references.append(texts["ref"][start : start + count])
+            start += count
+        keep = first_occurrences(texts["id"])
+        predictions = [pred for pred, kept in zip(texts["pred"], keep, strict=True) if kept]
+        references = [refs for refs, kept in zip(references, keep, strict=True) if kept]
+        return _caption_compute(predictions, references, spice=self.spice)

@@ -1,0 +1,193 @@
+"""VQA accuracy (the official 10-answer rule, overall and per answer type) and the official results file."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from ecoflap_pl.metrics.vqa_normalization import normalize_answer, process_punctuation
+
+log = logging.getLogger(__name__)
+
+ANSWER_TYPES = ("yes/no", "number", "other")
+_TYPE_KEYS = ("yes_no", "number", "other")
+_MAX_ANSWERS = 10
+# Every per-question accuracy is k / (3 n) with k an integer and n <= 10 answers, so it is a whole number of units
+# of 1 / lcm(3, 6, ..., 30) = 1 / 7560: integer states sum exactly, in any order, and survive a bf16 cast.
+_UNITS = 7560
+
+
+def _score_numerator(prediction: str, answers: Sequence[str]) -> int:
+    """``k`` of the official rule: sum over the human answers of min(3, matches among the other answers)."""
+    pred = normalize_answer(prediction)
+    # As the official script: the human answers are only punctuation-processed, and only when they disagree (the
+    # released annotations are already normalised). The prediction always gets the full normalisation.
+    refs = [process_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
+    matches = sum(ref == pred for ref in refs)
+    return sum(min(3, matches - (ref == pred)) for ref in refs)
+
+
+def _check_answers(answers: Sequence[str]) -> None:
+    if isinstance(answers, str) or not 1 <= len(answers) <= _MAX_ANSWERS:
+        raise ValueError(
+            f"`answers` must hold 1 to {_MAX_ANSWERS} human answers per question, got {answers!r}. "
+            "HINT: test splits have no answers; write their predictions with write_vqa_results()."
+        )
+
+
+def vqa_score(prediction: str, answers: Sequence[str]) -> float:
+    """Official accuracy of one predicted answer against the human answers (10 in VQAv2).
+
+    For each human answer, ``min(1, #other human answers equal to the prediction / 3)``, averaged over the human
+    answers. With ``m`` of 10 answers matching: ``m=0 -> 0``, ``1 -> 0.3``, ``2 -> 0.6``, ``3 -> 0.9``,
+    ``>=4 -> 1``.
+
+    Args:
+        prediction: the model's answer (normalised here).
+        answers: the human answers (1 to 10).
+    """
+    _check_answers(answers)
+    return _score_numerator(prediction, answers) / (3 * len(answers))
+
+
+def _vqa_update(
+    predictions: Sequence[str], answers: Sequence[Sequence[str]], answer_types: Sequence[str] | None
+) -> tuple[Tensor, Tensor]:
+    """Per-type (``yes/no``, ``number``, ``other``, untyped) score units and question counts of one batch."""
+    if isinstance(predictions, str) or not all(isinstance(p, str) for p in predictions):
+        raise TypeError(f"`predictions` must be a sequence of strings, got {predictions!r}.")
+    if len(answers) != len(predictions):
+        raise ValueError(f"`answers` must hold one list per prediction ({len(predictions)}), got {len(answers)}.")
+    if answer_types is not None and len(answer_types) != len(predictions):
+        raise ValueError(
+            f"`answer_types` must hold one type per prediction ({len(predictions)}), got {len(answer_types)}."
+        )
+    units = torch.zeros(len(ANSWER_TYPES) + 1, dtype=torch.int64)
+    counts = torch.zeros_like(units)
+    for i, (prediction, refs) in enumerate(zip(predictions, answers, strict=True)):
+        _check_answers(refs)
+        slot = len(ANSWER_TYPES)
+        if answer_types is not None:
+            if answer_types[i] not in ANSWER_TYPES:
+                raise ValueError(
+                    f"`answer_types` must hold values in {ANSWER_TYPES}, got {answer_types[i]!r}. "
+                    "HINT: pass answer_types=None to report the overall accuracy only."
+                )
+            slot = ANSWER_TYPES.index(answer_types[i])
+        units[slot] += _score_numerator(prediction, refs) * (_UNITS // (3 * len(refs)))
+        counts[slot] += 1
+    return units, counts
+
+
+def _vqa_compute(units: Tensor, counts: Tensor) -> dict[str, float]:
+    total = int(counts.sum())
+    if total == 0:
+        raise ValueError("VQA accuracy needs at least one question, got none. HINT: call update() first.")
+    out = {"accuracy": int(units.sum()) / _UNITS / total}
+    for slot, key in enumerate(_TYPE_KEYS):
+        if int(counts[slot]) > 0:
+            out[f"accuracy_{key}"] = int(units[slot]) / _UNITS / int(counts[slot])
+    return out
+
+
+class VQAAccuracy(Metric):
+    """Official VQA accuracy, overall and per answer type, as sums and counts that DDP all-reduces.
+
+    Predictions are normalised like the official script (see ``vqa_normalization.py``) and scored by the
+    10-answer rule of :func:`vqa_score`. The states are integer sums, so a question a ``DistributedSampler``
+    repeats to pad the last batch counts twice: at most ``world_size - 1`` questions, which shifts the
+    accuracy by less than ``(world_size - 1) / num_questions``. For exact numbers on a split, evaluate on one
+    device or with a sampler that does not pad.
+
+    Example::
+
+        metric = VQAAccuracy()
+        metric.update(["two"], [["2"] * 10], answer_types=["number"])
+        metric.compute()  # {"accuracy": 1.0, "accuracy_number": 1.0}
+
+    Args:
+        **kwargs: forwarded to :class:`torchmetrics.Metric`.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+        super().__init__(**kwargs)
+        size = len(ANSWER_TYPES) + 1
+        self.add_state("score_units", default=torch.zeros(size, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("counts", default=torch.zeros(size, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(
+        self,
+        predictions: Sequence[str],
+        answers: Sequence[Sequence[str]],
+        answer_types: Sequence[str] | None = None,
+    ) -> None:
+        """Add a batch.
+
+        Args:
+            predictions: the model's answer per question.
+            answers: the human answers per question (10 in VQAv2 / OK-VQA; 1 to 10 accepted).
+            answer_types: ``"yes/no"``, ``"number"`` or ``"other"`` per question, or None (overall only).
+        """
+        units, counts = _vqa_update(predictions, answers, answer_types)
+        self.score_units += units.to(self.score_units.device)
+        self.counts += counts.to(self.counts.device)
+
+    def compute(self) -> dict[str, float]:
+        """Accuracy as a fraction in [0, 1] (the official script prints 100 times this).
+
+        Returns:
+            ``{"accuracy"}`` plus ``"accuracy_yes_no"``, ``"accuracy_number"``, ``"accuracy_other"`` for each
+            answer type that has questions.
+        """
+        return _vqa_compute(self.score_units, self.counts)
+
+
+def vqa_accuracy(
+    predictions: Sequence[str], answers: Sequence[Sequence[str]], answer_types: Sequence[str] | None = None
+) -> dict[str, float]:
+    """Functional form of :class:`VQAAccuracy` (same arguments as its ``update``, same keys as its ``compute``)."""
+    return _vqa_compute(*_vqa_update(predictions, answers, answer_types))
+
+
+def write_vqa_results(path: str | Path, question_ids: Sequence[int], answers: Sequence[str]) -> Path:
+    """Write the official VQA results file ``[{"question_id": int, "answer": str}, ...]`` for the test server.
+
+    Each question is written once (the first answer seen wins, so the duplicates of a padding
+    ``DistributedSampler`` drop out), sorted by ``question_id``. Answers are written as given: the server
+    normalises them itself. Gathering the answers of all ranks is the caller's job (one file, from rank 0).
+
+    Args:
+        path: the JSON file to write (parent folders are created).
+        question_ids: the ``question_id`` of each answer.
+        answers: the predicted answer per question.
+
+    Returns:
+        The path written.
+    """
+    if len(question_ids) != len(answers):
+        raise ValueError(f"`answers` must hold one answer per question id ({len(question_ids)}), got {len(answers)}.")
+    results: dict[int, str] = {}
+    for question_id, answer in zip(question_ids, answers, strict=True):
+        if isinstance(question_id, Tensor):
+            question_id = question_id.item()
+        if isinstance(question_id, bool) or not isinstance(question_id, int):
+            raise TypeError(f"`question_ids` must hold ints, got {question_id!r}.")
+        if not isinstance(answer, str):
+            raise TypeError(f"`answers` must hold strings, got {answer!r}.")
+        results.setdefault(question_id, answer)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = [{"question_id": qid, "answer": results[qid]} for qid in sorted(results)]
+    path.write_text(json.dumps(payload))
+    log.info("Wrote %d VQA answers to %s", len(payload), path)
+    return path
