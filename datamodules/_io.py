@@ -1,0 +1,178 @@
+"""Reading helpers shared by every DataModule: files, JSON, entry checks and images, with errors that say what to fix.
+
+Every error names the exact path, the DataModule option that sets it and, for a sample, the annotation it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+
+class DataFileNotFoundError(FileNotFoundError):
+    """An annotation file or an image is not where the DataModule looked for it."""
+
+
+class DataFormatError(ValueError):
+    """An annotation file or an image exists but cannot be read as the expected format."""
+
+
+def resolve(root: Path, path: str | Path) -> Path:
+    """``path`` itself when absolute, else ``root / path``."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def find_file(candidates: Sequence[Path], option: str, what: str) -> Path:
+    """The first existing file among ``candidates``.
+
+    Args:
+        candidates: paths in order of preference.
+        option: the DataModule option that sets the path, named in the error.
+        what: what the file is, e.g. ``"VQAv2 questions for split 'val2014'"``.
+
+    Raises:
+        DataFileNotFoundError: none of the candidates exists; the message lists every path looked for.
+    """
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(str(c) for c in candidates)
+    raise DataFileNotFoundError(
+        f"{what} not found: expected {looked if len(candidates) == 1 else 'one of ' + looked}. "
+        f"HINT: set `{option}` to the file's path (absolute, or relative to `data_dir`)."
+    )
+
+
+def locate(root: Path, override: str | None, defaults: Sequence[Path], option: str, what: str) -> Path:
+    """The file ``override`` names (relative to ``root``) when set, else the first existing of ``defaults``."""
+    return find_file([resolve(root, override)] if override is not None else defaults, option, what)
+
+
+def find_dir(path: Path, option: str, what: str) -> Path:
+    """``path`` when it is a directory, else a :class:`DataFileNotFoundError` naming it and ``option``."""
+    if not path.is_dir():
+        raise DataFileNotFoundError(
+            f"{what} not found: expected the directory {path}. HINT: set `{option}` to its path "
+            "(absolute, or relative to `data_dir`)."
+        )
+    return path
+
+
+def read_json(path: Path, option: str) -> Any:
+    """Parse the JSON file at ``path`` (set by ``option``), turning I/O and syntax errors into clear ones."""
+    if not path.is_file():
+        raise DataFileNotFoundError(
+            f"Annotation file not found: expected {path}. HINT: set `{option}` to its path "
+            "(absolute, or relative to `data_dir`)."
+        )
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataFormatError(f"{path} (set by `{option}`) is not valid JSON: {err}.") from err
+
+
+def read_json_lines(path: Path, option: str) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, object)`` for each non-empty line of the JSON-lines file at ``path``."""
+    if not path.is_file():
+        raise DataFileNotFoundError(
+            f"Annotation file not found: expected {path}. HINT: set `{option}` to its path "
+            "(absolute, or relative to `data_dir`)."
+        )
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(
+                    f"{path} (set by `{option}`), line {number} is not valid JSON: {err}. "
+                    "HINT: the file must hold one JSON object per line."
+                ) from err
+
+
+def expect_type(value: Any, types: type | tuple[type, ...], where: str, what: str) -> Any:
+    """``value`` when it is an instance of ``types``, else a :class:`DataFormatError` saying where."""
+    if not isinstance(value, types):
+        names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise DataFormatError(f"{where}: {what} must be a JSON {_json_name(names)}, got {type(value).__name__}.")
+    return value
+
+
+def check_entry(entry: Any, keys: Iterable[str], where: str) -> dict[str, Any]:
+    """``entry`` when it is a JSON object holding every key in ``keys``.
+
+    Args:
+        entry: one parsed annotation entry.
+        keys: the keys it must have.
+        where: where it is, e.g. ``"/data/coco_karpathy_train.json, entry 3"``.
+
+    Raises:
+        DataFormatError: not an object, or a key is missing; the message names the file, the entry and the key.
+    """
+    expect_type(entry, dict, where, "the entry")
+    for key in keys:
+        if key not in entry:
+            raise DataFormatError(f"{where}: missing key {key!r} (the entry has keys {sorted(entry)}).")
+    return entry
+
+
+def get_list(document: Any, key: str, path: Path, option: str) -> list[Any]:
+    """``document[key]`` of a top-level JSON object, checked to be a list."""
+    where = f"{path} (set by `{option}`)"
+    expect_type(document, dict, where, "the top level")
+    if key not in document:
+        raise DataFormatError(f"{where}: missing top-level key {key!r} (the file has keys {sorted(document)}).")
+    return expect_type(document[key], list, where, f"top-level key {key!r}")
+
+
+def text_list(value: Any, where: str, key: str) -> list[str]:
+    """A caption field that is one string or a list of strings, as a list of strings."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise DataFormatError(f"{where}: {key!r} must be a string or a list of strings, got {value!r:.80}.")
+
+
+def image_id_from_name(name: str) -> int | str:
+    """The id an image file name carries: trailing digits of its stem as an int, else the stem.
+
+    ``COCO_val2014_000000391895.jpg`` → 391895, ``000000391895.jpg`` → 391895, ``1000092795.jpg`` → 1000092795.
+    """
+    stem = Path(name).stem
+    match = re.search(r"(\d+)$", stem)
+    return int(match.group(1)) if match else stem
+
+
+def load_image(path: str, source: str, hint: str = "") -> Image.Image:
+    """Open the image at ``path`` as RGB.
+
+    Args:
+        path: the image file.
+        source: the annotation it belongs to, named in errors (e.g. ``"question_id 5 in /data/q.json"``).
+        hint: what sets the image folder, appended to errors.
+
+    Raises:
+        DataFileNotFoundError: no file at ``path``.
+        DataFormatError: the file is not a readable image (corrupt, truncated, not an image).
+    """
+    suffix = f" HINT: {hint}" if hint else ""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError as err:
+        raise DataFileNotFoundError(f"Image not found: {path} (for {source}).{suffix}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataFormatError(f"Image {path} (for {source}) cannot be read: {err}.{suffix}") from err
+
+
+def _json_name(python_names: str) -> str:
+    return python_names.replace("dict", "object").replace("list", "array").replace("str", "string")

@@ -1,0 +1,201 @@
+"""The plain Dataset every DataModule serves, and the DataModule base holding dataloaders and calibration."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from ecoflap_pl.datamodules._io import load_image
+from torch.utils.data import DataLoader, Dataset, Subset
+
+log = logging.getLogger(__name__)
+
+Stage = Literal["train", "val", "test"]
+CollateFn = Callable[[list[dict[str, Any]]], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One sample before its images are read.
+
+    Attributes:
+        images: image file paths; one for ``"image"``, two (left, right) for ``"images"``.
+        fields: every other key of the sample dict.
+        source: the annotation it comes from, named in image errors (``"image_id 5 in /data/x.json"``).
+        image_key: ``"image"`` (a single PIL image) or ``"images"`` (a list of PIL images).
+    """
+
+    images: tuple[str, ...]
+    fields: dict[str, Any]
+    source: str
+    image_key: str = field(default="image")
+
+
+class ImageSampleDataset(Dataset[dict[str, Any]]):
+    """A map-style Dataset of RAW sample dicts: PIL RGB images plus the annotation fields, nothing resized.
+
+    Args:
+        samples: the samples, as read from the annotation files.
+        image_hint: what sets the image folder; appended to image errors.
+    """
+
+    def __init__(self, samples: Sequence[Sample], image_hint: str = "") -> None:
+        self.samples = samples
+        self.image_hint = image_hint
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        images = [load_image(path, sample.source, self.image_hint) for path in sample.images]
+        out: dict[str, Any] = {sample.image_key: images if sample.image_key == "images" else images[0]}
+        out.update({k: list(v) if isinstance(v, list) else v for k, v in sample.fields.items()})
+        return out
+
+
+class EcoflapDataModule(pl.LightningDataModule):
+    """Dataloaders and the calibration subset, common to every ecoflap-pl DataModule.
+
+    Subclasses only read their files: they implement ``_build(stage)`` returning the Dataset that serves the
+    ``"train"``, ``"val"`` or ``"test"`` loop; predict serves the test Dataset.
+
+    Args:
+        data_dir: root folder of the dataset in its official layout.
+        batch_size: samples per batch in the train/val/test/predict dataloaders.
+        num_workers: DataLoader worker processes.
+        collate_fn: turns a list of sample dicts into a batch. When ``None``, the attached LightningModule's
+            ``collator`` is used (the task's model-specific processing).
+        calibration_samples: size of the calibration subset when ``calibration_dataloader()`` gets no size.
+        calibration_batch_size: batch size of the calibration dataloader.
+        calibration_seed: seed choosing the calibration subset of the training split.
+        shuffle_seed: seed of the training shuffle (offset by the epoch when the dataloader is rebuilt).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        collate_fn: CollateFn | None = None,
+        calibration_samples: int = 128,
+        calibration_batch_size: int = 8,
+        calibration_seed: int = 0,
+        shuffle_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["collate_fn"])
+        _check_int("batch_size", batch_size, 1)
+        _check_int("num_workers", num_workers, 0)
+        _check_int("calibration_samples", calibration_samples, 1)
+        _check_int("calibration_batch_size", calibration_batch_size, 1)
+        if collate_fn is not None and not callable(collate_fn):
+            raise TypeError(f"`collate_fn` must be callable or None, got {collate_fn!r}.")
+        self.data_dir = Path(data_dir).expanduser()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.collate_fn = collate_fn
+        self.calibration_samples = calibration_samples
+        self.calibration_batch_size = calibration_batch_size
+        self.calibration_seed = calibration_seed
+        self.shuffle_seed = shuffle_seed
+        self._datasets: dict[Stage, Dataset[dict[str, Any]]] = {}
+
+    def _build(self, stage: Stage) -> Dataset[dict[str, Any]]:
+        """Read the files of the split that serves ``stage`` and return its Dataset."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _build(stage).")
+
+    def dataset(self, stage: Stage) -> Dataset[dict[str, Any]]:
+        """The Dataset serving the ``"train"``, ``"val"`` or ``"test"`` loop, read once and cached."""
+        if stage not in ("train", "val", "test"):
+            raise ValueError(f"`stage` must be one of 'train', 'val', 'test', got {stage!r}.")
+        if stage not in self._datasets:
+            self._datasets[stage] = self._build(stage)
+            log.debug("%s: %s split has %d samples", type(self).__name__, stage, len(self._datasets[stage]))
+        return self._datasets[stage]
+
+    def setup(self, stage: str) -> None:
+        """Read the annotation files the Trainer stage needs (images are read lazily, per sample)."""
+        needed: dict[str, tuple[Stage, ...]] = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("test",),
+        }
+        for split in needed.get(stage, ()):
+            self.dataset(split)
+
+    def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        generator = torch.Generator().manual_seed(self.shuffle_seed + epoch)
+        return self._loader(self.dataset("train"), self.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), self.batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), self.batch_size)
+
+    def calibration_dataloader(self, num_samples: int | None = None) -> DataLoader:
+        """A fixed, seeded subset of the training split for pruning calibration.
+
+        The subset is the first ``num_samples`` of a permutation drawn with ``calibration_seed``, so a smaller
+        request is a prefix of a larger one (ECoFLaP's coarse samples are among its fine samples). Batches of
+        ``calibration_batch_size`` in that fixed order, no shuffling, the same ``collate_fn`` as training.
+
+        Args:
+            num_samples: subset size; ``None`` uses ``calibration_samples``. Capped at the split's size (logged).
+        """
+        size = self.calibration_samples if num_samples is None else num_samples
+        _check_int("num_samples", size, 1)
+        train = self.dataset("train")
+        if size > len(train):
+            log.warning("Calibration asked for %d samples; the training split has %d: using all.", size, len(train))
+            size = len(train)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.calibration_seed))
+        subset = Subset(train, order[:size].tolist())
+        return self._loader(subset, self.calibration_batch_size)
+
+    def _loader(
+        self, dataset: Dataset, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            collate_fn=self._resolve_collate_fn(),
+        )
+
+    def _resolve_collate_fn(self) -> CollateFn:
+        if self.collate_fn is not None:
+            return self.collate_fn
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        collator = getattr(module, "collator", None)
+        if collator is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no `collate_fn`: it must be set, or the DataModule must be attached "
+                "to a Trainer whose LightningModule has a `collator`. HINT: pass `collate_fn=task.collator` "
+                "when using the DataModule on its own (samples hold PIL images that torch cannot batch by itself)."
+            )
+        return collator
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise a ValueError naming ``name`` and the valid ``choices`` when ``value`` is not one of them."""
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}.")

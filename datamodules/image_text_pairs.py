@@ -1,0 +1,64 @@
+"""CC3M-style image-text pairs (LAVIS lists ``[{"image", "caption"}]``) for calibration and training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ecoflap_pl.datamodules._io import check_entry, expect_type, locate, read_json, resolve, text_list
+from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample, Stage
+from torch.utils.data import Dataset
+
+
+def read_image_text_pairs(path: Path, option: str, image_root: Path) -> list[Sample]:
+    """``{"text"}`` samples of a list ``[{"image": relative path, "caption": str or [str]}]``, one per caption."""
+    entries = expect_type(read_json(path, option), list, f"{path} (set by `{option}`)", "the top level")
+    samples = []
+    for index, entry in enumerate(entries):
+        where = f"{path}, entry {index}"
+        check_entry(entry, ("image", "caption"), where)
+        image = str(image_root / expect_type(entry["image"], str, where, "'image'"))
+        samples.extend(
+            Sample((image,), {"text": text}, where) for text in text_list(entry["caption"], where, "caption")
+        )
+    return samples
+
+
+class ImageTextPairsDataModule(EcoflapDataModule):
+    """Image-caption pairs, the calibration data of ECoFLaP's BLIP-2 runs (CC3M) and a generic training source.
+
+    Samples: ``{"image", "text"}``, one per caption.
+
+    Args:
+        data_dir: dataset root.
+        train_file: the training list (calibration reads it), absolute or relative to ``data_dir``.
+        val_file: list read by the validation loop, if any.
+        test_file: list read by the test/predict loops, if any.
+        image_root: folder the ``image`` paths are relative to (default ``data_dir``).
+        **kwargs: batch_size, num_workers, collate_fn, calibration_* and shuffle_seed
+            (see :class:`~ecoflap_pl.datamodules.base.EcoflapDataModule`).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        train_file: str,
+        val_file: str | None = None,
+        test_file: str | None = None,
+        image_root: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(data_dir, **kwargs)
+        self.files: dict[Stage, str | None] = {"train": train_file, "val": val_file, "test": test_file}
+        self.image_root = resolve(self.data_dir, image_root) if image_root is not None else self.data_dir
+
+    def _build(self, stage: Stage) -> Dataset[dict[str, Any]]:
+        option = f"{stage}_file"
+        if self.files[stage] is None:
+            raise ValueError(
+                f"`{option}` must be set for the {stage} loop of ImageTextPairsDataModule, got None. "
+                + ("HINT: set it, or trainer `limit_val_batches: 0`." if stage == "val" else "HINT: set it.")
+            )
+        path = locate(self.data_dir, self.files[stage], [], option, f"image-text pairs for the {stage} loop")
+        samples = read_image_text_pairs(path, option, self.image_root)
+        return ImageSampleDataset(samples, f"image paths are relative to `image_root` ({self.image_root}).")

@@ -1,0 +1,182 @@
+"""ImageNet-1k from per-wnid folders, or a flat validation folder labelled by Kaggle's ``LOC_val_solution.csv``."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+from ecoflap_pl.datamodules._io import (
+    DataFileNotFoundError,
+    DataFormatError,
+    expect_type,
+    find_dir,
+    find_file,
+    locate,
+    read_json,
+    resolve,
+)
+from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample, Stage, check_choice
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+
+
+def class_folders(root: Path) -> list[str]:
+    """Sorted names of the sub-folders of ``root`` (the wnids of a per-class layout)."""
+    with os.scandir(root) as entries:
+        return sorted(entry.name for entry in entries if entry.is_dir())
+
+
+def read_class_folders(root: Path, option: str, class_index: dict[str, int]) -> list[Sample]:
+    """``{"label"}`` samples of every image in ``root/{wnid}/``, by sorted wnid then sorted file name."""
+    samples = []
+    for wnid in class_folders(root):
+        if wnid not in class_index:
+            raise DataFormatError(
+                f"{root / wnid} (under `{option}`) is not one of the {len(class_index)} classes, which come from the "
+                "training folders. HINT: the split must use the training split's wnid folders."
+            )
+        label = class_index[wnid]
+        with os.scandir(root / wnid) as entries:
+            names = sorted(e.name for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS))
+        samples.extend(
+            Sample((str(root / wnid / name),), {"label": label}, f"class {wnid} (label {label})") for name in names
+        )
+    if not samples:
+        raise DataFormatError(f"No images found in wnid folders under {root} (set by `{option}`).")
+    return samples
+
+
+def read_val_solution(path: Path, option: str) -> list[tuple[int, str, str]]:
+    """``(line, ImageId, wnid)`` rows of Kaggle's ``LOC_val_solution.csv`` (wnid = first PredictionString token)."""
+    rows = []
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
+            raise DataFormatError(
+                f"{path} (set by `{option}`) must start with the header 'ImageId,PredictionString', got {header!r}."
+            )
+        for number, row in enumerate(reader, start=2):
+            if len(row) < 2 or not row[0].strip() or not row[1].split():
+                raise DataFormatError(f"{path}, line {number}: expected 'ImageId,wnid x y x y ...', got {row!r}.")
+            rows.append((number, row[0].strip(), row[1].split()[0]))
+    return sorted(rows, key=lambda r: r[1])
+
+
+class ImageNetDataModule(EcoflapDataModule):
+    """ImageNet-1k classification (also zero-shot: ``class_names`` feeds the prompts).
+
+    ``train_dir/{wnid}/*.JPEG``; ``val_dir`` either holds the same wnid folders or the flat
+    ``ILSVRC2012_val_*.JPEG`` files labelled by ``LOC_val_solution.csv``. Classes are the sorted wnids of the
+    training folders (else of the val folders, else of the CSV). Samples: ``{"image", "label"}``.
+
+    Args:
+        data_dir: dataset root (for Kaggle's archive, ``ILSVRC/Data/CLS-LOC``).
+        train_dir: training folder, relative to ``data_dir`` or absolute.
+        val_dir: validation folder, relative to ``data_dir`` or absolute.
+        val_solution_file: the CSV labelling a flat ``val_dir``; default: ``LOC_val_solution.csv`` in
+            ``data_dir``, or in the Kaggle root three levels up when ``data_dir`` ends with ``Data/CLS-LOC``.
+        class_names_file: readable class names: a JSON ``{wnid: name}`` or list, or a text file with one name per
+            line in class order. Default: timm's ImageNet names when the wnids are ImageNet's, else the wnids.
+        val_split: split read by the validation loop (``val`` or ``train``).
+        test_split: split read by the test/predict loops (ImageNet's test labels are not public).
+        **kwargs: batch_size, num_workers, collate_fn, calibration_* and shuffle_seed
+            (see :class:`~ecoflap_pl.datamodules.base.EcoflapDataModule`).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        train_dir: str = "train",
+        val_dir: str = "val",
+        val_solution_file: str | None = None,
+        class_names_file: str | None = None,
+        val_split: str = "val",
+        test_split: str = "val",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(data_dir, **kwargs)
+        check_choice("val_split", val_split, ("train", "val"))
+        check_choice("test_split", test_split, ("train", "val"))
+        self.train_dir = resolve(self.data_dir, train_dir)
+        self.val_dir = resolve(self.data_dir, val_dir)
+        self.val_solution_file = val_solution_file
+        self.class_names_file = class_names_file
+        self.splits: dict[Stage, str] = {"train": "train", "val": val_split, "test": test_split}
+
+    @functools.cached_property
+    def classes(self) -> list[str]:
+        """Sorted wnids; index = label."""
+        if self.train_dir.is_dir():
+            return class_folders(self.train_dir)
+        if self.val_dir.is_dir():
+            folders = class_folders(self.val_dir)
+            return folders or sorted({w for _, _, w in read_val_solution(self._solution_path(), "val_solution_file")})
+        raise DataFileNotFoundError(
+            f"ImageNet class folders not found: expected {self.train_dir} (set by `train_dir`) or {self.val_dir} "
+            "(set by `val_dir`). HINT: set them relative to `data_dir` or as absolute paths."
+        )
+
+    @functools.cached_property
+    def class_names(self) -> list[str]:
+        """Readable class names in label order (for zero-shot prompts)."""
+        if self.class_names_file is not None:
+            return self._names_from_file()
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        if all(info.has_label(wnid) for wnid in self.classes):
+            return [info.label_name_to_description(wnid).split(",")[0].strip() for wnid in self.classes]
+        return list(self.classes)
+
+    def _build(self, stage: Stage) -> Dataset[dict[str, Any]]:
+        split = self.splits[stage]
+        option = f"{split}_dir"
+        root = find_dir(self.train_dir if split == "train" else self.val_dir, option, f"ImageNet {split} folder")
+        class_index = {wnid: i for i, wnid in enumerate(self.classes)}
+        if split == "train" or class_folders(root):
+            samples = read_class_folders(root, option, class_index)
+        else:
+            samples = self._read_flat_val(root, class_index)
+        return ImageSampleDataset(samples, f"images are read from `{option}` ({root}).")
+
+    def _read_flat_val(self, root: Path, class_index: dict[str, int]) -> list[Sample]:
+        path = self._solution_path()
+        samples = []
+        for number, image_id, wnid in read_val_solution(path, "val_solution_file"):
+            if wnid not in class_index:
+                raise DataFormatError(f"{path}, line {number}: wnid {wnid!r} of {image_id} is not a known class.")
+            source = f"ImageId {image_id} ({path}, line {number})"
+            samples.append(Sample((str(root / f"{image_id}.JPEG"),), {"label": class_index[wnid]}, source))
+        return samples
+
+    def _solution_path(self) -> Path:
+        defaults = [self.data_dir / "LOC_val_solution.csv"]
+        if self.data_dir.parts[-2:] == ("Data", "CLS-LOC"):
+            defaults.append(self.data_dir.parents[2] / "LOC_val_solution.csv")
+        what = f"ImageNet validation labels for the flat folder {self.val_dir}"
+        return locate(self.data_dir, self.val_solution_file, defaults, "val_solution_file", what)
+
+    def _names_from_file(self) -> list[str]:
+        path = resolve(self.data_dir, str(self.class_names_file))
+        if path.suffix == ".json":
+            names = read_json(path, "class_names_file")
+            if isinstance(names, dict):
+                missing = [wnid for wnid in self.classes if wnid not in names]
+                if missing:
+                    raise DataFormatError(f"{path} (set by `class_names_file`) has no name for {missing[:5]}.")
+                names = [names[wnid] for wnid in self.classes]
+            expect_type(names, list, f"{path} (set by `class_names_file`)", "the top level")
+        else:
+            find_file([path], "class_names_file", "ImageNet class names")
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if len(names) != len(self.classes) or not all(isinstance(n, str) for n in names):
+            raise DataFormatError(
+                f"{path} (set by `class_names_file`) must hold {len(self.classes)} string names (one per class), "
+                f"got {len(names)}."
+            )
+        return names
