@@ -236,7 +236,7 @@ def build_demo_data(
     try:
         _build(DemoPaths.under(tmp), progress=progress, **params)
         _write_json(tmp / MARKER, marker)
-        _replace_dir(tmp, root, marker)
+        _replace_dir(tmp, root, marker, keep_same=not overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -258,13 +258,13 @@ def _read_marker(root: Path) -> dict | None:
         return None
 
 
-def _replace_dir(new: Path, root: Path, marker: dict) -> None:
+def _replace_dir(new: Path, root: Path, marker: dict, keep_same: bool) -> None:
     """Rename `new` to `root`, moving an older `root` out of the way first.
 
-    Builds are deterministic, so when a concurrent caller (another DDP rank) has already put the same build in
-    place, its copy is kept and `new` is dropped.
+    Builds are deterministic, so with `keep_same`, when a concurrent caller (another DDP rank) has already put the
+    same build in place, its copy is kept and `new` is dropped.
     """
-    if _read_marker(root) == marker:
+    if keep_same and _read_marker(root) == marker:
         return
     if root.exists():
         trash = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:12]}"
@@ -391,7 +391,7 @@ def _render(scene: Scene, glyphs: np.ndarray, image_size: int, rng: np.random.Ge
 def _save(image: Image.Image, path: Path, kind: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "JPEG":
-        image.save(path, "JPEG", quality=92)
+        image.save(path, "JPEG", quality=92, subsampling=0)
     else:
         image.save(path, "PNG")
 
@@ -521,6 +521,12 @@ def _human_answers(qa: _QA, rng: np.random.Generator) -> list[dict]:
     return answers
 
 
+def _most_common(answers: list[dict]) -> str:
+    """The most frequent answer, counting "two" as "2" (as VQA accuracy does): always in `ANSWER_VOCABULARY`."""
+    digit_of = {word: str(d) for d, word in enumerate(NUMBER_WORDS)}
+    return Counter(digit_of.get(a["answer"], a["answer"]) for a in answers).most_common(1)[0][0]
+
+
 def _statement(left: Scene, right: Scene, rng: np.random.Generator) -> tuple[str, bool]:
     """A random NLVR2-style statement about an image pair and whether it holds."""
     scenes = {"left": left, "right": right}
@@ -644,7 +650,7 @@ def _write_vqa(vqa: Path, scenes: dict[str, list[Scene]], seed: int, per_image: 
                     annotations.append(
                         {
                             "question_type": qa.question_type,
-                            "multiple_choice_answer": Counter(a["answer"] for a in answers).most_common(1)[0][0],
+                            "multiple_choice_answer": _most_common(answers),
                             "answers": answers,
                             "image_id": scene.image_id,
                             "answer_type": qa.answer_type,
@@ -736,7 +742,7 @@ def _write_imagenet(
         truth[split] = []
         per_class = [0] * 10
         for i in range(count):
-            value = int(rng.integers(10)) if i >= 10 * (count // 10) else i % 10
+            value = i % 10
             size = int(rng.integers(image_size // 3, 3 * image_size // 4 + 1))
             x, y = (int(v) for v in rng.integers(0, image_size - size + 1, size=2))
             digit = Digit(value, str(rng.choice(list(COLOURS))), x, y, size, int(rng.choice(pools[pool][value])))
@@ -750,7 +756,7 @@ def _write_imagenet(
                 solution.append(f"{stem},{wnid} {x} {y} {x + size - 1} {y + size - 1}")
             per_class[value] += 1
             buffer = BytesIO()
-            image.save(buffer, "JPEG", quality=92)
+            image.save(buffer, "JPEG", quality=92, subsampling=0)
             _write_bytes(paths.imagenet / file, buffer.getvalue())
             if split == "val":
                 _write_bytes(paths.imagenet_flat / "val" / Path(file).name, buffer.getvalue())
