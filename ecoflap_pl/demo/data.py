@@ -17,14 +17,15 @@ the same DataModules users run on the real datasets)::
       annotations/coco_karpathy_{train,val,test}.json   BLIP/LAVIS Karpathy split
       v2_OpenEnded_mscoco_{train2014,val2014,test2015,test-dev2015}_questions.json
       v2_mscoco_{train2014,val2014}_annotations.json
-      answer_list.json                           LAVIS-style candidate answers (every answer in the data)
+      answer_list.json                           LAVIS-style candidate answers (digits, colours, yes, no)
     nlvr2/{train,dev,test1}.json                 JSON lines; images train/{directory}/train-{p}-0-img{0,1}.png,
                                                  dev/dev-{p}-0-img{0,1}.png, test1/test1-{p}-0-img{0,1}.png
     imagenet/train/{wnid}/{wnid}_{n}.JPEG        single digits; 10 SYNTHETIC wnids n00000000..n00000009
     imagenet/val/{wnid}/ILSVRC2012_val_{k:08d}.JPEG   (the per-wnid val layout of ImageNet's valprep.sh)
     imagenet/LOC_synset_mapping.txt              "n00000003 digit three" (Kaggle's class-name file)
+    imagenet/class_names.json                    {"n00000003": "digit three", ...} (`class_names_file`)
     imagenet_flat/val/ILSVRC2012_val_{k:08d}.JPEG + LOC_val_solution.csv   the flat Kaggle val variant
-    imagenet_flat/train -> ../imagenet/train     (symlink), imagenet_flat/LOC_synset_mapping.txt
+    imagenet_flat/train -> ../imagenet/train     (symlink), and the same two class-name files
     scenes.json                                  ground truth of every picture (digits, colours, boxes)
     corpus.txt                                   every training text, one per line (to train a tokenizer)
     ecoflap_demo.json                            marker: the parameters this directory was built with
@@ -765,6 +766,7 @@ def _write_imagenet(
                 progress(f"imagenet {split}", i + 1, count)
     for folder in (paths.imagenet, paths.imagenet_flat):
         (folder / "LOC_synset_mapping.txt").write_text(mapping)
+        _write_json(folder / "class_names.json", dict(zip(WNIDS, CLASS_NAMES, strict=True)))
     (paths.imagenet_flat / "LOC_val_solution.csv").write_text("".join(f"{row}\n" for row in solution))
     (paths.imagenet_flat / "train").symlink_to(Path("..") / "imagenet" / "train", target_is_directory=True)
     return truth

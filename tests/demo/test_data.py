@@ -241,6 +241,7 @@ def test_imagenet_folders(demo: DemoPaths) -> None:
     mapping = (demo.imagenet / "LOC_synset_mapping.txt").read_text().splitlines()
     assert mapping == [f"{wnid} {name}" for wnid, name in zip(WNIDS, CLASS_NAMES, strict=True)]
     assert CLASS_NAMES[3] == "digit three"
+    assert load(demo.imagenet / "class_names.json") == dict(zip(WNIDS, CLASS_NAMES, strict=True))
 
 
 def test_imagenet_flat_val(demo: DemoPaths) -> None:
@@ -359,3 +360,69 @@ def test_rejects_bad_sizes(tmp_path: Path, name: str, value: object) -> None:
     with pytest.raises(ValueError, match=rf"`{name}` must be an integer .*got {value!r}\. HINT: "):
         build_demo_data(tmp_path / "x", **{**SIZES, name: value})
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------ read back by the DataModules
+
+
+def passthrough(batch: list[dict]) -> list[dict]:
+    return batch
+
+
+def test_coco_datamodule_reads_the_demo(demo: DemoPaths) -> None:
+    from ecoflap_pl.datamodules import COCOCaptionDataModule
+
+    karpathy = COCOCaptionDataModule(demo.coco, collate_fn=passthrough)
+    counts = {stage: len(karpathy.dataset(stage)) for stage in ("train", "val", "test")}
+    assert counts == {"train": 5 * SIZES["train_images"], "val": SIZES["val_images"], "test": SIZES["test_images"]}
+    sample = karpathy.dataset("val")[0]
+    assert len(sample["references"]) == 5 and sample["image"].size == (SIZES["image_size"],) * 2
+    assert set(karpathy.dataset("train")[0]) == {"image", "image_id", "text"}
+    official = COCOCaptionDataModule(demo.coco, annotation_format="official", test_split="val")
+    assert len(official.dataset("train")) == 5 * SIZES["train_images"]
+    assert len(official.dataset("val")) == SIZES["val_images"] + SIZES["test_images"]
+    batch = next(iter(karpathy.calibration_dataloader(4)))
+    assert len(batch) == 4 and all("text" in sample for sample in batch)
+
+
+def test_vqa_datamodule_reads_the_demo(demo: DemoPaths) -> None:
+    from ecoflap_pl.datamodules import VQAv2DataModule
+
+    per_image = SIZES["questions_per_image"]
+    module = VQAv2DataModule(demo.vqav2, test_split="test2015")
+    assert len(module.dataset("train")) == per_image * SIZES["train_images"]
+    assert len(module.dataset("val")) == per_image * (SIZES["val_images"] + SIZES["test_images"])
+    assert len(module.dataset("test")) == per_image * SIZES["test_images"]
+    sample = module.dataset("val")[0]
+    assert len(sample["answers"]) == 10 and sample["answer"] in ANSWER_VOCABULARY and sample["answer_type"]
+    test = module.dataset("test")[0]
+    assert (test["answers"], test["answer"], test["answer_type"]) == ([], "", "")
+    test_dev = VQAv2DataModule(demo.vqav2, test_split="test-dev2015").dataset("test")
+    assert len(test_dev) == per_image * SIZES["test_images"] // 2
+    assert test_dev[0]["image"].size == (SIZES["image_size"],) * 2
+
+
+def test_nlvr2_datamodule_reads_the_demo(demo: DemoPaths) -> None:
+    from ecoflap_pl.datamodules import NLVR2DataModule
+
+    module = NLVR2DataModule(demo.nlvr2)
+    counts = {stage: len(module.dataset(stage)) for stage in ("train", "val", "test")}
+    pairs = {name: SIZES[f"{name}_images"] // 2 for name in ("train", "val", "test")}
+    assert counts == {"train": 2 * pairs["train"], "val": 2 * pairs["val"], "test": 2 * pairs["test"]}
+    train = [module.dataset("train")[i] for i in range(counts["train"])]
+    assert sum(sample["label"] for sample in train) == pairs["train"]
+    assert all(len(sample["images"]) == 2 for sample in train)
+
+
+def test_imagenet_datamodule_reads_the_demo(demo: DemoPaths) -> None:
+    from ecoflap_pl.datamodules import ImageNetDataModule
+
+    folders = ImageNetDataModule(demo.imagenet, class_names_file="class_names.json")
+    assert folders.classes == list(WNIDS) and folders.class_names == list(CLASS_NAMES)
+    assert len(folders.dataset("train")) == SIZES["imagenet_train_images"]
+    assert len(folders.dataset("val")) == SIZES["imagenet_val_images"]
+    flat = ImageNetDataModule(demo.imagenet_flat, class_names_file="class_names.json")
+    assert flat.classes == list(WNIDS) and flat.class_names == list(CLASS_NAMES)
+    labels = sorted(flat.dataset("val")[i]["label"] for i in range(SIZES["imagenet_val_images"]))
+    assert labels == sorted(folders.dataset("val")[i]["label"] for i in range(SIZES["imagenet_val_images"]))
+    assert len(flat.dataset("train")) == SIZES["imagenet_train_images"]
