@@ -1,0 +1,201 @@
+"""Rendering a :class:`~ecoflap_pl.pruning.PruningResult`: a rich table, a JSON report and a per-block sparsity plot.
+
+Shared by the pruning callback and the CLI. Nothing here prunes; it only reads a result (or its ``to_dict()``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from ecoflap_pl.pruning import PruningResult
+
+logger = logging.getLogger(__name__)
+
+REPORT_JSON = "pruning_report.json"
+REPORT_PLOT = "pruning_sparsity.png"
+REPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BlockRow:
+    """One transformer block of one tower: its candidate weights taken together.
+
+    Attributes:
+        tower: the stack the block belongs to (e.g. ``"vision_model.encoder.layers"``).
+        block: the block's module name (e.g. ``"vision_model.encoder.layers.3"``).
+        index: the block's position inside its tower.
+        params: number of candidate weights in the block.
+        target: size-weighted target sparsity of its weights.
+        achieved: fraction of its candidate weights that are zero-masked.
+        score: the coarse score of the block (summed over its groups; ``None`` with ``granularity="model"`` or
+            ``importance="uniform"``).
+    """
+
+    tower: str
+    block: str
+    index: int
+    params: int
+    target: float
+    achieved: float
+    score: float | None
+
+
+def _block_of(tower: str, name: str) -> str:
+    """``"layers.3.fc1.weight"`` in tower ``"layers"`` -> ``"layers.3"`` (a root-level stack has tower ``""``)."""
+    rest = name[len(tower) + 1 :] if tower else name
+    head = rest.split(".", 1)[0]
+    return f"{tower}.{head}" if tower else head
+
+
+def block_rows(result: PruningResult) -> list[BlockRow]:
+    """Per-block totals of ``result``, tower by tower in forward order, blocks in model order."""
+    rows: list[BlockRow] = []
+    for tower, groups in result.towers.items():
+        members: dict[str, list[str]] = {}
+        block_groups: dict[str, list[str]] = {}
+        for group in groups:
+            for name in result.groups[group]:
+                block = _block_of(tower, name)
+                members.setdefault(block, []).append(name)
+                if group not in block_groups.setdefault(block, []):
+                    block_groups[block].append(group)
+        for index, (block, names) in enumerate(members.items()):
+            params = sum(result.sizes[n] for n in names)
+            target = sum(result.target_sparsity[n] * result.sizes[n] for n in names) / params
+            achieved = sum(result.achieved_sparsity[n] * result.sizes[n] for n in names) / params
+            whole = result.config.granularity != "model" and result.group_scores
+            score = sum(result.group_scores[g] for g in block_groups[block]) if whole else None
+            rows.append(BlockRow(tower, block, index, params, target, achieved, score))
+    return rows
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def _tower_totals(result: PruningResult, rows: list[BlockRow], tower: str) -> tuple[int, float]:
+    params = sum(row.params for row in rows if row.tower == tower)
+    target = sum(row.target * row.params for row in rows if row.tower == tower) / params
+    return params, target
+
+
+def sparsity_table(result: PruningResult) -> Table:
+    """Per block and per tower: parameters, coarse score, target and achieved sparsity; the overall total last."""
+    config = result.config
+    table = Table(
+        title=f"ECoFLaP pruning: {config.importance} + {config.method}, target sparsity {_pct(config.sparsity)}",
+        title_justify="left",
+    )
+    for column, justify in (("tower / block", "left"), ("params", "right"), ("score", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    table.add_column("target", justify="right")
+    table.add_column("achieved", justify="right")
+    rows = block_rows(result)
+    towers = result.tower_sparsity()
+    for tower in result.towers:
+        for row in (r for r in rows if r.tower == tower):
+            score = "-" if row.score is None else f"{row.score:.4g}"
+            table.add_row(f"  {row.block}", f"{row.params:,}", score, _pct(row.target), _pct(row.achieved))
+        params, target = _tower_totals(result, rows, tower)
+        table.add_row(
+            f"{tower or '<root>'} (tower)", f"{params:,}", "", _pct(target), _pct(towers[tower]), style="bold"
+        )
+        table.add_section()
+    total = sum(result.sizes.values())
+    overall_target = sum(result.target_sparsity[n] * result.sizes[n] for n in result.sizes) / total if total else 0.0
+    table.add_row("total", f"{total:,}", "", _pct(overall_target), _pct(result.overall_sparsity), style="bold")
+    if result.skipped_stacks:
+        table.caption = f"left dense (never ran in the calibration loss): {', '.join(result.skipped_stacks)}"
+    return table
+
+
+def stage_table(result: PruningResult) -> Table:
+    """Cost of each stage: forward and backward passes, wall time and peak memory."""
+    table = Table(title="Pruning cost per stage", title_justify="left")
+    for column in ("stage", "full forwards", "block forwards", "backwards", "seconds", "peak memory"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for stage, stats in result.stages.items():
+        memory = f"{stats.peak_memory_bytes / 2**20:,.1f} MiB ({stats.memory_kind})"
+        table.add_row(
+            stage,
+            str(stats.full_forwards),
+            str(stats.block_forwards),
+            str(stats.backward_passes),
+            f"{stats.seconds:.2f}",
+            memory,
+        )
+    table.add_row("total", "", "", "", f"{sum(s.seconds for s in result.stages.values()):.2f}", "", style="bold")
+    return table
+
+
+def render_table(result: PruningResult) -> Table:
+    """The summary of a run: :func:`sparsity_table` above :func:`stage_table`, as one rich renderable table."""
+    grid = Table.grid(padding=(1, 0))
+    grid.add_column()
+    grid.add_row(sparsity_table(result))
+    grid.add_row(stage_table(result))
+    return grid
+
+
+def report_dict(result: PruningResult, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``result.to_dict()`` plus per-block rows and ``metadata``; loads back with ``PruningResult.from_dict``."""
+    data = result.to_dict()
+    data["blocks"] = [row.__dict__.copy() for row in block_rows(result)]
+    data["metadata"] = {"report_version": REPORT_VERSION, **dict(metadata or {})}
+    return data
+
+
+def plot_sparsity(result: PruningResult, path: str | Path) -> Path:
+    """Draw achieved sparsity per block, one line per tower (vision vs language, as in the paper's Figure 6).
+
+    The x axis is the block's position inside its tower; dashed lines mark the target and ``max_sparsity``.
+    Uses matplotlib's object API with the Agg canvas, so no global pyplot state or display is touched.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    rows = block_rows(result)
+    figure = Figure(figsize=(8, 4.5), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for tower in result.towers:
+        points = [(row.index, 100 * row.achieved) for row in rows if row.tower == tower]
+        axes.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=3, label=tower or "<root>")
+    config = result.config
+    axes.axhline(100 * config.sparsity, color="grey", linestyle="--", linewidth=1, label="target")
+    if config.max_sparsity is not None and config.importance != "uniform":
+        axes.axhline(100 * config.max_sparsity, color="grey", linestyle=":", linewidth=1, label="max_sparsity")
+    axes.set_xlabel("block index within tower")
+    axes.set_ylabel("sparsity (%)")
+    axes.set_title(f"Per-block sparsity ({config.importance}, {config.method}, {100 * config.sparsity:g}% target)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+def write_report(
+    result: PruningResult, directory: str | Path, metadata: Mapping[str, Any] | None = None
+) -> dict[str, Path]:
+    """Write ``pruning_report.json`` (:func:`report_dict`) and ``pruning_sparsity.png`` (:func:`plot_sparsity`).
+
+    Returns:
+        ``{"json": path, "plot": path}``.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path = directory / REPORT_JSON
+    json_path.write_text(json.dumps(report_dict(result, metadata), indent=2, sort_keys=False))
+    plot_path = plot_sparsity(result, directory / REPORT_PLOT)
+    logger.info("Pruning report written to %s and %s", json_path, plot_path)
+    return {"json": json_path, "plot": plot_path}

@@ -1,0 +1,269 @@
+"""ECoFLaPPruning in real Trainer runs: prune once, masks fixed through fine-tuning, state across checkpoints."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from callback_toys import FAST, ToyData, ToyTask, zero_fraction
+from ecoflap_pl.callbacks import ECoFLaPPruning
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from ecoflap_pl import PruningConfig, PruningResult
+
+
+def count_prunes(callback: ECoFLaPPruning, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Spy on the callback's pruning worker: the list grows by the stage name on every real pruning run."""
+    calls: list[str] = []
+    original = callback._prune
+
+    def spy(trainer, pl_module, stage):  # type: ignore[no-untyped-def]
+        calls.append(stage)
+        return original(trainer, pl_module, stage)
+
+    monkeypatch.setattr(callback, "_prune", spy)
+    return calls
+
+
+def trainer(tmp_path: Path, callbacks: list, **overrides) -> pl.Trainer:  # type: ignore[type-arg]
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=1,
+        limit_val_batches=1,
+    )
+    settings.update(overrides)
+    return pl.Trainer(callbacks=callbacks, **settings)
+
+
+def assert_pruned_weights_zero(task: ToyTask, masks: dict[str, torch.Tensor]) -> None:
+    params = dict(task.model.named_parameters())
+    assert masks
+    for name, mask in masks.items():
+        assert torch.count_nonzero(params[name].detach()[~mask.to(params[name].device)]) == 0, name
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fit_prunes_once_before_sanity_check_and_keeps_masks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
+    callback = ECoFLaPPruning(**FAST)
+    calls = count_prunes(callback, monkeypatch)
+    task = ToyTask()
+    dense = {n: p.detach().clone() for n, p in task.model.named_parameters()}
+    run = trainer(
+        tmp_path,
+        [callback],
+        precision=precision,
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.5,
+        logger=CSVLogger(tmp_path, name="logs"),
+    )
+    run.fit(task, datamodule=ToyData())
+
+    assert calls == ["fit"] and callback.pruned
+    assert task.sanity_zero_fraction == pytest.approx(0.5, abs=0.02)  # the sanity check already saw the pruned model
+    assert_pruned_weights_zero(task, callback.masks)
+    params = dict(task.model.named_parameters())
+    kept_moved = any(not torch.equal(params[n][m], dense[n][m]) for n, m in callback.masks.items())
+    assert kept_moved, "fine-tuning must still update the kept weights"
+    assert 0.45 <= zero_fraction(task.model) <= 0.55
+    log_dir = Path(run.log_dir)
+    report = json.loads((log_dir / "pruning_report.json").read_text())
+    assert report["metadata"]["stage"] == "fit" and report["config"]["sparsity"] == 0.5
+    assert (log_dir / "pruning_sparsity.png").stat().st_size > 0
+    metrics = (log_dir / "metrics.csv").read_text()
+    assert "pruning/overall_sparsity" in metrics and "pruning/sparsity/vision" in metrics
+
+
+def test_masks_hold_under_adamw_momentum_from_a_dense_optimizer_state(tmp_path: Path) -> None:
+    """Even when AdamW already has momentum on weights that get pruned (optimizer built before pruning, then
+    stepped), the weights stay exactly zero: weights are re-masked after every batch."""
+
+    class WarmTask(ToyTask):
+        def on_fit_start(self) -> None:  # runs after the callback pruned; dirty the moments of pruned weights
+            optimizer = self.trainer.optimizers[0]
+            for param in self.model.parameters():
+                optimizer.state[param] = {
+                    "step": torch.tensor(1.0),
+                    "exp_avg": torch.ones_like(param),
+                    "exp_avg_sq": torch.ones_like(param),
+                }
+
+    callback = ECoFLaPPruning(**FAST)
+    task = WarmTask()
+    trainer(tmp_path, [callback], max_steps=3, num_sanity_val_steps=0).fit(task, datamodule=ToyData())
+    assert_pruned_weights_zero(task, callback.masks)
+
+
+def test_checkpoint_state_round_trip(tmp_path: Path) -> None:
+    callback = ECoFLaPPruning(**FAST)
+    task = ToyTask()
+    trainer(tmp_path, [callback], max_steps=1, num_sanity_val_steps=0).fit(task, datamodule=ToyData())
+
+    torch.save(callback.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["pruned"] is True and state["version"] == 1
+    assert all(mask.dtype == torch.bool and mask.device.type == "cpu" for mask in state["masks"].values())
+
+    restored = ECoFLaPPruning(**FAST)
+    restored.load_state_dict(state)
+    assert restored.pruned and restored.report == callback.report
+    assert restored.masks.keys() == callback.masks.keys()
+    assert all(torch.equal(restored.masks[n], callback.masks[n].cpu()) for n in callback.masks)
+    assert isinstance(restored.result, PruningResult)
+    assert restored.result.overall_sparsity == pytest.approx(callback.result.overall_sparsity)  # type: ignore[union-attr]
+
+    old = ECoFLaPPruning(**FAST)
+    old.load_state_dict({"pruned": False})  # an older/other state without masks or report
+    assert not old.pruned and old.masks == {} and old.report is None
+
+
+def test_resume_restores_masks_and_does_not_prune_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = ECoFLaPPruning(**FAST)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer(tmp_path, [first, checkpoints], enable_checkpointing=True, max_steps=2, num_sanity_val_steps=0).fit(
+        ToyTask(), datamodule=ToyData()
+    )
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    assert ckpt.exists()
+
+    resumed = ECoFLaPPruning(**FAST)
+    calls = count_prunes(resumed, monkeypatch)
+    task = ToyTask(seed=123)  # other initial weights: they must come from the checkpoint
+    trainer(tmp_path, [resumed], max_steps=5).fit(task, datamodule=ToyData(), ckpt_path=ckpt)
+
+    assert calls == [] and resumed.pruned
+    assert resumed.masks.keys() == first.masks.keys()
+    assert all(torch.equal(resumed.masks[n].cpu(), first.masks[n].cpu()) for n in first.masks)
+    assert_pruned_weights_zero(task, resumed.masks)
+    assert task.sanity_zero_fraction is None or task.sanity_zero_fraction >= 0.45
+
+    evaluator = ECoFLaPPruning(**FAST)
+    calls = count_prunes(evaluator, monkeypatch)
+    fresh = ToyTask(seed=7)
+    trainer(tmp_path, [evaluator]).validate(fresh, datamodule=ToyData(), ckpt_path=ckpt)
+    assert calls == [] and evaluator.pruned
+    assert_pruned_weights_zero(fresh, evaluator.masks)
+
+
+def test_resume_with_other_settings_warns_and_keeps_masks(tmp_path: Path) -> None:
+    callback = ECoFLaPPruning(**FAST)
+    trainer(tmp_path, [callback], max_steps=1, num_sanity_val_steps=0).fit(ToyTask(), datamodule=ToyData())
+    other = ECoFLaPPruning(**{**FAST, "sparsity": 0.3})
+    with pytest.warns(UserWarning, match="max_sparsity, sparsity"):
+        other.load_state_dict(callback.state_dict())
+    assert other.pruned
+
+
+@pytest.mark.parametrize(
+    ("stages", "entry", "prunes"),
+    [
+        (("validate",), "validate", True),
+        (("test",), "test", True),
+        (("predict",), "predict", True),
+        (("test",), "fit", False),
+        (("fit",), "validate", False),
+    ],
+)
+def test_only_the_chosen_stages_prune(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stages: tuple[str, ...], entry: str, prunes: bool
+) -> None:
+    callback = ECoFLaPPruning(**FAST, stages=stages)
+    calls = count_prunes(callback, monkeypatch)
+    task = ToyTask()
+    run = trainer(tmp_path, [callback], max_steps=1, limit_test_batches=1, limit_predict_batches=1)
+    getattr(run, entry)(task, datamodule=ToyData())
+    assert calls == ([entry] if prunes else [])
+    assert (zero_fraction(task.model) >= 0.45) is prunes
+
+
+def test_later_stages_reuse_the_masks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    callback = ECoFLaPPruning(**FAST)
+    calls = count_prunes(callback, monkeypatch)
+    task, data = ToyTask(), ToyData()
+    run = trainer(tmp_path, [callback], max_steps=2, limit_test_batches=1)
+    run.fit(task, datamodule=data)
+    run.test(task, datamodule=data)
+    assert calls == ["fit"]
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_signature_mirrors_pruning_config() -> None:
+    parameters = inspect.signature(ECoFLaPPruning.__init__).parameters
+    for field in PruningConfig.__dataclass_fields__:
+        assert field in parameters, field
+        assert PruningConfig(**{field: parameters[field].default}) == PruningConfig(), f"default of {field}"
+    assert ECoFLaPPruning().config == PruningConfig()
+    assert {"stages", "save_to", "report_dir", "progress"} <= set(parameters)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sparsity": 1.2}, r"`sparsity` must be in \[0, 1\)"),
+        ({"importance": "second_order"}, r"`importance` must be one of"),
+        ({"stages": ["train"]}, r"`stages` must be a non-empty subset of \['fit', 'validate', 'test', 'predict'\]"),
+        ({"stages": []}, r"`stages` must be a non-empty subset"),
+        ({"save_to": 3}, r"`save_to` must be a directory path or None, got 3\..*HINT"),
+        ({"report_dir": ""}, r"`report_dir` must be a directory path or None"),
+        ({"progress": "yes"}, r"`progress` must be True or False"),
+    ],
+)
+def test_constructor_errors(kwargs: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ValueError, match=message):
+        ECoFLaPPruning(**kwargs)
+
+
+def test_stage_given_as_a_string_is_accepted() -> None:
+    assert ECoFLaPPruning(stages="test").stages == ("test",)
+
+
+def test_missing_calibration_dataloader_is_explained(tmp_path: Path) -> None:
+    class PlainData(pl.LightningDataModule):
+        def val_dataloader(self) -> DataLoader:
+            return ToyData().val_dataloader()
+
+    with pytest.raises(AttributeError, match=r"PlainData has none\. HINT: .*def calibration_dataloader"):
+        trainer(tmp_path, [ECoFLaPPruning(**FAST)]).validate(ToyTask(), datamodule=PlainData())
+    with pytest.raises(AttributeError, match="no DataModule was given"):
+        trainer(tmp_path, [ECoFLaPPruning(**FAST)]).validate(ToyTask(), ToyData().val_dataloader())
+
+
+def test_task_without_model_is_explained(tmp_path: Path) -> None:
+    class Bare(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(2, 2)
+
+        def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            return None
+
+    with pytest.raises(TypeError, match=r"Bare has no `model` \(an nn.Module\)\. HINT: subclass"):
+        trainer(tmp_path, [ECoFLaPPruning(**FAST)]).validate(Bare(), datamodule=ToyData())
+
+
+def test_too_few_calibration_batches_for_the_ranks_is_explained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    callback = ECoFLaPPruning(**{**FAST, "coarse_samples": 4, "fine_samples": 4})
+    run = trainer(tmp_path, [callback])
+    # Pretend to be one of two ranks: the check runs on every rank before any collective call.
+    monkeypatch.setattr(pl.Trainer, "world_size", property(lambda self: 2))
+    monkeypatch.setattr(run, "datamodule", ToyData(), raising=False)
+    with pytest.raises(ValueError, match="Each of the 2 ranks needs at least one calibration batch"):
+        callback._calibration_batches(run, ToyTask())
