@@ -16,9 +16,8 @@ from datamodule_layouts import (
     write_coco_official,
     write_image,
 )
-from PIL import Image
-
 from ecoflap_pl.datamodules import COCOCaptionDataModule, DataFileNotFoundError, DataFormatError
+from PIL import Image
 
 
 def _module(root: Path, **kwargs) -> COCOCaptionDataModule:
