@@ -97,7 +97,8 @@ def retrieval_recall(
 class RetrievalRecall(TypedListStatesMixin):
     """Text->image and image->text Recall@K over the whole split, from image and text embeddings.
 
-    Embeddings go into ``cat`` states, so under DDP :meth:`compute` sees the whole split; repeated
+    Embeddings go into ``cat`` states (flattened: a rank that saw no batch must gather an empty state of the same
+    number of dimensions, and it cannot know ``dim``), so under DDP :meth:`compute` sees the whole split; repeated
     ``image_ids`` (a padding ``DistributedSampler``) are dropped with their captions before scoring. Similarity is
     the dot product ``image_embeds @ text_embeds.T``: L2-normalise the embeddings first for cosine similarity.
     The ``[num_images, num_texts]`` matrix is built at once (COCO 5k test: 5000 x 25000 floats, 0.5 GB).
@@ -165,8 +166,8 @@ class RetrievalRecall(TypedListStatesMixin):
         keys = sample_ids(image_ids, num_images, arg="image_ids")
         # Captions stored grouped by image (stable), so per-image counts locate them after the gather.
         order = torch.sort(text_to_image, stable=True).indices
-        self.image_embeds.append(image_embeds.detach().float())
-        self.text_embeds.append(text_embeds.detach()[order].float())
+        self.image_embeds.append(image_embeds.detach().float().flatten())
+        self.text_embeds.append(text_embeds.detach()[order].float().flatten())
         self.captions_per_image.append(torch.bincount(text_to_image, minlength=num_images).to(self.device))
         data, lengths = encode_texts(keys, self.device)
         self.id_bytes.append(data)
@@ -178,11 +179,11 @@ class RetrievalRecall(TypedListStatesMixin):
         Returns:
             ``t2i_r{k}`` and ``i2t_r{k}`` for each K, ``t2i_r_mean``, ``i2t_r_mean``, ``r_mean``; fractions.
         """
-        images = cat_state(self.image_embeds, torch.float32)
-        texts = cat_state(self.text_embeds, torch.float32)
         counts = cat_state(self.captions_per_image, torch.int64)
-        if images.numel() == 0:
+        if counts.numel() == 0:
             raise ValueError("RetrievalRecall needs at least one image, got none. HINT: call update() first.")
+        images = cat_state(self.image_embeds, torch.float32).view(counts.numel(), -1)
+        texts = cat_state(self.text_embeds, torch.float32).view(int(counts.sum()), images.shape[1])
         keys = decode_texts(cat_state(self.id_bytes, torch.uint8), cat_state(self.id_lengths, torch.int64))
         keep = torch.tensor(first_occurrences(keys), dtype=torch.bool, device=counts.device)
         text_keep = torch.repeat_interleave(keep, counts)

@@ -1,0 +1,75 @@
+"""CaptionScores against pycocoevalcap's tokenizer and scorers called directly on the same data."""
+
+from __future__ import annotations
+
+import pytest
+from metric_data import CAPTION_IDS, CAPTION_PREDICTIONS, CAPTION_REFERENCES
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+from ecoflap_pl.metrics import CAPTION_SCORE_KEYS, CaptionScores, caption_scores
+from ecoflap_pl.metrics.caption import _missing_spice_models
+
+
+def _pycocoevalcap_directly() -> dict[str, float]:
+    """What COCOEvalCap.evaluate() does, minus SPICE (which needs a download)."""
+    tokenizer = PTBTokenizer()
+    # "\r" -> " " by hand: given to pycocoevalcap as is, it splits the caption in two and shifts the later ones.
+    pairs = zip(CAPTION_IDS, CAPTION_REFERENCES, strict=True)
+    gts = {i: [{"caption": ref.replace("\r", " ")} for ref in refs] for i, refs in pairs}
+    res = {i: [{"caption": pred}] for i, pred in zip(CAPTION_IDS, CAPTION_PREDICTIONS, strict=True)}
+    gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    return {
+        **{f"bleu_{n}": b for n, b in enumerate(bleu, start=1)},
+        "meteor": Meteor().compute_score(gts, res)[0],
+        "rouge_l": Rouge().compute_score(gts, res)[0],
+        "cider": Cider().compute_score(gts, res)[0],
+    }
+
+
+def test_scores_equal_pycocoevalcap_called_directly(caption_scores_single: dict[str, float]) -> None:
+    # the fixture fed the data in two batches plus a repeated id, which must be scored once
+    expected = _pycocoevalcap_directly()
+    assert tuple(caption_scores_single) == CAPTION_SCORE_KEYS
+    assert all(isinstance(value, float) for value in caption_scores_single.values())
+    assert caption_scores_single == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert 0 < caption_scores_single["bleu_4"] < caption_scores_single["bleu_1"] < 1
+    assert caption_scores_single["cider"] > 0
+
+
+@pytest.mark.skipif(not _missing_spice_models(), reason="SPICE's Stanford CoreNLP jars are present here")
+def test_spice_without_its_models_raises_at_construction() -> None:
+    with pytest.raises(RuntimeError, match=r"`spice=True` needs the Stanford CoreNLP jars.*HINT"):
+        CaptionScores(spice=True)
+    with pytest.raises(RuntimeError, match=r"`spice=True`"):
+        caption_scores(["a dog"], [["a dog"]], spice=True)
+
+
+def test_spice_must_be_bool() -> None:
+    with pytest.raises(TypeError, match="`spice` must be a bool"):
+        CaptionScores(spice="yes")
+
+
+@pytest.mark.parametrize(
+    ("predictions", "references", "ids", "error", "match"),
+    [
+        ("a dog", [["a dog"]], None, TypeError, "`predictions` must be a sequence of strings"),
+        (["a dog", "a cat"], [["a dog"]], None, ValueError, r"one list of reference captions per prediction \(2\)"),
+        (["a dog"], [[]], None, ValueError, "non-empty list of strings per sample"),
+        (["a dog"], ["a dog"], None, ValueError, "HINT: a single caption still goes in a list"),
+        (["a dog"], [["a dog"]], [1, 2], ValueError, r"`ids` must have one id per sample \(1\), got 2"),
+        (["a dog"], [["a dog"]], [1.5], ValueError, "`ids` must hold ints or non-empty strings"),
+    ],
+)
+def test_update_rejects_bad_input(predictions, references, ids, error, match) -> None:  # noqa: ANN001
+    with pytest.raises(error, match=match):
+        CaptionScores().update(predictions, references, ids=ids)
+
+
+def test_compute_without_samples_raises() -> None:
+    with pytest.raises(ValueError, match="at least one sample"):
+        CaptionScores().compute()
