@@ -129,7 +129,7 @@ class ImageNetDataModule(EcoflapDataModule):
         from timm.data import ImageNetInfo
 
         info = ImageNetInfo()
-        if all(info.has_label(wnid) for wnid in self.classes):
+        if set(self.classes) <= set(info.label_names()):
             return [info.label_name_to_description(wnid).split(",")[0].strip() for wnid in self.classes]
         return list(self.classes)
 
