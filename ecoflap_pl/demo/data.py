@@ -127,7 +127,7 @@ class Scene:
 
 @dataclass(frozen=True)
 class DemoPaths:
-    """Where `build_demo_data` put each dataset; each field is a DataModule's `data_dir`.
+    """Where `build_demo_data` put each dataset: `coco` ... `imagenet_flat` are DataModules' `data_dir`.
 
     Attributes:
         root: The directory passed to `build_demo_data`.
@@ -302,7 +302,8 @@ def _build(
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    glyphs = (digits.images / 16.0).astype(np.float32)
+    # 8x8 grey levels 0..16 -> 10x10 uint8 images with a blank border, so upscaled strokes fade out at the edges
+    glyphs = [Image.fromarray(np.pad(image * (255 / 16), 1).round().astype(np.uint8)) for image in digits.images]
     pools = _split_pools(digits.target, seed)
     sizes = {"train": train_images, "val": val_images, "test": test_images, "test2015": test_images}
     pool_of = {"train": "train", "val": "val", "test": "test", "test2015": "test"}
@@ -374,16 +375,15 @@ def _sample_scene(rng: np.random.Generator, pool: list[np.ndarray], image_id: in
     return Scene(image_id, tuple(placed))
 
 
-def _render(scene: Scene, glyphs: np.ndarray, image_size: int, rng: np.random.Generator) -> Image.Image:
+def _render(scene: Scene, glyphs: Sequence[Image.Image], image_size: int, rng: np.random.Generator) -> Image.Image:
     """A dark background with a random gradient; each digit's grey level is the alpha of its colour."""
     ramp = np.linspace(-1.0, 1.0, image_size, dtype=np.float32)
     slope = rng.uniform(-12.0, 12.0, size=(2, 3)).astype(np.float32)
     base = rng.uniform(12.0, 40.0, size=3).astype(np.float32)
     canvas = base + ramp[:, None, None] * slope[0] + ramp[None, :, None] * slope[1]
     for digit in scene.digits:
-        glyph = Image.fromarray(np.pad(glyphs[digit.sample] * 255, 1).astype(np.uint8))
-        alpha = np.asarray(glyph.resize((digit.size, digit.size), Image.Resampling.BILINEAR), np.float32)[..., None]
-        alpha = alpha / 255.0 * float(rng.uniform(0.8, 1.0))
+        glyph = glyphs[digit.sample].resize((digit.size, digit.size), Image.Resampling.BILINEAR)
+        alpha = np.asarray(glyph, np.float32)[..., None] * (float(rng.uniform(0.8, 1.0)) / 255.0)
         box = canvas[digit.y : digit.y + digit.size, digit.x : digit.x + digit.size]
         box[:] = box * (1.0 - alpha) + np.asarray(COLOURS[digit.colour], np.float32) * alpha
     return Image.fromarray(np.clip(canvas, 0, 255).round().astype(np.uint8), "RGB")
@@ -726,7 +726,7 @@ def _write_nlvr2(nlvr2: Path, scenes: dict[str, list[Scene]], seed: int, names: 
 
 def _write_imagenet(
     paths: DemoPaths,
-    glyphs: np.ndarray,
+    glyphs: Sequence[Image.Image],
     pools: dict[str, list[np.ndarray]],
     seed: int,
     image_size: int,
