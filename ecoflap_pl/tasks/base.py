@@ -43,6 +43,14 @@ class EcoflapTask(pl.LightningModule):
         """The scalar training loss of ``self.model`` on ``batch`` (ALGORITHM.md §3)."""
         raise NotImplementedError(f"{type(self).__name__} must define calibration_loss(batch).")
 
+    def on_fit_start(self) -> None:
+        """Fine-tune in training mode.
+
+        ``from_pretrained`` leaves Hugging Face models in eval mode and Lightning keeps the modes it finds, so
+        without this fine-tuning would run without dropout. Override it to keep parts of a model frozen in eval mode.
+        """
+        self.train()
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.calibration_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=_batch_size(batch))
