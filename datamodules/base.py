@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -116,7 +116,8 @@ class EcoflapDataModule(pl.LightningDataModule):
             raise ValueError(f"`stage` must be one of 'train', 'val', 'test', got {stage!r}.")
         if stage not in self._datasets:
             self._datasets[stage] = self._build(stage)
-            log.debug("%s: %s split has %d samples", type(self).__name__, stage, len(self._datasets[stage]))
+            size = len(cast(Sized, self._datasets[stage]))
+            log.debug("%s: the %s loop reads %d samples", type(self).__name__, stage, size)
         return self._datasets[stage]
 
     def setup(self, stage: str) -> None:
@@ -157,10 +158,11 @@ class EcoflapDataModule(pl.LightningDataModule):
         size = self.calibration_samples if num_samples is None else num_samples
         _check_int("num_samples", size, 1)
         train = self.dataset("train")
-        if size > len(train):
-            log.warning("Calibration asked for %d samples; the training split has %d: using all.", size, len(train))
-            size = len(train)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.calibration_seed))
+        available = len(cast(Sized, train))
+        if size > available:
+            log.warning("Calibration asked for %d samples; the training split has %d: using all.", size, available)
+            size = available
+        order = torch.randperm(available, generator=torch.Generator().manual_seed(self.calibration_seed))
         subset = Subset(train, order[:size].tolist())
         return self._loader(subset, self.calibration_batch_size)
 

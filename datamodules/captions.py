@@ -21,7 +21,6 @@ from ecoflap_pl.datamodules._io import (
     text_list,
 )
 from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample, Stage, check_choice
-from torch.utils.data import Dataset
 
 SPLITS = ("train", "val", "test")
 # Karpathy's dataset_*.json split labels per split; restval images count as training images.
@@ -62,7 +61,7 @@ def read_karpathy_original(
         split: ``"train"`` (with ``restval``), ``"val"`` or ``"test"``.
         default_folder: the image folder when an entry has no ``filepath`` (Flickr30k: ``flickr30k-images``).
     """
-    samples = []
+    samples: list[Sample] = []
     for index, entry in enumerate(get_list(document, "images", path, option)):
         where = f"{path}, images[{index}]"
         check_entry(entry, ("filename", "split", "sentences"), where)
@@ -151,7 +150,7 @@ class CaptionDataModule(EcoflapDataModule):
         self.val_split = val_split
         self.test_split = test_split
 
-    def _build(self, stage: Stage) -> Dataset[dict[str, Any]]:
+    def _build(self, stage: Stage) -> ImageSampleDataset:
         samples = self.read(stage)
         return ImageSampleDataset(per_caption(samples) if stage == "train" else samples, self._image_hint())
 

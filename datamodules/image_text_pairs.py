@@ -7,13 +7,12 @@ from typing import Any
 
 from ecoflap_pl.datamodules._io import check_entry, expect_type, locate, read_json, resolve, text_list
 from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample, Stage
-from torch.utils.data import Dataset
 
 
 def read_image_text_pairs(path: Path, option: str, image_root: Path) -> list[Sample]:
     """``{"text"}`` samples of a list ``[{"image": relative path, "caption": str or [str]}]``, one per caption."""
     entries = expect_type(read_json(path, option), list, f"{path} (set by `{option}`)", "the top level")
-    samples = []
+    samples: list[Sample] = []
     for index, entry in enumerate(entries):
         where = f"{path}, entry {index}"
         check_entry(entry, ("image", "caption"), where)
@@ -52,7 +51,7 @@ class ImageTextPairsDataModule(EcoflapDataModule):
         self.files: dict[Stage, str | None] = {"train": train_file, "val": val_file, "test": test_file}
         self.image_root = resolve(self.data_dir, image_root) if image_root is not None else self.data_dir
 
-    def _build(self, stage: Stage) -> Dataset[dict[str, Any]]:
+    def _build(self, stage: Stage) -> ImageSampleDataset:
         option = f"{stage}_file"
         if self.files[stage] is None:
             raise ValueError(

@@ -19,7 +19,6 @@ from ecoflap_pl.datamodules._io import (
     resolve,
 )
 from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample, Stage, check_choice
-from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
@@ -32,7 +31,7 @@ def class_folders(root: Path) -> list[str]:
 
 def read_class_folders(root: Path, option: str, class_index: dict[str, int]) -> list[Sample]:
     """``{"label"}`` samples of every image in ``root/{wnid}/``, by sorted wnid then sorted file name."""
-    samples = []
+    samples: list[Sample] = []
     for wnid in class_folders(root):
         if wnid not in class_index:
             raise DataFormatError(
@@ -133,7 +132,7 @@ class ImageNetDataModule(EcoflapDataModule):
             return [info.label_name_to_description(wnid).split(",")[0].strip() for wnid in self.classes]
         return list(self.classes)
 
-    def _build(self, stage: Stage) -> Dataset[dict[str, Any]]:
+    def _build(self, stage: Stage) -> ImageSampleDataset:
         split = self.splits[stage]
         option = f"{split}_dir"
         root = find_dir(self.train_dir if split == "train" else self.val_dir, option, f"ImageNet {split} folder")
@@ -146,7 +145,7 @@ class ImageNetDataModule(EcoflapDataModule):
 
     def _read_flat_val(self, root: Path, class_index: dict[str, int]) -> list[Sample]:
         path = self._solution_path()
-        samples = []
+        samples: list[Sample] = []
         for number, image_id, wnid in read_val_solution(path, "val_solution_file"):
             if wnid not in class_index:
                 raise DataFormatError(f"{path}, line {number}: wnid {wnid!r} of {image_id} is not a known class.")

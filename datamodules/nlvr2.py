@@ -7,7 +7,6 @@ from typing import Any
 
 from ecoflap_pl.datamodules._io import DataFormatError, check_entry, expect_type, locate, read_json_lines, resolve
 from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample, Stage, check_choice
-from torch.utils.data import Dataset
 
 LABELS = {"True": 1, "False": 0}
 
@@ -23,7 +22,7 @@ def read_nlvr2(path: Path, option: str, image_dir: Path, split: str) -> list[Sam
             -N}-img{0,1}.png``.
         split: ``"train"`` reads images from the ``directory`` sub-folders.
     """
-    samples = []
+    samples: list[Sample] = []
     for number, entry in read_json_lines(path, option):
         where = f"{path}, line {number}"
         check_entry(entry, ("identifier", "sentence", "label") + (("directory",) if split == "train" else ()), where)
@@ -94,7 +93,7 @@ class NLVR2DataModule(EcoflapDataModule):
             images = self.data_dir / "images"
             self.image_root = images if images.is_dir() else self.data_dir
 
-    def _build(self, stage: Stage) -> Dataset[dict[str, Any]]:
+    def _build(self, stage: Stage) -> ImageSampleDataset:
         split, option = self.splits[stage], f"{stage}_file"
         defaults = [self.data_dir / f"{split}.json", self.data_dir / "data" / f"{split}.json"]
         path = locate(self.data_dir, self.files[stage], defaults, option, f"NLVR2 {split} annotations")

@@ -16,7 +16,6 @@ from ecoflap_pl.datamodules._io import (
     resolve,
 )
 from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample, Stage, check_choice
-from torch.utils.data import Dataset
 
 # question-file split -> COCO image folder (test-dev2015 images are part of test2015)
 IMAGE_FOLDERS = {"train2014": "train2014", "val2014": "val2014", "test2015": "test2015", "test-dev2015": "test2015"}
@@ -52,7 +51,7 @@ def read_vqa(
         answers_by_id = _annotations_by_question(
             get_list(document, "annotations", annotations_path, annotations_option), annotations_path
         )
-    samples = []
+    samples: list[Sample] = []
     for index, question in enumerate(questions):
         where = f"{questions_path}, questions[{index}]"
         check_entry(question, ("image_id", "question", "question_id"), where)
@@ -155,7 +154,7 @@ class VQAv2DataModule(EcoflapDataModule):
         }
         self.image_root = resolve(self.data_dir, image_root) if image_root is not None else self.data_dir
 
-    def _build(self, stage: Stage) -> Dataset[dict[str, Any]]:
+    def _build(self, stage: Stage) -> ImageSampleDataset:
         split = self.splits[stage]
         q_option, a_option = f"{stage}_questions_file", f"{stage}_annotations_file"
         questions = self._find(
