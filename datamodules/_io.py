@@ -5,6 +5,7 @@ Every error names the exact path, the DataModule option that sets it and, for a 
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -79,13 +80,14 @@ def read_json(path: Path, option: str) -> Any:
 
 
 def read_json_lines(path: Path, option: str) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line_number, object)`` for each non-empty line of the JSON-lines file at ``path``."""
+    """Yield ``(line_number, object)`` for each non-empty line of the JSON-lines file at ``path`` (gzip if ``.gz``)."""
     if not path.is_file():
         raise DataFileNotFoundError(
             f"Annotation file not found: expected {path}. HINT: set `{option}` to its path "
             "(absolute, or relative to `data_dir`)."
         )
-    with path.open(encoding="utf-8") as handle:
+    opened = gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+    with opened as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
