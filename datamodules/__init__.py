@@ -8,6 +8,7 @@ from ecoflap_pl.datamodules.flickr30k import Flickr30kDataModule
 from ecoflap_pl.datamodules.image_text_pairs import ImageTextPairsDataModule
 from ecoflap_pl.datamodules.imagenet import ImageNetDataModule
 from ecoflap_pl.datamodules.nlvr2 import NLVR2DataModule
+from ecoflap_pl.datamodules.text import TextDataModule
 from ecoflap_pl.datamodules.vqa import VQAv2DataModule
 
 __all__ = [
@@ -22,5 +23,6 @@ __all__ = [
     "ImageTextPairsDataModule",
     "NLVR2DataModule",
     "Sample",
+    "TextDataModule",
     "VQAv2DataModule",
 ]
