@@ -332,6 +332,18 @@ def test_cache_is_reused_and_rebuilt_when_parameters_change(tmp_path: Path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no temporary directory left behind
 
 
+def test_concurrent_builders_agree(tmp_path: Path) -> None:
+    """Two DDP ranks building the same root at once both succeed and leave one complete build."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: build_demo_data(tmp_path / "shared", **SIZES), range(2)))
+    assert results[0] == results[1]
+    assert json.loads((tmp_path / "shared" / "ecoflap_demo.json").read_text())["params"]["image_size"] == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]
+    assert len(load(results[0].coco / "annotations" / "coco_karpathy_train.json")) == 5 * SIZES["train_images"]
+
+
 def test_progress_reports_every_image_stage(tmp_path: Path) -> None:
     calls: list[tuple[str, int, int]] = []
     build_demo_data(tmp_path / "p", progress=lambda stage, done, total: calls.append((stage, done, total)), **SIZES)
