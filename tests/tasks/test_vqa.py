@@ -1,0 +1,200 @@
+"""VQATask: BLIP-2 (OPT, FlanT5), BLIP and ViLT with tiny random models: batches, losses, training, accuracy,
+the official results file of unannotated splits, predictions."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ecoflap_pl.models.tokenizers import IMAGE_ID
+from ecoflap_pl.tasks._vision_language import IGNORE_INDEX
+from ecoflap_pl.tasks.vqa import VQATask, soft_scores
+
+FAMILIES = ("blip2_opt", "blip2_t5", "blip", "vilt")
+ANSWER_LIST = ["red", "blue", "two", "one", "yes", "no"]
+NUM_QUERY_TOKENS = 4  # tiny_config's default
+
+
+def _task(tiny_setup, family: str, **kwargs) -> VQATask:  # noqa: ANN001, ANN003
+    config, tokenizer = tiny_setup(family, num_labels=len(ANSWER_LIST)) if family == "vilt" else tiny_setup(family)
+    torch.manual_seed(0)
+    options = {"num_beams": 2, "max_new_tokens": 3, "learning_rate": 1e-3}
+    if family == "vilt":
+        options["answer_list"] = ANSWER_LIST
+    options.update(kwargs)
+    return VQATask(model_config=config, tokenizer=tokenizer, **options)
+
+
+def _words(task: VQATask, text: str) -> list[int]:
+    return task.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_soft_scores_follow_the_official_count_rule():
+    label2id = {answer: i for i, answer in enumerate(ANSWER_LIST)}
+    answers = ["red"] * 7 + ["blue"] * 2 + ["green"]
+    assert soft_scores(answers, label2id) == {0: 1.0, 1: pytest.approx(2 / 3)}
+    assert soft_scores(["Two", "2", "two."], {"2": 0}) == {0: 1.0}  # normalised as the official evaluation
+    assert soft_scores(["one"], label2id) == {3: pytest.approx(1 / 3)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_calibration_loss_is_the_models_own_loss_on_hand_built_labels(tiny_setup, vqa_samples, family):
+    task = _task(tiny_setup, family)
+    samples = vqa_samples[:2]
+    batch = task.collator(samples)
+    tok = task.processor.tokenizer
+    model = task.model
+    if family == "blip2_opt":
+        rows, label_rows = [], []
+        for sample in samples:
+            prompt = [tok.bos_token_id, *_words(task, task.prompt.format(sample["question"]))]
+            rows.append([IMAGE_ID] * NUM_QUERY_TOKENS + prompt + _words(task, sample["answer"]))
+            label_rows.append([IGNORE_INDEX] * (NUM_QUERY_TOKENS + len(prompt)) + _words(task, sample["answer"]))
+        width = max(map(len, rows))
+        ids = torch.tensor([row + [tok.pad_token_id] * (width - len(row)) for row in rows])
+        labels = torch.tensor([row + [IGNORE_INDEX] * (width - len(row)) for row in label_rows])
+        assert torch.equal(batch["input_ids"], ids) and torch.equal(batch["labels"], labels)
+        reference = model(
+            pixel_values=batch["pixel_values"], input_ids=ids, attention_mask=batch["attention_mask"], labels=labels
+        ).loss
+    elif family == "blip2_t5":
+        answers = [_words(task, sample["answer"]) + [tok.eos_token_id] for sample in samples]
+        width = max(map(len, answers))
+        labels = torch.tensor([row + [IGNORE_INDEX] * (width - len(row)) for row in answers])
+        assert torch.equal(batch["labels"], labels)
+        assert (batch["input_ids"][:, :NUM_QUERY_TOKENS] == IMAGE_ID).all()
+        reference = model(
+            pixel_values=batch["pixel_values"],
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=labels,
+        ).loss
+    elif family == "blip":
+        bos = model.config.text_config.bos_token_id
+        answers = [[bos, *_words(task, sample["answer"]), tok.sep_token_id] for sample in samples]
+        width = max(map(len, answers))
+        decoder_ids = torch.tensor([row + [tok.pad_token_id] * (width - len(row)) for row in answers])
+        labels = decoder_ids.masked_fill(decoder_ids == tok.pad_token_id, IGNORE_INDEX)
+        assert torch.equal(batch["decoder_input_ids"], decoder_ids) and torch.equal(batch["labels"], labels)
+        reference = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            decoder_input_ids=decoder_ids,
+            decoder_attention_mask=(decoder_ids != tok.pad_token_id).long(),
+            labels=labels,
+        ).loss
+    else:
+        scores = torch.zeros(2, len(ANSWER_LIST))
+        scores[0, ANSWER_LIST.index("red")], scores[0, ANSWER_LIST.index("blue")] = 1.0, 1.0
+        scores[1, ANSWER_LIST.index("two")], scores[1, ANSWER_LIST.index("one")] = 1.0, 1 / 3
+        torch.testing.assert_close(batch["labels"], scores)
+        logits = model(
+            **{
+                k: v
+                for k, v in batch.items()
+                if k in ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "pixel_mask")
+            }
+        ).logits
+        reference = torch.nn.functional.binary_cross_entropy_with_logits(logits, scores) * len(ANSWER_LIST)
+    loss = task.calibration_loss(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
+    torch.testing.assert_close(loss, reference)
+
+
+def test_opt_generation_prompts_are_left_padded_after_the_image_tokens(tiny_setup, vqa_samples):
+    task = _task(tiny_setup, "blip2_opt")
+    batch = task.collator(vqa_samples)
+    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    assert (ids[:, :NUM_QUERY_TOKENS] == IMAGE_ID).all()
+    assert (mask[:, -1] == 1).all()  # every prompt ends at the last column: generation continues from it
+    lengths = mask.sum(dim=1)
+    assert len(set(lengths.tolist())) > 1  # the questions differ in length, so some rows are padded
+    for row, sample in enumerate(vqa_samples):
+        text = [t for t in ids[row, NUM_QUERY_TOKENS:].tolist() if t != task.processor.tokenizer.pad_token_id]
+        assert text[1:] == _words(task, task.prompt.format(sample["question"]))
+
+
+def test_collator_pickles_and_skips_labels_for_unannotated_samples(tiny_setup, vqa_test_samples):
+    task = _task(tiny_setup, "blip2_t5")
+    collator = pickle.loads(pickle.dumps(task.collator))
+    batch = collator(vqa_test_samples)
+    assert "labels" not in batch and "prompt_input_ids" in batch
+    assert batch["question_id"] == [1000, 1001, 1002] and batch["answers"] == [[], [], []]
+    with pytest.raises(ValueError, match="must carry `labels`"):
+        task.calibration_loss(batch)
+
+
+def test_blip_answers_do_not_depend_on_the_other_questions_of_the_batch(tiny_setup, vqa_samples):
+    task = _task(tiny_setup, "blip", num_beams=2, max_new_tokens=3).eval()
+    alone = task.answer(task.collator(vqa_samples[2:3]))  # the shortest question, unpadded
+    together = task.answer(task.collator(vqa_samples))  # padded to the longest question
+    assert together[2] == alone[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_steps_run_and_change_the_weights(tiny_setup, trainer_factory, vqa_samples, family):
+    task = _task(tiny_setup, family)
+    before = {name: p.detach().clone() for name, p in task.model.named_parameters()}
+    loader = DataLoader(vqa_samples, batch_size=2, collate_fn=task.collator)
+    trainer = trainer_factory(max_steps=2)
+    trainer.fit(task, train_dataloaders=loader)
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert any(not torch.equal(before[name], p) for name, p in task.model.named_parameters())
+
+
+@pytest.mark.parametrize("family", ["blip2_opt", "vilt"])
+def test_validation_logs_overall_and_per_type_accuracy(tiny_setup, trainer_factory, vqa_samples, family):
+    task = _task(tiny_setup, family)
+    loader = DataLoader(vqa_samples, batch_size=2, collate_fn=task.collator)
+    (metrics,) = trainer_factory().validate(task, dataloaders=loader, verbose=False)
+    assert {"val/accuracy", "val/accuracy_yes_no", "val/accuracy_number", "val/accuracy_other"} <= set(metrics)
+    assert 0.0 <= metrics["val/accuracy"] <= 1.0
+    assert "val" not in task.results_paths  # annotated: scored, no results file
+
+
+def test_unannotated_test_split_writes_the_official_results_file(
+    tiny_setup, trainer_factory, vqa_test_samples, tmp_path
+):
+    task = _task(tiny_setup, "blip2_t5", results_dir=str(tmp_path))
+    loader = DataLoader(vqa_test_samples[::-1], batch_size=2, collate_fn=task.collator)
+    (metrics,) = trainer_factory().test(task, dataloaders=loader, verbose=False)
+    assert not any(key.startswith("test/accuracy") for key in metrics)
+    path = tmp_path / "vqa_test_results.json"
+    assert task.results_paths["test"] == path
+    results = json.loads(path.read_text())
+    assert [row["question_id"] for row in results] == [1000, 1001, 1002]
+    assert all(set(row) == {"question_id", "answer"} and isinstance(row["answer"], str) for row in results)
+
+
+def test_predict_returns_answers_with_question_ids(tiny_setup, trainer_factory, vqa_test_samples):
+    task = _task(tiny_setup, "vilt")
+    loader = DataLoader(vqa_test_samples, batch_size=2, collate_fn=task.collator)
+    predictions = [row for batch in trainer_factory().predict(task, dataloaders=loader) for row in batch]
+    assert [row["question_id"] for row in predictions] == [1000, 1001, 1002]
+    assert all(row["answer"] in ANSWER_LIST for row in predictions)
+
+
+def test_from_pretrained_directory_round_trip(tiny_setup, tmp_path, vqa_samples):
+    task = _task(tiny_setup, "vilt")
+    task.model.save_pretrained(tmp_path)
+    task.processor.save_pretrained(tmp_path)
+    loaded = VQATask(pretrained=str(tmp_path))
+    assert loaded.answer_list == ANSWER_LIST
+    batch = loaded.collator(vqa_samples)
+    torch.testing.assert_close(loaded.calibration_loss(batch), task.calibration_loss(task.collator(vqa_samples)))
+
+
+def test_errors_name_the_argument(tiny_setup):
+    config, tokenizer = tiny_setup("blip2_opt")
+    with pytest.raises(ValueError, match="`prompt` must hold exactly one"):
+        VQATask(model_config=config, tokenizer=tokenizer, prompt="Question: Short answer:")
+    vilt_config, vilt_tokenizer = tiny_setup("vilt", num_labels=3)
+    with pytest.raises(ValueError, match="`answer_list` must hold one answer per classifier output"):
+        VQATask(model_config=vilt_config, tokenizer=vilt_tokenizer, answer_list=["yes", "no"])
+    with pytest.raises(ValueError, match="ViLT VQA needs an answer vocabulary"):
+        VQATask(model_config=vilt_config, tokenizer=vilt_tokenizer)
