@@ -1,5 +1,6 @@
 """Zeroth- and first-order importance against autograd on a small model."""
 
+import copy
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from pruning_helpers import ToyModel, assert_bit_identical, snapshot, toy_batche
 from ecoflap_pl import PruningConfig, score_groups
 from ecoflap_pl.pruning.first_order import first_order_sums
 from ecoflap_pl.pruning.monitor import StageMonitor
-from ecoflap_pl.pruning.zeroth_order import zeroth_order_sums
+from ecoflap_pl.pruning.zeroth_order import probe_seed, zeroth_order_sums
 
 
 def autograd_gradients(model, batch):
@@ -119,3 +120,105 @@ def test_group_score_variants(toy_model, aggregate, probe_granularity):
     assert all(value > 0 for value in scores.scores.values())
     per_unit = 3 if probe_granularity == "per_block" else 6
     assert scores.stats.full_forwards == 2 * per_unit * 2
+
+
+def slow_zeroth_order_group_scores(model, batches, config, groups):
+    """Loop-by-loop ECoFLaP zeroth-order scores on a copy of the model (ALGORITHM.md §3)."""
+    model = copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    units = groups if config.probe_granularity == "per_block" else {n: (n,) for names in groups.values() for n in names}
+    raw = {}
+    for unit_index, (unit, names) in enumerate(units.items()):
+        raw[unit] = 0.0
+        for batch_id, batch in enumerate(batches):
+            generator = torch.Generator().manual_seed(probe_seed(config.seed, unit_index, batch_id, 0))
+            directions = [torch.randn(params[n].shape, generator=generator, dtype=params[n].dtype) for n in names]
+            originals = [params[n].detach().clone() for n in names]
+            losses = []
+            for sign in (1.0, -1.0):
+                with torch.no_grad():
+                    for n, original, direction in zip(names, originals, directions, strict=True):
+                        params[n].copy_(original + sign * config.eps * direction)
+                    losses.append(float(toy_loss(model, batch)))
+            with torch.no_grad():
+                for n, original in zip(names, originals, strict=True):
+                    params[n].copy_(original)
+            raw[unit] += abs(losses[0] - losses[1]) / (2 * config.eps)
+
+    def variant(s, names):
+        weights = [params[n].detach().double() for n in names]
+        if config.score == "grad_only":
+            return s
+        if config.score == "grad_mag_abs":
+            return s * sum(float(w.abs().sum()) for w in weights)
+        return s * s * sum(float(w.square().sum()) for w in weights)
+
+    scores = {}
+    for group, names in groups.items():
+        if config.probe_granularity == "per_block":
+            total = variant(raw[group], names)
+        else:
+            total = sum(variant(raw[n], (n,)) for n in names)
+        size = sum(params[n].numel() for n in names)
+        scores[group] = total / size if config.aggregate == "avg" else total
+    return scores
+
+
+@pytest.mark.parametrize(
+    ("probe_granularity", "score", "aggregate"),
+    [
+        ("per_tensor", "grad_only", "sum"),
+        ("per_tensor", "grad_mag_abs", "avg"),
+        ("per_block", "grad_mag_square", "sum"),
+    ],
+)
+def test_zeroth_order_group_scores_match_slow_loop(probe_granularity, score, aggregate):
+    torch.manual_seed(0)
+    model = ToyModel().double().eval()  # fp64: the loss differences carry no rounding noise
+    batches = double_batches(2, size=4)
+    config = PruningConfig(
+        sparsity=0.5, probe_granularity=probe_granularity, score=score, aggregate=aggregate, coarse_samples=8, seed=3
+    )
+    scores = score_groups(model, batches, toy_loss, config)
+    expected = slow_zeroth_order_group_scores(model, batches, config, scores.groups)
+    assert scores.scores == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("score", "aggregate"),
+    [("grad_only", "sum"), ("grad_mag_abs", "sum"), ("grad_mag_abs", "avg"), ("grad_mag_square", "sum")],
+)
+def test_first_order_group_scores_match_slow_reference(score, aggregate):
+    """Group score = Σ over the group's tensors of Σ_i r(w_i, mean over batches), with r = |g|, |w|·|g| or w²·g²."""
+    torch.manual_seed(0)
+    model = ToyModel().double().eval()
+    batches = double_batches(3, size=4)
+    names = {f"layers.{i}": (f"layers.{i}.fc1.weight", f"layers.{i}.fc2.weight") for i in range(3)}
+    gradients = [autograd_gradients(model, batch) for batch in batches]
+    params = dict(model.named_parameters())
+    expected = {}
+    for group, tensors in names.items():
+        total = 0.0
+        for name in tensors:
+            w = params[name].detach()
+            if score == "grad_mag_square":
+                mean_g = sum(g[name].square() for g in gradients) / len(batches)
+                total += float((w.square() * mean_g).sum())
+            else:
+                mean_g = sum(g[name].abs() for g in gradients) / len(batches)
+                total += float(((w.abs() if score == "grad_mag_abs" else 1.0) * mean_g).sum())
+        expected[group] = total / sum(params[n].numel() for n in tensors) if aggregate == "avg" else total
+
+    model.embed.weight.requires_grad_(False)
+    leftover = torch.full_like(model.head.weight, 7.0)
+    model.head.weight.grad = leftover
+    before = snapshot(model)
+    config = PruningConfig(sparsity=0.5, importance="first_order", score=score, aggregate=aggregate, coarse_samples=12)
+    scores = score_groups(model, batches, toy_loss, config)
+
+    assert scores.scores == pytest.approx(expected, rel=1e-9)
+    assert scores.stats.backward_passes == 3 and scores.stats.full_forwards == 3
+    assert_bit_identical(model, before)
+    assert model.head.weight.grad is leftover
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "head.weight")
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["embed.weight"]
