@@ -90,7 +90,7 @@ def sparsity_table(result: PruningResult) -> Table:
     """Per block and per tower: parameters, coarse score, target and achieved sparsity; the overall total last."""
     config = result.config
     table = Table(
-        title=f"ECoFLaP pruning: {config.importance} + {config.method}, target sparsity {_pct(config.sparsity)}",
+        title=f"ECoFLaP: {config.importance} + {config.method}, target {_pct(config.sparsity)}",
         title_justify="left",
     )
     for column, justify in (("tower / block", "left"), ("params", "right"), ("score", "right")):
@@ -119,10 +119,11 @@ def sparsity_table(result: PruningResult) -> Table:
 def stage_table(result: PruningResult) -> Table:
     """Cost of each stage: forward and backward passes, wall time and peak memory."""
     table = Table(title="Pruning cost per stage", title_justify="left")
-    for column in ("stage", "full forwards", "block forwards", "backwards", "seconds", "peak memory"):
+    for column in ("stage", "forwards", "block fwd", "backwards", "seconds", "peak memory"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for stage, stats in result.stages.items():
-        memory = f"{stats.peak_memory_bytes / 2**20:,.1f} MiB ({stats.memory_kind})"
+        kind = {"cpu_rss": "RSS", "cuda_allocated": "CUDA"}.get(stats.memory_kind, stats.memory_kind)
+        memory = f"{stats.peak_memory_bytes / 2**20:,.1f} MiB {kind}"
         table.add_row(
             stage,
             str(stats.full_forwards),
@@ -160,6 +161,7 @@ def plot_sparsity(result: PruningResult, path: str | Path) -> Path:
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
     rows = block_rows(result)
@@ -173,6 +175,7 @@ def plot_sparsity(result: PruningResult, path: str | Path) -> Path:
     axes.axhline(100 * config.sparsity, color="grey", linestyle="--", linewidth=1, label="target")
     if config.max_sparsity is not None and config.importance != "uniform":
         axes.axhline(100 * config.max_sparsity, color="grey", linestyle=":", linewidth=1, label="max_sparsity")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("block index within tower")
     axes.set_ylabel("sparsity (%)")
     axes.set_title(f"Per-block sparsity ({config.importance}, {config.method}, {100 * config.sparsity:g}% target)")

@@ -267,3 +267,25 @@ def test_too_few_calibration_batches_for_the_ranks_is_explained(
     monkeypatch.setattr(run, "datamodule", ToyData(), raising=False)
     with pytest.raises(ValueError, match="Each of the 2 ranks needs at least one calibration batch"):
         callback._calibration_batches(run, ToyTask())
+
+
+def test_progress_bars_and_summary_table_on_rank_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    callback = ECoFLaPPruning(**{**FAST, "progress": True}, stages="validate", report_dir=str(tmp_path / "report"))
+    trainer(tmp_path, [callback]).validate(ToyTask(), datamodule=ToyData())
+    out = capsys.readouterr().out
+    for expected in ("ECoFLaP coarse", "ECoFLaP fine", "vision (tower)", "text (tower)", "Pruning cost per stage"):
+        assert expected in out
+    assert (tmp_path / "report" / "pruning_report.json").exists()
+
+
+def test_builds_from_a_yaml_section_through_jsonargparse() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(ECoFLaPPruning, "pruning")
+    config = parser.parse_string(
+        "pruning:\n  sparsity: 0.6\n  method: sparsegpt\n  exclude: ['*head*']\n  stages: [validate]\n  save_to: out\n"
+    )
+    callback = parser.instantiate(config).pruning
+    assert callback.config == PruningConfig(sparsity=0.6, method="sparsegpt", exclude=("*head*",))
+    assert callback.stages == ("validate",) and callback.save_to == "out"

@@ -1,0 +1,66 @@
+"""The report of a pruning run: rich table, JSON (loads back as a PruningResult) and the per-block plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from callback_toys import ToyData, ToyTask
+from rich.console import Console
+
+from ecoflap_pl import PruningConfig, PruningResult, prune
+from ecoflap_pl.reporting import block_rows, plot_sparsity, render_table, write_report
+
+
+@pytest.fixture(scope="module")
+def result() -> PruningResult:
+    task = ToyTask()
+    batches = list(ToyData().calibration_dataloader(16))
+    config = PruningConfig(sparsity=0.5, coarse_samples=8, fine_samples=16)
+    return prune(task.model, batches, lambda model, batch: task.calibration_loss(batch), config)
+
+
+def test_block_rows_cover_both_towers_in_order(result: PruningResult) -> None:
+    rows = block_rows(result)
+    assert [(r.tower, r.block, r.index) for r in rows] == [
+        ("vision", "vision.0", 0),
+        ("vision", "vision.1", 1),
+        ("text", "text.0", 0),
+        ("text", "text.1", 1),
+    ]
+    total = sum(r.params for r in rows)
+    assert total == sum(result.sizes.values())
+    assert sum(r.achieved * r.params for r in rows) / total == pytest.approx(result.overall_sparsity)
+    assert all(r.score == pytest.approx(result.group_scores[r.block]) for r in rows)
+
+
+def test_render_table_shows_blocks_towers_totals_and_stage_costs(result: PruningResult) -> None:
+    console = Console(width=160, record=True)
+    console.print(render_table(result))
+    text = console.export_text()
+    for expected in ("vision.0", "text.1", "vision (tower)", "text (tower)", "total", "coarse", "fine", "discovery"):
+        assert expected in text
+    assert f"{100 * result.overall_sparsity:.2f}%" in text
+
+
+def test_write_report_json_loads_back_and_plot_is_a_png(result: PruningResult, tmp_path: Path) -> None:
+    paths = write_report(result, tmp_path / "report", {"note": "test"})
+    data = json.loads(paths["json"].read_text())
+    assert data["metadata"] == {"report_version": 1, "note": "test"}
+    assert len(data["blocks"]) == 4
+    again = PruningResult.from_dict(data)
+    assert again.achieved_sparsity == result.achieved_sparsity and again.config == result.config
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_handles_uniform_runs_without_scores(tmp_path: Path) -> None:
+    task = ToyTask()
+    batches = list(ToyData().calibration_dataloader(8))
+    uniform = prune(
+        task.model, batches, lambda m, b: task.calibration_loss(b), PruningConfig(importance="uniform", fine_samples=8)
+    )
+    assert all(row.score is None for row in block_rows(uniform))
+    assert plot_sparsity(uniform, tmp_path / "u.png").stat().st_size > 0
+    assert torch.is_tensor(next(iter(uniform.masks.values())))
