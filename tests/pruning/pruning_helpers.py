@@ -148,9 +148,13 @@ FAMILIES: dict[str, tuple[Callable[[torch.Generator, int], Batch], LossFn]] = {
 """Family -> (batch builder, calibration loss). Every model is the tiny one of ``ecoflap_pl.models.tiny``."""
 
 
-def family_case(family: str, batches: int = 2, size: int = 2, seed: int = 0) -> tuple[nn.Module, list[Batch], LossFn]:
-    """A tiny seeded model of ``family``, ``batches`` calibration batches of ``size`` samples, and its loss."""
+def family_case(
+    family: str, batches: int = 2, size: int = 2, seed: int = 0, **model_kwargs: Any
+) -> tuple[nn.Module, list[Batch], LossFn]:
+    """A tiny seeded model of ``family`` (``model_kwargs`` go to ``tiny_model``/``tiny_timm``), ``batches``
+    calibration batches of ``size`` samples, and its calibration loss."""
     make_batch, loss_fn = FAMILIES[family]
-    model = tiny_timm(family, seed=seed) if family in ("vit", "eva") else tiny_model(family, seed=seed)
+    build = tiny_timm if family in ("vit", "eva") else tiny_model
+    model = build(family, seed=seed, **model_kwargs)
     generator = torch.Generator().manual_seed(seed)
     return model, [make_batch(generator, size) for _ in range(batches)], loss_fn
