@@ -18,13 +18,12 @@ from rich.console import Console
 from torch import nn
 
 import ecoflap_pl
+from ecoflap_pl.callbacks.export import save_pruned_model
+from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
+from ecoflap_pl.callbacks.progress import StageProgress
 from ecoflap_pl.pruning import PruningConfig, PruningResult, prune
 from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE
 from ecoflap_pl.reporting import render_table, report_dict, write_report
-
-from .export import save_pruned_model
-from .masks import mask_gradients_, mask_weights_
-from .progress import StageProgress
 
 logger = logging.getLogger(__name__)
 

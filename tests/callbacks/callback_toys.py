@@ -6,12 +6,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from ecoflap_pl.callbacks import ECoFLaPPruning
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.tasks.base import EcoflapTask
 
 WIDTH, PATCHES, PATCH_DIM, TOKENS, VOCAB, CLASSES = 32, 4, 12, 6, 50, 4

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from callback_toys import FAST, MaskRecorder, ToyData, ToyTask
+
 from ecoflap_pl.callbacks import ECoFLaPPruning
 
 

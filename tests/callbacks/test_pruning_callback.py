@@ -10,12 +10,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from callback_toys import FAST, ToyData, ToyTask, zero_fraction
-from ecoflap_pl.callbacks import ECoFLaPPruning
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from ecoflap_pl import PruningConfig, PruningResult
+from ecoflap_pl.callbacks import ECoFLaPPruning
 
 
 def count_prunes(callback: ECoFLaPPruning, monkeypatch: pytest.MonkeyPatch) -> list[str]:

@@ -9,12 +9,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from callback_toys import FAST, ToyData, ToyTask
-from ecoflap_pl.callbacks import ECoFLaPPruning
 from safetensors.torch import load_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.tasks.base import EcoflapTask
 
 VOCAB = ["<pad>", "</s>", "<unk>", "<s>", "a", "cat", "dog", "on", "the", "mat", "sits", "runs"]
