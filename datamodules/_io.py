@@ -126,6 +126,24 @@ def check_entry(entry: Any, keys: Iterable[str], where: str) -> dict[str, Any]:
     return entry
 
 
+def field_strings(entries: Any, key: str, where: str, what: str) -> list[str]:
+    """``[entry[key] for entry in entries]`` of a list of objects whose ``key`` is a string, checked.
+
+    The common case runs as one comprehension; any malformed entry is then located for the error message.
+    """
+    expect_type(entries, list, where, what)
+    try:
+        values = [entry[key] for entry in entries]
+        if all(type(v) is str for v in values):
+            return values
+    except (KeyError, TypeError):
+        pass
+    for index, entry in enumerate(entries):
+        check_entry(entry, (key,), f"{where}, {what}[{index}]")
+        expect_type(entry[key], str, f"{where}, {what}[{index}]", repr(key))
+    raise AssertionError("unreachable: a malformed entry was not found")
+
+
 def get_list(document: Any, key: str, path: Path, option: str) -> list[Any]:
     """``document[key]`` of a top-level JSON object, checked to be a list."""
     where = f"{path} (set by `{option}`)"

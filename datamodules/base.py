@@ -10,8 +10,9 @@ from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
-from ecoflap_pl.datamodules._io import load_image
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from ecoflap_pl.datamodules._io import load_image
 
 log = logging.getLogger(__name__)
 

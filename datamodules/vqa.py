@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from ecoflap_pl.datamodules._io import (
     DataFormatError,
     check_entry,
     expect_type,
+    field_strings,
     get_list,
     locate,
     read_json,
@@ -51,6 +53,7 @@ def read_vqa(
         answers_by_id = _annotations_by_question(
             get_list(document, "annotations", annotations_path, annotations_option), annotations_path
         )
+    folder = str(image_root / image_folder)
     samples: list[Sample] = []
     for index, question in enumerate(questions):
         where = f"{questions_path}, questions[{index}]"
@@ -69,8 +72,8 @@ def read_vqa(
             if question_id not in answers_by_id:
                 raise DataFormatError(f"{where}: question_id {question_id} has no annotation in {annotations_path}.")
             fields.update(answers_by_id[question_id])
-        image = image_root / image_folder / f"COCO_{image_folder}_{image_id:012d}.jpg"
-        samples.append(Sample((str(image),), fields, f"question_id {question_id} ({where})"))
+        image = f"{folder}{os.sep}COCO_{image_folder}_{image_id:012d}.jpg"
+        samples.append(Sample((image,), fields, f"question_id {question_id} ({where})"))
     return samples
 
 
@@ -79,16 +82,14 @@ def _annotations_by_question(annotations: list[Any], path: Path) -> dict[int, di
     for index, annotation in enumerate(annotations):
         where = f"{path}, annotations[{index}]"
         check_entry(annotation, ("question_id", "answers"), where)
-        entries = expect_type(annotation["answers"], list, where, "'answers'")
-        answers = [
-            expect_type(check_entry(a, ("answer",), f"{where}, answers[{i}]")["answer"], str, where, "an answer")
-            for i, a in enumerate(entries)
-        ]
-        most_common = Counter(answers).most_common(1)[0][0] if answers else ""
+        answers = field_strings(annotation["answers"], "answer", where, "answers")
+        answer = annotation.get("multiple_choice_answer")
+        if answer is None:
+            answer = Counter(answers).most_common(1)[0][0] if answers else ""
         out[annotation["question_id"]] = {
             "answers": answers,
             "answer_type": annotation.get("answer_type", ""),
-            "answer": annotation.get("multiple_choice_answer", most_common),
+            "answer": answer,
         }
     return out
 

@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from datamodule_layouts import collate
+from jsonargparse import ArgumentParser
+
 from ecoflap_pl.datamodules import (
     COCOCaptionDataModule,
     EcoflapDataModule,
@@ -18,7 +20,6 @@ from ecoflap_pl.datamodules import (
     NLVR2DataModule,
     VQAv2DataModule,
 )
-from jsonargparse import ArgumentParser
 
 
 def _texts(loader) -> list[str]:

@@ -16,8 +16,9 @@ from datamodule_layouts import (
     write_coco_official,
     write_image,
 )
-from ecoflap_pl.datamodules import COCOCaptionDataModule, DataFileNotFoundError, DataFormatError
 from PIL import Image
+
+from ecoflap_pl.datamodules import COCOCaptionDataModule, DataFileNotFoundError, DataFormatError
 
 
 def _module(root: Path, **kwargs) -> COCOCaptionDataModule:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from datamodule_layouts import FLICKR_IMAGES, captions_of, collate
+
 from ecoflap_pl.datamodules import DataFileNotFoundError, DataFormatError, Flickr30kDataModule
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from datamodule_layouts import collate, write_json
+
 from ecoflap_pl.datamodules import DataFileNotFoundError, DataFormatError, ImageTextPairsDataModule
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from datamodule_layouts import IMAGENET_WNIDS, collate, write_image, write_imagenet
+
 from ecoflap_pl.datamodules import DataFileNotFoundError, DataFormatError, ImageNetDataModule
 
 

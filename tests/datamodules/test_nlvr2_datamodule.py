@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from datamodule_layouts import NLVR2_LINES, collate
+
 from ecoflap_pl.datamodules import DataFileNotFoundError, DataFormatError, NLVR2DataModule
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from datamodule_layouts import collate, vqa_answers, write_vqa
+
 from ecoflap_pl.datamodules import DataFileNotFoundError, DataFormatError, VQAv2DataModule
 
 KEYS = {"image", "image_id", "question_id", "question", "answers", "answer_type", "answer"}
