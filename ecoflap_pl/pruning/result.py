@@ -62,7 +62,8 @@ class GroupScores:
             sizes={g: int(n) for g, n in data["sizes"].items()},
             groups={g: tuple(names) for g, names in data["groups"].items()},
             towers={t: tuple(groups) for t, groups in data["towers"].items()},
-            settings=dict(data["settings"]),
+            # JSON turns the include/exclude tuples into lists; give them back the config's form so reuse matches.
+            settings={k: tuple(v) if isinstance(v, list) else v for k, v in data["settings"].items()},
             stats=StageStats(**data.get("stats", {})),
         )
 

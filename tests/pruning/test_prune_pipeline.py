@@ -1,0 +1,107 @@
+"""prune()/score_groups() as a whole: determinism, reusable scores, progress, results that round-trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pruning_helpers import seeded_toy_model, toy_batches, toy_loss
+
+from ecoflap_pl import GroupScores, PruningConfig, PruningResult, prune, score_groups
+
+
+def masks_equal(first, second):
+    return first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_same_seed_and_data_give_identical_masks_and_leave_the_global_rng_alone():
+    batches = toy_batches(4)
+    config = PruningConfig(sparsity=0.5, coarse_samples=8, fine_samples=16, seed=7)
+    model = seeded_toy_model()
+    rng_state = torch.random.get_rng_state()
+    first = prune(model, batches, toy_loss, config)
+    assert torch.equal(torch.random.get_rng_state(), rng_state)
+    second = prune(seeded_toy_model(), batches, toy_loss, config)
+    assert masks_equal(first.masks, second.masks)
+    assert first.group_scores == second.group_scores and first.group_sparsity == second.group_sparsity
+
+    other_seed = prune(seeded_toy_model(), batches, toy_loss, PruningConfig(sparsity=0.5, coarse_samples=8, seed=8))
+    assert all(other_seed.group_scores[g] != first.group_scores[g] for g in first.group_scores)
+
+
+def test_scores_computed_once_allocate_like_a_fresh_run_for_several_sparsities():
+    batches = toy_batches(4)
+    base = {"coarse_samples": 8, "fine_samples": 16, "importance": "zeroth_order", "seed": 3}
+    calls = []
+
+    def counting_loss(model, batch):
+        calls.append(1)
+        return toy_loss(model, batch)
+
+    scores = score_groups(seeded_toy_model(), batches, toy_loss, PruningConfig(**base))
+    for sparsity in (0.3, 0.5, 0.7):
+        config = PruningConfig(sparsity=sparsity, **base)
+        fresh = prune(seeded_toy_model(), batches, toy_loss, config)
+        calls.clear()
+        reused = prune(seeded_toy_model(), batches, counting_loss, config, scores=scores)
+        assert len(calls) == 1 + 4  # the discovery forward and one fine-step forward per batch: no re-scoring
+        assert reused.group_scores == fresh.group_scores == scores.scores
+        assert reused.group_sparsity == fresh.group_sparsity
+        assert masks_equal(reused.masks, fresh.masks)
+        assert reused.stages["coarse"] == scores.stats
+
+
+def test_group_scores_round_trip_through_json_and_are_reused():
+    config = PruningConfig(coarse_samples=8, fine_samples=8, exclude=("*fc2*",))
+    scores = score_groups(seeded_toy_model(), toy_batches(2), toy_loss, config)
+    restored = GroupScores.from_dict(json.loads(json.dumps(scores.to_dict())))
+    assert restored == scores
+    assert restored.allocate(0.5, 0.6) == scores.allocate(0.5, 0.6)
+    reused = prune(seeded_toy_model(), toy_batches(2), toy_loss, config, scores=restored)
+    assert reused.group_scores == scores.scores
+
+
+def test_result_round_trips_through_json_and_reports_costs():
+    batches = toy_batches(4)
+    config = PruningConfig(sparsity=0.5, coarse_samples=8, fine_samples=16)
+    result = prune(seeded_toy_model(), batches, toy_loss, config)
+    restored = PruningResult.from_dict(json.loads(json.dumps(result.to_dict())), masks=result.masks)
+    assert restored == result and restored.masks is not result.masks and masks_equal(restored.masks, result.masks)
+
+    assert set(result.stages) == {"discovery", "coarse", "fine"}
+    assert result.stages["discovery"].full_forwards == 1
+    assert result.stages["coarse"].full_forwards == 2 * 6 * 2  # 2 per probe x 6 tensors x 2 batches of 4
+    assert result.stages["coarse"].backward_passes == 0
+    assert result.stages["fine"].full_forwards == 4  # one (stopped) forward per batch to record the block calls
+    # 3 blocks x 4 batches measured, and blocks 0 and 1 re-run pruned to feed the next block
+    assert result.stages["fine"].block_forwards == 3 * 4 + 2 * 4
+    assert all(stats.seconds > 0 and stats.peak_memory_bytes > 0 for stats in result.stages.values())
+    assert result.tower_sparsity() == {"layers": pytest.approx(result.overall_sparsity)}
+
+
+def test_progress_reports_every_unit_of_work():
+    events = []
+    prune(
+        seeded_toy_model(),
+        toy_batches(4),
+        toy_loss,
+        PruningConfig(sparsity=0.5, coarse_samples=8, fine_samples=16),
+        progress=lambda stage, done, total: events.append((stage, done, total)),
+    )
+    assert [event for event in events if event[0] == "coarse"] == [("coarse", i, 6) for i in range(1, 7)]
+    assert [event for event in events if event[0] == "fine"] == [("fine", i, 3) for i in range(1, 4)]
+
+
+def test_samples_select_the_leading_batches():
+    calls = []
+
+    def recording_loss(model, batch):
+        calls.append(batch["id"])
+        return toy_loss(model, batch)
+
+    batches = [{**batch, "id": index} for index, batch in enumerate(toy_batches(6))]
+    prune(seeded_toy_model(), batches, recording_loss, PruningConfig(sparsity=0.5, coarse_samples=4, fine_samples=12))
+    assert calls[0] == 0  # discovery
+    assert set(calls[1 : 1 + 2 * 6]) == {0}  # coarse: 4 samples = batch 0 only
+    assert calls[1 + 2 * 6 :] == [0, 1, 2]  # fine: 12 samples = batches 0-2
