@@ -122,15 +122,14 @@ class EcoflapDataModule(pl.LightningDataModule):
         return self._datasets[stage]
 
     def setup(self, stage: str) -> None:
-        """Read the annotation files the Trainer stage needs (images are read lazily, per sample)."""
-        needed: dict[str, tuple[Stage, ...]] = {
-            "fit": ("train", "val"),
-            "validate": ("val",),
-            "test": ("test",),
-            "predict": ("test",),
-        }
-        for split in needed.get(stage, ()):
-            self.dataset(split)
+        """Read the annotation files of the Trainer stage's main loop (images are read lazily, per sample).
+
+        ``fit`` reads the training split only: the validation split is read when the Trainer asks for its
+        dataloader, so a run without validation (``limit_val_batches: 0``) needs no validation files.
+        """
+        main_loop: dict[str, Stage] = {"fit": "train", "validate": "val", "test": "test", "predict": "test"}
+        if stage in main_loop:
+            self.dataset(main_loop[stage])
 
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0

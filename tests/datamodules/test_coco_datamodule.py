@@ -230,3 +230,12 @@ def test_dataloaders_with_simple_collate(coco_karpathy: Path) -> None:
     assert [len(b) for b in dm.val_dataloader()] == [1]
     assert [len(b) for b in dm.test_dataloader()] == [1]
     assert [len(b) for b in dm.predict_dataloader()] == [1]
+
+
+def test_setup_reads_only_what_the_stage_needs(coco_karpathy: Path) -> None:
+    (coco_karpathy / "annotations" / "coco_karpathy_train.json").unlink()
+    dm = _module(coco_karpathy)
+    dm.setup("validate")
+    dm.setup("test")
+    with pytest.raises(DataFileNotFoundError, match="`train_file`"):
+        dm.setup("fit")

@@ -28,6 +28,8 @@ def test_caption_lists_expand_and_image_root(pairs_root: Path) -> None:
 
 
 def test_val_without_file(pairs_root: Path) -> None:
+    dm = ImageTextPairsDataModule(pairs_root, "cc3m.json")
+    dm.setup("fit")  # training without validation needs no val_file
     with pytest.raises(ValueError, match="`val_file` must be set.*limit_val_batches: 0"):
         ImageTextPairsDataModule(pairs_root, "cc3m.json").val_dataloader()
 
