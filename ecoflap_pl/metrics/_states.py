@@ -9,7 +9,8 @@ the LightningModule (``module.to(torch.bfloat16)`` converts every floating-point
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -73,17 +74,17 @@ def sample_ids(ids: Sequence[int | str] | None, size: int, arg: str = "ids") -> 
     return out
 
 
-class TypedListStatesMixin(Metric):
-    """Gathers empty list states with their own dtype.
+class ListStateMetric(Metric):
+    """A Metric whose list states gather with their own dtype, also from a rank that saw no sample.
 
     torchmetrics replaces the empty list state of a rank that saw no sample with an empty tensor of the metric's
     float dtype; gathering that against the ``uint8`` / ``int64`` tensors of the other ranks fails. Subclasses
     declare the dtype of each list state in ``_list_state_dtypes``.
     """
 
-    _list_state_dtypes: dict[str, torch.dtype] = {}
+    _list_state_dtypes: ClassVar[dict[str, torch.dtype]] = {}
 
-    def _sync_dist(self, dist_sync_fn=gather_all_tensors, process_group=None) -> None:  # noqa: ANN001
+    def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any | None = None) -> None:
         for name, dtype in self._list_state_dtypes.items():
             if isinstance(getattr(self, name), list) and not getattr(self, name):
                 setattr(self, name, [torch.zeros(0, dtype=dtype, device=self.device)])

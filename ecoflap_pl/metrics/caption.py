@@ -11,6 +11,7 @@ import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from pycocoevalcap.bleu.bleu import Bleu
@@ -18,9 +19,10 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+from torch import Tensor
 
 from ecoflap_pl.metrics._states import (
-    TypedListStatesMixin,
+    ListStateMetric,
     cat_state,
     decode_texts,
     encode_texts,
@@ -152,7 +154,7 @@ def caption_scores(
     return _caption_compute(predictions, references, spice=spice)
 
 
-class CaptionScores(TypedListStatesMixin):
+class CaptionScores(ListStateMetric):
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr (SPICE optional) of generated captions, gathered over DDP ranks.
 
     The text of every sample is kept as ``uint8`` tensors (see ``_states.py``) so torchmetrics gathers the whole
@@ -177,7 +179,7 @@ class CaptionScores(TypedListStatesMixin):
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
-    _list_state_dtypes = {
+    _list_state_dtypes: ClassVar[dict[str, torch.dtype]] = {
         "pred_bytes": torch.uint8,
         "pred_lengths": torch.int64,
         "ref_bytes": torch.uint8,
@@ -187,7 +189,15 @@ class CaptionScores(TypedListStatesMixin):
         "id_lengths": torch.int64,
     }
 
-    def __init__(self, spice: bool = False, **kwargs) -> None:  # noqa: ANN003
+    pred_bytes: list[Tensor]
+    pred_lengths: list[Tensor]
+    ref_bytes: list[Tensor]
+    ref_lengths: list[Tensor]
+    refs_per_sample: list[Tensor]
+    id_bytes: list[Tensor]
+    id_lengths: list[Tensor]
+
+    def __init__(self, spice: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not isinstance(spice, bool):
             raise TypeError(f"`spice` must be a bool, got {spice!r}.")

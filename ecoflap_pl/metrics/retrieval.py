@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from ecoflap_pl.metrics._states import (
-    TypedListStatesMixin,
+    ListStateMetric,
     cat_state,
     decode_texts,
     encode_texts,
@@ -94,7 +95,7 @@ def retrieval_recall(
     return _retrieval_compute(similarity, text_to_image, top_k)
 
 
-class RetrievalRecall(TypedListStatesMixin):
+class RetrievalRecall(ListStateMetric):
     """Text->image and image->text Recall@K over the whole split, from image and text embeddings.
 
     Embeddings go into ``cat`` states (flattened: a rank that saw no batch must gather an empty state of the same
@@ -118,7 +119,7 @@ class RetrievalRecall(TypedListStatesMixin):
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
-    _list_state_dtypes = {
+    _list_state_dtypes: ClassVar[dict[str, torch.dtype]] = {
         "image_embeds": torch.float32,
         "text_embeds": torch.float32,
         "captions_per_image": torch.int64,
@@ -126,7 +127,13 @@ class RetrievalRecall(TypedListStatesMixin):
         "id_lengths": torch.int64,
     }
 
-    def __init__(self, top_k: Sequence[int] = DEFAULT_TOP_K, **kwargs) -> None:  # noqa: ANN003
+    image_embeds: list[Tensor]
+    text_embeds: list[Tensor]
+    captions_per_image: list[Tensor]
+    id_bytes: list[Tensor]
+    id_lengths: list[Tensor]
+
+    def __init__(self, top_k: Sequence[int] = DEFAULT_TOP_K, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.top_k = _check_top_k(top_k)
         for name in self._list_state_dtypes:

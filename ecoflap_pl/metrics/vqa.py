@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -119,7 +120,10 @@ class VQAAccuracy(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+    score_units: Tensor
+    counts: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         size = len(ANSWER_TYPES) + 1
         self.add_state("score_units", default=torch.zeros(size, dtype=torch.int64), dist_reduce_fx="sum")
