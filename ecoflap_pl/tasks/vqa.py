@@ -13,7 +13,6 @@ from transformers import (
     Blip2ForConditionalGeneration,
     BlipForQuestionAnswering,
     PretrainedConfig,
-    PreTrainedModel,
     ProcessorMixin,
     ViltForQuestionAnswering,
 )
@@ -72,7 +71,8 @@ class VQACollator:
     - BLIP-2 (``blip2_opt`` / ``blip2_t5``): ``prompt_input_ids`` / ``prompt_attention_mask`` of the formatted
       prompt (always), and ``input_ids`` / ``attention_mask`` / ``labels`` for the LM loss of the sample's most
       common ``answer`` after the prompt (:class:`PromptEncoder`).
-    - BLIP (``BlipForQuestionAnswering``): ``input_ids`` / ``attention_mask`` of the question (always), and
+    - BLIP (``BlipForQuestionAnswering``): ``input_ids`` / ``attention_mask`` of the question (right padded,
+      always), and
       ``decoder_input_ids`` (the answer, first token = decoder BOS), ``decoder_attention_mask`` and ``labels``
       (padding ``-100``).
     - ViLT: ``input_ids``, ``attention_mask``, ``token_type_ids``, ``pixel_mask`` (always), and ``labels``
@@ -136,7 +136,14 @@ class VQACollator:
         batch: dict[str, Any] = {
             "pixel_values": self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
         }
-        text = tokenizer(questions, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt")
+        text = tokenizer(
+            questions,
+            padding="longest",
+            padding_side="right",  # blip_generate trims each question to its length
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         batch["input_ids"], batch["attention_mask"] = text["input_ids"], text["attention_mask"]
         if annotated:
             answers = tokenizer(
@@ -301,7 +308,8 @@ class VQATask(EcoflapTask):
                 logits = self.model(**inputs).logits
             return [self.answer_list[int(i)] for i in logits.argmax(dim=-1)]
         if self.family == "blip":
-            return _blip_answers(self.model, self.processor, batch, **self.generation_kwargs)
+            output = [ids.tolist() for ids in blip_generate(self.model, batch, **self.generation_kwargs)]
+            return [text.strip() for text in self.processor.tokenizer.batch_decode(output, skip_special_tokens=True)]
         return generate_texts(self.model, self.family, self.processor.tokenizer, batch, **self.generation_kwargs)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -402,30 +410,29 @@ def _collator(
 
 
 @torch.no_grad()
-def _blip_answers(
-    model: PreTrainedModel, processor: ProcessorMixin, batch: dict[str, Any], **generation_kwargs: Any
-) -> list[str]:
-    """BLIP's generated answers; the answer decoder attends to the question with its padding mask.
+def blip_generate(
+    model: BlipForQuestionAnswering, batch: dict[str, Any], **generation_kwargs: Any
+) -> list[torch.Tensor]:
+    """``BlipForQuestionAnswering.generate`` run on groups of questions of one length, without padding.
 
-    ``BlipForQuestionAnswering.generate`` lets the decoder attend to the question's padding too, so a question's
-    answer would depend on the longest question of its batch; this runs the same three modules with the mask.
+    The answer decoder of ``BlipForQuestionAnswering`` cannot ignore the question's padding:
+    ``BlipForQuestionAnswering.generate`` hands it an all-ones question mask, and in transformers 5.x BLIP's text
+    cross-attention drops ``encoder_attention_mask`` altogether. A question's answer would then depend on the
+    longest question of its batch; generating each length group unpadded keeps answers independent of batching.
+
+    Returns:
+        The generated ids of each row (without the decoder start token).
     """
-    image_embeds = model.vision_model(pixel_values=batch["pixel_values"])[0]
-    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    question = model.text_encoder(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        encoder_hidden_states=image_embeds,
-        encoder_attention_mask=image_mask,
-    )[0]
-    start = torch.full((question.shape[0], 1), model.decoder_start_token_id, device=question.device)
-    output = model.text_decoder.generate(
-        input_ids=start,
-        eos_token_id=model.config.text_config.sep_token_id,
-        pad_token_id=model.config.text_config.pad_token_id,
-        encoder_hidden_states=question,
-        encoder_attention_mask=batch["attention_mask"],
-        **generation_kwargs,
-    )
-    texts = processor.tokenizer.batch_decode(output[:, 1:], skip_special_tokens=True)
-    return [text.strip() for text in texts]
+    lengths = batch["attention_mask"].sum(dim=1)
+    answers: list[torch.Tensor | None] = [None] * len(lengths)
+    for length in lengths.unique().tolist():
+        rows = (lengths == length).nonzero().flatten()
+        output = model.generate(
+            input_ids=batch["input_ids"][rows, :length],
+            pixel_values=batch["pixel_values"][rows],
+            attention_mask=batch["attention_mask"][rows, :length],
+            **generation_kwargs,
+        )
+        for row, ids in zip(rows.tolist(), output, strict=True):
+            answers[row] = ids[1:]
+    return answers  # type: ignore[return-value]
