@@ -1,0 +1,111 @@
+"""One test per error message of the engine's entry points: each names the offending argument."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from pruning_helpers import assert_bit_identical, snapshot, toy_batches, toy_loss
+from torch import nn
+
+from ecoflap_pl import PruningConfig, prune, score_groups
+
+
+@pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5])
+def test_sparsity_outside_unit_interval(sparsity):
+    with pytest.raises(ValueError, match=r"`sparsity` must be in \[0, 1\) \(the fraction of zeros\), got"):
+        PruningConfig(sparsity=sparsity)
+
+
+def test_max_sparsity_below_sparsity():
+    with pytest.raises(ValueError, match=r"`max_sparsity` must be in \[sparsity, 1\) = \[0.5, 1\), got 0.4"):
+        PruningConfig(sparsity=0.5, max_sparsity=0.4)
+
+
+def test_n_m_structure_not_matching_sparsity():
+    with pytest.raises(ValueError, match=r"`structure` 2:4 keeps 2 of every 4 weights .* but `sparsity` is 0.6"):
+        PruningConfig(sparsity=0.6, structure="2:4", importance="uniform")
+
+
+def test_patterns_selecting_nothing(toy_model):
+    before = snapshot(toy_model)
+    config = PruningConfig(include=("encoder.*",), exclude=("*fc2*",))
+    with pytest.raises(ValueError, match=r"`include`=\['encoder.\*'\] and `exclude`=\['\*fc2\*'\] select no weight"):
+        prune(toy_model, toy_batches(1), toy_loss, config)
+    assert_bit_identical(toy_model, before)
+
+
+@pytest.mark.parametrize("batches", [[], ()])
+def test_empty_calibration_data(toy_model, batches):
+    with pytest.raises(ValueError, match=r"`calibration_batches` must be a non-empty sequence of batches"):
+        prune(toy_model, batches, toy_loss, PruningConfig())
+
+
+def test_calibration_data_that_is_not_a_sequence(toy_model):
+    with pytest.raises(ValueError, match=r"`calibration_batches` must be a non-empty sequence.*got generator"):
+        prune(toy_model, (batch for batch in toy_batches(1)), toy_loss, PruningConfig())
+
+
+def test_model_without_discoverable_blocks():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.Linear(8, 5))
+    with pytest.raises(ValueError, match=r"`model` \(Sequential\) has no discoverable stack of transformer blocks"):
+        prune(model, [torch.randn(2, 8)], lambda m, batch: m(batch).sum(), PruningConfig())
+
+
+def test_model_that_is_not_a_module():
+    with pytest.raises(TypeError, match=r"`model` must be a torch.nn.Module, got dict"):
+        prune({}, toy_batches(1), toy_loss, PruningConfig())
+
+
+def test_config_that_is_not_a_pruning_config(toy_model):
+    with pytest.raises(TypeError, match=r"`config` must be a PruningConfig, got dict"):
+        prune(toy_model, toy_batches(1), toy_loss, {"sparsity": 0.5})
+
+
+def test_loss_fn_that_is_not_callable(toy_model):
+    with pytest.raises(TypeError, match=r"`loss_fn` must be callable as loss_fn\(model, batch\) -> Tensor"):
+        prune(toy_model, toy_batches(1), "cross_entropy", PruningConfig())
+
+
+def test_loss_fn_returning_no_scalar(toy_model):
+    with pytest.raises(TypeError, match=r"`loss_fn` must return a scalar tensor, got Tensor of shape \(4, 5\)"):
+        prune(toy_model, toy_batches(1), lambda model, batch: model(batch["inputs"]), PruningConfig())
+
+
+def test_loss_fn_that_never_runs_the_blocks(toy_model):
+    with pytest.raises(RuntimeError, match=r"None of the stacks of blocks \['layers'\] ran during `loss_fn"):
+        prune(toy_model, toy_batches(1), lambda model, batch: torch.tensor(0.0), PruningConfig())
+
+
+def test_rank_outside_world(toy_model):
+    with pytest.raises(ValueError, match=r"`rank` must be in \[0, world_size=2\), got 2"):
+        prune(toy_model, toy_batches(2), toy_loss, PruningConfig(), rank=2, world_size=2)
+
+
+def test_rank_without_calibration_batches(toy_model):
+    with pytest.raises(ValueError, match=r"rank 1 of 2 got no calibration batch \(1 batches in all\)"):
+        prune(toy_model, toy_batches(1), toy_loss, PruningConfig(), rank=1, world_size=2)
+
+
+def test_scores_from_other_settings(toy_model):
+    scores = score_groups(toy_model, toy_batches(2), toy_loss, PruningConfig(coarse_samples=8, aggregate="avg"))
+    with pytest.raises(ValueError, match=r"`scores` were computed with other settings .*'aggregate': \('avg', 'sum'\)"):
+        prune(toy_model, toy_batches(2), toy_loss, PruningConfig(coarse_samples=8), scores=scores)
+
+
+def test_scoring_with_uniform_importance(toy_model):
+    with pytest.raises(ValueError, match=r"`importance` must be 'zeroth_order' or 'first_order' to score groups"):
+        score_groups(toy_model, toy_batches(1), toy_loss, PruningConfig(importance="uniform"))
+
+
+def test_engine_import_pulls_in_no_lightning_stack():
+    """The engine is pure PyTorch (STYLE.md habit 1): importing it loads no Lightning, torchmetrics or jsonargparse."""
+    code = (
+        "import sys, ecoflap_pl.pruning\n"
+        "print(sorted({name.split('.')[0] for name in sys.modules} & {'lightning', 'pytorch_lightning', "
+        "'lightning_fabric', 'torchmetrics', 'jsonargparse'}))"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert completed.stdout.strip() == "[]"
