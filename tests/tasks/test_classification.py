@@ -1,0 +1,215 @@
+"""ClassificationTask: timm ViT / EVA classifiers and CLIP zero-shot; transforms, losses, training, top-1/top-5."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from ecoflap_pl.models.tiny import TIMM_ARCHITECTURES, tiny_config
+from ecoflap_pl.models.tokenizers import train_tokenizer
+from ecoflap_pl.tasks.classification import ClassificationTask
+
+CLASS_NAMES = ["tench", "goldfish", "great white shark"]
+TEMPLATES = ["a photo of a {}.", "a drawing of the {}."]
+
+
+def _timm_config(num_classes: int = 3) -> dict[str, Any]:
+    return {"num_classes": num_classes, "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4}
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("clip_tokenizer")
+    corpus = [template.format(name) for name in CLASS_NAMES + ["cat", "dog"] for template in TEMPLATES]
+    train_tokenizer(corpus * 3, vocab_size=128, template="bos_eos").save_pretrained(path)
+    return str(path)
+
+
+def _timm_task(family: str = "vit", **kwargs: Any) -> ClassificationTask:
+    torch.manual_seed(0)
+    return ClassificationTask(timm_model=TIMM_ARCHITECTURES[family], model_config=_timm_config(), **kwargs)
+
+
+def _clip_task(tokenizer: str, **kwargs: Any) -> ClassificationTask:
+    torch.manual_seed(0)
+    kwargs = {"class_names": CLASS_NAMES, "templates": TEMPLATES} | kwargs
+    return ClassificationTask(model_config=tiny_config("clip").to_dict(), tokenizer=tokenizer, **kwargs)
+
+
+def _samples(n: int = 6) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(0)
+    return [
+        {"image": Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)), "label": i % 3}
+        for i in range(n)
+    ]
+
+
+def _trainer(**kwargs: Any) -> pl.Trainer:
+    kwargs = {
+        "accelerator": "cpu",
+        "max_steps": 2,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    } | kwargs
+    return pl.Trainer(**kwargs)
+
+
+class _ClassesData(pl.LightningDataModule):
+    """A DataModule exposing ``class_names``, as ImageNetDataModule does."""
+
+    def __init__(self, collate_fn: Any) -> None:
+        super().__init__()
+        self.class_names = list(CLASS_NAMES)
+        self.collate_fn = collate_fn
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_samples(4), batch_size=2, collate_fn=self.collate_fn)
+
+
+# ------------------------------------------------------------------ transforms and collator
+@pytest.mark.parametrize("family", ["vit", "eva"])
+def test_collator_uses_the_timm_eval_transform_at_the_models_size(family: str) -> None:
+    task = _timm_task(family)
+    assert task.data_config["input_size"] == (3, 32, 32)
+    batch = pickle.loads(pickle.dumps(task.collator))(_samples(2))
+    assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["labels"].tolist() == [0, 1]
+    pixels = task.normalize(batch["pixel_values"])
+    mean = torch.tensor(task.data_config["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(task.data_config["std"]).view(1, 3, 1, 1)
+    assert torch.allclose(pixels, (batch["pixel_values"] / 255 - mean) / std)
+
+
+def test_clip_preprocessing_is_resize_and_center_crop_with_clip_statistics(clip_tokenizer_dir: str) -> None:
+    task = _clip_task(clip_tokenizer_dir)
+    assert task.data_config["input_size"] == (3, 32, 32) and task.data_config["crop_pct"] == 1.0
+    assert task.data_config["interpolation"] == "bicubic"
+    assert task.data_config["mean"] == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+
+
+# ------------------------------------------------------------------ losses
+@pytest.mark.parametrize("family", ["vit", "eva"])
+def test_timm_loss_is_the_classifier_cross_entropy(family: str) -> None:
+    task = _timm_task(family)
+    batch = task.collator(_samples(4))
+    loss = task.calibration_loss(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
+    with torch.no_grad():
+        expected = F.cross_entropy(task.model(task.normalize(batch["pixel_values"])), batch["labels"])
+    assert float(loss.detach()) == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_clip_class_embeddings_average_the_prompts_of_each_class_name(clip_tokenizer_dir: str) -> None:
+    task = _clip_task(clip_tokenizer_dir)
+    tokenizer = task.tokenizer
+    expected = []
+    with torch.no_grad():
+        for name in CLASS_NAMES:
+            tokens = tokenizer([t.format(name) for t in TEMPLATES], padding=True, return_tensors="pt")
+            text = task.model.get_text_features(**tokens).pooler_output
+            expected.append(F.normalize(F.normalize(text, dim=-1).mean(0), dim=-1))
+        assert torch.allclose(task.class_embeddings(), torch.stack(expected), atol=1e-5)
+        task.set_class_names(list(reversed(CLASS_NAMES)))
+        assert torch.allclose(task.class_embeddings(), torch.stack(expected[::-1]), atol=1e-5)
+
+
+def test_clip_zero_shot_loss_is_the_cross_entropy_of_its_logits(clip_tokenizer_dir: str) -> None:
+    task = _clip_task(clip_tokenizer_dir)
+    batch = task.collator(_samples(4))
+    loss = task.calibration_loss(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
+    loss.backward()
+    assert task.model.text_model.encoder.layers[0].mlp.fc1.weight.grad.abs().sum() > 0  # text tower in the loss
+    with torch.no_grad():
+        image = task.model.get_image_features(pixel_values=task.normalize(batch["pixel_values"])).pooler_output
+        logits = task.model.logit_scale.exp() * F.normalize(image, dim=-1) @ task.class_embeddings().T
+        assert float(loss.detach()) == pytest.approx(float(F.cross_entropy(logits, batch["labels"])), abs=1e-5)
+
+
+# ------------------------------------------------------------------ Trainer
+def test_timm_training_changes_weights_and_validation_logs_top1_top5() -> None:
+    task = _timm_task("eva", learning_rate=1e-2)
+    before = {name: p.detach().clone() for name, p in task.model.named_parameters()}
+    loader = DataLoader(_samples(4), batch_size=2, collate_fn=task.collator)
+    trainer = _trainer()
+    trainer.fit(task, train_dataloaders=loader)
+    changed = {name for name, p in task.model.named_parameters() if not torch.equal(p, before[name])}
+    assert {"head.weight", "blocks.0.attn.qkv.weight"} <= changed
+    (metrics,) = trainer.validate(task, dataloaders=DataLoader(_samples(6), batch_size=4, collate_fn=task.collator))
+    assert set(metrics) == {"val/top1", "val/top5", "val/loss"}
+    batch = task.collator(_samples(6))
+    with torch.no_grad():
+        predictions = task(batch["pixel_values"]).argmax(-1)
+    assert metrics["val/top1"] == pytest.approx(float((predictions == batch["labels"]).float().mean()))
+    assert metrics["val/top5"] == 1.0  # 3 classes: top-5 is capped at top-3
+
+
+def test_clip_text_tower_learns_only_when_in_the_loss(clip_tokenizer_dir: str) -> None:
+    for in_loss in (True, False):
+        task = _clip_task(clip_tokenizer_dir, text_tower_in_loss=in_loss, learning_rate=1e-2)
+        text = task.model.text_model.encoder.layers[0].mlp.fc1.weight.detach().clone()
+        vision = task.model.vision_model.encoder.layers[0].mlp.fc1.weight.detach().clone()
+        _trainer().fit(task, train_dataloaders=DataLoader(_samples(4), batch_size=2, collate_fn=task.collator))
+        assert not torch.equal(task.model.vision_model.encoder.layers[0].mlp.fc1.weight, vision)
+        assert torch.equal(task.model.text_model.encoder.layers[0].mlp.fc1.weight, text) != in_loss
+
+
+def test_clip_takes_class_names_from_the_datamodule_and_embeds_them_once_per_epoch(clip_tokenizer_dir: str) -> None:
+    task = _clip_task(clip_tokenizer_dir, class_names=None)
+    assert task.class_names is None
+    calls = []
+    task.model.text_model.register_forward_hook(lambda *args: calls.append(1))
+    (metrics,) = _trainer().validate(task, datamodule=_ClassesData(task.collator), verbose=False)
+    assert task.class_names == CLASS_NAMES
+    assert len(calls) == 1  # 2 batches, class prompts embedded once
+    assert set(metrics) == {"val/top1", "val/top5", "val/loss"}
+    (metrics,) = _trainer().test(task, dataloaders=DataLoader(_samples(4), batch_size=2, collate_fn=task.collator))
+    assert set(metrics) == {"test/top1", "test/top5", "test/loss"}
+
+
+def test_predict_step_returns_top_classes(clip_tokenizer_dir: str) -> None:
+    task = _clip_task(clip_tokenizer_dir)
+    with torch.no_grad():
+        out = task.predict_step(task.collator(_samples(2)), 0)
+    assert out["top5"].shape == (2, 3) and torch.equal(out["prediction"], out["top5"][:, 0])
+    assert torch.all(out["scores"][:, :-1] >= out["scores"][:, 1:])
+
+
+# ------------------------------------------------------------------ errors
+def test_clip_without_class_names_anywhere_is_rejected(clip_tokenizer_dir: str) -> None:
+    task = _clip_task(clip_tokenizer_dir, class_names=None)
+    loader = DataLoader(_samples(2), batch_size=2, collate_fn=task.collator)
+    with pytest.raises(ValueError, match="needs `class_names`"):
+        _trainer().validate(task, dataloaders=loader, verbose=False)
+
+
+def test_timm_pretrained_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match="`pretrained` must be a bool with `timm_model`"):
+        ClassificationTask(timm_model="vit_base_patch16_224", pretrained="openai/clip-vit-base-patch16")
+
+
+def test_clip_pretrained_must_be_a_name(clip_tokenizer_dir: str) -> None:
+    with pytest.raises(ValueError, match="`pretrained` must be a CLIP from_pretrained name"):
+        ClassificationTask(pretrained=True, tokenizer=clip_tokenizer_dir)
+
+
+def test_templates_need_a_placeholder(clip_tokenizer_dir: str) -> None:
+    with pytest.raises(ValueError, match="`templates` must be a non-empty list of strings with one"):
+        _clip_task(clip_tokenizer_dir, templates=["a photo"])
+
+
+def test_timm_class_names_must_match_the_classifier() -> None:
+    assert _timm_task("vit", class_names=CLASS_NAMES).class_names == CLASS_NAMES
+    with pytest.raises(ValueError, match="`class_names` must name the classifier's 3 classes, got 2 names"):
+        _timm_task("vit", class_names=CLASS_NAMES[:2])
