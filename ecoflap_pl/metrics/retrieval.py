@@ -189,8 +189,8 @@ class RetrievalRecall(ListStateMetric):
         counts = cat_state(self.captions_per_image, torch.int64)
         if counts.numel() == 0:
             raise ValueError("RetrievalRecall needs at least one image, got none. HINT: call update() first.")
-        images = cat_state(self.image_embeds, torch.float32).view(counts.numel(), -1)
-        texts = cat_state(self.text_embeds, torch.float32).view(int(counts.sum()), images.shape[1])
+        images = cat_state(self.image_embeds, torch.float32).reshape(counts.numel(), -1)
+        texts = cat_state(self.text_embeds, torch.float32).reshape(int(counts.sum()), images.shape[1])
         keys = decode_texts(cat_state(self.id_bytes, torch.uint8), cat_state(self.id_lengths, torch.int64))
         keep = torch.tensor(first_occurrences(keys), dtype=torch.bool, device=counts.device)
         text_keep = torch.repeat_interleave(keep, counts)

@@ -70,6 +70,7 @@ def test_update_rejects_bad_input(predictions, references, ids, error, match) ->
         CaptionScores().update(predictions, references, ids=ids)
 
 
+@pytest.mark.filterwarnings("ignore:The ``compute`` method:UserWarning")
 def test_compute_without_samples_raises() -> None:
     with pytest.raises(ValueError, match="at least one sample"):
         CaptionScores().compute()

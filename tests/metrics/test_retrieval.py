@@ -99,6 +99,7 @@ def test_functional_rejects_bad_input(similarity, text_to_image, top_k, match) -
         retrieval_recall(similarity, text_to_image, top_k)
 
 
+@pytest.mark.filterwarnings("ignore:The ``compute`` method:UserWarning")
 def test_update_rejects_bad_input() -> None:
     metric = RetrievalRecall()
     with pytest.raises(ValueError, match="same dim"):

@@ -143,6 +143,7 @@ def test_update_rejects_bad_input(answers, types, match) -> None:  # noqa: ANN00
         VQAAccuracy().update(["yes"], answers, types)
 
 
+@pytest.mark.filterwarnings("ignore:The ``compute`` method:UserWarning")
 def test_compute_without_questions_raises() -> None:
     with pytest.raises(ValueError, match="at least one question"):
         VQAAccuracy().compute()
