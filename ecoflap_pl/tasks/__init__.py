@@ -1,0 +1,9 @@
+"""Task LightningModules: each wraps a Hugging Face or timm model, its collator, calibration loss and metrics."""
+
+from ecoflap_pl.tasks.base import EcoflapTask
+from ecoflap_pl.tasks.captioning import CaptioningTask
+from ecoflap_pl.tasks.language_modeling import LanguageModelingTask
+from ecoflap_pl.tasks.nlvr2 import NLVR2Task
+from ecoflap_pl.tasks.vqa import VQATask
+
+__all__ = ["CaptioningTask", "EcoflapTask", "LanguageModelingTask", "NLVR2Task", "VQATask"]
