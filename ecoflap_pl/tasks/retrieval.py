@@ -392,7 +392,8 @@ class RetrievalTask(EcoflapTask):
                 return
             values = self._score_split()
             self._split = []
-        self.log_dict({f"{prefix}/{name}": value for name, value in values.items()}, batch_size=1)
+        # identical on every rank; sync_dist (a mean of equal values) keeps Lightning from warning about it
+        self.log_dict({f"{prefix}/{name}": value for name, value in values.items()}, batch_size=1, sync_dist=True)
 
     def _score_split(self) -> dict[str, float]:
         split = _gather_split(self._split, self.itm_top_k > 0)

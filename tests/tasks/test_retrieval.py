@@ -376,3 +376,15 @@ def test_model_config_needs_a_tokenizer() -> None:
 def test_exactly_one_model_source() -> None:
     with pytest.raises(ValueError, match="Exactly one of `pretrained` and `model_config`"):
         RetrievalTask()
+
+
+@pytest.mark.distributed
+def test_recall_under_two_process_ddp_equals_one_process(tokenizers: dict[str, str]) -> None:
+    """5 images on 2 ranks: the sampler repeats one; ITM pairs are split by the rank holding the image."""
+    task = _task("blip", tokenizers, itm_top_k=3)
+    samples = _eval_samples(5)
+    loader = DataLoader(samples, batch_size=1, collate_fn=task.collator)
+    (single,) = _trainer().validate(task, dataloaders=loader, verbose=False)
+    trainer = _trainer(strategy="ddp_spawn", devices=2, use_distributed_sampler=True)
+    (distributed,) = trainer.validate(task, dataloaders=loader, verbose=False)
+    assert distributed == pytest.approx(single, abs=1e-6)
