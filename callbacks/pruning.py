@@ -34,10 +34,10 @@ _STATE_VERSION = 1
 def _check_stages(stages: Sequence[str] | str) -> tuple[str, ...]:
     chosen = (stages,) if isinstance(stages, str) else tuple(stages)
     unknown = [stage for stage in chosen if stage not in STAGES]
-    if not chosen or unknown:
+    if unknown:
         raise ValueError(
-            f"`stages` must be a non-empty subset of {list(STAGES)}, got {stages!r}. "
-            "HINT: ['fit'] prunes before fine-tuning; ['validate'] or ['test'] prunes then evaluates."
+            f"`stages` must be a subset of {list(STAGES)}, got {stages!r}. "
+            "HINT: ['fit'] prunes before fine-tuning; ['validate'] or ['test'] prunes then evaluates; [] never prunes."
         )
     return tuple(dict.fromkeys(chosen))
 
@@ -86,7 +86,8 @@ class ECoFLaPPruning(Callback):
         sparsegpt_damping: SparseGPT damping (fraction of the mean Hessian diagonal).
         seed: seed of every random choice.
         stages: the trainer entry points that prune (when not pruned yet): any of ``"fit"``, ``"validate"``,
-            ``"test"``, ``"predict"``.
+            ``"test"``, ``"predict"``; ``[]`` never prunes (dense training or evaluation; a pruned checkpoint still
+            keeps its masks).
         save_to: directory receiving the pruned model (``save_pretrained`` for Hugging Face models, else
             ``model.safetensors``), the task's tokenizer/processor and the report; written after pruning and again
             at the end of ``fit`` (the fine-tuned weights).
