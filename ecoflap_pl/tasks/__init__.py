@@ -2,8 +2,18 @@
 
 from ecoflap_pl.tasks.base import EcoflapTask
 from ecoflap_pl.tasks.captioning import CaptioningTask
+from ecoflap_pl.tasks.classification import ClassificationTask
 from ecoflap_pl.tasks.language_modeling import LanguageModelingTask
 from ecoflap_pl.tasks.nlvr2 import NLVR2Task
+from ecoflap_pl.tasks.retrieval import RetrievalTask
 from ecoflap_pl.tasks.vqa import VQATask
 
-__all__ = ["CaptioningTask", "EcoflapTask", "LanguageModelingTask", "NLVR2Task", "VQATask"]
+__all__ = [
+    "CaptioningTask",
+    "ClassificationTask",
+    "EcoflapTask",
+    "LanguageModelingTask",
+    "NLVR2Task",
+    "RetrievalTask",
+    "VQATask",
+]
