@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ITM_TOP_K = 128
 """Candidates per query re-ranked by the ITM head (BLIP's ``k_test``: 128 on Flickr30k, 256 on COCO)."""
+ITM_PAIRS_PER_FORWARD = 256
+"""Image-caption pairs scored by one ITM forward during re-ranking (bounds the memory of the copied image states)."""
 
 
 class RetrievalCollator:
@@ -433,12 +435,12 @@ class RetrievalTask(EcoflapTask):
         return scores[0], scores[1]
 
     def _itm_scores(self, split: _Split, images: Tensor, texts: Tensor) -> Tensor:
-        """ITM match logits of (global image, text) pairs whose images this rank holds, ``itm_top_k`` at a time."""
+        """ITM match logits of (global image, text) pairs whose images this rank holds."""
         assert split.hidden is not None
         out = [torch.zeros(0, device=split.hidden.device)]
-        for start in range(0, len(images), self.itm_top_k):
-            image_rows = split.local_index[images[start : start + self.itm_top_k]]
-            text_rows = texts[start : start + self.itm_top_k]
+        for start in range(0, len(images), ITM_PAIRS_PER_FORWARD):
+            image_rows = split.local_index[images[start : start + ITM_PAIRS_PER_FORWARD]]
+            text_rows = texts[start : start + ITM_PAIRS_PER_FORWARD]
             mask = split.attention_mask[text_rows]
             length = int(mask.sum(dim=1).max())
             logits = self.towers.itm(

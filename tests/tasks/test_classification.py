@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -50,19 +51,6 @@ def _samples(n: int = 6) -> list[dict[str, Any]]:
         {"image": Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)), "label": i % 3}
         for i in range(n)
     ]
-
-
-def _trainer(**kwargs: Any) -> pl.Trainer:
-    kwargs = {
-        "accelerator": "cpu",
-        "max_steps": 2,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-    } | kwargs
-    return pl.Trainer(**kwargs)
 
 
 class _ClassesData(pl.LightningDataModule):
@@ -138,11 +126,13 @@ def test_clip_zero_shot_loss_is_the_cross_entropy_of_its_logits(clip_tokenizer_d
 
 
 # ------------------------------------------------------------------ Trainer
-def test_timm_training_changes_weights_and_validation_logs_top1_top5() -> None:
+def test_timm_training_changes_weights_and_validation_logs_top1_top5(
+    trainer_factory: Callable[..., pl.Trainer],
+) -> None:
     task = _timm_task("eva", learning_rate=1e-2)
     before = {name: p.detach().clone() for name, p in task.model.named_parameters()}
     loader = DataLoader(_samples(4), batch_size=2, collate_fn=task.collator)
-    trainer = _trainer()
+    trainer = trainer_factory()
     trainer.fit(task, train_dataloaders=loader)
     changed = {name for name, p in task.model.named_parameters() if not torch.equal(p, before[name])}
     assert {"head.weight", "blocks.0.attn.qkv.weight"} <= changed
@@ -155,26 +145,32 @@ def test_timm_training_changes_weights_and_validation_logs_top1_top5() -> None:
     assert metrics["val/top5"] == 1.0  # 3 classes: top-5 is capped at top-3
 
 
-def test_clip_text_tower_learns_only_when_in_the_loss(clip_tokenizer_dir: str) -> None:
+def test_clip_text_tower_learns_only_when_in_the_loss(
+    clip_tokenizer_dir: str, trainer_factory: Callable[..., pl.Trainer]
+) -> None:
     for in_loss in (True, False):
         task = _clip_task(clip_tokenizer_dir, text_tower_in_loss=in_loss, learning_rate=1e-2)
         text = task.model.text_model.encoder.layers[0].mlp.fc1.weight.detach().clone()
         vision = task.model.vision_model.encoder.layers[0].mlp.fc1.weight.detach().clone()
-        _trainer().fit(task, train_dataloaders=DataLoader(_samples(4), batch_size=2, collate_fn=task.collator))
+        trainer_factory().fit(task, train_dataloaders=DataLoader(_samples(4), batch_size=2, collate_fn=task.collator))
         assert not torch.equal(task.model.vision_model.encoder.layers[0].mlp.fc1.weight, vision)
         assert torch.equal(task.model.text_model.encoder.layers[0].mlp.fc1.weight, text) != in_loss
 
 
-def test_clip_takes_class_names_from_the_datamodule_and_embeds_them_once_per_epoch(clip_tokenizer_dir: str) -> None:
+def test_clip_takes_class_names_from_the_datamodule_and_embeds_them_once_per_epoch(
+    clip_tokenizer_dir: str, trainer_factory: Callable[..., pl.Trainer]
+) -> None:
     task = _clip_task(clip_tokenizer_dir, class_names=None)
     assert task.class_names is None
     calls = []
     task.model.text_model.register_forward_hook(lambda *args: calls.append(1))
-    (metrics,) = _trainer().validate(task, datamodule=_ClassesData(task.collator), verbose=False)
+    (metrics,) = trainer_factory().validate(task, datamodule=_ClassesData(task.collator), verbose=False)
     assert task.class_names == CLASS_NAMES
     assert len(calls) == 1  # 2 batches, class prompts embedded once
     assert set(metrics) == {"val/top1", "val/top5", "val/loss"}
-    (metrics,) = _trainer().test(task, dataloaders=DataLoader(_samples(4), batch_size=2, collate_fn=task.collator))
+    (metrics,) = trainer_factory().test(
+        task, dataloaders=DataLoader(_samples(4), batch_size=2, collate_fn=task.collator)
+    )
     assert set(metrics) == {"test/top1", "test/top5", "test/loss"}
 
 
@@ -187,11 +183,13 @@ def test_predict_step_returns_top_classes(clip_tokenizer_dir: str) -> None:
 
 
 # ------------------------------------------------------------------ errors
-def test_clip_without_class_names_anywhere_is_rejected(clip_tokenizer_dir: str) -> None:
+def test_clip_without_class_names_anywhere_is_rejected(
+    clip_tokenizer_dir: str, trainer_factory: Callable[..., pl.Trainer]
+) -> None:
     task = _clip_task(clip_tokenizer_dir, class_names=None)
     loader = DataLoader(_samples(2), batch_size=2, collate_fn=task.collator)
     with pytest.raises(ValueError, match="needs `class_names`"):
-        _trainer().validate(task, dataloaders=loader, verbose=False)
+        trainer_factory().validate(task, dataloaders=loader, verbose=False)
 
 
 def test_timm_pretrained_must_be_a_bool() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 import pytest
@@ -42,18 +43,6 @@ def _samples(n: int = 4) -> list[dict]:
     return samples
 
 
-def _trainer() -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-
-
 def test_collator_stacks_the_two_images_of_each_sample(task: NLVR2Task) -> None:
     batch = task.collator(_samples(3))
     batch_size, num_images, channels, height, width = batch["pixel_values"].shape
@@ -85,11 +74,13 @@ def test_calibration_loss_is_the_models_cross_entropy(task: NLVR2Task) -> None:
         assert torch.allclose(task.calibration_loss(batch), expected, atol=1e-6)
 
 
-def test_training_changes_weights_and_validation_logs_accuracy(vilt_tokenizer_dir: str) -> None:
+def test_training_changes_weights_and_validation_logs_accuracy(
+    vilt_tokenizer_dir: str, trainer_factory: Callable[..., pl.Trainer]
+) -> None:
     task = NLVR2Task(model_config=tiny_config("vilt").to_dict(), tokenizer=vilt_tokenizer_dir, learning_rate=1e-2)
     before = {name: p.detach().clone() for name, p in task.model.named_parameters()}
     loader = DataLoader(_samples(4), batch_size=2, collate_fn=task.collator)
-    trainer = _trainer()
+    trainer = trainer_factory()
     trainer.fit(task, train_dataloaders=loader)
     changed = [name for name, p in task.model.named_parameters() if not torch.equal(p, before[name])]
     assert "classifier.3.weight" in changed and any("encoder.layer" in name for name in changed)

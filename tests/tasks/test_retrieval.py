@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -76,19 +77,6 @@ def _eval_samples(n: int = 4) -> list[dict[str, Any]]:
         }
         for i in range(n)
     ]
-
-
-def _trainer(**kwargs: Any) -> pl.Trainer:
-    kwargs = {
-        "accelerator": "cpu",
-        "max_steps": 2,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-    } | kwargs
-    return pl.Trainer(**kwargs)
 
 
 # ------------------------------------------------------------------ reference implementations
@@ -265,10 +253,12 @@ def test_calibration_rejects_evaluation_batches(tokenizers: dict[str, str]) -> N
 
 # ------------------------------------------------------------------ Trainer
 @pytest.mark.parametrize("family", ["clip", "blip"])
-def test_training_steps_change_the_weights(family: str, tokenizers: dict[str, str]) -> None:
+def test_training_steps_change_the_weights(
+    family: str, tokenizers: dict[str, str], trainer_factory: Callable[..., pl.Trainer]
+) -> None:
     task = _task(family, tokenizers, learning_rate=1e-2)
     before = {name: p.detach().clone() for name, p in task.model.named_parameters()}
-    _trainer().fit(task, train_dataloaders=DataLoader(_train_samples(4), batch_size=2, collate_fn=task.collator))
+    trainer_factory().fit(task, train_dataloaders=DataLoader(_train_samples(4), batch_size=2, collate_fn=task.collator))
     changed = {name for name, p in task.model.named_parameters() if not torch.equal(p, before[name])}
     assert any("vision_model.encoder" in name for name in changed)
     assert any("text" in name and "layer" in name for name in changed)
@@ -280,7 +270,9 @@ KEYS = {f"{d}_r{k}" for d in ("t2i", "i2t") for k in RECALL_AT} | {"t2i_r_mean",
 @pytest.mark.parametrize(
     ("family", "itm_top_k"), [("clip", None), ("blip", 0), ("blip", None), ("blip", 3), ("blip2", 0), ("blip2", 3)]
 )
-def test_validation_recall_equals_brute_force(family: str, itm_top_k: int | None, tokenizers: dict[str, str]) -> None:
+def test_validation_recall_equals_brute_force(
+    family: str, itm_top_k: int | None, tokenizers: dict[str, str], trainer_factory: Callable[..., pl.Trainer]
+) -> None:
     task = _task(family, tokenizers, itm_top_k=itm_top_k)
     samples = _eval_samples(5)
     similarity, itm, text_to_image = _hf_scores(task, samples)
@@ -289,10 +281,10 @@ def test_validation_recall_equals_brute_force(family: str, itm_top_k: int | None
     else:
         expected = _reference_recall(similarity, similarity, text_to_image, RECALL_AT)
     loader = DataLoader(samples, batch_size=2, collate_fn=task.collator)
-    (metrics,) = _trainer().validate(task, dataloaders=loader, verbose=False)
+    (metrics,) = trainer_factory().validate(task, dataloaders=loader, verbose=False)
     assert metrics == pytest.approx({f"val/{k}": v for k, v in expected.items()}, abs=1e-6)
     assert set(metrics) == {f"val/{k}" for k in KEYS}
-    (metrics,) = _trainer().test(task, dataloaders=loader, verbose=False)
+    (metrics,) = trainer_factory().test(task, dataloaders=loader, verbose=False)
     assert metrics == pytest.approx({f"test/{k}": v for k, v in expected.items()}, abs=1e-6)
 
 
@@ -325,13 +317,17 @@ def test_aligned_embeddings_give_perfect_recall(family: str, tokenizers: dict[st
     assert values == {k: 1.0 for k in KEYS}
 
 
-def test_duplicate_image_ids_are_counted_once(tokenizers: dict[str, str]) -> None:
+def test_duplicate_image_ids_are_counted_once(
+    tokenizers: dict[str, str], trainer_factory: Callable[..., pl.Trainer]
+) -> None:
     """A padding DistributedSampler repeats samples; the repeated image and its captions are scored once."""
     task = _task("blip", tokenizers, itm_top_k=3)
     samples = _eval_samples(4)
     loader = DataLoader(samples + samples[:1], batch_size=2, collate_fn=task.collator)
-    (repeated,) = _trainer().validate(task, dataloaders=loader, verbose=False)
-    (plain,) = _trainer().validate(task, DataLoader(samples, batch_size=2, collate_fn=task.collator), verbose=False)
+    (repeated,) = trainer_factory().validate(task, dataloaders=loader, verbose=False)
+    (plain,) = trainer_factory().validate(
+        task, DataLoader(samples, batch_size=2, collate_fn=task.collator), verbose=False
+    )
     assert repeated == pytest.approx(plain)
 
 
@@ -379,12 +375,14 @@ def test_exactly_one_model_source() -> None:
 
 
 @pytest.mark.distributed
-def test_recall_under_two_process_ddp_equals_one_process(tokenizers: dict[str, str]) -> None:
+def test_recall_under_two_process_ddp_equals_one_process(
+    tokenizers: dict[str, str], trainer_factory: Callable[..., pl.Trainer]
+) -> None:
     """5 images on 2 ranks: the sampler repeats one; ITM pairs are split by the rank holding the image."""
     task = _task("blip", tokenizers, itm_top_k=3)
     samples = _eval_samples(5)
     loader = DataLoader(samples, batch_size=1, collate_fn=task.collator)
-    (single,) = _trainer().validate(task, dataloaders=loader, verbose=False)
-    trainer = _trainer(strategy="ddp_spawn", devices=2, use_distributed_sampler=True)
+    (single,) = trainer_factory().validate(task, dataloaders=loader, verbose=False)
+    trainer = trainer_factory(strategy="ddp_spawn", devices=2, use_distributed_sampler=True)
     (distributed,) = trainer.validate(task, dataloaders=loader, verbose=False)
     assert distributed == pytest.approx(single, abs=1e-6)
