@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from ecoflap_pl.models.loading import load_tokenizer
 from ecoflap_pl.models.tiny import tiny_config
@@ -126,3 +127,32 @@ def cpu_trainer(**kwargs) -> pl.Trainer:  # noqa: ANN003
 def trainer_factory() -> Callable[..., pl.Trainer]:
     """``trainer_factory(**overrides)``: see :func:`cpu_trainer`."""
     return cpu_trainer
+
+
+class SampleDataModule(pl.LightningDataModule):
+    """A DataModule over in-memory raw samples with the contract's ``calibration_dataloader`` (first samples of
+    ``train``) and the task's collator, for tests that run the pruning callback on a task."""
+
+    def __init__(self, train: list[dict], val: list[dict], batch_size: int = 2) -> None:
+        super().__init__()
+        self.train, self.val, self.batch_size = train, val, batch_size
+
+    def _loader(self, samples: list[dict]) -> DataLoader:
+        return DataLoader(samples, batch_size=self.batch_size, collate_fn=self.trainer.lightning_module.collator)
+
+    def calibration_dataloader(self, num_samples: int | None = None) -> DataLoader:
+        return self._loader(self.train[:num_samples])
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val)
+
+    test_dataloader = predict_dataloader = val_dataloader
+
+
+@pytest.fixture
+def datamodule_factory() -> Callable[..., SampleDataModule]:
+    """``datamodule_factory(train_samples, val_samples, batch_size=2)``: see :class:`SampleDataModule`."""
+    return SampleDataModule

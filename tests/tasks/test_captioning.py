@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Blip2Processor
 
+from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.models.tokenizers import IMAGE_ID
 from ecoflap_pl.tasks._vision_language import IGNORE_INDEX, prefix_split
 from ecoflap_pl.tasks.captioning import CaptioningTask
@@ -175,6 +176,19 @@ def test_predict_returns_captions_with_image_ids(tiny_setup, trainer_factory, im
     predictions = [row for batch in trainer_factory().predict(task, dataloaders=loader) for row in batch]
     assert [row["image_id"] for row in predictions] == ["img0", "img1", "img2"]
     assert all(isinstance(row["caption"], str) for row in predictions)
+
+
+def test_pruning_callback_prunes_the_task_model(
+    tiny_setup, trainer_factory, datamodule_factory, caption_train_samples, caption_eval_samples
+):
+    task = _task(tiny_setup, "blip2_t5")
+    pruning = ECoFLaPPruning(sparsity=0.5, importance="uniform", fine_samples=2, stages=["predict"])
+    datamodule = datamodule_factory(caption_train_samples, caption_eval_samples)
+    predictions = trainer_factory(callbacks=[pruning]).predict(task, datamodule=datamodule)
+    assert sum(len(batch) for batch in predictions) == len(caption_eval_samples)
+    assert pruning.result.overall_sparsity == pytest.approx(0.5, abs=0.02)
+    for name, mask in pruning.result.masks.items():
+        assert (task.model.get_parameter(name)[~mask] == 0).all(), name
 
 
 @pytest.mark.parametrize("family", ["blip2_opt", "blip"])

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.models.tokenizers import IMAGE_ID
 from ecoflap_pl.tasks._vision_language import IGNORE_INDEX
 from ecoflap_pl.tasks.vqa import VQATask, blip_generate, soft_scores
@@ -181,6 +182,18 @@ def test_predict_returns_answers_with_question_ids(tiny_setup, trainer_factory, 
     predictions = [row for batch in trainer_factory().predict(task, dataloaders=loader) for row in batch]
     assert [row["question_id"] for row in predictions] == [1000, 1001, 1002]
     assert all(row["answer"] in ANSWER_LIST for row in predictions)
+
+
+@pytest.mark.parametrize("family", ["blip2_opt", "blip", "vilt"])
+def test_pruning_callback_prunes_the_task_model(tiny_setup, trainer_factory, datamodule_factory, vqa_samples, family):
+    task = _task(tiny_setup, family)
+    pruning = ECoFLaPPruning(sparsity=0.5, importance="uniform", fine_samples=2, stages=["validate"])
+    datamodule = datamodule_factory(vqa_samples, vqa_samples)
+    (metrics,) = trainer_factory(callbacks=[pruning]).validate(task, datamodule=datamodule, verbose=False)
+    assert "val/accuracy" in metrics
+    assert pruning.result.overall_sparsity == pytest.approx(0.5, abs=0.02)
+    for name, mask in pruning.result.masks.items():
+        assert (task.model.get_parameter(name)[~mask] == 0).all(), name
 
 
 def test_from_pretrained_directory_round_trip(tiny_setup, tmp_path, vqa_samples):
