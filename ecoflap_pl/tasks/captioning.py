@@ -159,7 +159,7 @@ class CaptioningTask(EcoflapTask):
             pretrained,
             None if pretrained is not None else config,
             **(from_pretrained_kwargs or {}),
-        ).eval()  # as from_pretrained leaves it; Lightning switches modes per stage
+        ).eval()  # as from_pretrained leaves it; EcoflapTask.on_fit_start switches to training mode
         self.prompt = DEFAULT_PROMPTS[self.architecture] if prompt is None else prompt
         self.prefix_lm = self.family == "blip2_t5" if prefix_lm is None else prefix_lm
         self.collator = CaptionCollator(
@@ -185,8 +185,7 @@ class CaptioningTask(EcoflapTask):
         eos = stop_token_ids(self.family, self.processor.tokenizer, config)
         if eos is not None:
             self.generation_kwargs["eos_token_id"] = eos
-        self.val_scores = CaptionScores()
-        self.test_scores = CaptionScores()
+        self.scores: dict[str, CaptionScores] = {}  # built at the first evaluation: the scorers need Java
         log.info(
             "CaptioningTask: %s (%s), prompt %r, prefix-LM %s",
             self.architecture,
@@ -214,22 +213,22 @@ class CaptioningTask(EcoflapTask):
         return generate_texts(self.model, self.family, self.processor.tokenizer, batch, **self.generation_kwargs)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._score(batch, self.val_scores)
+        self._score(batch, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._score(batch, self.test_scores)
+        self._score(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_scores(self.val_scores, "val")
+        self._log_scores("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_scores(self.test_scores, "test")
+        self._log_scores("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         captions = self.generate(batch)
         return [{"image_id": i, "caption": c} for i, c in zip(batch["image_id"], captions, strict=True)]
 
-    def _score(self, batch: dict[str, Any], scores: CaptionScores) -> None:
+    def _score(self, batch: dict[str, Any], stage: str) -> None:
         if "references" not in batch:
             raise ValueError(
                 "Caption evaluation batches must carry `references`, got none. HINT: evaluation samples are "
@@ -237,12 +236,16 @@ class CaptioningTask(EcoflapTask):
             )
         captions = self.generate(batch)
         ids = batch["image_id"] if all(i is not None for i in batch["image_id"]) else None
-        scores.update(captions, batch["references"], ids=ids)
+        if stage not in self.scores:
+            self.scores[stage] = CaptionScores().to(self.device)
+        self.scores[stage].update(captions, batch["references"], ids=ids)
 
-    def _log_scores(self, scores: CaptionScores, stage: str) -> None:
-        if scores.update_count == 0 or self.trainer.sanity_checking:
-            scores.reset()  # the sanity check's few batches are not worth starting the scorers' JVMs
+    def _log_scores(self, stage: str) -> None:
+        scores = self.scores.get(stage)
+        if scores is None:
             return
-        values = scores.compute()
+        skip = scores.update_count == 0 or self.trainer.sanity_checking  # not worth starting the scorers' JVMs
+        values = {} if skip else scores.compute()
         scores.reset()
-        self.log_dict({f"{stage}/{key}": value for key, value in values.items()}, prog_bar=False)
+        if values:
+            self.log_dict({f"{stage}/{key}": value for key, value in values.items()})

@@ -269,7 +269,7 @@ class VQATask(EcoflapTask):
             pretrained,
             None if pretrained is not None else config,
             **(from_pretrained_kwargs or {}),
-        ).eval()  # as from_pretrained leaves it; Lightning switches modes per stage
+        ).eval()  # as from_pretrained leaves it; EcoflapTask.on_fit_start switches to training mode
         if self.architecture == "vilt":
             self.model.config.id2label, self.model.config.label2id = config.id2label, config.label2id
         self.collator = _collator(self.processor, self.family, self.prompt, max_text_length, config)

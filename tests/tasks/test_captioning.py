@@ -166,7 +166,7 @@ def test_validation_logs_caption_scores(tiny_setup, trainer_factory, caption_eva
     (metrics,) = trainer_factory().validate(task, dataloaders=loader, verbose=False)
     for key in ("bleu_1", "bleu_4", "meteor", "rouge_l", "cider"):
         assert f"val/{key}" in metrics
-    assert task.val_scores.update_count == 0  # reset for the next epoch
+    assert task.scores["val"].update_count == 0  # reset for the next epoch
 
 
 def test_predict_returns_captions_with_image_ids(tiny_setup, trainer_factory, images):
