@@ -266,11 +266,11 @@ class ClassificationTask(EcoflapTask):
 
     def forward(self, pixel_values: Tensor, text_grad: bool = False) -> Tensor:
         """Class logits ``(B, num_classes)`` of ``uint8`` pixels ``(B, C, H, W)``."""
-        pixels = self.normalize(pixel_values)
+        tower = self.model if not self.zero_shot else self.model.vision_model
+        pixels = self.normalize(pixel_values).to(next(tower.parameters()).dtype)
         if not self.zero_shot:
             return self.model(pixels)
-        dtype = next(self.model.vision_model.parameters()).dtype
-        images = F.normalize(_pooled(self.model.get_image_features(pixel_values=pixels.to(dtype))).float(), dim=-1)
+        images = F.normalize(_pooled(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
         classes = self.class_embeddings() if text_grad else self._cached_class_embeddings()
         return self.model.logit_scale.exp().float() * images @ classes.T
 

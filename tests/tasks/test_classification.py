@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -146,15 +147,23 @@ def test_timm_training_changes_weights_and_validation_logs_top1_top5(
 
 
 def test_clip_text_tower_learns_only_when_in_the_loss(
-    clip_tokenizer_dir: str, trainer_factory: Callable[..., pl.Trainer]
+    clip_tokenizer_dir: str, trainer_factory: Callable[..., pl.Trainer], tmp_path: Path
 ) -> None:
     for in_loss in (True, False):
         task = _clip_task(clip_tokenizer_dir, text_tower_in_loss=in_loss, learning_rate=1e-2)
         text = task.model.text_model.encoder.layers[0].mlp.fc1.weight.detach().clone()
         vision = task.model.vision_model.encoder.layers[0].mlp.fc1.weight.detach().clone()
-        trainer_factory().fit(task, train_dataloaders=DataLoader(_samples(4), batch_size=2, collate_fn=task.collator))
+        trainer = trainer_factory()
+        trainer.fit(task, train_dataloaders=DataLoader(_samples(4), batch_size=2, collate_fn=task.collator))
         assert not torch.equal(task.model.vision_model.encoder.layers[0].mlp.fc1.weight, vision)
         assert torch.equal(task.model.text_model.encoder.layers[0].mlp.fc1.weight, text) != in_loss
+    trainer.save_checkpoint(tmp_path / "classification.ckpt")
+    restored = ClassificationTask.load_from_checkpoint(tmp_path / "classification.ckpt")
+    assert restored.class_names == CLASS_NAMES and restored.templates == tuple(TEMPLATES)
+    assert not restored.text_tower_in_loss
+    pixels = task.collator(_samples(2))["pixel_values"]
+    with torch.no_grad():
+        assert torch.allclose(restored.eval()(pixels), task.eval()(pixels))
 
 
 def test_clip_takes_class_names_from_the_datamodule_and_embeds_them_once_per_epoch(

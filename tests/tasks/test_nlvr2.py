@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -75,7 +76,7 @@ def test_calibration_loss_is_the_models_cross_entropy(task: NLVR2Task) -> None:
 
 
 def test_training_changes_weights_and_validation_logs_accuracy(
-    vilt_tokenizer_dir: str, trainer_factory: Callable[..., pl.Trainer]
+    vilt_tokenizer_dir: str, trainer_factory: Callable[..., pl.Trainer], tmp_path: Path
 ) -> None:
     task = NLVR2Task(model_config=tiny_config("vilt").to_dict(), tokenizer=vilt_tokenizer_dir, learning_rate=1e-2)
     before = {name: p.detach().clone() for name, p in task.model.named_parameters()}
@@ -84,6 +85,12 @@ def test_training_changes_weights_and_validation_logs_accuracy(
     trainer.fit(task, train_dataloaders=loader)
     changed = [name for name, p in task.model.named_parameters() if not torch.equal(p, before[name])]
     assert "classifier.3.weight" in changed and any("encoder.layer" in name for name in changed)
+    trainer.save_checkpoint(tmp_path / "nlvr2.ckpt")
+    restored = NLVR2Task.load_from_checkpoint(tmp_path / "nlvr2.ckpt")
+    with torch.no_grad():
+        batch = task.collator(_samples(2))
+        # ViLT draws a random patch order (multinomial): equal up to float summation order
+        assert torch.allclose(restored.eval()(batch).logits, task.eval()(batch).logits, atol=1e-5)
     (metrics,) = trainer.validate(task, dataloaders=loader, verbose=False)
     assert set(metrics) == {"val/accuracy", "val/loss"}
     assert 0.0 <= metrics["val/accuracy"] <= 1.0

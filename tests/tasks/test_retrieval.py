@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -254,14 +255,22 @@ def test_calibration_rejects_evaluation_batches(tokenizers: dict[str, str]) -> N
 # ------------------------------------------------------------------ Trainer
 @pytest.mark.parametrize("family", ["clip", "blip"])
 def test_training_steps_change_the_weights(
-    family: str, tokenizers: dict[str, str], trainer_factory: Callable[..., pl.Trainer]
+    family: str, tokenizers: dict[str, str], trainer_factory: Callable[..., pl.Trainer], tmp_path: Path
 ) -> None:
-    task = _task(family, tokenizers, learning_rate=1e-2)
+    task = _task(family, tokenizers, learning_rate=1e-2, itm_top_k=0)
     before = {name: p.detach().clone() for name, p in task.model.named_parameters()}
-    trainer_factory().fit(task, train_dataloaders=DataLoader(_train_samples(4), batch_size=2, collate_fn=task.collator))
+    trainer = trainer_factory()
+    trainer.fit(task, train_dataloaders=DataLoader(_train_samples(4), batch_size=2, collate_fn=task.collator))
     changed = {name for name, p in task.model.named_parameters() if not torch.equal(p, before[name])}
     assert any("vision_model.encoder" in name for name in changed)
     assert any("text" in name and "layer" in name for name in changed)
+    trainer.save_checkpoint(tmp_path / "retrieval.ckpt")
+    restored = RetrievalTask.load_from_checkpoint(tmp_path / "retrieval.ckpt")
+    assert restored.family == task.family and restored.itm_top_k == 0 and restored.recall_at == RECALL_AT
+    batch = task.collator(_train_samples(2))
+    with torch.no_grad():
+        expected = task.towers.image(task.model.eval(), batch["pixel_values"]).embeds
+        assert torch.equal(restored.towers.image(restored.model.eval(), batch["pixel_values"]).embeds, expected)
 
 
 KEYS = {f"{d}_r{k}" for d in ("t2i", "i2t") for k in RECALL_AT} | {"t2i_r_mean", "i2t_r_mean", "r_mean"}
