@@ -282,8 +282,6 @@ class RetrievalTask(EcoflapTask):
             raise ValueError(f"`temperature` must be > 0, got {temperature!r}. HINT: BLIP starts at 0.07.")
         self.family = _family(pretrained, model_config)
         model_cls, self.towers = FAMILIES[self.family]
-        if self.family == "blip-2":
-            _check_blip2_config(pretrained, model_config)
         self.model = build_hf_model(model_cls, pretrained, model_config)
         self.itm_top_k = _check_itm_top_k(itm_top_k, self.family, recall_at)
         self.itm_loss = itm_loss and self.towers.has_itm
@@ -595,34 +593,26 @@ def _same_image(ids: Sequence[Any], device: torch.device) -> Tensor:
 
 
 def _family(pretrained: str | None, model_config: dict[str, Any] | None) -> str:
+    """The family (``config.model_type``) of the model to build, checked against what retrieval supports."""
     if (pretrained is None) == (model_config is None):
         raise ValueError(
             f"Exactly one of `pretrained` and `model_config` must be given, got pretrained={pretrained!r} and "
             f"model_config={'set' if model_config is not None else None}. HINT: e.g. pretrained: "
             "Salesforce/blip-itm-base-coco."
         )
-    if pretrained is not None:
-        model_type = AutoConfig.from_pretrained(pretrained).model_type
-    else:
-        model_type = model_config.get("model_type")  # type: ignore[union-attr]
+    config = AutoConfig.from_pretrained(pretrained).to_dict() if pretrained is not None else dict(model_config or {})
+    model_type = config.get("model_type")
     if model_type not in FAMILIES:
         raise ValueError(
             f"The retrieval model's `model_type` must be one of {tuple(FAMILIES)}, got {model_type!r}. HINT: a "
             "model_config dict needs its model_type (config.to_dict() includes it)."
         )
-    return model_type
-
-
-def _check_blip2_config(pretrained: str | None, model_config: dict[str, Any] | None) -> None:
-    if pretrained is not None:
-        qformer = AutoConfig.from_pretrained(pretrained).qformer_config.to_dict()
-    else:
-        qformer = (model_config or {}).get("qformer_config") or {}
-    if not qformer.get("use_qformer_text_input", False):
+    if model_type == "blip-2" and not (config.get("qformer_config") or {}).get("use_qformer_text_input", False):
         raise ValueError(
             "BLIP-2 retrieval needs `qformer_config.use_qformer_text_input` true (the Q-Former encodes the captions), "
             "got false. HINT: use Salesforce/blip2-itm-vit-g or set use_qformer_text_input: true in qformer_config."
         )
+    return model_type
 
 
 def _check_itm_top_k(itm_top_k: int | None, family: str, recall_at: Sequence[int]) -> int:
