@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,25 +58,6 @@ HUB_MODELS = {
 
 TINY_TIMM = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4, "num_classes": 10}
 
-MODEL_DATA = {
-    "blip2_opt_vqa": ["vqav2", "okvqa"],
-    "blip2_t5_vqa": ["vqav2", "gqa"],
-    "blip2_opt_caption": ["coco_caption", "nocaps"],
-    "blip2_t5_caption": ["cc3m"],
-    "blip2_retrieval": ["flickr30k"],
-    "blip_vqa": ["vqav2"],
-    "blip_caption": ["coco_caption"],
-    "blip_retrieval": ["flickr30k"],
-    "vilt_nlvr2": ["nlvr2"],
-    "vilt_vqa": ["vqav2"],
-    "clip_zeroshot": ["imagenet"],
-    "clip_retrieval": ["flickr30k"],
-    "eva_vit": ["imagenet"],
-    "flant5_lm": ["c4_wikitext"],
-    "llama_lm": ["c4_wikitext"],
-}
-"""Each model file with the data files it pairs with (its header comment names them)."""
-
 
 def yaml_files() -> list[Path]:
     """Every YAML under ``configs/`` except ``configs/demo/``."""
@@ -88,12 +70,20 @@ def layer(kind: str, name: str) -> Path:
     return CONFIGS / kind / f"{name}.yaml"
 
 
+def model_data_pairs() -> dict[str, list[str]]:
+    """Each ``model/`` file -> the ``data/`` files its header comment says it pairs with (all of them are tested)."""
+    return {
+        path.stem: sorted(set(re.findall(r"data/(\w+)\.yaml", path.read_text(encoding="utf-8"))))
+        for path in sorted((CONFIGS / "model").glob("*.yaml"))
+    }
+
+
 def compositions() -> dict[str, list[Path]]:
     """Job name -> the config files of one ``ecoflap`` run, in ``-c`` order."""
     jobs: dict[str, list[Path]] = {}
     for path in sorted((CONFIGS / "experiments").glob("*.yaml")):
         jobs[f"experiments/{path.stem}"] = [path]
-    for model, datas in MODEL_DATA.items():
+    for model, datas in model_data_pairs().items():
         for data in datas:
             jobs[f"model/{model}+data/{data}"] = [layer("model", model), layer("data", data), layer("trainer", "gpu")]
     for path in sorted((CONFIGS / "pruning").glob("*.yaml")):
@@ -233,7 +223,13 @@ def test_every_config_is_covered() -> None:
     for path in yaml_files():
         kind = path.relative_to(CONFIGS).parts[0]
         assert kind in (*LAYERS, "experiments"), f"{path}: configs/ holds only {LAYERS} and experiments/"
-        assert path in used, f"{path} is not instantiated by any composition: add it to MODEL_DATA / compositions()"
+        assert path in used, f"{path} is not instantiated by any composition: name it in a model file's header"
+
+
+def test_model_files_name_their_data() -> None:
+    for model, datas in model_data_pairs().items():
+        assert datas, f"model/{model}.yaml: say which data/ files it pairs with ('Pair with data/x.yaml')"
+        assert all(layer("data", data).is_file() for data in datas), (model, datas)
 
 
 @pytest.mark.parametrize("path", yaml_files(), ids=lambda p: str(p.relative_to(CONFIGS)))
