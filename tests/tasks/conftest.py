@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -124,9 +126,9 @@ def cpu_trainer(**kwargs) -> pl.Trainer:  # noqa: ANN003
 
 
 @pytest.fixture
-def trainer_factory() -> Callable[..., pl.Trainer]:
-    """``trainer_factory(**overrides)``: see :func:`cpu_trainer`."""
-    return cpu_trainer
+def trainer_factory(tmp_path: Path) -> Callable[..., pl.Trainer]:
+    """``trainer_factory(**overrides)``: see :func:`cpu_trainer`; files (reports, results) go to ``tmp_path``."""
+    return functools.partial(cpu_trainer, default_root_dir=tmp_path)
 
 
 class SampleDataModule(pl.LightningDataModule):
