@@ -120,8 +120,6 @@ def fine_prune_(
     needs_inputs = config.method != "magnitude"
 
     for stack in stacks:
-        if not any(block in by_block for block in stack.blocks):
-            continue  # nothing to prune here (e.g. BLIP-2's excluded Q-Former): no need to replay it
         blocks = [modules[name] for name in stack.blocks]
         if needs_inputs:
             calls = capture_block_calls(

@@ -116,6 +116,8 @@ def _plan(
         for stack in skipped:
             logger.warning("Stack %s never runs in the calibration loss; it is left dense.", stack.name)
         candidates = find_candidates(model, ran, config)
+    # A stack with nothing to prune (BLIP-2's excluded Q-Former) is neither replayed nor counted.
+    ran = [stack for stack in ran if any(c.stack == stack.name for c in candidates)]
     groups = build_groups(candidates, config.granularity)
     stack_of = {c.name: c.stack for c in candidates}
     towers: dict[str, list[str]] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -11,6 +12,7 @@ from torch import nn
 from ecoflap_pl.pruning.loss import LossFn, checked_loss
 from ecoflap_pl.pruning.monitor import StageMonitor
 
+logger = logging.getLogger(__name__)
 _MIX = 1_000_003
 
 
@@ -39,6 +41,9 @@ def zeroth_order_sums(
     expected magnitude is ``sqrt(2/π)·‖∇_θ L‖``. The unit's tensors are restored bit-exactly from a copy after
     every probe (perturbing and un-perturbing in low precision would drift); losses are compared in fp32.
 
+    A probe whose two losses are equal carries no information: the loss cannot resolve the perturbation, and the
+    estimate sits at the precision floor ``ulp(L) / (2ε)`` (0 or a multiple of it). A warning names such units.
+
     Args:
         units: unit name -> the parameters perturbed together.
         batches: ``(global batch id, batch)`` pairs; the id seeds the directions, so a batch gets the same
@@ -50,6 +55,7 @@ def zeroth_order_sums(
         on_unit_done: called after each unit (progress).
     """
     sums: dict[str, float] = {}
+    flat: dict[str, int] = {}
     for unit_index, (unit, tensors) in enumerate(units.items()):
         originals = [tensor.detach().clone() for tensor in tensors]
         total = 0.0
@@ -70,11 +76,26 @@ def zeroth_order_sums(
                     for tensor, original in zip(tensors, originals, strict=True):
                         tensor.data.copy_(original)
                     monitor.full_forwards += 2
-                    total += abs(float(plus) - float(minus)) / (2.0 * eps) / probes
+                    difference = float(plus) - float(minus)
+                    if difference == 0.0:
+                        flat[unit] = flat.get(unit, 0) + 1
+                    total += abs(difference) / (2.0 * eps) / probes
         finally:
             for tensor, original in zip(tensors, originals, strict=True):
                 tensor.data.copy_(original)
         sums[unit] = total
         if on_unit_done is not None:
             on_unit_done()
+    if flat:
+        worst = sorted(flat, key=flat.__getitem__, reverse=True)[:3]
+        logger.warning(
+            "Zeroth-order probes of %d of %d units saw no change of the loss (most: %s, of %d probes each); their "
+            "scores sit at the loss's precision floor. HINT: raise `eps` (now %g), run the loss in fp32/fp64, or use "
+            "importance='first_order'.",
+            len(flat),
+            len(units),
+            ", ".join(f"{unit} {flat[unit]}" for unit in worst),
+            len(batches) * probes,
+            eps,
+        )
     return sums

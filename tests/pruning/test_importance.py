@@ -222,3 +222,17 @@ def test_first_order_group_scores_match_slow_reference(score, aggregate):
     assert model.head.weight.grad is leftover
     assert all(p.grad is None for n, p in model.named_parameters() if n != "head.weight")
     assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["embed.weight"]
+
+
+def test_probes_below_the_loss_precision_are_reported(toy_model, caplog):
+    """ε so small that fp32 losses cannot tell θ+εz from θ−εz: scores are 0 and a warning says why."""
+    config = PruningConfig(coarse_samples=8, eps=1e-12)
+    with caplog.at_level("WARNING", logger="ecoflap_pl.pruning.zeroth_order"):
+        scores = score_groups(toy_model, toy_batches(2), toy_loss, config)
+    assert set(scores.scores.values()) == {0.0}
+    assert "Zeroth-order probes of 6 of 6 units saw no change of the loss" in caplog.text
+    assert "HINT: raise `eps` (now 1e-12)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ecoflap_pl.pruning.zeroth_order"):
+        score_groups(toy_model, toy_batches(2), toy_loss, PruningConfig(coarse_samples=8))
+    assert caplog.text == ""

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from pruning_helpers import seeded_toy_model, toy_batches, toy_loss
+from pruning_helpers import family_case, seeded_toy_model, toy_batches, toy_loss
 
 from ecoflap_pl import GroupScores, PruningConfig, PruningResult, prune, score_groups
 
@@ -105,3 +105,19 @@ def test_samples_select_the_leading_batches():
     assert calls[0] == 0  # discovery
     assert set(calls[1 : 1 + 2 * 6]) == {0}  # coarse: 4 samples = batch 0 only
     assert calls[1 + 2 * 6 :] == [0, 1, 2]  # fine: 12 samples = batches 0-2
+
+
+def test_progress_ends_at_its_total_when_a_stack_has_nothing_to_prune():
+    """BLIP-2's Q-Former is a stack of blocks that runs but is excluded: it is neither counted nor replayed."""
+    model, batches, loss_fn = family_case("blip2_opt")
+    events = []
+    result = prune(
+        model,
+        batches,
+        loss_fn,
+        PruningConfig(importance="uniform", fine_samples=4),
+        progress=lambda stage, done, total: events.append((stage, done, total)),
+    )
+    blocks = sum(len(groups) for groups in result.towers.values())
+    assert events == [("fine", i, blocks) for i in range(1, blocks + 1)]
+    assert result.stages["fine"].full_forwards == 2 * len(batches)  # the vision tower and the OPT decoder only
