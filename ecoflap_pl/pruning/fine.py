@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -129,7 +129,7 @@ def fine_prune_(
                 calls_per_forward=stack.calls_per_forward,
             )
             monitor.full_forwards += len(batches)
-            hidden = [call.hidden for call in calls[0]]
+            hidden = [cast(torch.Tensor, call.hidden) for call in calls[0]]  # block 0's hidden stream is kept
             call_batch_ids = [batch_id for batch_id, _ in batches for _ in range(stack.calls_per_forward)]
         for index, (block_name, block) in enumerate(zip(stack.blocks, blocks, strict=True)):
             block_candidates = by_block.get(block_name, [])

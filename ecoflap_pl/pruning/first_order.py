@@ -50,8 +50,9 @@ def first_order_sums(
 
     def hook_for(name: str) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
-            sums[name] += reduce(param.detach(), param.grad).double()
-            param.grad = None
+            if param.grad is not None:
+                sums[name] += reduce(param.detach(), param.grad).double()
+                param.grad = None
 
         return hook
 

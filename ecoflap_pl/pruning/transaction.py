@@ -34,7 +34,7 @@ class WeightTransaction:
 
 
 def _cache_configs(model: nn.Module) -> list[object]:
-    configs = []
+    configs: list[object] = []
     for module in model.modules():
         config = getattr(module, "config", None)
         if getattr(config, "use_cache", None) is True and all(config is not seen for seen in configs):
