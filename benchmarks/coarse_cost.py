@@ -26,13 +26,13 @@ import logging
 import math
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
 from typing import Any
 
 import torch
+from _results import write_section
 from scipy.stats import spearmanr
 from transformers import Blip2ForConditionalGeneration
 
@@ -239,18 +239,6 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any], l
     )
 
 
-def write_section(path: str, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (or append it), leaving every other section alone."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(path, "w") as handle:
-        handle.write(text.rstrip("\n") + "\n")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=384, help="width of every tower")
@@ -279,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     section = render(args, argv, results, (load_before, _load_average()))
     sys.stdout.write(section + "\n")
     if args.write is not None:
-        write_section(args.write, section)
+        write_section(args.write, SECTION, section)
 
 
 if __name__ == "__main__":
