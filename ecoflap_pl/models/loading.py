@@ -10,6 +10,16 @@ from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTr
 ModelT = TypeVar("ModelT", bound=PreTrainedModel)
 
 
+def check_model_source(pretrained: str | None, model_config: Any, example: str = "Salesforce/blip2-opt-2.7b") -> None:
+    """Raise unless exactly one of ``pretrained`` (a hub name or directory) and ``model_config`` is given."""
+    if (pretrained is None) == (model_config is None):
+        raise ValueError(
+            f"Exactly one of `pretrained` and `model_config` must be given, got pretrained={pretrained!r} and "
+            f"model_config={'set' if model_config is not None else None}. HINT: name a model, e.g. "
+            f"pretrained: {example}, or give its config to train from scratch."
+        )
+
+
 def build_hf_model(
     model_cls: type[ModelT],
     pretrained: str | None = None,
@@ -28,12 +38,7 @@ def build_hf_model(
     Raises:
         ValueError: not exactly one of ``pretrained`` and ``config`` given.
     """
-    if (pretrained is None) == (config is None):
-        raise ValueError(
-            f"Exactly one of `pretrained` and `model_config` must be given, got pretrained={pretrained!r} and "
-            f"model_config={'set' if config is not None else None}. HINT: name a model, e.g. "
-            "pretrained: Salesforce/blip2-opt-2.7b, or give its config to train from scratch."
-        )
+    check_model_source(pretrained, config)
     if pretrained is not None:
         return model_cls.from_pretrained(pretrained, **from_pretrained_kwargs)
     if isinstance(config, dict):

@@ -7,9 +7,10 @@ configs can name them without looking the tokenizer up.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>", "<s>", "<image>", "[CLS]", "[SEP]", "[MASK]")
@@ -33,10 +34,33 @@ def _post_processor(template: str) -> processors.TemplateProcessing | None:
     )
 
 
+def _vocabulary(
+    texts: Iterable[str], normalizer: normalizers.Normalizer, pre_tokenizer: pre_tokenizers.PreTokenizer, size: int
+) -> dict[str, int]:
+    """Special tokens, every character (word-initial and ``##`` continuation), then the most frequent words.
+
+    Built here rather than by ``tokenizers``' WordPiece trainer, whose ties between equally frequent merges follow
+    hash-map order and so change from run to run: the same corpus must always give the same ids.
+    """
+    words: Counter[str] = Counter()
+    for text in texts:
+        words.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    characters = sorted({character for word in words for character in word})
+    tokens = [*SPECIAL_TOKENS, *characters, *(f"##{character}" for character in characters)]
+    if len(tokens) > size:
+        raise ValueError(
+            f"`vocab_size` must hold the {len(tokens)} special and character tokens of the corpus, got {size!r}."
+        )
+    known = set(tokens)
+    ranked = sorted((word for word in words if word not in known), key=lambda word: (-words[word], word))
+    tokens += ranked[: size - len(tokens)]
+    return {token: index for index, token in enumerate(tokens)}
+
+
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int = 1000, template: str = "none", model_max_length: int = 64
 ) -> PreTrainedTokenizerFast:
-    """Train a lower-casing WordPiece tokenizer on ``texts``.
+    """A lower-casing WordPiece tokenizer for ``texts``: deterministic, the same corpus always gives the same ids.
 
     Args:
         texts: the corpus (captions, questions, answers, ...).
@@ -52,12 +76,14 @@ def train_tokenizer(
         raise ValueError(f"`template` must be one of {TEMPLATES}, got {template!r}.")
     if vocab_size <= len(SPECIAL_TOKENS):
         raise ValueError(f"`vocab_size` must be > {len(SPECIAL_TOKENS)}, got {vocab_size!r}.")
-    tokenizer = Tokenizer(models.WordPiece(unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    vocabulary = _vocabulary(texts, normalizer, pre_tokenizer, vocab_size)
+    tokenizer = Tokenizer(models.WordPiece(vocabulary, unk_token="<unk>"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS))
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))  # matched whole, before pre-tokenization; ids unchanged
     post_processor = _post_processor(template)
     if post_processor is not None:
         tokenizer.post_processor = post_processor

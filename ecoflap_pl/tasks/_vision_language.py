@@ -39,7 +39,7 @@ from transformers import (
     ViltProcessor,
 )
 
-from ecoflap_pl.models.loading import load_tokenizer
+from ecoflap_pl.models.loading import check_model_source, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,7 @@ def load_config(
     Raises:
         ValueError: not exactly one of ``pretrained`` and ``model_config``, or a dict whose type is unknown.
     """
-    if (pretrained is None) == (model_config is None):
-        raise ValueError(
-            f"Exactly one of `pretrained` and `model_config` must be given, got pretrained={pretrained!r} and "
-            f"model_config={'set' if model_config is not None else None}. HINT: name a model, e.g. "
-            "pretrained: Salesforce/blip2-opt-2.7b, or give its config to train from scratch."
-        )
+    check_model_source(pretrained, model_config)
     if pretrained is not None:
         return AutoConfig.from_pretrained(pretrained)
     if isinstance(model_config, PretrainedConfig):

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from ecoflap_pl.metrics import RetrievalRecall, retrieval_recall
-from ecoflap_pl.models.loading import build_hf_model, load_tokenizer
+from ecoflap_pl.models.loading import build_hf_model, check_model_source, load_tokenizer
 from ecoflap_pl.tasks.base import EcoflapTask
 
 log = logging.getLogger(__name__)
@@ -594,12 +594,7 @@ def _same_image(ids: Sequence[Any], device: torch.device) -> Tensor:
 
 def _family(pretrained: str | None, model_config: dict[str, Any] | None) -> str:
     """The family (``config.model_type``) of the model to build, checked against what retrieval supports."""
-    if (pretrained is None) == (model_config is None):
-        raise ValueError(
-            f"Exactly one of `pretrained` and `model_config` must be given, got pretrained={pretrained!r} and "
-            f"model_config={'set' if model_config is not None else None}. HINT: e.g. pretrained: "
-            "Salesforce/blip-itm-base-coco."
-        )
+    check_model_source(pretrained, model_config, "Salesforce/blip-itm-base-coco")
     config = AutoConfig.from_pretrained(pretrained).to_dict() if pretrained is not None else dict(model_config or {})
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
