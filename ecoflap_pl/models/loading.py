@@ -20,6 +20,15 @@ def check_model_source(pretrained: str | None, model_config: Any, example: str =
         )
 
 
+def check_tokenizer_source(model_config: Any, tokenizer: str | None) -> None:
+    """A model built from ``model_config`` has no tokenizer of its own, so ``tokenizer`` must name one."""
+    if model_config is not None and tokenizer is None:
+        raise ValueError(
+            "`tokenizer` must be given with `model_config`, got None. HINT: save a tokenizer with "
+            "save_pretrained(dir) and pass that directory."
+        )
+
+
 def build_hf_model(
     model_cls: type[ModelT],
     pretrained: str | None = None,

@@ -39,7 +39,7 @@ from transformers import (
     ViltProcessor,
 )
 
-from ecoflap_pl.models.loading import check_model_source, load_tokenizer
+from ecoflap_pl.models.loading import check_model_source, check_tokenizer_source, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +155,7 @@ def build_processor(
                 "processor.save_pretrained(dir)."
             )
     else:
-        if custom_tokenizer is None:
-            raise ValueError(
-                "`tokenizer` must be given with `model_config`, got None. HINT: save a tokenizer with "
-                "save_pretrained(dir) and pass that directory."
-            )
+        check_tokenizer_source(config, tokenizer)
         image_processor = _image_processor(architecture, config)
         text_tokenizer = custom_tokenizer
     if custom_tokenizer is not None and len(custom_tokenizer) > text_vocab_size(config):

@@ -22,7 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision import transforms
 from transformers import AutoProcessor, CLIPModel
 
-from ecoflap_pl.models.loading import build_hf_model, load_tokenizer
+from ecoflap_pl.models.loading import build_hf_model, check_tokenizer_source, load_tokenizer
 from ecoflap_pl.tasks.base import EcoflapTask
 
 log = logging.getLogger(__name__)
@@ -159,11 +159,7 @@ class ClassificationTask(EcoflapTask):
                 f"{pretrained!r}. HINT: set timm_model for a timm classifier, or pretrained: "
                 "openai/clip-vit-base-patch16."
             )
-        if model_config is not None and tokenizer is None:
-            raise ValueError(
-                "`tokenizer` must be given with `model_config`, got None. HINT: save a tokenizer with "
-                "save_pretrained(dir) and pass that directory."
-            )
+        check_tokenizer_source(model_config, tokenizer)
         self.model = build_hf_model(CLIPModel, pretrained, model_config)
         size = self.model.config.vision_config.image_size
         config = {"input_size": (3, size, size), "interpolation": "bicubic", "mean": CLIP_MEAN, "std": CLIP_STD}

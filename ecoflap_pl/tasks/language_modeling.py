@@ -9,7 +9,7 @@ import torch
 from torchmetrics.text import Perplexity
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedTokenizerBase
 
-from ecoflap_pl.models.loading import load_tokenizer
+from ecoflap_pl.models.loading import check_tokenizer_source, load_tokenizer
 from ecoflap_pl.tasks._vision_language import IGNORE_INDEX, load_config, prefix_split
 from ecoflap_pl.tasks.base import EcoflapTask
 
@@ -93,11 +93,7 @@ class LanguageModelingTask(EcoflapTask):
         if max_length < 2:
             raise ValueError(f"`max_length` must be >= 2, got {max_length!r}.")
         config = load_config(pretrained, model_config)
-        if tokenizer is None and pretrained is None:
-            raise ValueError(
-                "`tokenizer` must be given with `model_config`, got None. HINT: save a tokenizer with "
-                "save_pretrained(dir) and pass that directory."
-            )
+        check_tokenizer_source(model_config, tokenizer)
         self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else str(pretrained))
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token  # LLaMA ships without a pad token

@@ -15,7 +15,7 @@ from transformers import (
     ViltProcessor,
 )
 
-from ecoflap_pl.models.loading import build_hf_model, load_tokenizer
+from ecoflap_pl.models.loading import build_hf_model, check_tokenizer_source, load_tokenizer
 from ecoflap_pl.tasks.base import EcoflapTask
 
 NUM_IMAGES = 2
@@ -97,11 +97,7 @@ class NLVR2Task(EcoflapTask):
     ) -> None:
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps)
         self.save_hyperparameters()
-        if model_config is not None and tokenizer is None:
-            raise ValueError(
-                "`tokenizer` must be given with `model_config`, got None. HINT: save a tokenizer with "
-                "save_pretrained(dir) and pass that directory."
-            )
+        check_tokenizer_source(model_config, tokenizer)
         self.model = build_hf_model(ViltForImagesAndTextClassification, pretrained, model_config)
         if self.model.config.num_images != NUM_IMAGES:
             raise ValueError(
@@ -156,7 +152,6 @@ def _processor(pretrained: str | None, tokenizer: str | None, config: ViltConfig
         if tokenizer is not None:
             processor = ViltProcessor(image_processor=processor.image_processor, tokenizer=load_tokenizer(tokenizer))
         return processor
-    if tokenizer is None:
-        raise ValueError("`tokenizer` must be given with `model_config`, got None.")
+    check_tokenizer_source(config, tokenizer)
     image_processor = ViltImageProcessor(size={"shortest_edge": config.image_size}, size_divisor=config.patch_size)
     return ViltProcessor(image_processor=image_processor, tokenizer=load_tokenizer(tokenizer))

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from ecoflap_pl.metrics import RetrievalRecall, retrieval_recall
-from ecoflap_pl.models.loading import build_hf_model, check_model_source, load_tokenizer
+from ecoflap_pl.models.loading import build_hf_model, check_model_source, check_tokenizer_source, load_tokenizer
 from ecoflap_pl.tasks.base import EcoflapTask
 
 log = logging.getLogger(__name__)
@@ -273,11 +273,7 @@ class RetrievalTask(EcoflapTask):
     ) -> None:
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps)
         self.save_hyperparameters()
-        if model_config is not None and tokenizer is None:
-            raise ValueError(
-                "`tokenizer` must be given with `model_config`, got None. HINT: save a tokenizer with "
-                "save_pretrained(dir) and pass that directory."
-            )
+        check_tokenizer_source(model_config, tokenizer)
         if temperature <= 0:
             raise ValueError(f"`temperature` must be > 0, got {temperature!r}. HINT: BLIP starts at 0.07.")
         self.family = _family(pretrained, model_config)
@@ -635,8 +631,7 @@ def _processors(pretrained: str | None, tokenizer: str | None, family: str, conf
         processor = AutoProcessor.from_pretrained(pretrained)
         text_tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else processor.tokenizer
         return processor.image_processor, text_tokenizer
-    if tokenizer is None:
-        raise ValueError("`tokenizer` must be given with `model_config`, got None.")
+    check_tokenizer_source(config, tokenizer)
     size = config.vision_config.image_size
     if family == "clip":
         image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
