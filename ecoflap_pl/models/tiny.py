@@ -40,6 +40,9 @@ def _vision(hidden: int, layers: int, image_size: int, patch_size: int) -> dict[
         "num_attention_heads": 4,
         "image_size": image_size,
         "patch_size": patch_size,
+        # BLIP and BLIP-2 vision configs default to std 1e-10 (their towers are always loaded from pretrained
+        # weights); a model trained from scratch needs a real initialisation, or its images all embed alike.
+        "initializer_range": 0.02,
     }
 
 

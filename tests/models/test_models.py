@@ -84,3 +84,10 @@ def test_build_hf_model_from_config_dict_or_directory(tmp_path):
     assert torch.equal(model.shared.weight, loaded.shared.weight)
     with pytest.raises(ValueError, match="Exactly one of `pretrained` and `model_config`"):
         build_hf_model(T5ForConditionalGeneration, pretrained=str(tmp_path), config=config)
+
+
+@pytest.mark.parametrize("family", ["blip2_opt", "blip"])
+def test_vision_towers_start_from_a_real_initialisation(family):
+    images = torch.randn(2, 3, 32, 32)
+    embeddings = tiny_model(family).vision_model(pixel_values=images).pooler_output
+    assert (embeddings[0] - embeddings[1]).abs().max() > 1e-3

@@ -36,8 +36,6 @@ def _config(family: str) -> dict[str, Any]:
     if family == "clip":
         return tiny_config("clip").to_dict()
     config = tiny_config("blip" if family == "blip" else "blip2_opt").to_dict() | {"image_text_hidden_size": 32}
-    # BLIP's vision towers initialise with std 1e-10: every image would embed alike and every score tie
-    config["vision_config"]["initializer_range"] = 0.02
     if family == "blip2":
         config["qformer_config"]["use_qformer_text_input"] = True
     return config
