@@ -245,7 +245,10 @@ class ECoFLaPPruning(Callback):
             # make sure the weights honour them.
             mask_weights_(_pruned_module(pl_module), self.masks)
         elif stage in self.stages:
-            self._prune(trainer, pl_module, stage)
+            # validate/test/predict hooks run inside Lightning's inference mode: lift it, so that calibration
+            # batches are ordinary tensors and first-order scoring can back-propagate.
+            with torch.inference_mode(False), torch.enable_grad():
+                self._prune(trainer, pl_module, stage)
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> PruningResult:
         model = _pruned_module(pl_module)

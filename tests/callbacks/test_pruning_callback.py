@@ -292,3 +292,14 @@ def test_builds_from_a_yaml_section_through_jsonargparse() -> None:
 
 def test_empty_stages_never_prune():
     assert ECoFLaPPruning(stages=[]).stages == ()
+
+
+@pytest.mark.parametrize("entry", ["validate", "test", "predict"])
+def test_first_order_scoring_runs_inside_evaluation_stages(tmp_path: Path, entry: str) -> None:
+    # Lightning runs evaluation hooks in inference mode, where back-propagation is impossible.
+    callback = ECoFLaPPruning(**{**FAST, "importance": "first_order"}, stages=[entry])
+    task = ToyTask()
+    run = trainer(tmp_path, [callback], limit_val_batches=1, limit_test_batches=1, limit_predict_batches=1)
+    getattr(run, entry)(task, datamodule=ToyData())
+    assert callback.result is not None and all(score > 0 for score in callback.result.group_scores.values())
+    assert zero_fraction(task.model) >= 0.45
