@@ -1,0 +1,139 @@
+"""Demo presets: how large the demo data and models are, and how long the models train.
+
+``"default"`` is the demo a newcomer runs (about five minutes on a 2-core CPU the first time). ``"tiny"`` builds
+the same pipeline at a size that runs in seconds: the end-to-end tests use it; its models are not trained long
+enough to be good. Every preset field is recorded in the cache markers, so changing one retrains what depends on it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ecoflap_pl.demo.data import DemoPaths, Progress, build_demo_data
+
+
+@dataclass(frozen=True)
+class DemoDataSize:
+    """Arguments of :func:`~ecoflap_pl.demo.data.build_demo_data` (see its docstring)."""
+
+    train_images: int = 2000
+    val_images: int = 300
+    test_images: int = 300
+    imagenet_train_images: int = 1000
+    imagenet_val_images: int = 200
+    questions_per_image: int = 3
+    image_size: int = 64
+    seed: int = 0
+
+    def build(self, root: str | os.PathLike[str], progress: Progress | None = None) -> DemoPaths:
+        """Build (or reuse) the demo datasets of this size under ``root``."""
+        return build_demo_data(root, progress=progress, **asdict(self))
+
+
+@dataclass(frozen=True)
+class Blip2Recipe:
+    """The demo BLIP-2 (OPT language model) and how it is trained on the demo VQA questions and captions.
+
+    Attributes:
+        hidden_size: width of the ViT, the Q-Former and the OPT model (divisible by 4 attention heads).
+        vision_layers: ViT blocks.
+        qformer_layers: Q-Former blocks (every one cross-attends to the image).
+        language_layers: OPT decoder blocks.
+        image_size: model input resolution.
+        patch_size: ViT patch size.
+        num_query_tokens: Q-Former queries, i.e. image tokens the language model reads.
+        vocab_size: WordPiece vocabulary trained on the demo corpus (upper bound).
+        steps: optimizer steps.
+        batch_size: samples per step (VQA questions and captions mixed in proportion to their numbers).
+        learning_rate: AdamW peak learning rate (linear warm-up over 5% of the steps, then cosine decay).
+        seed: seeds the initialisation, the data order and dropout.
+    """
+
+    hidden_size: int = 128
+    vision_layers: int = 2
+    qformer_layers: int = 1
+    language_layers: int = 2
+    image_size: int = 48
+    patch_size: int = 8
+    num_query_tokens: int = 8
+    vocab_size: int = 512
+    steps: int = 750
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class VitRecipe:
+    """The demo timm ViT classifier of the ImageNet-layout digits and how it is trained.
+
+    Attributes:
+        hidden_size: embedding width (divisible by 4 attention heads).
+        layers: transformer blocks.
+        image_size: model input resolution.
+        patch_size: patch size.
+        steps: optimizer steps.
+        batch_size: images per step.
+        learning_rate: AdamW peak learning rate (linear warm-up over 5% of the steps, then cosine decay).
+        seed: seeds the initialisation, the data order and dropout.
+    """
+
+    hidden_size: int = 128
+    layers: int = 2
+    image_size: int = 48
+    patch_size: int = 8
+    steps: int = 400
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DemoPreset:
+    """A demo size: the data, the BLIP-2 and the ViT recipes."""
+
+    name: str
+    data: DemoDataSize = field(default_factory=DemoDataSize)
+    blip2: Blip2Recipe = field(default_factory=Blip2Recipe)
+    vit: VitRecipe = field(default_factory=VitRecipe)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, as the cache markers record it."""
+        return asdict(self)
+
+    def data_dir(self, root: Path) -> Path:
+        """Where this preset's datasets live under the demo cache ``root``."""
+        return root / "data" / self.name
+
+
+PRESETS: dict[str, DemoPreset] = {
+    "default": DemoPreset("default"),
+    "tiny": DemoPreset(
+        "tiny",
+        data=DemoDataSize(
+            train_images=24,
+            val_images=6,
+            test_images=4,
+            imagenet_train_images=20,
+            imagenet_val_images=10,
+            questions_per_image=1,
+            image_size=32,
+        ),
+        blip2=Blip2Recipe(hidden_size=32, image_size=32, num_query_tokens=4, vocab_size=256, steps=3, batch_size=4),
+        vit=VitRecipe(hidden_size=32, image_size=32, steps=3, batch_size=4),
+    ),
+}
+"""The demo sizes by name."""
+
+
+def get_preset(name: str) -> DemoPreset:
+    """The preset called ``name`` (one of :data:`PRESETS`)."""
+    if name not in PRESETS:
+        raise ValueError(
+            f"`preset` must be one of {sorted(PRESETS)}, got {name!r}. HINT: 'default' is the demo; 'tiny' is the "
+            "seconds-long size the tests run."
+        )
+    return PRESETS[name]
