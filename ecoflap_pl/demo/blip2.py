@@ -16,14 +16,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from timm import get_pretrained_cfg
 from tokenizers import AddedToken
 from transformers import Blip2Config, PreTrainedTokenizerFast
 
 from ecoflap_pl.demo.cache import cached_build, demo_dir
 from ecoflap_pl.demo.data import DATA_VERSION, DemoPaths
 from ecoflap_pl.demo.datamodules import demo_data
-from ecoflap_pl.demo.presets import Blip2Recipe, get_preset
+from ecoflap_pl.demo.presets import Blip2Recipe, DemoPreset, VitRecipe, get_preset
 from ecoflap_pl.demo.training import MultitaskCollator, VQACaptionMixDataModule, fit
+from ecoflap_pl.demo.vit import TIMM_ARCHITECTURE, demo_vit
 from ecoflap_pl.models.tiny import tiny_config
 from ecoflap_pl.models.tokenizers import train_tokenizer
 from ecoflap_pl.tasks._vision_language import PromptEncoder
@@ -34,7 +37,7 @@ from ecoflap_pl.tasks.vqa import VQATask
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 """Bumped whenever training changes in a way the recipe fields do not show, so cached models are retrained."""
 MAX_TEXT_LENGTH = 32
 
@@ -51,37 +54,73 @@ def demo_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return tokenizer
 
 
-def demo_blip2_config(recipe: Blip2Recipe, vocab_size: int) -> Blip2Config:
-    """The demo BLIP-2 config: :func:`~ecoflap_pl.models.tiny.tiny_config` at the recipe's size, towers deepened.
+def demo_blip2_config(recipe: Blip2Recipe, vit: VitRecipe, vocab_size: int) -> Blip2Config:
+    """The demo BLIP-2 config: :func:`~ecoflap_pl.models.tiny.tiny_config` at the recipe's size, with the demo ViT's
+    architecture as its vision tower and a deeper Q-Former.
 
-    Two initialisations differ from Hugging Face's, whose defaults assume pretrained weights are loaded: the ViT
-    starts at ``initializer_range=0.02`` (BLIP-2's vision default, 1e-10, leaves a from-scratch ViT at zero) and the
-    Q-Former at ``0.2``, so the image reaches the language model strongly enough from the first steps.
+    The Q-Former initialises at ``initializer_range=0.2`` rather than Hugging Face's default (which assumes
+    pretrained weights are loaded), so the image reaches the language model strongly from the first steps.
     """
     config = tiny_config(
         "blip2_opt",
         vocab_size=vocab_size,
         hidden_size=recipe.hidden_size,
         layers=recipe.language_layers,
-        image_size=recipe.image_size,
-        patch_size=recipe.patch_size,
+        image_size=vit.image_size,
+        patch_size=vit.patch_size,
         num_query_tokens=recipe.num_query_tokens,
     )
-    config.vision_config.num_hidden_layers = recipe.vision_layers
-    config.vision_config.initializer_range = 0.02
+    vision = config.vision_config
+    vision.hidden_size = vit.hidden_size
+    vision.intermediate_size = vit.mlp_ratio * vit.hidden_size
+    vision.num_hidden_layers = vit.layers
+    vision.initializer_range = 0.02
+    config.qformer_config.encoder_hidden_size = vit.hidden_size
     config.qformer_config.num_hidden_layers = recipe.qformer_layers
     config.qformer_config.cross_attention_frequency = 1
     config.qformer_config.initializer_range = 0.2
     return config
 
 
-def train_demo_blip2(out: Path, paths: DemoPaths, recipe: Blip2Recipe) -> None:
-    """Train the demo BLIP-2 on the demo VQA questions and captions; write it and its processor to ``out``."""
+def vision_tower_weights(timm_vit: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm ``VisionTransformer`` state dict (class token, no ``norm_pre``/``fc_norm``) renamed to a
+    ``Blip2VisionModel``'s; the classifier head is dropped.
+
+    The two compute the same function: pre-norm blocks with fused qkv, GELU MLPs and a final LayerNorm (timm's
+    ``norm``, BLIP-2's ``post_layernorm``); ``test_demo_models`` checks the features agree.
+    """
+    renamed = {}
+    for name, tensor in timm_vit.items():
+        if name.startswith("head."):
+            continue
+        for old, new in _TIMM_TO_BLIP2_VISION:
+            name = name.replace(old, new)
+        renamed[name] = tensor
+    return renamed
+
+
+_TIMM_TO_BLIP2_VISION = (
+    ("cls_token", "embeddings.class_embedding"),
+    ("pos_embed", "embeddings.position_embedding"),
+    ("patch_embed.proj", "embeddings.patch_embedding"),
+    ("blocks.", "encoder.layers."),
+    ("norm1", "layer_norm1"),
+    ("norm2", "layer_norm2"),
+    ("attn.qkv", "self_attn.qkv"),
+    ("attn.proj", "self_attn.projection"),
+    ("norm.", "post_layernorm."),
+)
+
+
+def train_demo_blip2(out: Path, paths: DemoPaths, preset: DemoPreset, vit_weights: Path) -> None:
+    """Train the demo BLIP-2 on the demo VQA questions and captions, its vision tower starting from the trained
+    demo ViT (``vit_weights``); write it and its processor to ``out``."""
+    recipe = preset.blip2
     corpus = paths.corpus.read_text(encoding="utf-8").splitlines()
     tokenizer = demo_tokenizer(corpus, recipe.vocab_size)
     tokenizer.save_pretrained(out)
     vocab_size = -(-len(tokenizer) // 8) * 8
-    config = demo_blip2_config(recipe, vocab_size)
+    config = demo_blip2_config(recipe, preset.vit, vocab_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         task = VQATask(
@@ -91,8 +130,12 @@ def train_demo_blip2(out: Path, paths: DemoPaths, recipe: Blip2Recipe) -> None:
             learning_rate=recipe.learning_rate,
             warmup_steps=max(1, recipe.steps // 20),
         )
-        with torch.no_grad():  # LAVIS initialises the queries; Hugging Face leaves zeros for a checkpoint to fill
-            task.model.query_tokens.normal_(0.0, 0.02)
+    with torch.no_grad():  # LAVIS initialises the queries; Hugging Face leaves zeros for a checkpoint to fill
+        task.model.query_tokens.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(recipe.seed))
+    task.model.vision_model.load_state_dict(vision_tower_weights(load_file(vit_weights)))
+    vit_input = get_pretrained_cfg(TIMM_ARCHITECTURE)  # the ViT's input normalisation goes with its weights
+    task.processor.image_processor.image_mean = list(vit_input.mean)
+    task.processor.image_processor.image_std = list(vit_input.std)
     captions = CaptionCollator(
         PromptEncoder(
             task.processor,
@@ -130,6 +173,8 @@ def demo_blip2(preset: str = "default", cache_dir: str | os.PathLike[str] | None
         "data_version": DATA_VERSION,
         "data": asdict(chosen.data),
         "recipe": asdict(chosen.blip2),
+        "vit": asdict(chosen.vit),
     }
+    vit_weights = demo_vit(preset, cache_dir)
     target = demo_dir(cache_dir) / "models" / f"blip2-{chosen.name}"
-    return cached_build(target, params, lambda out: train_demo_blip2(out, paths, chosen.blip2))
+    return cached_build(target, params, lambda out: train_demo_blip2(out, paths, chosen, vit_weights))

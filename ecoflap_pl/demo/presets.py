@@ -22,10 +22,10 @@ class DemoDataSize:
     train_images: int = 2000
     val_images: int = 300
     test_images: int = 300
-    imagenet_train_images: int = 1000
-    imagenet_val_images: int = 200
+    imagenet_train_images: int = 2000
+    imagenet_val_images: int = 500
     questions_per_image: int = 3
-    image_size: int = 64
+    image_size: int = 48
     seed: int = 0
 
     def build(self, root: str | os.PathLike[str], progress: Progress | None = None) -> DemoPaths:
@@ -37,13 +37,12 @@ class DemoDataSize:
 class Blip2Recipe:
     """The demo BLIP-2 (OPT language model) and how it is trained on the demo VQA questions and captions.
 
+    Its vision tower is the demo ViT (:class:`VitRecipe`), trained first, as BLIP-2's is a pretrained ViT.
+
     Attributes:
-        hidden_size: width of the ViT, the Q-Former and the OPT model (divisible by 4 attention heads).
-        vision_layers: ViT blocks.
+        hidden_size: width of the Q-Former and the OPT model (divisible by 4 attention heads).
         qformer_layers: Q-Former blocks (every one cross-attends to the image).
         language_layers: OPT decoder blocks.
-        image_size: model input resolution.
-        patch_size: ViT patch size.
         num_query_tokens: Q-Former queries, i.e. image tokens the language model reads.
         vocab_size: WordPiece vocabulary trained on the demo corpus (upper bound).
         steps: optimizer steps.
@@ -53,11 +52,8 @@ class Blip2Recipe:
     """
 
     hidden_size: int = 128
-    vision_layers: int = 2
     qformer_layers: int = 1
     language_layers: int = 2
-    image_size: int = 48
-    patch_size: int = 8
     num_query_tokens: int = 8
     vocab_size: int = 512
     steps: int = 750
@@ -70,9 +66,12 @@ class Blip2Recipe:
 class VitRecipe:
     """The demo timm ViT classifier of the ImageNet-layout digits and how it is trained.
 
+    The default patch is a cell of the demo images' 3x3 grid (``image_size // 3``), so each digit is one token.
+
     Attributes:
         hidden_size: embedding width (divisible by 4 attention heads).
         layers: transformer blocks.
+        mlp_ratio: MLP width over ``hidden_size``.
         image_size: model input resolution.
         patch_size: patch size.
         steps: optimizer steps.
@@ -83,9 +82,10 @@ class VitRecipe:
 
     hidden_size: int = 128
     layers: int = 2
+    mlp_ratio: int = 2
     image_size: int = 48
-    patch_size: int = 8
-    steps: int = 400
+    patch_size: int = 16
+    steps: int = 1000
     batch_size: int = 64
     learning_rate: float = 1e-3
     seed: int = 0
@@ -122,8 +122,8 @@ PRESETS: dict[str, DemoPreset] = {
             questions_per_image=1,
             image_size=32,
         ),
-        blip2=Blip2Recipe(hidden_size=32, image_size=32, num_query_tokens=4, vocab_size=256, steps=3, batch_size=4),
-        vit=VitRecipe(hidden_size=32, image_size=32, steps=3, batch_size=4),
+        blip2=Blip2Recipe(hidden_size=32, num_query_tokens=4, vocab_size=256, steps=3, batch_size=4),
+        vit=VitRecipe(hidden_size=32, image_size=32, patch_size=8, steps=3, batch_size=4),
     ),
 }
 """The demo sizes by name."""

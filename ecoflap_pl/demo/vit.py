@@ -39,9 +39,10 @@ def vit_model_config(recipe: VitRecipe, weights: str | os.PathLike[str] | None =
         "embed_dim": recipe.hidden_size,
         "depth": recipe.layers,
         "num_heads": 4,
+        "mlp_ratio": recipe.mlp_ratio,
     }
-    if weights is not None:
-        config["pretrained_cfg_overlay"] = {"file": str(weights)}
+    # crop_pct 1: evaluation sees the whole image (timm's default 0.9 crop would cut the grid of digit cells)
+    config["pretrained_cfg_overlay"] = {"crop_pct": 1.0} if weights is None else {"crop_pct": 1.0, "file": str(weights)}
     return config
 
 

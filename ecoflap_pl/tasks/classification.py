@@ -147,7 +147,13 @@ class ClassificationTask(EcoflapTask):
                 "timm_model (vit_base_patch16_224.augreg_in21k_ft_in1k) with pretrained: true, or load a file with "
                 "model_config: {pretrained_cfg_overlay: {file: /path/model.safetensors}}."
             )
-        self.model = timm.create_model(name, pretrained=bool(pretrained), **(model_config or {}))
+        config = dict(model_config or {})
+        overlay = config.get("pretrained_cfg_overlay")
+        if pretrained and isinstance(overlay, dict) and "file" in overlay and "num_classes" in config:
+            # timm drops a checkpoint's classifier when its size differs from the hub config's num_classes (1000
+            # for ImageNet names); a local file's classifier is sized for this model, so keep it
+            config["pretrained_cfg_overlay"] = {"num_classes": config["num_classes"], **overlay}
+        self.model = timm.create_model(name, pretrained=bool(pretrained), **config)
         img_size = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
         args = {"input_size": (3, *img_size)} if img_size is not None else {}
         return resolve_data_config(args, model=self.model)

@@ -220,3 +220,19 @@ def test_timm_class_names_must_match_the_classifier() -> None:
     assert _timm_task("vit", class_names=CLASS_NAMES).class_names == CLASS_NAMES
     with pytest.raises(ValueError, match="`class_names` must name the classifier's 3 classes, got 2 names"):
         _timm_task("vit", class_names=CLASS_NAMES[:2])
+
+
+@pytest.mark.parametrize("family", ["vit", "eva"])
+def test_timm_loads_a_local_checkpoint_whole_including_its_classifier(family: str, tmp_path: Path) -> None:
+    """timm would drop a 3-class head as "not the hub's 1000 classes"; a local file's head is the model's own."""
+    from safetensors.torch import save_file
+
+    trained = _timm_task(family)
+    with torch.no_grad():
+        for parameter in trained.model.parameters():
+            parameter.add_(1.0)
+    save_file({k: v.contiguous() for k, v in trained.model.state_dict().items()}, tmp_path / "model.safetensors")
+    config = _timm_config() | {"pretrained_cfg_overlay": {"file": str(tmp_path / "model.safetensors")}}
+    loaded = ClassificationTask(timm_model=TIMM_ARCHITECTURES[family], pretrained=True, model_config=config)
+    for name, tensor in trained.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)

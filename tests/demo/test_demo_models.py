@@ -1,0 +1,76 @@
+"""The demo models' building blocks: the ViT -> BLIP-2 vision tower transfer, the build cache, the presets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from transformers import Blip2VisionModel
+
+from ecoflap_pl.demo import get_preset
+from ecoflap_pl.demo.blip2 import demo_blip2_config, vision_tower_weights
+from ecoflap_pl.demo.cache import ENV_DIR, cached_build, demo_dir, read_marker
+from ecoflap_pl.demo.presets import Blip2Recipe, VitRecipe
+from ecoflap_pl.demo.vit import TIMM_ARCHITECTURE, vit_model_config
+
+
+def test_blip2_vision_tower_computes_the_demo_vits_features() -> None:
+    vit_recipe = VitRecipe(hidden_size=32, layers=2, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    vit = timm.create_model(TIMM_ARCHITECTURE, pretrained=False, **vit_model_config(vit_recipe)).eval()
+    with torch.no_grad():  # timm zero-initialises biases and LayerNorm offsets: make every mapped tensor matter
+        for parameter in vit.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    config = demo_blip2_config(Blip2Recipe(hidden_size=64), vit_recipe, vocab_size=64)
+    tower = Blip2VisionModel(config.vision_config).eval()
+    tower.load_state_dict(vision_tower_weights(vit.state_dict()), strict=True)
+    assert config.qformer_config.encoder_hidden_size == 32
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(tower(pixel_values=pixels).last_hidden_state, vit.forward_features(pixels))
+
+
+def test_cached_build_reuses_a_matching_build_and_rebuilds_a_changed_one(tmp_path: Path) -> None:
+    calls = []
+
+    def build(out: Path) -> None:
+        calls.append(out)
+        (out / "weights.txt").write_text(str(len(calls)))
+
+    target = tmp_path / "models" / "thing"
+    assert cached_build(target, {"steps": 3}, build) == target
+    assert cached_build(target, {"steps": 3}, build) == target
+    assert len(calls) == 1 and read_marker(target) == {"steps": 3}
+    cached_build(target, {"steps": 4}, build)
+    assert len(calls) == 2 and (target / "weights.txt").read_text() == "2"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["thing"]  # no temporary or old copies left
+
+
+def test_an_interrupted_build_leaves_the_previous_one_untouched(tmp_path: Path) -> None:
+    target = tmp_path / "thing"
+    cached_build(target, {"steps": 3}, lambda out: (out / "weights.txt").write_text("good"))
+
+    def failing(out: Path) -> None:
+        (out / "weights.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cached_build(target, {"steps": 4}, failing)
+    assert (target / "weights.txt").read_text() == "good" and read_marker(target) == {"steps": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thing"]
+
+
+def test_demo_dir_is_the_argument_then_the_environment_then_the_user_cache(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(ENV_DIR, str(tmp_path / "env"))
+    assert demo_dir(tmp_path / "arg") == tmp_path / "arg"
+    assert demo_dir() == tmp_path / "env"
+    monkeypatch.delenv(ENV_DIR)
+    assert demo_dir() == Path("~/.cache/ecoflap-pl/demo").expanduser()
+
+
+def test_unknown_preset_names_the_choices() -> None:
+    assert get_preset("tiny").name == "tiny"
+    with pytest.raises(ValueError, match=r"`preset` must be one of \['default', 'tiny'\], got 'huge'"):
+        get_preset("huge")
