@@ -65,7 +65,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the generated content changes, so that older caches are rebuilt.
-DATA_VERSION = 2
+DATA_VERSION = 3
 MARKER = "ecoflap_demo.json"
 
 #: The digit palette (name -> RGB). Names are the only colour words any text uses.
@@ -83,7 +83,7 @@ CLASS_NAMES = tuple(f"digit {word}" for word in NUMBER_WORDS)
 #: Every canonical VQA answer the generator can produce (digits as numerals, colours, yes/no).
 ANSWER_VOCABULARY = (*(str(d) for d in range(10)), *COLOURS, "yes", "no")
 
-_SIDES = {1: ("middle",), 2: ("left", "right"), 3: ("left", "middle", "right")}
+_SIDES = ("left", "middle", "right")
 _LICENSE = {
     "id": 1,
     "name": "UCI ML hand-written digits (CC BY 4.0), bundled with scikit-learn",
@@ -102,7 +102,8 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class Digit:
-    """One digit of a scene: its value, colour name, box (pixels) and index into `load_digits()`."""
+    """One digit of a scene: its value, colour name, box (pixels), grid column (0-2, left to right) and index into
+    `load_digits()`."""
 
     value: int
     colour: str
@@ -110,6 +111,7 @@ class Digit:
     y: int
     size: int
     sample: int
+    column: int
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,8 @@ class Scene:
 
     @property
     def sides(self) -> tuple[str, ...]:
-        """Position word of each digit ("left", "middle", "right"), aligned with `digits`."""
-        return _SIDES[len(self.digits)]
+        """Position word of each digit, its grid column ("left", "middle", "right"), aligned with `digits`."""
+        return tuple(_SIDES[digit.column] for digit in self.digits)
 
 
 @dataclass(frozen=True)
@@ -365,7 +367,7 @@ def _cell_digit(rng: np.random.Generator, value: int, column: int, pool: list[np
     cell = image_size // 3
     size = cell - int(rng.integers(3)) * cell // 8
     x, y = (k * cell + (cell - size) // 2 for k in (column, int(rng.integers(3))))
-    return Digit(value, str(rng.choice(list(COLOURS))), x, y, size, int(rng.choice(pool[value])))
+    return Digit(value, str(rng.choice(list(COLOURS))), x, y, size, int(rng.choice(pool[value])), column)
 
 
 def _sample_scene(rng: np.random.Generator, pool: list[np.ndarray], image_id: int, image_size: int) -> Scene:

@@ -1,41 +1,34 @@
-"""Training data of the demo BLIP-2: VQAv2 questions and COCO captions, mixed in every batch.
+"""Training data of the demo BLIP-2: VQAv2 questions and COCO captions, in alternating single-task batches.
 
 Both tasks train a BLIP-2 with the same loss, the language-model loss of a target text after a prompt
 (``Question: ... Short answer:`` for VQA, ``a photo of`` for captions), and their collators emit the same loss
 inputs. :class:`VQACaptionMixDataModule` serves the union of the two training splits through the ordinary
-DataModules, and :class:`MultitaskCollator` routes each sample to its task's collator and stacks the results, so one
-``Trainer.fit`` of a :class:`~ecoflap_pl.tasks.VQATask` trains the model on both.
+DataModules, and :class:`MultitaskCollator` sends each batch to its task's collator, so one ``Trainer.fit`` of a
+:class:`~ecoflap_pl.tasks.VQATask` trains the model on both.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import RichProgressBar
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from ecoflap_pl.datamodules import COCOCaptionDataModule, EcoflapDataModule, VQAv2DataModule
 from ecoflap_pl.datamodules.base import Stage
-from ecoflap_pl.tasks._vision_language import IGNORE_INDEX
 from ecoflap_pl.tasks.base import EcoflapTask
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, Any]]
-LOSS_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels")
-_PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
 
 
 class MultitaskCollator:
-    """Collates VQA samples (with ``"question"``) and caption samples (with ``"text"``) into one loss batch.
-
-    Each group goes through its task's collator; the loss inputs (:data:`LOSS_KEYS`) are right-padded to a common
-    length (padding: id 0, mask 0, label -100) and concatenated, VQA rows first. A batch of VQA samples only is the
-    VQA collator's own batch (so validation batches keep their metadata).
+    """Collates a batch of VQA samples (with ``"question"``) with the VQA collator, and a batch of caption samples
+    (with ``"text"``) with the caption collator.
 
     Args:
         vqa: the :class:`~ecoflap_pl.tasks.vqa.VQACollator` of the model.
@@ -47,21 +40,46 @@ class MultitaskCollator:
         self.captions = captions
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        questions = [sample for sample in samples if "question" in sample]
-        captions = [sample for sample in samples if "text" in sample]
-        if len(questions) + len(captions) != len(samples):
-            raise ValueError(
-                "Every sample must be a VQA sample (with 'question') or a caption training sample (with 'text'), got "
-                f"keys {[sorted(sample) for sample in samples]}."
-            )
-        if not captions:
-            return self.vqa(questions)
-        parts = ([self.vqa(questions)] if questions else []) + [self.captions(captions)]
-        length = max(part["input_ids"].shape[1] for part in parts)
-        batch = {"pixel_values": torch.cat([part["pixel_values"] for part in parts])}
-        for key, value in _PAD_VALUES.items():
-            batch[key] = torch.cat([F.pad(part[key], (0, length - part[key].shape[1]), value=value) for part in parts])
-        return batch
+        if all("question" in sample for sample in samples):
+            return self.vqa(samples)
+        if all("text" in sample for sample in samples):
+            return self.captions(samples)
+        raise ValueError(
+            "A batch must hold only VQA samples (with 'question') or only caption training samples (with 'text'), "
+            f"got keys {[sorted(sample) for sample in samples]}. HINT: VQACaptionMixDataModule's training batches "
+            "are single-task; do not mix the two datasets in one batch."
+        )
+
+
+class SingleTaskBatches(Sampler[list[int]]):
+    """Batches of a ``ConcatDataset`` that each come from one of its datasets: every dataset is shuffled and cut
+    into batches, then all batches are shuffled together, so tasks alternate in proportion to their sizes.
+
+    Single-task batches weight the two tasks fairly: a BLIP-2 loss is the mean over a batch's label tokens, so in a
+    mixed batch a one-word answer would weigh about ten times less than a ten-word caption.
+
+    Args:
+        sizes: the lengths of the concatenated datasets, in order.
+        batch_size: samples per batch (each dataset's last batch may be smaller).
+        generator: seeds the shuffles.
+    """
+
+    def __init__(self, sizes: Sequence[int], batch_size: int, generator: torch.Generator) -> None:
+        self.sizes = list(sizes)
+        self.batch_size = batch_size
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return sum(-(-size // self.batch_size) for size in self.sizes)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches, offset = [], 0
+        for size in self.sizes:
+            order = (torch.randperm(size, generator=self.generator) + offset).tolist()
+            batches += [order[start : start + self.batch_size] for start in range(0, size, self.batch_size)]
+            offset += size
+        for index in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[index]
 
 
 class VQACaptionMixDataModule(EcoflapDataModule):
@@ -69,7 +87,7 @@ class VQACaptionMixDataModule(EcoflapDataModule):
 
     Validation and test serve the VQAv2 splits. Files and sample dicts are those of
     :class:`~ecoflap_pl.datamodules.VQAv2DataModule` and :class:`~ecoflap_pl.datamodules.COCOCaptionDataModule`
-    (their default splits); batches mix the two in proportion to their sizes.
+    (their default splits); each training batch holds one task (:class:`SingleTaskBatches`).
 
     Args:
         data_dir: a folder holding both datasets in their official layouts (the demo's ``coco`` folder).
@@ -85,6 +103,15 @@ class VQACaptionMixDataModule(EcoflapDataModule):
         if stage == "train":
             return ConcatDataset([self.vqa.dataset("train"), self.captions.dataset("train")])
         return self.vqa.dataset(stage)
+
+    def train_dataloader(self) -> DataLoader:
+        train = cast(ConcatDataset, self.dataset("train"))
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        sizes = [len(cast(Sized, part)) for part in train.datasets]
+        batches = SingleTaskBatches(sizes, self.batch_size, torch.Generator().manual_seed(self.shuffle_seed + epoch))
+        return DataLoader(
+            train, batch_sampler=batches, num_workers=self.num_workers, collate_fn=self._resolve_collate_fn()
+        )
 
 
 def fit(task: EcoflapTask, datamodule: EcoflapDataModule, steps: int, seed: int) -> None:

@@ -13,6 +13,7 @@ from ecoflap_pl.demo import get_preset
 from ecoflap_pl.demo.blip2 import demo_blip2_config, vision_tower_weights
 from ecoflap_pl.demo.cache import ENV_DIR, cached_build, demo_dir, read_marker
 from ecoflap_pl.demo.presets import Blip2Recipe, VitRecipe
+from ecoflap_pl.demo.training import MultitaskCollator, SingleTaskBatches
 from ecoflap_pl.demo.vit import TIMM_ARCHITECTURE, vit_model_config
 
 
@@ -74,3 +75,22 @@ def test_unknown_preset_names_the_choices() -> None:
     assert get_preset("tiny").name == "tiny"
     with pytest.raises(ValueError, match=r"`preset` must be one of \['default', 'tiny'\], got 'huge'"):
         get_preset("huge")
+
+
+def test_single_task_batches_cover_each_sample_once_and_never_mix_datasets() -> None:
+    sizes, batch_size = [7, 12], 4
+    sampler = SingleTaskBatches(sizes, batch_size, torch.Generator().manual_seed(0))
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 2 + 3
+    assert sorted(i for batch in batches for i in batch) == list(range(19))
+    assert all(max(batch) < 7 or min(batch) >= 7 for batch in batches)
+    assert list(SingleTaskBatches(sizes, batch_size, torch.Generator().manual_seed(0))) == batches
+    assert list(SingleTaskBatches(sizes, batch_size, torch.Generator().manual_seed(1))) != batches
+
+
+def test_multitask_collator_routes_each_batch_and_rejects_mixed_ones() -> None:
+    collator = MultitaskCollator(lambda samples: {"task": "vqa"}, lambda samples: {"task": "captions"})
+    assert collator([{"question": "q", "image": None}]) == {"task": "vqa"}
+    assert collator([{"text": "t", "image": None}] * 2) == {"task": "captions"}
+    with pytest.raises(ValueError, match="A batch must hold only VQA samples"):
+        collator([{"question": "q"}, {"text": "t"}])
