@@ -1,8 +1,8 @@
 """The demo BLIP-2: a small ``Blip2ForConditionalGeneration`` (ViT, Q-Former, OPT) trained here on the demo data.
 
 :func:`demo_blip2` returns the directory of the trained model, a ``save_pretrained`` directory with its processor,
-which every task loads with ``pretrained: <dir>`` like a hub checkpoint. The first call trains it (about
-three minutes on a 2-core CPU with the default preset); later calls find it in the demo cache.
+which every task loads with ``pretrained: <dir>`` like a hub checkpoint. The first call trains it (about eleven
+minutes on a 2-core CPU with the default preset, under two on a GPU); later calls find it in the demo cache.
 
 Training is the project's own: one ``Trainer.fit`` of a :class:`~ecoflap_pl.tasks.VQATask` built from a config,
 on the demo's VQAv2 questions and COCO captions mixed in every batch (:mod:`ecoflap_pl.demo.training`).
@@ -37,7 +37,7 @@ from ecoflap_pl.tasks.vqa import VQATask
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 """Bumped whenever training changes in a way the recipe fields do not show, so cached models are retrained."""
 MAX_TEXT_LENGTH = 32
 
@@ -56,7 +56,7 @@ def demo_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 
 def demo_blip2_config(recipe: Blip2Recipe, vit: VitRecipe, vocab_size: int) -> Blip2Config:
     """The demo BLIP-2 config: :func:`~ecoflap_pl.models.tiny.tiny_config` at the recipe's size, with the demo ViT's
-    architecture as its vision tower and a deeper Q-Former.
+    architecture as its vision tower.
 
     The Q-Former initialises at ``initializer_range=0.2`` rather than Hugging Face's default (which assumes
     pretrained weights are loaded), so the image reaches the language model strongly from the first steps.
@@ -75,10 +75,13 @@ def demo_blip2_config(recipe: Blip2Recipe, vit: VitRecipe, vocab_size: int) -> B
     vision.intermediate_size = vit.mlp_ratio * vit.hidden_size
     vision.num_hidden_layers = vit.layers
     vision.initializer_range = 0.02
-    config.qformer_config.encoder_hidden_size = vit.hidden_size
-    config.qformer_config.num_hidden_layers = recipe.qformer_layers
-    config.qformer_config.cross_attention_frequency = 1
-    config.qformer_config.initializer_range = 0.2
+    qformer, text = config.qformer_config, config.text_config
+    qformer.encoder_hidden_size = vit.hidden_size
+    qformer.num_hidden_layers = recipe.qformer_layers
+    qformer.cross_attention_frequency = 1
+    qformer.initializer_range = 0.2
+    qformer.num_attention_heads = text.num_attention_heads = recipe.attention_heads
+    qformer.hidden_dropout_prob = qformer.attention_probs_dropout_prob = text.dropout = recipe.dropout
     return config
 
 
