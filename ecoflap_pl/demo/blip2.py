@@ -152,7 +152,6 @@ def train_demo_blip2(out: Path, paths: DemoPaths, preset: DemoPreset, vit_weight
     )
     data = VQACaptionMixDataModule(
         paths.coco,
-        captions_per_image=recipe.captions_per_image,
         batch_size=recipe.batch_size,
         collate_fn=MultitaskCollator(task.collator, captions),
         shuffle_seed=recipe.seed,

@@ -49,8 +49,7 @@ class Blip2Recipe:
         num_query_tokens: Q-Former queries, i.e. image tokens the language model reads.
         vocab_size: WordPiece vocabulary trained on the demo corpus (upper bound).
         steps: optimizer steps.
-        captions_per_image: training captions per image (of five); the rest of the batches are VQA questions.
-        batch_size: samples per step; each batch holds VQA questions or captions, in proportion to their numbers.
+        batch_size: samples per step (VQA questions and captions mixed in proportion to their numbers).
         learning_rate: AdamW peak learning rate (linear warm-up over 5% of the steps, then cosine decay).
         seed: seeds the initialisation, the data order and dropout.
     """
@@ -63,7 +62,6 @@ class Blip2Recipe:
     num_query_tokens: int = 8
     vocab_size: int = 512
     steps: int = 4000
-    captions_per_image: int = 5
     batch_size: int = 64
     learning_rate: float = 1e-3
     seed: int = 0

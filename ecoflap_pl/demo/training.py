@@ -10,7 +10,6 @@ DataModules, and :class:`MultitaskCollator` sends each batch to its task's colla
 from __future__ import annotations
 
 import tempfile
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Any, cast
@@ -18,10 +17,10 @@ from typing import Any, cast
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from ecoflap_pl.datamodules import COCOCaptionDataModule, EcoflapDataModule, VQAv2DataModule
-from ecoflap_pl.datamodules.base import ImageSampleDataset, Stage
+from ecoflap_pl.datamodules.base import Stage
 from ecoflap_pl.tasks.base import EcoflapTask
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, Any]]
@@ -92,27 +91,18 @@ class VQACaptionMixDataModule(EcoflapDataModule):
 
     Args:
         data_dir: a folder holding both datasets in their official layouts (the demo's ``coco`` folder).
-        captions_per_image: training captions kept per image (the first ones in the annotation file).
         **kwargs: batch_size, num_workers, collate_fn (a :class:`MultitaskCollator`), calibration_* and shuffle_seed.
     """
 
-    def __init__(self, data_dir: str | Path, captions_per_image: int = 5, **kwargs: Any) -> None:
+    def __init__(self, data_dir: str | Path, **kwargs: Any) -> None:
         super().__init__(data_dir, **kwargs)
         self.vqa = VQAv2DataModule(data_dir)
         self.captions = COCOCaptionDataModule(data_dir)
-        self.captions_per_image = captions_per_image
 
     def _build(self, stage: Stage) -> Dataset[dict[str, Any]]:
-        if stage != "train":
-            return self.vqa.dataset(stage)
-        captions = cast(ImageSampleDataset, self.captions.dataset("train"))
-        taken: Counter[Any] = Counter()
-        kept = []
-        for index, sample in enumerate(captions.samples):
-            taken[sample.fields["image_id"]] += 1
-            if taken[sample.fields["image_id"]] <= self.captions_per_image:
-                kept.append(index)
-        return ConcatDataset([self.vqa.dataset("train"), Subset(captions, kept)])
+        if stage == "train":
+            return ConcatDataset([self.vqa.dataset("train"), self.captions.dataset("train")])
+        return self.vqa.dataset(stage)
 
     def train_dataloader(self) -> DataLoader:
         train = cast(ConcatDataset, self.dataset("train"))
