@@ -248,4 +248,5 @@ class CaptioningTask(EcoflapTask):
         values = {} if skip else scores.compute()
         scores.reset()
         if values:
-            self.log_dict({f"{stage}/{key}": value for key, value in values.items()})
+            for key, value in values.items():
+                self.log(f"{stage}/{key}", value, prog_bar=key == "cider")

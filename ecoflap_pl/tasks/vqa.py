@@ -348,7 +348,8 @@ class VQATask(EcoflapTask):
             metric.reset()
             return
         if metric.update_count > 0:
-            self.log_dict({f"{stage}/{key}": value for key, value in metric.compute().items()})
+            for key, value in metric.compute().items():
+                self.log(f"{stage}/{key}", value, prog_bar=key == "accuracy")
             metric.reset()
         if _any_rank(bool(pending)):
             self._write_results(pending, stage)
