@@ -2,7 +2,7 @@
 
 :func:`demo_blip2` returns the directory of the trained model, a ``save_pretrained`` directory with its processor,
 which every task loads with ``pretrained: <dir>`` like a hub checkpoint. The first call trains it (about eleven
-minutes on a 2-core CPU with the default preset, under two on a GPU); later calls find it in the demo cache.
+minutes on a 2-core CPU with the default preset; on a GPU if there is one); later calls find it in the demo cache.
 
 Training is the project's own: one ``Trainer.fit`` of a :class:`~ecoflap_pl.tasks.VQATask` built from a config,
 on the demo's VQAv2 questions and COCO captions mixed in every batch (:mod:`ecoflap_pl.demo.training`).

@@ -438,3 +438,28 @@ def test_imagenet_datamodule_reads_the_demo(demo: DemoPaths) -> None:
     labels = sorted(flat.dataset("val")[i]["label"] for i in range(SIZES["imagenet_val_images"]))
     assert labels == sorted(folders.dataset("val")[i]["label"] for i in range(SIZES["imagenet_val_images"]))
     assert len(flat.dataset("train")) == SIZES["imagenet_train_images"]
+
+
+def test_digits_sit_whole_in_distinct_cells_of_a_3x3_grid(scenes: dict) -> None:
+    """One digit per cell, inside it, columns distinct and left to right: each is one patch of a cell-sized ViT."""
+    cell = SIZES["image_size"] // 3
+    for split in ("train", "val", "test", "test2015"):
+        for scene in scenes["splits"][split]:
+            columns = [digit["column"] for digit in scene["digits"]]
+            assert columns == sorted(set(columns))
+            for digit in scene["digits"]:
+                assert (
+                    digit["x"] // cell == digit["column"]
+                    and (digit["x"] + digit["size"] - 1) // cell == digit["column"]
+                )
+                assert digit["y"] // cell == (digit["y"] + digit["size"] - 1) // cell < 3
+                assert 3 * cell // 4 <= digit["size"] <= cell
+    for digit in scenes["imagenet"]["train"] + scenes["imagenet"]["val"]:
+        assert digit["x"] // cell == digit["column"] and 3 * cell // 4 <= digit["size"] <= cell
+
+
+def test_position_words_name_the_grid_column() -> None:
+    from ecoflap_pl.demo.data import Digit, Scene
+
+    scene = Scene(1, (Digit(3, "red", 11, 0, 10, 0, 1), Digit(5, "blue", 22, 11, 10, 0, 2)))
+    assert scene.sides == ("middle", "right")  # absolute columns, not the order among the digits
