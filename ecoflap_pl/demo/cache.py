@@ -39,27 +39,36 @@ def demo_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(chosen).expanduser()
 
 
-def read_marker(directory: Path) -> dict[str, Any] | None:
-    """The parameters ``directory`` was built from, or None when it holds no complete build."""
+def read_marker(directory: Path, marker: str = MARKER) -> dict[str, Any] | None:
+    """The parameters ``directory`` was built from (its ``marker`` file), or None when it holds no complete build."""
     try:
-        return json.loads((directory / MARKER).read_text(encoding="utf-8"))
+        return json.loads((directory / marker).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
 
-def cached_build(target: Path, params: dict[str, Any], build: Callable[[Path], None]) -> Path:
+def cached_build(
+    target: Path,
+    params: dict[str, Any],
+    build: Callable[[Path], None],
+    *,
+    marker: str = MARKER,
+    rebuild: bool = False,
+) -> Path:
     """Reuse ``target`` when it was built from ``params``; else run ``build(tmp_dir)`` and move it into place.
 
     Args:
         target: the build directory.
         params: JSON-serialisable parameters of the build, stored as its marker.
         build: writes the build into the (empty, existing) directory it is given.
+        marker: the marker file's name inside the build directory.
+        rebuild: build and replace ``target`` even when it was built from ``params``.
 
     Returns:
         ``target``.
     """
     params = json.loads(json.dumps(params))  # the form the marker reads back (tuples become lists)
-    if read_marker(target) == params:
+    if not rebuild and read_marker(target, marker) == params:
         log.debug("Reusing %s", target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -67,16 +76,21 @@ def cached_build(target: Path, params: dict[str, Any], build: Callable[[Path], N
     tmp.mkdir()
     try:
         build(tmp)
-        (tmp / MARKER).write_text(json.dumps(params, indent=2), encoding="utf-8")
-        _move_into_place(tmp, target, params)
+        (tmp / marker).write_text(json.dumps(params, indent=2), encoding="utf-8")
+        _move_into_place(tmp, target, params, marker, keep_same=not rebuild)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def _move_into_place(new: Path, target: Path, params: dict[str, Any]) -> None:
-    if read_marker(target) == params:  # a concurrent run finished the same build first: keep its copy
+def _move_into_place(new: Path, target: Path, params: dict[str, Any], marker: str, keep_same: bool) -> None:
+    """Rename ``new`` to ``target``, moving an older ``target`` out of the way first.
+
+    Builds are deterministic, so with ``keep_same``, when a concurrent run (another DDP rank) has already put the same
+    build in place, its copy is kept and ``new`` is dropped.
+    """
+    if keep_same and read_marker(target, marker) == params:
         return
     if target.exists():
         trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
@@ -85,5 +99,5 @@ def _move_into_place(new: Path, target: Path, params: dict[str, Any]) -> None:
     try:
         new.rename(target)
     except OSError:
-        if read_marker(target) != params:
+        if read_marker(target, marker) != params:
             raise

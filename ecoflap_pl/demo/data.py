@@ -38,8 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import uuid
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -50,6 +48,8 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
+
+from ecoflap_pl.demo.cache import cached_build, read_marker
 
 __all__ = [
     "ANSWER_VOCABULARY",
@@ -225,27 +225,18 @@ def build_demo_data(
         "seed": _check_int("seed", seed, 0, hint="numpy seeds are non-negative integers."),
     }
     root = Path(root)
-    paths = DemoPaths.under(root)
-    marker = {"version": DATA_VERSION, "params": params}
-    if not overwrite and _read_marker(root) == marker:
-        log.debug("Demo data in %s is up to date", root)
-        return paths
-    if root.exists() and not overwrite and _read_marker(root) is None and any(root.iterdir()):
+    if root.exists() and not overwrite and read_marker(root, MARKER) is None and any(root.iterdir()):
         raise FileExistsError(
             f"`root` must be empty or hold an earlier demo build, got {str(root)!r} with other files. "
             "HINT: pick another directory or pass overwrite=True to replace it."
         )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:12]}"
-    try:
+
+    def write(tmp: Path) -> None:
+        log.info("Writing the demo data to %s", root)
         _build(DemoPaths.under(tmp), progress=progress, **params)
-        _write_json(tmp / MARKER, marker)
-        _replace_dir(tmp, root, marker, keep_same=not overwrite)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    log.info("Demo data written to %s", root)
-    return paths
+
+    cached_build(root, {"version": DATA_VERSION, "params": params}, write, marker=MARKER, rebuild=overwrite)
+    return DemoPaths.under(root)
 
 
 def _check_int(name: str, value: int, low: int, high: int | None = None, hint: str = "") -> int:
@@ -253,32 +244,6 @@ def _check_int(name: str, value: int, low: int, high: int | None = None, hint: s
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"`{name}` must be an integer {bound}, got {value!r}. HINT: {hint}")
     return value
-
-
-def _read_marker(root: Path) -> dict | None:
-    try:
-        return json.loads((root / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _replace_dir(new: Path, root: Path, marker: dict, keep_same: bool) -> None:
-    """Rename `new` to `root`, moving an older `root` out of the way first.
-
-    Builds are deterministic, so with `keep_same`, when a concurrent caller (another DDP rank) has already put the
-    same build in place, its copy is kept and `new` is dropped.
-    """
-    if keep_same and _read_marker(root) == marker:
-        return
-    if root.exists():
-        trash = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:12]}"
-        root.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    try:
-        new.rename(root)
-    except OSError:
-        if _read_marker(root) != marker:
-            raise
 
 
 # ----------------------------------------------------------------------------------------------------- building
