@@ -30,7 +30,7 @@ import torch
 from _results import write_section
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
-from ecoflap_pl.cli import EcoflapCLI, EcoflapTrainer
+from ecoflap_pl.cli import build_cli
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.tasks.base import EcoflapTask
 
@@ -66,16 +66,7 @@ class Run:
 
 def build(config: str) -> tuple[EcoflapTask, EcoflapDataModule]:
     """The task and DataModule of a demo config, built (and their demo data/model cached) by the ecoflap parser."""
-    cli = EcoflapCLI(
-        EcoflapTask,
-        EcoflapDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        trainer_class=EcoflapTrainer,
-        run=False,
-        args=["-c", config, "--trainer.logger=false"],
-        save_config_callback=None,
-    )
+    cli = build_cli(["-c", config, "--trainer.logger=false"], run=False, save_config_callback=None)
     return cli.model, cli.datamodule
 
 

@@ -128,17 +128,27 @@ def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
-def main(args: list[str] | None = None) -> None:
-    """Console entry point: ``ecoflap {fit,validate,test,predict,prune} -c CONFIG.yaml``."""
-    EcoflapCLI(
+def build_cli(args: list[str] | None = None, **kwargs: Any) -> EcoflapCLI:
+    """The ``ecoflap`` CLI over ``args``: any task and DataModule by ``class_path``, the ``EcoflapTrainer``.
+
+    Args:
+        args: command-line arguments (``None``: ``sys.argv``).
+        **kwargs: further ``LightningCLI`` arguments, e.g. ``run=False`` to build the run without starting it.
+    """
+    return EcoflapCLI(
         EcoflapTask,
         EcoflapDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_class=EcoflapTrainer,
-        save_config_kwargs={"overwrite": True},
         args=args,
+        **kwargs,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point: ``ecoflap {fit,validate,test,predict,prune} -c CONFIG.yaml``."""
+    build_cli(args, save_config_kwargs={"overwrite": True})
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ import sys
 import traceback
 from typing import Any
 
-from ecoflap_pl.cli import EcoflapCLI, EcoflapTrainer
-from ecoflap_pl.datamodules import EcoflapDataModule
-from ecoflap_pl.tasks import EcoflapTask
+from ecoflap_pl.cli import build_cli
 
 TASK_ATTRIBUTES = ("learning_rate", "weight_decay", "prompt", "generation_kwargs", "itm_top_k", "family")
 
@@ -26,16 +24,11 @@ def _jsonable(value: Any) -> Any:
 
 def instantiate(args: list[str]) -> dict[str, Any]:
     """Build the run ``ecoflap <args>`` describes and summarise it."""
-    cli = EcoflapCLI(
-        EcoflapTask,
-        EcoflapDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        trainer_class=EcoflapTrainer,
+    cli = build_cli(
+        args,
         save_config_callback=None,
         parser_kwargs={"exit_on_error": False},  # raise the parse error instead of printing it and exiting
         run=False,
-        args=args,
     )
     trainer, task, data = cli.trainer, cli.model, cli.datamodule
     callback = trainer.pruning_callback()
