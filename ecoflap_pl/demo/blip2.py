@@ -1,11 +1,11 @@
 """The demo BLIP-2: a small ``Blip2ForConditionalGeneration`` (ViT, Q-Former, OPT) trained here on the demo data.
 
 :func:`demo_blip2` returns the directory of the trained model, a ``save_pretrained`` directory with its processor,
-which every task loads with ``pretrained: <dir>`` like a hub checkpoint. The first call trains it (about eleven
+which every task loads with ``pretrained: <dir>`` like a hub checkpoint. The first call trains it (about four
 minutes on a 2-core CPU with the default preset; on a GPU if there is one); later calls find it in the demo cache.
 
 Training is the project's own: one ``Trainer.fit`` of a :class:`~ecoflap_pl.tasks.VQATask` built from a config,
-on the demo's VQAv2 questions and COCO captions mixed in every batch (:mod:`ecoflap_pl.demo.training`).
+on the demo's VQAv2 questions and COCO captions in alternating single-task batches (:mod:`ecoflap_pl.demo.training`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from ecoflap_pl.tasks.vqa import VQATask
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 """Bumped whenever training changes in a way the recipe fields do not show, so cached models are retrained."""
 MAX_TEXT_LENGTH = 32
 
@@ -136,6 +136,7 @@ def train_demo_blip2(out: Path, paths: DemoPaths, preset: DemoPreset, vit_weight
     with torch.no_grad():  # LAVIS initialises the queries; Hugging Face leaves zeros for a checkpoint to fill
         task.model.query_tokens.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(recipe.seed))
     task.model.vision_model.load_state_dict(vision_tower_weights(load_file(vit_weights)))
+    task.model.vision_model.requires_grad_(not recipe.freeze_vision)  # the optimizer only takes trainable weights
     vit_input = get_pretrained_cfg(TIMM_ARCHITECTURE)  # the ViT's input normalisation goes with its weights
     task.processor.image_processor.image_mean = list(vit_input.mean)
     task.processor.image_processor.image_std = list(vit_input.std)

@@ -10,7 +10,7 @@ DataModules, and :class:`MultitaskCollator` sends each batch to its task's colla
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,9 +18,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from ecoflap_pl.datamodules import COCOCaptionDataModule, EcoflapDataModule, VQAv2DataModule
-from ecoflap_pl.datamodules.base import Stage
+from ecoflap_pl.datamodules.base import ImageSampleDataset, Stage
 from ecoflap_pl.tasks.base import EcoflapTask
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, Any]]
@@ -53,33 +54,47 @@ class MultitaskCollator:
 
 class SingleTaskBatches(Sampler[list[int]]):
     """Batches of a ``ConcatDataset`` that each come from one of its datasets: every dataset is shuffled and cut
-    into batches, then all batches are shuffled together, so tasks alternate in proportion to their sizes.
+    into batches (of samples of similar length where lengths are given), then all batches are shuffled together, so
+    tasks alternate in proportion to their sizes.
 
     Single-task batches weight the two tasks fairly: a BLIP-2 loss is the mean over a batch's label tokens, so in a
-    mixed batch a one-word answer would weigh about ten times less than a ten-word caption.
+    mixed batch a one-word answer would weigh about ten times less than a ten-word caption. Grouping captions by
+    length (Hugging Face's ``group_by_length``: sorted within shuffled mega-batches of up to 50 batches) pads them to
+    about their own length rather than the longest, which makes a training step about a tenth cheaper on a CPU. VQA
+    questions are about equally long and are not grouped: batches of equal-length questions would be batches of
+    one question type, and the model then learns each type's prior answer rather than to look at the image.
 
     Args:
-        sizes: the lengths of the concatenated datasets, in order.
+        lengths: for each concatenated dataset in order, either its number of samples (shuffled), or the length of
+            each of its samples (any unit; grouped by length).
         batch_size: samples per batch (each dataset's last batch may be smaller).
         generator: seeds the shuffles.
     """
 
-    def __init__(self, sizes: Sequence[int], batch_size: int, generator: torch.Generator) -> None:
-        self.sizes = list(sizes)
+    def __init__(self, lengths: Sequence[int | Sequence[int]], batch_size: int, generator: torch.Generator) -> None:
+        self.lengths = lengths
         self.batch_size = batch_size
         self.generator = generator
 
     def __len__(self) -> int:
-        return sum(-(-size // self.batch_size) for size in self.sizes)
+        return sum(-(-_size(part) // self.batch_size) for part in self.lengths)
 
     def __iter__(self) -> Iterator[list[int]]:
         batches, offset = [], 0
-        for size in self.sizes:
-            order = (torch.randperm(size, generator=self.generator) + offset).tolist()
-            batches += [order[start : start + self.batch_size] for start in range(0, size, self.batch_size)]
-            offset += size
+        for part in self.lengths:
+            if isinstance(part, int):
+                order = torch.randperm(part, generator=self.generator).tolist()
+            else:  # mega-batches are whole batches, so consecutive slices never straddle two of them
+                order = get_length_grouped_indices(part, self.batch_size, generator=self.generator)
+            order = [offset + index for index in order]
+            batches += [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+            offset += _size(part)
         for index in torch.randperm(len(batches), generator=self.generator).tolist():
             yield batches[index]
+
+
+def _size(part: int | Sequence[int]) -> int:
+    return part if isinstance(part, int) else len(part)
 
 
 class VQACaptionMixDataModule(EcoflapDataModule):
@@ -107,8 +122,9 @@ class VQACaptionMixDataModule(EcoflapDataModule):
     def train_dataloader(self) -> DataLoader:
         train = cast(ConcatDataset, self.dataset("train"))
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        sizes = [len(cast(Sized, part)) for part in train.datasets]
-        batches = SingleTaskBatches(sizes, self.batch_size, torch.Generator().manual_seed(self.shuffle_seed + epoch))
+        vqa, captions = (cast(ImageSampleDataset, part) for part in train.datasets)
+        lengths = [len(vqa), [len(sample.fields["text"].split()) for sample in captions.samples]]
+        batches = SingleTaskBatches(lengths, self.batch_size, torch.Generator().manual_seed(self.shuffle_seed + epoch))
         return DataLoader(
             train, batch_sampler=batches, num_workers=self.num_workers, collate_fn=self._resolve_collate_fn()
         )

@@ -78,14 +78,22 @@ def test_unknown_preset_names_the_choices() -> None:
 
 
 def test_single_task_batches_cover_each_sample_once_and_never_mix_datasets() -> None:
-    sizes, batch_size = [7, 12], 4
-    sampler = SingleTaskBatches(sizes, batch_size, torch.Generator().manual_seed(0))
+    lengths, batch_size = [7, [5] * 12], 4
+    sampler = SingleTaskBatches(lengths, batch_size, torch.Generator().manual_seed(0))
     batches = list(sampler)
     assert len(batches) == len(sampler) == 2 + 3
     assert sorted(i for batch in batches for i in batch) == list(range(19))
     assert all(max(batch) < 7 or min(batch) >= 7 for batch in batches)
-    assert list(SingleTaskBatches(sizes, batch_size, torch.Generator().manual_seed(0))) == batches
-    assert list(SingleTaskBatches(sizes, batch_size, torch.Generator().manual_seed(1))) != batches
+    assert list(SingleTaskBatches(lengths, batch_size, torch.Generator().manual_seed(0))) == batches
+    assert list(SingleTaskBatches(lengths, batch_size, torch.Generator().manual_seed(1))) != batches
+
+
+def test_single_task_batches_group_samples_of_similar_length() -> None:
+    lengths = torch.randint(1, 21, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    batches = list(SingleTaskBatches([lengths], 4, torch.Generator().manual_seed(0)))
+    assert sorted(i for batch in batches for i in batch) == list(range(400))
+    spread = [max(lengths[i] for i in batch) - min(lengths[i] for i in batch) for batch in batches]
+    assert sum(spread) / len(spread) < 1.5  # shuffled batches of 4 of lengths 1..20 spread about 10
 
 
 def test_multitask_collator_routes_each_batch_and_rejects_mixed_ones() -> None:

@@ -11,6 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
+
+from ecoflap_pl.demo.blip2 import vision_tower_weights
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
 TINY = [
@@ -59,7 +63,9 @@ def test_blip2_vqa_demo_prunes_and_compares_then_reuses_the_cache(cache_dir: Pat
     assert (tmp_path / "first" / "pruning_sparsity.png").is_file()
     built = _builds(cache_dir)
     assert {"data/tiny", "models/vit-tiny", "models/blip2-tiny"} <= set(built)
-    assert (cache_dir / "models" / "blip2-tiny" / "model.safetensors").is_file()
+    blip2 = load_file(cache_dir / "models" / "blip2-tiny" / "model.safetensors")
+    vit = vision_tower_weights(load_file(cache_dir / "models" / "vit-tiny" / "model.safetensors"))
+    assert all(torch.equal(blip2[f"vision_model.{name}"], weight) for name, weight in vit.items())  # kept frozen
 
     again = ecoflap("validate", "blip2_vqa.yaml", cache_dir, tmp_path / "second")
     assert _builds(cache_dir) == built  # nothing rebuilt
