@@ -1,7 +1,7 @@
 """The demo BLIP-2: a small ``Blip2ForConditionalGeneration`` (ViT, Q-Former, OPT) trained here on the demo data.
 
 :func:`demo_blip2` returns the directory of the trained model, a ``save_pretrained`` directory with its processor,
-which every task loads with ``pretrained: <dir>`` like a hub checkpoint. The first call trains it (about four
+which every task loads with ``pretrained: <dir>`` like a hub checkpoint. The first call trains it (about seven
 minutes on a 2-core CPU with the default preset; on a GPU if there is one); later calls find it in the demo cache.
 
 Training is the project's own: one ``Trainer.fit`` of a :class:`~ecoflap_pl.tasks.VQATask` built from a config,

@@ -60,9 +60,9 @@ class SingleTaskBatches(Sampler[list[int]]):
     Single-task batches weight the two tasks fairly: a BLIP-2 loss is the mean over a batch's label tokens, so in a
     mixed batch a one-word answer would weigh about ten times less than a ten-word caption. Grouping captions by
     length (Hugging Face's ``group_by_length``: sorted within shuffled mega-batches of up to 50 batches) pads them to
-    about their own length rather than the longest, which makes a training step about a tenth cheaper on a CPU. VQA
-    questions are about equally long and are not grouped: batches of equal-length questions would be batches of
-    one question type, and the model then learns each type's prior answer rather than to look at the image.
+    about their own length rather than the longest (6% padding instead of 45% at batch 32 on the demo captions). VQA
+    questions are about equally long and are not grouped: batches of equal-length questions are batches of one
+    question type, and a demo BLIP-2 trained on them kept answering each type's most common answer.
 
     Args:
         lengths: for each concatenated dataset in order, either its number of samples (shuffled), or the length of
