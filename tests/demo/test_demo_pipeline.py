@@ -60,6 +60,10 @@ def test_blip2_vqa_demo_prunes_and_compares_then_reuses_the_cache(cache_dir: Pat
     report = json.loads((tmp_path / "first" / "pruning_report.json").read_text())
     assert report["overall_sparsity"] == pytest.approx(0.6, abs=0.05)
     assert report["config"]["importance"] == "zeroth_order" and report["config"]["method"] == "wanda"
+    assert {name.rsplit(".", 1)[0] for name in report["group_scores"]} == {  # both towers are stacks to prune
+        "vision_model.encoder.layers",
+        "language_model.model.decoder.layers",
+    }
     assert (tmp_path / "first" / "pruning_sparsity.png").is_file()
     built = _builds(cache_dir)
     assert {"data/tiny", "models/vit-tiny", "models/blip2-tiny"} <= set(built)
