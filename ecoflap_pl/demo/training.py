@@ -21,10 +21,12 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from ecoflap_pl.datamodules import COCOCaptionDataModule, EcoflapDataModule, VQAv2DataModule
+from ecoflap_pl.datamodules._io import load_image
 from ecoflap_pl.datamodules.base import ImageSampleDataset, Stage
 from ecoflap_pl.tasks.base import EcoflapTask
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, Any]]
+Preprocess = Callable[[list[dict[str, Any]]], torch.Tensor]
 
 
 class MultitaskCollator:
@@ -97,32 +99,79 @@ def _size(part: int | Sequence[int]) -> int:
     return part if isinstance(part, int) else len(part)
 
 
+class PreprocessedImages(Dataset[dict[str, Any]]):
+    """The samples of an :class:`~ecoflap_pl.datamodules.base.ImageSampleDataset` (one image each), with
+    ``"pixel_values"`` in place of the PIL ``"image"``: each image file is read and preprocessed once, on first use,
+    and then served from memory.
+
+    Hand-written (a Hugging Face ``datasets.map`` would do it with a dependency more) because the demo trains for
+    eight epochs over 2,000 small scenes: decoding them and running the image processor again every epoch cost a
+    fifteenth of each CPU training step, while the pixels of the whole training set take 55 MB. ``cache`` may be shared by datasets of the same images (VQA and captions).
+
+    Args:
+        dataset: the raw samples.
+        preprocess: ``[{"image": PIL image}] -> (1, 3, H, W)``, the model collator's own image processing
+            (:meth:`~ecoflap_pl.tasks._vision_language.PromptEncoder.pixel_values`).
+        cache: pixels by image path.
+    """
+
+    def __init__(self, dataset: ImageSampleDataset, preprocess: Preprocess, cache: dict[str, torch.Tensor]) -> None:
+        if any(len(sample.images) != 1 for sample in dataset.samples):
+            raise ValueError("PreprocessedImages serves samples of one image each (COCO captions, VQAv2).")
+        self.samples = dataset.samples
+        self.image_hint = dataset.image_hint
+        self.preprocess = preprocess
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        (path,) = sample.images
+        if path not in self.cache:
+            image = load_image(path, sample.source, self.image_hint)
+            self.cache[path] = self.preprocess([{"image": image}])[0]
+        fields = {key: list(value) if isinstance(value, list) else value for key, value in sample.fields.items()}
+        return {"pixel_values": self.cache[path], **fields}
+
+
 class VQACaptionMixDataModule(EcoflapDataModule):
     """VQAv2 training questions and COCO training captions of one COCO-layout folder, as one training split.
 
     Validation and test serve the VQAv2 splits. Files and sample dicts are those of
     :class:`~ecoflap_pl.datamodules.VQAv2DataModule` and :class:`~ecoflap_pl.datamodules.COCOCaptionDataModule`
-    (their default splits); each training batch holds one task (:class:`SingleTaskBatches`).
+    (their default splits); each training batch holds one task (:class:`SingleTaskBatches`). With ``preprocess``,
+    training samples carry their images preprocessed once (:class:`PreprocessedImages`).
 
     Args:
         data_dir: a folder holding both datasets in their official layouts (the demo's ``coco`` folder).
+        preprocess: the model's image processing, to cache the training pixels; ``None`` serves PIL images.
         **kwargs: batch_size, num_workers, collate_fn (a :class:`MultitaskCollator`), calibration_* and shuffle_seed.
     """
 
-    def __init__(self, data_dir: str | Path, **kwargs: Any) -> None:
+    def __init__(self, data_dir: str | Path, preprocess: Preprocess | None = None, **kwargs: Any) -> None:
         super().__init__(data_dir, **kwargs)
         self.vqa = VQAv2DataModule(data_dir)
         self.captions = COCOCaptionDataModule(data_dir)
+        self.preprocess = preprocess
 
     def _build(self, stage: Stage) -> Dataset[dict[str, Any]]:
-        if stage == "train":
-            return ConcatDataset([self.vqa.dataset("train"), self.captions.dataset("train")])
-        return self.vqa.dataset(stage)
+        if stage != "train":
+            return self.vqa.dataset(stage)
+        parts = [
+            cast(ImageSampleDataset, self.vqa.dataset("train")),
+            cast(ImageSampleDataset, self.captions.dataset("train")),
+        ]
+        if self.preprocess is None:
+            return ConcatDataset(parts)
+        cache: dict[str, torch.Tensor] = {}
+        return ConcatDataset([PreprocessedImages(part, self.preprocess, cache) for part in parts])
 
     def train_dataloader(self) -> DataLoader:
         train = cast(ConcatDataset, self.dataset("train"))
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        vqa, captions = (cast(ImageSampleDataset, part) for part in train.datasets)
+        vqa, captions = (cast(ImageSampleDataset | PreprocessedImages, part) for part in train.datasets)
         lengths = [len(vqa), [len(sample.fields["text"].split()) for sample in captions.samples]]
         batches = SingleTaskBatches(lengths, self.batch_size, torch.Generator().manual_seed(self.shuffle_seed + epoch))
         return DataLoader(

@@ -27,7 +27,7 @@ from ecoflap_pl.tasks.classification import ClassificationTask
 TIMM_ARCHITECTURE = "vit_base_patch16_224"
 """The registered timm architecture the demo ViT shrinks."""
 WEIGHTS_FILE = "model.safetensors"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 def vit_model_config(recipe: VitRecipe, weights: str | os.PathLike[str] | None = None) -> dict[str, Any]:

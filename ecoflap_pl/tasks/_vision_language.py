@@ -281,9 +281,12 @@ class PromptEncoder:
         self.image_token_id = image_token_id
         self.decoder_bos_token_id = decoder_bos_token_id
 
-    def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
-        """``(B, 3, H, W)`` pixels of PIL images."""
-        return self.image_processor(list(images), return_tensors="pt")["pixel_values"]
+    def pixel_values(self, samples: Sequence[dict[str, Any]]) -> torch.Tensor:
+        """``(B, 3, H, W)`` pixels of the samples' PIL ``"image"``, or their ``"pixel_values"`` when every sample
+        carries its image already processed by this processor (``(3, H, W)``; the demo's training caches them)."""
+        if all("pixel_values" in sample for sample in samples):
+            return torch.stack([sample["pixel_values"] for sample in samples])
+        return self.image_processor([sample["image"] for sample in samples], return_tensors="pt")["pixel_values"]
 
     def loss_inputs(self, prompts: Sequence[str], targets: Sequence[str]) -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask`` and ``labels`` for the LM loss of ``targets`` given ``prompts``.

@@ -74,14 +74,14 @@ class CaptionCollator:
             prompts, targets = zip(*(prefix_split(caption, self.prefix_lm_seed) for caption in captions), strict=True)
         else:
             prompts, targets = [_with_space(self.prompt)] * len(captions), captions
-        batch: dict[str, Any] = {"pixel_values": self.encoder.pixel_values([sample["image"] for sample in samples])}
+        batch: dict[str, Any] = {"pixel_values": self.encoder.pixel_values(samples)}
         batch.update(self.encoder.loss_inputs(prompts, targets))
         batch["image_id"] = [sample.get("image_id") for sample in samples]
         batch["text"] = captions
         return batch
 
     def _evaluation(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {"pixel_values": self.encoder.pixel_values([sample["image"] for sample in samples])}
+        batch: dict[str, Any] = {"pixel_values": self.encoder.pixel_values(samples)}
         batch.update(self.encoder.prompt_inputs([self.prompt] * len(samples)))
         batch["image_id"] = [sample.get("image_id") for sample in samples]
         if all("references" in sample for sample in samples):

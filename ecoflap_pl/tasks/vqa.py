@@ -109,32 +109,33 @@ class VQACollator:
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         if not samples:
             raise ValueError("`samples` must hold at least one sample, got an empty list.")
-        images = [sample["image"] for sample in samples]
         questions = [self.prompt.format(sample["question"]) for sample in samples]
         annotated = all(sample.get("answer") or sample.get("answers") for sample in samples)
         if self.family == "vilt":
-            batch = self._vilt(images, questions, samples, annotated)
+            batch = self._vilt(questions, samples, annotated)
         elif self.family == "blip":
-            batch = self._blip(images, questions, samples, annotated)
+            batch = self._blip(questions, samples, annotated)
         else:
-            batch = self._blip2(images, questions, samples, annotated)
+            batch = self._blip2(questions, samples, annotated)
         for key in METADATA_KEYS:
             batch[key] = [sample.get(key) for sample in samples]
         return batch
 
-    def _blip2(self, images: list, questions: list[str], samples: list[dict], annotated: bool) -> dict[str, Any]:
+    def _blip2(self, questions: list[str], samples: list[dict], annotated: bool) -> dict[str, Any]:
         assert self.encoder is not None
-        batch: dict[str, Any] = {"pixel_values": self.encoder.pixel_values(images)}
+        batch: dict[str, Any] = {"pixel_values": self.encoder.pixel_values(samples)}
         if annotated:
             prompts = [question if question[-1:].isspace() else question + " " for question in questions]
             batch.update(self.encoder.loss_inputs(prompts, [_main_answer(sample) for sample in samples]))
         batch.update(self.encoder.prompt_inputs(questions))
         return batch
 
-    def _blip(self, images: list, questions: list[str], samples: list[dict], annotated: bool) -> dict[str, Any]:
+    def _blip(self, questions: list[str], samples: list[dict], annotated: bool) -> dict[str, Any]:
         tokenizer = self.processor.tokenizer
         batch: dict[str, Any] = {
-            "pixel_values": self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+            "pixel_values": self.processor.image_processor(
+                [sample["image"] for sample in samples], return_tensors="pt"
+            )["pixel_values"]
         }
         text = tokenizer(
             questions,
@@ -160,9 +161,9 @@ class VQACollator:
             batch["labels"] = decoder_ids.masked_fill(answers["attention_mask"] == 0, IGNORE_INDEX)
         return batch
 
-    def _vilt(self, images: list, questions: list[str], samples: list[dict], annotated: bool) -> dict[str, Any]:
+    def _vilt(self, questions: list[str], samples: list[dict], annotated: bool) -> dict[str, Any]:
         assert self.label2id is not None
-        pixels = self.processor.image_processor(images, return_tensors="pt")
+        pixels = self.processor.image_processor([sample["image"] for sample in samples], return_tensors="pt")
         text = self.processor.tokenizer(
             questions, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
         )

@@ -1,4 +1,5 @@
-"""The demo models' building blocks: the ViT -> BLIP-2 vision tower transfer, the build cache, the presets."""
+"""The demo models' building blocks: the ViT -> BLIP-2 vision tower transfer, the build cache, the presets, the
+training data."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from transformers import Blip2VisionModel
+from transformers import Blip2VisionModel, BlipImageProcessor
 
 from ecoflap_pl.demo import get_preset
 from ecoflap_pl.demo.blip2 import demo_blip2_config, vision_tower_weights
 from ecoflap_pl.demo.cache import ENV_DIR, cached_build, demo_dir, read_marker
 from ecoflap_pl.demo.presets import Blip2Recipe, VitRecipe
-from ecoflap_pl.demo.training import MultitaskCollator, SingleTaskBatches
+from ecoflap_pl.demo.training import MultitaskCollator, SingleTaskBatches, VQACaptionMixDataModule
 from ecoflap_pl.demo.vit import TIMM_ARCHITECTURE, vit_model_config
 
 
@@ -102,3 +103,25 @@ def test_multitask_collator_routes_each_batch_and_rejects_mixed_ones() -> None:
     assert collator([{"text": "t", "image": None}] * 2) == {"task": "captions"}
     with pytest.raises(ValueError, match="A batch must hold only VQA samples"):
         collator([{"question": "q"}, {"text": "t"}])
+
+
+def test_training_images_are_preprocessed_once_and_served_as_the_processor_makes_them(tmp_path: Path) -> None:
+    paths = get_preset("tiny").data.build(tmp_path)
+    processor = BlipImageProcessor(size={"height": 32, "width": 32})
+    processed = []
+
+    def preprocess(samples: list[dict]) -> torch.Tensor:
+        processed.extend(sample["image"] for sample in samples)
+        return processor([sample["image"] for sample in samples], return_tensors="pt")["pixel_values"]
+
+    cached = VQACaptionMixDataModule(paths.coco, preprocess=preprocess).dataset("train")
+    raw = VQACaptionMixDataModule(paths.coco).dataset("train")
+    assert len(cached) == len(raw) == 24 + 24 * 5  # one question and five captions per training scene
+    for _ in range(2):
+        for index in range(len(cached)):
+            sample, expected = cached[index], raw[index]
+            assert sorted(sample) == sorted({**expected, "pixel_values": None}.keys() - {"image"})
+            assert all(sample[key] == expected[key] for key in expected if key != "image")
+            pixels = processor(expected["image"], return_tensors="pt")["pixel_values"][0]
+            assert torch.equal(sample["pixel_values"], pixels)
+    assert len(processed) == 24  # each scene once, shared by its question and its captions, over both epochs

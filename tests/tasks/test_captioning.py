@@ -117,7 +117,9 @@ def test_blip2_prompt_encoding_matches_blip2processor(tiny_setup, images):
     theirs = processor(images=images[:2], text=prompts, padding="longest", padding_side="left", return_tensors="pt")
     assert torch.equal(ours["prompt_input_ids"], theirs["input_ids"])
     assert torch.equal(ours["prompt_attention_mask"], theirs["attention_mask"])
-    assert torch.equal(task.collator.encoder.pixel_values(images[:2]), theirs["pixel_values"])
+    pixels = theirs["pixel_values"]
+    assert torch.equal(task.collator.encoder.pixel_values([{"image": image} for image in images[:2]]), pixels)
+    assert torch.equal(task.collator.encoder.pixel_values([{"pixel_values": row} for row in pixels]), pixels)
 
 
 def test_collator_batches_evaluation_samples_and_pickles(tiny_setup, caption_eval_samples):
