@@ -36,6 +36,10 @@ class Sample:
     source: str
     image_key: str = field(default="image")
 
+    def copy_fields(self) -> dict[str, Any]:
+        """The annotation fields as a new dict, list values copied (a collator may change them in place)."""
+        return {key: list(value) if isinstance(value, list) else value for key, value in self.fields.items()}
+
 
 class ImageSampleDataset(Dataset[dict[str, Any]]):
     """A map-style Dataset of RAW sample dicts: PIL RGB images plus the annotation fields, nothing resized.
@@ -56,7 +60,7 @@ class ImageSampleDataset(Dataset[dict[str, Any]]):
         sample = self.samples[index]
         images = [load_image(path, sample.source, self.image_hint) for path in sample.images]
         out: dict[str, Any] = {sample.image_key: images if sample.image_key == "images" else images[0]}
-        out.update({k: list(v) if isinstance(v, list) else v for k, v in sample.fields.items()})
+        out.update(sample.copy_fields())
         return out
 
 

@@ -106,7 +106,8 @@ class PreprocessedImages(Dataset[dict[str, Any]]):
 
     Hand-written (a Hugging Face ``datasets.map`` would do it with a dependency more) because the demo trains for
     eight epochs over 2,000 small scenes: decoding them and running the image processor again every epoch cost a
-    fifteenth of each CPU training step, while the pixels of the whole training set take 55 MB. ``cache`` may be shared by datasets of the same images (VQA and captions).
+    fifteenth of each CPU training step, while the pixels of the whole training set take 55 MB. ``cache`` may be
+    shared by datasets of the same images (VQA and captions).
 
     Args:
         dataset: the raw samples.
@@ -132,8 +133,7 @@ class PreprocessedImages(Dataset[dict[str, Any]]):
         if path not in self.cache:
             image = load_image(path, sample.source, self.image_hint)
             self.cache[path] = self.preprocess([{"image": image}])[0]
-        fields = {key: list(value) if isinstance(value, list) else value for key, value in sample.fields.items()}
-        return {"pixel_values": self.cache[path], **fields}
+        return {"pixel_values": self.cache[path], **sample.copy_fields()}
 
 
 class VQACaptionMixDataModule(EcoflapDataModule):
