@@ -64,8 +64,11 @@ class EcoflapTask(pl.LightningModule):
                 continue
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
         # The fused kernel updates every tensor in one pass (about 2.5x faster than the default on CPU for the
-        # demo BLIP-2); it serves floating-point tensors on CPU and CUDA, so anything else keeps the default.
-        fused = all(param.is_floating_point() and param.device.type in ("cpu", "cuda") for param in decay + no_decay)
+        # demo BLIP-2). It serves floating-point tensors on CPU and CUDA, and Lightning refuses to clip gradients
+        # under mixed precision for an optimizer that unscales them itself, as a fused one does: otherwise, the default.
+        fused = not self.trainer.gradient_clip_val and all(
+            param.is_floating_point() and param.device.type in ("cpu", "cuda") for param in decay + no_decay
+        )
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.learning_rate,

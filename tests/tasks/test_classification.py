@@ -146,6 +146,17 @@ def test_timm_training_changes_weights_and_validation_logs_top1_top5(
     assert metrics["val/top5"] == 1.0  # 3 classes: top-5 is capped at top-3
 
 
+@pytest.mark.parametrize(("gradient_clip_val", "fused"), [(None, True), (0.5, None)])
+def test_adamw_is_fused_unless_gradients_are_clipped(
+    trainer_factory: Callable[..., pl.Trainer], gradient_clip_val: float | None, fused: bool | None
+) -> None:
+    # Lightning refuses to clip gradients under mixed precision with an optimizer that unscales them itself
+    task = _timm_task("eva")
+    trainer = trainer_factory(gradient_clip_val=gradient_clip_val, max_steps=1)
+    trainer.fit(task, train_dataloaders=DataLoader(_samples(2), batch_size=2, collate_fn=task.collator))
+    assert trainer.optimizers[0].defaults["fused"] is fused
+
+
 def test_clip_text_tower_learns_only_when_in_the_loss(
     clip_tokenizer_dir: str, trainer_factory: Callable[..., pl.Trainer], tmp_path: Path
 ) -> None:
