@@ -99,7 +99,7 @@ def _size(part: int | Sequence[int]) -> int:
     return part if isinstance(part, int) else len(part)
 
 
-class PreprocessedImages(Dataset[dict[str, Any]]):
+class PreprocessedImages(ImageSampleDataset):
     """The samples of an :class:`~ecoflap_pl.datamodules.base.ImageSampleDataset` (one image each), with
     ``"pixel_values"`` in place of the PIL ``"image"``: each image file is read and preprocessed once, on first use,
     and then served from memory.
@@ -119,13 +119,9 @@ class PreprocessedImages(Dataset[dict[str, Any]]):
     def __init__(self, dataset: ImageSampleDataset, preprocess: Preprocess, cache: dict[str, torch.Tensor]) -> None:
         if any(len(sample.images) != 1 for sample in dataset.samples):
             raise ValueError("PreprocessedImages serves samples of one image each (COCO captions, VQAv2).")
-        self.samples = dataset.samples
-        self.image_hint = dataset.image_hint
+        super().__init__(dataset.samples, dataset.image_hint)
         self.preprocess = preprocess
         self.cache = cache
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
@@ -171,7 +167,7 @@ class VQACaptionMixDataModule(EcoflapDataModule):
     def train_dataloader(self) -> DataLoader:
         train = cast(ConcatDataset, self.dataset("train"))
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        vqa, captions = (cast(ImageSampleDataset | PreprocessedImages, part) for part in train.datasets)
+        vqa, captions = (cast(ImageSampleDataset, part) for part in train.datasets)
         lengths = [len(vqa), [len(sample.fields["text"].split()) for sample in captions.samples]]
         batches = SingleTaskBatches(lengths, self.batch_size, torch.Generator().manual_seed(self.shuffle_seed + epoch))
         return DataLoader(
