@@ -18,18 +18,30 @@ from transformers import (
     BlipForConditionalGeneration,
     CLIPConfig,
     CLIPModel,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
     LlamaConfig,
     LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
     OPTConfig,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
     PretrainedConfig,
     PreTrainedModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    SiglipConfig,
+    SiglipModel,
     T5Config,
     T5ForConditionalGeneration,
     ViltConfig,
     ViltForImagesAndTextClassification,
 )
 
-from ecoflap_pl.models.tokenizers import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, SEP_ID
+from ecoflap_pl.models.tokenizers import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, QWEN_VISION_TOKENS, SEP_ID
 
 
 def _vision(hidden: int, layers: int, image_size: int, patch_size: int) -> dict[str, Any]:
@@ -78,6 +90,59 @@ def _t5(vocab: int, hidden: int, layers: int) -> T5Config:
     )
 
 
+def _decoder(model_type: str, vocab: int, hidden: int, layers: int, **extra: Any) -> dict[str, Any]:
+    """A LLaMA-style decoder with grouped-query attention (4 query heads share 2 key/value heads)."""
+    return {
+        "model_type": model_type,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "pad_token_id": PAD_ID,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        **extra,
+    }
+
+
+def _qwen_vl(family: str, vocab: int, hidden: int, layers: int, patch_size: int) -> PretrainedConfig:
+    """Qwen2-VL / Qwen2.5-VL: the vision special tokens take the last ids of the vocabulary
+    (:data:`~ecoflap_pl.models.tokenizers.QWEN_VISION_TOKENS` order), as ``add_qwen_vision_tokens`` appends them."""
+    start, end, image, video = range(vocab - len(QWEN_VISION_TOKENS), vocab)
+    # multimodal rotary sections (temporal, height, width) over half the head dimension
+    head_half = hidden // 4 // 2
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_half - 2 * (head_half // 3)]}
+    rope["mrope_section"] += [head_half // 3, head_half // 3]
+    text = _decoder(f"{family}_text", vocab, hidden, layers, rope_parameters=rope)
+    vision: dict[str, Any] = {
+        "depth": 2 * layers,
+        "embed_dim": hidden,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_heads": 4,
+        "patch_size": patch_size,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    if family == "qwen2_5_vl":
+        # windows of 2 x 2 merged patches; every second block attends to the whole image, as 7, 15, 23, 31 in 7B
+        vision.update(out_hidden_size=hidden, window_size=4 * patch_size, fullatt_block_indexes=[1, 3][:layers])
+        config_cls: type[PretrainedConfig] = Qwen2_5_VLConfig
+    else:
+        config_cls = Qwen2VLConfig
+    return config_cls(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=image,
+        video_token_id=video,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+    )
+
+
 def tiny_config(
     family: str,
     *,
@@ -92,8 +157,9 @@ def tiny_config(
     """The config of a tiny model of ``family`` (one of :data:`HF_FAMILIES`).
 
     Args:
-        family: ``blip2_opt``, ``blip2_t5``, ``blip``, ``clip``, ``vilt``, ``t5`` or ``llama``.
-        vocab_size: text vocabulary size (match the tokenizer's).
+        family: one of :data:`HF_FAMILIES`.
+        vocab_size: text vocabulary size (match the tokenizer's; PaliGemma's processor adds 1152 location and
+            segmentation tokens, Qwen's vision tokens take the last four ids).
         hidden_size: width of every tower (divisible by 4: every attention has 4 heads).
         layers: blocks per stack.
         image_size: input resolution of the vision towers.
@@ -177,6 +243,55 @@ def tiny_config(
             bos_token_id=BOS_ID,
             eos_token_id=EOS_ID,
         )
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        return _qwen_vl(family, vocab_size, hidden_size, layers, patch_size)
+    if family == "llava":
+        return LlavaConfig(
+            vision_config={"model_type": "clip_vision_model", **vision},
+            text_config=_decoder("llama", vocab_size, hidden_size, layers),
+            image_token_id=IMAGE_ID,
+            vision_feature_layer=-2,  # LLaVA-1.5 reads the penultimate CLIP layer
+            vision_feature_select_strategy="default",
+        )
+    if family == "paligemma":
+        text = _decoder("gemma", vocab_size, hidden_size, layers, head_dim=hidden_size // 4)
+        return PaliGemmaConfig(
+            vision_config={**vision, "projection_dim": hidden_size},
+            text_config=text,
+            image_token_id=IMAGE_ID,
+            projection_dim=hidden_size,
+            hidden_size=hidden_size,
+        )
+    if family == "instructblip":
+        qformer = {
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "encoder_hidden_size": hidden_size,
+            "vocab_size": vocab_size,
+            "pad_token_id": PAD_ID,
+        }
+        return InstructBlipConfig(
+            vision_config=vision,
+            qformer_config=qformer,
+            text_config=_t5(vocab_size, hidden_size, layers).to_dict(),
+            num_query_tokens=num_query_tokens,
+            image_token_index=IMAGE_ID,
+        )
+    if family == "siglip":
+        text = {
+            "vocab_size": vocab_size,
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 16,
+            "projection_size": hidden_size,
+            "pad_token_id": PAD_ID,
+            "eos_token_id": EOS_ID,
+        }
+        return SiglipConfig(text_config=text, vision_config=vision)
     raise ValueError(f"`family` must be one of {tuple(HF_FAMILIES)}, got {family!r}.")
 
 
@@ -188,6 +303,12 @@ HF_FAMILIES: dict[str, type[PreTrainedModel]] = {
     "vilt": ViltForImagesAndTextClassification,
     "t5": T5ForConditionalGeneration,
     "llama": LlamaForCausalLM,
+    "llava": LlavaForConditionalGeneration,
+    "qwen2_vl": Qwen2VLForConditionalGeneration,
+    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "instructblip": InstructBlipForConditionalGeneration,
+    "paligemma": PaliGemmaForConditionalGeneration,
+    "siglip": SiglipModel,
 }
 """Family -> the Hugging Face class :func:`tiny_model` builds."""
 

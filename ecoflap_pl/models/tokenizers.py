@@ -17,6 +17,9 @@ SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>", "<s>", "<image>", "[CLS]", "[SEP]", 
 """Special tokens in id order: ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2, ``<s>`` = 3, ``<image>`` = 4, ..."""
 PAD_ID, EOS_ID, UNK_ID, BOS_ID, IMAGE_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 
+QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+"""The special tokens Qwen2-VL and Qwen2.5-VL processors put around and in place of an image (and a video)."""
+
 TEMPLATES = ("none", "bos", "eos", "bos_eos", "cls_sep")
 """How a single sequence is wrapped: as OPT/LLaMA (``bos``), T5 (``eos``), CLIP (``bos_eos``) or BERT (``cls_sep``)."""
 
@@ -98,3 +101,9 @@ def train_tokenizer(
         mask_token="[MASK]",
         model_max_length=model_max_length,
     )
+
+
+def add_qwen_vision_tokens(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """Append :data:`QWEN_VISION_TOKENS` as special tokens (the last ids; tiny Qwen configs expect them there)."""
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_VISION_TOKENS)})
+    return tokenizer

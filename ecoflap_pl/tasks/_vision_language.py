@@ -5,7 +5,9 @@ processor comes from ``AutoProcessor``) or by ``model_config`` (a config dict: a
 and the demo, with a ``tokenizer`` directory and an image processor built from the config). The helpers here
 resolve the architecture from the config's ``model_type``, build the processor, and encode prompts and targets for
 the prompted generators: BLIP-2 with a decoder-only language model (OPT), BLIP-2 with an encoder-decoder one
-(FlanT5), and BLIP's image-grounded text decoder.
+(FlanT5), and BLIP's image-grounded text decoder. The families of
+:data:`~ecoflap_pl.models.families.GENERATIVE_FAMILIES` (LLaVA, Qwen-VL, InstructBLIP, PaliGemma) are encoded by
+their own processor (:mod:`ecoflap_pl.tasks._processor_prompts`) into the same layout.
 
 Batch layout of the prompted generators (every tensor is ``(B, ...)``):
 
@@ -39,6 +41,7 @@ from transformers import (
     ViltProcessor,
 )
 
+from ecoflap_pl.models.families import GENERATIVE_FAMILIES
 from ecoflap_pl.models.loading import check_model_source, check_tokenizer_source, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -46,8 +49,8 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 """Label value the Hugging Face losses skip."""
 
-ARCHITECTURES = {"blip-2": "blip2", "blip": "blip", "vilt": "vilt"}
-"""Hugging Face ``model_type`` -> the ``architecture`` name the tasks take."""
+ARCHITECTURES = {"blip-2": "blip2", "blip": "blip", "vilt": "vilt", **{name: name for name in GENERATIVE_FAMILIES}}
+"""Hugging Face ``model_type`` -> the ``architecture`` name the tasks take (a generative family's is its own)."""
 
 FAMILIES = ("blip2_opt", "blip2_t5", "blip")
 """Prompted generators: BLIP-2 with a decoder-only language model, BLIP-2 with an encoder-decoder one, BLIP."""
@@ -61,8 +64,14 @@ LOSS_INPUT_KEYS = (
     "decoder_input_ids",
     "decoder_attention_mask",
     "labels",
+    "image_grid_thw",
+    "mm_token_type_ids",
+    "qformer_input_ids",
+    "qformer_attention_mask",
 )
 """Batch keys passed to the model's ``forward`` by :func:`loss_inputs` (those present)."""
+GENERATION_IMAGE_KEYS = ("pixel_values", "image_grid_thw")
+"""Image inputs :func:`generate_texts` passes to ``generate`` beside the ``prompt_*`` text inputs."""
 
 
 def load_config(
@@ -115,12 +124,18 @@ def resolve_architecture(architecture: str | None, config: PretrainedConfig, all
 
 
 def family_of(architecture: str, config: PretrainedConfig) -> str:
-    """The prompted-generator family (:data:`FAMILIES`) of a BLIP-2 or BLIP config."""
+    """The prompted-generator family of a config: one of :data:`FAMILIES` for BLIP-2 and BLIP, else the
+    architecture itself (a :data:`~ecoflap_pl.models.families.GENERATIVE_FAMILIES` key)."""
+    if architecture in GENERATIVE_FAMILIES:
+        return architecture
     if architecture == "blip2":
         return "blip2_opt" if config.use_decoder_only_language_model else "blip2_t5"
     if architecture == "blip":
         return "blip"
-    raise ValueError(f"`architecture` {architecture!r} is not a prompted generator; one of ('blip2', 'blip').")
+    raise ValueError(
+        f"`architecture` {architecture!r} is not a prompted generator; one of "
+        f"{('blip2', 'blip', *GENERATIVE_FAMILIES)}."
+    )
 
 
 def text_vocab_size(config: PretrainedConfig) -> int:
@@ -138,11 +153,14 @@ def build_processor(
     ``AutoProcessor.from_pretrained(pretrained)``. With a config only: ``tokenizer`` is required; the image
     processor resizes to the config's image size with the architecture's normalisation (BLIP/BLIP-2: CLIP mean and
     std; ViLT: shortest edge = image size, sides rounded down to the patch size, mean = std = 0.5).
-    A BLIP-2 processor gets the config's ``num_query_tokens``.
+    A BLIP-2 processor gets the config's ``num_query_tokens``. A generative family's processor is its own
+    (``AutoProcessor``), or the family's offline processor around ``tokenizer`` for a config-only model.
 
     Raises:
         ValueError: no tokenizer with a config-built model, or a tokenizer larger than the model's vocabulary.
     """
+    if architecture in GENERATIVE_FAMILIES:
+        return _generative_processor(architecture, config, pretrained, tokenizer)
     custom_tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
     if pretrained is not None:
         loaded = AutoProcessor.from_pretrained(pretrained)
@@ -168,6 +186,29 @@ def build_processor(
     if architecture == "blip":
         return BlipProcessor(image_processor, text_tokenizer)
     return ViltProcessor(image_processor, text_tokenizer)
+
+
+def _generative_processor(
+    architecture: str, config: PretrainedConfig, pretrained: str | None, tokenizer: str | None
+) -> ProcessorMixin:
+    if pretrained is not None:
+        if tokenizer is not None:
+            raise ValueError(
+                f"`tokenizer` must be None for a pretrained {architecture} model, got {tokenizer!r}: its processor "
+                "expands image tokens with its own tokenizer. HINT: save a processor with the tokenizer you want "
+                "(processor.save_pretrained(dir)) and pass that directory as `pretrained`."
+            )
+        processor = AutoProcessor.from_pretrained(pretrained)
+    else:
+        check_tokenizer_source(config, tokenizer)
+        processor = GENERATIVE_FAMILIES[architecture].offline_processor(config, load_tokenizer(str(tokenizer)))
+    if len(processor.tokenizer) > text_vocab_size(config):
+        raise ValueError(
+            f"The {architecture} processor's tokenizer has {len(processor.tokenizer)} tokens, more than the model's "
+            f"text vocabulary ({text_vocab_size(config)}). HINT: build the model config with vocab_size >= "
+            "len(processor.tokenizer) (PaliGemma's processor adds 1152 location and segmentation tokens)."
+        )
+    return processor
 
 
 def _image_processor(architecture: str, config: PretrainedConfig) -> Any:
@@ -215,6 +256,17 @@ def stop_token_ids(family: str, tokenizer: PreTrainedTokenizerBase, config: Pret
     if len(newline) == 1 and newline[0] not in ids:
         ids.append(int(newline[0]))
     return ids
+
+
+def check_image_placeholder(architecture: str, prompt: str) -> None:
+    """A family whose prompt marks the image (LLaVA's ``<image>``) must have the mark in ``prompt``."""
+    family = GENERATIVE_FAMILIES.get(architecture)
+    placeholder = family.image_placeholder if family is not None else None
+    if placeholder is not None and prompt.count(placeholder) != 1:
+        raise ValueError(
+            f"`prompt` must hold {placeholder!r} once, where {architecture} puts the image, got {prompt!r}. HINT: "
+            f"e.g. {family.vqa_prompt!r}."  # type: ignore[union-attr]
+        )
 
 
 def check_generation(num_beams: int, max_new_tokens: int, min_new_tokens: int, max_text_length: int) -> None:
@@ -288,6 +340,16 @@ class PromptEncoder:
             return torch.stack([sample["pixel_values"] for sample in samples])
         return self.image_processor([sample["image"] for sample in samples], return_tensors="pt")["pixel_values"]
 
+    def loss_batch(
+        self, samples: Sequence[dict[str, Any]], prompts: Sequence[str], targets: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """``pixel_values`` and :meth:`loss_inputs` (the interface of the processor-encoded families' encoder)."""
+        return {"pixel_values": self.pixel_values(samples), **self.loss_inputs(prompts, targets)}
+
+    def prompt_batch(self, samples: Sequence[dict[str, Any]], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``pixel_values`` and :meth:`prompt_inputs`."""
+        return {"pixel_values": self.pixel_values(samples), **self.prompt_inputs(prompts)}
+
     def loss_inputs(self, prompts: Sequence[str], targets: Sequence[str]) -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask`` and ``labels`` for the LM loss of ``targets`` given ``prompts``.
 
@@ -356,18 +418,16 @@ def generate_texts(
     batch: dict[str, Any],
     **generation_kwargs: Any,
 ) -> list[str]:
-    """Generate from ``pixel_values`` and the batch's prompt; returns the new text of each row, stripped.
+    """Generate from the image inputs and the batch's ``prompt_*`` inputs; returns the new text of each row, stripped.
 
-    A decoder-only BLIP-2 and BLIP return the prompt followed by the new tokens: the prompt part is cut off.
+    Decoder-only language models return the prompt followed by the new tokens: the prompt part is cut off.
     """
     prompt_ids = batch["prompt_input_ids"]
-    output = model.generate(
-        pixel_values=batch["pixel_values"],
-        input_ids=prompt_ids.clone(),
-        attention_mask=batch["prompt_attention_mask"],
-        **generation_kwargs,
-    )
-    echoed = {"blip2_opt": prompt_ids, "blip": prompt_ids[:, :-1]}.get(family)  # BLIP drops the prompt's [SEP]
+    inputs = {key.removeprefix("prompt_"): value for key, value in batch.items() if key.startswith("prompt_")}
+    inputs.update({key: batch[key] for key in GENERATION_IMAGE_KEYS if key in batch})
+    output = model.generate(**{**inputs, "input_ids": prompt_ids.clone()}, **generation_kwargs)
+    # BLIP drops the prompt's [SEP]; an encoder-decoder's output starts with its decoder start token instead
+    echoed = prompt_ids[:, :-1] if family == "blip" else None if family == "blip2_t5" else prompt_ids
     if echoed is not None:
         length = echoed.shape[1]
         if output.shape[1] >= length and torch.equal(output[:, :length], echoed.to(output.device)):

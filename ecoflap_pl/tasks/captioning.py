@@ -1,4 +1,5 @@
-"""Image captioning with BLIP-2 (OPT or FlanT5) and BLIP: LM fine-tuning loss, beam-search captions, COCO scores."""
+"""Image captioning with BLIP-2 (OPT or FlanT5), BLIP and the generative families (LLaVA, Qwen-VL, InstructBLIP,
+PaliGemma): LM fine-tuning loss, beam-search captions, COCO scores."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import torch
 from transformers import Blip2ForConditionalGeneration, BlipForConditionalGeneration
 
 from ecoflap_pl.metrics import CaptionScores
+from ecoflap_pl.models.families import GENERATIVE_FAMILIES
 from ecoflap_pl.models.loading import build_hf_model
+from ecoflap_pl.tasks._processor_prompts import ProcessorPromptEncoder
 from ecoflap_pl.tasks._vision_language import (
     PromptEncoder,
     build_processor,
     check_generation,
+    check_image_placeholder,
     family_of,
     generate_texts,
     load_config,
@@ -26,9 +30,17 @@ from ecoflap_pl.tasks.base import EcoflapTask
 
 log = logging.getLogger(__name__)
 
-MODEL_CLASSES = {"blip2": Blip2ForConditionalGeneration, "blip": BlipForConditionalGeneration}
-DEFAULT_PROMPTS = {"blip2": "a photo of", "blip": "a picture of "}
-"""LAVIS's BLIP-2 captioning prompt and BLIP's."""
+MODEL_CLASSES = {
+    "blip2": Blip2ForConditionalGeneration,
+    "blip": BlipForConditionalGeneration,
+    **{name: family.model_class for name, family in GENERATIVE_FAMILIES.items()},
+}
+DEFAULT_PROMPTS = {
+    "blip2": "a photo of",
+    "blip": "a picture of ",
+    **{name: family.caption_prompt for name, family in GENERATIVE_FAMILIES.items()},
+}
+"""LAVIS's BLIP-2 captioning prompt, BLIP's, and the generative families' own."""
 
 
 class CaptionCollator:
@@ -43,13 +55,15 @@ class CaptionCollator:
       ``"references"``, e.g. for prediction, give the same batch without ``references``).
 
     Args:
-        encoder: the model's :class:`PromptEncoder`.
+        encoder: the model's :class:`PromptEncoder` (BLIP-2, BLIP) or :class:`ProcessorPromptEncoder`.
         prompt: the caption prompt.
         prefix_lm: train with the prefix-LM split instead of the prompt.
         prefix_lm_seed: seed of the split positions.
     """
 
-    def __init__(self, encoder: PromptEncoder, prompt: str, prefix_lm: bool, prefix_lm_seed: int = 0) -> None:
+    def __init__(
+        self, encoder: PromptEncoder | ProcessorPromptEncoder, prompt: str, prefix_lm: bool, prefix_lm_seed: int = 0
+    ) -> None:
         self.encoder = encoder
         self.prompt = prompt
         self.prefix_lm = prefix_lm
@@ -74,15 +88,13 @@ class CaptionCollator:
             prompts, targets = zip(*(prefix_split(caption, self.prefix_lm_seed) for caption in captions), strict=True)
         else:
             prompts, targets = [_with_space(self.prompt)] * len(captions), captions
-        batch: dict[str, Any] = {"pixel_values": self.encoder.pixel_values(samples)}
-        batch.update(self.encoder.loss_inputs(prompts, targets))
+        batch = self.encoder.loss_batch(samples, prompts, targets)
         batch["image_id"] = [sample.get("image_id") for sample in samples]
         batch["text"] = captions
         return batch
 
     def _evaluation(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {"pixel_values": self.encoder.pixel_values(samples)}
-        batch.update(self.encoder.prompt_inputs([self.prompt] * len(samples)))
+        batch = self.encoder.prompt_batch(samples, [self.prompt] * len(samples))
         batch["image_id"] = [sample.get("image_id") for sample in samples]
         if all("references" in sample for sample in samples):
             batch["references"] = [list(sample["references"]) for sample in samples]
@@ -94,8 +106,9 @@ def _with_space(prompt: str) -> str:
 
 
 class CaptioningTask(EcoflapTask):
-    """Image captioning: BLIP-2 (``Blip2ForConditionalGeneration``, OPT or FlanT5) or BLIP
-    (``BlipForConditionalGeneration``).
+    """Image captioning: BLIP-2 (``Blip2ForConditionalGeneration``, OPT or FlanT5), BLIP
+    (``BlipForConditionalGeneration``), or a generative family: LLaVA, Qwen2-VL / Qwen2.5-VL (the prompt is the
+    user turn of the chat template), InstructBLIP, PaliGemma (``"caption en"``).
 
     Loss (``calibration_loss`` and ``training_step``): the model's own LM loss. BLIP-2 OPT and BLIP: the caption
     after the prompt, prompt, padding and image tokens masked out. BLIP-2 FlanT5: the prefix-LM loss of the
@@ -111,8 +124,10 @@ class CaptioningTask(EcoflapTask):
         model_config: a BLIP-2 or BLIP config as a dict (``to_dict()``), for a random-initialised model.
         tokenizer: a saved tokenizer directory; required with ``model_config``, optional with ``pretrained``
             (replaces the processor's tokenizer).
-        architecture: ``"blip2"`` or ``"blip"``; None infers it from the config's ``model_type``.
-        prompt: the caption prompt; None: ``"a photo of"`` (BLIP-2) or ``"a picture of "`` (BLIP).
+        architecture: ``"blip2"``, ``"blip"`` or a generative family (``"llava"``, ``"qwen2_vl"``, ``"qwen2_5_vl"``,
+            ``"instructblip"``, ``"paligemma"``); None infers it from the config's ``model_type``.
+        prompt: the caption prompt; None: ``"a photo of"`` (BLIP-2), ``"a picture of "`` (BLIP), or the family's
+            own (:data:`~ecoflap_pl.models.families.GENERATIVE_FAMILIES`).
         prefix_lm: train with the prefix-LM split; None: only BLIP-2 with an encoder-decoder language model.
         prefix_lm_seed: seed of the prefix-LM split positions.
         max_text_length: text tokens kept per caption (LAVIS: 32).
@@ -161,16 +176,22 @@ class CaptioningTask(EcoflapTask):
             **(from_pretrained_kwargs or {}),
         ).eval()  # as from_pretrained leaves it; EcoflapTask.on_fit_start switches to training mode
         self.prompt = DEFAULT_PROMPTS[self.architecture] if prompt is None else prompt
+        check_image_placeholder(self.architecture, self.prompt)
         self.prefix_lm = self.family == "blip2_t5" if prefix_lm is None else prefix_lm
-        self.collator = CaptionCollator(
-            PromptEncoder(
+        encoder: PromptEncoder | ProcessorPromptEncoder
+        if self.family in GENERATIVE_FAMILIES:
+            encoder = ProcessorPromptEncoder(self.processor, GENERATIVE_FAMILIES[self.family], config, max_text_length)
+        else:
+            encoder = PromptEncoder(
                 self.processor,
                 self.family,
                 max_length=max_text_length,
                 num_query_tokens=getattr(config, "num_query_tokens", 0),
                 image_token_id=getattr(config, "image_token_id", None),
                 decoder_bos_token_id=config.text_config.bos_token_id if self.family == "blip" else None,
-            ),
+            )
+        self.collator = CaptionCollator(
+            encoder,
             prompt=self.prompt,
             prefix_lm=self.prefix_lm,
             prefix_lm_seed=prefix_lm_seed,

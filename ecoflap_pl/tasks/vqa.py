@@ -18,12 +18,15 @@ from transformers import (
 )
 
 from ecoflap_pl.metrics import ANSWER_TYPES, VQAAccuracy, normalize_answer, write_vqa_results
+from ecoflap_pl.models.families import GENERATIVE_FAMILIES
 from ecoflap_pl.models.loading import build_hf_model
+from ecoflap_pl.tasks._processor_prompts import ProcessorPromptEncoder
 from ecoflap_pl.tasks._vision_language import (
     IGNORE_INDEX,
     PromptEncoder,
     build_processor,
     check_generation,
+    check_image_placeholder,
     family_of,
     generate_texts,
     load_config,
@@ -39,11 +42,17 @@ MODEL_CLASSES = {
     "blip2": Blip2ForConditionalGeneration,
     "blip": BlipForQuestionAnswering,
     "vilt": ViltForQuestionAnswering,
+    **{name: family.model_class for name, family in GENERATIVE_FAMILIES.items()},
 }
-DEFAULT_PROMPTS = {"blip2": "Question: {} Short answer:", "blip": "{}", "vilt": "{}"}
-"""ECoFLaP's BLIP-2 zero-shot VQA prompt; BLIP and ViLT read the bare question."""
+DEFAULT_PROMPTS = {
+    "blip2": "Question: {} Short answer:",
+    "blip": "{}",
+    "vilt": "{}",
+    **{name: family.vqa_prompt for name, family in GENERATIVE_FAMILIES.items()},
+}
+"""ECoFLaP's BLIP-2 zero-shot VQA prompt; BLIP and ViLT read the bare question; the generative families' own."""
 DEFAULT_LENGTH_PENALTIES = {"blip2": -1.0, "blip": 1.0, "vilt": 1.0}
-"""LAVIS's BLIP-2 ``predict_answers`` favours short answers; BLIP generates with the usual 1.0."""
+"""LAVIS's BLIP-2 ``predict_answers`` favours short answers; the others generate with the usual 1.0."""
 METADATA_KEYS = ("question_id", "image_id", "question", "answers", "answer_type", "answer")
 
 
@@ -68,9 +77,10 @@ class VQACollator:
     ``answers``, ``answer_type``, ``answer``. The loss inputs are added when every sample is annotated (a non-empty
     ``answer`` or ``answers``; test splits have neither):
 
-    - BLIP-2 (``blip2_opt`` / ``blip2_t5``): ``prompt_input_ids`` / ``prompt_attention_mask`` of the formatted
-      prompt (always), and ``input_ids`` / ``attention_mask`` / ``labels`` for the LM loss of the sample's most
-      common ``answer`` after the prompt (:class:`PromptEncoder`).
+    - BLIP-2 (``blip2_opt`` / ``blip2_t5``) and the generative families (LLaVA, Qwen-VL, InstructBLIP,
+      PaliGemma): ``prompt_input_ids`` / ``prompt_attention_mask`` (and the processor's other ``prompt_*`` inputs)
+      of the formatted prompt (always), and ``input_ids`` / ``attention_mask`` / ``labels`` for the LM loss of the
+      sample's most common ``answer`` after the prompt (:class:`PromptEncoder`, :class:`ProcessorPromptEncoder`).
     - BLIP (``BlipForQuestionAnswering``): ``input_ids`` / ``attention_mask`` of the question (right padded,
       always), and
       ``decoder_input_ids`` (the answer, first token = decoder BOS), ``decoder_attention_mask`` and ``labels``
@@ -80,10 +90,11 @@ class VQACollator:
 
     Args:
         processor: the model's processor.
-        family: ``blip2_opt``, ``blip2_t5``, ``blip`` or ``vilt``.
+        family: ``blip2_opt``, ``blip2_t5``, ``blip``, ``vilt`` or a generative family's name.
         prompt: format string of the question, with one ``{}``.
         max_length: text tokens kept per question / answer.
-        encoder: the :class:`PromptEncoder` of a BLIP-2 model.
+        encoder: the :class:`PromptEncoder` of a BLIP-2 model, the :class:`ProcessorPromptEncoder` of a generative
+            family.
         decoder_bos_token_id: BLIP's answer decoder start token.
         label2id: ViLT's answer vocabulary.
     """
@@ -94,7 +105,7 @@ class VQACollator:
         family: str,
         prompt: str,
         max_length: int,
-        encoder: PromptEncoder | None = None,
+        encoder: PromptEncoder | ProcessorPromptEncoder | None = None,
         decoder_bos_token_id: int | None = None,
         label2id: dict[str, int] | None = None,
     ) -> None:
@@ -116,18 +127,18 @@ class VQACollator:
         elif self.family == "blip":
             batch = self._blip(questions, samples, annotated)
         else:
-            batch = self._blip2(questions, samples, annotated)
+            batch = self._prompted(questions, samples, annotated)
         for key in METADATA_KEYS:
             batch[key] = [sample.get(key) for sample in samples]
         return batch
 
-    def _blip2(self, questions: list[str], samples: list[dict], annotated: bool) -> dict[str, Any]:
+    def _prompted(self, questions: list[str], samples: list[dict], annotated: bool) -> dict[str, Any]:
         assert self.encoder is not None
-        batch: dict[str, Any] = {"pixel_values": self.encoder.pixel_values(samples)}
+        batch: dict[str, Any] = {}
         if annotated:
             prompts = [question if question[-1:].isspace() else question + " " for question in questions]
-            batch.update(self.encoder.loss_inputs(prompts, [_main_answer(sample) for sample in samples]))
-        batch.update(self.encoder.prompt_inputs(questions))
+            batch.update(self.encoder.loss_batch(samples, prompts, [_main_answer(sample) for sample in samples]))
+        batch.update(self.encoder.prompt_batch(samples, questions))
         return batch
 
     def _blip(self, questions: list[str], samples: list[dict], annotated: bool) -> dict[str, Any]:
@@ -192,11 +203,14 @@ def _main_answer(sample: dict[str, Any]) -> str:
 
 class VQATask(EcoflapTask):
     """Visual question answering with BLIP-2 (zero-shot, generated answers), BLIP (``BlipForQuestionAnswering``,
-    generated answers) or ViLT (``ViltForQuestionAnswering``, classification over its answer vocabulary).
+    generated answers), ViLT (``ViltForQuestionAnswering``, classification over its answer vocabulary), or a
+    generative family (generated answers): LLaVA (``LlavaForConditionalGeneration``), Qwen2-VL / Qwen2.5-VL (chat
+    template), InstructBLIP, PaliGemma (``"answer en {}"``).
 
-    Loss (``calibration_loss`` and ``training_step``): BLIP-2: the LM loss of the sample's most common answer given
-    the prompt (OPT: prompt, image tokens and padding masked out; FlanT5: prompt in the encoder, answer in the
-    decoder); BLIP: its own answer-decoder loss; ViLT: its own BCE against the soft scores ``min(1, count / 3)``.
+    Loss (``calibration_loss`` and ``training_step``): BLIP-2 and the generative families: the LM loss of the
+    sample's most common answer given the prompt (decoder-only: prompt, image tokens and padding masked out;
+    FlanT5: prompt in the encoder, answer in the decoder); BLIP: its own answer-decoder loss; ViLT: its own BCE
+    against the soft scores ``min(1, count / 3)``.
     Validation and test: beam-search answers (BLIP-2, BLIP; the prompt cut off and the text stripped) or the
     top-scoring answer (ViLT), scored with :class:`~ecoflap_pl.metrics.VQAAccuracy` and logged as
     ``val/accuracy``, ``val/accuracy_yes_no``, ``val/accuracy_number``, ``val/accuracy_other`` (``test/...``).
@@ -206,20 +220,25 @@ class VQATask(EcoflapTask):
 
     Args:
         pretrained: a ``from_pretrained`` name or directory (``Salesforce/blip2-flan-t5-xl``,
-            ``Salesforce/blip-vqa-base``, ``dandelin/vilt-b32-finetuned-vqa``); its processor is loaded with
-            ``AutoProcessor``.
-        model_config: a BLIP-2, BLIP or ViLT config as a dict, for a random-initialised model (ViLT: its
-            ``id2label`` is the answer vocabulary).
-        tokenizer: a saved tokenizer directory; required with ``model_config``, optional with ``pretrained``.
-        architecture: ``"blip2"``, ``"blip"`` or ``"vilt"``; None infers it from the config's ``model_type``.
-        prompt: format string of the question with one ``{}``; None: ``"Question: {} Short answer:"`` for BLIP-2,
-            the bare question otherwise.
+            ``Salesforce/blip-vqa-base``, ``dandelin/vilt-b32-finetuned-vqa``, ``llava-hf/llava-1.5-7b-hf``,
+            ``Qwen/Qwen2.5-VL-7B-Instruct``, ``Salesforce/instructblip-flan-t5-xl``, ``google/paligemma-3b-pt-224``);
+            its processor is loaded with ``AutoProcessor``.
+        model_config: a config as a dict, for a random-initialised model (ViLT: its ``id2label`` is the answer
+            vocabulary).
+        tokenizer: a saved tokenizer directory; required with ``model_config``, optional with ``pretrained`` (not
+            for the generative families, whose processors expand image tokens with their own tokenizer).
+        architecture: ``"blip2"``, ``"blip"``, ``"vilt"`` or a generative family (``"llava"``, ``"qwen2_vl"``,
+            ``"qwen2_5_vl"``, ``"instructblip"``, ``"paligemma"``); None infers it from the config's ``model_type``.
+        prompt: format string of the question with one ``{}``; None: ``"Question: {} Short answer:"`` for BLIP-2
+            and InstructBLIP, ``"USER: <image>\\n{} ASSISTANT:"`` for LLaVA, ``"answer en {}"`` for PaliGemma, the
+            user turn ``"{} Answer the question using a single word or phrase."`` for Qwen-VL (the chat template
+            wraps it), the bare question otherwise.
         answer_list: ViLT's answer vocabulary in label order; None: the config's ``id2label``.
         max_text_length: text tokens kept per question / answer (ViLT: at most its position embeddings).
         num_beams: beam width of answer generation.
         max_new_tokens: longest answer generated, in tokens.
         min_new_tokens: shortest answer generated, in tokens.
-        length_penalty: beam-search length penalty; None: -1.0 for BLIP-2 (LAVIS), 1.0 for BLIP.
+        length_penalty: beam-search length penalty; None: -1.0 for BLIP-2 (LAVIS), 1.0 otherwise.
         results_dir: folder of the results files of unannotated splits; None: the trainer's ``log_dir`` (or
             ``default_root_dir`` without a logger).
         from_pretrained_kwargs: extra ``from_pretrained`` arguments (``dtype``, ``revision``, ...).
@@ -259,6 +278,7 @@ class VQATask(EcoflapTask):
                 f"`prompt` must hold exactly one '{{}}' for the question, got {self.prompt!r}. HINT: e.g. "
                 "'Question: {} Short answer:'."
             )
+        check_image_placeholder(self.architecture, self.prompt)
         if self.architecture == "vilt":
             self.answer_list = _answer_vocabulary(answer_list, config)
             config.id2label = dict(enumerate(self.answer_list))
@@ -275,7 +295,7 @@ class VQATask(EcoflapTask):
             self.model.config.id2label, self.model.config.label2id = config.id2label, config.label2id
         self.collator = _collator(self.processor, self.family, self.prompt, max_text_length, config)
         if length_penalty is None:
-            length_penalty = DEFAULT_LENGTH_PENALTIES[self.architecture]
+            length_penalty = DEFAULT_LENGTH_PENALTIES.get(self.architecture, 1.0)
         self.generation_kwargs: dict[str, Any] = {
             "num_beams": num_beams,
             "max_new_tokens": max_new_tokens,
@@ -401,6 +421,9 @@ def _collator(
         return VQACollator(processor, family, prompt, max_length, label2id=dict(config.label2id))
     if family == "blip":
         return VQACollator(processor, family, prompt, max_length, decoder_bos_token_id=config.text_config.bos_token_id)
+    if family in GENERATIVE_FAMILIES:
+        encoder = ProcessorPromptEncoder(processor, GENERATIVE_FAMILIES[family], config, max_length)
+        return VQACollator(processor, family, prompt, max_length, encoder=encoder)
     encoder = PromptEncoder(
         processor,
         family,
