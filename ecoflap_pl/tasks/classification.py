@@ -1,4 +1,4 @@
-"""ImageNet classification: a timm ViT / EVA classifier, or CLIP zero-shot with prompted class names.
+"""ImageNet classification: a timm ViT / EVA classifier, or CLIP / SigLIP zero-shot with prompted class names.
 
 Images are preprocessed in two stages. The collator (the one ``collate_fn`` the DataModule gives every loader,
 calibration included) applies timm's deterministic evaluation transform without normalisation and batches
@@ -20,7 +20,7 @@ from timm.data import create_transform, resolve_data_config
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision import transforms
-from transformers import AutoProcessor, CLIPModel
+from transformers import AutoConfig, AutoProcessor, CLIPModel, PreTrainedModel, SiglipModel
 
 from ecoflap_pl.models.loading import build_hf_model, check_tokenizer_source, load_tokenizer
 from ecoflap_pl.tasks.base import EcoflapTask
@@ -33,6 +33,12 @@ multiplies the text forwards of a loss that runs the text tower (``text_tower_in
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+ZERO_SHOT_MODELS: dict[str, tuple[type[PreTrainedModel], tuple[float, ...], tuple[float, ...], str]] = {
+    "clip": (CLIPModel, CLIP_MEAN, CLIP_STD, "longest"),
+    # SigLIP was trained on prompts padded to 64 tokens without an attention mask, and pools the last token
+    "siglip": (SiglipModel, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "max_length"),
+}
+"""Zero-shot ``model_type`` -> (Hugging Face class, pixel mean, pixel std, prompt padding)."""
 _PIL_INTERPOLATION = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
@@ -55,19 +61,20 @@ class ClassificationCollator:
 
 
 class ClassificationTask(EcoflapTask):
-    """Image classification with a timm classifier, or CLIP zero-shot classification.
+    """Image classification with a timm classifier, or CLIP / SigLIP zero-shot classification.
 
     **timm** (``timm_model`` set): ``timm.create_model(timm_model, pretrained=pretrained, **model_config)``; loss =
     cross-entropy of the classifier against the labels. Transforms from ``timm.data.resolve_data_config`` at the
     model's input size and ``create_transform`` (evaluation transform in the collator, training transform in
     ``training_step``).
 
-    **CLIP zero-shot** (``timm_model`` None): a ``CLIPModel`` from ``pretrained`` (a ``from_pretrained`` name or
-    directory) or ``model_config``. Each class is embedded once per template (``template.format(name)``), the
-    normalised embeddings are averaged over templates and re-normalised (CLIP's prompt ensembling); logits =
-    ``logit_scale * cos(image, class)``. Loss = cross-entropy of these zero-shot logits (EVA-ViT's coarse loss in
-    ECoFLaP). Class names come from ``class_names`` or, when None, from the DataModule's ``class_names`` at setup.
-    In evaluation the class embeddings are computed once per epoch.
+    **CLIP zero-shot** (``timm_model`` None): a ``CLIPModel`` or ``SiglipModel`` (by the config's ``model_type``;
+    SigLIP's prompts are padded to its text length without an attention mask, as it was trained) from ``pretrained``
+    (a ``from_pretrained`` name or directory) or ``model_config``. Each class is embedded once per template
+    (``template.format(name)``), the normalised embeddings are averaged over templates and re-normalised (CLIP's
+    prompt ensembling); logits = ``logit_scale * cos(image, class)``. Loss = cross-entropy of these zero-shot logits
+    (EVA-ViT's coarse loss in ECoFLaP). Class names come from ``class_names`` or, when None, from the DataModule's
+    ``class_names`` at setup. In evaluation the class embeddings are computed once per epoch.
 
     Metrics: top-1 and top-5 accuracy (``top_k`` capped at the number of classes), logged ``val/top1``,
     ``val/top5`` (``test/`` likewise) with the cross-entropy as ``val/loss``. ``predict_step`` returns
@@ -79,7 +86,8 @@ class ClassificationTask(EcoflapTask):
         pretrained: timm: bool, load timm's weights for the name. CLIP: a ``from_pretrained`` name or directory
             (``openai/clip-vit-base-patch16``), or None with ``model_config``.
         model_config: timm: extra ``timm.create_model`` keyword arguments (``num_classes``, ``img_size``, ...;
-            ``pretrained_cfg_overlay: {file: ...}`` loads a local checkpoint). CLIP: the ``CLIPConfig`` as a dict.
+            ``pretrained_cfg_overlay: {file: ...}`` loads a local checkpoint). CLIP: the ``CLIPConfig`` (or
+            ``SiglipConfig``) as a dict.
         tokenizer: CLIP: a tokenizer directory; required with ``model_config``, optional with ``pretrained``.
         class_names: readable class names in label order (CLIP: the zero-shot classes; timm: only checked
             against the classifier's number of classes).
@@ -115,6 +123,7 @@ class ClassificationTask(EcoflapTask):
         self.text_tower_in_loss = text_tower_in_loss
         self.augment = augment
         self.tokenizer: Any = None
+        self.prompt_padding = "longest"
         self.class_names: list[str] | None = None
         self._prompts: dict[str, Tensor] | None = None
         self._class_embeds: Tensor | None = None
@@ -166,15 +175,25 @@ class ClassificationTask(EcoflapTask):
                 "openai/clip-vit-base-patch16."
             )
         check_tokenizer_source(model_config, tokenizer)
-        self.model = build_hf_model(CLIPModel, pretrained, model_config)
+        if pretrained is not None:
+            model_type = AutoConfig.from_pretrained(pretrained).model_type
+        else:
+            model_type = (model_config or {}).get("model_type", "clip")
+        if model_type not in ZERO_SHOT_MODELS:
+            raise ValueError(
+                f"The zero-shot model's `model_type` must be one of {tuple(ZERO_SHOT_MODELS)}, got {model_type!r}. "
+                "HINT: openai/clip-vit-base-patch16 or google/siglip-base-patch16-224."
+            )
+        model_cls, mean, std, self.prompt_padding = ZERO_SHOT_MODELS[model_type]
+        self.model = build_hf_model(model_cls, pretrained, model_config)
         size = self.model.config.vision_config.image_size
-        config = {"input_size": (3, size, size), "interpolation": "bicubic", "mean": CLIP_MEAN, "std": CLIP_STD}
+        config = {"input_size": (3, size, size), "interpolation": "bicubic", "mean": mean, "std": std}
         config["crop_pct"] = 1.0
         if pretrained is not None:
             processor = AutoProcessor.from_pretrained(pretrained)
             self.tokenizer = processor.tokenizer
             image = processor.image_processor
-            crop = image.crop_size["height"]
+            crop = (getattr(image, "crop_size", None) or image.size)["height"]  # SigLIP resizes without a crop
             config.update(
                 input_size=(3, crop, crop),
                 mean=tuple(image.image_mean),
@@ -202,8 +221,17 @@ class ClassificationTask(EcoflapTask):
             raise ValueError(f"`class_names` must be a list of at least 2 strings, got {class_names!r}.")
         self.class_names = list(class_names)
         prompts = [template.format(name) for name in self.class_names for template in self.templates]
-        tokens = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
-        self._prompts = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+        positions = self.model.config.text_config.max_position_embeddings
+        tokens = self.tokenizer(
+            prompts,
+            padding=self.prompt_padding,
+            truncation=True,
+            max_length=min(self.tokenizer.model_max_length, positions),
+            return_tensors="pt",
+        )
+        self._prompts = {"input_ids": tokens["input_ids"]}
+        if self.prompt_padding == "longest":
+            self._prompts["attention_mask"] = tokens["attention_mask"]
         self._class_embeds = None
         self.metrics.clear()
         self._build_metrics(len(self.class_names))
@@ -227,16 +255,12 @@ class ClassificationTask(EcoflapTask):
         """
         if self._prompts is None or self.class_names is None:
             raise ValueError("`class_names` must be set before zero-shot classification. HINT: set_class_names().")
-        ids = self._prompts["input_ids"].to(self.device)
-        mask = self._prompts["attention_mask"].to(self.device)
+        prompts = {key: value.to(self.device) for key, value in self._prompts.items()}
+        size = chunk_size
         embeds = torch.cat(
             [
-                _pooled(
-                    self.model.get_text_features(
-                        input_ids=ids[s : s + chunk_size], attention_mask=mask[s : s + chunk_size]
-                    )
-                )
-                for s in range(0, len(ids), chunk_size)
+                _pooled(self.model.get_text_features(**{key: part[s : s + size] for key, part in prompts.items()}))
+                for s in range(0, len(prompts["input_ids"]), size)
             ]
         )
         embeds = F.normalize(embeds.float(), dim=-1).view(len(self.class_names), len(self.templates), -1)

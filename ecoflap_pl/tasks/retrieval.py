@@ -25,10 +25,12 @@ from transformers import (
     CLIPImageProcessor,
     CLIPModel,
     PreTrainedModel,
+    SiglipModel,
 )
 
 from ecoflap_pl.metrics import RetrievalRecall, retrieval_recall
 from ecoflap_pl.models.loading import build_hf_model, check_model_source, check_tokenizer_source, load_tokenizer
+from ecoflap_pl.models.processors import siglip_image_processor
 from ecoflap_pl.tasks.base import EcoflapTask
 
 log = logging.getLogger(__name__)
@@ -52,12 +54,14 @@ class RetrievalCollator:
         image_processor: the model's image processor (resize, crop, normalise).
         tokenizer: the model's tokenizer.
         max_length: captions are truncated to this many tokens.
+        padding: ``"longest"``, or ``"max_length"`` for a text tower trained on fixed-length prompts (SigLIP).
     """
 
-    def __init__(self, image_processor: Any, tokenizer: Any, max_length: int) -> None:
+    def __init__(self, image_processor: Any, tokenizer: Any, max_length: int, padding: str = "longest") -> None:
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.padding = padding
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         texts: list[str] = []
@@ -72,7 +76,9 @@ class RetrievalCollator:
             texts.extend(captions)
             text_to_image.extend([index] * len(captions))
         pixel_values = self.image_processor([sample["image"] for sample in samples], return_tensors="pt")
-        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        tokens = self.tokenizer(
+            texts, padding=self.padding, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         return {
             "pixel_values": pixel_values["pixel_values"],
             "input_ids": tokens["input_ids"],
@@ -99,6 +105,7 @@ class _Towers:
     """How one model family embeds images and captions, scores their similarity and runs its ITM head."""
 
     has_itm = False
+    text_attention_mask = True
 
     def image(self, model: Any, pixel_values: Tensor) -> ImageFeatures:
         raise NotImplementedError
@@ -132,6 +139,13 @@ class _ClipTowers(_Towers):
 
     def text(self, model: CLIPModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return F.normalize(_pooled(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)), dim=-1)
+
+
+class _SiglipTowers(_ClipTowers):
+    text_attention_mask = False  # trained on prompts padded to 64 tokens without a mask; pools the last token
+
+    def text(self, model: SiglipModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return F.normalize(_pooled(model.get_text_features(input_ids=input_ids)), dim=-1)
 
 
 class _BlipTowers(_Towers):
@@ -206,6 +220,7 @@ class _Blip2Towers(_Towers):
 
 FAMILIES: dict[str, tuple[type[PreTrainedModel], _Towers]] = {
     "clip": (CLIPModel, _ClipTowers()),
+    "siglip": (SiglipModel, _SiglipTowers()),
     "blip": (BlipForImageTextRetrieval, _BlipTowers()),
     "blip-2": (Blip2ForImageTextRetrieval, _Blip2Towers()),
 }
@@ -213,20 +228,21 @@ FAMILIES: dict[str, tuple[type[PreTrainedModel], _Towers]] = {
 
 
 class RetrievalTask(EcoflapTask):
-    """Image-text retrieval (COCO / Flickr30k Karpathy splits) with CLIP, BLIP or BLIP-2.
+    """Image-text retrieval (COCO / Flickr30k Karpathy splits) with CLIP, SigLIP, BLIP or BLIP-2.
 
-    The family comes from the config's ``model_type``: ``clip`` -> ``CLIPModel``, ``blip`` ->
+    The family comes from the config's ``model_type``: ``clip`` -> ``CLIPModel``, ``siglip`` -> ``SiglipModel``
+    (captions padded to its fixed text length, no attention mask, as it was trained), ``blip`` ->
     ``BlipForImageTextRetrieval``, ``blip-2`` -> ``Blip2ForImageTextRetrieval`` (its Q-Former config needs
     ``use_qformer_text_input: true``, as in ``Salesforce/blip2-itm-vit-g``).
 
-    Loss (ALGORITHM.md §3, also the fine-tuning loss): CLIP's own symmetric contrastive loss
-    (``return_loss=True``). BLIP / BLIP-2: symmetric InfoNCE of the ITC similarities divided by ``temperature``,
-    captions of the same ``image_id`` in the batch counted as positives (as BLIP does), plus, with ``itm_loss``, the
-    ITM cross-entropy on the positive pairs and one hard negative per image and per caption drawn from the ITC
-    similarities (BLIP's recipe; without it the cross-attention layers get no signal). With ``self.model`` in eval
-    mode (as during pruning) the negatives are drawn from a fixed-seed generator, so the loss is a deterministic
-    function of the weights, which the zeroth-order estimator's ``L(θ+εz) − L(θ−εz)`` needs. Negatives come from
-    this rank's batch only.
+    Loss (ALGORITHM.md §3, also the fine-tuning loss): CLIP's own symmetric contrastive loss, SigLIP's own pairwise
+    sigmoid loss (``return_loss=True``). BLIP / BLIP-2: symmetric InfoNCE of the ITC similarities divided by
+    ``temperature``, captions of the same ``image_id`` in the batch counted as positives (as BLIP does), plus, with
+    ``itm_loss``, the ITM cross-entropy on the positive pairs and one hard negative per image and per caption drawn
+    from the ITC similarities (BLIP's recipe; without it the cross-attention layers get no signal). With
+    ``self.model`` in eval mode (as during pruning) the negatives are drawn from a fixed-seed generator, so the loss
+    is a deterministic function of the weights, which the zeroth-order estimator's ``L(θ+εz) − L(θ−εz)`` needs.
+    Negatives come from this rank's batch only.
 
     Evaluation: text->image and image->text Recall@K over the whole split (every rank's images, a repeated
     ``image_id`` counted once), logged as ``val/t2i_r1`` ... ``val/i2t_r10``, ``val/t2i_r_mean``,
@@ -285,7 +301,10 @@ class RetrievalTask(EcoflapTask):
         self.recall_at = tuple(recall_at)
         image_processor, text_tokenizer = _processors(pretrained, tokenizer, self.family, self.model.config)
         self.collator = RetrievalCollator(
-            image_processor, text_tokenizer, _max_length(max_length, text_tokenizer, self.family, self.model.config)
+            image_processor,
+            text_tokenizer,
+            _max_length(max_length, text_tokenizer, self.family, self.model.config),
+            padding="longest" if self.towers.text_attention_mask else "max_length",
         )
         self.val_recall = RetrievalRecall(top_k=self.recall_at)
         self.test_recall = RetrievalRecall(top_k=self.recall_at)
@@ -302,12 +321,13 @@ class RetrievalTask(EcoflapTask):
                 f"and {batch['input_ids'].shape[0]} captions. HINT: use training samples {{'image', 'image_id', "
                 "'text'}, not evaluation samples with 'references'."
             )
-        if self.family == "clip":
+        if self.family in ("clip", "siglip"):
+            mask = {"attention_mask": batch["attention_mask"]} if self.towers.text_attention_mask else {}
             return self.model(
                 input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
                 pixel_values=batch["pixel_values"].to(_vision_dtype(self.model)),
                 return_loss=True,
+                **mask,
             ).loss
         image = self.towers.image(self.model, batch["pixel_values"])
         text = self.towers.text(self.model, batch["input_ids"], batch["attention_mask"])
@@ -635,6 +655,8 @@ def _processors(pretrained: str | None, tokenizer: str | None, family: str, conf
     size = config.vision_config.image_size
     if family == "clip":
         image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    elif family == "siglip":
+        image_processor = siglip_image_processor(config)
     else:
         image_processor = BlipImageProcessor(size={"height": size, "width": size})
     return image_processor, load_tokenizer(tokenizer)
