@@ -33,7 +33,7 @@ from transformers import (
     ViltProcessor,
 )
 
-from ecoflap_pl.models.tiny import tiny_config, tiny_model
+from ecoflap_pl.models.tiny import HF_FAMILIES, PROCESSOR_TEMPLATES, tiny_config, tiny_model, tiny_processor
 from ecoflap_pl.models.tokenizers import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,6 +53,11 @@ HUB_MODELS = {
     "openai/clip-vit-base-patch16": "clip",
     "google/flan-t5-xl": "t5",
     "huggyllama/llama-7b": "llama",
+    "llava-hf/llava-1.5-7b-hf": "llava",
+    "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_5_vl",
+    "Salesforce/instructblip-flan-t5-xl": "instructblip",
+    "google/paligemma-3b-pt-224": "paligemma",
+    "google/siglip-base-patch16-224": "siglip",
 }
 """The ``from_pretrained`` names the configs use -> the tiny model family that stands in for each."""
 
@@ -163,6 +168,10 @@ def _save_tiny_models(root: Path) -> dict[str, Path]:
     for family, template in (("t5", "eos"), ("llama", "bos")):
         tiny_model(family).save_pretrained(dirs[family])
         tokenizer(template).save_pretrained(dirs[family])
+    for family in sorted(PROCESSOR_TEMPLATES.keys() & dirs.keys()):  # encoded by a processor of their own
+        config, processor = tiny_processor(family, CORPUS)
+        HF_FAMILIES[family](config).save_pretrained(dirs[family])
+        processor.save_pretrained(dirs[family])
     return dirs
 
 
