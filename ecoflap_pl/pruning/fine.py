@@ -15,6 +15,7 @@ from ecoflap_pl.pruning.discovery import Candidate, Stack
 from ecoflap_pl.pruning.loss import LossFn
 from ecoflap_pl.pruning.masks import apply_mask_, magnitude_scores, select_mask, wanda_scores
 from ecoflap_pl.pruning.monitor import StageMonitor
+from ecoflap_pl.pruning.residency import Residency, resident
 from ecoflap_pl.pruning.sparsegpt import sparsegpt_prune_
 from ecoflap_pl.pruning.statistics import InputStatistics, LinearInputRecorder
 from ecoflap_pl.pruning.transaction import WeightTransaction
@@ -99,6 +100,7 @@ def fine_prune_(
     monitor: StageMonitor,
     all_reduce: AllReduce | None = None,
     on_block_done: Callable[[], None] | None = None,
+    residency: Residency | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prune every candidate at its sparsity, stack by stack in forward order; return the masks.
 
@@ -110,9 +112,10 @@ def fine_prune_(
 
     Args:
         batches: ``(global batch id, batch)`` pairs of this rank.
+        residency: holds an offloaded block's weights resident while it is pruned and stores them back (the
+            stored copies are its own undo record, so the transaction keeps no copy of them).
     """
     modules = dict(model.named_modules())
-    params = dict(model.named_parameters())
     by_block: dict[str, list[Candidate]] = {}
     for candidate in candidates:
         by_block.setdefault(candidate.block, []).append(candidate)
@@ -133,29 +136,31 @@ def fine_prune_(
             call_batch_ids = [batch_id for batch_id, _ in batches for _ in range(stack.calls_per_forward)]
         for index, (block_name, block) in enumerate(zip(stack.blocks, blocks, strict=True)):
             block_candidates = by_block.get(block_name, [])
-            weights = {c.name: params[c.name] for c in block_candidates}
-            statistics: dict[str, InputStatistics] = {}
-            if needs_inputs and weights:
-                statistics = _block_statistics(
-                    block,
-                    block_name,
-                    weights,
-                    calls[index],
-                    hidden,
-                    call_batch_ids,
-                    config.method == "sparsegpt",
-                    monitor,
-                )
-                if all_reduce is not None:
-                    for stats in statistics.values():
-                        stats.all_reduce_(all_reduce)
-            for name, weight in weights.items():
-                transaction.save(weight)
-                masks[name] = _prune_weight_(weight, statistics.get(name), tensor_sparsity[name], config)
-            del statistics
-            if needs_inputs and index + 1 < len(blocks):
-                hidden = [call.replay(block, state) for call, state in zip(calls[index], hidden, strict=True)]
-                monitor.block_forwards += len(hidden)
+            with resident(residency, [block_name], write_back=True):
+                weights = {c.name: model.get_parameter(c.name) for c in block_candidates}
+                statistics: dict[str, InputStatistics] = {}
+                if needs_inputs and weights:
+                    statistics = _block_statistics(
+                        block,
+                        block_name,
+                        weights,
+                        calls[index],
+                        hidden,
+                        call_batch_ids,
+                        config.method == "sparsegpt",
+                        monitor,
+                    )
+                    if all_reduce is not None:
+                        for stats in statistics.values():
+                            stats.all_reduce_(all_reduce)
+                for name, weight in weights.items():
+                    if residency is None or not residency.offloaded(name):
+                        transaction.save(weight)
+                    masks[name] = _prune_weight_(weight, statistics.get(name), tensor_sparsity[name], config)
+                del statistics
+                if needs_inputs and index + 1 < len(blocks):
+                    hidden = [call.replay(block, state) for call, state in zip(calls[index], hidden, strict=True)]
+                    monitor.block_forwards += len(hidden)
             if needs_inputs:
                 calls[index] = []  # free this block's recorded arguments as soon as they are used
             if on_block_done is not None:

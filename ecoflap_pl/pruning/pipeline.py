@@ -24,6 +24,7 @@ from ecoflap_pl.pruning.fine import AllReduce, fine_prune_
 from ecoflap_pl.pruning.first_order import first_order_sums
 from ecoflap_pl.pruning.loss import LossFn, checked_loss
 from ecoflap_pl.pruning.monitor import StageMonitor, StageStats
+from ecoflap_pl.pruning.residency import Residency
 from ecoflap_pl.pruning.result import GroupScores, PruningResult
 from ecoflap_pl.pruning.transaction import pruning_session
 from ecoflap_pl.pruning.zeroth_order import zeroth_order_sums
@@ -144,26 +145,20 @@ def _aggregate(
     def weight_sum(names: Sequence[str], power: int) -> float:
         return float(sum(params[n].detach().float().abs().pow(power).sum() for n in names))
 
+    def variant(s: float, names: Sequence[str]) -> float:
+        # only the chosen variant reads the weights (offloaded ones are not resident here)
+        if config.score == "grad_only":
+            return s
+        return s * weight_sum(names, 1) if config.score == "grad_mag_abs" else s * s * weight_sum(names, 2)
+
     scores = {}
     for group, names in plan.groups.items():
         if config.importance == "first_order":
             total = sum(raw[n] for n in names) / batch_count
         elif config.probe_granularity == "per_block":
-            s = raw[group]
-            total = {
-                "grad_only": s,
-                "grad_mag_abs": s * weight_sum(names, 1),
-                "grad_mag_square": s * s * weight_sum(names, 2),
-            }[config.score]
+            total = variant(raw[group], names)
         else:
-            total = 0.0
-            for n in names:
-                s = raw[n]
-                total += {
-                    "grad_only": s,
-                    "grad_mag_abs": s * weight_sum([n], 1),
-                    "grad_mag_square": s * s * weight_sum([n], 2),
-                }[config.score]
+            total = sum(variant(raw[n], [n]) for n in names)
         scores[group] = total / plan.sizes[group] if config.aggregate == "avg" else total
     return scores
 
@@ -178,7 +173,9 @@ def _score(
     rank: int,
     world_size: int,
     progress: Progress | None,
+    residency: Residency | None = None,
 ) -> GroupScores:
+    _check_residency(plan, config, residency)
     params = dict(model.named_parameters())
     chosen = _leading_batches(batches, config.coarse_samples, "The coarse step")
     own = _shard(chosen, rank, world_size, "The coarse step")
@@ -206,10 +203,11 @@ def _score(
                 on_batch_done=tick(len(own)),
             )
         else:
+            members: Callable[[str], nn.Parameter | str] = params.__getitem__ if residency is None else str
             if config.probe_granularity == "per_block":
-                units = {g: [params[n] for n in names] for g, names in plan.groups.items()}
+                units = {g: [members(n) for n in names] for g, names in plan.groups.items()}
             else:
-                units = {c.name: [params[c.name]] for c in plan.candidates}
+                units = {c.name: [members(c.name)] for c in plan.candidates}
             raw = zeroth_order_sums(
                 model,
                 units,
@@ -220,6 +218,7 @@ def _score(
                 seed=config.seed,
                 monitor=monitor,
                 on_unit_done=tick(len(units)),
+                residency=residency,
             )
         if all_reduce is not None:
             keys = list(raw)
@@ -236,6 +235,18 @@ def _score(
     return GroupScores(scores, dict(plan.sizes), dict(plan.groups), dict(plan.towers), settings, monitor.stats)
 
 
+def _check_residency(plan: _Plan, config: PruningConfig, residency: Residency | None) -> None:
+    """Offloaded weights are resident one unit at a time: scores that need every weight at once cannot be had."""
+    if residency is None or not any(residency.offloaded(c.name) for c in plan.candidates):
+        return
+    if config.importance == "first_order" or config.score != "grad_only":
+        raise ValueError(
+            f"`importance`={config.importance!r} with `score`={config.score!r} needs every weight at once, but some "
+            "are offloaded (CPU or disk) and are loaded one block at a time. HINT: use importance='zeroth_order' "
+            "with score='grad_only' (or 'uniform'), or place the whole model on devices."
+        )
+
+
 def score_groups(
     model: nn.Module,
     calibration_batches: Sequence[Any],
@@ -246,6 +257,7 @@ def score_groups(
     rank: int = 0,
     world_size: int = 1,
     progress: Progress | None = None,
+    residency: Residency | None = None,
 ) -> GroupScores:
     """Run only the coarse step: one importance score per group, reusable by ``prune(..., scores=...)`` for any
     target sparsity. The model is left exactly as it was."""
@@ -254,7 +266,9 @@ def score_groups(
         raise ValueError("`importance` must be 'zeroth_order' or 'first_order' to score groups, got 'uniform'.")
     with pruning_session(model):
         plan, _ = _plan(model, calibration_batches, loss_fn, config, rank, world_size)
-        return _score(model, plan, calibration_batches, loss_fn, config, all_reduce, rank, world_size, progress)
+        return _score(
+            model, plan, calibration_batches, loss_fn, config, all_reduce, rank, world_size, progress, residency
+        )
 
 
 def _check_scores(scores: GroupScores, plan: _Plan, config: PruningConfig) -> None:
@@ -278,6 +292,7 @@ def prune(
     rank: int = 0,
     world_size: int = 1,
     progress: Progress | None = None,
+    residency: Residency | None = None,
 ) -> PruningResult:
     """Prune ``model`` in place with ECoFLaP (coarse global scores, then layer-wise fine pruning).
 
@@ -293,6 +308,8 @@ def prune(
         rank: this process's rank; it handles the calibration batches with ``id % world_size == rank``.
         world_size: number of ranks.
         progress: ``progress(stage, done, total)`` callback.
+        residency: for a model with offloaded weights (``ecoflap_pl.models.placement.OffloadedWeights``): both steps
+            hold one unit's or block's weights resident at a time and store the pruned ones back.
 
     Returns:
         The result with masks, per-tensor target and achieved sparsity, scores and per-stage costs.
@@ -312,7 +329,7 @@ def prune(
         else:
             if scores is None:
                 scores = _score(
-                    model, plan, calibration_batches, loss_fn, config, all_reduce, rank, world_size, progress
+                    model, plan, calibration_batches, loss_fn, config, all_reduce, rank, world_size, progress, residency
                 )
             else:
                 _check_scores(scores, plan, config)
@@ -347,6 +364,7 @@ def prune(
                 monitor=monitor,
                 all_reduce=all_reduce,
                 on_block_done=block_done,
+                residency=residency,
             )
         stages["fine"] = monitor.stats
     sizes = {c.name: c.numel for c in plan.candidates}

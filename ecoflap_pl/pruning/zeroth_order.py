@@ -11,6 +11,7 @@ from torch import nn
 
 from ecoflap_pl.pruning.loss import LossFn, checked_loss
 from ecoflap_pl.pruning.monitor import StageMonitor
+from ecoflap_pl.pruning.residency import Residency, resident
 
 logger = logging.getLogger(__name__)
 _MIX = 1_000_003
@@ -24,7 +25,7 @@ def probe_seed(seed: int, unit: int, batch_id: int, probe: int) -> int:
 @torch.no_grad()
 def zeroth_order_sums(
     model: nn.Module,
-    units: Mapping[str, Sequence[nn.Parameter]],
+    units: Mapping[str, Sequence[nn.Parameter | str]],
     batches: Sequence[tuple[int, Any]],
     loss_fn: LossFn,
     *,
@@ -33,6 +34,7 @@ def zeroth_order_sums(
     seed: int,
     monitor: StageMonitor,
     on_unit_done: Callable[[], None] | None = None,
+    residency: Residency | None = None,
 ) -> dict[str, float]:
     """``s_u = Σ_b mean_k |ĝ_{u,b,k}|`` for every unit (one tensor, or the tensors of one group).
 
@@ -45,7 +47,7 @@ def zeroth_order_sums(
     estimate sits at the precision floor ``ulp(L) / (2ε)`` (0 or a multiple of it). A warning names such units.
 
     Args:
-        units: unit name -> the parameters perturbed together.
+        units: unit name -> the parameters perturbed together (or their names, looked up while resident).
         batches: ``(global batch id, batch)`` pairs; the id seeds the directions, so a batch gets the same
             direction whichever rank evaluates it.
         eps: perturbation size ε.
@@ -53,37 +55,41 @@ def zeroth_order_sums(
         seed: the run's seed.
         monitor: counts the forward passes.
         on_unit_done: called after each unit (progress).
+        residency: holds each unit's offloaded weights resident while it is probed (nothing is written back: the
+            weights are restored bit-exactly).
     """
     sums: dict[str, float] = {}
     flat: dict[str, int] = {}
-    for unit_index, (unit, tensors) in enumerate(units.items()):
-        originals = [tensor.detach().clone() for tensor in tensors]
-        total = 0.0
-        try:
-            for batch_id, batch in batches:
-                for probe in range(probes):
-                    generator = torch.Generator(device=tensors[0].device)
-                    generator.manual_seed(probe_seed(seed, unit_index, batch_id, probe))
-                    directions = [
-                        torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype) for t in tensors
-                    ]
-                    for tensor, direction in zip(tensors, directions, strict=True):
-                        tensor.data.add_(direction, alpha=eps)
-                    plus = checked_loss(loss_fn, model, batch, batch_id)
-                    for tensor, original, direction in zip(tensors, originals, directions, strict=True):
-                        tensor.data.copy_(original).sub_(direction, alpha=eps)
-                    minus = checked_loss(loss_fn, model, batch, batch_id)
-                    for tensor, original in zip(tensors, originals, strict=True):
-                        tensor.data.copy_(original)
-                    monitor.full_forwards += 2
-                    difference = float(plus) - float(minus)
-                    if difference == 0.0:
-                        flat[unit] = flat.get(unit, 0) + 1
-                    total += abs(difference) / (2.0 * eps) / probes
-        finally:
-            for tensor, original in zip(tensors, originals, strict=True):
-                tensor.data.copy_(original)
-        sums[unit] = total
+    for unit_index, (unit, members) in enumerate(units.items()):
+        with resident(residency, [m for m in members if isinstance(m, str)], write_back=False):
+            tensors = [model.get_parameter(m) if isinstance(m, str) else m for m in members]
+            originals = [tensor.detach().clone() for tensor in tensors]
+            total = 0.0
+            try:
+                for batch_id, batch in batches:
+                    for probe in range(probes):
+                        generator = torch.Generator(device=tensors[0].device)
+                        generator.manual_seed(probe_seed(seed, unit_index, batch_id, probe))
+                        directions = [
+                            torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype) for t in tensors
+                        ]
+                        for tensor, direction in zip(tensors, directions, strict=True):
+                            tensor.data.add_(direction, alpha=eps)
+                        plus = checked_loss(loss_fn, model, batch, batch_id)
+                        for tensor, original, direction in zip(tensors, originals, directions, strict=True):
+                            tensor.data.copy_(original).sub_(direction, alpha=eps)
+                        minus = checked_loss(loss_fn, model, batch, batch_id)
+                        for tensor, original in zip(tensors, originals, strict=True):
+                            tensor.data.copy_(original)
+                        monitor.full_forwards += 2
+                        difference = float(plus) - float(minus)
+                        if difference == 0.0:
+                            flat[unit] = flat.get(unit, 0) + 1
+                        total += abs(difference) / (2.0 * eps) / probes
+            finally:
+                for tensor, original in zip(tensors, originals, strict=True):
+                    tensor.data.copy_(original)
+            sums[unit] = total
         if on_unit_done is not None:
             on_unit_done()
     if flat:
