@@ -1,0 +1,101 @@
+"""Peak resident memory of pruning a model dispatched with disk offload: ``python offload_memory.py build DIR`` saves
+a LLaMA-shaped model (about 135 MB in fp32) to DIR; ``python offload_memory.py prune DIR OFFLOAD`` loads it with every
+decoder layer offloaded to disk, prunes it (ECoFLaP zeroth order + Wanda) and prints a JSON line with the model's
+size and the process's peak resident memory during pruning above its resident memory before pruning.
+
+Run in fresh processes, so that the model never is in the pruning process's memory as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ecoflap_pl import PruningConfig, prune
+from ecoflap_pl.models.placement import OffloadedWeights
+
+LAYERS = 8
+
+
+def _config() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=128,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+
+
+def _rss() -> int:
+    with open("/proc/self/statm", encoding="utf-8") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakSampler(threading.Thread):
+    """Samples the resident set size every millisecond until stopped."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = _rss()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.001)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, _rss())
+
+
+def build(folder: str) -> None:
+    torch.manual_seed(0)
+    LlamaForCausalLM(_config()).save_pretrained(folder)
+
+
+def prune_offloaded(folder: str, offload: str) -> None:
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{i}": "disk" for i in range(LAYERS)})
+    model = LlamaForCausalLM.from_pretrained(folder, device_map=device_map, offload_folder=offload).eval()
+    size = sum(param.numel() * param.element_size() for param in model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(8, 128, (2, 16), generator=generator)} for _ in range(2)]
+
+    def loss_fn(model, batch):
+        return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+    config = PruningConfig(sparsity=0.5, importance="uniform", fine_samples=4)
+    before = _rss()
+    sampler = PeakSampler()
+    sampler.start()
+    with OffloadedWeights(model) as weights:
+        result = prune(model, batches, loss_fn, config, residency=weights)
+    peak = sampler.stop()
+    print(
+        json.dumps(
+            {
+                "model_bytes": size,
+                "rss_before": before,
+                "peak_increase": peak - before,
+                "sparsity": result.overall_sparsity,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "build":
+        build(sys.argv[2])
+    else:
+        prune_offloaded(sys.argv[2], sys.argv[3])

@@ -1,0 +1,118 @@
+"""Models dispatched with Accelerate's big-model placement (CPU and disk offload) are pruned where they live."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from ecoflap_pl import PruningConfig, prune
+from ecoflap_pl.models.placement import OffloadedWeights, placement
+from ecoflap_pl.models.tiny import tiny_model
+
+DEVICE_MAP = {
+    "model.embed_tokens": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.layers.2": "disk",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
+CONFIG = PruningConfig(sparsity=0.5, importance="zeroth_order", coarse_samples=4, fine_samples=4)
+
+
+def _loss(model, batch):
+    return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+
+def _batches():
+    generator = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(8, 128, (2, 12), generator=generator)} for _ in range(2)]
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """(in-memory tiny LLaMA, its save_pretrained folder, the same model loaded with two layers on disk)."""
+    model = tiny_model("llama", layers=3)
+    model.save_pretrained(tmp_path / "model")
+    offloaded = LlamaForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=DEVICE_MAP, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    return model, tmp_path, offloaded
+
+
+def _digest(folder: Path) -> str:
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_disk_offloaded_model_gets_the_masks_and_weights_of_the_model_in_memory(saved):
+    model, folder, offloaded = saved
+    checkpoint = _digest(folder / "model")
+    assert placement(offloaded)["model.layers.1"] == "disk" and placement(model) is None
+    in_memory = prune(model, _batches(), _loss, CONFIG)
+    with OffloadedWeights(offloaded) as weights:
+        assert weights.offloaded("model.layers.1.mlp.up_proj.weight") and not weights.offloaded("model.layers.0")
+        result = prune(offloaded, _batches(), _loss, CONFIG, residency=weights)
+    assert result.group_sparsity == in_memory.group_sparsity and result.masks.keys() == in_memory.masks.keys()
+    for name, mask in in_memory.masks.items():
+        assert torch.equal(result.masks[name], mask), name
+    assert offloaded.model.layers[1].mlp.up_proj.weight.device.type == "meta"  # still offloaded
+    ids = _batches()[0]["input_ids"]
+    assert torch.equal(offloaded(ids).logits, model(ids).logits)  # the pruned weights were stored back
+    assert _digest(folder / "model") == checkpoint  # copy-on-write: the checkpoint is untouched
+    assert not list((folder / "offload").glob("*.orig"))
+
+
+def test_failed_pruning_restores_the_offloaded_weights(saved):
+    _, folder, offloaded = saved
+    ids = _batches()[0]["input_ids"]
+    dense = offloaded(ids).logits
+    calls = 0
+
+    def interrupt(module, args):
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # discovery, capture, then the fine step's replay: layers 0 and 1 are pruned and stored
+            raise KeyboardInterrupt
+
+    handle = offloaded.model.layers[2].register_forward_pre_hook(interrupt)
+    config = PruningConfig(sparsity=0.5, importance="uniform", fine_samples=2)
+    with pytest.raises(KeyboardInterrupt), OffloadedWeights(offloaded) as weights:
+        prune(offloaded, _batches(), _loss, config, residency=weights)
+    handle.remove()
+    assert calls == 3 and list((folder / "offload").glob("*.dat")) == []  # layer 1 had been written, then undone
+    assert torch.equal(offloaded(ids).logits, dense)
+
+
+def test_scores_needing_every_weight_at_once_are_refused(saved):
+    _, _, offloaded = saved
+    with OffloadedWeights(offloaded) as weights, pytest.raises(ValueError, match="HINT: use importance='zeroth_order'"):
+        prune(offloaded, _batches(), _loss, PruningConfig(sparsity=0.5, importance="first_order"), residency=weights)
+
+
+@pytest.mark.slow
+def test_peak_resident_memory_while_pruning_stays_below_the_model_size(tmp_path):
+    """Measured in fresh processes; glibc's fixed mmap threshold returns each freed block buffer to the system (its
+    default, dynamic threshold keeps them in the heap, where they count as resident)."""
+    script = str(Path(__file__).with_name("offload_memory.py"))
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, script, "build", str(tmp_path / "model")], check=True, env=env)
+    (tmp_path / "offload").mkdir()
+    run = subprocess.run(
+        [sys.executable, script, "prune", str(tmp_path / "model"), str(tmp_path / "offload")],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    assert figures["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert figures["peak_increase"] < figures["model_bytes"], figures
