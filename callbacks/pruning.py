@@ -21,6 +21,7 @@ import ecoflap_pl
 from ecoflap_pl.callbacks.export import save_pruned_model
 from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
 from ecoflap_pl.callbacks.progress import StageProgress
+from ecoflap_pl.models.placement import OffloadedWeights, placement
 from ecoflap_pl.pruning import PruningConfig, PruningResult, prune
 from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE
 from ecoflap_pl.reporting import render_table, report_dict, write_report
@@ -265,7 +266,7 @@ class ECoFLaPPruning(Callback):
                 return pl_module.calibration_loss(batch)  # type: ignore[operator]
 
         report_dir = self.report_dir or trainer.log_dir or trainer.default_root_dir  # log_dir is collective
-        with StageProgress(self.progress and trainer.is_global_zero) as progress:
+        with StageProgress(self.progress and trainer.is_global_zero) as progress, OffloadedWeights(model) as offloaded:
             result = prune(
                 model,
                 batches,
@@ -275,6 +276,7 @@ class ECoFLaPPruning(Callback):
                 rank=rank,
                 world_size=world_size,
                 progress=progress,
+                residency=offloaded if offloaded.modules else None,
             )
         self._result = result
         self.masks = dict(result.masks)
@@ -285,6 +287,7 @@ class ECoFLaPPruning(Callback):
             "model": type(model).__qualname__,
             "stage": stage,
             "world_size": world_size,
+            "placement": placement(model),  # module -> device of a model dispatched with device_map, else None
             "global_step": trainer.global_step,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }

@@ -55,6 +55,19 @@ def build_hf_model(
     return model_cls(config)
 
 
+def placement_kwargs(
+    device_map: str | dict[str, Any] | None, max_memory: dict[str, Any] | None, offload_folder: str | None
+) -> dict[str, Any]:
+    """``from_pretrained`` arguments of Accelerate's big-model placement (those given)."""
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ValueError(
+            "`max_memory` and `offload_folder` must come with `device_map`, got device_map=None. HINT: "
+            "device_map: auto."
+        )
+    given = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+    return {key: value for key, value in given.items() if value is not None}
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained`` with an error that says what was looked for."""
     try:

@@ -43,6 +43,18 @@ class EcoflapTask(pl.LightningModule):
         """The scalar training loss of ``self.model`` on ``batch`` (ALGORITHM.md §3)."""
         raise NotImplementedError(f"{type(self).__name__} must define calibration_loss(batch).")
 
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> EcoflapTask:
+        """Move or cast the task, except a model dispatched by Accelerate (``device_map``): its hooks keep each
+        module on the device that holds it (and offloaded weights off every device)."""
+        model = self._modules.get("model")
+        if model is None or not getattr(model, "hf_device_map", None):
+            return super()._apply(fn, recurse)
+        del self._modules["model"]
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._modules["model"] = model
+
     def on_fit_start(self) -> None:
         """Fine-tune in training mode.
 

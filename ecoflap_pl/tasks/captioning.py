@@ -11,7 +11,7 @@ from transformers import Blip2ForConditionalGeneration, BlipForConditionalGenera
 
 from ecoflap_pl.metrics import CaptionScores
 from ecoflap_pl.models.families import GENERATIVE_FAMILIES
-from ecoflap_pl.models.loading import build_hf_model
+from ecoflap_pl.models.loading import build_hf_model, placement_kwargs
 from ecoflap_pl.tasks._processor_prompts import ProcessorPromptEncoder
 from ecoflap_pl.tasks._vision_language import (
     PromptEncoder,
@@ -137,6 +137,12 @@ class CaptioningTask(EcoflapTask):
         length_penalty: beam-search length penalty.
         repetition_penalty: repetition penalty (1.0 = none).
         from_pretrained_kwargs: extra ``from_pretrained`` arguments (``dtype``, ``revision``, ...).
+        device_map: Accelerate's big-model placement of a ``pretrained`` model: ``"auto"`` (fill the GPUs, then the
+            CPU, then disk), ``"balanced"``, or a dict module name -> device (``0``, ``"cpu"``, ``"disk"``). The model
+            stays where it is placed: pruning runs each block on the device that holds it and loads offloaded
+            weights one block at a time; the report records the placement.
+        max_memory: the most each device may hold with ``device_map``, e.g. ``{0: "70GiB", "cpu": "200GiB"}``.
+        offload_folder: where weights offloaded to disk (and their pruned versions) are written.
         learning_rate: AdamW peak learning rate (BLIP COCO fine-tuning: 1e-5).
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps.
@@ -158,6 +164,9 @@ class CaptioningTask(EcoflapTask):
         length_penalty: float = 1.0,
         repetition_penalty: float = 1.0,
         from_pretrained_kwargs: dict[str, Any] | None = None,
+        device_map: str | dict[str, Any] | None = None,
+        max_memory: dict[str, Any] | None = None,
+        offload_folder: str | None = None,
         learning_rate: float = 1e-5,
         weight_decay: float = 0.05,
         warmup_steps: int = 0,
@@ -173,6 +182,7 @@ class CaptioningTask(EcoflapTask):
             MODEL_CLASSES[self.architecture],
             pretrained,
             None if pretrained is not None else config,
+            **placement_kwargs(device_map, max_memory, offload_folder),
             **(from_pretrained_kwargs or {}),
         ).eval()  # as from_pretrained leaves it; EcoflapTask.on_fit_start switches to training mode
         self.prompt = DEFAULT_PROMPTS[self.architecture] if prompt is None else prompt

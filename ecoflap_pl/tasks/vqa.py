@@ -19,7 +19,7 @@ from transformers import (
 
 from ecoflap_pl.metrics import ANSWER_TYPES, VQAAccuracy, normalize_answer, write_vqa_results
 from ecoflap_pl.models.families import GENERATIVE_FAMILIES
-from ecoflap_pl.models.loading import build_hf_model
+from ecoflap_pl.models.loading import build_hf_model, placement_kwargs
 from ecoflap_pl.tasks._processor_prompts import ProcessorPromptEncoder
 from ecoflap_pl.tasks._vision_language import (
     IGNORE_INDEX,
@@ -242,6 +242,12 @@ class VQATask(EcoflapTask):
         results_dir: folder of the results files of unannotated splits; None: the trainer's ``log_dir`` (or
             ``default_root_dir`` without a logger).
         from_pretrained_kwargs: extra ``from_pretrained`` arguments (``dtype``, ``revision``, ...).
+        device_map: Accelerate's big-model placement of a ``pretrained`` model: ``"auto"`` (fill the GPUs, then the
+            CPU, then disk), ``"balanced"``, or a dict module name -> device (``0``, ``"cpu"``, ``"disk"``). The model
+            stays where it is placed: pruning runs each block on the device that holds it and loads offloaded
+            weights one block at a time; the report records the placement.
+        max_memory: the most each device may hold with ``device_map``, e.g. ``{0: "70GiB", "cpu": "200GiB"}``.
+        offload_folder: where weights offloaded to disk (and their pruned versions) are written.
         learning_rate: AdamW peak learning rate (BLIP VQA fine-tuning: 2e-5).
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps.
@@ -262,6 +268,9 @@ class VQATask(EcoflapTask):
         length_penalty: float | None = None,
         results_dir: str | None = None,
         from_pretrained_kwargs: dict[str, Any] | None = None,
+        device_map: str | dict[str, Any] | None = None,
+        max_memory: dict[str, Any] | None = None,
+        offload_folder: str | None = None,
         learning_rate: float = 2e-5,
         weight_decay: float = 0.05,
         warmup_steps: int = 0,
@@ -289,6 +298,7 @@ class VQATask(EcoflapTask):
             MODEL_CLASSES[self.architecture],
             pretrained,
             None if pretrained is not None else config,
+            **placement_kwargs(device_map, max_memory, offload_folder),
             **(from_pretrained_kwargs or {}),
         ).eval()  # as from_pretrained leaves it; EcoflapTask.on_fit_start switches to training mode
         if self.architecture == "vilt":

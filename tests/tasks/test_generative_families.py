@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import CORPUS
+from transformers import LlavaForConditionalGeneration
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.models.tiny import tiny_processor
@@ -21,6 +22,14 @@ TOWERS = {
     "paligemma": ("model.vision_tower.", "model.language_model."),
 }
 """Family -> (vision tower, language model) parameter prefixes."""
+ZEROTH_ORDER = {
+    "sparsity": 0.5,
+    "importance": "zeroth_order",
+    "coarse_samples": 2,
+    "fine_samples": 2,
+    "stages": ["validate"],
+    "progress": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +101,7 @@ def test_callback_prunes_both_towers_in_one_budget(
 ):
     task = _vqa(family_setup, family)
     dense = {name: param.detach().clone() for name, param in task.model.named_parameters()}
-    pruning = ECoFLaPPruning(
-        sparsity=0.5, importance="zeroth_order", coarse_samples=2, fine_samples=2, stages=["validate"], progress=False
-    )
+    pruning = ECoFLaPPruning(**ZEROTH_ORDER)
     datamodule = datamodule_factory(vqa_samples, vqa_samples)
     (metrics,) = trainer_factory(callbacks=[pruning]).validate(task, datamodule=datamodule, verbose=False)
     assert "val/accuracy" in metrics
@@ -122,3 +129,44 @@ def test_errors_name_the_argument(family_setup):
     small = {**config, "text_config": {**config["text_config"], "vocab_size": 100}}
     with pytest.raises(ValueError, match="HINT: build the model config with vocab_size"):
         VQATask(model_config=small, tokenizer=tokenizer)
+
+
+def test_callback_prunes_a_disk_offloaded_model_as_the_model_in_memory(
+    tmp_path, trainer_factory, datamodule_factory, vqa_samples
+):
+    """``device_map`` with layers on disk: the same allocation and masks, and the report records the placement."""
+    config, processor = tiny_processor("llava", list(CORPUS) * 3)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    device_map = {
+        "model.vision_tower": "cpu",
+        "model.multi_modal_projector": "cpu",
+        "model.language_model.embed_tokens": "cpu",
+        "model.language_model.layers.0": "disk",
+        "model.language_model.layers.1": "disk",
+        "model.language_model.norm": "cpu",
+        "model.language_model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    runs = []
+    for placement in ({}, {"device_map": device_map, "offload_folder": str(tmp_path / "offload")}):
+        task = VQATask(pretrained=str(tmp_path / "llava"), num_beams=1, max_new_tokens=2, **placement)
+        pruning = ECoFLaPPruning(
+            sparsity=0.5,
+            importance="zeroth_order",
+            coarse_samples=2,
+            fine_samples=2,
+            stages=["validate"],
+            progress=False,
+        )
+        trainer_factory(callbacks=[pruning]).validate(
+            task, datamodule=datamodule_factory(vqa_samples, vqa_samples), verbose=False
+        )
+        runs.append(pruning)
+    in_memory, offloaded = runs
+    assert in_memory.report["metadata"]["placement"] is None
+    assert offloaded.report["metadata"]["placement"]["model.language_model.layers.1"] == "disk"
+    assert offloaded.result.group_sparsity == in_memory.result.group_sparsity
+    for name, mask in in_memory.masks.items():
+        assert torch.equal(offloaded.masks[name], mask), name
