@@ -207,8 +207,10 @@ class PruningConfig:
 
     @property
     def calibration_samples(self) -> int:
-        """Calibration samples a run reads: the coarse and fine steps' leading ones, plus ``auto``'s held-out ones."""
-        return max(self.coarse_samples, self.fine_samples) + (self.auto_holdout_samples * (self.allocation == "auto"))
+        """Calibration samples a run reads: the fine step's (and, unless ``importance`` is ``"uniform"``, the coarse
+        step's) leading ones, plus ``auto``'s held-out ones after them."""
+        leading = self.fine_samples if self.importance == "uniform" else max(self.coarse_samples, self.fine_samples)
+        return leading + (self.auto_holdout_samples if self.allocation == "auto" else 0)
 
     @property
     def n_m(self) -> tuple[int, int] | None:

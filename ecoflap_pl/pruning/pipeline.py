@@ -84,13 +84,15 @@ def _leading_batches(batches: Sequence[Any], samples: int, purpose: str) -> list
 
 
 def _holdout_batches(batches: Sequence[Any], config: PruningConfig) -> list[tuple[int, Any]]:
-    """``auto``'s held-out batches: those after the coarse and fine steps' leading batches, holding
+    """``auto``'s held-out batches: those after the fine step's (and, with scores, the coarse step's) leading batches,
     ``auto_holdout_samples`` samples.
 
     Raises:
         ValueError: when no batch is left after those of the coarse and fine steps.
     """
-    start = max(_leading_count(batches, config.coarse_samples)[0], _leading_count(batches, config.fine_samples)[0])
+    start = _leading_count(batches, config.fine_samples)[0]
+    if config.importance != "uniform":
+        start = max(start, _leading_count(batches, config.coarse_samples)[0])
     count, seen = _leading_count(batches[start:], config.auto_holdout_samples)
     if not count:
         raise ValueError(
