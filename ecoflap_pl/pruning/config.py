@@ -42,8 +42,10 @@ class PruningConfig:
             (``"model"``).
         method: local pruner of the fine step: ``"wanda"``, ``"sparsegpt"`` or ``"magnitude"``.
         structure: ``"unstructured"`` or an N:M pattern such as ``"2:4"`` (N kept in every M weights).
-        comparison: rank within each output row (``"per_row"``) or within the whole matrix (``"per_matrix"``).
-            Defaults to ``"per_row"`` for Wanda and SparseGPT and ``"per_matrix"`` for magnitude.
+        comparison: rank within each output row (``"per_row"``) or within the whole matrix (``"per_matrix"``; for
+            SparseGPT: across all rows of each column block, as the original SparseGPT). Defaults to ``"per_row"``
+            for Wanda (as Wanda) and ``"per_matrix"`` for SparseGPT (as SparseGPT) and magnitude. Either way a
+            tensor loses exactly ``round(numel · sparsity)`` weights; per row, counts differ by at most one.
         coarse_samples: calibration samples for the coarse step (32 in the official BLIP-2 run).
         fine_samples: calibration samples for the fine step (128).
         eps: zeroth-order perturbation size ε.
@@ -102,7 +104,7 @@ class PruningConfig:
         normalise("granularity", _choice("granularity", self.granularity, GRANULARITIES))
         normalise("method", _choice("method", self.method, METHODS))
         normalise("probe_granularity", _choice("probe_granularity", self.probe_granularity, PROBE_GRANULARITIES))
-        default_comparison = "per_matrix" if self.method == "magnitude" else "per_row"
+        default_comparison = "per_row" if self.method == "wanda" else "per_matrix"
         comparison = default_comparison if self.comparison is None else self.comparison
         normalise("comparison", _choice("comparison", comparison, COMPARISONS))
         for name in ("coarse_samples", "fine_samples", "probes", "sparsegpt_block_size"):
