@@ -17,7 +17,7 @@ AllocationName = Literal["ecoflap", "uniform", "owl", "from_report", "auto"]
 """The built-in allocation strategies (``ecoflap_pl.pruning.allocation``); strategies registered later with
 ``register_allocation`` are accepted too (from Python; the CLI lists the built-ins)."""
 _NM_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-# Never pruned by default (ALGORITHM.md §2): BLIP-2's whole Q-Former. Embeddings, heads and inter-tower
+# Never pruned by default (docs/algorithm.md §1): BLIP-2's whole Q-Former. Embeddings, heads and inter-tower
 # projections sit outside the discovered block stacks and are never candidates anyway.
 DEFAULT_EXCLUDE = ("*qformer*",)
 
@@ -31,7 +31,7 @@ def _choice(name: str, value: str, options: tuple[str, ...]) -> str:
 
 @dataclass(frozen=True)
 class PruningConfig:
-    """Configuration of one pruning run (ALGORITHM.md §3-§4).
+    """Configuration of one pruning run (docs/algorithm.md §1-§3).
 
     Args:
         sparsity: target fraction of zeros over all candidate weights, in [0, 1).

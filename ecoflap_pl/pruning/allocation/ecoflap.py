@@ -57,7 +57,7 @@ def _water_fill(remaining: int, weights: dict[str, float], capacity: dict[str, i
 def allocate_sparsity(
     scores: Mapping[str, float], sizes: Mapping[str, int], sparsity: float, max_sparsity: float
 ) -> dict[str, float]:
-    """Per-group sparsity from importance scores (ALGORITHM.md §3), with an exact global budget.
+    """Per-group sparsity from importance scores (docs/algorithm.md §2, Allocation), with an exact global budget.
 
     With ``N = Σ N_g`` parameters and ``K = round(N · (1 − sparsity))`` to keep, every group first keeps its floor
     ``ceil(N_g · (1 − max_sparsity))``; the rest of ``K`` is handed out in proportion to the scores ``S_g`` (not
