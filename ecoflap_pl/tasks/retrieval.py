@@ -235,14 +235,14 @@ class RetrievalTask(EcoflapTask):
     ``BlipForImageTextRetrieval``, ``blip-2`` -> ``Blip2ForImageTextRetrieval`` (its Q-Former config needs
     ``use_qformer_text_input: true``, as in ``Salesforce/blip2-itm-vit-g``).
 
-    Loss (ALGORITHM.md §3, also the fine-tuning loss): CLIP's own symmetric contrastive loss, SigLIP's own pairwise
-    sigmoid loss (``return_loss=True``). BLIP / BLIP-2: symmetric InfoNCE of the ITC similarities divided by
-    ``temperature``, captions of the same ``image_id`` in the batch counted as positives (as BLIP does), plus, with
-    ``itm_loss``, the ITM cross-entropy on the positive pairs and one hard negative per image and per caption drawn
-    from the ITC similarities (BLIP's recipe; without it the cross-attention layers get no signal). With
-    ``self.model`` in eval mode (as during pruning) the negatives are drawn from a fixed-seed generator, so the loss
-    is a deterministic function of the weights, which the zeroth-order estimator's ``L(θ+εz) − L(θ−εz)`` needs.
-    Negatives come from this rank's batch only.
+    Loss (docs/algorithm.md §2, also the fine-tuning loss): CLIP's own symmetric contrastive loss,
+    SigLIP's own pairwise sigmoid loss (``return_loss=True``). BLIP / BLIP-2: symmetric InfoNCE of the ITC
+    similarities divided by ``temperature``, captions of the same ``image_id`` in the batch counted as positives (as
+    BLIP does), plus, with ``itm_loss``, the ITM cross-entropy on the positive pairs and one hard negative per image
+    and per caption drawn from the ITC similarities (BLIP's recipe; without it the cross-attention layers get no
+    signal). With ``self.model`` in eval mode (as during pruning) the negatives are drawn from a fixed-seed
+    generator, so the loss is a deterministic function of the weights, which the zeroth-order estimator's
+    ``L(θ+εz) − L(θ−εz)`` needs. Negatives come from this rank's batch only.
 
     Evaluation: text->image and image->text Recall@K over the whole split (every rank's images, a repeated
     ``image_id`` counted once), logged as ``val/t2i_r1`` ... ``val/i2t_r10``, ``val/t2i_r_mean``,
