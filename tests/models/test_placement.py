@@ -102,7 +102,7 @@ def test_scores_needing_every_weight_at_once_are_refused(saved):
 def test_peak_resident_memory_while_pruning_stays_below_the_model_size(tmp_path):
     """Measured in fresh processes; glibc's fixed mmap threshold returns each freed block buffer to the system (its
     default, dynamic threshold keeps them in the heap, where they count as resident)."""
-    script = str(Path(__file__).with_name("offload_memory.py"))
+    script = str(Path(__file__).resolve().parents[2] / "benchmarks" / "offload_memory.py")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, script, "build", str(tmp_path / "model")], check=True, env=env)
     (tmp_path / "offload").mkdir()

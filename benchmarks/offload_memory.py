@@ -1,9 +1,11 @@
-"""Peak resident memory of pruning a model dispatched with disk offload: ``python offload_memory.py build DIR`` saves
-a LLaMA-shaped model (about 135 MB in fp32) to DIR; ``python offload_memory.py prune DIR OFFLOAD`` loads it with every
-decoder layer offloaded to disk, prunes it (ECoFLaP zeroth order + Wanda) and prints a JSON line with the model's
-size and the process's peak resident memory during pruning above its resident memory before pruning.
+"""Peak resident memory of pruning a model dispatched with disk offload, against the same model in memory.
 
-Run in fresh processes, so that the model never is in the pruning process's memory as a whole.
+``python benchmarks/offload_memory.py build DIR`` saves a LLaMA-shaped model (126 MB in fp32) to DIR;
+``python benchmarks/offload_memory.py prune DIR OFFLOAD`` loads it with every decoder layer offloaded to disk, prunes
+it (uniform 50% Wanda) and prints a JSON line with the model's size and the process's peak resident memory during
+pruning above its resident memory before pruning; ``prune DIR`` (no OFFLOAD) does the same with the model in memory.
+Run each step in a fresh process (the model is then never in the offloaded run's memory as a whole), with
+``MALLOC_MMAP_THRESHOLD_=65536`` (see the README). ``tests/models/test_placement.py`` runs it.
 """
 
 from __future__ import annotations
@@ -64,10 +66,13 @@ def build(folder: str) -> None:
     LlamaForCausalLM(_config()).save_pretrained(folder)
 
 
-def prune_offloaded(folder: str, offload: str) -> None:
-    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    device_map.update({f"model.layers.{i}": "disk" for i in range(LAYERS)})
-    model = LlamaForCausalLM.from_pretrained(folder, device_map=device_map, offload_folder=offload).eval()
+def prune_model(folder: str, offload: str | None) -> None:
+    if offload is None:
+        model = LlamaForCausalLM.from_pretrained(folder).eval()
+    else:
+        device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+        device_map.update({f"model.layers.{i}": "disk" for i in range(LAYERS)})
+        model = LlamaForCausalLM.from_pretrained(folder, device_map=device_map, offload_folder=offload).eval()
     size = sum(param.numel() * param.element_size() for param in model.parameters())
     generator = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(8, 128, (2, 16), generator=generator)} for _ in range(2)]
@@ -80,7 +85,7 @@ def prune_offloaded(folder: str, offload: str) -> None:
     sampler = PeakSampler()
     sampler.start()
     with OffloadedWeights(model) as weights:
-        result = prune(model, batches, loss_fn, config, residency=weights)
+        result = prune(model, batches, loss_fn, config, residency=weights if weights.modules else None)
     peak = sampler.stop()
     print(
         json.dumps(
@@ -98,4 +103,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "build":
         build(sys.argv[2])
     else:
-        prune_offloaded(sys.argv[2], sys.argv[3])
+        prune_model(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
