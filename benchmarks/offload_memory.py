@@ -90,6 +90,7 @@ def prune_model(folder: str, offload: str | None) -> None:
     print(
         json.dumps(
             {
+                "offloaded": offload is not None,
                 "model_bytes": size,
                 "rss_before": before,
                 "peak_increase": peak - before,
