@@ -84,6 +84,8 @@ class ECoFLaPPruning(Callback):
         comparison: ``"per_row"`` or ``"per_matrix"`` ranking; default depends on ``method``.
         coarse_samples: calibration samples of the coarse pass.
         fine_samples: calibration samples of the fine pass.
+        activation_storage: ``"cpu"`` keeps the fine pass's calibration activations in CPU memory between blocks;
+            the default keeps them on the model's device.
         eps: zeroth-order perturbation size.
         probes: zeroth-order random directions per batch.
         probe_granularity: ``"per_tensor"`` or ``"per_block"`` zeroth-order probes.
@@ -121,6 +123,7 @@ class ECoFLaPPruning(Callback):
         comparison: str | None = None,
         coarse_samples: int = 32,
         fine_samples: int = 128,
+        activation_storage: str = "auto",
         eps: float = 1e-3,
         probes: int = 1,
         probe_granularity: str = "per_tensor",
@@ -152,6 +155,7 @@ class ECoFLaPPruning(Callback):
             comparison=comparison,
             coarse_samples=coarse_samples,
             fine_samples=fine_samples,
+            activation_storage=activation_storage,
             eps=eps,
             probes=probes,
             probe_granularity=probe_granularity,

@@ -31,15 +31,32 @@ class BlockCall:
     kwargs: dict[str, Any]
     hidden_key: int | str
     hidden: torch.Tensor | None
+    device: torch.device | None = None
 
     def replay(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """Run ``block`` on the recorded arguments with the hidden stream set to ``hidden``; return its output."""
+        """Run ``block`` on the recorded arguments with the hidden stream set to ``hidden``; return its output.
+
+        A call recorded into other storage (``capture_block_calls(storage=...)``) is moved back to the device its
+        block ran on first."""
         args, kwargs = list(self.args), dict(self.kwargs)
+        if self.device is not None:
+            args, kwargs, hidden = _moved(args, self.device), _moved(kwargs, self.device), hidden.to(self.device)
         if isinstance(self.hidden_key, int):
             args[self.hidden_key] = hidden
         else:
             kwargs[self.hidden_key] = hidden
         return hidden_output(block(*args, **kwargs))
+
+
+def _moved(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (inside plain tuples, lists and dicts) on ``device``; other objects kept."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if type(value) in (tuple, list):
+        return type(value)(_moved(item, device) for item in value)
+    if type(value) is dict:
+        return {key: _moved(item, device) for key, item in value.items()}
+    return value
 
 
 def _hidden_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | str:
@@ -71,6 +88,7 @@ def capture_block_calls(
     run_forward: Callable[[Any], Any],
     keep_hidden: bool = False,
     calls_per_forward: int = 1,
+    storage: torch.device | None = None,
 ) -> list[list[BlockCall]]:
     """Record every block's calls on every batch; ``calls[block][batch * calls_per_forward + run]``.
 
@@ -81,6 +99,7 @@ def capture_block_calls(
         keep_hidden: keep the hidden stream of every block (tests); by default only block 0's is kept.
         calls_per_forward: how many times one forward runs the stack; the forward stops when the last block
             starts for the last time.
+        storage: keep the recorded tensors on this device (``cpu``) instead of where the model made them.
 
     Raises:
         RuntimeError: when a block of the stack did not run ``calls_per_forward`` times during a forward pass.
@@ -99,7 +118,12 @@ def capture_block_calls(
                 else:
                     kwargs = {**kwargs, key: None}
                 kept = hidden if (index == 0 or keep_hidden) else None
-                calls[index].append(BlockCall(args, kwargs, key, kept))
+                if storage is None:
+                    calls[index].append(BlockCall(args, kwargs, key, kept))
+                else:
+                    stored = kept.to(storage) if kept is not None else None
+                    moved = BlockCall(_moved(args, storage), _moved(kwargs, storage), key, stored, hidden.device)
+                    calls[index].append(moved)
             if index == last and len(calls[last]) == expected:
                 raise _StopForward
 

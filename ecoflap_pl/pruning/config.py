@@ -13,6 +13,7 @@ GRANULARITIES = ("block", "layer", "model")
 METHODS = ("wanda", "sparsegpt", "magnitude")
 COMPARISONS = ("per_row", "per_matrix")
 PROBE_GRANULARITIES = ("per_tensor", "per_block")
+ACTIVATION_STORAGES = ("auto", "device", "cpu", "recompute")
 AllocationName = Literal["ecoflap", "uniform", "owl", "from_report", "auto"]
 """The built-in allocation strategies (``ecoflap_pl.pruning.allocation``); strategies registered later with
 ``register_allocation`` are accepted too (from Python; the CLI lists the built-ins)."""
@@ -64,6 +65,10 @@ class PruningConfig:
             tensor loses exactly ``round(numel · sparsity)`` weights; per row, counts differ by at most one.
         coarse_samples: calibration samples for the coarse step (32 in the official BLIP-2 run).
         fine_samples: calibration samples for the fine step (128).
+        activation_storage: where calibration activations live between blocks. Fine step: ``"cpu"`` keeps the
+            recorded block inputs and the propagated hidden states in CPU memory (each block's are moved to its
+            device for its replay; for models whose activations do not fit the device beside the weights); the
+            other values (``"auto"``, ``"device"``, ``"recompute"``) keep them where the model produced them.
         eps: zeroth-order perturbation size ε.
         probes: zeroth-order probes (random directions) per batch.
         probe_granularity: one probe per weight tensor (``"per_tensor"``, faithful) or one direction for all
@@ -92,6 +97,7 @@ class PruningConfig:
     comparison: str | None = None
     coarse_samples: int = 32
     fine_samples: int = 128
+    activation_storage: str = "auto"
     eps: float = 1e-3
     probes: int = 1
     probe_granularity: str = "per_tensor"
@@ -124,6 +130,7 @@ class PruningConfig:
         normalise("aggregate", _choice("aggregate", self.aggregate, AGGREGATES))
         normalise("granularity", _choice("granularity", self.granularity, GRANULARITIES))
         normalise("method", _choice("method", self.method, METHODS))
+        normalise("activation_storage", _choice("activation_storage", self.activation_storage, ACTIVATION_STORAGES))
         normalise("probe_granularity", _choice("probe_granularity", self.probe_granularity, PROBE_GRANULARITIES))
         default_comparison = "per_row" if self.method == "wanda" else "per_matrix"
         comparison = default_comparison if self.comparison is None else self.comparison

@@ -49,6 +49,10 @@ def _prune_weight_(
     return mask
 
 
+def _stored(hidden: torch.Tensor, storage: torch.device | None) -> torch.Tensor:
+    return hidden if storage is None else hidden.to(storage)
+
+
 def _block_statistics(
     block: nn.Module,
     block_name: str,
@@ -120,6 +124,7 @@ def fine_prune_(
             stored copies are its own undo record, so the transaction keeps no copy of them).
     """
     modules = dict(model.named_modules())
+    storage = torch.device("cpu") if config.activation_storage == "cpu" else None
     by_block: dict[str, list[Candidate]] = {}
     for candidate in candidates:
         by_block.setdefault(candidate.block, []).append(candidate)
@@ -134,6 +139,7 @@ def fine_prune_(
                 [batch for _, batch in batches],
                 lambda batch: loss_fn(model, batch),
                 calls_per_forward=stack.calls_per_forward,
+                storage=storage,
             )
             monitor.full_forwards += len(batches)
             hidden = [cast(torch.Tensor, call.hidden) for call in calls[0]]  # block 0's hidden stream is kept
@@ -167,7 +173,10 @@ def fine_prune_(
                     masks[name] = _prune_weight_(weight, statistics.get(name), tensor_sparsity[name], config)
                 del statistics
                 if needs_inputs and index + 1 < len(blocks):
-                    hidden = [call.replay(block, state) for call, state in zip(calls[index], hidden, strict=True)]
+                    hidden = [
+                        _stored(call.replay(block, state), storage)
+                        for call, state in zip(calls[index], hidden, strict=True)
+                    ]
                     monitor.block_forwards += len(hidden)
             if needs_inputs:
                 calls[index] = []  # free this block's recorded arguments as soon as they are used

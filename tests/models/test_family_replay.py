@@ -13,6 +13,7 @@ import pytest
 import torch
 from family_batches import GENERATIVE, family_case
 
+from ecoflap_pl import PruningConfig, prune
 from ecoflap_pl.pruning.calls import capture_block_calls, hidden_output
 from ecoflap_pl.pruning.discovery import find_stacks, order_stacks
 from ecoflap_pl.pruning.transaction import pruning_session
@@ -88,3 +89,16 @@ def test_qwen2_5_vl_cases_are_the_hard_ones():
     assert not torch.allclose(cos, plain_cos)
     attention = model.model.language_model.layers[0].self_attn
     assert attention.k_proj.out_features < attention.q_proj.out_features
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "instructblip"])
+def test_activations_kept_on_the_cpu_give_the_same_masks(family):
+    """``activation_storage="cpu"``: recorded block calls and propagated hidden states stored apart from the model
+    (nested tuples of rotary tables, T5 position biases) are moved back for each replay; the masks do not change."""
+    results = []
+    for storage in ("device", "cpu"):
+        model, batches, loss_fn = family_case(family)
+        config = PruningConfig(sparsity=0.5, importance="uniform", fine_samples=6, activation_storage=storage)
+        results.append(prune(model, batches, loss_fn, config))
+    for name, mask in results[0].masks.items():
+        assert torch.equal(results[1].masks[name], mask), name
