@@ -111,8 +111,12 @@ def sparsity_table(result: PruningResult) -> Table:
     total = sum(result.sizes.values())
     overall_target = sum(result.target_sparsity[n] * result.sizes[n] for n in result.sizes) / total if total else 0.0
     table.add_row("total", f"{total:,}", "", _pct(overall_target), _pct(result.overall_sparsity), style="bold")
+    captions = []
+    if result.prior_sparsity:
+        captions.append(f"{_pct(result.prior_sparsity)} of the candidate weights were already zero before this run")
     if result.skipped_stacks:
-        table.caption = f"left dense (never ran in the calibration loss): {', '.join(result.skipped_stacks)}"
+        captions.append(f"left dense (never ran in the calibration loss): {', '.join(result.skipped_stacks)}")
+    table.caption = "; ".join(captions) or None
     return table
 
 

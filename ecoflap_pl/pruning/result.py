@@ -84,6 +84,8 @@ class PruningResult:
         stages: stage name (``"discovery"``, ``"coarse"``, ``"fine"``) -> its cost.
         masks: parameter name -> bool mask (``True`` = kept); not part of ``to_dict``.
         skipped_stacks: stacks found in the model that the calibration loss never ran (left dense).
+        prior_sparsity: fraction of the candidate weights that were already zero before this run (a model pruned
+            before); they are counted as pruned in the masks and in ``achieved_sparsity``.
     """
 
     config: PruningConfig
@@ -97,6 +99,7 @@ class PruningResult:
     stages: dict[str, StageStats]
     masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     skipped_stacks: tuple[str, ...] = ()
+    prior_sparsity: float = 0.0
 
     @property
     def overall_sparsity(self) -> float:
@@ -127,6 +130,7 @@ class PruningResult:
             "sizes": dict(self.sizes),
             "stages": {stage: stats.to_dict() for stage, stats in self.stages.items()},
             "skipped_stacks": list(self.skipped_stacks),
+            "prior_sparsity": self.prior_sparsity,
         }
 
     @classmethod
@@ -143,4 +147,5 @@ class PruningResult:
             stages={stage: StageStats(**stats) for stage, stats in data["stages"].items()},
             masks=dict(masks or {}),
             skipped_stacks=tuple(data.get("skipped_stacks", ())),
+            prior_sparsity=float(data.get("prior_sparsity", 0.0)),
         )
