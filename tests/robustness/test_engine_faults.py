@@ -246,5 +246,10 @@ def test_bad_settings_are_refused_when_the_config_is_built(setting, match):
 
 def test_patterns_that_select_nothing():
     refused(
-        seeded_toy_model(), ValueError, "nothing", toy_batches(2), toy_loss, PruningConfig(include=("nothing.*",), **CONFIG)
+        seeded_toy_model(),
+        ValueError,
+        "nothing",
+        toy_batches(2),
+        toy_loss,
+        PruningConfig(include=("nothing.*",), **CONFIG),
     )

@@ -1,0 +1,146 @@
+"""Bad inputs given to ``ecoflap`` (the console entry point, in this process) and pruned checkpoints evaluated
+again: a refused run ends with a short message naming the problem and leaves the user's files as they were; a
+pruned checkpoint is evaluated as it is (see ``CASES.md``)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+from cli_runs import folder_digest, run_ecoflap, vit_config, vqa_config
+
+from ecoflap_pl.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def short_error(outcome, *expected: str) -> None:
+    assert outcome.code == 2, outcome.text[-3000:]
+    error = outcome.text[outcome.text.index("error (") :]
+    assert len(error.strip().splitlines()) <= 4, error
+    for text in expected:
+        assert text in error, error
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--pruning.sparsity=abc"], ['Parser key "pruning.sparsity"', "Got value: abc"]),
+        (["--pruning.sparsity=1.5"], ["`sparsity` must be in [0, 1)", "HINT"]),
+        (["--pruning.method=wandaa"], ["`method` must be one of ['wanda', 'sparsegpt', 'magnitude']"]),
+        (["--pruning.sparsty=0.5"], ["unrecognized arguments: --pruning.sparsty=0.5"]),
+        (["--pruning.stages=[train]"], ["`stages` must be a subset of"]),
+        (["--data.init_args.batch_size=0"], ["`batch_size` must be an int >= 1, got 0."]),
+        (["--data.init_args.calibration_batch_size=-1"], ["`calibration_batch_size` must be an int >= 1"]),
+        (["--model.init_args.pretrained=/no/such/dir/model"], ["'/no/such/dir/model' does not exist", "local path"]),
+        (["--model.init_args.pretrained=./missing-model"], ["'./missing-model' does not exist"]),
+        (["--compare_dense=maybe"], ['Parser key "compare_dense"']),
+        (["--trainer.precision=17"], ["precision"]),
+    ],
+)
+def test_configuration_errors_are_one_message(capsys, tmp_path, demo_data, blip2_dir, options, expected):
+    config = vqa_config(tmp_path, demo_data, blip2_dir)
+    before = folder_digest(blip2_dir)
+    short_error(run_ecoflap(capsys, "validate", "-c", config, *options), *expected)
+    assert folder_digest(blip2_dir) == before
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_syntax_error_names_the_file_and_line(capsys, tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("pruning:\n  sparsity: 0.5\n  stages: [validate\n", encoding="utf-8")
+    short_error(run_ecoflap(capsys, "validate", "-c", str(bad)), f"{bad}, line 4", "is not valid YAML")
+
+
+def test_missing_config_file(capsys, tmp_path):
+    short_error(run_ecoflap(capsys, "validate", "-c", str(tmp_path / "nope.yaml")), "File does not exist")
+
+
+def test_empty_val_split_is_an_error_not_a_silent_success(capsys, tmp_path, demo_data, blip2_dir):
+    questions = json.loads((demo_data.coco / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())
+    empty = tmp_path / "empty_questions.json"
+    empty.write_text(json.dumps({**questions, "questions": []}))
+    config = vqa_config(tmp_path, demo_data, blip2_dir, {"val_questions_file": str(empty)})
+    outcome = run_ecoflap(capsys, "validate", "-c", config)
+    short_error(outcome, "the split read for the val loop has no samples")
+    assert not list((tmp_path / "run").rglob("pruning_report.json"))  # refused before pruning
+
+
+def test_empty_calibration_split_points_at_the_training_split(capsys, tmp_path, demo_data, blip2_dir):
+    questions = json.loads((demo_data.coco / "v2_OpenEnded_mscoco_train2014_questions.json").read_text())
+    empty = tmp_path / "empty_questions.json"
+    empty.write_text(json.dumps({**questions, "questions": []}))
+    config = vqa_config(tmp_path, demo_data, blip2_dir, {"train_questions_file": str(empty)})
+    outcome = run_ecoflap(capsys, "validate", "-c", config)
+    short_error(outcome, "the split read for calibration and training has no samples")
+    assert "coarse_samples" not in outcome.text  # a hint that cannot help is not given
+
+
+def test_validate_with_stages_fit_says_nothing_is_pruned(capsys, tmp_path, demo_data):
+    config = vit_config(tmp_path, demo_data, stages=["fit"])
+    outcome = run_ecoflap(capsys, "validate", "-c", config, "--compare_dense=true")
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert "`compare_dense` has nothing to compare: `pruning.stages` is ['fit']" in outcome.text
+    assert "Dense vs pruned" not in outcome.text and "0.0% of the candidate weights pruned" not in outcome.text
+    assert outcome.text.count("val/loss") == 1  # evaluated once
+    plain = run_ecoflap(capsys, "validate", "-c", config)
+    assert "so `validate` runs on the dense model (nothing is pruned)" in plain.text
+
+
+def test_test_on_an_unannotated_split_says_where_the_results_went(capsys, tmp_path, demo_data, blip2_dir):
+    config = vqa_config(tmp_path, demo_data, blip2_dir, {"test_split": "test2015"}, stages=[])
+    outcome = run_ecoflap(capsys, "test", "-c", config, "--trainer.limit_test_batches=1")
+    assert outcome.code == 0, outcome.text[-3000:]
+    results = tmp_path / "run" / "vqa_test_results.json"
+    assert results.is_file()
+    assert f"their predictions were written to {results}" in outcome.text
+
+
+# --- a pruned, fine-tuned checkpoint evaluated again ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory, demo_data):
+    """``ecoflap fit`` of the tiny ViT: pruned to 50% at the start, two optimizer steps, one checkpoint."""
+    tmp_path = tmp_path_factory.mktemp("pruned_run")
+    config = vit_config(tmp_path, demo_data, importance="uniform")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        main(["fit", "-c", config, "--trainer.max_steps=2", "--trainer.limit_val_batches=1"])
+    checkpoint = next((tmp_path / "run").rglob("*.ckpt"))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    callback = next(v for k, v in state["callbacks"].items() if "ECoFLaPPruning" in k)
+    return checkpoint, callback["report"]["overall_sparsity"]
+
+
+def test_a_pruned_checkpoint_is_evaluated_as_it_is(capsys, tmp_path, demo_data, pruned_run):
+    checkpoint, sparsity = pruned_run
+    digest = folder_digest(checkpoint.parent)
+    config = vit_config(tmp_path, demo_data, importance="uniform", sparsity=0.7)  # other settings: warned, kept
+    outcome = run_ecoflap(capsys, "validate", "-c", config, f"--ckpt_path={checkpoint}")
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert f"({100 * sparsity:.1f}% of the candidate weights; masks from the checkpoint {checkpoint})" in outcome.text
+    assert "not pruned again" in outcome.text
+    assert not list((tmp_path / "run").rglob("pruning_report.json"))  # no second pruning
+    assert folder_digest(checkpoint.parent) == digest
+
+
+def test_compare_dense_with_a_pruned_checkpoint_evaluates_the_real_dense_model(capsys, tmp_path, demo_data, pruned_run):
+    checkpoint, sparsity = pruned_run
+    config = vit_config(tmp_path, demo_data, importance="uniform")
+    dense = run_ecoflap(capsys, "validate", "-c", config, "--pruning.stages=[]").metric("val/loss")
+    pruned = run_ecoflap(capsys, "validate", "-c", config, f"--ckpt_path={checkpoint}").metric("val/loss")
+    assert dense != pruned
+    both = run_ecoflap(capsys, "validate", "-c", config, f"--ckpt_path={checkpoint}", "--compare_dense=true")
+    assert both.code == 0, both.text[-3000:]
+    assert f"Dense vs pruned ({100 * sparsity:.1f}% of the candidate weights pruned)" in both.text
+    assert f"masks from the checkpoint {checkpoint}" in both.text
+    assert f"val/loss │ {dense:.4f} │ {pruned:.4f}" in both.text.replace("  ", " ").replace("  ", " ")
