@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +60,14 @@ def run_ecoflap(capsys: Any, *args: str) -> Outcome:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            argv, sys.argv = sys.argv, ["ecoflap", *args]  # as the console script is started
             try:
-                main(list(args))
+                main()
                 code = 0
             except SystemExit as exit_:
                 code = exit_.code if isinstance(exit_.code, int) else 1
+            finally:
+                sys.argv = argv
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.removeHandler(handler)

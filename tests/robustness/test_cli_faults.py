@@ -25,8 +25,8 @@ def one_thread():
 
 def short_error(outcome, *expected: str) -> None:
     assert outcome.code == 2, outcome.text[-3000:]
-    error = outcome.text[outcome.text.index("error (") :]
-    assert len(error.strip().splitlines()) <= 4, error
+    error = outcome.text[outcome.text.index("error (") : outcome.text.index("(ECOFLAP_DEBUG=1")]
+    assert len(error.strip().splitlines()) <= 3, error
     for text in expected:
         assert text in error, error
 
