@@ -303,3 +303,15 @@ def test_first_order_scoring_runs_inside_evaluation_stages(tmp_path: Path, entry
     getattr(run, entry)(task, datamodule=ToyData())
     assert callback.result is not None and all(score > 0 for score in callback.result.group_scores.values())
     assert zero_fraction(task.model) >= 0.45
+
+
+def test_empty_calibration_data_names_the_split_not_the_sample_counts(tmp_path: Path) -> None:
+    class EmptyCalibration(ToyData):
+        def calibration_dataloader(self, num_samples: int | None = None) -> DataLoader:
+            return DataLoader([], batch_size=4)
+
+    task = ToyTask()
+    before = {name: tensor.clone() for name, tensor in task.state_dict().items()}
+    with pytest.raises(ValueError, match=r"EmptyCalibration yielded no batch: the split it samples .* is empty"):
+        trainer(tmp_path, [ECoFLaPPruning(**FAST)]).validate(task, datamodule=EmptyCalibration())
+    assert all(torch.equal(tensor, before[name]) for name, tensor in task.state_dict().items())
