@@ -198,11 +198,21 @@ def write_report(
 
     Returns:
         ``{"json": path, "plot": path}``.
+
+    Raises:
+        OSError: the folder cannot be written (disk full, no permission, a file in the way), naming the folder.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / REPORT_JSON
-    json_path.write_text(json.dumps(report_dict(result, metadata), indent=2, sort_keys=False))
-    plot_path = plot_sparsity(result, directory / REPORT_PLOT)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report_dict(result, metadata), indent=2, sort_keys=False))
+        plot_path = plot_sparsity(result, directory / REPORT_PLOT)
+    except OSError as error:
+        raise OSError(
+            error.errno,
+            f"The pruning report could not be written to {directory}: {error.strerror or error}. HINT: free space "
+            "or fix the permissions there, or set `pruning.report_dir` to another folder.",
+        ) from error
     logger.info("Pruning report written to %s and %s", json_path, plot_path)
     return {"json": json_path, "plot": plot_path}
