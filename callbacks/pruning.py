@@ -276,7 +276,7 @@ class ECoFLaPPruning(Callback):
                 sparsity = self.result.overall_sparsity if self.result is not None else float("nan")
                 rank_zero_info(
                     f"The model is already pruned ({100 * sparsity:.1f}% of the candidate weights; masks from "
-                    f"{self.masks_from}): it is {stage}-ed as it is, not pruned again."
+                    f"{self.masks_from}): `{stage}` uses it as it is, it is not pruned again."
                 )
         elif stage in self.stages:
             # validate/test/predict hooks run inside Lightning's inference mode: lift it, so that calibration

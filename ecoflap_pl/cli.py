@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from rich.console import Console
 from rich.table import Table
 
@@ -86,8 +86,33 @@ class EcoflapCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError, OSError) as error:
+        except (ValueError, TypeError, OSError, MisconfigurationException) as error:
             raise ConfigurationError(str(error)) from error
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads `ckpt_path` here to replace the model's arguments by the checkpoint's hyperparameters.
+        # Say which arguments of the config that replaces, and turn an unreadable file into a one-line error.
+        subcommand = self.config.get("subcommand")
+        settings = self.config.get(subcommand) if subcommand else None
+        ckpt_path = settings.get("ckpt_path") if settings is not None else None
+        before = _model_arguments(settings)
+        try:
+            super()._parse_ckpt_path()
+        except Exception as error:  # torch raises several types for a file that is not a checkpoint
+            if isinstance(error, ArgumentError):
+                raise
+            raise ConfigurationError(
+                f"`ckpt_path` {ckpt_path!r} cannot be read as a Lightning checkpoint: {error} HINT: pass a complete "
+                "`.ckpt` file written by the Trainer (a copy interrupted mid-write is truncated)."
+            ) from error
+        after = _model_arguments(self.config.get(subcommand) if subcommand else None)
+        replaced = {key: (before[key], after.get(key)) for key in before if before[key] != after.get(key)}
+        if replaced:
+            log.warning(
+                "The checkpoint's hyperparameters replace these model arguments of the config: %s. The model is "
+                "rebuilt as it was trained, so that the checkpoint's weights fit it.",
+                ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in sorted(replaced.items())),
+            )
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -110,6 +135,13 @@ class EcoflapCLI(LightningCLI):
         self._evaluate(self.trainer.test, **kwargs)
 
     def _evaluate(self, run: Callable[..., list[Mapping[str, float]]], **kwargs: Any) -> None:
+        limit = self.trainer.limit_val_batches if self.subcommand == "validate" else self.trainer.limit_test_batches
+        if limit == 0:
+            raise ConfigurationError(
+                f"`trainer.limit_{'val' if self.subcommand == 'validate' else 'test'}_batches` is 0, so "
+                f"`{self.subcommand}` would evaluate nothing and prune nothing. HINT: remove it, or run "
+                "`ecoflap prune` to prune without evaluating."
+            )
         if not self._get(self.config, "compare_dense"):
             run(**kwargs)
             return
@@ -167,6 +199,13 @@ def comparison_table(dense: Mapping[str, float], pruned: Mapping[str, float], sp
     return table
 
 
+def _model_arguments(settings: Any) -> dict[str, Any]:
+    """The model's ``init_args`` of one subcommand's settings, as a plain dict (empty when there are none)."""
+    model = settings.get("model") if settings is not None else None
+    init_args = model.get("init_args") if model is not None and hasattr(model, "get") else None
+    return init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
+
+
 def _check_dense(model: Any, limit: float = 0.01) -> None:
     """Refuse ``compare_dense`` when the model the config builds already has many zero weights (pruned before)."""
     weights = [p for p in model.parameters() if p.ndim >= 2 and p.is_floating_point()]
@@ -205,7 +244,15 @@ class ConfigurationError(ValueError):
     """A value of the configuration was refused while building the task, the DataModule, the Trainer or a callback."""
 
 
-USER_ERRORS = (ArgumentError, ValueError, TypeError, OSError, FloatingPointError, ImportError)
+USER_ERRORS = (
+    ArgumentError,
+    MisconfigurationException,
+    ValueError,
+    TypeError,
+    OSError,
+    FloatingPointError,
+    ImportError,
+)
 """What ``main`` reports in a few lines: bad options and files, bad data, refused settings. Every other exception (a
 bug) keeps its traceback; so does every error with ``ECOFLAP_DEBUG=1``."""
 
@@ -233,7 +280,8 @@ def error_summary(error: BaseException) -> str:
     """``error (kind): <message>`` in a few lines: jsonargparse's listing of the types it tried is left out."""
     lines = [line.strip() for line in (str(error).strip() or type(error).__name__).splitlines() if line.strip()]
     kept = [line.removeprefix("- ") for line in lines if not line.startswith(_PARSER_NOISE)] or lines[:1]
-    kind = "configuration error" if isinstance(error, (ArgumentError, ConfigurationError)) else type(error).__name__
+    configuration = (ArgumentError, ConfigurationError, MisconfigurationException)
+    kind = "configuration error" if isinstance(error, configuration) else type(error).__name__
     return f"error ({kind}): {chr(10).join(dict.fromkeys(kept[:8]))}\n(ECOFLAP_DEBUG=1 shows the traceback)"
 
 

@@ -77,14 +77,19 @@ def run_ecoflap(capsys: Any, *args: str) -> Outcome:
     return Outcome(code, "\n".join(shown))
 
 
-def vit_config(tmp_path: Path, demo_data: Any, **pruning: Any) -> str:
-    """A tiny timm ViT on the demo ImageNet layout (its validation logs a loss, so dense and pruned differ)."""
+def vit_config(tmp_path: Path, demo_data: Any, model: dict[str, Any] | None = None, **pruning: Any) -> str:
+    """A tiny timm ViT on the demo ImageNet layout (its validation logs a loss, so dense and pruned differ);
+    ``model`` overrides entries of its timm ``model_config``."""
     config = {
         "seed_everything": 0,
         "trainer": {**TRAINER, "default_root_dir": str(tmp_path / "run")},
         "model": {
             "class_path": "ecoflap_pl.tasks.ClassificationTask",
-            "init_args": {"timm_model": "vit_tiny_patch16_224", "pretrained": False, "model_config": TINY_VIT},
+            "init_args": {
+                "timm_model": "vit_tiny_patch16_224",
+                "pretrained": False,
+                "model_config": {**TINY_VIT, **(model or {})},
+            },
         },
         "data": {
             "class_path": "ecoflap_pl.datamodules.ImageNetDataModule",

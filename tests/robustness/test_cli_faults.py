@@ -45,6 +45,8 @@ def short_error(outcome, *expected: str) -> None:
         (["--model.init_args.pretrained=./missing-model"], ["'./missing-model' does not exist"]),
         (["--compare_dense=maybe"], ['Parser key "compare_dense"']),
         (["--trainer.precision=17"], ["precision"]),
+        (["--trainer.devices=0"], ["`Trainer(devices='0')` value is not a valid input"]),
+        (["--trainer.limit_val_batches=0"], ["`trainer.limit_val_batches` is 0", "would evaluate nothing"]),
     ],
 )
 def test_configuration_errors_are_one_message(capsys, tmp_path, demo_data, blip2_dir, options, expected):
@@ -53,6 +55,40 @@ def test_configuration_errors_are_one_message(capsys, tmp_path, demo_data, blip2
     short_error(run_ecoflap(capsys, "validate", "-c", config, *options), *expected)
     assert folder_digest(blip2_dir) == before
     assert not (tmp_path / "run").exists()
+
+
+def test_a_report_dir_that_is_a_file(capsys, tmp_path, demo_data):
+    blocker = tmp_path / "report"
+    blocker.write_text("a file, not a folder", encoding="utf-8")
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data, report_dir=str(blocker)))
+    short_error(outcome, f"The pruning report could not be written to {blocker}", "`pruning.report_dir`")
+    assert blocker.read_text(encoding="utf-8") == "a file, not a folder"
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"PK\x03\x04" + bytes(100), b"not a checkpoint"], ids=["empty", "cut", "text"]
+)
+def test_an_unreadable_checkpoint_is_one_message(capsys, tmp_path, demo_data, content):
+    checkpoint = tmp_path / "broken.ckpt"
+    checkpoint.write_bytes(content)
+    config = vit_config(tmp_path, demo_data)
+    for extra in ([], ["--compare_dense=true"]):
+        outcome = run_ecoflap(capsys, "validate", "-c", config, f"--ckpt_path={checkpoint}", *extra)
+        short_error(outcome, f"`ckpt_path` '{checkpoint}' cannot be read as a Lightning checkpoint")
+    assert checkpoint.read_bytes() == content
+
+
+def test_a_missing_checkpoint(capsys, tmp_path, demo_data):
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), "--ckpt_path=/no/such.ckpt")
+    short_error(outcome, "Checkpoint file not found: /no/such.ckpt")
+
+
+def test_mixed_precision_still_prunes(capsys, tmp_path, demo_data):
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), "--trainer.precision=16-mixed")
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert "Using `precision='bf16-mixed'` instead" in outcome.text  # Lightning's own notice on a CPU
+    report = json.loads(next((tmp_path / "run").rglob("pruning_report.json")).read_text())
+    assert report["overall_sparsity"] == pytest.approx(0.5, abs=0.03)
 
 
 def test_yaml_syntax_error_names_the_file_and_line(capsys, tmp_path):
@@ -145,3 +181,13 @@ def test_compare_dense_with_a_pruned_checkpoint_evaluates_the_real_dense_model(c
     assert f"Dense vs pruned ({100 * sparsity:.1f}% of the candidate weights pruned)" in shown, both.text[-3000:]
     assert f"masks from the checkpoint {checkpoint}" in shown
     assert f"val/loss │ {dense:.4f} │ {pruned:.4f}" in shown
+
+
+def test_a_checkpoint_of_another_model_config_is_rebuilt_as_trained(capsys, tmp_path, demo_data, pruned_run):
+    checkpoint, _ = pruned_run
+    same = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), f"--ckpt_path={checkpoint}")
+    other = vit_config(tmp_path, demo_data, model={"embed_dim": 48})
+    outcome = run_ecoflap(capsys, "validate", "-c", other, f"--ckpt_path={checkpoint}")
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert "The checkpoint's hyperparameters replace these model arguments of the config: model_config" in outcome.text
+    assert outcome.metric("val/loss") == same.metric("val/loss")
