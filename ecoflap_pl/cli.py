@@ -160,10 +160,11 @@ class EcoflapCLI(LightningCLI):
             )
             run(**kwargs)
             return
+        if pruned_checkpoint or ckpt_path is None:
+            _check_dense(self.model)  # the dense column is the model the config builds: it must be dense
         if pruned_checkpoint:
             # The dense model is the one the config builds (`pretrained`), before the pruned checkpoint is loaded;
             # the pruned run then loads the checkpoint, whose restored masks keep it from being pruned again.
-            _check_dense(self.model)
             dense_kwargs, pruned_kwargs = {**kwargs, "ckpt_path": None}, kwargs
         else:
             # A dense (or no) checkpoint: evaluate it, then prune those same weights and evaluate again.
@@ -213,8 +214,8 @@ def _check_dense(model: Any, limit: float = 0.01) -> None:
     if zeros >= limit:
         raise ValueError(
             f"`compare_dense` needs the dense model, but {100 * zeros:.1f}% of the weights of the model the config "
-            "builds are already zero (pruned before). HINT: point `pretrained` at the dense model the checkpoint was "
-            "pruned from, or drop --compare_dense."
+            "builds are already zero (pruned before). HINT: point `pretrained` at the dense model it was pruned from, "
+            "or drop --compare_dense."
         )
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 
 import pytest
 import torch
 from cli_runs import folder_digest, run_ecoflap, vit_config, vqa_config
+from transformers import Blip2ForConditionalGeneration
 
 from ecoflap_pl.cli import main
 
@@ -89,6 +91,22 @@ def test_mixed_precision_still_prunes(capsys, tmp_path, demo_data):
     assert "Using `precision='bf16-mixed'` instead" in outcome.text  # Lightning's own notice on a CPU
     report = json.loads(next((tmp_path / "run").rglob("pruning_report.json")).read_text())
     assert report["overall_sparsity"] == pytest.approx(0.5, abs=0.03)
+
+
+def test_compare_dense_refuses_a_pretrained_model_that_is_already_pruned(capsys, tmp_path, demo_data, blip2_dir):
+    model = Blip2ForConditionalGeneration.from_pretrained(blip2_dir)
+    with torch.no_grad():
+        for layer in model.language_model.model.decoder.layers:
+            for linear in (layer.fc1, layer.fc2):
+                linear.weight[:, ::2] = 0  # a model saved after pruning
+    pruned_dir = tmp_path / "pruned-blip2"
+    shutil.copytree(blip2_dir, pruned_dir)  # the processor files
+    model.save_pretrained(pruned_dir)
+    before = folder_digest(pruned_dir)
+    config = vqa_config(tmp_path, demo_data, pruned_dir)
+    outcome = run_ecoflap(capsys, "validate", "-c", config, "--compare_dense=true")
+    short_error(outcome, "`compare_dense` needs the dense model", "are already zero (pruned before)")
+    assert folder_digest(pruned_dir) == before
 
 
 def test_yaml_syntax_error_names_the_file_and_line(capsys, tmp_path):
