@@ -25,11 +25,13 @@ def run_on_batch(run: Callable[[Any], Any], batch: Any, batch_id: int) -> Any:
     """``run(batch)``, naming the calibration batch and its shapes when the forward pass fails (a shape mismatch)."""
     try:
         return run(batch)
+    except torch.OutOfMemoryError:
+        raise  # keeps its type: callers and users handle running out of memory on their own
     except RuntimeError as error:
         raise RuntimeError(
             f"The forward pass failed on calibration batch {batch_id} ({describe_batch(batch)}): {error} "
-            "HINT: every calibration batch must be shaped like the others (same image size, padded text); check the "
-            "calibration data and the collator."
+            "HINT: when only some batches fail, check that they are shaped like the others (same image size, padded "
+            "text): the calibration data and the collator."
         ) from error
 
 

@@ -253,3 +253,23 @@ def test_patterns_that_select_nothing():
         toy_loss,
         PruningConfig(include=("nothing.*",), **CONFIG),
     )
+
+
+def test_running_out_of_memory_keeps_its_type():
+    calls = 0
+
+    def loss_running_out(model, batch):
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # in the coarse step, after discovery
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return toy_loss(model, batch)
+
+    refused(
+        seeded_toy_model(),
+        torch.OutOfMemoryError,
+        "out of memory",
+        toy_batches(2),
+        loss_running_out,
+        PruningConfig(**CONFIG),
+    )
