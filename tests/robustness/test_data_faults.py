@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from ecoflap_pl.datamodules import ImageNetDataModule, VQAv2DataModule
 from ecoflap_pl.datamodules._io import DataFileNotFoundError, DataFormatError
@@ -111,3 +112,23 @@ def test_hidden_folders_and_files_in_imagenet_train_do_not_shift_labels(demo_dat
     stray = ImageNetDataModule(root, collate_fn=raw)
     assert stray.classes == clean.classes
     assert [(Path(s.images[0]).name, s.fields["label"]) for s in stray.dataset("train").samples] == expected
+
+
+def test_a_question_without_annotation_names_it(demo_data, tmp_path):
+    annotations = json.loads((demo_data.coco / VAL_ANNOTATIONS).read_text(encoding="utf-8"))
+    missing = annotations["annotations"].pop(0)["question_id"]
+    broken = write(tmp_path / "a.json", json.dumps(annotations))
+    with pytest.raises(DataFormatError, match=rf"question_id {missing} has no annotation in .*a\.json"):
+        vqa(demo_data, val_annotations_file=broken).setup("validate")
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P"])
+def test_images_in_other_colour_modes_are_read_as_rgb(demo_data, tmp_path, mode):
+    root = tmp_path / "coco"
+    shutil.copytree(demo_data.coco / "val2014", root / "val2014")
+    image = sorted((root / "val2014").iterdir())[0]
+    with Image.open(image) as original:
+        original.convert(mode).save(image, format="TIFF" if mode == "CMYK" else "PNG")  # a PNG/TIFF named .jpg
+    samples = vqa(demo_data, image_root=str(root)).dataset("val")
+    index = next(i for i in range(len(samples)) if samples.samples[i].images[0] == str(image))
+    assert samples[index]["image"].mode == "RGB"
