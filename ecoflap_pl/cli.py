@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.datamodules import EcoflapDataModule
@@ -208,8 +209,8 @@ def _model_arguments(settings: Any) -> dict[str, Any]:
 
 
 def _check_dense(model: Any, limit: float = 0.01) -> None:
-    """Refuse ``compare_dense`` when the model the config builds already has many zero weights (pruned before)."""
-    weights = [p for p in model.parameters() if p.ndim >= 2 and p.is_floating_point()]
+    """Refuse ``compare_dense`` when the Linear weights of the model the config builds are already >= 1% zeros."""
+    weights = [module.weight for module in model.modules() if isinstance(module, nn.Linear)]
     zeros = sum(int((p == 0).sum()) for p in weights) / max(sum(p.numel() for p in weights), 1)
     if zeros >= limit:
         raise ValueError(
