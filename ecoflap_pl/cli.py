@@ -126,7 +126,8 @@ class EcoflapCLI(LightningCLI):
             "--compare_dense",
             type=bool,
             default=False,
-            help="validate/test: evaluate the dense model first, then prune and evaluate again, and print both.",
+            help="validate/test: evaluate the dense model first, then prune and evaluate again, and print both. With "
+            "a pruned --ckpt_path: the model the config builds (dense), then the checkpoint as it is.",
         )
 
     def validate(self, **kwargs: Any) -> None:
