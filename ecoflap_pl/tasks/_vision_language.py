@@ -42,7 +42,7 @@ from transformers import (
 )
 
 from ecoflap_pl.models.families import GENERATIVE_FAMILIES
-from ecoflap_pl.models.loading import check_model_source, check_tokenizer_source, load_tokenizer
+from ecoflap_pl.models.loading import check_model_source, check_tokenizer_source, hub_load_errors, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ def load_config(
     """
     check_model_source(pretrained, model_config)
     if pretrained is not None:
-        return AutoConfig.from_pretrained(pretrained)
+        with hub_load_errors(pretrained):
+            return AutoConfig.from_pretrained(pretrained)
     if isinstance(model_config, PretrainedConfig):
         return model_config
     if not isinstance(model_config, dict):
