@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CORPUS
 from transformers import LlavaForConditionalGeneration
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
@@ -13,6 +12,15 @@ from ecoflap_pl.models.tiny import tiny_processor
 from ecoflap_pl.tasks import CaptioningTask, VQATask
 from ecoflap_pl.tasks._vision_language import IGNORE_INDEX
 
+CORPUS = (
+    "a dog runs on the green grass",
+    "a red bus parked near the street",
+    "two cats sleeping on a couch",
+    "a man riding a horse on the beach",
+    "what color is the bus? how many cats are there? is the dog running?",
+    "red blue two one yes no",
+)
+"""The texts of the samples of ``tests/tasks/conftest.py`` (captions, questions, answers)."""
 GENERATIVE = ("llava", "qwen2_vl", "qwen2_5_vl", "instructblip", "paligemma")
 TOWERS = {
     "llava": ("model.vision_tower.", "model.language_model."),

@@ -5,7 +5,6 @@ what to use instead (prune, then fine-tune under DDP with the masks fixed)."""
 from __future__ import annotations
 
 import pytest
-from conftest import CORPUS, cpu_trainer
 from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
@@ -13,9 +12,9 @@ from ecoflap_pl.models.tiny import tiny_processor
 from ecoflap_pl.tasks import VQATask
 
 
-def test_lightning_runs_fsdp_on_gpus_only():
+def test_lightning_runs_fsdp_on_gpus_only(trainer_factory):
     with pytest.raises(ValueError, match="requires a GPU accelerator"):
-        cpu_trainer(strategy=FSDPStrategy(), callbacks=[ECoFLaPPruning(sparsity=0.5, stages=["fit"])])
+        trainer_factory(strategy=FSDPStrategy(), callbacks=[ECoFLaPPruning(sparsity=0.5, stages=["fit"])])
 
 
 class _RestoresAfterSetup(SingleDeviceStrategy):
@@ -26,10 +25,10 @@ class _RestoresAfterSetup(SingleDeviceStrategy):
         return True
 
 
-def test_the_callback_refuses_strategies_that_restore_after_sharding(tmp_path):
-    config, processor = tiny_processor("llava", list(CORPUS) * 3)
+def test_the_callback_refuses_strategies_that_restore_after_sharding(tmp_path, trainer_factory):
+    config, processor = tiny_processor("llava", ["what color is the bus?", "red blue yes no"] * 3)
     processor.tokenizer.save_pretrained(tmp_path / "tokenizer")
     task = VQATask(model_config=config.to_dict(), tokenizer=str(tmp_path / "tokenizer"))
-    trainer = cpu_trainer(strategy=_RestoresAfterSetup("cpu"), default_root_dir=tmp_path)
+    trainer = trainer_factory(strategy=_RestoresAfterSetup("cpu"))
     with pytest.raises(ValueError, match="HINT: prune with a DDP or single-device Trainer"):
         ECoFLaPPruning(sparsity=0.5, stages=["fit"]).setup(trainer, task, "fit")

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CAPTIONS
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.models.tiny import tiny_processor
 from ecoflap_pl.tasks import ClassificationTask, RetrievalTask
 
 CLASS_NAMES = ["dog", "bus", "cat"]
+CAPTIONS = ("a dog runs on the green grass", "a red bus parked near the street", "two cats sleeping on a couch")
 
 
 @pytest.fixture(scope="module")
