@@ -18,9 +18,10 @@ from rich.console import Console
 from torch import nn
 
 import ecoflap_pl
-from ecoflap_pl.callbacks.export import save_pruned_model
+from ecoflap_pl.callbacks.export import save_pruned, source_directories
 from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
 from ecoflap_pl.callbacks.progress import StageProgress
+from ecoflap_pl.export import check_save_format, check_save_target
 from ecoflap_pl.pruning import PruningConfig, PruningResult, prune
 from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE
 from ecoflap_pl.reporting import render_table, report_dict, write_report
@@ -88,9 +89,16 @@ class ECoFLaPPruning(Callback):
         stages: the trainer entry points that prune (when not pruned yet): any of ``"fit"``, ``"validate"``,
             ``"test"``, ``"predict"``; ``[]`` never prunes (dense training or evaluation; a pruned checkpoint still
             keeps its masks).
-        save_to: directory receiving the pruned model (``save_pretrained`` for Hugging Face models, else
-            ``model.safetensors``), the task's tokenizer/processor and the report; written after pruning and again
-            at the end of ``fit`` (the fine-tuned weights).
+        save_to: directory receiving the pruned model (in ``save_format``), its masks, the task's
+            tokenizer/processor and the report; written after pruning and again at the end of ``fit`` when training
+            changed the weights. The files are written beside it and moved into place once complete, so the folder
+            always holds either its old content or the complete new one. Checked before pruning: it must not hold
+            the ``pretrained`` source weights, and must be new or empty unless ``overwrite``.
+        save_format: ``"dense"`` (``save_pretrained``, zeros in place; ``model.safetensors`` for timm/plain
+            modules), ``"sparse-bitmask"`` (the pruned weights as kept values plus a bitmask: any sparsity pattern)
+            or ``"sparse-24-bitmask"`` (2:4 masks only), the ``compressed-tensors`` sparse layouts; load any of them
+            with :func:`ecoflap_pl.export.load_pruned_model`.
+        overwrite: let ``save_to`` replace a non-empty folder (swapped out only once the new one is complete).
         report_dir: directory of ``pruning_report.json`` and ``pruning_sparsity.png``; default ``trainer.log_dir``.
         progress: show rich progress bars and the summary table on rank 0.
     """
@@ -119,6 +127,8 @@ class ECoFLaPPruning(Callback):
         seed: int = 0,
         stages: Sequence[str] = ("fit", "validate", "test"),
         save_to: str | None = None,
+        save_format: str = "dense",
+        overwrite: bool = False,
         report_dir: str | None = None,
         progress: bool = True,
     ) -> None:
@@ -146,6 +156,11 @@ class ECoFLaPPruning(Callback):
         )
         self.stages = _check_stages(stages)
         self.save_to = _check_path("save_to", save_to)
+        self.save_format = check_save_format(save_format, self.config.structure)
+        if not isinstance(overwrite, bool):
+            raise ValueError(f"`overwrite` must be True or False, got {overwrite!r}.")
+        self.overwrite = overwrite
+        self._saved_at_step: int | None = None
         self.report_dir = _check_path("report_dir", report_dir)
         if not isinstance(progress, bool):
             raise ValueError(f"`progress` must be True or False, got {progress!r}.")
@@ -168,7 +183,9 @@ class ECoFLaPPruning(Callback):
         # Fail fast, before any data or device work. Pruning itself waits for the stage's start hook: here the
         # model may still be on the CPU, and a checkpoint's callback state (the "already pruned" flag) is only
         # restored after `setup`.
-        _pruned_module(pl_module)
+        model = _pruned_module(pl_module)
+        if self.save_to is not None and (stage in self.stages or stage == "fit"):
+            self._check_save_to(model)
         if stage in self.stages and trainer.strategy.restore_checkpoint_after_setup:
             raise ValueError(
                 f"ECoFLaPPruning cannot prune under {type(trainer.strategy).__name__}: it shards the parameters and "
@@ -212,8 +229,10 @@ class ECoFLaPPruning(Callback):
             mask_weights_(_pruned_module(pl_module), self.masks)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.pruned and self.save_to is not None and trainer.is_global_zero:
-            self._save(pl_module)
+        # Saved again only when training changed the weights since the last save (`ecoflap prune` runs fit with no
+        # step: its model is written once, right after pruning).
+        if self.pruned and self.save_to is not None and trainer.global_step != self._saved_at_step:
+            self._save(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -293,9 +312,10 @@ class ECoFLaPPruning(Callback):
         if trainer.is_global_zero:
             if self.progress:
                 Console().print(render_table(result))
-            write_report(result, report_dir, metadata)
-            if self.save_to is not None:
-                self._save(pl_module)
+            paths = write_report(result, report_dir, metadata)
+            logger.info("Pruning report: %s and %s", paths["json"], paths["plot"])
+        if self.save_to is not None:
+            self._save(trainer, pl_module)
         return result
 
     def _calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
@@ -342,11 +362,31 @@ class ECoFLaPPruning(Callback):
             experiment_logger.log_hyperparams({"pruning": self.config.to_dict()})
             experiment_logger.log_metrics(metrics, step=trainer.global_step)
 
-    def _save(self, pl_module: pl.LightningModule) -> None:
+    def _check_save_to(self, model: nn.Module) -> None:
+        # Before any pruning: a refusal must come before minutes of work, with the user's files untouched. A folder
+        # this run wrote itself (pruned, then fine-tuned) is replaced without `overwrite`.
+        assert self.save_to is not None
+        check_save_target(
+            self.save_to,
+            overwrite=self.overwrite or self._saved_at_step is not None,
+            protected=source_directories(model),
+            option="save_to",
+        )
+
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.save_to is not None and self.result is not None
-        processors = [getattr(pl_module, name, None) for name in ("processor", "tokenizer")]
-        save_pruned_model(_pruned_module(pl_module), self.save_to, *processors)
-        write_report(self.result, self.save_to, (self.report or {}).get("metadata"))
+        self._saved_at_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
+        save_pruned(
+            _pruned_module(pl_module),
+            self.save_to,
+            masks=self.masks,
+            save_format=self.save_format,
+            processors=[getattr(pl_module, name, None) for name in ("processor", "tokenizer")],
+            result=self.result,
+            metadata=(self.report or {}).get("metadata"),
+        )
 
 
 def _pruned_module(pl_module: pl.LightningModule) -> nn.Module:

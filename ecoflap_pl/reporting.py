@@ -200,5 +200,5 @@ def write_report(
     json_path = directory / REPORT_JSON
     json_path.write_text(json.dumps(report_dict(result, metadata), indent=2, sort_keys=False))
     plot_path = plot_sparsity(result, directory / REPORT_PLOT)
-    logger.info("Pruning report written to %s and %s", json_path, plot_path)
+    logger.debug("Pruning report written to %s and %s", json_path, plot_path)
     return {"json": json_path, "plot": plot_path}
