@@ -22,6 +22,7 @@ from ecoflap_pl.callbacks.export import save_pruned, source_directories
 from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
 from ecoflap_pl.callbacks.progress import StageProgress
 from ecoflap_pl.export import check_save_format, check_save_target
+from ecoflap_pl.export.semi_structured import check_semi_structured, to_semi_structured_
 from ecoflap_pl.pruning import PruningConfig, PruningResult, prune
 from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE
 from ecoflap_pl.reporting import render_table, report_dict, write_report
@@ -99,6 +100,9 @@ class ECoFLaPPruning(Callback):
             or ``"sparse-24-bitmask"`` (2:4 masks only), the ``compressed-tensors`` sparse layouts; load any of them
             with :func:`ecoflap_pl.export.load_pruned_model`.
         overwrite: let ``save_to`` replace a non-empty folder (swapped out only once the new one is complete).
+        semi_structured: for ``validate``/``test``/``predict`` of a 2:4-pruned model on a CUDA GPU, swap the pruned
+            Linear weights for PyTorch semi-structured sparse tensors, so that they run on sparse tensor cores
+            (16-bit weights: use ``precision: bf16-true``). Evaluation and inference only.
         report_dir: directory of ``pruning_report.json`` and ``pruning_sparsity.png``; default ``trainer.log_dir``.
         progress: show rich progress bars and the summary table on rank 0.
     """
@@ -131,6 +135,7 @@ class ECoFLaPPruning(Callback):
         overwrite: bool = False,
         report_dir: str | None = None,
         progress: bool = True,
+        semi_structured: bool = False,
     ) -> None:
         self.config = PruningConfig(
             sparsity=sparsity,
@@ -161,6 +166,10 @@ class ECoFLaPPruning(Callback):
             raise ValueError(f"`overwrite` must be True or False, got {overwrite!r}.")
         self.overwrite = overwrite
         self._saved_at_step: int | None = None
+        if not isinstance(semi_structured, bool):
+            raise ValueError(f"`semi_structured` must be True or False, got {semi_structured!r}.")
+        self.semi_structured = semi_structured
+        self._on_sparse_kernels = False
         self.report_dir = _check_path("report_dir", report_dir)
         if not isinstance(progress, bool):
             raise ValueError(f"`progress` must be True or False, got {progress!r}.")
@@ -186,6 +195,8 @@ class ECoFLaPPruning(Callback):
         model = _pruned_module(pl_module)
         if self.save_to is not None and (stage in self.stages or stage == "fit"):
             self._check_save_to(model)
+        if self.semi_structured:
+            self._check_semi_structured(trainer, stage)
         if stage in self.stages and trainer.strategy.restore_checkpoint_after_setup:
             raise ValueError(
                 f"ECoFLaPPruning cannot prune under {type(trainer.strategy).__name__}: it shards the parameters and "
@@ -259,6 +270,8 @@ class ECoFLaPPruning(Callback):
     # ---------------------------------------------------------------- workers
 
     def _ensure_pruned(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._on_sparse_kernels:
+            return  # the masked weights already live in 2:4 sparse tensors
         if self.pruned:
             # Restored from a checkpoint or pruned by an earlier stage: put the masks on the weights' device and
             # make sure the weights honour them.
@@ -268,6 +281,17 @@ class ECoFLaPPruning(Callback):
             # batches are ordinary tensors and first-order scoring can back-propagate.
             with torch.inference_mode(False), torch.enable_grad():
                 self._prune(trainer, pl_module, stage)
+        if self.semi_structured and self.pruned and stage != "fit":
+            to_semi_structured_(_pruned_module(pl_module), self.masks)
+            self._on_sparse_kernels = True
+
+    def _check_semi_structured(self, trainer: pl.Trainer, stage: str) -> None:
+        if stage == "fit":
+            raise ValueError(
+                "`semi_structured` swaps weights for sparse tensors that cannot be trained, so it is for validate, "
+                "test and predict only. HINT: fine-tune without it, then evaluate the checkpoint with it."
+            )
+        check_semi_structured(self.config.structure, trainer.strategy.root_device)
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> PruningResult:
         model = _pruned_module(pl_module)
