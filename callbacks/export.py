@@ -44,16 +44,17 @@ def save_pruned(
     with atomic_directory(target) as partial:
         saved = write_pruned_model(model, partial, dict(masks), save_format, processors)
         write_report(result, partial, {**(metadata or {}), "export": saved.to_dict()})
-    logger.info(
-        "Pruned %s saved to %s as %s: weights %s on disk (%s dense, %.0f%%)",
-        type(model).__name__,
-        target,
-        save_format,
-        _megabytes(saved.weights_bytes),
-        _megabytes(saved.dense_bytes),
-        100 * saved.weights_bytes / max(saved.dense_bytes, 1),
-    )
+    logger.info("%s", describe_saved(saved, target))
     return saved
+
+
+def describe_saved(saved: SavedModel, target: str | Path) -> str:
+    """One line: where the model went, in which format, and its size on disk beside the dense size."""
+    share = 100 * saved.weights_bytes / max(saved.dense_bytes, 1)
+    return (
+        f"Pruned model saved to {target} ({saved.save_format}): weights {_megabytes(saved.weights_bytes)} on disk, "
+        f"{share:.0f}% of the dense {_megabytes(saved.dense_bytes)}"
+    )
 
 
 def _megabytes(size: int) -> str:

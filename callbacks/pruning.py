@@ -18,7 +18,7 @@ from rich.console import Console
 from torch import nn
 
 import ecoflap_pl
-from ecoflap_pl.callbacks.export import save_pruned, source_directories
+from ecoflap_pl.callbacks.export import describe_saved, save_pruned, source_directories
 from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
 from ecoflap_pl.callbacks.progress import StageProgress
 from ecoflap_pl.export import check_save_format, check_save_target
@@ -334,10 +334,11 @@ class ECoFLaPPruning(Callback):
         self.report = report_dict(result, metadata)
         self._log_to_loggers(trainer, result)
         if trainer.is_global_zero:
-            if self.progress:
-                Console().print(render_table(result))
             paths = write_report(result, report_dir, metadata)
             logger.info("Pruning report: %s and %s", paths["json"], paths["plot"])
+            if self.progress:
+                Console().print(render_table(result))
+                Console().print(f"Pruning report: {paths['json']}\nSparsity plot:  {paths['plot']}")
         if self.save_to is not None:
             self._save(trainer, pl_module)
         return result
@@ -402,7 +403,7 @@ class ECoFLaPPruning(Callback):
         self._saved_at_step = trainer.global_step
         if not trainer.is_global_zero:
             return
-        save_pruned(
+        saved = save_pruned(
             _pruned_module(pl_module),
             self.save_to,
             masks=self.masks,
@@ -411,6 +412,8 @@ class ECoFLaPPruning(Callback):
             result=self.result,
             metadata=(self.report or {}).get("metadata"),
         )
+        if self.progress:
+            Console().print(describe_saved(saved, self.save_to))
 
 
 def _pruned_module(pl_module: pl.LightningModule) -> nn.Module:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
+from ecoflap_pl.console import quiet_lightning
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.tasks.base import EcoflapTask
 
@@ -99,6 +100,7 @@ class EcoflapCLI(LightningCLI):
         callback = self.trainer.pruning_callback()
         if callback.pruned:
             raise ValueError("`compare_dense` needs a dense model, but the model given is already pruned.")
+        kwargs = {**kwargs, "verbose": False}  # one table of both runs below, not one per run
         self.trainer.callbacks.remove(callback)
         try:
             dense = run(**kwargs)
@@ -148,6 +150,7 @@ def build_cli(args: list[str] | None = None, **kwargs: Any) -> EcoflapCLI:
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point: ``ecoflap {fit,validate,test,predict,prune} -c CONFIG.yaml``."""
+    quiet_lightning()
     build_cli(args, save_config_kwargs={"overwrite": True})
 
 
