@@ -140,7 +140,7 @@ def _write_hf_configs(model: nn.Module, directory: Path, save_format: str, masks
     config["architectures"] = [type(model).__name__]  # as save_pretrained records it
     config["quantization_config"] = {
         "quant_method": "compressed-tensors",
-        "format": "dense",
+        "transform_config": {},
         "sparsity_config": {
             "format": save_format,
             "global_sparsity": 1 - kept / total if total else 0.0,
