@@ -24,7 +24,7 @@ from ecoflap_pl.callbacks.progress import StageProgress
 from ecoflap_pl.export import check_save_format, check_save_target
 from ecoflap_pl.export.semi_structured import check_semi_structured, to_semi_structured_
 from ecoflap_pl.pruning import PruningConfig, PruningResult, prune
-from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE
+from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE, AllocationName
 from ecoflap_pl.reporting import render_table, report_dict, write_report
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,14 @@ class ECoFLaPPruning(Callback):
     Args:
         sparsity: target fraction of zeros over all candidate weights, in [0, 1).
         max_sparsity: cap on any group's sparsity; default ``sparsity + 0.1``.
-        importance: ``"zeroth_order"`` (forward-only), ``"first_order"`` (backprop) or ``"uniform"``.
+        importance: ``"zeroth_order"`` (forward-only), ``"first_order"`` (backprop) or ``"uniform"`` (no scores;
+            with the default allocation, the uniform baseline).
+        allocation: per-group sparsity strategy: ``"ecoflap"`` (the paper's rule), ``"uniform"``, ``"owl"``,
+            ``"from_report"`` or ``"auto"`` (the candidate with the lowest held-out calibration loss).
+        owl_m: OWL's outlier multiple ``M`` (Wanda scores above ``M`` × the block mean are outliers).
+        owl_lambda: OWL's band: group sparsities stay in ``[sparsity − λ, sparsity + λ]``.
+        allocation_report: ``pruning_report.json`` of an earlier run, for ``allocation: from_report``.
+        auto_holdout_samples: held-out calibration samples that score ``auto``'s candidates.
         score: ``"grad_only"``, ``"grad_mag_abs"`` or ``"grad_mag_square"``.
         aggregate: group score as the ``"sum"`` or the ``"avg"`` of its elements' scores.
         granularity: one sparsity per ``"block"``, per weight tensor (``"layer"``) or per tower (``"model"``).
@@ -112,6 +119,11 @@ class ECoFLaPPruning(Callback):
         sparsity: float = 0.5,
         max_sparsity: float | None = None,
         importance: str = "zeroth_order",
+        allocation: AllocationName = "ecoflap",
+        owl_m: float = 5.0,
+        owl_lambda: float = 0.08,
+        allocation_report: str | None = None,
+        auto_holdout_samples: int = 16,
         score: str = "grad_only",
         aggregate: str = "sum",
         granularity: str = "block",
@@ -141,6 +153,11 @@ class ECoFLaPPruning(Callback):
             sparsity=sparsity,
             max_sparsity=max_sparsity,
             importance=importance,
+            allocation=allocation,
+            owl_m=owl_m,
+            owl_lambda=owl_lambda,
+            allocation_report=allocation_report,
+            auto_holdout_samples=auto_holdout_samples,
             score=score,
             aggregate=aggregate,
             granularity=granularity,
@@ -354,7 +371,7 @@ class ECoFLaPPruning(Callback):
                 "`def calibration_dataloader(self, num_samples: int | None = None) -> DataLoader` to your "
                 "LightningDataModule and pass it as `datamodule=`."
             )
-        loader = factory(max(self.config.coarse_samples, self.config.fine_samples))
+        loader = factory(self.config.calibration_samples)
         batches = list(loader)
         world_size, rank = trainer.world_size, trainer.global_rank
         # Each stage uses the leading batches holding its samples and gives rank r those with id % world_size == r.

@@ -86,11 +86,21 @@ def _tower_totals(result: PruningResult, rows: list[BlockRow], tower: str) -> tu
     return params, target
 
 
+def _allocation_label(result: PruningResult) -> str:
+    """``"zeroth_order"`` for the paper's rule (as before allocations had names), else the allocation's name."""
+    config = result.config
+    if config.allocation == "ecoflap":
+        return config.importance
+    if result.chosen_candidate is not None:
+        return f"auto -> {result.chosen_candidate}"
+    return config.allocation
+
+
 def sparsity_table(result: PruningResult) -> Table:
     """Per block and per tower: parameters, coarse score, target and achieved sparsity; the overall total last."""
     config = result.config
     table = Table(
-        title=f"ECoFLaP: {config.importance} + {config.method}, target {_pct(config.sparsity)}",
+        title=f"ECoFLaP: {_allocation_label(result)} + {config.method}, target {_pct(config.sparsity)}",
         title_justify="left",
     )
     for column, justify in (("tower / block", "left"), ("params", "right"), ("score", "right")):
@@ -136,11 +146,31 @@ def stage_table(result: PruningResult) -> Table:
     return table
 
 
+def candidate_table(result: PruningResult) -> Table:
+    """``auto``'s candidates in the order tried: held-out loss, range of group sparsities, the chosen one marked;
+    the caption gives the search's cost as a ratio to a plain run."""
+    table = Table(title="auto: candidate allocations", title_justify="left")
+    for column in ("candidate", "held-out loss", "min sparsity", "max sparsity", "chosen"):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for candidate in result.candidates:
+        values = candidate.group_sparsity.values()
+        chosen = "*" if candidate.name == result.chosen_candidate else ""
+        style = "bold" if chosen else None
+        row = (candidate.name, f"{candidate.heldout_loss:.6g}", _pct(min(values)), _pct(max(values)), chosen)
+        table.add_row(*row, style=style)
+    if result.search_cost_ratio is not None:
+        table.caption = f"time: {result.search_cost_ratio:.2f}x a plain run (discovery, coarse and fine steps)"
+    return table
+
+
 def render_table(result: PruningResult) -> Table:
-    """The summary of a run: :func:`sparsity_table` above :func:`stage_table`, as one rich renderable table."""
+    """The summary of a run: :func:`sparsity_table`, ``auto``'s :func:`candidate_table` when it searched, and
+    :func:`stage_table`, as one rich renderable table."""
     grid = Table.grid(padding=(1, 0))
     grid.add_column()
     grid.add_row(sparsity_table(result))
+    if result.candidates:
+        grid.add_row(candidate_table(result))
     grid.add_row(stage_table(result))
     return grid
 
@@ -173,12 +203,14 @@ def plot_sparsity(result: PruningResult, path: str | Path) -> Path:
         axes.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=3, label=tower or "<root>")
     config = result.config
     axes.axhline(100 * config.sparsity, color="grey", linestyle="--", linewidth=1, label="target")
-    if config.max_sparsity is not None and config.importance != "uniform":
+    if config.max_sparsity is not None and config.allocation == "ecoflap":
         axes.axhline(100 * config.max_sparsity, color="grey", linestyle=":", linewidth=1, label="max_sparsity")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("block index within tower")
     axes.set_ylabel("sparsity (%)")
-    axes.set_title(f"Per-block sparsity ({config.importance}, {config.method}, {100 * config.sparsity:g}% target)")
+    axes.set_title(
+        f"Per-block sparsity ({_allocation_label(result)}, {config.method}, {100 * config.sparsity:g}% target)"
+    )
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()

@@ -99,6 +99,7 @@ def fine_prune_(
     monitor: StageMonitor,
     all_reduce: AllReduce | None = None,
     on_block_done: Callable[[], None] | None = None,
+    observe: Callable[[Mapping[str, nn.Parameter], Mapping[str, InputStatistics]], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prune every candidate at its sparsity, stack by stack in forward order; return the masks.
 
@@ -109,7 +110,10 @@ def fine_prune_(
     hidden stream.
 
     Args:
+        tensor_sparsity: parameter name -> sparsity; a candidate missing here is measured but left dense.
         batches: ``(global batch id, batch)`` pairs of this rank.
+        observe: called for every block with its candidate weights and their input statistics (summed over ranks),
+            before the block is pruned (the dense Wanda pass of the OWL allocation).
     """
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
@@ -149,7 +153,11 @@ def fine_prune_(
                 if all_reduce is not None:
                     for stats in statistics.values():
                         stats.all_reduce_(all_reduce)
+            if observe is not None:
+                observe(weights, statistics)
             for name, weight in weights.items():
+                if name not in tensor_sparsity:
+                    continue
                 transaction.save(weight)
                 masks[name] = _prune_weight_(weight, statistics.get(name), tensor_sparsity[name], config)
             del statistics

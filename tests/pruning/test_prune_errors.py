@@ -101,7 +101,8 @@ def test_scoring_with_uniform_importance(toy_model):
 
 
 def test_engine_import_pulls_in_no_lightning_stack():
-    """The engine is pure PyTorch (STYLE.md habit 1): importing it loads no Lightning, torchmetrics or jsonargparse."""
+    """The engine is pure PyTorch (docs/contributing.md, Habits): importing it loads no Lightning, torchmetrics or
+    jsonargparse."""
     code = (
         "import sys, ecoflap_pl.pruning\n"
         "print(sorted({name.split('.')[0] for name in sys.modules} & {'lightning', 'pytorch_lightning', "
