@@ -167,7 +167,12 @@ def test_prune_writes_the_model_once_in_the_chosen_format(tmp_path: Path, monkey
     monkeypatch.setattr(callback_export, "write_pruned_model", lambda *a, **k: writes.append(a) or real(*a, **k))
     callback = ECoFLaPPruning(**FAST, save_to=str(tmp_path / "pruned"), save_format="sparse-bitmask")
     trainer = EcoflapTrainer(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[callback]
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
     )
     trainer.prune(TinyLlamaTask(), datamodule=Sentences())
     assert len(writes) == 1
