@@ -121,8 +121,12 @@ def sparsity_table(result: PruningResult) -> Table:
     total = sum(result.sizes.values())
     overall_target = sum(result.target_sparsity[n] * result.sizes[n] for n in result.sizes) / total if total else 0.0
     table.add_row("total", f"{total:,}", "", _pct(overall_target), _pct(result.overall_sparsity), style="bold")
+    captions = []
+    if result.prior_sparsity:
+        captions.append(f"{_pct(result.prior_sparsity)} of the candidate weights were already zero before this run")
     if result.skipped_stacks:
-        table.caption = f"left dense (never ran in the calibration loss): {', '.join(result.skipped_stacks)}"
+        captions.append(f"left dense (never ran in the calibration loss): {', '.join(result.skipped_stacks)}")
+    table.caption = "; ".join(captions) or None
     return table
 
 
@@ -226,11 +230,21 @@ def write_report(
 
     Returns:
         ``{"json": path, "plot": path}``.
+
+    Raises:
+        OSError: the folder cannot be written (disk full, no permission, a file in the way), naming the folder.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / REPORT_JSON
-    json_path.write_text(json.dumps(report_dict(result, metadata), indent=2, sort_keys=False))
-    plot_path = plot_sparsity(result, directory / REPORT_PLOT)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report_dict(result, metadata), indent=2, sort_keys=False))
+        plot_path = plot_sparsity(result, directory / REPORT_PLOT)
+    except OSError as error:
+        raise OSError(
+            error.errno,
+            f"The pruning report could not be written to {directory}: {error.strerror or error}. HINT: free space "
+            "or fix the permissions there, or set `pruning.report_dir` to another folder.",
+        ) from error
     logger.debug("Pruning report written to %s and %s", json_path, plot_path)
     return {"json": json_path, "plot": plot_path}

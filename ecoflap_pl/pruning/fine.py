@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, cast
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from ecoflap_pl.pruning.calls import BlockCall, capture_block_calls
 from ecoflap_pl.pruning.config import PruningConfig
 from ecoflap_pl.pruning.discovery import Candidate, Stack
-from ecoflap_pl.pruning.loss import LossFn
+from ecoflap_pl.pruning.loss import LossFn, run_on_batch
 from ecoflap_pl.pruning.masks import apply_mask_, magnitude_scores, select_mask, wanda_scores
 from ecoflap_pl.pruning.monitor import StageMonitor
 from ecoflap_pl.pruning.sparsegpt import sparsegpt_prune_
@@ -122,6 +123,7 @@ def fine_prune_(
         by_block.setdefault(candidate.block, []).append(candidate)
     masks: dict[str, torch.Tensor] = {}
     needs_inputs = config.method != "magnitude"
+    batch_ids = {id(batch): batch_id for batch_id, batch in batches}
 
     for stack in stacks:
         blocks = [modules[name] for name in stack.blocks]
@@ -129,7 +131,7 @@ def fine_prune_(
             calls = capture_block_calls(
                 blocks,
                 [batch for _, batch in batches],
-                lambda batch: loss_fn(model, batch),
+                lambda batch: run_on_batch(partial(loss_fn, model), batch, batch_ids[id(batch)]),
                 calls_per_forward=stack.calls_per_forward,
             )
             monitor.full_forwards += len(batches)

@@ -38,7 +38,20 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``, called as each unit of work of a stage finishes."""
 
-_SCORE_SETTINGS = ("importance", "score", "aggregate", "granularity", "probe_granularity", "include", "exclude")
+_SCORE_SETTINGS = (
+    "importance",
+    "score",
+    "aggregate",
+    "granularity",
+    "probe_granularity",
+    "include",
+    "exclude",
+    "coarse_samples",
+    "eps",
+    "probes",
+    "seed",
+)
+_PRIOR_SPARSITY_WARNING = 0.01
 
 
 @dataclass(frozen=True)
@@ -297,7 +310,7 @@ def _score(
             summed = all_reduce(torch.tensor([raw[k] for k in keys], dtype=torch.float64, device=device))
             raw = dict(zip(keys, summed.tolist(), strict=True))
         scores = _aggregate(plan, params, raw, config, len(chosen))
-    settings = {name: getattr(config, name) for name in _SCORE_SETTINGS}
+    settings = _score_settings(config, plan, params)
     logger.info(
         "Coarse step (%s) done in %.1f s, %d forward passes",
         config.importance,
@@ -328,14 +341,34 @@ def score_groups(
         return _score(model, plan, calibration_batches, loss_fn, config, all_reduce, rank, world_size, progress)
 
 
-def _check_scores(scores: GroupScores, plan: _Plan, config: PruningConfig) -> None:
-    settings = {name: getattr(config, name) for name in _SCORE_SETTINGS}
-    differing = {k: (scores.settings.get(k), v) for k, v in settings.items() if scores.settings.get(k) != v}
+def _score_settings(config: PruningConfig, plan: _Plan, params: dict[str, nn.Parameter]) -> dict[str, Any]:
+    """What the coarse scores depend on: the scoring fields of the config and the candidates' names and shapes."""
+    settings: dict[str, Any] = {name: getattr(config, name) for name in _SCORE_SETTINGS}
+    settings["candidates"] = tuple(f"{c.name}:{tuple(params[c.name].shape)}" for c in plan.candidates)
+    return settings
+
+
+def _check_scores(scores: GroupScores, plan: _Plan, config: PruningConfig, params: dict[str, nn.Parameter]) -> None:
+    settings = _score_settings(config, plan, params)
+    differing = sorted(k for k, v in settings.items() if scores.settings.get(k) != v)
     if differing or scores.groups != plan.groups:
+        described = [
+            "candidates (another model: other weight names or shapes)"
+            if k == "candidates"
+            else f"{k} ({scores.settings.get(k)!r} in the scores, {settings[k]!r} now)"
+            for k in differing
+        ]
         raise ValueError(
-            f"`scores` were computed with other settings or for other groups than this run: {differing or 'groups'}. "
-            "HINT: compute them with score_groups() on the same model with the same config."
+            f"`scores` were computed with other settings or another model than this run: "
+            f"{'; '.join(described) or 'other groups'}. HINT: compute them with score_groups() on the same model "
+            "with the same config (only `sparsity`, `max_sparsity` and the fine-step settings may change)."
         )
+
+
+def _prior_zeros(params: dict[str, nn.Parameter], candidates: Sequence[Candidate]) -> dict[str, int]:
+    """Candidate weights that are exactly zero before pruning (the model was pruned before), per tensor."""
+    counts = {c.name: int((params[c.name] == 0).sum()) for c in candidates}
+    return {name: count for name, count in counts.items() if count}
 
 
 def _tensor_sparsity(plan: _Plan, group_sparsity: Mapping[str, float]) -> dict[str, float]:
@@ -384,8 +417,17 @@ def prune(
     if config.allocation_report is not None:
         read_allocation_report(config.allocation_report)  # fail before any work
     stages: dict[str, StageStats] = {}
+    params = dict(model.named_parameters())
     with pruning_session(model) as transaction:
         plan, stages["discovery"] = _plan(model, calibration_batches, loss_fn, config, rank, world_size)
+        prior_zeros = _prior_zeros(params, plan.candidates)
+        prior_sparsity = sum(prior_zeros.values()) / max(sum(c.numel for c in plan.candidates), 1)
+        if prior_sparsity >= _PRIOR_SPARSITY_WARNING:
+            logger.warning(
+                "%.1f%% of the candidate weights are already zero before pruning (the model was pruned before?). "
+                "They stay pruned: the masks and the achieved sparsity include them.",
+                100 * prior_sparsity,
+            )
         device = next(model.parameters()).device
         fine_batches = _shard(
             _leading_batches(calibration_batches, config.fine_samples, "The fine step"),
@@ -403,7 +445,7 @@ def prune(
                         model, plan, calibration_batches, loss_fn, config, all_reduce, rank, world_size, progress
                     )
                 else:
-                    _check_scores(scores, plan, config)
+                    _check_scores(scores, plan, config, params)
                     computed["scores"] = scores
                 stages["coarse"] = computed["scores"].stats
             return computed["scores"]
@@ -481,6 +523,8 @@ def prune(
                 on_block_done=block_done,
             )
         stages["fine"] = monitor.stats
+        for name in prior_zeros:  # weights that were zero already are pruned too, whatever the new mask says
+            masks[name] = masks[name] & (params[name] != 0)
     sizes = {c.name: c.numel for c in plan.candidates}
     achieved = {name: 1.0 - float(mask.sum()) / mask.numel() for name, mask in masks.items()}
     result = PruningResult(
@@ -495,6 +539,7 @@ def prune(
         stages=stages,
         masks=masks,
         skipped_stacks=tuple(stack.name for stack in plan.skipped),
+        prior_sparsity=prior_sparsity,
         group_outlier_ratios=outliers.get(config.owl_m, {}),
         candidates=allocation.candidates,
         chosen_candidate=allocation.chosen,

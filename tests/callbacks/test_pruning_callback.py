@@ -305,6 +305,18 @@ def test_first_order_scoring_runs_inside_evaluation_stages(tmp_path: Path, entry
     assert zero_fraction(task.model) >= 0.45
 
 
+def test_empty_calibration_data_names_the_split_not_the_sample_counts(tmp_path: Path) -> None:
+    class EmptyCalibration(ToyData):
+        def calibration_dataloader(self, num_samples: int | None = None) -> DataLoader:
+            return DataLoader([], batch_size=4)
+
+    task = ToyTask()
+    before = {name: tensor.clone() for name, tensor in task.state_dict().items()}
+    with pytest.raises(ValueError, match=r"EmptyCalibration yielded no batch: the split it samples .* is empty"):
+        trainer(tmp_path, [ECoFLaPPruning(**FAST)]).validate(task, datamodule=EmptyCalibration())
+    assert all(torch.equal(tensor, before[name]) for name, tensor in task.state_dict().items())
+
+
 def test_auto_allocation_reads_its_heldout_samples_and_reports_the_candidates(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
