@@ -20,9 +20,11 @@ from rich.console import Console
 from torch import nn
 
 import ecoflap_pl
-from ecoflap_pl.callbacks.export import save_pruned_model
+from ecoflap_pl.callbacks.export import describe_saved, save_pruned, source_directories
 from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
 from ecoflap_pl.callbacks.progress import StageProgress
+from ecoflap_pl.export import check_save_format, check_save_target
+from ecoflap_pl.export.semi_structured import check_semi_structured, to_semi_structured_
 from ecoflap_pl.pruning import PruningConfig, PruningResult, prune
 from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE, AllocationName
 from ecoflap_pl.reporting import REPORT_JSON, render_table, report_dict, write_report
@@ -97,9 +99,19 @@ class ECoFLaPPruning(Callback):
         stages: the trainer entry points that prune (when not pruned yet): any of ``"fit"``, ``"validate"``,
             ``"test"``, ``"predict"``; ``[]`` never prunes (dense training or evaluation; a pruned checkpoint still
             keeps its masks).
-        save_to: directory receiving the pruned model (``save_pretrained`` for Hugging Face models, else
-            ``model.safetensors``), the task's tokenizer/processor and the report; written after pruning and again
-            at the end of ``fit`` (the fine-tuned weights).
+        save_to: directory receiving the pruned model (in ``save_format``), its masks, the task's
+            tokenizer/processor and the report; written after pruning and again at the end of ``fit`` when training
+            changed the weights. The files are written beside it and moved into place once complete, so the folder
+            always holds either its old content or the complete new one. Checked before pruning: it must not hold
+            the ``pretrained`` source weights, and must be new or empty unless ``overwrite``.
+        save_format: ``"dense"`` (``save_pretrained``, zeros in place; ``model.safetensors`` for timm/plain
+            modules), ``"sparse-bitmask"`` (the pruned weights as kept values plus a bitmask: any sparsity pattern)
+            or ``"sparse-24-bitmask"`` (2:4 masks only), the ``compressed-tensors`` sparse layouts; load any of them
+            with :func:`ecoflap_pl.export.load_pruned_model`.
+        overwrite: let ``save_to`` replace a non-empty folder (swapped out only once the new one is complete).
+        semi_structured: for ``validate``/``test``/``predict`` of a 2:4-pruned model on a CUDA GPU, swap the pruned
+            Linear weights for PyTorch semi-structured sparse tensors, so that they run on sparse tensor cores
+            (16-bit weights: use ``precision: bf16-true``). Evaluation and inference only.
         report_dir: directory of ``pruning_report.json`` and ``pruning_sparsity.png``; default ``trainer.log_dir``.
         progress: show rich progress bars and the summary table on rank 0.
     """
@@ -133,8 +145,11 @@ class ECoFLaPPruning(Callback):
         seed: int = 0,
         stages: Sequence[str] = ("fit", "validate", "test"),
         save_to: str | None = None,
+        save_format: str = "dense",
+        overwrite: bool = False,
         report_dir: str | None = None,
         progress: bool = True,
+        semi_structured: bool = False,
     ) -> None:
         self.config = PruningConfig(
             sparsity=sparsity,
@@ -165,6 +180,15 @@ class ECoFLaPPruning(Callback):
         )
         self.stages = _check_stages(stages)
         self.save_to = _check_path("save_to", save_to)
+        self.save_format = check_save_format(save_format, self.config.structure)
+        if not isinstance(overwrite, bool):
+            raise ValueError(f"`overwrite` must be True or False, got {overwrite!r}.")
+        self.overwrite = overwrite
+        self._saved_at_step: int | None = None
+        if not isinstance(semi_structured, bool):
+            raise ValueError(f"`semi_structured` must be True or False, got {semi_structured!r}.")
+        self.semi_structured = semi_structured
+        self._on_sparse_kernels = False
         self.report_dir = _check_path("report_dir", report_dir)
         if not isinstance(progress, bool):
             raise ValueError(f"`progress` must be True or False, got {progress!r}.")
@@ -188,7 +212,11 @@ class ECoFLaPPruning(Callback):
         # Fail fast, before any data or device work. Pruning itself waits for the stage's start hook: here the
         # model may still be on the CPU, and a checkpoint's callback state (the "already pruned" flag) is only
         # restored after `setup`.
-        _pruned_module(pl_module)
+        model = _pruned_module(pl_module)
+        if self.save_to is not None and (stage in self.stages or stage == "fit"):
+            self._check_save_to(model)
+        if self.semi_structured:
+            self._check_semi_structured(trainer, stage)
         if stage in self.stages and trainer.strategy.restore_checkpoint_after_setup:
             raise ValueError(
                 f"ECoFLaPPruning cannot prune under {type(trainer.strategy).__name__}: it shards the parameters and "
@@ -232,8 +260,10 @@ class ECoFLaPPruning(Callback):
             mask_weights_(_pruned_module(pl_module), self.masks)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.pruned and self.save_to is not None and trainer.is_global_zero:
-            self._save(pl_module)
+        # Saved again only when training changed the weights since the last save (`ecoflap prune` runs fit with no
+        # step: its model is written once, right after pruning).
+        if self.pruned and self.save_to is not None and trainer.global_step != self._saved_at_step:
+            self._save(trainer, pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn == "fit" and self.save_to is not None and trainer.is_global_zero:
@@ -284,6 +314,8 @@ class ECoFLaPPruning(Callback):
     # ---------------------------------------------------------------- workers
 
     def _ensure_pruned(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._on_sparse_kernels:
+            return  # the masked weights already live in 2:4 sparse tensors
         if self.pruned:
             # Restored from a checkpoint or pruned by an earlier stage: put the masks on the weights' device and
             # make sure the weights honour them.
@@ -306,6 +338,17 @@ class ECoFLaPPruning(Callback):
                 f"`pruning.stages` is {list(self.stages)}, so `{stage}` runs on the dense model (nothing is pruned). "
                 f"HINT: add '{stage}' to pruning.stages to prune before {stage}."
             )
+        if self.semi_structured and self.pruned and stage != "fit":
+            to_semi_structured_(_pruned_module(pl_module), self.masks)
+            self._on_sparse_kernels = True
+
+    def _check_semi_structured(self, trainer: pl.Trainer, stage: str) -> None:
+        if stage == "fit":
+            raise ValueError(
+                "`semi_structured` swaps weights for sparse tensors that cannot be trained, so it is for validate, "
+                "test and predict only. HINT: fine-tune without it, then evaluate the checkpoint with it."
+            )
+        check_semi_structured(self.config.structure, trainer.strategy.root_device)
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> PruningResult:
         model = _pruned_module(pl_module)
@@ -348,11 +391,13 @@ class ECoFLaPPruning(Callback):
         self.report = report_dict(result, metadata)
         self._log_to_loggers(trainer, result)
         if trainer.is_global_zero:
+            paths = write_report(result, report_dir, metadata)
+            logger.info("Pruning report: %s and %s", paths["json"], paths["plot"])
             if self.progress:
                 Console().print(render_table(result))
-            write_report(result, report_dir, metadata)
-            if self.save_to is not None:
-                self._save(pl_module)
+                Console().print(f"Pruning report: {paths['json']}\nSparsity plot:  {paths['plot']}")
+        if self.save_to is not None:
+            self._save(trainer, pl_module)
         return result
 
     def _calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
@@ -405,12 +450,24 @@ class ECoFLaPPruning(Callback):
             experiment_logger.log_hyperparams({"pruning": self.config.to_dict()})
             experiment_logger.log_metrics(metrics, step=trainer.global_step)
 
+    def _check_save_to(self, model: nn.Module) -> None:
+        # Before any pruning: a refusal must come before minutes of work, with the user's files untouched. A folder
+        # this run wrote itself (pruned, then fine-tuned) is replaced without `overwrite`.
+        assert self.save_to is not None
+        check_save_target(
+            self.save_to,
+            overwrite=self.overwrite or self._saved_at_step is not None,
+            protected=source_directories(model),
+            option="save_to",
+        )
+
     def _interrupted_save_notice(self, global_step: int) -> str:
         """What ``save_to`` holds after ``fit`` stopped early (an interrupt or an error)."""
         if not self.pruned:
             return f"`fit` stopped before pruning finished: weights unchanged, nothing saved to {self.save_to}."
         saved = _read_report_metadata(Path(self.save_to) / REPORT_JSON)
-        ours = self.report is not None and saved is not None and saved == self.report.get("metadata")
+        saved_run = None if saved is None else {key: value for key, value in saved.items() if key != "export"}
+        ours = self.report is not None and saved_run == self.report.get("metadata")
         if not ours:
             return f"`fit` stopped at step {global_step}: nothing from this run was saved to {self.save_to}."
         return (
@@ -419,11 +476,22 @@ class ECoFLaPPruning(Callback):
             "when fit ends."
         )
 
-    def _save(self, pl_module: pl.LightningModule) -> None:
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.save_to is not None and self.result is not None
-        processors = [getattr(pl_module, name, None) for name in ("processor", "tokenizer")]
-        save_pruned_model(_pruned_module(pl_module), self.save_to, *processors)
-        write_report(self.result, self.save_to, (self.report or {}).get("metadata"))
+        self._saved_at_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
+        saved = save_pruned(
+            _pruned_module(pl_module),
+            self.save_to,
+            masks=self.masks,
+            save_format=self.save_format,
+            processors=[getattr(pl_module, name, None) for name in ("processor", "tokenizer")],
+            result=self.result,
+            metadata=(self.report or {}).get("metadata"),
+        )
+        if self.progress:
+            Console().print(describe_saved(saved, self.save_to))
 
 
 def _read_report_metadata(path: Path) -> dict[str, Any] | None:

@@ -246,5 +246,5 @@ def write_report(
             f"The pruning report could not be written to {directory}: {error.strerror or error}. HINT: free space "
             "or fix the permissions there, or set `pruning.report_dir` to another folder.",
         ) from error
-    logger.info("Pruning report written to %s and %s", json_path, plot_path)
+    logger.debug("Pruning report written to %s and %s", json_path, plot_path)
     return {"json": json_path, "plot": plot_path}

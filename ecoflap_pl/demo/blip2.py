@@ -161,7 +161,7 @@ def train_demo_blip2(out: Path, paths: DemoPaths, preset: DemoPreset, vit_weight
         shuffle_seed=recipe.seed,
     )
     log.info("Training the demo BLIP-2 (%d steps); it is cached in %s", recipe.steps, out.parent)
-    fit(task, data, recipe.steps, recipe.seed)
+    fit(task, data, recipe.steps, recipe.seed, "Training the demo BLIP-2")
     task.model.save_pretrained(out)
     task.processor.save_pretrained(out)
 
