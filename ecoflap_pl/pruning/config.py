@@ -13,6 +13,7 @@ GRANULARITIES = ("block", "layer", "model")
 METHODS = ("wanda", "sparsegpt", "magnitude")
 COMPARISONS = ("per_row", "per_matrix")
 PROBE_GRANULARITIES = ("per_tensor", "per_block")
+ACTIVATION_STORAGES = ("auto", "device", "cpu", "recompute")
 _NM_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 # Never pruned by default (ALGORITHM.md §2): BLIP-2's whole Q-Former. Embeddings, heads and inter-tower
 # projections sit outside the discovered block stacks and are never candidates anyway.
@@ -56,6 +57,12 @@ class PruningConfig:
         sparsegpt_block_size: SparseGPT column block size.
         sparsegpt_damping: SparseGPT damping as a fraction of the mean Hessian diagonal.
         seed: seed of every random choice (zeroth-order directions).
+        activation_storage: zeroth order: where the dense block outputs recorded once per calibration batch for
+            prefix reuse are kept: ``"auto"`` (on the device while they take at most a quarter of its free memory,
+            else on the CPU), ``"device"``, ``"cpu"`` (offloaded), or ``"recompute"`` (record nothing: one full
+            forward per probe, weights perturbed in place; the reference loop).
+        max_probe_replicas: zeroth order: most probes evaluated in one forward on copies of the calibration batch
+            (the number used is chosen from the memory left); 1 evaluates one probe per forward.
     """
 
     sparsity: float = 0.5
@@ -78,6 +85,8 @@ class PruningConfig:
     sparsegpt_block_size: int = 128
     sparsegpt_damping: float = 0.01
     seed: int = 0
+    activation_storage: str = "auto"
+    max_probe_replicas: int = 8
 
     def __post_init__(self) -> None:
         def normalise(name: str, value: Any) -> None:
@@ -105,7 +114,8 @@ class PruningConfig:
         default_comparison = "per_matrix" if self.method == "magnitude" else "per_row"
         comparison = default_comparison if self.comparison is None else self.comparison
         normalise("comparison", _choice("comparison", comparison, COMPARISONS))
-        for name in ("coarse_samples", "fine_samples", "probes", "sparsegpt_block_size"):
+        normalise("activation_storage", _choice("activation_storage", self.activation_storage, ACTIVATION_STORAGES))
+        for name in ("coarse_samples", "fine_samples", "probes", "sparsegpt_block_size", "max_probe_replicas"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")

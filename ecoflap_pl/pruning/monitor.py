@@ -19,7 +19,8 @@ class StageStats:
 
     ``peak_memory_bytes`` is the peak of ``torch.cuda.max_memory_allocated`` on a CUDA device
     (``memory_kind="cuda_allocated"``), else the peak resident set size of the process sampled every 5 ms
-    (``"cpu_rss"``).
+    (``"cpu_rss"``). ``recorded_bytes`` is what the zeroth-order step keeps of one calibration batch's block outputs
+    for prefix reuse, and ``probe_replicas`` the number of probes it ran per forward (0 where neither applies).
     """
 
     full_forwards: int = 0
@@ -28,6 +29,8 @@ class StageStats:
     seconds: float = 0.0
     peak_memory_bytes: int = 0
     memory_kind: str = "cpu_rss"
+    recorded_bytes: int = 0
+    probe_replicas: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,6 +52,8 @@ class StageMonitor:
         self.full_forwards = 0
         self.block_forwards = 0
         self.backward_passes = 0
+        self.recorded_bytes = 0
+        self.probe_replicas = 0
         self._peak_rss = 0
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
@@ -80,5 +85,12 @@ class StageMonitor:
                 self._sampler.join()
             peak, kind = max(self._peak_rss, _rss_bytes()), "cpu_rss"
         self.stats = StageStats(
-            self.full_forwards, self.block_forwards, self.backward_passes, time.perf_counter() - self._start, peak, kind
+            self.full_forwards,
+            self.block_forwards,
+            self.backward_passes,
+            time.perf_counter() - self._start,
+            peak,
+            kind,
+            self.recorded_bytes,
+            self.probe_replicas,
         )

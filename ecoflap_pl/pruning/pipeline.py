@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ecoflap_pl.pruning.config import PruningConfig
+from ecoflap_pl.pruning.fast_zeroth_order import fast_zeroth_order_sums
 from ecoflap_pl.pruning.discovery import (
     Candidate,
     Stack,
@@ -210,17 +211,32 @@ def _score(
                 units = {g: [params[n] for n in names] for g, names in plan.groups.items()}
             else:
                 units = {c.name: [params[c.name]] for c in plan.candidates}
-            raw = zeroth_order_sums(
-                model,
-                units,
-                own,
-                loss_fn,
-                eps=config.eps,
-                probes=config.probes,
-                seed=config.seed,
-                monitor=monitor,
-                on_unit_done=tick(len(units)),
-            )
+            if config.activation_storage == "recompute":
+                raw = zeroth_order_sums(
+                    model,
+                    units,
+                    own,
+                    loss_fn,
+                    eps=config.eps,
+                    probes=config.probes,
+                    seed=config.seed,
+                    monitor=monitor,
+                    on_unit_done=tick(len(units)),
+                )
+            else:
+                raw = fast_zeroth_order_sums(
+                    model,
+                    units,
+                    own,
+                    loss_fn,
+                    eps=config.eps,
+                    probes=config.probes,
+                    seed=config.seed,
+                    monitor=monitor,
+                    max_replicas=config.max_probe_replicas,
+                    storage=config.activation_storage,
+                    on_progress=None if progress is None else partial(progress, "coarse"),
+                )
         if all_reduce is not None:
             keys = list(raw)
             summed = all_reduce(torch.tensor([raw[k] for k in keys], dtype=torch.float64, device=device))
