@@ -126,6 +126,24 @@ class BlockRecord:
         output = self.outputs[key]
         return output if self.storage == device else map_tensors(output, lambda t: t.to(device))
 
+    def to(self, storage: torch.device) -> BlockRecord:
+        """This record with its outputs kept on ``storage``."""
+        if storage == self.storage:
+            return self
+        moved = BlockRecord(
+            {key: map_tensors(output, lambda t: t.to(storage)) for key, output in self.outputs.items()},
+            self.starts,
+            self.ends,
+            self.loss,
+            storage,
+        )
+        moved.watch_versions()
+        return moved
+
+    def watch_versions(self) -> None:
+        """Remember the version counter of every recorded tensor, for :meth:`check_unchanged`."""
+        self._versions = [(t, t._version) for output in self.outputs.values() for t in tensor_leaves(output)]
+
     def check_unchanged(self) -> bool:
         """True while no recorded tensor was modified in place by the code that consumed it."""
         return all(tensor._version == version for tensor, version in self._versions)
@@ -150,7 +168,7 @@ def record_block_calls(
 
     with answered_calls(blocks, handler):
         record.loss = float(run_forward())
-    record._versions = [(t, t._version) for output in record.outputs.values() for t in tensor_leaves(output)]
+    record.watch_versions()
     return record
 
 

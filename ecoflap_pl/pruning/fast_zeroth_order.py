@@ -28,6 +28,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -283,13 +284,11 @@ def _fast_sums(
     done = 0
     where = device
     for position, (batch_id, batch) in enumerate(batches):
-        record = record_block_calls(blocks, lambda: checked_loss(loss_fn, model, batch, batch_id), where)
+        record = record_block_calls(blocks, partial(checked_loss, loss_fn, model, batch, batch_id), where)
         monitor.full_forwards += 1
         if position == 0:
             where = _storage_device(storage, device, record.nbytes)
-            if where != record.storage:
-                record = record_block_calls(blocks, lambda: checked_loss(loss_fn, model, batch, batch_id), where)
-                monitor.full_forwards += 1
+            record = record.to(where)
             replicas, free = choose_replicas(max_replicas, record.nbytes, device)
             monitor.recorded_bytes = record.nbytes
             logger.info(
@@ -309,9 +308,9 @@ def _fast_sums(
         if position == 0 and not prober.replays_exactly():
             raise _Unsupported("answering the block calls from the record does not give the dense loss back")
         pending = _probes(units, blocks, record, probes)
-        total = done + len(batches) * -(-len(pending) * (2 if replicas == 1 else 1) // max(replicas // 2 * 2, 1))
         while pending:
             pairs = max(1, replicas // 2)
+            total = done + -(-len(pending) // pairs) + (len(batches) - position - 1) * -(-len(units) * probes // pairs)
             chunk, pending = pending[:pairs], pending[pairs:]
             directions = {
                 (p.unit, p.probe): probe_directions(units[p.unit], probe_seed(seed, p.unit_index, batch_id, p.probe))
@@ -340,7 +339,7 @@ def _fast_sums(
                 sums[p.unit] += abs(difference) / (2.0 * eps) / probes
             done += 1
             if on_progress is not None:
-                on_progress(done, max(total, done))
+                on_progress(done, total)
         del record, prober
     monitor.probe_replicas = replicas
     warn_flat_probes(flat, len(units), len(batches) * probes, eps)

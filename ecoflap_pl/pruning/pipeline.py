@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from ecoflap_pl.pruning.config import PruningConfig
-from ecoflap_pl.pruning.fast_zeroth_order import fast_zeroth_order_sums
 from ecoflap_pl.pruning.discovery import (
     Candidate,
     Stack,
@@ -21,6 +20,7 @@ from ecoflap_pl.pruning.discovery import (
     find_stacks,
     order_stacks,
 )
+from ecoflap_pl.pruning.fast_zeroth_order import fast_zeroth_order_sums
 from ecoflap_pl.pruning.fine import AllReduce, fine_prune_
 from ecoflap_pl.pruning.first_order import first_order_sums
 from ecoflap_pl.pruning.loss import LossFn, checked_loss
