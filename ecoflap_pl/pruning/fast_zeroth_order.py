@@ -129,10 +129,20 @@ class _BatchProber:
         self.monitor.full_forwards += 1
         return loss
 
-    def replays_exactly(self) -> bool:
-        """The loss with every block call answered from the record is the dense loss, and the record is intact."""
+    def check_replay(self) -> None:
+        """Check that the loss with every block call answered from the record is the dense loss.
+
+        Raises:
+            _Unsupported: when it is not, or when the code after a block modified its recorded output in place.
+        """
         replayed = self._loss(lambda key, run: self.record.output(key, self.device), self.batch)
-        return math.isclose(replayed, self.record.loss, rel_tol=_REPLAY_REL_TOL) and self.record.check_unchanged()
+        if not self.record.check_unchanged():
+            raise _Unsupported("the model modified a recorded block output in place")
+        if not math.isclose(replayed, self.record.loss, rel_tol=_REPLAY_REL_TOL):
+            raise _Unsupported(
+                f"answering the block calls from the record gives the loss {replayed!r}, "
+                f"not the dense {self.record.loss!r}"
+            )
 
     def losses(self, replicas: Sequence[Replica], start: int) -> list[float]:
         """The loss of each replica's perturbation; block calls that ended before event ``start`` are answered."""
@@ -150,8 +160,11 @@ class _BatchProber:
                 values = [self._loss(single, self.batch)]
         else:
             values = self._batched_losses(mode, answered)
-        if mode.unseen():
-            raise _Unsupported(f"{len(mode.unseen())} perturbed weight(s) were never used in an F.linear call")
+        if mode.unperturbed():
+            raise _Unsupported(
+                f"{len(mode.unperturbed())} perturbed weight(s) were never used in an F.linear call, or used by other "
+                "operations as well"
+            )
         if not self.record.check_unchanged():
             raise _Unsupported("the model modified a recorded block output in place")
         return values
@@ -305,8 +318,8 @@ def _fast_sums(
         if not record.outputs:
             raise _Unsupported("no block of a discovered stack ran")
         prober = _BatchProber(model, blocks, loss_fn, batch_id, batch, record, device, eps, monitor)
-        if position == 0 and not prober.replays_exactly():
-            raise _Unsupported("answering the block calls from the record does not give the dense loss back")
+        if position == 0:
+            prober.check_replay()
         pending = _probes(units, blocks, record, probes)
         while pending:
             pairs = max(1, replicas // 2)

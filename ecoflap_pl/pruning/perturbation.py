@@ -53,11 +53,14 @@ class LinearPerturbation(TorchFunctionMode):
                 self.by_weight.setdefault(id(weight), []).append((index, replica.sign, direction))
                 self.names[id(weight)] = weight
         self.seen: set[int] = set()
+        self.elsewhere: set[int] = set()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         output = func(*args, **kwargs)
         if func is not F.linear:
+            if isinstance(output, torch.Tensor):  # a computation with the weight, not a look at its dtype or shape
+                self.elsewhere.update(id(v) for v in (*args, *kwargs.values()) if id(v) in self.by_weight)
             return output
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
         entries = self.by_weight.get(id(weight))
@@ -73,6 +76,7 @@ class LinearPerturbation(TorchFunctionMode):
         self.seen.add(id(weight))
         return output
 
-    def unseen(self) -> list[torch.Tensor]:
-        """The perturbed weights that no ``F.linear`` call used (used some other way, or not at all)."""
-        return [weight for key, weight in self.names.items() if key not in self.seen]
+    def unperturbed(self) -> list[torch.Tensor]:
+        """The perturbed weights that no ``F.linear`` call used, or that another operation used as well: their
+        perturbation did not reach every use."""
+        return [weight for key, weight in self.names.items() if key not in self.seen or key in self.elsewhere]
