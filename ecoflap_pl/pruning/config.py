@@ -63,6 +63,8 @@ class PruningConfig:
             forward per probe, weights perturbed in place; the reference loop).
         max_probe_replicas: zeroth order: most probes evaluated in one forward on copies of the calibration batch
             (the number used is chosen from the memory left); 1 evaluates one probe per forward.
+        fine_replay_batches: fine step: most calibration batches stacked into one block replay (the number used is
+            chosen from the memory left; batches that cannot be stacked, e.g. of different lengths, run alone).
     """
 
     sparsity: float = 0.5
@@ -87,6 +89,7 @@ class PruningConfig:
     seed: int = 0
     activation_storage: str = "auto"
     max_probe_replicas: int = 8
+    fine_replay_batches: int = 8
 
     def __post_init__(self) -> None:
         def normalise(name: str, value: Any) -> None:
@@ -115,7 +118,14 @@ class PruningConfig:
         comparison = default_comparison if self.comparison is None else self.comparison
         normalise("comparison", _choice("comparison", comparison, COMPARISONS))
         normalise("activation_storage", _choice("activation_storage", self.activation_storage, ACTIVATION_STORAGES))
-        for name in ("coarse_samples", "fine_samples", "probes", "sparsegpt_block_size", "max_probe_replicas"):
+        for name in (
+            "coarse_samples",
+            "fine_samples",
+            "probes",
+            "sparsegpt_block_size",
+            "max_probe_replicas",
+            "fine_replay_batches",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")

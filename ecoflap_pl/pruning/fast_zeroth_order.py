@@ -48,7 +48,7 @@ from ecoflap_pl.pruning.block_outputs import (
 )
 from ecoflap_pl.pruning.calls import hidden_output
 from ecoflap_pl.pruning.loss import LossFn, checked_loss
-from ecoflap_pl.pruning.monitor import StageMonitor
+from ecoflap_pl.pruning.monitor import StageMonitor, free_memory_bytes
 from ecoflap_pl.pruning.perturbation import LinearPerturbation, Replica
 from ecoflap_pl.pruning.zeroth_order import probe_directions, probe_seed, warn_flat_probes, zeroth_order_sums
 
@@ -75,19 +75,6 @@ class _Probe:
     start: int
 
 
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def choose_replicas(max_replicas: int, recorded_bytes: int, device: torch.device) -> tuple[int, int]:
     """Replicas per forward, from the memory left on ``device``; returns ``(replicas, free bytes)``.
 
@@ -95,7 +82,7 @@ def choose_replicas(max_replicas: int, recorded_bytes: int, device: torch.device
     losses, plus the forward's transient activations); at most half the free memory is used. More than one replica
     is always an even number, so the ± pair of a direction shares a forward.
     """
-    free = _free_bytes(device)
+    free = free_memory_bytes(device)
     if max_replicas <= 1:
         return 1, free
     per_replica = max(1, _BYTES_PER_RECORDED_BYTE * recorded_bytes)
@@ -228,7 +215,7 @@ def _storage_device(storage: str, device: torch.device, recorded_bytes: int) -> 
         return torch.device("cpu")
     if storage == "device":
         return device
-    return device if recorded_bytes <= _SHARE_OF_FREE_MEMORY * _free_bytes(device) / 2 else torch.device("cpu")
+    return device if recorded_bytes <= _SHARE_OF_FREE_MEMORY * free_memory_bytes(device) / 2 else torch.device("cpu")
 
 
 @torch.no_grad()

@@ -44,6 +44,20 @@ def _rss_bytes() -> int:
         return 0
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory still free on ``device``: the CUDA allocator's view of the GPU, else the kernel's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class StageMonitor:
     """Context manager that counts a stage's work and measures its time and peak memory."""
 
