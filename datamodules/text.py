@@ -1,6 +1,6 @@
 """Plain text for language-model pruning (FlanT5, LLaMA): WikiText raw files or C4-style JSON lines.
 
-These corpora are not in DATA_FORMATS.md; the layouts read are the ones the Wanda/SparseGPT evaluations use:
+The layouts read (docs/data_formats.md, Text corpora) are the ones the Wanda/SparseGPT evaluations use:
 WikiText-2 raw (``wiki.train.raw``: one paragraph per line, blank lines between) and C4 shards
 (``c4-train.00000-of-01024.json.gz``: one JSON object per line with a ``"text"`` field, gzip or not).
 """

@@ -6,7 +6,7 @@ palette and placed left to right on a dark background. Every text (captions, VQA
 NLVR2 statements) is generated from the scene's ground truth, so a model can actually learn it. Digits come from
 disjoint sample pools for train, val and test: evaluation always sees handwriting that training never saw.
 
-`build_demo_data(root)` writes, under `root` (exactly the layouts of DATA_FORMATS.md, so the demo goes through
+`build_demo_data(root)` writes, under `root` (exactly the layouts of docs/data_formats.md, so the demo goes through
 the same DataModules users run on the real datasets)::
 
     coco/                                        COCO captions and VQAv2 (shared images, as in the real datasets)

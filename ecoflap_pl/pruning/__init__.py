@@ -1,4 +1,4 @@
-"""The ECoFLaP pruning engine: pure PyTorch, no Lightning (see ALGORITHM.md)."""
+"""The ECoFLaP pruning engine: pure PyTorch, no Lightning (see docs/algorithm.md)."""
 
 from ecoflap_pl.pruning.allocation import allocate_sparsity
 from ecoflap_pl.pruning.config import PruningConfig

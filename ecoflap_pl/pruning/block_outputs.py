@@ -51,8 +51,9 @@ def map_tensors(value: Any, function: Callable[[torch.Tensor], Any]) -> Any:
         return type(value)(map_tensors(item, function) for item in value)
     if isinstance(value, Mapping):
         mapped = {key: map_tensors(item, function) for key, item in value.items()}
+        kind: Any = type(value)  # dict, OrderedDict or a Hugging Face ModelOutput (built from keywords)
         try:
-            return type(value)(**mapped) if hasattr(value, "to_tuple") else type(value)(mapped)
+            return kind(**mapped) if hasattr(value, "to_tuple") else kind(mapped)
         except TypeError:
             return mapped
     return value

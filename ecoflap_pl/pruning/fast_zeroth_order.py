@@ -131,8 +131,23 @@ class _BatchProber:
                 f"not the dense {self.record.loss!r}"
             )
 
-    def losses(self, replicas: Sequence[Replica], start: int) -> list[float]:
-        """The loss of each replica's perturbation; block calls that ended before event ``start`` are answered."""
+    def losses(self, replicas: Sequence[Replica], start: int, names: Sequence[str]) -> list[float]:
+        """The loss of each replica's perturbation (of the units ``names``); block calls that ended before event
+        ``start`` are answered.
+
+        Raises:
+            FloatingPointError: when a perturbed loss is not finite (the dense one is): ``eps`` is too large.
+        """
+        try:
+            return self._losses(replicas, start)
+        except FloatingPointError as error:
+            raise FloatingPointError(
+                f"The calibration loss becomes non-finite when the weights of {sorted(set(names))} are perturbed by "
+                f"eps={self.eps:g} (it is finite unperturbed on calibration batch {self.batch_id}). The model was "
+                "left unchanged. HINT: lower `eps` (the official runs use 1e-3)."
+            ) from error
+
+    def _losses(self, replicas: Sequence[Replica], start: int) -> list[float]:
         answered = self.record.finished_before(start)
         mode = LinearPerturbation(replicas, self.eps)
         if len(replicas) == 1:
@@ -180,6 +195,8 @@ class _BatchProber:
                 self.loss_fn(self.model, replicated)
         except _StopForward:
             pass
+        except RuntimeError as error:  # an input without the batch dimension, or out of memory with the copies
+            raise NotReplicable(f"the forward on {count} copies of the batch failed ({error})") from error
         self.monitor.full_forwards += 1
         values = []
         for index in range(count):
@@ -203,7 +220,7 @@ def _probes(
     first_start: dict[str, int] = {}
     for (name, _), start in record.starts.items():
         first_start[name] = min(start, first_start.get(name, start))
-    found = []
+    found: list[_Probe] = []
     for unit_index, (unit, tensors) in enumerate(units.items()):
         starts = [first_start.get(owner.get(id(t), ""), 0) for t in tensors]
         found.extend(_Probe(unit_index, unit, probe, min(starts)) for probe in range(probes))
@@ -322,10 +339,11 @@ def _fast_sums(
                 for sign in (1.0, -1.0)
             ]
             try:
+                names = [p.unit for p in chunk]
                 if replicas == 1:
-                    values = [prober.losses([replica], chunk[0].start)[0] for replica in signed]
+                    values = [prober.losses([replica], chunk[0].start, names)[0] for replica in signed]
                 else:
-                    values = prober.losses(signed, chunk[0].start)
+                    values = prober.losses(signed, chunk[0].start, names)
             except NotReplicable as reason:
                 logger.warning(
                     "Batched probes fall back to one probe per forward: %s. HINT: set max_probe_replicas: 1.", reason

@@ -40,7 +40,7 @@ class EcoflapTask(pl.LightningModule):
         self.warmup_steps = warmup_steps
 
     def calibration_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The scalar training loss of ``self.model`` on ``batch`` (ALGORITHM.md §3)."""
+        """The scalar training loss of ``self.model`` on ``batch`` (docs/algorithm.md §2)."""
         raise NotImplementedError(f"{type(self).__name__} must define calibration_loss(batch).")
 
     def on_fit_start(self) -> None:

@@ -20,7 +20,7 @@ class TextCollator:
     """Turns ``{"text"}`` samples into an LM batch.
 
     Causal models: ``input_ids``, ``attention_mask`` and ``labels`` = the ids with padding at ``-100`` (the model
-    shifts them). Encoder-decoder models: the prefix-LM split of ALGORITHM.md §3 (:func:`prefix_split`): the
+    shifts them). Encoder-decoder models: the prefix-LM split of docs/algorithm.md §2 (:func:`prefix_split`): the
     prefix is the encoder input, the rest the ``labels``.
 
     Args:

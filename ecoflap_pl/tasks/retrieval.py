@@ -219,7 +219,7 @@ class RetrievalTask(EcoflapTask):
     ``BlipForImageTextRetrieval``, ``blip-2`` -> ``Blip2ForImageTextRetrieval`` (its Q-Former config needs
     ``use_qformer_text_input: true``, as in ``Salesforce/blip2-itm-vit-g``).
 
-    Loss (ALGORITHM.md §3, also the fine-tuning loss): CLIP's own symmetric contrastive loss
+    Loss (docs/algorithm.md §2, also the fine-tuning loss): CLIP's own symmetric contrastive loss
     (``return_loss=True``). BLIP / BLIP-2: symmetric InfoNCE of the ITC similarities divided by ``temperature``,
     captions of the same ``image_id`` in the batch counted as positives (as BLIP does), plus, with ``itm_loss``, the
     ITM cross-entropy on the positive pairs and one hard negative per image and per caption drawn from the ITC

@@ -291,7 +291,7 @@ ECOFLAP = {"sparsity": 0.5, "max_sparsity": 0.6, "method": "wanda", "granularity
 
 @pytest.mark.parametrize("stem", sorted(p.stem for p in (CONFIGS / "experiments").glob("*.yaml")))
 def test_experiment_settings(built: dict[str, Any], stem: str) -> None:
-    """The paper's settings (ALGORITHM.md §3, §6) in each experiment."""
+    """The paper's settings (docs/algorithm.md §5) in each experiment."""
     result = built[f"experiments/{stem}"]
     assert result["ok"], result.get("error")
     assert result["trainer"]["default_root_dir"] == f"runs/{stem}"
@@ -306,7 +306,7 @@ def test_experiment_settings(built: dict[str, Any], stem: str) -> None:
     if stem.startswith("blip2_") and result["task"] == "VQATask":
         assert task["prompt"] == "Question: {} Short answer:"
         assert task["generation_kwargs"]["num_beams"] == 5 and task["generation_kwargs"]["max_new_tokens"] == 10
-    finetune = {  # ALGORITHM.md §6: epochs, learning rate
+    finetune = {  # docs/algorithm.md §5: epochs, learning rate
         "vilt_nlvr2_finetune": (15, 3e-6),
         "blip_coco_caption_finetune": (5, 1e-5),
         "blip_vqav2_finetune": (10, 2e-5),

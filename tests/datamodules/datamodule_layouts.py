@@ -1,4 +1,4 @@
-"""Tiny datasets written in exactly the official on-disk layouts (DATA_FORMATS.md), with 8x8 images."""
+"""Tiny datasets written in exactly the official on-disk layouts (docs/data_formats.md), with 8x8 images."""
 
 from __future__ import annotations
 

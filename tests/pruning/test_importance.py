@@ -130,7 +130,7 @@ def test_group_score_variants(toy_model, aggregate, probe_granularity):
 
 
 def slow_zeroth_order_group_scores(model, batches, config, groups):
-    """Loop-by-loop ECoFLaP zeroth-order scores on a copy of the model (ALGORITHM.md §3)."""
+    """Loop-by-loop ECoFLaP zeroth-order scores on a copy of the model (docs/algorithm.md §2)."""
     model = copy.deepcopy(model)
     params = dict(model.named_parameters())
     units = groups if config.probe_granularity == "per_block" else {n: (n,) for names in groups.values() for n in names}

@@ -1,4 +1,7 @@
-"""Shared fixtures of the task tests: offline tokenizers, tiny PIL images, raw sample dicts (CONTRACTS.md format)."""
+"""Shared fixtures of the task tests: offline tokenizers, tiny PIL images, raw sample dicts.
+
+The sample dicts are those of docs/data_formats.md, Sample dicts.
+"""
 
 from __future__ import annotations
 
