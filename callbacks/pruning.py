@@ -96,6 +96,10 @@ class ECoFLaPPruning(Callback):
         sparsegpt_block_size: SparseGPT column block size.
         sparsegpt_damping: SparseGPT damping (fraction of the mean Hessian diagonal).
         seed: seed of every random choice.
+        activation_storage: zeroth order: where the block outputs recorded for prefix reuse live: ``"auto"``,
+            ``"device"``, ``"cpu"``, or ``"recompute"`` (no record: one full forward per probe, the reference loop).
+        max_probe_replicas: zeroth order: most probes per forward, on copies of the calibration batch.
+        fine_replay_batches: fine step: most calibration batches stacked into one block replay.
         stages: the trainer entry points that prune (when not pruned yet): any of ``"fit"``, ``"validate"``,
             ``"test"``, ``"predict"``; ``[]`` never prunes (dense training or evaluation; a pruned checkpoint still
             keeps its masks).
@@ -143,6 +147,9 @@ class ECoFLaPPruning(Callback):
         sparsegpt_block_size: int = 128,
         sparsegpt_damping: float = 0.01,
         seed: int = 0,
+        activation_storage: str = "auto",
+        max_probe_replicas: int = 8,
+        fine_replay_batches: int = 8,
         stages: Sequence[str] = ("fit", "validate", "test"),
         save_to: str | None = None,
         save_format: str = "dense",
@@ -177,6 +184,9 @@ class ECoFLaPPruning(Callback):
             sparsegpt_block_size=sparsegpt_block_size,
             sparsegpt_damping=sparsegpt_damping,
             seed=seed,
+            activation_storage=activation_storage,
+            max_probe_replicas=max_probe_replicas,
+            fine_replay_batches=fine_replay_batches,
         )
         self.stages = _check_stages(stages)
         self.save_to = _check_path("save_to", save_to)

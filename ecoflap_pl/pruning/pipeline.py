@@ -26,6 +26,7 @@ from ecoflap_pl.pruning.discovery import (
     find_stacks,
     order_stacks,
 )
+from ecoflap_pl.pruning.fast_zeroth_order import fast_zeroth_order_sums
 from ecoflap_pl.pruning.fine import AllReduce, fine_prune_
 from ecoflap_pl.pruning.first_order import first_order_sums
 from ecoflap_pl.pruning.loss import LossFn, checked_loss
@@ -294,17 +295,32 @@ def _score(
                 units = {g: [params[n] for n in names] for g, names in plan.groups.items()}
             else:
                 units = {c.name: [params[c.name]] for c in plan.candidates}
-            raw = zeroth_order_sums(
-                model,
-                units,
-                own,
-                loss_fn,
-                eps=config.eps,
-                probes=config.probes,
-                seed=config.seed,
-                monitor=monitor,
-                on_unit_done=tick(len(units)),
-            )
+            if config.activation_storage == "recompute":
+                raw = zeroth_order_sums(
+                    model,
+                    units,
+                    own,
+                    loss_fn,
+                    eps=config.eps,
+                    probes=config.probes,
+                    seed=config.seed,
+                    monitor=monitor,
+                    on_unit_done=tick(len(units)),
+                )
+            else:
+                raw = fast_zeroth_order_sums(
+                    model,
+                    units,
+                    own,
+                    loss_fn,
+                    eps=config.eps,
+                    probes=config.probes,
+                    seed=config.seed,
+                    monitor=monitor,
+                    max_replicas=config.max_probe_replicas,
+                    storage=config.activation_storage,
+                    on_progress=None if progress is None else partial(progress, "coarse"),
+                )
         if all_reduce is not None:
             keys = list(raw)
             summed = all_reduce(torch.tensor([raw[k] for k in keys], dtype=torch.float64, device=device))
