@@ -13,9 +13,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from rich.console import Console
 from torch import nn
+from typing_extensions import override
 
 import ecoflap_pl
 from ecoflap_pl.callbacks.export import save_pruned_model
@@ -27,8 +29,9 @@ from ecoflap_pl.reporting import render_table, report_dict, write_report
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("fit", "validate", "test", "predict")
+STAGES = tuple(fn.value for fn in TrainerFn)
 _STATE_VERSION = 1
+"""Version of :meth:`ECoFLaPPruning.state_dict`; checkpoints without one are version 1."""
 
 
 def _check_stages(stages: Sequence[str] | str) -> tuple[str, ...]:
@@ -164,6 +167,7 @@ class ECoFLaPPruning(Callback):
 
     # ------------------------------------------------------------------ hooks
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Fail fast, before any data or device work. Pruning itself waits for the stage's start hook: here the
         # model may still be on the CPU, and a checkpoint's callback state (the "already pruned" flag) is only
@@ -176,24 +180,29 @@ class ECoFLaPPruning(Callback):
                 "Trainer (stages ['validate'] and save_to), then fine-tune the saved pruned model."
             )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # `on_fit_start` runs after the checkpoint's callback state is restored, after the strategy moved the model
         # to its device (and wrapped it in DDP), and before the sanity check and the first optimizer step. Pruning
         # changes weights in place (same Parameter objects), so the optimizers built by `strategy.setup` stay
         # valid, and their (empty or restored) state is consistent with the masked gradients.
-        self._ensure_pruned(trainer, pl_module, "fit")
+        self._ensure_pruned(trainer, pl_module, TrainerFn.FITTING)
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Within `fit` (including the sanity check) this hook must not prune: `on_fit_start` owns that stage.
-        if trainer.state.fn == "validate":
-            self._ensure_pruned(trainer, pl_module, "validate")
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self._ensure_pruned(trainer, pl_module, TrainerFn.VALIDATING)
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure_pruned(trainer, pl_module, "test")
+        self._ensure_pruned(trainer, pl_module, TrainerFn.TESTING)
 
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure_pruned(trainer, pl_module, "predict")
+        self._ensure_pruned(trainer, pl_module, TrainerFn.PREDICTING)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -202,6 +211,7 @@ class ECoFLaPPruning(Callback):
         if self.masks:
             mask_gradients_(_pruned_module(pl_module), self.masks)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -211,10 +221,12 @@ class ECoFLaPPruning(Callback):
         if self.masks:
             mask_weights_(_pruned_module(pl_module), self.masks)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.pruned and self.save_to is not None and trainer.is_global_zero:
             self._save(pl_module)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
@@ -223,7 +235,14 @@ class ECoFLaPPruning(Callback):
             "report": self.report,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version = state_dict.get("version", 1)
+        if not isinstance(version, int) or version > _STATE_VERSION:
+            raise ValueError(
+                f"The checkpoint's ECoFLaPPruning state has version {version!r}; this ecoflap-pl reads versions up to "
+                f"{_STATE_VERSION}. HINT: load it with the ecoflap-pl version that wrote it, or upgrade ecoflap-pl."
+            )
         self.pruned = bool(state_dict.get("pruned", False))
         self.masks = {name: torch.as_tensor(mask).bool() for name, mask in state_dict.get("masks", {}).items()}
         self.report = state_dict.get("report")
@@ -239,7 +258,7 @@ class ECoFLaPPruning(Callback):
 
     # ---------------------------------------------------------------- workers
 
-    def _ensure_pruned(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def _ensure_pruned(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: TrainerFn) -> None:
         if self.pruned:
             # Restored from a checkpoint or pruned by an earlier stage: put the masks on the weights' device and
             # make sure the weights honour them.
@@ -250,7 +269,7 @@ class ECoFLaPPruning(Callback):
             with torch.inference_mode(False), torch.enable_grad():
                 self._prune(trainer, pl_module, stage)
 
-    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> PruningResult:
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: TrainerFn) -> PruningResult:
         model = _pruned_module(pl_module)
         batches = self._calibration_batches(trainer, pl_module)
         world_size, rank = trainer.world_size, trainer.global_rank
@@ -283,7 +302,7 @@ class ECoFLaPPruning(Callback):
             "ecoflap_pl_version": ecoflap_pl.__version__,
             "task": type(pl_module).__qualname__,
             "model": type(model).__qualname__,
-            "stage": stage,
+            "stage": stage.value,
             "world_size": world_size,
             "global_step": trainer.global_step,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

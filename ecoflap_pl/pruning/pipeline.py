@@ -99,7 +99,7 @@ def _check_inputs(model: Any, batches: Any, loss_fn: Any, config: Any, rank: int
 
 
 def _plan(
-    model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, config: PruningConfig, rank: int, world_size: int
+    model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, config: PruningConfig, rank: int
 ) -> tuple[_Plan, StageStats]:
     device = next(model.parameters()).device
     with StageMonitor(device) as monitor:
@@ -253,7 +253,7 @@ def score_groups(
     if config.importance == "uniform":
         raise ValueError("`importance` must be 'zeroth_order' or 'first_order' to score groups, got 'uniform'.")
     with pruning_session(model):
-        plan, _ = _plan(model, calibration_batches, loss_fn, config, rank, world_size)
+        plan, _ = _plan(model, calibration_batches, loss_fn, config, rank)
         return _score(model, plan, calibration_batches, loss_fn, config, all_reduce, rank, world_size, progress)
 
 
@@ -305,7 +305,7 @@ def prune(
     _check_inputs(model, calibration_batches, loss_fn, config, rank, world_size)
     stages: dict[str, StageStats] = {}
     with pruning_session(model) as transaction:
-        plan, stages["discovery"] = _plan(model, calibration_batches, loss_fn, config, rank, world_size)
+        plan, stages["discovery"] = _plan(model, calibration_batches, loss_fn, config, rank)
         if config.importance == "uniform":
             group_scores: dict[str, float] = {}
             group_sparsity = dict.fromkeys(plan.groups, config.sparsity)

@@ -9,13 +9,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from callback_toys import FAST, ToyData, ToyTask, zero_fraction
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from ecoflap_pl import PruningConfig, PruningResult
 from ecoflap_pl.callbacks import ECoFLaPPruning
+from tests.callbacks.callback_toys import FAST, ToyData, ToyTask, zero_fraction
 
 
 def count_prunes(callback: ECoFLaPPruning, monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -127,8 +127,11 @@ def test_checkpoint_state_round_trip(tmp_path: Path) -> None:
     assert restored.result.overall_sparsity == pytest.approx(callback.result.overall_sparsity)  # type: ignore[union-attr]
 
     old = ECoFLaPPruning(**FAST)
-    old.load_state_dict({"pruned": False})  # an older/other state without masks or report
+    old.load_state_dict({"pruned": False})  # an older/other state without version, masks or report
     assert not old.pruned and old.masks == {} and old.report is None
+
+    with pytest.raises(ValueError, match=r"state has version 2; this ecoflap-pl reads versions up to 1\. HINT:"):
+        ECoFLaPPruning(**FAST).load_state_dict({**state, "version": 2})
 
 
 def test_resume_restores_masks_and_does_not_prune_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from callback_toys import FAST, ToyData, ToyTask
 from safetensors.torch import load_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader
@@ -16,6 +15,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTraine
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.tasks.base import EcoflapTask
+from tests.callbacks.callback_toys import FAST, ToyData, ToyTask
 
 VOCAB = ["<pad>", "</s>", "<unk>", "<s>", "a", "cat", "dog", "on", "the", "mat", "sits", "runs"]
 

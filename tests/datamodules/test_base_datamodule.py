@@ -8,7 +8,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from datamodule_layouts import collate
 from jsonargparse import ArgumentParser
 
 from ecoflap_pl.datamodules import (
@@ -20,6 +19,7 @@ from ecoflap_pl.datamodules import (
     NLVR2DataModule,
     VQAv2DataModule,
 )
+from tests.datamodules.datamodule_layouts import collate
 
 
 def _texts(loader) -> list[str]:
