@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from ecoflap_pl import PruningConfig, PruningResult
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from tests.callbacks.callback_toys import FAST, ToyData, ToyTask, zero_fraction
+from tests.trainers import quiet_trainer
 
 
 def count_prunes(callback: ECoFLaPPruning, monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -32,20 +33,8 @@ def count_prunes(callback: ECoFLaPPruning, monkeypatch: pytest.MonkeyPatch) -> l
 
 
 def trainer(tmp_path: Path, callbacks: list, **overrides) -> pl.Trainer:  # type: ignore[type-arg]
-    settings = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=1,
-        limit_val_batches=1,
-    )
-    settings.update(overrides)
-    return pl.Trainer(callbacks=callbacks, **settings)
+    settings = dict(max_steps=4, default_root_dir=tmp_path, num_sanity_val_steps=1, limit_val_batches=1)
+    return quiet_trainer(callbacks=callbacks, **{**settings, **overrides})
 
 
 def assert_pruned_weights_zero(task: ToyTask, masks: dict[str, torch.Tensor]) -> None:

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTraine
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.tasks.base import EcoflapTask
 from tests.callbacks.callback_toys import FAST, ToyData, ToyTask
+from tests.trainers import quiet_trainer
 
 VOCAB = ["<pad>", "</s>", "<unk>", "<s>", "a", "cat", "dog", "on", "the", "mat", "sits", "runs"]
 
@@ -65,15 +66,7 @@ class Sentences(pl.LightningDataModule):
 
 
 def validate(task: pl.LightningModule, data: pl.LightningDataModule, callback: ECoFLaPPruning, root: Path) -> None:
-    pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=[callback],
-    ).validate(task, datamodule=data)
+    quiet_trainer(default_root_dir=root, callbacks=[callback]).validate(task, datamodule=data)
 
 
 def test_save_to_writes_a_hugging_face_model_with_its_tokenizer(tmp_path: Path) -> None:
@@ -97,17 +90,8 @@ def test_save_to_writes_a_hugging_face_model_with_its_tokenizer(tmp_path: Path) 
 def test_save_to_writes_a_state_dict_for_plain_modules_and_again_after_fit(tmp_path: Path) -> None:
     callback = ECoFLaPPruning(**FAST, save_to=str(tmp_path / "pruned"))
     task = ToyTask()
-    pl.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
+    quiet_trainer(
+        max_steps=2, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[callback]
     ).fit(task, datamodule=ToyData())
 
     loaded = ToyTask(seed=99).model
