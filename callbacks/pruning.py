@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -14,7 +15,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from torch import nn
 from typing_extensions import override
@@ -24,8 +26,8 @@ from ecoflap_pl.callbacks.export import save_pruned_model
 from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
 from ecoflap_pl.callbacks.progress import StageProgress
 from ecoflap_pl.pruning import PruningConfig, PruningResult, prune
-from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE
-from ecoflap_pl.reporting import render_table, report_dict, write_report
+from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE, AllocationName
+from ecoflap_pl.reporting import REPORT_JSON, render_table, report_dict, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +72,14 @@ class ECoFLaPPruning(Callback):
     Args:
         sparsity: target fraction of zeros over all candidate weights, in [0, 1).
         max_sparsity: cap on any group's sparsity; default ``sparsity + 0.1``.
-        importance: ``"zeroth_order"`` (forward-only), ``"first_order"`` (backprop) or ``"uniform"``.
+        importance: ``"zeroth_order"`` (forward-only), ``"first_order"`` (backprop) or ``"uniform"`` (no scores;
+            with the default allocation, the uniform baseline).
+        allocation: per-group sparsity strategy: ``"ecoflap"`` (the paper's rule), ``"uniform"``, ``"owl"``,
+            ``"from_report"`` or ``"auto"`` (the candidate with the lowest held-out calibration loss).
+        owl_m: OWL's outlier multiple ``M`` (Wanda scores above ``M`` × the block mean are outliers).
+        owl_lambda: OWL's band: group sparsities stay in ``[sparsity − λ, sparsity + λ]``.
+        allocation_report: ``pruning_report.json`` of an earlier run, for ``allocation: from_report``.
+        auto_holdout_samples: held-out calibration samples that score ``auto``'s candidates.
         score: ``"grad_only"``, ``"grad_mag_abs"`` or ``"grad_mag_square"``.
         aggregate: group score as the ``"sum"`` or the ``"avg"`` of its elements' scores.
         granularity: one sparsity per ``"block"``, per weight tensor (``"layer"``) or per tower (``"model"``).
@@ -103,6 +112,11 @@ class ECoFLaPPruning(Callback):
         sparsity: float = 0.5,
         max_sparsity: float | None = None,
         importance: str = "zeroth_order",
+        allocation: AllocationName = "ecoflap",
+        owl_m: float = 5.0,
+        owl_lambda: float = 0.08,
+        allocation_report: str | None = None,
+        auto_holdout_samples: int = 16,
         score: str = "grad_only",
         aggregate: str = "sum",
         granularity: str = "block",
@@ -129,6 +143,11 @@ class ECoFLaPPruning(Callback):
             sparsity=sparsity,
             max_sparsity=max_sparsity,
             importance=importance,
+            allocation=allocation,
+            owl_m=owl_m,
+            owl_lambda=owl_lambda,
+            allocation_report=allocation_report,
+            auto_holdout_samples=auto_holdout_samples,
             score=score,
             aggregate=aggregate,
             granularity=granularity,
@@ -156,6 +175,7 @@ class ECoFLaPPruning(Callback):
         self.pruned = False
         self.masks: dict[str, torch.Tensor] = {}
         self.report: dict[str, Any] | None = None
+        self.masks_from: str | None = None
         self._result: PruningResult | None = None
 
     @property
@@ -186,21 +206,21 @@ class ECoFLaPPruning(Callback):
         # to its device (and wrapped it in DDP), and before the sanity check and the first optimizer step. Pruning
         # changes weights in place (same Parameter objects), so the optimizers built by `strategy.setup` stay
         # valid, and their (empty or restored) state is consistent with the masked gradients.
-        self._ensure_pruned(trainer, pl_module, TrainerFn.FITTING)
+        self._ensure_pruned(trainer, pl_module, TrainerFn.FITTING.value)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Within `fit` (including the sanity check) this hook must not prune: `on_fit_start` owns that stage.
         if trainer.state.fn == TrainerFn.VALIDATING:
-            self._ensure_pruned(trainer, pl_module, TrainerFn.VALIDATING)
+            self._ensure_pruned(trainer, pl_module, TrainerFn.VALIDATING.value)
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure_pruned(trainer, pl_module, TrainerFn.TESTING)
+        self._ensure_pruned(trainer, pl_module, TrainerFn.TESTING.value)
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure_pruned(trainer, pl_module, TrainerFn.PREDICTING)
+        self._ensure_pruned(trainer, pl_module, TrainerFn.PREDICTING.value)
 
     @override
     def on_before_optimizer_step(
@@ -227,6 +247,11 @@ class ECoFLaPPruning(Callback):
             self._save(pl_module)
 
     @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and self.save_to is not None and trainer.is_global_zero:
+            rank_zero_warn(self._interrupted_save_notice(trainer.global_step))
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
@@ -246,6 +271,7 @@ class ECoFLaPPruning(Callback):
         self.pruned = bool(state_dict.get("pruned", False))
         self.masks = {name: torch.as_tensor(mask).bool() for name, mask in state_dict.get("masks", {}).items()}
         self.report = state_dict.get("report")
+        self.masks_from = "the checkpoint" if self.pruned else None  # the path is known once the stage starts
         self._result = None
         if self.pruned and self.report is not None:
             saved, current = self.report.get("config", {}), self.config.to_dict()
@@ -256,20 +282,52 @@ class ECoFLaPPruning(Callback):
                     "the model is not pruned again. HINT: start from the dense model to prune with new settings."
                 )
 
+    def checkpoint_is_pruned(self, ckpt_path: str | Path) -> bool:
+        """Whether the Lightning checkpoint at ``ckpt_path`` holds this callback's state with a pruned model.
+
+        Read before a run (memory-mapped: the weights are not loaded) by the CLI to plan ``compare_dense``; during
+        the run, the state Lightning restores decides as always.
+
+        Raises:
+            ValueError: the file is not a readable checkpoint.
+        """
+        try:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+        except Exception as error:  # torch raises several types for files that are not checkpoints
+            raise ValueError(
+                f"`ckpt_path` {str(ckpt_path)!r} cannot be read as a Lightning checkpoint: {error}. HINT: pass a "
+                "complete `.ckpt` file written by the Trainer (a copy interrupted mid-write is truncated)."
+            ) from error
+        state = checkpoint.get("callbacks", {}).get(self.state_key, {}) if isinstance(checkpoint, dict) else {}
+        return bool(state.get("pruned", False))
+
     # ---------------------------------------------------------------- workers
 
-    def _ensure_pruned(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: TrainerFn) -> None:
+    def _ensure_pruned(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.pruned:
             # Restored from a checkpoint or pruned by an earlier stage: put the masks on the weights' device and
             # make sure the weights honour them.
             mask_weights_(_pruned_module(pl_module), self.masks)
+            if self.masks_from == "the checkpoint":
+                self.masks_from = f"the checkpoint {trainer.ckpt_path}"
+                sparsity = self.result.overall_sparsity if self.result is not None else float("nan")
+                rank_zero_info(
+                    f"The model is already pruned ({100 * sparsity:.1f}% of the candidate weights; masks from "
+                    f"{self.masks_from}): `{stage}` uses it as it is, it is not pruned again."
+                )
         elif stage in self.stages:
             # validate/test/predict hooks run inside Lightning's inference mode: lift it, so that calibration
             # batches are ordinary tensors and first-order scoring can back-propagate.
             with torch.inference_mode(False), torch.enable_grad():
                 self._prune(trainer, pl_module, stage)
+            self.masks_from = f"pruning at the start of {stage}"
+        else:
+            rank_zero_warn(
+                f"`pruning.stages` is {list(self.stages)}, so `{stage}` runs on the dense model (nothing is pruned). "
+                f"HINT: add '{stage}' to pruning.stages to prune before {stage}."
+            )
 
-    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: TrainerFn) -> PruningResult:
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> PruningResult:
         model = _pruned_module(pl_module)
         batches = self._calibration_batches(trainer, pl_module)
         world_size, rank = trainer.world_size, trainer.global_rank
@@ -293,7 +351,7 @@ class ECoFLaPPruning(Callback):
                 all_reduce=all_reduce if world_size > 1 else None,
                 rank=rank,
                 world_size=world_size,
-                progress=progress,
+                progress=_stopping_on_sigterm(trainer, progress),
             )
         self._result = result
         self.masks = dict(result.masks)
@@ -302,7 +360,7 @@ class ECoFLaPPruning(Callback):
             "ecoflap_pl_version": ecoflap_pl.__version__,
             "task": type(pl_module).__qualname__,
             "model": type(model).__qualname__,
-            "stage": stage.value,
+            "stage": stage,
             "world_size": world_size,
             "global_step": trainer.global_step,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -328,8 +386,14 @@ class ECoFLaPPruning(Callback):
                 "`def calibration_dataloader(self, num_samples: int | None = None) -> DataLoader` to your "
                 "LightningDataModule and pass it as `datamodule=`."
             )
-        loader = factory(max(self.config.coarse_samples, self.config.fine_samples))
+        loader = factory(self.config.calibration_samples)
         batches = list(loader)
+        if not batches:
+            raise ValueError(
+                f"The calibration dataloader of {type(datamodule).__name__} yielded no batch: the split it samples "
+                "(the training split for ecoflap_pl DataModules) is empty. HINT: check the training annotations under "
+                "`data_dir`; pruning needs at least one calibration sample."
+            )
         world_size, rank = trainer.world_size, trainer.global_rank
         # Each stage uses the leading batches holding its samples and gives rank r those with id % world_size == r.
         # Checked on every rank alike: a rank without a batch would leave the others waiting in all_reduce forever.
@@ -361,11 +425,50 @@ class ECoFLaPPruning(Callback):
             experiment_logger.log_hyperparams({"pruning": self.config.to_dict()})
             experiment_logger.log_metrics(metrics, step=trainer.global_step)
 
+    def _interrupted_save_notice(self, global_step: int) -> str:
+        """What ``save_to`` holds after ``fit`` stopped early (an interrupt or an error)."""
+        if not self.pruned:
+            return f"`fit` stopped before pruning finished: weights unchanged, nothing saved to {self.save_to}."
+        saved = _read_report_metadata(Path(self.save_to) / REPORT_JSON)
+        ours = self.report is not None and saved is not None and saved == self.report.get("metadata")
+        if not ours:
+            return f"`fit` stopped at step {global_step}: nothing from this run was saved to {self.save_to}."
+        return (
+            f"`fit` stopped at step {global_step}: {self.save_to} holds the model as pruned BEFORE fine-tuning, not "
+            "the fine-tuned one. HINT: resume from the last checkpoint with `--ckpt_path`; save_to is written again "
+            "when fit ends."
+        )
+
     def _save(self, pl_module: pl.LightningModule) -> None:
         assert self.save_to is not None and self.result is not None
         processors = [getattr(pl_module, name, None) for name in ("processor", "tokenizer")]
         save_pruned_model(_pruned_module(pl_module), self.save_to, *processors)
         write_report(self.result, self.save_to, (self.report or {}).get("metadata"))
+
+
+def _read_report_metadata(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("metadata")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _stopping_on_sigterm(
+    trainer: pl.Trainer, progress: Callable[[str, int, int], None]
+) -> Callable[[str, int, int], None]:
+    """``progress`` that first stops pruning when the Trainer received SIGTERM.
+
+    Lightning's SIGTERM handler only sets ``trainer.received_sigterm``; its loops check the flag between batches,
+    but pruning runs inside one hook. Raising here, between two units of work, rolls the weights back (the engine
+    is transactional) and ends the run the way Lightning ends it on SIGTERM.
+    """
+
+    def report(stage: str, done: int, total: int) -> None:
+        if trainer.received_sigterm:
+            raise SIGTERMException(143)
+        progress(stage, done, total)
+
+    return report
 
 
 def _pruned_module(pl_module: pl.LightningModule) -> nn.Module:

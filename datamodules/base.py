@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
-from ecoflap_pl.datamodules._io import load_image
+from ecoflap_pl.datamodules._io import DataFormatError, load_image
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,16 @@ class EcoflapDataModule(pl.LightningDataModule):
         if stage not in ("train", "val", "test"):
             raise ValueError(f"`stage` must be one of 'train', 'val', 'test', got {stage!r}.")
         if stage not in self._datasets:
-            self._datasets[stage] = self._build(stage)
-            size = len(cast(Sized, self._datasets[stage]))
+            dataset = self._build(stage)
+            size = len(cast(Sized, dataset))
+            if size == 0:
+                role = "calibration and training" if stage == "train" else f"the {stage} loop"
+                raise DataFormatError(
+                    f"{type(self).__name__}: the split read for {role} has no samples (data_dir {self.data_dir}). "
+                    "Nothing would be pruned, trained or evaluated. HINT: check that its annotation file lists "
+                    "samples and that the split options name the split you mean."
+                )
+            self._datasets[stage] = dataset
             log.debug("%s: the %s loop reads %d samples", type(self).__name__, stage, size)
         return self._datasets[stage]
 

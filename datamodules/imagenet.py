@@ -26,9 +26,13 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
 
 def class_folders(root: Path) -> list[str]:
-    """Sorted names of the sub-folders of ``root`` (the wnids of a per-class layout)."""
+    """Sorted names of the sub-folders of ``root`` (the wnids of a per-class layout).
+
+    Hidden folders (``.ipynb_checkpoints``, ``.DS_Store``-style tool state) are not classes: counting one would shift
+    every label after it.
+    """
     with os.scandir(root) as entries:
-        return sorted(entry.name for entry in entries if entry.is_dir())
+        return sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
 
 
 def read_class_folders(root: Path, option: str, class_index: dict[str, int]) -> list[Sample]:
@@ -42,7 +46,9 @@ def read_class_folders(root: Path, option: str, class_index: dict[str, int]) -> 
             )
         label = class_index[wnid]
         with os.scandir(root / wnid) as entries:
-            names = sorted(e.name for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS))
+            names = sorted(
+                e.name for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".")
+            )
         samples.extend(
             Sample((str(root / wnid / name),), {"label": label}, f"class {wnid} (label {label})") for name in names
         )

@@ -9,13 +9,20 @@ are the ``pruning:`` section (the arguments of :class:`~ecoflap_pl.callbacks.ECo
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import yaml
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.datamodules import EcoflapDataModule
@@ -72,6 +79,42 @@ class EcoflapCLI(LightningCLI):
     """LightningCLI with the pruning callback as a ``pruning:`` section, a ``prune`` subcommand and
     ``--compare_dense`` (evaluate the dense model first and print dense and pruned metrics side by side)."""
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # Configuration errors are raised (not printed with the whole usage) so that `main` can show them briefly.
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, OSError, MisconfigurationException) as error:
+            raise ConfigurationError(str(error)) from error
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads `ckpt_path` here to replace the model's arguments by the checkpoint's hyperparameters.
+        # Say which arguments of the config that replaces, and turn an unreadable file into a one-line error.
+        subcommand = self.config.get("subcommand")
+        settings = self.config.get(subcommand) if subcommand else None
+        ckpt_path = settings.get("ckpt_path") if settings is not None else None
+        before = _model_arguments(settings)
+        try:
+            super()._parse_ckpt_path()
+        except Exception as error:  # torch raises several types for a file that is not a checkpoint
+            if isinstance(error, ArgumentError):
+                raise
+            raise ConfigurationError(
+                f"`ckpt_path` {ckpt_path!r} cannot be read as a Lightning checkpoint: {error} HINT: pass a complete "
+                "`.ckpt` file written by the Trainer (a copy interrupted mid-write is truncated)."
+            ) from error
+        after = _model_arguments(self.config.get(subcommand) if subcommand else None)
+        replaced = {key: (before[key], after.get(key)) for key in before if before[key] != after.get(key)}
+        if replaced:
+            log.warning(
+                "The checkpoint's hyperparameters replace these model arguments of the config: %s. The model is "
+                "rebuilt as it was trained, so that the checkpoint's weights fit it.",
+                ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in sorted(replaced.items())),
+            )
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "prune": {"model", "datamodule"}}
@@ -83,7 +126,8 @@ class EcoflapCLI(LightningCLI):
             "--compare_dense",
             type=bool,
             default=False,
-            help="validate/test: evaluate the dense model first, then prune and evaluate again, and print both.",
+            help="validate/test: evaluate the dense model first, then prune and evaluate again, and print both. With "
+            "a pruned --ckpt_path: the model the config builds (dense), then the checkpoint as it is.",
         )
 
     def validate(self, **kwargs: Any) -> None:
@@ -93,21 +137,55 @@ class EcoflapCLI(LightningCLI):
         self._evaluate(self.trainer.test, **kwargs)
 
     def _evaluate(self, run: Callable[..., list[Mapping[str, float]]], **kwargs: Any) -> None:
+        limit = self.trainer.limit_val_batches if self.subcommand == "validate" else self.trainer.limit_test_batches
+        if limit == 0:
+            raise ConfigurationError(
+                f"`trainer.limit_{'val' if self.subcommand == 'validate' else 'test'}_batches` is 0, so "
+                f"`{self.subcommand}` would evaluate nothing and prune nothing. HINT: remove it, or run "
+                "`ecoflap prune` to prune without evaluating."
+            )
         if not self._get(self.config, "compare_dense"):
             run(**kwargs)
             return
         callback = self.trainer.pruning_callback()
-        if callback.pruned:
-            raise ValueError("`compare_dense` needs a dense model, but the model given is already pruned.")
+        ckpt_path = kwargs.get("ckpt_path")
+        pruned_checkpoint = (
+            ckpt_path is not None and Path(ckpt_path).is_file() and callback.checkpoint_is_pruned(ckpt_path)
+        )
+        if not pruned_checkpoint and self.subcommand not in callback.stages:
+            log.warning(
+                "`compare_dense` has nothing to compare: `pruning.stages` is %s, so `%s` does not prune. The model is "
+                "evaluated once, dense. HINT: add '%s' to pruning.stages.",
+                list(callback.stages),
+                self.subcommand,
+                self.subcommand,
+            )
+            run(**kwargs)
+            return
+        if pruned_checkpoint or ckpt_path is None:
+            _check_dense(self.model)  # the dense column is the model the config builds: it must be dense
+        if pruned_checkpoint:
+            # The dense model is the one the config builds (`pretrained`), before the pruned checkpoint is loaded;
+            # the pruned run then loads the checkpoint, whose restored masks keep it from being pruned again.
+            dense_kwargs, pruned_kwargs = {**kwargs, "ckpt_path": None}, kwargs
+        else:
+            # A dense (or no) checkpoint: evaluate it, then prune those same weights and evaluate again.
+            dense_kwargs, pruned_kwargs = kwargs, {**kwargs, "ckpt_path": None}
+            if callback.pruned:
+                raise ValueError("`compare_dense` needs a dense model, but the model given is already pruned.")
         self.trainer.callbacks.remove(callback)
         try:
-            dense = run(**kwargs)
+            dense = run(**dense_kwargs)
         finally:
             self.trainer.callbacks.append(callback)
-        pruned = run(**{**kwargs, "ckpt_path": None})
+        pruned = run(**pruned_kwargs)
         if self.trainer.is_global_zero:
             sparsity = callback.result.overall_sparsity if callback.result is not None else 0.0
-            Console().print(comparison_table(dense[0] if dense else {}, pruned[0] if pruned else {}, sparsity))
+            table = comparison_table(dense[0] if dense else {}, pruned[0] if pruned else {}, sparsity)
+            table.caption = f"pruned: masks from {callback.masks_from}"
+            if pruned_checkpoint:
+                table.caption += "; dense: the model the config builds, without the checkpoint"
+            Console().print(table)
 
 
 def comparison_table(dense: Mapping[str, float], pruned: Mapping[str, float], sparsity: float) -> Table:
@@ -122,6 +200,25 @@ def comparison_table(dense: Mapping[str, float], pruned: Mapping[str, float], sp
         delta = f"{after - before:+.4f}" if before is not None and after is not None else ""
         table.add_row(key, _fmt(before), _fmt(after), delta)
     return table
+
+
+def _model_arguments(settings: Any) -> dict[str, Any]:
+    """The model's ``init_args`` of one subcommand's settings, as a plain dict (empty when there are none)."""
+    model = settings.get("model") if settings is not None else None
+    init_args = model.get("init_args") if model is not None and hasattr(model, "get") else None
+    return init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
+
+
+def _check_dense(model: Any, limit: float = 0.01) -> None:
+    """Refuse ``compare_dense`` when the Linear weights of the model the config builds are already >= 1% zeros."""
+    weights = [module.weight for module in model.modules() if isinstance(module, nn.Linear)]
+    zeros = sum(int((p == 0).sum()) for p in weights) / max(sum(p.numel() for p in weights), 1)
+    if zeros >= limit:
+        raise ValueError(
+            f"`compare_dense` needs the dense model, but {100 * zeros:.1f}% of the weights of the model the config "
+            "builds are already zero (pruned before). HINT: point `pretrained` at the dense model it was pruned from, "
+            "or drop --compare_dense."
+        )
 
 
 def _fmt(value: float | None) -> str:
@@ -146,9 +243,82 @@ def build_cli(args: list[str] | None = None, **kwargs: Any) -> EcoflapCLI:
     )
 
 
+class ConfigurationError(ValueError):
+    """A value of the configuration was refused while building the task, the DataModule, the Trainer or a callback."""
+
+
+USER_ERRORS = (
+    ArgumentError,
+    MisconfigurationException,
+    ValueError,
+    TypeError,
+    OSError,
+    FloatingPointError,
+    ImportError,
+)
+"""What ``main`` reports in a few lines: bad options and files, bad data, refused settings. Every other exception (a
+bug) keeps its traceback; so does every error with ``ECOFLAP_DEBUG=1``."""
+
+
 def main(args: list[str] | None = None) -> None:
-    """Console entry point: ``ecoflap {fit,validate,test,predict,prune} -c CONFIG.yaml``."""
-    build_cli(args, save_config_kwargs={"overwrite": True})
+    """Console entry point: ``ecoflap {fit,validate,test,predict,prune} -c CONFIG.yaml``.
+
+    A refused configuration, bad data or a missing file ends the run with its message (and the option it names) in
+    a few lines and exit status 2; SIGTERM ends it with status 143. ``ECOFLAP_DEBUG=1`` shows the full traceback.
+    """
+    try:
+        check_config_files(sys.argv[1:] if args is None else args)
+        build_cli(args, save_config_kwargs={"overwrite": True})
+    except SIGTERMException:
+        log.warning("Stopped by SIGTERM.")
+        sys.exit(143)
+    except USER_ERRORS as error:
+        if os.environ.get("ECOFLAP_DEBUG"):
+            raise
+        Console(stderr=True, soft_wrap=True).print(error_summary(error), markup=False, highlight=False)
+        sys.exit(2)
+
+
+def error_summary(error: BaseException) -> str:
+    """``error (kind): <message>`` in a few lines: jsonargparse's listing of the types it tried is left out."""
+    lines = [line.strip() for line in (str(error).strip() or type(error).__name__).splitlines() if line.strip()]
+    kept = [line.removeprefix("- ") for line in lines if not line.startswith(_PARSER_NOISE)] or lines[:1]
+    configuration = (ArgumentError, ConfigurationError, MisconfigurationException)
+    kind = "configuration error" if isinstance(error, configuration) else type(error).__name__
+    return f"error ({kind}): {chr(10).join(dict.fromkeys(kept[:8]))}\n(ECOFLAP_DEBUG=1 shows the traceback)"
+
+
+_PARSER_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "- Expected a <class 'NoneType'>",
+    "Given value type:",
+    "Given value:",
+)
+
+
+def check_config_files(args: list[str]) -> None:
+    """Parse every ``-c``/``--config`` YAML file first, so that a syntax error names the file, line and column.
+
+    Raises:
+        ConfigurationError: a file that is not valid YAML.
+    """
+    paths = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("-c", "--config")]
+    paths += [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
+    for path in paths:
+        if not Path(path).is_file():
+            continue  # the parser reports missing files itself
+        try:
+            yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigurationError(
+                f"The config file {path}{where} is not valid YAML: {problem}. HINT: check the brackets, quotes and "
+                "indentation around that line."
+            ) from error
 
 
 if __name__ == "__main__":

@@ -86,11 +86,21 @@ def _tower_totals(rows: list[BlockRow], tower: str) -> tuple[int, float]:
     return params, target
 
 
+def _allocation_label(result: PruningResult) -> str:
+    """``"zeroth_order"`` for the paper's rule (as before allocations had names), else the allocation's name."""
+    config = result.config
+    if config.allocation == "ecoflap":
+        return config.importance
+    if result.chosen_candidate is not None:
+        return f"auto -> {result.chosen_candidate}"
+    return config.allocation
+
+
 def sparsity_table(result: PruningResult) -> Table:
     """Per block and per tower: parameters, coarse score, target and achieved sparsity; the overall total last."""
     config = result.config
     table = Table(
-        title=f"ECoFLaP: {config.importance} + {config.method}, target {_pct(config.sparsity)}",
+        title=f"ECoFLaP: {_allocation_label(result)} + {config.method}, target {_pct(config.sparsity)}",
         title_justify="left",
     )
     for column, justify in (("tower / block", "left"), ("params", "right"), ("score", "right")):
@@ -111,8 +121,12 @@ def sparsity_table(result: PruningResult) -> Table:
     total = sum(result.sizes.values())
     overall_target = sum(result.target_sparsity[n] * result.sizes[n] for n in result.sizes) / total if total else 0.0
     table.add_row("total", f"{total:,}", "", _pct(overall_target), _pct(result.overall_sparsity), style="bold")
+    captions = []
+    if result.prior_sparsity:
+        captions.append(f"{_pct(result.prior_sparsity)} of the candidate weights were already zero before this run")
     if result.skipped_stacks:
-        table.caption = f"left dense (never ran in the calibration loss): {', '.join(result.skipped_stacks)}"
+        captions.append(f"left dense (never ran in the calibration loss): {', '.join(result.skipped_stacks)}")
+    table.caption = "; ".join(captions) or None
     return table
 
 
@@ -136,11 +150,31 @@ def stage_table(result: PruningResult) -> Table:
     return table
 
 
+def candidate_table(result: PruningResult) -> Table:
+    """``auto``'s candidates in the order tried: held-out loss, range of group sparsities, the chosen one marked;
+    the caption gives the search's cost as a ratio to a plain run."""
+    table = Table(title="auto: candidate allocations", title_justify="left")
+    for column in ("candidate", "held-out loss", "min sparsity", "max sparsity", "chosen"):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for candidate in result.candidates:
+        values = candidate.group_sparsity.values()
+        chosen = "*" if candidate.name == result.chosen_candidate else ""
+        style = "bold" if chosen else None
+        row = (candidate.name, f"{candidate.heldout_loss:.6g}", _pct(min(values)), _pct(max(values)), chosen)
+        table.add_row(*row, style=style)
+    if result.search_cost_ratio is not None:
+        table.caption = f"time: {result.search_cost_ratio:.2f}x a plain run (discovery, coarse and fine steps)"
+    return table
+
+
 def render_table(result: PruningResult) -> Table:
-    """The summary of a run: :func:`sparsity_table` above :func:`stage_table`, as one rich renderable table."""
+    """The summary of a run: :func:`sparsity_table`, ``auto``'s :func:`candidate_table` when it searched, and
+    :func:`stage_table`, as one rich renderable table."""
     grid = Table.grid(padding=(1, 0))
     grid.add_column()
     grid.add_row(sparsity_table(result))
+    if result.candidates:
+        grid.add_row(candidate_table(result))
     grid.add_row(stage_table(result))
     return grid
 
@@ -173,12 +207,14 @@ def plot_sparsity(result: PruningResult, path: str | Path) -> Path:
         axes.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=3, label=tower or "<root>")
     config = result.config
     axes.axhline(100 * config.sparsity, color="grey", linestyle="--", linewidth=1, label="target")
-    if config.max_sparsity is not None and config.importance != "uniform":
+    if config.max_sparsity is not None and config.allocation == "ecoflap":
         axes.axhline(100 * config.max_sparsity, color="grey", linestyle=":", linewidth=1, label="max_sparsity")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("block index within tower")
     axes.set_ylabel("sparsity (%)")
-    axes.set_title(f"Per-block sparsity ({config.importance}, {config.method}, {100 * config.sparsity:g}% target)")
+    axes.set_title(
+        f"Per-block sparsity ({_allocation_label(result)}, {config.method}, {100 * config.sparsity:g}% target)"
+    )
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
@@ -194,11 +230,21 @@ def write_report(
 
     Returns:
         ``{"json": path, "plot": path}``.
+
+    Raises:
+        OSError: the folder cannot be written (disk full, no permission, a file in the way), naming the folder.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / REPORT_JSON
-    json_path.write_text(json.dumps(report_dict(result, metadata), indent=2, sort_keys=False))
-    plot_path = plot_sparsity(result, directory / REPORT_PLOT)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report_dict(result, metadata), indent=2, sort_keys=False))
+        plot_path = plot_sparsity(result, directory / REPORT_PLOT)
+    except OSError as error:
+        raise OSError(
+            error.errno,
+            f"The pruning report could not be written to {directory}: {error.strerror or error}. HINT: free space "
+            "or fix the permissions there, or set `pruning.report_dir` to another folder.",
+        ) from error
     logger.info("Pruning report written to %s and %s", json_path, plot_path)
     return {"json": json_path, "plot": plot_path}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from huggingface_hub import is_offline_mode
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 ModelT = TypeVar("ModelT", bound=PreTrainedModel)
@@ -29,6 +32,40 @@ def check_tokenizer_source(model_config: Any, tokenizer: str | None) -> None:
         )
 
 
+def _looks_local(pretrained: str) -> bool:
+    """A path rather than a hub name (``namespace/name``): absolute, relative to ``.``/``~``, or deeper than 2."""
+    return pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1 or "\\" in pretrained
+
+
+@contextmanager
+def hub_load_errors(pretrained: str) -> Iterator[None]:
+    """Run a ``from_pretrained(pretrained)`` call with the errors a user can act on.
+
+    A local path that does not exist is refused before the hub client reports it as a malformed repo id; a name
+    that cannot be fetched while offline mode is on says so.
+
+    Raises:
+        FileNotFoundError: a local ``pretrained`` path that does not exist.
+        OSError: the model cannot be loaded, with offline mode named when it is on.
+    """
+    if _looks_local(str(pretrained)) and not Path(pretrained).expanduser().exists():
+        raise FileNotFoundError(
+            f"`pretrained` {str(pretrained)!r} does not exist: it is a local path, not a hub name of the form "
+            "'namespace/name'. HINT: give the directory written by save_pretrained(), or a hub name such as "
+            "'Salesforce/blip2-opt-2.7b'."
+        )
+    try:
+        yield
+    except OSError as error:
+        if not is_offline_mode() or Path(pretrained).expanduser().exists():
+            raise
+        raise OSError(
+            f"`pretrained` {str(pretrained)!r} is not in the local Hugging Face cache, and offline mode is on "
+            "(HF_HUB_OFFLINE=1), so it cannot be downloaded. HINT: unset HF_HUB_OFFLINE to download it once, or give "
+            "the directory of a local copy."
+        ) from error
+
+
 def build_hf_model(
     model_cls: type[ModelT],
     pretrained: str | None = None,
@@ -49,7 +86,8 @@ def build_hf_model(
     """
     check_model_source(pretrained, config)
     if pretrained is not None:
-        return model_cls.from_pretrained(pretrained, **from_pretrained_kwargs)
+        with hub_load_errors(pretrained):
+            return model_cls.from_pretrained(pretrained, **from_pretrained_kwargs)
     if isinstance(config, dict):
         config = model_cls.config_class.from_dict(config)
     return model_cls(config)

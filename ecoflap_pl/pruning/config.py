@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 IMPORTANCES = ("zeroth_order", "first_order", "uniform")
 SCORES = ("grad_only", "grad_mag_abs", "grad_mag_square")
@@ -13,6 +13,9 @@ GRANULARITIES = ("block", "layer", "model")
 METHODS = ("wanda", "sparsegpt", "magnitude")
 COMPARISONS = ("per_row", "per_matrix")
 PROBE_GRANULARITIES = ("per_tensor", "per_block")
+AllocationName = Literal["ecoflap", "uniform", "owl", "from_report", "auto"]
+"""The built-in allocation strategies (``ecoflap_pl.pruning.allocation``); strategies registered later with
+``register_allocation`` are accepted too (from Python; the CLI lists the built-ins)."""
 _NM_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 # Never pruned by default (docs/algorithm.md §1): BLIP-2's whole Q-Former. Embeddings, heads and inter-tower
 # projections sit outside the discovered block stacks and are never candidates anyway.
@@ -34,16 +37,31 @@ class PruningConfig:
         sparsity: target fraction of zeros over all candidate weights, in [0, 1).
         max_sparsity: cap on any group's sparsity; defaults to ``sparsity + 0.1`` (every official run), capped
             below 1. Must be ``>= sparsity``.
-        importance: coarse step: ``"zeroth_order"`` (forward-only, the paper's default), ``"first_order"``
-            (backprop, streamed) or ``"uniform"`` (no coarse step: every tensor gets ``sparsity``).
+        importance: coarse estimator of the group scores: ``"zeroth_order"`` (forward-only, the paper's default),
+            ``"first_order"`` (backprop, streamed) or ``"uniform"`` (no scores; with the default ``allocation`` it
+            means ``allocation="uniform"``: every tensor gets ``sparsity``).
+        allocation: how group sparsities are chosen (docs/allocation.md): ``"ecoflap"`` (the paper's rule on the
+            ``importance`` scores, capped at ``max_sparsity``), ``"uniform"``, ``"owl"`` (outlier-weighted, forward
+            only, ``owl_m``/``owl_lambda``), ``"from_report"`` (the group sparsities of ``allocation_report``) or
+            ``"auto"`` (tries uniform, the paper's rule at caps ``sparsity`` + 0.05/0.1/0.2 and OWL at λ =
+            0.04/0.08/0.12, keeps the lowest loss on ``auto_holdout_samples`` held-out calibration samples).
+        owl_m: OWL's outlier multiple ``M``: an entry is an outlier when its Wanda score exceeds ``M`` × its
+            block's mean.
+        owl_lambda: OWL's band half-width ``λ``: group sparsities stay in ``[sparsity − λ, sparsity + λ]``.
+        allocation_report: path of an earlier ``pruning_report.json`` whose ``group_sparsity`` ``from_report``
+            reuses (same model, include/exclude and granularity).
+        auto_holdout_samples: calibration samples ``auto`` scores its candidates on; taken from the calibration
+            batches after those of the coarse and fine steps, never seen by either.
         score: ``"grad_only"`` (s), ``"grad_mag_abs"`` (|W|·s) or ``"grad_mag_square"`` (W²·s²).
         aggregate: ``"sum"`` of the element scores of a group, or ``"avg"`` (divided by its parameter count).
         granularity: one sparsity per transformer ``"block"``, per weight tensor (``"layer"``) or per tower
             (``"model"``).
         method: local pruner of the fine step: ``"wanda"``, ``"sparsegpt"`` or ``"magnitude"``.
         structure: ``"unstructured"`` or an N:M pattern such as ``"2:4"`` (N kept in every M weights).
-        comparison: rank within each output row (``"per_row"``) or within the whole matrix (``"per_matrix"``).
-            Defaults to ``"per_row"`` for Wanda and SparseGPT and ``"per_matrix"`` for magnitude.
+        comparison: rank within each output row (``"per_row"``) or within the whole matrix (``"per_matrix"``; for
+            SparseGPT: across all rows of each column block, as the original SparseGPT). Defaults to ``"per_row"``
+            for Wanda (as Wanda) and ``"per_matrix"`` for SparseGPT (as SparseGPT) and magnitude. Either way a
+            tensor loses exactly ``round(numel · sparsity)`` weights; per row, counts differ by at most one.
         coarse_samples: calibration samples for the coarse step (32 in the official BLIP-2 run).
         fine_samples: calibration samples for the fine step (128).
         eps: zeroth-order perturbation size ε.
@@ -61,6 +79,11 @@ class PruningConfig:
     sparsity: float = 0.5
     max_sparsity: float | None = None
     importance: str = "zeroth_order"
+    allocation: AllocationName = "ecoflap"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    allocation_report: str | None = None
+    auto_holdout_samples: int = 16
     score: str = "grad_only"
     aggregate: str = "sum"
     granularity: str = "block"
@@ -102,10 +125,11 @@ class PruningConfig:
         normalise("granularity", _choice("granularity", self.granularity, GRANULARITIES))
         normalise("method", _choice("method", self.method, METHODS))
         normalise("probe_granularity", _choice("probe_granularity", self.probe_granularity, PROBE_GRANULARITIES))
-        default_comparison = "per_matrix" if self.method == "magnitude" else "per_row"
+        default_comparison = "per_row" if self.method == "wanda" else "per_matrix"
         comparison = default_comparison if self.comparison is None else self.comparison
         normalise("comparison", _choice("comparison", comparison, COMPARISONS))
-        for name in ("coarse_samples", "fine_samples", "probes", "sparsegpt_block_size"):
+        self._check_allocation()
+        for name in ("coarse_samples", "fine_samples", "probes", "sparsegpt_block_size", "auto_holdout_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -138,10 +162,11 @@ class PruningConfig:
                 f"`structure` {n}:{m} keeps {n} of every {m} weights (sparsity {1 - n / m:g}), but `sparsity` is "
                 f"{self.sparsity!r}. HINT: set sparsity: {1 - n / m:g}."
             )
-        if self.importance != "uniform":
+        if self.allocation != "uniform":
             raise ValueError(
-                f"`structure` {n}:{m} fixes every tensor's sparsity, so `importance` must be 'uniform', got "
-                f"{self.importance!r}. HINT: set importance: uniform for N:M runs."
+                f"`structure` {n}:{m} fixes every tensor's sparsity, so `importance` must be 'uniform' (or "
+                f"`allocation` 'uniform'), got importance {self.importance!r}, allocation {self.allocation!r}. "
+                "HINT: set importance: uniform for N:M runs."
             )
         if self.method == "sparsegpt" and self.sparsegpt_block_size % m:
             raise ValueError(
@@ -149,6 +174,43 @@ class PruningConfig:
                 f"{self.sparsegpt_block_size!r}. HINT: keep the default 128."
             )
         return f"{n}:{m}"
+
+    def _check_allocation(self) -> None:
+        from ecoflap_pl.pruning.allocation import allocation_names  # the registry imports this module
+
+        allocation = str(self.allocation).strip().lower().replace("-", "_")
+        if allocation not in allocation_names():
+            raise ValueError(
+                f"`allocation` must be one of {list(allocation_names())}, got {self.allocation!r}. "
+                "HINT: 'ecoflap' is the paper's rule, 'auto' picks the best candidate on held-out batches."
+            )
+        if self.importance == "uniform" and allocation == "ecoflap":
+            allocation = "uniform"  # `importance: uniform` (no scores) keeps meaning the uniform baseline
+        object.__setattr__(self, "allocation", allocation)
+        if not self.owl_m > 0:
+            raise ValueError(f"`owl_m` must be > 0, got {self.owl_m!r}. HINT: the OWL paper uses 5.")
+        if not (0 <= self.owl_lambda and (allocation != "owl" or self.sparsity + self.owl_lambda < 1)):
+            raise ValueError(
+                f"`owl_lambda` must be in [0, 1 - sparsity) = [0, {1 - self.sparsity:g}), got {self.owl_lambda!r}. "
+                "HINT: the OWL paper uses 0.08 at 70% sparsity."
+            )
+        object.__setattr__(self, "owl_m", float(self.owl_m))
+        object.__setattr__(self, "owl_lambda", float(self.owl_lambda))
+        if (allocation == "from_report") != (self.allocation_report is not None):
+            raise ValueError(
+                f"`allocation_report` must be set exactly when `allocation` is 'from_report', got allocation "
+                f"{allocation!r} with allocation_report {self.allocation_report!r}. HINT: allocation: from_report "
+                "with allocation_report: path/to/pruning_report.json."
+            )
+        if self.allocation_report is not None:
+            object.__setattr__(self, "allocation_report", str(self.allocation_report))
+
+    @property
+    def calibration_samples(self) -> int:
+        """Calibration samples a run reads: the fine step's (and, unless ``importance`` is ``"uniform"``, the coarse
+        step's) leading ones, plus ``auto``'s held-out ones after them."""
+        leading = self.fine_samples if self.importance == "uniform" else max(self.coarse_samples, self.fine_samples)
+        return leading + (self.auto_holdout_samples if self.allocation == "auto" else 0)
 
     @property
     def n_m(self) -> tuple[int, int] | None:

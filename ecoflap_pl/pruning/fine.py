@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, cast
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from ecoflap_pl.pruning.calls import BlockCall, capture_block_calls
 from ecoflap_pl.pruning.config import PruningConfig
 from ecoflap_pl.pruning.discovery import Candidate, Stack
-from ecoflap_pl.pruning.loss import LossFn
+from ecoflap_pl.pruning.loss import LossFn, run_on_batch
 from ecoflap_pl.pruning.masks import apply_mask_, magnitude_scores, select_mask, wanda_scores
 from ecoflap_pl.pruning.monitor import StageMonitor
 from ecoflap_pl.pruning.sparsegpt import sparsegpt_prune_
@@ -99,6 +100,7 @@ def fine_prune_(
     monitor: StageMonitor,
     all_reduce: AllReduce | None = None,
     on_block_done: Callable[[], None] | None = None,
+    observe: Callable[[Mapping[str, nn.Parameter], Mapping[str, InputStatistics]], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prune every candidate at its sparsity, stack by stack in forward order; return the masks.
 
@@ -109,7 +111,10 @@ def fine_prune_(
     hidden stream.
 
     Args:
+        tensor_sparsity: parameter name -> sparsity; a candidate missing here is measured but left dense.
         batches: ``(global batch id, batch)`` pairs of this rank.
+        observe: called for every block with its candidate weights and their input statistics (summed over ranks),
+            before the block is pruned (the dense Wanda pass of the OWL allocation).
     """
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
@@ -118,6 +123,7 @@ def fine_prune_(
         by_block.setdefault(candidate.block, []).append(candidate)
     masks: dict[str, torch.Tensor] = {}
     needs_inputs = config.method != "magnitude"
+    batch_ids = {id(batch): batch_id for batch_id, batch in batches}
 
     for stack in stacks:
         blocks = [modules[name] for name in stack.blocks]
@@ -125,7 +131,7 @@ def fine_prune_(
             calls = capture_block_calls(
                 blocks,
                 [batch for _, batch in batches],
-                lambda batch: loss_fn(model, batch),
+                lambda batch: run_on_batch(partial(loss_fn, model), batch, batch_ids[id(batch)]),
                 calls_per_forward=stack.calls_per_forward,
             )
             monitor.full_forwards += len(batches)
@@ -149,7 +155,11 @@ def fine_prune_(
                 if all_reduce is not None:
                     for stats in statistics.values():
                         stats.all_reduce_(all_reduce)
+            if observe is not None:
+                observe(weights, statistics)
             for name, weight in weights.items():
+                if name not in tensor_sparsity:
+                    continue
                 transaction.save(weight)
                 masks[name] = _prune_weight_(weight, statistics.get(name), tensor_sparsity[name], config)
             del statistics

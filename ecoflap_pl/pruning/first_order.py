@@ -65,7 +65,15 @@ def first_order_sums(
             handles.append(param.register_post_accumulate_grad_hook(hook_for(name)))
         with torch.enable_grad():
             for batch_id, batch in batches:
-                checked_loss(loss_fn, model, batch, batch_id).backward()
+                loss = checked_loss(loss_fn, model, batch, batch_id)
+                if not loss.requires_grad:
+                    raise ValueError(
+                        f"importance='first_order' back-propagates the calibration loss, but the loss of calibration "
+                        f"batch {batch_id} does not require grad (computed under torch.no_grad() or inference mode, "
+                        "or detached). HINT: return the loss of the model's forward pass as it is, or use "
+                        "importance='zeroth_order' (forward passes only)."
+                    )
+                loss.backward()
                 monitor.full_forwards += 1
                 monitor.backward_passes += 1
                 if on_batch_done is not None:

@@ -1,8 +1,9 @@
 """Local importance scores and exact-count masks, as pure tensor functions.
 
-Masks are bool tensors with ``True`` = kept. Every function removes an exact number of weights: ties are broken by
-position, as a stable sort would, and never prune more than asked (unlike a ``sort()[k]`` threshold followed by
-``<=``).
+Masks are bool tensors with ``True`` = kept. Every function removes an exact number of weights: a tensor loses
+``round(numel · sparsity)`` (:func:`pruned_count`), per-row counts differ by at most one (:func:`row_counts`), ties
+are broken by position as a stable sort would, and never more is pruned than asked (unlike a ``sort()[k]`` threshold
+followed by ``<=``).
 """
 
 from __future__ import annotations
@@ -25,33 +26,70 @@ def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().abs()
 
 
-def _lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """``True`` at the ``count`` lowest entries of every row of ``scores`` (``[rows, cols]``, ``0 < count <= cols``).
+def pruned_count(numel: int, sparsity: float) -> int:
+    """The exact number of weights a tensor of ``numel`` entries loses at ``sparsity``: ``round(numel · sparsity)``
+    (to the nearest integer, halves to even), so a model's achieved sparsity is its target to within one weight per
+    tensor."""
+    return min(numel, max(0, round(numel * sparsity)))
+
+
+def _lowest(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``True`` at the ``counts[r]`` lowest entries of row ``r`` of ``scores`` (``[rows, cols]``, ``counts``: ``[rows]``
+    integers in ``[0, cols]``).
 
     The same entries a stable sort would put first (ties broken by position, NaN ranked highest), found with
     ``topk`` and a tie count instead of a full sort: 2-3x faster on Linear-sized rows.
     """
+    largest = int(counts.max()) if counts.numel() else 0
+    if not largest:
+        return torch.zeros_like(scores, dtype=torch.bool)
     scores = scores.masked_fill(scores.isnan(), float("inf"))
-    kth = torch.topk(scores, count, dim=1, largest=False, sorted=False).values.amax(dim=1, keepdim=True)
+    counts = counts.to(scores.device).unsqueeze(1)
+    lowest = torch.topk(scores, largest, dim=1, largest=False, sorted=True).values
+    kth = lowest.gather(1, (counts - 1).clamp(min=0))
     below = scores < kth
     ties = scores == kth
-    return below | (ties & (ties.cumsum(dim=1) <= count - below.sum(dim=1, keepdim=True)))
+    chosen = below | (ties & (ties.cumsum(dim=1) <= counts - below.sum(dim=1, keepdim=True)))
+    return chosen & (counts > 0)
+
+
+def row_counts(scores: torch.Tensor, total: int) -> torch.Tensor:
+    """Spread ``total`` pruned weights over the rows of ``scores`` (``[out, in]``): every row loses
+    ``total // out``, and the ``total % out`` remaining weights go one each to the rows whose next weight to prune
+    has the lowest score (the rows where one more weight costs least; ties to the first row). Returns ``[out]``
+    int64 counts that differ by at most one and sum to ``total``."""
+    rows, cols = scores.shape
+    if not 0 <= total <= rows * cols:
+        raise ValueError(f"`total` must be in [0, {rows * cols}] for a [{rows}, {cols}] tensor, got {total!r}.")
+    base, extra = divmod(total, rows)
+    counts = torch.full((rows,), base, dtype=torch.int64, device=scores.device)
+    if extra:
+        ranked = scores.masked_fill(scores.isnan(), float("inf"))
+        next_score = torch.topk(ranked, base + 1, dim=1, largest=False, sorted=True).values[:, base]
+        counts[torch.sort(next_score, stable=True).indices[:extra]] += 1
+    return counts
 
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Prune the ``floor(in · sparsity)`` lowest scores of every row of ``scores`` (``[out, in]``)."""
-    pruned_per_row = int(scores.shape[1] * sparsity)
-    if not pruned_per_row:
-        return torch.ones_like(scores, dtype=torch.bool)
-    return ~_lowest(scores, pruned_per_row)
+    """Prune exactly ``round(numel · sparsity)`` of ``scores`` (``[out, in]``), the lowest of each row, with per-row
+    counts from :func:`row_counts` (equal up to one)."""
+    return ~_lowest(scores, row_counts(scores, pruned_count(scores.numel(), sparsity)))
+
+
+def row_count_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Prune the ``counts[r]`` lowest scores of every row ``r`` of ``scores`` (``[out, in]``)."""
+    return ~_lowest(scores, counts)
+
+
+def matrix_count_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Prune the ``count`` lowest scores of the whole matrix."""
+    flat = scores.reshape(1, -1)
+    return ~_lowest(flat, torch.tensor([count], device=scores.device)).view_as(scores)
 
 
 def matrix_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Prune the ``floor(numel · sparsity)`` lowest scores of the whole matrix."""
-    pruned = int(scores.numel() * sparsity)
-    if not pruned:
-        return torch.ones_like(scores, dtype=torch.bool)
-    return ~_lowest(scores.reshape(1, -1), pruned).view_as(scores)
+    """Prune the ``round(numel · sparsity)`` lowest scores of the whole matrix."""
+    return matrix_count_mask(scores, pruned_count(scores.numel(), sparsity))
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

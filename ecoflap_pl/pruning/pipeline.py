@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
+from ecoflap_pl.pruning.allocation import (
+    AllocationRequest,
+    dense_outlier_ratios,
+    get_allocation,
+    read_allocation_report,
+)
 from ecoflap_pl.pruning.config import PruningConfig
 from ecoflap_pl.pruning.discovery import (
     Candidate,
@@ -25,14 +31,27 @@ from ecoflap_pl.pruning.first_order import first_order_sums
 from ecoflap_pl.pruning.loss import LossFn, checked_loss
 from ecoflap_pl.pruning.monitor import StageMonitor, StageStats
 from ecoflap_pl.pruning.result import GroupScores, PruningResult
-from ecoflap_pl.pruning.transaction import pruning_session
+from ecoflap_pl.pruning.transaction import WeightTransaction, pruning_session
 from ecoflap_pl.pruning.zeroth_order import zeroth_order_sums
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``, called as each unit of work of a stage finishes."""
 
-_SCORE_SETTINGS = ("importance", "score", "aggregate", "granularity", "probe_granularity", "include", "exclude")
+_SCORE_SETTINGS = (
+    "importance",
+    "score",
+    "aggregate",
+    "granularity",
+    "probe_granularity",
+    "include",
+    "exclude",
+    "coarse_samples",
+    "eps",
+    "probes",
+    "seed",
+)
+_PRIOR_SPARSITY_WARNING = 0.01
 
 
 @dataclass(frozen=True)
@@ -58,17 +77,82 @@ def _batch_samples(batch: Any) -> int:
     return 1
 
 
-def _leading_batches(batches: Sequence[Any], samples: int, purpose: str) -> list[tuple[int, Any]]:
-    """The first batches holding ``samples`` samples, with their global ids."""
-    chosen, seen = [], 0
-    for batch_id, batch in enumerate(batches):
+def _leading_count(batches: Sequence[Any], samples: int) -> tuple[int, int]:
+    """How many leading batches hold ``samples`` samples (all when fewer), and how many samples they hold."""
+    count = seen = 0
+    for batch in batches:
         if seen >= samples:
             break
-        chosen.append((batch_id, batch))
+        count += 1
         seen += _batch_samples(batch)
+    return count, seen
+
+
+def _leading_batches(batches: Sequence[Any], samples: int, purpose: str) -> list[tuple[int, Any]]:
+    """The first batches holding ``samples`` samples, with their global ids."""
+    count, seen = _leading_count(batches, samples)
     if seen < samples:
         logger.warning("%s asked for %d calibration samples but only %d were given; using all.", purpose, samples, seen)
-    return chosen
+    return [(batch_id, batches[batch_id]) for batch_id in range(count)]
+
+
+def _holdout_batches(batches: Sequence[Any], config: PruningConfig) -> list[tuple[int, Any]]:
+    """``auto``'s held-out batches: those after the fine step's (and, with scores, the coarse step's) leading batches,
+    ``auto_holdout_samples`` samples.
+
+    Raises:
+        ValueError: when no batch is left after those of the coarse and fine steps.
+    """
+    start = _leading_count(batches, config.fine_samples)[0]
+    if config.importance != "uniform":
+        start = max(start, _leading_count(batches, config.coarse_samples)[0])
+    count, seen = _leading_count(batches[start:], config.auto_holdout_samples)
+    if not count:
+        raise ValueError(
+            f"`allocation` 'auto' needs held-out calibration batches after the {start} that the coarse and fine "
+            f"steps use, but only {len(batches)} were given. HINT: pass {config.calibration_samples} calibration "
+            "samples (PruningConfig.calibration_samples), or lower coarse_samples / fine_samples."
+        )
+    if seen < config.auto_holdout_samples:
+        logger.warning(
+            "auto asked for %d held-out samples but only %d are left; using them.", config.auto_holdout_samples, seen
+        )
+    return [(batch_id, batches[batch_id]) for batch_id in range(start, start + count)]
+
+
+def _heldout_loss(
+    model: nn.Module,
+    batches: Sequence[tuple[int, Any]],
+    loss_fn: LossFn,
+    all_reduce: AllReduce | None,
+    rank: int,
+    world_size: int,
+) -> float:
+    """The sample-weighted mean calibration loss over ``batches``; with ``all_reduce`` each rank evaluates its share
+    (``id % world_size == rank``) and the sums are reduced, so every rank gets the same value."""
+    own = [(i, batch) for i, batch in batches if all_reduce is None or i % world_size == rank]
+    sums = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)
+    for batch_id, batch in own:
+        size = _batch_samples(batch)
+        sums[0] += float(checked_loss(loss_fn, model, batch, batch_id)) * size
+        sums[1] += size
+    if all_reduce is not None:
+        sums = all_reduce(sums)
+    return float(sums[0] / sums[1])
+
+
+def _add(first: StageStats | None, second: StageStats) -> StageStats:
+    """Two runs of one stage as one: counts and seconds add up, the peak memory is the larger."""
+    if first is None:
+        return second
+    return replace(
+        second,
+        full_forwards=first.full_forwards + second.full_forwards,
+        block_forwards=first.block_forwards + second.block_forwards,
+        backward_passes=first.backward_passes + second.backward_passes,
+        seconds=first.seconds + second.seconds,
+        peak_memory_bytes=max(first.peak_memory_bytes, second.peak_memory_bytes),
+    )
 
 
 def _shard(batches: list[tuple[int, Any]], rank: int, world_size: int, purpose: str) -> list[tuple[int, Any]]:
@@ -226,7 +310,7 @@ def _score(
             summed = all_reduce(torch.tensor([raw[k] for k in keys], dtype=torch.float64, device=device))
             raw = dict(zip(keys, summed.tolist(), strict=True))
         scores = _aggregate(plan, params, raw, config, len(chosen))
-    settings = {name: getattr(config, name) for name in _SCORE_SETTINGS}
+    settings = _score_settings(config, plan, params)
     logger.info(
         "Coarse step (%s) done in %.1f s, %d forward passes",
         config.importance,
@@ -257,14 +341,38 @@ def score_groups(
         return _score(model, plan, calibration_batches, loss_fn, config, all_reduce, rank, world_size, progress)
 
 
-def _check_scores(scores: GroupScores, plan: _Plan, config: PruningConfig) -> None:
-    settings = {name: getattr(config, name) for name in _SCORE_SETTINGS}
-    differing = {k: (scores.settings.get(k), v) for k, v in settings.items() if scores.settings.get(k) != v}
+def _score_settings(config: PruningConfig, plan: _Plan, params: dict[str, nn.Parameter]) -> dict[str, Any]:
+    """What the coarse scores depend on: the scoring fields of the config and the candidates' names and shapes."""
+    settings: dict[str, Any] = {name: getattr(config, name) for name in _SCORE_SETTINGS}
+    settings["candidates"] = tuple(f"{c.name}:{tuple(params[c.name].shape)}" for c in plan.candidates)
+    return settings
+
+
+def _check_scores(scores: GroupScores, plan: _Plan, config: PruningConfig, params: dict[str, nn.Parameter]) -> None:
+    settings = _score_settings(config, plan, params)
+    differing = sorted(k for k, v in settings.items() if scores.settings.get(k) != v)
     if differing or scores.groups != plan.groups:
+        described = [
+            "candidates (another model: other weight names or shapes)"
+            if k == "candidates"
+            else f"{k} ({scores.settings.get(k)!r} in the scores, {settings[k]!r} now)"
+            for k in differing
+        ]
         raise ValueError(
-            f"`scores` were computed with other settings or for other groups than this run: {differing or 'groups'}. "
-            "HINT: compute them with score_groups() on the same model with the same config."
+            f"`scores` were computed with other settings or another model than this run: "
+            f"{'; '.join(described) or 'other groups'}. HINT: compute them with score_groups() on the same model "
+            "with the same config (only `sparsity`, `max_sparsity` and the fine-step settings may change)."
         )
+
+
+def _prior_zeros(params: dict[str, nn.Parameter], candidates: Sequence[Candidate]) -> dict[str, int]:
+    """Candidate weights that are exactly zero before pruning (the model was pruned before), per tensor."""
+    counts = {c.name: int((params[c.name] == 0).sum()) for c in candidates}
+    return {name: count for name, count in counts.items() if count}
+
+
+def _tensor_sparsity(plan: _Plan, group_sparsity: Mapping[str, float]) -> dict[str, float]:
+    return {name: group_sparsity[group] for group, names in plan.groups.items() for name in names}
 
 
 def prune(
@@ -279,12 +387,14 @@ def prune(
     world_size: int = 1,
     progress: Progress | None = None,
 ) -> PruningResult:
-    """Prune ``model`` in place with ECoFLaP (coarse global scores, then layer-wise fine pruning).
+    """Prune ``model`` in place with ECoFLaP (per-group sparsity from ``config.allocation``, then layer-wise pruning).
 
     Args:
         model: any ``nn.Module`` holding stacks of transformer blocks (HF, timm or plain PyTorch).
         calibration_batches: a sequence of batches on the model's device, used as given; the coarse step takes the
-            leading batches holding ``config.coarse_samples`` samples, the fine step ``config.fine_samples``.
+            leading batches holding ``config.coarse_samples`` samples, the fine step (and OWL's dense pass)
+            ``config.fine_samples``, and ``auto`` evaluates its candidates on the next batches holding
+            ``config.auto_holdout_samples`` (``config.calibration_samples`` in all).
         loss_fn: ``loss_fn(model, batch) -> scalar Tensor``, the model's own training loss; it also runs the
             forward passes of the fine step.
         config: the run's configuration.
@@ -303,28 +413,92 @@ def prune(
         On any exception, including KeyboardInterrupt, every weight is restored bit-exactly.
     """
     _check_inputs(model, calibration_batches, loss_fn, config, rank, world_size)
+    holdout = _holdout_batches(calibration_batches, config) if config.allocation == "auto" else []
+    if config.allocation_report is not None:
+        read_allocation_report(config.allocation_report)  # fail before any work
     stages: dict[str, StageStats] = {}
+    params = dict(model.named_parameters())
     with pruning_session(model) as transaction:
         plan, stages["discovery"] = _plan(model, calibration_batches, loss_fn, config, rank)
-        if config.importance == "uniform":
-            group_scores: dict[str, float] = {}
-            group_sparsity = dict.fromkeys(plan.groups, config.sparsity)
-        else:
-            if scores is None:
-                scores = _score(
-                    model, plan, calibration_batches, loss_fn, config, all_reduce, rank, world_size, progress
-                )
-            else:
-                _check_scores(scores, plan, config)
-            stages["coarse"] = scores.stats
-            group_scores = dict(scores.scores)
-            assert config.max_sparsity is not None
-            group_sparsity = scores.allocate(config.sparsity, config.max_sparsity, config.prune_per_model)
-        tensor_sparsity = {name: group_sparsity[group] for group, names in plan.groups.items() for name in names}
-
-        chosen = _leading_batches(calibration_batches, config.fine_samples, "The fine step")
-        own = _shard(chosen, rank, world_size, "The fine step")
+        prior_zeros = _prior_zeros(params, plan.candidates)
+        prior_sparsity = sum(prior_zeros.values()) / max(sum(c.numel for c in plan.candidates), 1)
+        if prior_sparsity >= _PRIOR_SPARSITY_WARNING:
+            logger.warning(
+                "%.1f%% of the candidate weights are already zero before pruning (the model was pruned before?). "
+                "They stay pruned: the masks and the achieved sparsity include them.",
+                100 * prior_sparsity,
+            )
         device = next(model.parameters()).device
+        fine_batches = _shard(
+            _leading_batches(calibration_batches, config.fine_samples, "The fine step"),
+            rank,
+            world_size,
+            "The fine step",
+        )
+        computed: dict[str, GroupScores] = {}
+        outliers: dict[float, dict[str, float]] = {}
+
+        def coarse_scores() -> GroupScores:
+            if "scores" not in computed:
+                if scores is None:
+                    computed["scores"] = _score(
+                        model, plan, calibration_batches, loss_fn, config, all_reduce, rank, world_size, progress
+                    )
+                else:
+                    _check_scores(scores, plan, config, params)
+                    computed["scores"] = scores
+                stages["coarse"] = computed["scores"].stats
+            return computed["scores"]
+
+        def outlier_ratios(m: float) -> dict[str, float]:
+            if m not in outliers:
+                with StageMonitor(device) as monitor, torch.no_grad():
+                    outliers[m] = dense_outlier_ratios(
+                        model,
+                        plan.stacks,
+                        plan.candidates,
+                        plan.groups,
+                        fine_batches,
+                        loss_fn,
+                        config,
+                        m,
+                        monitor=monitor,
+                        all_reduce=all_reduce,
+                    )
+                stages["outliers"] = _add(stages.get("outliers"), monitor.stats)
+            return outliers[m]
+
+        def evaluate(name: str, group_sparsity: Mapping[str, float]) -> float:
+            # Wanda stands in for SparseGPT: the candidates differ in their allocation, not in the local pruner.
+            search = replace(config, method="wanda", comparison="per_row") if config.method == "sparsegpt" else config
+            trial = WeightTransaction()
+            with StageMonitor(device) as monitor, torch.no_grad():
+                try:
+                    fine_prune_(
+                        model,
+                        plan.stacks,
+                        plan.candidates,
+                        _tensor_sparsity(plan, group_sparsity),
+                        fine_batches,
+                        loss_fn,
+                        search,
+                        transaction=trial,
+                        monitor=monitor,
+                        all_reduce=all_reduce,
+                    )
+                    loss = _heldout_loss(model, holdout, loss_fn, all_reduce, rank, world_size)
+                    monitor.full_forwards += len(holdout)
+                finally:
+                    trial.rollback()
+            stages["auto"] = _add(stages.get("auto"), monitor.stats)
+            return loss
+
+        request = AllocationRequest(
+            config, plan.sizes, plan.groups, plan.towers, coarse_scores, outlier_ratios, evaluate
+        )
+        allocation = get_allocation(config.allocation)(request)
+        group_sparsity = allocation.group_sparsity
+        tensor_sparsity = _tensor_sparsity(plan, group_sparsity)
         total_blocks = sum(len(stack.blocks) for stack in plan.stacks)
         done = 0
 
@@ -340,7 +514,7 @@ def prune(
                 plan.stacks,
                 plan.candidates,
                 tensor_sparsity,
-                own,
+                fine_batches,
                 loss_fn,
                 config,
                 transaction=transaction,
@@ -349,13 +523,15 @@ def prune(
                 on_block_done=block_done,
             )
         stages["fine"] = monitor.stats
+        for name in prior_zeros:  # weights that were zero already are pruned too, whatever the new mask says
+            masks[name] = masks[name] & (params[name] != 0)
     sizes = {c.name: c.numel for c in plan.candidates}
     achieved = {name: 1.0 - float(mask.sum()) / mask.numel() for name, mask in masks.items()}
     result = PruningResult(
         config=config,
         groups=plan.groups,
         towers=plan.towers,
-        group_scores=group_scores,
+        group_scores=dict(computed["scores"].scores) if "scores" in computed else {},
         group_sparsity=group_sparsity,
         target_sparsity=tensor_sparsity,
         achieved_sparsity=achieved,
@@ -363,6 +539,10 @@ def prune(
         stages=stages,
         masks=masks,
         skipped_stacks=tuple(stack.name for stack in plan.skipped),
+        prior_sparsity=prior_sparsity,
+        group_outlier_ratios=outliers.get(config.owl_m, {}),
+        candidates=allocation.candidates,
+        chosen_candidate=allocation.chosen,
     )
     logger.info(
         "Pruned %d weights to %.2f%% sparsity (target %.2f%%) in %.1f s",

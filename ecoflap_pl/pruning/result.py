@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ecoflap_pl.pruning.allocation import allocate_sparsity
+from ecoflap_pl.pruning.allocation import CandidateAllocation, allocate_sparsity
 from ecoflap_pl.pruning.config import PruningConfig
 from ecoflap_pl.pruning.monitor import StageStats
 
@@ -84,6 +84,11 @@ class PruningResult:
         stages: stage name (``"discovery"``, ``"coarse"``, ``"fine"``) -> its cost.
         masks: parameter name -> bool mask (``True`` = kept); not part of ``to_dict``.
         skipped_stacks: stacks found in the model that the calibration loss never ran (left dense).
+        prior_sparsity: fraction of the candidate weights that were already zero before this run (a model pruned
+            before); they are counted as pruned in the masks and in ``achieved_sparsity``.
+        group_outlier_ratios: group -> OWL outlier ratio of the dense model (``owl`` and ``auto`` runs).
+        candidates: every allocation ``auto`` tried, with its held-out loss, in the order tried.
+        chosen_candidate: the name of the candidate ``auto`` kept.
     """
 
     config: PruningConfig
@@ -97,6 +102,22 @@ class PruningResult:
     stages: dict[str, StageStats]
     masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     skipped_stacks: tuple[str, ...] = ()
+    prior_sparsity: float = 0.0
+    group_outlier_ratios: dict[str, float] = field(default_factory=dict)
+    candidates: tuple[CandidateAllocation, ...] = ()
+    chosen_candidate: str | None = None
+
+    @property
+    def search_cost_ratio(self) -> float | None:
+        """``auto``'s wall time over that of a plain run (discovery, coarse and fine steps); None without a search.
+
+        The search (``"auto"``: every candidate's fine step and held-out loss) and OWL's dense pass
+        (``"outliers"``) are the extra cost."""
+        if not self.candidates:
+            return None
+        plain = sum(stats.seconds for stage, stats in self.stages.items() if stage in ("discovery", "coarse", "fine"))
+        total = sum(stats.seconds for stats in self.stages.values())
+        return total / plain if plain > 0 else None
 
     @property
     def overall_sparsity(self) -> float:
@@ -127,6 +148,11 @@ class PruningResult:
             "sizes": dict(self.sizes),
             "stages": {stage: stats.to_dict() for stage, stats in self.stages.items()},
             "skipped_stacks": list(self.skipped_stacks),
+            "prior_sparsity": self.prior_sparsity,
+            "group_outlier_ratios": dict(self.group_outlier_ratios),
+            "candidates": [candidate.to_dict() for candidate in self.candidates],
+            "chosen_candidate": self.chosen_candidate,
+            "search_cost_ratio": self.search_cost_ratio,
         }
 
     @classmethod
@@ -143,4 +169,8 @@ class PruningResult:
             stages={stage: StageStats(**stats) for stage, stats in data["stages"].items()},
             masks=dict(masks or {}),
             skipped_stacks=tuple(data.get("skipped_stacks", ())),
+            prior_sparsity=float(data.get("prior_sparsity", 0.0)),
+            group_outlier_ratios={g: float(d) for g, d in data.get("group_outlier_ratios", {}).items()},
+            candidates=tuple(CandidateAllocation.from_dict(c) for c in data.get("candidates", ())),
+            chosen_candidate=data.get("chosen_candidate"),
         )

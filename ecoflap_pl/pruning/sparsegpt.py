@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ecoflap_pl.pruning.masks import matrix_mask, nm_mask, row_mask
+from ecoflap_pl.pruning.masks import matrix_count_mask, nm_mask, pruned_count, row_count_mask, row_counts
 
 logger = logging.getLogger(__name__)
 _MAX_DAMPING_RETRIES = 6
@@ -29,12 +29,19 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damping: float) -> torch.Tens
     raise FloatingPointError("SparseGPT: the Hessian is not positive definite even with 1e5x damping.")
 
 
+def _share(total: torch.Tensor, start: int, end: int, cols: int) -> torch.Tensor:
+    """The part of ``total`` pruned weights that falls in columns ``[start, end)`` of ``cols``: differences of the
+    nearest integers to ``total · x / cols``, so the column blocks' shares sum to ``total`` exactly."""
+    half = cols // 2
+    return (total * end + half) // cols - (total * start + half) // cols
+
+
 def sparsegpt_prune_(
     weight: torch.Tensor,
     gram: torch.Tensor,
     sparsity: float,
     *,
-    comparison: str = "per_row",
+    comparison: str = "per_matrix",
     n_m: tuple[int, int] | None = None,
     block_size: int = 128,
     damping: float = 0.01,
@@ -47,11 +54,17 @@ def sparsegpt_prune_(
     (per row or over the block; or N:M every M columns), then each column ``j`` is quantised to its masked value
     ``q_j`` and the error ``(w_j − q_j) / U_jj`` is propagated to the remaining columns through row ``j`` of ``U``.
 
+    Exactly ``round(numel · sparsity)`` weights are pruned, spread over the column blocks in proportion to their
+    widths (the nearest integers of the running total). ``"per_matrix"`` (the original SparseGPT) ranks the metric
+    across all rows of each column block; ``"per_row"`` fixes every row's total first (:func:`row_counts` on the
+    metric before any update: equal up to one, the extra weights to the rows whose next weight is cheapest) and
+    ranks inside each row of each block.
+
     Args:
         weight: ``[out, in]`` Linear weight, modified in place.
         gram: ``[in, in]`` fp32 ``Σ x xᵀ`` of the layer's inputs.
         sparsity: fraction of weights to prune (ignored for N:M).
-        comparison: ``"per_row"`` or ``"per_matrix"`` ranking inside each column block.
+        comparison: ``"per_matrix"`` (across all rows of each column block, the original) or ``"per_row"``.
         n_m: ``(N, M)`` for semi-structured sparsity.
         block_size: columns per block.
         damping: fraction of the mean Hessian diagonal added to the diagonal.
@@ -64,6 +77,9 @@ def sparsegpt_prune_(
     work[:, dead] = 0.0
     factor = _inverse_hessian_factor(hessian, damping)
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
+    total = pruned_count(weight.numel(), sparsity)
+    if n_m is None and comparison == "per_row":
+        per_row = row_counts(work.square() / factor.diagonal().square().unsqueeze(0), total)
 
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
@@ -74,8 +90,11 @@ def sparsegpt_prune_(
         block_pruned = torch.zeros_like(block, dtype=torch.bool)
         if n_m is None:
             metric = block.square() / block_diag.square().unsqueeze(0)
-            keep = row_mask(metric, sparsity) if comparison == "per_row" else matrix_mask(metric, sparsity)
-            block_pruned = ~keep
+            if comparison == "per_row":
+                block_pruned = ~row_count_mask(metric, _share(per_row, start, end, cols))
+            else:
+                count = int(_share(torch.tensor(total), start, end, cols))
+                block_pruned = ~matrix_count_mask(metric, count)
         for j in range(end - start):
             if n_m is not None and j % n_m[1] == 0:
                 span = slice(j, j + n_m[1])

@@ -21,6 +21,30 @@ def probe_seed(seed: int, unit: int, batch_id: int, probe: int) -> int:
     return (((seed * _MIX + unit) * _MIX + batch_id) * _MIX + probe) % (2**63 - 1)
 
 
+def _perturbed_loss(
+    loss_fn: LossFn,
+    model: nn.Module,
+    batch: Any,
+    batch_id: int,
+    unit: str,
+    eps: float,
+    tensors: Sequence[torch.Tensor],
+    originals: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """The loss with ``unit`` perturbed; a non-finite loss is blamed on ``eps`` when the unperturbed loss is finite."""
+    try:
+        return checked_loss(loss_fn, model, batch, batch_id)
+    except FloatingPointError as error:
+        for tensor, original in zip(tensors, originals, strict=True):
+            tensor.data.copy_(original)
+        checked_loss(loss_fn, model, batch, batch_id)  # raises the data/weight error when the model itself fails
+        raise FloatingPointError(
+            f"The calibration loss becomes non-finite when the weights of {unit!r} are perturbed by eps={eps:g} "
+            f"(it is finite unperturbed on calibration batch {batch_id}). The model was left unchanged. HINT: lower "
+            "`eps` (the official runs use 1e-3)."
+        ) from error
+
+
 @torch.no_grad()
 def zeroth_order_sums(
     model: nn.Module,
@@ -69,10 +93,10 @@ def zeroth_order_sums(
                     ]
                     for tensor, direction in zip(tensors, directions, strict=True):
                         tensor.data.add_(direction, alpha=eps)
-                    plus = checked_loss(loss_fn, model, batch, batch_id)
+                    plus = _perturbed_loss(loss_fn, model, batch, batch_id, unit, eps, tensors, originals)
                     for tensor, original, direction in zip(tensors, originals, directions, strict=True):
                         tensor.data.copy_(original).sub_(direction, alpha=eps)
-                    minus = checked_loss(loss_fn, model, batch, batch_id)
+                    minus = _perturbed_loss(loss_fn, model, batch, batch_id, unit, eps, tensors, originals)
                     for tensor, original in zip(tensors, originals, strict=True):
                         tensor.data.copy_(original)
                     monitor.full_forwards += 2

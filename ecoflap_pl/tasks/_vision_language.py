@@ -39,7 +39,7 @@ from transformers import (
     ViltProcessor,
 )
 
-from ecoflap_pl.models.loading import check_model_source, check_tokenizer_source, load_tokenizer
+from ecoflap_pl.models.loading import check_model_source, check_tokenizer_source, hub_load_errors, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ def load_config(
     """
     check_model_source(pretrained, model_config)
     if pretrained is not None:
-        return AutoConfig.from_pretrained(pretrained)
+        with hub_load_errors(pretrained):
+            return AutoConfig.from_pretrained(pretrained)
     if isinstance(model_config, PretrainedConfig):
         return model_config
     if not isinstance(model_config, dict):

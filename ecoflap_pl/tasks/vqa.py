@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import (
     Blip2ForConditionalGeneration,
     BlipForQuestionAnswering,
@@ -371,6 +372,10 @@ class VQATask(EcoflapTask):
         path = Path(folder) / f"vqa_{stage}_results.json"
         if self.trainer.is_global_zero:
             write_vqa_results(path, [q for q, _ in pending], [a for _, a in pending])
+            rank_zero_info(
+                f"{stage}: {len(pending)} questions have no answers in the annotations (no accuracy for them); their "
+                f"predictions were written to {path} (the official results format for the evaluation server)."
+            )
         self.results_paths[stage] = path
 
 

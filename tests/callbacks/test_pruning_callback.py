@@ -295,3 +295,31 @@ def test_first_order_scoring_runs_inside_evaluation_stages(tmp_path: Path, entry
     getattr(run, entry)(task, datamodule=ToyData())
     assert callback.result is not None and all(score > 0 for score in callback.result.group_scores.values())
     assert zero_fraction(task.model) >= 0.45
+
+
+def test_empty_calibration_data_names_the_split_not_the_sample_counts(tmp_path: Path) -> None:
+    class EmptyCalibration(ToyData):
+        def calibration_dataloader(self, num_samples: int | None = None) -> DataLoader:
+            return DataLoader([], batch_size=4)
+
+    task = ToyTask()
+    before = {name: tensor.clone() for name, tensor in task.state_dict().items()}
+    with pytest.raises(ValueError, match=r"EmptyCalibration yielded no batch: the split it samples .* is empty"):
+        trainer(tmp_path, [ECoFLaPPruning(**FAST)]).validate(task, datamodule=EmptyCalibration())
+    assert all(torch.equal(tensor, before[name]) for name, tensor in task.state_dict().items())
+
+
+def test_auto_allocation_reads_its_heldout_samples_and_reports_the_candidates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = {**FAST, "fine_samples": 8, "allocation": "auto", "auto_holdout_samples": 8, "progress": True}
+    callback = ECoFLaPPruning(**settings, stages="validate", report_dir=str(tmp_path / "report"))
+    assert callback.config.calibration_samples == 16
+    trainer(tmp_path, [callback]).validate(ToyTask(), datamodule=ToyData(samples=16))
+    out = capsys.readouterr().out
+    assert "auto: candidate allocations" in out and "a plain run" in out
+    report = json.loads((tmp_path / "report" / "pruning_report.json").read_text())
+    assert report["candidates"][0]["name"] == "uniform" and report["chosen_candidate"] in out
+    losses = {c["name"]: c["heldout_loss"] for c in report["candidates"]}
+    assert report["chosen_candidate"] == min(losses, key=losses.__getitem__)
+    assert report["search_cost_ratio"] > 1

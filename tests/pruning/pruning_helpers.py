@@ -67,6 +67,29 @@ def seeded_toy_model(seed: int = 0, **kwargs: Any) -> ToyModel:
     return ToyModel(**kwargs).eval()
 
 
+def _rank_key(value: Any) -> float:
+    return float("inf") if value != value else float(value)  # NaN ranks highest
+
+
+def slow_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Exactly round(numel · sparsity) pruned; every row loses total // rows, and the remaining ones go to the rows
+    whose next-lowest score is smallest (ties to the first row); inside a row, a stable sort."""
+    rows, cols = scores.shape
+    total = round(rows * cols * sparsity)
+    base, extra = divmod(total, rows)
+    ranked = [sorted(range(cols), key=lambda c, r=r: (_rank_key(scores[r, c]), c)) for r in range(rows)]
+    counts = [base] * rows
+    if extra:
+        by_next = sorted(range(rows), key=lambda r: (_rank_key(scores[r, ranked[r][base]]), r))
+        for r in by_next[:extra]:
+            counts[r] += 1
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    for r in range(rows):
+        for c in ranked[r][: counts[r]]:
+            mask[r, c] = False
+    return mask
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 

@@ -13,7 +13,7 @@ from ecoflap_pl import PruningConfig, prune
 from ecoflap_pl.pruning.calls import capture_block_calls, hidden_output
 from ecoflap_pl.pruning.statistics import InputStatistics, LinearInputRecorder
 from ecoflap_pl.pruning.transaction import pruning_session
-from tests.pruning.pruning_helpers import family_case, toy_batches, toy_loss
+from tests.pruning.pruning_helpers import family_case, slow_row_mask, toy_batches, toy_loss
 
 
 def own_block_outputs(model, blocks, batches, loss_fn):
@@ -79,16 +79,6 @@ def test_t5_blocks_are_replayed_with_their_own_position_bias():
             bound.arguments["hidden_states"] = calls[1][0].hidden
             quirk = hidden_output(blocks[1](*bound.args, **bound.kwargs))
         assert not torch.allclose(faithful, quirk)
-
-
-def slow_row_mask(scores, sparsity):
-    """Prune the floor(cols · sparsity) lowest scores of each row, ties broken by column index."""
-    mask = torch.ones_like(scores, dtype=torch.bool)
-    count = int(scores.shape[1] * sparsity)
-    for row in range(scores.shape[0]):
-        ranked = sorted(range(scores.shape[1]), key=lambda col: (float(scores[row, col]), col))
-        mask[row, ranked[:count]] = False
-    return mask
 
 
 def wanda_reference_masks(model, block, prefix, batches, loss_fn, sparsity):

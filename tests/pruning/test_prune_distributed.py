@@ -18,6 +18,10 @@ CONFIGS = {
     "first_order_sparsegpt": PruningConfig(
         sparsity=0.5, importance="first_order", method="sparsegpt", coarse_samples=16, fine_samples=16
     ),
+    # 2 batches score, 2 prune, the last 2 are held out (one per rank, their losses all-reduced).
+    "auto": PruningConfig(
+        sparsity=0.6, allocation="auto", coarse_samples=8, fine_samples=8, auto_holdout_samples=8, owl_m=2.0
+    ),
 }
 
 
@@ -42,7 +46,8 @@ def _rank_main(rank: int, world_size: int, port: int, results: dict) -> None:
             result = prune(
                 seeded_toy_model(), toy_batches(4), toy_loss, config, all_reduce=_all_reduce, rank=rank, world_size=2
             )
-            results[(rank, name)] = (result.group_scores, result.group_sparsity, result.masks)
+            heldout = [(c.name, c.heldout_loss) for c in result.candidates]
+            results[(rank, name)] = (result.group_scores, result.group_sparsity, result.masks, heldout)
     finally:
         dist.destroy_process_group()
 
@@ -56,8 +61,10 @@ def test_two_ranks_build_the_masks_of_one_process():
     for name, config in CONFIGS.items():
         single = prune(seeded_toy_model(), toy_batches(4), toy_loss, config)
         for rank in (0, 1):
-            scores, sparsity, masks = results[(rank, name)]
+            scores, sparsity, masks, heldout = results[(rank, name)]
             assert scores == pytest.approx(single.group_scores, rel=1e-6)
+            assert [n for n, _ in heldout] == [c.name for c in single.candidates]
+            assert [loss for _, loss in heldout] == pytest.approx([c.heldout_loss for c in single.candidates], rel=1e-6)
             assert sparsity == single.group_sparsity
             assert masks.keys() == single.masks.keys()
             for key, mask in masks.items():

@@ -62,6 +62,14 @@ def test_round_trip():
         ({"sparsegpt_damping": -1.0}, r"`sparsegpt_damping` must be > 0"),
         ({"include": ()}, r"`include` must name at least one pattern"),
         ({"exclude": ("",)}, r"`exclude` must be a list of non-empty glob patterns"),
+        ({"allocation": "greedy"}, r"`allocation` must be one of \[.*'ecoflap'.*'owl'.*\].*HINT"),
+        ({"allocation": "from_report"}, r"`allocation_report` must be set exactly when.*HINT"),
+        ({"allocation_report": "report.json"}, r"`allocation_report` must be set exactly when.*'ecoflap'"),
+        ({"owl_m": 0.0}, r"`owl_m` must be > 0"),
+        ({"owl_lambda": -0.1}, r"`owl_lambda` must be in \[0, 1 - sparsity\)"),
+        ({"allocation": "owl", "sparsity": 0.9, "owl_lambda": 0.1}, r"`owl_lambda` must be in .* = \[0, 0.1\)"),
+        ({"auto_holdout_samples": 0}, r"`auto_holdout_samples` must be a positive integer"),
+        ({"structure": "2:4", "sparsity": 0.5, "allocation": "owl"}, r"`allocation` 'uniform'\), got .*'owl'"),
         (
             {
                 "structure": "2:4",
@@ -82,3 +90,18 @@ def test_errors_name_the_argument(kwargs, message):
 def test_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match=r"Unknown PruningConfig keys \['sparsity_ratio'\]"):
         PruningConfig.from_dict({"sparsity_ratio": 0.5})
+
+
+def test_allocation_defaults_and_the_uniform_importance_alias():
+    config = PruningConfig(sparsity=0.5)
+    assert (config.allocation, config.owl_m, config.owl_lambda) == ("ecoflap", 5.0, 0.08)
+    assert (config.allocation_report, config.auto_holdout_samples) == (None, 16)
+    assert PruningConfig(importance="uniform").allocation == "uniform"  # no scores: the uniform baseline
+    assert PruningConfig(importance="uniform", allocation="owl").allocation == "owl"
+    assert PruningConfig(allocation="AUTO").allocation == "auto"
+    assert PruningConfig(method="sparsegpt").comparison == "per_matrix"  # the original SparseGPT
+    assert PruningConfig(fine_samples=8, coarse_samples=4).calibration_samples == 8
+    assert PruningConfig(fine_samples=8, allocation="auto", auto_holdout_samples=3).calibration_samples == 35
+    config = PruningConfig(allocation="from_report", allocation_report="runs/x/pruning_report.json")
+    assert PruningConfig.from_dict(config.to_dict()) == config
+    assert PruningConfig(sparsity=0.95).owl_lambda == 0.08  # only checked against the band when OWL runs

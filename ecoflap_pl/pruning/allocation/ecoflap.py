@@ -1,9 +1,15 @@
-"""ECoFLaP's coarse allocation: group scores -> per-group sparsity under a global budget and a cap."""
+"""ECoFLaP's allocation (the paper's rule): group scores -> per-group sparsity under a global budget and a cap."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
+
+from ecoflap_pl.pruning.allocation.budget import round_to_total
+from ecoflap_pl.pruning.allocation.registry import Allocation, AllocationRequest, register_allocation
+
+logger = logging.getLogger(__name__)
 
 
 def _validate(scores: Mapping[str, float], sizes: Mapping[str, int], sparsity: float, max_sparsity: float) -> None:
@@ -78,12 +84,21 @@ def allocate_sparsity(
     capacity = {group: sizes[group] - floors[group] for group in sizes}
     share = _water_fill(remaining, {group: float(scores[group]) for group in sizes}, capacity)
 
-    extra = {group: math.floor(share[group] + 1e-9) for group in sizes}
-    leftover = remaining - sum(extra.values())
-    by_remainder = sorted(
-        (group for group in sizes if extra[group] < capacity[group]),
-        key=lambda group: (-(share[group] - extra[group]), -scores[group] / sizes[group]),
-    )
-    for group in by_remainder[: max(leftover, 0)]:
-        extra[group] += 1
+    extra = round_to_total(share, remaining, capacity, tie_break=lambda group: scores[group] / sizes[group])
     return {group: 1.0 - (floors[group] + extra[group]) / sizes[group] for group in sizes}
+
+
+@register_allocation("ecoflap")
+def ecoflap_allocation(request: AllocationRequest) -> Allocation:
+    """The paper's rule on the configured coarse scores (:func:`allocate_sparsity`), capped at ``max_sparsity``,
+    the budget met over the whole model or inside each tower (``prune_per_model``)."""
+    config = request.config
+    scores = request.scores()
+    if not any(scores.scores.values()):
+        logger.warning(
+            "Every group score is 0, so the ECoFLaP allocation is uniform: the calibration loss has no gradient at "
+            "the dense model (e.g. a distillation loss to the dense model's own outputs). HINT: use the model's "
+            "training loss, or allocation: owl / uniform."
+        )
+    assert config.max_sparsity is not None
+    return Allocation(scores.allocate(config.sparsity, config.max_sparsity, config.prune_per_model))

@@ -1,4 +1,5 @@
-"""Tiny data in the official layouts (the demo generator at a tiny size) and a tiny BLIP-2 saved to disk."""
+"""Fixtures shared by the CLI and robustness tests: tiny data in the official layouts (the demo generator at a tiny
+size) and a tiny BLIP-2 saved to disk."""
 
 from __future__ import annotations
 

@@ -1,0 +1,211 @@
+"""Bad inputs given to ``ecoflap`` (the console entry point, in this process) and pruned checkpoints evaluated
+again: a refused run ends with a short message naming the problem and leaves the user's files as they were; a
+pruned checkpoint is evaluated as it is (see ``CASES.md``)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import Blip2ForConditionalGeneration
+
+from ecoflap_pl.cli import main
+from tests.robustness.cli_runs import folder_digest, run_ecoflap, vit_config, vqa_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def short_error(outcome, *expected: str) -> None:
+    assert outcome.code == 2, outcome.text[-3000:]
+    error = outcome.text[outcome.text.index("error (") : outcome.text.index("(ECOFLAP_DEBUG=1")]
+    assert len(error.strip().splitlines()) <= 6, error  # the message and the valid values, if any
+    for text in expected:
+        assert text in error, error
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--pruning.sparsity=abc"], ['Parser key "pruning.sparsity"', "Got value: abc"]),
+        (["--pruning.sparsity=1.5"], ["`sparsity` must be in [0, 1)", "HINT"]),
+        (["--pruning.method=wandaa"], ["`method` must be one of ['wanda', 'sparsegpt', 'magnitude']"]),
+        (["--pruning.sparsty=0.5"], ["unrecognized arguments: --pruning.sparsty=0.5"]),
+        (["--pruning.stages=[train]"], ["`stages` must be a subset of"]),
+        (["--data.init_args.batch_size=0"], ["`batch_size` must be an int >= 1, got 0."]),
+        (["--data.init_args.calibration_batch_size=-1"], ["`calibration_batch_size` must be an int >= 1"]),
+        (["--model.init_args.pretrained=/no/such/dir/model"], ["'/no/such/dir/model' does not exist", "local path"]),
+        (["--model.init_args.pretrained=./missing-model"], ["'./missing-model' does not exist"]),
+        (["--compare_dense=maybe"], ['Parser key "compare_dense"']),
+        (["--trainer.precision=17"], ["precision"]),
+        (["--trainer.devices=0"], ["`Trainer(devices='0')` value is not a valid input"]),
+        (["--trainer.limit_val_batches=0"], ["`trainer.limit_val_batches` is 0", "would evaluate nothing"]),
+    ],
+)
+def test_configuration_errors_are_one_message(capsys, tmp_path, demo_data, blip2_dir, options, expected):
+    config = vqa_config(tmp_path, demo_data, blip2_dir)
+    before = folder_digest(blip2_dir)
+    short_error(run_ecoflap(capsys, "validate", "-c", config, *options), *expected)
+    assert folder_digest(blip2_dir) == before
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_report_dir_that_is_a_file(capsys, tmp_path, demo_data):
+    blocker = tmp_path / "report"
+    blocker.write_text("a file, not a folder", encoding="utf-8")
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data, report_dir=str(blocker)))
+    short_error(outcome, f"The pruning report could not be written to {blocker}", "`pruning.report_dir`")
+    assert blocker.read_text(encoding="utf-8") == "a file, not a folder"
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"PK\x03\x04" + bytes(100), b"not a checkpoint"], ids=["empty", "cut", "text"]
+)
+def test_an_unreadable_checkpoint_is_one_message(capsys, tmp_path, demo_data, content):
+    checkpoint = tmp_path / "broken.ckpt"
+    checkpoint.write_bytes(content)
+    config = vit_config(tmp_path, demo_data)
+    for extra in ([], ["--compare_dense=true"]):
+        outcome = run_ecoflap(capsys, "validate", "-c", config, f"--ckpt_path={checkpoint}", *extra)
+        short_error(outcome, f"`ckpt_path` '{checkpoint}' cannot be read as a Lightning checkpoint")
+    assert checkpoint.read_bytes() == content
+
+
+def test_a_missing_checkpoint(capsys, tmp_path, demo_data):
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), "--ckpt_path=/no/such.ckpt")
+    short_error(outcome, "Checkpoint file not found: /no/such.ckpt")
+
+
+def test_mixed_precision_still_prunes(capsys, tmp_path, demo_data):
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), "--trainer.precision=16-mixed")
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert "Using `precision='bf16-mixed'` instead" in outcome.text  # Lightning's own notice on a CPU
+    report = json.loads(next((tmp_path / "run").rglob("pruning_report.json")).read_text())
+    assert report["overall_sparsity"] == pytest.approx(0.5, abs=0.03)
+
+
+def test_compare_dense_refuses_a_pretrained_model_that_is_already_pruned(capsys, tmp_path, demo_data, blip2_dir):
+    model = Blip2ForConditionalGeneration.from_pretrained(blip2_dir)
+    with torch.no_grad():
+        for layer in model.language_model.model.decoder.layers:
+            for linear in (layer.fc1, layer.fc2):
+                linear.weight[:, ::2] = 0  # a model saved after pruning
+    pruned_dir = tmp_path / "pruned-blip2"
+    shutil.copytree(blip2_dir, pruned_dir)  # the processor files
+    model.save_pretrained(pruned_dir)
+    before = folder_digest(pruned_dir)
+    config = vqa_config(tmp_path, demo_data, pruned_dir)
+    outcome = run_ecoflap(capsys, "validate", "-c", config, "--compare_dense=true")
+    short_error(outcome, "`compare_dense` needs the dense model", "are already zero (pruned before)")
+    assert folder_digest(pruned_dir) == before
+
+
+def test_yaml_syntax_error_names_the_file_and_line(capsys, tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("pruning:\n  sparsity: 0.5\n  stages: [validate\n", encoding="utf-8")
+    short_error(run_ecoflap(capsys, "validate", "-c", str(bad)), f"{bad}, line 4", "is not valid YAML")
+
+
+def test_missing_config_file(capsys, tmp_path):
+    short_error(run_ecoflap(capsys, "validate", "-c", str(tmp_path / "nope.yaml")), "File does not exist")
+
+
+def test_empty_val_split_is_an_error_not_a_silent_success(capsys, tmp_path, demo_data, blip2_dir):
+    questions = json.loads((demo_data.coco / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())
+    empty = tmp_path / "empty_questions.json"
+    empty.write_text(json.dumps({**questions, "questions": []}))
+    config = vqa_config(tmp_path, demo_data, blip2_dir, {"val_questions_file": str(empty)})
+    outcome = run_ecoflap(capsys, "validate", "-c", config)
+    short_error(outcome, "the split read for the val loop has no samples")
+    assert not list((tmp_path / "run").rglob("pruning_report.json"))  # refused before pruning
+
+
+def test_empty_calibration_split_points_at_the_training_split(capsys, tmp_path, demo_data, blip2_dir):
+    questions = json.loads((demo_data.coco / "v2_OpenEnded_mscoco_train2014_questions.json").read_text())
+    empty = tmp_path / "empty_questions.json"
+    empty.write_text(json.dumps({**questions, "questions": []}))
+    config = vqa_config(tmp_path, demo_data, blip2_dir, {"train_questions_file": str(empty)})
+    outcome = run_ecoflap(capsys, "validate", "-c", config)
+    short_error(outcome, "the split read for calibration and training has no samples")
+    assert "coarse_samples" not in outcome.text  # a hint that cannot help is not given
+
+
+def test_validate_with_stages_fit_says_nothing_is_pruned(capsys, tmp_path, demo_data):
+    config = vit_config(tmp_path, demo_data, stages=["fit"])
+    outcome = run_ecoflap(capsys, "validate", "-c", config, "--compare_dense=true")
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert "`compare_dense` has nothing to compare: `pruning.stages` is ['fit']" in outcome.text
+    assert "Dense vs pruned" not in outcome.text and "0.0% of the candidate weights pruned" not in outcome.text
+    assert outcome.text.count("val/loss") == 1  # evaluated once
+    plain = run_ecoflap(capsys, "validate", "-c", config)
+    assert "so `validate` runs on the dense model (nothing is pruned)" in plain.text
+
+
+def test_test_on_an_unannotated_split_says_where_the_results_went(capsys, tmp_path, demo_data, blip2_dir):
+    config = vqa_config(tmp_path, demo_data, blip2_dir, {"test_split": "test2015"}, stages=[])
+    outcome = run_ecoflap(capsys, "test", "-c", config, "--trainer.limit_test_batches=1")
+    assert outcome.code == 0, outcome.text[-3000:]
+    results = tmp_path / "run" / "vqa_test_results.json"
+    assert results.is_file()
+    assert f"their predictions were written to {results}" in outcome.text
+
+
+# --- a pruned, fine-tuned checkpoint evaluated again ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory, demo_data):
+    """``ecoflap fit`` of the tiny ViT: pruned to 50% at the start, two optimizer steps, one checkpoint."""
+    tmp_path = tmp_path_factory.mktemp("pruned_run")
+    config = vit_config(tmp_path, demo_data, importance="uniform")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        main(["fit", "-c", config, "--trainer.max_steps=2", "--trainer.limit_val_batches=1"])
+    checkpoint = next((tmp_path / "run").rglob("*.ckpt"))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    callback = next(v for k, v in state["callbacks"].items() if "ECoFLaPPruning" in k)
+    return checkpoint, callback["report"]["overall_sparsity"]
+
+
+def test_a_pruned_checkpoint_is_evaluated_as_it_is(capsys, tmp_path, demo_data, pruned_run):
+    checkpoint, sparsity = pruned_run
+    digest = folder_digest(checkpoint.parent)
+    config = vit_config(tmp_path, demo_data, importance="uniform", sparsity=0.7)  # other settings: warned, kept
+    outcome = run_ecoflap(capsys, "validate", "-c", config, f"--ckpt_path={checkpoint}")
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert f"({100 * sparsity:.1f}% of the candidate weights; masks from the checkpoint {checkpoint})" in outcome.text
+    assert "not pruned again" in outcome.text
+    assert not list((tmp_path / "run").rglob("pruning_report.json"))  # no second pruning
+    assert folder_digest(checkpoint.parent) == digest
+
+
+def test_compare_dense_with_a_pruned_checkpoint_evaluates_the_real_dense_model(capsys, tmp_path, demo_data, pruned_run):
+    checkpoint, sparsity = pruned_run
+    config = vit_config(tmp_path, demo_data, importance="uniform")
+    dense = run_ecoflap(capsys, "validate", "-c", config, "--pruning.stages=[]").metric("val/loss")
+    pruned = run_ecoflap(capsys, "validate", "-c", config, f"--ckpt_path={checkpoint}").metric("val/loss")
+    assert dense != pruned
+    both = run_ecoflap(capsys, "validate", "-c", config, f"--ckpt_path={checkpoint}", "--compare_dense=true")
+    assert both.code == 0, both.text[-3000:]
+    shown = " ".join(both.text.split())  # rich wraps long titles and captions to the terminal's width
+    assert f"Dense vs pruned ({100 * sparsity:.1f}% of the candidate weights pruned)" in shown, both.text[-3000:]
+    assert f"masks from the checkpoint {checkpoint}" in shown
+    assert f"val/loss │ {dense:.4f} │ {pruned:.4f}" in shown
+
+
+def test_a_checkpoint_of_another_model_config_is_rebuilt_as_trained(capsys, tmp_path, demo_data, pruned_run):
+    checkpoint, _ = pruned_run
+    same = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), f"--ckpt_path={checkpoint}")
+    other = vit_config(tmp_path, demo_data, model={"embed_dim": 48})
+    outcome = run_ecoflap(capsys, "validate", "-c", other, f"--ckpt_path={checkpoint}")
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert "The checkpoint's hyperparameters replace these model arguments of the config: model_config" in outcome.text
+    assert outcome.metric("val/loss") == same.metric("val/loss")
