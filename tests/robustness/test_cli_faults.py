@@ -17,14 +17,6 @@ from ecoflap_pl.cli import main
 from tests.robustness.cli_runs import folder_digest, run_ecoflap, vit_config, vqa_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def short_error(outcome, *expected: str) -> None:
     assert outcome.code == 2, outcome.text[-3000:]
     error = outcome.text[outcome.text.index("error (") : outcome.text.index("(ECOFLAP_DEBUG=1")]

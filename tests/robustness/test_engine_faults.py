@@ -16,14 +16,6 @@ from tests.pruning.pruning_helpers import assert_bit_identical, seeded_toy_model
 CONFIG = {"coarse_samples": 8, "fine_samples": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fc_weights(model: nn.Module) -> list[torch.Tensor]:
     return [
         param
