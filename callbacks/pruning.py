@@ -14,10 +14,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from torch import nn
+from typing_extensions import override
 
 import ecoflap_pl
 from ecoflap_pl.callbacks.export import describe_saved, save_pruned, source_directories
@@ -31,8 +33,9 @@ from ecoflap_pl.reporting import REPORT_JSON, render_table, report_dict, write_r
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("fit", "validate", "test", "predict")
+STAGES = tuple(fn.value for fn in TrainerFn)
 _STATE_VERSION = 1
+"""Version of :meth:`ECoFLaPPruning.state_dict`; checkpoints without one are version 1."""
 
 
 def _check_stages(stages: Sequence[str] | str) -> tuple[str, ...]:
@@ -218,6 +221,7 @@ class ECoFLaPPruning(Callback):
 
     # ------------------------------------------------------------------ hooks
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Fail fast, before any data or device work. Pruning itself waits for the stage's start hook: here the
         # model may still be on the CPU, and a checkpoint's callback state (the "already pruned" flag) is only
@@ -234,24 +238,29 @@ class ECoFLaPPruning(Callback):
                 "Trainer (stages ['validate'] and save_to), then fine-tune the saved pruned model."
             )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # `on_fit_start` runs after the checkpoint's callback state is restored, after the strategy moved the model
         # to its device (and wrapped it in DDP), and before the sanity check and the first optimizer step. Pruning
         # changes weights in place (same Parameter objects), so the optimizers built by `strategy.setup` stay
         # valid, and their (empty or restored) state is consistent with the masked gradients.
-        self._ensure_pruned(trainer, pl_module, "fit")
+        self._ensure_pruned(trainer, pl_module, TrainerFn.FITTING.value)
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Within `fit` (including the sanity check) this hook must not prune: `on_fit_start` owns that stage.
-        if trainer.state.fn == "validate":
-            self._ensure_pruned(trainer, pl_module, "validate")
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self._ensure_pruned(trainer, pl_module, TrainerFn.VALIDATING.value)
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure_pruned(trainer, pl_module, "test")
+        self._ensure_pruned(trainer, pl_module, TrainerFn.TESTING.value)
 
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure_pruned(trainer, pl_module, "predict")
+        self._ensure_pruned(trainer, pl_module, TrainerFn.PREDICTING.value)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -260,6 +269,7 @@ class ECoFLaPPruning(Callback):
         if self.masks:
             mask_gradients_(_pruned_module(pl_module), self.masks)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -269,16 +279,19 @@ class ECoFLaPPruning(Callback):
         if self.masks:
             mask_weights_(_pruned_module(pl_module), self.masks)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Saved again only when training changed the weights since the last save (`ecoflap prune` runs fit with no
         # step: its model is written once, right after pruning).
         if self.pruned and self.save_to is not None and trainer.global_step != self._saved_at_step:
             self._save(trainer, pl_module)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if trainer.state.fn == "fit" and self.save_to is not None and trainer.is_global_zero:
+        if trainer.state.fn == TrainerFn.FITTING and self.save_to is not None and trainer.is_global_zero:
             rank_zero_warn(self._interrupted_save_notice(trainer.global_step))
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
@@ -287,7 +300,14 @@ class ECoFLaPPruning(Callback):
             "report": self.report,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version = state_dict.get("version", 1)
+        if not isinstance(version, int) or version > _STATE_VERSION:
+            raise ValueError(
+                f"The checkpoint's ECoFLaPPruning state has version {version!r}; this ecoflap-pl reads versions up to "
+                f"{_STATE_VERSION}. HINT: load it with the ecoflap-pl version that wrote it, or upgrade ecoflap-pl."
+            )
         self.pruned = bool(state_dict.get("pruned", False))
         self.masks = {name: torch.as_tensor(mask).bool() for name, mask in state_dict.get("masks", {}).items()}
         self.report = state_dict.get("report")

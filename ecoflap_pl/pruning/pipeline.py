@@ -184,7 +184,7 @@ def _check_inputs(model: Any, batches: Any, loss_fn: Any, config: Any, rank: int
 
 
 def _plan(
-    model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, config: PruningConfig, rank: int, world_size: int
+    model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, config: PruningConfig, rank: int
 ) -> tuple[_Plan, StageStats]:
     device = next(model.parameters()).device
     with StageMonitor(device) as monitor:
@@ -353,7 +353,7 @@ def score_groups(
     if config.importance == "uniform":
         raise ValueError("`importance` must be 'zeroth_order' or 'first_order' to score groups, got 'uniform'.")
     with pruning_session(model):
-        plan, _ = _plan(model, calibration_batches, loss_fn, config, rank, world_size)
+        plan, _ = _plan(model, calibration_batches, loss_fn, config, rank)
         return _score(model, plan, calibration_batches, loss_fn, config, all_reduce, rank, world_size, progress)
 
 
@@ -435,7 +435,7 @@ def prune(
     stages: dict[str, StageStats] = {}
     params = dict(model.named_parameters())
     with pruning_session(model) as transaction:
-        plan, stages["discovery"] = _plan(model, calibration_batches, loss_fn, config, rank, world_size)
+        plan, stages["discovery"] = _plan(model, calibration_batches, loss_fn, config, rank)
         prior_zeros = _prior_zeros(params, plan.candidates)
         prior_sparsity = sum(prior_zeros.values()) / max(sum(c.numel for c in plan.candidates), 1)
         if prior_sparsity >= _PRIOR_SPARSITY_WARNING:

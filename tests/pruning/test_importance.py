@@ -6,12 +6,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-from pruning_helpers import ToyModel, assert_bit_identical, snapshot, toy_batches, toy_loss
 
 from ecoflap_pl import PruningConfig, score_groups
 from ecoflap_pl.pruning.first_order import first_order_sums
 from ecoflap_pl.pruning.monitor import StageMonitor
 from ecoflap_pl.pruning.zeroth_order import probe_seed, zeroth_order_sums
+from tests.pruning.pruning_helpers import ToyModel, assert_bit_identical, snapshot, toy_batches, toy_loss
 
 
 def autograd_gradients(model, batch):

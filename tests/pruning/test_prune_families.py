@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from pruning_helpers import family_case, snapshot, toy_batches, toy_loss
 from torch import nn
 
 from ecoflap_pl import PruningConfig, prune
 from ecoflap_pl.pruning.discovery import find_stacks
+from tests.pruning.pruning_helpers import family_case, snapshot, toy_batches, toy_loss
 
 STACKS = {
     "blip2_opt": ["vision_model.encoder.layers", "language_model.model.decoder.layers"],

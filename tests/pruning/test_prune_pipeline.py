@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from pruning_helpers import family_case, seeded_toy_model, toy_batches, toy_loss
 
 from ecoflap_pl import GroupScores, PruningConfig, PruningResult, prune, score_groups
+from tests.pruning.pruning_helpers import family_case, seeded_toy_model, toy_batches, toy_loss
 
 
 def masks_equal(first, second):

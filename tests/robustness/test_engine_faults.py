@@ -8,20 +8,12 @@ import logging
 
 import pytest
 import torch
-from pruning_helpers import assert_bit_identical, seeded_toy_model, snapshot, toy_batches, toy_loss
 from torch import nn
 
 from ecoflap_pl.pruning import GroupScores, PruningConfig, prune, score_groups
+from tests.pruning.pruning_helpers import assert_bit_identical, seeded_toy_model, snapshot, toy_batches, toy_loss
 
 CONFIG = {"coarse_samples": 8, "fine_samples": 8}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fc_weights(model: nn.Module) -> list[torch.Tensor]:
