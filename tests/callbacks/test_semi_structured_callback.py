@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from callback_toys import FAST, ToyData, ToyTask
+from tests.callbacks.callback_toys import FAST, ToyData, ToyTask
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 
