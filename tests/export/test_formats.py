@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pruning_helpers import family_case
+from tests.pruning.pruning_helpers import family_case
 from safetensors import safe_open
 
 from ecoflap_pl.export import (

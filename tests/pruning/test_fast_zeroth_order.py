@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from pruning_helpers import (
+from tests.pruning.pruning_helpers import (
     FAMILIES,
     ToyModel,
     assert_bit_identical,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pruning_helpers import family_case, seeded_toy_model, toy_batches, toy_loss
+from tests.pruning.pruning_helpers import family_case, seeded_toy_model, toy_batches, toy_loss
 
 from ecoflap_pl import PruningConfig, prune
 from ecoflap_pl.pruning.calls import BlockCall, merge_calls
