@@ -375,19 +375,7 @@ class ECoFLaPPruning(Callback):
                 "`data_dir`; pruning needs at least one calibration sample."
             )
         world_size, rank = trainer.world_size, trainer.global_rank
-        # Each stage uses the leading batches holding its samples and gives rank r those with id % world_size == r.
-        # Checked on every rank alike: a rank without a batch would leave the others waiting in all_reduce forever.
-        per_batch = getattr(loader, "batch_size", None) or 1
-        stage_samples = [self.config.fine_samples]
-        if self.config.importance != "uniform":
-            stage_samples.append(self.config.coarse_samples)
-        used = min(min(len(batches), -(-samples // per_batch)) for samples in stage_samples)
-        if used < world_size:
-            raise ValueError(
-                f"Each of the {world_size} ranks needs at least one calibration batch, but a pruning stage uses only "
-                f"{used} (batch size {per_batch}, {len(batches)} batches loaded). HINT: raise `coarse_samples` / "
-                "`fine_samples` or lower the DataModule's calibration batch size."
-            )
+        # prune() refuses, identically on every rank, a set too short to give each rank a batch of every step.
         for batch_id in range(rank, len(batches), world_size):
             # Only this rank's share is evaluated here (the others are only counted), so only it moves to the device.
             batch = pl_module.transfer_batch_to_device(batches[batch_id], pl_module.device, 0)

@@ -6,11 +6,20 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-IMPORTANCES = ("zeroth_order", "first_order", "uniform")
-SCORES = ("grad_only", "grad_mag_abs", "grad_mag_square")
+from ecoflap_pl.pruning.importance import importance_names
+from ecoflap_pl.pruning.methods import get_method, method_names
+from ecoflap_pl.pruning.score_variants import score_names
+
+ImportanceName = Literal["zeroth_order", "first_order", "uniform"]
+"""The built-in importance estimators (``ecoflap_pl.pruning.importance``) and ``"uniform"`` (no scores); estimators
+registered later with ``register_importance`` are accepted too."""
+ScoreName = Literal["grad_only", "grad_mag_abs", "grad_mag_square"]
+"""The built-in score variants (``ecoflap_pl.pruning.score_variants``); later ``register_score`` ones are accepted."""
+MethodName = Literal["wanda", "sparsegpt", "magnitude"]
+"""The built-in fine-step methods (``ecoflap_pl.pruning.methods``); methods registered later with
+``register_method`` are accepted too."""
 AGGREGATES = ("sum", "avg")
 GRANULARITIES = ("block", "layer", "model")
-METHODS = ("wanda", "sparsegpt", "magnitude")
 COMPARISONS = ("per_row", "per_matrix")
 PROBE_GRANULARITIES = ("per_tensor", "per_block")
 AllocationName = Literal["ecoflap", "uniform", "owl", "from_report", "auto"]
@@ -78,16 +87,16 @@ class PruningConfig:
 
     sparsity: float = 0.5
     max_sparsity: float | None = None
-    importance: str = "zeroth_order"
+    importance: ImportanceName = "zeroth_order"
     allocation: AllocationName = "ecoflap"
     owl_m: float = 5.0
     owl_lambda: float = 0.08
     allocation_report: str | None = None
     auto_holdout_samples: int = 16
-    score: str = "grad_only"
+    score: ScoreName = "grad_only"
     aggregate: str = "sum"
     granularity: str = "block"
-    method: str = "wanda"
+    method: MethodName = "wanda"
     structure: str = "unstructured"
     comparison: str | None = None
     coarse_samples: int = 32
@@ -119,14 +128,11 @@ class PruningConfig:
                 "HINT: the official runs use sparsity + 0.1; leave it unset for that default."
             )
         normalise("max_sparsity", max_sparsity)
-        normalise("importance", _choice("importance", self.importance, IMPORTANCES))
-        normalise("score", _choice("score", self.score, SCORES))
+        self._check_registered()
         normalise("aggregate", _choice("aggregate", self.aggregate, AGGREGATES))
         normalise("granularity", _choice("granularity", self.granularity, GRANULARITIES))
-        normalise("method", _choice("method", self.method, METHODS))
         normalise("probe_granularity", _choice("probe_granularity", self.probe_granularity, PROBE_GRANULARITIES))
-        default_comparison = "per_row" if self.method == "wanda" else "per_matrix"
-        comparison = default_comparison if self.comparison is None else self.comparison
+        comparison = self._default_comparison() if self.comparison is None else self.comparison
         normalise("comparison", _choice("comparison", comparison, COMPARISONS))
         self._check_allocation()
         for name in ("coarse_samples", "fine_samples", "probes", "sparsegpt_block_size", "auto_holdout_samples"):
@@ -174,6 +180,27 @@ class PruningConfig:
                 f"{self.sparsegpt_block_size!r}. HINT: keep the default 128."
             )
         return f"{n}:{m}"
+
+    def _check_registered(self) -> None:
+        """Normalise ``importance``, ``score`` and ``method`` and check them against their registries."""
+        hints = {
+            "importance": "'zeroth_order' is the paper's forward-only estimator; 'uniform' skips scoring.",
+            "score": "the official runs use 'grad_only' (zeroth order) and 'grad_mag_abs' (first order).",
+            "method": "register a new fine-step method with @register_method(name, inputs=...).",
+        }
+        registered = {
+            "importance": (*importance_names(), "uniform"),
+            "score": score_names(),
+            "method": method_names(),
+        }
+        for name, options in registered.items():
+            value = str(getattr(self, name)).strip().lower().replace("-", "_")
+            if value not in options:
+                raise ValueError(f"`{name}` must be one of {list(options)}, got {getattr(self, name)!r}. HINT: {hints[name]}")
+            object.__setattr__(self, name, value)
+
+    def _default_comparison(self) -> str:
+        return get_method(self.method).default_comparison
 
     def _check_allocation(self) -> None:
         from ecoflap_pl.pruning.allocation import allocation_names  # the registry imports this module
