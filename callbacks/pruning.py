@@ -24,7 +24,7 @@ from ecoflap_pl.callbacks.export import save_pruned_model
 from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
 from ecoflap_pl.callbacks.progress import StageProgress
 from ecoflap_pl.pruning import PruningConfig, PruningResult, prune
-from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE, AllocationName
+from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE, AllocationName, ImportanceName, MethodName, ScoreName
 from ecoflap_pl.reporting import REPORT_JSON, render_table, report_dict, write_report
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ class ECoFLaPPruning(Callback):
         score: ``"grad_only"``, ``"grad_mag_abs"`` or ``"grad_mag_square"``.
         aggregate: group score as the ``"sum"`` or the ``"avg"`` of its elements' scores.
         granularity: one sparsity per ``"block"``, per weight tensor (``"layer"``) or per tower (``"model"``).
-        method: local pruner: ``"wanda"``, ``"sparsegpt"`` or ``"magnitude"``.
+        method: local pruner: ``"wanda"``, ``"sparsegpt"``, ``"magnitude"`` or a method registered with
+            ``ecoflap_pl.pruning.methods.register_method``.
         structure: ``"unstructured"`` or ``"N:M"`` such as ``"2:4"``.
         comparison: ``"per_row"`` or ``"per_matrix"`` ranking; default depends on ``method``.
         coarse_samples: calibration samples of the coarse pass.
@@ -108,16 +109,16 @@ class ECoFLaPPruning(Callback):
         self,
         sparsity: float = 0.5,
         max_sparsity: float | None = None,
-        importance: str = "zeroth_order",
+        importance: ImportanceName | str = "zeroth_order",
         allocation: AllocationName = "ecoflap",
         owl_m: float = 5.0,
         owl_lambda: float = 0.08,
         allocation_report: str | None = None,
         auto_holdout_samples: int = 16,
-        score: str = "grad_only",
+        score: ScoreName | str = "grad_only",
         aggregate: str = "sum",
         granularity: str = "block",
-        method: str = "wanda",
+        method: MethodName | str = "wanda",
         structure: str = "unstructured",
         comparison: str | None = None,
         coarse_samples: int = 32,

@@ -65,11 +65,13 @@ class PruningConfig:
         aggregate: ``"sum"`` of the element scores of a group, or ``"avg"`` (divided by its parameter count).
         granularity: one sparsity per transformer ``"block"``, per weight tensor (``"layer"``) or per tower
             (``"model"``).
-        method: local pruner of the fine step: ``"wanda"``, ``"sparsegpt"`` or ``"magnitude"``.
+        method: local pruner of the fine step: ``"wanda"``, ``"sparsegpt"``, ``"magnitude"`` or any method registered
+            with ``register_method`` (``ecoflap_pl.pruning.methods``).
         structure: ``"unstructured"`` or an N:M pattern such as ``"2:4"`` (N kept in every M weights).
         comparison: rank within each output row (``"per_row"``) or within the whole matrix (``"per_matrix"``; for
-            SparseGPT: across all rows of each column block, as the original SparseGPT). Defaults to ``"per_row"``
-            for Wanda (as Wanda) and ``"per_matrix"`` for SparseGPT (as SparseGPT) and magnitude. Either way a
+            SparseGPT: across all rows of each column block, as the original SparseGPT). Defaults to the method's
+            ``default_comparison``: ``"per_row"`` for Wanda (as Wanda), ``"per_matrix"`` for SparseGPT (as SparseGPT)
+            and magnitude. Either way a
             tensor loses exactly ``round(numel · sparsity)`` weights; per row, counts differ by at most one.
         coarse_samples: calibration samples for the coarse step (32 in the official BLIP-2 run).
         fine_samples: calibration samples for the fine step (128).
@@ -87,16 +89,16 @@ class PruningConfig:
 
     sparsity: float = 0.5
     max_sparsity: float | None = None
-    importance: ImportanceName = "zeroth_order"
+    importance: ImportanceName | str = "zeroth_order"
     allocation: AllocationName = "ecoflap"
     owl_m: float = 5.0
     owl_lambda: float = 0.08
     allocation_report: str | None = None
     auto_holdout_samples: int = 16
-    score: ScoreName = "grad_only"
+    score: ScoreName | str = "grad_only"
     aggregate: str = "sum"
     granularity: str = "block"
-    method: MethodName = "wanda"
+    method: MethodName | str = "wanda"
     structure: str = "unstructured"
     comparison: str | None = None
     coarse_samples: int = 32
@@ -196,7 +198,9 @@ class PruningConfig:
         for name, options in registered.items():
             value = str(getattr(self, name)).strip().lower().replace("-", "_")
             if value not in options:
-                raise ValueError(f"`{name}` must be one of {list(options)}, got {getattr(self, name)!r}. HINT: {hints[name]}")
+                raise ValueError(
+                    f"`{name}` must be one of {list(options)}, got {getattr(self, name)!r}. HINT: {hints[name]}"
+                )
             object.__setattr__(self, name, value)
 
     def _default_comparison(self) -> str:

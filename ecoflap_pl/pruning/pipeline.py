@@ -155,7 +155,7 @@ def _add(first: StageStats | None, second: StageStats) -> StageStats:
 
 
 def _shard(batches: list[tuple[int, Any]], rank: int, world_size: int) -> list[tuple[int, Any]]:
-    """This rank's share of ``batches``: those with ``id % world_size == rank`` (never empty after ``_check_shards``)."""
+    """This rank's share of ``batches``: ``id % world_size == rank`` (never empty after ``_check_shards``)."""
     return [(batch_id, batch) for batch_id, batch in batches if batch_id % world_size == rank]
 
 

@@ -55,7 +55,9 @@ def get_score(name: str) -> ScoreVariant:
         ValueError: for an unknown name, listing the known ones.
     """
     if name not in _SCORES:
-        raise ValueError(f"`score` must be one of {list(_SCORES)}, got {name!r}. HINT: register it with register_score.")
+        raise ValueError(
+            f"`score` must be one of {list(_SCORES)}, got {name!r}. HINT: register it with register_score."
+        )
     return _SCORES[name]
 
 

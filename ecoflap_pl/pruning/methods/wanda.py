@@ -21,6 +21,8 @@ def wanda_prune_(
     """Zero the lowest Wanda scores of ``weight`` (``[out, in]``) in place; return the mask."""
     if statistics is None:
         raise ValueError("Wanda needs the column norms of the weight's inputs, got no statistics.")
-    mask = select_mask(wanda_scores(weight, statistics.column_sq_sums), sparsity, config.comparison or "per_row", config.n_m)
+    mask = select_mask(
+        wanda_scores(weight, statistics.column_sq_sums), sparsity, config.comparison or "per_row", config.n_m
+    )
     apply_mask_(weight, mask)
     return mask
