@@ -22,6 +22,7 @@ AGGREGATES = ("sum", "avg")
 GRANULARITIES = ("block", "layer", "model")
 COMPARISONS = ("per_row", "per_matrix")
 PROBE_GRANULARITIES = ("per_tensor", "per_block")
+ACTIVATION_STORAGES = ("auto", "device", "cpu", "recompute")
 AllocationName = Literal["ecoflap", "uniform", "owl", "from_report", "auto"]
 """The built-in allocation strategies (``ecoflap_pl.pruning.allocation``); strategies registered later with
 ``register_allocation`` are accepted too (from Python; the CLI lists the built-ins)."""
@@ -85,6 +86,14 @@ class PruningConfig:
         sparsegpt_block_size: SparseGPT column block size.
         sparsegpt_damping: SparseGPT damping as a fraction of the mean Hessian diagonal.
         seed: seed of every random choice (zeroth-order directions).
+        activation_storage: zeroth order: where the dense block outputs recorded once per calibration batch for
+            prefix reuse are kept: ``"auto"`` (on the device while they take at most a quarter of its free memory,
+            else on the CPU), ``"device"``, ``"cpu"`` (offloaded), or ``"recompute"`` (record nothing: one full
+            forward per probe, weights perturbed in place; the reference loop).
+        max_probe_replicas: zeroth order: most probes evaluated in one forward on copies of the calibration batch
+            (the number used is chosen from the memory left); 1 evaluates one probe per forward.
+        fine_replay_batches: fine step: most calibration batches stacked into one block replay (the number used is
+            chosen from the memory left; batches that cannot be stacked, e.g. of different lengths, run alone).
     """
 
     sparsity: float = 0.5
@@ -112,6 +121,9 @@ class PruningConfig:
     sparsegpt_block_size: int = 128
     sparsegpt_damping: float = 0.01
     seed: int = 0
+    activation_storage: str = "auto"
+    max_probe_replicas: int = 8
+    fine_replay_batches: int = 8
 
     def __post_init__(self) -> None:
         def normalise(name: str, value: Any) -> None:
@@ -136,8 +148,17 @@ class PruningConfig:
         normalise("probe_granularity", _choice("probe_granularity", self.probe_granularity, PROBE_GRANULARITIES))
         comparison = self._default_comparison() if self.comparison is None else self.comparison
         normalise("comparison", _choice("comparison", comparison, COMPARISONS))
+        normalise("activation_storage", _choice("activation_storage", self.activation_storage, ACTIVATION_STORAGES))
         self._check_allocation()
-        for name in ("coarse_samples", "fine_samples", "probes", "sparsegpt_block_size", "auto_holdout_samples"):
+        for name in (
+            "coarse_samples",
+            "fine_samples",
+            "probes",
+            "sparsegpt_block_size",
+            "auto_holdout_samples",
+            "max_probe_replicas",
+            "fine_replay_batches",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ecoflap_pl.pruning.fast_zeroth_order import fast_zeroth_order_sums
 from ecoflap_pl.pruning.first_order import first_order_sums
 from ecoflap_pl.pruning.loss import LossFn
 from ecoflap_pl.pruning.monitor import StageMonitor
@@ -39,6 +40,7 @@ class ImportanceRequest:
         config: the run's configuration (``score``, ``eps``, ``probes``, ``seed``, ``probe_granularity``...).
         monitor: counts the forward and backward passes.
         tick: ``tick(total)`` returns the callback to call as each of ``total`` units of work finishes (progress).
+        progress: ``progress(done, total)``, for an estimator that counts its own work (``None``: no progress).
     """
 
     model: nn.Module
@@ -49,6 +51,7 @@ class ImportanceRequest:
     config: PruningConfig
     monitor: StageMonitor
     tick: Callable[[int], Callable[[], None]]
+    progress: Callable[[int, int], None] | None
 
 
 Measure = Callable[[ImportanceRequest], dict[str, float]]
@@ -115,13 +118,26 @@ def _zeroth_order_combine(raw: Mapping[str, float], request: ImportanceRequest, 
 
 @register_importance("zeroth_order", combine=_zeroth_order_combine)
 def zeroth_order_measure(request: ImportanceRequest) -> dict[str, float]:
-    """Forward-only two-point estimates, per tensor or per group (``probe_granularity``), summed over batches."""
+    """Forward-only two-point estimates, per tensor or per group (``probe_granularity``), summed over batches:
+    full forwards per probe (``activation_storage: recompute``) or replays from the recorded dense block outputs."""
     config, params = request.config, request.params
     if config.probe_granularity == "per_block":
         units = {group: [params[n] for n in names] for group, names in request.groups.items()}
     else:
         units = {name: [param] for name, param in params.items()}
-    return zeroth_order_sums(
+    if config.activation_storage == "recompute":
+        return zeroth_order_sums(
+            request.model,
+            units,
+            request.batches,
+            request.loss_fn,
+            eps=config.eps,
+            probes=config.probes,
+            seed=config.seed,
+            monitor=request.monitor,
+            on_unit_done=request.tick(len(units)),
+        )
+    return fast_zeroth_order_sums(
         request.model,
         units,
         request.batches,
@@ -130,7 +146,9 @@ def zeroth_order_measure(request: ImportanceRequest) -> dict[str, float]:
         probes=config.probes,
         seed=config.seed,
         monitor=request.monitor,
-        on_unit_done=request.tick(len(units)),
+        max_replicas=config.max_probe_replicas,
+        storage=config.activation_storage,
+        on_progress=request.progress,
     )
 
 

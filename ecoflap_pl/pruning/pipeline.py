@@ -195,7 +195,7 @@ def _check_inputs(model: Any, batches: Any, loss_fn: Any, config: Any, rank: int
 
 
 def _plan(
-    model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, config: PruningConfig, rank: int, world_size: int
+    model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, config: PruningConfig, rank: int
 ) -> tuple[_Plan, StageStats]:
     device = next(model.parameters()).device
     with StageMonitor(device) as monitor:
@@ -275,6 +275,7 @@ def _score(
             config,
             monitor,
             tick,
+            None if progress is None else partial(progress, "coarse"),
         )
         estimator = get_importance(config.importance)
         raw = estimator.measure(request)
@@ -311,7 +312,7 @@ def score_groups(
         raise ValueError("`importance` must be 'zeroth_order' or 'first_order' to score groups, got 'uniform'.")
     _check_shards(calibration_batches, config, world_size, ("coarse",))
     with pruning_session(model):
-        plan, _ = _plan(model, calibration_batches, loss_fn, config, rank, world_size)
+        plan, _ = _plan(model, calibration_batches, loss_fn, config, rank)
         return _score(model, plan, calibration_batches, loss_fn, config, all_reduce, rank, world_size, progress)
 
 
@@ -395,7 +396,7 @@ def prune(
     stages: dict[str, StageStats] = {}
     params = dict(model.named_parameters())
     with pruning_session(model) as transaction:
-        plan, stages["discovery"] = _plan(model, calibration_batches, loss_fn, config, rank, world_size)
+        plan, stages["discovery"] = _plan(model, calibration_batches, loss_fn, config, rank)
         prior_zeros = _prior_zeros(params, plan.candidates)
         prior_sparsity = sum(prior_zeros.values()) / max(sum(c.numel for c in plan.candidates), 1)
         if prior_sparsity >= _PRIOR_SPARSITY_WARNING:

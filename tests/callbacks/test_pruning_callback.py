@@ -9,13 +9,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from callback_toys import FAST, ToyData, ToyTask, zero_fraction
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from ecoflap_pl import PruningConfig, PruningResult
 from ecoflap_pl.callbacks import ECoFLaPPruning
+from tests.callbacks.callback_toys import FAST, ToyData, ToyTask, zero_fraction
+from tests.trainers import quiet_trainer
 
 
 def count_prunes(callback: ECoFLaPPruning, monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -32,20 +33,8 @@ def count_prunes(callback: ECoFLaPPruning, monkeypatch: pytest.MonkeyPatch) -> l
 
 
 def trainer(tmp_path: Path, callbacks: list, **overrides) -> pl.Trainer:  # type: ignore[type-arg]
-    settings = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=1,
-        limit_val_batches=1,
-    )
-    settings.update(overrides)
-    return pl.Trainer(callbacks=callbacks, **settings)
+    settings = dict(max_steps=4, default_root_dir=tmp_path, num_sanity_val_steps=1, limit_val_batches=1)
+    return quiet_trainer(callbacks=callbacks, **{**settings, **overrides})
 
 
 def assert_pruned_weights_zero(task: ToyTask, masks: dict[str, torch.Tensor]) -> None:
@@ -127,8 +116,11 @@ def test_checkpoint_state_round_trip(tmp_path: Path) -> None:
     assert restored.result.overall_sparsity == pytest.approx(callback.result.overall_sparsity)  # type: ignore[union-attr]
 
     old = ECoFLaPPruning(**FAST)
-    old.load_state_dict({"pruned": False})  # an older/other state without masks or report
+    old.load_state_dict({"pruned": False})  # an older/other state without version, masks or report
     assert not old.pruned and old.masks == {} and old.report is None
+
+    with pytest.raises(ValueError, match=r"state has version 2; this ecoflap-pl reads versions up to 1\. HINT:"):
+        ECoFLaPPruning(**FAST).load_state_dict({**state, "version": 2})
 
 
 def test_resume_restores_masks_and_does_not_prune_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

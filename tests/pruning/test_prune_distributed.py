@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from pruning_helpers import seeded_toy_model, toy_batches, toy_loss
 
 from ecoflap_pl import PruningConfig, prune
+from tests.pruning.pruning_helpers import seeded_toy_model, toy_batches, toy_loss
 
 CONFIGS = {
     "zeroth_order_wanda": PruningConfig(sparsity=0.5, coarse_samples=16, fine_samples=16),
