@@ -6,10 +6,6 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from ecoflap_pl.pruning.importance import importance_names
-from ecoflap_pl.pruning.methods import get_method, method_names
-from ecoflap_pl.pruning.score_variants import score_names
-
 ImportanceName = Literal["zeroth_order", "first_order", "uniform"]
 """The built-in importance estimators (``ecoflap_pl.pruning.importance``) and ``"uniform"`` (no scores); estimators
 registered later with ``register_importance`` are accepted too."""
@@ -206,6 +202,11 @@ class PruningConfig:
 
     def _check_registered(self) -> None:
         """Normalise ``importance``, ``score`` and ``method`` and check them against their registries."""
+        # Read here, not at import time: the estimators' modules import this one (like the allocation registry).
+        from ecoflap_pl.pruning.importance import importance_names
+        from ecoflap_pl.pruning.methods import method_names
+        from ecoflap_pl.pruning.score_variants import score_names
+
         hints = {
             "importance": "'zeroth_order' is the paper's forward-only estimator; 'uniform' skips scoring.",
             "score": "the official runs use 'grad_only' (zeroth order) and 'grad_mag_abs' (first order).",
@@ -225,6 +226,8 @@ class PruningConfig:
             object.__setattr__(self, name, value)
 
     def _default_comparison(self) -> str:
+        from ecoflap_pl.pruning.methods import get_method
+
         return get_method(self.method).default_comparison
 
     def _check_allocation(self) -> None:
