@@ -18,7 +18,7 @@ import yaml
 from ecoflap_pl import PruningConfig, prune
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.cli import main
-from ecoflap_pl.pruning.masks import apply_mask_, select_mask
+from ecoflap_pl.pruning.masks import apply_mask_, pruned_count, select_mask
 from ecoflap_pl.pruning.methods import registry
 from ecoflap_pl.pruning.methods.registry import register_method
 from tests.callbacks.callback_toys import FAST, ToyData, ToyTask, zero_fraction
@@ -45,7 +45,7 @@ def random_mask(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 def _expected_mask(weight: torch.Tensor, sparsity: float, seed: int) -> torch.Tensor:
     scores = torch.rand(weight.shape, generator=torch.Generator().manual_seed(seed))
-    keep = weight.numel() - round(weight.numel() * sparsity)
+    keep = weight.numel() - pruned_count(weight.numel(), sparsity)
     expected = torch.zeros(weight.numel(), dtype=torch.bool)
     expected[scores.flatten().topk(keep).indices] = True
     return expected.view_as(weight)
