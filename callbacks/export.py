@@ -1,47 +1,61 @@
-"""Writing a pruned model so it loads elsewhere, zeros in place."""
+"""The callback's side of ``save_to``: which folders to protect, and one atomic write of model, processor and report."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
+
+from ecoflap_pl.export import SavedModel, atomic_directory, write_pruned_model
+from ecoflap_pl.pruning import PruningResult
+from ecoflap_pl.reporting import write_report
 
 logger = logging.getLogger(__name__)
 
-STATE_DICT_FILE = "model.safetensors"
+
+def source_directories(model: nn.Module) -> list[Path]:
+    """Local folders holding the weights ``model`` was loaded from (a Hugging Face ``name_or_path`` that exists)."""
+    name_or_path = getattr(model, "name_or_path", None)
+    if isinstance(name_or_path, str) and name_or_path and Path(name_or_path).expanduser().is_dir():
+        return [Path(name_or_path).expanduser()]
+    return []
 
 
-def _is_hf_model(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(model, PreTrainedModel)
+def save_pruned(
+    model: nn.Module,
+    target: str | Path,
+    *,
+    masks: Mapping[str, torch.Tensor],
+    save_format: str,
+    processors: Iterable[object],
+    result: PruningResult,
+    metadata: Mapping[str, Any] | None,
+) -> SavedModel:
+    """Write ``model``, its ``processors`` and the pruning report into ``target`` at once, replacing what was there.
 
-
-def save_pruned_model(model: nn.Module, directory: str | Path, *processors: object) -> Path:
-    """Save ``model`` into ``directory``.
-
-    A Hugging Face ``PreTrainedModel`` is written with ``save_pretrained`` (load it back with
-    ``ModelClass.from_pretrained(directory)``); any other module (timm, plain PyTorch) as its state dict in
-    ``model.safetensors`` (``safetensors.torch.load_model(model, path)`` or timm's ``load_checkpoint``). Every
-    ``processors`` object with a ``save_pretrained`` method (tokenizer, processor) is saved beside it.
-
-    Returns:
-        ``directory``.
+    The files are written into a folder beside ``target`` that takes its place only when complete
+    (:func:`~ecoflap_pl.export.atomic_directory`); check ``target`` before pruning with
+    :func:`~ecoflap_pl.export.check_save_target`.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if _is_hf_model(model):
-        model.save_pretrained(directory)  # type: ignore[operator]
-    else:
-        from safetensors.torch import save_model
+    with atomic_directory(target) as partial:
+        saved = write_pruned_model(model, partial, dict(masks), save_format, processors)
+        write_report(result, partial, {**(metadata or {}), "export": saved.to_dict()})
+    logger.info("%s", describe_saved(saved, target))
+    return saved
 
-        save_model(model, str(directory / STATE_DICT_FILE))
-    for processor in processors:
-        save = getattr(processor, "save_pretrained", None)
-        if callable(save):
-            save(directory)
-    logger.info("Pruned %s saved to %s", type(model).__name__, directory)
-    return directory
+
+def describe_saved(saved: SavedModel, target: str | Path) -> str:
+    """One line: where the model went, in which format, and its size on disk beside the dense size."""
+    share = 100 * saved.weights_bytes / max(saved.dense_bytes, 1)
+    return (
+        f"Pruned model saved to {target} ({saved.save_format}): weights {_megabytes(saved.weights_bytes)} on disk, "
+        f"{share:.0f}% of the dense {_megabytes(saved.dense_bytes)}"
+    )
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"

@@ -14,24 +14,29 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from torch import nn
+from typing_extensions import override
 
 import ecoflap_pl
-from ecoflap_pl.callbacks.export import save_pruned_model
+from ecoflap_pl.callbacks.export import describe_saved, save_pruned, source_directories
 from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
 from ecoflap_pl.callbacks.progress import StageProgress
+from ecoflap_pl.export import check_save_format, check_save_target
+from ecoflap_pl.export.semi_structured import check_semi_structured, to_semi_structured_
 from ecoflap_pl.models.placement import OffloadedWeights, placement
 from ecoflap_pl.pruning import PruningConfig, PruningResult, prune
-from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE, AllocationName
+from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE, AllocationName, ImportanceName, MethodName, ScoreName
 from ecoflap_pl.reporting import REPORT_JSON, render_table, report_dict, write_report
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("fit", "validate", "test", "predict")
+STAGES = tuple(fn.value for fn in TrainerFn)
 _STATE_VERSION = 1
+"""Version of :meth:`ECoFLaPPruning.state_dict`; checkpoints without one are version 1."""
 
 
 def _check_stages(stages: Sequence[str] | str) -> tuple[str, ...]:
@@ -81,13 +86,12 @@ class ECoFLaPPruning(Callback):
         score: ``"grad_only"``, ``"grad_mag_abs"`` or ``"grad_mag_square"``.
         aggregate: group score as the ``"sum"`` or the ``"avg"`` of its elements' scores.
         granularity: one sparsity per ``"block"``, per weight tensor (``"layer"``) or per tower (``"model"``).
-        method: local pruner: ``"wanda"``, ``"sparsegpt"`` or ``"magnitude"``.
+        method: local pruner: ``"wanda"``, ``"sparsegpt"``, ``"magnitude"`` or a method registered with
+            ``ecoflap_pl.pruning.methods.register_method``.
         structure: ``"unstructured"`` or ``"N:M"`` such as ``"2:4"``.
         comparison: ``"per_row"`` or ``"per_matrix"`` ranking; default depends on ``method``.
         coarse_samples: calibration samples of the coarse pass.
         fine_samples: calibration samples of the fine pass.
-        activation_storage: ``"cpu"`` keeps the fine pass's calibration activations in CPU memory between blocks;
-            the default keeps them on the model's device.
         eps: zeroth-order perturbation size.
         probes: zeroth-order random directions per batch.
         probe_granularity: ``"per_tensor"`` or ``"per_block"`` zeroth-order probes.
@@ -97,12 +101,27 @@ class ECoFLaPPruning(Callback):
         sparsegpt_block_size: SparseGPT column block size.
         sparsegpt_damping: SparseGPT damping (fraction of the mean Hessian diagonal).
         seed: seed of every random choice.
+        activation_storage: zeroth order: where the block outputs recorded for prefix reuse live: ``"auto"``,
+            ``"device"``, ``"cpu"``, or ``"recompute"`` (no record: one full forward per probe, the reference loop).
+            ``"cpu"`` also keeps the fine pass's calibration activations in CPU memory between blocks.
+        max_probe_replicas: zeroth order: most probes per forward, on copies of the calibration batch.
+        fine_replay_batches: fine step: most calibration batches stacked into one block replay.
         stages: the trainer entry points that prune (when not pruned yet): any of ``"fit"``, ``"validate"``,
             ``"test"``, ``"predict"``; ``[]`` never prunes (dense training or evaluation; a pruned checkpoint still
             keeps its masks).
-        save_to: directory receiving the pruned model (``save_pretrained`` for Hugging Face models, else
-            ``model.safetensors``), the task's tokenizer/processor and the report; written after pruning and again
-            at the end of ``fit`` (the fine-tuned weights).
+        save_to: directory receiving the pruned model (in ``save_format``), its masks, the task's
+            tokenizer/processor and the report; written after pruning and again at the end of ``fit`` when training
+            changed the weights. The files are written beside it and moved into place once complete, so the folder
+            always holds either its old content or the complete new one. Checked before pruning: it must not hold
+            the ``pretrained`` source weights, and must be new or empty unless ``overwrite``.
+        save_format: ``"dense"`` (``save_pretrained``, zeros in place; ``model.safetensors`` for timm/plain
+            modules), ``"sparse-bitmask"`` (the pruned weights as kept values plus a bitmask: any sparsity pattern)
+            or ``"sparse-24-bitmask"`` (2:4 masks only), the ``compressed-tensors`` sparse layouts; load any of them
+            with :func:`ecoflap_pl.export.load_pruned_model`.
+        overwrite: let ``save_to`` replace a non-empty folder (swapped out only once the new one is complete).
+        semi_structured: for ``validate``/``test``/``predict`` of a 2:4-pruned model on a CUDA GPU, swap the pruned
+            Linear weights for PyTorch semi-structured sparse tensors, so that they run on sparse tensor cores
+            (16-bit weights: use ``precision: bf16-true``). Evaluation and inference only.
         report_dir: directory of ``pruning_report.json`` and ``pruning_sparsity.png``; default ``trainer.log_dir``.
         progress: show rich progress bars and the summary table on rank 0.
     """
@@ -111,21 +130,20 @@ class ECoFLaPPruning(Callback):
         self,
         sparsity: float = 0.5,
         max_sparsity: float | None = None,
-        importance: str = "zeroth_order",
+        importance: ImportanceName | str = "zeroth_order",
         allocation: AllocationName = "ecoflap",
         owl_m: float = 5.0,
         owl_lambda: float = 0.08,
         allocation_report: str | None = None,
         auto_holdout_samples: int = 16,
-        score: str = "grad_only",
+        score: ScoreName | str = "grad_only",
         aggregate: str = "sum",
         granularity: str = "block",
-        method: str = "wanda",
+        method: MethodName | str = "wanda",
         structure: str = "unstructured",
         comparison: str | None = None,
         coarse_samples: int = 32,
         fine_samples: int = 128,
-        activation_storage: str = "auto",
         eps: float = 1e-3,
         probes: int = 1,
         probe_granularity: str = "per_tensor",
@@ -135,10 +153,16 @@ class ECoFLaPPruning(Callback):
         sparsegpt_block_size: int = 128,
         sparsegpt_damping: float = 0.01,
         seed: int = 0,
+        activation_storage: str = "auto",
+        max_probe_replicas: int = 8,
+        fine_replay_batches: int = 8,
         stages: Sequence[str] = ("fit", "validate", "test"),
         save_to: str | None = None,
+        save_format: str = "dense",
+        overwrite: bool = False,
         report_dir: str | None = None,
         progress: bool = True,
+        semi_structured: bool = False,
     ) -> None:
         self.config = PruningConfig(
             sparsity=sparsity,
@@ -157,7 +181,6 @@ class ECoFLaPPruning(Callback):
             comparison=comparison,
             coarse_samples=coarse_samples,
             fine_samples=fine_samples,
-            activation_storage=activation_storage,
             eps=eps,
             probes=probes,
             probe_granularity=probe_granularity,
@@ -167,9 +190,21 @@ class ECoFLaPPruning(Callback):
             sparsegpt_block_size=sparsegpt_block_size,
             sparsegpt_damping=sparsegpt_damping,
             seed=seed,
+            activation_storage=activation_storage,
+            max_probe_replicas=max_probe_replicas,
+            fine_replay_batches=fine_replay_batches,
         )
         self.stages = _check_stages(stages)
         self.save_to = _check_path("save_to", save_to)
+        self.save_format = check_save_format(save_format, self.config.structure)
+        if not isinstance(overwrite, bool):
+            raise ValueError(f"`overwrite` must be True or False, got {overwrite!r}.")
+        self.overwrite = overwrite
+        self._saved_at_step: int | None = None
+        if not isinstance(semi_structured, bool):
+            raise ValueError(f"`semi_structured` must be True or False, got {semi_structured!r}.")
+        self.semi_structured = semi_structured
+        self._on_sparse_kernels = False
         self.report_dir = _check_path("report_dir", report_dir)
         if not isinstance(progress, bool):
             raise ValueError(f"`progress` must be True or False, got {progress!r}.")
@@ -189,11 +224,16 @@ class ECoFLaPPruning(Callback):
 
     # ------------------------------------------------------------------ hooks
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Fail fast, before any data or device work. Pruning itself waits for the stage's start hook: here the
         # model may still be on the CPU, and a checkpoint's callback state (the "already pruned" flag) is only
         # restored after `setup`.
-        _pruned_module(pl_module)
+        model = _pruned_module(pl_module)
+        if self.save_to is not None and (stage in self.stages or stage == "fit"):
+            self._check_save_to(model)
+        if self.semi_structured:
+            self._check_semi_structured(trainer, stage)
         if stage in self.stages and trainer.strategy.restore_checkpoint_after_setup:
             raise ValueError(
                 f"ECoFLaPPruning cannot prune under {type(trainer.strategy).__name__}: it shards the parameters and "
@@ -201,24 +241,29 @@ class ECoFLaPPruning(Callback):
                 "Trainer (stages ['validate'] and save_to), then fine-tune the saved pruned model."
             )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # `on_fit_start` runs after the checkpoint's callback state is restored, after the strategy moved the model
         # to its device (and wrapped it in DDP), and before the sanity check and the first optimizer step. Pruning
         # changes weights in place (same Parameter objects), so the optimizers built by `strategy.setup` stay
         # valid, and their (empty or restored) state is consistent with the masked gradients.
-        self._ensure_pruned(trainer, pl_module, "fit")
+        self._ensure_pruned(trainer, pl_module, TrainerFn.FITTING.value)
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Within `fit` (including the sanity check) this hook must not prune: `on_fit_start` owns that stage.
-        if trainer.state.fn == "validate":
-            self._ensure_pruned(trainer, pl_module, "validate")
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self._ensure_pruned(trainer, pl_module, TrainerFn.VALIDATING.value)
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure_pruned(trainer, pl_module, "test")
+        self._ensure_pruned(trainer, pl_module, TrainerFn.TESTING.value)
 
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure_pruned(trainer, pl_module, "predict")
+        self._ensure_pruned(trainer, pl_module, TrainerFn.PREDICTING.value)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -227,6 +272,7 @@ class ECoFLaPPruning(Callback):
         if self.masks:
             mask_gradients_(_pruned_module(pl_module), self.masks)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -236,14 +282,19 @@ class ECoFLaPPruning(Callback):
         if self.masks:
             mask_weights_(_pruned_module(pl_module), self.masks)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.pruned and self.save_to is not None and trainer.is_global_zero:
-            self._save(pl_module)
+        # Saved again only when training changed the weights since the last save (`ecoflap prune` runs fit with no
+        # step: its model is written once, right after pruning).
+        if self.pruned and self.save_to is not None and trainer.global_step != self._saved_at_step:
+            self._save(trainer, pl_module)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if trainer.state.fn == "fit" and self.save_to is not None and trainer.is_global_zero:
+        if trainer.state.fn == TrainerFn.FITTING and self.save_to is not None and trainer.is_global_zero:
             rank_zero_warn(self._interrupted_save_notice(trainer.global_step))
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
@@ -252,7 +303,14 @@ class ECoFLaPPruning(Callback):
             "report": self.report,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version = state_dict.get("version", 1)
+        if not isinstance(version, int) or version > _STATE_VERSION:
+            raise ValueError(
+                f"The checkpoint's ECoFLaPPruning state has version {version!r}; this ecoflap-pl reads versions up to "
+                f"{_STATE_VERSION}. HINT: load it with the ecoflap-pl version that wrote it, or upgrade ecoflap-pl."
+            )
         self.pruned = bool(state_dict.get("pruned", False))
         self.masks = {name: torch.as_tensor(mask).bool() for name, mask in state_dict.get("masks", {}).items()}
         self.report = state_dict.get("report")
@@ -289,6 +347,8 @@ class ECoFLaPPruning(Callback):
     # ---------------------------------------------------------------- workers
 
     def _ensure_pruned(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._on_sparse_kernels:
+            return  # the masked weights already live in 2:4 sparse tensors
         if self.pruned:
             # Restored from a checkpoint or pruned by an earlier stage: put the masks on the weights' device and
             # make sure the weights honour them.
@@ -311,6 +371,17 @@ class ECoFLaPPruning(Callback):
                 f"`pruning.stages` is {list(self.stages)}, so `{stage}` runs on the dense model (nothing is pruned). "
                 f"HINT: add '{stage}' to pruning.stages to prune before {stage}."
             )
+        if self.semi_structured and self.pruned and stage != "fit":
+            to_semi_structured_(_pruned_module(pl_module), self.masks)
+            self._on_sparse_kernels = True
+
+    def _check_semi_structured(self, trainer: pl.Trainer, stage: str) -> None:
+        if stage == "fit":
+            raise ValueError(
+                "`semi_structured` swaps weights for sparse tensors that cannot be trained, so it is for validate, "
+                "test and predict only. HINT: fine-tune without it, then evaluate the checkpoint with it."
+            )
+        check_semi_structured(self.config.structure, trainer.strategy.root_device)
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> PruningResult:
         model = _pruned_module(pl_module)
@@ -355,11 +426,13 @@ class ECoFLaPPruning(Callback):
         self.report = report_dict(result, metadata)
         self._log_to_loggers(trainer, result)
         if trainer.is_global_zero:
+            paths = write_report(result, report_dir, metadata)
+            logger.info("Pruning report: %s and %s", paths["json"], paths["plot"])
             if self.progress:
                 Console().print(render_table(result))
-            write_report(result, report_dir, metadata)
-            if self.save_to is not None:
-                self._save(pl_module)
+                Console().print(f"Pruning report: {paths['json']}\nSparsity plot:  {paths['plot']}")
+        if self.save_to is not None:
+            self._save(trainer, pl_module)
         return result
 
     def _calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
@@ -382,19 +455,7 @@ class ECoFLaPPruning(Callback):
                 "`data_dir`; pruning needs at least one calibration sample."
             )
         world_size, rank = trainer.world_size, trainer.global_rank
-        # Each stage uses the leading batches holding its samples and gives rank r those with id % world_size == r.
-        # Checked on every rank alike: a rank without a batch would leave the others waiting in all_reduce forever.
-        per_batch = getattr(loader, "batch_size", None) or 1
-        stage_samples = [self.config.fine_samples]
-        if self.config.importance != "uniform":
-            stage_samples.append(self.config.coarse_samples)
-        used = min(min(len(batches), -(-samples // per_batch)) for samples in stage_samples)
-        if used < world_size:
-            raise ValueError(
-                f"Each of the {world_size} ranks needs at least one calibration batch, but a pruning stage uses only "
-                f"{used} (batch size {per_batch}, {len(batches)} batches loaded). HINT: raise `coarse_samples` / "
-                "`fine_samples` or lower the DataModule's calibration batch size."
-            )
+        # prune() refuses, identically on every rank, a set too short to give each rank a batch of every step.
         for batch_id in range(rank, len(batches), world_size):
             # Only this rank's share is evaluated here (the others are only counted), so only it moves to the device.
             batch = pl_module.transfer_batch_to_device(batches[batch_id], pl_module.device, 0)
@@ -412,12 +473,24 @@ class ECoFLaPPruning(Callback):
             experiment_logger.log_hyperparams({"pruning": self.config.to_dict()})
             experiment_logger.log_metrics(metrics, step=trainer.global_step)
 
+    def _check_save_to(self, model: nn.Module) -> None:
+        # Before any pruning: a refusal must come before minutes of work, with the user's files untouched. A folder
+        # this run wrote itself (pruned, then fine-tuned) is replaced without `overwrite`.
+        assert self.save_to is not None
+        check_save_target(
+            self.save_to,
+            overwrite=self.overwrite or self._saved_at_step is not None,
+            protected=source_directories(model),
+            option="save_to",
+        )
+
     def _interrupted_save_notice(self, global_step: int) -> str:
         """What ``save_to`` holds after ``fit`` stopped early (an interrupt or an error)."""
         if not self.pruned:
             return f"`fit` stopped before pruning finished: weights unchanged, nothing saved to {self.save_to}."
         saved = _read_report_metadata(Path(self.save_to) / REPORT_JSON)
-        ours = self.report is not None and saved is not None and saved == self.report.get("metadata")
+        saved_run = None if saved is None else {key: value for key, value in saved.items() if key != "export"}
+        ours = self.report is not None and saved_run == self.report.get("metadata")
         if not ours:
             return f"`fit` stopped at step {global_step}: nothing from this run was saved to {self.save_to}."
         return (
@@ -426,11 +499,22 @@ class ECoFLaPPruning(Callback):
             "when fit ends."
         )
 
-    def _save(self, pl_module: pl.LightningModule) -> None:
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.save_to is not None and self.result is not None
-        processors = [getattr(pl_module, name, None) for name in ("processor", "tokenizer")]
-        save_pruned_model(_pruned_module(pl_module), self.save_to, *processors)
-        write_report(self.result, self.save_to, (self.report or {}).get("metadata"))
+        self._saved_at_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
+        saved = save_pruned(
+            _pruned_module(pl_module),
+            self.save_to,
+            masks=self.masks,
+            save_format=self.save_format,
+            processors=[getattr(pl_module, name, None) for name in ("processor", "tokenizer")],
+            result=self.result,
+            metadata=(self.report or {}).get("metadata"),
+        )
+        if self.progress:
+            Console().print(describe_saved(saved, self.save_to))
 
 
 def _read_report_metadata(path: Path) -> dict[str, Any] | None:

@@ -25,6 +25,7 @@ from rich.table import Table
 from torch import nn
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
+from ecoflap_pl.console import quiet_lightning
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.tasks.base import EcoflapTask
 
@@ -173,6 +174,8 @@ class EcoflapCLI(LightningCLI):
             dense_kwargs, pruned_kwargs = kwargs, {**kwargs, "ckpt_path": None}
             if callback.pruned:
                 raise ValueError("`compare_dense` needs a dense model, but the model given is already pruned.")
+        # One table of both runs below, not one per run.
+        dense_kwargs, pruned_kwargs = {**dense_kwargs, "verbose": False}, {**pruned_kwargs, "verbose": False}
         self.trainer.callbacks.remove(callback)
         try:
             dense = run(**dense_kwargs)
@@ -266,6 +269,7 @@ def main(args: list[str] | None = None) -> None:
     A refused configuration, bad data or a missing file ends the run with its message (and the option it names) in
     a few lines and exit status 2; SIGTERM ends it with status 143. ``ECOFLAP_DEBUG=1`` shows the full traceback.
     """
+    quiet_lightning()
     try:
         check_config_files(sys.argv[1:] if args is None else args)
         build_cli(args, save_config_kwargs={"overwrite": True})

@@ -16,13 +16,14 @@ from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
+from typing_extensions import override
 
 from ecoflap_pl.datamodules import COCOCaptionDataModule, EcoflapDataModule, VQAv2DataModule
 from ecoflap_pl.datamodules._io import load_image
 from ecoflap_pl.datamodules.base import ImageSampleDataset, Stage
+from ecoflap_pl.demo.progress import StepBar
 from ecoflap_pl.tasks.base import EcoflapTask
 
 Collate = Callable[[list[dict[str, Any]]], dict[str, Any]]
@@ -152,6 +153,7 @@ class VQACaptionMixDataModule(EcoflapDataModule):
         self.captions = COCOCaptionDataModule(data_dir)
         self.preprocess = preprocess
 
+    @override
     def _build(self, stage: Stage) -> Dataset[dict[str, Any]]:
         if stage != "train":
             return self.vqa.dataset(stage)
@@ -164,20 +166,24 @@ class VQACaptionMixDataModule(EcoflapDataModule):
         cache: dict[str, torch.Tensor] = {}
         return ConcatDataset([PreprocessedImages(part, self.preprocess, cache) for part in parts])
 
+    @override
     def train_dataloader(self) -> DataLoader:
         train = cast(ConcatDataset, self.dataset("train"))
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         vqa, captions = (cast(ImageSampleDataset, part) for part in train.datasets)
-        lengths = [len(vqa), [len(sample.fields["text"].split()) for sample in captions.samples]]
+        lengths: list[int | Sequence[int]] = [
+            len(vqa),
+            [len(sample.fields["text"].split()) for sample in captions.samples],
+        ]
         batches = SingleTaskBatches(lengths, self.batch_size, torch.Generator().manual_seed(self.shuffle_seed + epoch))
         return DataLoader(
             train, batch_sampler=batches, num_workers=self.num_workers, collate_fn=self._resolve_collate_fn()
         )
 
 
-def fit(task: EcoflapTask, datamodule: EcoflapDataModule, steps: int, seed: int) -> None:
+def fit(task: EcoflapTask, datamodule: EcoflapDataModule, steps: int, seed: int, title: str) -> None:
     """Train ``task`` for ``steps`` optimizer steps with the ordinary Lightning ``Trainer`` (no validation, logger or
-    checkpoints; a rich progress bar), on one device of whatever accelerator is present.
+    checkpoints; one progress bar over the steps, headed ``title``), on one device of whatever accelerator is present.
 
     Dropout and every other draw from the global generators are seeded with ``seed`` inside a forked RNG state, so
     the caller's random state is left as it was and the same seed trains the same model.
@@ -194,7 +200,8 @@ def fit(task: EcoflapTask, datamodule: EcoflapDataModule, steps: int, seed: int)
             logger=False,
             enable_checkpointing=False,
             enable_model_summary=False,
-            callbacks=[RichProgressBar(leave=True)],
+            enable_progress_bar=False,
+            callbacks=[StepBar(title)],
             default_root_dir=root,
         )
         trainer.fit(task, datamodule=datamodule)

@@ -65,7 +65,7 @@ def train_demo_vit(out: Path, paths: DemoPaths, recipe: VitRecipe) -> None:
         paths.imagenet, batch_size=recipe.batch_size, class_names_file="class_names.json", shuffle_seed=recipe.seed
     )
     data.collate_fn = task.collator
-    fit(task, data, recipe.steps, recipe.seed)
+    fit(task, data, recipe.steps, recipe.seed, "Training the demo ViT")
     save_file({name: tensor.contiguous() for name, tensor in task.model.state_dict().items()}, out / WEIGHTS_FILE)
 
 

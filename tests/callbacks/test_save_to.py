@@ -7,15 +7,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
-from callback_toys import FAST, ToyData, ToyTask
 from safetensors.torch import load_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
+from ecoflap_pl.callbacks import export as callback_export
+from ecoflap_pl.cli import EcoflapTrainer
+from ecoflap_pl.export import load_pruned_model
 from ecoflap_pl.tasks.base import EcoflapTask
+from tests.callbacks.callback_toys import FAST, ToyData, ToyTask
+from tests.trainers import quiet_trainer
 
 VOCAB = ["<pad>", "</s>", "<unk>", "<s>", "a", "cat", "dog", "on", "the", "mat", "sits", "runs"]
 
@@ -45,6 +50,9 @@ class TinyLlamaTask(EcoflapTask):
     def calibration_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
 
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self.calibration_loss(batch)
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.log("val/loss", self.calibration_loss(batch), batch_size=batch["input_ids"].shape[0])
 
@@ -57,6 +65,9 @@ class Sentences(pl.LightningDataModule):
         ids = tokenizer(texts, padding="max_length", max_length=8, return_tensors="pt")["input_ids"]
         self.samples = [{"input_ids": row} for row in ids]
 
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.samples[:4], batch_size=4)
+
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.samples[:4], batch_size=4)
 
@@ -65,15 +76,7 @@ class Sentences(pl.LightningDataModule):
 
 
 def validate(task: pl.LightningModule, data: pl.LightningDataModule, callback: ECoFLaPPruning, root: Path) -> None:
-    pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=[callback],
-    ).validate(task, datamodule=data)
+    quiet_trainer(default_root_dir=root, callbacks=[callback]).validate(task, datamodule=data)
 
 
 def test_save_to_writes_a_hugging_face_model_with_its_tokenizer(tmp_path: Path) -> None:
@@ -97,17 +100,8 @@ def test_save_to_writes_a_hugging_face_model_with_its_tokenizer(tmp_path: Path) 
 def test_save_to_writes_a_state_dict_for_plain_modules_and_again_after_fit(tmp_path: Path) -> None:
     callback = ECoFLaPPruning(**FAST, save_to=str(tmp_path / "pruned"))
     task = ToyTask()
-    pl.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
+    quiet_trainer(
+        max_steps=2, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[callback]
     ).fit(task, datamodule=ToyData())
 
     loaded = ToyTask(seed=99).model
@@ -116,3 +110,64 @@ def test_save_to_writes_a_state_dict_for_plain_modules_and_again_after_fit(tmp_p
         assert torch.equal(param, dict(task.model.named_parameters())[name].detach()), name
     for name, mask in callback.masks.items():
         assert torch.count_nonzero(dict(loaded.named_parameters())[name][~mask]) == 0, name
+
+
+def test_save_to_is_checked_before_pruning_and_left_untouched(tmp_path: Path) -> None:
+    target = tmp_path / "pruned"
+    target.mkdir()
+    (target / "shard-00001.safetensors").write_bytes(b"someone else's weights")
+    task = ToyTask()
+    before = {name: tensor.clone() for name, tensor in task.model.state_dict().items()}
+    callback = ECoFLaPPruning(**FAST, stages=["validate"], save_to=str(target))
+    with pytest.raises(FileExistsError, match="not empty; nothing was written. HINT: .*--pruning.overwrite true"):
+        validate(task, ToyData(), callback, tmp_path)
+    assert not callback.pruned
+    assert all(torch.equal(task.model.state_dict()[name], tensor) for name, tensor in before.items())
+    assert [path.name for path in target.iterdir()] == ["shard-00001.safetensors"]
+
+    callback = ECoFLaPPruning(**FAST, stages=["validate"], save_to=str(target), overwrite=True)
+    validate(task, ToyData(), callback, tmp_path)
+    assert sorted(path.name for path in target.iterdir()) == [
+        "model.safetensors",
+        "pruning_masks.safetensors",
+        "pruning_report.json",
+        "pruning_sparsity.png",
+    ]
+
+
+def test_save_to_refuses_the_folder_of_the_pretrained_weights(tmp_path: Path) -> None:
+    task = TinyLlamaTask()
+    task.model.save_pretrained(tmp_path / "dense")
+    task.model = LlamaForCausalLM.from_pretrained(tmp_path / "dense")
+    for target in (tmp_path / "dense", tmp_path):
+        callback = ECoFLaPPruning(**FAST, stages=["validate"], save_to=str(target), overwrite=True)
+        with pytest.raises(ValueError, match="holds the source model"):
+            validate(task, Sentences(), callback, tmp_path)
+
+
+def test_prune_writes_the_model_once_in_the_chosen_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writes = []
+    real = callback_export.write_pruned_model
+    monkeypatch.setattr(callback_export, "write_pruned_model", lambda *a, **k: writes.append(a) or real(*a, **k))
+    callback = ECoFLaPPruning(**FAST, save_to=str(tmp_path / "pruned"), save_format="sparse-bitmask")
+    trainer = EcoflapTrainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
+    trainer.prune(TinyLlamaTask(), datamodule=Sentences())
+    assert len(writes) == 1
+    report = json.loads((tmp_path / "pruned" / "pruning_report.json").read_text())
+    export = report["metadata"]["export"]
+    assert export["save_format"] == "sparse-bitmask" and export["weights_bytes"] < export["dense_bytes"]
+    loaded = load_pruned_model(tmp_path / "pruned")
+    assert AutoTokenizer.from_pretrained(tmp_path / "pruned")("the cat")["input_ids"] == [8, 5]
+    assert all(torch.count_nonzero(loaded.get_parameter(name)[~mask]) == 0 for name, mask in callback.masks.items())
+
+
+def test_a_24_format_needs_24_masks() -> None:
+    with pytest.raises(ValueError, match="`save_format` 'sparse-24-bitmask' stores 2:4 masks"):
+        ECoFLaPPruning(save_to="out", save_format="sparse-24-bitmask")

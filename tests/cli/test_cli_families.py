@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 import yaml
-from test_cli import TRAINER, ecoflap
 
 from ecoflap_pl.models.tiny import HF_FAMILIES, tiny_processor
+from tests.cli.test_cli import TRAINER, ecoflap
 
 RUNS = {
     "llava": ("VQATask", "VQAv2DataModule"),

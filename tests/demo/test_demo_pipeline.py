@@ -118,3 +118,28 @@ def test_blip2_finetune_demo_keeps_the_masks(cache_dir: Path, tmp_path: Path) ->
         if not pruned[name].eq(dense[name]).logical_or(pruned[name] == 0).all()
     ]
     assert trained  # and the kept weights were fine-tuned
+
+
+def test_a_first_run_prints_our_bars_tables_and_paths_and_nothing_else(tmp_path: Path) -> None:
+    env = {**os.environ, "ECOFLAP_DEMO_DIR": str(tmp_path / "cache")}
+    quiet = [arg for arg in TINY if arg not in ("--pruning.progress=false", "--trainer.enable_progress_bar=false")]
+    args = [sys.executable, "-m", "ecoflap_pl.cli", "validate", "-c", str(CONFIGS / "blip2_vqa.yaml"), *quiet]
+    run = subprocess.run(
+        [*args, f"--trainer.default_root_dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    console = run.stdout + run.stderr
+    for noise in (
+        "GPU available",
+        "TPU available",
+        "Tip:",
+        "litlogger",
+        "deprecated",
+        "Epoch ",
+        "Seed set",
+        "stopped:",
+    ):
+        assert noise not in console, noise
+    assert "Training the demo BLIP-2" in console and "Training the demo ViT" in console
+    assert "Dense vs pruned" in console and "Validate metric" not in console  # one table for both runs
+    assert f"Pruning report: {tmp_path / 'run' / 'pruning_report.json'}" in console.replace("\n", "")

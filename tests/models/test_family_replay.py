@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_batches import GENERATIVE, family_case
 
 from ecoflap_pl import PruningConfig, prune
 from ecoflap_pl.pruning.calls import capture_block_calls, hidden_output
 from ecoflap_pl.pruning.discovery import find_stacks, order_stacks
 from ecoflap_pl.pruning.transaction import pruning_session
+from tests.models.family_batches import GENERATIVE, family_case
 
 
 def own_block_outputs(model, blocks, batches, loss_fn):

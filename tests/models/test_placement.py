@@ -98,7 +98,6 @@ def test_scores_needing_every_weight_at_once_are_refused(saved):
         prune(offloaded, _batches(), _loss, PruningConfig(sparsity=0.5, importance="first_order"), residency=weights)
 
 
-@pytest.mark.slow
 def test_peak_resident_memory_while_pruning_stays_below_the_model_size(tmp_path):
     """Measured in fresh processes; glibc's fixed mmap threshold returns each freed block buffer to the system (its
     default, dynamic threshold keeps them in the heap, where they count as resident)."""

@@ -1,16 +1,18 @@
 """Zeroth- and first-order importance against autograd on a small model."""
 
+import contextlib
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
-from pruning_helpers import ToyModel, assert_bit_identical, snapshot, toy_batches, toy_loss
 
 from ecoflap_pl import PruningConfig, score_groups
 from ecoflap_pl.pruning.first_order import first_order_sums
 from ecoflap_pl.pruning.monitor import StageMonitor
 from ecoflap_pl.pruning.zeroth_order import probe_seed, zeroth_order_sums
+from tests.pruning.pruning_helpers import ToyModel, assert_bit_identical, snapshot, toy_batches, toy_loss
 
 
 def autograd_gradients(model, batch):
@@ -95,7 +97,7 @@ def test_first_order_streamed_sums_equal_full_gradients(score):
 
 def test_scores_are_reusable_and_deterministic(toy_model):
     batches = toy_batches(4)
-    config = PruningConfig(sparsity=0.5, coarse_samples=8)
+    config = PruningConfig(sparsity=0.5, coarse_samples=8, activation_storage="recompute")
     before = snapshot(toy_model)
     first = score_groups(toy_model, batches, toy_loss, config)
     second = score_groups(toy_model, batches, toy_loss, config)
@@ -104,7 +106,7 @@ def test_scores_are_reusable_and_deterministic(toy_model):
     assert set(first.scores) == {"layers.0", "layers.1", "layers.2"}
     assert first.stats.full_forwards == 2 * 6 * 2  # 2 per probe x 6 tensors x 2 batches (8 samples)
     assert first.allocate(0.5, 0.6) != first.allocate(0.3, 0.4)
-    other_seed = score_groups(toy_model, batches, toy_loss, PruningConfig(sparsity=0.5, coarse_samples=8, seed=1))
+    other_seed = score_groups(toy_model, batches, toy_loss, replace(config, seed=1))
     assert other_seed.scores != first.scores
 
 
@@ -115,7 +117,13 @@ def test_group_score_variants(toy_model, aggregate, probe_granularity):
         toy_model,
         batches,
         toy_loss,
-        PruningConfig(sparsity=0.5, aggregate=aggregate, probe_granularity=probe_granularity, coarse_samples=8),
+        PruningConfig(
+            sparsity=0.5,
+            aggregate=aggregate,
+            probe_granularity=probe_granularity,
+            coarse_samples=8,
+            activation_storage="recompute",
+        ),
     )
     assert all(value > 0 for value in scores.scores.values())
     per_unit = 3 if probe_granularity == "per_block" else 6
@@ -143,7 +151,7 @@ def slow_zeroth_order_group_scores(model, batches, config, groups):
             with torch.no_grad():
                 for n, original in zip(names, originals, strict=True):
                     params[n].copy_(original)
-            raw[unit] += abs(losses[0] - losses[1]) / (2 * config.eps)
+            raw[unit] += abs(losses[0] - losses[1]) / (2 * config.eps) / len(batches)  # mean over batches
 
     def variant(s, names):
         weights = [params[n].detach().double() for n in names]
@@ -236,3 +244,37 @@ def test_probes_below_the_loss_precision_are_reported(toy_model, caplog):
     with caplog.at_level("WARNING", logger="ecoflap_pl.pruning.zeroth_order"):
         score_groups(toy_model, toy_batches(2), toy_loss, PruningConfig(coarse_samples=8))
     assert caplog.text == ""
+
+
+class _CountingResidency:
+    """A residency for a model in memory: records what it was asked to hold resident, offloads nothing."""
+
+    def __init__(self):
+        self.held = []
+
+    def resident(self, names, write_back):
+        self.held.append((tuple(names), write_back))
+        return contextlib.nullcontext()
+
+    def offloaded(self, name):
+        return False
+
+
+@pytest.mark.parametrize("probe_granularity", ["per_tensor", "per_block"])
+def test_a_residency_forces_the_plain_probe_loop(toy_model, monkeypatch, probe_granularity):
+    """Prefix reuse and batched probes read the weights outside forward calls: with a residency the coarse step
+    takes the plain loop whatever ``activation_storage`` says, one unit resident at a time, and gives its scores."""
+    import ecoflap_pl.pruning.importance as importance
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fast zeroth-order path ran with a residency")
+
+    batches = toy_batches(4)
+    config = PruningConfig(sparsity=0.5, coarse_samples=8, probe_granularity=probe_granularity)
+    plain = score_groups(toy_model, batches, toy_loss, replace(config, activation_storage="recompute"))
+    monkeypatch.setattr(importance, "fast_zeroth_order_sums", refuse)
+    residency = _CountingResidency()
+    held = score_groups(toy_model, batches, toy_loss, config, residency=residency)
+    assert held.scores == plain.scores
+    units = 3 if probe_granularity == "per_block" else 6
+    assert len(residency.held) == units and all(not write_back for _, write_back in residency.held)

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_runs import vit_config, vqa_config
+
+from tests.robustness.cli_runs import vit_config, vqa_config
 
 ENTRY = "import logging; logging.basicConfig(level=logging.INFO); from ecoflap_pl.cli import main; main()"
 

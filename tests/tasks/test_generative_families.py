@@ -142,7 +142,11 @@ def test_errors_name_the_argument(family_setup):
 def test_callback_prunes_a_disk_offloaded_model_as_the_model_in_memory(
     tmp_path, trainer_factory, datamodule_factory, vqa_samples
 ):
-    """``device_map`` with layers on disk: the same allocation and masks, and the report records the placement."""
+    """``device_map`` with layers on disk: the same allocation and masks, and the report records the placement.
+
+    An offloaded model is always scored with the plain per-tensor loop (prefix reuse and batched probes read the
+    weights outside forward calls), so the model in memory is scored with it too (``activation_storage:
+    recompute``): the fast path equals it only up to rounding."""
     config, processor = tiny_processor("llava", list(CORPUS) * 3)
     torch.manual_seed(0)
     LlavaForConditionalGeneration(config).save_pretrained(tmp_path / "llava")
@@ -158,11 +162,15 @@ def test_callback_prunes_a_disk_offloaded_model_as_the_model_in_memory(
         "lm_head": "cpu",
     }
     runs = []
-    for placement in ({}, {"device_map": device_map, "offload_folder": str(tmp_path / "offload")}):
+    for placement, storage in (
+        ({}, "recompute"),
+        ({"device_map": device_map, "offload_folder": str(tmp_path / "offload")}, "auto"),
+    ):
         task = VQATask(pretrained=str(tmp_path / "llava"), num_beams=1, max_new_tokens=2, **placement)
         pruning = ECoFLaPPruning(
             sparsity=0.5,
             importance="zeroth_order",
+            activation_storage=storage,
             coarse_samples=2,
             fine_samples=2,
             stages=["validate"],

@@ -1,0 +1,27 @@
+"""Shipping a pruned model: atomic folder writes, dense and compressed save formats, 2:4 sparse kernels.
+
+Imports torch, safetensors and (lazily) transformers; no Lightning.
+"""
+
+from ecoflap_pl.export.atomic import atomic_directory, check_save_target
+from ecoflap_pl.export.checkpoint import (
+    SAVE_FORMATS,
+    SavedModel,
+    check_save_format,
+    load_pruned_model,
+    load_pruned_state_dict,
+    read_masks,
+    write_pruned_model,
+)
+
+__all__ = [
+    "SAVE_FORMATS",
+    "SavedModel",
+    "atomic_directory",
+    "check_save_format",
+    "check_save_target",
+    "load_pruned_model",
+    "load_pruned_state_dict",
+    "read_masks",
+    "write_pruned_model",
+]

@@ -1,0 +1,223 @@
+"""Write a pruned model in one of the save formats, and read it back (weights and masks).
+
+Formats (``save_format``):
+
+- ``"dense"``: today's layout, zeros in place. A Hugging Face model is written with ``save_pretrained`` (load it with
+  ``from_pretrained``), any other module (timm, plain PyTorch) as ``model.safetensors``. The masks go beside it in
+  ``pruning_masks.safetensors``.
+- ``"sparse-bitmask"`` / ``"sparse-24-bitmask"``: the pruned weights in the ``compressed-tensors`` sparse layouts
+  (:mod:`ecoflap_pl.export.sparse_formats`), every other tensor as is, in ``model*.safetensors`` whose metadata
+  names the format; a Hugging Face model also gets its ``config.json`` (with the ``quantization_config`` block that
+  ``compressed-tensors`` <= 0.14 reads) and generation config. :func:`load_pruned_model` loads it back as an
+  ordinary dense model; :func:`load_pruned_state_dict` gives the dense state dict of any module.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file, save_model
+from torch import nn
+
+from ecoflap_pl.export.sparse_formats import FORMATS, compress_state_dict, decompress_state_dict, pack_mask, unpack_mask
+
+SAVE_FORMATS = ("dense", *FORMATS)
+MASKS_FILE = "pruning_masks.safetensors"
+STATE_DICT_FILE = "model.safetensors"
+_FORMAT_KEY = "sparse_format"
+
+
+def check_save_format(save_format: str, structure: str) -> str:
+    """Return ``save_format`` if it is known and fits masks of ``structure`` (``"unstructured"`` or ``"N:M"``).
+
+    Raises:
+        ValueError: an unknown format, or ``"sparse-24-bitmask"`` for masks that are not 2:4.
+    """
+    if save_format not in SAVE_FORMATS:
+        raise ValueError(
+            f"`save_format` must be one of {list(SAVE_FORMATS)}, got {save_format!r}. HINT: 'dense' loads anywhere "
+            "with from_pretrained; 'sparse-bitmask' stores any mask compactly; 'sparse-24-bitmask' stores 2:4 masks."
+        )
+    if save_format == "sparse-24-bitmask" and structure != "2:4":
+        raise ValueError(
+            f"`save_format` 'sparse-24-bitmask' stores 2:4 masks, but `structure` is {structure!r}. HINT: prune with "
+            "structure '2:4', or save with save_format 'sparse-bitmask' (any pattern)."
+        )
+    return save_format
+
+
+@dataclass(frozen=True)
+class SavedModel:
+    """What :func:`write_pruned_model` wrote.
+
+    Attributes:
+        save_format: the format.
+        weights_bytes: size on disk of the model's weight files.
+        dense_bytes: size of the same weights stored dense (every tensor once, in its dtype).
+    """
+
+    save_format: str
+    weights_bytes: int
+    dense_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_hf_model(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def _dense_bytes(state_dict: dict[str, torch.Tensor]) -> int:
+    unique = {tensor.data_ptr(): tensor.numel() * tensor.element_size() for tensor in state_dict.values()}
+    return sum(unique.values())
+
+
+def write_pruned_model(
+    model: nn.Module,
+    directory: str | Path,
+    masks: dict[str, torch.Tensor],
+    save_format: str = "dense",
+    processors: Iterable[object] = (),
+) -> SavedModel:
+    """Write ``model`` (pruned with ``masks``) into the existing ``directory`` in ``save_format``.
+
+    Every ``processors`` object with a ``save_pretrained`` method (tokenizer, processor) is saved beside it.
+
+    Raises:
+        ValueError: an unknown format, or a mask that does not fit it.
+    """
+    directory = Path(directory)
+    if save_format not in SAVE_FORMATS:
+        check_save_format(save_format, "unstructured")
+    state_dict = model.state_dict()
+    hf_model = _is_hf_model(model)
+    if save_format == "dense":
+        if hf_model:
+            model.save_pretrained(directory)  # type: ignore[operator]
+        else:
+            save_model(model, str(directory / STATE_DICT_FILE))
+        _write_masks(masks, directory / MASKS_FILE)
+    else:
+        from huggingface_hub import save_torch_state_dict
+
+        compressed = compress_state_dict(state_dict, masks, save_format)
+        if hf_model:
+            _write_hf_configs(model, directory, save_format, masks)
+        save_torch_state_dict(compressed, directory, metadata={"format": "pt", _FORMAT_KEY: save_format})
+    for processor in processors:
+        save = getattr(processor, "save_pretrained", None)
+        if callable(save):
+            save(directory)
+    weights = sum(path.stat().st_size for path in directory.glob("model*.safetensors"))
+    return SavedModel(save_format, weights, _dense_bytes(state_dict))
+
+
+def _write_hf_configs(model: nn.Module, directory: Path, save_format: str, masks: dict[str, torch.Tensor]) -> None:
+    model.config.save_pretrained(directory)  # type: ignore[union-attr, operator]
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and getattr(model, "can_generate", lambda: False)():
+        generation_config.save_pretrained(directory)
+    kept = sum(int(mask.sum()) for mask in masks.values())
+    total = sum(mask.numel() for mask in masks.values())
+    dense_linears = sorted(
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and f"{name}.weight" not in masks
+    )
+    config_file = directory / "config.json"
+    config = json.loads(config_file.read_text())
+    config["architectures"] = [type(model).__name__]  # as save_pretrained records it
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "transform_config": {},
+        "sparsity_config": {
+            "format": save_format,
+            "global_sparsity": 1 - kept / total if total else 0.0,
+            "sparsity_structure": "2:4" if save_format == "sparse-24-bitmask" else "unstructured",
+            "targets": ["Linear"],
+            "ignore": dense_linears,
+        },
+    }
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _write_masks(masks: dict[str, torch.Tensor], path: Path) -> None:
+    packed = {name: pack_mask(mask.bool()) for name, mask in masks.items()}
+    shapes = {name: list(mask.shape) for name, mask in masks.items()}
+    save_file(packed, str(path), metadata={"shapes": json.dumps(shapes)})
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    files = sorted(directory.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"No model*.safetensors in {directory}. HINT: pass a folder written by `save_to` (ecoflap prune)."
+        )
+    return files
+
+
+def saved_format(directory: str | Path) -> str:
+    """The save format of a folder written by :func:`write_pruned_model`."""
+    with safe_open(str(_weight_files(Path(directory))[0]), framework="pt") as handle:
+        return (handle.metadata() or {}).get(_FORMAT_KEY, "dense")
+
+
+def load_pruned_state_dict(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The dense state dict and the masks (by weight name) of a folder written by :func:`write_pruned_model`.
+
+    For modules without ``from_pretrained`` (timm): ``model.load_state_dict(state_dict)``; tensors that share
+    storage in the model (tied weights) are stored once, so pass ``strict=False`` where the model ties weights.
+    """
+    directory = Path(directory)
+    state_dict: dict[str, torch.Tensor] = {}
+    for path in _weight_files(directory):
+        state_dict.update(load_file(str(path)))
+    save_format = saved_format(directory)
+    if save_format == "dense":
+        return state_dict, read_masks(directory)
+    return decompress_state_dict(state_dict, save_format)
+
+
+def read_masks(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The pruning masks (``True`` = kept) stored in a folder written by :func:`write_pruned_model`."""
+    directory = Path(directory)
+    if saved_format(directory) != "dense":
+        return load_pruned_state_dict(directory)[1]
+    path = directory / MASKS_FILE
+    with safe_open(str(path), framework="pt") as handle:
+        shapes = json.loads((handle.metadata() or {})["shapes"])
+        return {name: unpack_mask(handle.get_tensor(name), tuple(shapes[name])) for name in handle.keys()}  # noqa: SIM118
+
+
+def load_pruned_model(directory: str | Path, model_class: Any = None, **from_pretrained_kwargs: Any) -> nn.Module:
+    """Load a Hugging Face model written by :func:`write_pruned_model`, in any save format, as a dense model.
+
+    Args:
+        directory: the ``save_to`` folder.
+        model_class: the ``transformers`` class; default the class named in ``config.json`` (``architectures``).
+        from_pretrained_kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
+    """
+    import transformers
+
+    directory = Path(directory)
+    config_data = json.loads((directory / "config.json").read_text())
+    if model_class is None:
+        model_class = getattr(transformers, config_data["architectures"][0])
+    save_format = saved_format(directory)
+    if save_format == "dense":
+        return model_class.from_pretrained(directory, **from_pretrained_kwargs)
+    config = transformers.AutoConfig.from_pretrained(directory)
+    del config.quantization_config  # the weights are decompressed here, not by a quantizer
+    state_dict, _ = load_pruned_state_dict(directory)
+    return model_class.from_pretrained(None, config=config, state_dict=state_dict, **from_pretrained_kwargs)

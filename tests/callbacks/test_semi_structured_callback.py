@@ -1,0 +1,43 @@
+"""``semi_structured`` in the callback: refused on the CPU and for fit, before any pruning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from ecoflap_pl.callbacks import ECoFLaPPruning
+from tests.callbacks.callback_toys import FAST, ToyData, ToyTask
+
+TWO_FOUR = {**FAST, "structure": "2:4", "importance": "uniform", "semi_structured": True}
+
+
+def trainer(tmp_path: Path, callback: ECoFLaPPruning) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
+
+
+def test_refused_on_the_cpu_before_pruning(tmp_path: Path) -> None:
+    task = ToyTask()
+    before = {name: tensor.clone() for name, tensor in task.model.state_dict().items()}
+    callback = ECoFLaPPruning(**TWO_FOUR, stages=["validate"])
+    with pytest.raises(RuntimeError, match="`semi_structured` needs a CUDA GPU .* HINT"):
+        trainer(tmp_path, callback).validate(task, datamodule=ToyData())
+    assert not callback.pruned
+    assert all(torch.equal(task.model.state_dict()[name], tensor) for name, tensor in before.items())
+
+
+def test_refused_for_fit(tmp_path: Path) -> None:
+    callback = ECoFLaPPruning(**TWO_FOUR)
+    with pytest.raises(ValueError, match="for validate, test and predict only"):
+        trainer(tmp_path, callback).fit(ToyTask(), datamodule=ToyData())

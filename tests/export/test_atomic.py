@@ -1,0 +1,117 @@
+"""``save_to`` writes: killed at any point, the folder is the old one or the complete new one; checks before work."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ecoflap_pl.export import atomic_directory, check_save_target
+
+CHILD = Path(__file__).with_name("write_tiny_model.py")
+KILL_POINTS = ["weights:after", "report:after", "sync:after", "swap:before", "exchange:after"]
+"""Inside the model write, after the report, after the flush, just before the swap, just after it."""
+
+
+def checksum(folder: Path) -> str:
+    """One digest of every file's relative path and bytes under ``folder``."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(folder)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def write(target: Path, kill_at: str = "none", seed: int = 0) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(CHILD), str(target), kill_at, str(seed)], capture_output=True, text=True, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Complete writes with seed 0 (the old folder) and seed 1 (the new one), in ``seed0/`` and ``seed1/``."""
+    root = tmp_path_factory.mktemp("reference")
+    for seed in (0, 1):
+        run = write(root / f"seed{seed}", seed=seed)
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert checksum(root / "seed0") != checksum(root / "seed1")
+    return root
+
+
+@pytest.mark.parametrize("kill_at", KILL_POINTS)
+def test_a_write_killed_at_any_step_leaves_the_old_folder_or_the_new_one(
+    tmp_path: Path, reference: Path, kill_at: str
+) -> None:
+    old, new = checksum(reference / "seed0"), checksum(reference / "seed1")
+    target = tmp_path / "pruned"
+    shutil.copytree(reference / "seed0", target)
+
+    killed = write(target, kill_at, seed=1)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert checksum(target) == (new if kill_at == "exchange:after" else old)
+    assert len(list(tmp_path.iterdir())) == 2  # the killed write's partial folder is left beside it
+
+    if kill_at == "sync:after":  # the next write cleans up after the killed one
+        assert write(target, seed=1).returncode == 0
+        assert checksum(target) == new
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["pruned"]
+
+
+def test_a_write_killed_at_random_moments_never_mixes(tmp_path: Path, reference: Path) -> None:
+    old, new = checksum(reference / "seed0"), checksum(reference / "seed1")
+    target = tmp_path / "pruned"
+    shutil.copytree(reference / "seed0", target)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    seen = set()
+    for delay in (0.0, 0.02, 0.1):
+        seed = 1 if checksum(target) == old else 0
+        child = subprocess.Popen(
+            [sys.executable, str(CHILD), str(target), "none", str(seed)], stdout=subprocess.PIPE, text=True, env=env
+        )
+        assert child.stdout is not None and child.stdout.readline().strip() == "writing"
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        seen.add(checksum(target))
+        assert seen <= {old, new}
+
+
+def test_an_exception_inside_leaves_the_target_untouched(tmp_path: Path) -> None:
+    target = tmp_path / "pruned"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    with pytest.raises(RuntimeError), atomic_directory(target) as partial:
+        (partial / "config.json").write_text("new")
+        raise RuntimeError("disk full")
+    assert (target / "config.json").read_text() == "old"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pruned"]
+
+
+def test_refusals_name_the_problem_and_the_fix(tmp_path: Path) -> None:
+    source = tmp_path / "models" / "dense"
+    source.mkdir(parents=True)
+    (source / "model.safetensors").write_bytes(b"weights")
+    for target in (source, source.parent):
+        with pytest.raises(ValueError, match="holds the source model .* HINT: choose another folder"):
+            check_save_target(target, overwrite=True, protected=[source])
+    with pytest.raises(FileExistsError, match="not empty; nothing was written. HINT: .*--pruning.overwrite true"):
+        check_save_target(tmp_path / "models", overwrite=False)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(FileExistsError, match="must be a directory, but .* is a file"):
+        check_save_target(a_file, overwrite=True)
+    with pytest.raises(FileExistsError, match="is a file, so no folder can be made below it"):
+        check_save_target(a_file / "pruned", overwrite=False)
+    assert check_save_target(tmp_path / "new" / "pruned", overwrite=False) == tmp_path / "new" / "pruned"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+    assert (source / "model.safetensors").read_bytes() == b"weights"

@@ -1,0 +1,97 @@
+"""Round trips of the save formats on tiny pruned models: weights, outputs and masks come back exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ecoflap_pl.export import (
+    SAVE_FORMATS,
+    check_save_format,
+    load_pruned_model,
+    load_pruned_state_dict,
+    read_masks,
+    write_pruned_model,
+)
+from ecoflap_pl.pruning import PruningConfig, prune
+from tests.pruning.pruning_helpers import family_case
+
+CASES = [
+    ("unstructured", "dense"),
+    ("unstructured", "sparse-bitmask"),
+    ("2:4", "dense"),
+    ("2:4", "sparse-bitmask"),
+    ("2:4", "sparse-24-bitmask"),
+]
+
+
+def pruned(family: str, structure: str):
+    torch.set_num_threads(1)
+    model, batches, loss_fn = family_case(family, batches=2, size=2)
+    importance = "uniform" if structure == "2:4" else "zeroth_order"
+    config = PruningConfig(sparsity=0.5, structure=structure, importance=importance, coarse_samples=2, fine_samples=4)
+    result = prune(model, batches, loss_fn, config)
+    return model, batches, loss_fn, dict(result.masks)
+
+
+@pytest.mark.parametrize("family", ["llama", "blip2_opt"])
+@pytest.mark.parametrize(("structure", "save_format"), CASES)
+def test_hugging_face_round_trip(tmp_path: Path, family: str, structure: str, save_format: str) -> None:
+    model, batches, loss_fn, masks = pruned(family, structure)
+    saved = write_pruned_model(model, tmp_path, masks, save_format)
+
+    loaded = load_pruned_model(tmp_path).eval()
+    assert type(loaded) is type(model)
+    expected = model.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    with torch.no_grad():
+        assert torch.equal(loss_fn(loaded, batches[0]), loss_fn(model, batches[0]))
+    recovered = read_masks(tmp_path)
+    assert recovered.keys() == masks.keys()
+    assert all(torch.equal(recovered[name], mask) for name, mask in masks.items())
+    assert saved.save_format == save_format
+    if save_format == "dense":
+        assert saved.weights_bytes >= saved.dense_bytes
+    else:
+        assert saved.weights_bytes < saved.dense_bytes
+        with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
+            names = set(handle.keys())
+        module = next(iter(masks)).removesuffix(".weight")
+        assert f"{module}.bitmask" in names and f"{module}.weight" not in names
+
+
+def test_kept_weights_that_are_zero_keep_their_mask(tmp_path: Path) -> None:
+    model, _, _, masks = pruned("llama", "2:4")
+    name = next(iter(masks))
+    with torch.no_grad():
+        model.get_parameter(name)[masks[name]] = 0.0  # kept, but zero: the mask, not the values, is stored
+    write_pruned_model(model, tmp_path, masks, "sparse-24-bitmask")
+    assert torch.equal(read_masks(tmp_path)[name], masks[name])
+
+
+@pytest.mark.parametrize("save_format", SAVE_FORMATS)
+def test_timm_round_trip_is_a_state_dict_and_masks(tmp_path: Path, save_format: str) -> None:
+    structure = "2:4" if save_format == "sparse-24-bitmask" else "unstructured"
+    model, batches, loss_fn, masks = pruned("vit", structure)
+    write_pruned_model(model, tmp_path, masks, save_format)
+
+    state_dict, recovered = load_pruned_state_dict(tmp_path)
+    fresh = family_case("vit", seed=1)[0]
+    fresh.load_state_dict(state_dict)
+    with torch.no_grad():
+        assert torch.equal(loss_fn(fresh, batches[0]), loss_fn(model, batches[0]))
+    assert all(torch.equal(recovered[name], mask) for name, mask in masks.items())
+
+
+def test_the_24_format_refuses_masks_that_are_not_2_4(tmp_path: Path) -> None:
+    model, _, _, masks = pruned("llama", "unstructured")
+    with pytest.raises(ValueError, match="2 of every 4 .* HINT: prune with structure '2:4'"):
+        write_pruned_model(model, tmp_path, masks, "sparse-24-bitmask")
+    with pytest.raises(ValueError, match="`structure` is 'unstructured'.*HINT"):
+        check_save_format("sparse-24-bitmask", "unstructured")
+    with pytest.raises(ValueError, match="`save_format` must be one of .*got 'bitmask'"):
+        check_save_format("bitmask", "unstructured")
