@@ -6,7 +6,14 @@ import logging
 
 import pytest
 import torch
-from pruning_helpers import (
+from torch import nn
+
+from ecoflap_pl import PruningConfig, prune, score_groups
+from ecoflap_pl.pruning.discovery import find_candidates, find_stacks
+from ecoflap_pl.pruning.fast_zeroth_order import choose_replicas, fast_zeroth_order_sums
+from ecoflap_pl.pruning.monitor import StageMonitor
+from ecoflap_pl.pruning.zeroth_order import zeroth_order_sums
+from tests.pruning.pruning_helpers import (
     FAMILIES,
     ToyModel,
     assert_bit_identical,
@@ -16,13 +23,6 @@ from pruning_helpers import (
     toy_batches,
     toy_loss,
 )
-from torch import nn
-
-from ecoflap_pl import PruningConfig, prune, score_groups
-from ecoflap_pl.pruning.discovery import find_candidates, find_stacks
-from ecoflap_pl.pruning.fast_zeroth_order import choose_replicas, fast_zeroth_order_sums
-from ecoflap_pl.pruning.monitor import StageMonitor
-from ecoflap_pl.pruning.zeroth_order import zeroth_order_sums
 
 FAST_LOGGER = "ecoflap_pl.pruning.fast_zeroth_order"
 
@@ -217,3 +217,16 @@ def test_a_stack_run_twice_per_forward():
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PruningConfig(**kwargs)
+
+
+def test_progress_counts_forwards_of_probes_up_to_its_total():
+    events = []
+    prune(
+        seeded_toy_model(),
+        toy_batches(4),
+        toy_loss,
+        PruningConfig(sparsity=0.5, coarse_samples=8, fine_samples=8, max_probe_replicas=4),
+        progress=lambda stage, done, total: events.append((done, total)) if stage == "coarse" else None,
+    )
+    # 6 tensors x 2 batches, 2 directions (4 replicas) per forward: 3 forwards per batch
+    assert events == [(i, 6) for i in range(1, 7)]
