@@ -6,7 +6,14 @@ import logging
 
 import pytest
 import torch
-from pruning_helpers import (
+from torch import nn
+
+from ecoflap_pl import PruningConfig, prune, score_groups
+from ecoflap_pl.pruning.discovery import find_candidates, find_stacks
+from ecoflap_pl.pruning.fast_zeroth_order import choose_replicas, fast_zeroth_order_sums
+from ecoflap_pl.pruning.monitor import StageMonitor
+from ecoflap_pl.pruning.zeroth_order import zeroth_order_sums
+from tests.pruning.pruning_helpers import (
     FAMILIES,
     ToyModel,
     assert_bit_identical,
@@ -16,13 +23,6 @@ from pruning_helpers import (
     toy_batches,
     toy_loss,
 )
-from torch import nn
-
-from ecoflap_pl import PruningConfig, prune, score_groups
-from ecoflap_pl.pruning.discovery import find_candidates, find_stacks
-from ecoflap_pl.pruning.fast_zeroth_order import choose_replicas, fast_zeroth_order_sums
-from ecoflap_pl.pruning.monitor import StageMonitor
-from ecoflap_pl.pruning.zeroth_order import zeroth_order_sums
 
 FAST_LOGGER = "ecoflap_pl.pruning.fast_zeroth_order"
 

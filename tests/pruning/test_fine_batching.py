@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pruning_helpers import family_case, seeded_toy_model, toy_batches, toy_loss
 
 from ecoflap_pl import PruningConfig, prune
 from ecoflap_pl.pruning.calls import BlockCall, merge_calls
+from tests.pruning.pruning_helpers import family_case, seeded_toy_model, toy_batches, toy_loss
 
 
 def replays_of(model, block_name, run):
