@@ -255,6 +255,8 @@ def sweep_peer(bench: Bench, args: argparse.Namespace, done: set[tuple[str, str,
         with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
             assert process.stdout is not None
             for line in process.stdout:
+                if not line.startswith('{"config"'):  # the peer's libraries print to stdout too
+                    continue
                 record = json.loads(line)
                 name = record.pop("config")
                 key = ("llm-compressor", name, round(record["sparsity"], 4), 0 if name == "dense" else seed)
@@ -269,7 +271,7 @@ def sweep_peer(bench: Bench, args: argparse.Namespace, done: set[tuple[str, str,
 
 def _cell(values: list[float]) -> str:
     if not values:
-        return ""
+        return "not run"
     if len(values) == 1:
         return f"{values[0]:.1f}"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
@@ -360,10 +362,11 @@ def main(argv: list[str] | None = None) -> None:
         [
             SECTION,
             "",
-            f"Command: `{command}`",
+            f"Command: `{command}`"
+            + (f" (the table of the runs in `{args.json}`)" if args.report_only else f", {minutes:.0f} min"),
             "",
             f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}) shared with other jobs, no GPU; torch "
-            f"{torch.__version__}; {minutes:.0f} min for this invocation. Gemma-3-270M base (Q4_K_M GGUF from the "
+            f"{torch.__version__}. Gemma-3-270M base (Q4_K_M GGUF from the "
             "registry wheels, dequantised to float32); its 18 decoder blocks are pruned (embeddings and the tied "
             f"262k-vocabulary head are not). Calibration: KJV Old Testament chapters, {args.coarse_samples} coarse / "
             f"{args.fine_samples} fine samples of {args.max_length} tokens; zeroth order with probe_granularity "

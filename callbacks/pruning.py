@@ -28,7 +28,7 @@ from ecoflap_pl.callbacks.progress import StageProgress
 from ecoflap_pl.export import check_save_format, check_save_target
 from ecoflap_pl.export.semi_structured import check_semi_structured, to_semi_structured_
 from ecoflap_pl.pruning import PruningConfig, PruningResult, prune
-from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE, AllocationName
+from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE, AllocationName, ImportanceName, MethodName, ScoreName
 from ecoflap_pl.reporting import REPORT_JSON, render_table, report_dict, write_report
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,8 @@ class ECoFLaPPruning(Callback):
         score: ``"grad_only"``, ``"grad_mag_abs"`` or ``"grad_mag_square"``.
         aggregate: group score as the ``"sum"`` or the ``"avg"`` of its elements' scores.
         granularity: one sparsity per ``"block"``, per weight tensor (``"layer"``) or per tower (``"model"``).
-        method: local pruner: ``"wanda"``, ``"sparsegpt"`` or ``"magnitude"``.
+        method: local pruner: ``"wanda"``, ``"sparsegpt"``, ``"magnitude"`` or a method registered with
+            ``ecoflap_pl.pruning.methods.register_method``.
         structure: ``"unstructured"`` or ``"N:M"`` such as ``"2:4"``.
         comparison: ``"per_row"`` or ``"per_matrix"`` ranking; default depends on ``method``.
         coarse_samples: calibration samples of the coarse pass.
@@ -127,16 +128,16 @@ class ECoFLaPPruning(Callback):
         self,
         sparsity: float = 0.5,
         max_sparsity: float | None = None,
-        importance: str = "zeroth_order",
+        importance: ImportanceName | str = "zeroth_order",
         allocation: AllocationName = "ecoflap",
         owl_m: float = 5.0,
         owl_lambda: float = 0.08,
         allocation_report: str | None = None,
         auto_holdout_samples: int = 16,
-        score: str = "grad_only",
+        score: ScoreName | str = "grad_only",
         aggregate: str = "sum",
         granularity: str = "block",
-        method: str = "wanda",
+        method: MethodName | str = "wanda",
         structure: str = "unstructured",
         comparison: str | None = None,
         coarse_samples: int = 32,
@@ -450,19 +451,7 @@ class ECoFLaPPruning(Callback):
                 "`data_dir`; pruning needs at least one calibration sample."
             )
         world_size, rank = trainer.world_size, trainer.global_rank
-        # Each stage uses the leading batches holding its samples and gives rank r those with id % world_size == r.
-        # Checked on every rank alike: a rank without a batch would leave the others waiting in all_reduce forever.
-        per_batch = getattr(loader, "batch_size", None) or 1
-        stage_samples = [self.config.fine_samples]
-        if self.config.importance != "uniform":
-            stage_samples.append(self.config.coarse_samples)
-        used = min(min(len(batches), -(-samples // per_batch)) for samples in stage_samples)
-        if used < world_size:
-            raise ValueError(
-                f"Each of the {world_size} ranks needs at least one calibration batch, but a pruning stage uses only "
-                f"{used} (batch size {per_batch}, {len(batches)} batches loaded). HINT: raise `coarse_samples` / "
-                "`fine_samples` or lower the DataModule's calibration batch size."
-            )
+        # prune() refuses, identically on every rank, a set too short to give each rank a batch of every step.
         for batch_id in range(rank, len(batches), world_size):
             # Only this rank's share is evaluated here (the others are only counted), so only it moves to the device.
             batch = pl_module.transfer_batch_to_device(batches[batch_id], pl_module.device, 0)

@@ -15,39 +15,13 @@ from ecoflap_pl.pruning.calls import BlockCall, capture_block_calls, merge_calls
 from ecoflap_pl.pruning.config import PruningConfig
 from ecoflap_pl.pruning.discovery import Candidate, Stack
 from ecoflap_pl.pruning.loss import LossFn, run_on_batch
-from ecoflap_pl.pruning.masks import apply_mask_, magnitude_scores, select_mask, wanda_scores
+from ecoflap_pl.pruning.methods import get_method
 from ecoflap_pl.pruning.monitor import StageMonitor, free_memory_bytes
-from ecoflap_pl.pruning.sparsegpt import sparsegpt_prune_
 from ecoflap_pl.pruning.statistics import InputStatistics, LinearInputRecorder
 from ecoflap_pl.pruning.transaction import WeightTransaction
 
 logger = logging.getLogger(__name__)
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _prune_weight_(
-    weight: torch.Tensor, statistics: InputStatistics | None, sparsity: float, config: PruningConfig
-) -> torch.Tensor:
-    """Prune one weight in place with the configured method; return its mask."""
-    if config.method == "sparsegpt":
-        assert statistics is not None and statistics.gram is not None
-        return sparsegpt_prune_(
-            weight,
-            statistics.gram,
-            sparsity,
-            comparison=config.comparison or "per_row",
-            n_m=config.n_m,
-            block_size=config.sparsegpt_block_size,
-            damping=config.sparsegpt_damping,
-        )
-    if config.method == "wanda":
-        assert statistics is not None
-        scores = wanda_scores(weight, statistics.column_sq_sums)
-    else:
-        scores = magnitude_scores(weight)
-    mask = select_mask(scores, sparsity, config.comparison or "per_row", config.n_m)
-    apply_mask_(weight, mask)
-    return mask
 
 
 _ACTIVATION_BYTES_PER_HIDDEN_BYTE = 32  # a block's transient activations (attention scores, MLP) per hidden byte
@@ -178,7 +152,8 @@ def fine_prune_(
     for candidate in candidates:
         by_block.setdefault(candidate.block, []).append(candidate)
     masks: dict[str, torch.Tensor] = {}
-    needs_inputs = config.method != "magnitude"
+    method = get_method(config.method)
+    needs_inputs = method.needs_inputs
     batch_ids = {id(batch): batch_id for batch_id, batch in batches}
 
     for stack in stacks:
@@ -206,7 +181,7 @@ def fine_prune_(
                     calls[index],
                     hidden,
                     call_batch_ids,
-                    config.method == "sparsegpt",
+                    method.inputs == "gram",
                     monitor,
                     most,
                 )
@@ -219,7 +194,7 @@ def fine_prune_(
                 if name not in tensor_sparsity:
                     continue
                 transaction.save(weight)
-                masks[name] = _prune_weight_(weight, statistics.get(name), tensor_sparsity[name], config)
+                masks[name] = method.prune(weight, statistics.get(name), tensor_sparsity[name], config)
             del statistics
             if needs_inputs and index + 1 < len(blocks):
                 hidden = [

@@ -251,13 +251,13 @@ def test_task_without_model_is_explained(tmp_path: Path) -> None:
 def test_too_few_calibration_batches_for_the_ranks_is_explained(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    callback = ECoFLaPPruning(**{**FAST, "coarse_samples": 4, "fine_samples": 4})
+    callback = ECoFLaPPruning(**{**FAST, "coarse_samples": 4, "fine_samples": 4}, stages="validate")
     run = trainer(tmp_path, [callback])
-    # Pretend to be one of two ranks: the check runs on every rank before any collective call.
+    # Pretend to be rank 0 of two: prune() refuses on every rank alike, before any collective call.
     monkeypatch.setattr(pl.Trainer, "world_size", property(lambda self: 2))
-    monkeypatch.setattr(run, "datamodule", ToyData(), raising=False)
     with pytest.raises(ValueError, match="Each of the 2 ranks needs at least one calibration batch"):
-        callback._calibration_batches(run, ToyTask())
+        run.validate(ToyTask(), datamodule=ToyData())
+    assert not callback.pruned
 
 
 def test_progress_bars_and_summary_table_on_rank_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

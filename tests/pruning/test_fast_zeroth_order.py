@@ -217,3 +217,16 @@ def test_a_stack_run_twice_per_forward():
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PruningConfig(**kwargs)
+
+
+def test_progress_counts_forwards_of_probes_up_to_its_total():
+    events = []
+    prune(
+        seeded_toy_model(),
+        toy_batches(4),
+        toy_loss,
+        PruningConfig(sparsity=0.5, coarse_samples=8, fine_samples=8, max_probe_replicas=4),
+        progress=lambda stage, done, total: events.append((done, total)) if stage == "coarse" else None,
+    )
+    # 6 tensors x 2 batches, 2 directions (4 replicas) per forward: 3 forwards per batch
+    assert events == [(i, 6) for i in range(1, 7)]

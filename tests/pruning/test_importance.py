@@ -150,7 +150,7 @@ def slow_zeroth_order_group_scores(model, batches, config, groups):
             with torch.no_grad():
                 for n, original in zip(names, originals, strict=True):
                     params[n].copy_(original)
-            raw[unit] += abs(losses[0] - losses[1]) / (2 * config.eps)
+            raw[unit] += abs(losses[0] - losses[1]) / (2 * config.eps) / len(batches)  # mean over batches
 
     def variant(s, names):
         weights = [params[n].detach().double() for n in names]
