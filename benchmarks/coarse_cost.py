@@ -3,7 +3,9 @@
 A ``Blip2ForConditionalGeneration`` (EVA-style ViT, one-layer Q-Former, OPT decoder) is built at random from a
 scaled-down config (tens of millions of parameters) and scored with the model's own prefix-LM captioning loss by:
 
-- ``zeroth_order`` with one probe per weight tensor (``per_tensor``, the paper's estimator),
+- ``zeroth_order`` with one probe per weight tensor (``per_tensor``, the paper's estimator), three ways: the plain
+  loop (one full forward per probe, ``activation_storage="recompute"``), with prefix reuse only
+  (``max_probe_replicas=1``), and with prefix reuse and 8 probes per forward (the default),
 - ``zeroth_order`` with one probe per block (``per_block``),
 - ``first_order`` (streamed back-propagation),
 
@@ -11,7 +13,11 @@ all with ``score="grad_only"``, ``aggregate="sum"``. For each: full forward pass
 resident memory, and the Spearman rank correlation of its block scores with an exact reference computed by autograd:
 ``Σ_batches Σ_tensors ‖∇_W L_b‖₂`` per block, the quantity the per-tensor zeroth-order estimate approximates (up to
 the constant ``sqrt(2/π)``). It also times the fine step (Wanda) against one dense forward pass over the same
-calibration data. Every measurement runs in its own fresh process, so peak memory is not inherited from another.
+calibration data, with one calibration batch per block replay and with the batches stacked. Every measurement runs
+in its own fresh process, so peak memory is not inherited from another.
+
+A last part measures how the per-tensor estimate's Spearman ρ grows with the probes per batch and the calibration
+samples: independent one-probe runs (seeds 0, 1, ...) on each batch, combined as ``probes`` x ``samples``.
 
 Usage::
 
@@ -21,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -39,14 +46,31 @@ from transformers import Blip2ForConditionalGeneration
 from ecoflap_pl import PruningConfig, prune, score_groups
 from ecoflap_pl.models.tiny import tiny_config
 from ecoflap_pl.models.tokenizers import IMAGE_ID
+from ecoflap_pl.pruning.fast_zeroth_order import fast_zeroth_order_sums
+from ecoflap_pl.pruning.monitor import StageMonitor
 
 logger = logging.getLogger("coarse_cost")
 METHODS = {
-    "zeroth_order/per_tensor": {"importance": "zeroth_order", "probe_granularity": "per_tensor"},
+    "zeroth_order/per_tensor, plain loop": {
+        "importance": "zeroth_order",
+        "probe_granularity": "per_tensor",
+        "activation_storage": "recompute",
+    },
+    "zeroth_order/per_tensor, prefix reuse": {
+        "importance": "zeroth_order",
+        "probe_granularity": "per_tensor",
+        "max_probe_replicas": 1,
+    },
+    "zeroth_order/per_tensor, prefix reuse + 8 probes per forward": {
+        "importance": "zeroth_order",
+        "probe_granularity": "per_tensor",
+        "max_probe_replicas": 8,
+    },
     "zeroth_order/per_block": {"importance": "zeroth_order", "probe_granularity": "per_block"},
     "first_order": {"importance": "first_order"},
 }
-WORKERS = (*METHODS, "reference", "fine")
+PLAIN, FAST = "zeroth_order/per_tensor, plain loop", "zeroth_order/per_tensor, prefix reuse + 8 probes per forward"
+WORKERS = (*METHODS, "reference", "fine", "grid")
 SECTION = "## Coarse step cost"
 VOCAB = 512
 FIRST_WORD_ID = 8
@@ -95,27 +119,58 @@ def _scores(model: torch.nn.Module, batches: list[Any], args: argparse.Namespace
 
 def reference_scores(
     model: torch.nn.Module, batches: list[Any], groups: dict[str, tuple[str, ...]]
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Exact ``Σ_b Σ_{W in group} ‖∇_W L_b‖₂`` by plain autograd, one batch at a time; also the smallest
-    ``‖∇_W L_b‖₂`` over the batches of every tensor."""
+) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """Exact ``Σ_{W in group} ‖∇_W L_b‖₂`` of every batch by plain autograd, one batch at a time; also the
+    smallest ``‖∇_W L_b‖₂`` over the batches of every tensor."""
     parameters = dict(model.named_parameters())
-    totals = dict.fromkeys(groups, 0.0)
+    per_batch = []
     smallest: dict[str, float] = {}
     for batch in batches:
         model.zero_grad(set_to_none=True)
         captioning_loss(model, batch).backward()
+        totals = dict.fromkeys(groups, 0.0)
         for group, names in groups.items():
             for name in names:
                 norm = float(parameters[name].grad.double().norm())
                 totals[group] += norm
                 smallest[name] = min(norm, smallest.get(name, norm))
+        per_batch.append(totals)
     model.zero_grad(set_to_none=True)
-    return totals, smallest
+    return per_batch, smallest
+
+
+def one_probe_estimates(
+    model: torch.nn.Module, batches: list[Any], groups: dict[str, tuple[str, ...]], seeds: int
+) -> list[list[dict[str, float]]]:
+    """``estimates[seed][batch][group]``: Σ over the group's tensors of one probe's |ĝ| on one batch (fast path)."""
+    parameters = dict(model.named_parameters())
+    units = {name: [parameters[name]] for names in groups.values() for name in names}
+    estimates = []
+    for seed in range(seeds):
+        per_batch = []
+        for batch_id, batch in enumerate(batches):
+            with StageMonitor(torch.device("cpu")) as monitor:
+                sums = fast_zeroth_order_sums(
+                    model,
+                    units,
+                    [(batch_id, batch)],
+                    captioning_loss,
+                    eps=1e-3,
+                    probes=1,
+                    seed=seed,
+                    monitor=monitor,
+                    max_replicas=8,
+                )
+            per_batch.append({group: sum(sums[n] for n in names) for group, names in groups.items()})
+        estimates.append(per_batch)
+    return estimates
 
 
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    model, batches = build(args)
+    model, batches = build(argparse.Namespace(**{**vars(args), "samples": max(args.samples, *args.grid_samples)}))
+    if args.worker not in ("reference", "grid"):
+        batches = batches[: -(-args.samples // args.batch_size)]
     rss_before = _rss_bytes()
     if args.worker in METHODS:
         scores = _scores(model, batches, args, **METHODS[args.worker])
@@ -123,20 +178,33 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.worker == "reference":
         groups = _scores(model, batches, args, importance="first_order").groups
         started = time.perf_counter()
-        scores, smallest = reference_scores(model, batches, groups)
-        return {"scores": scores, "tensor_norms": smallest, "seconds": time.perf_counter() - started}
+        per_batch, smallest = reference_scores(model, batches, groups)
+        used = per_batch[: -(-args.samples // args.batch_size)]
+        scores = {group: sum(totals[group] for totals in used) for group in groups}
+        return {
+            "scores": scores,
+            "per_batch": per_batch,
+            "tensor_norms": smallest,
+            "seconds": time.perf_counter() - started,
+        }
+    if args.worker == "grid":
+        groups = _scores(model, batches, args, importance="first_order").groups
+        return {"estimates": one_probe_estimates(model, batches, groups, max(args.grid_probes))}
     dense = []
     with torch.no_grad():
         for _ in range(3):
             started = time.perf_counter()
             losses = [float(captioning_loss(model, batch)) for batch in batches]
             dense.append(time.perf_counter() - started)
-    config = PruningConfig(sparsity=0.5, importance="uniform", fine_samples=args.samples)
-    result = prune(model, batches, captioning_loss, config)
+    fine = {}
+    for most in (1, PruningConfig().fine_replay_batches):
+        config = PruningConfig(sparsity=0.5, importance="uniform", fine_samples=args.samples, fine_replay_batches=most)
+        result = prune(copy.deepcopy(model), batches, captioning_loss, config)
+        fine[most] = result.stages["fine"].to_dict()
     return {
         "dense_seconds": sorted(dense)[1],
         "losses": losses,
-        "fine": result.stages["fine"].to_dict(),
+        "fine": fine,
         "parameters": sum(p.numel() for p in model.parameters()),
         "candidates": sum(result.sizes.values()),
         "tensors": len(result.sizes),
@@ -166,21 +234,42 @@ def _load_average() -> str:
 def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any], load: tuple[str, str]) -> str:
     fine, reference = results["fine"], results["reference"]["scores"]
     mib = 1024 * 1024
+    blocks_per_forward = sum(len(groups) for groups in fine["towers"].values())
 
     def rho(scores: dict[str, float], groups: list[str]) -> str:
         return f"{spearmanr([scores[g] for g in groups], [reference[g] for g in groups]).statistic:.3f}"
 
+    plain_seconds = results[PLAIN]["stats"]["seconds"]
     rows = []
     for method in METHODS:
         data = results[method]
         stats = data["stats"]
         per_tower = " | ".join(rho(data["scores"], groups) for groups in fine["towers"].values())
         zeros = sum(score == 0.0 for score in data["scores"].values())
+        block_runs = stats["block_forwards"] or stats["full_forwards"] * blocks_per_forward
         rows.append(
-            f"| {method} | {stats['full_forwards']} | {stats['backward_passes']} | {stats['seconds']:.1f} | "
+            f"| {method} | {stats['full_forwards']} | {block_runs} | {stats['backward_passes']} | "
+            f"{stats['seconds']:.1f} | {plain_seconds / stats['seconds']:.2f}x | "
             f"{stats['peak_memory_bytes'] / mib:.0f} | {(stats['peak_memory_bytes'] - data['rss_before']) / mib:.0f} | "
             f"{rho(data['scores'], sorted(reference))} | {per_tower} | {zeros} |"
         )
+    grid = results["grid"]["estimates"]
+    per_batch = results["reference"]["per_batch"]
+    grid_rows = []
+    fast_seconds = results[FAST]["stats"]["seconds"]
+    for samples in args.grid_samples:
+        used = -(-samples // args.batch_size)
+        exact = {g: sum(totals[g] for totals in per_batch[:used]) for g in per_batch[0]}
+        cells = []
+        for probes in args.grid_probes:
+            estimate = {
+                g: sum(sum(grid[seed][b][g] for seed in range(probes)) / probes for b in range(used)) for g in exact
+            }
+            groups = sorted(exact)
+            value = spearmanr([estimate[g] for g in groups], [exact[g] for g in groups]).statistic
+            cost = fast_seconds * probes * samples / args.samples
+            cells.append(f"{value:.3f} ({cost:.0f} s)")
+        grid_rows.append(f"| {samples} | " + " | ".join(cells) + " |")
     eps = PruningConfig().eps
     floor = max(float(torch.finfo(torch.float32).eps) * 2 ** math.floor(math.log2(loss)) for loss in fine["losses"])
     floor /= 2 * eps
@@ -192,7 +281,9 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any], l
     towers = ", ".join(f"{tower} ({len(groups)} blocks)" for tower, groups in fine["towers"].items())
     tower_columns = "".join(f" ρ {tower.split('.')[0]} |" for tower in fine["towers"])
     batches = -(-args.samples // args.batch_size)
-    ratio = fine["fine"]["seconds"] / fine["dense_seconds"]
+    most = PruningConfig().fine_replay_batches
+    alone, stacked = fine["fine"]["1"], fine["fine"][str(most)]
+    ratio, ratio_alone = stacked["seconds"] / fine["dense_seconds"], alone["seconds"] / fine["dense_seconds"]
     command = " ".join(["python", "benchmarks/coarse_cost.py", *argv])
     return "\n".join(
         [
@@ -212,15 +303,21 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any], l
             f"{fine['tensors']} candidate tensors, {fine['groups']} groups ({towers}). Calibration: {args.samples} "
             f"samples in {batches} batches of {args.batch_size}; loss = prefix-LM captioning loss.",
             "",
-            "| coarse step | full forwards | backward passes | wall s | peak RSS MiB | RSS growth MiB | Spearman ρ |"
-            + tower_columns
-            + " groups scored 0 |",
-            "|---|---|---|---|---|---|---|" + "---|" * (len(fine["towers"]) + 1),
+            "| coarse step | loss_fn calls | block runs | backward passes | wall s | speed-up vs plain loop "
+            "| peak RSS MiB | RSS growth MiB | Spearman ρ |" + tower_columns + " groups scored 0 |",
+            "|---|---|---|---|---|---|---|---|---|" + "---|" * (len(fine["towers"]) + 1),
             *rows,
+            "",
+            "loss_fn calls counts every call of the calibration loss; with prefix reuse most of them run only part of "
+            "the model (the record of each batch, a replay check on the first batch, then per probe forward the "
+            "blocks from the probed one on; with 8 probes per forward, one forward of the blocks on 8 copies of the "
+            "batch plus 8 calls that run only the glue between blocks, to read each copy's loss). Block runs counts "
+            f"the transformer blocks that really ran, one per sample copy ({blocks_per_forward} per full forward "
+            "without reuse); it is the work the wall time follows.",
             "",
             "Spearman ρ: rank correlation over all groups (blocks), then within each tower, with the exact reference "
             "Σ_batches Σ_tensors ‖∇_W L‖₂ from autograd (what the per-tensor zeroth-order probe estimates, times "
-            "sqrt(2/π)); all three use `score=grad_only`, `aggregate=sum`, one probe per batch, ε = 1e-3. First order "
+            "sqrt(2/π)); all use `score=grad_only`, `aggregate=sum`, one probe per batch, ε = 1e-3. First order "
             "sums |g| elementwise (an L1 norm), per-block probes measure the norm of the whole block's gradient. "
             "Peak RSS is the resident set of the whole process (Python, torch, model, data); RSS growth is the peak "
             "minus the resident set once the model and data were loaded.",
@@ -230,10 +327,21 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any], l
             "estimates come out as 0 or as a multiple of that step. The exact per-tensor, per-batch gradient norms "
             f"‖∇_W L_b‖₂ (the scale of |ĝ|) range over: {norm_ranges}.",
             "",
-            f"Fine step (Wanda, uniform 50%, {args.samples} samples): {fine['fine']['seconds']:.1f} s = "
-            f"{ratio:.1f}x one dense forward pass over the same calibration data ({fine['dense_seconds']:.2f} s); "
-            f"{fine['fine']['full_forwards']} full forwards (stopped at each tower's last block) and "
-            f"{fine['fine']['block_forwards']} block forwards.",
+            f"Fine step (Wanda, uniform 50%, {args.samples} samples, one dense forward pass over them: "
+            f"{fine['dense_seconds']:.2f} s): one batch per block replay {alone['seconds']:.1f} s = "
+            f"{ratio_alone:.1f}x; "
+            f"up to {most} batches stacked per replay {stacked['seconds']:.1f} s = {ratio:.1f}x; "
+            f"{stacked['full_forwards']} full forwards (stopped at each tower's last block) and "
+            f"{stacked['block_forwards']} block forwards (counted per batch) each.",
+            "",
+            f"Spearman ρ of the per-tensor zeroth-order block scores against the exact reference on the same samples, "
+            f"by probes per batch (columns: {', '.join(map(str, args.grid_probes))}) and calibration samples (rows); "
+            "independent one-probe runs combined; in brackets the wall time the fast path would take for them, scaled "
+            f"from its measured {fast_seconds:.1f} s for 1 probe x {args.samples} samples:",
+            "",
+            "| samples | " + " | ".join(f"{p} probe(s)" for p in args.grid_probes) + " |",
+            "|---|" + "---|" * len(args.grid_probes),
+            *grid_rows,
             "",
         ]
     )
@@ -250,6 +358,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=8, help="calibration samples (coarse and fine)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--grid-probes", type=int, nargs="+", default=[1, 2, 4], help="probes per batch (ρ grid)")
+    parser.add_argument("--grid-samples", type=int, nargs="+", default=[8, 16], help="calibration samples (ρ grid)")
     parser.add_argument("--write", default=None, help="markdown file whose coarse-cost section is (re)written")
     parser.add_argument("--worker", choices=WORKERS, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -263,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     load_before = _load_average()
-    results = {worker: _spawn(worker, argv) for worker in ("fine", "reference", *METHODS)}
+    results = {worker: _spawn(worker, argv) for worker in ("fine", "reference", *METHODS, "grid")}
     section = render(args, argv, results, (load_before, _load_average()))
     sys.stdout.write(section + "\n")
     if args.write is not None:

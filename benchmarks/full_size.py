@@ -1,16 +1,21 @@
-"""What the pruning engine costs on a full-size BLIP-2 OPT-2.7B on one GPU.
+"""What the pruning engine costs on a full-size BLIP-2 OPT-2.7B or FlanT5-XL on one GPU.
 
 A ``Blip2ForConditionalGeneration`` with the dimensions of ``Salesforce/blip2-opt-2.7b`` (EVA ViT-g/14 with 39
-layers, BERT-base-sized Q-Former, OPT-2.7B decoder: 3.9 B parameters) is built at random, directly on the device in
-the chosen dtype, without downloading anything. The Q-Former and the query tokens are then put back in fp32, as
-``from_pretrained`` does (``_keep_in_fp32_modules``). The calibration data is random and seeded: N(0, 1) images and
-random caption tokens behind the 32 image tokens; the loss is the model's own prefix-LM captioning loss.
+layers, BERT-base-sized Q-Former, OPT-2.7B decoder: 3.9 B parameters) or of ``Salesforce/blip2-flan-t5-xl`` (the
+same ViT and Q-Former, the FlanT5-XL encoder-decoder: 24 + 24 blocks of width 2048; the paper's main model) is
+built at random, directly on the device in the chosen dtype, without downloading anything. The Q-Former and the
+query tokens are then put back in fp32, as ``from_pretrained`` does (``_keep_in_fp32_modules``). The calibration
+data is random and seeded: N(0, 1) images and random caption tokens behind the 32 image tokens; the loss is the
+model's own prefix-LM captioning loss (FlanT5: the first half of the caption goes to the encoder behind the image
+tokens, the second half is the decoder's target).
 
 Each method runs in its own fresh process (so the peak GPU memory is that method's), at 50% sparsity:
 
-- ECoFLaP zeroth-order + Wanda (the default ``PruningConfig``: one probe per weight tensor per batch),
+- ECoFLaP zeroth-order + Wanda (the default ``PruningConfig``: one probe per weight tensor per batch, prefix reuse
+  and up to 8 probes per forward), and the same with the plain loop (one full forward per probe) for comparison,
 - ECoFLaP first-order + Wanda,
-- uniform Wanda, uniform SparseGPT and magnitude pruning.
+- uniform Wanda (stacked block replays, the default, and one calibration batch per replay), uniform SparseGPT and
+  magnitude pruning.
 
 Every worker also times the model build and one dense forward + loss over one calibration batch, and evaluates the
 loss before and after pruning on the first calibration batch and on one held-out batch. By default the coarse step
@@ -23,7 +28,9 @@ after every method, so a run that is killed still leaves its finished methods be
 Usage::
 
     python benchmarks/full_size.py --json /tmp/full_size.json --write benchmarks/RESULTS.md
+    python benchmarks/full_size.py --scale flant5_xl --json /tmp/flant5.json --write benchmarks/RESULTS.md
     python benchmarks/full_size.py --scale tiny --device cpu --dtype float32   # a smoke check on the CPU
+    python benchmarks/full_size.py --scale flant5_tiny --device cpu --dtype float32
 """
 
 from __future__ import annotations
@@ -45,31 +52,43 @@ from typing import Any
 import torch
 import transformers
 from _results import write_section
-from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig
+from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig, T5Config
 
 from ecoflap_pl import PruningConfig, prune
 from ecoflap_pl.pruning.discovery import build_groups, find_candidates, find_stacks
 from ecoflap_pl.pruning.monitor import StageMonitor
 
 logger = logging.getLogger("full_size")
-SECTION = "## Full-size BLIP-2 OPT-2.7B on a GPU"
+SECTIONS = {"opt": "## Full-size BLIP-2 OPT-2.7B on a GPU", "t5": "## Full-size BLIP-2 FlanT5-XL on a GPU"}
 METHODS: dict[str, dict[str, Any]] = {
     "zeroth_order": {"importance": "zeroth_order", "method": "wanda"},
+    "zeroth_order_plain": {"importance": "zeroth_order", "method": "wanda", "activation_storage": "recompute"},
     "first_order": {"importance": "first_order", "method": "wanda"},
     "wanda": {"importance": "uniform", "method": "wanda"},
+    "wanda_one_batch_replays": {"importance": "uniform", "method": "wanda", "fine_replay_batches": 1},
     "sparsegpt": {"importance": "uniform", "method": "sparsegpt"},
     "magnitude": {"importance": "uniform", "method": "magnitude"},
 }
 LABELS = {
     "zeroth_order": "ECoFLaP zeroth-order + Wanda",
+    "zeroth_order_plain": "ECoFLaP zeroth-order (plain loop) + Wanda",
     "first_order": "ECoFLaP first-order + Wanda",
     "wanda": "Wanda (uniform)",
+    "wanda_one_batch_replays": "Wanda (uniform, one batch per replay)",
     "sparsegpt": "SparseGPT (uniform)",
     "magnitude": "magnitude (uniform)",
 }
 # Cheapest first, so that a run cut short by a wall-clock limit has the most rows; SparseGPT last, as its column-by-
 # column Python loop (about 1.1 M columns at full scale) is the least predictable cost. The table keeps METHODS' order.
-RUN_ORDER = ("magnitude", "wanda", "first_order", "zeroth_order", "sparsegpt")
+RUN_ORDER = (
+    "magnitude",
+    "wanda",
+    "wanda_one_batch_replays",
+    "first_order",
+    "zeroth_order",
+    "zeroth_order_plain",
+    "sparsegpt",
+)
 FIRST_WORD_ID = 8  # random caption tokens are drawn above the special ids (OPT: pad 1, bos/eos 2)
 MAX_AUTO_COARSE_SAMPLES = 32  # the official BLIP-2 runs score with 32 samples
 ZO_PROBE_OVERHEAD = 1.1  # a probe = two forwards plus drawing, adding and restoring one direction
@@ -148,6 +167,38 @@ SCALES: dict[str, dict[str, Any]] = {
         "defaults": {"batch_size": 4, "text_tokens": 16, "coarse_samples": "8", "fine_samples": 8},
     },
 }
+# Salesforce/blip2-flan-t5-xl: the ViT-g and Q-Former of blip2-opt-2.7b, and google/flan-t5-xl as the language model.
+SCALES["flant5_xl"] = {
+    **SCALES["full"],
+    "language": "t5",
+    "text": {
+        "vocab_size": 32128,
+        "d_model": 2048,
+        "d_kv": 64,
+        "d_ff": 5120,
+        "num_layers": 24,
+        "num_decoder_layers": 24,
+        "num_heads": 32,
+        "feed_forward_proj": "gated-gelu",
+        "tie_word_embeddings": False,
+    },
+    "image_token_id": 32100,  # the `<image>` token the HF blip2-flan-t5-xl tokenizer appends (vocab 32128)
+}
+SCALES["flant5_tiny"] = {
+    **SCALES["tiny"],
+    "language": "t5",
+    "text": {
+        "vocab_size": 512,
+        "d_model": 64,
+        "d_kv": 16,
+        "d_ff": 128,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "num_heads": 4,
+        "feed_forward_proj": "gated-gelu",
+        "tie_word_embeddings": False,
+    },
+}
 
 
 def blip2_config(scale: str) -> Blip2Config:
@@ -157,7 +208,10 @@ def blip2_config(scale: str) -> Blip2Config:
     1e-10 every image would embed alike and the zeroth-order perturbations would dwarf the weights.
     """
     spec = SCALES[scale]
-    text = OPTConfig(**spec["text"], pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    if spec.get("language") == "t5":
+        text = T5Config(**spec["text"], pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    else:
+        text = OPTConfig(**spec["text"], pad_token_id=1, bos_token_id=2, eos_token_id=2)
     return Blip2Config(
         vision_config={**spec["vision"], "initializer_range": 0.02},
         qformer_config=spec["qformer"],
@@ -184,12 +238,13 @@ def build_model(config: Blip2Config, device: torch.device, dtype: torch.dtype) -
     finally:
         torch.set_default_dtype(previous)
     model.to(dtype)
-    for name in getattr(model, "_keep_in_fp32_modules", None) or ():
-        module_or_param = getattr(model, name)
-        if isinstance(module_or_param, torch.nn.Parameter):
-            module_or_param.data = module_or_param.data.float()
-        else:
-            module_or_param.float()
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, parameter in model.named_parameters(recurse=False):
+        if name in keep:
+            parameter.data = parameter.data.float()
+    for name, module in model.named_modules():  # e.g. "qformer", and T5's "wo" inside every feed-forward layer
+        if keep.intersection(name.split(".")):
+            module.float()
     with torch.no_grad():
         # HF initialises the query tokens to zeros (every query alike); trained ones are not.
         model.query_tokens.normal_(0.0, 0.02)
@@ -206,6 +261,14 @@ def make_batch(
     input_ids[input_ids == image_id] = FIRST_WORD_ID
     input_ids[:, :queries] = image_id  # transformers 5 scatters the Q-Former outputs into these positions
     pixel_values = torch.randn(size, 3, image_size, image_size, generator=generator)
+    if spec.get("language") == "t5":  # prefix LM: the caption's first half to the encoder, the rest is the target
+        split = queries + max(args.prompt_tokens, args.text_tokens // 2)
+        input_ids, labels = input_ids[:, :split], input_ids[:, split:].clone()
+        return {
+            "pixel_values": pixel_values.to(device=device, dtype=dtype),
+            "input_ids": input_ids.to(device),
+            "labels": labels.to(device),
+        }
     labels = input_ids.clone()
     labels[:, : queries + args.prompt_tokens] = -100  # no loss on the image tokens and the prompt
     return {
@@ -432,10 +495,23 @@ def _row(method: str, data: dict[str, Any]) -> str:
     )
 
 
+def _language(spec: dict[str, Any]) -> str:
+    text = spec["text"]
+    if spec.get("language") == "t5":
+        return (
+            f"FlanT5 {text['num_layers']} + {text['num_decoder_layers']} x {text['d_model']} (ffn {text['d_ff']}, "
+            f"vocab {text['vocab_size']})"
+        )
+    return (
+        f"OPT {text['num_hidden_layers']} x {text['hidden_size']} (ffn {text['ffn_dim']}, vocab {text['vocab_size']})"
+    )
+
+
 def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any], planned: list[str]) -> str:
     done = {m: d for m, d in results["methods"].items() if "error" not in d}
     command = " ".join(["python", "benchmarks/full_size.py", *argv])
-    lines = [SECTION, "", f"Command: `{command}`", ""]
+    section = SECTIONS[SCALES[args.scale].get("language", "opt")]
+    lines = [section, "", f"Command: `{command}`", ""]
     if len(results["methods"]) < len(planned):
         lines += [f"**Partial: {len(results['methods'])} of {len(planned)} methods done.**", ""]
     if not done:
@@ -446,7 +522,7 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any], p
     cuda = args.device == "cuda"
     memory = "GPU" if cuda else "RSS"
     spec = SCALES[args.scale]
-    vision, qformer, text = spec["vision"], spec["qformer"], spec["text"]
+    vision, qformer = spec["vision"], spec["qformer"]
     towers = ", ".join(f"{tower} ({count} blocks)" for tower, count in model["towers"].items())
     coarse = first["coarse_samples"]
     how = (
@@ -464,9 +540,9 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any], p
         "",
         f"Model ({args.scale} scale): random-init `Blip2ForConditionalGeneration`: ViT {vision['num_hidden_layers']} x "
         f"{vision['hidden_size']} ({vision['image_size']}px, patch {vision['patch_size']}), Q-Former "
-        f"{qformer['num_hidden_layers']} x {qformer['hidden_size']}, OPT {text['num_hidden_layers']} x "
-        f"{text['hidden_size']} (ffn {text['ffn_dim']}, vocab {text['vocab_size']}), {spec['num_query_tokens']} query "
-        f"tokens: {_count(model['parameters'])} parameters, {_size(model['weight_bytes'])} of weights; "
+        f"{qformer['num_hidden_layers']} x {qformer['hidden_size']}, {_language(spec)}, "
+        f"{spec['num_query_tokens']} query tokens: {_count(model['parameters'])} parameters, "
+        f"{_size(model['weight_bytes'])} of weights; "
         f"built on the device in {model['build']['seconds']:.1f} s. Candidates: "
         f"{_count(model['candidate_parameters'])} parameters in {model['candidate_tensors']} weight tensors, "
         f"{model['groups']} blocks ({towers}); the Q-Former is never pruned.",
@@ -514,7 +590,12 @@ def _dump(path: str, payload: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", choices=tuple(SCALES), default="full", help="full BLIP-2 OPT-2.7B or a tiny one")
+    parser.add_argument(
+        "--scale",
+        choices=tuple(SCALES),
+        default="full",
+        help="full BLIP-2 OPT-2.7B, full BLIP-2 FlanT5-XL (flant5_xl), or a tiny one of either",
+    )
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16")
     parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(METHODS))
@@ -587,7 +668,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.json is not None:
             _dump(args.json, results)
         if args.write is not None:
-            write_section(args.write, SECTION, render(args, argv, results, planned))
+            section = SECTIONS[SCALES[args.scale].get("language", "opt")]
+            write_section(args.write, section, render(args, argv, results, planned))
     section = render(args, argv, results, planned)
     sys.stdout.write(section + "\n")
     sys.stdout.flush()

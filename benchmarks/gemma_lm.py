@@ -33,7 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,15 +85,11 @@ class Run:
     prune_seconds: float = 0.0
     group_sparsity: dict[str, float] = field(default_factory=dict)
     chosen: str = ""
+    search_cost_ratio: float | None = None
 
     @property
     def key(self) -> tuple[str, str, float, int]:
         return self.tool, self.method, round(self.sparsity, 4), self.seed
-
-
-def available(method: str) -> bool:
-    """Whether this checkout's PruningConfig knows every setting of ``method`` (allocations land separately)."""
-    return set(METHODS[method]) <= {f.name for f in fields(PruningConfig)}
 
 
 class Bench:
@@ -132,9 +128,9 @@ class Bench:
         (metrics,) = trainer.validate(self.task, datamodule=self.data, verbose=False)
         return float(metrics["val/perplexity"])
 
-    def calibration(self, seed: int) -> list[dict[str, Any]]:
+    def calibration(self, seed: int, samples: int) -> list[dict[str, Any]]:
         self.data.calibration_seed = seed
-        return list(self.data.calibration_dataloader(max(self.args.coarse_samples, self.args.fine_samples)))
+        return list(self.data.calibration_dataloader(samples))
 
     def calibration_texts(self, seed: int) -> list[str]:
         """The documents of ``seed``'s calibration subset, in the order ``prune()`` sees them (for the peer)."""
@@ -152,6 +148,7 @@ class Bench:
             coarse_samples=self.args.coarse_samples,
             fine_samples=self.args.fine_samples,
             probe_granularity=self.args.probe_granularity,
+            auto_holdout_samples=self.args.auto_holdout_samples,
             seed=seed,
             **METHODS[method],
         )
@@ -159,9 +156,9 @@ class Bench:
     def run(self, method: str, sparsity: float, seed: int) -> Run:
         self.restore()
         config = self.config(method, sparsity, seed)
-        batches = self.calibration(seed)
+        batches = self.calibration(seed, config.calibration_samples)
         scores = None
-        if config.importance != "uniform":
+        if config.allocation in ("ecoflap", "auto") and config.importance != "uniform":
             key = (config.importance, seed)
             if key not in self._scores:
                 self._scores[key] = score_groups(self.task.model, batches, self.loss, config)
@@ -170,7 +167,6 @@ class Bench:
             result = prune(self.task.model, batches, self.loss, config, scores=scores)
         seconds = sum(stats.seconds for stats in result.stages.values())
         value = self.perplexity()
-        chosen = str(getattr(result, "allocation_choice", "") or "")
         return Run(
             "ecoflap-pl",
             method,
@@ -180,7 +176,8 @@ class Bench:
             result.overall_sparsity,
             seconds,
             {group: round(s, 4) for group, s in result.group_sparsity.items()},
-            chosen,
+            result.chosen_candidate or "",
+            result.search_cost_ratio,
         )
 
 
@@ -200,9 +197,6 @@ def sweep_ours(bench: Bench, args: argparse.Namespace, done: set[tuple[str, str,
         bench.restore()
         append(args.json, Run("ecoflap-pl", "dense", 0.0, 0, bench.perplexity()))
     for method in args.methods:
-        if not available(method):
-            logger.warning("%s skipped: this checkout's PruningConfig has no %s", method, METHODS[method])
-            continue
         seeds = args.seeds[:1] if method in DETERMINISTIC else args.method_seeds.get(method, args.seeds)
         for seed in seeds:
             for sparsity in args.sparsities:
@@ -261,6 +255,8 @@ def sweep_peer(bench: Bench, args: argparse.Namespace, done: set[tuple[str, str,
         with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
             assert process.stdout is not None
             for line in process.stdout:
+                if not line.startswith('{"config"'):  # the peer's libraries print to stdout too
+                    continue
                 record = json.loads(line)
                 name = record.pop("config")
                 key = ("llm-compressor", name, round(record["sparsity"], 4), 0 if name == "dense" else seed)
@@ -275,7 +271,7 @@ def sweep_peer(bench: Bench, args: argparse.Namespace, done: set[tuple[str, str,
 
 def _cell(values: list[float]) -> str:
     if not values:
-        return ""
+        return "not run"
     if len(values) == 1:
         return f"{values[0]:.1f}"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
@@ -330,6 +326,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--coarse-samples", type=int, default=4)
     parser.add_argument("--fine-samples", type=int, default=8)
     parser.add_argument("--probe-granularity", default="per_block", choices=["per_block", "per_tensor"])
+    parser.add_argument("--auto-holdout-samples", type=int, default=4, help="held-out samples of `auto`")
     parser.add_argument("--eval-documents", type=int, default=16, help="New Testament chapters evaluated")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -360,30 +357,26 @@ def main(argv: list[str] | None = None) -> None:
             sweep_peer(bench, args, done)
         runs = load_runs(args.json)
     minutes = (time.time() - started) / 60
-    missing = [m for m in METHODS if not available(m)]
     command = " ".join(["python", "benchmarks/gemma_lm.py", *(argv if argv is not None else sys.argv[1:])])
     section = "\n".join(
         [
             SECTION,
             "",
-            f"Command: `{command}`",
+            f"Command: `{command}`"
+            + (f" (the table of the runs in `{args.json}`)" if args.report_only else f", {minutes:.0f} min"),
             "",
             f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}) shared with other jobs, no GPU; torch "
-            f"{torch.__version__}; {minutes:.0f} min for this invocation. Gemma-3-270M base (Q4_K_M GGUF from the "
+            f"{torch.__version__}. Gemma-3-270M base (Q4_K_M GGUF from the "
             "registry wheels, dequantised to float32); its 18 decoder blocks are pruned (embeddings and the tied "
             f"262k-vocabulary head are not). Calibration: KJV Old Testament chapters, {args.coarse_samples} coarse / "
             f"{args.fine_samples} fine samples of {args.max_length} tokens; zeroth order with probe_granularity "
-            f"{args.probe_granularity}. Perplexity: {args.eval_documents} KJV New Testament chapters, first "
+            f"{args.probe_granularity}; `auto` holds out {args.auto_holdout_samples} more. "
+            f"Perplexity: {args.eval_documents} KJV New Testament chapters, first "
             f"{args.max_length} tokens each. Mean ± standard deviation over the seeds listed (calibration subset and "
             "zeroth-order directions); prune seconds include the scoring.",
             "",
             table(runs, args),
             "",
-            *(
-                [f"Not available in this checkout (PruningConfig has no `allocation`): {', '.join(missing)}.", ""]
-                if missing
-                else []
-            ),
         ]
     )
     print(section)

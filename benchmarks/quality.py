@@ -43,6 +43,15 @@ METHODS: dict[str, dict[str, Any]] = {
     "ecoflap_zo_wanda": {"importance": "zeroth_order", "method": "wanda"},
     "ecoflap_fo_wanda": {"importance": "first_order", "score": "grad_mag_abs", "method": "wanda"},
     "ecoflap_zo_sparsegpt": {"importance": "zeroth_order", "method": "sparsegpt"},
+    "owl_wanda": {"importance": "uniform", "allocation": "owl", "method": "wanda"},
+    "owl_sparsegpt": {"importance": "uniform", "allocation": "owl", "method": "sparsegpt"},
+    "auto_wanda": {"importance": "first_order", "score": "grad_mag_abs", "allocation": "auto", "method": "wanda"},
+    "auto_sparsegpt": {
+        "importance": "first_order",
+        "score": "grad_mag_abs",
+        "allocation": "auto",
+        "method": "sparsegpt",
+    },
 }
 DETERMINISTIC = {"magnitude"}
 TASKS = {
@@ -62,6 +71,7 @@ class Run:
     achieved_sparsity: float
     prune_seconds: float
     peak_memory_mib: float
+    chosen: str = ""
 
 
 def build(config: str) -> tuple[EcoflapTask, EcoflapDataModule]:
@@ -94,7 +104,8 @@ def sweep(name: str, args: argparse.Namespace) -> list[Run]:
     dense_state = {key: value.detach().clone() for key, value in task.state_dict().items()}
     runs = [Run(name, "dense", 0.0, 0, evaluate(task, data, metric, args, None), 0.0, 0.0, 0.0)]
     logger.info("%s dense: %s = %.4f", name, metric, runs[0].metric)
-    for method, settings in METHODS.items():
+    for method in args.methods:
+        settings = METHODS[method]
         for sparsity in args.sparsities:
             for seed in args.seeds[:1] if method in DETERMINISTIC else args.seeds:
                 task.load_state_dict(dense_state)
@@ -115,7 +126,19 @@ def sweep(name: str, args: argparse.Namespace) -> list[Run]:
                 assert result is not None
                 peak = max(stats.peak_memory_bytes for stats in result.stages.values())
                 seconds = sum(stats.seconds for stats in result.stages.values())
-                runs.append(Run(name, method, sparsity, seed, value, result.overall_sparsity, seconds, peak / 2**20))
+                runs.append(
+                    Run(
+                        name,
+                        method,
+                        sparsity,
+                        seed,
+                        value,
+                        result.overall_sparsity,
+                        seconds,
+                        peak / 2**20,
+                        result.chosen_candidate or "",
+                    )
+                )
                 logger.info(
                     "%s %s %.0f%% seed %d: %s = %.4f (%.1f s)",
                     name,
@@ -151,7 +174,7 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
             f"| method | {header} | prune s | peak MiB |",
             "|---|" + "---|" * len(args.sparsities) + "---|---|",
         ]
-        for method in METHODS:
+        for method in args.methods:
             cells = []
             for sparsity in args.sparsities:
                 values = [r.metric for r in task_runs if r.method == method and r.sparsity == sparsity]
@@ -160,6 +183,9 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
             seconds = statistics.mean(r.prune_seconds for r in chosen)
             peak = max(r.peak_memory_mib for r in chosen)
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {seconds:.1f} | {peak:.0f} |")
+        picks = [f"{r.method} {100 * r.sparsity:.0f}% seed {r.seed}: {r.chosen}" for r in task_runs if r.chosen]
+        if picks:
+            lines += ["", "Candidates chosen by `auto`: " + "; ".join(picks)]
         lines.append("")
     return "\n".join(lines)
 
@@ -176,7 +202,7 @@ def plot(runs: list[Run], args: argparse.Namespace, path: str) -> None:
         task_runs = [run for run in runs if run.task == name]
         dense = next(run.metric for run in task_runs if run.method == "dense")
         axis.axhline(dense, color="black", linestyle=":", label="dense")
-        for method in METHODS:
+        for method in args.methods:
             means, spreads = [], []
             for sparsity in args.sparsities:
                 values = [r.metric for r in task_runs if r.method == method and r.sparsity == sparsity]
@@ -202,6 +228,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="TASK=YAML",
         help="evaluate a task with another ecoflap config (same metric), e.g. vqa=configs/experiments/x.yaml",
     )
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.6, 0.7])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--coarse-samples", type=int, default=32)

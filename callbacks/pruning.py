@@ -14,10 +14,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from torch import nn
+from typing_extensions import override
 
 import ecoflap_pl
 from ecoflap_pl.callbacks.export import describe_saved, save_pruned, source_directories
@@ -26,13 +28,14 @@ from ecoflap_pl.callbacks.progress import StageProgress
 from ecoflap_pl.export import check_save_format, check_save_target
 from ecoflap_pl.export.semi_structured import check_semi_structured, to_semi_structured_
 from ecoflap_pl.pruning import PruningConfig, PruningResult, prune
-from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE, AllocationName
+from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE, AllocationName, ImportanceName, MethodName, ScoreName
 from ecoflap_pl.reporting import REPORT_JSON, render_table, report_dict, write_report
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("fit", "validate", "test", "predict")
+STAGES = tuple(fn.value for fn in TrainerFn)
 _STATE_VERSION = 1
+"""Version of :meth:`ECoFLaPPruning.state_dict`; checkpoints without one are version 1."""
 
 
 def _check_stages(stages: Sequence[str] | str) -> tuple[str, ...]:
@@ -82,7 +85,8 @@ class ECoFLaPPruning(Callback):
         score: ``"grad_only"``, ``"grad_mag_abs"`` or ``"grad_mag_square"``.
         aggregate: group score as the ``"sum"`` or the ``"avg"`` of its elements' scores.
         granularity: one sparsity per ``"block"``, per weight tensor (``"layer"``) or per tower (``"model"``).
-        method: local pruner: ``"wanda"``, ``"sparsegpt"`` or ``"magnitude"``.
+        method: local pruner: ``"wanda"``, ``"sparsegpt"``, ``"magnitude"`` or a method registered with
+            ``ecoflap_pl.pruning.methods.register_method``.
         structure: ``"unstructured"`` or ``"N:M"`` such as ``"2:4"``.
         comparison: ``"per_row"`` or ``"per_matrix"`` ranking; default depends on ``method``.
         coarse_samples: calibration samples of the coarse pass.
@@ -96,6 +100,10 @@ class ECoFLaPPruning(Callback):
         sparsegpt_block_size: SparseGPT column block size.
         sparsegpt_damping: SparseGPT damping (fraction of the mean Hessian diagonal).
         seed: seed of every random choice.
+        activation_storage: zeroth order: where the block outputs recorded for prefix reuse live: ``"auto"``,
+            ``"device"``, ``"cpu"``, or ``"recompute"`` (no record: one full forward per probe, the reference loop).
+        max_probe_replicas: zeroth order: most probes per forward, on copies of the calibration batch.
+        fine_replay_batches: fine step: most calibration batches stacked into one block replay.
         stages: the trainer entry points that prune (when not pruned yet): any of ``"fit"``, ``"validate"``,
             ``"test"``, ``"predict"``; ``[]`` never prunes (dense training or evaluation; a pruned checkpoint still
             keeps its masks).
@@ -120,16 +128,16 @@ class ECoFLaPPruning(Callback):
         self,
         sparsity: float = 0.5,
         max_sparsity: float | None = None,
-        importance: str = "zeroth_order",
+        importance: ImportanceName | str = "zeroth_order",
         allocation: AllocationName = "ecoflap",
         owl_m: float = 5.0,
         owl_lambda: float = 0.08,
         allocation_report: str | None = None,
         auto_holdout_samples: int = 16,
-        score: str = "grad_only",
+        score: ScoreName | str = "grad_only",
         aggregate: str = "sum",
         granularity: str = "block",
-        method: str = "wanda",
+        method: MethodName | str = "wanda",
         structure: str = "unstructured",
         comparison: str | None = None,
         coarse_samples: int = 32,
@@ -143,6 +151,9 @@ class ECoFLaPPruning(Callback):
         sparsegpt_block_size: int = 128,
         sparsegpt_damping: float = 0.01,
         seed: int = 0,
+        activation_storage: str = "auto",
+        max_probe_replicas: int = 8,
+        fine_replay_batches: int = 8,
         stages: Sequence[str] = ("fit", "validate", "test"),
         save_to: str | None = None,
         save_format: str = "dense",
@@ -177,6 +188,9 @@ class ECoFLaPPruning(Callback):
             sparsegpt_block_size=sparsegpt_block_size,
             sparsegpt_damping=sparsegpt_damping,
             seed=seed,
+            activation_storage=activation_storage,
+            max_probe_replicas=max_probe_replicas,
+            fine_replay_batches=fine_replay_batches,
         )
         self.stages = _check_stages(stages)
         self.save_to = _check_path("save_to", save_to)
@@ -208,6 +222,7 @@ class ECoFLaPPruning(Callback):
 
     # ------------------------------------------------------------------ hooks
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Fail fast, before any data or device work. Pruning itself waits for the stage's start hook: here the
         # model may still be on the CPU, and a checkpoint's callback state (the "already pruned" flag) is only
@@ -224,24 +239,29 @@ class ECoFLaPPruning(Callback):
                 "Trainer (stages ['validate'] and save_to), then fine-tune the saved pruned model."
             )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # `on_fit_start` runs after the checkpoint's callback state is restored, after the strategy moved the model
         # to its device (and wrapped it in DDP), and before the sanity check and the first optimizer step. Pruning
         # changes weights in place (same Parameter objects), so the optimizers built by `strategy.setup` stay
         # valid, and their (empty or restored) state is consistent with the masked gradients.
-        self._ensure_pruned(trainer, pl_module, "fit")
+        self._ensure_pruned(trainer, pl_module, TrainerFn.FITTING.value)
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Within `fit` (including the sanity check) this hook must not prune: `on_fit_start` owns that stage.
-        if trainer.state.fn == "validate":
-            self._ensure_pruned(trainer, pl_module, "validate")
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self._ensure_pruned(trainer, pl_module, TrainerFn.VALIDATING.value)
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure_pruned(trainer, pl_module, "test")
+        self._ensure_pruned(trainer, pl_module, TrainerFn.TESTING.value)
 
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure_pruned(trainer, pl_module, "predict")
+        self._ensure_pruned(trainer, pl_module, TrainerFn.PREDICTING.value)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -250,6 +270,7 @@ class ECoFLaPPruning(Callback):
         if self.masks:
             mask_gradients_(_pruned_module(pl_module), self.masks)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -259,16 +280,19 @@ class ECoFLaPPruning(Callback):
         if self.masks:
             mask_weights_(_pruned_module(pl_module), self.masks)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Saved again only when training changed the weights since the last save (`ecoflap prune` runs fit with no
         # step: its model is written once, right after pruning).
         if self.pruned and self.save_to is not None and trainer.global_step != self._saved_at_step:
             self._save(trainer, pl_module)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if trainer.state.fn == "fit" and self.save_to is not None and trainer.is_global_zero:
+        if trainer.state.fn == TrainerFn.FITTING and self.save_to is not None and trainer.is_global_zero:
             rank_zero_warn(self._interrupted_save_notice(trainer.global_step))
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
@@ -277,7 +301,14 @@ class ECoFLaPPruning(Callback):
             "report": self.report,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version = state_dict.get("version", 1)
+        if not isinstance(version, int) or version > _STATE_VERSION:
+            raise ValueError(
+                f"The checkpoint's ECoFLaPPruning state has version {version!r}; this ecoflap-pl reads versions up to "
+                f"{_STATE_VERSION}. HINT: load it with the ecoflap-pl version that wrote it, or upgrade ecoflap-pl."
+            )
         self.pruned = bool(state_dict.get("pruned", False))
         self.masks = {name: torch.as_tensor(mask).bool() for name, mask in state_dict.get("masks", {}).items()}
         self.report = state_dict.get("report")
@@ -420,19 +451,7 @@ class ECoFLaPPruning(Callback):
                 "`data_dir`; pruning needs at least one calibration sample."
             )
         world_size, rank = trainer.world_size, trainer.global_rank
-        # Each stage uses the leading batches holding its samples and gives rank r those with id % world_size == r.
-        # Checked on every rank alike: a rank without a batch would leave the others waiting in all_reduce forever.
-        per_batch = getattr(loader, "batch_size", None) or 1
-        stage_samples = [self.config.fine_samples]
-        if self.config.importance != "uniform":
-            stage_samples.append(self.config.coarse_samples)
-        used = min(min(len(batches), -(-samples // per_batch)) for samples in stage_samples)
-        if used < world_size:
-            raise ValueError(
-                f"Each of the {world_size} ranks needs at least one calibration batch, but a pruning stage uses only "
-                f"{used} (batch size {per_batch}, {len(batches)} batches loaded). HINT: raise `coarse_samples` / "
-                "`fine_samples` or lower the DataModule's calibration batch size."
-            )
+        # prune() refuses, identically on every rank, a set too short to give each rank a batch of every step.
         for batch_id in range(rank, len(batches), world_size):
             # Only this rank's share is evaluated here (the others are only counted), so only it moves to the device.
             batch = pl_module.transfer_batch_to_device(batches[batch_id], pl_module.device, 0)

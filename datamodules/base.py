@@ -11,6 +11,7 @@ from typing import Any, Literal, cast
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+from typing_extensions import override
 
 from ecoflap_pl.datamodules._io import DataFormatError, load_image
 
@@ -133,6 +134,7 @@ class EcoflapDataModule(pl.LightningDataModule):
             log.debug("%s: the %s loop reads %d samples", type(self).__name__, stage, size)
         return self._datasets[stage]
 
+    @override
     def setup(self, stage: str) -> None:
         """Read the annotation files of the Trainer stage's main loop (images are read lazily, per sample).
 
@@ -143,17 +145,21 @@ class EcoflapDataModule(pl.LightningDataModule):
         if stage in main_loop:
             self.dataset(main_loop[stage])
 
+    @override
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         generator = torch.Generator().manual_seed(self.shuffle_seed + epoch)
         return self._loader(self.dataset("train"), self.batch_size, shuffle=True, generator=generator)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("val"), self.batch_size)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("test"), self.batch_size)
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("test"), self.batch_size)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
+from typing_extensions import override
+
 from ecoflap_pl.datamodules._io import (
     DataFormatError,
     check_entry,
@@ -150,6 +152,7 @@ class CaptionDataModule(EcoflapDataModule):
         self.val_split = val_split
         self.test_split = test_split
 
+    @override
     def _build(self, stage: Stage) -> ImageSampleDataset:
         samples = self.read(stage)
         return ImageSampleDataset(per_caption(samples) if stage == "train" else samples, self._image_hint())

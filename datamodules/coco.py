@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar
 
+from typing_extensions import override
+
 from ecoflap_pl.datamodules._io import DataFormatError, check_entry, expect_type, get_list
 from ecoflap_pl.datamodules.base import Sample
 from ecoflap_pl.datamodules.captions import CaptionDataModule
@@ -84,11 +86,13 @@ class COCOCaptionDataModule(CaptionDataModule):
     karpathy_file: ClassVar[str] = "coco_karpathy_{split}.json"
     original_file: ClassVar[str] = "dataset_coco.json"
 
+    @override
     def _parse(self, fmt: str, document: Any, path: Path, option: str, split: str) -> list[Sample]:
         if fmt == "official":
             return read_coco_official(document, path, option, self.image_root)
         return super()._parse(fmt, document, path, option, split)
 
+    @override
     def _candidates(self, fmt: str, split: str) -> list[Path]:
         if fmt != "official":
             return super()._candidates(fmt, split)

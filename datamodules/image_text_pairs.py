@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import override
+
 from ecoflap_pl.datamodules._io import check_entry, expect_type, locate, read_json, resolve, text_list
 from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample, Stage
 
@@ -51,6 +53,7 @@ class ImageTextPairsDataModule(EcoflapDataModule):
         self.files: dict[Stage, str | None] = {"train": train_file, "val": val_file, "test": test_file}
         self.image_root = resolve(self.data_dir, image_root) if image_root is not None else self.data_dir
 
+    @override
     def _build(self, stage: Stage) -> ImageSampleDataset:
         option = f"{stage}_file"
         if self.files[stage] is None:

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import override
+
 from ecoflap_pl.datamodules._io import (
     DataFileNotFoundError,
     DataFormatError,
@@ -138,6 +140,7 @@ class ImageNetDataModule(EcoflapDataModule):
             return [info.label_name_to_description(wnid).split(",")[0].strip() for wnid in self.classes]
         return list(self.classes)
 
+    @override
     def _build(self, stage: Stage) -> ImageSampleDataset:
         split = self.splits[stage]
         option = f"{split}_dir"

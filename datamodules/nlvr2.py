@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import override
+
 from ecoflap_pl.datamodules._io import DataFormatError, check_entry, expect_type, locate, read_json_lines, resolve
 from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample, Stage, check_choice
 
@@ -93,6 +95,7 @@ class NLVR2DataModule(EcoflapDataModule):
             images = self.data_dir / "images"
             self.image_root = images if images.is_dir() else self.data_dir
 
+    @override
     def _build(self, stage: Stage) -> ImageSampleDataset:
         split, option = self.splits[stage], f"{stage}_file"
         defaults = [self.data_dir / f"{split}.json", self.data_dir / "data" / f"{split}.json"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
+from typing_extensions import override
 
 from ecoflap_pl.datamodules._io import DataFormatError, check_entry, expect_type, locate, read_json_lines
 from ecoflap_pl.datamodules.base import EcoflapDataModule, Stage
@@ -79,6 +80,7 @@ class TextDataModule(EcoflapDataModule):
         self.files: dict[Stage, str | None] = {"train": train_file, "val": val_file, "test": test_file}
         self.text_key = text_key
 
+    @override
     def _build(self, stage: Stage) -> Dataset[dict[str, Any]]:
         option = f"{stage}_file"
         if self.files[stage] is None:

@@ -7,6 +7,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import override
+
 from ecoflap_pl.datamodules._io import (
     DataFormatError,
     check_entry,
@@ -155,6 +157,7 @@ class VQAv2DataModule(EcoflapDataModule):
         }
         self.image_root = resolve(self.data_dir, image_root) if image_root is not None else self.data_dir
 
+    @override
     def _build(self, stage: Stage) -> ImageSampleDataset:
         split = self.splits[stage]
         q_option, a_option = f"{stage}_questions_file", f"{stage}_annotations_file"

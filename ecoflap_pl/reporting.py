@@ -80,7 +80,7 @@ def _pct(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
-def _tower_totals(result: PruningResult, rows: list[BlockRow], tower: str) -> tuple[int, float]:
+def _tower_totals(rows: list[BlockRow], tower: str) -> tuple[int, float]:
     params = sum(row.params for row in rows if row.tower == tower)
     target = sum(row.target * row.params for row in rows if row.tower == tower) / params
     return params, target
@@ -113,7 +113,7 @@ def sparsity_table(result: PruningResult) -> Table:
         for row in (r for r in rows if r.tower == tower):
             score = "-" if row.score is None else f"{row.score:.4g}"
             table.add_row(f"  {row.block}", f"{row.params:,}", score, _pct(row.target), _pct(row.achieved))
-        params, target = _tower_totals(result, rows, tower)
+        params, target = _tower_totals(rows, tower)
         table.add_row(
             f"{tower or '<root>'} (tower)", f"{params:,}", "", _pct(target), _pct(towers[tower]), style="bold"
         )

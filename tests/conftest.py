@@ -3,28 +3,21 @@ size) and a tiny BLIP-2 saved to disk."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from transformers import Blip2Processor, BlipImageProcessor
 
-from ecoflap_pl.demo.data import DemoPaths, build_demo_data
+from ecoflap_pl.demo.data import DemoPaths
+from ecoflap_pl.demo.presets import PRESETS
 from ecoflap_pl.models.tiny import tiny_model
 from ecoflap_pl.models.tokenizers import train_tokenizer
 
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> DemoPaths:
-    return build_demo_data(
-        tmp_path_factory.mktemp("demo_data"),
-        train_images=16,
-        val_images=4,
-        test_images=4,
-        imagenet_train_images=20,
-        imagenet_val_images=10,
-        questions_per_image=1,
-        image_size=32,
-    )
+    return replace(PRESETS["tiny"].data, train_images=16).build(tmp_path_factory.mktemp("demo_data"))
 
 
 @pytest.fixture(scope="session")

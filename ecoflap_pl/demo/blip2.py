@@ -16,12 +16,13 @@ import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors.torch import load_file
 from timm import get_pretrained_cfg
 from tokenizers import AddedToken
-from transformers import Blip2Config, PreTrainedTokenizerFast
+from transformers import Blip2Config, Blip2ForConditionalGeneration, PreTrainedTokenizerFast
 
 from ecoflap_pl.demo.cache import cached_build, demo_dir
 from ecoflap_pl.demo.data import DATA_VERSION, DemoPaths
@@ -84,6 +85,7 @@ def demo_blip2_config(recipe: Blip2Recipe, vit: VitRecipe, vocab_size: int) -> B
     qformer.initializer_range = 0.2
     qformer.num_attention_heads = text.num_attention_heads = recipe.attention_heads
     qformer.hidden_dropout_prob = qformer.attention_probs_dropout_prob = text.dropout = recipe.dropout
+    assert isinstance(config, Blip2Config)  # tiny_config's type for blip2_opt
     return config
 
 
@@ -135,11 +137,13 @@ def train_demo_blip2(out: Path, paths: DemoPaths, preset: DemoPreset, vit_weight
             learning_rate=recipe.learning_rate,
             warmup_steps=max(1, recipe.steps // 20),
         )
+    model = cast(Blip2ForConditionalGeneration, task.model)
     with torch.no_grad():  # LAVIS initialises the queries; Hugging Face leaves zeros for a checkpoint to fill
-        task.model.query_tokens.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(recipe.seed))
-    task.model.vision_model.load_state_dict(vision_tower_weights(load_file(vit_weights)))
-    task.model.vision_model.requires_grad_(not recipe.freeze_vision)  # the optimizer only takes trainable weights
+        model.query_tokens.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(recipe.seed))
+    model.vision_model.load_state_dict(vision_tower_weights(load_file(vit_weights)))
+    model.vision_model.requires_grad_(not recipe.freeze_vision)  # the optimizer only takes trainable weights
     vit_input = get_pretrained_cfg(TIMM_ARCHITECTURE)  # the ViT's input normalisation goes with its weights
+    assert vit_input is not None, TIMM_ARCHITECTURE  # a timm architecture: its config is always registered
     task.processor.image_processor.image_mean = list(vit_input.mean)
     task.processor.image_processor.image_std = list(vit_input.std)
     captions = CaptionCollator(
@@ -162,7 +166,7 @@ def train_demo_blip2(out: Path, paths: DemoPaths, preset: DemoPreset, vit_weight
     )
     log.info("Training the demo BLIP-2 (%d steps); it is cached in %s", recipe.steps, out.parent)
     fit(task, data, recipe.steps, recipe.seed, "Training the demo BLIP-2")
-    task.model.save_pretrained(out)
+    model.save_pretrained(out)
     task.processor.save_pretrained(out)
 
 

@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -676,7 +676,7 @@ def _write_nlvr2(nlvr2: Path, scenes: dict[str, list[Scene]], seed: int, names: 
             for k, (sentence, truth) in enumerate(_true_and_false(left, right, rng)):
                 label = str(truth)
                 votes = [label if rng.random() < 0.95 else str(not truth) for _ in range(3)]
-                line = {
+                line: dict[str, Any] = {
                     "validation": {
                         str(int(w)): v for w, v in zip(rng.choice(100, 3, replace=False), votes, strict=True)
                     },

@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
+from typing_extensions import override
 
 from ecoflap_pl.datamodules import COCOCaptionDataModule, EcoflapDataModule, VQAv2DataModule
 from ecoflap_pl.datamodules._io import load_image
@@ -152,6 +153,7 @@ class VQACaptionMixDataModule(EcoflapDataModule):
         self.captions = COCOCaptionDataModule(data_dir)
         self.preprocess = preprocess
 
+    @override
     def _build(self, stage: Stage) -> Dataset[dict[str, Any]]:
         if stage != "train":
             return self.vqa.dataset(stage)
@@ -164,11 +166,15 @@ class VQACaptionMixDataModule(EcoflapDataModule):
         cache: dict[str, torch.Tensor] = {}
         return ConcatDataset([PreprocessedImages(part, self.preprocess, cache) for part in parts])
 
+    @override
     def train_dataloader(self) -> DataLoader:
         train = cast(ConcatDataset, self.dataset("train"))
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         vqa, captions = (cast(ImageSampleDataset, part) for part in train.datasets)
-        lengths = [len(vqa), [len(sample.fields["text"].split()) for sample in captions.samples]]
+        lengths: list[int | Sequence[int]] = [
+            len(vqa),
+            [len(sample.fields["text"].split()) for sample in captions.samples],
+        ]
         batches = SingleTaskBatches(lengths, self.batch_size, torch.Generator().manual_seed(self.shuffle_seed + epoch))
         return DataLoader(
             train, batch_sampler=batches, num_workers=self.num_workers, collate_fn=self._resolve_collate_fn()

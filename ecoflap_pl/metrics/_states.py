@@ -38,6 +38,11 @@ def decode_texts(data: Tensor, lengths: Tensor) -> list[str]:
     return texts
 
 
+def text_state_dtypes(*prefixes: str) -> dict[str, torch.dtype]:
+    """The two list states of each text state ``prefix``: ``{prefix}_bytes`` (``uint8``) and ``{prefix}_lengths``."""
+    return {key: dtype for p in prefixes for key, dtype in ((f"{p}_bytes", torch.uint8), (f"{p}_lengths", torch.int64))}
+
+
 def cat_state(state: Tensor | list[Tensor], dtype: torch.dtype) -> Tensor:
     """A list state (before sync) or a tensor (after sync) as one tensor of `dtype`; empty gives an empty tensor."""
     if isinstance(state, list) and not state:
@@ -79,10 +84,31 @@ class ListStateMetric(Metric):
 
     torchmetrics replaces the empty list state of a rank that saw no sample with an empty tensor of the metric's
     float dtype; gathering that against the ``uint8`` / ``int64`` tensors of the other ranks fails. Subclasses
-    declare the dtype of each list state in ``_list_state_dtypes``.
+    declare the dtype of each list state in ``_list_state_dtypes``; each becomes a ``"cat"``-reduced list state.
+
+    Args:
+        **kwargs: forwarded to :class:`torchmetrics.Metric`.
     """
 
+    is_differentiable = False
+    full_state_update = False
     _list_state_dtypes: ClassVar[dict[str, torch.dtype]] = {}
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for name in self._list_state_dtypes:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def _append_texts(self, prefix: str, texts: Sequence[str]) -> None:
+        """Append ``texts`` to the text state ``prefix`` (its two list states, see :func:`text_state_dtypes`)."""
+        data, lengths = encode_texts(texts, self.device)
+        getattr(self, f"{prefix}_bytes").append(data)
+        getattr(self, f"{prefix}_lengths").append(lengths)
+
+    def _texts(self, prefix: str) -> list[str]:
+        """Every string of the text state ``prefix``, in order (after a sync: every rank's, rank by rank)."""
+        data = cat_state(getattr(self, f"{prefix}_bytes"), torch.uint8)
+        return decode_texts(data, cat_state(getattr(self, f"{prefix}_lengths"), torch.int64))
 
     def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any | None = None) -> None:
         for name, dtype in self._list_state_dtypes.items():

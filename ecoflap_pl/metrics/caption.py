@@ -24,10 +24,9 @@ from torch import Tensor
 from ecoflap_pl.metrics._states import (
     ListStateMetric,
     cat_state,
-    decode_texts,
-    encode_texts,
     first_occurrences,
     sample_ids,
+    text_state_dtypes,
 )
 
 log = logging.getLogger(__name__)
@@ -176,17 +175,10 @@ class CaptionScores(ListStateMetric):
         **kwargs: forwarded to :class:`torchmetrics.Metric`.
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
     _list_state_dtypes: ClassVar[dict[str, torch.dtype]] = {
-        "pred_bytes": torch.uint8,
-        "pred_lengths": torch.int64,
-        "ref_bytes": torch.uint8,
-        "ref_lengths": torch.int64,
+        **text_state_dtypes("pred", "ref", "id"),
         "refs_per_sample": torch.int64,
-        "id_bytes": torch.uint8,
-        "id_lengths": torch.int64,
     }
 
     pred_bytes: list[Tensor]
@@ -205,8 +197,6 @@ class CaptionScores(ListStateMetric):
         if spice:
             _require_spice()
         self.spice = spice
-        for name in self._list_state_dtypes:
-            self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(
         self,
@@ -225,9 +215,7 @@ class CaptionScores(ListStateMetric):
         keys = sample_ids(ids, len(predictions))
         flat_refs = [ref for refs in references for ref in refs]
         for prefix, texts in (("pred", predictions), ("ref", flat_refs), ("id", keys)):
-            data, lengths = encode_texts(texts, self.device)
-            getattr(self, f"{prefix}_bytes").append(data)
-            getattr(self, f"{prefix}_lengths").append(lengths)
+            self._append_texts(prefix, texts)
         counts = torch.tensor([len(refs) for refs in references], dtype=torch.int64, device=self.device)
         self.refs_per_sample.append(counts)
 
@@ -238,13 +226,7 @@ class CaptionScores(ListStateMetric):
             ``{"bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider"}`` (plus ``"spice"`` with
             ``spice=True``) as floats on pycocoevalcap's scale (fractions; CIDEr is not multiplied by 100).
         """
-        texts = {
-            prefix: decode_texts(
-                cat_state(getattr(self, f"{prefix}_bytes"), torch.uint8),
-                cat_state(getattr(self, f"{prefix}_lengths"), torch.int64),
-            )
-            for prefix in ("pred", "ref", "id")
-        }
+        texts = {prefix: self._texts(prefix) for prefix in ("pred", "ref", "id")}
         references, start = [], 0
         for count in cat_state(self.refs_per_sample, torch.int64).tolist():
             references.append(texts["ref"][start : start + count])

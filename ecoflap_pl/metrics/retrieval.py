@@ -11,10 +11,9 @@ from torch import Tensor
 from ecoflap_pl.metrics._states import (
     ListStateMetric,
     cat_state,
-    decode_texts,
-    encode_texts,
     first_occurrences,
     sample_ids,
+    text_state_dtypes,
 )
 
 DEFAULT_TOP_K = (1, 5, 10)
@@ -116,15 +115,12 @@ class RetrievalRecall(ListStateMetric):
         **kwargs: forwarded to :class:`torchmetrics.Metric`.
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
     _list_state_dtypes: ClassVar[dict[str, torch.dtype]] = {
         "image_embeds": torch.float32,
         "text_embeds": torch.float32,
         "captions_per_image": torch.int64,
-        "id_bytes": torch.uint8,
-        "id_lengths": torch.int64,
+        **text_state_dtypes("id"),
     }
 
     image_embeds: list[Tensor]
@@ -136,8 +132,6 @@ class RetrievalRecall(ListStateMetric):
     def __init__(self, top_k: Sequence[int] = DEFAULT_TOP_K, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.top_k = _check_top_k(top_k)
-        for name in self._list_state_dtypes:
-            self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(
         self,
@@ -176,9 +170,7 @@ class RetrievalRecall(ListStateMetric):
         self.image_embeds.append(image_embeds.detach().float().flatten())
         self.text_embeds.append(text_embeds.detach()[order].float().flatten())
         self.captions_per_image.append(torch.bincount(text_to_image, minlength=num_images).to(self.device))
-        data, lengths = encode_texts(keys, self.device)
-        self.id_bytes.append(data)
-        self.id_lengths.append(lengths)
+        self._append_texts("id", keys)
 
     def compute(self) -> dict[str, float]:
         """Recall@K over every image and caption seen by every rank, each image id once.
@@ -191,7 +183,7 @@ class RetrievalRecall(ListStateMetric):
             raise ValueError("RetrievalRecall needs at least one image, got none. HINT: call update() first.")
         images = cat_state(self.image_embeds, torch.float32).reshape(counts.numel(), -1)
         texts = cat_state(self.text_embeds, torch.float32).reshape(int(counts.sum()), images.shape[1])
-        keys = decode_texts(cat_state(self.id_bytes, torch.uint8), cat_state(self.id_lengths, torch.int64))
+        keys = self._texts("id")
         keep = torch.tensor(first_occurrences(keys), dtype=torch.bool, device=counts.device)
         text_keep = torch.repeat_interleave(keep, counts)
         images, counts = images[keep.to(images.device)], counts[keep]

@@ -124,3 +124,60 @@ def capture_block_calls(
         for handle in handles:
             handle.remove()
     return calls
+
+
+class _NotMergeable(Exception):
+    """Recorded calls whose arguments cannot be stacked along the batch dimension."""
+
+
+def _merged(values: Sequence[Any], sizes: Sequence[int]) -> Any:
+    """One argument of several calls as one: tensors with the calls' batch sizes as leading dimension are
+    concatenated, every other value must be the same in every call (a shared position bias, rotary tables)."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        if not all(isinstance(v, torch.Tensor) for v in values):
+            raise _NotMergeable
+        if all(v.ndim and v.shape[0] == size for v, size in zip(values, sizes, strict=True)) and all(
+            v.shape[1:] == first.shape[1:] and v.dtype == first.dtype for v in values
+        ):
+            return torch.cat(list(values))
+        if all(v is first or (v.shape == first.shape and torch.equal(v, first)) for v in values):
+            return first
+        raise _NotMergeable
+    if isinstance(first, (tuple, list)) and not hasattr(first, "_fields"):
+        if not all(type(v) is type(first) and len(v) == len(first) for v in values):
+            raise _NotMergeable
+        return type(first)(_merged([v[i] for v in values], sizes) for i in range(len(first)))
+    if isinstance(first, dict):
+        if not all(isinstance(v, dict) and v.keys() == first.keys() for v in values):
+            raise _NotMergeable
+        return {key: _merged([v[key] for v in values], sizes) for key in first}
+    if all(v is first for v in values) or all(type(v) is type(first) and v == first for v in values):
+        return first
+    raise _NotMergeable
+
+
+def merge_calls(calls: Sequence[BlockCall], hidden: Sequence[torch.Tensor]) -> tuple[BlockCall, torch.Tensor] | None:
+    """Several recorded calls of one block (one per calibration batch) as one call on their stacked batches.
+
+    Returns the merged call and hidden stream, or None when the calls cannot be stacked (different sequence
+    lengths, arguments that differ between batches without a batch dimension, different keyword sets).
+    Samples are independent in a transformer block, so the merged call's output rows are the calls' outputs.
+    """
+    if len(calls) == 1:
+        return calls[0], hidden[0]
+    sizes = [int(state.shape[0]) if state.ndim else 0 for state in hidden]
+    first = calls[0]
+    if not all(call.hidden_key == first.hidden_key and len(call.args) == len(first.args) for call in calls):
+        return None
+    try:
+        merged_hidden = _merged(list(hidden), sizes)
+        args = tuple(_merged([call.args[i] for call in calls], sizes) for i in range(len(first.args)))
+        if not all(call.kwargs.keys() == first.kwargs.keys() for call in calls):
+            return None
+        kwargs = {key: _merged([call.kwargs[key] for call in calls], sizes) for key in first.kwargs}
+    except _NotMergeable:
+        return None
+    if merged_hidden.ndim == 0 or merged_hidden.shape[0] != sum(sizes):
+        return None
+    return BlockCall(args, kwargs, first.hidden_key, None), merged_hidden

@@ -6,13 +6,19 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-IMPORTANCES = ("zeroth_order", "first_order", "uniform")
-SCORES = ("grad_only", "grad_mag_abs", "grad_mag_square")
+ImportanceName = Literal["zeroth_order", "first_order", "uniform"]
+"""The built-in importance estimators (``ecoflap_pl.pruning.importance``) and ``"uniform"`` (no scores); estimators
+registered later with ``register_importance`` are accepted too."""
+ScoreName = Literal["grad_only", "grad_mag_abs", "grad_mag_square"]
+"""The built-in score variants (``ecoflap_pl.pruning.score_variants``); later ``register_score`` ones are accepted."""
+MethodName = Literal["wanda", "sparsegpt", "magnitude"]
+"""The built-in fine-step methods (``ecoflap_pl.pruning.methods``); methods registered later with
+``register_method`` are accepted too."""
 AGGREGATES = ("sum", "avg")
 GRANULARITIES = ("block", "layer", "model")
-METHODS = ("wanda", "sparsegpt", "magnitude")
 COMPARISONS = ("per_row", "per_matrix")
 PROBE_GRANULARITIES = ("per_tensor", "per_block")
+ACTIVATION_STORAGES = ("auto", "device", "cpu", "recompute")
 AllocationName = Literal["ecoflap", "uniform", "owl", "from_report", "auto"]
 """The built-in allocation strategies (``ecoflap_pl.pruning.allocation``); strategies registered later with
 ``register_allocation`` are accepted too (from Python; the CLI lists the built-ins)."""
@@ -56,11 +62,13 @@ class PruningConfig:
         aggregate: ``"sum"`` of the element scores of a group, or ``"avg"`` (divided by its parameter count).
         granularity: one sparsity per transformer ``"block"``, per weight tensor (``"layer"``) or per tower
             (``"model"``).
-        method: local pruner of the fine step: ``"wanda"``, ``"sparsegpt"`` or ``"magnitude"``.
+        method: local pruner of the fine step: ``"wanda"``, ``"sparsegpt"``, ``"magnitude"`` or any method registered
+            with ``register_method`` (``ecoflap_pl.pruning.methods``).
         structure: ``"unstructured"`` or an N:M pattern such as ``"2:4"`` (N kept in every M weights).
         comparison: rank within each output row (``"per_row"``) or within the whole matrix (``"per_matrix"``; for
-            SparseGPT: across all rows of each column block, as the original SparseGPT). Defaults to ``"per_row"``
-            for Wanda (as Wanda) and ``"per_matrix"`` for SparseGPT (as SparseGPT) and magnitude. Either way a
+            SparseGPT: across all rows of each column block, as the original SparseGPT). Defaults to the method's
+            ``default_comparison``: ``"per_row"`` for Wanda (as Wanda), ``"per_matrix"`` for SparseGPT (as SparseGPT)
+            and magnitude. Either way a
             tensor loses exactly ``round(numel · sparsity)`` weights; per row, counts differ by at most one.
         coarse_samples: calibration samples for the coarse step (32 in the official BLIP-2 run).
         fine_samples: calibration samples for the fine step (128).
@@ -74,20 +82,28 @@ class PruningConfig:
         sparsegpt_block_size: SparseGPT column block size.
         sparsegpt_damping: SparseGPT damping as a fraction of the mean Hessian diagonal.
         seed: seed of every random choice (zeroth-order directions).
+        activation_storage: zeroth order: where the dense block outputs recorded once per calibration batch for
+            prefix reuse are kept: ``"auto"`` (on the device while they take at most a quarter of its free memory,
+            else on the CPU), ``"device"``, ``"cpu"`` (offloaded), or ``"recompute"`` (record nothing: one full
+            forward per probe, weights perturbed in place; the reference loop).
+        max_probe_replicas: zeroth order: most probes evaluated in one forward on copies of the calibration batch
+            (the number used is chosen from the memory left); 1 evaluates one probe per forward.
+        fine_replay_batches: fine step: most calibration batches stacked into one block replay (the number used is
+            chosen from the memory left; batches that cannot be stacked, e.g. of different lengths, run alone).
     """
 
     sparsity: float = 0.5
     max_sparsity: float | None = None
-    importance: str = "zeroth_order"
+    importance: ImportanceName | str = "zeroth_order"
     allocation: AllocationName = "ecoflap"
     owl_m: float = 5.0
     owl_lambda: float = 0.08
     allocation_report: str | None = None
     auto_holdout_samples: int = 16
-    score: str = "grad_only"
+    score: ScoreName | str = "grad_only"
     aggregate: str = "sum"
     granularity: str = "block"
-    method: str = "wanda"
+    method: MethodName | str = "wanda"
     structure: str = "unstructured"
     comparison: str | None = None
     coarse_samples: int = 32
@@ -101,6 +117,9 @@ class PruningConfig:
     sparsegpt_block_size: int = 128
     sparsegpt_damping: float = 0.01
     seed: int = 0
+    activation_storage: str = "auto"
+    max_probe_replicas: int = 8
+    fine_replay_batches: int = 8
 
     def __post_init__(self) -> None:
         def normalise(name: str, value: Any) -> None:
@@ -119,17 +138,23 @@ class PruningConfig:
                 "HINT: the official runs use sparsity + 0.1; leave it unset for that default."
             )
         normalise("max_sparsity", max_sparsity)
-        normalise("importance", _choice("importance", self.importance, IMPORTANCES))
-        normalise("score", _choice("score", self.score, SCORES))
+        self._check_registered()
         normalise("aggregate", _choice("aggregate", self.aggregate, AGGREGATES))
         normalise("granularity", _choice("granularity", self.granularity, GRANULARITIES))
-        normalise("method", _choice("method", self.method, METHODS))
         normalise("probe_granularity", _choice("probe_granularity", self.probe_granularity, PROBE_GRANULARITIES))
-        default_comparison = "per_row" if self.method == "wanda" else "per_matrix"
-        comparison = default_comparison if self.comparison is None else self.comparison
+        comparison = self._default_comparison() if self.comparison is None else self.comparison
         normalise("comparison", _choice("comparison", comparison, COMPARISONS))
+        normalise("activation_storage", _choice("activation_storage", self.activation_storage, ACTIVATION_STORAGES))
         self._check_allocation()
-        for name in ("coarse_samples", "fine_samples", "probes", "sparsegpt_block_size", "auto_holdout_samples"):
+        for name in (
+            "coarse_samples",
+            "fine_samples",
+            "probes",
+            "sparsegpt_block_size",
+            "auto_holdout_samples",
+            "max_probe_replicas",
+            "fine_replay_batches",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -174,6 +199,36 @@ class PruningConfig:
                 f"{self.sparsegpt_block_size!r}. HINT: keep the default 128."
             )
         return f"{n}:{m}"
+
+    def _check_registered(self) -> None:
+        """Normalise ``importance``, ``score`` and ``method`` and check them against their registries."""
+        # Read here, not at import time: the estimators' modules import this one (like the allocation registry).
+        from ecoflap_pl.pruning.importance import importance_names
+        from ecoflap_pl.pruning.methods import method_names
+        from ecoflap_pl.pruning.score_variants import score_names
+
+        hints = {
+            "importance": "'zeroth_order' is the paper's forward-only estimator; 'uniform' skips scoring.",
+            "score": "the official runs use 'grad_only' (zeroth order) and 'grad_mag_abs' (first order).",
+            "method": "register a new fine-step method with @register_method(name, inputs=...).",
+        }
+        registered = {
+            "importance": (*importance_names(), "uniform"),
+            "score": score_names(),
+            "method": method_names(),
+        }
+        for name, options in registered.items():
+            value = str(getattr(self, name)).strip().lower().replace("-", "_")
+            if value not in options:
+                raise ValueError(
+                    f"`{name}` must be one of {list(options)}, got {getattr(self, name)!r}. HINT: {hints[name]}"
+                )
+            object.__setattr__(self, name, value)
+
+    def _default_comparison(self) -> str:
+        from ecoflap_pl.pruning.methods import get_method
+
+        return get_method(self.method).default_comparison
 
     def _check_allocation(self) -> None:
         from ecoflap_pl.pruning.allocation import allocation_names  # the registry imports this module

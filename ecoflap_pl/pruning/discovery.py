@@ -27,7 +27,6 @@ class Candidate:
     """One prunable weight: the ``weight`` of a Linear layer inside a block of a stack."""
 
     name: str
-    module_name: str
     block: str
     stack: str
     numel: int
@@ -93,7 +92,7 @@ def find_candidates(model: nn.Module, stacks: list[Stack], config: PruningConfig
                     continue
                 name = f"{sub_name}.weight"
                 if _matches(name, config.include) and not _matches(name, config.exclude):
-                    candidates.append(Candidate(name, sub_name, block, stack.name, module.weight.numel()))
+                    candidates.append(Candidate(name, block, stack.name, module.weight.numel()))
     if not candidates:
         seen = [f"{stack.name} ({len(stack.blocks)} blocks)" for stack in stacks]
         raise ValueError(

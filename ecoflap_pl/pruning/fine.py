@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from ecoflap_pl.pruning.calls import BlockCall, capture_block_calls
+from ecoflap_pl.pruning.calls import BlockCall, capture_block_calls, merge_calls
 from ecoflap_pl.pruning.config import PruningConfig
 from ecoflap_pl.pruning.discovery import Candidate, Stack
 from ecoflap_pl.pruning.loss import LossFn, run_on_batch
-from ecoflap_pl.pruning.masks import apply_mask_, magnitude_scores, select_mask, wanda_scores
-from ecoflap_pl.pruning.monitor import StageMonitor
-from ecoflap_pl.pruning.sparsegpt import sparsegpt_prune_
+from ecoflap_pl.pruning.methods import get_method
+from ecoflap_pl.pruning.monitor import StageMonitor, free_memory_bytes
 from ecoflap_pl.pruning.statistics import InputStatistics, LinearInputRecorder
 from ecoflap_pl.pruning.transaction import WeightTransaction
 
@@ -24,29 +24,47 @@ logger = logging.getLogger(__name__)
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _prune_weight_(
-    weight: torch.Tensor, statistics: InputStatistics | None, sparsity: float, config: PruningConfig
-) -> torch.Tensor:
-    """Prune one weight in place with the configured method; return its mask."""
-    if config.method == "sparsegpt":
-        assert statistics is not None and statistics.gram is not None
-        return sparsegpt_prune_(
-            weight,
-            statistics.gram,
-            sparsity,
-            comparison=config.comparison or "per_row",
-            n_m=config.n_m,
-            block_size=config.sparsegpt_block_size,
-            damping=config.sparsegpt_damping,
-        )
-    if config.method == "wanda":
-        assert statistics is not None
-        scores = wanda_scores(weight, statistics.column_sq_sums)
-    else:
-        scores = magnitude_scores(weight)
-    mask = select_mask(scores, sparsity, config.comparison or "per_row", config.n_m)
-    apply_mask_(weight, mask)
-    return mask
+_ACTIVATION_BYTES_PER_HIDDEN_BYTE = 32  # a block's transient activations (attention scores, MLP) per hidden byte
+
+
+@dataclass(frozen=True)
+class _Replay:
+    """One block replay covering consecutive recorded calls (several stacked calibration batches, or one)."""
+
+    call: BlockCall
+    hidden: torch.Tensor
+    indices: range
+    sizes: tuple[int, ...]
+
+    def run(self, block: nn.Module, monitor: StageMonitor) -> list[torch.Tensor]:
+        """Replay the block; return the output hidden stream of each covered call."""
+        output = self.call.replay(block, self.hidden)
+        monitor.block_forwards += len(self.indices)
+        return list(output.split(list(self.sizes))) if len(self.indices) > 1 else [output]
+
+
+def replays(calls: Sequence[BlockCall], hidden: Sequence[torch.Tensor], most: int) -> list[_Replay]:
+    """The recorded calls in replays of up to ``most`` consecutive calls stacked along the batch dimension; calls
+    that cannot be stacked with their neighbours are replayed alone."""
+    found: list[_Replay] = []
+    for start in range(0, len(calls), most):
+        stop = min(start + most, len(calls))
+        merged = merge_calls(calls[start:stop], hidden[start:stop])
+        if merged is not None:
+            sizes = tuple(int(state.shape[0]) for state in hidden[start:stop])
+            found.append(_Replay(merged[0], merged[1], range(start, stop), sizes))
+        else:
+            found.extend(
+                _Replay(calls[i], hidden[i], range(i, i + 1), (int(hidden[i].shape[0]),)) for i in range(start, stop)
+            )
+    return found
+
+
+def replay_batches(most: int, hidden: Sequence[torch.Tensor], device: torch.device) -> int:
+    """Calibration batches per block replay: at most ``most``, and a quarter of the free memory at most."""
+    per_call = max(1, max(state.numel() * state.element_size() for state in hidden))
+    fits = int(free_memory_bytes(device) // 4 // (per_call * _ACTIVATION_BYTES_PER_HIDDEN_BYTE))
+    return max(1, min(most, fits, len(hidden)))
 
 
 def _block_statistics(
@@ -58,26 +76,38 @@ def _block_statistics(
     batch_ids: Sequence[int],
     hessian: bool,
     monitor: StageMonitor,
+    most: int,
 ) -> dict[str, InputStatistics]:
-    """Run ``block`` on every recorded call while recording the inputs of its candidate weights.
+    """Run ``block`` on every recorded call (up to ``most`` stacked per replay) while recording the inputs of its
+    candidate weights.
 
     Raises:
         FloatingPointError: when a weight's inputs are not finite, naming the calibration batch.
         RuntimeError: when a candidate weight was never used in an ``F.linear`` call.
     """
-    statistics = {
-        name: InputStatistics(weight.shape[1], weight.device, hessian=hessian) for name, weight in weights.items()
-    }
+
+    def fresh() -> dict[str, InputStatistics]:
+        return {name: InputStatistics(w.shape[1], w.device, hessian=hessian) for name, w in weights.items()}
+
+    def broken(statistics: Mapping[str, InputStatistics]) -> list[str]:
+        return [name for name, stats in statistics.items() if not bool(stats.column_sq_sums.isfinite().all())]
+
+    statistics = fresh()
     with LinearInputRecorder({id(weights[name]): stats for name, stats in statistics.items()}):
-        for batch_id, call, state in zip(batch_ids, calls, hidden, strict=True):
-            call.replay(block, state)
-            monitor.block_forwards += 1
-            broken = [name for name, stats in statistics.items() if not bool(stats.column_sq_sums.isfinite().all())]
-            if broken:
-                raise FloatingPointError(
-                    f"The inputs of {broken} in block {block_name!r} are not finite on calibration batch {batch_id}. "
-                    "The model was left unchanged. HINT: check that batch's inputs, or run the model in fp32."
-                )
+        for replay in replays(calls, hidden, most):
+            replay.run(block, monitor)
+            if not broken(statistics):
+                continue
+            for index in replay.indices:  # find the batch to name: replay the stacked ones alone
+                alone = fresh()
+                with LinearInputRecorder({id(weights[name]): stats for name, stats in alone.items()}):
+                    calls[index].replay(block, hidden[index])
+                if broken(alone) or index == replay.indices[-1]:
+                    raise FloatingPointError(
+                        f"The inputs of {broken(alone) or broken(statistics)} in block {block_name!r} are not finite "
+                        f"on calibration batch {batch_ids[index]}. The model was left unchanged. HINT: check that "
+                        "batch's inputs, or run the model in fp32."
+                    )
     silent = [name for name, stats in statistics.items() if stats.calls == 0]
     if silent:
         raise RuntimeError(
@@ -108,7 +138,7 @@ def fine_prune_(
     arguments with the already-pruned upstream stacks in place. Then, block by block: run the block on its
     recorded arguments with the propagated hidden stream while collecting input statistics of its Linear weights
     (summed over ranks with ``all_reduce``), prune them, and re-run the pruned block to produce the next block's
-    hidden stream.
+    hidden stream. Both runs stack up to ``config.fine_replay_batches`` calibration batches into one call.
 
     Args:
         tensor_sparsity: parameter name -> sparsity; a candidate missing here is measured but left dense.
@@ -122,7 +152,8 @@ def fine_prune_(
     for candidate in candidates:
         by_block.setdefault(candidate.block, []).append(candidate)
     masks: dict[str, torch.Tensor] = {}
-    needs_inputs = config.method != "magnitude"
+    method = get_method(config.method)
+    needs_inputs = method.needs_inputs
     batch_ids = {id(batch): batch_id for batch_id, batch in batches}
 
     for stack in stacks:
@@ -137,6 +168,7 @@ def fine_prune_(
             monitor.full_forwards += len(batches)
             hidden = [cast(torch.Tensor, call.hidden) for call in calls[0]]  # block 0's hidden stream is kept
             call_batch_ids = [batch_id for batch_id, _ in batches for _ in range(stack.calls_per_forward)]
+            most = replay_batches(config.fine_replay_batches, hidden, hidden[0].device)
         for index, (block_name, block) in enumerate(zip(stack.blocks, blocks, strict=True)):
             block_candidates = by_block.get(block_name, [])
             weights = {c.name: params[c.name] for c in block_candidates}
@@ -149,8 +181,9 @@ def fine_prune_(
                     calls[index],
                     hidden,
                     call_batch_ids,
-                    config.method == "sparsegpt",
+                    method.inputs == "gram",
                     monitor,
+                    most,
                 )
                 if all_reduce is not None:
                     for stats in statistics.values():
@@ -161,11 +194,12 @@ def fine_prune_(
                 if name not in tensor_sparsity:
                     continue
                 transaction.save(weight)
-                masks[name] = _prune_weight_(weight, statistics.get(name), tensor_sparsity[name], config)
+                masks[name] = method.prune(weight, statistics.get(name), tensor_sparsity[name], config)
             del statistics
             if needs_inputs and index + 1 < len(blocks):
-                hidden = [call.replay(block, state) for call, state in zip(calls[index], hidden, strict=True)]
-                monitor.block_forwards += len(hidden)
+                hidden = [
+                    state for replay in replays(calls[index], hidden, most) for state in replay.run(block, monitor)
+                ]
             if needs_inputs:
                 calls[index] = []  # free this block's recorded arguments as soon as they are used
             if on_block_done is not None:

@@ -10,19 +10,12 @@ from torch import nn
 
 from ecoflap_pl.pruning.loss import LossFn, checked_loss
 from ecoflap_pl.pruning.monitor import StageMonitor
+from ecoflap_pl.pruning.score_variants import get_score
 
 
 def _wide(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` in at least fp32 (fp16/bf16 are widened, fp64 is kept)."""
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
-
-
-def _reducer(score: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if score == "grad_only":
-        return lambda weight, grad: _wide(grad).abs().sum()
-    if score == "grad_mag_abs":
-        return lambda weight, grad: (_wide(weight).abs() * _wide(grad).abs()).sum()
-    return lambda weight, grad: (_wide(weight).square() * _wide(grad).square()).sum()
 
 
 def first_order_sums(
@@ -35,15 +28,16 @@ def first_order_sums(
     monitor: StageMonitor,
     on_batch_done: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """Per tensor, ``Σ_b Σ_i r(w_i, g_{b,i})`` with ``r`` = ``|g|`` (grad_only), ``|w|·|g|`` (grad_mag_abs) or
-    ``w²·g²`` (grad_mag_square).
+    """Per tensor, ``Σ_b Σ_i r(w_i, g_{b,i})`` with ``r`` the ``elementwise`` function of the score variant
+    (``ecoflap_pl/pruning/score_variants.py``): ``|g|`` (grad_only), ``|w|·|g|`` (grad_mag_abs) or ``w²·g²``
+    (grad_mag_square).
 
     Divided by the number of batches this is ``Σ_i |w_i| · mean_b |g_{b,i}|`` and its variants: linear in the
     batches, so each parameter's gradient is reduced to one scalar by a post-accumulate hook the moment backward
     produces it, and freed at once. Only the candidate weights require gradients during the pass; every other
     parameter's ``requires_grad`` and ``.grad`` are restored afterwards.
     """
-    reduce = _reducer(score)
+    elementwise = get_score(score).elementwise
     sums = {name: torch.zeros((), dtype=torch.float64, device=param.device) for name, param in params.items()}
     previous = {param: (param.requires_grad, param.grad) for param in model.parameters()}
     handles = []
@@ -51,7 +45,7 @@ def first_order_sums(
     def hook_for(name: str) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
             if param.grad is not None:
-                sums[name] += reduce(param.detach(), param.grad).double()
+                sums[name] += elementwise(_wide(param.detach()), _wide(param.grad)).sum().double()
                 param.grad = None
 
         return hook

@@ -19,7 +19,8 @@ class StageStats:
 
     ``peak_memory_bytes`` is the peak of ``torch.cuda.max_memory_allocated`` on a CUDA device
     (``memory_kind="cuda_allocated"``), else the peak resident set size of the process sampled every 5 ms
-    (``"cpu_rss"``).
+    (``"cpu_rss"``). ``recorded_bytes`` is what the zeroth-order step keeps of one calibration batch's block outputs
+    for prefix reuse, and ``probe_replicas`` the number of probes it ran per forward (0 where neither applies).
     """
 
     full_forwards: int = 0
@@ -28,6 +29,8 @@ class StageStats:
     seconds: float = 0.0
     peak_memory_bytes: int = 0
     memory_kind: str = "cpu_rss"
+    recorded_bytes: int = 0
+    probe_replicas: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,6 +44,20 @@ def _rss_bytes() -> int:
         return 0
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory still free on ``device``: the CUDA allocator's view of the GPU, else the kernel's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class StageMonitor:
     """Context manager that counts a stage's work and measures its time and peak memory."""
 
@@ -49,6 +66,8 @@ class StageMonitor:
         self.full_forwards = 0
         self.block_forwards = 0
         self.backward_passes = 0
+        self.recorded_bytes = 0
+        self.probe_replicas = 0
         self._peak_rss = 0
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
@@ -80,5 +99,12 @@ class StageMonitor:
                 self._sampler.join()
             peak, kind = max(self._peak_rss, _rss_bytes()), "cpu_rss"
         self.stats = StageStats(
-            self.full_forwards, self.block_forwards, self.backward_passes, time.perf_counter() - self._start, peak, kind
+            self.full_forwards,
+            self.block_forwards,
+            self.backward_passes,
+            time.perf_counter() - self._start,
+            peak,
+            kind,
+            self.recorded_bytes,
+            self.probe_replicas,
         )

@@ -27,12 +27,11 @@ from ecoflap_pl.pruning.discovery import (
     order_stacks,
 )
 from ecoflap_pl.pruning.fine import AllReduce, fine_prune_
-from ecoflap_pl.pruning.first_order import first_order_sums
+from ecoflap_pl.pruning.importance import ImportanceRequest, get_importance
 from ecoflap_pl.pruning.loss import LossFn, checked_loss
 from ecoflap_pl.pruning.monitor import StageMonitor, StageStats
 from ecoflap_pl.pruning.result import GroupScores, PruningResult
 from ecoflap_pl.pruning.transaction import WeightTransaction, pruning_session
-from ecoflap_pl.pruning.zeroth_order import zeroth_order_sums
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -155,14 +154,27 @@ def _add(first: StageStats | None, second: StageStats) -> StageStats:
     )
 
 
-def _shard(batches: list[tuple[int, Any]], rank: int, world_size: int, purpose: str) -> list[tuple[int, Any]]:
-    own = [(batch_id, batch) for batch_id, batch in batches if batch_id % world_size == rank]
-    if not own:
-        raise ValueError(
-            f"{purpose}: rank {rank} of {world_size} got no calibration batch ({len(batches)} batches in all). "
-            "HINT: use more calibration samples or a smaller calibration batch size."
-        )
-    return own
+def _shard(batches: list[tuple[int, Any]], rank: int, world_size: int) -> list[tuple[int, Any]]:
+    """This rank's share of ``batches``: ``id % world_size == rank`` (never empty after ``_check_shards``)."""
+    return [(batch_id, batch) for batch_id, batch in batches if batch_id % world_size == rank]
+
+
+def _check_shards(batches: Sequence[Any], config: PruningConfig, world_size: int, steps: Sequence[str]) -> None:
+    """Refuse a calibration set too short to give every rank a batch of each of ``steps`` (``"coarse"``, ``"fine"``).
+
+    Depends only on the batches (which every rank holds) and ``world_size``, so every rank raises the same error
+    before any collective call; a rank left without a batch would otherwise wait forever in all-reduce.
+    """
+    for step in steps:
+        field = f"{step}_samples"
+        samples = getattr(config, field)
+        count = _leading_count(batches, samples)[0]
+        if count < world_size:
+            raise ValueError(
+                f"Each of the {world_size} ranks needs at least one calibration batch, but the {step} step uses only "
+                f"{count}: rank {count} of {world_size} got no calibration batch ({count} batches in all). HINT: raise "
+                f"`{field}` (now {samples}) or lower the calibration batch size."
+            )
 
 
 def _check_inputs(model: Any, batches: Any, loss_fn: Any, config: Any, rank: int, world_size: int) -> None:
@@ -183,7 +195,7 @@ def _check_inputs(model: Any, batches: Any, loss_fn: Any, config: Any, rank: int
 
 
 def _plan(
-    model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, config: PruningConfig, rank: int, world_size: int
+    model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, config: PruningConfig, rank: int
 ) -> tuple[_Plan, StageStats]:
     device = next(model.parameters()).device
     with StageMonitor(device) as monitor:
@@ -220,36 +232,11 @@ def _plan(
     return plan, monitor.stats
 
 
-def _aggregate(
-    plan: _Plan, params: dict[str, nn.Parameter], raw: dict[str, float], config: PruningConfig, batch_count: int
-) -> dict[str, float]:
-    """Turn per-tensor or per-group raw sums into group scores (score variant, then sum/avg aggregation)."""
-
-    def weight_sum(names: Sequence[str], power: int) -> float:
-        return float(sum(params[n].detach().float().abs().pow(power).sum() for n in names))
-
-    scores = {}
-    for group, names in plan.groups.items():
-        if config.importance == "first_order":
-            total = sum(raw[n] for n in names) / batch_count
-        elif config.probe_granularity == "per_block":
-            s = raw[group]
-            total = {
-                "grad_only": s,
-                "grad_mag_abs": s * weight_sum(names, 1),
-                "grad_mag_square": s * s * weight_sum(names, 2),
-            }[config.score]
-        else:
-            total = 0.0
-            for n in names:
-                s = raw[n]
-                total += {
-                    "grad_only": s,
-                    "grad_mag_abs": s * weight_sum([n], 1),
-                    "grad_mag_square": s * s * weight_sum([n], 2),
-                }[config.score]
-        scores[group] = total / plan.sizes[group] if config.aggregate == "avg" else total
-    return scores
+def _aggregate(plan: _Plan, totals: Mapping[str, float], config: PruningConfig) -> dict[str, float]:
+    """Group totals -> group scores: kept (``sum``) or divided by the group's parameter count (``avg``)."""
+    if config.aggregate == "avg":
+        return {group: total / plan.sizes[group] for group, total in totals.items()}
+    return dict(totals)
 
 
 def _score(
@@ -265,7 +252,7 @@ def _score(
 ) -> GroupScores:
     params = dict(model.named_parameters())
     chosen = _leading_batches(batches, config.coarse_samples, "The coarse step")
-    own = _shard(chosen, rank, world_size, "The coarse step")
+    own = _shard(chosen, rank, world_size)
     device = next(model.parameters()).device
     done = 0
 
@@ -279,37 +266,24 @@ def _score(
         return step
 
     with StageMonitor(device) as monitor:
-        if config.importance == "first_order":
-            raw = first_order_sums(
-                model,
-                {c.name: params[c.name] for c in plan.candidates},
-                own,
-                loss_fn,
-                score=config.score,
-                monitor=monitor,
-                on_batch_done=tick(len(own)),
-            )
-        else:
-            if config.probe_granularity == "per_block":
-                units = {g: [params[n] for n in names] for g, names in plan.groups.items()}
-            else:
-                units = {c.name: [params[c.name]] for c in plan.candidates}
-            raw = zeroth_order_sums(
-                model,
-                units,
-                own,
-                loss_fn,
-                eps=config.eps,
-                probes=config.probes,
-                seed=config.seed,
-                monitor=monitor,
-                on_unit_done=tick(len(units)),
-            )
+        request = ImportanceRequest(
+            model,
+            {c.name: params[c.name] for c in plan.candidates},
+            plan.groups,
+            own,
+            loss_fn,
+            config,
+            monitor,
+            tick,
+            None if progress is None else partial(progress, "coarse"),
+        )
+        estimator = get_importance(config.importance)
+        raw = estimator.measure(request)
         if all_reduce is not None:
             keys = list(raw)
             summed = all_reduce(torch.tensor([raw[k] for k in keys], dtype=torch.float64, device=device))
             raw = dict(zip(keys, summed.tolist(), strict=True))
-        scores = _aggregate(plan, params, raw, config, len(chosen))
+        scores = _aggregate(plan, estimator.combine(raw, request, len(chosen)), config)
     settings = _score_settings(config, plan, params)
     logger.info(
         "Coarse step (%s) done in %.1f s, %d forward passes",
@@ -336,8 +310,9 @@ def score_groups(
     _check_inputs(model, calibration_batches, loss_fn, config, rank, world_size)
     if config.importance == "uniform":
         raise ValueError("`importance` must be 'zeroth_order' or 'first_order' to score groups, got 'uniform'.")
+    _check_shards(calibration_batches, config, world_size, ("coarse",))
     with pruning_session(model):
-        plan, _ = _plan(model, calibration_batches, loss_fn, config, rank, world_size)
+        plan, _ = _plan(model, calibration_batches, loss_fn, config, rank)
         return _score(model, plan, calibration_batches, loss_fn, config, all_reduce, rank, world_size, progress)
 
 
@@ -413,13 +388,15 @@ def prune(
         On any exception, including KeyboardInterrupt, every weight is restored bit-exactly.
     """
     _check_inputs(model, calibration_batches, loss_fn, config, rank, world_size)
+    coarse = scores is None and config.importance != "uniform"
+    _check_shards(calibration_batches, config, world_size, ("coarse", "fine") if coarse else ("fine",))
     holdout = _holdout_batches(calibration_batches, config) if config.allocation == "auto" else []
     if config.allocation_report is not None:
         read_allocation_report(config.allocation_report)  # fail before any work
     stages: dict[str, StageStats] = {}
     params = dict(model.named_parameters())
     with pruning_session(model) as transaction:
-        plan, stages["discovery"] = _plan(model, calibration_batches, loss_fn, config, rank, world_size)
+        plan, stages["discovery"] = _plan(model, calibration_batches, loss_fn, config, rank)
         prior_zeros = _prior_zeros(params, plan.candidates)
         prior_sparsity = sum(prior_zeros.values()) / max(sum(c.numel for c in plan.candidates), 1)
         if prior_sparsity >= _PRIOR_SPARSITY_WARNING:
@@ -430,10 +407,7 @@ def prune(
             )
         device = next(model.parameters()).device
         fine_batches = _shard(
-            _leading_batches(calibration_batches, config.fine_samples, "The fine step"),
-            rank,
-            world_size,
-            "The fine step",
+            _leading_batches(calibration_batches, config.fine_samples, "The fine step"), rank, world_size
         )
         computed: dict[str, GroupScores] = {}
         outliers: dict[float, dict[str, float]] = {}

@@ -29,7 +29,6 @@ class InputStatistics:
     def __init__(self, in_features: int, device: torch.device, hessian: bool) -> None:
         self.column_sq_sums = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.gram = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
-        self.rows = torch.zeros((), dtype=torch.float64, device=device)
         self.calls = 0
 
     def add(self, inputs: torch.Tensor) -> None:
@@ -37,7 +36,6 @@ class InputStatistics:
         self.column_sq_sums += rows.square().sum(dim=0)
         if self.gram is not None:
             self.gram.addmm_(rows.T, rows)
-        self.rows += rows.shape[0]
         self.calls += 1
 
     def all_reduce_(self, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -45,7 +43,6 @@ class InputStatistics:
         self.column_sq_sums.copy_(all_reduce(self.column_sq_sums))
         if self.gram is not None:
             self.gram.copy_(all_reduce(self.gram))
-        self.rows.copy_(all_reduce(self.rows))
 
 
 class LinearInputRecorder(TorchFunctionMode):

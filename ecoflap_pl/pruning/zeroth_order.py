@@ -21,6 +21,30 @@ def probe_seed(seed: int, unit: int, batch_id: int, probe: int) -> int:
     return (((seed * _MIX + unit) * _MIX + batch_id) * _MIX + probe) % (2**63 - 1)
 
 
+def probe_directions(tensors: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """One standard normal direction per tensor (its shape, dtype and device) from a generator seeded with ``seed``."""
+    generator = torch.Generator(device=tensors[0].device)
+    generator.manual_seed(seed)
+    return [torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype) for t in tensors]
+
+
+def warn_flat_probes(flat: Mapping[str, int], units: int, probes_per_unit: int, eps: float) -> None:
+    """Warn about units whose probes saw no change of the loss (``flat``: unit -> such probes)."""
+    if not flat:
+        return
+    worst = sorted(flat, key=flat.__getitem__, reverse=True)[:3]
+    logger.warning(
+        "Zeroth-order probes of %d of %d units saw no change of the loss (most: %s, of %d probes each); their "
+        "scores sit at the loss's precision floor. HINT: raise `eps` (now %g), run the loss in fp32/fp64, or use "
+        "importance='first_order'.",
+        len(flat),
+        units,
+        ", ".join(f"{unit} {flat[unit]}" for unit in worst),
+        probes_per_unit,
+        eps,
+    )
+
+
 def _perturbed_loss(
     loss_fn: LossFn,
     model: nn.Module,
@@ -86,11 +110,7 @@ def zeroth_order_sums(
         try:
             for batch_id, batch in batches:
                 for probe in range(probes):
-                    generator = torch.Generator(device=tensors[0].device)
-                    generator.manual_seed(probe_seed(seed, unit_index, batch_id, probe))
-                    directions = [
-                        torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype) for t in tensors
-                    ]
+                    directions = probe_directions(tensors, probe_seed(seed, unit_index, batch_id, probe))
                     for tensor, direction in zip(tensors, directions, strict=True):
                         tensor.data.add_(direction, alpha=eps)
                     plus = _perturbed_loss(loss_fn, model, batch, batch_id, unit, eps, tensors, originals)
@@ -110,16 +130,5 @@ def zeroth_order_sums(
         sums[unit] = total
         if on_unit_done is not None:
             on_unit_done()
-    if flat:
-        worst = sorted(flat, key=flat.__getitem__, reverse=True)[:3]
-        logger.warning(
-            "Zeroth-order probes of %d of %d units saw no change of the loss (most: %s, of %d probes each); their "
-            "scores sit at the loss's precision floor. HINT: raise `eps` (now %g), run the loss in fp32/fp64, or use "
-            "importance='first_order'.",
-            len(flat),
-            len(units),
-            ", ".join(f"{unit} {flat[unit]}" for unit in worst),
-            len(batches) * probes,
-            eps,
-        )
+    warn_flat_probes(flat, len(units), len(batches) * probes, eps)
     return sums

@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from typing_extensions import override
 
 
 class EcoflapTask(pl.LightningModule):
@@ -43,6 +44,7 @@ class EcoflapTask(pl.LightningModule):
         """The scalar training loss of ``self.model`` on ``batch`` (docs/algorithm.md §2)."""
         raise NotImplementedError(f"{type(self).__name__} must define calibration_loss(batch).")
 
+    @override
     def on_fit_start(self) -> None:
         """Fine-tune in training mode.
 
@@ -51,11 +53,13 @@ class EcoflapTask(pl.LightningModule):
         """
         self.train()
 
+    @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.calibration_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=_batch_size(batch))
         return loss
 
+    @override
     def configure_optimizers(self) -> Any:
         """AdamW with linear warm-up and cosine decay; no decay on biases and norms (BLIP's recipe)."""
         decay, no_decay = [], []

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from transformers import Blip2ForConditionalGeneration, BlipForConditionalGeneration
+from typing_extensions import override
 
 from ecoflap_pl.metrics import CaptionScores
 from ecoflap_pl.models.loading import build_hf_model
@@ -194,6 +195,7 @@ class CaptioningTask(EcoflapTask):
             self.prefix_lm,
         )
 
+    @override
     def calibration_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The model's LM loss on a batch of training samples (``labels`` from the collator)."""
         if "labels" not in batch:
@@ -212,18 +214,23 @@ class CaptioningTask(EcoflapTask):
             )
         return generate_texts(self.model, self.family, self.processor.tokenizer, batch, **self.generation_kwargs)
 
+    @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._score(batch, "val")
 
+    @override
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._score(batch, "test")
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._log_scores("val")
 
+    @override
     def on_test_epoch_end(self) -> None:
         self._log_scores("test")
 
+    @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         captions = self.generate(batch)
         return [{"image_id": i, "caption": c} for i, c in zip(batch["image_id"], captions, strict=True)]

@@ -21,6 +21,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision import transforms
 from transformers import AutoProcessor, CLIPModel
+from typing_extensions import override
 
 from ecoflap_pl.models.loading import build_hf_model, check_tokenizer_source, load_tokenizer
 from ecoflap_pl.tasks.base import EcoflapTask
@@ -209,6 +210,7 @@ class ClassificationTask(EcoflapTask):
         self._build_metrics(len(self.class_names))
         self.metrics.to(self.device)
 
+    @override
     def setup(self, stage: str) -> None:
         if not self.zero_shot or self.class_names is not None:
             return
@@ -249,15 +251,19 @@ class ClassificationTask(EcoflapTask):
         return self._class_embeds
 
     # the weights may have changed (training, pruning) since the last epoch: embed the classes again
+    @override
     def on_train_epoch_start(self) -> None:
         self._class_embeds = None
 
+    @override
     def on_validation_epoch_start(self) -> None:
         self._class_embeds = None
 
+    @override
     def on_test_epoch_start(self) -> None:
         self._class_embeds = None
 
+    @override
     def on_predict_epoch_start(self) -> None:
         self._class_embeds = None
 
@@ -266,6 +272,7 @@ class ClassificationTask(EcoflapTask):
         """``uint8`` (or [0, 255] float) pixels -> the model's normalised float input."""
         return (pixel_values.float() / 255.0 - self.pixel_mean) / self.pixel_std
 
+    @override
     def forward(self, pixel_values: Tensor, text_grad: bool = False) -> Tensor:
         """Class logits ``(B, num_classes)`` of ``uint8`` pixels ``(B, C, H, W)``."""
         tower = self.model if not self.zero_shot else self.model.vision_model
@@ -276,6 +283,7 @@ class ClassificationTask(EcoflapTask):
         classes = self.class_embeddings() if text_grad else self._cached_class_embeddings()
         return self.model.logit_scale.exp().float() * images @ classes.T
 
+    @override
     def calibration_loss(self, batch: dict[str, Any]) -> Tensor:
         """Cross-entropy of the classifier (timm) or of the zero-shot logits (CLIP) against ``labels``."""
         if "labels" not in batch:
@@ -283,18 +291,22 @@ class ClassificationTask(EcoflapTask):
         logits = self(batch["pixel_values"], text_grad=self.zero_shot and self.text_tower_in_loss)
         return F.cross_entropy(logits.float(), batch["labels"])
 
+    @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if self.augment:
             batch = {**batch, "pixel_values": torch.stack([self.train_transform(x) for x in batch["pixel_values"]])}
         return super().training_step(batch, batch_idx)
 
     # ---------------------------------------------------------------- evaluation
+    @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
+    @override
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
+    @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         logits = self(batch["pixel_values"]).float()
         scores, top = logits.softmax(dim=-1).topk(min(5, logits.shape[-1]), dim=-1)

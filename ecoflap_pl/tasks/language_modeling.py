@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torchmetrics.text import Perplexity
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedTokenizerBase
+from typing_extensions import override
 
 from ecoflap_pl.models.loading import check_tokenizer_source, load_tokenizer
 from ecoflap_pl.tasks._vision_language import IGNORE_INDEX, load_config, prefix_split
@@ -108,6 +109,7 @@ class LanguageModelingTask(EcoflapTask):
         self.test_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
         log.info("LanguageModelingTask: %s (%s)", config.model_type, "prefix-LM" if self.encoder_decoder else "causal")
 
+    @override
     def calibration_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The model's own LM loss on the collator's ``labels``."""
         return self.model(**batch).loss
@@ -119,10 +121,12 @@ class LanguageModelingTask(EcoflapTask):
             logits, labels = logits[:, :-1], labels[:, 1:]
         metric.update(logits, labels)
 
+    @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._update_perplexity(self.val_perplexity, batch)
         self.log("val/perplexity", self.val_perplexity, batch_size=batch["labels"].shape[0])
 
+    @override
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._update_perplexity(self.test_perplexity, batch)
         self.log("test/perplexity", self.test_perplexity, batch_size=batch["labels"].shape[0])

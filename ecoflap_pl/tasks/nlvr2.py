@@ -14,6 +14,7 @@ from transformers import (
     ViltImageProcessor,
     ViltProcessor,
 )
+from typing_extensions import override
 
 from ecoflap_pl.models.loading import build_hf_model, check_tokenizer_source, load_tokenizer
 from ecoflap_pl.tasks.base import EcoflapTask
@@ -109,21 +110,26 @@ class NLVR2Task(EcoflapTask):
         self.val_accuracy = MulticlassAccuracy(num_classes=self.model.config.num_labels, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes=self.model.config.num_labels, average="micro")
 
+    @override
     def forward(self, batch: dict[str, Any]) -> Any:
         return self.model(**_model_inputs(batch))
 
+    @override
     def calibration_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Cross-entropy of the two-image classifier against the NLVR2 labels."""
         if "labels" not in batch:
             raise ValueError("NLVR2 calibration and training batches must carry `labels`, got none.")
         return self(batch).loss
 
+    @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.val_accuracy, "val")
 
+    @override
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.test_accuracy, "test")
 
+    @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         probabilities = self(batch).logits.softmax(dim=-1)
         return [

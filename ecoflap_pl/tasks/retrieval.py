@@ -26,6 +26,7 @@ from transformers import (
     CLIPModel,
     PreTrainedModel,
 )
+from typing_extensions import override
 
 from ecoflap_pl.metrics import RetrievalRecall, retrieval_recall
 from ecoflap_pl.models.loading import build_hf_model, check_model_source, check_tokenizer_source, load_tokenizer
@@ -293,6 +294,7 @@ class RetrievalTask(EcoflapTask):
         self._split: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------- loss
+    @override
     def calibration_loss(self, batch: dict[str, Any]) -> Tensor:
         """Contrastive (+ ITM) loss on a batch with one caption per image (see the class docstring)."""
         num_images = batch["pixel_values"].shape[0]
@@ -330,24 +332,31 @@ class RetrievalTask(EcoflapTask):
         return F.cross_entropy(logits, labels)
 
     # ---------------------------------------------------------------- evaluation
+    @override
     def on_validation_epoch_start(self) -> None:
         self._split = []
 
+    @override
     def on_test_epoch_start(self) -> None:
         self._split = []
 
+    @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.val_recall)
 
+    @override
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.test_recall)
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._log_recall(self.val_recall, "val")
 
+    @override
     def on_test_epoch_end(self) -> None:
         self._log_recall(self.test_recall, "test")
 
+    @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Normalised embeddings: ``image_embeds`` ``(B, D)`` or ``(B, Q, D)``, ``text_embeds`` ``(T, D)``."""
         image = self.towers.image(self.model, batch["pixel_values"])

@@ -17,6 +17,7 @@ from transformers import (
     ProcessorMixin,
     ViltForQuestionAnswering,
 )
+from typing_extensions import override
 
 from ecoflap_pl.metrics import ANSWER_TYPES, VQAAccuracy, normalize_answer, write_vqa_results
 from ecoflap_pl.models.loading import build_hf_model
@@ -293,6 +294,7 @@ class VQATask(EcoflapTask):
         self._unanswered: dict[str, list[tuple[int, str]]] = {"val": [], "test": []}
         log.info("VQATask: %s (%s), prompt %r", self.architecture, self.family, self.prompt)
 
+    @override
     def calibration_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The model's own loss on a batch of annotated questions (``labels`` from the collator)."""
         if "labels" not in batch:
@@ -314,18 +316,23 @@ class VQATask(EcoflapTask):
             return [text.strip() for text in self.processor.tokenizer.batch_decode(output, skip_special_tokens=True)]
         return generate_texts(self.model, self.family, self.processor.tokenizer, batch, **self.generation_kwargs)
 
+    @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.val_accuracy, "val")
 
+    @override
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.test_accuracy, "test")
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._finish(self.val_accuracy, "val")
 
+    @override
     def on_test_epoch_end(self) -> None:
         self._finish(self.test_accuracy, "test")
 
+    @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         answers = self.answer(batch)
         return [{"question_id": q, "answer": a} for q, a in zip(batch["question_id"], answers, strict=True)]

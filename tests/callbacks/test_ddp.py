@@ -7,9 +7,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from callback_toys import FAST, MaskRecorder, ToyData, ToyTask
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
+from tests.callbacks.callback_toys import FAST, MaskRecorder, ToyData, ToyTask
 
 
 def fit(tmp_path: Path, devices: int) -> None:

@@ -9,13 +9,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from callback_toys import FAST, ToyData, ToyTask, zero_fraction
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from ecoflap_pl import PruningConfig, PruningResult
 from ecoflap_pl.callbacks import ECoFLaPPruning
+from tests.callbacks.callback_toys import FAST, ToyData, ToyTask, zero_fraction
+from tests.trainers import quiet_trainer
 
 
 def count_prunes(callback: ECoFLaPPruning, monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -32,20 +33,8 @@ def count_prunes(callback: ECoFLaPPruning, monkeypatch: pytest.MonkeyPatch) -> l
 
 
 def trainer(tmp_path: Path, callbacks: list, **overrides) -> pl.Trainer:  # type: ignore[type-arg]
-    settings = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=1,
-        limit_val_batches=1,
-    )
-    settings.update(overrides)
-    return pl.Trainer(callbacks=callbacks, **settings)
+    settings = dict(max_steps=4, default_root_dir=tmp_path, num_sanity_val_steps=1, limit_val_batches=1)
+    return quiet_trainer(callbacks=callbacks, **{**settings, **overrides})
 
 
 def assert_pruned_weights_zero(task: ToyTask, masks: dict[str, torch.Tensor]) -> None:
@@ -127,8 +116,11 @@ def test_checkpoint_state_round_trip(tmp_path: Path) -> None:
     assert restored.result.overall_sparsity == pytest.approx(callback.result.overall_sparsity)  # type: ignore[union-attr]
 
     old = ECoFLaPPruning(**FAST)
-    old.load_state_dict({"pruned": False})  # an older/other state without masks or report
+    old.load_state_dict({"pruned": False})  # an older/other state without version, masks or report
     assert not old.pruned and old.masks == {} and old.report is None
+
+    with pytest.raises(ValueError, match=r"state has version 2; this ecoflap-pl reads versions up to 1\. HINT:"):
+        ECoFLaPPruning(**FAST).load_state_dict({**state, "version": 2})
 
 
 def test_resume_restores_masks_and_does_not_prune_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -259,13 +251,13 @@ def test_task_without_model_is_explained(tmp_path: Path) -> None:
 def test_too_few_calibration_batches_for_the_ranks_is_explained(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    callback = ECoFLaPPruning(**{**FAST, "coarse_samples": 4, "fine_samples": 4})
+    callback = ECoFLaPPruning(**{**FAST, "coarse_samples": 4, "fine_samples": 4}, stages="validate")
     run = trainer(tmp_path, [callback])
-    # Pretend to be one of two ranks: the check runs on every rank before any collective call.
+    # Pretend to be rank 0 of two: prune() refuses on every rank alike, before any collective call.
     monkeypatch.setattr(pl.Trainer, "world_size", property(lambda self: 2))
-    monkeypatch.setattr(run, "datamodule", ToyData(), raising=False)
     with pytest.raises(ValueError, match="Each of the 2 ranks needs at least one calibration batch"):
-        callback._calibration_batches(run, ToyTask())
+        run.validate(ToyTask(), datamodule=ToyData())
+    assert not callback.pruned
 
 
 def test_progress_bars_and_summary_table_on_rank_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from callback_toys import ToyData, ToyTask
 from rich.console import Console
 
 from ecoflap_pl import PruningConfig, PruningResult, prune
 from ecoflap_pl.reporting import block_rows, plot_sparsity, render_table, write_report
+from tests.callbacks.callback_toys import ToyData, ToyTask
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from callback_toys import FAST, ToyData, ToyTask
 from safetensors.torch import load_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader
@@ -20,6 +19,8 @@ from ecoflap_pl.callbacks import export as callback_export
 from ecoflap_pl.cli import EcoflapTrainer
 from ecoflap_pl.export import load_pruned_model
 from ecoflap_pl.tasks.base import EcoflapTask
+from tests.callbacks.callback_toys import FAST, ToyData, ToyTask
+from tests.trainers import quiet_trainer
 
 VOCAB = ["<pad>", "</s>", "<unk>", "<s>", "a", "cat", "dog", "on", "the", "mat", "sits", "runs"]
 
@@ -75,15 +76,7 @@ class Sentences(pl.LightningDataModule):
 
 
 def validate(task: pl.LightningModule, data: pl.LightningDataModule, callback: ECoFLaPPruning, root: Path) -> None:
-    pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        callbacks=[callback],
-    ).validate(task, datamodule=data)
+    quiet_trainer(default_root_dir=root, callbacks=[callback]).validate(task, datamodule=data)
 
 
 def test_save_to_writes_a_hugging_face_model_with_its_tokenizer(tmp_path: Path) -> None:
@@ -107,17 +100,8 @@ def test_save_to_writes_a_hugging_face_model_with_its_tokenizer(tmp_path: Path) 
 def test_save_to_writes_a_state_dict_for_plain_modules_and_again_after_fit(tmp_path: Path) -> None:
     callback = ECoFLaPPruning(**FAST, save_to=str(tmp_path / "pruned"))
     task = ToyTask()
-    pl.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
+    quiet_trainer(
+        max_steps=2, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[callback]
     ).fit(task, datamodule=ToyData())
 
     loaded = ToyTask(seed=99).model

@@ -7,9 +7,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from callback_toys import FAST, ToyData, ToyTask
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
+from tests.callbacks.callback_toys import FAST, ToyData, ToyTask
 
 TWO_FOUR = {**FAST, "structure": "2:4", "importance": "uniform", "semi_structured": True}
 

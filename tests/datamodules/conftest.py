@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from datamodule_layouts import (
+
+from tests.datamodules.datamodule_layouts import (
     FLICKR_IMAGES,
     NLVR2_LINES,
     captions_of,

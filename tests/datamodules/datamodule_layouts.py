@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,13 @@ def write_json(path: Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data), encoding="utf-8")
     return path
+
+
+def edit_json(path: Path, change: Callable[[Any], object]) -> Path:
+    """Apply ``change`` to the parsed JSON file at ``path`` (in place) and write it back."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    change(data)
+    return write_json(path, data)
 
 
 def captions_of(image_id: int) -> list[str]:

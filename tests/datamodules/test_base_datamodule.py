@@ -8,7 +8,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from datamodule_layouts import collate
 from jsonargparse import ArgumentParser
 
 from ecoflap_pl.datamodules import (
@@ -20,6 +19,8 @@ from ecoflap_pl.datamodules import (
     NLVR2DataModule,
     VQAv2DataModule,
 )
+from tests.datamodules.datamodule_layouts import collate
+from tests.trainers import quiet_trainer
 
 
 def _texts(loader) -> list[str]:
@@ -107,18 +108,7 @@ class _TinyTask(pl.LightningModule):
 def test_trainer_uses_the_task_collator(pairs_root: Path) -> None:
     dm = ImageTextPairsDataModule(pairs_root, "cc3m.json", val_file="cc3m.json", batch_size=4)
     task = _TinyTask()
-    trainer = pl.Trainer(
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        devices=1,
-    )
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0)
     trainer.fit(task, datamodule=dm)
     assert len(task.seen) == 4 + 4 + 4
     assert sum(len(b["text"]) for b in dm.calibration_dataloader(6)) == 6

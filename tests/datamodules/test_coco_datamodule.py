@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from datamodule_layouts import (
+from PIL import Image
+
+from ecoflap_pl.datamodules import COCOCaptionDataModule, DataFileNotFoundError, DataFormatError
+from ecoflap_pl.datamodules.base import Stage
+from tests.datamodules.datamodule_layouts import (
     COCO_IMAGES,
     KARPATHY_SPLIT,
     captions_of,
     coco_image_path,
     collate,
+    edit_json,
     write_coco_images,
     write_coco_official,
     write_image,
 )
-from PIL import Image
-
-from ecoflap_pl.datamodules import COCOCaptionDataModule, DataFileNotFoundError, DataFormatError
 
 
 def _module(root: Path, **kwargs) -> COCOCaptionDataModule:
@@ -145,22 +149,28 @@ def test_missing_key_names_file_entry_and_key(coco_karpathy: Path) -> None:
         _module(coco_karpathy).dataset("train")
 
 
-def test_missing_key_in_official_annotation(coco_official: Path) -> None:
-    path = coco_official / "annotations" / "captions_train2014.json"
-    data = json.loads(path.read_text())
-    del data["annotations"][2]["image_id"]
-    path.write_text(json.dumps(data))
-    with pytest.raises(DataFormatError, match=rf"{path}, annotations\[2\]: missing key 'image_id'"):
-        _module(coco_official).dataset("train")
-
-
-def test_official_annotation_of_unknown_image(coco_official: Path) -> None:
-    path = coco_official / "annotations" / "captions_val2014.json"
-    data = json.loads(path.read_text())
-    data["annotations"][0]["image_id"] = 12345
-    path.write_text(json.dumps(data))
-    with pytest.raises(DataFormatError, match=r"annotation id 400\): image_id 12345 is not in 'images'"):
-        _module(coco_official).dataset("val")
+@pytest.mark.parametrize(
+    ("split", "change", "message"),
+    [
+        (
+            "train",
+            lambda data: data["annotations"][2].pop("image_id"),
+            r"{path}, annotations\[2\]: missing key 'image_id'",
+        ),
+        (
+            "val",
+            lambda data: data["annotations"][0].update(image_id=12345),
+            r"annotation id 400\): image_id 12345 is not in 'images'",
+        ),
+    ],
+    ids=["missing key", "unknown image"],
+)
+def test_malformed_official_annotation(
+    coco_official: Path, split: Stage, change: Callable[[Any], object], message: str
+) -> None:
+    path = edit_json(coco_official / "annotations" / f"captions_{split}2014.json", change)
+    with pytest.raises(DataFormatError, match=message.format(path=path)):
+        _module(coco_official).dataset(split)
 
 
 def test_missing_key_in_original(coco_original: Path) -> None:

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from datamodule_layouts import FLICKR_IMAGES, captions_of, collate
 
 from ecoflap_pl.datamodules import DataFileNotFoundError, DataFormatError, Flickr30kDataModule
+from tests.datamodules.datamodule_layouts import FLICKR_IMAGES, captions_of, collate
 
 
 def _split_ids(split: str) -> list[int]:

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from datamodule_layouts import collate, write_json
 
 from ecoflap_pl.datamodules import DataFileNotFoundError, DataFormatError, ImageTextPairsDataModule
+from tests.datamodules.datamodule_layouts import collate, write_json
 
 
 def test_pairs(pairs_root: Path) -> None:

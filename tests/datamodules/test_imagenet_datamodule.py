@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from datamodule_layouts import IMAGENET_WNIDS, collate, write_image, write_imagenet
 
 from ecoflap_pl.datamodules import DataFileNotFoundError, DataFormatError, ImageNetDataModule
+from tests.datamodules.datamodule_layouts import IMAGENET_WNIDS, collate, write_image, write_imagenet
 
 
 @pytest.mark.parametrize("flat_val", [False, True])

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from datamodule_layouts import NLVR2_LINES, collate
 
 from ecoflap_pl.datamodules import DataFileNotFoundError, DataFormatError, NLVR2DataModule
+from tests.datamodules.datamodule_layouts import NLVR2_LINES, collate
 
 
 @pytest.mark.parametrize(("stage", "split"), [("train", "train"), ("val", "dev"), ("test", "test1")])

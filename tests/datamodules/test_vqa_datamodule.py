@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from datamodule_layouts import collate, vqa_answers, write_vqa
 
 from ecoflap_pl.datamodules import DataFileNotFoundError, DataFormatError, VQAv2DataModule
+from tests.datamodules.datamodule_layouts import collate, edit_json, vqa_answers, write_vqa
 
 KEYS = {"image", "image_id", "question_id", "question", "answers", "answer_type", "answer"}
 
@@ -86,30 +88,33 @@ def test_missing_top_level_key(vqa_root: Path) -> None:
         VQAv2DataModule(vqa_root).dataset("train")
 
 
-def test_missing_question_key(vqa_root: Path) -> None:
-    path = vqa_root / "v2_OpenEnded_mscoco_val2014_questions.json"
-    data = json.loads(path.read_text())
-    del data["questions"][1]["question"]
-    path.write_text(json.dumps(data))
-    with pytest.raises(DataFormatError, match=rf"{path}, questions\[1\]: missing key 'question'"):
-        VQAv2DataModule(vqa_root).dataset("val")
+QUESTIONS, ANNOTATIONS = "v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json"
 
 
-def test_missing_answer_key(vqa_root: Path) -> None:
-    path = vqa_root / "v2_mscoco_val2014_annotations.json"
-    data = json.loads(path.read_text())
-    del data["annotations"][0]["answers"][3]["answer"]
-    path.write_text(json.dumps(data))
-    with pytest.raises(DataFormatError, match=r"annotations\[0\], answers\[3\]: missing key 'answer'"):
-        VQAv2DataModule(vqa_root).dataset("val")
-
-
-def test_question_without_annotation(vqa_root: Path) -> None:
-    path = vqa_root / "v2_mscoco_val2014_annotations.json"
-    data = json.loads(path.read_text())
-    data["annotations"] = data["annotations"][:1]
-    path.write_text(json.dumps(data))
-    with pytest.raises(DataFormatError, match=r"questions\[1\]: question_id 50 has no annotation"):
+@pytest.mark.parametrize(
+    ("file", "change", "message"),
+    [
+        (
+            QUESTIONS,
+            lambda data: data["questions"][1].pop("question"),
+            r"{path}, questions\[1\]: missing key 'question'",
+        ),
+        (
+            ANNOTATIONS,
+            lambda data: data["annotations"][0]["answers"][3].pop("answer"),
+            r"annotations\[0\], answers\[3\]: missing key 'answer'",
+        ),
+        (
+            ANNOTATIONS,
+            lambda data: data.update(annotations=data["annotations"][:1]),
+            r"questions\[1\]: question_id 50 has no annotation",
+        ),
+    ],
+    ids=["missing question key", "missing answer key", "question without annotation"],
+)
+def test_malformed_val_files(vqa_root: Path, file: str, change: Callable[[Any], object], message: str) -> None:
+    path = edit_json(vqa_root / file, change)
+    with pytest.raises(DataFormatError, match=message.format(path=path)):
         VQAv2DataModule(vqa_root).dataset("val")
 
 

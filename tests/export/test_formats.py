@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from pruning_helpers import family_case
 from safetensors import safe_open
 
 from ecoflap_pl.export import (
@@ -18,6 +17,7 @@ from ecoflap_pl.export import (
     write_pruned_model,
 )
 from ecoflap_pl.pruning import PruningConfig, prune
+from tests.pruning.pruning_helpers import family_case
 
 CASES = [
     ("unstructured", "dense"),

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from metric_data import CAPTION_IDS, CAPTION_PREDICTIONS, CAPTION_REFERENCES
 
 from ecoflap_pl.metrics import CaptionScores
+from tests.metrics.metric_data import CAPTION_IDS, CAPTION_PREDICTIONS, CAPTION_REFERENCES
 
 
 @pytest.fixture(scope="session")

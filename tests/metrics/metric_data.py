@@ -59,3 +59,14 @@ def retrieval_data(seed: int = 0, num_images: int = 6, dim: int = 8) -> tuple[to
     noise = 0.8 * torch.randn(len(text_to_image), dim, generator=gen)
     texts = torch.nn.functional.normalize(images[text_to_image] + noise, dim=1)
     return images, texts, text_to_image
+
+
+def recall_from_ranks(t2i_ranks: list[int], i2t_ranks: list[int], top_k: tuple[int, ...]) -> dict[str, float]:
+    """The recall dict of :func:`~ecoflap_pl.metrics.retrieval_recall` from each query's rank (0 = first), by loops."""
+    out = {}
+    for name, ranks in (("t2i", t2i_ranks), ("i2t", i2t_ranks)):
+        for k in top_k:
+            out[f"{name}_r{k}"] = sum(rank < k for rank in ranks) / len(ranks)
+        out[f"{name}_r_mean"] = sum(out[f"{name}_r{k}"] for k in top_k) / len(top_k)
+    out["r_mean"] = (out["t2i_r_mean"] + out["i2t_r_mean"]) / 2
+    return out

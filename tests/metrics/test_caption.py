@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from metric_data import CAPTION_IDS, CAPTION_PREDICTIONS, CAPTION_REFERENCES
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
@@ -12,6 +11,7 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from ecoflap_pl.metrics import CAPTION_SCORE_KEYS, CaptionScores, caption_scores
 from ecoflap_pl.metrics.caption import _missing_spice_models
+from tests.metrics.metric_data import CAPTION_IDS, CAPTION_PREDICTIONS, CAPTION_REFERENCES
 
 
 def _pycocoevalcap_directly() -> dict[str, float]:

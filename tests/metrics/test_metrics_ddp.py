@@ -11,7 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from metric_data import (
+from torch.utils.data import DistributedSampler
+
+from ecoflap_pl.metrics import CaptionScores, RetrievalRecall, VQAAccuracy, retrieval_recall
+from tests.metrics.metric_data import (
     CAPTION_IDS,
     CAPTION_PREDICTIONS,
     CAPTION_REFERENCES,
@@ -19,9 +22,6 @@ from metric_data import (
     VQA_QUESTIONS,
     retrieval_data,
 )
-from torch.utils.data import DistributedSampler
-
-from ecoflap_pl.metrics import CaptionScores, RetrievalRecall, VQAAccuracy, retrieval_recall
 
 WORLD_SIZE = 2
 NUM_IMAGES = 7  # odd: the DistributedSampler pads rank 1 with a repeat of image 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from metric_data import retrieval_data
 
 from ecoflap_pl.metrics import RetrievalRecall, retrieval_recall
+from tests.metrics.metric_data import recall_from_ranks, retrieval_data
 
 
 def _reference(similarity: torch.Tensor, text_to_image: torch.Tensor, top_k: tuple[int, ...]) -> dict[str, float]:
@@ -23,13 +23,7 @@ def _reference(similarity: torch.Tensor, text_to_image: torch.Tensor, top_k: tup
     for i in range(num_images):
         order = sorted(range(num_texts), key=lambda t: (-sim[i][t], gt[t] == i))
         i2t_ranks.append(min(position for position, t in enumerate(order) if gt[t] == i))
-    out = {}
-    for name, ranks in (("t2i", t2i_ranks), ("i2t", i2t_ranks)):
-        for k in top_k:
-            out[f"{name}_r{k}"] = sum(rank < k for rank in ranks) / len(ranks)
-        out[f"{name}_r_mean"] = sum(out[f"{name}_r{k}"] for k in top_k) / len(top_k)
-    out["r_mean"] = (out["t2i_r_mean"] + out["i2t_r_mean"]) / 2
-    return out
+    return recall_from_ranks(t2i_ranks, i2t_ranks, top_k)
 
 
 @pytest.mark.parametrize("seed", range(6))

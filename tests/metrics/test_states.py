@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from metric_data import VQA_EXPECTED, VQA_QUESTIONS
 from torch import nn
 
 from ecoflap_pl.metrics import CaptionScores, VQAAccuracy
 from ecoflap_pl.metrics._states import decode_texts, encode_texts, first_occurrences, sample_ids
+from tests.metrics.metric_data import VQA_EXPECTED, VQA_QUESTIONS
 
 
 def test_texts_round_trip_through_uint8_tensors() -> None:

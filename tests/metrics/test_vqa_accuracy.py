@@ -6,10 +6,10 @@ import json
 import random
 
 import pytest
-from metric_data import VQA_EXPECTED, VQA_QUESTIONS
 
 from ecoflap_pl.metrics import VQAAccuracy, normalize_answer, vqa_accuracy, vqa_score, write_vqa_results
 from ecoflap_pl.metrics.vqa_normalization import process_digit_article, process_punctuation
+from tests.metrics.metric_data import VQA_EXPECTED, VQA_QUESTIONS
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from pruning_helpers import ToyModel, seeded_toy_model
+
+from tests.pruning.pruning_helpers import ToyModel, seeded_toy_model
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """Tiny seeded models, calibration batches and losses for the engine tests.
 
-A plain module (not ``conftest``) so that test files import it by a name no other test folder uses.
+A plain module (not ``conftest``), imported by its full name: ``from tests.pruning.pruning_helpers import ...``.
 """
 
 from __future__ import annotations

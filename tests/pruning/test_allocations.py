@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-from pruning_helpers import assert_bit_identical, seeded_toy_model, snapshot, toy_batches, toy_loss
 
 from ecoflap_pl import PruningConfig, prune
 from ecoflap_pl.pruning.allocation import (
@@ -19,6 +18,7 @@ from ecoflap_pl.pruning.allocation import (
     registry,
 )
 from ecoflap_pl.reporting import write_report
+from tests.pruning.pruning_helpers import assert_bit_identical, seeded_toy_model, snapshot, toy_batches, toy_loss
 
 SIZE = 1024  # parameters of one ToyBlock of width 16 (fc1 16x32 + fc2 32x16)
 

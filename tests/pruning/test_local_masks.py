@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from pruning_helpers import slow_row_mask
 
 from ecoflap_pl.pruning.masks import (
     matrix_mask,
@@ -13,6 +12,7 @@ from ecoflap_pl.pruning.masks import (
     select_mask,
     wanda_scores,
 )
+from tests.pruning.pruning_helpers import slow_row_mask
 
 
 def slow_nm_mask(scores, n, m):

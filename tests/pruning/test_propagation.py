@@ -7,13 +7,13 @@ import inspect
 
 import pytest
 import torch
-from pruning_helpers import family_case, slow_row_mask, toy_batches, toy_loss
 from torch import nn
 
 from ecoflap_pl import PruningConfig, prune
 from ecoflap_pl.pruning.calls import capture_block_calls, hidden_output
 from ecoflap_pl.pruning.statistics import InputStatistics, LinearInputRecorder
 from ecoflap_pl.pruning.transaction import pruning_session
+from tests.pruning.pruning_helpers import family_case, slow_row_mask, toy_batches, toy_loss
 
 
 def own_block_outputs(model, blocks, batches, loss_fn):

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from pruning_helpers import seeded_toy_model, toy_batches, toy_loss
 
 from ecoflap_pl import PruningConfig, prune
+from tests.pruning.pruning_helpers import seeded_toy_model, toy_batches, toy_loss
 
 CONFIGS = {
     "zeroth_order_wanda": PruningConfig(sparsity=0.5, coarse_samples=16, fine_samples=16),
@@ -69,3 +70,31 @@ def test_two_ranks_build_the_masks_of_one_process():
             assert masks.keys() == single.masks.keys()
             for key, mask in masks.items():
                 assert torch.equal(mask, single.masks[key]), (name, rank, key)
+
+
+def _short_set_rank_main(rank: int, world_size: int, port: int, errors: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # A rank stuck in a collective fails after the timeout instead of hanging the test.
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    try:
+        config = PruningConfig(sparsity=0.5, coarse_samples=16, fine_samples=16)
+        try:
+            # One calibration batch for two ranks: rank 1 would get none of either step.
+            prune(seeded_toy_model(), toy_batches(1), toy_loss, config, all_reduce=_all_reduce, rank=rank, world_size=2)
+        except ValueError as error:
+            errors[rank] = str(error)
+        dist.barrier()  # both ranks got here: neither is left waiting in an all-reduce of the other
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_short_calibration_set_is_refused_identically_on_every_rank():
+    with mp.Manager() as manager:
+        shared = manager.dict()
+        mp.spawn(_short_set_rank_main, args=(2, _free_port(), shared), nprocs=2, join=True)
+        errors = dict(shared)
+    assert errors.keys() == {0, 1}
+    assert errors[0] == errors[1]
+    assert "Each of the 2 ranks needs at least one calibration batch" in errors[0] and "HINT:" in errors[0]

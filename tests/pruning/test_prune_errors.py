@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
-from pruning_helpers import assert_bit_identical, snapshot, toy_batches, toy_loss
 from torch import nn
 
 from ecoflap_pl import PruningConfig, prune, score_groups
+from tests.pruning.pruning_helpers import assert_bit_identical, snapshot, toy_batches, toy_loss
 
 
 @pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5])

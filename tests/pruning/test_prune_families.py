@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from pruning_helpers import family_case, snapshot, toy_batches, toy_loss
 from torch import nn
 
 from ecoflap_pl import PruningConfig, prune
 from ecoflap_pl.pruning.discovery import find_stacks
+from tests.pruning.pruning_helpers import family_case, snapshot, toy_batches, toy_loss
 
 STACKS = {
     "blip2_opt": ["vision_model.encoder.layers", "language_model.model.decoder.layers"],
@@ -65,6 +65,7 @@ def check_result(model, before, result, config):
 def test_every_family_is_pruned(family):
     model, batches, loss_fn = family_case(family, batches=2, size=2)
     before = snapshot(model)
+    block_runs = block_runs_per_forward(model, STACKS[family], loss_fn, batches[0])
     config = PruningConfig(sparsity=0.5, coarse_samples=2, fine_samples=4)
     result = prune(model, batches, loss_fn, config)
 
@@ -76,10 +77,28 @@ def test_every_family_is_pruned(family):
     blocks = {name for stack in STACKS[family] for name in find_block_names(model, stack)}
     assert set(result.groups) == blocks  # every block of every stack is a group and was pruned
     assert all(0 < sparsity <= config.max_sparsity for sparsity in result.tower_sparsity().values())
-    assert result.stages["coarse"].full_forwards == 2 * len(candidates)  # one batch of 2 samples, one probe
+    # the ± probes of every candidate (one batch, one probe) shared forwards of 8 replicas, and the blocks before the
+    # probed one never re-ran: fewer block runs than one full forward per probe would make
+    coarse = result.stages["coarse"]
+    assert coarse.probe_replicas == 8
+    assert 0 < coarse.block_forwards < 2 * len(candidates) * block_runs
     check_result(model, before, result, config)
     with torch.no_grad():
         assert math.isfinite(float(loss_fn(model, batches[0])))
+
+
+def block_runs_per_forward(model, stacks, loss_fn, batch):
+    """How many times one forward pass runs a block of ``stacks``."""
+    runs = []
+    blocks = [model.get_submodule(name) for stack in stacks for name in find_block_names(model, stack)]
+    handles = [block.register_forward_pre_hook(lambda *_: runs.append(1)) for block in blocks]
+    try:
+        with torch.no_grad():
+            loss_fn(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return len(runs)
 
 
 def find_block_names(model, stack):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pruning_helpers import ToyBlock, assert_bit_identical, family_case, snapshot, toy_batches
 from torch import nn
 
 from ecoflap_pl import PruningConfig, prune, score_groups
+from tests.pruning.pruning_helpers import ToyBlock, assert_bit_identical, family_case, snapshot, toy_batches
 
 
 class OpaqueBlock(ToyBlock):

@@ -1,10 +1,3 @@
-"""The robustness cases reuse the engine's toy models and data (``tests/pruning/pruning_helpers.py``)."""
+"""The robustness cases run on one thread, as the engine tests do."""
 
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-# The test folders are not packages; the toy models of the engine tests are shared by putting their folder on the
-# path (pytest does the same for the folder of every collected test module).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pruning"))
+from tests.pruning.conftest import one_thread  # noqa: F401 (an autouse fixture: importing it applies it here)

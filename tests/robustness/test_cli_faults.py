@@ -11,18 +11,10 @@ import shutil
 
 import pytest
 import torch
-from cli_runs import folder_digest, run_ecoflap, vit_config, vqa_config
 from transformers import Blip2ForConditionalGeneration
 
 from ecoflap_pl.cli import main
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.robustness.cli_runs import folder_digest, run_ecoflap, vit_config, vqa_config
 
 
 def short_error(outcome, *expected: str) -> None:

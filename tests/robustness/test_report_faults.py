@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
-from pruning_helpers import seeded_toy_model, toy_batches, toy_loss
 
 from ecoflap_pl.pruning import PruningConfig, prune
 from ecoflap_pl.reporting import REPORT_JSON, write_report
+from tests.pruning.pruning_helpers import seeded_toy_model, toy_batches, toy_loss
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from ecoflap_pl.models.loading import load_tokenizer
 from ecoflap_pl.models.tiny import tiny_config
 from ecoflap_pl.models.tokenizers import train_tokenizer
+from tests.trainers import quiet_trainer
 
 CAPTIONS = (
     "a dog runs on the green grass",
@@ -113,19 +114,8 @@ def vqa_test_samples(vqa_samples: list[dict]) -> list[dict]:
 
 
 def cpu_trainer(**kwargs) -> pl.Trainer:  # noqa: ANN003
-    """A quiet CPU trainer for task tests (2 steps, no logger, no checkpoints, no sanity check)."""
-    options = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": 2,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-    }
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    """A quiet CPU trainer for task tests (2 steps, no sanity check; see :func:`~tests.trainers.quiet_trainer`)."""
+    return quiet_trainer(**{"max_steps": 2, "num_sanity_val_steps": 0, **kwargs})
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.models.tokenizers import IMAGE_ID
 from ecoflap_pl.tasks._vision_language import IGNORE_INDEX, prefix_split
 from ecoflap_pl.tasks.captioning import CaptioningTask
+from tests.tasks.task_helpers import fit_changed_weights
 
 FAMILIES = ("blip2_opt", "blip2_t5", "blip")
 NUM_QUERY_TOKENS = 4  # tiny_config's default
@@ -153,13 +154,11 @@ def test_generated_captions_hold_only_new_tokens(tiny_setup, caption_eval_sample
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_steps_run_and_change_the_weights(tiny_setup, trainer_factory, caption_train_samples, family):
     task = _task(tiny_setup, family)
-    before = {name: p.detach().clone() for name, p in task.model.named_parameters()}
-    loader = DataLoader(caption_train_samples, batch_size=2, collate_fn=task.collator)
     trainer = trainer_factory(max_steps=2)
-    trainer.fit(task, train_dataloaders=loader)
+    changed = fit_changed_weights(task, trainer, caption_train_samples)
     assert trainer.global_step == 2
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert any(not torch.equal(before[name], p) for name, p in task.model.named_parameters())
+    assert changed
 
 
 def test_validation_logs_caption_scores(tiny_setup, trainer_factory, caption_eval_samples):

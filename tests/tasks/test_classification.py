@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from ecoflap_pl.models.tiny import TIMM_ARCHITECTURES, tiny_config
 from ecoflap_pl.models.tokenizers import train_tokenizer
 from ecoflap_pl.tasks.classification import ClassificationTask
+from tests.tasks.task_helpers import fit_changed_weights
 
 CLASS_NAMES = ["tench", "goldfish", "great white shark"]
 TEMPLATES = ["a photo of a {}.", "a drawing of the {}."]
@@ -131,11 +132,8 @@ def test_timm_training_changes_weights_and_validation_logs_top1_top5(
     trainer_factory: Callable[..., pl.Trainer],
 ) -> None:
     task = _timm_task("eva", learning_rate=1e-2)
-    before = {name: p.detach().clone() for name, p in task.model.named_parameters()}
-    loader = DataLoader(_samples(4), batch_size=2, collate_fn=task.collator)
     trainer = trainer_factory()
-    trainer.fit(task, train_dataloaders=loader)
-    changed = {name for name, p in task.model.named_parameters() if not torch.equal(p, before[name])}
+    changed = fit_changed_weights(task, trainer, _samples(4))
     assert {"head.weight", "blocks.0.attn.qkv.weight"} <= changed
     (metrics,) = trainer.validate(task, dataloaders=DataLoader(_samples(6), batch_size=4, collate_fn=task.collator))
     assert set(metrics) == {"val/top1", "val/top5", "val/loss"}

@@ -6,7 +6,6 @@ import gzip
 import json
 import math
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -14,6 +13,7 @@ from ecoflap_pl.datamodules.text import TextDataModule
 from ecoflap_pl.models.tiny import tiny_config
 from ecoflap_pl.models.tokenizers import train_tokenizer
 from ecoflap_pl.tasks.language_modeling import LanguageModelingTask
+from tests.trainers import quiet_trainer
 
 CORPUS = [
     "the red three sits left of the blue seven",
@@ -86,9 +86,7 @@ def test_fit_and_validate_through_the_trainer(tmp_path, tokenizer_dirs, family):
         tmp_path, train_file="c4-train.00000-of-01024.json.gz", val_file="wiki.valid.raw", batch_size=2
     )
     before = {name: p.detach().clone() for name, p in task.model.named_parameters()}
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False
-    )
+    trainer = quiet_trainer(max_steps=2)
     trainer.fit(task, datamodule=data)
     assert any(not torch.equal(before[n], p) for n, p in task.model.named_parameters())
     metrics = trainer.validate(task, datamodule=data, verbose=False)[0]

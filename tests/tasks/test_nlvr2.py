@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from ecoflap_pl.models.tiny import tiny_config
 from ecoflap_pl.models.tokenizers import train_tokenizer
 from ecoflap_pl.tasks.nlvr2 import NLVR2Task
+from tests.tasks.task_helpers import fit_changed_weights
 
 SENTENCES = ["the left image has two dogs", "there is a cat in the right image", "one image shows a red bus"]
 
@@ -79,11 +80,9 @@ def test_training_changes_weights_and_validation_logs_accuracy(
     vilt_tokenizer_dir: str, trainer_factory: Callable[..., pl.Trainer], tmp_path: Path
 ) -> None:
     task = NLVR2Task(model_config=tiny_config("vilt").to_dict(), tokenizer=vilt_tokenizer_dir, learning_rate=1e-2)
-    before = {name: p.detach().clone() for name, p in task.model.named_parameters()}
-    loader = DataLoader(_samples(4), batch_size=2, collate_fn=task.collator)
-    trainer = trainer_factory()
-    trainer.fit(task, train_dataloaders=loader)
-    changed = [name for name, p in task.model.named_parameters() if not torch.equal(p, before[name])]
+    samples, trainer = _samples(4), trainer_factory()
+    changed = fit_changed_weights(task, trainer, samples)
+    loader = DataLoader(samples, batch_size=2, collate_fn=task.collator)
     assert "classifier.3.weight" in changed and any("encoder.layer" in name for name in changed)
     trainer.save_checkpoint(tmp_path / "nlvr2.ckpt")
     restored = NLVR2Task.load_from_checkpoint(tmp_path / "nlvr2.ckpt")

@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader
 from ecoflap_pl.models.tiny import tiny_config
 from ecoflap_pl.models.tokenizers import IMAGE_ID, train_tokenizer
 from ecoflap_pl.tasks.retrieval import RetrievalTask, contrastive_loss, hard_negative_pairs
+from tests.metrics.metric_data import recall_from_ranks
+from tests.tasks.task_helpers import fit_changed_weights
 
 CAPTIONS = [
     "a dog runs on the grass",
@@ -91,13 +93,7 @@ def _reference_recall(i2t: torch.Tensor, t2i: torch.Tensor, text_to_image: list[
     for i in range(num_images):
         best = max(i2t[i, t] for t in range(num_texts) if text_to_image[t] == i)
         i2t_ranks.append(sum(1 for t in range(num_texts) if text_to_image[t] != i and i2t[i, t] >= best))
-    out = {}
-    for name, ranks in (("t2i", t2i_ranks), ("i2t", i2t_ranks)):
-        for k in ks:
-            out[f"{name}_r{k}"] = sum(r < k for r in ranks) / len(ranks)
-        out[f"{name}_r_mean"] = sum(out[f"{name}_r{k}"] for k in ks) / len(ks)
-    out["r_mean"] = (out["t2i_r_mean"] + out["i2t_r_mean"]) / 2
-    return out
+    return recall_from_ranks(t2i_ranks, i2t_ranks, ks)
 
 
 def _hf_scores(task: RetrievalTask, samples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -256,10 +252,8 @@ def test_training_steps_change_the_weights(
     family: str, tokenizers: dict[str, str], trainer_factory: Callable[..., pl.Trainer], tmp_path: Path
 ) -> None:
     task = _task(family, tokenizers, learning_rate=1e-2, itm_top_k=0)
-    before = {name: p.detach().clone() for name, p in task.model.named_parameters()}
     trainer = trainer_factory()
-    trainer.fit(task, train_dataloaders=DataLoader(_train_samples(4), batch_size=2, collate_fn=task.collator))
-    changed = {name for name, p in task.model.named_parameters() if not torch.equal(p, before[name])}
+    changed = fit_changed_weights(task, trainer, _train_samples(4))
     assert any("vision_model.encoder" in name for name in changed)
     assert any("text" in name and "layer" in name for name in changed)
     trainer.save_checkpoint(tmp_path / "retrieval.ckpt")

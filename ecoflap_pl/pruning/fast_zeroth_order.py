@@ -1,0 +1,364 @@
+"""The zeroth-order estimator of :mod:`ecoflap_pl.pruning.zeroth_order` at the cost of far fewer forwards.
+
+Same directions (same seeds), same two-point estimate ``ĝ = (L+ − L−) / (2ε)``, same sums; two savings:
+
+- **Prefix reuse.** Per calibration batch, one dense forward records every block call's output
+  (:mod:`ecoflap_pl.pruning.block_outputs`). A probe of a weight in block ``k`` then answers every block call
+  that ended before block ``k`` first started from that record, so the upstream blocks and towers do not run.
+- **Batched probes.** ``R`` probes share one forward: the batch is repeated ``R`` times along its leading
+  dimension and each replica's Linear outputs get its own perturbation ``±ε·x·Zᵀ``
+  (:mod:`ecoflap_pl.pruning.perturbation`). ``loss_fn`` returns one scalar for the whole batch, so per-replica
+  losses are taken in a second step that needs no knowledge of the loss: the batched forward runs the blocks
+  only (it stops after the last block call), then for each replica ``loss_fn(model, batch)`` runs on the
+  original batch with *every* block call answered by that replica's slice of the batched outputs. Only the glue
+  between blocks (embeddings, projections, the head and the loss itself) runs per replica, and a loss that
+  couples the samples of a batch (CLIP's contrastive loss) stays exact.
+
+The weights are never written to: an interrupt leaves them bit-exact, with nothing to restore.
+
+What is checked rather than assumed, with a warning and a fallback to the plain per-probe loop: that the model
+gives the dense loss again when every block call is answered from the record, that the code after a block never
+modifies a recorded output in place, and that every perturbed weight is used through ``F.linear``. A batch whose
+blocks do not carry the replicas along the leading dimension falls back to one replica per forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from ecoflap_pl.pruning.block_outputs import (
+    BlockRecord,
+    CallKey,
+    NotReplicable,
+    answered_calls,
+    batch_size,
+    record_block_calls,
+    replica_slice,
+    replicate,
+    replicate_output,
+    stack_blocks,
+)
+from ecoflap_pl.pruning.calls import hidden_output
+from ecoflap_pl.pruning.loss import LossFn, checked_loss
+from ecoflap_pl.pruning.monitor import StageMonitor, free_memory_bytes
+from ecoflap_pl.pruning.perturbation import LinearPerturbation, Replica
+from ecoflap_pl.pruning.zeroth_order import probe_directions, probe_seed, warn_flat_probes, zeroth_order_sums
+
+logger = logging.getLogger(__name__)
+_STORAGES = ("auto", "device", "cpu")
+_SHARE_OF_FREE_MEMORY = 0.5
+_BYTES_PER_RECORDED_BYTE = 3  # a replica's forward holds about its recorded outputs again in transient activations
+_REPLAY_REL_TOL = 1e-6
+
+
+class _Unsupported(Exception):
+    """The model breaks an assumption of the fast path; the plain loop is used instead."""
+
+
+class _StopForward(Exception):
+    """Ends the batched forward after its last block call; caught by type only here."""
+
+
+@dataclass(frozen=True)
+class _Probe:
+    unit_index: int
+    unit: str
+    probe: int
+    start: int
+
+
+def choose_replicas(max_replicas: int, recorded_bytes: int, device: torch.device) -> tuple[int, int]:
+    """Replicas per forward, from the memory left on ``device``; returns ``(replicas, free bytes)``.
+
+    A replica costs about ``3 x`` the recorded block outputs of one batch (its own outputs, kept for the per-replica
+    losses, plus the forward's transient activations); at most half the free memory is used. More than one replica
+    is always an even number, so the ± pair of a direction shares a forward.
+    """
+    free = free_memory_bytes(device)
+    if max_replicas <= 1:
+        return 1, free
+    per_replica = max(1, _BYTES_PER_RECORDED_BYTE * recorded_bytes)
+    replicas = max(1, min(max_replicas, int(_SHARE_OF_FREE_MEMORY * free) // per_replica))
+    return (replicas - replicas % 2 if replicas > 1 else 1), free
+
+
+class _BatchProber:
+    """Probe losses on one calibration batch, with its dense block record."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: Mapping[str, nn.Module],
+        loss_fn: LossFn,
+        batch_id: int,
+        batch: Any,
+        record: BlockRecord,
+        device: torch.device,
+        eps: float,
+        monitor: StageMonitor,
+    ) -> None:
+        self.model, self.blocks, self.loss_fn = model, blocks, loss_fn
+        self.batch_id, self.batch, self.record, self.device = batch_id, batch, record, device
+        self.eps, self.monitor = eps, monitor
+        self.last_call = max(record.ends, key=record.ends.__getitem__)
+
+    def _loss(self, handler: Callable[[CallKey, Callable[[], Any]], Any], batch: Any) -> float:
+        with answered_calls(self.blocks, handler):
+            loss = float(checked_loss(self.loss_fn, self.model, batch, self.batch_id))
+        self.monitor.full_forwards += 1
+        return loss
+
+    def check_replay(self) -> None:
+        """Check that the loss with every block call answered from the record is the dense loss.
+
+        Raises:
+            _Unsupported: when it is not, or when the code after a block modified its recorded output in place.
+        """
+        replayed = self._loss(lambda key, run: self.record.output(key, self.device), self.batch)
+        if not self.record.check_unchanged():
+            raise _Unsupported("the model modified a recorded block output in place")
+        if not math.isclose(replayed, self.record.loss, rel_tol=_REPLAY_REL_TOL):
+            raise _Unsupported(
+                f"answering the block calls from the record gives the loss {replayed!r}, "
+                f"not the dense {self.record.loss!r}"
+            )
+
+    def losses(self, replicas: Sequence[Replica], start: int, names: Sequence[str]) -> list[float]:
+        """The loss of each replica's perturbation (of the units ``names``); block calls that ended before event
+        ``start`` are answered.
+
+        Raises:
+            FloatingPointError: when a perturbed loss is not finite (the dense one is): ``eps`` is too large.
+        """
+        try:
+            return self._losses(replicas, start)
+        except FloatingPointError as error:
+            raise FloatingPointError(
+                f"The calibration loss becomes non-finite when the weights of {sorted(set(names))} are perturbed by "
+                f"eps={self.eps:g} (it is finite unperturbed on calibration batch {self.batch_id}). The model was "
+                "left unchanged. HINT: lower `eps` (the official runs use 1e-3)."
+            ) from error
+
+    def _losses(self, replicas: Sequence[Replica], start: int) -> list[float]:
+        answered = self.record.finished_before(start)
+        mode = LinearPerturbation(replicas, self.eps)
+        if len(replicas) == 1:
+
+            def single(key: CallKey, run: Callable[[], Any]) -> Any:
+                if key in answered:
+                    return self.record.output(key, self.device)
+                self.monitor.block_forwards += 1
+                return run()
+
+            with mode:
+                values = [self._loss(single, self.batch)]
+        else:
+            values = self._batched_losses(mode, answered)
+        if mode.unperturbed():
+            raise _Unsupported(
+                f"{len(mode.unperturbed())} perturbed weight(s) were never used in an F.linear call, or used by other "
+                "operations as well"
+            )
+        if not self.record.check_unchanged():
+            raise _Unsupported("the model modified a recorded block output in place")
+        return values
+
+    def _batched_losses(self, mode: LinearPerturbation, answered: set[CallKey]) -> list[float]:
+        count = mode.count
+        computed: dict[CallKey, Any] = {}
+
+        def batched(key: CallKey, run: Callable[[], Any]) -> Any:
+            if key in answered:
+                output = replicate_output(self.record.output(key, self.device), count)
+            else:
+                output = run()
+                self.monitor.block_forwards += count
+                dense = self.record.outputs.get(key)
+                if dense is None or hidden_output(output).shape[0] != count * hidden_output(dense).shape[0]:
+                    raise NotReplicable(f"block call {key} does not carry {count} replicas")
+                computed[key] = output
+            if key == self.last_call:
+                raise _StopForward
+            return output
+
+        replicated = replicate(self.batch, count, batch_size(self.batch))
+        try:
+            with answered_calls(self.blocks, batched), mode:
+                self.loss_fn(self.model, replicated)
+        except _StopForward:
+            pass
+        except RuntimeError as error:  # an input without the batch dimension, or out of memory with the copies
+            raise NotReplicable(f"the forward on {count} copies of the batch failed ({error})") from error
+        self.monitor.full_forwards += 1
+        values = []
+        for index in range(count):
+
+            def sliced(key: CallKey, run: Callable[[], Any], index: int = index) -> Any:
+                if key in computed:
+                    return replica_slice(computed[key], self.record.outputs[key], count, index)
+                if key in self.record.outputs:
+                    return self.record.output(key, self.device)
+                raise NotReplicable(f"block call {key} did not run in the dense forward")
+
+            values.append(self._loss(sliced, self.batch))
+        return values
+
+
+def _probes(
+    units: Mapping[str, Sequence[nn.Parameter]], blocks: Mapping[str, nn.Module], record: BlockRecord, probes: int
+) -> list[_Probe]:
+    """Every (unit, probe) with the event at which the unit's first block call starts, earliest first."""
+    owner = {id(p): name for name, block in blocks.items() for p in block.parameters()}
+    first_start: dict[str, int] = {}
+    for (name, _), start in record.starts.items():
+        first_start[name] = min(start, first_start.get(name, start))
+    found: list[_Probe] = []
+    for unit_index, (unit, tensors) in enumerate(units.items()):
+        starts = [first_start.get(owner.get(id(t), ""), 0) for t in tensors]
+        found.extend(_Probe(unit_index, unit, probe, min(starts)) for probe in range(probes))
+    return sorted(found, key=lambda p: p.start)
+
+
+def _storage_device(storage: str, device: torch.device, recorded_bytes: int) -> torch.device:
+    if storage == "cpu" or device.type == "cpu":
+        return torch.device("cpu")
+    if storage == "device":
+        return device
+    return device if recorded_bytes <= _SHARE_OF_FREE_MEMORY * free_memory_bytes(device) / 2 else torch.device("cpu")
+
+
+@torch.no_grad()
+def fast_zeroth_order_sums(
+    model: nn.Module,
+    units: Mapping[str, Sequence[nn.Parameter]],
+    batches: Sequence[tuple[int, Any]],
+    loss_fn: LossFn,
+    *,
+    eps: float,
+    probes: int,
+    seed: int,
+    monitor: StageMonitor,
+    max_replicas: int,
+    storage: str = "auto",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:
+    """``s_u = Σ_b mean_k |ĝ_{u,b,k}|`` for every unit, equal to :func:`zeroth_order_sums` (same seeds) up to the
+    rounding of ``x·(W ± εZ)ᵀ`` against ``x·Wᵀ ± ε·x·Zᵀ``.
+
+    Args:
+        units: unit name -> the parameters perturbed together.
+        batches: ``(global batch id, batch)`` pairs.
+        eps, probes, seed: as for :func:`zeroth_order_sums`.
+        monitor: counts ``loss_fn`` calls as full forwards (the replay and per-replica calls run only the glue
+            between blocks) and block calls that really ran as block forwards, one per replica.
+        max_replicas: most probes per forward (1: one forward per probe, prefix reuse only); the number used is
+            chosen from the memory left.
+        storage: where recorded block outputs live: ``"device"``, ``"cpu"`` (offloaded, copied back per call) or
+            ``"auto"`` (the device while a batch's record takes at most a quarter of its free memory).
+        on_progress: ``on_progress(done, total)`` after each forward of probes.
+    """
+    if storage not in _STORAGES:
+        raise ValueError(f"`storage` must be one of {list(_STORAGES)}, got {storage!r}.")
+    try:
+        return _fast_sums(
+            model, units, batches, loss_fn, eps, probes, seed, monitor, max_replicas, storage, on_progress
+        )
+    except _Unsupported as reason:
+        logger.warning(
+            "Prefix reuse and batched probes do not apply to this model (%s); probing with one full forward per "
+            "probe instead. HINT: set activation_storage: recompute to choose this path directly.",
+            reason,
+        )
+        return zeroth_order_sums(model, units, batches, loss_fn, eps=eps, probes=probes, seed=seed, monitor=monitor)
+
+
+def _fast_sums(
+    model: nn.Module,
+    units: Mapping[str, Sequence[nn.Parameter]],
+    batches: Sequence[tuple[int, Any]],
+    loss_fn: LossFn,
+    eps: float,
+    probes: int,
+    seed: int,
+    monitor: StageMonitor,
+    max_replicas: int,
+    storage: str,
+    on_progress: Callable[[int, int], None] | None,
+) -> dict[str, float]:
+    blocks = stack_blocks(model)
+    device = next(iter(units.values()))[0].device
+    sums = dict.fromkeys(units, 0.0)
+    flat: dict[str, int] = {}
+    replicas = max_replicas
+    done = 0
+    where = device
+    for position, (batch_id, batch) in enumerate(batches):
+        record = record_block_calls(blocks, partial(checked_loss, loss_fn, model, batch, batch_id), where)
+        monitor.full_forwards += 1
+        if position == 0:
+            where = _storage_device(storage, device, record.nbytes)
+            record = record.to(where)
+            replicas, free = choose_replicas(max_replicas, record.nbytes, device)
+            monitor.recorded_bytes = record.nbytes
+            logger.info(
+                "Zeroth-order probes: %d block calls recorded per batch (%.1f MiB on %s), %d probe(s) per forward "
+                "(at most %d; %.1f GiB free on %s)",
+                len(record.outputs),
+                record.nbytes / 2**20,
+                where,
+                replicas,
+                max_replicas,
+                free / 2**30,
+                device,
+            )
+        if not record.outputs:
+            raise _Unsupported("no block of a discovered stack ran")
+        prober = _BatchProber(model, blocks, loss_fn, batch_id, batch, record, device, eps, monitor)
+        if position == 0:
+            prober.check_replay()
+        pending = _probes(units, blocks, record, probes)
+        while pending:
+            pairs = max(1, replicas // 2)
+            total = done + -(-len(pending) // pairs) + (len(batches) - position - 1) * -(-len(units) * probes // pairs)
+            chunk, pending = pending[:pairs], pending[pairs:]
+            directions = {
+                (p.unit, p.probe): probe_directions(units[p.unit], probe_seed(seed, p.unit_index, batch_id, p.probe))
+                for p in chunk
+            }
+            signed = [
+                Replica(tuple(units[p.unit]), tuple(directions[p.unit, p.probe]), sign)
+                for p in chunk
+                for sign in (1.0, -1.0)
+            ]
+            try:
+                names = [p.unit for p in chunk]
+                if replicas == 1:
+                    values = [prober.losses([replica], chunk[0].start, names)[0] for replica in signed]
+                else:
+                    values = prober.losses(signed, chunk[0].start, names)
+            except NotReplicable as reason:
+                logger.warning(
+                    "Batched probes fall back to one probe per forward: %s. HINT: set max_probe_replicas: 1.", reason
+                )
+                replicas, pending = 1, chunk + pending
+                continue
+            for index, p in enumerate(chunk):
+                difference = values[2 * index] - values[2 * index + 1]
+                if difference == 0.0:
+                    flat[p.unit] = flat.get(p.unit, 0) + 1
+                sums[p.unit] += abs(difference) / (2.0 * eps) / probes
+            done += 1
+            if on_progress is not None:
+                on_progress(done, total)
+        del record, prober
+    monitor.probe_replicas = replicas
+    warn_flat_probes(flat, len(units), len(batches) * probes, eps)
+    return sums

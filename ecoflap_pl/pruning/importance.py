@@ -1,0 +1,171 @@
+"""The importance estimator registry: how the coarse step measures one score per group.
+
+An estimator is a pair registered under a name with :func:`register_importance`: ``measure(request)`` returns raw
+per-unit sums over this rank's calibration batches (linear in the batches, so the pipeline sums them over ranks),
+and ``combine(raw, request, batch_count)`` turns the global sums into group scores with the configured score
+variant. Both built-ins report the **mean over the coarse batches** (docs/algorithm.md §2, Scale), so first- and
+zeroth-order scores are on the same per-batch scale. ``PruningConfig.importance`` picks the estimator
+(``"uniform"`` means no estimator: no scores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from ecoflap_pl.pruning.fast_zeroth_order import fast_zeroth_order_sums
+from ecoflap_pl.pruning.first_order import first_order_sums
+from ecoflap_pl.pruning.loss import LossFn
+from ecoflap_pl.pruning.monitor import StageMonitor
+from ecoflap_pl.pruning.score_variants import get_score
+from ecoflap_pl.pruning.zeroth_order import zeroth_order_sums
+
+if TYPE_CHECKING:
+    from ecoflap_pl.pruning.config import PruningConfig
+
+
+@dataclass(frozen=True)
+class ImportanceRequest:
+    """What an estimator reads.
+
+    Attributes:
+        model: the model, dense.
+        params: candidate name -> weight, in forward order.
+        groups: group -> its candidate names.
+        batches: ``(global batch id, batch)`` pairs of this rank.
+        loss_fn: ``loss_fn(model, batch) -> scalar``.
+        config: the run's configuration (``score``, ``eps``, ``probes``, ``seed``, ``probe_granularity``...).
+        monitor: counts the forward and backward passes.
+        tick: ``tick(total)`` returns the callback to call as each of ``total`` units of work finishes (progress).
+        progress: ``progress(done, total)``, for an estimator that counts its own work (``None``: no progress).
+    """
+
+    model: nn.Module
+    params: Mapping[str, nn.Parameter]
+    groups: Mapping[str, tuple[str, ...]]
+    batches: Sequence[tuple[int, Any]]
+    loss_fn: LossFn
+    config: PruningConfig
+    monitor: StageMonitor
+    tick: Callable[[int], Callable[[], None]]
+    progress: Callable[[int, int], None] | None
+
+
+Measure = Callable[[ImportanceRequest], dict[str, float]]
+Combine = Callable[[Mapping[str, float], ImportanceRequest, int], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class ImportanceEstimator:
+    """A registered estimator: ``measure`` (raw per-unit sums on this rank) and ``combine`` (global sums and the
+    global number of coarse batches -> group -> score, before the ``sum``/``avg`` aggregation)."""
+
+    name: str
+    measure: Measure
+    combine: Combine
+
+
+_ESTIMATORS: dict[str, ImportanceEstimator] = {}
+
+
+def register_importance(name: str, *, combine: Combine) -> Callable[[Measure], Measure]:
+    """Decorator registering ``measure(request) -> raw sums`` with its ``combine`` under ``name``."""
+
+    def register(measure: Measure) -> Measure:
+        if name in _ESTIMATORS or name == "uniform":
+            raise ValueError(f"An importance estimator named {name!r} is already registered.")
+        _ESTIMATORS[name] = ImportanceEstimator(name, measure, combine)
+        return measure
+
+    return register
+
+
+def importance_names() -> tuple[str, ...]:
+    """The registered estimator names, in registration order (``"uniform"``, no scores, is not one)."""
+    return tuple(_ESTIMATORS)
+
+
+def get_importance(name: str) -> ImportanceEstimator:
+    """The estimator registered under ``name``.
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    if name not in _ESTIMATORS:
+        raise ValueError(
+            f"`importance` must be one of {list(_ESTIMATORS)} to score groups, got {name!r}. "
+            "HINT: register an estimator with @register_importance(name, combine=...)."
+        )
+    return _ESTIMATORS[name]
+
+
+def _zeroth_order_combine(raw: Mapping[str, float], request: ImportanceRequest, batch_count: int) -> dict[str, float]:
+    """``from_scalar(mean_b s, weights)`` per unit (a group, or each tensor of it, summed)."""
+    variant, params = get_score(request.config.score), request.params
+    if request.config.probe_granularity == "per_block":
+        return {
+            group: variant.from_scalar(raw[group] / batch_count, [params[n] for n in names])
+            for group, names in request.groups.items()
+        }
+    return {
+        group: sum(variant.from_scalar(raw[n] / batch_count, [params[n]]) for n in names)
+        for group, names in request.groups.items()
+    }
+
+
+@register_importance("zeroth_order", combine=_zeroth_order_combine)
+def zeroth_order_measure(request: ImportanceRequest) -> dict[str, float]:
+    """Forward-only two-point estimates, per tensor or per group (``probe_granularity``), summed over batches:
+    full forwards per probe (``activation_storage: recompute``) or replays from the recorded dense block outputs."""
+    config, params = request.config, request.params
+    if config.probe_granularity == "per_block":
+        units = {group: [params[n] for n in names] for group, names in request.groups.items()}
+    else:
+        units = {name: [param] for name, param in params.items()}
+    if config.activation_storage == "recompute":
+        return zeroth_order_sums(
+            request.model,
+            units,
+            request.batches,
+            request.loss_fn,
+            eps=config.eps,
+            probes=config.probes,
+            seed=config.seed,
+            monitor=request.monitor,
+            on_unit_done=request.tick(len(units)),
+        )
+    return fast_zeroth_order_sums(
+        request.model,
+        units,
+        request.batches,
+        request.loss_fn,
+        eps=config.eps,
+        probes=config.probes,
+        seed=config.seed,
+        monitor=request.monitor,
+        max_replicas=config.max_probe_replicas,
+        storage=config.activation_storage,
+        on_progress=request.progress,
+    )
+
+
+def _first_order_combine(raw: Mapping[str, float], request: ImportanceRequest, batch_count: int) -> dict[str, float]:
+    """The group's tensor sums divided by the number of batches (the variant is applied per element)."""
+    return {group: sum(raw[n] for n in names) / batch_count for group, names in request.groups.items()}
+
+
+@register_importance("first_order", combine=_first_order_combine)
+def first_order_measure(request: ImportanceRequest) -> dict[str, float]:
+    """Streamed back-propagation, the score variant reduced per element, summed over batches."""
+    return first_order_sums(
+        request.model,
+        request.params,
+        request.batches,
+        request.loss_fn,
+        score=request.config.score,
+        monitor=request.monitor,
+        on_batch_done=request.tick(len(request.batches)),
+    )
