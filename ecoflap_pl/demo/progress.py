@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from typing_extensions import override
 
 from ecoflap_pl.demo.data import Progress as ProgressCallback
 
@@ -48,6 +49,7 @@ class StepBar(Callback):
         self._bars: Progress | None = None
         self._task: TaskID | None = None
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
@@ -61,6 +63,7 @@ class StepBar(Callback):
         self._bars.start()
         self._task = self._bars.add_task("steps", total=trainer.max_steps, loss="")
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -71,6 +74,7 @@ class StepBar(Callback):
             self._task, completed=trainer.global_step, loss="" if loss is None else f"loss {float(loss):.3f}"
         )
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._bars is not None:
             self._bars.stop()

@@ -1,6 +1,6 @@
 """Signals and offline mode reach ``ecoflap`` as a separate process, as they reach a user's run (see ``CASES.md``).
 
-The entry point runs with INFO logging, so that the test can wait for the line that says pruning has started.
+The entry point runs with INFO logging, so that a test can wait for the line that says pruning has started.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,27 +20,38 @@ from tests.robustness.cli_runs import vit_config, vqa_config
 ENTRY = "import logging; logging.basicConfig(level=logging.INFO); from ecoflap_pl.cli import main; main()"
 
 
-def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", ENTRY, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
-    )
+class Run:
+    """``ecoflap ARGS`` as a separate process whose output goes to a file (read without blocking)."""
 
+    def __init__(self, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        with log.open("w", encoding="utf-8") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", ENTRY, *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
+            )
 
-def read_until(process: subprocess.Popen, marker: str, timeout: float = 240) -> list[str]:
-    lines, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if marker in line:
-            return lines
-    process.kill()
-    raise AssertionError(f"{marker!r} never appeared:\n{''.join(lines)[-3000:]}")
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def wait_for(self, ready: Callable[[], bool], what: str, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise AssertionError(f"{what} never happened:\n{self.output()[-3000:]}")
+            time.sleep(0.1)
+
+    def finish(self, timeout: float) -> str:
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        return self.output()
 
 
 @pytest.mark.parametrize(
@@ -47,14 +59,13 @@ def read_until(process: subprocess.Popen, marker: str, timeout: float = 240) -> 
 )
 def test_a_signal_while_pruning_inside_validate_stops_at_once(tmp_path, demo_data, signum, code, said):
     config = vit_config(tmp_path, demo_data, probes=400)  # a coarse step of many forward passes: time to interrupt
-    process = start("validate", "-c", config)
-    lines = read_until(process, "weights to prune in")
+    run = Run(tmp_path / "out.log", "validate", "-c", config)
+    run.wait_for(lambda: "weights to prune in" in run.output(), "the start of pruning")
     sent = time.monotonic()
-    process.send_signal(signum)
-    rest, _ = process.communicate(timeout=60)
-    output = "".join(lines) + rest
+    run.process.send_signal(signum)
+    output = run.finish(timeout=60)
     assert time.monotonic() - sent < 30, output[-3000:]
-    assert process.returncode == code, output[-3000:]
+    assert run.process.returncode == code, output[-3000:]
     assert said in output and "every weight was restored" in output
     assert not list((tmp_path / "run").rglob("pruning_report.json"))
 
@@ -62,30 +73,28 @@ def test_a_signal_while_pruning_inside_validate_stops_at_once(tmp_path, demo_dat
 def test_sigint_while_fine_tuning_says_what_save_to_holds(tmp_path, demo_data):
     save_to = tmp_path / "pruned"
     config = vit_config(tmp_path, demo_data, importance="uniform", save_to=str(save_to))
-    process = start("fit", "-c", config, "--trainer.max_steps=100000", "--trainer.limit_val_batches=0")
-    read_until(process, "Pruning report written to")
-    deadline = time.monotonic() + 120
-    while not (save_to / "pruning_report.json").is_file() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    run = Run(tmp_path / "out.log", "fit", "-c", config, "--trainer.max_steps=100000", "--trainer.limit_val_batches=0")
+    run.wait_for(lambda: (save_to / "pruning_report.json").is_file(), "the pruned model's save")
     time.sleep(1.0)  # a few optimizer steps
-    process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 1, output[-3000:]
+    run.process.send_signal(signal.SIGINT)
+    output = run.finish(timeout=120)
+    assert run.process.returncode == 1, output[-3000:]
     assert f"{save_to} holds the model as pruned BEFORE fine-tuning, not the fine-tuned one" in output
     assert "--ckpt_path" in output
 
 
 def test_a_hub_name_in_offline_mode_says_offline(tmp_path, demo_data, blip2_dir):
     config = vqa_config(tmp_path, demo_data, blip2_dir)
-    process = start(
+    run = Run(
+        tmp_path / "out.log",
         "validate",
         "-c",
         config,
         "--model.init_args.pretrained=Salesforce/not-a-cached-model",
         env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")},
     )
-    output, _ = process.communicate(timeout=240)
-    assert process.returncode == 2, output[-3000:]
+    output = run.finish(timeout=240)
+    assert run.process.returncode == 2, output[-3000:]
     assert "offline mode is on (HF_HUB_OFFLINE=1)" in output
     assert len(output[output.index("error (") :].splitlines()) <= 4
     assert not Path(tmp_path / "run").exists()
