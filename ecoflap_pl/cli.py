@@ -176,6 +176,9 @@ class EcoflapCLI(LightningCLI):
                 raise ValueError("`compare_dense` needs a dense model, but the model given is already pruned.")
         # One table of both runs below, not one per run.
         dense_kwargs, pruned_kwargs = {**dense_kwargs, "verbose": False}, {**pruned_kwargs, "verbose": False}
+        # The dense run goes without the callback, so its fail-fast checks (save_to, 2:4 kernels, strategy) run
+        # here: a refusal must come before the dense evaluation's minutes of work, not after them.
+        callback.setup(self.trainer, self.model, self.subcommand)
         self.trainer.callbacks.remove(callback)
         try:
             dense = run(**dense_kwargs)

@@ -63,6 +63,23 @@ class _Plan:
     sizes: dict[str, int]
 
 
+def _ticker(progress: Progress | None, stage: str, total: int) -> Callable[[], None]:
+    """A callable that reports one more finished unit of ``stage`` (out of ``total``) to ``progress``."""
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(stage, done, total)
+
+    return step
+
+
+def _block_count(plan: _Plan) -> int:
+    return sum(len(stack.blocks) for stack in plan.stacks)
+
+
 def _batch_samples(batch: Any) -> int:
     """Samples in a batch: the leading dimension of its first tensor (1 when it has no tensor)."""
     if isinstance(batch, torch.Tensor):
@@ -254,16 +271,6 @@ def _score(
     chosen = _leading_batches(batches, config.coarse_samples, "The coarse step")
     own = _shard(chosen, rank, world_size)
     device = next(model.parameters()).device
-    done = 0
-
-    def tick(total: int) -> Callable[[], None]:
-        def step() -> None:
-            nonlocal done
-            done += 1
-            if progress is not None:
-                progress("coarse", done, total)
-
-        return step
 
     with StageMonitor(device) as monitor:
         request = ImportanceRequest(
@@ -274,7 +281,7 @@ def _score(
             loss_fn,
             config,
             monitor,
-            tick,
+            partial(_ticker, progress, "coarse"),
             None if progress is None else partial(progress, "coarse"),
         )
         estimator = get_importance(config.importance)
@@ -459,6 +466,7 @@ def prune(
                         transaction=trial,
                         monitor=monitor,
                         all_reduce=all_reduce,
+                        on_block_done=_ticker(progress, f"auto: {name}", _block_count(plan)),
                     )
                     loss = _heldout_loss(model, holdout, loss_fn, all_reduce, rank, world_size)
                     monitor.full_forwards += len(holdout)
@@ -473,15 +481,6 @@ def prune(
         allocation = get_allocation(config.allocation)(request)
         group_sparsity = allocation.group_sparsity
         tensor_sparsity = _tensor_sparsity(plan, group_sparsity)
-        total_blocks = sum(len(stack.blocks) for stack in plan.stacks)
-        done = 0
-
-        def block_done() -> None:
-            nonlocal done
-            done += 1
-            if progress is not None:
-                progress("fine", done, total_blocks)
-
         with StageMonitor(device) as monitor, torch.no_grad():
             masks = fine_prune_(
                 model,
@@ -494,7 +493,7 @@ def prune(
                 transaction=transaction,
                 monitor=monitor,
                 all_reduce=all_reduce,
-                on_block_done=block_done,
+                on_block_done=_ticker(progress, "fine", _block_count(plan)),
             )
         stages["fine"] = monitor.stats
         for name in prior_zeros:  # weights that were zero already are pruned too, whatever the new mask says

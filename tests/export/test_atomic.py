@@ -115,3 +115,26 @@ def test_refusals_name_the_problem_and_the_fix(tmp_path: Path) -> None:
     assert check_save_target(tmp_path / "new" / "pruned", overwrite=False) == tmp_path / "new" / "pruned"
     assert not (tmp_path / "new").exists()  # checking creates nothing
     assert (source / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_an_unwritable_parent_is_refused_before_any_work(tmp_path: Path) -> None:
+    """A folder the user cannot write gets a PermissionError naming it. Root ignores mode bits, so as root the check
+    runs in a child that util-linux's ``setpriv`` has stripped of the capability to override them."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    code = (
+        "import sys\n"
+        "from ecoflap_pl.export import check_save_target\n"
+        "try:\n"
+        f"    check_save_target({str(locked / 'pruned')!r}, overwrite=False)\n"
+        "except PermissionError as error:\n"
+        "    print(error)\n"
+        "    sys.exit(3)\n"
+    )
+    drop = "--bounding-set=-dac_override,-dac_read_search"
+    prefix = ["setpriv", drop.replace("bounding-set", "inh-caps"), drop] if os.geteuid() == 0 else []
+    result = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr
+    assert f"{locked} cannot be written" in result.stdout and "HINT" in result.stdout
+    assert list(locked.iterdir()) == []

@@ -320,6 +320,26 @@ def test_auto_interrupted_between_candidates_leaves_the_model_bit_identical():
     assert_bit_identical(model, before)
 
 
+def test_auto_reports_progress_inside_each_candidate_so_a_stop_request_is_honoured_there():
+    """The callback turns SIGTERM into an exception raised from ``progress``: it must be called between the blocks of
+    every candidate's trial, not only once the search is over."""
+    batches = toy_batches(6)
+    stages: list[str] = []
+
+    def stop_in_the_second_candidate(stage, done, total):
+        stages.append(stage)
+        if stage.startswith("auto: ") and len({s for s in stages if s.startswith("auto: ")}) == 2:
+            raise KeyboardInterrupt
+
+    model = lopsided_model()
+    before = snapshot(model)
+    config = PruningConfig(sparsity=0.5, allocation="auto", coarse_samples=8, fine_samples=8, auto_holdout_samples=4)
+    with pytest.raises(KeyboardInterrupt):
+        prune(model, batches, toy_loss, config, progress=stop_in_the_second_candidate)
+    assert_bit_identical(model, before)
+    assert stages[-1] == "auto: ecoflap(max_sparsity=0.55)" and "fine" not in stages
+
+
 def test_auto_refuses_before_any_work_when_no_batch_is_held_out():
     model = seeded_toy_model()
     before = snapshot(model)

@@ -201,3 +201,24 @@ def test_a_checkpoint_of_another_model_config_is_rebuilt_as_trained(capsys, tmp_
     assert outcome.code == 0, outcome.text[-3000:]
     assert "The checkpoint's hyperparameters replace these model arguments of the config: model_config" in outcome.text
     assert outcome.metric("val/loss") == same.metric("val/loss")
+
+
+def test_compare_dense_refuses_a_bad_save_to_before_the_dense_evaluation(capsys, tmp_path, demo_data):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("the user's file", encoding="utf-8")
+    before = folder_digest(occupied)
+    config = vit_config(tmp_path, demo_data, save_to=str(occupied))
+    logs = tmp_path / "logs"  # a dense evaluation would log its metrics here
+    outcome = run_ecoflap(
+        capsys,
+        "validate",
+        "-c",
+        config,
+        "--compare_dense=true",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={logs}",
+    )
+    short_error(outcome, "a folder that is not empty; nothing was written", "--pruning.overwrite true")
+    assert not list(logs.rglob("metrics.csv"))  # refused before the dense model was evaluated
+    assert folder_digest(occupied) == before
