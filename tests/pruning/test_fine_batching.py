@@ -83,3 +83,55 @@ def test_merge_calls_stacks_batch_tensors_and_shares_the_rest():
     assert merged.kwargs["mask"].shape == (5, 1, 3, 3) and merged.kwargs["bias"] is bias
     assert merge_calls([calls[0], BlockCall((None,), {**calls[1].kwargs, "scale": 1.0}, 0, None)], hidden) is None
     assert merge_calls(calls, [hidden[0], torch.randn(3, 4, 4)]) is None
+
+
+def tiny_gemma3(seed: int = 0):
+    """A tiny random Gemma-3 text model with sliding-window and full-attention layers (window shorter than the
+    sequences, so the two layer types get different masks and rotary tables)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=3,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=64,
+        use_cache=True,
+    )
+    return Gemma3ForCausalLM(config).double().eval()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_stacked_replays_of_gemma3_give_the_masks_of_one_batch_per_replay(padded):
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for index in range(4):
+        input_ids = torch.randint(1, 64, (2, 8), generator=generator)
+        attention_mask = torch.ones_like(input_ids)
+        if padded:  # left padding, different in every batch: each sample's masks must stay with it when stacked
+            attention_mask[0, : 1 + index] = 0
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids})
+
+    def loss_fn(model, batch):
+        return model(**batch).loss
+
+    masks, runs = {}, {}
+    for most in (1, 4):
+        model = tiny_gemma3()
+        config = PruningConfig(sparsity=0.5, importance="uniform", fine_samples=8, fine_replay_batches=most)
+        result = {}
+        runs[most] = replays_of(
+            model,
+            "model.layers.1",
+            lambda: result.update(r=prune(model, batches, loss_fn, config)),  # noqa: B023
+        )
+        masks[most] = result["r"].masks
+    assert masks[1].keys() == masks[4].keys() and masks[1]
+    assert all(torch.equal(masks[1][name], masks[4][name]) for name in masks[1])
+    assert runs[1] - runs[4] == 2 * (4 - 1)  # the stacked run replayed layer 1 once per pass, not once per batch
