@@ -130,11 +130,11 @@ def zeroth_order_measure(request: ImportanceRequest) -> dict[str, float]:
     unit held resident while it is probed: prefix reuse and batched probes read and perturb the weights outside
     forward calls, which offloaded weights do not allow."""
     config, params = request.config, request.params
-    if request.residency is not None:
-        if config.probe_granularity == "per_block":
-            names = {group: list(members) for group, members in request.groups.items()}
-        else:
-            names = {name: [name] for name in params}
+    if config.probe_granularity == "per_block":
+        names = {group: list(members) for group, members in request.groups.items()}
+    else:
+        names = {name: [name] for name in params}
+    if request.residency is not None or config.activation_storage == "recompute":
         return zeroth_order_sums(
             request.model,
             names,
@@ -147,22 +147,7 @@ def zeroth_order_measure(request: ImportanceRequest) -> dict[str, float]:
             on_unit_done=request.tick(len(names)),
             residency=request.residency,
         )
-    if config.probe_granularity == "per_block":
-        units = {group: [params[n] for n in names] for group, names in request.groups.items()}
-    else:
-        units = {name: [param] for name, param in params.items()}
-    if config.activation_storage == "recompute":
-        return zeroth_order_sums(
-            request.model,
-            units,
-            request.batches,
-            request.loss_fn,
-            eps=config.eps,
-            probes=config.probes,
-            seed=config.seed,
-            monitor=request.monitor,
-            on_unit_done=request.tick(len(units)),
-        )
+    units = {unit: [params[n] for n in members] for unit, members in names.items()}
     return fast_zeroth_order_sums(
         request.model,
         units,
