@@ -20,6 +20,7 @@ from ecoflap_pl.pruning.fast_zeroth_order import fast_zeroth_order_sums
 from ecoflap_pl.pruning.first_order import first_order_sums
 from ecoflap_pl.pruning.loss import LossFn
 from ecoflap_pl.pruning.monitor import StageMonitor
+from ecoflap_pl.pruning.registry import add_entry, look_up
 from ecoflap_pl.pruning.residency import Residency
 from ecoflap_pl.pruning.score_variants import get_score
 from ecoflap_pl.pruning.zeroth_order import zeroth_order_sums
@@ -80,9 +81,9 @@ def register_importance(name: str, *, combine: Combine) -> Callable[[Measure], M
     """Decorator registering ``measure(request) -> raw sums`` with its ``combine`` under ``name``."""
 
     def register(measure: Measure) -> Measure:
-        if name in _ESTIMATORS or name == "uniform":
-            raise ValueError(f"An importance estimator named {name!r} is already registered.")
-        _ESTIMATORS[name] = ImportanceEstimator(name, measure, combine)
+        if name == "uniform":  # taken by the config: it means "no scores"
+            raise ValueError("An importance estimator named 'uniform' is already registered.")
+        add_entry(_ESTIMATORS, name, ImportanceEstimator(name, measure, combine), "An importance estimator")
         return measure
 
     return register
@@ -99,12 +100,8 @@ def get_importance(name: str) -> ImportanceEstimator:
     Raises:
         ValueError: for an unknown name, listing the known ones.
     """
-    if name not in _ESTIMATORS:
-        raise ValueError(
-            f"`importance` must be one of {list(_ESTIMATORS)} to score groups, got {name!r}. "
-            "HINT: register an estimator with @register_importance(name, combine=...)."
-        )
-    return _ESTIMATORS[name]
+    hint = "register an estimator with @register_importance(name, combine=...)."
+    return look_up(_ESTIMATORS, name, "importance", hint, purpose=" to score groups")
 
 
 def _zeroth_order_combine(raw: Mapping[str, float], request: ImportanceRequest, batch_count: int) -> dict[str, float]:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ecoflap_pl.pruning.registry import add_entry, look_up
+
 ElementwiseScore = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ScalarScore = Callable[[float, Sequence[torch.Tensor]], float]
 
@@ -37,10 +39,7 @@ _SCORES: dict[str, ScoreVariant] = {}
 
 def register_score(name: str, *, elementwise: ElementwiseScore, from_scalar: ScalarScore) -> ScoreVariant:
     """Register a score variant under ``name`` (``PruningConfig.score``) and return it."""
-    if name in _SCORES:
-        raise ValueError(f"A score variant named {name!r} is already registered.")
-    _SCORES[name] = ScoreVariant(name, elementwise, from_scalar)
-    return _SCORES[name]
+    return add_entry(_SCORES, name, ScoreVariant(name, elementwise, from_scalar), "A score variant")
 
 
 def score_names() -> tuple[str, ...]:
@@ -54,11 +53,7 @@ def get_score(name: str) -> ScoreVariant:
     Raises:
         ValueError: for an unknown name, listing the known ones.
     """
-    if name not in _SCORES:
-        raise ValueError(
-            f"`score` must be one of {list(_SCORES)}, got {name!r}. HINT: register it with register_score."
-        )
-    return _SCORES[name]
+    return look_up(_SCORES, name, "score", "register it with register_score.")
 
 
 def _weight_power_sum(weights: Sequence[torch.Tensor], power: int) -> float:

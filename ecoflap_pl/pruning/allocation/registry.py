@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ecoflap_pl.pruning.config import PruningConfig
+from ecoflap_pl.pruning.registry import add_entry, look_up
 
 if TYPE_CHECKING:
     from ecoflap_pl.pruning.result import GroupScores
@@ -80,10 +81,7 @@ def register_allocation(name: str) -> Callable[[AllocationStrategy], AllocationS
     """Decorator registering ``strategy(request) -> Allocation`` under ``name`` (``PruningConfig.allocation``)."""
 
     def register(strategy: AllocationStrategy) -> AllocationStrategy:
-        if name in _STRATEGIES:
-            raise ValueError(f"An allocation named {name!r} is already registered.")
-        _STRATEGIES[name] = strategy
-        return strategy
+        return add_entry(_STRATEGIES, name, strategy, "An allocation")
 
     return register
 
@@ -99,9 +97,4 @@ def get_allocation(name: str) -> AllocationStrategy:
     Raises:
         ValueError: for an unknown name, listing the known ones.
     """
-    if name not in _STRATEGIES:
-        raise ValueError(
-            f"`allocation` must be one of {list(_STRATEGIES)}, got {name!r}. "
-            "HINT: register a new strategy with @register_allocation(name)."
-        )
-    return _STRATEGIES[name]
+    return look_up(_STRATEGIES, name, "allocation", "register a new strategy with @register_allocation(name).")

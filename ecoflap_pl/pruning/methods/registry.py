@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from ecoflap_pl.pruning.registry import add_entry, look_up
+
 if TYPE_CHECKING:
     from ecoflap_pl.pruning.config import PruningConfig
     from ecoflap_pl.pruning.statistics import InputStatistics
@@ -66,9 +68,7 @@ def register_method(
         raise ValueError(f"`default_comparison` must be 'per_row' or 'per_matrix', got {default_comparison!r}.")
 
     def register(prune: PruneFn) -> PruneFn:
-        if name in _METHODS:
-            raise ValueError(f"A fine-step method named {name!r} is already registered.")
-        _METHODS[name] = FineMethod(name, prune, inputs, default_comparison)
+        add_entry(_METHODS, name, FineMethod(name, prune, inputs, default_comparison), "A fine-step method")
         return prune
 
     return register
@@ -85,9 +85,4 @@ def get_method(name: str) -> FineMethod:
     Raises:
         ValueError: for an unknown name, listing the known ones.
     """
-    if name not in _METHODS:
-        raise ValueError(
-            f"`method` must be one of {list(_METHODS)}, got {name!r}. "
-            "HINT: register a new method with @register_method(name, inputs=...)."
-        )
-    return _METHODS[name]
+    return look_up(_METHODS, name, "method", "register a new method with @register_method(name, inputs=...).")
