@@ -13,27 +13,11 @@ import pytest
 import torch
 
 from ecoflap_pl import PruningConfig, prune
-from ecoflap_pl.pruning.calls import capture_block_calls, hidden_output
+from ecoflap_pl.pruning.calls import capture_block_calls
 from ecoflap_pl.pruning.discovery import find_stacks, order_stacks
 from ecoflap_pl.pruning.transaction import pruning_session
 from tests.models.family_batches import GENERATIVE, family_case
-
-
-def own_block_outputs(model, blocks, batches, loss_fn):
-    """outputs[block][call]: the hidden stream every block returns during the model's own forward passes."""
-    outputs = [[] for _ in blocks]
-    handles = [
-        block.register_forward_hook(lambda module, args, output, i=i: outputs[i].append(hidden_output(output)))
-        for i, block in enumerate(blocks)
-    ]
-    try:
-        for batch in batches:
-            loss_fn(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return outputs
-
+from tests.pruning.pruning_helpers import own_block_outputs
 
 EXPECTED_STACKS = {
     "llava": ["model.vision_tower.encoder.layers", "model.language_model.layers"],

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ecoflap_pl.models.tokenizers import IMAGE_ID
+from ecoflap_pl.pruning.calls import hidden_output
 
 VOCAB = 128
 FIRST_WORD_ID = 8  # ids below are special tokens (ecoflap_pl.models.tokenizers.SPECIAL_TOKENS)
@@ -182,3 +183,19 @@ def family_case(
     model = build(family, seed=seed, **model_kwargs)
     generator = torch.Generator().manual_seed(seed)
     return model, [make_batch(generator, size) for _ in range(batches)], loss_fn
+
+
+def own_block_outputs(model, blocks, batches, loss_fn):
+    """outputs[block][call]: the hidden stream every block returns during the model's own forward passes."""
+    outputs = [[] for _ in blocks]
+    handles = [
+        block.register_forward_hook(lambda module, args, output, i=i: outputs[i].append(hidden_output(output)))
+        for i, block in enumerate(blocks)
+    ]
+    try:
+        for batch in batches:
+            loss_fn(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs

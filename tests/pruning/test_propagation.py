@@ -13,23 +13,7 @@ from ecoflap_pl import PruningConfig, prune
 from ecoflap_pl.pruning.calls import capture_block_calls, hidden_output
 from ecoflap_pl.pruning.statistics import InputStatistics, LinearInputRecorder
 from ecoflap_pl.pruning.transaction import pruning_session
-from tests.pruning.pruning_helpers import family_case, slow_row_mask, toy_batches, toy_loss
-
-
-def own_block_outputs(model, blocks, batches, loss_fn):
-    """outputs[block][call]: the hidden stream every block returns during the model's own forward passes."""
-    outputs = [[] for _ in blocks]
-    handles = [
-        block.register_forward_hook(lambda module, args, output, i=i: outputs[i].append(hidden_output(output)))
-        for i, block in enumerate(blocks)
-    ]
-    try:
-        for batch in batches:
-            loss_fn(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return outputs
+from tests.pruning.pruning_helpers import family_case, own_block_outputs, slow_row_mask, toy_batches, toy_loss
 
 
 @pytest.mark.parametrize(
