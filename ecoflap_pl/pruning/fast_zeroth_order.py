@@ -24,6 +24,7 @@ blocks do not carry the replicas along the leading dimension falls back to one r
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -279,7 +280,18 @@ def fast_zeroth_order_sums(
             "probe instead. HINT: set activation_storage: recompute to choose this path directly.",
             reason,
         )
-        return zeroth_order_sums(model, units, batches, loss_fn, eps=eps, probes=probes, seed=seed, monitor=monitor)
+        done = itertools.count(1)  # progress (where a stop request is honoured) goes on unit by unit
+        return zeroth_order_sums(
+            model,
+            units,
+            batches,
+            loss_fn,
+            eps=eps,
+            probes=probes,
+            seed=seed,
+            monitor=monitor,
+            on_unit_done=None if on_progress is None else lambda: on_progress(next(done), len(units)),
+        )
 
 
 def _fast_sums(

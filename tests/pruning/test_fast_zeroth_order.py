@@ -169,6 +169,28 @@ def test_what_breaks_an_assumption_falls_back_with_a_warning(model_class, messag
     assert fast == pytest.approx(plain, rel=1e-8)
 
 
+def test_the_fallback_loop_still_reports_progress_unit_by_unit():
+    """Progress is where the callback honours SIGTERM, so the plain loop the fast path falls back to reports it too."""
+    torch.manual_seed(0)
+    model = InPlaceAfterBlocks().eval()
+    params = dict(model.named_parameters())
+    units = {n: [p] for n, p in params.items() if n.startswith("layers") and n.endswith("weight") and p.ndim == 2}
+    reported = []
+    fast_zeroth_order_sums(
+        model,
+        units,
+        list(enumerate(toy_batches(2))),
+        toy_loss,
+        eps=1e-3,
+        probes=1,
+        seed=0,
+        monitor=StageMonitor(torch.device("cpu")),
+        max_replicas=4,
+        on_progress=lambda done, total: reported.append((done, total)),
+    )
+    assert reported[-len(units) :] == [(i, len(units)) for i in range(1, len(units) + 1)]
+
+
 def test_replicas_follow_the_memory_left_and_the_cap():
     cpu = torch.device("cpu")
     assert choose_replicas(1, 10, cpu)[0] == 1
