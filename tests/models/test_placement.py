@@ -115,3 +115,26 @@ def test_peak_resident_memory_while_pruning_stays_below_the_model_size(tmp_path)
     figures = json.loads(run.stdout.strip().splitlines()[-1])
     assert figures["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert figures["peak_increase"] < figures["model_bytes"], figures
+
+
+def test_prior_zeros_of_offloaded_weights_count_as_in_memory(tmp_path):
+    """A model pruned before: its zeros are counted and kept pruned whether the weights are offloaded or not."""
+    model = tiny_model("llama", layers=3)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer, share in ((0, 0.3), (1, 0.7)):  # layer 0 in CPU memory, layer 1 on disk; 0.7 is above the target
+            weight = model.model.layers[layer].mlp.up_proj.weight
+            weight.masked_fill_(torch.rand(weight.shape, generator=generator) < share, 0.0)
+    model.save_pretrained(tmp_path / "model")
+    offloaded = LlamaForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=DEVICE_MAP, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    in_memory = prune(model, _batches(), _loss, CONFIG)
+    with OffloadedWeights(offloaded) as weights:
+        result = prune(offloaded, _batches(), _loss, CONFIG, residency=weights)
+    assert in_memory.prior_sparsity > 0.01
+    assert result.prior_sparsity == in_memory.prior_sparsity
+    assert result.achieved_sparsity == in_memory.achieved_sparsity
+    assert in_memory.achieved_sparsity["model.layers.1.mlp.up_proj.weight"] > 0.65  # the earlier zeros stay pruned
+    for name, mask in in_memory.masks.items():
+        assert torch.equal(result.masks[name], mask), name
