@@ -123,15 +123,14 @@ def zeroth_order_measure(request: ImportanceRequest) -> dict[str, float]:
     """Forward-only two-point estimates, per tensor or per group (``probe_granularity``), summed over batches:
     full forwards per probe (``activation_storage: recompute``) or replays from the recorded dense block outputs.
 
-    A model with offloaded weights (``request.residency``) always takes the per-tensor loop of full forwards, each
-    unit held resident while it is probed: prefix reuse and batched probes read and perturb the weights outside
-    forward calls, which offloaded weights do not allow."""
+    A model with offloaded weights (``request.residency``) takes either path by parameter name, each unit's weights
+    held resident while it is probed."""
     config, params = request.config, request.params
     if config.probe_granularity == "per_block":
         names = {group: list(members) for group, members in request.groups.items()}
     else:
         names = {name: [name] for name in params}
-    if request.residency is not None or config.activation_storage == "recompute":
+    if config.activation_storage == "recompute":
         return zeroth_order_sums(
             request.model,
             names,
@@ -144,10 +143,9 @@ def zeroth_order_measure(request: ImportanceRequest) -> dict[str, float]:
             on_unit_done=request.tick(len(names)),
             residency=request.residency,
         )
-    units = {unit: [params[n] for n in members] for unit, members in names.items()}
     return fast_zeroth_order_sums(
         request.model,
-        units,
+        names,
         request.batches,
         request.loss_fn,
         eps=config.eps,
@@ -157,6 +155,7 @@ def zeroth_order_measure(request: ImportanceRequest) -> dict[str, float]:
         max_replicas=config.max_probe_replicas,
         storage=config.activation_storage,
         on_progress=request.progress,
+        residency=request.residency,
     )
 
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from ecoflap_pl import PruningConfig, prune
+from ecoflap_pl import PruningConfig, prune, score_groups
 from ecoflap_pl.models.placement import OffloadedWeights, placement
 from ecoflap_pl.models.tiny import tiny_model
 
@@ -98,15 +100,25 @@ def test_scores_needing_every_weight_at_once_are_refused(saved):
         prune(offloaded, _batches(), _loss, PruningConfig(sparsity=0.5, importance="first_order"), residency=weights)
 
 
-def test_peak_resident_memory_while_pruning_stays_below_the_model_size(tmp_path):
+@pytest.mark.parametrize("importance", ["uniform", "zeroth_order"])
+def test_peak_resident_memory_while_pruning_stays_below_the_model_size(tmp_path, importance):
     """Measured in fresh processes; glibc's fixed mmap threshold returns each freed block buffer to the system (its
-    default, dynamic threshold keeps them in the heap, where they count as resident)."""
+    default, dynamic threshold keeps them in the heap, where they count as resident). ``zeroth_order`` runs the
+    coarse step's fast path (recorded block outputs, batched probes) on the offloaded blocks too."""
     script = str(Path(__file__).resolve().parents[2] / "benchmarks" / "offload_memory.py")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, script, "build", str(tmp_path / "model")], check=True, env=env)
     (tmp_path / "offload").mkdir()
     run = subprocess.run(
-        [sys.executable, script, "prune", str(tmp_path / "model"), str(tmp_path / "offload")],
+        [
+            sys.executable,
+            script,
+            "prune",
+            str(tmp_path / "model"),
+            str(tmp_path / "offload"),
+            "--importance",
+            importance,
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -115,6 +127,8 @@ def test_peak_resident_memory_while_pruning_stays_below_the_model_size(tmp_path)
     figures = json.loads(run.stdout.strip().splitlines()[-1])
     assert figures["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert figures["peak_increase"] < figures["model_bytes"], figures
+    if importance == "zeroth_order":
+        assert figures["probe_replicas"] == 4, figures  # the fast path ran, probes batched
 
 
 def test_prior_zeros_of_offloaded_weights_count_as_in_memory(tmp_path):
@@ -138,3 +152,24 @@ def test_prior_zeros_of_offloaded_weights_count_as_in_memory(tmp_path):
     assert in_memory.achieved_sparsity["model.layers.1.mlp.up_proj.weight"] > 0.65  # the earlier zeros stay pruned
     for name, mask in in_memory.masks.items():
         assert torch.equal(result.masks[name], mask), name
+
+
+@pytest.mark.parametrize("probe_granularity", ["per_tensor", "per_block"])
+def test_offloaded_model_takes_the_fast_zeroth_order_path(saved, caplog, probe_granularity):
+    """Prefix reuse and batched probes on a model with CPU- and disk-offloaded blocks: the scores of the model in
+    memory (same path) and of the plain per-probe loop, within fp32 rounding, with no fallback."""
+    model, _, offloaded = saved
+    config = replace(CONFIG, probe_granularity=probe_granularity, max_probe_replicas=4)
+    in_memory = score_groups(model, _batches(), _loss, config)
+    plain = score_groups(model, _batches(), _loss, replace(config, activation_storage="recompute"))
+    with caplog.at_level(logging.WARNING), OffloadedWeights(offloaded) as weights:
+        fast = score_groups(offloaded, _batches(), _loss, config, residency=weights)
+    assert "fall back" not in caplog.text and "do not apply" not in caplog.text, caplog.text
+    assert fast.scores == pytest.approx(in_memory.scores, rel=1e-5)
+    assert fast.scores == pytest.approx(plain.scores, rel=1e-3)
+    assert fast.stats.probe_replicas == 4  # the probes shared forwards
+    layers = len(offloaded.model.layers)
+    assert fast.stats.block_forwards < layers * plain.stats.full_forwards  # the blocks before a probed one did not run
+    assert offloaded.model.layers[1].mlp.up_proj.weight.device.type == "meta"  # offloaded again, unchanged
+    ids = _batches()[0]["input_ids"]
+    assert torch.equal(offloaded(ids).logits, model(ids).logits)
