@@ -11,13 +11,19 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from transformers import LlamaForCausalLM
 
 from ecoflap_pl import PruningConfig, prune, score_groups
+from ecoflap_pl.callbacks import ECoFLaPPruning
+from ecoflap_pl.cli import EcoflapTrainer
 from ecoflap_pl.models.placement import OffloadedWeights, placement
 from ecoflap_pl.models.tiny import tiny_model
+from ecoflap_pl.tasks.base import EcoflapTask
+from tests.trainers import quiet_trainer
 
 DEVICE_MAP = {
     "model.embed_tokens": "cpu",
@@ -173,3 +179,74 @@ def test_offloaded_model_takes_the_fast_zeroth_order_path(saved, caplog, probe_g
     assert offloaded.model.layers[1].mlp.up_proj.weight.device.type == "meta"  # offloaded again, unchanged
     ids = _batches()[0]["input_ids"]
     assert torch.equal(offloaded(ids).logits, model(ids).logits)
+
+
+def test_backward_leaves_offloaded_weights_without_gradients(saved):
+    """Why an offloaded model cannot be fine-tuned: Accelerate loads a copy of an offloaded module's weights for each
+    forward; the gradients land on the copy, the module's own (meta) parameters get none, and AdamW skips them
+    without an error, so the stored weights never change while the resident ones do."""
+    _, _, offloaded = saved
+    layer = offloaded.model.layers[1]
+
+    def stored() -> torch.Tensor:
+        with OffloadedWeights(offloaded).resident(["model.layers.1"], write_back=False):
+            return torch.cat([p.detach().flatten().clone() for p in layer.parameters()])
+
+    before = stored()
+    resident = offloaded.model.layers[0].mlp.up_proj.weight
+    kept = resident.detach().clone()
+    offloaded.train()
+    optimizer = torch.optim.AdamW(offloaded.parameters(), lr=1e-2)
+    ids = _batches()[0]["input_ids"]
+    offloaded(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert offloaded.model.layers[1].mlp.up_proj.weight.grad is None and resident.grad is not None
+    assert torch.equal(stored(), before)
+    assert not torch.equal(resident.detach(), kept)
+
+
+class _LMTask(EcoflapTask):
+    def __init__(self, model):
+        super().__init__(learning_rate=1e-3)
+        self.model = model
+
+    def calibration_loss(self, batch):
+        return _loss(self.model, batch)
+
+
+class _LMData(pl.LightningDataModule):
+    def train_dataloader(self):
+        return DataLoader(_batches(), batch_size=None)
+
+    def calibration_dataloader(self, num_samples=None):
+        return self.train_dataloader()
+
+
+def test_fit_of_an_offloaded_model_is_refused_before_pruning(saved, tmp_path):
+    _, folder, offloaded = saved
+    ids = _batches()[0]["input_ids"]
+    dense = offloaded(ids).logits
+    callback = ECoFLaPPruning(sparsity=0.5, importance="uniform", fine_samples=4, stages=["fit"], progress=False)
+    with pytest.raises(ValueError, match=r"model.layers.1.* HINT: prune and save with `ecoflap prune`"):
+        quiet_trainer(max_steps=2, callbacks=[callback], default_root_dir=tmp_path).fit(
+            _LMTask(offloaded), datamodule=_LMData()
+        )
+    assert not callback.pruned and list((folder / "offload").glob("*.dat")) == []
+    assert torch.equal(offloaded(ids).logits, dense)
+
+
+def test_ecoflap_prune_of_an_offloaded_model_reports_its_placement(saved, tmp_path):
+    """The fit lifecycle without optimizer steps (``ecoflap prune``) prunes where the weights live, with the masks of
+    the model in memory, and the report records the placement."""
+    model, _, offloaded = saved
+    config = {"sparsity": 0.5, "importance": "zeroth_order", "coarse_samples": 4, "fine_samples": 4}
+    in_memory = prune(model, _batches(), _loss, PruningConfig(**config))
+    callback = ECoFLaPPruning(**config, stages=["fit"], progress=False)
+    trainer = EcoflapTrainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[callback], default_root_dir=tmp_path
+    )
+    trainer.prune(_LMTask(offloaded), datamodule=_LMData())
+    assert callback.result.group_sparsity == in_memory.group_sparsity
+    assert all(torch.equal(callback.masks[name], mask) for name, mask in in_memory.masks.items())
+    report = json.loads((tmp_path / "pruning_report.json").read_text())
+    assert report["metadata"]["placement"] == DEVICE_MAP
