@@ -61,14 +61,24 @@ def _digest(folder: Path) -> str:
     return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
 
 
-def test_disk_offloaded_model_gets_the_masks_and_weights_of_the_model_in_memory(saved):
+@pytest.mark.parametrize(
+    ("activation_storage", "probe_granularity"),
+    [("recompute", "per_tensor"), ("auto", "per_tensor"), ("auto", "per_block")],
+)
+def test_disk_offloaded_model_gets_the_masks_and_weights_of_the_model_in_memory(
+    saved, activation_storage, probe_granularity
+):
+    """Both zeroth-order paths (the plain per-probe loop, and recorded outputs with batched probes), per tensor and
+    per block: the same scores, allocation and masks as the model in memory."""
     model, folder, offloaded = saved
+    config = replace(CONFIG, activation_storage=activation_storage, probe_granularity=probe_granularity)
     checkpoint = _digest(folder / "model")
     assert placement(offloaded)["model.layers.1"] == "disk" and placement(model) is None
-    in_memory = prune(model, _batches(), _loss, CONFIG)
+    in_memory = prune(model, _batches(), _loss, config)
     with OffloadedWeights(offloaded) as weights:
         assert weights.offloaded("model.layers.1.mlp.up_proj.weight") and not weights.offloaded("model.layers.0")
-        result = prune(offloaded, _batches(), _loss, CONFIG, residency=weights)
+        result = prune(offloaded, _batches(), _loss, config, residency=weights)
+    assert result.group_scores == in_memory.group_scores
     assert result.group_sparsity == in_memory.group_sparsity and result.masks.keys() == in_memory.masks.keys()
     for name, mask in in_memory.masks.items():
         assert torch.equal(result.masks[name], mask), name
