@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -96,6 +97,10 @@ def answered_calls(blocks: Mapping[str, nn.Module], handler: CallHandler) -> Ite
                 block.forward = own  # type: ignore[method-assign]
 
 
+def _to(device: torch.device, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(device)
+
+
 @dataclass
 class BlockRecord:
     """The dense model's block calls on one calibration batch.
@@ -136,7 +141,7 @@ class BlockRecord:
             return self
         moved = BlockRecord(
             {
-                key: map_tensors(output, lambda t, key=key: t.to(storage or self.devices[key]))
+                key: map_tensors(output, partial(_to, storage or self.devices[key]))
                 for key, output in self.outputs.items()
             },
             self.starts,
