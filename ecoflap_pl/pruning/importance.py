@@ -21,7 +21,7 @@ from ecoflap_pl.pruning.first_order import first_order_sums
 from ecoflap_pl.pruning.loss import LossFn
 from ecoflap_pl.pruning.monitor import StageMonitor
 from ecoflap_pl.pruning.registry import add_entry, look_up
-from ecoflap_pl.pruning.residency import Residency
+from ecoflap_pl.pruning.residency import Residency, resident
 from ecoflap_pl.pruning.score_variants import get_score
 from ecoflap_pl.pruning.zeroth_order import zeroth_order_sums
 
@@ -105,17 +105,18 @@ def get_importance(name: str) -> ImportanceEstimator:
 
 
 def _zeroth_order_combine(raw: Mapping[str, float], request: ImportanceRequest, batch_count: int) -> dict[str, float]:
-    """``from_scalar(mean_b s, weights)`` per unit (a group, or each tensor of it, summed)."""
-    variant, params = get_score(request.config.score), request.params
-    if request.config.probe_granularity == "per_block":
-        return {
-            group: variant.from_scalar(raw[group] / batch_count, [params[n] for n in names])
-            for group, names in request.groups.items()
-        }
-    return {
-        group: sum(variant.from_scalar(raw[n] / batch_count, [params[n]]) for n in names)
-        for group, names in request.groups.items()
-    }
+    """``from_scalar(mean_b s, weights)`` per unit (a group, or each tensor of it, summed); offloaded weights are
+    read one group at a time, resident."""
+    variant, residency, model = get_score(request.config.score), request.residency, request.model
+    scores: dict[str, float] = {}
+    for group, names in request.groups.items():
+        offloaded = [n for n in names if residency is not None and residency.offloaded(n)]
+        with resident(residency, offloaded, write_back=False):
+            if request.config.probe_granularity == "per_block":
+                scores[group] = variant.from_scalar(raw[group] / batch_count, [model.get_parameter(n) for n in names])
+            else:
+                scores[group] = sum(variant.from_scalar(raw[n] / batch_count, [model.get_parameter(n)]) for n in names)
+    return scores
 
 
 @register_importance("zeroth_order", combine=_zeroth_order_combine)

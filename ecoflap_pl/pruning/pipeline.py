@@ -316,13 +316,11 @@ def _check_residency(plan: _Plan, config: PruningConfig, residency: Residency | 
             "offloaded (CPU or disk) and are loaded one block at a time. HINT: use allocation 'ecoflap', 'uniform' or "
             "'from_report', or place the whole model on devices."
         )
-    if config.allocation == "ecoflap" and (
-        config.importance not in ("zeroth_order", "uniform") or config.score != "grad_only"
-    ):
+    if config.allocation == "ecoflap" and config.importance not in ("zeroth_order", "uniform"):
         raise ValueError(
-            f"`importance`={config.importance!r} with `score`={config.score!r} needs every weight at once, but some "
-            "are offloaded (CPU or disk) and are loaded one block at a time. HINT: use importance='zeroth_order' "
-            "with score='grad_only' (or 'uniform'), or place the whole model on devices."
+            f"`importance`={config.importance!r} needs every weight at once, but some are offloaded (CPU or disk) and "
+            "are loaded one block at a time. HINT: use importance='zeroth_order' (or 'uniform'), or place the whole "
+            "model on devices."
         )
 
 

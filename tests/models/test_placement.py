@@ -62,16 +62,21 @@ def _digest(folder: Path) -> str:
 
 
 @pytest.mark.parametrize(
-    ("activation_storage", "probe_granularity"),
-    [("recompute", "per_tensor"), ("auto", "per_tensor"), ("auto", "per_block")],
+    ("activation_storage", "probe_granularity", "score"),
+    [
+        ("recompute", "per_tensor", "grad_only"),
+        ("auto", "per_tensor", "grad_only"),
+        ("auto", "per_block", "grad_mag_abs"),
+        ("auto", "per_tensor", "grad_mag_square"),
+    ],
 )
 def test_disk_offloaded_model_gets_the_masks_and_weights_of_the_model_in_memory(
-    saved, activation_storage, probe_granularity
+    saved, activation_storage, probe_granularity, score
 ):
     """Both zeroth-order paths (the plain per-probe loop, and recorded outputs with batched probes), per tensor and
-    per block: the same scores, allocation and masks as the model in memory."""
+    per block, with every score variant: the same scores, allocation and masks as the model in memory."""
     model, folder, offloaded = saved
-    config = replace(CONFIG, activation_storage=activation_storage, probe_granularity=probe_granularity)
+    config = replace(CONFIG, activation_storage=activation_storage, probe_granularity=probe_granularity, score=score)
     checkpoint = _digest(folder / "model")
     assert placement(offloaded)["model.layers.1"] == "disk" and placement(model) is None
     in_memory = prune(model, _batches(), _loss, config)
