@@ -265,3 +265,26 @@ def test_ecoflap_prune_of_an_offloaded_model_reports_its_placement(saved, tmp_pa
     assert all(torch.equal(callback.masks[name], mask) for name, mask in in_memory.masks.items())
     report = json.loads((tmp_path / "pruning_report.json").read_text())
     assert report["metadata"]["placement"] == DEVICE_MAP
+
+
+@pytest.mark.gpu
+def test_gpu_model_with_cpu_and_disk_offload_gets_the_scores_and_masks_on_the_gpu(tmp_path):
+    """On a GPU: blocks executed on ``cuda:0`` with their weights in CPU memory or on disk (the fast zeroth-order path
+    and the fine step load one block at a time onto the GPU) give the scores and masks of the model held on the GPU."""
+    model = tiny_model("llama", layers=3)
+    model.save_pretrained(tmp_path / "model")
+    device_map = {**DEVICE_MAP, "model.embed_tokens": 0, "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}
+    device_map["model.layers.0"] = "cpu"  # with a GPU, "cpu" offloads: the layer runs on cuda:0
+    offloaded = LlamaForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    model = model.to("cuda")
+    batches = [{"input_ids": batch["input_ids"].to("cuda")} for batch in _batches()]
+    in_memory = prune(model, batches, _loss, CONFIG)
+    with OffloadedWeights(offloaded) as weights:
+        assert weights.offloaded("model.layers.0.mlp.up_proj.weight")
+        result = prune(offloaded, batches, _loss, CONFIG, residency=weights)
+    assert result.group_scores == pytest.approx(in_memory.group_scores, rel=1e-4)
+    assert result.stages["coarse"].probe_replicas >= 1  # the fast path, no fallback
+    for name, mask in in_memory.masks.items():
+        assert torch.equal(result.masks[name].cpu(), mask.cpu()), name
