@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import sys
@@ -354,8 +353,9 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any]) -
         f"Machine: {results['device']}; torch {torch.__version__}, transformers {transformers.__version__}; "
         f"{args.dtype} weights.",
         "",
-        f"Model ({args.scale} scale): random-init `LlavaForConditionalGeneration`: CLIP ViT {vision['num_hidden_layers']}"
-        f" x {vision['hidden_size']} ({vision['image_size']}px, patch {vision['patch_size']}), projector, LLaMA "
+        f"Model ({args.scale} scale): random-init `LlavaForConditionalGeneration`: CLIP ViT "
+        f"{vision['num_hidden_layers']} x {vision['hidden_size']} ({vision['image_size']}px, patch "
+        f"{vision['patch_size']}), projector, LLaMA "
         f"{layers} of {text['num_hidden_layers']} x {text['hidden_size']} (MLP {text['intermediate_size']}, "
         f"{text['num_key_value_heads']} key/value heads): {_count(first['model']['parameters'])} parameters. "
         f"Calibration: batches of {args.batch_size} ({image_tokens(llava_config(args))} image tokens + "
@@ -368,13 +368,14 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any]) -
         lines += [
             f"Placement: every language-model block on `{placement['offload']}` (Accelerate `dispatch_model`, "
             f"{placement['offloaded_modules']} modules, {_size(placement['offloaded_weight_bytes'])}), the rest on the "
-            f"device. One block's weights {_size(placement['block_weight_bytes'])}; resident on the device before the forward (weights "
-            "left there + calibration batches): "
+            f"device. One block's weights {_size(placement['block_weight_bytes'])}; resident on the device before "
+            "the forward (weights left there + calibration batches): "
             + (f"{_size(dense['resident_bytes'])}. " if dense["resident_bytes"] is not None else "n/a. ")
             + f"Reference = peak of one dense forward + loss over one batch of the dispatched model (resident + one "
             f"block + activations): {_size(dense['forward']['peak_memory_bytes'])}. Goal: prune peak ≤ 1.10 x "
-            "reference. Pruning keeps calibration activations on the CPU (`activation_storage: cpu`), one probe per "
-            "forward, one probe per block.",
+            "reference. Pruning settings for one block at a time on the device: "
+            + ", ".join(f"`{key}: {value}`" for key, value in spec["pruning"].items())
+            + ".",
             "",
         ]
     header = ["method", "coarse s", "fine s", "prune s", f"peak {memory} GiB"]
