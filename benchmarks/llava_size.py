@@ -114,7 +114,8 @@ SCALES: dict[str, dict[str, Any]] = {
         "text": LLAMA_7B,
         "image_token_id": 32000,
         "offloaded": False,
-        "defaults": {"batch_size": 8, "text_tokens": 32, "coarse_samples": 8, "fine_samples": 64},
+        # Sized for a short GPU lease (~1 min on an H100); the official recipes calibrate on more samples.
+        "defaults": {"batch_size": 4, "text_tokens": 32, "coarse_samples": 4, "fine_samples": 32},
         "pruning": {},
     },
     "70b_offload": {
