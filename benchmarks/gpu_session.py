@@ -8,23 +8,23 @@ leaves what it finished). Limits are the estimates from the H100 figures in ``be
 ==============  =====  ======================================================================================
 part            limit  estimate (H100, bf16)
 ==============  =====  ======================================================================================
-sparse_speed     60 s  ~40 s: import ~10 s, BLIP-2 OPT-2.7B built in 0.5 s, 2:4 masks, 4 x 13 forwards of
+sparse_speed     55 s  ~40 s: import ~10 s, BLIP-2 OPT-2.7B built in 0.5 s, 2:4 masks, 4 x 13 forwards of
                        batch 16 (~50 ms dense), the semi-structured swap
-opt             110 s  ~85 s: full_size.py workers Wanda 18 s + first order 22 s + zeroth order ~45 s (16 coarse
-                       samples: the plain loop took 73 s for 32 on the fast path's predecessor)
-flant5          130 s  ~105 s: the same three methods on FlanT5-XL shapes (~1.7x the candidate tensors of OPT)
+opt             120 s  ~95 s: full_size.py (each method a fresh worker process, ~10 s of start-up each) Wanda 18 s +
+                       first order 22 s + zeroth order ~50 s (16 coarse samples: the plain loop took 73 s for 32)
+flant5          140 s  ~115 s: the same three methods on FlanT5-XL shapes (~1.7x the candidate tensors of OPT)
 llava_7b         90 s  ~60 s: 7.1 B parameters built on the GPU, ~370 per-tensor probes of a batch of 4 x 608
                        tokens (~0.08 s a forward, half of it skipped by prefix reuse), Wanda on 32 samples
-llava_70b       100 s  ~75 s: twice (Wanda, zeroth order) build 4 Llama-2-70B blocks + ViT-L (8.5 GB) on the GPU,
-                       move them to CPU memory, then every forward copies the 6.9 GB of blocks over PCIe
-                       (~0.5 s); per-block probes: 28 units x 2 forwards
-pytest_gpu       45 s  ~30 s: ``pytest -m gpu`` on the two files holding GPU tests (collection ~15 s)
+llava_70b        90 s  ~55 s: twice (Wanda, zeroth order) build 2 Llama-2-70B blocks + ViT-L (5 GB) on the GPU,
+                       move them to CPU memory, then every forward copies the 3.4 GB of blocks over PCIe
+                       (~0.3 s); per-block probes: 26 units x 2 forwards
+pytest_gpu       40 s  ~30 s: ``pytest -m gpu`` on the two files holding GPU tests (collection ~15 s)
 ==============  =====  ======================================================================================
 
-Total of the limits: 535 s. Written under ``--out`` (the device tool's ``$OUT``): ``session.json`` (each part's
-status, seconds, limit), ``gpu_sections.md`` (every benchmark's RESULTS.md section, plus this session's table),
-the benchmarks' JSON files and ``log.txt`` (everything they printed). Back on the CPU machine,
-``python benchmarks/gpu_session.py --merge FILES_AT/gpu_sections.md`` replaces those sections of
+Total of the limits: 535 s (of the estimates: 375 s). Written under ``--out`` (the device tool's ``$OUT``):
+``session.json`` (each part's status, seconds, limit), ``gpu_sections.md`` (every benchmark's RESULTS.md section,
+plus this session's table), the benchmarks' JSON files and ``log.txt`` (everything they printed). Back on the CPU
+machine, ``python benchmarks/gpu_session.py --merge FILES_AT/gpu_sections.md`` replaces those sections of
 ``benchmarks/RESULTS.md``. ``--tiny`` runs the same parts at tiny scale on the CPU (the check
 ``tests/benchmarks/test_gpu_session.py`` makes); the GPU-only parts then report that they need a GPU.
 
@@ -67,18 +67,18 @@ def gpu_parts() -> list[Part]:
     """The session's parts on a GPU, in priority order (issue 17's 2:4 speed-up, issue 14's ZO vs FO, issue 16)."""
     full_size = ("benchmarks/full_size.py", "--methods", "zeroth_order", "first_order", "wanda")
     return [
-        Part("sparse_speed", ("benchmarks/sparse_speed.py", "--batch-size", "16"), 60, 40, "2:4 vs dense forward"),
+        Part("sparse_speed", ("benchmarks/sparse_speed.py", "--batch-size", "16"), 55, 40, "2:4 vs dense forward"),
         Part(
             "opt",
             (*full_size, "--coarse-samples", "16", "--json", "{out}/full_size_opt.json"),
-            110,
+            120,
             85,
             "BLIP-2 OPT-2.7B: zeroth vs first order vs Wanda",
         ),
         Part(
             "flant5",
             (*full_size, "--scale", "flant5_xl", "--coarse-samples", "16", "--json", "{out}/full_size_flant5.json"),
-            130,
+            140,
             105,
             "BLIP-2 FlanT5-XL: zeroth vs first order vs Wanda",
         ),
@@ -91,9 +91,9 @@ def gpu_parts() -> list[Part]:
         ),
         Part(
             "llava_70b",
-            ("benchmarks/llava_size.py", "--scale", "70b_offload", "--json", "{out}/llava_70b.json"),
-            100,
-            75,
+            ("benchmarks/llava_size.py", "--scale", "70b_offload", "--layers", "2", "--json", "{out}/llava_70b.json"),
+            90,
+            55,
             "70B-class LLaVA, decoder blocks in CPU memory",
         ),
         Part(
@@ -109,7 +109,7 @@ def gpu_parts() -> list[Part]:
                 "tests/export/test_semi_structured.py",
                 "tests/models/test_placement.py",
             ),
-            45,
+            40,
             30,
             "the GPU-marked tests",
         ),
