@@ -111,3 +111,23 @@ def test_cpu_offload_on_the_cpu_is_refused_with_a_hint(benchmarks_on_path, capsy
     with pytest.raises(SystemExit):
         llava_size.parse_args(["--scale", "tiny_offload", "--device", "cpu", "--offload", "cpu"])
     assert "HINT: use --offload disk" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("scale", "parameters", "block"),
+    [
+        ("7b", 7_063_427_072, 202_383_360),  # llava-hf/llava-1.5-7b-hf's parameter count; one LLaMA-7B block
+        ("70b_offload", None, 855_654_400),  # one Llama-2-70B block (grouped-query attention, MLP 28672)
+    ],
+)
+def test_full_size_llava_configs_have_the_published_shapes(benchmarks_on_path, scale, parameters, block):
+    import llava_size
+
+    args = llava_size.parse_args(["--scale", scale, "--device", "cpu", "--offload", "disk"])
+    config = llava_size.llava_config(args)
+    with torch.device("meta"):  # shapes only: no memory
+        model = llava_size.LlavaForConditionalGeneration(config)
+    if parameters is not None:
+        assert sum(p.numel() for p in model.parameters()) == parameters
+    assert sum(p.numel() for p in model.get_submodule("model.language_model.layers.0").parameters()) == block
+    assert llava_size.image_tokens(config) == 576  # 336 px in patches of 14
