@@ -49,6 +49,7 @@ from _results import write_section
 
 logger = logging.getLogger("gpu_session")
 SECTION = "## GPU session: what ran"
+TINY_FLAG = "--tiny"
 NEEDS_GPU_STATUS = 2  # sparse_speed.py's exit status without a CUDA device
 
 
@@ -217,11 +218,12 @@ def device_line() -> str:
     return completed.stdout.strip() or completed.stderr.strip()
 
 
-def render(device: str, parts: list[dict[str, Any]], total: float) -> str:
+def render(device: str, parts: list[dict[str, Any]], total: float, tiny: bool) -> str:
+    command = "python benchmarks/gpu_session.py" + (f" {TINY_FLAG}" if tiny else "")
     lines = [
         SECTION,
         "",
-        f"`python benchmarks/gpu_session.py` on {device}; {total:.0f} s in all. The sections above marked with this "
+        f"`{command}` on {device}; {total:.0f} s in all. The sections above marked with this "
         "session's commands come from it.",
         "",
         "| part | what | outcome | seconds | limit s | estimate s |",
@@ -246,6 +248,11 @@ def merge(fragment: str, into: str) -> list[str]:
     merged = sections(fragment)
     if not merged:
         raise SystemExit(f"{fragment} holds no '## ' section. HINT: pass the gpu_sections.md of a GPU session")
+    if f"gpu_session.py {TINY_FLAG}`" in merged.get(SECTION, ""):
+        raise SystemExit(
+            f"{fragment} comes from a {TINY_FLAG} run (tiny models on the CPU); merging it would replace the GPU "
+            "figures. HINT: merge the gpu_sections.md that a GPU session wrote"
+        )
     for heading, section in merged.items():
         write_section(into, heading, section)
     return list(merged)
@@ -254,7 +261,7 @@ def merge(fragment: str, into: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT"), help="output folder (default: $OUT)")
-    parser.add_argument("--tiny", action="store_true", help="tiny scales on the CPU (a check of the parts)")
+    parser.add_argument(TINY_FLAG, action="store_true", help="tiny scales on the CPU (a check of the parts)")
     parser.add_argument("--only", nargs="+", default=None, help="run only these parts (names as in the table)")
     parser.add_argument("--merge", default=None, help="gpu_sections.md of a session: merge into --into and stop")
     parser.add_argument("--into", default="benchmarks/RESULTS.md", help="with --merge: the file to update")
@@ -285,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
             total = time.perf_counter() - started
             with open(os.path.join(args.out, "session.json"), "w", encoding="utf-8") as handle:
                 json.dump({"device": device, "tiny": args.tiny, "seconds": total, "parts": done}, handle, indent=1)
-            write_section(fragment, SECTION, render(device, done, total))
+            write_section(fragment, SECTION, render(device, done, total, args.tiny))
 
 
 if __name__ == "__main__":

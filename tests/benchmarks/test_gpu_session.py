@@ -73,6 +73,23 @@ def test_tiny_session_runs_every_part_and_writes_its_sections(tmp_path):
     ):
         assert heading in fragment
     assert "| Wanda (uniform) |" in fragment and "peak / reference" in fragment
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## Full-size BLIP-2 OPT-2.7B on a GPU\n\nH100 figures\n")
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/gpu_session.py",
+            "--merge",
+            str(tmp_path / "gpu_sections.md"),
+            "--into",
+            str(results),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0 and "HINT" in refused.stderr  # a tiny run never replaces GPU figures
+    assert "H100 figures" in results.read_text()
 
 
 def test_merge_replaces_the_sessions_sections_and_keeps_the_others(tmp_path, benchmarks_on_path):
