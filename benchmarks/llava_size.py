@@ -196,6 +196,12 @@ def offload_device_map(model: torch.nn.Module, target: str, main: str | int) -> 
     return device_map
 
 
+def offloaded_blocks(modules: list[str]) -> list[str]:
+    """The language-model blocks that hold ``modules`` (the modules whose weights Accelerate offloaded)."""
+    depth = LANGUAGE_BLOCKS.count(".") + 2
+    return sorted({".".join(name.split(".")[:depth]) for name in modules}, key=lambda name: int(name.split(".")[-1]))
+
+
 def make_batches(
     args: argparse.Namespace, config: LlavaConfig, samples: int, device: torch.device, dtype: torch.dtype
 ) -> list[dict[str, torch.Tensor]]:
@@ -290,7 +296,7 @@ def run_method(args: argparse.Namespace, method: str) -> dict[str, Any]:
         started = time.perf_counter()
         if spec["offloaded"]:
             with OffloadedWeights(model) as residency:
-                out["placement"]["offloaded_modules"] = len(residency.modules)
+                out["placement"]["offloaded_blocks"] = offloaded_blocks(residency.modules)
                 result = prune(
                     model, batches, captioning_loss, pruning, progress=_progress(started), residency=residency
                 )
@@ -368,8 +374,8 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any]) -
         placement, dense = first["placement"], first["dense"]
         lines += [
             f"Placement: every language-model block on `{placement['offload']}` (Accelerate `dispatch_model`, "
-            f"{placement['offloaded_modules']} modules, {_size(placement['offloaded_weight_bytes'])}), the rest on the "
-            f"device. One block's weights {_size(placement['block_weight_bytes'])}; resident on the device before "
+            f"{len(placement['offloaded_blocks'])} blocks, {_size(placement['offloaded_weight_bytes'])}), the rest on "
+            f"the device. One block's weights {_size(placement['block_weight_bytes'])}; resident on the device before "
             "the forward (weights left there + calibration batches): "
             + (f"{_size(dense['resident_bytes'])}. " if dense["resident_bytes"] is not None else "n/a. ")
             + f"Reference = peak of one dense forward + loss over one batch of the dispatched model (resident + one "
