@@ -10,7 +10,7 @@ from transformers import LlavaForConditionalGeneration
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.models.tiny import tiny_processor
 from ecoflap_pl.tasks import CaptioningTask, VQATask
-from ecoflap_pl.tasks._vision_language import IGNORE_INDEX
+from ecoflap_pl.tasks.labels import IGNORE_INDEX
 
 CORPUS = (
     "a dog runs on the green grass",
