@@ -26,6 +26,7 @@ class Blip2Towers(Towers):
     """Q-Former image queries and caption embeddings; the ITM head reads queries and caption together."""
 
     has_itm = True
+    one_embedding_per_image = False
 
     def image(self, model: Blip2ForImageTextRetrieval, pixel_values: Tensor) -> ImageFeatures:
         hidden = model.vision_model(pixel_values=pixel_values.to(vision_dtype(model))).last_hidden_state

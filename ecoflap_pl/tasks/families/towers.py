@@ -30,12 +30,15 @@ class Towers:
         has_itm: the family has an image-text matching head (BLIP, BLIP-2).
         text_attention_mask: captions are padded to the longest with an attention mask; False: padded to the
             tokenizer's fixed length without a mask, as SigLIP was trained.
+        one_embedding_per_image: an image is one embedding compared by cosine similarity, which the streaming
+            :class:`~ecoflap_pl.metrics.RetrievalRecall` serves; False (BLIP-2's queries): the split is gathered.
         own_contrastive_loss: the model computes its own image-text loss with ``return_loss=True`` (CLIP's
             contrastive, SigLIP's sigmoid loss); otherwise the task computes InfoNCE over :meth:`similarity`.
     """
 
     has_itm = False
     text_attention_mask = True
+    one_embedding_per_image = True
     own_contrastive_loss = False
 
     def image(self, model: Any, pixel_values: Tensor) -> ImageFeatures:
