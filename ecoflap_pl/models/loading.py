@@ -89,7 +89,14 @@ def build_hf_model(
         with hub_load_errors(pretrained):
             return model_cls.from_pretrained(pretrained, **from_pretrained_kwargs)
     if isinstance(config, dict):
-        config = model_cls.config_class.from_dict(config)
+        config_class = model_cls.config_class
+        if config_class is None:
+            raise TypeError(
+                f"{model_cls.__name__} names no config_class to read a dict config with. HINT: pass a config."
+            )
+        config = config_class.from_dict(config)
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(f"`config` must be a dict or a PretrainedConfig, got {type(config).__name__}.")
     return model_cls(config)
 
 

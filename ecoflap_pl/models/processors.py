@@ -43,7 +43,9 @@ def llava_processor(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
     )
 
 
-def qwen_vl_processor(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2VLProcessor:
+def qwen_vl_processor(
+    config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
+) -> Qwen2VLProcessor | Qwen2_5_VLProcessor:
     """Native-resolution patches (``patch_size``, merged ``spatial_merge_size``²) of images between 16 and 64
     merged patches, and the chat template's shape."""
     vision = config.vision_config
@@ -53,6 +55,7 @@ def qwen_vl_processor(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBa
         min_pixels=4 * unit, max_pixels=16 * unit, patch_size=patch, merge_size=merge, temporal_patch_size=temporal
     )
     videos = Qwen2VLVideoProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=temporal)
+    processor_cls: type[Qwen2VLProcessor | Qwen2_5_VLProcessor]
     processor_cls = Qwen2_5_VLProcessor if config.model_type == "qwen2_5_vl" else Qwen2VLProcessor
     return processor_cls(
         image_processor=images, tokenizer=tokenizer, video_processor=videos, chat_template=QWEN_CHAT_TEMPLATE
@@ -71,7 +74,8 @@ def paligemma_processor(config: PretrainedConfig, tokenizer: PreTrainedTokenizer
     segmentation tokens to the tokenizer."""
     vision = config.vision_config
     images = SiglipImageProcessor(size={"height": vision.image_size, "width": vision.image_size})
-    images.image_seq_length = (vision.image_size // vision.patch_size) ** 2
+    # PaliGemmaProcessor reads image_seq_length from its image processor, which does not declare it
+    setattr(images, "image_seq_length", (vision.image_size // vision.patch_size) ** 2)  # noqa: B010
     return PaliGemmaProcessor(images, tokenizer)
 
 

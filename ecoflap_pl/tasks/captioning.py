@@ -40,9 +40,7 @@ class CaptionCollator:
         prefix_lm_seed: seed of the split positions.
     """
 
-    def __init__(
-        self, encoder: PromptEncoding, prompt: str, prefix_lm: bool, prefix_lm_seed: int = 0
-    ) -> None:
+    def __init__(self, encoder: PromptEncoding, prompt: str, prefix_lm: bool, prefix_lm_seed: int = 0) -> None:
         self.encoder = encoder
         self.prompt = prompt
         self.prefix_lm = prefix_lm

@@ -61,7 +61,7 @@ class ClassificationTask(ImageClassificationTask):
             # for ImageNet names); a local file's classifier is sized for this model, so keep it
             config["pretrained_cfg_overlay"] = {"num_classes": config["num_classes"], **overlay}
         self.model = timm.create_model(timm_model, pretrained=bool(pretrained), **config)
-        num_classes = int(getattr(self.model, "num_classes"))
+        num_classes = int(getattr(self.model, "num_classes"))  # noqa: B009 (timm types its models as nn.Module)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(
                 f"`class_names` must name the classifier's {num_classes} classes, got {len(class_names)} names. "

@@ -75,12 +75,12 @@ class TextGenerator:
     tokenizer: PreTrainedTokenizerBase
 
     @torch.no_grad()
-    def __call__(self, model: torch.nn.Module, batch: dict[str, Any], **generation_kwargs: Any) -> list[str]:
+    def __call__(self, model: Any, batch: dict[str, Any], **generation_kwargs: Any) -> list[str]:
+        """``model.generate`` (of the Hugging Face generation mixin, typed per model class) on ``batch``."""
         prompt_ids = batch["prompt_input_ids"]
         inputs = {key.removeprefix("prompt_"): value for key, value in batch.items() if key.startswith("prompt_")}
         inputs.update({key: batch[key] for key in GENERATION_IMAGE_KEYS if key in batch})
-        generate = getattr(model, "generate")
-        output = generate(**{**inputs, "input_ids": prompt_ids.clone()}, **generation_kwargs)
+        output = model.generate(**{**inputs, "input_ids": prompt_ids.clone()}, **generation_kwargs)
         echoed = self.family.echoed_prompt(self.config, prompt_ids)
         if echoed is not None:
             length = echoed.shape[1]
@@ -159,7 +159,7 @@ class PromptedGenerationTask(EcoflapTask):
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The processor's tokenizer."""
-        tokenizer: PreTrainedTokenizerBase = getattr(self.processor, "tokenizer")
+        tokenizer: PreTrainedTokenizerBase = self.processor.tokenizer
         return tokenizer
 
     def check_prompt(self, prompt: str) -> None:

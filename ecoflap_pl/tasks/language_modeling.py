@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrained
 from typing_extensions import override
 
 from ecoflap_pl.models.loading import check_tokenizer_source, load_tokenizer
+from ecoflap_pl.tasks.base import EcoflapTask
 from ecoflap_pl.tasks.labels import IGNORE_INDEX, prefix_split
 from ecoflap_pl.tasks.model_config import load_config
-from ecoflap_pl.tasks.base import EcoflapTask
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ def load_config(
     if not isinstance(model_config, dict):
         raise TypeError(f"`model_config` must be a dict, got {type(model_config).__name__}.")
     model_type = model_config.get("model_type") or model_type_of(architecture or "")
-    if model_type not in CONFIG_MAPPING:
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise ValueError(
             f"`model_config` must name its `model_type` (one of {sorted(FAMILIES)}), got "
             f"{model_config.get('model_type')!r}. HINT: pass a config's to_dict(), or set `architecture`."

@@ -147,4 +147,3 @@ class NLVR2Task(EcoflapTask):
 def _model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     keys = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "pixel_mask", "labels")
     return {key: batch[key] for key in keys if key in batch}
-

@@ -10,7 +10,8 @@ the text and the image of a sample are always encoded together. Batch layout, as
 - generation inputs: the image inputs unprefixed and the prompt's text inputs prefixed ``prompt_``
   (``prompt_input_ids``, ``prompt_attention_mask``, ...), left padded for a decoder-only language model.
 
-The families that take the tokenizer's text as is (BLIP-2, BLIP) use :class:`~ecoflap_pl.tasks.prompt_encoder.PromptEncoder`.
+The families that take the tokenizer's text as is (BLIP-2, BLIP) use
+:class:`~ecoflap_pl.tasks.prompt_encoder.PromptEncoder`.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ class ProcessorPromptEncoder:
         prompt = prompt.strip()
         if not self.family.chat:
             return prompt
-        message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        message: list[dict[str, Any]] = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+        ]
         return self.processor.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
 
     def _encode(self, samples: Sequence[dict[str, Any]], texts: list[str], side: str, **kwargs: Any) -> dict:

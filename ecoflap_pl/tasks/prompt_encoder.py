@@ -74,8 +74,8 @@ class PromptEncoder:
                 f"`image_token_id` must be set with `num_query_tokens` {num_query_tokens!r}, got None. HINT: take "
                 "it from the model config."
             )
-        self.image_processor: Any = getattr(processor, "image_processor")
-        self.tokenizer: Any = getattr(processor, "tokenizer")
+        self.image_processor: Any = processor.image_processor
+        self.tokenizer: Any = processor.tokenizer
         self.max_length = max_length
         self.encoder_decoder = encoder_decoder
         self.target_suffix = target_suffix

@@ -20,8 +20,8 @@ import torch
 from transformers import PretrainedConfig, ProcessorMixin
 
 from ecoflap_pl.metrics import normalize_answer
-from ecoflap_pl.tasks.prompt_encoder import PromptEncoding
 from ecoflap_pl.tasks.labels import IGNORE_INDEX
+from ecoflap_pl.tasks.prompt_encoder import PromptEncoding
 
 Generator = Callable[..., list[str]]
 """``generator(model, batch, **generation_kwargs)`` -> the new text of every row
@@ -113,8 +113,8 @@ class BlipAnswerDecoder(VQAHead):
         self.decoder_bos_token_id = decoder_bos_token_id
 
     def encode(self, samples: list[dict[str, Any]], questions: list[str], annotated: bool) -> dict[str, Any]:
-        tokenizer: Any = getattr(self.processor, "tokenizer")
-        image_processor: Any = getattr(self.processor, "image_processor")
+        tokenizer: Any = self.processor.tokenizer
+        image_processor: Any = self.processor.image_processor
         batch: dict[str, Any] = {
             "pixel_values": image_processor([sample["image"] for sample in samples], return_tensors="pt")[
                 "pixel_values"
@@ -146,7 +146,7 @@ class BlipAnswerDecoder(VQAHead):
 
     def answer(self, model: Any, batch: dict[str, Any], generation_kwargs: dict[str, Any]) -> list[str]:
         output = [ids.tolist() for ids in blip_generate(model, batch, **generation_kwargs)]
-        tokenizer: Any = getattr(self.processor, "tokenizer")
+        tokenizer: Any = self.processor.tokenizer
         return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
 
 
@@ -183,8 +183,8 @@ class AnswerClassifier(VQAHead):
         model.config.id2label = {i: answer for answer, i in self.label2id.items()}
 
     def encode(self, samples: list[dict[str, Any]], questions: list[str], annotated: bool) -> dict[str, Any]:
-        image_processor: Any = getattr(self.processor, "image_processor")
-        tokenizer: Any = getattr(self.processor, "tokenizer")
+        image_processor: Any = self.processor.image_processor
+        tokenizer: Any = self.processor.tokenizer
         pixels = image_processor([sample["image"] for sample in samples], return_tensors="pt")
         text = tokenizer(questions, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt")
         batch: dict[str, Any] = {"pixel_values": pixels["pixel_values"]}
@@ -223,8 +223,8 @@ def answer_vocabulary(answer_list: list[str] | None, config: PretrainedConfig) -
         if len(set(answer_list)) != len(answer_list):
             raise ValueError("`answer_list` must not repeat answers.")
         return list(answer_list)
-    id2label: dict[int, str] = dict(config.id2label or {})
-    answers = [id2label[i] for i in range(config.num_labels)]
+    id2label: dict[Any, str] = dict(config.id2label or {})
+    answers = [id2label[i] for i in range(len(id2label))]  # num_labels is len(id2label)
     if all(answer == f"LABEL_{i}" for i, answer in enumerate(answers)):
         raise ValueError(
             "ViLT VQA needs an answer vocabulary, got the config's placeholder labels LABEL_0... HINT: set "

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from timm.data import resolve_data_config
 from torch import Tensor
-from transformers import PreTrainedModel
+from transformers import CLIPModel, PretrainedConfig, SiglipModel
 from typing_extensions import override
 
 from ecoflap_pl.models.loading import build_hf_model, check_tokenizer_source
@@ -52,7 +52,7 @@ class ZeroShotClassificationTask(ImageClassificationTask):
         warmup_steps: linear warm-up steps.
     """
 
-    model: PreTrainedModel
+    model: CLIPModel | SiglipModel
 
     def __init__(
         self,
@@ -86,7 +86,9 @@ class ZeroShotClassificationTask(ImageClassificationTask):
         self.family_adapter = family_for(config.model_type, "zero_shot")
         towers = self.family_adapter.towers
         self.prompt_padding = "longest" if towers is None or towers.text_attention_mask else "max_length"
-        self.model = build_hf_model(self.family_adapter.model_classes["zero_shot"], pretrained, model_config)
+        model_class = self.family_adapter.model_classes["zero_shot"]
+        # the zero-shot families are dual encoders with CLIP's feature methods (CLIPModel, SiglipModel)
+        self.model = cast("CLIPModel | SiglipModel", build_hf_model(model_class, pretrained, model_config))
         image_processor, self.tokenizer = self.family_adapter.processor_parts(self.model.config, pretrained, tokenizer)
         self._set_preprocessing(self._data_config(image_processor if pretrained is not None else None))
         if class_names is not None:
@@ -95,7 +97,8 @@ class ZeroShotClassificationTask(ImageClassificationTask):
     def _data_config(self, image_processor: Any) -> dict[str, Any]:
         """timm's data config: the family's normalisation at the vision tower's size, or that of the
         ``from_pretrained`` model's image processor."""
-        size = self.model.config.vision_config.image_size
+        model_config: PretrainedConfig = self.model.config  # CLIP's and SigLIP's share these fields
+        size = model_config.vision_config.image_size
         config: dict[str, Any] = {
             "input_size": (3, size, size),
             "interpolation": "bicubic",
@@ -121,7 +124,8 @@ class ZeroShotClassificationTask(ImageClassificationTask):
             raise ValueError(f"`class_names` must be a list of at least 2 strings, got {class_names!r}.")
         self.class_names = list(class_names)
         prompts = [template.format(name) for name in self.class_names for template in self.templates]
-        positions = self.model.config.text_config.max_position_embeddings
+        model_config: PretrainedConfig = self.model.config
+        positions = model_config.text_config.max_position_embeddings
         tokens = self.tokenizer(
             prompts,
             padding=self.prompt_padding,
@@ -158,10 +162,9 @@ class ZeroShotClassificationTask(ImageClassificationTask):
             raise ValueError("`class_names` must be set before zero-shot classification. HINT: set_class_names().")
         prompts = {key: value.to(self.device) for key, value in self._prompts.items()}
         size = chunk_size
-        get_text_features = getattr(self.model, "get_text_features")
         embeds = torch.cat(
             [
-                pooled(get_text_features(**{key: part[s : s + size] for key, part in prompts.items()}))
+                pooled(self.model.get_text_features(**{key: part[s : s + size] for key, part in prompts.items()}))
                 for s in range(0, len(prompts["input_ids"]), size)
             ]
         )
@@ -195,13 +198,10 @@ class ZeroShotClassificationTask(ImageClassificationTask):
     def forward(self, pixel_values: Tensor, text_grad: bool = False) -> Tensor:
         """Class logits ``(B, num_classes)`` of ``uint8`` pixels ``(B, C, H, W)``; ``text_grad`` embeds the classes
         with gradients."""
-        vision = getattr(self.model, "vision_model")
-        pixels = self.normalize(pixel_values).to(next(vision.parameters()).dtype)
-        get_image_features = getattr(self.model, "get_image_features")
-        images = F.normalize(pooled(get_image_features(pixel_values=pixels)).float(), dim=-1)
+        pixels = self.normalize(pixel_values).to(next(self.model.vision_model.parameters()).dtype)
+        images = F.normalize(pooled(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
         classes = self.class_embeddings() if text_grad else self._cached_class_embeddings()
-        logit_scale: Tensor = getattr(self.model, "logit_scale")
-        return logit_scale.exp().float() * images @ classes.T
+        return self.model.logit_scale.exp().float() * images @ classes.T
 
     @override
     def loss_logits(self, pixel_values: Tensor) -> Tensor:

@@ -87,7 +87,9 @@ class FamilyAdapter:
             )
         return image_processor, text_tokenizer
 
-    def build_processor(self, config: PretrainedConfig, pretrained: str | None, tokenizer: str | None) -> ProcessorMixin:
+    def build_processor(
+        self, config: PretrainedConfig, pretrained: str | None, tokenizer: str | None
+    ) -> ProcessorMixin:
         """The model's processor: :meth:`processor` around :meth:`processor_parts`."""
         return self.processor(*self.processor_parts(config, pretrained, tokenizer), config)
 

@@ -44,7 +44,9 @@ class ProcessorEncodedFamily(FamilyAdapter):
             raise ValueError(f"{self.model_type}: a ProcessorEncodedFamily needs `generative`. HINT: use .of().")
         return self.generative
 
-    def build_processor(self, config: PretrainedConfig, pretrained: str | None, tokenizer: str | None) -> ProcessorMixin:
+    def build_processor(
+        self, config: PretrainedConfig, pretrained: str | None, tokenizer: str | None
+    ) -> ProcessorMixin:
         """The model's own processor (``AutoProcessor``), or the family's offline processor around ``tokenizer``.
 
         Raises:
@@ -63,7 +65,7 @@ class ProcessorEncodedFamily(FamilyAdapter):
             check_tokenizer_source(config, tokenizer)
             processor = self.description.offline_processor(config, load_tokenizer(str(tokenizer)))
         check_vocabulary(
-            getattr(processor, "tokenizer"),
+            processor.tokenizer,
             config,
             f"The {self.architecture} processor's tokenizer",
             " (PaliGemma's processor adds 1152 location and segmentation tokens)",
