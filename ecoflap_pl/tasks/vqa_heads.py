@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from transformers import PretrainedConfig, ProcessorMixin
+from typing_extensions import override
 
 from ecoflap_pl.metrics import normalize_answer
 from ecoflap_pl.tasks.labels import IGNORE_INDEX
@@ -84,6 +85,7 @@ class GeneratedAnswers(VQAHead):
         self.encoder = encoder
         self.generator = generator
 
+    @override
     def encode(self, samples: list[dict[str, Any]], questions: list[str], annotated: bool) -> dict[str, Any]:
         batch: dict[str, Any] = {}
         if annotated:
@@ -92,6 +94,7 @@ class GeneratedAnswers(VQAHead):
         batch.update(self.encoder.prompt_batch(samples, questions))
         return batch
 
+    @override
     def answer(self, model: Any, batch: dict[str, Any], generation_kwargs: dict[str, Any]) -> list[str]:
         return self.generator(model, batch, **generation_kwargs)
 
@@ -112,6 +115,7 @@ class BlipAnswerDecoder(VQAHead):
         self.max_length = max_length
         self.decoder_bos_token_id = decoder_bos_token_id
 
+    @override
     def encode(self, samples: list[dict[str, Any]], questions: list[str], annotated: bool) -> dict[str, Any]:
         tokenizer: Any = self.processor.tokenizer
         image_processor: Any = self.processor.image_processor
@@ -144,6 +148,7 @@ class BlipAnswerDecoder(VQAHead):
             batch["labels"] = decoder_ids.masked_fill(answers["attention_mask"] == 0, IGNORE_INDEX)
         return batch
 
+    @override
     def answer(self, model: Any, batch: dict[str, Any], generation_kwargs: dict[str, Any]) -> list[str]:
         output = [ids.tolist() for ids in blip_generate(model, batch, **generation_kwargs)]
         tokenizer: Any = self.processor.tokenizer
@@ -177,11 +182,13 @@ class AnswerClassifier(VQAHead):
         self.label2id = dict(config.label2id)
         self.max_length = min(max_length, config.max_position_embeddings)
 
+    @override
     def prepare_model(self, model: Any) -> None:
         """Name the model's outputs after the vocabulary."""
         model.config.label2id = dict(self.label2id)
         model.config.id2label = {i: answer for answer, i in self.label2id.items()}
 
+    @override
     def encode(self, samples: list[dict[str, Any]], questions: list[str], annotated: bool) -> dict[str, Any]:
         image_processor: Any = self.processor.image_processor
         tokenizer: Any = self.processor.tokenizer
@@ -202,6 +209,7 @@ class AnswerClassifier(VQAHead):
             batch["labels"] = labels
         return batch
 
+    @override
     def answer(self, model: Any, batch: dict[str, Any], generation_kwargs: dict[str, Any]) -> list[str]:
         inputs = {key: value for key, value in batch.items() if key in _CLASSIFIER_INPUTS}
         with torch.no_grad():

@@ -18,6 +18,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     ProcessorMixin,
 )
+from typing_extensions import override
 
 from ecoflap_pl.tasks.families.adapter import FamilyAdapter
 from ecoflap_pl.tasks.families.towers import ImageFeatures, Towers, vision_dtype
@@ -31,14 +32,17 @@ class BlipTowers(Towers):
 
     has_itm = True
 
+    @override
     def image(self, model: BlipForImageTextRetrieval, pixel_values: Tensor) -> ImageFeatures:
         hidden = model.vision_model(pixel_values=pixel_values.to(vision_dtype(model))).last_hidden_state
         return ImageFeatures(F.normalize(model.vision_proj(hidden[:, 0]), dim=-1), hidden)
 
+    @override
     def text(self, model: BlipForImageTextRetrieval, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return F.normalize(model.text_proj(hidden[:, 0]), dim=-1)
 
+    @override
     def itm(
         self, model: BlipForImageTextRetrieval, hidden: Tensor, input_ids: Tensor, attention_mask: Tensor
     ) -> Tensor:
@@ -57,18 +61,22 @@ class BlipFamily(FamilyAdapter):
     """BLIP: the text's first token is replaced by the decoder's BOS (``[DEC]``); generation drops the prompt's
     final ``[SEP]`` before continuing it."""
 
+    @override
     def offline_image_processor(self, config: PretrainedConfig) -> Any:
         size = config.vision_config.image_size
         return BlipImageProcessor(size={"height": size, "width": size})
 
+    @override
     def processor(
         self, image_processor: Any, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig
     ) -> ProcessorMixin:
         return BlipProcessor(image_processor, tokenizer)
 
+    @override
     def prompt_encoder(self, processor: ProcessorMixin, config: PretrainedConfig, max_length: int) -> PromptEncoder:
         return PromptEncoder(processor, max_length, decoder_bos_token_id=config.text_config.bos_token_id)
 
+    @override
     def vqa_head(
         self,
         processor: ProcessorMixin,
@@ -79,6 +87,7 @@ class BlipFamily(FamilyAdapter):
     ) -> VQAHead:
         return BlipAnswerDecoder(processor, max_length, config.text_config.bos_token_id)
 
+    @override
     def echoed_prompt(self, config: PretrainedConfig, prompt_ids: Tensor) -> Tensor | None:
         return prompt_ids[:, :-1]
 

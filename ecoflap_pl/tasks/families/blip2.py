@@ -16,6 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     ProcessorMixin,
 )
+from typing_extensions import override
 
 from ecoflap_pl.tasks.families.adapter import FamilyAdapter, TaskKind
 from ecoflap_pl.tasks.families.towers import ImageFeatures, Towers, vision_dtype
@@ -28,6 +29,7 @@ class Blip2Towers(Towers):
     has_itm = True
     one_embedding_per_image = False
 
+    @override
     def image(self, model: Blip2ForImageTextRetrieval, pixel_values: Tensor) -> ImageFeatures:
         hidden = model.vision_model(pixel_values=pixel_values.to(vision_dtype(model))).last_hidden_state
         queries = model.qformer(
@@ -38,12 +40,14 @@ class Blip2Towers(Towers):
         embeds = model.vision_projection(queries.to(model.vision_projection.weight.dtype))
         return ImageFeatures(F.normalize(embeds, dim=-1), hidden)
 
+    @override
     def text(self, model: Blip2ForImageTextRetrieval, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         output = model.qformer(
             query_embeds=model.embeddings(input_ids=input_ids), query_length=0, attention_mask=attention_mask
         ).last_hidden_state
         return F.normalize(model.text_projection(output[:, 0].to(model.text_projection.weight.dtype)), dim=-1)
 
+    @override
     def similarity(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
         """Best query per image: ``max_q <image_q, text>`` (BLIP-2's ITC), chunked over images to bound memory."""
         num_queries = image_embeds.shape[1]
@@ -55,6 +59,7 @@ class Blip2Towers(Towers):
             ]
         )
 
+    @override
     def itm(
         self, model: Blip2ForImageTextRetrieval, hidden: Tensor, input_ids: Tensor, attention_mask: Tensor
     ) -> Tensor:
@@ -81,9 +86,11 @@ class Blip2Family(FamilyAdapter):
     """BLIP-2: ``num_query_tokens`` image tokens before the text; OPT targets end with a newline, at which
     generation also stops (LAVIS); FlanT5 reads the prompt in the encoder and the target in the decoder."""
 
+    @override
     def variant(self, config: PretrainedConfig) -> str:
         return "blip2_opt" if decoder_only(config) else "blip2_t5"
 
+    @override
     def check_config(self, config: PretrainedConfig, task: TaskKind) -> None:
         if task == "retrieval" and not getattr(config.qformer_config, "use_qformer_text_input", False):
             raise ValueError(
@@ -92,15 +99,18 @@ class Blip2Family(FamilyAdapter):
                 "qformer_config."
             )
 
+    @override
     def offline_image_processor(self, config: PretrainedConfig) -> Any:
         size = config.vision_config.image_size
         return BlipImageProcessor(size={"height": size, "width": size})
 
+    @override
     def processor(
         self, image_processor: Any, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig
     ) -> ProcessorMixin:
         return Blip2Processor(image_processor, tokenizer, num_query_tokens=config.num_query_tokens)
 
+    @override
     def prompt_encoder(self, processor: ProcessorMixin, config: PretrainedConfig, max_length: int) -> PromptEncoder:
         opt = decoder_only(config)
         return PromptEncoder(
@@ -113,10 +123,12 @@ class Blip2Family(FamilyAdapter):
             image_token_id=config.image_token_id,
         )
 
+    @override
     def prefix_lm_captions(self, config: PretrainedConfig) -> bool:
         """FlanT5: the prefix-LM loss of the official ECoFLaP coarse step."""
         return not decoder_only(config)
 
+    @override
     def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> list[int] | None:
         """OPT: the model's EOS and, as LAVIS, the newline token if it is one."""
         if not decoder_only(config):
@@ -127,10 +139,12 @@ class Blip2Family(FamilyAdapter):
             ids.append(int(newline[0]))
         return ids
 
+    @override
     def echoed_prompt(self, config: PretrainedConfig, prompt_ids: Tensor) -> Tensor | None:
         """OPT repeats the prompt; FlanT5's output starts with its decoder start token instead."""
         return prompt_ids if decoder_only(config) else None
 
+    @override
     def text_max_positions(self, config: PretrainedConfig) -> int:
         return int(config.qformer_config.max_position_embeddings)
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import CLIPImageProcessor, CLIPModel, PretrainedConfig, SiglipModel
+from typing_extensions import override
 
 from ecoflap_pl.models.processors import siglip_image_processor
 from ecoflap_pl.tasks.families.adapter import FamilyAdapter
@@ -22,10 +23,12 @@ class ClipTowers(Towers):
 
     own_contrastive_loss = True
 
+    @override
     def image(self, model: Any, pixel_values: Tensor) -> ImageFeatures:
         embeds = pooled(model.get_image_features(pixel_values=pixel_values.to(vision_dtype(model))))
         return ImageFeatures(F.normalize(embeds, dim=-1), None)
 
+    @override
     def text(self, model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return F.normalize(pooled(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)), dim=-1)
 
@@ -35,6 +38,7 @@ class SiglipTowers(ClipTowers):
 
     text_attention_mask = False
 
+    @override
     def text(self, model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return F.normalize(pooled(model.get_text_features(input_ids=input_ids)), dim=-1)
 
@@ -42,6 +46,7 @@ class SiglipTowers(ClipTowers):
 class ClipFamily(FamilyAdapter):
     """CLIP: resize of the shortest edge and center crop to the vision tower's size."""
 
+    @override
     def offline_image_processor(self, config: PretrainedConfig) -> Any:
         size = config.vision_config.image_size
         return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
@@ -50,6 +55,7 @@ class ClipFamily(FamilyAdapter):
 class SiglipFamily(FamilyAdapter):
     """SigLIP: resize to the vision tower's size, mean = std = 0.5."""
 
+    @override
     def offline_image_processor(self, config: PretrainedConfig) -> Any:
         return siglip_image_processor(config)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from transformers import AutoProcessor, PretrainedConfig, ProcessorMixin
+from typing_extensions import override
 
 from ecoflap_pl.models.families import GenerativeFamily
 from ecoflap_pl.models.loading import check_tokenizer_source, check_vocabulary, load_tokenizer
@@ -44,6 +45,7 @@ class ProcessorEncodedFamily(FamilyAdapter):
             raise ValueError(f"{self.model_type}: a ProcessorEncodedFamily needs `generative`. HINT: use .of().")
         return self.generative
 
+    @override
     def build_processor(
         self, config: PretrainedConfig, pretrained: str | None, tokenizer: str | None
     ) -> ProcessorMixin:
@@ -72,6 +74,7 @@ class ProcessorEncodedFamily(FamilyAdapter):
         )
         return processor
 
+    @override
     def prompt_encoder(
         self, processor: ProcessorMixin, config: PretrainedConfig, max_length: int
     ) -> ProcessorPromptEncoder:

@@ -13,6 +13,7 @@ from transformers import (
     ViltImageProcessor,
     ViltProcessor,
 )
+from typing_extensions import override
 
 from ecoflap_pl.tasks.families.adapter import FamilyAdapter
 from ecoflap_pl.tasks.vqa_heads import AnswerClassifier, Generator, VQAHead
@@ -22,6 +23,7 @@ class ViltFamily(FamilyAdapter):
     """ViLT: images resized to the shortest edge = image size, sides rounded down to the patch size, mean = std =
     0.5; VQA scores a fixed answer vocabulary."""
 
+    @override
     def offline_image_processor(self, config: PretrainedConfig) -> Any:
         # type checkers see the backend base class of ViltImageProcessor, whose __init__ lacks ViLT's size_divisor
         return ViltImageProcessor(
@@ -29,11 +31,13 @@ class ViltFamily(FamilyAdapter):
             size_divisor=config.patch_size,  # type: ignore[call-arg]
         )
 
+    @override
     def processor(
         self, image_processor: Any, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig
     ) -> ProcessorMixin:
         return ViltProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
+    @override
     def vqa_head(
         self,
         processor: ProcessorMixin,
