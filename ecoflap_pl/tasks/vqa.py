@@ -14,7 +14,7 @@ from ecoflap_pl.metrics import ANSWER_TYPES, VQAAccuracy, write_vqa_results
 from ecoflap_pl.tasks.distributed import any_rank, gather_objects
 from ecoflap_pl.tasks.families import TaskKind, serving
 from ecoflap_pl.tasks.generation import PromptedGenerationTask
-from ecoflap_pl.tasks.vqa_heads import VQAHead
+from ecoflap_pl.tasks.vqa_heads import VQAContext, VQAHead
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +173,11 @@ class VQATask(PromptedGenerationTask):
     @override
     def _prepare(self, config: PretrainedConfig) -> None:
         """Build the family's VQA head (a classifier fixes its answer vocabulary in ``config``)."""
-        self.head = self.family_adapter.vqa_head(
-            self.processor, config, self.hparams["max_text_length"], self.hparams["answer_list"], self.generate_texts
+        hparams = self.hparams
+        context = VQAContext(
+            self.processor, config, hparams["max_text_length"], hparams["answer_list"], self.generate_texts
         )
+        self.head = self.family_adapter.vqa_head(context)
 
     def answer(self, batch: dict[str, Any]) -> list[str]:
         """The model's answer to every question of ``batch``."""

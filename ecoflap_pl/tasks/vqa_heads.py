@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +28,25 @@ from ecoflap_pl.tasks.prompt_encoder import PromptEncoding
 Generator = Callable[..., list[str]]
 """``generator(model, batch, **generation_kwargs)`` -> the new text of every row
 (:class:`~ecoflap_pl.tasks.generation.TextGenerator`)."""
+
+
+@dataclass(frozen=True)
+class VQAContext:
+    """What a family's adapter builds its VQA head from.
+
+    Attributes:
+        processor: the model's processor.
+        config: the model's config (a classifier fixes its answer vocabulary in it).
+        max_length: text tokens kept per question / answer.
+        answer_list: a classifier's answer vocabulary; None: the config's.
+        generator: generates text from a prompt batch.
+    """
+
+    processor: ProcessorMixin
+    config: PretrainedConfig
+    max_length: int
+    answer_list: list[str] | None
+    generator: Generator
 
 
 def soft_scores(answers: list[str], label2id: dict[str, int]) -> dict[int, float]:

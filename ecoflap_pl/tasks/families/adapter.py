@@ -8,7 +8,7 @@ much of the prompt generation echoes, and the contrastive towers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,7 +18,7 @@ from transformers import AutoProcessor, PretrainedConfig, PreTrainedModel, PreTr
 from ecoflap_pl.models.loading import check_tokenizer_source, load_tokenizer
 from ecoflap_pl.tasks.families.towers import Towers
 from ecoflap_pl.tasks.prompt_encoder import PromptEncoding
-from ecoflap_pl.tasks.vqa_heads import GeneratedAnswers, Generator, VQAHead
+from ecoflap_pl.tasks.vqa_heads import GeneratedAnswers, VQAContext, VQAHead
 
 TaskKind = Literal["vqa", "captioning", "retrieval", "zero_shot", "nlvr2"]
 """The tasks a family can serve (the keys of :attr:`FamilyAdapter.model_classes`)."""
@@ -40,6 +40,9 @@ class FamilyAdapter:
         pixel_mean: the image normalisation of zero-shot classification, with ``pixel_std``; None: not a zero-shot
             classifier.
         pixel_std: see ``pixel_mean``.
+        image_processor: builds the image processor of a config-only model (tests, the demo) from its config.
+        processor_class: the processor around an image processor and a tokenizer
+            (:meth:`processor_options` adds its other arguments).
     """
 
     model_type: str
@@ -51,6 +54,8 @@ class FamilyAdapter:
     image_placeholder: str | None = None
     pixel_mean: tuple[float, ...] | None = None
     pixel_std: tuple[float, ...] | None = None
+    image_processor: Callable[[PretrainedConfig], Any] | None = None
+    processor_class: type[ProcessorMixin] | None = None
 
     def variant(self, config: PretrainedConfig) -> str:
         """The name the generation tasks record as ``family`` (BLIP-2 splits into ``blip2_opt`` / ``blip2_t5``)."""
@@ -95,37 +100,31 @@ class FamilyAdapter:
 
     def offline_image_processor(self, config: PretrainedConfig) -> Any:
         """The image processor of a config-only model (tests, the demo), sized from the config."""
-        raise NotImplementedError(f"{self.model_type} has no image processor for a config-only model.")
+        if self.image_processor is None:
+            raise NotImplementedError(f"{self.model_type} has no image processor for a config-only model.")
+        return self.image_processor(config)
 
     def processor(
         self, image_processor: Any, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig
     ) -> ProcessorMixin:
         """The model's processor around an image processor and a tokenizer."""
-        raise NotImplementedError(f"{self.model_type} has no processor class.")
+        if self.processor_class is None:
+            raise NotImplementedError(f"{self.model_type} has no processor class.")
+        return self.processor_class(image_processor, tokenizer, **self.processor_options(config))
+
+    def processor_options(self, config: PretrainedConfig) -> dict[str, Any]:
+        """Arguments of :attr:`processor_class` besides the image processor and the tokenizer."""
+        return {}
 
     def prompt_encoder(self, processor: ProcessorMixin, config: PretrainedConfig, max_length: int) -> PromptEncoding:
         """The encoder of prompts and targets of a prompted generator (VQA, captioning)."""
         raise NotImplementedError(f"{self.model_type} is not a prompted generator.")
 
-    def vqa_head(
-        self,
-        processor: ProcessorMixin,
-        config: PretrainedConfig,
-        max_length: int,
-        answer_list: list[str] | None,
-        generator: Generator,
-    ) -> VQAHead:
+    def vqa_head(self, context: VQAContext) -> VQAHead:
         """How the family answers questions; by default it generates them after the prompt
-        (:class:`~ecoflap_pl.tasks.vqa_heads.GeneratedAnswers`).
-
-        Args:
-            processor: the model's processor.
-            config: the model's config (a classifier fixes its answer vocabulary in it).
-            max_length: text tokens kept per question / answer.
-            answer_list: a classifier's answer vocabulary; None: the config's.
-            generator: generates text from a prompt batch.
-        """
-        return GeneratedAnswers(self.prompt_encoder(processor, config, max_length), generator)
+        (:class:`~ecoflap_pl.tasks.vqa_heads.GeneratedAnswers`)."""
+        encoder = self.prompt_encoder(context.processor, context.config, context.max_length)
+        return GeneratedAnswers(encoder, context.generator)
 
     def prefix_lm_captions(self, config: PretrainedConfig) -> bool:
         """Whether captioning trains with the prefix-LM split when the task leaves ``prefix_lm`` unset."""

@@ -3,8 +3,6 @@ contrastive heads and ITM head."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -12,18 +10,17 @@ from transformers import (
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
     BlipForQuestionAnswering,
-    BlipImageProcessor,
     BlipProcessor,
     PretrainedConfig,
-    PreTrainedTokenizerBase,
     ProcessorMixin,
 )
 from typing_extensions import override
 
+from ecoflap_pl.models.processors import blip_image_processor
 from ecoflap_pl.tasks.families.adapter import FamilyAdapter
 from ecoflap_pl.tasks.families.towers import ImageFeatures, Towers, vision_dtype
 from ecoflap_pl.tasks.prompt_encoder import PromptEncoder
-from ecoflap_pl.tasks.vqa_heads import BlipAnswerDecoder, Generator, VQAHead
+from ecoflap_pl.tasks.vqa_heads import BlipAnswerDecoder, VQAContext, VQAHead
 
 
 class BlipTowers(Towers):
@@ -62,30 +59,13 @@ class BlipFamily(FamilyAdapter):
     final ``[SEP]`` before continuing it."""
 
     @override
-    def offline_image_processor(self, config: PretrainedConfig) -> Any:
-        size = config.vision_config.image_size
-        return BlipImageProcessor(size={"height": size, "width": size})
-
-    @override
-    def processor(
-        self, image_processor: Any, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig
-    ) -> ProcessorMixin:
-        return BlipProcessor(image_processor, tokenizer)
-
-    @override
     def prompt_encoder(self, processor: ProcessorMixin, config: PretrainedConfig, max_length: int) -> PromptEncoder:
         return PromptEncoder(processor, max_length, decoder_bos_token_id=config.text_config.bos_token_id)
 
     @override
-    def vqa_head(
-        self,
-        processor: ProcessorMixin,
-        config: PretrainedConfig,
-        max_length: int,
-        answer_list: list[str] | None,
-        generator: Generator,
-    ) -> VQAHead:
-        return BlipAnswerDecoder(processor, max_length, config.text_config.bos_token_id)
+    def vqa_head(self, context: VQAContext) -> VQAHead:
+        bos = context.config.text_config.bos_token_id
+        return BlipAnswerDecoder(context.processor, context.max_length, bos)
 
     @override
     def echoed_prompt(self, config: PretrainedConfig, prompt_ids: Tensor) -> Tensor | None:
@@ -102,4 +82,6 @@ BLIP = BlipFamily(
     },
     prompts={"vqa": "{}", "captioning": "a picture of "},  # BLIP reads the bare question
     towers=BlipTowers(),
+    image_processor=blip_image_processor,
+    processor_class=BlipProcessor,
 )

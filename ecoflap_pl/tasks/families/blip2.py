@@ -11,13 +11,13 @@ from transformers import (
     Blip2ForConditionalGeneration,
     Blip2ForImageTextRetrieval,
     Blip2Processor,
-    BlipImageProcessor,
     PretrainedConfig,
     PreTrainedTokenizerBase,
     ProcessorMixin,
 )
 from typing_extensions import override
 
+from ecoflap_pl.models.processors import blip_image_processor
 from ecoflap_pl.tasks.families.adapter import FamilyAdapter, TaskKind
 from ecoflap_pl.tasks.families.towers import ImageFeatures, Towers, vision_dtype
 from ecoflap_pl.tasks.prompt_encoder import PromptEncoder
@@ -100,15 +100,8 @@ class Blip2Family(FamilyAdapter):
             )
 
     @override
-    def offline_image_processor(self, config: PretrainedConfig) -> Any:
-        size = config.vision_config.image_size
-        return BlipImageProcessor(size={"height": size, "width": size})
-
-    @override
-    def processor(
-        self, image_processor: Any, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig
-    ) -> ProcessorMixin:
-        return Blip2Processor(image_processor, tokenizer, num_query_tokens=config.num_query_tokens)
+    def processor_options(self, config: PretrainedConfig) -> dict[str, Any]:
+        return {"num_query_tokens": config.num_query_tokens}
 
     @override
     def prompt_encoder(self, processor: ProcessorMixin, config: PretrainedConfig, max_length: int) -> PromptEncoder:
@@ -160,4 +153,6 @@ BLIP2 = Blip2Family(
     prompts={"vqa": "Question: {} Short answer:", "captioning": "a photo of"},  # ECoFLaP's / LAVIS's prompts
     towers=Blip2Towers(),
     answer_length_penalty=-1.0,  # LAVIS's predict_answers favours short answers
+    image_processor=blip_image_processor,
+    processor_class=Blip2Processor,
 )

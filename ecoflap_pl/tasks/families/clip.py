@@ -7,10 +7,10 @@ from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import CLIPImageProcessor, CLIPModel, PretrainedConfig, SiglipModel
+from transformers import CLIPModel, SiglipModel
 from typing_extensions import override
 
-from ecoflap_pl.models.processors import siglip_image_processor
+from ecoflap_pl.models.processors import clip_image_processor, siglip_image_processor
 from ecoflap_pl.tasks.families.adapter import FamilyAdapter
 from ecoflap_pl.tasks.families.towers import ImageFeatures, Towers, pooled, vision_dtype
 
@@ -43,36 +43,21 @@ class SiglipTowers(ClipTowers):
         return F.normalize(pooled(model.get_text_features(input_ids=input_ids)), dim=-1)
 
 
-class ClipFamily(FamilyAdapter):
-    """CLIP: resize of the shortest edge and center crop to the vision tower's size."""
-
-    @override
-    def offline_image_processor(self, config: PretrainedConfig) -> Any:
-        size = config.vision_config.image_size
-        return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-
-
-class SiglipFamily(FamilyAdapter):
-    """SigLIP: resize to the vision tower's size, mean = std = 0.5."""
-
-    @override
-    def offline_image_processor(self, config: PretrainedConfig) -> Any:
-        return siglip_image_processor(config)
-
-
-CLIP = ClipFamily(
+CLIP = FamilyAdapter(
     "clip",
     "clip",
     {"retrieval": CLIPModel, "zero_shot": CLIPModel},
     towers=ClipTowers(),
     pixel_mean=CLIP_MEAN,
     pixel_std=CLIP_STD,
+    image_processor=clip_image_processor,
 )
-SIGLIP = SiglipFamily(
+SIGLIP = FamilyAdapter(
     "siglip",
     "siglip",
     {"retrieval": SiglipModel, "zero_shot": SiglipModel},
     towers=SiglipTowers(),
     pixel_mean=(0.5, 0.5, 0.5),
     pixel_std=(0.5, 0.5, 0.5),
+    image_processor=siglip_image_processor,
 )
