@@ -32,9 +32,9 @@ from ecoflap_pl.demo.training import MultitaskCollator, VQACaptionMixDataModule,
 from ecoflap_pl.demo.vit import TIMM_ARCHITECTURE, demo_vit
 from ecoflap_pl.models.tiny import tiny_config
 from ecoflap_pl.models.tokenizers import train_tokenizer
-from ecoflap_pl.tasks._vision_language import PromptEncoder
 from ecoflap_pl.tasks.captioning import DEFAULT_PROMPTS as CAPTION_PROMPTS
 from ecoflap_pl.tasks.captioning import CaptionCollator
+from ecoflap_pl.tasks.families.blip2 import BLIP2
 from ecoflap_pl.tasks.vqa import DEFAULT_PROMPTS as VQA_PROMPTS
 from ecoflap_pl.tasks.vqa import VQATask
 
@@ -147,13 +147,7 @@ def train_demo_blip2(out: Path, paths: DemoPaths, preset: DemoPreset, vit_weight
     task.processor.image_processor.image_mean = list(vit_input.mean)
     task.processor.image_processor.image_std = list(vit_input.std)
     captions = CaptionCollator(
-        PromptEncoder(
-            task.processor,
-            "blip2_opt",
-            max_length=MAX_TEXT_LENGTH,
-            num_query_tokens=config.num_query_tokens,
-            image_token_id=config.image_token_id,
-        ),
+        BLIP2.prompt_encoder(task.processor, task.config, MAX_TEXT_LENGTH),
         prompt=CAPTION_PROMPTS["blip2"],
         prefix_lm=False,
     )

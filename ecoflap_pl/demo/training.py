@@ -113,7 +113,7 @@ class PreprocessedImages(ImageSampleDataset):
     Args:
         dataset: the raw samples.
         preprocess: ``[{"image": PIL image}] -> (1, 3, H, W)``, the model collator's own image processing
-            (:meth:`~ecoflap_pl.tasks._vision_language.PromptEncoder.pixel_values`).
+            (:meth:`~ecoflap_pl.tasks.prompt_encoder.PromptEncoder.pixel_values`).
         cache: pixels by image path.
     """
 

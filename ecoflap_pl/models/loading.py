@@ -105,7 +105,14 @@ def build_hf_model(
     if pretrained is not None:
         return load_pretrained(model_cls, pretrained, **from_pretrained_kwargs)
     if isinstance(config, dict):
-        config = model_cls.config_class.from_dict(config)
+        config_class = model_cls.config_class
+        if config_class is None:
+            raise TypeError(
+                f"{model_cls.__name__} names no config_class to read a dict config with. HINT: pass a config."
+            )
+        config = config_class.from_dict(config)
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(f"`config` must be a dict or a PretrainedConfig, got {type(config).__name__}.")
     return model_cls(config)
 
 
@@ -132,3 +139,25 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
             f"`tokenizer` could not be loaded from {name_or_path!r} ({where}): {error}. HINT: give the directory a "
             "tokenizer was saved to with save_pretrained(), or the model's hub name."
         ) from error
+
+
+def text_vocab_size(config: PretrainedConfig) -> int:
+    """Size of the text vocabulary the model embeds."""
+    text_config = getattr(config, "text_config", None)
+    return int((text_config if text_config is not None else config).vocab_size)
+
+
+def check_vocabulary(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, what: str, hint: str = "") -> None:
+    """Refuse a tokenizer with more tokens than the model's text vocabulary.
+
+    Args:
+        tokenizer: the tokenizer the task encodes text with.
+        config: the model's config.
+        what: how the message names the tokenizer (``"`tokenizer`"``).
+        hint: added to the message's hint.
+    """
+    if len(tokenizer) > text_vocab_size(config):
+        raise ValueError(
+            f"{what} has {len(tokenizer)} tokens, more than the model's text vocabulary ({text_vocab_size(config)}). "
+            f"HINT: build the model config with vocab_size >= len(tokenizer){hint}."
+        )

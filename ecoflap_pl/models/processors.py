@@ -17,6 +17,7 @@ from transformers import (
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
     SiglipImageProcessor,
+    ViltImageProcessor,
 )
 
 QWEN_CHAT_TEMPLATE = (
@@ -32,10 +33,8 @@ QWEN_CHAT_TEMPLATE = (
 def llava_processor(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaProcessor:
     """CLIP image processor at the vision tower's size; one image token per patch (the CLS token is dropped)."""
     vision = config.vision_config
-    size = vision.image_size
-    images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return LlavaProcessor(
-        images,
+        clip_image_processor(config),
         tokenizer,
         patch_size=vision.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
@@ -43,7 +42,9 @@ def llava_processor(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
     )
 
 
-def qwen_vl_processor(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> Qwen2VLProcessor:
+def qwen_vl_processor(
+    config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
+) -> Qwen2VLProcessor | Qwen2_5_VLProcessor:
     """Native-resolution patches (``patch_size``, merged ``spatial_merge_size``²) of images between 16 and 64
     merged patches, and the chat template's shape."""
     vision = config.vision_config
@@ -53,6 +54,7 @@ def qwen_vl_processor(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBa
         min_pixels=4 * unit, max_pixels=16 * unit, patch_size=patch, merge_size=merge, temporal_patch_size=temporal
     )
     videos = Qwen2VLVideoProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=temporal)
+    processor_cls: type[Qwen2VLProcessor | Qwen2_5_VLProcessor]
     processor_cls = Qwen2_5_VLProcessor if config.model_type == "qwen2_5_vl" else Qwen2VLProcessor
     return processor_cls(
         image_processor=images, tokenizer=tokenizer, video_processor=videos, chat_template=QWEN_CHAT_TEMPLATE
@@ -61,8 +63,7 @@ def qwen_vl_processor(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBa
 
 def instructblip_processor(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> InstructBlipProcessor:
     """BLIP image processor; the tokenizer serves the language model and the Q-Former's instruction input."""
-    size = config.vision_config.image_size
-    images = BlipImageProcessor(size={"height": size, "width": size})
+    images = blip_image_processor(config)
     return InstructBlipProcessor(images, tokenizer, tokenizer, num_query_tokens=config.num_query_tokens)
 
 
@@ -71,8 +72,30 @@ def paligemma_processor(config: PretrainedConfig, tokenizer: PreTrainedTokenizer
     segmentation tokens to the tokenizer."""
     vision = config.vision_config
     images = SiglipImageProcessor(size={"height": vision.image_size, "width": vision.image_size})
-    images.image_seq_length = (vision.image_size // vision.patch_size) ** 2
+    # PaliGemmaProcessor reads image_seq_length from its image processor, which does not declare it
+    setattr(images, "image_seq_length", (vision.image_size // vision.patch_size) ** 2)  # noqa: B010
     return PaliGemmaProcessor(images, tokenizer)
+
+
+def blip_image_processor(config: PretrainedConfig) -> BlipImageProcessor:
+    """BLIP's and BLIP-2's resize to the vision tower's size, CLIP's mean and std."""
+    size = config.vision_config.image_size
+    return BlipImageProcessor(size={"height": size, "width": size})
+
+
+def clip_image_processor(config: PretrainedConfig) -> CLIPImageProcessor:
+    """CLIP's resize of the shortest edge and center crop to the vision tower's size."""
+    size = config.vision_config.image_size
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def vilt_image_processor(config: PretrainedConfig) -> ViltImageProcessor:
+    """ViLT's resize of the shortest edge to the image size, sides rounded down to the patch size, mean = std = 0.5."""
+    # type checkers see the backend base class of ViltImageProcessor, whose __init__ lacks ViLT's size_divisor
+    return ViltImageProcessor(
+        size={"shortest_edge": config.image_size},
+        size_divisor=config.patch_size,  # type: ignore[call-arg]
+    )
 
 
 def siglip_image_processor(config: PretrainedConfig) -> SiglipImageProcessor:

@@ -88,19 +88,21 @@ def _opt(vocab: int, hidden: int, layers: int) -> OPTConfig:
 
 
 def _t5(vocab: int, hidden: int, layers: int) -> T5Config:
-    return T5Config(
-        vocab_size=vocab,
-        d_model=hidden,
-        d_kv=hidden // 4,
-        d_ff=2 * hidden,
-        num_layers=layers,
-        num_decoder_layers=layers,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-        decoder_start_token_id=PAD_ID,
+    return T5Config.from_dict(
+        {
+            "vocab_size": vocab,
+            "d_model": hidden,
+            "d_kv": hidden // 4,
+            "d_ff": 2 * hidden,
+            "num_layers": layers,
+            "num_decoder_layers": layers,
+            "num_heads": 4,
+            "feed_forward_proj": "gated-gelu",
+            "tie_word_embeddings": False,
+            "pad_token_id": PAD_ID,
+            "eos_token_id": EOS_ID,
+            "decoder_start_token_id": PAD_ID,
+        }
     )
 
 
@@ -128,7 +130,11 @@ def _qwen_vl(family: str, vocab: int, hidden: int, layers: int, patch_size: int)
     start, end, image, video = range(vocab - len(QWEN_VISION_TOKENS), vocab)
     # multimodal rotary sections (temporal, height, width) over half the head dimension
     head_half = hidden // 4 // 2
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_half - 2 * (head_half // 3)]}
+    rope: dict[str, Any] = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [head_half - 2 * (head_half // 3)],
+    }
     rope["mrope_section"] += [head_half // 3, head_half // 3]
     text = _decoder(f"{family}_text", vocab, hidden, layers, rope_parameters=rope)
     vision: dict[str, Any] = {
@@ -147,13 +153,15 @@ def _qwen_vl(family: str, vocab: int, hidden: int, layers: int, patch_size: int)
         config_cls: type[PretrainedConfig] = Qwen2_5_VLConfig
     else:
         config_cls = Qwen2VLConfig
-    return config_cls(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=image,
-        video_token_id=video,
-        vision_start_token_id=start,
-        vision_end_token_id=end,
+    return config_cls.from_dict(
+        {
+            "text_config": text,
+            "vision_config": vision,
+            "image_token_id": image,
+            "video_token_id": video,
+            "vision_start_token_id": start,
+            "vision_end_token_id": end,
+        }
     )
 
 
@@ -192,15 +200,17 @@ def tiny_config(
             "encoder_hidden_size": hidden_size,
             "vocab_size": vocab_size,
         }
-        return Blip2Config(
-            vision_config=vision,
-            qformer_config=qformer,
-            text_config=text.to_dict(),
-            num_query_tokens=num_query_tokens,
-            image_token_id=IMAGE_ID,
+        return Blip2Config.from_dict(
+            {
+                "vision_config": vision,
+                "qformer_config": qformer,
+                "text_config": text.to_dict(),
+                "num_query_tokens": num_query_tokens,
+                "image_token_id": IMAGE_ID,
+            }
         )
     if family == "blip":
-        text = {
+        text_config = {
             "vocab_size": vocab_size,
             "hidden_size": hidden_size,
             "encoder_hidden_size": hidden_size,
@@ -213,9 +223,9 @@ def tiny_config(
             "eos_token_id": SEP_ID,
             "sep_token_id": SEP_ID,
         }
-        return BlipConfig(text_config=text, vision_config=vision, projection_dim=hidden_size)
+        return BlipConfig(text_config=text_config, vision_config=vision, projection_dim=hidden_size)
     if family == "clip":
-        text = {
+        text_config = {
             "vocab_size": vocab_size,
             "hidden_size": hidden_size,
             "intermediate_size": 2 * hidden_size,
@@ -226,21 +236,23 @@ def tiny_config(
             "bos_token_id": BOS_ID,
             "eos_token_id": EOS_ID,
         }
-        return CLIPConfig(text_config=text, vision_config=vision, projection_dim=hidden_size)
+        return CLIPConfig(text_config=text_config, vision_config=vision, projection_dim=hidden_size)
     if family == "vilt":
-        return ViltConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            image_size=image_size,
-            patch_size=patch_size,
-            max_position_embeddings=64,
-            num_images=2,
-            modality_type_vocab_size=3,
-            num_labels=num_labels,
-            pad_token_id=PAD_ID,
+        return ViltConfig.from_dict(
+            {
+                "vocab_size": vocab_size,
+                "hidden_size": hidden_size,
+                "intermediate_size": 2 * hidden_size,
+                "num_hidden_layers": layers,
+                "num_attention_heads": 4,
+                "image_size": image_size,
+                "patch_size": patch_size,
+                "max_position_embeddings": 64,
+                "num_images": 2,
+                "modality_type_vocab_size": 3,
+                "num_labels": num_labels,
+                "pad_token_id": PAD_ID,
+            }
         )
     if family == "t5":
         return _t5(vocab_size, hidden_size, layers)
@@ -260,21 +272,25 @@ def tiny_config(
     if family in ("qwen2_vl", "qwen2_5_vl"):
         return _qwen_vl(family, vocab_size, hidden_size, layers, patch_size)
     if family == "llava":
-        return LlavaConfig(
-            vision_config={"model_type": "clip_vision_model", **vision},
-            text_config=_decoder("llama", vocab_size, hidden_size, layers),
-            image_token_id=IMAGE_ID,
-            vision_feature_layer=-2,  # LLaVA-1.5 reads the penultimate CLIP layer
-            vision_feature_select_strategy="default",
+        return LlavaConfig.from_dict(
+            {
+                "vision_config": {"model_type": "clip_vision_model", **vision},
+                "text_config": _decoder("llama", vocab_size, hidden_size, layers),
+                "image_token_id": IMAGE_ID,
+                "vision_feature_layer": -2,  # LLaVA-1.5 reads the penultimate CLIP layer
+                "vision_feature_select_strategy": "default",
+            }
         )
     if family == "paligemma":
-        text = _decoder("gemma", vocab_size, hidden_size, layers, head_dim=hidden_size // 4)
-        return PaliGemmaConfig(
-            vision_config={**vision, "projection_dim": hidden_size},
-            text_config=text,
-            image_token_id=IMAGE_ID,
-            projection_dim=hidden_size,
-            hidden_size=hidden_size,
+        text_config = _decoder("gemma", vocab_size, hidden_size, layers, head_dim=hidden_size // 4)
+        return PaliGemmaConfig.from_dict(
+            {
+                "vision_config": {**vision, "projection_dim": hidden_size},
+                "text_config": text_config,
+                "image_token_id": IMAGE_ID,
+                "projection_dim": hidden_size,
+                "hidden_size": hidden_size,
+            }
         )
     if family == "instructblip":
         qformer = {  # a stack of its own, so that tests see it left out of pruning by the default `exclude`
@@ -294,7 +310,7 @@ def tiny_config(
             image_token_index=IMAGE_ID,
         )
     if family == "siglip":
-        text = {
+        text_config = {
             "vocab_size": vocab_size,
             "hidden_size": hidden_size,
             "intermediate_size": 2 * hidden_size,
@@ -305,7 +321,7 @@ def tiny_config(
             "pad_token_id": PAD_ID,
             "eos_token_id": EOS_ID,
         }
-        return SiglipConfig(text_config=text, vision_config=vision)
+        return SiglipConfig(text_config=text_config, vision_config=vision)
     raise ValueError(f"`family` must be one of {tuple(HF_FAMILIES)}, got {family!r}.")
 
 

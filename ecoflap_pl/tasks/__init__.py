@@ -1,4 +1,7 @@
-"""Task LightningModules: each wraps a Hugging Face or timm model, its collator, calibration loss and metrics."""
+"""Task LightningModules: each wraps a Hugging Face or timm model, its collator, calibration loss and metrics.
+
+The model families they serve are adapters in :mod:`ecoflap_pl.tasks.families`.
+"""
 
 from ecoflap_pl.tasks.base import EcoflapTask
 from ecoflap_pl.tasks.captioning import CaptioningTask
@@ -7,6 +10,7 @@ from ecoflap_pl.tasks.language_modeling import LanguageModelingTask
 from ecoflap_pl.tasks.nlvr2 import NLVR2Task
 from ecoflap_pl.tasks.retrieval import RetrievalTask
 from ecoflap_pl.tasks.vqa import VQATask
+from ecoflap_pl.tasks.zero_shot import ZeroShotClassificationTask
 
 __all__ = [
     "CaptioningTask",
@@ -16,4 +20,5 @@ __all__ = [
     "NLVR2Task",
     "RetrievalTask",
     "VQATask",
+    "ZeroShotClassificationTask",
 ]

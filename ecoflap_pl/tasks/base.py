@@ -75,7 +75,8 @@ class EcoflapTask(pl.LightningModule):
     @override
     def configure_optimizers(self) -> Any:
         """AdamW with linear warm-up and cosine decay; no decay on biases and norms (BLIP's recipe)."""
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue

@@ -4,45 +4,20 @@ PaliGemma): LM fine-tuning loss, beam-search captions, COCO scores."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
-import torch
-from transformers import Blip2ForConditionalGeneration, BlipForConditionalGeneration
 from typing_extensions import override
 
 from ecoflap_pl.metrics import CaptionScores
-from ecoflap_pl.models.families import GENERATIVE_FAMILIES
-from ecoflap_pl.models.loading import build_hf_model, placement_kwargs
-from ecoflap_pl.tasks._processor_prompts import ProcessorPromptEncoder
-from ecoflap_pl.tasks._vision_language import (
-    PromptEncoder,
-    build_processor,
-    check_generation,
-    check_image_placeholder,
-    family_of,
-    generate_texts,
-    load_config,
-    loss_inputs,
-    prefix_split,
-    resolve_architecture,
-    search_kwargs,
-    stop_token_ids,
-)
-from ecoflap_pl.tasks.base import EcoflapTask
+from ecoflap_pl.tasks.families import TaskKind, serving
+from ecoflap_pl.tasks.generation import PromptedGenerationTask
+from ecoflap_pl.tasks.labels import prefix_split
+from ecoflap_pl.tasks.prompt_encoder import PromptEncoding
 
 log = logging.getLogger(__name__)
 
-MODEL_CLASSES = {
-    "blip2": Blip2ForConditionalGeneration,
-    "blip": BlipForConditionalGeneration,
-    **{name: family.model_class for name, family in GENERATIVE_FAMILIES.items()},
-}
-DEFAULT_PROMPTS = {
-    "blip2": "a photo of",
-    "blip": "a picture of ",
-    **{name: family.caption_prompt for name, family in GENERATIVE_FAMILIES.items()},
-}
-"""LAVIS's BLIP-2 captioning prompt, BLIP's, and the generative families' own."""
+DEFAULT_PROMPTS = {family.architecture: family.prompts["captioning"] for family in serving("captioning")}
+"""Each family's default captioning prompt (LAVIS's BLIP-2 prompt, BLIP's, the generative families' own)."""
 
 
 class CaptionCollator:
@@ -57,15 +32,15 @@ class CaptionCollator:
       ``"references"``, e.g. for prediction, give the same batch without ``references``).
 
     Args:
-        encoder: the model's :class:`PromptEncoder` (BLIP-2, BLIP) or :class:`ProcessorPromptEncoder`.
+        encoder: the family's prompt encoder (:class:`~ecoflap_pl.tasks.prompt_encoder.PromptEncoder` for BLIP-2 and
+            BLIP, :class:`~ecoflap_pl.tasks.processor_prompt_encoder.ProcessorPromptEncoder` for the generative
+            families).
         prompt: the caption prompt.
         prefix_lm: train with the prefix-LM split instead of the prompt.
         prefix_lm_seed: seed of the split positions.
     """
 
-    def __init__(
-        self, encoder: PromptEncoder | ProcessorPromptEncoder, prompt: str, prefix_lm: bool, prefix_lm_seed: int = 0
-    ) -> None:
+    def __init__(self, encoder: PromptEncoding, prompt: str, prefix_lm: bool, prefix_lm_seed: int = 0) -> None:
         self.encoder = encoder
         self.prompt = prompt
         self.prefix_lm = prefix_lm
@@ -87,7 +62,8 @@ class CaptionCollator:
     def _training(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         captions = [sample["text"] for sample in samples]
         if self.prefix_lm:
-            prompts, targets = zip(*(prefix_split(caption, self.prefix_lm_seed) for caption in captions), strict=True)
+            splits = [prefix_split(caption, self.prefix_lm_seed) for caption in captions]
+            prompts, targets = [prefix for prefix, _ in splits], [rest for _, rest in splits]
         else:
             prompts, targets = [_with_space(self.prompt)] * len(captions), captions
         batch = self.encoder.loss_batch(samples, prompts, targets)
@@ -107,7 +83,7 @@ def _with_space(prompt: str) -> str:
     return prompt if not prompt or prompt[-1].isspace() else prompt + " "
 
 
-class CaptioningTask(EcoflapTask):
+class CaptioningTask(PromptedGenerationTask):
     """Image captioning: BLIP-2 (``Blip2ForConditionalGeneration``, OPT or FlanT5), BLIP
     (``BlipForConditionalGeneration``), or a generative family: LLaVA, Qwen2-VL / Qwen2.5-VL (the prompt is the
     user turn of the chat template), InstructBLIP, PaliGemma (``"caption en"``).
@@ -150,6 +126,9 @@ class CaptioningTask(EcoflapTask):
         warmup_steps: linear warm-up steps.
     """
 
+    task_kind: ClassVar[TaskKind] = "captioning"
+    labels_hint = "they are built from training samples {'image', 'text'}."
+
     def __init__(
         self,
         pretrained: str | None = None,
@@ -173,50 +152,33 @@ class CaptioningTask(EcoflapTask):
         weight_decay: float = 0.05,
         warmup_steps: int = 0,
     ) -> None:
-        super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps)
-        self.save_hyperparameters()
-        check_generation(num_beams, max_new_tokens, min_new_tokens, max_text_length)
-        config = load_config(pretrained, model_config, architecture)
-        self.architecture = resolve_architecture(architecture, config, tuple(MODEL_CLASSES))
-        self.family = family_of(self.architecture, config)
-        self.processor = build_processor(self.architecture, config, pretrained, tokenizer)
-        self.model = build_hf_model(
-            MODEL_CLASSES[self.architecture],
-            pretrained,
-            None if pretrained is not None else config,
-            **placement_kwargs(device_map, max_memory, offload_folder),
-            **(from_pretrained_kwargs or {}),
-        ).eval()  # as from_pretrained leaves it; EcoflapTask.on_fit_start switches to training mode
-        self.prompt = DEFAULT_PROMPTS[self.architecture] if prompt is None else prompt
-        check_image_placeholder(self.architecture, self.prompt)
-        self.prefix_lm = self.family == "blip2_t5" if prefix_lm is None else prefix_lm
-        encoder: PromptEncoder | ProcessorPromptEncoder
-        if self.family in GENERATIVE_FAMILIES:
-            encoder = ProcessorPromptEncoder(self.processor, GENERATIVE_FAMILIES[self.family], config, max_text_length)
-        else:
-            encoder = PromptEncoder(
-                self.processor,
-                self.family,
-                max_length=max_text_length,
-                num_query_tokens=getattr(config, "num_query_tokens", 0),
-                image_token_id=getattr(config, "image_token_id", None),
-                decoder_bos_token_id=config.text_config.bos_token_id if self.family == "blip" else None,
-            )
+        super().__init__(
+            pretrained=pretrained,
+            model_config=model_config,
+            tokenizer=tokenizer,
+            architecture=architecture,
+            prompt=prompt,
+            max_text_length=max_text_length,
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            length_penalty=length_penalty,
+            from_pretrained_kwargs=from_pretrained_kwargs,
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+        )
+        self.generation_kwargs["repetition_penalty"] = repetition_penalty
+        self.prefix_lm = self.family_adapter.prefix_lm_captions(self.config) if prefix_lm is None else prefix_lm
         self.collator = CaptionCollator(
-            encoder,
+            self.family_adapter.prompt_encoder(self.processor, self.config, max_text_length),
             prompt=self.prompt,
             prefix_lm=self.prefix_lm,
             prefix_lm_seed=prefix_lm_seed,
         )
-        self.generation_kwargs: dict[str, Any] = {
-            **search_kwargs(num_beams, length_penalty),
-            "max_new_tokens": max_new_tokens,
-            "min_new_tokens": min_new_tokens,
-            "repetition_penalty": repetition_penalty,
-        }
-        eos = stop_token_ids(self.family, self.processor.tokenizer, config)
-        if eos is not None:
-            self.generation_kwargs["eos_token_id"] = eos
         self.scores: dict[str, CaptionScores] = {}  # built at the first evaluation: the scorers need Java
         log.info(
             "CaptioningTask: %s (%s), prompt %r, prefix-LM %s",
@@ -226,16 +188,6 @@ class CaptioningTask(EcoflapTask):
             self.prefix_lm,
         )
 
-    @override
-    def calibration_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The model's LM loss on a batch of training samples (``labels`` from the collator)."""
-        if "labels" not in batch:
-            raise ValueError(
-                "Captioning calibration and training batches must carry `labels`, got keys "
-                f"{sorted(batch)}. HINT: they are built from training samples {{'image', 'text'}}."
-            )
-        return self.model(**loss_inputs(batch)).loss
-
     def generate(self, batch: dict[str, Any]) -> list[str]:
         """Beam-search captions of an evaluation batch (``prompt_input_ids``), without the prompt."""
         if "prompt_input_ids" not in batch:
@@ -243,7 +195,7 @@ class CaptioningTask(EcoflapTask):
                 f"Caption generation needs an evaluation batch with `prompt_input_ids`, got keys {sorted(batch)}. "
                 "HINT: evaluation samples are {'image', 'image_id', 'references'}."
             )
-        return generate_texts(self.model, self.family, self.processor.tokenizer, batch, **self.generation_kwargs)
+        return self.generate_texts(self.model, batch, **self.generation_kwargs)
 
     @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

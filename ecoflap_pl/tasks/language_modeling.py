@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrained
 from typing_extensions import override
 
 from ecoflap_pl.models.loading import check_tokenizer_source, load_pretrained, load_tokenizer
-from ecoflap_pl.tasks._vision_language import IGNORE_INDEX, load_config, prefix_split
 from ecoflap_pl.tasks.base import EcoflapTask
+from ecoflap_pl.tasks.labels import IGNORE_INDEX, prefix_split
+from ecoflap_pl.tasks.model_config import load_config
 
 log = logging.getLogger(__name__)
 

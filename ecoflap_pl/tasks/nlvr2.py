@@ -6,18 +6,13 @@ from typing import Any
 
 import torch
 from torchmetrics.classification import MulticlassAccuracy
-from transformers import (
-    AutoProcessor,
-    ProcessorMixin,
-    ViltConfig,
-    ViltForImagesAndTextClassification,
-    ViltImageProcessor,
-    ViltProcessor,
-)
+from transformers import ProcessorMixin
 from typing_extensions import override
 
-from ecoflap_pl.models.loading import build_hf_model, check_tokenizer_source, load_tokenizer
+from ecoflap_pl.models.loading import build_hf_model, check_tokenizer_source
 from ecoflap_pl.tasks.base import EcoflapTask
+from ecoflap_pl.tasks.families import family_for
+from ecoflap_pl.tasks.model_config import load_config
 
 NUM_IMAGES = 2
 """Images per NLVR2 sample: left and right."""
@@ -99,13 +94,15 @@ class NLVR2Task(EcoflapTask):
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps)
         self.save_hyperparameters()
         check_tokenizer_source(model_config, tokenizer)
-        self.model = build_hf_model(ViltForImagesAndTextClassification, pretrained, model_config)
+        config = load_config(pretrained, model_config, "vilt", example="dandelin/vilt-b32-finetuned-nlvr2")
+        self.family_adapter = family_for(config.model_type, "nlvr2")
+        self.model = build_hf_model(self.family_adapter.model_classes["nlvr2"], pretrained, model_config)
         if self.model.config.num_images != NUM_IMAGES:
             raise ValueError(
                 f"The ViLT config's `num_images` must be {NUM_IMAGES} for NLVR2, got {self.model.config.num_images!r}."
                 " HINT: use an NLVR2 checkpoint (dandelin/vilt-b32-finetuned-nlvr2) or set num_images: 2."
             )
-        self.processor = _processor(pretrained, tokenizer, self.model.config)
+        self.processor = self.family_adapter.build_processor(self.model.config, pretrained, tokenizer)
         self.collator = NLVR2Collator(self.processor, max_length=self.model.config.max_position_embeddings)
         self.val_accuracy = MulticlassAccuracy(num_classes=self.model.config.num_labels, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes=self.model.config.num_labels, average="micro")
@@ -150,14 +147,3 @@ class NLVR2Task(EcoflapTask):
 def _model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     keys = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "pixel_mask", "labels")
     return {key: batch[key] for key in keys if key in batch}
-
-
-def _processor(pretrained: str | None, tokenizer: str | None, config: ViltConfig) -> ProcessorMixin:
-    if pretrained is not None:
-        processor = AutoProcessor.from_pretrained(pretrained)
-        if tokenizer is not None:
-            processor = ViltProcessor(image_processor=processor.image_processor, tokenizer=load_tokenizer(tokenizer))
-        return processor
-    check_tokenizer_source(config, tokenizer)
-    image_processor = ViltImageProcessor(size={"shortest_edge": config.image_size}, size_divisor=config.patch_size)
-    return ViltProcessor(image_processor=image_processor, tokenizer=load_tokenizer(tokenizer))

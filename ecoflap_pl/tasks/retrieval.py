@@ -1,38 +1,30 @@
-"""Image-text retrieval with CLIP, BLIP and BLIP-2: contrastive loss, Recall@K over the whole split.
+"""Image-text retrieval with CLIP, SigLIP, BLIP and BLIP-2: contrastive loss, Recall@K over the whole split.
 
-The three families differ only in how they embed an image and a caption and, for BLIP and BLIP-2, in their
-image-text matching (ITM) head; :class:`_Towers` holds that per-family knowledge (one small class each) and the task
-is written once on top of it.
+The families differ only in how they embed an image and a caption and, for BLIP and BLIP-2, in their image-text
+matching (ITM) head: the :class:`~ecoflap_pl.tasks.families.Towers` of each family's adapter hold that knowledge, and
+the task is written once on top of them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.utilities.distributed import gather_all_tensors
-from transformers import (
-    AutoConfig,
-    AutoProcessor,
-    Blip2ForImageTextRetrieval,
-    BlipForImageTextRetrieval,
-    BlipImageProcessor,
-    CLIPImageProcessor,
-    CLIPModel,
-    PreTrainedModel,
-    SiglipModel,
-)
 from typing_extensions import override
 
 from ecoflap_pl.metrics import RetrievalRecall, retrieval_recall
-from ecoflap_pl.models.loading import build_hf_model, check_model_source, check_tokenizer_source, load_tokenizer
-from ecoflap_pl.models.processors import siglip_image_processor
+from ecoflap_pl.models.loading import build_hf_model, check_tokenizer_source
 from ecoflap_pl.tasks.base import EcoflapTask
+from ecoflap_pl.tasks.families import FamilyAdapter, Towers, family_for
+from ecoflap_pl.tasks.families.towers import vision_dtype
+from ecoflap_pl.tasks.model_config import load_config
+from ecoflap_pl.tasks.retrieval_collator import RetrievalCollator
+from ecoflap_pl.tasks.retrieval_losses import contrastive_loss, hard_negative_pairs, same_image
+from ecoflap_pl.tasks.retrieval_split import Split, gather_split
 
 log = logging.getLogger(__name__)
 
@@ -40,192 +32,6 @@ DEFAULT_ITM_TOP_K = 128
 """Candidates per query re-ranked by the ITM head (BLIP's ``k_test``: 128 on Flickr30k, 256 on COCO)."""
 ITM_PAIRS_PER_FORWARD = 256
 """Image-caption pairs scored by one ITM forward during re-ranking (bounds the memory of the copied image states)."""
-
-
-class RetrievalCollator:
-    """Turns caption samples into a retrieval batch.
-
-    Training samples ``{"image", "image_id", "text"}`` give one caption per image; evaluation samples
-    ``{"image", "image_id", "references": [captions]}`` give every caption of the image, each a text query whose
-    ground truth is that image. The batch holds ``pixel_values`` ``(B, C, H, W)``, ``input_ids`` and
-    ``attention_mask`` ``(T, L)`` of the ``T`` captions, ``text_to_image`` ``(T,)`` (index of each caption's image in
-    the batch) and the ``image_id`` list (``None`` where a sample has none).
-
-    Args:
-        image_processor: the model's image processor (resize, crop, normalise).
-        tokenizer: the model's tokenizer.
-        max_length: captions are truncated to this many tokens.
-        padding: ``"longest"``, or ``"max_length"`` for a text tower trained on fixed-length prompts (SigLIP).
-    """
-
-    def __init__(self, image_processor: Any, tokenizer: Any, max_length: int, padding: str = "longest") -> None:
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.padding = padding
-
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        texts: list[str] = []
-        text_to_image: list[int] = []
-        for index, sample in enumerate(samples):
-            captions = sample["references"] if "references" in sample else [sample["text"]]
-            if isinstance(captions, str) or not captions:
-                raise ValueError(
-                    f"`references` of image {sample.get('image_id')!r} must be a non-empty list of captions, got "
-                    f"{captions!r}."
-                )
-            texts.extend(captions)
-            text_to_image.extend([index] * len(captions))
-        pixel_values = self.image_processor([sample["image"] for sample in samples], return_tensors="pt")
-        tokens = self.tokenizer(
-            texts, padding=self.padding, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        return {
-            "pixel_values": pixel_values["pixel_values"],
-            "input_ids": tokens["input_ids"],
-            "attention_mask": tokens["attention_mask"],
-            "text_to_image": torch.tensor(text_to_image, dtype=torch.long),
-            "image_id": [sample.get("image_id") for sample in samples],
-        }
-
-
-@dataclass
-class ImageFeatures:
-    """What the image tower gives for a batch of images.
-
-    Attributes:
-        embeds: L2-normalised contrastive embeddings, ``(B, D)`` (CLIP, BLIP) or ``(B, Q, D)`` (BLIP-2 queries).
-        hidden: vision encoder output ``(B, N, H)`` that the ITM head cross-attends to; None without an ITM head.
-    """
-
-    embeds: Tensor
-    hidden: Tensor | None
-
-
-class _Towers:
-    """How one model family embeds images and captions, scores their similarity and runs its ITM head."""
-
-    has_itm = False
-    text_attention_mask = True
-
-    def image(self, model: Any, pixel_values: Tensor) -> ImageFeatures:
-        raise NotImplementedError
-
-    def text(self, model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """L2-normalised caption embeddings ``(T, D)``."""
-        raise NotImplementedError
-
-    def similarity(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
-        """Cosine similarity ``(num_images, num_texts)``."""
-        return image_embeds @ text_embeds.T
-
-    def itm(self, model: Any, hidden: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """ITM logits ``(P, 2)`` (column 1 = match) of ``P`` image-caption pairs."""
-        raise NotImplementedError(f"{type(self).__name__} has no image-text matching head.")
-
-
-def _vision_dtype(model: Any) -> torch.dtype:
-    return next(model.vision_model.parameters()).dtype
-
-
-def _pooled(output: Any) -> Tensor:
-    # transformers >= 5 returns a model output whose pooler_output is projected; 4.x returns the tensor itself
-    return output if isinstance(output, Tensor) else output.pooler_output
-
-
-class _ClipTowers(_Towers):
-    def image(self, model: CLIPModel, pixel_values: Tensor) -> ImageFeatures:
-        embeds = _pooled(model.get_image_features(pixel_values=pixel_values.to(_vision_dtype(model))))
-        return ImageFeatures(F.normalize(embeds, dim=-1), None)
-
-    def text(self, model: CLIPModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return F.normalize(_pooled(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)), dim=-1)
-
-
-class _SiglipTowers(_ClipTowers):
-    text_attention_mask = False  # trained on prompts padded to 64 tokens without a mask; pools the last token
-
-    def text(self, model: SiglipModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return F.normalize(_pooled(model.get_text_features(input_ids=input_ids)), dim=-1)
-
-
-class _BlipTowers(_Towers):
-    has_itm = True
-
-    def image(self, model: BlipForImageTextRetrieval, pixel_values: Tensor) -> ImageFeatures:
-        hidden = model.vision_model(pixel_values=pixel_values.to(_vision_dtype(model))).last_hidden_state
-        return ImageFeatures(F.normalize(model.vision_proj(hidden[:, 0]), dim=-1), hidden)
-
-    def text(self, model: BlipForImageTextRetrieval, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        hidden = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return F.normalize(model.text_proj(hidden[:, 0]), dim=-1)
-
-    def itm(
-        self, model: BlipForImageTextRetrieval, hidden: Tensor, input_ids: Tensor, attention_mask: Tensor
-    ) -> Tensor:
-        image_mask = torch.ones(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
-        output = model.text_encoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            encoder_hidden_states=hidden,
-            encoder_attention_mask=image_mask,
-        ).last_hidden_state
-        return model.itm_head(output[:, 0])
-
-
-class _Blip2Towers(_Towers):
-    has_itm = True
-
-    def image(self, model: Blip2ForImageTextRetrieval, pixel_values: Tensor) -> ImageFeatures:
-        hidden = model.vision_model(pixel_values=pixel_values.to(_vision_dtype(model))).last_hidden_state
-        queries = model.qformer(
-            query_embeds=model.query_tokens.expand(hidden.shape[0], -1, -1),
-            encoder_hidden_states=hidden,
-            encoder_attention_mask=torch.ones(hidden.shape[:-1], dtype=torch.long, device=hidden.device),
-        ).last_hidden_state
-        embeds = model.vision_projection(queries.to(model.vision_projection.weight.dtype))
-        return ImageFeatures(F.normalize(embeds, dim=-1), hidden)
-
-    def text(self, model: Blip2ForImageTextRetrieval, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        output = model.qformer(
-            query_embeds=model.embeddings(input_ids=input_ids), query_length=0, attention_mask=attention_mask
-        ).last_hidden_state
-        return F.normalize(model.text_projection(output[:, 0].to(model.text_projection.weight.dtype)), dim=-1)
-
-    def similarity(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
-        """Best query per image: ``max_q <image_q, text>`` (BLIP-2's ITC), chunked over images to bound memory."""
-        num_queries = image_embeds.shape[1]
-        chunk = max(1, (1 << 26) // max(num_queries * text_embeds.shape[0], 1))
-        return torch.cat(
-            [
-                torch.einsum("iqd,td->iqt", image_embeds[start : start + chunk], text_embeds).amax(dim=1)
-                for start in range(0, image_embeds.shape[0], chunk)
-            ]
-        )
-
-    def itm(
-        self, model: Blip2ForImageTextRetrieval, hidden: Tensor, input_ids: Tensor, attention_mask: Tensor
-    ) -> Tensor:
-        queries = model.query_tokens.expand(hidden.shape[0], -1, -1)
-        num_queries = queries.shape[1]
-        query_mask = torch.ones(queries.shape[:-1], dtype=attention_mask.dtype, device=attention_mask.device)
-        output = model.qformer(
-            query_embeds=model.embeddings(input_ids=input_ids, query_embeds=queries),
-            query_length=num_queries,
-            attention_mask=torch.cat([query_mask, attention_mask], dim=1),
-            encoder_hidden_states=hidden,
-            encoder_attention_mask=torch.ones(hidden.shape[:-1], dtype=torch.long, device=hidden.device),
-        ).last_hidden_state
-        return model.itm_head(output[:, :num_queries].to(model.itm_head.weight.dtype)).mean(dim=1)
-
-
-FAMILIES: dict[str, tuple[type[PreTrainedModel], _Towers]] = {
-    "clip": (CLIPModel, _ClipTowers()),
-    "siglip": (SiglipModel, _SiglipTowers()),
-    "blip": (BlipForImageTextRetrieval, _BlipTowers()),
-    "blip-2": (Blip2ForImageTextRetrieval, _Blip2Towers()),
-}
-"""``config.model_type`` -> (the Hugging Face retrieval class, its towers)."""
 
 
 class RetrievalTask(EcoflapTask):
@@ -293,23 +99,27 @@ class RetrievalTask(EcoflapTask):
         check_tokenizer_source(model_config, tokenizer)
         if temperature <= 0:
             raise ValueError(f"`temperature` must be > 0, got {temperature!r}. HINT: BLIP starts at 0.07.")
-        self.family = _family(pretrained, model_config)
-        model_cls, self.towers = FAMILIES[self.family]
-        self.model = build_hf_model(model_cls, pretrained, model_config)
-        self.itm_top_k = _check_itm_top_k(itm_top_k, self.family, recall_at)
+        config = load_config(pretrained, model_config, example="Salesforce/blip-itm-base-coco")
+        self.family_adapter = family_for(config.model_type, "retrieval")
+        self.family_adapter.check_config(config, "retrieval")
+        self.family = self.family_adapter.model_type
+        self.towers = _towers(self.family_adapter)
+        self.model = build_hf_model(self.family_adapter.model_classes["retrieval"], pretrained, model_config)
+        self.itm_top_k = _check_itm_top_k(itm_top_k, self.family, self.towers, recall_at)
         self.itm_loss = itm_loss and self.towers.has_itm
         self.temperature = temperature
         self.recall_at = tuple(recall_at)
-        image_processor, text_tokenizer = _processors(pretrained, tokenizer, self.family, self.model.config)
+        image_processor, text_tokenizer = self.family_adapter.processor_parts(self.model.config, pretrained, tokenizer)
+        positions = self.family_adapter.text_max_positions(self.model.config)
         self.collator = RetrievalCollator(
             image_processor,
             text_tokenizer,
-            _max_length(max_length, text_tokenizer, self.family, self.model.config),
+            _max_length(max_length, text_tokenizer, positions),
             padding="longest" if self.towers.text_attention_mask else "max_length",
         )
         self.val_recall = RetrievalRecall(top_k=self.recall_at)
         self.test_recall = RetrievalRecall(top_k=self.recall_at)
-        self._uses_metric = self.family != "blip-2" and self.itm_top_k == 0
+        self._uses_metric = self.towers.one_embedding_per_image and self.itm_top_k == 0
         self._split: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------- loss
@@ -323,21 +133,21 @@ class RetrievalTask(EcoflapTask):
                 f"and {batch['input_ids'].shape[0]} captions. HINT: use training samples {{'image', 'image_id', "
                 "'text'}, not evaluation samples with 'references'."
             )
-        if self.family in ("clip", "siglip"):
+        if self.towers.own_contrastive_loss:
             mask = {"attention_mask": batch["attention_mask"]} if self.towers.text_attention_mask else {}
-            return self.model(
+            loss: Tensor = self.model(
                 input_ids=batch["input_ids"],
-                pixel_values=batch["pixel_values"].to(_vision_dtype(self.model)),
+                pixel_values=batch["pixel_values"].to(vision_dtype(self.model)),
                 return_loss=True,
                 **mask,
             ).loss
+            return loss
         image = self.towers.image(self.model, batch["pixel_values"])
         text = self.towers.text(self.model, batch["input_ids"], batch["attention_mask"])
         similarity = self.towers.similarity(image.embeds, text).float()
-        positives = _same_image(batch["image_id"], similarity.device)
+        positives = same_image(batch["image_id"], similarity.device)
         loss = contrastive_loss(similarity / self.temperature, positives)
-        if self.itm_loss:
-            assert image.hidden is not None
+        if self.itm_loss and image.hidden is not None:
             loss = loss + self._itm_loss(image.hidden, batch, similarity, positives)
         return loss
 
@@ -421,7 +231,7 @@ class RetrievalTask(EcoflapTask):
         self.log_dict({f"{prefix}/{name}": value for name, value in values.items()}, batch_size=1, sync_dist=True)
 
     def _score_split(self) -> dict[str, float]:
-        split = _gather_split(self._split, self.itm_top_k > 0)
+        split = gather_split(self._split, self.itm_top_k > 0)
         similarity = self.towers.similarity(split.image_embeds, split.text_embeds).float()
         if self.itm_top_k == 0:
             return retrieval_recall(similarity, split.text_to_image, self.recall_at)
@@ -433,7 +243,7 @@ class RetrievalTask(EcoflapTask):
         values["r_mean"] = (values["t2i_r_mean"] + values["i2t_r_mean"]) / 2
         return values
 
-    def _rerank(self, similarity: Tensor, split: _Split) -> tuple[Tensor, Tensor]:
+    def _rerank(self, similarity: Tensor, split: Split) -> tuple[Tensor, Tensor]:
         """BLIP's k_test re-ranking: ``(i2t, t2i)`` score matrices ``(num_images, num_texts)``, −inf off the top k.
 
         Each rank scores the pairs whose image it holds, then a max all-reduce combines the ranks.
@@ -457,7 +267,7 @@ class RetrievalTask(EcoflapTask):
             scores.append(matrix)
         return scores[0], scores[1]
 
-    def _itm_scores(self, split: _Split, images: Tensor, texts: Tensor) -> Tensor:
+    def _itm_scores(self, split: Split, images: Tensor, texts: Tensor) -> Tensor:
         """ITM match logits of (global image, text) pairs whose images this rank holds."""
         assert split.hidden is not None
         out = [torch.zeros(0, device=split.hidden.device)]
@@ -473,170 +283,18 @@ class RetrievalTask(EcoflapTask):
         return torch.cat(out)
 
 
-# -------------------------------------------------------------------- pure functions
-def contrastive_loss(logits: Tensor, positives: Tensor) -> Tensor:
-    """Symmetric InfoNCE: mean of image->text and text->image cross-entropies.
-
-    Args:
-        logits: ``(B, B)`` image-caption similarities divided by the temperature (row i = image i).
-        positives: ``(B, B)`` bool, True where caption j describes image i (the diagonal at least); each row's and
-            column's targets are spread uniformly over its positives.
-    """
-    targets = positives.float()
-    image_to_text = -(F.log_softmax(logits, dim=1) * targets / targets.sum(dim=1, keepdim=True)).sum(dim=1).mean()
-    text_to_image = -(F.log_softmax(logits.T, dim=1) * targets.T / targets.T.sum(dim=1, keepdim=True)).sum(dim=1)
-    return (image_to_text + text_to_image.mean()) / 2
-
-
-def hard_negative_pairs(
-    logits: Tensor, positives: Tensor, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """BLIP's ITM pairs: every positive pair, plus per image a caption and per caption an image sampled as a hard
-    negative with probability ``softmax(logits)`` over the non-positives (rows without any negative get none).
-
-    Args:
-        logits: ``(B, B)`` image->caption similarities / temperature.
-        positives: ``(B, B)`` bool.
-        generator: random source of the draws; None uses the global one.
-
-    Returns:
-        ``(image_index, caption_index, label)``, each ``(P,)``; label 1 for a match, 0 for a negative.
-    """
-    size = logits.shape[0]
-    index = torch.arange(size, device=logits.device)
-    image_rows, caption_rows, labels = [index], [index], [torch.ones(size, dtype=torch.long, device=logits.device)]
-    for weights, is_image_query in ((logits, True), (logits.T, False)):
-        weights = (weights.float().softmax(dim=1) + 1e-4).masked_fill(positives if is_image_query else positives.T, 0)
-        rows = torch.nonzero(weights.sum(dim=1) > 0).flatten()
-        if len(rows) == 0:
-            continue
-        drawn = torch.multinomial(weights[rows], 1, generator=generator).flatten()
-        image_rows.append(rows if is_image_query else drawn)
-        caption_rows.append(drawn if is_image_query else rows)
-        labels.append(torch.zeros(len(rows), dtype=torch.long, device=logits.device))
-    return torch.cat(image_rows), torch.cat(caption_rows), torch.cat(labels)
-
-
-# -------------------------------------------------------------------- split gathering
-@dataclass
-class _Split:
-    """The whole evaluation split, each image once, as every rank sees it after the gather."""
-
-    image_embeds: Tensor
-    text_embeds: Tensor
-    text_to_image: Tensor
-    input_ids: Tensor
-    attention_mask: Tensor
-    owner: Tensor  # (num_images,) rank holding each image's vision output
-    local_index: Tensor  # (num_images,) row of that image in its owner's `hidden`
-    hidden: Tensor | None  # this rank's vision outputs
-    rank: int
-    world_size: int
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _gather(tensor: Tensor) -> list[Tensor]:
-    return gather_all_tensors(tensor) if _distributed() else [tensor]
-
-
-def _gather_objects(value: Any) -> list[Any]:
-    if not _distributed():
-        return [value]
-    out: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, value)
-    return out
-
-
-def _pad_cat(tensors: Sequence[Tensor]) -> Tensor:
-    """Concatenate ``(n_i, L_i)`` token tensors along rows, right-padding with 0 to the longest ``L``."""
-    length = max(t.shape[1] for t in tensors)
-    return torch.cat([F.pad(t, (0, length - t.shape[1])) for t in tensors])
-
-
-def _gather_split(parts: list[dict[str, Any]], with_hidden: bool) -> _Split:
-    rank = torch.distributed.get_rank() if _distributed() else 0
-    world_size = torch.distributed.get_world_size() if _distributed() else 1
-    local = {
-        "image_embeds": torch.cat([p["image_embeds"] for p in parts]).float(),
-        "captions_per_image": torch.cat([p["captions_per_image"] for p in parts]),
-        "text_embeds": torch.cat([p["text_embeds"] for p in parts]).float(),
-        "input_ids": _pad_cat([p["input_ids"] for p in parts]),
-        "attention_mask": _pad_cat([p["attention_mask"] for p in parts]),
-    }
-    ids = [image_id for p in parts for image_id in p["image_id"]]
-    gathered = {name: _gather(value) for name, value in local.items()}
-    all_ids = _gather_objects(ids)
-    counts = [len(rank_ids) for rank_ids in all_ids]
-    flat_ids = [image_id for rank_ids in all_ids for image_id in rank_ids]
-    device = local["image_embeds"].device
-    keep = torch.tensor(_first_occurrences(flat_ids), dtype=torch.bool, device=device)
-    owner = torch.repeat_interleave(torch.arange(world_size, device=device), torch.tensor(counts, device=device))
-    local_index = torch.cat([torch.arange(n, device=device) for n in counts])
-    captions = torch.cat(gathered["captions_per_image"])
-    text_keep = torch.repeat_interleave(keep, captions)
-    captions = captions[keep]
-    return _Split(
-        image_embeds=torch.cat(gathered["image_embeds"])[keep],
-        text_embeds=torch.cat(gathered["text_embeds"])[text_keep],
-        text_to_image=torch.repeat_interleave(torch.arange(len(captions), device=device), captions),
-        input_ids=_pad_cat(gathered["input_ids"])[text_keep],
-        attention_mask=_pad_cat(gathered["attention_mask"])[text_keep],
-        owner=owner[keep],
-        local_index=local_index[keep],
-        hidden=torch.cat([p["hidden"] for p in parts]) if with_hidden else None,
-        rank=rank,
-        world_size=world_size,
-    )
-
-
-def _first_occurrences(ids: Sequence[int | str | None]) -> list[bool]:
-    """Keep-mask dropping repeated image ids (a padding ``DistributedSampler`` repeats samples); None never repeats."""
-    seen: set[int | str] = set()
-    keep = []
-    for image_id in ids:
-        keep.append(image_id is None or image_id not in seen)
-        if image_id is not None:
-            seen.add(image_id)
-    return keep
-
-
-# -------------------------------------------------------------------- construction helpers
 def _image_ids(ids: Sequence[Any]) -> list[int | str] | None:
     return None if any(image_id is None for image_id in ids) else list(ids)
 
 
-def _same_image(ids: Sequence[Any], device: torch.device) -> Tensor:
-    """``(B, B)`` bool: samples sharing an ``image_id`` (only the diagonal where ids are missing)."""
-    size = len(ids)
-    same = torch.eye(size, dtype=torch.bool, device=device)
-    if all(image_id is not None for image_id in ids):
-        same |= torch.tensor([[a == b for b in ids] for a in ids], dtype=torch.bool, device=device)
-    return same
+def _towers(family: FamilyAdapter) -> Towers:
+    if family.towers is None:
+        raise ValueError(f"The {family.model_type} family has no contrastive towers for retrieval.")
+    return family.towers
 
 
-def _family(pretrained: str | None, model_config: dict[str, Any] | None) -> str:
-    """The family (``config.model_type``) of the model to build, checked against what retrieval supports."""
-    check_model_source(pretrained, model_config, "Salesforce/blip-itm-base-coco")
-    config = AutoConfig.from_pretrained(pretrained).to_dict() if pretrained is not None else dict(model_config or {})
-    model_type = config.get("model_type")
-    if model_type not in FAMILIES:
-        raise ValueError(
-            f"The retrieval model's `model_type` must be one of {tuple(FAMILIES)}, got {model_type!r}. HINT: a "
-            "model_config dict needs its model_type (config.to_dict() includes it)."
-        )
-    if model_type == "blip-2" and not (config.get("qformer_config") or {}).get("use_qformer_text_input", False):
-        raise ValueError(
-            "BLIP-2 retrieval needs `qformer_config.use_qformer_text_input` true (the Q-Former encodes the captions), "
-            "got false. HINT: use Salesforce/blip2-itm-vit-g or set use_qformer_text_input: true in qformer_config."
-        )
-    return model_type
-
-
-def _check_itm_top_k(itm_top_k: int | None, family: str, recall_at: Sequence[int]) -> int:
-    has_itm = FAMILIES[family][1].has_itm
+def _check_itm_top_k(itm_top_k: int | None, family: str, towers: Towers, recall_at: Sequence[int]) -> int:
+    has_itm = towers.has_itm
     if itm_top_k is None:
         return DEFAULT_ITM_TOP_K if has_itm else 0
     if isinstance(itm_top_k, bool) or not isinstance(itm_top_k, int) or itm_top_k < 0:
@@ -654,26 +312,7 @@ def _check_itm_top_k(itm_top_k: int | None, family: str, recall_at: Sequence[int
     return itm_top_k
 
 
-def _processors(pretrained: str | None, tokenizer: str | None, family: str, config: Any) -> tuple[Any, Any]:
-    """(image processor, tokenizer) of the model: its own processor, or built for a config-only model."""
-    if pretrained is not None:
-        processor = AutoProcessor.from_pretrained(pretrained)
-        text_tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else processor.tokenizer
-        return processor.image_processor, text_tokenizer
-    check_tokenizer_source(config, tokenizer)
-    size = config.vision_config.image_size
-    if family == "clip":
-        image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    elif family == "siglip":
-        image_processor = siglip_image_processor(config)
-    else:
-        image_processor = BlipImageProcessor(size={"height": size, "width": size})
-    return image_processor, load_tokenizer(tokenizer)
-
-
-def _max_length(max_length: int | None, tokenizer: Any, family: str, config: Any) -> int:
-    text_config = config.qformer_config if family == "blip-2" else config.text_config
-    positions = text_config.max_position_embeddings
+def _max_length(max_length: int | None, tokenizer: Any, positions: int) -> int:
     if max_length is None:
         return min(tokenizer.model_max_length, positions)
     if not 1 <= max_length <= positions:
@@ -682,6 +321,3 @@ def _max_length(max_length: int | None, tokenizer: Any, family: str, config: Any
             "BLIP uses 35."
         )
     return max_length
-
-
-__all__ = ["RetrievalCollator", "RetrievalTask", "contrastive_loss", "hard_negative_pairs", "FAMILIES"]

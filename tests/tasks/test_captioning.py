@@ -11,8 +11,8 @@ from transformers import Blip2Processor
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.models.tokenizers import IMAGE_ID
-from ecoflap_pl.tasks._vision_language import IGNORE_INDEX, prefix_split
 from ecoflap_pl.tasks.captioning import CaptioningTask
+from ecoflap_pl.tasks.labels import IGNORE_INDEX, prefix_split
 from tests.tasks.task_helpers import fit_changed_weights
 
 FAMILIES = ("blip2_opt", "blip2_t5", "blip")

@@ -1,4 +1,4 @@
-"""ClassificationTask: timm ViT / EVA classifiers and CLIP zero-shot; transforms, losses, training, top-1/top-5."""
+"""ClassificationTask (timm ViT / EVA) and ZeroShotClassificationTask (CLIP): transforms, losses, training, top-1/5."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from ecoflap_pl.models.tiny import TIMM_ARCHITECTURES, tiny_config
 from ecoflap_pl.models.tokenizers import train_tokenizer
 from ecoflap_pl.tasks.classification import ClassificationTask
+from ecoflap_pl.tasks.zero_shot import ZeroShotClassificationTask
 from tests.tasks.task_helpers import fit_changed_weights
 
 CLASS_NAMES = ["tench", "goldfish", "great white shark"]
@@ -41,10 +42,10 @@ def _timm_task(family: str = "vit", **kwargs: Any) -> ClassificationTask:
     return ClassificationTask(timm_model=TIMM_ARCHITECTURES[family], model_config=_timm_config(), **kwargs)
 
 
-def _clip_task(tokenizer: str, **kwargs: Any) -> ClassificationTask:
+def _clip_task(tokenizer: str, **kwargs: Any) -> ZeroShotClassificationTask:
     torch.manual_seed(0)
     kwargs = {"class_names": CLASS_NAMES, "templates": TEMPLATES} | kwargs
-    return ClassificationTask(model_config=tiny_config("clip").to_dict(), tokenizer=tokenizer, **kwargs)
+    return ZeroShotClassificationTask(model_config=tiny_config("clip").to_dict(), tokenizer=tokenizer, **kwargs)
 
 
 def _samples(n: int = 6) -> list[dict[str, Any]]:
@@ -167,7 +168,7 @@ def test_clip_text_tower_learns_only_when_in_the_loss(
         assert not torch.equal(task.model.vision_model.encoder.layers[0].mlp.fc1.weight, vision)
         assert torch.equal(task.model.text_model.encoder.layers[0].mlp.fc1.weight, text) != in_loss
     trainer.save_checkpoint(tmp_path / "classification.ckpt")
-    restored = ClassificationTask.load_from_checkpoint(tmp_path / "classification.ckpt")
+    restored = ZeroShotClassificationTask.load_from_checkpoint(tmp_path / "classification.ckpt")
     assert restored.class_names == CLASS_NAMES and restored.templates == tuple(TEMPLATES)
     assert not restored.text_tower_in_loss
     pixels = task.collator(_samples(2))["pixel_values"]
@@ -217,7 +218,7 @@ def test_timm_pretrained_must_be_a_bool() -> None:
 
 def test_clip_pretrained_must_be_a_name(clip_tokenizer_dir: str) -> None:
     with pytest.raises(ValueError, match="`pretrained` must be a CLIP from_pretrained name"):
-        ClassificationTask(pretrained=True, tokenizer=clip_tokenizer_dir)
+        ZeroShotClassificationTask(pretrained=True, tokenizer=clip_tokenizer_dir)
 
 
 def test_templates_need_a_placeholder(clip_tokenizer_dir: str) -> None:

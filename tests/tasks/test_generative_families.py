@@ -9,7 +9,7 @@ import torch
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.models.tiny import HF_FAMILIES, tiny_processor
 from ecoflap_pl.tasks import CaptioningTask, VQATask
-from ecoflap_pl.tasks._vision_language import IGNORE_INDEX
+from ecoflap_pl.tasks.labels import IGNORE_INDEX
 
 CORPUS = (
     "a dog runs on the green grass",
@@ -82,7 +82,7 @@ def test_prompt_formats(family_setup, vqa_samples):
     paligemma = _vqa(family_setup, "paligemma")
     assert paligemma.prompt == "answer en {}"
     qwen = _vqa(family_setup, "qwen2_5_vl")
-    text = qwen.collator.encoder.text(qwen.prompt.format("what color is the bus?"))
+    text = qwen.collator.head.encoder.text(qwen.prompt.format("what color is the bus?"))
     assert text.startswith("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what color is the bus?")
     assert text.endswith("<|im_start|>assistant\n")
     batch = qwen.collator(vqa_samples)

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 
 from ecoflap_pl.models.tiny import tiny_config
 from ecoflap_pl.models.tokenizers import IMAGE_ID, train_tokenizer
-from ecoflap_pl.tasks.retrieval import RetrievalTask, contrastive_loss, hard_negative_pairs
+from ecoflap_pl.tasks.retrieval import RetrievalTask
+from ecoflap_pl.tasks.retrieval_losses import contrastive_loss, hard_negative_pairs
 from tests.metrics.metric_data import recall_from_ranks
 from tests.tasks.task_helpers import fit_changed_weights
 

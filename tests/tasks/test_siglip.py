@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.models.tiny import tiny_processor
-from ecoflap_pl.tasks import ClassificationTask, RetrievalTask
+from ecoflap_pl.tasks import RetrievalTask, ZeroShotClassificationTask
 
 CLASS_NAMES = ["dog", "bus", "cat"]
 CAPTIONS = ("a dog runs on the green grass", "a red bus parked near the street", "two cats sleeping on a couch")
@@ -56,7 +56,7 @@ def test_retrieval_callback_prunes_both_towers(
 
 def test_zero_shot_classification_with_siglip(siglip_setup):
     config, tokenizer = siglip_setup
-    task = ClassificationTask(model_config=config, tokenizer=tokenizer, class_names=CLASS_NAMES)
+    task = ZeroShotClassificationTask(model_config=config, tokenizer=tokenizer, class_names=CLASS_NAMES)
     assert task.model.config.model_type == "siglip"
     assert task.data_config["mean"] == (0.5, 0.5, 0.5) and "attention_mask" not in task._prompts
     pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)

@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.models.tokenizers import IMAGE_ID
-from ecoflap_pl.tasks._vision_language import IGNORE_INDEX
-from ecoflap_pl.tasks.vqa import VQATask, blip_generate, soft_scores
+from ecoflap_pl.tasks.labels import IGNORE_INDEX
+from ecoflap_pl.tasks.vqa import VQATask
+from ecoflap_pl.tasks.vqa_heads import blip_generate, soft_scores
 from tests.tasks.task_helpers import fit_changed_weights
 
 FAMILIES = ("blip2_opt", "blip2_t5", "blip", "vilt")

@@ -9,6 +9,9 @@ the text and the image of a sample are always encoded together. Batch layout, as
   ``image_grid_thw``, ``token_type_ids``, ``qformer_input_ids``, ...);
 - generation inputs: the image inputs unprefixed and the prompt's text inputs prefixed ``prompt_``
   (``prompt_input_ids``, ``prompt_attention_mask``, ...), left padded for a decoder-only language model.
+
+The families that take the tokenizer's text as is (BLIP-2, BLIP) use
+:class:`~ecoflap_pl.tasks.prompt_encoder.PromptEncoder`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from transformers import PretrainedConfig, ProcessorMixin
 
 from ecoflap_pl.models.families import GenerativeFamily
-from ecoflap_pl.tasks._vision_language import IGNORE_INDEX, shared_prefix_length
+from ecoflap_pl.tasks.labels import IGNORE_INDEX, shared_prefix_length
 
 TEXT_INPUT_KEYS = (
     "input_ids",
@@ -67,7 +70,9 @@ class ProcessorPromptEncoder:
         prompt = prompt.strip()
         if not self.family.chat:
             return prompt
-        message = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        message: list[dict[str, Any]] = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+        ]
         return self.processor.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
 
     def _encode(self, samples: Sequence[dict[str, Any]], texts: list[str], side: str, **kwargs: Any) -> dict:
