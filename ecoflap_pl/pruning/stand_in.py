@@ -168,18 +168,18 @@ def capture_calls(
                 return capture(batches[index : index + 1])
 
             answered = capture_answered(0)
-            exact = _same_calls(plain, answered) and versions == [t._version for t in recorded]
-            if not exact:
-                logger.info(
-                    "Capturing the block calls of %s with upstream stacks and later blocks answered from recorded "
-                    "outputs changed the recorded arguments; the plain capture is used.",
-                    stack_blocks[0].rsplit(".", 1)[0],
-                )
-                return [p + c for p, c in zip(plain, capture(batches[1:]), strict=True)], 1 + len(batches)
-            calls = plain
-            for index in range(1, len(batches)):
-                calls = [p + c for p, c in zip(calls, capture_answered(index), strict=True)]
+            if _same_calls(plain, answered) and versions == [t._version for t in recorded]:
+                calls = plain
+                for index in range(1, len(batches)):
+                    calls = [p + c for p, c in zip(calls, capture_answered(index), strict=True)]
+                return calls, 1 + len(batches)
+        reason = "changed the recorded arguments"
     except (TypeError, ValueError, IndexError, RuntimeError) as error:  # the model's code rejected an answer
-        logger.info("Answered capture of %s failed (%s); the plain capture is used.", stack_blocks[0], error)
-        return [p + c for p, c in zip(plain, capture(batches[1:]), strict=True)], 1 + len(batches)
-    return calls, 1 + len(batches)
+        reason = f"failed ({error})"
+    logger.info(
+        "Capturing the block calls of %s with upstream stacks and later blocks answered from recorded outputs %s; "
+        "the plain capture is used.",
+        stack_blocks[0].rsplit(".", 1)[0],
+        reason,
+    )
+    return [p + c for p, c in zip(plain, capture(batches[1:]), strict=True)], 1 + len(batches)
