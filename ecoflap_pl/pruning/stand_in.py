@@ -148,8 +148,8 @@ def capture_calls(
         return capture_block_calls(blocks, chosen, run_forward, calls_per_forward=calls_per_forward, storage=storage)
 
     plain = capture(batches[:1])
-    if len(batches) == 1:
-        return plain, 1
+    if len(batches) <= 1:
+        return plain, len(batches)
     device = next((call.device for call in plain[0] if call.device is not None), None)
     current = 0
 
