@@ -32,12 +32,15 @@ import json
 import logging
 import math
 import os
+import pathlib
 import platform
+import re
 import subprocess
 import sys
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from _results import write_section
 from scipy.stats import spearmanr
@@ -117,26 +120,55 @@ def _scores(model: torch.nn.Module, batches: list[Any], args: argparse.Namespace
     return score_groups(model, batches, captioning_loss, config)
 
 
-def reference_scores(
+def reference_norms(
     model: torch.nn.Module, batches: list[Any], groups: dict[str, tuple[str, ...]]
-) -> tuple[list[dict[str, float]], dict[str, float]]:
-    """Exact ``Σ_{W in group} ‖∇_W L_b‖₂`` of every batch by plain autograd, one batch at a time; also the
-    smallest ``‖∇_W L_b‖₂`` over the batches of every tensor."""
+) -> list[dict[str, float]]:
+    """Exact ``‖∇_W L_b‖₂`` of every candidate tensor ``W`` on every batch ``b`` by plain autograd, one batch at a
+    time: ``norms[batch][tensor]``."""
     parameters = dict(model.named_parameters())
-    per_batch = []
-    smallest: dict[str, float] = {}
+    norms = []
     for batch in batches:
         model.zero_grad(set_to_none=True)
         captioning_loss(model, batch).backward()
-        totals = dict.fromkeys(groups, 0.0)
-        for group, names in groups.items():
-            for name in names:
-                norm = float(parameters[name].grad.double().norm())
-                totals[group] += norm
-                smallest[name] = min(norm, smallest.get(name, norm))
-        per_batch.append(totals)
+        norms.append(
+            {name: float(parameters[name].grad.double().norm()) for names in groups.values() for name in names}
+        )
     model.zero_grad(set_to_none=True)
-    return per_batch, smallest
+    return norms
+
+
+def simulated_spearman(
+    norms: list[dict[str, float]],
+    groups: dict[str, list[str]],
+    probes: int,
+    batches: int,
+    per_block: bool = False,
+    draws: int = 200,
+) -> tuple[float, float]:
+    """Mean and 10th percentile over ``draws`` of the Spearman ρ between the zeroth-order block scores with ``probes``
+    Gaussian directions per batch on the first ``batches`` batches and the exact ``Σ_b Σ_W ‖∇_W L_b‖₂``.
+
+    For ``z ~ N(0, I)``, ``zᵀg ~ N(0, ‖g‖²)`` exactly, so a two-point probe's ``|ĝ|`` is ``‖g‖·|N(0, 1)|`` up to the
+    finite difference's O(ε²) error and the loss's rounding: the estimator's distribution follows from the exact
+    norms alone. ``per_block`` draws one direction for a whole block (``‖g_block‖ = sqrt(Σ_W ‖∇_W L‖²)``).
+    """
+    generator = np.random.default_rng(0)
+    names = sorted(groups)
+    exact = np.array([[[norms[b][t] for t in groups[g]] for g in names] for b in range(batches)], dtype=object)
+    reference = np.array([sum(sum(exact[b][i]) for b in range(batches)) for i in range(len(names))])
+    units = [
+        [np.sqrt(np.sum(np.square(exact[b][i]))) if per_block else np.asarray(exact[b][i]) for i in range(len(names))]
+        for b in range(batches)
+    ]
+    values = []
+    for _ in range(draws):
+        scores = np.zeros(len(names))
+        for b in range(batches):
+            for i in range(len(names)):
+                magnitude = np.abs(generator.standard_normal((probes, np.size(units[b][i])))).mean(axis=0)
+                scores[i] += float(np.sum(units[b][i] * magnitude))
+        values.append(spearmanr(scores, reference).statistic)
+    return float(np.mean(values)), float(np.percentile(values, 10))
 
 
 def one_probe_estimates(
@@ -168,8 +200,11 @@ def one_probe_estimates(
 
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    model, batches = build(argparse.Namespace(**{**vars(args), "samples": max(args.samples, *args.grid_samples)}))
-    if args.worker not in ("reference", "grid"):
+    most = max(args.samples, args.fine_samples, *args.grid_samples, *args.study_samples)
+    model, batches = build(argparse.Namespace(**{**vars(args), "samples": most}))
+    if args.worker == "fine":
+        batches = batches[: -(-args.fine_samples // args.batch_size)]
+    elif args.worker not in ("reference", "grid"):
         batches = batches[: -(-args.samples // args.batch_size)]
     rss_before = _rss_bytes()
     if args.worker in METHODS:
@@ -178,13 +213,16 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.worker == "reference":
         groups = _scores(model, batches, args, importance="first_order").groups
         started = time.perf_counter()
-        per_batch, smallest = reference_scores(model, batches, groups)
+        norms = reference_norms(model, batches, groups)
+        per_batch = [{group: sum(batch[name] for name in names) for group, names in groups.items()} for batch in norms]
         used = per_batch[: -(-args.samples // args.batch_size)]
         scores = {group: sum(totals[group] for totals in used) for group in groups}
         return {
             "scores": scores,
             "per_batch": per_batch,
-            "tensor_norms": smallest,
+            "norms": norms,
+            "groups": {group: list(names) for group, names in groups.items()},
+            "tensor_norms": {name: min(batch[name] for batch in norms) for name in norms[0]},
             "seconds": time.perf_counter() - started,
         }
     if args.worker == "grid":
@@ -198,7 +236,9 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             dense.append(time.perf_counter() - started)
     fine = {}
     for most in (1, PruningConfig().fine_replay_batches):
-        config = PruningConfig(sparsity=0.5, importance="uniform", fine_samples=args.samples, fine_replay_batches=most)
+        config = PruningConfig(
+            sparsity=0.5, importance="uniform", fine_samples=args.fine_samples, fine_replay_batches=most
+        )
         result = prune(copy.deepcopy(model), batches, captioning_loss, config)
         fine[most] = result.stages["fine"].to_dict()
     return {
@@ -213,14 +253,22 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _spawn(worker: str, argv: list[str]) -> dict[str, Any]:
+def _spawn(worker: str, argv: list[str], cache: str | None) -> dict[str, Any]:
+    kept = None if cache is None else pathlib.Path(cache) / (re.sub(r"\W+", "_", worker) + ".json")
+    if kept is not None and kept.exists():
+        logger.info("Reusing %s from %s", worker, kept)
+        return json.loads(kept.read_text())
     logger.info("Running %s in a fresh process", worker)
     started = time.perf_counter()
     completed = subprocess.run(
         [sys.executable, __file__, *argv, "--worker", worker], check=True, capture_output=True, text=True
     )
     logger.info("%s done in %.1f s", worker, time.perf_counter() - started)
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps(result))
+    return result
 
 
 def _load_average() -> str:
@@ -257,6 +305,7 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any], l
     per_batch = results["reference"]["per_batch"]
     grid_rows = []
     fast_seconds = results[FAST]["stats"]["seconds"]
+    first_order_seconds = results["first_order"]["stats"]["seconds"]
     for samples in args.grid_samples:
         used = -(-samples // args.batch_size)
         exact = {g: sum(totals[g] for totals in per_batch[:used]) for g in per_batch[0]}
@@ -268,8 +317,24 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any], l
             groups = sorted(exact)
             value = spearmanr([estimate[g] for g in groups], [exact[g] for g in groups]).statistic
             cost = fast_seconds * probes * samples / args.samples
-            cells.append(f"{value:.3f} ({cost:.0f} s)")
+            cells.append(f"{value:.3f} ({cost:.0f} s, {cost / first_order_seconds:.0f}x)")
         grid_rows.append(f"| {samples} | " + " | ".join(cells) + " |")
+    study_groups = results["reference"]["groups"]
+    study_norms = results["reference"]["norms"]
+    per_block_seconds = results["zeroth_order/per_block"]["stats"]["seconds"]
+    study = {}
+    for per_block, seconds in ((False, fast_seconds), (True, per_block_seconds)):
+        header = " | ".join(f"{p} ({p * seconds / first_order_seconds:.0f}x)" for p in args.study_probes)
+        lines = [f"| samples | {header} |", "|---|" + "---|" * len(args.study_probes)]
+        for samples in args.study_samples:
+            cells = []
+            for probes in args.study_probes:
+                mean, low = simulated_spearman(
+                    study_norms, study_groups, probes, -(-samples // args.batch_size), per_block=per_block
+                )
+                cells.append(f"{mean:.3f} ({low:.2f})")
+            lines.append(f"| {samples} | " + " | ".join(cells) + " |")
+        study[per_block] = lines
     eps = PruningConfig().eps
     floor = max(float(torch.finfo(torch.float32).eps) * 2 ** math.floor(math.log2(loss)) for loss in fine["losses"])
     floor /= 2 * eps
@@ -327,21 +392,36 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any], l
             "estimates come out as 0 or as a multiple of that step. The exact per-tensor, per-batch gradient norms "
             f"‖∇_W L_b‖₂ (the scale of |ĝ|) range over: {norm_ranges}.",
             "",
-            f"Fine step (Wanda, uniform 50%, {args.samples} samples, one dense forward pass over them: "
-            f"{fine['dense_seconds']:.2f} s): one batch per block replay {alone['seconds']:.1f} s = "
-            f"{ratio_alone:.1f}x; "
-            f"up to {most} batches stacked per replay {stacked['seconds']:.1f} s = {ratio:.1f}x; "
-            f"{stacked['full_forwards']} full forwards (stopped at each tower's last block) and "
-            f"{stacked['block_forwards']} block forwards (counted per batch) each.",
+            f"Fine step (Wanda, uniform 50%, {args.fine_samples} samples in batches of {args.batch_size}, one dense "
+            f"forward pass over them: {fine['dense_seconds']:.2f} s): one batch per block replay "
+            f"{alone['seconds']:.1f} s = {ratio_alone:.1f}x; up to {most} batches stacked per replay "
+            f"{stacked['seconds']:.1f} s = {ratio:.1f}x; {stacked['full_forwards']} loss_fn calls (capture forwards, "
+            "stopped at each tower's last block; after each tower's first batch they run only the tower's first block) "
+            f"and {stacked['block_forwards']} block forwards (counted per batch) each.",
             "",
             f"Spearman ρ of the per-tensor zeroth-order block scores against the exact reference on the same samples, "
             f"by probes per batch (columns: {', '.join(map(str, args.grid_probes))}) and calibration samples (rows); "
             "independent one-probe runs combined; in brackets the wall time the fast path would take for them, scaled "
-            f"from its measured {fast_seconds:.1f} s for 1 probe x {args.samples} samples:",
+            f"from its measured {fast_seconds:.1f} s for 1 probe x {args.samples} samples, and that time over the "
+            f"first-order coarse step's {first_order_seconds:.1f} s on {args.samples} samples:",
             "",
             "| samples | " + " | ".join(f"{p} probe(s)" for p in args.grid_probes) + " |",
             "|---|" + "---|" * len(args.grid_probes),
             *grid_rows,
+            "",
+            "Spearman ρ expected from the exact per-tensor, per-batch gradient norms (mean over 200 draws of the "
+            "directions, in brackets the 10th percentile: 9 runs in 10 reach it), by probes per batch (columns; in "
+            "brackets the zeroth-order wall time over the first-order one, both scaling with the samples, from the "
+            "measured rows above) and calibration samples (rows). For Gaussian directions zᵀg ~ N(0, ‖g‖²) exactly, "
+            "so |ĝ| = ‖g‖·|N(0, 1)| up to the O(ε²) finite difference and the loss's rounding; the measured ρ grid "
+            "above is one draw of the same distribution. Per-tensor probes (`probe_granularity: per_tensor`):",
+            "",
+            *study[False],
+            "",
+            "One direction per block (`probe_granularity: per_block`; |ĝ| = ‖∇_block L‖·|N(0, 1)|), against the same "
+            "reference:",
+            "",
+            *study[True],
             "",
         ]
     )
@@ -355,11 +435,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--patch-size", type=int, default=8)
     parser.add_argument("--query-tokens", type=int, default=8)
     parser.add_argument("--text-tokens", type=int, default=24)
-    parser.add_argument("--samples", type=int, default=8, help="calibration samples (coarse and fine)")
+    parser.add_argument("--samples", type=int, default=8, help="calibration samples of the coarse step")
+    parser.add_argument("--fine-samples", type=int, default=32, help="calibration samples of the fine step")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--grid-probes", type=int, nargs="+", default=[1, 2, 4], help="probes per batch (ρ grid)")
     parser.add_argument("--grid-samples", type=int, nargs="+", default=[8, 16], help="calibration samples (ρ grid)")
+    parser.add_argument(
+        "--study-probes", type=int, nargs="+", default=[1, 4, 16, 32, 64], help="probes per batch (simulated ρ)"
+    )
+    parser.add_argument(
+        "--study-samples", type=int, nargs="+", default=[8, 16, 32, 64], help="calibration samples (simulated ρ)"
+    )
+    parser.add_argument("--cache", default=None, help="folder keeping each worker's result; kept ones are reused")
     parser.add_argument("--write", default=None, help="markdown file whose coarse-cost section is (re)written")
     parser.add_argument("--worker", choices=WORKERS, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -373,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     load_before = _load_average()
-    results = {worker: _spawn(worker, argv) for worker in ("fine", "reference", *METHODS, "grid")}
+    results = {worker: _spawn(worker, argv, args.cache) for worker in ("fine", "reference", *METHODS, "grid")}
     section = render(args, argv, results, (load_before, _load_average()))
     sys.stdout.write(section + "\n")
     if args.write is not None:

@@ -34,7 +34,12 @@ class BlockCall:
     device: torch.device | None = None
 
     def replay(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """Run ``block`` on the recorded arguments with the hidden stream set to ``hidden``; return its output.
+        """Run ``block`` on the recorded arguments with the hidden stream set to ``hidden``; return its output's
+        hidden stream."""
+        return hidden_output(self.run(block, hidden))
+
+    def run(self, block: nn.Module, hidden: torch.Tensor) -> Any:
+        """Run ``block`` on the recorded arguments with the hidden stream set to ``hidden``; return what it returns.
 
         A call recorded into other storage (``capture_block_calls(storage=...)``) is moved back to the device its
         block ran on first."""
@@ -45,7 +50,7 @@ class BlockCall:
             args[self.hidden_key] = hidden
         else:
             kwargs[self.hidden_key] = hidden
-        return hidden_output(block(*args, **kwargs))
+        return block(*args, **kwargs)
 
 
 def _moved(value: Any, device: torch.device) -> Any:

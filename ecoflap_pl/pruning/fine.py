@@ -11,13 +11,15 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ecoflap_pl.pruning.calls import BlockCall, capture_block_calls, merge_calls
+from ecoflap_pl.pruning.block_outputs import map_tensors
+from ecoflap_pl.pruning.calls import BlockCall, hidden_output, merge_calls
 from ecoflap_pl.pruning.config import PruningConfig
 from ecoflap_pl.pruning.discovery import Candidate, Stack
 from ecoflap_pl.pruning.loss import LossFn, run_on_batch
 from ecoflap_pl.pruning.methods import get_method
 from ecoflap_pl.pruning.monitor import StageMonitor, free_memory_bytes
 from ecoflap_pl.pruning.residency import Residency, resident
+from ecoflap_pl.pruning.stand_in import StackOutputs, capture_calls, split_output
 from ecoflap_pl.pruning.statistics import InputStatistics, LinearInputRecorder
 from ecoflap_pl.pruning.transaction import WeightTransaction
 
@@ -37,11 +39,11 @@ class _Replay:
     indices: range
     sizes: tuple[int, ...]
 
-    def run(self, block: nn.Module, monitor: StageMonitor) -> list[torch.Tensor]:
-        """Replay the block; return the output hidden stream of each covered call."""
-        output = self.call.replay(block, self.hidden)
+    def run(self, block: nn.Module, monitor: StageMonitor) -> list[Any]:
+        """Replay the block; return what it returned for each covered call."""
+        output = self.call.run(block, self.hidden)
         monitor.block_forwards += len(self.indices)
-        return list(output.split(list(self.sizes))) if len(self.indices) > 1 else [output]
+        return split_output(output, self.sizes) if len(self.indices) > 1 else [output]
 
 
 def replays(calls: Sequence[BlockCall], hidden: Sequence[torch.Tensor], most: int) -> list[_Replay]:
@@ -68,8 +70,8 @@ def replay_batches(most: int, hidden: Sequence[torch.Tensor], device: torch.devi
     return max(1, min(most, fits, len(hidden)))
 
 
-def _stored(hidden: torch.Tensor, storage: torch.device | None) -> torch.Tensor:
-    return hidden if storage is None else hidden.to(storage)
+def _stored(value: Any, storage: torch.device | None) -> Any:
+    return value if storage is None else map_tensors(value, lambda t: t.to(storage))
 
 
 def _block_statistics(
@@ -141,10 +143,13 @@ def fine_prune_(
     """Prune every candidate at its sparsity, stack by stack in forward order; return the masks.
 
     For each stack, one forward per batch (stopped after the stack's last block starts) records every block's
-    arguments with the already-pruned upstream stacks in place. Then, block by block: run the block on its
+    arguments with the already-pruned upstream stacks in place; from the second batch on, these forwards answer the
+    upstream stacks' blocks from their recorded outputs and run only the stack's first block
+    (:mod:`ecoflap_pl.pruning.stand_in`, checked on the first batch). Then, block by block: run the block on its
     recorded arguments with the propagated hidden stream while collecting input statistics of its Linear weights
     (summed over ranks with ``all_reduce``), prune them, and re-run the pruned block to produce the next block's
-    hidden stream. Both runs stack up to ``config.fine_replay_batches`` calibration batches into one call.
+    hidden stream (for a stack's last block too, when a later stack will be captured: its outputs answer the later
+    captures). Both runs stack up to ``config.fine_replay_batches`` calibration batches into one call.
 
     Args:
         tensor_sparsity: parameter name -> sparsity; a candidate missing here is measured but left dense.
@@ -164,17 +169,20 @@ def fine_prune_(
     needs_inputs = method.needs_inputs
     batch_ids = {id(batch): batch_id for batch_id, batch in batches}
 
-    for stack in stacks:
+    upstream: list[StackOutputs] = []
+    for position, stack in enumerate(stacks):
         blocks = [modules[name] for name in stack.blocks]
         if needs_inputs:
-            calls = capture_block_calls(
-                blocks,
+            calls, forwards = capture_calls(
+                modules,
+                stack.blocks,
+                upstream,
                 [batch for _, batch in batches],
                 lambda batch: run_on_batch(partial(loss_fn, model), batch, batch_ids[id(batch)]),
-                calls_per_forward=stack.calls_per_forward,
-                storage=storage,
+                stack.calls_per_forward,
+                storage,
             )
-            monitor.full_forwards += len(batches)
+            monitor.full_forwards += forwards
             hidden = [cast(torch.Tensor, call.hidden) for call in calls[0]]  # block 0's hidden stream is kept
             call_batch_ids = [batch_id for batch_id, _ in batches for _ in range(stack.calls_per_forward)]
             # the replays run where the blocks ran, wherever the recorded calls are kept (``activation_storage``)
@@ -208,12 +216,17 @@ def fine_prune_(
                         transaction.save(weight)  # an offloaded weight's stored copy is its own undo record
                     masks[name] = method.prune(weight, statistics.get(name), tensor_sparsity[name], config)
                 del statistics
-                if needs_inputs and index + 1 < len(blocks):
-                    hidden = [
-                        _stored(state, storage)
+                last = index + 1 == len(blocks)
+                if needs_inputs and (not last or position + 1 < len(stacks)):
+                    outputs = [
+                        _stored(output, storage)
                         for replay in replays(calls[index], hidden, most)
-                        for state in replay.run(block, monitor)
+                        for output in replay.run(block, monitor)
                     ]
+                    if last:
+                        upstream.append(StackOutputs(stack.blocks, stack.calls_per_forward, outputs))
+                    else:
+                        hidden = [hidden_output(output) for output in outputs]
             if needs_inputs:
                 calls[index] = []  # free this block's recorded arguments as soon as they are used
             if on_block_done is not None:

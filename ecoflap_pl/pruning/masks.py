@@ -37,20 +37,29 @@ def _lowest(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """``True`` at the ``counts[r]`` lowest entries of row ``r`` of ``scores`` (``[rows, cols]``, ``counts``: ``[rows]``
     integers in ``[0, cols]``).
 
-    The same entries a stable sort would put first (ties broken by position, NaN ranked highest), found with
-    ``topk`` and a tie count instead of a full sort: 2-3x faster on Linear-sized rows.
+    The same entries a stable sort would put first (ties broken by position, NaN ranked highest), found from each
+    row's ``counts[r]``-th lowest value instead of a full sort: an unsorted ``topk`` of the ``max(counts)`` lowest
+    (about 3x faster than a sorted one on Linear-sized rows), then a sorted ``topk`` of only as many of those as the
+    counts differ by (one or two when the counts differ by at most one). Ties at that value are broken by position
+    with a running count, computed only when some row has more tied entries than it may prune.
     """
     largest = int(counts.max()) if counts.numel() else 0
     if not largest:
         return torch.zeros_like(scores, dtype=torch.bool)
     scores = scores.masked_fill(scores.isnan(), float("inf"))
     counts = counts.to(scores.device).unsqueeze(1)
-    lowest = torch.topk(scores, largest, dim=1, largest=False, sorted=True).values
-    kth = lowest.gather(1, (counts - 1).clamp(min=0))
+    pruning = counts > 0
+    spread = largest - int(counts[pruning].min())
+    lowest = torch.topk(scores, largest, dim=1, largest=False, sorted=False).values
+    # the counts[r]-th lowest of row r is the (largest - counts[r] + 1)-th highest of its `largest` lowest
+    highest = torch.topk(lowest, spread + 1, dim=1, largest=True, sorted=True).values
+    kth = highest.gather(1, (largest - counts).clamp(max=spread))
     below = scores < kth
     ties = scores == kth
-    chosen = below | (ties & (ties.cumsum(dim=1) <= counts - below.sum(dim=1, keepdim=True)))
-    return chosen & (counts > 0)
+    need = counts - below.sum(dim=1, keepdim=True)
+    if bool((pruning & (ties.sum(dim=1, keepdim=True) > need)).any()):
+        ties &= ties.cumsum(dim=1) <= need
+    return (below | ties) & pruning
 
 
 def row_counts(scores: torch.Tensor, total: int) -> torch.Tensor:
@@ -65,7 +74,7 @@ def row_counts(scores: torch.Tensor, total: int) -> torch.Tensor:
     counts = torch.full((rows,), base, dtype=torch.int64, device=scores.device)
     if extra:
         ranked = scores.masked_fill(scores.isnan(), float("inf"))
-        next_score = torch.topk(ranked, base + 1, dim=1, largest=False, sorted=True).values[:, base]
+        next_score = torch.topk(ranked, base + 1, dim=1, largest=False, sorted=False).values.amax(dim=1)
         counts[torch.sort(next_score, stable=True).indices[:extra]] += 1
     return counts
 
