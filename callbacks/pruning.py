@@ -292,7 +292,7 @@ class ECoFLaPPruning(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn == TrainerFn.FITTING and self.save_to is not None and trainer.is_global_zero:
-            rank_zero_warn(self._interrupted_save_notice(trainer.global_step))
+            rank_zero_warn(self._interrupted_save_notice(self.save_to, trainer.global_step))
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -436,7 +436,8 @@ class ECoFLaPPruning(Callback):
         return result
 
     def _calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
-        datamodule = trainer.datamodule
+        # Lightning's DataConnector sets `Trainer.datamodule`, which the Trainer class does not declare.
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
         factory = getattr(datamodule, "calibration_dataloader", None)
         if not callable(factory):
             where = "no DataModule was given" if datamodule is None else f"{type(datamodule).__name__} has none"
@@ -484,17 +485,17 @@ class ECoFLaPPruning(Callback):
             option="save_to",
         )
 
-    def _interrupted_save_notice(self, global_step: int) -> str:
+    def _interrupted_save_notice(self, save_to: str, global_step: int) -> str:
         """What ``save_to`` holds after ``fit`` stopped early (an interrupt or an error)."""
         if not self.pruned:
-            return f"`fit` stopped before pruning finished: weights unchanged, nothing saved to {self.save_to}."
-        saved = _read_report_metadata(Path(self.save_to) / REPORT_JSON)
+            return f"`fit` stopped before pruning finished: weights unchanged, nothing saved to {save_to}."
+        saved = _read_report_metadata(Path(save_to) / REPORT_JSON)
         saved_run = None if saved is None else {key: value for key, value in saved.items() if key != "export"}
         ours = self.report is not None and saved_run == self.report.get("metadata")
         if not ours:
-            return f"`fit` stopped at step {global_step}: nothing from this run was saved to {self.save_to}."
+            return f"`fit` stopped at step {global_step}: nothing from this run was saved to {save_to}."
         return (
-            f"`fit` stopped at step {global_step}: {self.save_to} holds the model as pruned BEFORE fine-tuning, not "
+            f"`fit` stopped at step {global_step}: {save_to} holds the model as pruned BEFORE fine-tuning, not "
             "the fine-tuned one. HINT: resume from the last checkpoint with `--ckpt_path`; save_to is written again "
             "when fit ends."
         )

@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import yaml
 from jsonargparse import ArgumentError
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from rich.console import Console
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 class EcoflapTrainer(pl.Trainer):
     """The Lightning ``Trainer`` plus :meth:`prune`, the ``ecoflap prune`` subcommand."""
+
+    callbacks: list[Callback]  # set by Lightning's CallbackConnector; the Trainer class does not declare it
 
     def pruning_callback(self) -> ECoFLaPPruning:
         """The trainer's :class:`~ecoflap_pl.callbacks.ECoFLaPPruning` callback."""
@@ -79,6 +82,8 @@ def _collator(task: EcoflapTask) -> Callable[[list[dict[str, Any]]], Any]:
 class EcoflapCLI(LightningCLI):
     """LightningCLI with the pruning callback as a ``pruning:`` section, a ``prune`` subcommand and
     ``--compare_dense`` (evaluate the dense model first and print dense and pruned metrics side by side)."""
+
+    trainer: EcoflapTrainer  # `build_cli` passes `trainer_class=EcoflapTrainer`
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # Configuration errors are raised (not printed with the whole usage) so that `main` can show them briefly.
@@ -212,7 +217,9 @@ def _model_arguments(settings: Any) -> dict[str, Any]:
     """The model's ``init_args`` of one subcommand's settings, as a plain dict (empty when there are none)."""
     model = settings.get("model") if settings is not None else None
     init_args = model.get("init_args") if model is not None and hasattr(model, "get") else None
-    return init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
+    if init_args is None:
+        return {}
+    return init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
 
 
 def _check_dense(model: Any, limit: float = 0.01) -> None:

@@ -146,22 +146,19 @@ def train_demo_blip2(out: Path, paths: DemoPaths, preset: DemoPreset, vit_weight
     assert vit_input is not None, TIMM_ARCHITECTURE  # a timm architecture: its config is always registered
     task.processor.image_processor.image_mean = list(vit_input.mean)
     task.processor.image_processor.image_std = list(vit_input.std)
-    captions = CaptionCollator(
-        PromptEncoder(
-            task.processor,
-            "blip2_opt",
-            max_length=MAX_TEXT_LENGTH,
-            num_query_tokens=config.num_query_tokens,
-            image_token_id=config.image_token_id,
-        ),
-        prompt=CAPTION_PROMPTS["blip2"],
-        prefix_lm=False,
+    encoder = PromptEncoder(
+        task.processor,
+        "blip2_opt",
+        max_length=MAX_TEXT_LENGTH,
+        num_query_tokens=config.num_query_tokens,
+        image_token_id=config.image_token_id,
     )
+    captions = CaptionCollator(encoder, prompt=CAPTION_PROMPTS["blip2"], prefix_lm=False)
     data = VQACaptionMixDataModule(
         paths.coco,
         batch_size=recipe.batch_size,
         collate_fn=MultitaskCollator(task.collator, captions),
-        preprocess=captions.encoder.pixel_values,
+        preprocess=encoder.pixel_values,
         shuffle_seed=recipe.seed,
     )
     log.info("Training the demo BLIP-2 (%d steps); it is cached in %s", recipe.steps, out.parent)
