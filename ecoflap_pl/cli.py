@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from rich.console import Console
 from rich.table import Table
 from torch import nn
+from typing_extensions import override
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.console import quiet_lightning
@@ -85,17 +86,20 @@ class EcoflapCLI(LightningCLI):
 
     trainer: EcoflapTrainer  # `build_cli` passes `trainer_class=EcoflapTrainer`
 
+    @override
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # Configuration errors are raised (not printed with the whole usage) so that `main` can show them briefly.
         kwargs.setdefault("exit_on_error", False)
         return super().init_parser(**kwargs)
 
+    @override
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except (ValueError, TypeError, OSError, MisconfigurationException) as error:
             raise ConfigurationError(str(error)) from error
 
+    @override
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads `ckpt_path` here to replace the model's arguments by the checkpoint's hyperparameters.
         # Say which arguments of the config that replaces, and turn an unreadable file into a one-line error.
@@ -122,9 +126,11 @@ class EcoflapCLI(LightningCLI):
             )
 
     @staticmethod
+    @override
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "prune": {"model", "datamodule"}}
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ECoFLaPPruning, "pruning")
         parser.link_arguments("model", "data.init_args.collate_fn", compute_fn=_collator, apply_on="instantiate")
