@@ -230,7 +230,7 @@ class ECoFLaPPruning(Callback):
         # model may still be on the CPU, and a checkpoint's callback state (the "already pruned" flag) is only
         # restored after `setup`.
         model = _pruned_module(pl_module)
-        if self.save_to is not None and (stage in self.stages or stage == "fit"):
+        if self.save_to is not None and (stage in self.stages or stage == TrainerFn.FITTING):
             self._check_save_to(model)
         if self.semi_structured:
             self._check_semi_structured(trainer, stage)
@@ -371,12 +371,12 @@ class ECoFLaPPruning(Callback):
                 f"`pruning.stages` is {list(self.stages)}, so `{stage}` runs on the dense model (nothing is pruned). "
                 f"HINT: add '{stage}' to pruning.stages to prune before {stage}."
             )
-        if self.semi_structured and self.pruned and stage != "fit":
+        if self.semi_structured and self.pruned and stage != TrainerFn.FITTING:
             to_semi_structured_(_pruned_module(pl_module), self.masks)
             self._on_sparse_kernels = True
 
     def _check_semi_structured(self, trainer: pl.Trainer, stage: str) -> None:
-        if stage == "fit":
+        if stage == TrainerFn.FITTING:
             raise ValueError(
                 "`semi_structured` swaps weights for sparse tensors that cannot be trained, so it is for validate, "
                 "test and predict only. HINT: fine-tune without it, then evaluate the checkpoint with it."

@@ -20,6 +20,7 @@ import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from rich.console import Console
 from rich.table import Table
@@ -64,7 +65,7 @@ class EcoflapTrainer(pl.Trainer):
             ckpt_path: a checkpoint to start from (one that is already pruned is not pruned again).
         """
         callback = self.pruning_callback()
-        if "fit" not in callback.stages:
+        if TrainerFn.FITTING not in callback.stages:
             raise ValueError(
                 "`ecoflap prune` prunes at the start of the fit stage, but `pruning.stages` is "
                 f"{list(callback.stages)}. HINT: add 'fit' to pruning.stages."
