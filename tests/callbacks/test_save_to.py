@@ -12,12 +12,13 @@ import torch
 from safetensors.torch import load_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.callbacks import export as callback_export
 from ecoflap_pl.cli import EcoflapTrainer
 from ecoflap_pl.export import load_pruned_model
+from ecoflap_pl.models.tiny import tiny_model
 from ecoflap_pl.tasks.base import EcoflapTask
 from tests.callbacks.callback_toys import FAST, ToyData, ToyTask
 from tests.trainers import quiet_trainer
@@ -34,17 +35,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 class TinyLlamaTask(EcoflapTask):
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=len(VOCAB),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=32,
-        )
-        self.model = LlamaForCausalLM(config)
+        self.model = tiny_model("llama", vocab_size=len(VOCAB), hidden_size=32, layers=2)
         self.tokenizer = tiny_tokenizer()
 
     def calibration_loss(self, batch: dict[str, Any]) -> torch.Tensor:
