@@ -13,32 +13,20 @@ from torch.utils.data import DataLoader
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.tasks.base import EcoflapTask
+from tests.pruning.pruning_helpers import ToyBlock
 
 WIDTH, PATCHES, PATCH_DIM, TOKENS, VOCAB, CLASSES = 32, 4, 12, 6, 50, 4
 
 
-class Block(nn.Module):
-    """Pre-norm MLP block."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.fc1 = nn.Linear(width, 2 * width)
-        self.fc2 = nn.Linear(2 * width, width)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden + self.fc2(F.gelu(self.fc1(self.norm(hidden))))
-
-
 class ToyVLM(nn.Module):
-    """A vision tower and a language tower (two stacks of blocks), fused by adding the pooled image feature."""
+    """A vision tower and a language tower (two stacks of `ToyBlock`), fused by adding the pooled image feature."""
 
     def __init__(self, width: int = WIDTH, depth: int = 2) -> None:
         super().__init__()
         self.patch = nn.Linear(PATCH_DIM, width)
-        self.vision = nn.ModuleList(Block(width) for _ in range(depth))
+        self.vision = nn.ModuleList(ToyBlock(width) for _ in range(depth))
         self.embed = nn.Embedding(VOCAB, width)
-        self.text = nn.ModuleList(Block(width) for _ in range(depth))
+        self.text = nn.ModuleList(ToyBlock(width) for _ in range(depth))
         self.head = nn.Linear(width, CLASSES)
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
