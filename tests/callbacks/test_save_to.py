@@ -141,14 +141,8 @@ def test_prune_writes_the_model_once_in_the_chosen_format(tmp_path: Path, monkey
     real = callback_export.write_pruned_model
     monkeypatch.setattr(callback_export, "write_pruned_model", lambda *a, **k: writes.append(a) or real(*a, **k))
     callback = ECoFLaPPruning(**FAST, save_to=str(tmp_path / "pruned"), save_format="sparse-bitmask")
-    trainer = EcoflapTrainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-    )
+    trainer = quiet_trainer(EcoflapTrainer, default_root_dir=tmp_path, callbacks=[callback])
+    assert isinstance(trainer, EcoflapTrainer)
     trainer.prune(TinyLlamaTask(), datamodule=Sentences())
     assert len(writes) == 1
     report = json.loads((tmp_path / "pruned" / "pruning_report.json").read_text())
