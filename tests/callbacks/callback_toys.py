@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.tasks.base import EcoflapTask
@@ -48,17 +49,21 @@ class ToyTask(EcoflapTask):
         self.model = ToyVLM()
         self.sanity_zero_fraction: float | None = None
 
+    @override
     def calibration_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         return F.cross_entropy(self.model(batch["pixels"], batch["tokens"]), batch["labels"])
 
+    @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self.trainer.sanity_checking:
             self.sanity_zero_fraction = zero_fraction(self.model)
         self.log("val/loss", self.calibration_loss(batch), batch_size=batch["labels"].shape[0])
 
+    @override
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.log("test/loss", self.calibration_loss(batch), batch_size=batch["labels"].shape[0])
 
+    @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self.model(batch["pixels"], batch["tokens"]).argmax(-1)
 
@@ -90,15 +95,19 @@ class ToyData(pl.LightningDataModule):
         self.batch_size = batch_size
         self.calibration_batch_size = calibration_batch_size
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.samples, batch_size=self.batch_size)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.samples[:8], batch_size=self.batch_size)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
@@ -122,10 +131,12 @@ class MaskRecorder(Callback):
     def _pruning(self, trainer: pl.Trainer) -> ECoFLaPPruning:
         return next(c for c in trainer.callbacks if isinstance(c, ECoFLaPPruning))  # type: ignore[attr-defined]
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         masks = {n: m.cpu() for n, m in self._pruning(trainer).masks.items()}
         torch.save(masks, f"{self.directory}/masks_rank{trainer.global_rank}.pt")
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         weights = {n: p.detach().cpu() for n, p in pl_module.model.named_parameters()}  # type: ignore[union-attr]
         torch.save(weights, f"{self.directory}/weights_rank{trainer.global_rank}.pt")

@@ -13,6 +13,7 @@ from safetensors.torch import load_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+from typing_extensions import override
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.callbacks import export as callback_export
@@ -38,12 +39,15 @@ class TinyLlamaTask(EcoflapTask):
         self.model = tiny_model("llama", vocab_size=len(VOCAB), hidden_size=32, layers=2)
         self.tokenizer = tiny_tokenizer()
 
+    @override
     def calibration_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
 
+    @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self.calibration_loss(batch)
 
+    @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.log("val/loss", self.calibration_loss(batch), batch_size=batch["input_ids"].shape[0])
 
@@ -56,9 +60,11 @@ class Sentences(pl.LightningDataModule):
         ids = tokenizer(texts, padding="max_length", max_length=8, return_tensors="pt")["input_ids"]
         self.samples = [{"input_ids": row} for row in ids]
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.samples[:4], batch_size=4)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.samples[:4], batch_size=4)
 
