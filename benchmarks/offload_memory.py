@@ -2,17 +2,18 @@
 
 ``python benchmarks/offload_memory.py build DIR`` saves a LLaMA-shaped model (126 MB in fp32) to DIR;
 ``python benchmarks/offload_memory.py prune DIR OFFLOAD`` loads it with every decoder layer offloaded to disk, prunes
-it (uniform 50% Wanda) and prints a JSON line with the model's size and the process's peak resident memory during
-pruning above its resident memory before pruning; ``prune DIR`` (no OFFLOAD) does the same with the model in memory.
+it (50% Wanda, uniform; ``--importance zeroth_order``: ECoFLaP's zeroth-order coarse step first, with prefix reuse and
+batched probes) and prints a JSON line with the model's size and the process's peak resident memory during pruning
+above its resident memory before pruning; ``prune DIR`` (no OFFLOAD) does the same with the model in memory.
 Run each step in a fresh process (the model is then never in the offloaded run's memory as a whole), with
 ``MALLOC_MMAP_THRESHOLD_=65536`` (see the README). ``tests/models/test_placement.py`` runs it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 import threading
 import time
 
@@ -66,7 +67,7 @@ def build(folder: str) -> None:
     LlamaForCausalLM(_config()).save_pretrained(folder)
 
 
-def prune_model(folder: str, offload: str | None) -> None:
+def prune_model(folder: str, offload: str | None, importance: str) -> None:
     if offload is None:
         model = LlamaForCausalLM.from_pretrained(folder).eval()
     else:
@@ -80,7 +81,9 @@ def prune_model(folder: str, offload: str | None) -> None:
     def loss_fn(model, batch):
         return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
 
-    config = PruningConfig(sparsity=0.5, importance="uniform", fine_samples=4)
+    config = PruningConfig(
+        sparsity=0.5, importance=importance, coarse_samples=2, fine_samples=4, max_probe_replicas=4, eps=1e-2
+    )
     before = _rss()
     sampler = PeakSampler()
     sampler.start()
@@ -95,13 +98,21 @@ def prune_model(folder: str, offload: str | None) -> None:
                 "rss_before": before,
                 "peak_increase": peak - before,
                 "sparsity": result.overall_sparsity,
+                "importance": importance,
+                "probe_replicas": result.stages["coarse"].probe_replicas if "coarse" in result.stages else None,
             }
         )
     )
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "build":
-        build(sys.argv[2])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=("build", "prune"))
+    parser.add_argument("folder")
+    parser.add_argument("offload", nargs="?", help="offload folder (prune with the decoder layers on disk)")
+    parser.add_argument("--importance", default="uniform", choices=("uniform", "zeroth_order"))
+    args = parser.parse_args()
+    if args.step == "build":
+        build(args.folder)
     else:
-        prune_model(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
+        prune_model(args.folder, args.offload, args.importance)

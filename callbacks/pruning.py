@@ -234,6 +234,8 @@ class ECoFLaPPruning(Callback):
             self._check_save_to(model)
         if self.semi_structured:
             self._check_semi_structured(trainer, stage)
+        if stage == TrainerFn.FITTING.value and trainer.max_steps != 0 and trainer.max_epochs != 0:
+            _check_trainable(model)
         if stage in self.stages and trainer.strategy.restore_checkpoint_after_setup:
             raise ValueError(
                 f"ECoFLaPPruning cannot prune under {type(trainer.strategy).__name__}: it shards the parameters and "
@@ -553,6 +555,24 @@ def _pruned_module(pl_module: pl.LightningModule) -> nn.Module:
             "assign the network to `self.model` and define `calibration_loss`."
         )
     return model
+
+
+def _check_trainable(model: nn.Module) -> None:
+    """Refuse to fine-tune a model with offloaded weights (Accelerate's ``device_map`` with CPU or disk offload).
+
+    Each forward call of an offloaded module loads a fresh copy of its weights and drops it afterwards: the gradients
+    land on that copy, the module's own parameters (on the ``meta`` device) get none, and the optimizer skips them
+    without a word, so fine-tuning would silently leave every offloaded weight as it was.
+    """
+    offloaded = OffloadedWeights(model).modules
+    if offloaded:
+        shown = ", ".join(offloaded[:3]) + (f" and {len(offloaded) - 3} more" if len(offloaded) > 3 else "")
+        raise ValueError(
+            f"Fine-tuning cannot update offloaded weights: {shown} keep their weights in CPU memory or on disk "
+            "(device_map) and load a copy for each forward, so their gradients are dropped and the optimizer never "
+            "updates them. HINT: prune and save with `ecoflap prune` (pruning.save_to), then fine-tune the saved model "
+            "placed on devices only (a device_map without 'cpu' or 'disk', or a model that fits one device)."
+        )
 
 
 def _calibration_context(trainer: pl.Trainer) -> Callable[[], AbstractContextManager[Any]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -96,6 +97,10 @@ def answered_calls(blocks: Mapping[str, nn.Module], handler: CallHandler) -> Ite
                 block.forward = own  # type: ignore[method-assign]
 
 
+def _to(device: torch.device, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(device)
+
+
 @dataclass
 class BlockRecord:
     """The dense model's block calls on one calibration batch.
@@ -103,15 +108,18 @@ class BlockRecord:
     Attributes:
         outputs: call -> what the block returned (detached; on ``storage``).
         starts, ends: call -> position of its start / end among all start and end events of the forward.
+        devices: call -> the device its block ran on (blocks of a dispatched model run on different devices).
         loss: the dense loss of the batch.
-        storage: where the outputs are kept (the model's device, or the CPU to save device memory).
+        storage: where the outputs are kept (the devices the blocks ran on, or the CPU to save device memory); None:
+            each output where its block ran.
     """
 
     outputs: dict[CallKey, Any] = field(default_factory=dict)
     starts: dict[CallKey, int] = field(default_factory=dict)
     ends: dict[CallKey, int] = field(default_factory=dict)
+    devices: dict[CallKey, torch.device] = field(default_factory=dict)
     loss: float = 0.0
-    storage: torch.device = torch.device("cpu")
+    storage: torch.device | None = None
     _versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
 
     @property
@@ -122,19 +130,23 @@ class BlockRecord:
         """The calls that ended before event ``start``: nothing started later can have changed them."""
         return {key for key, end in self.ends.items() if end < start}
 
-    def output(self, key: CallKey, device: torch.device) -> Any:
-        """The recorded output of ``key`` on ``device``."""
-        output = self.outputs[key]
-        return output if self.storage == device else map_tensors(output, lambda t: t.to(device))
+    def output(self, key: CallKey) -> Any:
+        """The recorded output of ``key`` on the device its block ran on."""
+        output, device = self.outputs[key], self.devices[key]
+        return output if self.storage in (None, device) else map_tensors(output, lambda t: t.to(device))
 
-    def to(self, storage: torch.device) -> BlockRecord:
-        """This record with its outputs kept on ``storage``."""
+    def to(self, storage: torch.device | None) -> BlockRecord:
+        """This record with its outputs kept on ``storage`` (None: where their blocks ran)."""
         if storage == self.storage:
             return self
         moved = BlockRecord(
-            {key: map_tensors(output, lambda t: t.to(storage)) for key, output in self.outputs.items()},
+            {
+                key: map_tensors(output, partial(_to, storage or self.devices[key]))
+                for key, output in self.outputs.items()
+            },
             self.starts,
             self.ends,
+            self.devices,
             self.loss,
             storage,
         )
@@ -151,9 +163,10 @@ class BlockRecord:
 
 
 def record_block_calls(
-    blocks: Mapping[str, nn.Module], run_forward: Callable[[], torch.Tensor], storage: torch.device
+    blocks: Mapping[str, nn.Module], run_forward: Callable[[], torch.Tensor], storage: torch.device | None
 ) -> BlockRecord:
-    """Run the dense forward once, recording every block call's output and its start/end events."""
+    """Run the dense forward once, recording every block call's output, the device it ran on and its start/end
+    events; outputs are kept on ``storage`` (None: where they were computed)."""
     record = BlockRecord(storage=storage)
     events = 0
 
@@ -164,7 +177,8 @@ def record_block_calls(
         output = run()
         record.ends[key] = events
         events += 1
-        record.outputs[key] = map_tensors(output, lambda t: t.detach().to(storage))
+        record.devices[key] = hidden_output(output).device
+        record.outputs[key] = map_tensors(output, lambda t: t.detach().to(storage or t.device))
         return output
 
     with answered_calls(blocks, handler):

@@ -83,12 +83,12 @@ class PruningConfig:
         sparsegpt_damping: SparseGPT damping as a fraction of the mean Hessian diagonal.
         seed: seed of every random choice (zeroth-order directions).
         activation_storage: zeroth order: where the dense block outputs recorded once per calibration batch for
-            prefix reuse are kept: ``"auto"`` (on the device while they take at most a quarter of its free memory,
-            else on the CPU), ``"device"``, ``"cpu"`` (offloaded), or ``"recompute"`` (record nothing: one full
-            forward per probe, weights perturbed in place; the reference loop). Fine step: ``"cpu"`` also keeps
-            the recorded block inputs and the propagated hidden states in CPU memory (each block's are moved to its
-            device for its replay; for models whose activations do not fit the device beside the weights); the
-            other values keep them where the model produced them.
+            prefix reuse are kept: ``"auto"`` (on the devices their blocks ran on while they take at most a quarter
+            of the first one's free memory, else on the CPU), ``"device"``, ``"cpu"`` (offloaded), or
+            ``"recompute"`` (record nothing: one full forward per probe, weights perturbed in place; the reference
+            loop). Fine step: ``"cpu"`` also keeps the recorded block inputs and the propagated hidden states in CPU
+            memory (each block's are moved to its device for its replay; for models whose activations do not fit
+            the device beside the weights); the other values keep them where the model produced them.
         max_probe_replicas: zeroth order: most probes evaluated in one forward on copies of the calibration batch
             (the number used is chosen from the memory left); 1 evaluates one probe per forward.
         fine_replay_batches: fine step: most calibration batches stacked into one block replay (the number used is

@@ -16,6 +16,11 @@ Same directions (same seeds), same two-point estimate ``ĝ = (L+ − L−) / (2�
 
 The weights are never written to: an interrupt leaves them bit-exact, with nothing to restore.
 
+A model dispatched over several devices, or with offloaded weights, is probed where it lives: each recorded output
+goes back to the device its block ran on, and the weights of the units probed in one forward (one block's) are held
+resident for that forward (:mod:`ecoflap_pl.pruning.residency`) while the other blocks load theirs as usual; answered
+block calls do not run, so they load nothing.
+
 What is checked rather than assumed, with a warning and a fallback to the plain per-probe loop: that the model
 gives the dense loss again when every block call is answered from the record, that the code after a block never
 modifies a recorded output in place, and that every perturbed weight is used through ``F.linear``. A batch whose
@@ -51,6 +56,7 @@ from ecoflap_pl.pruning.calls import hidden_output
 from ecoflap_pl.pruning.loss import LossFn, checked_loss
 from ecoflap_pl.pruning.monitor import StageMonitor, free_memory_bytes
 from ecoflap_pl.pruning.perturbation import LinearPerturbation, Replica
+from ecoflap_pl.pruning.residency import Residency, resident
 from ecoflap_pl.pruning.zeroth_order import probe_directions, probe_seed, warn_flat_probes, zeroth_order_sums
 
 logger = logging.getLogger(__name__)
@@ -102,12 +108,11 @@ class _BatchProber:
         batch_id: int,
         batch: Any,
         record: BlockRecord,
-        device: torch.device,
         eps: float,
         monitor: StageMonitor,
     ) -> None:
         self.model, self.blocks, self.loss_fn = model, blocks, loss_fn
-        self.batch_id, self.batch, self.record, self.device = batch_id, batch, record, device
+        self.batch_id, self.batch, self.record = batch_id, batch, record
         self.eps, self.monitor = eps, monitor
         self.last_call = max(record.ends, key=record.ends.__getitem__)
 
@@ -123,7 +128,7 @@ class _BatchProber:
         Raises:
             _Unsupported: when it is not, or when the code after a block modified its recorded output in place.
         """
-        replayed = self._loss(lambda key, run: self.record.output(key, self.device), self.batch)
+        replayed = self._loss(lambda key, run: self.record.output(key), self.batch)
         if not self.record.check_unchanged():
             raise _Unsupported("the model modified a recorded block output in place")
         if not math.isclose(replayed, self.record.loss, rel_tol=_REPLAY_REL_TOL):
@@ -155,7 +160,7 @@ class _BatchProber:
 
             def single(key: CallKey, run: Callable[[], Any]) -> Any:
                 if key in answered:
-                    return self.record.output(key, self.device)
+                    return self.record.output(key)
                 self.monitor.block_forwards += 1
                 return run()
 
@@ -178,7 +183,7 @@ class _BatchProber:
 
         def batched(key: CallKey, run: Callable[[], Any]) -> Any:
             if key in answered:
-                output = replicate_output(self.record.output(key, self.device), count)
+                output = replicate_output(self.record.output(key), count)
             else:
                 output = run()
                 self.monitor.block_forwards += count
@@ -208,40 +213,51 @@ class _BatchProber:
                 if key in computed:
                     return replica_slice(computed[key], self.record.outputs[key], count, index)
                 if key in self.record.outputs:
-                    return self.record.output(key, self.device)
+                    return self.record.output(key)
                 raise NotReplicable(f"block call {key} did not run in the dense forward")
 
             values.append(self._loss(sliced, self.batch))
         return values
 
 
+def _owner(name: str, blocks: Mapping[str, nn.Module]) -> str:
+    """The block holding the parameter ``name`` ("" when none does)."""
+    return max((block for block in blocks if name.startswith(block + ".")), key=len, default="")
+
+
 def _probes(
-    units: Mapping[str, Sequence[nn.Parameter]], blocks: Mapping[str, nn.Module], record: BlockRecord, probes: int
+    units: Mapping[str, Sequence[str]], blocks: Mapping[str, nn.Module], record: BlockRecord, probes: int
 ) -> list[_Probe]:
     """Every (unit, probe) with the event at which the unit's first block call starts, earliest first."""
-    owner = {id(p): name for name, block in blocks.items() for p in block.parameters()}
     first_start: dict[str, int] = {}
     for (name, _), start in record.starts.items():
         first_start[name] = min(start, first_start.get(name, start))
     found: list[_Probe] = []
-    for unit_index, (unit, tensors) in enumerate(units.items()):
-        starts = [first_start.get(owner.get(id(t), ""), 0) for t in tensors]
+    for unit_index, (unit, members) in enumerate(units.items()):
+        starts = [first_start.get(_owner(member, blocks), 0) for member in members]
         found.extend(_Probe(unit_index, unit, probe, min(starts)) for probe in range(probes))
     return sorted(found, key=lambda p: p.start)
 
 
-def _storage_device(storage: str, device: torch.device, recorded_bytes: int) -> torch.device:
+def _storage_device(storage: str, device: torch.device, recorded_bytes: int) -> torch.device | None:
+    """Where the recorded outputs are kept: None (where their blocks ran) or the CPU."""
     if storage == "cpu" or device.type == "cpu":
         return torch.device("cpu")
     if storage == "device":
-        return device
-    return device if recorded_bytes <= _SHARE_OF_FREE_MEMORY * free_memory_bytes(device) / 2 else torch.device("cpu")
+        return None
+    return None if recorded_bytes <= _SHARE_OF_FREE_MEMORY * free_memory_bytes(device) / 2 else torch.device("cpu")
+
+
+def _parameter_names(model: nn.Module, units: Mapping[str, Sequence[nn.Parameter | str]]) -> dict[str, list[str]]:
+    """Every unit's members by parameter name (a dispatched model replaces offloaded parameter objects)."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    return {unit: [m if isinstance(m, str) else names[id(m)] for m in members] for unit, members in units.items()}
 
 
 @torch.no_grad()
 def fast_zeroth_order_sums(
     model: nn.Module,
-    units: Mapping[str, Sequence[nn.Parameter]],
+    units: Mapping[str, Sequence[nn.Parameter | str]],
     batches: Sequence[tuple[int, Any]],
     loss_fn: LossFn,
     *,
@@ -252,12 +268,13 @@ def fast_zeroth_order_sums(
     max_replicas: int,
     storage: str = "auto",
     on_progress: Callable[[int, int], None] | None = None,
+    residency: Residency | None = None,
 ) -> dict[str, float]:
     """``s_u = Σ_b mean_k |ĝ_{u,b,k}|`` for every unit, equal to :func:`zeroth_order_sums` (same seeds) up to the
     rounding of ``x·(W ± εZ)ᵀ`` against ``x·Wᵀ ± ε·x·Zᵀ``.
 
     Args:
-        units: unit name -> the parameters perturbed together.
+        units: unit name -> the parameters perturbed together (or their names).
         batches: ``(global batch id, batch)`` pairs.
         eps, probes, seed: as for :func:`zeroth_order_sums`.
         monitor: counts ``loss_fn`` calls as full forwards (the replay and per-replica calls run only the glue
@@ -267,12 +284,15 @@ def fast_zeroth_order_sums(
         storage: where recorded block outputs live: ``"device"``, ``"cpu"`` (offloaded, copied back per call) or
             ``"auto"`` (the device while a batch's record takes at most a quarter of its free memory).
         on_progress: ``on_progress(done, total)`` after each forward of probes.
+        residency: holds the offloaded weights of the units probed in one forward resident for that forward
+            (nothing is written back); a forward's probes then all lie in one block.
     """
     if storage not in _STORAGES:
         raise ValueError(f"`storage` must be one of {list(_STORAGES)}, got {storage!r}.")
+    names = _parameter_names(model, units)
     try:
         return _fast_sums(
-            model, units, batches, loss_fn, eps, probes, seed, monitor, max_replicas, storage, on_progress
+            model, names, batches, loss_fn, eps, probes, seed, monitor, max_replicas, storage, on_progress, residency
         )
     except _Unsupported as reason:
         logger.warning(
@@ -283,7 +303,7 @@ def fast_zeroth_order_sums(
         done = itertools.count(1)  # progress (where a stop request is honoured) goes on unit by unit
         return zeroth_order_sums(
             model,
-            units,
+            names,
             batches,
             loss_fn,
             eps=eps,
@@ -291,12 +311,13 @@ def fast_zeroth_order_sums(
             seed=seed,
             monitor=monitor,
             on_unit_done=None if on_progress is None else lambda: on_progress(next(done), len(units)),
+            residency=residency,
         )
 
 
 def _fast_sums(
     model: nn.Module,
-    units: Mapping[str, Sequence[nn.Parameter]],
+    units: Mapping[str, Sequence[str]],
     batches: Sequence[tuple[int, Any]],
     loss_fn: LossFn,
     eps: float,
@@ -306,18 +327,21 @@ def _fast_sums(
     max_replicas: int,
     storage: str,
     on_progress: Callable[[int, int], None] | None,
+    residency: Residency | None,
 ) -> dict[str, float]:
     blocks = stack_blocks(model)
-    device = next(iter(units.values()))[0].device
     sums = dict.fromkeys(units, 0.0)
     flat: dict[str, int] = {}
     replicas = max_replicas
     done = 0
-    where = device
+    where: torch.device | None = None
     for position, (batch_id, batch) in enumerate(batches):
         record = record_block_calls(blocks, partial(checked_loss, loss_fn, model, batch, batch_id), where)
         monitor.full_forwards += 1
+        if not record.outputs:
+            raise _Unsupported("no block of a discovered stack ran")
         if position == 0:
+            device = record.devices[min(record.starts, key=record.starts.__getitem__)]  # where the first block ran
             where = _storage_device(storage, device, record.nbytes)
             record = record.to(where)
             replicas, free = choose_replicas(max_replicas, record.nbytes, device)
@@ -327,37 +351,27 @@ def _fast_sums(
                 "(at most %d; %.1f GiB free on %s)",
                 len(record.outputs),
                 record.nbytes / 2**20,
-                where,
+                where or "the devices of the blocks",
                 replicas,
                 max_replicas,
                 free / 2**30,
                 device,
             )
-        if not record.outputs:
-            raise _Unsupported("no block of a discovered stack ran")
-        prober = _BatchProber(model, blocks, loss_fn, batch_id, batch, record, device, eps, monitor)
+        prober = _BatchProber(model, blocks, loss_fn, batch_id, batch, record, eps, monitor)
         if position == 0:
             prober.check_replay()
         pending = _probes(units, blocks, record, probes)
         while pending:
             pairs = max(1, replicas // 2)
             total = done + -(-len(pending) // pairs) + (len(batches) - position - 1) * -(-len(units) * probes // pairs)
-            chunk, pending = pending[:pairs], pending[pairs:]
-            directions = {
-                (p.unit, p.probe): probe_directions(units[p.unit], probe_seed(seed, p.unit_index, batch_id, p.probe))
-                for p in chunk
-            }
-            signed = [
-                Replica(tuple(units[p.unit]), tuple(directions[p.unit, p.probe]), sign)
-                for p in chunk
-                for sign in (1.0, -1.0)
-            ]
+            chunk = pending[:pairs]
+            if residency is not None:  # one block's weights resident at a time
+                chunk = [p for p in chunk if p.start == pending[0].start]  # sorted by start: a leading run
+            pending = pending[len(chunk) :]
+            offloaded = [m for p in chunk for m in units[p.unit] if residency is not None and residency.offloaded(m)]
             try:
-                names = [p.unit for p in chunk]
-                if replicas == 1:
-                    values = [prober.losses([replica], chunk[0].start, names)[0] for replica in signed]
-                else:
-                    values = prober.losses(signed, chunk[0].start, names)
+                with resident(residency, sorted(set(offloaded)), write_back=False):
+                    values = _chunk_losses(model, prober, units, chunk, seed, batch_id, replicas)
             except NotReplicable as reason:
                 logger.warning(
                     "Batched probes fall back to one probe per forward: %s. HINT: set max_probe_replicas: 1.", reason
@@ -376,3 +390,30 @@ def _fast_sums(
     monitor.probe_replicas = replicas
     warn_flat_probes(flat, len(units), len(batches) * probes, eps)
     return sums
+
+
+def _chunk_losses(
+    model: nn.Module,
+    prober: _BatchProber,
+    units: Mapping[str, Sequence[str]],
+    chunk: Sequence[_Probe],
+    seed: int,
+    batch_id: int,
+    replicas: int,
+) -> list[float]:
+    """The ``+`` and ``-`` loss of every probe of ``chunk``, in probe order (the weights are looked up by name: a
+    resident offloaded weight is a tensor of its own while it is held)."""
+    tensors = {p.unit: [model.get_parameter(name) for name in units[p.unit]] for p in chunk}
+    signed = [
+        Replica(
+            tuple(tensors[p.unit]),
+            tuple(probe_directions(tensors[p.unit], probe_seed(seed, p.unit_index, batch_id, p.probe))),
+            sign,
+        )
+        for p in chunk
+        for sign in (1.0, -1.0)
+    ]
+    names = [p.unit for p in chunk]
+    if replicas == 1:
+        return [prober.losses([replica], chunk[0].start, names)[0] for replica in signed]
+    return prober.losses(signed, chunk[0].start, names)

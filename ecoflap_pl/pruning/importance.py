@@ -21,7 +21,7 @@ from ecoflap_pl.pruning.first_order import first_order_sums
 from ecoflap_pl.pruning.loss import LossFn
 from ecoflap_pl.pruning.monitor import StageMonitor
 from ecoflap_pl.pruning.registry import add_entry, look_up
-from ecoflap_pl.pruning.residency import Residency
+from ecoflap_pl.pruning.residency import Residency, resident
 from ecoflap_pl.pruning.score_variants import get_score
 from ecoflap_pl.pruning.zeroth_order import zeroth_order_sums
 
@@ -105,17 +105,18 @@ def get_importance(name: str) -> ImportanceEstimator:
 
 
 def _zeroth_order_combine(raw: Mapping[str, float], request: ImportanceRequest, batch_count: int) -> dict[str, float]:
-    """``from_scalar(mean_b s, weights)`` per unit (a group, or each tensor of it, summed)."""
-    variant, params = get_score(request.config.score), request.params
-    if request.config.probe_granularity == "per_block":
-        return {
-            group: variant.from_scalar(raw[group] / batch_count, [params[n] for n in names])
-            for group, names in request.groups.items()
-        }
-    return {
-        group: sum(variant.from_scalar(raw[n] / batch_count, [params[n]]) for n in names)
-        for group, names in request.groups.items()
-    }
+    """``from_scalar(mean_b s, weights)`` per unit (a group, or each tensor of it, summed); offloaded weights are
+    read one group at a time, resident."""
+    variant, residency, model = get_score(request.config.score), request.residency, request.model
+    scores: dict[str, float] = {}
+    for group, names in request.groups.items():
+        offloaded = [n for n in names if residency is not None and residency.offloaded(n)]
+        with resident(residency, offloaded, write_back=False):
+            if request.config.probe_granularity == "per_block":
+                scores[group] = variant.from_scalar(raw[group] / batch_count, [model.get_parameter(n) for n in names])
+            else:
+                scores[group] = sum(variant.from_scalar(raw[n] / batch_count, [model.get_parameter(n)]) for n in names)
+    return scores
 
 
 @register_importance("zeroth_order", combine=_zeroth_order_combine)
@@ -123,15 +124,14 @@ def zeroth_order_measure(request: ImportanceRequest) -> dict[str, float]:
     """Forward-only two-point estimates, per tensor or per group (``probe_granularity``), summed over batches:
     full forwards per probe (``activation_storage: recompute``) or replays from the recorded dense block outputs.
 
-    A model with offloaded weights (``request.residency``) always takes the per-tensor loop of full forwards, each
-    unit held resident while it is probed: prefix reuse and batched probes read and perturb the weights outside
-    forward calls, which offloaded weights do not allow."""
+    A model with offloaded weights (``request.residency``) takes either path by parameter name, each unit's weights
+    held resident while it is probed."""
     config, params = request.config, request.params
     if config.probe_granularity == "per_block":
         names = {group: list(members) for group, members in request.groups.items()}
     else:
         names = {name: [name] for name in params}
-    if request.residency is not None or config.activation_storage == "recompute":
+    if config.activation_storage == "recompute":
         return zeroth_order_sums(
             request.model,
             names,
@@ -144,10 +144,9 @@ def zeroth_order_measure(request: ImportanceRequest) -> dict[str, float]:
             on_unit_done=request.tick(len(names)),
             residency=request.residency,
         )
-    units = {unit: [params[n] for n in members] for unit, members in names.items()}
     return fast_zeroth_order_sums(
         request.model,
-        units,
+        names,
         request.batches,
         request.loss_fn,
         eps=config.eps,
@@ -157,6 +156,7 @@ def zeroth_order_measure(request: ImportanceRequest) -> dict[str, float]:
         max_replicas=config.max_probe_replicas,
         storage=config.activation_storage,
         on_progress=request.progress,
+        residency=request.residency,
     )
 
 

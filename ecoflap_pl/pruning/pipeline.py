@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -30,11 +30,12 @@ from ecoflap_pl.pruning.fine import AllReduce, fine_prune_
 from ecoflap_pl.pruning.importance import ImportanceRequest, get_importance
 from ecoflap_pl.pruning.loss import LossFn, checked_loss
 from ecoflap_pl.pruning.monitor import StageMonitor, StageStats
-from ecoflap_pl.pruning.residency import Residency
+from ecoflap_pl.pruning.residency import Residency, resident
 from ecoflap_pl.pruning.result import GroupScores, PruningResult
 from ecoflap_pl.pruning.transaction import WeightTransaction, pruning_session
 
 logger = logging.getLogger(__name__)
+_Read = TypeVar("_Read")
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``, called as each unit of work of a stage finishes."""
 
@@ -315,13 +316,11 @@ def _check_residency(plan: _Plan, config: PruningConfig, residency: Residency | 
             "offloaded (CPU or disk) and are loaded one block at a time. HINT: use allocation 'ecoflap', 'uniform' or "
             "'from_report', or place the whole model on devices."
         )
-    if config.allocation == "ecoflap" and (
-        config.importance not in ("zeroth_order", "uniform") or config.score != "grad_only"
-    ):
+    if config.allocation == "ecoflap" and config.importance not in ("zeroth_order", "uniform"):
         raise ValueError(
-            f"`importance`={config.importance!r} with `score`={config.score!r} needs every weight at once, but some "
-            "are offloaded (CPU or disk) and are loaded one block at a time. HINT: use importance='zeroth_order' "
-            "with score='grad_only' (or 'uniform'), or place the whole model on devices."
+            f"`importance`={config.importance!r} needs every weight at once, but some are offloaded (CPU or disk) and "
+            "are loaded one block at a time. HINT: use importance='zeroth_order' (or 'uniform'), or place the whole "
+            "model on devices."
         )
 
 
@@ -374,9 +373,28 @@ def _check_scores(scores: GroupScores, plan: _Plan, config: PruningConfig, param
         )
 
 
-def _prior_zeros(params: dict[str, nn.Parameter], candidates: Sequence[Candidate]) -> dict[str, int]:
+def _read_weights(
+    model: nn.Module,
+    candidates: Sequence[Candidate],
+    residency: Residency | None,
+    read: Callable[[torch.Tensor], _Read],
+) -> dict[str, _Read]:
+    """``read(weight)`` for every candidate, block by block; an offloaded block is held resident while it is read
+    (nothing is written back), so offloaded and resident weights are read alike."""
+    by_block: dict[str, list[str]] = {}
+    for candidate in candidates:
+        by_block.setdefault(candidate.block, []).append(candidate.name)
+    found: dict[str, _Read] = {}
+    for names in by_block.values():
+        offloaded = [name for name in names if residency is not None and residency.offloaded(name)]
+        with resident(residency, offloaded, write_back=False):
+            found.update((name, read(model.get_parameter(name).detach())) for name in names)
+    return found
+
+
+def _prior_zeros(model: nn.Module, candidates: Sequence[Candidate], residency: Residency | None) -> dict[str, int]:
     """Candidate weights that are exactly zero before pruning (the model was pruned before), per tensor."""
-    counts = {c.name: int((params[c.name] == 0).sum()) for c in candidates}
+    counts = _read_weights(model, candidates, residency, lambda weight: int((weight == 0).sum()))
     return {name: count for name, count in counts.items() if count}
 
 
@@ -435,8 +453,7 @@ def prune(
     with pruning_session(model) as transaction:
         plan, stages["discovery"] = _plan(model, calibration_batches, loss_fn, config, rank)
         _check_residency(plan, config, residency)
-        resident_candidates = [c for c in plan.candidates if residency is None or not residency.offloaded(c.name)]
-        prior_zeros = _prior_zeros(params, resident_candidates)  # offloaded weights are not read here
+        prior_zeros = _prior_zeros(model, plan.candidates, residency)
         prior_sparsity = sum(prior_zeros.values()) / max(sum(c.numel for c in plan.candidates), 1)
         if prior_sparsity >= _PRIOR_SPARSITY_WARNING:
             logger.warning(
@@ -538,8 +555,10 @@ def prune(
                 residency=residency,
             )
         stages["fine"] = monitor.stats
-        for name in prior_zeros:  # weights that were zero already are pruned too, whatever the new mask says
-            masks[name] = masks[name] & (params[name] != 0)
+        # weights that were zero already are pruned too, whatever the new mask says
+        pruned_before = [c for c in plan.candidates if c.name in prior_zeros]
+        for name, nonzero in _read_weights(model, pruned_before, residency, lambda weight: weight != 0).items():
+            masks[name] = masks[name] & nonzero.to(masks[name].device)
     sizes = {c.name: c.numel for c in plan.candidates}
     achieved = {name: 1.0 - float(mask.sum()) / mask.numel() for name, mask in masks.items()}
     result = PruningResult(

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from transformers import LlamaForCausalLM
 
-from ecoflap_pl import PruningConfig, prune
+from ecoflap_pl import PruningConfig, prune, score_groups
+from ecoflap_pl.callbacks import ECoFLaPPruning
+from ecoflap_pl.cli import EcoflapTrainer
 from ecoflap_pl.models.placement import OffloadedWeights, placement
 from ecoflap_pl.models.tiny import tiny_model
+from ecoflap_pl.tasks.base import EcoflapTask
+from tests.trainers import quiet_trainer
 
 DEVICE_MAP = {
     "model.embed_tokens": "cpu",
@@ -53,14 +61,29 @@ def _digest(folder: Path) -> str:
     return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
 
 
-def test_disk_offloaded_model_gets_the_masks_and_weights_of_the_model_in_memory(saved):
+@pytest.mark.parametrize(
+    ("activation_storage", "probe_granularity", "score"),
+    [
+        ("recompute", "per_tensor", "grad_only"),
+        ("auto", "per_tensor", "grad_only"),
+        ("auto", "per_block", "grad_mag_abs"),
+        ("auto", "per_tensor", "grad_mag_square"),
+    ],
+)
+def test_disk_offloaded_model_gets_the_masks_and_weights_of_the_model_in_memory(
+    saved, activation_storage, probe_granularity, score
+):
+    """Both zeroth-order paths (the plain per-probe loop, and recorded outputs with batched probes), per tensor and
+    per block, with every score variant: the same scores, allocation and masks as the model in memory."""
     model, folder, offloaded = saved
+    config = replace(CONFIG, activation_storage=activation_storage, probe_granularity=probe_granularity, score=score)
     checkpoint = _digest(folder / "model")
     assert placement(offloaded)["model.layers.1"] == "disk" and placement(model) is None
-    in_memory = prune(model, _batches(), _loss, CONFIG)
+    in_memory = prune(model, _batches(), _loss, config)
     with OffloadedWeights(offloaded) as weights:
         assert weights.offloaded("model.layers.1.mlp.up_proj.weight") and not weights.offloaded("model.layers.0")
-        result = prune(offloaded, _batches(), _loss, CONFIG, residency=weights)
+        result = prune(offloaded, _batches(), _loss, config, residency=weights)
+    assert result.group_scores == in_memory.group_scores
     assert result.group_sparsity == in_memory.group_sparsity and result.masks.keys() == in_memory.masks.keys()
     for name, mask in in_memory.masks.items():
         assert torch.equal(result.masks[name], mask), name
@@ -98,15 +121,25 @@ def test_scores_needing_every_weight_at_once_are_refused(saved):
         prune(offloaded, _batches(), _loss, PruningConfig(sparsity=0.5, importance="first_order"), residency=weights)
 
 
-def test_peak_resident_memory_while_pruning_stays_below_the_model_size(tmp_path):
+@pytest.mark.parametrize("importance", ["uniform", "zeroth_order"])
+def test_peak_resident_memory_while_pruning_stays_below_the_model_size(tmp_path, importance):
     """Measured in fresh processes; glibc's fixed mmap threshold returns each freed block buffer to the system (its
-    default, dynamic threshold keeps them in the heap, where they count as resident)."""
+    default, dynamic threshold keeps them in the heap, where they count as resident). ``zeroth_order`` runs the
+    coarse step's fast path (recorded block outputs, batched probes) on the offloaded blocks too."""
     script = str(Path(__file__).resolve().parents[2] / "benchmarks" / "offload_memory.py")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, script, "build", str(tmp_path / "model")], check=True, env=env)
     (tmp_path / "offload").mkdir()
     run = subprocess.run(
-        [sys.executable, script, "prune", str(tmp_path / "model"), str(tmp_path / "offload")],
+        [
+            sys.executable,
+            script,
+            "prune",
+            str(tmp_path / "model"),
+            str(tmp_path / "offload"),
+            "--importance",
+            importance,
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -115,3 +148,143 @@ def test_peak_resident_memory_while_pruning_stays_below_the_model_size(tmp_path)
     figures = json.loads(run.stdout.strip().splitlines()[-1])
     assert figures["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert figures["peak_increase"] < figures["model_bytes"], figures
+    if importance == "zeroth_order":
+        assert figures["probe_replicas"] == 4, figures  # the fast path ran, probes batched
+
+
+def test_prior_zeros_of_offloaded_weights_count_as_in_memory(tmp_path):
+    """A model pruned before: its zeros are counted and kept pruned whether the weights are offloaded or not."""
+    model = tiny_model("llama", layers=3)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer, share in ((0, 0.3), (1, 0.7)):  # layer 0 in CPU memory, layer 1 on disk; 0.7 is above the target
+            weight = model.model.layers[layer].mlp.up_proj.weight
+            weight.masked_fill_(torch.rand(weight.shape, generator=generator) < share, 0.0)
+    model.save_pretrained(tmp_path / "model")
+    offloaded = LlamaForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=DEVICE_MAP, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    in_memory = prune(model, _batches(), _loss, CONFIG)
+    with OffloadedWeights(offloaded) as weights:
+        result = prune(offloaded, _batches(), _loss, CONFIG, residency=weights)
+    assert in_memory.prior_sparsity > 0.01
+    assert result.prior_sparsity == in_memory.prior_sparsity
+    assert result.achieved_sparsity == in_memory.achieved_sparsity
+    assert in_memory.achieved_sparsity["model.layers.1.mlp.up_proj.weight"] > 0.65  # the earlier zeros stay pruned
+    for name, mask in in_memory.masks.items():
+        assert torch.equal(result.masks[name], mask), name
+
+
+@pytest.mark.parametrize("probe_granularity", ["per_tensor", "per_block"])
+def test_offloaded_model_takes_the_fast_zeroth_order_path(saved, caplog, probe_granularity):
+    """Prefix reuse and batched probes on a model with CPU- and disk-offloaded blocks: the scores of the model in
+    memory (same path) and of the plain per-probe loop, within fp32 rounding, with no fallback."""
+    model, _, offloaded = saved
+    config = replace(CONFIG, probe_granularity=probe_granularity, max_probe_replicas=4)
+    in_memory = score_groups(model, _batches(), _loss, config)
+    plain = score_groups(model, _batches(), _loss, replace(config, activation_storage="recompute"))
+    with caplog.at_level(logging.WARNING), OffloadedWeights(offloaded) as weights:
+        fast = score_groups(offloaded, _batches(), _loss, config, residency=weights)
+    assert "fall back" not in caplog.text and "do not apply" not in caplog.text, caplog.text
+    assert fast.scores == pytest.approx(in_memory.scores, rel=1e-5)
+    assert fast.scores == pytest.approx(plain.scores, rel=1e-3)
+    assert fast.stats.probe_replicas == 4  # the probes shared forwards
+    layers = len(offloaded.model.layers)
+    assert fast.stats.block_forwards < layers * plain.stats.full_forwards  # the blocks before a probed one did not run
+    assert offloaded.model.layers[1].mlp.up_proj.weight.device.type == "meta"  # offloaded again, unchanged
+    ids = _batches()[0]["input_ids"]
+    assert torch.equal(offloaded(ids).logits, model(ids).logits)
+
+
+def test_backward_leaves_offloaded_weights_without_gradients(saved):
+    """Why an offloaded model cannot be fine-tuned: Accelerate loads a copy of an offloaded module's weights for each
+    forward; the gradients land on the copy, the module's own (meta) parameters get none, and AdamW skips them
+    without an error, so the stored weights never change while the resident ones do."""
+    _, _, offloaded = saved
+    layer = offloaded.model.layers[1]
+
+    def stored() -> torch.Tensor:
+        with OffloadedWeights(offloaded).resident(["model.layers.1"], write_back=False):
+            return torch.cat([p.detach().flatten().clone() for p in layer.parameters()])
+
+    before = stored()
+    resident = offloaded.model.layers[0].mlp.up_proj.weight
+    kept = resident.detach().clone()
+    offloaded.train()
+    optimizer = torch.optim.AdamW(offloaded.parameters(), lr=1e-2)
+    ids = _batches()[0]["input_ids"]
+    offloaded(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert offloaded.model.layers[1].mlp.up_proj.weight.grad is None and resident.grad is not None
+    assert torch.equal(stored(), before)
+    assert not torch.equal(resident.detach(), kept)
+
+
+class _LMTask(EcoflapTask):
+    def __init__(self, model):
+        super().__init__(learning_rate=1e-3)
+        self.model = model
+
+    def calibration_loss(self, batch):
+        return _loss(self.model, batch)
+
+
+class _LMData(pl.LightningDataModule):
+    def train_dataloader(self):
+        return DataLoader(_batches(), batch_size=None)
+
+    def calibration_dataloader(self, num_samples=None):
+        return self.train_dataloader()
+
+
+def test_fit_of_an_offloaded_model_is_refused_before_pruning(saved, tmp_path):
+    _, folder, offloaded = saved
+    ids = _batches()[0]["input_ids"]
+    dense = offloaded(ids).logits
+    callback = ECoFLaPPruning(sparsity=0.5, importance="uniform", fine_samples=4, stages=["fit"], progress=False)
+    with pytest.raises(ValueError, match=r"model.layers.1.* HINT: prune and save with `ecoflap prune`"):
+        quiet_trainer(max_steps=2, callbacks=[callback], default_root_dir=tmp_path).fit(
+            _LMTask(offloaded), datamodule=_LMData()
+        )
+    assert not callback.pruned and list((folder / "offload").glob("*.dat")) == []
+    assert torch.equal(offloaded(ids).logits, dense)
+
+
+def test_ecoflap_prune_of_an_offloaded_model_reports_its_placement(saved, tmp_path):
+    """The fit lifecycle without optimizer steps (``ecoflap prune``) prunes where the weights live, with the masks of
+    the model in memory, and the report records the placement."""
+    model, _, offloaded = saved
+    config = {"sparsity": 0.5, "importance": "zeroth_order", "coarse_samples": 4, "fine_samples": 4}
+    in_memory = prune(model, _batches(), _loss, PruningConfig(**config))
+    callback = ECoFLaPPruning(**config, stages=["fit"], progress=False)
+    trainer = EcoflapTrainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[callback], default_root_dir=tmp_path
+    )
+    trainer.prune(_LMTask(offloaded), datamodule=_LMData())
+    assert callback.result.group_sparsity == in_memory.group_sparsity
+    assert all(torch.equal(callback.masks[name], mask) for name, mask in in_memory.masks.items())
+    report = json.loads((tmp_path / "pruning_report.json").read_text())
+    assert report["metadata"]["placement"] == DEVICE_MAP
+
+
+@pytest.mark.gpu
+def test_gpu_model_with_cpu_and_disk_offload_gets_the_scores_and_masks_on_the_gpu(tmp_path):
+    """On a GPU: blocks executed on ``cuda:0`` with their weights in CPU memory or on disk (the fast zeroth-order path
+    and the fine step load one block at a time onto the GPU) give the scores and masks of the model held on the GPU."""
+    model = tiny_model("llama", layers=3)
+    model.save_pretrained(tmp_path / "model")
+    device_map = {**DEVICE_MAP, "model.embed_tokens": 0, "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}
+    device_map["model.layers.0"] = "cpu"  # with a GPU, "cpu" offloads: the layer runs on cuda:0
+    offloaded = LlamaForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    model = model.to("cuda")
+    batches = [{"input_ids": batch["input_ids"].to("cuda")} for batch in _batches()]
+    in_memory = prune(model, batches, _loss, CONFIG)
+    with OffloadedWeights(offloaded) as weights:
+        assert weights.offloaded("model.layers.0.mlp.up_proj.weight")
+        result = prune(offloaded, batches, _loss, CONFIG, residency=weights)
+    assert result.group_scores == pytest.approx(in_memory.group_scores, rel=1e-4)
+    assert result.stages["coarse"].probe_replicas >= 1  # the fast path, no fallback
+    for name, mask in in_memory.masks.items():
+        assert torch.equal(result.masks[name].cpu(), mask.cpu()), name

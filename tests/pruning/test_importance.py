@@ -247,7 +247,8 @@ def test_probes_below_the_loss_precision_are_reported(toy_model, caplog):
 
 
 class _CountingResidency:
-    """A residency for a model in memory: records what it was asked to hold resident, offloads nothing."""
+    """A residency for a model in memory that calls every weight offloaded: records what it was asked to hold
+    resident, and holds it as it is."""
 
     def __init__(self):
         self.held = []
@@ -257,24 +258,23 @@ class _CountingResidency:
         return contextlib.nullcontext()
 
     def offloaded(self, name):
-        return False
+        return True
 
 
+@pytest.mark.parametrize("activation_storage", ["recompute", "auto"])
 @pytest.mark.parametrize("probe_granularity", ["per_tensor", "per_block"])
-def test_a_residency_forces_the_plain_probe_loop(toy_model, monkeypatch, probe_granularity):
-    """Prefix reuse and batched probes read the weights outside forward calls: with a residency the coarse step
-    takes the plain loop whatever ``activation_storage`` says, one unit resident at a time, and gives its scores."""
-    import ecoflap_pl.pruning.importance as importance
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the fast zeroth-order path ran with a residency")
-
+def test_a_residency_holds_the_probed_units_resident(toy_model, probe_granularity, activation_storage):
+    """Both zeroth-order paths probe offloaded weights by name, holding only the probed units' weights (one block's)
+    resident, read-only, and give the scores of the model held in memory."""
     batches = toy_batches(4)
-    config = PruningConfig(sparsity=0.5, coarse_samples=8, probe_granularity=probe_granularity)
-    plain = score_groups(toy_model, batches, toy_loss, replace(config, activation_storage="recompute"))
-    monkeypatch.setattr(importance, "fast_zeroth_order_sums", refuse)
+    config = PruningConfig(
+        sparsity=0.5, coarse_samples=8, probe_granularity=probe_granularity, activation_storage=activation_storage
+    )
+    in_memory = score_groups(toy_model, batches, toy_loss, config)
     residency = _CountingResidency()
     held = score_groups(toy_model, batches, toy_loss, config, residency=residency)
-    assert held.scores == plain.scores
-    units = 3 if probe_granularity == "per_block" else 6
-    assert len(residency.held) == units and all(not write_back for _, write_back in residency.held)
+    assert held.scores == pytest.approx(in_memory.scores, rel=1e-6)
+    assert residency.held and all(not write_back for _, write_back in residency.held)
+    assert all(len({name.split(".")[1] for name in names}) == 1 for names, _ in residency.held)  # one block each
+    probed = {name for names, _ in residency.held for name in names}
+    assert probed == {name for group in held.groups.values() for name in group}

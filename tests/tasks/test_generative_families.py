@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
-from ecoflap_pl.models.tiny import tiny_processor
+from ecoflap_pl.models.tiny import HF_FAMILIES, tiny_processor
 from ecoflap_pl.tasks import CaptioningTask, VQATask
 from ecoflap_pl.tasks._vision_language import IGNORE_INDEX
 
@@ -139,19 +138,8 @@ def test_errors_name_the_argument(family_setup):
         VQATask(model_config=small, tokenizer=tokenizer)
 
 
-def test_callback_prunes_a_disk_offloaded_model_as_the_model_in_memory(
-    tmp_path, trainer_factory, datamodule_factory, vqa_samples
-):
-    """``device_map`` with layers on disk: the same allocation and masks, and the report records the placement.
-
-    An offloaded model is always scored with the plain per-tensor loop (prefix reuse and batched probes read the
-    weights outside forward calls), so the model in memory is scored with it too (``activation_storage:
-    recompute``): the fast path equals it only up to rounding."""
-    config, processor = tiny_processor("llava", list(CORPUS) * 3)
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(tmp_path / "llava")
-    processor.save_pretrained(tmp_path / "llava")
-    device_map = {
+OFFLOADED = {
+    "llava": {
         "model.vision_tower": "cpu",
         "model.multi_modal_projector": "cpu",
         "model.language_model.embed_tokens": "cpu",
@@ -160,17 +148,36 @@ def test_callback_prunes_a_disk_offloaded_model_as_the_model_in_memory(
         "model.language_model.norm": "cpu",
         "model.language_model.rotary_emb": "cpu",
         "lm_head": "cpu",
-    }
+    },
+    "qwen2_5_vl": {  # windowed and full-attention vision blocks on disk, the language model in CPU memory
+        "model.visual.patch_embed": "cpu",
+        "model.visual.rotary_pos_emb": "cpu",
+        "model.visual.blocks": "disk",
+        "model.visual.merger": "cpu",
+        "model.language_model": "cpu",
+        "lm_head": "cpu",
+    },
+}
+"""Family -> a device map holding one tower's blocks on disk."""
+
+
+@pytest.mark.parametrize("family", list(OFFLOADED))
+def test_callback_prunes_a_disk_offloaded_model_as_the_model_in_memory(
+    tmp_path, trainer_factory, datamodule_factory, vqa_samples, family
+):
+    """``device_map`` with blocks on disk: the same allocation and masks as the model in memory (both scored with
+    recorded block outputs and batched probes), and the report records the placement."""
+    config, processor = tiny_processor(family, list(CORPUS) * 3)
+    torch.manual_seed(0)
+    HF_FAMILIES[family](config).save_pretrained(tmp_path / family)
+    processor.save_pretrained(tmp_path / family)
+    device_map = OFFLOADED[family]
     runs = []
-    for placement, storage in (
-        ({}, "recompute"),
-        ({"device_map": device_map, "offload_folder": str(tmp_path / "offload")}, "auto"),
-    ):
-        task = VQATask(pretrained=str(tmp_path / "llava"), num_beams=1, max_new_tokens=2, **placement)
+    for placement in ({}, {"device_map": device_map, "offload_folder": str(tmp_path / "offload")}):
+        task = VQATask(pretrained=str(tmp_path / family), num_beams=1, max_new_tokens=2, **placement)
         pruning = ECoFLaPPruning(
             sparsity=0.5,
             importance="zeroth_order",
-            activation_storage=storage,
             coarse_samples=2,
             fine_samples=2,
             stages=["validate"],
@@ -182,7 +189,9 @@ def test_callback_prunes_a_disk_offloaded_model_as_the_model_in_memory(
         runs.append(pruning)
     in_memory, offloaded = runs
     assert in_memory.report["metadata"]["placement"] is None
-    assert offloaded.report["metadata"]["placement"]["model.language_model.layers.1"] == "disk"
+    assert offloaded.report["metadata"]["placement"] == device_map
+    assert offloaded.result.group_scores == in_memory.result.group_scores
+    assert offloaded.result.stages["coarse"].probe_replicas >= 1  # the fast path ran to its end, no fallback
     assert offloaded.result.group_sparsity == in_memory.result.group_sparsity
     for name, mask in in_memory.masks.items():
         assert torch.equal(offloaded.masks[name], mask), name
