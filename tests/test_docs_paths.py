@@ -19,6 +19,7 @@ DOCUMENTS = sorted([ROOT / "README.md", ROOT / "configs" / "README.md", *(ROOT /
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 BACKTICKED = re.compile(r"`([^`\n]+)`")
 TREE_ENTRY = re.compile(r"^( *)(\S+)")
+FILE_NAME = re.compile(r"^[\w.-]+/?$")
 # The installed names of the two top-level folders mapped into the package by `[tool.setuptools.package-dir]`.
 INSTALLED_AS = {"ecoflap_pl/callbacks": "callbacks", "ecoflap_pl/datamodules": "datamodules"}
 
@@ -33,10 +34,11 @@ def _python_files() -> list[str]:
 
 def _tree_paths(block: str, top_level: set[str]) -> list[str]:
     """The paths of a fenced file tree: one entry per line, two spaces of indentation per level, folders end in
-    ``/``, files have an extension (other words are not checked). A block whose first entry is not a top-level
-    entry of the repository is not a tree of it."""
+    ``/``, files have an extension; a line indented deeper than a child of the entry above continues its comment.
+    A block whose first entry is not a top-level entry of the repository is not a tree of it."""
     paths: list[str] = []
     parents: list[tuple[int, str]] = []  # (indentation, folder path) of the enclosing folders
+    last_indent = 0
     for line in block.splitlines():
         match = TREE_ENTRY.match(line)
         if match is None:
@@ -44,10 +46,13 @@ def _tree_paths(block: str, top_level: set[str]) -> list[str]:
         indent, name = len(match.group(1)), match.group(2)
         if not paths and (indent > 0 or name.rstrip("/") not in top_level):
             return []
+        if (paths and indent > last_indent + 2) or not FILE_NAME.match(name):
+            continue  # a comment's continuation line, or a word of a listing
+        if not name.endswith("/") and "." not in name:
+            continue  # a word of a listing, not a file name
+        last_indent = indent
         while parents and parents[-1][0] >= indent:
             parents.pop()
-        if not name.endswith("/") and "." not in name:
-            continue  # a word of a listing or a comment, not a file name
         path = f"{parents[-1][1]}{name}" if parents else name
         paths.append(path)
         if name.endswith("/"):
@@ -103,7 +108,8 @@ def test_a_missing_path_is_reported(tmp_path: Path) -> None:
     document = tmp_path / "doc.md"
     document.write_text(
         "See `ecoflap_pl/pruning/no_such.py`, `no_such_module.py`, `ecoflap_pl/pruning/fine.py`, `fine.py` and\n"
-        "`pruning_report.json`.\n\n```\necoflap_pl/\n  pruning/\n    gone.py     described\n    fine.py\n```\n",
+        "`pruning_report.json`.\n\n```\necoflap_pl/\n  pruning/\n    gone.py     described on\n"
+        "                (two.py) lines\n    fine.py\n```\n",
         encoding="utf-8",
     )
     assert _missing(_named_paths(document)) == [
