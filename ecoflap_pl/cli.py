@@ -28,7 +28,7 @@ from torch import nn
 from typing_extensions import override
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
-from ecoflap_pl.console import quiet_lightning
+from ecoflap_pl.console import quiet_libraries
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.tasks.base import EcoflapTask
 
@@ -286,7 +286,7 @@ def main(args: list[str] | None = None) -> None:
     A refused configuration, bad data or a missing file ends the run with its message (and the option it names) in
     a few lines and exit status 2; SIGTERM ends it with status 143. ``ECOFLAP_DEBUG=1`` shows the full traceback.
     """
-    quiet_lightning()
+    quiet_libraries()
     try:
         check_config_files(sys.argv[1:] if args is None else args)
         build_cli(args, save_config_kwargs={"overwrite": True})

@@ -1,15 +1,19 @@
-"""What the ``ecoflap`` command prints: its progress bars, tables and file paths, without Lightning's chatter.
+"""What the ``ecoflap`` command prints: its progress bars, tables and file paths, without its libraries' chatter.
 
 Lightning logs hardware banners ("GPU available: ..."), a promotional tip on every Trainer without its paid logger,
 "Seed set to ..." and "`Trainer.fit` stopped: `max_steps=...` reached." at INFO, and one of its modules triggers a
-deprecation warning of torch's pytree API. None of it tells a user anything about their run; the filters below drop
-exactly those messages and nothing else (Lightning's warnings and errors still show).
+deprecation warning of torch's pytree API. transformers draws a tqdm bar of its own whenever it loads or saves a model
+("Loading weights", "Writing model shards"), beside the command's progress bars. None of it tells a user anything
+about their run; the filters below drop exactly those messages and bars and nothing else (warnings and errors still
+show, and so do the hub's download bars).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+
+from transformers.utils import logging as transformers_logging
 
 _BANNERS = (
     "GPU available:",
@@ -31,10 +35,11 @@ class _DropBanners(logging.Filter):
         return not record.getMessage().startswith(_BANNERS)
 
 
-def quiet_lightning() -> None:
-    """Drop Lightning's banners, tips and its own deprecation warnings from the console (idempotent)."""
+def quiet_libraries() -> None:
+    """Drop Lightning's banners, tips and deprecation warning, and transformers' load/save bars (idempotent)."""
     for name in _LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(existing, _DropBanners) for existing in logger.filters):
             logger.addFilter(_DropBanners())
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    transformers_logging.disable_progress_bar()

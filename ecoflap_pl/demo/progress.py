@@ -17,7 +17,11 @@ from ecoflap_pl.demo.data import Progress as ProgressCallback
 
 @contextmanager
 def stage_bars(title: str) -> Iterator[ProgressCallback]:
-    """A ``progress(stage, done, total)`` callback that draws one rich bar per stage, under ``title``."""
+    """A ``progress(stage, done, total)`` callback that draws one rich bar per stage, under ``title``.
+
+    The bars start with the first stage reported: a cached build reports none and prints nothing (a rich ``Progress``
+    stopped without tasks still prints an empty line).
+    """
     bars = Progress(
         TextColumn(f"[bold]{title}[/bold] {{task.description}}"),
         BarColumn(),
@@ -29,11 +33,16 @@ def stage_bars(title: str) -> Iterator[ProgressCallback]:
 
     def update(stage: str, done: int, total: int) -> None:
         if stage not in tasks:
+            if not tasks:
+                bars.start()
             tasks[stage] = bars.add_task(stage, total=total)
         bars.update(tasks[stage], completed=done, total=total)
 
-    with bars:
+    try:
         yield update
+    finally:
+        if tasks:
+            bars.stop()
 
 
 class StepBar(Callback):

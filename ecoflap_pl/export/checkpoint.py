@@ -111,6 +111,8 @@ def write_pruned_model(
     else:
         from huggingface_hub import save_torch_state_dict
 
+        if hf_model:
+            state_dict = _without_tied_copies(model, state_dict)
         compressed = compress_state_dict(state_dict, masks, save_format)
         if hf_model:
             _write_hf_configs(model, directory, save_format, masks)
@@ -121,6 +123,14 @@ def write_pruned_model(
             save(directory)
     weights = sum(path.stat().st_size for path in directory.glob("model*.safetensors"))
     return SavedModel(save_format, weights, _dense_bytes(state_dict))
+
+
+def _without_tied_copies(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` less the tied copies ``save_pretrained`` leaves out (it keeps e.g. the input embedding, not
+    ``lm_head``), so that loaders which tie weights after loading, as ``from_pretrained`` does, find the kept name."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    return remove_tied_weights_from_state_dict(state_dict, model)  # type: ignore[arg-type]
 
 
 def _write_hf_configs(model: nn.Module, directory: Path, save_format: str, masks: dict[str, torch.Tensor]) -> None:
@@ -173,6 +183,15 @@ def saved_format(directory: str | Path) -> str:
         return (handle.metadata() or {}).get(_FORMAT_KEY, "dense")
 
 
+def is_sparse_export(path: str | Path) -> bool:
+    """Whether ``path`` is a folder whose weights :func:`write_pruned_model` stored in a sparse format.
+
+    Such a folder needs :func:`load_pruned_model`: a plain ``from_pretrained`` cannot decode it (see that function).
+    """
+    directory = Path(path).expanduser()
+    return directory.is_dir() and any(directory.glob("model*.safetensors")) and saved_format(directory) != "dense"
+
+
 def load_pruned_state_dict(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The dense state dict and the masks (by weight name) of a folder written by :func:`write_pruned_model`.
 
@@ -203,9 +222,17 @@ def read_masks(directory: str | Path) -> dict[str, torch.Tensor]:
 def load_pruned_model(directory: str | Path, model_class: Any = None, **from_pretrained_kwargs: Any) -> nn.Module:
     """Load a Hugging Face model written by :func:`write_pruned_model`, in any save format, as a dense model.
 
+    A sparse folder is decoded here because no ``from_pretrained`` of transformers 5 can: transformers 5 hands only the
+    quantization fields of ``quantization_config`` to ``compressed-tensors`` (>= 0.15, which has no sparse
+    decompressors either), so without that package it raises ImportError, and with it it loads the model with the
+    pruned weights missing, initialised at random (its load report lists them as MISSING). No field of the folder can
+    turn that into an error without also breaking the readers of the format (``compressed-tensors`` 0.14 accepts no
+    other keys in ``quantization_config``).
+
     Args:
         directory: the ``save_to`` folder.
-        model_class: the ``transformers`` class; default the class named in ``config.json`` (``architectures``).
+        model_class: the ``transformers`` class (an ``AutoModel*`` class too); default the class named in
+            ``config.json`` (``architectures``).
         from_pretrained_kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
     """
     import transformers
@@ -219,5 +246,7 @@ def load_pruned_model(directory: str | Path, model_class: Any = None, **from_pre
         return model_class.from_pretrained(directory, **from_pretrained_kwargs)
     config = transformers.AutoConfig.from_pretrained(directory)
     del config.quantization_config  # the weights are decompressed here, not by a quantizer
+    if not issubclass(model_class, transformers.PreTrainedModel):  # an Auto class: the class it picks for config
+        model_class = model_class._model_mapping[type(config)]
     state_dict, _ = load_pruned_state_dict(directory)
     return model_class.from_pretrained(None, config=config, state_dict=state_dict, **from_pretrained_kwargs)

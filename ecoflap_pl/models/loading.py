@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from huggingface_hub import is_offline_mode
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -66,6 +66,23 @@ def hub_load_errors(pretrained: str) -> Iterator[None]:
         ) from error
 
 
+def load_pretrained(model_cls: type[ModelT], pretrained: str, **from_pretrained_kwargs: Any) -> ModelT:
+    """``model_cls.from_pretrained(pretrained)``, through :func:`ecoflap_pl.export.load_pruned_model` for a folder that
+    ``--pruning.save_to`` wrote in a sparse ``save_format`` (``from_pretrained`` cannot decode those).
+
+    Args:
+        model_cls: the Hugging Face class, an ``AutoModel*`` class too.
+        pretrained: a hub name or a local directory.
+        from_pretrained_kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
+    """
+    from ecoflap_pl.export import is_sparse_export, load_pruned_model
+
+    with hub_load_errors(pretrained):
+        if is_sparse_export(pretrained):
+            return cast(ModelT, load_pruned_model(Path(pretrained).expanduser(), model_cls, **from_pretrained_kwargs))
+        return model_cls.from_pretrained(pretrained, **from_pretrained_kwargs)
+
+
 def build_hf_model(
     model_cls: type[ModelT],
     pretrained: str | None = None,
@@ -77,7 +94,7 @@ def build_hf_model(
     Args:
         model_cls: the Hugging Face class, e.g. ``Blip2ForConditionalGeneration``.
         pretrained: a hub name (``"Salesforce/blip2-opt-2.7b"``) or a local directory written by
-            ``save_pretrained``.
+            ``save_pretrained`` or by ``--pruning.save_to`` (any ``save_format``).
         config: a config object or its ``to_dict()``; the model is randomly initialised.
         from_pretrained_kwargs: passed to ``from_pretrained`` (``dtype``, ``revision``, ...).
 
@@ -86,8 +103,7 @@ def build_hf_model(
     """
     check_model_source(pretrained, config)
     if pretrained is not None:
-        with hub_load_errors(pretrained):
-            return model_cls.from_pretrained(pretrained, **from_pretrained_kwargs)
+        return load_pretrained(model_cls, pretrained, **from_pretrained_kwargs)
     if isinstance(config, dict):
         config = model_cls.config_class.from_dict(config)
     return model_cls(config)

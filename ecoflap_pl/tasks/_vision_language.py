@@ -259,6 +259,12 @@ def stop_token_ids(family: str, tokenizer: PreTrainedTokenizerBase, config: Pret
     return ids
 
 
+def search_kwargs(num_beams: int, length_penalty: float) -> dict[str, Any]:
+    """``generate``'s search arguments: ``length_penalty`` scores beams only, so it goes with ``num_beams > 1`` alone
+    (given to greedy search, transformers warns that it is ignored)."""
+    return {"num_beams": num_beams, **({"length_penalty": length_penalty} if num_beams > 1 else {})}
+
+
 def check_image_placeholder(architecture: str, prompt: str) -> None:
     """A family whose prompt marks the image (LLaVA's ``<image>``) must have the mark in ``prompt``."""
     family = GENERATIVE_FAMILIES.get(architecture)

@@ -25,6 +25,7 @@ from ecoflap_pl.tasks._vision_language import (
     loss_inputs,
     prefix_split,
     resolve_architecture,
+    search_kwargs,
     stop_token_ids,
 )
 from ecoflap_pl.tasks.base import EcoflapTask
@@ -208,10 +209,9 @@ class CaptioningTask(EcoflapTask):
             prefix_lm_seed=prefix_lm_seed,
         )
         self.generation_kwargs: dict[str, Any] = {
-            "num_beams": num_beams,
+            **search_kwargs(num_beams, length_penalty),
             "max_new_tokens": max_new_tokens,
             "min_new_tokens": min_new_tokens,
-            "length_penalty": length_penalty,
             "repetition_penalty": repetition_penalty,
         }
         eos = stop_token_ids(self.family, self.processor.tokenizer, config)

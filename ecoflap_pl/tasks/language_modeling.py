@@ -10,7 +10,7 @@ from torchmetrics.text import Perplexity
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedTokenizerBase
 from typing_extensions import override
 
-from ecoflap_pl.models.loading import check_tokenizer_source, load_tokenizer
+from ecoflap_pl.models.loading import check_tokenizer_source, load_pretrained, load_tokenizer
 from ecoflap_pl.tasks._vision_language import IGNORE_INDEX, load_config, prefix_split
 from ecoflap_pl.tasks.base import EcoflapTask
 
@@ -101,7 +101,7 @@ class LanguageModelingTask(EcoflapTask):
         self.encoder_decoder = bool(config.is_encoder_decoder)
         model_cls = AutoModelForSeq2SeqLM if self.encoder_decoder else AutoModelForCausalLM
         if pretrained is not None:
-            self.model = model_cls.from_pretrained(pretrained, **(from_pretrained_kwargs or {}))
+            self.model = load_pretrained(model_cls, pretrained, **(from_pretrained_kwargs or {}))
         else:
             self.model = model_cls.from_config(config)
         self.collator = TextCollator(self.tokenizer, max_length, self.encoder_decoder, prefix_lm_seed)

@@ -34,6 +34,7 @@ from ecoflap_pl.tasks._vision_language import (
     load_config,
     loss_inputs,
     resolve_architecture,
+    search_kwargs,
     stop_token_ids,
 )
 from ecoflap_pl.tasks.base import EcoflapTask
@@ -309,10 +310,9 @@ class VQATask(EcoflapTask):
         if length_penalty is None:
             length_penalty = DEFAULT_LENGTH_PENALTIES.get(self.architecture, 1.0)
         self.generation_kwargs: dict[str, Any] = {
-            "num_beams": num_beams,
+            **search_kwargs(num_beams, length_penalty),
             "max_new_tokens": max_new_tokens,
             "min_new_tokens": min_new_tokens,
-            "length_penalty": length_penalty,
         }
         eos = stop_token_ids(self.family, self.processor.tokenizer, config)
         if eos is not None:

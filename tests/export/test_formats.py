@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors import safe_open
+from transformers import AutoModelForCausalLM
 
 from ecoflap_pl.export import (
     SAVE_FORMATS,
     check_save_format,
+    is_sparse_export,
     load_pruned_model,
     load_pruned_state_dict,
     read_masks,
     write_pruned_model,
 )
+from ecoflap_pl.models.loading import build_hf_model, load_pretrained
 from ecoflap_pl.pruning import PruningConfig, prune
 from tests.pruning.pruning_helpers import family_case
 
@@ -95,3 +99,36 @@ def test_the_24_format_refuses_masks_that_are_not_2_4(tmp_path: Path) -> None:
         check_save_format("sparse-24-bitmask", "unstructured")
     with pytest.raises(ValueError, match="`save_format` must be one of .*got 'bitmask'"):
         check_save_format("bitmask", "unstructured")
+
+
+@pytest.mark.parametrize(("family", "model_class"), [("llama", AutoModelForCausalLM), ("blip2_opt", None)])
+def test_the_ecoflap_model_loaders_decode_a_sparse_export(tmp_path: Path, family: str, model_class: Any) -> None:
+    model, batches, loss_fn, masks = pruned(family, "unstructured")
+    write_pruned_model(model, tmp_path / "sparse", masks, "sparse-bitmask")
+    write_pruned_model(model, tmp_path / "dense", masks, "dense")
+    assert is_sparse_export(tmp_path / "sparse")
+    assert not is_sparse_export(tmp_path / "dense") and not is_sparse_export("Salesforce/blip2-opt-2.7b")
+
+    if model_class is None:  # the vision-language tasks' path
+        loaded = build_hf_model(type(model), pretrained=str(tmp_path / "sparse")).eval()
+    else:  # the language-modelling task's path, through an Auto class
+        loaded = load_pretrained(model_class, str(tmp_path / "sparse")).eval()
+    assert type(loaded) is type(model)
+    expected = model.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in loaded.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(loss_fn(loaded, batches[0]), loss_fn(model, batches[0]))
+
+
+def test_a_sparse_export_stores_tied_weights_under_the_names_save_pretrained_keeps(tmp_path: Path) -> None:
+    model, _, _, masks = pruned("blip2_opt", "unstructured")
+    assert model.config.text_config.tie_word_embeddings  # lm_head shares the input embedding
+    write_pruned_model(model, tmp_path / "sparse", masks, "sparse-bitmask")
+    write_pruned_model(model, tmp_path / "dense", masks, "dense")
+    with safe_open(str(tmp_path / "dense" / "model.safetensors"), framework="pt") as handle:
+        dense_names = set(handle.keys())
+    with safe_open(str(tmp_path / "sparse" / "model.safetensors"), framework="pt") as handle:
+        sparse_names = {
+            name for name in handle.keys() if not name.endswith(("compressed", "bitmask", "shape", "row_offsets"))
+        }  # noqa: SIM118
+    assert sparse_names == dense_names - set(masks)
