@@ -230,7 +230,7 @@ class ECoFLaPPruning(Callback):
         # model may still be on the CPU, and a checkpoint's callback state (the "already pruned" flag) is only
         # restored after `setup`.
         model = _pruned_module(pl_module)
-        if self.save_to is not None and (stage in self.stages or stage == "fit"):
+        if self.save_to is not None and (stage in self.stages or stage == TrainerFn.FITTING):
             self._check_save_to(model)
         if self.semi_structured:
             self._check_semi_structured(trainer, stage)
@@ -294,7 +294,7 @@ class ECoFLaPPruning(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn == TrainerFn.FITTING and self.save_to is not None and trainer.is_global_zero:
-            rank_zero_warn(self._interrupted_save_notice(trainer.global_step))
+            rank_zero_warn(self._interrupted_save_notice(self.save_to, trainer.global_step))
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -373,12 +373,12 @@ class ECoFLaPPruning(Callback):
                 f"`pruning.stages` is {list(self.stages)}, so `{stage}` runs on the dense model (nothing is pruned). "
                 f"HINT: add '{stage}' to pruning.stages to prune before {stage}."
             )
-        if self.semi_structured and self.pruned and stage != "fit":
+        if self.semi_structured and self.pruned and stage != TrainerFn.FITTING:
             to_semi_structured_(_pruned_module(pl_module), self.masks)
             self._on_sparse_kernels = True
 
     def _check_semi_structured(self, trainer: pl.Trainer, stage: str) -> None:
-        if stage == "fit":
+        if stage == TrainerFn.FITTING:
             raise ValueError(
                 "`semi_structured` swaps weights for sparse tensors that cannot be trained, so it is for validate, "
                 "test and predict only. HINT: fine-tune without it, then evaluate the checkpoint with it."
@@ -438,7 +438,8 @@ class ECoFLaPPruning(Callback):
         return result
 
     def _calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
-        datamodule = trainer.datamodule
+        # Lightning's DataConnector sets `Trainer.datamodule`, which the Trainer class does not declare.
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
         factory = getattr(datamodule, "calibration_dataloader", None)
         if not callable(factory):
             where = "no DataModule was given" if datamodule is None else f"{type(datamodule).__name__} has none"
@@ -486,17 +487,17 @@ class ECoFLaPPruning(Callback):
             option="save_to",
         )
 
-    def _interrupted_save_notice(self, global_step: int) -> str:
+    def _interrupted_save_notice(self, save_to: str, global_step: int) -> str:
         """What ``save_to`` holds after ``fit`` stopped early (an interrupt or an error)."""
         if not self.pruned:
-            return f"`fit` stopped before pruning finished: weights unchanged, nothing saved to {self.save_to}."
-        saved = _read_report_metadata(Path(self.save_to) / REPORT_JSON)
+            return f"`fit` stopped before pruning finished: weights unchanged, nothing saved to {save_to}."
+        saved = _read_report_metadata(Path(save_to) / REPORT_JSON)
         saved_run = None if saved is None else {key: value for key, value in saved.items() if key != "export"}
         ours = self.report is not None and saved_run == self.report.get("metadata")
         if not ours:
-            return f"`fit` stopped at step {global_step}: nothing from this run was saved to {self.save_to}."
+            return f"`fit` stopped at step {global_step}: nothing from this run was saved to {save_to}."
         return (
-            f"`fit` stopped at step {global_step}: {self.save_to} holds the model as pruned BEFORE fine-tuning, not "
+            f"`fit` stopped at step {global_step}: {save_to} holds the model as pruned BEFORE fine-tuning, not "
             "the fine-tuned one. HINT: resume from the last checkpoint with `--ckpt_path`; save_to is written again "
             "when fit ends."
         )

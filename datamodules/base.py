@@ -10,6 +10,7 @@ from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
@@ -141,7 +142,12 @@ class EcoflapDataModule(pl.LightningDataModule):
         ``fit`` reads the training split only: the validation split is read when the Trainer asks for its
         dataloader, so a run without validation (``limit_val_batches: 0``) needs no validation files.
         """
-        main_loop: dict[str, Stage] = {"fit": "train", "validate": "val", "test": "test", "predict": "test"}
+        main_loop: dict[str, Stage] = {
+            TrainerFn.FITTING: "train",
+            TrainerFn.VALIDATING: "val",
+            TrainerFn.TESTING: "test",
+            TrainerFn.PREDICTING: "test",
+        }
         if stage in main_loop:
             self.dataset(main_loop[stage])
 

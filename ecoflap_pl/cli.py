@@ -18,11 +18,14 @@ from typing import Any
 import lightning.pytorch as pl
 import yaml
 from jsonargparse import ArgumentError
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from rich.console import Console
 from rich.table import Table
 from torch import nn
+from typing_extensions import override
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.console import quiet_libraries
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 
 class EcoflapTrainer(pl.Trainer):
     """The Lightning ``Trainer`` plus :meth:`prune`, the ``ecoflap prune`` subcommand."""
+
+    callbacks: list[Callback]  # set by Lightning's CallbackConnector; the Trainer class does not declare it
 
     def pruning_callback(self) -> ECoFLaPPruning:
         """The trainer's :class:`~ecoflap_pl.callbacks.ECoFLaPPruning` callback."""
@@ -60,7 +65,7 @@ class EcoflapTrainer(pl.Trainer):
             ckpt_path: a checkpoint to start from (one that is already pruned is not pruned again).
         """
         callback = self.pruning_callback()
-        if "fit" not in callback.stages:
+        if TrainerFn.FITTING not in callback.stages:
             raise ValueError(
                 "`ecoflap prune` prunes at the start of the fit stage, but `pruning.stages` is "
                 f"{list(callback.stages)}. HINT: add 'fit' to pruning.stages."
@@ -80,17 +85,22 @@ class EcoflapCLI(LightningCLI):
     """LightningCLI with the pruning callback as a ``pruning:`` section, a ``prune`` subcommand and
     ``--compare_dense`` (evaluate the dense model first and print dense and pruned metrics side by side)."""
 
+    trainer: EcoflapTrainer  # `build_cli` passes `trainer_class=EcoflapTrainer`
+
+    @override
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # Configuration errors are raised (not printed with the whole usage) so that `main` can show them briefly.
         kwargs.setdefault("exit_on_error", False)
         return super().init_parser(**kwargs)
 
+    @override
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except (ValueError, TypeError, OSError, MisconfigurationException) as error:
             raise ConfigurationError(str(error)) from error
 
+    @override
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads `ckpt_path` here to replace the model's arguments by the checkpoint's hyperparameters.
         # Say which arguments of the config that replaces, and turn an unreadable file into a one-line error.
@@ -117,9 +127,11 @@ class EcoflapCLI(LightningCLI):
             )
 
     @staticmethod
+    @override
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "prune": {"model", "datamodule"}}
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ECoFLaPPruning, "pruning")
         parser.link_arguments("model", "data.init_args.collate_fn", compute_fn=_collator, apply_on="instantiate")
@@ -212,7 +224,9 @@ def _model_arguments(settings: Any) -> dict[str, Any]:
     """The model's ``init_args`` of one subcommand's settings, as a plain dict (empty when there are none)."""
     model = settings.get("model") if settings is not None else None
     init_args = model.get("init_args") if model is not None and hasattr(model, "get") else None
-    return init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
+    if init_args is None:
+        return {}
+    return init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
 
 
 def _check_dense(model: Any, limit: float = 0.01) -> None:

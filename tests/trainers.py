@@ -7,9 +7,10 @@ from typing import Any
 import lightning.pytorch as pl
 
 
-def quiet_trainer(**settings: Any) -> pl.Trainer:
-    """A one-device CPU ``Trainer`` without logger, checkpoints, progress bar or model summary; ``settings`` (steps,
-    callbacks, ``default_root_dir``, ...) go to the ``Trainer`` and win over these defaults."""
+def quiet_trainer(trainer_class: type[pl.Trainer] = pl.Trainer, **settings: Any) -> pl.Trainer:
+    """A one-device CPU ``Trainer`` (or ``trainer_class``, such as the CLI's ``EcoflapTrainer``) without logger,
+    checkpoints, progress bar or model summary; ``settings`` (steps, callbacks, ``default_root_dir``, ...) go to the
+    ``Trainer`` and win over these defaults."""
     defaults: dict[str, Any] = {
         "accelerator": "cpu",
         "devices": 1,
@@ -18,4 +19,4 @@ def quiet_trainer(**settings: Any) -> pl.Trainer:
         "enable_progress_bar": False,
         "enable_model_summary": False,
     }
-    return pl.Trainer(**{**defaults, **settings})
+    return trainer_class(**{**defaults, **settings})

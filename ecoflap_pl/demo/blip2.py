@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import cast
 
@@ -25,7 +24,7 @@ from tokenizers import AddedToken
 from transformers import Blip2Config, Blip2ForConditionalGeneration, PreTrainedTokenizerFast
 
 from ecoflap_pl.demo.cache import cached_build, demo_dir
-from ecoflap_pl.demo.data import DATA_VERSION, DemoPaths
+from ecoflap_pl.demo.data import DemoPaths
 from ecoflap_pl.demo.datamodules import demo_data
 from ecoflap_pl.demo.presets import Blip2Recipe, DemoPreset, VitRecipe, get_preset
 from ecoflap_pl.demo.training import MultitaskCollator, VQACaptionMixDataModule, fit
@@ -146,16 +145,13 @@ def train_demo_blip2(out: Path, paths: DemoPaths, preset: DemoPreset, vit_weight
     assert vit_input is not None, TIMM_ARCHITECTURE  # a timm architecture: its config is always registered
     task.processor.image_processor.image_mean = list(vit_input.mean)
     task.processor.image_processor.image_std = list(vit_input.std)
-    captions = CaptionCollator(
-        BLIP2.prompt_encoder(task.processor, task.config, MAX_TEXT_LENGTH),
-        prompt=CAPTION_PROMPTS["blip2"],
-        prefix_lm=False,
-    )
+    encoder = BLIP2.prompt_encoder(task.processor, task.config, MAX_TEXT_LENGTH)
+    captions = CaptionCollator(encoder, prompt=CAPTION_PROMPTS["blip2"], prefix_lm=False)
     data = VQACaptionMixDataModule(
         paths.coco,
         batch_size=recipe.batch_size,
         collate_fn=MultitaskCollator(task.collator, captions),
-        preprocess=captions.encoder.pixel_values,
+        preprocess=encoder.pixel_values,
         shuffle_seed=recipe.seed,
     )
     log.info("Training the demo BLIP-2 (%d steps); it is cached in %s", recipe.steps, out.parent)
@@ -172,14 +168,7 @@ def demo_blip2(preset: str = "default", cache_dir: str | os.PathLike[str] | None
     """
     chosen = get_preset(preset)
     paths = demo_data(preset, cache_dir)
-    params = {
-        "kind": "blip2",
-        "recipe_version": RECIPE_VERSION,
-        "data_version": DATA_VERSION,
-        "data": asdict(chosen.data),
-        "recipe": asdict(chosen.blip2),
-        "vit": asdict(chosen.vit),
-    }
+    params = chosen.model_marker("blip2", RECIPE_VERSION, recipe=chosen.blip2, vit=chosen.vit)
     vit_weights = demo_vit(preset, cache_dir)
     target = demo_dir(cache_dir) / "models" / f"blip2-{chosen.name}"
     return cached_build(target, params, lambda out: train_demo_blip2(out, paths, chosen, vit_weights))

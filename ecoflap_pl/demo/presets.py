@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ecoflap_pl.demo.data import DemoPaths, Progress, build_demo_data
+from ecoflap_pl.demo.data import DATA_VERSION, DemoPaths, Progress, build_demo_data
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,17 @@ class DemoPreset:
     def to_dict(self) -> dict[str, Any]:
         """Every field, as the cache markers record it."""
         return asdict(self)
+
+    def model_marker(self, kind: str, recipe_version: int, **recipes: Any) -> dict[str, Any]:
+        """What a demo model trained at this size depends on, as its cache marker records it: its ``kind``, the
+        version of its training code, the demo data (version and size) and each recipe it is built from."""
+        marker: dict[str, Any] = {
+            "kind": kind,
+            "recipe_version": recipe_version,
+            "data_version": DATA_VERSION,
+            "data": asdict(self.data),
+        }
+        return {**marker, **{name: asdict(recipe) for name, recipe in recipes.items()}}
 
     def data_dir(self, root: Path) -> Path:
         """Where this preset's datasets live under the demo cache ``root``."""

@@ -9,7 +9,6 @@ one ``Trainer.fit`` of a ``ClassificationTask`` on :class:`~ecoflap_pl.datamodul
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from safetensors.torch import save_file
 
 from ecoflap_pl.datamodules import ImageNetDataModule
 from ecoflap_pl.demo.cache import cached_build, demo_dir
-from ecoflap_pl.demo.data import DATA_VERSION, WNIDS, DemoPaths
+from ecoflap_pl.demo.data import WNIDS, DemoPaths
 from ecoflap_pl.demo.datamodules import demo_data
 from ecoflap_pl.demo.presets import VitRecipe, get_preset
 from ecoflap_pl.demo.training import fit
@@ -73,12 +72,6 @@ def demo_vit(preset: str = "default", cache_dir: str | os.PathLike[str] | None =
     """The trained demo ViT weights of ``preset`` (a ``model.safetensors`` file), trained on the first call."""
     chosen = get_preset(preset)
     paths = demo_data(preset, cache_dir)
-    params = {
-        "kind": "vit",
-        "recipe_version": RECIPE_VERSION,
-        "data_version": DATA_VERSION,
-        "data": asdict(chosen.data),
-        "recipe": asdict(chosen.vit),
-    }
+    params = chosen.model_marker("vit", RECIPE_VERSION, recipe=chosen.vit)
     target = demo_dir(cache_dir) / "models" / f"vit-{chosen.name}"
     return cached_build(target, params, lambda out: train_demo_vit(out, paths, chosen.vit)) / WEIGHTS_FILE

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torchmetrics.text import Perplexity
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
 
 from ecoflap_pl.models.loading import check_tokenizer_source, load_pretrained, load_tokenizer
@@ -102,7 +102,9 @@ class LanguageModelingTask(EcoflapTask):
         self.encoder_decoder = bool(config.is_encoder_decoder)
         model_cls = AutoModelForSeq2SeqLM if self.encoder_decoder else AutoModelForCausalLM
         if pretrained is not None:
-            self.model = load_pretrained(model_cls, pretrained, **(from_pretrained_kwargs or {}))
+            # an Auto class's from_pretrained returns the PreTrainedModel it resolves to
+            auto_cls = cast("type[PreTrainedModel]", model_cls)
+            self.model = load_pretrained(auto_cls, pretrained, **(from_pretrained_kwargs or {}))
         else:
             self.model = model_cls.from_config(config)
         self.collator = TextCollator(self.tokenizer, max_length, self.encoder_decoder, prefix_lm_seed)

@@ -10,35 +10,24 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.tasks.base import EcoflapTask
+from tests.pruning.pruning_helpers import ToyBlock
 
 WIDTH, PATCHES, PATCH_DIM, TOKENS, VOCAB, CLASSES = 32, 4, 12, 6, 50, 4
 
 
-class Block(nn.Module):
-    """Pre-norm MLP block."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.fc1 = nn.Linear(width, 2 * width)
-        self.fc2 = nn.Linear(2 * width, width)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden + self.fc2(F.gelu(self.fc1(self.norm(hidden))))
-
-
 class ToyVLM(nn.Module):
-    """A vision tower and a language tower (two stacks of blocks), fused by adding the pooled image feature."""
+    """A vision tower and a language tower (two stacks of `ToyBlock`), fused by adding the pooled image feature."""
 
     def __init__(self, width: int = WIDTH, depth: int = 2) -> None:
         super().__init__()
         self.patch = nn.Linear(PATCH_DIM, width)
-        self.vision = nn.ModuleList(Block(width) for _ in range(depth))
+        self.vision = nn.ModuleList(ToyBlock(width) for _ in range(depth))
         self.embed = nn.Embedding(VOCAB, width)
-        self.text = nn.ModuleList(Block(width) for _ in range(depth))
+        self.text = nn.ModuleList(ToyBlock(width) for _ in range(depth))
         self.head = nn.Linear(width, CLASSES)
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -60,17 +49,21 @@ class ToyTask(EcoflapTask):
         self.model = ToyVLM()
         self.sanity_zero_fraction: float | None = None
 
+    @override
     def calibration_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         return F.cross_entropy(self.model(batch["pixels"], batch["tokens"]), batch["labels"])
 
+    @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self.trainer.sanity_checking:
             self.sanity_zero_fraction = zero_fraction(self.model)
         self.log("val/loss", self.calibration_loss(batch), batch_size=batch["labels"].shape[0])
 
+    @override
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.log("test/loss", self.calibration_loss(batch), batch_size=batch["labels"].shape[0])
 
+    @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self.model(batch["pixels"], batch["tokens"]).argmax(-1)
 
@@ -102,15 +95,19 @@ class ToyData(pl.LightningDataModule):
         self.batch_size = batch_size
         self.calibration_batch_size = calibration_batch_size
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.samples, batch_size=self.batch_size)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.samples[:8], batch_size=self.batch_size)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
@@ -134,10 +131,12 @@ class MaskRecorder(Callback):
     def _pruning(self, trainer: pl.Trainer) -> ECoFLaPPruning:
         return next(c for c in trainer.callbacks if isinstance(c, ECoFLaPPruning))  # type: ignore[attr-defined]
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         masks = {n: m.cpu() for n, m in self._pruning(trainer).masks.items()}
         torch.save(masks, f"{self.directory}/masks_rank{trainer.global_rank}.pt")
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         weights = {n: p.detach().cpu() for n, p in pl_module.model.named_parameters()}  # type: ignore[union-attr]
         torch.save(weights, f"{self.directory}/weights_rank{trainer.global_rank}.pt")

@@ -4,26 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from tests.callbacks.callback_toys import FAST, MaskRecorder, ToyData, ToyTask
+from tests.trainers import quiet_trainer
 
 
 def fit(tmp_path: Path, devices: int) -> None:
-    settings = dict(accelerator="cpu", devices=devices, max_steps=2, logger=False, enable_checkpointing=False)
-    if devices > 1:
-        settings["strategy"] = "ddp_spawn"
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         callbacks=[ECoFLaPPruning(**FAST), MaskRecorder(str(tmp_path))],
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        max_steps=2,
         num_sanity_val_steps=0,
         limit_val_batches=0,
         default_root_dir=tmp_path,
-        **settings,
     )
     trainer.fit(ToyTask(), datamodule=ToyData())
 

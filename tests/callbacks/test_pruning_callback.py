@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from ecoflap_pl import PruningConfig, PruningResult
 from ecoflap_pl.callbacks import ECoFLaPPruning
@@ -82,6 +83,7 @@ def test_masks_hold_under_adamw_momentum_from_a_dense_optimizer_state(tmp_path: 
     stepped), the weights stay exactly zero: weights are re-masked after every batch."""
 
     class WarmTask(ToyTask):
+        @override
         def on_fit_start(self) -> None:  # runs after the callback pruned; dirty the moments of pruned weights
             optimizer = self.trainer.optimizers[0]
             for param in self.model.parameters():
@@ -226,6 +228,7 @@ def test_stage_given_as_a_string_is_accepted() -> None:
 
 def test_missing_calibration_dataloader_is_explained(tmp_path: Path) -> None:
     class PlainData(pl.LightningDataModule):
+        @override
         def val_dataloader(self) -> DataLoader:
             return ToyData().val_dataloader()
 
@@ -241,6 +244,7 @@ def test_task_without_model_is_explained(tmp_path: Path) -> None:
             super().__init__()
             self.net = torch.nn.Linear(2, 2)
 
+        @override
         def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
             return None
 
@@ -299,6 +303,7 @@ def test_first_order_scoring_runs_inside_evaluation_stages(tmp_path: Path, entry
 
 def test_empty_calibration_data_names_the_split_not_the_sample_counts(tmp_path: Path) -> None:
     class EmptyCalibration(ToyData):
+        @override
         def calibration_dataloader(self, num_samples: int | None = None) -> DataLoader:
             return DataLoader([], batch_size=4)
 

@@ -12,12 +12,14 @@ import torch
 from safetensors.torch import load_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+from typing_extensions import override
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.callbacks import export as callback_export
 from ecoflap_pl.cli import EcoflapTrainer
 from ecoflap_pl.export import load_pruned_model
+from ecoflap_pl.models.tiny import tiny_model
 from ecoflap_pl.tasks.base import EcoflapTask
 from tests.callbacks.callback_toys import FAST, ToyData, ToyTask
 from tests.trainers import quiet_trainer
@@ -34,25 +36,18 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 class TinyLlamaTask(EcoflapTask):
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=len(VOCAB),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=32,
-        )
-        self.model = LlamaForCausalLM(config)
+        self.model = tiny_model("llama", vocab_size=len(VOCAB), hidden_size=32, layers=2)
         self.tokenizer = tiny_tokenizer()
 
+    @override
     def calibration_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
 
+    @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self.calibration_loss(batch)
 
+    @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.log("val/loss", self.calibration_loss(batch), batch_size=batch["input_ids"].shape[0])
 
@@ -65,9 +60,11 @@ class Sentences(pl.LightningDataModule):
         ids = tokenizer(texts, padding="max_length", max_length=8, return_tensors="pt")["input_ids"]
         self.samples = [{"input_ids": row} for row in ids]
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.samples[:4], batch_size=4)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.samples[:4], batch_size=4)
 
@@ -150,14 +147,8 @@ def test_prune_writes_the_model_once_in_the_chosen_format(tmp_path: Path, monkey
     real = callback_export.write_pruned_model
     monkeypatch.setattr(callback_export, "write_pruned_model", lambda *a, **k: writes.append(a) or real(*a, **k))
     callback = ECoFLaPPruning(**FAST, save_to=str(tmp_path / "pruned"), save_format="sparse-bitmask")
-    trainer = EcoflapTrainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-    )
+    trainer = quiet_trainer(EcoflapTrainer, default_root_dir=tmp_path, callbacks=[callback])
+    assert isinstance(trainer, EcoflapTrainer)
     trainer.prune(TinyLlamaTask(), datamodule=Sentences())
     assert len(writes) == 1
     report = json.loads((tmp_path / "pruned" / "pruning_report.json").read_text())

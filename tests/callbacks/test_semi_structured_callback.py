@@ -10,21 +10,13 @@ import torch
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from tests.callbacks.callback_toys import FAST, ToyData, ToyTask
+from tests.trainers import quiet_trainer
 
 TWO_FOUR = {**FAST, "structure": "2:4", "importance": "uniform", "semi_structured": True}
 
 
 def trainer(tmp_path: Path, callback: ECoFLaPPruning) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-    )
+    return quiet_trainer(max_steps=1, default_root_dir=tmp_path, callbacks=[callback])
 
 
 def test_refused_on_the_cpu_before_pruning(tmp_path: Path) -> None:

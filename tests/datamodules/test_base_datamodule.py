@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from jsonargparse import ArgumentParser
+from typing_extensions import override
 
 from ecoflap_pl.datamodules import (
     COCOCaptionDataModule,
@@ -94,13 +95,16 @@ class _TinyTask(pl.LightningModule):
         self.collator = _Collator()
         self.seen: list[str] = []
 
+    @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.seen.extend(batch["text"])
         return self.layer(batch["pixels"] / 255).mean()
 
+    @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.seen.extend(batch["text"])
 
+    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
 

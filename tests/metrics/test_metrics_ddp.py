@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
 from ecoflap_pl.metrics import CaptionScores, RetrievalRecall, VQAAccuracy, retrieval_recall
+from tests.distributed import free_port, gloo_group
 from tests.metrics.metric_data import (
     CAPTION_IDS,
     CAPTION_PREDICTIONS,
@@ -37,10 +35,7 @@ def _retrieval_update(metric: RetrievalRecall, indices: list[int]) -> None:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    try:
+    with gloo_group(rank, WORLD_SIZE, port):
         results = {}
         # VQA: every question on exactly one rank (sum states cannot drop a padding repeat)
         vqa = VQAAccuracy()
@@ -66,20 +61,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         )
         results["captions"] = captions.compute()
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.distributed
 def test_two_ranks_equal_one_process(tmp_path: Path, caption_scores_single: dict[str, float]) -> None:
     # fork: the children inherit the imported modules (a spawned child spends ~10 s re-importing torchmetrics)
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, start_method="fork")
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, start_method="fork")
     images, texts, text_to_image = retrieval_data(seed=3, num_images=NUM_IMAGES)
     retrieval_single = retrieval_recall(images @ texts.T, text_to_image)
     for rank in range(WORLD_SIZE):

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ecoflap_pl import PruningConfig, prune
+from tests.distributed import gloo_group, spawn_ranks
 from tests.pruning.pruning_helpers import seeded_toy_model, toy_batches, toy_loss
 
 CONFIGS = {
@@ -26,12 +24,6 @@ CONFIGS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.clone()
     dist.all_reduce(tensor)
@@ -39,26 +31,18 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _rank_main(rank: int, world_size: int, port: int, results: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, port):
         for name, config in CONFIGS.items():
             result = prune(
                 seeded_toy_model(), toy_batches(4), toy_loss, config, all_reduce=_all_reduce, rank=rank, world_size=2
             )
             heldout = [(c.name, c.heldout_loss) for c in result.candidates]
             results[(rank, name)] = (result.group_scores, result.group_sparsity, result.masks, heldout)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.distributed
 def test_two_ranks_build_the_masks_of_one_process():
-    with mp.Manager() as manager:
-        shared = manager.dict()
-        mp.spawn(_rank_main, args=(2, _free_port(), shared), nprocs=2, join=True)
-        results = dict(shared)
+    results = spawn_ranks(_rank_main)
     for name, config in CONFIGS.items():
         single = prune(seeded_toy_model(), toy_batches(4), toy_loss, config)
         for rank in (0, 1):
@@ -73,11 +57,8 @@ def test_two_ranks_build_the_masks_of_one_process():
 
 
 def _short_set_rank_main(rank: int, world_size: int, port: int, errors: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     # A rank stuck in a collective fails after the timeout instead of hanging the test.
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world_size, port, timeout=timedelta(seconds=60)):
         config = PruningConfig(sparsity=0.5, coarse_samples=16, fine_samples=16)
         try:
             # One calibration batch for two ranks: rank 1 would get none of either step.
@@ -85,16 +66,11 @@ def _short_set_rank_main(rank: int, world_size: int, port: int, errors: dict) ->
         except ValueError as error:
             errors[rank] = str(error)
         dist.barrier()  # both ranks got here: neither is left waiting in an all-reduce of the other
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.distributed
 def test_short_calibration_set_is_refused_identically_on_every_rank():
-    with mp.Manager() as manager:
-        shared = manager.dict()
-        mp.spawn(_short_set_rank_main, args=(2, _free_port(), shared), nprocs=2, join=True)
-        errors = dict(shared)
+    errors = spawn_ranks(_short_set_rank_main)
     assert errors.keys() == {0, 1}
     assert errors[0] == errors[1]
     assert "Each of the 2 ranks needs at least one calibration batch" in errors[0] and "HINT:" in errors[0]

@@ -74,11 +74,16 @@ def test_unknown_method_lists_the_registered_ones(random_mask):
 def test_registered_method_prunes_through_the_callback(random_mask, tmp_path: Path):
     callback = ECoFLaPPruning(**{**FAST, "importance": "uniform", "method": random_mask}, stages="validate")
     task = ToyTask()
+    dense = {name: param.detach().clone() for name, param in task.model.named_parameters()}
     quiet_trainer(callbacks=[callback], default_root_dir=tmp_path, limit_val_batches=1).validate(
         task, datamodule=ToyData()
     )
     assert callback.result is not None and callback.result.config.method == "random_mask"
     assert zero_fraction(task.model) == pytest.approx(0.5, abs=0.01)
+    # The masks are the registered method's: seeded random subsets, exact counts, no statistics measured.
+    assert callback.masks and callback.result.stages["fine"].full_forwards == 0
+    for name, mask in callback.masks.items():
+        assert torch.equal(mask, _expected_mask(dense[name], 0.5, seed=callback.config.seed)), name
 
 
 def test_registered_method_prunes_through_the_cli(
@@ -104,3 +109,4 @@ def test_registered_method_prunes_through_the_cli(
     report = json.loads((tmp_path / "run" / "pruning_report.json").read_text())
     assert report["config"]["method"] == "random_mask"
     assert report["overall_sparsity"] == pytest.approx(0.5, abs=1e-4)
+    assert report["stages"]["fine"]["full_forwards"] == 0  # inputs="none": a method that measures nothing ran
