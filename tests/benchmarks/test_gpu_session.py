@@ -50,7 +50,10 @@ def test_tiny_session_runs_every_part_and_writes_its_sections(tmp_path):
 
     on_device = json.loads((tmp_path / "llava_7b.json").read_text())["methods"]["zeroth_order"]
     assert on_device["prune"]["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
-    assert set(on_device["prune"]["tower_sparsity"]) == {"model.vision_tower", "model.language_model"}
+    assert set(on_device["prune"]["tower_sparsity"]) == {
+        "model.vision_tower.encoder.layers",
+        "model.language_model.layers",
+    }
 
     offloaded = json.loads((tmp_path / "llava_70b.json").read_text())["methods"]
     assert sorted(offloaded) == ["wanda", "zeroth_order"]
