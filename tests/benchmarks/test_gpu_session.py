@@ -2,7 +2,7 @@
 
 A GPU lease is short, so ``benchmarks/gpu_session.py`` must work the first time it meets a GPU: every code path of
 its parts (the full-size BLIP-2 zeroth/first-order/Wanda comparison, LLaVA pruned on one device, LLaVA with its
-decoder blocks offloaded by Accelerate, the merge of the sections into RESULTS.md) runs here on tiny shapes.
+decoder blocks offloaded by Accelerate, the merge of the sections into benchmarks/RESULTS.md) runs here on tiny shapes.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def test_tiny_session_runs_every_part_and_writes_its_sections(tmp_path):
     ):
         assert heading in fragment
     assert "| Wanda (uniform) |" in fragment and "peak / reference" in fragment
-    results = tmp_path / "RESULTS.md"
+    results = tmp_path / "results.md"  # stands in for benchmarks/RESULTS.md
     results.write_text("# Benchmark results\n\n## Full-size BLIP-2 OPT-2.7B on a GPU\n\nH100 figures\n")
     refused = subprocess.run(
         [
@@ -99,7 +99,7 @@ def test_tiny_session_runs_every_part_and_writes_its_sections(tmp_path):
 def test_merge_replaces_the_sessions_sections_and_keeps_the_others(tmp_path, benchmarks_on_path):
     import gpu_session
 
-    results = tmp_path / "RESULTS.md"
+    results = tmp_path / "results.md"  # stands in for benchmarks/RESULTS.md
     results.write_text("# Benchmark results\n\n## Kept\n\nold kept\n\n## Replaced\n\nold\n\n## Also kept\n\nx\n")
     fragment = tmp_path / "gpu_sections.md"
     fragment.write_text("# Benchmark results\n\n## Replaced\n\nnew\n\n## Added\n\nrow\n")
