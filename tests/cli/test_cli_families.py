@@ -107,7 +107,7 @@ def test_siglip_zero_shot_imagenet_and_pruned_retrieval(tmp_path, demo_data):
     folder = _saved(tmp_path, "siglip", demo_data)
     config = _write_config(
         tmp_path / "zero_shot",
-        "ClassificationTask",
+        "ZeroShotClassificationTask",
         "ImageNetDataModule",
         demo_data.imagenet,
         {"pretrained": str(folder)},
