@@ -4,7 +4,7 @@ A random LLaMA-shaped model (``--hidden``, ``--layers``; bf16 by default, as che
 magnitude on every Linear weight of its decoder layers (the candidates the pipeline prunes): 50% unstructured per
 row, and 2:4. Each pruned model is written with ``write_pruned_model`` in every format that fits its masks, and read
 back with ``load_pruned_state_dict`` to check that every tensor comes back equal. Sizes are those of the weight files
-(``model*.safetensors``); the masks of the dense format (``pruning_masks.safetensors``) are listed apart.
+(``model*.safetensors``); the masks of the dense format (``masks/pruning_masks.safetensors``) are listed apart.
 
 Usage::
 

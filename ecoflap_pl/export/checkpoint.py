@@ -4,12 +4,17 @@ Formats (``save_format``):
 
 - ``"dense"``: today's layout, zeros in place. A Hugging Face model is written with ``save_pretrained`` (load it with
   ``from_pretrained``), any other module (timm, plain PyTorch) as ``model.safetensors``. The masks go beside it in
-  ``pruning_masks.safetensors``.
+  ``masks/pruning_masks.safetensors``.
 - ``"sparse-bitmask"`` / ``"sparse-24-bitmask"``: the pruned weights in the ``compressed-tensors`` sparse layouts
   (:mod:`ecoflap_pl.export.sparse_formats`), every other tensor as is, in ``model*.safetensors`` whose metadata
   names the format; a Hugging Face model also gets its ``config.json`` (with the ``quantization_config`` block that
   ``compressed-tensors`` <= 0.14 reads) and generation config. :func:`load_pruned_model` loads it back as an
   ordinary dense model; :func:`load_pruned_state_dict` gives the dense state dict of any module.
+
+The dense format keeps its masks in a subfolder, ``masks/pruning_masks.safetensors``, because serving engines such
+as vLLM load every top-level ``*.safetensors`` of a folder that has no shard index (a single-file model) as weights;
+tensors named like the model's weights there would be loaded over them. Folders written before kept the masks at the
+top level (``pruning_masks.safetensors``); :func:`read_masks` still reads them.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from torch import nn
 from ecoflap_pl.export.sparse_formats import FORMATS, compress_state_dict, decompress_state_dict, pack_mask, unpack_mask
 
 SAVE_FORMATS = ("dense", *FORMATS)
-MASKS_FILE = "pruning_masks.safetensors"
+MASKS_FILE = "masks/pruning_masks.safetensors"
+LEGACY_MASKS_FILE = "pruning_masks.safetensors"
 STATE_DICT_FILE = "model.safetensors"
 _FORMAT_KEY = "sparse_format"
 
@@ -163,6 +169,7 @@ def _write_hf_configs(model: nn.Module, directory: Path, save_format: str, masks
 
 
 def _write_masks(masks: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(exist_ok=True)
     packed = {name: pack_mask(mask.bool()) for name, mask in masks.items()}
     shapes = {name: list(mask.shape) for name, mask in masks.items()}
     save_file(packed, str(path), metadata={"shapes": json.dumps(shapes)})
@@ -213,7 +220,12 @@ def read_masks(directory: str | Path) -> dict[str, torch.Tensor]:
     directory = Path(directory)
     if saved_format(directory) != "dense":
         return load_pruned_state_dict(directory)[1]
-    path = directory / MASKS_FILE
+    path = next((directory / name for name in (MASKS_FILE, LEGACY_MASKS_FILE) if (directory / name).is_file()), None)
+    if path is None:
+        raise FileNotFoundError(
+            f"No {MASKS_FILE} in {directory}. HINT: pass a folder written by `save_to` (ecoflap prune) with its "
+            "masks/ subfolder."
+        )
     with safe_open(str(path), framework="pt") as handle:
         shapes = json.loads((handle.metadata() or {})["shapes"])
         return {name: unpack_mask(handle.get_tensor(name), tuple(shapes[name])) for name in handle.keys()}  # noqa: SIM118

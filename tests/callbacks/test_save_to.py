@@ -125,8 +125,8 @@ def test_save_to_is_checked_before_pruning_and_left_untouched(tmp_path: Path) ->
     callback = ECoFLaPPruning(**FAST, stages=["validate"], save_to=str(target), overwrite=True)
     validate(task, ToyData(), callback, tmp_path)
     assert sorted(path.name for path in target.iterdir()) == [
+        "masks",
         "model.safetensors",
-        "pruning_masks.safetensors",
         "pruning_report.json",
         "pruning_sparsity.png",
     ]

@@ -132,3 +132,33 @@ def test_a_sparse_export_stores_tied_weights_under_the_names_save_pretrained_kee
             name for name in handle.keys() if not name.endswith(("compressed", "bitmask", "shape", "row_offsets"))
         }  # noqa: SIM118
     assert sparse_names == dense_names - set(masks)
+
+
+@pytest.mark.parametrize("save_format", SAVE_FORMATS)
+def test_top_level_safetensors_hold_only_the_model_weights(tmp_path: Path, save_format: str) -> None:
+    """vLLM loads every top-level ``*.safetensors`` of a folder without a shard index as weights: a masks file there,
+    its tensors named like the weights, would be loaded over them."""
+    structure = "2:4" if save_format == "sparse-24-bitmask" else "unstructured"
+    model, _, _, masks = pruned("llama", structure)
+    write_pruned_model(model, tmp_path, masks, save_format)
+
+    assert [path.name for path in tmp_path.glob("*.safetensors")] == ["model.safetensors"]
+    assert not list(tmp_path.glob("*.safetensors.index.json"))
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
+        stored = set(handle.keys())
+    if save_format == "dense":
+        assert stored <= set(model.state_dict())
+
+
+def test_masks_of_folders_written_before_the_masks_subfolder_are_read(tmp_path: Path) -> None:
+    model, _, _, masks = pruned("llama", "unstructured")
+    write_pruned_model(model, tmp_path, masks, "dense")
+    (tmp_path / "masks" / "pruning_masks.safetensors").rename(tmp_path / "pruning_masks.safetensors")
+    (tmp_path / "masks").rmdir()
+
+    recovered = read_masks(tmp_path)
+    assert recovered.keys() == masks.keys()
+    assert all(torch.equal(recovered[name], mask) for name, mask in masks.items())
+    (tmp_path / "pruning_masks.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="No masks/pruning_masks.safetensors in .*HINT"):
+        read_masks(tmp_path)
