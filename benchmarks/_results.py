@@ -1,9 +1,17 @@
-"""Writing one benchmark's section of ``benchmarks/RESULTS.md`` without touching the others."""
+"""What the benchmarks share: writing one section of ``benchmarks/RESULTS.md`` without touching the others, saving
+raw numbers, printing progress, and formatting counts and sizes."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+GIB = 1024**3
 
 
 def write_section(path: str, heading: str, section: str) -> None:
@@ -16,3 +24,40 @@ def write_section(path: str, heading: str, section: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     with open(path, "w") as handle:
         handle.write(text.rstrip("\n") + "\n")
+
+
+def dump_json(path: str, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` through a temporary file, so that an interrupted run never leaves half a file."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(payload, handle, indent=1)
+    os.replace(temporary, path)
+
+
+def progress_printer(started: float) -> Callable[[str, int, int], None]:
+    """``prune``'s progress callback: about 20 lines per stage on stderr, with elapsed time and an estimate."""
+    state: dict[str, Any] = {"stage": None, "since": started, "last": started}
+
+    def report(stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if stage != state["stage"]:
+            state["stage"], state["since"] = stage, state["last"]
+        state["last"] = now
+        if done == total or done % max(1, total // 20) == 0:
+            elapsed = now - state["since"]
+            left = elapsed / done * (total - done)
+            print(
+                f"  [{stage}] {done}/{total}  {elapsed:.1f} s elapsed, ~{left:.0f} s left", file=sys.stderr, flush=True
+            )
+
+    return report
+
+
+def format_count(number: float) -> str:
+    """A parameter count in billions or millions."""
+    return f"{number / 1e9:.3f} B" if number >= 1e9 else f"{number / 1e6:.2f} M"
+
+
+def format_size(size: float) -> str:
+    """A byte count in GiB, or MiB below one GiB."""
+    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 1024**2:.0f} MiB"

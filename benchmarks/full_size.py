@@ -46,12 +46,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import transformers
-from _results import write_section
+from _results import GIB, dump_json, format_count, format_size, progress_printer, write_section
 from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig, T5Config
 
 from ecoflap_pl import PruningConfig, prune
@@ -92,7 +91,6 @@ RUN_ORDER = (
 FIRST_WORD_ID = 8  # random caption tokens are drawn above the special ids (OPT: pad 1, bos/eos 2)
 MAX_AUTO_COARSE_SAMPLES = 32  # the official BLIP-2 runs score with 32 samples
 ZO_PROBE_OVERHEAD = 1.1  # a probe = two forwards plus drawing, adding and restoring one direction
-GIB = 1024**3
 
 SCALES: dict[str, dict[str, Any]] = {
     # Salesforce/blip2-opt-2.7b (vision and Q-Former configs) and facebook/opt-2.7b (text config).
@@ -299,25 +297,6 @@ def _loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
         return float(captioning_loss(model, batch))
 
 
-def _progress(started: float) -> Callable[[str, int, int], None]:
-    """``prune``'s progress callback: about 20 lines per stage on stderr, with elapsed time and an estimate."""
-    state: dict[str, Any] = {"stage": None, "since": started, "last": started}
-
-    def report(stage: str, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if stage != state["stage"]:
-            state["stage"], state["since"] = stage, state["last"]
-        state["last"] = now
-        if done == total or done % max(1, total // 20) == 0:
-            elapsed = now - state["since"]
-            left = elapsed / done * (total - done)
-            print(
-                f"  [{stage}] {done}/{total}  {elapsed:.1f} s elapsed, ~{left:.0f} s left", file=sys.stderr, flush=True
-            )
-
-    return report
-
-
 class _Warnings(logging.Handler):
     """Keeps the engine's warnings (e.g. zeroth-order probes that saw no change of the loss) for the JSON."""
 
@@ -374,7 +353,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
     }
     print(
-        f"[{args.worker}] built {_count(out['model']['parameters'])} parameters in "
+        f"[{args.worker}] built {format_count(out['model']['parameters'])} parameters in "
         f"{monitor.stats.seconds:.1f} s; {len(candidates)} candidate tensors in {len(groups)} blocks",
         file=sys.stderr,
         flush=True,
@@ -421,7 +400,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         **settings,
     )
     started = time.perf_counter()
-    result = prune(model, batches, captioning_loss, pruning, progress=_progress(started))
+    result = prune(model, batches, captioning_loss, pruning, progress=progress_printer(started))
     prune_seconds = time.perf_counter() - started
     pruned_loss, pruned_held_out = _loss(model, batches[0]), _loss(model, held_out)
     out["prune"] = {
@@ -466,14 +445,6 @@ def _spawn(method: str, argv: list[str], coarse_samples: int | None) -> dict[str
 
 def _stage(data: dict[str, Any], stage: str, key: str) -> float:
     return data["prune"]["stages"].get(stage, {}).get(key, 0)
-
-
-def _count(number: float) -> str:
-    return f"{number / 1e9:.3f} B" if number >= 1e9 else f"{number / 1e6:.2f} M"
-
-
-def _size(size: float) -> str:
-    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 1024**2:.0f} MiB"
 
 
 def _row(method: str, data: dict[str, Any]) -> str:
@@ -541,10 +512,10 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any], p
         f"Model ({args.scale} scale): random-init `Blip2ForConditionalGeneration`: ViT {vision['num_hidden_layers']} x "
         f"{vision['hidden_size']} ({vision['image_size']}px, patch {vision['patch_size']}), Q-Former "
         f"{qformer['num_hidden_layers']} x {qformer['hidden_size']}, {_language(spec)}, "
-        f"{spec['num_query_tokens']} query tokens: {_count(model['parameters'])} parameters, "
-        f"{_size(model['weight_bytes'])} of weights; "
+        f"{spec['num_query_tokens']} query tokens: {format_count(model['parameters'])} parameters, "
+        f"{format_size(model['weight_bytes'])} of weights; "
         f"built on the device in {model['build']['seconds']:.1f} s. Candidates: "
-        f"{_count(model['candidate_parameters'])} parameters in {model['candidate_tensors']} weight tensors, "
+        f"{format_count(model['candidate_parameters'])} parameters in {model['candidate_tensors']} weight tensors, "
         f"{model['groups']} blocks ({towers}); the Q-Former is never pruned.",
         "",
         f"Calibration: random seeded batches of {args.batch_size} samples ({spec['num_query_tokens']} image tokens + "
@@ -579,13 +550,6 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any], p
         if d["warnings"]
     ]
     return "\n".join([*lines, *(notes + [""] if notes else [])])
-
-
-def _dump(path: str, payload: dict[str, Any]) -> None:
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as handle:
-        json.dump(payload, handle, indent=1)
-    os.replace(temporary, path)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -666,7 +630,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
         if args.json is not None:
-            _dump(args.json, results)
+            dump_json(args.json, results)
         if args.write is not None:
             section = SECTIONS[SCALES[args.scale].get("language", "opt")]
             write_section(args.write, section, render(args, argv, results, planned))

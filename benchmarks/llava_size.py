@@ -45,9 +45,8 @@ from typing import Any
 
 import torch
 import transformers
-from _results import write_section
+from _results import GIB, dump_json, format_count, format_size, progress_printer, write_section
 from accelerate import dispatch_model
-from full_size import GIB, _count, _dump, _progress, _size
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from ecoflap_pl import PruningConfig, prune
@@ -281,7 +280,7 @@ def run_method(args: argparse.Namespace, method: str) -> dict[str, Any]:
         logger.info(
             "[%s] %s parameters built in %.1f s; one dense forward %.2f s, peak %.2f GiB",
             method,
-            _count(parameters),
+            format_count(parameters),
             out["model"]["build"]["seconds"],
             monitor.stats.seconds,
             monitor.stats.peak_memory_bytes / GIB,
@@ -298,10 +297,10 @@ def run_method(args: argparse.Namespace, method: str) -> dict[str, Any]:
             with OffloadedWeights(model) as residency:
                 out["placement"]["offloaded_blocks"] = offloaded_blocks(residency.modules)
                 result = prune(
-                    model, batches, captioning_loss, pruning, progress=_progress(started), residency=residency
+                    model, batches, captioning_loss, pruning, progress=progress_printer(started), residency=residency
                 )
         else:
-            result = prune(model, batches, captioning_loss, pruning, progress=_progress(started))
+            result = prune(model, batches, captioning_loss, pruning, progress=progress_printer(started))
         with torch.no_grad():
             pruned_loss = float(captioning_loss(model, batches[0]))
         out["prune"] = {
@@ -364,7 +363,7 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any]) -
         f"{vision['num_hidden_layers']} x {vision['hidden_size']} ({vision['image_size']}px, patch "
         f"{vision['patch_size']}), projector, LLaMA "
         f"{layers} of {text['num_hidden_layers']} x {text['hidden_size']} (MLP {text['intermediate_size']}, "
-        f"{text['num_key_value_heads']} key/value heads): {_count(first['model']['parameters'])} parameters. "
+        f"{text['num_key_value_heads']} key/value heads): {format_count(first['model']['parameters'])} parameters. "
         f"Calibration: batches of {args.batch_size} ({image_tokens(llava_config(args))} image tokens + "
         f"{args.text_tokens} caption tokens), coarse {args.coarse_samples} / fine {args.fine_samples} samples, "
         f"sparsity {args.sparsity:g}.",
@@ -374,12 +373,12 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any]) -
         placement, dense = first["placement"], first["dense"]
         lines += [
             f"Placement: every language-model block on `{placement['offload']}` (Accelerate `dispatch_model`, "
-            f"{len(placement['offloaded_blocks'])} blocks, {_size(placement['offloaded_weight_bytes'])}), the rest on "
-            f"the device. One block's weights {_size(placement['block_weight_bytes'])}; resident on the device before "
-            "the forward (weights left there + calibration batches): "
-            + (f"{_size(dense['resident_bytes'])}. " if dense["resident_bytes"] is not None else "n/a. ")
+            f"{len(placement['offloaded_blocks'])} blocks, {format_size(placement['offloaded_weight_bytes'])}), "
+            f"the rest on the device. One block's weights {format_size(placement['block_weight_bytes'])}; resident on "
+            "the device before the forward (weights left there + calibration batches): "
+            + (f"{format_size(dense['resident_bytes'])}. " if dense["resident_bytes"] is not None else "n/a. ")
             + f"Reference = peak of one dense forward + loss over one batch of the dispatched model (resident + one "
-            f"block + activations): {_size(dense['forward']['peak_memory_bytes'])}. Goal: prune peak ≤ 1.10 x "
+            f"block + activations): {format_size(dense['forward']['peak_memory_bytes'])}. Goal: prune peak ≤ 1.10 x "
             "reference. Pruning settings for one block at a time on the device: "
             + ", ".join(f"`{key}: {value}`" for key, value in spec["pruning"].items())
             + ".",
@@ -469,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
         except torch.cuda.OutOfMemoryError as error:  # a measured outcome, not a crash: record it, try the next
             results["methods"][method] = {"method": method, "error": f"out of GPU memory: {str(error)[:200]}"}
         if args.json is not None:
-            _dump(args.json, results)
+            dump_json(args.json, results)
         if args.write is not None:
             write_section(args.write, section, render(args, argv, results))
     sys.stdout.write(render(args, argv, results) + "\n")
