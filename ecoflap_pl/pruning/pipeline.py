@@ -457,8 +457,8 @@ def prune(
         prior_sparsity = sum(prior_zeros.values()) / max(sum(c.numel for c in plan.candidates), 1)
         if prior_sparsity >= _PRIOR_SPARSITY_WARNING:
             logger.warning(
-                "%.1f%% of the candidate weights are already zero before pruning (the model was pruned before?). "
-                "They stay pruned: the masks and the achieved sparsity include them.",
+                "%.1f%% of the candidate weights are already zero before pruning (a model pruned before, or "
+                "dequantised). They stay pruned: the masks and the achieved sparsity include them.",
                 100 * prior_sparsity,
             )
         device = next(model.parameters()).device
