@@ -69,8 +69,11 @@ class ImageSampleDataset(Dataset[dict[str, Any]]):
 class EcoflapDataModule(pl.LightningDataModule):
     """Dataloaders and the calibration subset, common to every ecoflap-pl DataModule.
 
-    Subclasses only read their files: they implement ``_build(stage)`` returning the Dataset that serves the
-    ``"train"``, ``"val"`` or ``"test"`` loop; predict serves the test Dataset.
+    Subclasses only read their files, in two steps for the ``"train"``, ``"val"`` or ``"test"`` loop (predict serves
+    the test Dataset): ``_locate(stage)`` finds the annotation or list files of the split serving the loop, by the
+    option that sets each, and ``_read(stage, files)`` reads them into its Dataset. :meth:`check_files` runs the first
+    step alone, so that a missing file is reported before any long work (the ``ecoflap`` command does so before it
+    builds the model).
 
     Args:
         data_dir: root folder of the dataset in its official layout.
@@ -113,14 +116,41 @@ class EcoflapDataModule(pl.LightningDataModule):
         self.shuffle_seed = shuffle_seed
         self._datasets: dict[Stage, Dataset[dict[str, Any]]] = {}
 
+    def check_files(self, stage: Stage) -> dict[str, Path]:
+        """Find, without reading them, the annotation or list files that the ``stage`` loop's split needs.
+
+        Only file and folder names are looked up: no file is parsed, no image opened. It is the lookup that reading
+        the split starts with, so the files it returns are the files the loop reads.
+
+        Args:
+            stage: ``"train"`` (also the calibration split), ``"val"`` or ``"test"`` (also predict).
+
+        Returns:
+            The files (or image folders) found, by the option that sets each, e.g. ``{"val_questions_file": path}``.
+
+        Raises:
+            DataFileNotFoundError: a file or folder is missing; the message names every path looked for, the option
+                that sets it and a ``HINT``.
+            ValueError: the loop needs a file option that is not set.
+        """
+        _check_stage(stage)
+        return self._locate(stage)
+
+    def _locate(self, stage: Stage) -> dict[str, Path]:
+        """The files of the split serving ``stage``, by option, found but not read (:meth:`check_files`)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _locate(stage).")
+
+    def _read(self, stage: Stage, files: dict[str, Path]) -> Dataset[dict[str, Any]]:
+        """The Dataset of the split serving ``stage``, read from ``files`` (what ``_locate(stage)`` found)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _read(stage, files).")
+
     def _build(self, stage: Stage) -> Dataset[dict[str, Any]]:
-        """Read the files of the split that serves ``stage`` and return its Dataset."""
-        raise NotImplementedError(f"{type(self).__name__} must implement _build(stage).")
+        """Locate, then read, the split serving ``stage``; a DataModule made of others overrides it and ``_locate``."""
+        return self._read(stage, self._locate(stage))
 
     def dataset(self, stage: Stage) -> Dataset[dict[str, Any]]:
         """The Dataset serving the ``"train"``, ``"val"`` or ``"test"`` loop, read once and cached."""
-        if stage not in ("train", "val", "test"):
-            raise ValueError(f"`stage` must be one of 'train', 'val', 'test', got {stage!r}.")
+        _check_stage(stage)
         if stage not in self._datasets:
             dataset = self._build(stage)
             size = len(cast(Sized, dataset))
@@ -214,6 +244,11 @@ class EcoflapDataModule(pl.LightningDataModule):
                 "when using the DataModule on its own (samples hold PIL images that torch cannot batch by itself)."
             )
         return collator
+
+
+def _check_stage(stage: Any) -> None:
+    if stage not in ("train", "val", "test"):
+        raise ValueError(f"`stage` must be one of 'train', 'val', 'test', got {stage!r}.")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

@@ -153,15 +153,21 @@ class CaptionDataModule(EcoflapDataModule):
         self.test_split = test_split
 
     @override
-    def _build(self, stage: Stage) -> ImageSampleDataset:
-        samples = self.read(stage)
+    def _locate(self, stage: Stage) -> dict[str, Path]:
+        option = f"{stage}_file"
+        return {option: self._find_file(stage, self._split(stage), option)}
+
+    @override
+    def _read(self, stage: Stage, files: dict[str, Path]) -> ImageSampleDataset:
+        option = f"{stage}_file"
+        samples = self._read_samples(files[option], option, self._split(stage))
         return ImageSampleDataset(per_caption(samples) if stage == "train" else samples, self._image_hint())
 
-    def read(self, stage: Stage) -> list[Sample]:
-        """Per-image samples (``image_id``, ``references``) of the split the ``stage`` loop reads, images unread."""
-        split = {"train": "train", "val": self.val_split, "test": self.test_split}[stage]
-        option = f"{stage}_file"
-        path = self._find_file(stage, split, option)
+    def _split(self, stage: Stage) -> str:
+        return {"train": "train", "val": self.val_split, "test": self.test_split}[stage]
+
+    def _read_samples(self, path: Path, option: str, split: str) -> list[Sample]:
+        """Per-image samples (``image_id``, ``references``) of ``split`` in the file ``path``, images unread."""
         document = read_json(path, option)
         found = caption_format(document)
         if found is None or found not in self.formats:

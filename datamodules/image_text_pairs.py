@@ -54,13 +54,17 @@ class ImageTextPairsDataModule(EcoflapDataModule):
         self.image_root = resolve(self.data_dir, image_root) if image_root is not None else self.data_dir
 
     @override
-    def _build(self, stage: Stage) -> ImageSampleDataset:
+    def _locate(self, stage: Stage) -> dict[str, Path]:
         option = f"{stage}_file"
         if self.files[stage] is None:
             raise ValueError(
                 f"`{option}` must be set for the {stage} loop of ImageTextPairsDataModule, got None. "
                 + ("HINT: set it, or trainer `limit_val_batches: 0`." if stage == "val" else "HINT: set it.")
             )
-        path = locate(self.data_dir, self.files[stage], [], option, f"image-text pairs for the {stage} loop")
-        samples = read_image_text_pairs(path, option, self.image_root)
+        return {option: locate(self.data_dir, self.files[stage], [], option, f"image-text pairs for the {stage} loop")}
+
+    @override
+    def _read(self, stage: Stage, files: dict[str, Path]) -> ImageSampleDataset:
+        option = f"{stage}_file"
+        samples = read_image_text_pairs(files[option], option, self.image_root)
         return ImageSampleDataset(samples, f"image paths are relative to `image_root` ({self.image_root}).")

@@ -141,19 +141,31 @@ class ImageNetDataModule(EcoflapDataModule):
         return list(self.classes)
 
     @override
-    def _build(self, stage: Stage) -> ImageSampleDataset:
+    def _locate(self, stage: Stage) -> dict[str, Path]:
+        """The split's folder; for a flat validation folder (no wnid sub-folders) also the CSV labelling it; and
+        ``class_names_file`` when it is set."""
         split = self.splits[stage]
         option = f"{split}_dir"
         root = find_dir(self.train_dir if split == "train" else self.val_dir, option, f"ImageNet {split} folder")
+        files = {option: root}
+        if split != "train" and not class_folders(root):
+            files["val_solution_file"] = self._solution_path()
+        if self.class_names_file is not None:
+            files["class_names_file"] = self._class_names_path()
+        return files
+
+    @override
+    def _read(self, stage: Stage, files: dict[str, Path]) -> ImageSampleDataset:
+        option = f"{self.splits[stage]}_dir"
+        root = files[option]
         class_index = {wnid: i for i, wnid in enumerate(self.classes)}
-        if split == "train" or class_folders(root):
-            samples = read_class_folders(root, option, class_index)
+        if "val_solution_file" in files:
+            samples = self._read_flat_val(root, files["val_solution_file"], class_index)
         else:
-            samples = self._read_flat_val(root, class_index)
+            samples = read_class_folders(root, option, class_index)
         return ImageSampleDataset(samples, f"images are read from `{option}` ({root}).")
 
-    def _read_flat_val(self, root: Path, class_index: dict[str, int]) -> list[Sample]:
-        path = self._solution_path()
+    def _read_flat_val(self, root: Path, path: Path, class_index: dict[str, int]) -> list[Sample]:
         samples: list[Sample] = []
         for number, image_id, wnid in read_val_solution(path, "val_solution_file"):
             if wnid not in class_index:
@@ -169,8 +181,12 @@ class ImageNetDataModule(EcoflapDataModule):
         what = f"ImageNet validation labels for the flat folder {self.val_dir}"
         return locate(self.data_dir, self.val_solution_file, defaults, "val_solution_file", what)
 
-    def _names_from_file(self) -> list[str]:
+    def _class_names_path(self) -> Path:
         path = resolve(self.data_dir, str(self.class_names_file))
+        return find_file([path], "class_names_file", "ImageNet class names")
+
+    def _names_from_file(self) -> list[str]:
+        path = self._class_names_path()
         if path.suffix == ".json":
             names = read_json(path, "class_names_file")
             if isinstance(names, dict):
@@ -180,7 +196,6 @@ class ImageNetDataModule(EcoflapDataModule):
                 names = [names[wnid] for wnid in self.classes]
             expect_type(names, list, f"{path} (set by `class_names_file`)", "the top level")
         else:
-            find_file([path], "class_names_file", "ImageNet class names")
             names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if len(names) != len(self.classes) or not all(isinstance(n, str) for n in names):
             raise DataFormatError(

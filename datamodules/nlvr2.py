@@ -96,9 +96,13 @@ class NLVR2DataModule(EcoflapDataModule):
             self.image_root = images if images.is_dir() else self.data_dir
 
     @override
-    def _build(self, stage: Stage) -> ImageSampleDataset:
+    def _locate(self, stage: Stage) -> dict[str, Path]:
         split, option = self.splits[stage], f"{stage}_file"
         defaults = [self.data_dir / f"{split}.json", self.data_dir / "data" / f"{split}.json"]
-        path = locate(self.data_dir, self.files[stage], defaults, option, f"NLVR2 {split} annotations")
-        samples = read_nlvr2(path, option, self.image_root / split, split)
+        return {option: locate(self.data_dir, self.files[stage], defaults, option, f"NLVR2 {split} annotations")}
+
+    @override
+    def _read(self, stage: Stage, files: dict[str, Path]) -> ImageSampleDataset:
+        split, option = self.splits[stage], f"{stage}_file"
+        samples = read_nlvr2(files[option], option, self.image_root / split, split)
         return ImageSampleDataset(samples, f"images are read from `image_root`/{split} ({self.image_root / split}).")

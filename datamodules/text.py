@@ -81,9 +81,13 @@ class TextDataModule(EcoflapDataModule):
         self.text_key = text_key
 
     @override
-    def _build(self, stage: Stage) -> Dataset[dict[str, Any]]:
+    def _locate(self, stage: Stage) -> dict[str, Path]:
         option = f"{stage}_file"
         if self.files[stage] is None:
             raise ValueError(f"`{option}` must be set for the {stage} loop of TextDataModule, got None. HINT: set it.")
-        path = locate(self.data_dir, self.files[stage], [], option, f"text for the {stage} loop")
-        return TextDataset(read_texts(path, option, self.text_key))
+        return {option: locate(self.data_dir, self.files[stage], [], option, f"text for the {stage} loop")}
+
+    @override
+    def _read(self, stage: Stage, files: dict[str, Path]) -> Dataset[dict[str, Any]]:
+        option = f"{stage}_file"
+        return TextDataset(read_texts(files[option], option, self.text_key))

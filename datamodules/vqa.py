@@ -158,27 +158,35 @@ class VQAv2DataModule(EcoflapDataModule):
         self.image_root = resolve(self.data_dir, image_root) if image_root is not None else self.data_dir
 
     @override
-    def _build(self, stage: Stage) -> ImageSampleDataset:
+    def _locate(self, stage: Stage) -> dict[str, Path]:
         split = self.splits[stage]
         q_option, a_option = f"{stage}_questions_file", f"{stage}_annotations_file"
-        questions = self._find(
-            self.question_files[stage],
-            f"{self.questions_prefix}_{split}_questions.json",
-            "Questions",
-            q_option,
-            f"VQA questions of split {split!r}",
-        )
-        annotations = None
+        files = {
+            q_option: self._find(
+                self.question_files[stage],
+                f"{self.questions_prefix}_{split}_questions.json",
+                "Questions",
+                q_option,
+                f"VQA questions of split {split!r}",
+            )
+        }
         if self.annotation_files[stage] is not None or not split.startswith("test"):
-            annotations = self._find(
+            files[a_option] = self._find(
                 self.annotation_files[stage],
                 f"{self.annotations_prefix}_{split}_annotations.json",
                 "Annotations",
                 a_option,
                 f"VQA annotations of split {split!r}",
             )
-        samples = read_vqa(questions, q_option, annotations, a_option, self.image_root, IMAGE_FOLDERS[split])
-        hint = f"images are read from `image_root`/{IMAGE_FOLDERS[split]} ({self.image_root / IMAGE_FOLDERS[split]})."
+        return files
+
+    @override
+    def _read(self, stage: Stage, files: dict[str, Path]) -> ImageSampleDataset:
+        split = self.splits[stage]
+        q_option, a_option = f"{stage}_questions_file", f"{stage}_annotations_file"
+        folder = IMAGE_FOLDERS[split]
+        samples = read_vqa(files[q_option], q_option, files.get(a_option), a_option, self.image_root, folder)
+        hint = f"images are read from `image_root`/{folder} ({self.image_root / folder})."
         return ImageSampleDataset(samples, hint)
 
     def _find(self, override: str | None, name: str, api_folder: str, option: str, what: str) -> Path:

@@ -154,6 +154,12 @@ class VQACaptionMixDataModule(EcoflapDataModule):
         self.preprocess = preprocess
 
     @override
+    def _locate(self, stage: Stage) -> dict[str, Path]:
+        if stage != "train":
+            return self.vqa.check_files(stage)
+        return {**self.vqa.check_files("train"), **self.captions.check_files("train")}
+
+    @override
     def _build(self, stage: Stage) -> Dataset[dict[str, Any]]:
         if stage != "train":
             return self.vqa.dataset(stage)
