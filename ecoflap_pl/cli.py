@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from rich.console import Console
@@ -30,6 +30,7 @@ from typing_extensions import override
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.console import quiet_libraries
 from ecoflap_pl.datamodules import EcoflapDataModule
+from ecoflap_pl.datamodules.base import Stage
 from ecoflap_pl.tasks.base import EcoflapTask
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,10 @@ class EcoflapTrainer(pl.Trainer):
         self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
 
+_MAIN_LOOP: dict[str, Stage] = {"fit": "train", "prune": "train", "validate": "val", "test": "test", "predict": "test"}
+"""The DataModule loop each subcommand runs (``prune`` runs ``fit`` with no step: it only calibrates)."""
+
+
 def _collator(task: EcoflapTask) -> Callable[[list[dict[str, Any]]], Any]:
     return task.collator
 
@@ -96,9 +101,51 @@ class EcoflapCLI(LightningCLI):
     @override
     def instantiate_classes(self) -> None:
         try:
+            self._check_data_files()
             super().instantiate_classes()
         except (ValueError, TypeError, OSError, MisconfigurationException) as error:
             raise ConfigurationError(str(error)) from error
+
+    def _check_data_files(self) -> None:
+        """Find the data files the run will read before the task builds its model (minutes for a large one), so that
+        a wrong ``data_dir`` or a missing annotation file is reported at once.
+
+        The DataModule is built from its configuration without the task's collator (the link that sets it needs the
+        model) and asked for :meth:`~ecoflap_pl.datamodules.EcoflapDataModule.check_files` of the subcommand's main
+        loop, and of the training split when the pruning callback will draw calibration batches from it first.
+        Nothing is read but file names (the demo DataModules build their data when constructed, on first use, as the
+        task would before them).
+        """
+        data = self._get(self.config, "data") if self.subcommand is not None else None
+        if data is None:
+            return
+        init_args = data.init_args.as_dict() if data.get("init_args") is not None else {}
+        init_args.pop("collate_fn", None)
+        datamodule = instantiate_class((), {"class_path": data.class_path, "init_args": init_args})
+        if not isinstance(datamodule, EcoflapDataModule):
+            return
+        for stage in self._loops_read():
+            files = datamodule.check_files(stage)
+            log.debug("The %s loop reads %s", stage, ", ".join(f"{key}={path}" for key, path in files.items()))
+
+    def _loops_read(self) -> list[Stage]:
+        """The DataModule loops the subcommand reads: its main loop, and the training split for calibration when it
+        prunes first (the subcommand is in ``pruning.stages`` and ``ckpt_path`` is not a pruned checkpoint)."""
+        main_loop = _MAIN_LOOP[str(self.subcommand)]
+        if main_loop == "train":
+            return [main_loop]
+        pruning = self._get(self.config, "pruning")
+        if self.subcommand not in pruning.stages or self._starts_pruned(pruning):
+            return [main_loop]
+        return [main_loop, "train"]
+
+    def _starts_pruned(self, pruning: Any) -> bool:
+        """Whether ``ckpt_path`` may hold a pruned model, which is not pruned again (a path that is not a file, such
+        as ``last``, counts as one: the check must not refuse a run that would not read the training split)."""
+        ckpt_path = self._get(self.config, "ckpt_path")
+        if ckpt_path is None:
+            return False
+        return not Path(ckpt_path).is_file() or ECoFLaPPruning(**pruning.as_dict()).checkpoint_is_pruned(ckpt_path)
 
     @override
     def _parse_ckpt_path(self) -> None:

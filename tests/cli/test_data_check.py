@@ -1,0 +1,131 @@
+"""``ecoflap`` finds the data files a run reads before it builds the model: a wrong ``data_dir`` or a missing annotation
+file is one short configuration error, not minutes of model loading followed by a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from ecoflap_pl.tasks import VQATask
+from tests.datamodules.datamodule_layouts import write_vqa
+from tests.robustness.cli_runs import TRAINER, Outcome, run_ecoflap
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILT = "NotBuiltTask was built"
+
+
+class NotBuiltTask(VQATask):
+    """A task that reports being built: a run refused for its data must stop before any model exists."""
+
+    def __init__(self, pretrained: str = "Salesforce/blip2-opt-2.7b") -> None:
+        raise ValueError(f"{BUILT} (pretrained={pretrained!r}): the data check let the run go on.")
+
+
+def config(tmp_path: Path, data_dir: Path, **pruning: Any) -> str:
+    document = {
+        "trainer": {**TRAINER, "default_root_dir": str(tmp_path / "run")},
+        "model": {"class_path": f"{__name__}.NotBuiltTask"},
+        "data": {"class_path": "ecoflap_pl.datamodules.VQAv2DataModule", "init_args": {"data_dir": str(data_dir)}},
+        "pruning": {"progress": False, **pruning},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    return str(path)
+
+
+def refused(outcome: Outcome, *expected: str) -> str:
+    """The one configuration error of a refused run, checked to hold ``expected`` and to come before the model."""
+    assert outcome.code == 2, outcome.text[-3000:]
+    error = outcome.text[outcome.text.index("error (configuration error): ") : outcome.text.index("(ECOFLAP_DEBUG=1")]
+    assert len(error.strip().splitlines()) <= 2, error
+    for text in expected:
+        assert text in error, error
+    assert BUILT not in outcome.text
+    return error
+
+
+def went_on_to_the_model(outcome: Outcome) -> None:
+    assert outcome.code == 2 and BUILT in outcome.text, outcome.text[-3000:]
+
+
+@pytest.fixture
+def vqa_root(tmp_path: Path) -> Path:
+    return write_vqa(tmp_path / "vqa")
+
+
+def test_the_experiment_config_with_a_wrong_data_dir_stops_before_the_hub(tmp_path: Path) -> None:
+    # The shipped BLIP-2 OPT-2.7B config: its model comes from the hub, offline here, so building it first would end
+    # with the hub's error instead.
+    missing = tmp_path / "no" / "vqav2"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    args = ["validate", "-c", str(ROOT / "configs/experiments/blip2_opt27b_vqav2.yaml")]
+    args += [f"--data.init_args.data_dir={missing}", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    run = subprocess.run(
+        [sys.executable, "-m", "ecoflap_pl.cli", *args], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert run.returncode == 2, run.stderr[-3000:]
+    error = run.stderr[run.stderr.index("error (") :]
+    assert error.startswith("error (configuration error): VQA questions of split 'val2014' not found")
+    assert str(missing / "v2_OpenEnded_mscoco_val2014_questions.json") in error
+    assert "HINT: set `val_questions_file`" in error and len(error.splitlines()) <= 3
+    assert "offline" not in run.stdout + run.stderr and "blip2-opt-2.7b" not in error
+    assert not (tmp_path / "run").exists() and not (tmp_path / "hf_home").exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("subcommand", "removed", "option"),
+    [
+        ("validate", "v2_OpenEnded_mscoco_val2014_questions.json", "val_questions_file"),
+        ("validate", "v2_mscoco_train2014_annotations.json", "train_annotations_file"),  # calibration
+        ("test", "v2_mscoco_val2014_annotations.json", "test_annotations_file"),
+        ("test", "v2_OpenEnded_mscoco_train2014_questions.json", "train_questions_file"),
+        ("fit", "v2_mscoco_train2014_annotations.json", "train_annotations_file"),
+        ("prune", "v2_OpenEnded_mscoco_train2014_questions.json", "train_questions_file"),
+        ("predict", "v2_OpenEnded_mscoco_val2014_questions.json", "test_questions_file"),
+    ],
+)
+def test_a_missing_file_of_the_run_is_named_before_the_model_is_built(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, vqa_root: Path, subcommand: str, removed: str, option: str
+) -> None:
+    (vqa_root / removed).unlink()
+    stages = ["fit", "validate", "test", "predict"]
+    outcome = run_ecoflap(capsys, subcommand, "-c", config(tmp_path, vqa_root, stages=stages))
+    refused(outcome, str(vqa_root / removed), f"HINT: set `{option}`")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_training_split_is_not_needed_when_the_run_does_not_prune(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, vqa_root: Path
+) -> None:
+    (vqa_root / "v2_mscoco_train2014_annotations.json").unlink()
+    went_on_to_the_model(run_ecoflap(capsys, "validate", "-c", config(tmp_path, vqa_root, stages=[])))
+    went_on_to_the_model(run_ecoflap(capsys, "validate", "-c", config(tmp_path, vqa_root, stages=["test"])))
+    refused(run_ecoflap(capsys, "test", "-c", config(tmp_path, vqa_root, stages=["test"])), "`train_annotations_file`")
+
+
+@pytest.mark.parametrize("pruned", [True, False])
+def test_a_pruned_checkpoint_needs_no_calibration_split(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, vqa_root: Path, pruned: bool
+) -> None:
+    checkpoint = tmp_path / "model.ckpt"
+    torch.save({"callbacks": {"ECoFLaPPruning": {"version": 1, "pruned": pruned}}}, checkpoint)
+    (vqa_root / "v2_mscoco_train2014_annotations.json").unlink()
+    outcome = run_ecoflap(capsys, "validate", "-c", config(tmp_path, vqa_root), f"--ckpt_path={checkpoint}")
+    if pruned:  # evaluated as it is: not pruned again, so no calibration batch is read
+        went_on_to_the_model(outcome)
+    else:
+        refused(outcome, "HINT: set `train_annotations_file`")
+
+
+def test_a_bad_datamodule_argument_is_refused_before_the_model(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, vqa_root: Path
+) -> None:
+    outcome = run_ecoflap(capsys, "validate", "-c", config(tmp_path, vqa_root), "--data.init_args.val_split=val2015")
+    refused(outcome, "`val_split` must be one of")
