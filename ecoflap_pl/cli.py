@@ -114,13 +114,16 @@ class EcoflapCLI(LightningCLI):
         model) and asked for :meth:`~ecoflap_pl.datamodules.EcoflapDataModule.check_files` of the subcommand's main
         loop, and of the training split when the pruning callback will draw calibration batches from it first.
         Nothing is read but file names (the demo DataModules build their data when constructed, on first use, as the
-        task would before them).
+        task would before them). A DataModule taking class arguments (``class_path`` values, which only the parser
+        instantiates) is left to be checked when its loop starts.
         """
         data = self._get(self.config, "data") if self.subcommand is not None else None
         if data is None:
             return
         init_args = data.init_args.as_dict() if data.get("init_args") is not None else {}
         init_args.pop("collate_fn", None)
+        if any(isinstance(value, dict) and "class_path" in value for value in init_args.values()):
+            return
         datamodule = instantiate_class((), {"class_path": data.class_path, "init_args": init_args})
         if not isinstance(datamodule, EcoflapDataModule):
             return

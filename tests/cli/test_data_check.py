@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from ecoflap_pl.datamodules import VQAv2DataModule
 from ecoflap_pl.tasks import VQATask
 from tests.datamodules.datamodule_layouts import write_vqa
 from tests.robustness.cli_runs import TRAINER, Outcome, run_ecoflap
@@ -28,11 +29,27 @@ class NotBuiltTask(VQATask):
         raise ValueError(f"{BUILT} (pretrained={pretrained!r}): the data check let the run go on.")
 
 
-def config(tmp_path: Path, data_dir: Path, **pruning: Any) -> str:
+class Tag:
+    """A class argument of a DataModule (jsonargparse instantiates it from ``class_path``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class TaggedVQAv2DataModule(VQAv2DataModule):
+    """A DataModule taking a class argument, used in its constructor."""
+
+    def __init__(self, data_dir: str, tag: Tag, **kwargs: Any) -> None:
+        super().__init__(data_dir, **kwargs)
+        self.tag_name = tag.name
+
+
+def config(tmp_path: Path, data_dir: Path, data: dict[str, Any] | None = None, **pruning: Any) -> str:
     document = {
         "trainer": {**TRAINER, "default_root_dir": str(tmp_path / "run")},
         "model": {"class_path": f"{__name__}.NotBuiltTask"},
-        "data": {"class_path": "ecoflap_pl.datamodules.VQAv2DataModule", "init_args": {"data_dir": str(data_dir)}},
+        "data": data
+        or {"class_path": "ecoflap_pl.datamodules.VQAv2DataModule", "init_args": {"data_dir": str(data_dir)}},
         "pruning": {"progress": False, **pruning},
     }
     path = tmp_path / "config.yaml"
@@ -129,3 +146,13 @@ def test_a_bad_datamodule_argument_is_refused_before_the_model(
 ) -> None:
     outcome = run_ecoflap(capsys, "validate", "-c", config(tmp_path, vqa_root), "--data.init_args.val_split=val2015")
     refused(outcome, "`val_split` must be one of")
+
+
+def test_a_datamodule_with_class_arguments_is_left_to_its_loop(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, vqa_root: Path
+) -> None:
+    # Only the parser instantiates class arguments, so such a DataModule is not built before the model: no false
+    # refusal, no crash on the argument left as a dict; its files are looked up when its loop starts, as before.
+    tag = {"class_path": f"{__name__}.Tag", "init_args": {"name": "x"}}
+    data = {"class_path": f"{__name__}.TaggedVQAv2DataModule", "init_args": {"data_dir": str(vqa_root), "tag": tag}}
+    went_on_to_the_model(run_ecoflap(capsys, "validate", "-c", config(tmp_path, vqa_root, data)))
