@@ -156,3 +156,17 @@ def test_a_datamodule_with_class_arguments_is_left_to_its_loop(
     tag = {"class_path": f"{__name__}.Tag", "init_args": {"name": "x"}}
     data = {"class_path": f"{__name__}.TaggedVQAv2DataModule", "init_args": {"data_dir": str(vqa_root), "tag": tag}}
     went_on_to_the_model(run_ecoflap(capsys, "validate", "-c", config(tmp_path, vqa_root, data)))
+
+
+def test_the_demo_on_an_empty_cache_builds_its_data_then_checks_it_before_training_a_model(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A demo DataModule writes its files when it is built, on first use: the check sees them, and a wrong override is
+    # refused before the demo BLIP-2 is trained (minutes at the default preset).
+    monkeypatch.setenv("ECOFLAP_DEMO_DIR", str(tmp_path / "cache"))
+    args = ["validate", "-c", str(ROOT / "configs/demo/blip2_vqa.yaml"), "--data.init_args.preset=tiny"]
+    args += ["--model.init_args.preset=tiny", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    outcome = run_ecoflap(capsys, *args, "--data.init_args.val_questions_file=missing.json")
+    refused(outcome, str(tmp_path / "cache" / "data" / "tiny" / "coco" / "missing.json"), "`val_questions_file`")
+    assert (tmp_path / "cache" / "data" / "tiny" / "coco" / "v2_OpenEnded_mscoco_val2014_questions.json").is_file()
+    assert not (tmp_path / "cache" / "models").exists() and not (tmp_path / "run").exists()
