@@ -20,7 +20,7 @@ from ecoflap_pl.pruning.fast_zeroth_order import fast_zeroth_order_sums
 from ecoflap_pl.pruning.first_order import first_order_sums
 from ecoflap_pl.pruning.loss import LossFn
 from ecoflap_pl.pruning.monitor import StageMonitor
-from ecoflap_pl.pruning.registry import add_entry, look_up
+from ecoflap_pl.pruning.registry import Registry
 from ecoflap_pl.pruning.residency import Residency, resident
 from ecoflap_pl.pruning.score_variants import get_score
 from ecoflap_pl.pruning.zeroth_order import zeroth_order_sums
@@ -74,7 +74,12 @@ class ImportanceEstimator:
     combine: Combine
 
 
-_ESTIMATORS: dict[str, ImportanceEstimator] = {}
+_ESTIMATORS: Registry[ImportanceEstimator] = Registry(
+    "An importance estimator named",
+    "importance",
+    "register an estimator with @register_importance(name, combine=...).",
+    purpose=" to score groups",
+)
 
 
 def register_importance(name: str, *, combine: Combine) -> Callable[[Measure], Measure]:
@@ -82,8 +87,8 @@ def register_importance(name: str, *, combine: Combine) -> Callable[[Measure], M
 
     def register(measure: Measure) -> Measure:
         if name == "uniform":  # taken by the config: it means "no scores"
-            raise ValueError("An importance estimator named 'uniform' is already registered.")
-        add_entry(_ESTIMATORS, name, ImportanceEstimator(name, measure, combine), "An importance estimator")
+            raise ValueError(f"{_ESTIMATORS.what} 'uniform' is already registered.")
+        _ESTIMATORS.add(name, ImportanceEstimator(name, measure, combine))
         return measure
 
     return register
@@ -91,7 +96,7 @@ def register_importance(name: str, *, combine: Combine) -> Callable[[Measure], M
 
 def importance_names() -> tuple[str, ...]:
     """The registered estimator names, in registration order (``"uniform"``, no scores, is not one)."""
-    return tuple(_ESTIMATORS)
+    return _ESTIMATORS.names()
 
 
 def get_importance(name: str) -> ImportanceEstimator:
@@ -100,8 +105,7 @@ def get_importance(name: str) -> ImportanceEstimator:
     Raises:
         ValueError: for an unknown name, listing the known ones.
     """
-    hint = "register an estimator with @register_importance(name, combine=...)."
-    return look_up(_ESTIMATORS, name, "importance", hint, purpose=" to score groups")
+    return _ESTIMATORS.lookup(name)
 
 
 def _zeroth_order_combine(raw: Mapping[str, float], request: ImportanceRequest, batch_count: int) -> dict[str, float]:
