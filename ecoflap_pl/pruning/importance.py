@@ -23,7 +23,6 @@ from ecoflap_pl.pruning.monitor import StageMonitor
 from ecoflap_pl.pruning.registry import Registry
 from ecoflap_pl.pruning.residency import Residency, resident
 from ecoflap_pl.pruning.score_variants import get_score
-from ecoflap_pl.pruning.zeroth_order import zeroth_order_sums
 
 if TYPE_CHECKING:
     from ecoflap_pl.pruning.config import PruningConfig
@@ -126,7 +125,7 @@ def _zeroth_order_combine(raw: Mapping[str, float], request: ImportanceRequest, 
 @register_importance("zeroth_order", combine=_zeroth_order_combine)
 def zeroth_order_measure(request: ImportanceRequest) -> dict[str, float]:
     """Forward-only two-point estimates, per tensor or per group (``probe_granularity``), summed over batches:
-    full forwards per probe (``activation_storage: recompute``) or replays from the recorded dense block outputs.
+    replays from the recorded dense block outputs, or full forwards per probe (``activation_storage: recompute``).
 
     A model with offloaded weights (``request.residency``) takes either path by parameter name, each unit's weights
     held resident while it is probed."""
@@ -135,19 +134,6 @@ def zeroth_order_measure(request: ImportanceRequest) -> dict[str, float]:
         names = {group: list(members) for group, members in request.groups.items()}
     else:
         names = {name: [name] for name in params}
-    if config.activation_storage == "recompute":
-        return zeroth_order_sums(
-            request.model,
-            names,
-            request.batches,
-            request.loss_fn,
-            eps=config.eps,
-            probes=config.probes,
-            seed=config.seed,
-            monitor=request.monitor,
-            on_unit_done=request.tick(len(names)),
-            residency=request.residency,
-        )
     return fast_zeroth_order_sums(
         request.model,
         names,
