@@ -7,7 +7,7 @@ from typing import Any
 
 from typing_extensions import override
 
-from ecoflap_pl.datamodules._io import check_entry, expect_type, locate, read_json, resolve, text_list
+from ecoflap_pl.datamodules._io import check_entry, expect_type, read_json, resolve, text_list
 from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample, Stage
 
 
@@ -55,12 +55,6 @@ class ImageTextPairsDataModule(EcoflapDataModule):
 
     @override
     def _build(self, stage: Stage) -> ImageSampleDataset:
-        option = f"{stage}_file"
-        if self.files[stage] is None:
-            raise ValueError(
-                f"`{option}` must be set for the {stage} loop of ImageTextPairsDataModule, got None. "
-                + ("HINT: set it, or trainer `limit_val_batches: 0`." if stage == "val" else "HINT: set it.")
-            )
-        path = locate(self.data_dir, self.files[stage], [], option, f"image-text pairs for the {stage} loop")
+        path, option = self._required_file(stage, self.files[stage], "image-text pairs")
         samples = read_image_text_pairs(path, option, self.image_root)
         return ImageSampleDataset(samples, f"image paths are relative to `image_root` ({self.image_root}).")

@@ -13,7 +13,7 @@ from typing import Any
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from ecoflap_pl.datamodules._io import DataFormatError, check_entry, expect_type, locate, read_json_lines
+from ecoflap_pl.datamodules._io import DataFormatError, check_entry, expect_type, read_json_lines
 from ecoflap_pl.datamodules.base import EcoflapDataModule, Stage
 
 JSON_LINES_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -82,8 +82,5 @@ class TextDataModule(EcoflapDataModule):
 
     @override
     def _build(self, stage: Stage) -> Dataset[dict[str, Any]]:
-        option = f"{stage}_file"
-        if self.files[stage] is None:
-            raise ValueError(f"`{option}` must be set for the {stage} loop of TextDataModule, got None. HINT: set it.")
-        path = locate(self.data_dir, self.files[stage], [], option, f"text for the {stage} loop")
+        path, option = self._required_file(stage, self.files[stage], "text")
         return TextDataset(read_texts(path, option, self.text_key))
