@@ -14,7 +14,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
-from ecoflap_pl.datamodules._io import DataFormatError, load_image
+from ecoflap_pl.datamodules._io import DataFormatError, load_image, locate
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,25 @@ class EcoflapDataModule(pl.LightningDataModule):
     def _build(self, stage: Stage) -> Dataset[dict[str, Any]]:
         """Locate, then read, the split serving ``stage``; a DataModule made of others overrides it and ``_locate``."""
         return self._read(stage, self._locate(stage))
+
+    def _required_file(self, stage: Stage, file: str | None, what: str) -> tuple[Path, str]:
+        """The file of the ``stage`` loop (option ``{stage}_file``, absolute or under ``data_dir``) and that option.
+
+        Args:
+            stage: the loop that reads it.
+            file: the option's value.
+            what: what the file holds, for the not-found error (``"image-text pairs"``).
+
+        Raises:
+            ValueError: when ``file`` is None.
+        """
+        option = f"{stage}_file"
+        if file is None:
+            raise ValueError(
+                f"`{option}` must be set for the {stage} loop of {type(self).__name__}, got None. "
+                + ("HINT: set it, or trainer `limit_val_batches: 0`." if stage == "val" else "HINT: set it.")
+            )
+        return locate(self.data_dir, file, [], option, f"{what} for the {stage} loop"), option
 
     def dataset(self, stage: Stage) -> Dataset[dict[str, Any]]:
         """The Dataset serving the ``"train"``, ``"val"`` or ``"test"`` loop, read once and cached."""

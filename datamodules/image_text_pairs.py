@@ -7,7 +7,7 @@ from typing import Any
 
 from typing_extensions import override
 
-from ecoflap_pl.datamodules._io import check_entry, expect_type, locate, read_json, resolve, text_list
+from ecoflap_pl.datamodules._io import check_entry, expect_type, read_json, resolve, text_list
 from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample, Stage
 
 
@@ -55,13 +55,8 @@ class ImageTextPairsDataModule(EcoflapDataModule):
 
     @override
     def _locate(self, stage: Stage) -> dict[str, Path]:
-        option = f"{stage}_file"
-        if self.files[stage] is None:
-            raise ValueError(
-                f"`{option}` must be set for the {stage} loop of ImageTextPairsDataModule, got None. "
-                + ("HINT: set it, or trainer `limit_val_batches: 0`." if stage == "val" else "HINT: set it.")
-            )
-        return {option: locate(self.data_dir, self.files[stage], [], option, f"image-text pairs for the {stage} loop")}
+        path, option = self._required_file(stage, self.files[stage], "image-text pairs")
+        return {option: path}
 
     @override
     def _read(self, stage: Stage, files: dict[str, Path]) -> ImageSampleDataset:

@@ -13,7 +13,7 @@ from typing import Any
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from ecoflap_pl.datamodules._io import DataFormatError, check_entry, expect_type, locate, read_json_lines
+from ecoflap_pl.datamodules._io import DataFormatError, check_entry, expect_type, read_json_lines
 from ecoflap_pl.datamodules.base import EcoflapDataModule, Stage
 
 JSON_LINES_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -82,10 +82,8 @@ class TextDataModule(EcoflapDataModule):
 
     @override
     def _locate(self, stage: Stage) -> dict[str, Path]:
-        option = f"{stage}_file"
-        if self.files[stage] is None:
-            raise ValueError(f"`{option}` must be set for the {stage} loop of TextDataModule, got None. HINT: set it.")
-        return {option: locate(self.data_dir, self.files[stage], [], option, f"text for the {stage} loop")}
+        path, option = self._required_file(stage, self.files[stage], "text")
+        return {option: path}
 
     @override
     def _read(self, stage: Stage, files: dict[str, Path]) -> Dataset[dict[str, Any]]:

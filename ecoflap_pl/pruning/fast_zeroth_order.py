@@ -57,10 +57,16 @@ from ecoflap_pl.pruning.loss import LossFn, checked_loss
 from ecoflap_pl.pruning.monitor import StageMonitor, free_memory_bytes
 from ecoflap_pl.pruning.perturbation import LinearPerturbation, Replica
 from ecoflap_pl.pruning.residency import Residency, resident
-from ecoflap_pl.pruning.zeroth_order import probe_directions, probe_seed, warn_flat_probes, zeroth_order_sums
+from ecoflap_pl.pruning.zeroth_order import (
+    TwoPointSums,
+    non_finite_perturbation,
+    probe_directions,
+    probe_seed,
+    zeroth_order_sums,
+)
 
 logger = logging.getLogger(__name__)
-_STORAGES = ("auto", "device", "cpu")
+_STORAGES = ("auto", "device", "cpu", "recompute")
 _SHARE_OF_FREE_MEMORY = 0.5
 _BYTES_PER_RECORDED_BYTE = 3  # a replica's forward holds about its recorded outputs again in transient activations
 _REPLAY_REL_TOL = 1e-6
@@ -147,11 +153,7 @@ class _BatchProber:
         try:
             return self._losses(replicas, start)
         except FloatingPointError as error:
-            raise FloatingPointError(
-                f"The calibration loss becomes non-finite when the weights of {sorted(set(names))} are perturbed by "
-                f"eps={self.eps:g} (it is finite unperturbed on calibration batch {self.batch_id}). The model was "
-                "left unchanged. HINT: lower `eps` (the official runs use 1e-3)."
-            ) from error
+            raise non_finite_perturbation(str(sorted(set(names))), self.eps, self.batch_id) from error
 
     def _losses(self, replicas: Sequence[Replica], start: int) -> list[float]:
         answered = self.record.finished_before(start)
@@ -282,7 +284,9 @@ def fast_zeroth_order_sums(
         max_replicas: most probes per forward (1: one forward per probe, prefix reuse only); the number used is
             chosen from the memory left.
         storage: where recorded block outputs live: ``"device"``, ``"cpu"`` (offloaded, copied back per call) or
-            ``"auto"`` (the device while a batch's record takes at most a quarter of its free memory).
+            ``"auto"`` (the device while a batch's record takes at most a quarter of its free memory); or
+            ``"recompute"``: nothing recorded, the plain loop of :func:`zeroth_order_sums` (one full forward per
+            probe), which is also the fallback for a model the fast path does not apply to.
         on_progress: ``on_progress(done, total)`` after each forward of probes.
         residency: holds the offloaded weights of the units probed in one forward resident for that forward
             (nothing is written back); a forward's probes then all lie in one block.
@@ -290,29 +294,41 @@ def fast_zeroth_order_sums(
     if storage not in _STORAGES:
         raise ValueError(f"`storage` must be one of {list(_STORAGES)}, got {storage!r}.")
     names = _parameter_names(model, units)
-    try:
-        return _fast_sums(
-            model, names, batches, loss_fn, eps, probes, seed, monitor, max_replicas, storage, on_progress, residency
-        )
-    except _Unsupported as reason:
-        logger.warning(
-            "Prefix reuse and batched probes do not apply to this model (%s); probing with one full forward per "
-            "probe instead. HINT: set activation_storage: recompute to choose this path directly.",
-            reason,
-        )
-        done = itertools.count(1)  # progress (where a stop request is honoured) goes on unit by unit
-        return zeroth_order_sums(
-            model,
-            names,
-            batches,
-            loss_fn,
-            eps=eps,
-            probes=probes,
-            seed=seed,
-            monitor=monitor,
-            on_unit_done=None if on_progress is None else lambda: on_progress(next(done), len(units)),
-            residency=residency,
-        )
+    if storage != "recompute":
+        try:
+            return _fast_sums(
+                model,
+                names,
+                batches,
+                loss_fn,
+                eps,
+                probes,
+                seed,
+                monitor,
+                max_replicas,
+                storage,
+                on_progress,
+                residency,
+            )
+        except _Unsupported as reason:
+            logger.warning(
+                "Prefix reuse and batched probes do not apply to this model (%s); probing with one full forward per "
+                "probe instead. HINT: set activation_storage: recompute to choose this path directly.",
+                reason,
+            )
+    done = itertools.count(1)  # progress (where a stop request is honoured) goes on unit by unit
+    return zeroth_order_sums(
+        model,
+        names,
+        batches,
+        loss_fn,
+        eps=eps,
+        probes=probes,
+        seed=seed,
+        monitor=monitor,
+        on_unit_done=None if on_progress is None else lambda: on_progress(next(done), len(units)),
+        residency=residency,
+    )
 
 
 def _fast_sums(
@@ -330,8 +346,7 @@ def _fast_sums(
     residency: Residency | None,
 ) -> dict[str, float]:
     blocks = stack_blocks(model)
-    sums = dict.fromkeys(units, 0.0)
-    flat: dict[str, int] = {}
+    sums = TwoPointSums(units, eps, probes)
     replicas = max_replicas
     done = 0
     where: torch.device | None = None
@@ -379,17 +394,13 @@ def _fast_sums(
                 replicas, pending = 1, chunk + pending
                 continue
             for index, p in enumerate(chunk):
-                difference = values[2 * index] - values[2 * index + 1]
-                if difference == 0.0:
-                    flat[p.unit] = flat.get(p.unit, 0) + 1
-                sums[p.unit] += abs(difference) / (2.0 * eps) / probes
+                sums.add(p.unit, values[2 * index], values[2 * index + 1])
             done += 1
             if on_progress is not None:
                 on_progress(done, total)
         del record, prober
     monitor.probe_replicas = replicas
-    warn_flat_probes(flat, len(units), len(batches) * probes, eps)
-    return sums
+    return sums.finish(len(batches))
 
 
 def _chunk_losses(

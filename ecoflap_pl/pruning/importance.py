@@ -20,10 +20,9 @@ from ecoflap_pl.pruning.fast_zeroth_order import fast_zeroth_order_sums
 from ecoflap_pl.pruning.first_order import first_order_sums
 from ecoflap_pl.pruning.loss import LossFn
 from ecoflap_pl.pruning.monitor import StageMonitor
-from ecoflap_pl.pruning.registry import add_entry, look_up
+from ecoflap_pl.pruning.registry import Registry
 from ecoflap_pl.pruning.residency import Residency, resident
 from ecoflap_pl.pruning.score_variants import get_score
-from ecoflap_pl.pruning.zeroth_order import zeroth_order_sums
 
 if TYPE_CHECKING:
     from ecoflap_pl.pruning.config import PruningConfig
@@ -74,7 +73,12 @@ class ImportanceEstimator:
     combine: Combine
 
 
-_ESTIMATORS: dict[str, ImportanceEstimator] = {}
+_ESTIMATORS: Registry[ImportanceEstimator] = Registry(
+    "An importance estimator named",
+    "importance",
+    "register an estimator with @register_importance(name, combine=...).",
+    purpose=" to score groups",
+)
 
 
 def register_importance(name: str, *, combine: Combine) -> Callable[[Measure], Measure]:
@@ -82,8 +86,8 @@ def register_importance(name: str, *, combine: Combine) -> Callable[[Measure], M
 
     def register(measure: Measure) -> Measure:
         if name == "uniform":  # taken by the config: it means "no scores"
-            raise ValueError("An importance estimator named 'uniform' is already registered.")
-        add_entry(_ESTIMATORS, name, ImportanceEstimator(name, measure, combine), "An importance estimator")
+            raise ValueError(f"{_ESTIMATORS.what} 'uniform' is already registered.")
+        _ESTIMATORS.add(name, ImportanceEstimator(name, measure, combine))
         return measure
 
     return register
@@ -91,7 +95,7 @@ def register_importance(name: str, *, combine: Combine) -> Callable[[Measure], M
 
 def importance_names() -> tuple[str, ...]:
     """The registered estimator names, in registration order (``"uniform"``, no scores, is not one)."""
-    return tuple(_ESTIMATORS)
+    return _ESTIMATORS.names()
 
 
 def get_importance(name: str) -> ImportanceEstimator:
@@ -100,8 +104,7 @@ def get_importance(name: str) -> ImportanceEstimator:
     Raises:
         ValueError: for an unknown name, listing the known ones.
     """
-    hint = "register an estimator with @register_importance(name, combine=...)."
-    return look_up(_ESTIMATORS, name, "importance", hint, purpose=" to score groups")
+    return _ESTIMATORS.lookup(name)
 
 
 def _zeroth_order_combine(raw: Mapping[str, float], request: ImportanceRequest, batch_count: int) -> dict[str, float]:
@@ -122,7 +125,7 @@ def _zeroth_order_combine(raw: Mapping[str, float], request: ImportanceRequest, 
 @register_importance("zeroth_order", combine=_zeroth_order_combine)
 def zeroth_order_measure(request: ImportanceRequest) -> dict[str, float]:
     """Forward-only two-point estimates, per tensor or per group (``probe_granularity``), summed over batches:
-    full forwards per probe (``activation_storage: recompute``) or replays from the recorded dense block outputs.
+    replays from the recorded dense block outputs, or full forwards per probe (``activation_storage: recompute``).
 
     A model with offloaded weights (``request.residency``) takes either path by parameter name, each unit's weights
     held resident while it is probed."""
@@ -131,19 +134,6 @@ def zeroth_order_measure(request: ImportanceRequest) -> dict[str, float]:
         names = {group: list(members) for group, members in request.groups.items()}
     else:
         names = {name: [name] for name in params}
-    if config.activation_storage == "recompute":
-        return zeroth_order_sums(
-            request.model,
-            names,
-            request.batches,
-            request.loss_fn,
-            eps=config.eps,
-            probes=config.probes,
-            seed=config.seed,
-            monitor=request.monitor,
-            on_unit_done=request.tick(len(names)),
-            residency=request.residency,
-        )
     return fast_zeroth_order_sums(
         request.model,
         names,

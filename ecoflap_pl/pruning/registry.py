@@ -1,33 +1,67 @@
-"""The two operations every engine registry shares (methods, estimators, score variants, allocations): add an entry
-under a new name, and look a name up with an error that lists the known ones. Each registry stays a plain module-level
-dict, so a test can swap in a copy."""
+"""The registry every named extension point shares (methods, estimators, score variants, allocations, the tasks'
+model families): entries added under new names, kept in registration order, and a look-up whose error lists the
+known names with a ``HINT:``. A test that registers an extra entry swaps in a :meth:`Registry.copy`."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
-def add_entry(entries: MutableMapping[str, T], name: str, entry: T, what: str) -> T:
-    """Store ``entry`` under ``name``; ``what`` names the kind in the error (``"A score variant"``).
+class Registry(Mapping[str, T]):
+    """Name -> entry, in registration order; read like any mapping.
 
-    Raises:
-        ValueError: when ``name`` is taken.
+    Args:
+        what: the kind of entry as the duplicate-name error starts it (``"A score variant named"``).
+        option: the config field whose value is looked up (``"score"``), named in the unknown-name error.
+        hint: how to add an entry, the ``HINT:`` of the unknown-name error.
+        purpose: words after the list of names in that error (``" to score groups"``).
     """
-    if name in entries:
-        raise ValueError(f"{what} named {name!r} is already registered.")
-    entries[name] = entry
-    return entry
 
+    def __init__(self, what: str, option: str, hint: str, purpose: str = "") -> None:
+        self.what, self.option, self.hint, self.purpose = what, option, hint, purpose
+        self._entries: dict[str, T] = {}
 
-def look_up(entries: Mapping[str, T], name: str, option: str, hint: str, purpose: str = "") -> T:
-    """The entry under ``name``.
+    def __getitem__(self, name: str) -> T:
+        return self._entries[name]
 
-    Raises:
-        ValueError: "`option` must be one of [...]{purpose}, got 'name'. HINT: {hint}" for an unknown name.
-    """
-    if name not in entries:
-        raise ValueError(f"`{option}` must be one of {list(entries)}{purpose}, got {name!r}. HINT: {hint}")
-    return entries[name]
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, name: str, entry: T) -> T:
+        """Store ``entry`` under ``name`` and return it.
+
+        Raises:
+            ValueError: when ``name`` is taken.
+        """
+        if name in self._entries:
+            raise ValueError(f"{self.what} {name!r} is already registered.")
+        self._entries[name] = entry
+        return entry
+
+    def lookup(self, name: str) -> T:
+        """The entry under ``name``.
+
+        Raises:
+            ValueError: "`option` must be one of [...]{purpose}, got 'name'. HINT: {hint}" for an unknown name.
+        """
+        if name not in self._entries:
+            raise ValueError(
+                f"`{self.option}` must be one of {list(self._entries)}{self.purpose}, got {name!r}. HINT: {self.hint}"
+            )
+        return self._entries[name]
+
+    def names(self) -> tuple[str, ...]:
+        """The registered names, in registration order."""
+        return tuple(self._entries)
+
+    def copy(self) -> Registry[T]:
+        """A registry with the same settings and entries, filled independently from now on."""
+        duplicate: Registry[T] = Registry(self.what, self.option, self.hint, self.purpose)
+        duplicate._entries.update(self._entries)
+        return duplicate

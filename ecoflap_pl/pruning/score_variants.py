@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ecoflap_pl.pruning.registry import add_entry, look_up
+from ecoflap_pl.pruning.registry import Registry
 
 ElementwiseScore = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ScalarScore = Callable[[float, Sequence[torch.Tensor]], float]
@@ -34,17 +34,17 @@ class ScoreVariant:
     from_scalar: ScalarScore
 
 
-_SCORES: dict[str, ScoreVariant] = {}
+_SCORES: Registry[ScoreVariant] = Registry("A score variant named", "score", "register it with register_score.")
 
 
 def register_score(name: str, *, elementwise: ElementwiseScore, from_scalar: ScalarScore) -> ScoreVariant:
     """Register a score variant under ``name`` (``PruningConfig.score``) and return it."""
-    return add_entry(_SCORES, name, ScoreVariant(name, elementwise, from_scalar), "A score variant")
+    return _SCORES.add(name, ScoreVariant(name, elementwise, from_scalar))
 
 
 def score_names() -> tuple[str, ...]:
     """The registered score variant names, in registration order."""
-    return tuple(_SCORES)
+    return _SCORES.names()
 
 
 def get_score(name: str) -> ScoreVariant:
@@ -53,7 +53,7 @@ def get_score(name: str) -> ScoreVariant:
     Raises:
         ValueError: for an unknown name, listing the known ones.
     """
-    return look_up(_SCORES, name, "score", "register it with register_score.")
+    return _SCORES.lookup(name)
 
 
 def _weight_power_sum(weights: Sequence[torch.Tensor], power: int) -> float:

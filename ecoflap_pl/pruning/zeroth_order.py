@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,20 +29,51 @@ def probe_directions(tensors: Sequence[torch.Tensor], seed: int) -> list[torch.T
     return [torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype) for t in tensors]
 
 
-def warn_flat_probes(flat: Mapping[str, int], units: int, probes_per_unit: int, eps: float) -> None:
-    """Warn about units whose probes saw no change of the loss (``flat``: unit -> such probes)."""
-    if not flat:
-        return
-    worst = sorted(flat, key=flat.__getitem__, reverse=True)[:3]
-    logger.warning(
-        "Zeroth-order probes of %d of %d units saw no change of the loss (most: %s, of %d probes each); their "
-        "scores sit at the loss's precision floor. HINT: raise `eps` (now %g), run the loss in fp32/fp64, or use "
-        "importance='first_order'.",
-        len(flat),
-        units,
-        ", ".join(f"{unit} {flat[unit]}" for unit in worst),
-        probes_per_unit,
-        eps,
+class TwoPointSums:
+    """``s_u = Σ_b mean_k |ĝ_{u,b,k}|`` with ``ĝ = (L+ − L−) / (2ε)``, added probe by probe; counts the probes whose two
+    losses were equal (flat: the loss could not resolve the perturbation).
+
+    Args:
+        units: the unit names, in order.
+        eps: perturbation size ε.
+        probes: directions per batch (the ``mean_k``).
+    """
+
+    def __init__(self, units: Iterable[str], eps: float, probes: int) -> None:
+        self.sums = dict.fromkeys(units, 0.0)
+        self.flat: dict[str, int] = {}
+        self.eps, self.probes = eps, probes
+
+    def add(self, unit: str, plus: float, minus: float) -> None:
+        """Add one probe of ``unit`` from its two losses."""
+        difference = plus - minus
+        if difference == 0.0:
+            self.flat[unit] = self.flat.get(unit, 0) + 1
+        self.sums[unit] += abs(difference) / (2.0 * self.eps) / self.probes
+
+    def finish(self, batch_count: int) -> dict[str, float]:
+        """The sums, after a warning naming the units whose probes saw no change of the loss."""
+        if self.flat:
+            worst = sorted(self.flat, key=self.flat.__getitem__, reverse=True)[:3]
+            logger.warning(
+                "Zeroth-order probes of %d of %d units saw no change of the loss (most: %s, of %d probes each); their "
+                "scores sit at the loss's precision floor. HINT: raise `eps` (now %g), run the loss in fp32/fp64, or "
+                "use importance='first_order'.",
+                len(self.flat),
+                len(self.sums),
+                ", ".join(f"{unit} {self.flat[unit]}" for unit in worst),
+                batch_count * self.probes,
+                self.eps,
+            )
+        return self.sums
+
+
+def non_finite_perturbation(weights: str, eps: float, batch_id: int) -> FloatingPointError:
+    """The error for a loss that is finite unperturbed but not with ``weights`` (already formatted) perturbed."""
+    return FloatingPointError(
+        f"The calibration loss becomes non-finite when the weights of {weights} are perturbed by eps={eps:g} (it is "
+        f"finite unperturbed on calibration batch {batch_id}). The model was left unchanged. HINT: lower `eps` (the "
+        "official runs use 1e-3)."
     )
 
 
@@ -63,11 +94,7 @@ def _perturbed_loss(
         for tensor, original in zip(tensors, originals, strict=True):
             tensor.data.copy_(original)
         checked_loss(loss_fn, model, batch, batch_id)  # raises the data/weight error when the model itself fails
-        raise FloatingPointError(
-            f"The calibration loss becomes non-finite when the weights of {unit!r} are perturbed by eps={eps:g} "
-            f"(it is finite unperturbed on calibration batch {batch_id}). The model was left unchanged. HINT: lower "
-            "`eps` (the official runs use 1e-3)."
-        ) from error
+        raise non_finite_perturbation(repr(unit), eps, batch_id) from error
 
 
 @torch.no_grad()
@@ -106,13 +133,11 @@ def zeroth_order_sums(
         residency: holds each unit's offloaded weights resident while it is probed (nothing is written back: the
             weights are restored bit-exactly).
     """
-    sums: dict[str, float] = {}
-    flat: dict[str, int] = {}
+    sums = TwoPointSums(units, eps, probes)
     for unit_index, (unit, members) in enumerate(units.items()):
         with resident(residency, [m for m in members if isinstance(m, str)], write_back=False):
             tensors = [model.get_parameter(m) if isinstance(m, str) else m for m in members]
             originals = [tensor.detach().clone() for tensor in tensors]
-            total = 0.0
             try:
                 for batch_id, batch in batches:
                     for probe in range(probes):
@@ -126,15 +151,10 @@ def zeroth_order_sums(
                         for tensor, original in zip(tensors, originals, strict=True):
                             tensor.data.copy_(original)
                         monitor.full_forwards += 2
-                        difference = float(plus) - float(minus)
-                        if difference == 0.0:
-                            flat[unit] = flat.get(unit, 0) + 1
-                        total += abs(difference) / (2.0 * eps) / probes
+                        sums.add(unit, float(plus), float(minus))
             finally:
                 for tensor, original in zip(tensors, originals, strict=True):
                     tensor.data.copy_(original)
-            sums[unit] = total
         if on_unit_done is not None:
             on_unit_done()
-    warn_flat_probes(flat, len(units), len(batches) * probes, eps)
-    return sums
+    return sums.finish(len(batches))

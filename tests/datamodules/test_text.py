@@ -45,5 +45,5 @@ def test_empty_file_is_an_error(tmp_path):
 
 
 def test_unset_split_file_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="`val_file` must be set"):
+    with pytest.raises(ValueError, match=r"`val_file` must be set for the val loop of TextDataModule, got None\. HINT"):
         TextDataModule(tmp_path, train_file="x.txt").dataset("val")

@@ -351,7 +351,7 @@ def test_auto_refuses_before_any_work_when_no_batch_is_held_out():
 
 
 def test_a_registered_strategy_is_one_function_and_one_name(monkeypatch):
-    monkeypatch.setattr(registry, "_STRATEGIES", dict(registry._STRATEGIES))
+    monkeypatch.setattr(registry, "_STRATEGIES", registry._STRATEGIES.copy())
 
     @register_allocation("deeper_is_sparser")
     def deeper_is_sparser(request):

@@ -38,7 +38,7 @@ def random_mask_prune_(weight, statistics, sparsity, config):  # type: ignore[no
 @pytest.fixture
 def random_mask(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """``random_mask`` registered for one test (on a copy of the registry, so other tests see the built-ins only)."""
-    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    monkeypatch.setattr(registry, "_METHODS", registry._METHODS.copy())
     register_method("random_mask", inputs="none")(random_mask_prune_)
     yield "random_mask"
 

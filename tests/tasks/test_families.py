@@ -46,5 +46,5 @@ def test_lookups_list_the_families_of_the_task() -> None:
 
 
 def test_a_model_type_is_registered_once() -> None:
-    with pytest.raises(ValueError, match="model_type 'clip' is registered already"):
+    with pytest.raises(ValueError, match="model_type 'clip' is already registered"):
         register_family(FamilyAdapter("clip", "clip", {}))

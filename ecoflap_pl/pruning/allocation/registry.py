@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ecoflap_pl.pruning.config import PruningConfig
-from ecoflap_pl.pruning.registry import add_entry, look_up
+from ecoflap_pl.pruning.registry import Registry
 
 if TYPE_CHECKING:
     from ecoflap_pl.pruning.result import GroupScores
@@ -74,21 +74,23 @@ class Allocation:
 
 
 AllocationStrategy = Callable[[AllocationRequest], Allocation]
-_STRATEGIES: dict[str, AllocationStrategy] = {}
+_STRATEGIES: Registry[AllocationStrategy] = Registry(
+    "An allocation named", "allocation", "register a new strategy with @register_allocation(name)."
+)
 
 
 def register_allocation(name: str) -> Callable[[AllocationStrategy], AllocationStrategy]:
     """Decorator registering ``strategy(request) -> Allocation`` under ``name`` (``PruningConfig.allocation``)."""
 
     def register(strategy: AllocationStrategy) -> AllocationStrategy:
-        return add_entry(_STRATEGIES, name, strategy, "An allocation")
+        return _STRATEGIES.add(name, strategy)
 
     return register
 
 
 def allocation_names() -> tuple[str, ...]:
     """The registered allocation names, in registration order."""
-    return tuple(_STRATEGIES)
+    return _STRATEGIES.names()
 
 
 def get_allocation(name: str) -> AllocationStrategy:
@@ -97,4 +99,4 @@ def get_allocation(name: str) -> AllocationStrategy:
     Raises:
         ValueError: for an unknown name, listing the known ones.
     """
-    return look_up(_STRATEGIES, name, "allocation", "register a new strategy with @register_allocation(name).")
+    return _STRATEGIES.lookup(name)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from ecoflap_pl.pruning.registry import add_entry, look_up
+from ecoflap_pl.pruning.registry import Registry
 
 if TYPE_CHECKING:
     from ecoflap_pl.pruning.config import PruningConfig
@@ -49,7 +49,9 @@ class FineMethod:
         return self.inputs != "none"
 
 
-_METHODS: dict[str, FineMethod] = {}
+_METHODS: Registry[FineMethod] = Registry(
+    "A fine-step method named", "method", "register a new method with @register_method(name, inputs=...)."
+)
 
 
 def register_method(
@@ -68,7 +70,7 @@ def register_method(
         raise ValueError(f"`default_comparison` must be 'per_row' or 'per_matrix', got {default_comparison!r}.")
 
     def register(prune: PruneFn) -> PruneFn:
-        add_entry(_METHODS, name, FineMethod(name, prune, inputs, default_comparison), "A fine-step method")
+        _METHODS.add(name, FineMethod(name, prune, inputs, default_comparison))
         return prune
 
     return register
@@ -76,7 +78,7 @@ def register_method(
 
 def method_names() -> tuple[str, ...]:
     """The registered method names, in registration order."""
-    return tuple(_METHODS)
+    return _METHODS.names()
 
 
 def get_method(name: str) -> FineMethod:
@@ -85,4 +87,4 @@ def get_method(name: str) -> FineMethod:
     Raises:
         ValueError: for an unknown name, listing the known ones.
     """
-    return look_up(_METHODS, name, "method", "register a new method with @register_method(name, inputs=...).")
+    return _METHODS.lookup(name)

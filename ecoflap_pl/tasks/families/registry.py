@@ -6,18 +6,20 @@ from collections.abc import Sequence
 
 from transformers import PretrainedConfig
 
+from ecoflap_pl.pruning.registry import Registry
 from ecoflap_pl.tasks.families.adapter import FamilyAdapter, TaskKind
 
-FAMILIES: dict[str, FamilyAdapter] = {}
+FAMILIES: Registry[FamilyAdapter] = Registry(
+    "A family with model_type",
+    "model_type",
+    "a model_config dict needs its model_type (config.to_dict() includes it).",
+)
 """``config.model_type`` -> its adapter, in registration order."""
 
 
 def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
     """Add ``adapter`` under its ``model_type``; a second adapter for the same type is refused."""
-    if adapter.model_type in FAMILIES:
-        raise ValueError(f"A family with model_type {adapter.model_type!r} is registered already.")
-    FAMILIES[adapter.model_type] = adapter
-    return adapter
+    return FAMILIES.add(adapter.model_type, adapter)
 
 
 def serving(task: TaskKind) -> tuple[FamilyAdapter, ...]:
@@ -45,7 +47,7 @@ def family_for(model_type: str | None, task: TaskKind) -> FamilyAdapter:
     if adapter is None or task not in adapter.model_classes:
         raise ValueError(
             f"The model's `model_type` must be one of {tuple(a.model_type for a in serving(task))} for {task}, got "
-            f"{model_type!r}. HINT: a model_config dict needs its model_type (config.to_dict() includes it)."
+            f"{model_type!r}. HINT: {FAMILIES.hint}"
         )
     return adapter
 
