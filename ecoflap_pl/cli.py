@@ -132,11 +132,13 @@ class EcoflapCLI(LightningCLI):
             log.debug("The %s loop reads %s", stage, ", ".join(f"{key}={path}" for key, path in files.items()))
 
     def _loops_read(self) -> list[Stage]:
-        """The DataModule loops the subcommand reads: its main loop, and the training split for calibration when it
-        prunes first (the subcommand is in ``pruning.stages`` and ``ckpt_path`` is not a pruned checkpoint)."""
+        """The DataModule loops the subcommand reads: its main loop; for ``fit``, the validation split unless
+        ``trainer.limit_val_batches`` is 0 (the sanity check reads it after pruning); and the training split for
+        calibration when it prunes first (the subcommand is in ``pruning.stages``, ``ckpt_path`` not pruned)."""
         main_loop = _MAIN_LOOP[str(self.subcommand)]
         if main_loop == "train":
-            return [main_loop]
+            limit_val_batches = self._get(self.config, "trainer").get("limit_val_batches")
+            return [main_loop] if limit_val_batches == 0 else [main_loop, "val"]
         pruning = self._get(self.config, "pruning")
         if self.subcommand not in pruning.stages or self._starts_pruned(pruning):
             return [main_loop]

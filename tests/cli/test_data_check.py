@@ -104,6 +104,7 @@ def test_the_experiment_config_with_a_wrong_data_dir_stops_before_the_hub(tmp_pa
         ("test", "v2_mscoco_val2014_annotations.json", "test_annotations_file"),
         ("test", "v2_OpenEnded_mscoco_train2014_questions.json", "train_questions_file"),
         ("fit", "v2_mscoco_train2014_annotations.json", "train_annotations_file"),
+        ("fit", "v2_OpenEnded_mscoco_val2014_questions.json", "val_questions_file"),  # the sanity check's
         ("prune", "v2_OpenEnded_mscoco_train2014_questions.json", "train_questions_file"),
         ("predict", "v2_OpenEnded_mscoco_val2014_questions.json", "test_questions_file"),
     ],
@@ -125,6 +126,15 @@ def test_the_training_split_is_not_needed_when_the_run_does_not_prune(
     went_on_to_the_model(run_ecoflap(capsys, "validate", "-c", config(tmp_path, vqa_root, stages=[])))
     went_on_to_the_model(run_ecoflap(capsys, "validate", "-c", config(tmp_path, vqa_root, stages=["test"])))
     refused(run_ecoflap(capsys, "test", "-c", config(tmp_path, vqa_root, stages=["test"])), "`train_annotations_file`")
+
+
+def test_fit_without_validation_needs_no_validation_split(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, vqa_root: Path
+) -> None:
+    (vqa_root / "v2_OpenEnded_mscoco_val2014_questions.json").unlink()
+    path = config(tmp_path, vqa_root)
+    went_on_to_the_model(run_ecoflap(capsys, "fit", "-c", path, "--trainer.limit_val_batches=0"))
+    refused(run_ecoflap(capsys, "fit", "-c", path), "`val_questions_file`")
 
 
 @pytest.mark.parametrize("pruned", [True, False])
