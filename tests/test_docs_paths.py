@@ -28,8 +28,16 @@ def _top_level() -> set[str]:
     return {entry.name for entry in ROOT.iterdir() if not entry.name.startswith(".git")}
 
 
+# The project's own sources: a checkout may also hold virtual environments (`.venv/`, `venv/`), run outputs and caches.
+SOURCE_FOLDERS = ("ecoflap_pl", "callbacks", "datamodules", "configs", "benchmarks", "tests", "docs")
+
+
+def _sources(pattern: str) -> list[Path]:
+    return [path for folder in SOURCE_FOLDERS for path in (ROOT / folder).rglob(pattern)] + sorted(ROOT.glob(pattern))
+
+
 def _python_files() -> list[str]:
-    return [path.relative_to(ROOT).as_posix() for path in ROOT.rglob("*.py") if ".git" not in path.parts]
+    return [path.relative_to(ROOT).as_posix() for path in _sources("*.py")]
 
 
 def _tree_paths(block: str, top_level: set[str]) -> list[str]:
@@ -121,7 +129,7 @@ def test_a_missing_path_is_reported(tmp_path: Path) -> None:
 
 def test_the_code_cites_only_documents_of_the_repository() -> None:
     cited = re.compile(r"\b((?:docs|configs|benchmarks)/[\w/]+\.md|[A-Z_]+\.md)\b")
-    sources = [path for suffix in ("*.py", "*.yaml") for path in ROOT.rglob(suffix) if ".git" not in path.parts]
+    sources = [path for suffix in ("*.py", "*.yaml") for path in _sources(suffix)]
     missing = sorted(
         f"{source.relative_to(ROOT)}: {name}"
         for source in sources
