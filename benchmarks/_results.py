@@ -3,12 +3,13 @@ raw numbers, printing progress, and formatting counts and sizes."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 GIB = 1024**3
@@ -61,3 +62,15 @@ def format_count(number: float) -> str:
 def format_size(size: float) -> str:
     """A byte count in GiB, or MiB below one GiB."""
     return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 1024**2:.0f} MiB"
+
+
+def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace, at_least_one: Iterable[str]) -> None:
+    """The checks the full-size benchmarks share: ``--sparsity`` in [0, 1) and each option of ``at_least_one`` (by
+    attribute name) at least 1, through ``parser.error``; ``args.threads`` defaults to one torch thread on the CPU."""
+    if not 0.0 <= args.sparsity < 1.0:
+        parser.error(f"--sparsity must be in [0, 1), got {args.sparsity!r}")
+    for name in at_least_one:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)!r}")
+    if args.threads is None and args.device == "cpu":
+        args.threads = 1

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 import transformers
-from _results import GIB, dump_json, format_count, format_size, progress_printer, write_section
+from _results import GIB, check_run_args, dump_json, format_count, format_size, progress_printer, write_section
 from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig, T5Config
 
 from ecoflap_pl import PruningConfig, prune
@@ -585,13 +585,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             setattr(args, name, value)
     if args.coarse_samples != "auto" and not (str(args.coarse_samples).isdigit() and int(args.coarse_samples) > 0):
         parser.error(f"--coarse-samples must be a positive integer or 'auto', got {args.coarse_samples!r}")
-    if not 0.0 <= args.sparsity < 1.0:
-        parser.error(f"--sparsity must be in [0, 1), got {args.sparsity!r}")
-    for name in ("batch_size", "fine_samples", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)!r}")
-    if args.threads is None and args.device == "cpu":
-        args.threads = 1
+    check_run_args(parser, args, ("batch_size", "fine_samples", "repeats"))
     return args
 
 

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 import transformers
-from _results import GIB, dump_json, format_count, format_size, progress_printer, write_section
+from _results import GIB, check_run_args, dump_json, format_count, format_size, progress_printer, write_section
 from accelerate import dispatch_model
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -434,15 +434,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             "--offload cpu on --device cpu is no offloading (the blocks would simply run on the CPU). "
             "HINT: use --offload disk on the CPU"
         )
-    if not 0.0 <= args.sparsity < 1.0:
-        parser.error(f"--sparsity must be in [0, 1), got {args.sparsity!r}")
-    for name in ("batch_size", "coarse_samples", "fine_samples", "text_tokens"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)!r}")
+    check_run_args(parser, args, ("batch_size", "coarse_samples", "fine_samples", "text_tokens"))
     if args.layers is not None and args.layers < 2:
         parser.error(f"--layers must be at least 2 (the engine prunes stacks of 2+ blocks), got {args.layers}")
-    if args.threads is None and args.device == "cpu":
-        args.threads = 1
     return args
 
 
