@@ -20,14 +20,15 @@ top level (``pruning_masks.safetensors``); :func:`read_masks` still reads them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file, save_model
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file, save_model
 from torch import nn
 
 from ecoflap_pl.export.sparse_formats import FORMATS, compress_state_dict, decompress_state_dict, pack_mask, unpack_mask
@@ -175,6 +176,19 @@ def _write_masks(masks: dict[str, torch.Tensor], path: Path) -> None:
     save_file(packed, str(path), metadata={"shapes": json.dumps(shapes)})
 
 
+@contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """``safe_open(path)``, with a damaged file reported by name instead of by the reader's bare message."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path} cannot be read as a safetensors file ({error}). HINT: the folder was changed after `save_to` "
+            "wrote it, or copied incompletely; export the model again."
+        ) from error
+
+
 def _weight_files(directory: Path) -> list[Path]:
     files = sorted(directory.glob("model*.safetensors"))
     if not files:
@@ -186,7 +200,7 @@ def _weight_files(directory: Path) -> list[Path]:
 
 def saved_format(directory: str | Path) -> str:
     """The save format of a folder written by :func:`write_pruned_model`."""
-    with safe_open(str(_weight_files(Path(directory))[0]), framework="pt") as handle:
+    with _opened(_weight_files(Path(directory))[0]) as handle:
         return (handle.metadata() or {}).get(_FORMAT_KEY, "dense")
 
 
@@ -208,7 +222,8 @@ def load_pruned_state_dict(directory: str | Path) -> tuple[dict[str, torch.Tenso
     directory = Path(directory)
     state_dict: dict[str, torch.Tensor] = {}
     for path in _weight_files(directory):
-        state_dict.update(load_file(str(path)))
+        with _opened(path) as handle:
+            state_dict.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
     save_format = saved_format(directory)
     if save_format == "dense":
         return state_dict, read_masks(directory)
@@ -226,7 +241,7 @@ def read_masks(directory: str | Path) -> dict[str, torch.Tensor]:
             f"No {MASKS_FILE} in {directory}. HINT: pass a folder written by `save_to` (ecoflap prune) with its "
             "masks/ subfolder."
         )
-    with safe_open(str(path), framework="pt") as handle:
+    with _opened(path) as handle:
         shapes = json.loads((handle.metadata() or {})["shapes"])
         return {name: unpack_mask(handle.get_tensor(name), tuple(shapes[name])) for name in handle.keys()}  # noqa: SIM118
 

@@ -162,3 +162,15 @@ def test_masks_of_folders_written_before_the_masks_subfolder_are_read(tmp_path: 
     (tmp_path / "pruning_masks.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="No masks/pruning_masks.safetensors in .*HINT"):
         read_masks(tmp_path)
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "masks/pruning_masks.safetensors"])
+def test_a_damaged_file_of_the_folder_is_named(tmp_path: Path, damaged: str) -> None:
+    model, _, _, masks = pruned("llama", "unstructured")
+    write_pruned_model(model, tmp_path, masks, "dense")
+    (tmp_path / damaged).write_bytes((tmp_path / damaged).read_bytes()[:100])  # a copy cut short
+
+    with pytest.raises(ValueError, match=rf"{damaged} cannot be read as a safetensors file .*HINT: .*export"):
+        read_masks(tmp_path)
+    with pytest.raises(ValueError, match=rf"{damaged} cannot be read as a safetensors file"):
+        load_pruned_state_dict(tmp_path)
