@@ -213,6 +213,21 @@ def _check_inputs(model: Any, batches: Any, loss_fn: Any, config: Any, rank: int
         raise ValueError(f"`rank` must be in [0, world_size={world_size}), got {rank!r}.")
 
 
+def check_before_pruning(model: nn.Module, config: PruningConfig) -> None:
+    """The checks of :func:`prune` that need neither calibration data nor a forward pass: ``allocation_report`` is a
+    readable pruning report, and ``model`` has stacks of blocks in which ``include``/``exclude`` select weights.
+
+    ``prune`` runs them first; a caller that loads data or evaluates the model before pruning (the Lightning
+    callback) runs them before that work too, so a bad setting is refused at once.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`prune` does for these settings.
+    """
+    if config.allocation_report is not None:
+        read_allocation_report(config.allocation_report)
+    find_candidates(model, find_stacks(model), config)  # candidates of every stack: those that run are among them
+
+
 def _plan(
     model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, config: PruningConfig, rank: int
 ) -> tuple[_Plan, StageStats]:
@@ -446,8 +461,7 @@ def prune(
     coarse = scores is None and config.importance != "uniform"
     _check_shards(calibration_batches, config, world_size, ("coarse", "fine") if coarse else ("fine",))
     holdout = _holdout_batches(calibration_batches, config) if config.allocation == "auto" else []
-    if config.allocation_report is not None:
-        read_allocation_report(config.allocation_report)  # fail before any work
+    check_before_pruning(model, config)
     stages: dict[str, StageStats] = {}
     params = dict(model.named_parameters())
     with pruning_session(model) as transaction:

@@ -15,10 +15,11 @@ from ecoflap_pl.pruning.allocation.registry import Allocation, AllocationRequest
 
 
 def read_allocation_report(path: str | Path) -> dict[str, Any]:
-    """The JSON of a pruning report, checked to hold ``groups``, ``group_sparsity`` and ``config``.
+    """The JSON of a pruning report, checked to hold ``config``, ``groups`` (group -> weight names) and
+    ``group_sparsity`` (the same groups -> a sparsity in [0, 1)).
 
     Raises:
-        FileNotFoundError, ValueError: a missing file, not JSON, or not a pruning report.
+        FileNotFoundError, ValueError: a missing file, not JSON, or not a pruning report (or an edited, damaged one).
     """
     path = Path(path)
     if not path.is_file():
@@ -26,17 +27,41 @@ def read_allocation_report(path: str | Path) -> dict[str, Any]:
             f"`allocation_report` {str(path)!r} is not a file. HINT: point it at the pruning_report.json of an "
             "earlier run (written next to its logs, or in its save_to directory)."
         )
+    hint = "HINT: use the pruning_report.json that an earlier run wrote, unedited."
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"`allocation_report` {str(path)!r} is not JSON ({error}).") from error
+        raise ValueError(f"`allocation_report` {str(path)!r} is not JSON ({error}). {hint}") from error
     missing = [key for key in ("groups", "group_sparsity", "config") if not isinstance(data, dict) or key not in data]
     if missing:
-        raise ValueError(
-            f"`allocation_report` {str(path)!r} is not a pruning report: it lacks {missing}. "
-            "HINT: use the pruning_report.json that an earlier run wrote."
-        )
+        raise ValueError(f"`allocation_report` {str(path)!r} is not a pruning report: it lacks {missing}. {hint}")
+    problem = _report_problem(data)
+    if problem:
+        raise ValueError(f"`allocation_report` {str(path)!r} is not a valid pruning report: {problem}. {hint}")
     return data
+
+
+def _report_problem(data: dict[str, Any]) -> str | None:
+    """What is wrong with the ``config``, ``groups`` and ``group_sparsity`` entries of a report, if anything."""
+    if not isinstance(data["config"], dict):
+        return f"`config` must be a mapping, got {type(data['config']).__name__}"
+    groups, sparsity = data["groups"], data["group_sparsity"]
+    if not isinstance(groups, dict) or not all(
+        isinstance(names, list) and all(isinstance(name, str) for name in names) for names in groups.values()
+    ):
+        return "`groups` must map each group to a list of weight names"
+    if not isinstance(sparsity, dict) or set(sparsity) != set(groups):
+        shown = sorted(set(groups) ^ set(sparsity))[:3] if isinstance(sparsity, dict) else type(sparsity).__name__
+        return f"`group_sparsity` must give a sparsity for each of its {len(groups)} groups and no other ({shown})"
+    bad = {
+        group: value
+        for group, value in sparsity.items()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1
+    }
+    if bad:
+        shown = ", ".join(f"{group}: {value!r}" for group, value in list(bad.items())[:3])
+        return f"every group sparsity must be a number in [0, 1), got {shown}"
+    return None
 
 
 @register_allocation("from_report")
