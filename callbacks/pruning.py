@@ -25,10 +25,10 @@ import ecoflap_pl
 from ecoflap_pl.callbacks.export import describe_saved, save_pruned, source_directories
 from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
 from ecoflap_pl.callbacks.progress import StageProgress
-from ecoflap_pl.export import check_save_format, check_save_target
+from ecoflap_pl.export import check_save_format, check_save_target, check_writable_folder
 from ecoflap_pl.export.semi_structured import check_semi_structured, to_semi_structured_
 from ecoflap_pl.models.placement import OffloadedWeights, placement
-from ecoflap_pl.pruning import PruningConfig, PruningResult, prune
+from ecoflap_pl.pruning import PruningConfig, PruningResult, check_before_pruning, prune
 from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE, AllocationName, ImportanceName, MethodName, ScoreName
 from ecoflap_pl.reporting import REPORT_JSON, render_table, report_dict, write_report
 
@@ -214,6 +214,7 @@ class ECoFLaPPruning(Callback):
         self.report: dict[str, Any] | None = None
         self.masks_from: str | None = None
         self._result: PruningResult | None = None
+        self._pruning_started = False
 
     @property
     def result(self) -> PruningResult | None:
@@ -232,6 +233,10 @@ class ECoFLaPPruning(Callback):
         model = _pruned_module(pl_module)
         if self.save_to is not None and (stage in self.stages or stage == TrainerFn.FITTING):
             self._check_save_to(model)
+        if stage in self.stages:
+            check_before_pruning(model, self.config)
+            if self.report_dir is not None:
+                check_writable_folder(self.report_dir, option="report_dir")
         if self.semi_structured:
             self._check_semi_structured(trainer, stage)
         if stage == TrainerFn.FITTING.value and trainer.max_steps != 0 and trainer.max_epochs != 0:
@@ -293,7 +298,9 @@ class ECoFLaPPruning(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and self.save_to is not None and trainer.is_global_zero:
+        # A run refused before pruning began (a setup check) has its own message: the notice would only repeat it.
+        started = self.pruned or self._pruning_started
+        if trainer.state.fn == TrainerFn.FITTING and self.save_to is not None and trainer.is_global_zero and started:
             rank_zero_warn(self._interrupted_save_notice(self.save_to, trainer.global_step))
 
     @override
@@ -386,6 +393,7 @@ class ECoFLaPPruning(Callback):
         check_semi_structured(self.config.structure, trainer.strategy.root_device)
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> PruningResult:
+        self._pruning_started = True
         model = _pruned_module(pl_module)
         batches = self._calibration_batches(trainer, pl_module)
         world_size, rank = trainer.world_size, trainer.global_rank

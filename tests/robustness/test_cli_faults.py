@@ -55,7 +55,8 @@ def test_a_report_dir_that_is_a_file(capsys, tmp_path, demo_data):
     blocker = tmp_path / "report"
     blocker.write_text("a file, not a folder", encoding="utf-8")
     outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data, report_dir=str(blocker)))
-    short_error(outcome, f"The pruning report could not be written to {blocker}", "`pruning.report_dir`")
+    short_error(outcome, f"`report_dir` must be a directory, but '{blocker}' is a file. HINT")
+    assert "Pruned " not in outcome.text  # refused before pruning, not when the report is written after it
     assert blocker.read_text(encoding="utf-8") == "a file, not a folder"
 
 
@@ -203,10 +204,70 @@ def test_a_checkpoint_of_another_model_config_is_rebuilt_as_trained(capsys, tmp_
     assert outcome.metric("val/loss") == same.metric("val/loss")
 
 
-def test_compare_dense_refuses_a_bad_save_to_before_the_dense_evaluation(capsys, tmp_path, demo_data):
+def occupied_folder(tmp_path):
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("the user's file", encoding="utf-8")
+    return occupied
+
+
+def test_prune_refusing_save_to_says_it_once(capsys, tmp_path, demo_data):
+    """A save_to refused at setup was followed by a warning that '`fit` stopped before pruning finished' (the user
+    ran `prune`, and nothing had started): the refusal alone is the message."""
+    occupied = occupied_folder(tmp_path)
+    before = folder_digest(occupied)
+    outcome = run_ecoflap(capsys, "prune", "-c", vit_config(tmp_path, demo_data, save_to=str(occupied)))
+    short_error(outcome, "a folder that is not empty; nothing was written")
+    assert "stopped" not in outcome.text, outcome.text
+    assert folder_digest(occupied) == before
+
+
+@pytest.mark.parametrize(
+    ("pruning", "expected"),
+    [
+        ({"allocation": "from_report", "allocation_report": "/no/such/pruning_report.json"}, "is not a file. HINT"),
+        ({"exclude": ["*"]}, "select no weight to prune"),
+        ({"report_dir": "/proc/ecoflap-report"}, "`report_dir` is '/proc/ecoflap-report', but /proc cannot be written"),
+    ],
+    ids=["missing-allocation-report", "patterns-selecting-nothing", "report-dir-taking-no-entry"],
+)
+def test_compare_dense_refuses_bad_pruning_settings_before_the_dense_evaluation(
+    capsys, tmp_path, demo_data, pruning, expected
+):
+    """Each was refused only when pruning began, after the dense model had been evaluated (minutes on a real model);
+    the unwritable report_dir only after pruning itself."""
+    logs = tmp_path / "logs"  # a dense evaluation would log its metrics here
+    outcome = run_ecoflap(
+        capsys,
+        "validate",
+        "-c",
+        vit_config(tmp_path, demo_data, **pruning),
+        "--compare_dense=true",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={logs}",
+    )
+    short_error(outcome, expected)
+    assert not list(logs.rglob("metrics.csv"))
+
+
+def test_a_checkpoint_of_another_task_is_refused(capsys, tmp_path, demo_data, blip2_dir, pruned_run):
+    """A classification checkpoint given to the VQA config: Lightning built the checkpoint's task instead of the
+    config's, and the run failed later on the data ('Classification val batches must carry `labels`')."""
+    checkpoint, _ = pruned_run
+    digest = folder_digest(checkpoint.parent)
+    outcome = run_ecoflap(
+        capsys, "validate", "-c", vqa_config(tmp_path, demo_data, blip2_dir), f"--ckpt_path={checkpoint}"
+    )
+    short_error(
+        outcome,
+        "was written by the task ecoflap_pl.tasks.ClassificationTask, but the config's model is "
+        "ecoflap_pl.tasks.VQATask. HINT",
+    )
+    assert folder_digest(checkpoint.parent) == digest
+
+
+def test_compare_dense_refuses_a_bad_save_to_before_the_dense_evaluation(capsys, tmp_path, demo_data):
+    occupied = occupied_folder(tmp_path)
     before = folder_digest(occupied)
     config = vit_config(tmp_path, demo_data, save_to=str(occupied))
     logs = tmp_path / "logs"  # a dense evaluation would log its metrics here
