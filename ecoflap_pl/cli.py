@@ -31,6 +31,7 @@ from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.console import quiet_libraries
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.datamodules.base import Stage
+from ecoflap_pl.option_hints import unknown_option_hint
 from ecoflap_pl.tasks.base import EcoflapTask
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,16 @@ class EcoflapCLI(LightningCLI):
         # Configuration errors are raised (not printed with the whole usage) so that `main` can show them briefly.
         kwargs.setdefault("exit_on_error", False)
         return super().init_parser(**kwargs)
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            hint = unknown_option_hint(str(error), parser)
+            if hint is None:
+                raise
+            raise ConfigurationError(f"{error}\n{hint}") from error  # its own line: the summary keeps it
 
     @override
     def instantiate_classes(self) -> None:

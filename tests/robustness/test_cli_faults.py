@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +32,16 @@ def short_error(outcome, *expected: str) -> None:
         (["--pruning.sparsity=abc"], ['Parser key "pruning.sparsity"', "Got value: abc"]),
         (["--pruning.sparsity=1.5"], ["`sparsity` must be in [0, 1)", "HINT"]),
         (["--pruning.method=wandaa"], ["`method` must be one of ['wanda', 'sparsegpt', 'magnitude']"]),
-        (["--pruning.sparsty=0.5"], ["unrecognized arguments: --pruning.sparsty=0.5"]),
+        (
+            ["--pruning.sparsty=0.5"],
+            ["unrecognized arguments: --pruning.sparsty=0.5", "did you mean 'pruning.sparsity'"],
+        ),
+        (
+            ["--data.init_args.batch_sise=2"],
+            ["Option 'batch_sise' is not accepted", "HINT: did you mean 'batch_size'?"],
+        ),
+        (["--model.init_args.num_beam=2"], ["Option 'num_beam' is not accepted", "HINT: did you mean 'num_beams'?"]),
+        (["--pruning.zzz=1"], ["unrecognized arguments: --pruning.zzz=1"]),
         (["--pruning.stages=[train]"], ["`stages` must be a subset of"]),
         (["--data.init_args.batch_size=0"], ["`batch_size` must be an int >= 1, got 0."]),
         (["--data.init_args.calibration_batch_size=-1"], ["`calibration_batch_size` must be an int >= 1"]),
@@ -106,6 +116,13 @@ def test_yaml_syntax_error_names_the_file_and_line(capsys, tmp_path):
     bad = tmp_path / "broken.yaml"
     bad.write_text("pruning:\n  sparsity: 0.5\n  stages: [validate\n", encoding="utf-8")
     short_error(run_ecoflap(capsys, "validate", "-c", str(bad)), f"{bad}, line 4", "is not valid YAML")
+
+
+def test_a_misspelt_key_in_the_config_file_names_the_option_meant(capsys, tmp_path, demo_data):
+    path = tmp_path / "config.yaml"
+    path.write_text(Path(vit_config(tmp_path, demo_data)).read_text().replace("fine_samples", "fine_sampels"))
+    outcome = run_ecoflap(capsys, "validate", "-c", str(path))
+    short_error(outcome, "does not accept option 'pruning.fine_sampels'", "HINT: did you mean 'pruning.fine_samples'?")
 
 
 def test_missing_config_file(capsys, tmp_path):
