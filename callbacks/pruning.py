@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timezone
@@ -346,10 +347,7 @@ class ECoFLaPPruning(Callback):
         try:
             checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
         except Exception as error:  # torch raises several types for files that are not checkpoints
-            raise ValueError(
-                f"`ckpt_path` {str(ckpt_path)!r} cannot be read as a Lightning checkpoint: {error}. HINT: pass a "
-                "complete `.ckpt` file written by the Trainer (a copy interrupted mid-write is truncated)."
-            ) from error
+            raise unreadable_checkpoint(ckpt_path, error) from error
         state = checkpoint.get("callbacks", {}).get(self.state_key, {}) if isinstance(checkpoint, dict) else {}
         return bool(state.get("pruned", False))
 
@@ -526,6 +524,25 @@ class ECoFLaPPruning(Callback):
         )
         if self.progress:
             Console().print(describe_saved(saved, self.save_to))
+
+
+def unreadable_checkpoint(ckpt_path: str | Path, error: BaseException) -> ValueError:
+    """The error for a ``ckpt_path`` that ``torch.load`` refused, saying what is wrong with the file.
+
+    torch's own message is left out where it misleads: for a file that is no zip archive it advises loading with
+    ``weights_only=False`` (running the file's code), and for an empty file it is empty.
+    """
+    path = Path(ckpt_path)
+    if path.is_file() and path.stat().st_size == 0:
+        problem = "the file is empty"
+    elif path.is_file() and not zipfile.is_zipfile(path):
+        problem = "it is not a complete zip archive, as the Trainer writes checkpoints (cut short, or another file)"
+    else:
+        problem = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return ValueError(
+        f"`ckpt_path` {str(ckpt_path)!r} cannot be read as a Lightning checkpoint: {problem}. HINT: pass a complete "
+        "`.ckpt` file written by the Trainer (a copy interrupted mid-write is truncated)."
+    )
 
 
 def _read_report_metadata(path: Path) -> dict[str, Any] | None:

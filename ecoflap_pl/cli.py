@@ -28,6 +28,7 @@ from torch import nn
 from typing_extensions import override
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
+from ecoflap_pl.callbacks.pruning import unreadable_checkpoint
 from ecoflap_pl.console import quiet_libraries
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.datamodules.base import Stage
@@ -176,10 +177,7 @@ class EcoflapCLI(LightningCLI):
         except Exception as error:  # torch raises several types for a file that is not a checkpoint
             if isinstance(error, ArgumentError):
                 raise
-            raise ConfigurationError(
-                f"`ckpt_path` {ckpt_path!r} cannot be read as a Lightning checkpoint: {error} HINT: pass a complete "
-                "`.ckpt` file written by the Trainer (a copy interrupted mid-write is truncated)."
-            ) from error
+            raise ConfigurationError(str(unreadable_checkpoint(ckpt_path, error))) from error
         settings = self.config.get(subcommand) if subcommand else None
         if _model_class(settings) != task:
             # Lightning would silently build the checkpoint's task instead of the config's: another model, data

@@ -71,15 +71,24 @@ def test_a_report_dir_that_is_a_file(capsys, tmp_path, demo_data):
 
 
 @pytest.mark.parametrize(
-    "content", [b"", b"PK\x03\x04" + bytes(100), b"not a checkpoint"], ids=["empty", "cut", "text"]
+    ("content", "reason"),
+    [
+        (b"", "the file is empty"),
+        (b"PK\x03\x04" + bytes(100), "it is not a complete zip archive"),
+        (b"not a checkpoint", "it is not a complete zip archive"),
+    ],
+    ids=["empty", "cut", "text"],
 )
-def test_an_unreadable_checkpoint_is_one_message(capsys, tmp_path, demo_data, content):
+def test_an_unreadable_checkpoint_is_one_message(capsys, tmp_path, demo_data, content, reason):
+    """The reason used to be torch's: nothing for an empty file, and for a text file advice to load it with
+    `weights_only=False` (running its code)."""
     checkpoint = tmp_path / "broken.ckpt"
     checkpoint.write_bytes(content)
     config = vit_config(tmp_path, demo_data)
     for extra in ([], ["--compare_dense=true"]):
         outcome = run_ecoflap(capsys, "validate", "-c", config, f"--ckpt_path={checkpoint}", *extra)
-        short_error(outcome, f"`ckpt_path` '{checkpoint}' cannot be read as a Lightning checkpoint")
+        short_error(outcome, f"`ckpt_path` '{checkpoint}' cannot be read as a Lightning checkpoint: {reason}", "HINT")
+        assert "weights_only" not in outcome.text
     assert checkpoint.read_bytes() == content
 
 
