@@ -218,14 +218,27 @@ def check_before_pruning(model: nn.Module, config: PruningConfig) -> None:
     readable pruning report, and ``model`` has stacks of blocks in which ``include``/``exclude`` select weights.
 
     ``prune`` runs them first; a caller that loads data or evaluates the model before pruning (the Lightning
-    callback) runs them before that work too, so a bad setting is refused at once.
+    callback) runs them before that work too, so a bad setting is refused at once. With an N:M ``structure`` every
+    selected weight's input width must be a multiple of M.
 
     Raises:
         FileNotFoundError, ValueError: as :func:`prune` does for these settings.
     """
     if config.allocation_report is not None:
         read_allocation_report(config.allocation_report)
-    find_candidates(model, find_stacks(model), config)  # candidates of every stack: those that run are among them
+    # The candidates of every stack: those of the stacks that run in the calibration loss are among them.
+    candidates = find_candidates(model, find_stacks(model), config)
+    if config.n_m is not None:
+        m = config.n_m[1]
+        misfits = [c.name for c in candidates if model.get_parameter(c.name).shape[-1] % m]
+        if misfits:
+            shown = ", ".join(f"{name} {list(model.get_parameter(name).shape)}" for name in misfits[:3])
+            more = f" and {len(misfits) - 3} more" if len(misfits) > 3 else ""
+            raise ValueError(
+                f"`structure` {config.structure} prunes groups of {m} consecutive inputs, but these weights have an "
+                f"input width that is not a multiple of M={m}: {shown}{more}. HINT: leave them out with `exclude`, "
+                "or prune with structure 'unstructured'."
+            )
 
 
 def _plan(
