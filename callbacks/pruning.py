@@ -373,6 +373,10 @@ class ECoFLaPPruning(Callback):
             with torch.inference_mode(False), torch.enable_grad():
                 self._prune(trainer, pl_module, stage)
             self.masks_from = f"pruning at the start of {stage}"
+        elif not self.stages:
+            # Chosen on purpose (the `dense` preset, or evaluating a model saved after pruning): no warning, and no
+            # hint to prune, which would prune a saved pruned model again.
+            rank_zero_info(f"`pruning.stages` is []: `{stage}` runs on the model as it is, without pruning.")
         else:
             rank_zero_warn(
                 f"`pruning.stages` is {list(self.stages)}, so `{stage}` runs on the dense model (nothing is pruned). "

@@ -169,6 +169,15 @@ def test_validate_with_stages_fit_says_nothing_is_pruned(capsys, tmp_path, demo_
     assert "so `validate` runs on the dense model (nothing is pruned)" in plain.text
 
 
+def test_validate_with_no_stages_evaluates_the_model_as_it_is_without_a_warning(capsys, tmp_path, demo_data):
+    """`stages: []` is chosen on purpose (the `dense` preset; a saved pruned model evaluated as saved): the warning
+    it got called the model dense and hinted to add 'validate', which would prune a saved pruned model again."""
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data, stages=[]))
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert "`pruning.stages` is []: `validate` runs on the model as it is, without pruning." in outcome.text
+    assert "HINT" not in outcome.text and "dense model" not in outcome.text
+
+
 def test_test_on_an_unannotated_split_says_where_the_results_went(capsys, tmp_path, demo_data, blip2_dir):
     config = vqa_config(tmp_path, demo_data, blip2_dir, {"test_split": "test2015"}, stages=[])
     outcome = run_ecoflap(capsys, "test", "-c", config, "--trainer.limit_test_batches=1")
