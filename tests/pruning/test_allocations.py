@@ -143,17 +143,24 @@ def test_from_report_refuses_other_groups_and_leaves_the_model_alone(tmp_path):
     path = write_report(first, tmp_path)["json"]
     model = seeded_toy_model()
     before = snapshot(model)
+    calls = []
+
+    def counted_loss(model, batch):
+        calls.append(batch)
+        return toy_loss(model, batch)
+
     with pytest.raises(ValueError, match=r"made for other groups \(granularity 'layer'.*HINT: reuse a report"):
-        prune(model, batches, toy_loss, PruningConfig(allocation="from_report", allocation_report=str(path)))
+        prune(model, batches, counted_loss, PruningConfig(allocation="from_report", allocation_report=str(path)))
     assert_bit_identical(model, before)
     with pytest.raises(ValueError, match=r"overall sparsity of 0\.5000, but `sparsity` is 0\.6.*sparsity: 0\.5"):
         prune(
             model,
             batches,
-            toy_loss,
+            counted_loss,
             PruningConfig(sparsity=0.6, granularity="layer", allocation="from_report", allocation_report=str(path)),
         )
     assert_bit_identical(model, before)
+    assert calls == []  # both refused before the first forward (they were found after it, at allocation)
     with pytest.raises(FileNotFoundError, match=r"`allocation_report` '.*missing.json' is not a file"):
         prune(model, batches, toy_loss, PruningConfig(allocation="from_report", allocation_report="missing.json"))
     (tmp_path / "other.json").write_text(json.dumps({"overall_sparsity": 0.5}))

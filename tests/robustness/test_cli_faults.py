@@ -15,6 +15,9 @@ import torch
 from transformers import Blip2ForConditionalGeneration
 
 from ecoflap_pl.cli import main
+from ecoflap_pl.pruning import PruningConfig, prune
+from ecoflap_pl.reporting import write_report
+from tests.pruning.pruning_helpers import seeded_toy_model, toy_batches, toy_loss
 from tests.robustness.cli_runs import folder_digest, run_ecoflap, vit_config, vqa_config
 
 
@@ -282,6 +285,23 @@ def test_compare_dense_refuses_bad_pruning_settings_before_the_dense_evaluation(
         f"--trainer.logger.save_dir={logs}",
     )
     short_error(outcome, expected)
+    assert not list(logs.rglob("metrics.csv"))
+
+
+def test_compare_dense_refuses_the_report_of_another_model_before_the_dense_evaluation(capsys, tmp_path, demo_data):
+    toy = prune(seeded_toy_model(), toy_batches(2), toy_loss, PruningConfig(importance="uniform", fine_samples=8))
+    report = write_report(toy, tmp_path / "toy")["json"]
+    logs = tmp_path / "logs"
+    outcome = run_ecoflap(
+        capsys,
+        "validate",
+        "-c",
+        vit_config(tmp_path, demo_data, allocation="from_report", allocation_report=str(report)),
+        "--compare_dense=true",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={logs}",
+    )
+    short_error(outcome, "was made for other groups", "only there: ['layers.0', 'layers.1', 'layers.2']", "HINT")
     assert not list(logs.rglob("metrics.csv"))
 
 
