@@ -150,7 +150,8 @@ def _missing_folder(folder: str, option: str) -> str:
 
 
 def _first_missing(folder: str) -> str:
-    """The shortest ancestor of ``folder`` (or ``folder``) that is not a directory."""
+    """The first folder on ``folder``'s path, from the root down, that is not a directory (``folder`` at the latest):
+    every folder below it is missing too."""
     while (parent := os.path.dirname(folder)) not in ("", folder) and not os.path.isdir(parent):
         folder = parent
     return folder
