@@ -50,7 +50,16 @@ from typing import Any
 
 import torch
 import transformers
-from _results import GIB, check_run_args, dump_json, format_count, format_size, progress_printer, write_section
+from _results import (
+    GIB,
+    check_run_args,
+    dump_json,
+    format_count,
+    format_size,
+    progress_printer,
+    seeded_random_model,
+    write_section,
+)
 from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig, T5Config
 
 from ecoflap_pl import PruningConfig, prune
@@ -227,14 +236,7 @@ def _sync(device: torch.device) -> None:
 def build_model(config: Blip2Config, device: torch.device, dtype: torch.dtype) -> Blip2ForConditionalGeneration:
     """The seeded random model, created directly on ``device`` in ``dtype`` (no fp32 copy of the 3.9 B weights);
     Q-Former and query tokens in fp32 as ``from_pretrained`` keeps them; eval mode."""
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Blip2ForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = seeded_random_model(Blip2ForConditionalGeneration, config, device, dtype)
     model.to(dtype)
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     for name, parameter in model.named_parameters(recurse=False):
