@@ -12,7 +12,8 @@ tokens, the second half is the decoder's target).
 Each method runs in its own fresh process (so the peak GPU memory is that method's), at 50% sparsity:
 
 - ECoFLaP zeroth-order + Wanda (the default ``PruningConfig``: one probe per weight tensor per batch, prefix reuse
-  and up to 8 probes per forward), and the same with the plain loop (one full forward per probe) for comparison,
+  and up to 8 probes per forward), the same with up to 32 probes per forward (``max_probe_replicas``; the memory
+  left still bounds it), and with the plain loop (one full forward per probe) for comparison,
 - ECoFLaP first-order + Wanda,
 - uniform Wanda (stacked block replays, the default, and one calibration batch per replay), uniform SparseGPT and
   magnitude pruning.
@@ -74,6 +75,7 @@ SECTIONS = {"opt": "## Full-size BLIP-2 OPT-2.7B on a GPU", "t5": "## Full-size 
 METHODS: dict[str, dict[str, Any]] = {
     "zeroth_order": {"importance": "zeroth_order", "method": "wanda"},
     "zeroth_order_plain": {"importance": "zeroth_order", "method": "wanda", "activation_storage": "recompute"},
+    "zeroth_order_32_replicas": {"importance": "zeroth_order", "method": "wanda", "max_probe_replicas": 32},
     "first_order": {"importance": "first_order", "method": "wanda"},
     "wanda": {"importance": "uniform", "method": "wanda"},
     "wanda_one_batch_replays": {"importance": "uniform", "method": "wanda", "fine_replay_batches": 1},
@@ -83,6 +85,7 @@ METHODS: dict[str, dict[str, Any]] = {
 LABELS = {
     "zeroth_order": "ECoFLaP zeroth-order + Wanda",
     "zeroth_order_plain": "ECoFLaP zeroth-order (plain loop) + Wanda",
+    "zeroth_order_32_replicas": "ECoFLaP zeroth-order + Wanda, up to 32 probes per forward",
     "first_order": "ECoFLaP first-order + Wanda",
     "wanda": "Wanda (uniform)",
     "wanda_one_batch_replays": "Wanda (uniform, one batch per replay)",
@@ -97,6 +100,7 @@ RUN_ORDER = (
     "wanda_one_batch_replays",
     "first_order",
     "zeroth_order",
+    "zeroth_order_32_replicas",
     "zeroth_order_plain",
     "sparsegpt",
 )
