@@ -1,5 +1,5 @@
-"""What the benchmarks share: writing one section of ``benchmarks/RESULTS.md`` without touching the others, saving
-raw numbers, printing progress, formatting counts and sizes, and building seeded random models."""
+"""What the benchmarks share: printing and writing one section of ``benchmarks/RESULTS.md`` without touching the
+others, saving raw numbers, printing progress, formatting counts and sizes, and building seeded random models."""
 
 from __future__ import annotations
 
@@ -28,6 +28,13 @@ def write_section(path: str, heading: str, section: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     with open(path, "w") as handle:
         handle.write(text.rstrip("\n") + "\n")
+
+
+def publish_section(section: str, heading: str, path: str | None) -> None:
+    """Print ``section``; with a ``path`` (a script's ``--write``), also put it in that file (:func:`write_section`)."""
+    print(section)
+    if path:
+        write_section(path, heading, section)
 
 
 def dump_json(path: str, payload: dict[str, Any]) -> None:

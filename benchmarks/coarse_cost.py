@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 from _reference import exact_gradient_norms, group_spearman, spearman
-from _results import write_section
+from _results import publish_section
 from transformers import Blip2ForConditionalGeneration
 
 from ecoflap_pl import PruningConfig, prune, score_groups
@@ -445,9 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     load_before = _load_average()
     results = {worker: _spawn(worker, argv, args.cache) for worker in ("fine", "reference", *METHODS, "grid")}
     section = render(args, argv, results, (load_before, _load_average()))
-    sys.stdout.write(section + "\n")
-    if args.write is not None:
-        write_section(args.write, SECTION, section)
+    publish_section(section, SECTION, args.write)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from _results import write_section
+from _results import publish_section
 
 from ecoflap_pl.datamodules.base import Sample, checked_image_dataset
 
@@ -104,9 +104,7 @@ def main() -> None:
             f"| {name} | {images:,} | {samples_count:,} | {checked:.2f} s | {stat:.2f} s | {stat / checked:.1f}x |"
         )
     section = "\n".join(lines) + "\n"
-    print(section)
-    if args.write:
-        write_section(args.write, SECTION, section)
+    publish_section(section, SECTION, args.write)
 
 
 if __name__ == "__main__":
