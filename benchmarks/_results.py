@@ -1,5 +1,5 @@
-"""What the benchmarks share: writing one section of ``benchmarks/RESULTS.md`` without touching the others, saving
-raw numbers, printing progress, and formatting counts and sizes."""
+"""What the benchmarks share: printing and writing one section of ``benchmarks/RESULTS.md`` without touching the
+others, saving raw numbers, printing progress, formatting counts and sizes, and building seeded random models."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
 
 GIB = 1024**3
 
@@ -25,6 +28,13 @@ def write_section(path: str, heading: str, section: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     with open(path, "w") as handle:
         handle.write(text.rstrip("\n") + "\n")
+
+
+def publish_section(section: str, heading: str, path: str | None) -> None:
+    """Print ``section``; with a ``path`` (a script's ``--write``), also put it in that file (:func:`write_section`)."""
+    print(section)
+    if path:
+        write_section(path, heading, section)
 
 
 def dump_json(path: str, payload: dict[str, Any]) -> None:
@@ -74,3 +84,21 @@ def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace, at
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)!r}")
     if args.threads is None and args.device == "cpu":
         args.threads = 1
+
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def seeded_random_model(
+    model_class: Callable[[Any], ModelT], config: Any, device: torch.device, dtype: torch.dtype
+) -> ModelT:
+    """``model_class(config)`` from seed 0, created directly on ``device`` in ``dtype``: Hugging Face's init runs there,
+    with no float32 copy of billions of weights on the way."""
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return model_class(config)
+    finally:
+        torch.set_default_dtype(previous)

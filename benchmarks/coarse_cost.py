@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from _results import write_section
-from scipy.stats import spearmanr
+from _reference import exact_gradient_norms, group_spearman, spearman
+from _results import publish_section
 from transformers import Blip2ForConditionalGeneration
 
 from ecoflap_pl import PruningConfig, prune, score_groups
@@ -120,23 +120,6 @@ def _scores(model: torch.nn.Module, batches: list[Any], args: argparse.Namespace
     return score_groups(model, batches, captioning_loss, config)
 
 
-def reference_norms(
-    model: torch.nn.Module, batches: list[Any], groups: dict[str, tuple[str, ...]]
-) -> list[dict[str, float]]:
-    """Exact ``‖∇_W L_b‖₂`` of every candidate tensor ``W`` on every batch ``b`` by plain autograd, one batch at a
-    time: ``norms[batch][tensor]``."""
-    parameters = dict(model.named_parameters())
-    norms = []
-    for batch in batches:
-        model.zero_grad(set_to_none=True)
-        captioning_loss(model, batch).backward()
-        norms.append(
-            {name: float(parameters[name].grad.double().norm()) for names in groups.values() for name in names}
-        )
-    model.zero_grad(set_to_none=True)
-    return norms
-
-
 def simulated_spearman(
     norms: list[dict[str, float]],
     groups: dict[str, list[str]],
@@ -167,7 +150,7 @@ def simulated_spearman(
             for i in range(len(names)):
                 magnitude = np.abs(generator.standard_normal((probes, np.size(units[b][i])))).mean(axis=0)
                 scores[i] += float(np.sum(units[b][i] * magnitude))
-        values.append(spearmanr(scores, reference).statistic)
+        values.append(spearman(list(scores), list(reference)))
     return float(np.mean(values)), float(np.percentile(values, 10))
 
 
@@ -213,7 +196,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.worker == "reference":
         groups = _scores(model, batches, args, importance="first_order").groups
         started = time.perf_counter()
-        norms = reference_norms(model, batches, groups)
+        norms = exact_gradient_norms(model, batches, captioning_loss, [n for names in groups.values() for n in names])
         per_batch = [{group: sum(batch[name] for name in names) for group, names in groups.items()} for batch in norms]
         used = per_batch[: -(-args.samples // args.batch_size)]
         scores = {group: sum(totals[group] for totals in used) for group in groups}
@@ -285,7 +268,7 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any], l
     blocks_per_forward = sum(len(groups) for groups in fine["towers"].values())
 
     def rho(scores: dict[str, float], groups: list[str]) -> str:
-        return f"{spearmanr([scores[g] for g in groups], [reference[g] for g in groups]).statistic:.3f}"
+        return f"{group_spearman(scores, reference, groups):.3f}"
 
     plain_seconds = results[PLAIN]["stats"]["seconds"]
     rows = []
@@ -314,8 +297,7 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any], l
             estimate = {
                 g: sum(sum(grid[seed][b][g] for seed in range(probes)) / probes for b in range(used)) for g in exact
             }
-            groups = sorted(exact)
-            value = spearmanr([estimate[g] for g in groups], [exact[g] for g in groups]).statistic
+            value = group_spearman(estimate, exact, sorted(exact))
             cost = fast_seconds * probes * samples / args.samples
             cells.append(f"{value:.3f} ({cost:.0f} s, {cost / first_order_seconds:.0f}x)")
         grid_rows.append(f"| {samples} | " + " | ".join(cells) + " |")
@@ -463,9 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     load_before = _load_average()
     results = {worker: _spawn(worker, argv, args.cache) for worker in ("fine", "reference", *METHODS, "grid")}
     section = render(args, argv, results, (load_before, _load_average()))
-    sys.stdout.write(section + "\n")
-    if args.write is not None:
-        write_section(args.write, SECTION, section)
+    publish_section(section, SECTION, args.write)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _results import write_section
+from _results import publish_section
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ecoflap_pl.export import load_pruned_state_dict, write_pruned_model
@@ -103,9 +103,7 @@ def main() -> None:
             f"| {pattern} | {save_format} | {weights / 1e6:.1f} MB | {100 * weights / dense:.0f}% | {masks_text} |"
         )
     section = "\n".join(lines) + "\n"
-    print(section)
-    if args.write:
-        write_section(args.write, SECTION, section)
+    publish_section(section, SECTION, args.write)
 
 
 if __name__ == "__main__":

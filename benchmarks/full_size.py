@@ -12,13 +12,16 @@ tokens, the second half is the decoder's target).
 Each method runs in its own fresh process (so the peak GPU memory is that method's), at 50% sparsity:
 
 - ECoFLaP zeroth-order + Wanda (the default ``PruningConfig``: one probe per weight tensor per batch, prefix reuse
-  and up to 8 probes per forward), and the same with the plain loop (one full forward per probe) for comparison,
+  and up to 8 probes per forward), the same with up to 32 probes per forward (``max_probe_replicas``; the memory
+  left still bounds it), and with the plain loop (one full forward per probe) for comparison,
 - ECoFLaP first-order + Wanda,
 - uniform Wanda (stacked block replays, the default, and one calibration batch per replay), uniform SparseGPT and
   magnitude pruning.
 
 Every worker also times the model build and one dense forward + loss over one calibration batch, and evaluates the
-loss before and after pruning on the first calibration batch and on one held-out batch. By default the coarse step
+loss before and after pruning on the first calibration batch and on one held-out batch. A worker with a coarse step
+first takes the exact per-tensor gradient norms on the coarse batches by autograd (``_reference.py``) and reports the
+Spearman ρ of its block scores against them, over all blocks and within each tower. By default the coarse step
 gets as many calibration samples as fit ``--coarse-seconds`` at the measured forward time (at most 32, the
 official BLIP-2 setting); the first worker decides it, and every later worker uses the same number.
 
@@ -50,7 +53,17 @@ from typing import Any
 
 import torch
 import transformers
-from _results import GIB, check_run_args, dump_json, format_count, format_size, progress_printer, write_section
+from _reference import block_reference, exact_gradient_norms, group_spearman
+from _results import (
+    GIB,
+    check_run_args,
+    dump_json,
+    format_count,
+    format_size,
+    progress_printer,
+    seeded_random_model,
+    write_section,
+)
 from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig, T5Config
 
 from ecoflap_pl import PruningConfig, prune
@@ -62,6 +75,7 @@ SECTIONS = {"opt": "## Full-size BLIP-2 OPT-2.7B on a GPU", "t5": "## Full-size 
 METHODS: dict[str, dict[str, Any]] = {
     "zeroth_order": {"importance": "zeroth_order", "method": "wanda"},
     "zeroth_order_plain": {"importance": "zeroth_order", "method": "wanda", "activation_storage": "recompute"},
+    "zeroth_order_32_replicas": {"importance": "zeroth_order", "method": "wanda", "max_probe_replicas": 32},
     "first_order": {"importance": "first_order", "method": "wanda"},
     "wanda": {"importance": "uniform", "method": "wanda"},
     "wanda_one_batch_replays": {"importance": "uniform", "method": "wanda", "fine_replay_batches": 1},
@@ -71,6 +85,7 @@ METHODS: dict[str, dict[str, Any]] = {
 LABELS = {
     "zeroth_order": "ECoFLaP zeroth-order + Wanda",
     "zeroth_order_plain": "ECoFLaP zeroth-order (plain loop) + Wanda",
+    "zeroth_order_32_replicas": "ECoFLaP zeroth-order + Wanda, up to 32 probes per forward",
     "first_order": "ECoFLaP first-order + Wanda",
     "wanda": "Wanda (uniform)",
     "wanda_one_batch_replays": "Wanda (uniform, one batch per replay)",
@@ -85,6 +100,7 @@ RUN_ORDER = (
     "wanda_one_batch_replays",
     "first_order",
     "zeroth_order",
+    "zeroth_order_32_replicas",
     "zeroth_order_plain",
     "sparsegpt",
 )
@@ -227,14 +243,7 @@ def _sync(device: torch.device) -> None:
 def build_model(config: Blip2Config, device: torch.device, dtype: torch.dtype) -> Blip2ForConditionalGeneration:
     """The seeded random model, created directly on ``device`` in ``dtype`` (no fp32 copy of the 3.9 B weights);
     Q-Former and query tokens in fp32 as ``from_pretrained`` keeps them; eval mode."""
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Blip2ForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = seeded_random_model(Blip2ForConditionalGeneration, config, device, dtype)
     model.to(dtype)
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     for name, parameter in model.named_parameters(recurse=False):
@@ -391,6 +400,13 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         flush=True,
     )
 
+    tensor_norms = None
+    if settings["importance"] != "uniform":
+        started = time.perf_counter()
+        names = [c.name for c in candidates]
+        tensor_norms = exact_gradient_norms(model, batches[:coarse_batches], captioning_loss, names)
+        out["reference_seconds"] = time.perf_counter() - started
+
     pruning = PruningConfig(
         sparsity=args.sparsity,
         coarse_samples=coarse_samples,
@@ -411,6 +427,14 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "tower_sparsity": result.tower_sparsity(),
         "skipped_stacks": list(result.skipped_stacks),
     }
+    if tensor_norms is not None:
+        reference = block_reference(tensor_norms, result.groups)
+        out["spearman"] = {
+            "all": group_spearman(result.group_scores, reference, result.groups),
+            **{
+                tower: group_spearman(result.group_scores, reference, groups) for tower, groups in result.towers.items()
+            },
+        }
     out["pruned"] = {
         "loss": pruned_loss,
         "held_out_loss": pruned_held_out,
@@ -449,20 +473,22 @@ def _stage(data: dict[str, Any], stage: str, key: str) -> float:
 
 def _row(method: str, data: dict[str, Any]) -> str:
     if "error" in data:
-        return f"| {LABELS[method]} | failed: {data['error']} |" + " |" * 10
+        return f"| {LABELS[method]} | failed: {data['error']} |" + " |" * 11
     stages = data["prune"]["stages"].values()
     full = sum(s["full_forwards"] for s in stages)
     block = sum(s["block_forwards"] for s in stages)
     backward = sum(s["backward_passes"] for s in stages)
     peak = max(s["peak_memory_bytes"] for s in stages)
     coarse = f"{_stage(data, 'coarse', 'seconds'):.1f}" if "coarse" in data["prune"]["stages"] else "–"
+    rho = data.get("spearman")
+    ranking = f"{rho['all']:.2f} ({' / '.join(f'{v:.2f}' for k, v in rho.items() if k != 'all')})" if rho else "–"
     finite = "" if data["pruned"]["finite"] else " (not finite!)"
     return (
         f"| {LABELS[method]} | {coarse} | {_stage(data, 'fine', 'seconds'):.1f} | "
         f"{sum(s['seconds'] for s in stages):.1f} | {full} + {block} | {backward} | {peak / GIB:.2f} | "
         f"{data['prune']['overall_sparsity']:.4f} | {data['dense']['loss']:.4f} | "
         f"{data['pruned']['loss']:.4f}{finite} | {data['dense']['held_out_loss']:.4f} → "
-        f"{data['pruned']['held_out_loss']:.4f} | {data['wall']:.0f} |"
+        f"{data['pruned']['held_out_loss']:.4f} | {ranking} | {data['wall']:.0f} |"
     )
 
 
@@ -495,6 +521,7 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any], p
     spec = SCALES[args.scale]
     vision, qformer = spec["vision"], spec["qformer"]
     towers = ", ".join(f"{tower} ({count} blocks)" for tower, count in model["towers"].items())
+    towers_order = [tower.split(".")[0] for tower in model["towers"]]
     coarse = first["coarse_samples"]
     how = (
         f"chosen from the measured forward time to fit {args.coarse_seconds:g} s of zeroth-order probes, at most "
@@ -527,8 +554,9 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any], p
         + (f" ({model['weights_allocated_bytes'] / GIB:.2f} GiB of it weights)." if cuda else "."),
         "",
         f"| method | coarse s | fine s | total s | forwards (full + block) | backward | peak {memory} GiB | "
-        "achieved sparsity | dense loss | pruned loss | held-out loss dense → pruned | worker wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "achieved sparsity | dense loss | pruned loss | held-out loss dense → pruned | Spearman ρ (towers) | "
+        "worker wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(_row(method, results["methods"][method]) for method in METHODS if method in results["methods"]),
         "",
         "Seconds, forwards and peak memory are the engine's own per-stage records (`PruningResult.stages`); total = "
@@ -541,7 +569,10 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any], p
         + "each method ran in a fresh process. Worker wall time includes starting Python, building the model, the "
         "dense measurements and the loss evaluations. Losses are the captioning loss on the first calibration batch "
         "and on a held-out batch; a random model's are near ln(vocab), so they only show the pruned model still "
-        "runs and stays finite, not its quality.",
+        "runs and stays finite, not its quality. Spearman ρ ranks the method's block scores against the exact "
+        "Σ_batches Σ_tensors ‖∇_W L_b‖₂ (autograd on the same coarse batches and dense model, taken in the worker "
+        "before pruning, outside the stage records), over all blocks, then within each tower "
+        f"({' / '.join(towers_order)}).",
         "",
     ]
     notes = [

@@ -41,7 +41,7 @@ import lightning.pytorch as pl
 import torch
 from _bible_text import write_texts
 from _gemma import gemma_directory
-from _results import write_section
+from _results import publish_section
 
 from ecoflap_pl.datamodules import TextDataModule
 from ecoflap_pl.pruning import GroupScores, PruningConfig, prune, score_groups
@@ -379,9 +379,7 @@ def main(argv: list[str] | None = None) -> None:
             "",
         ]
     )
-    print(section)
-    if args.write:
-        write_section(args.write, SECTION, section)
+    publish_section(section, SECTION, args.write)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Every GPU figure the open benchmarks ask for, in one unattended run that fits a short GPU lease (≤ 9 minutes).
+"""Every GPU figure the open benchmarks ask for, in one unattended run that fits a short GPU lease (under 10 minutes).
 
 A lent GPU comes with about 15 minutes of device time, machine start included, so the parts below run in priority
 order, each under its own wall-clock limit (a part that runs over is stopped with its whole process group and
@@ -10,8 +10,9 @@ part            limit  estimate (H100, bf16)
 ==============  =====  ======================================================================================
 sparse_speed     55 s  ~40 s: import ~10 s, BLIP-2 OPT-2.7B built in 0.5 s, 2:4 masks, 4 x 13 forwards of
                        batch 16 (~50 ms dense), the semi-structured swap
-opt             120 s  ~95 s: full_size.py (each method a fresh worker process, ~10 s of start-up each) Wanda 18 s +
-                       first order 22 s + zeroth order ~50 s (16 coarse samples: the plain loop took 73 s for 32)
+opt             160 s  ~125 s: full_size.py (each method a fresh worker process, ~10 s of start-up each) Wanda 18 s +
+                       first order 22 s + zeroth order ~45 s (16 coarse samples: the plain loop took 73 s for 32),
+                       and again with up to 32 probes per forward ~40 s
 flant5          140 s  ~115 s: the same three methods on FlanT5-XL shapes (~1.7x the candidate tensors of OPT)
 llava_7b         90 s  ~60 s: 7.1 B parameters built on the GPU, ~370 per-tensor probes of a batch of 4 x 608
                        tokens (~0.08 s a forward, half of it skipped by prefix reuse), Wanda on 32 samples
@@ -21,7 +22,7 @@ llava_70b        90 s  ~55 s: twice (Wanda, zeroth order) build 2 Llama-2-70B bl
 pytest_gpu       40 s  ~30 s: ``pytest -m gpu`` on the two files holding GPU tests (collection ~15 s)
 ==============  =====  ======================================================================================
 
-Total of the limits: 535 s (of the estimates: 375 s). Written under ``--out`` (the device tool's ``$OUT``):
+Total of the limits: 575 s (of the estimates: 425 s). Written under ``--out`` (the device tool's ``$OUT``):
 ``session.json`` (each part's status, seconds, limit), ``gpu_sections.md`` (every benchmark's RESULTS.md section,
 plus this session's table), the benchmarks' JSON files and ``log.txt`` (everything they printed). Back on the CPU
 machine, ``python benchmarks/gpu_session.py --merge FILES_AT/gpu_sections.md`` replaces those sections of
@@ -67,20 +68,21 @@ class Part:
 def gpu_parts() -> list[Part]:
     """The session's parts on a GPU, in priority order (issue 17's 2:4 speed-up, issue 14's ZO vs FO, issue 16)."""
     full_size = ("benchmarks/full_size.py", "--methods", "zeroth_order", "first_order", "wanda")
+    wider_probes = ("zeroth_order_32_replicas",)  # whether the default cap of 8 probes per forward leaves speed behind
     return [
         Part("sparse_speed", ("benchmarks/sparse_speed.py", "--batch-size", "16"), 55, 40, "2:4 vs dense forward"),
         Part(
             "opt",
-            (*full_size, "--coarse-samples", "16", "--json", "{out}/full_size_opt.json"),
-            120,
-            85,
-            "BLIP-2 OPT-2.7B: zeroth vs first order vs Wanda",
+            (*full_size, *wider_probes, "--coarse-samples", "16", "--json", "{out}/full_size_opt.json"),
+            160,
+            125,
+            "BLIP-2 OPT-2.7B: zeroth (8 and 32 probes per forward) vs first order vs Wanda",
         ),
         Part(
             "flant5",
             (*full_size, "--scale", "flant5_xl", "--coarse-samples", "16", "--json", "{out}/full_size_flant5.json"),
             140,
-            105,
+            115,
             "BLIP-2 FlanT5-XL: zeroth vs first order vs Wanda",
         ),
         Part(

@@ -45,7 +45,16 @@ from typing import Any
 
 import torch
 import transformers
-from _results import GIB, check_run_args, dump_json, format_count, format_size, progress_printer, write_section
+from _results import (
+    GIB,
+    check_run_args,
+    dump_json,
+    format_count,
+    format_size,
+    progress_printer,
+    seeded_random_model,
+    write_section,
+)
 from accelerate import dispatch_model
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -165,16 +174,8 @@ def image_tokens(config: LlavaConfig) -> int:
 
 
 def build_model(config: LlavaConfig, device: torch.device, dtype: torch.dtype) -> LlavaForConditionalGeneration:
-    """The seeded random model, created directly on ``device`` in ``dtype`` (Hugging Face's init runs there)."""
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
+    """The seeded random model, created directly on ``device`` in ``dtype``, in eval mode."""
+    return seeded_random_model(LlavaForConditionalGeneration, config, device, dtype).eval()
 
 
 def offload_device_map(model: torch.nn.Module, target: str, main: str | int) -> dict[str, str | int]:

@@ -34,7 +34,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _results import dump_json, write_section
+from _results import dump_json, publish_section
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.cli import build_cli
@@ -354,9 +354,7 @@ def main(argv: list[str] | None = None) -> None:
             table(runs, args),
         ]
     )
-    print(section)
-    if args.write:
-        write_section(args.write, SECTION, section)
+    publish_section(section, SECTION, args.write)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _results import write_section
+from _results import publish_section
 from full_size import FIRST_WORD_ID, SCALES, blip2_config, build_model
 
 from ecoflap_pl.export.semi_structured import check_semi_structured, to_semi_structured_
@@ -130,9 +130,7 @@ def main() -> None:
             f"{args.batch_size / dense:.0f} | {args.batch_size / sparse:.0f} | {difference:.3g} |"
         )
     section = "\n".join(lines) + "\n"
-    print(section)
-    if args.write:
-        write_section(args.write, SECTION, section)
+    publish_section(section, SECTION, args.write)
 
 
 if __name__ == "__main__":

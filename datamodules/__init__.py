@@ -1,7 +1,7 @@
 """LightningDataModules (and their plain Datasets) reading the official dataset layouts as RAW sample dicts."""
 
 from ecoflap_pl.datamodules._io import DataFileNotFoundError, DataFormatError
-from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample
+from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample, checked_image_dataset
 from ecoflap_pl.datamodules.captions import CaptionDataModule
 from ecoflap_pl.datamodules.coco import COCOCaptionDataModule
 from ecoflap_pl.datamodules.flickr30k import Flickr30kDataModule
@@ -25,4 +25,5 @@ __all__ = [
     "Sample",
     "TextDataModule",
     "VQAv2DataModule",
+    "checked_image_dataset",
 ]

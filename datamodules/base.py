@@ -14,7 +14,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
-from ecoflap_pl.datamodules._io import DataFormatError, load_image, locate
+from ecoflap_pl.datamodules._io import DataFormatError, check_image_files, load_image, locate
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,36 @@ class ImageSampleDataset(Dataset[dict[str, Any]]):
         return out
 
 
+def checked_image_dataset(samples: Sequence[Sample], option: str, image_hint: str) -> ImageSampleDataset:
+    """The :class:`ImageSampleDataset` of ``samples``, once every image file they reference is found to exist.
+
+    Only existence is checked (:func:`~ecoflap_pl.datamodules._io.check_image_files`: one listing per folder); an
+    image that exists but cannot be decoded is reported when its sample is read.
+
+    Args:
+        samples: the samples read from the split's annotation files.
+        option: the DataModule option that sets their image folder (``"image_root"``).
+        image_hint: what sets the image folder; the ``HINT`` of the errors.
+
+    Raises:
+        DataFileNotFoundError: an image folder or file is missing (how many of how many, up to three with the
+            annotation that references each).
+    """
+    check_image_files(((path, sample.source) for sample in samples for path in sample.images), option, image_hint)
+    return ImageSampleDataset(samples, image_hint)
+
+
 class EcoflapDataModule(pl.LightningDataModule):
     """Dataloaders and the calibration subset, common to every ecoflap-pl DataModule.
 
     Subclasses only read their files, in two steps for the ``"train"``, ``"val"`` or ``"test"`` loop (predict serves
-    the test Dataset): ``_locate(stage)`` finds the annotation or list files of the split serving the loop, by the
-    option that sets each, and ``_read(stage, files)`` reads them into its Dataset. :meth:`check_files` runs the first
-    step alone, so that a missing file is reported before any long work (the ``ecoflap`` command does so before it
-    builds the model).
+    the test Dataset): ``_locate(stage)`` finds the annotation or list files of the split serving the loop, and the
+    image folders it knows without reading them, by the option that sets each; ``_read(stage, files)`` reads them
+    into its Dataset and checks that every image file the samples reference exists
+    (:func:`checked_image_dataset`). :meth:`check_files` runs the first step alone, so that a missing file or image
+    folder is reported before any long work (the ``ecoflap`` command does so before it builds the model); a missing
+    image file is reported when the split is read (``setup``, or the calibration split when pruning starts), before
+    any batch. Images are decoded lazily, per sample: an unreadable one is reported when its sample is read.
 
     Args:
         data_dir: root folder of the dataset in its official layout.
@@ -117,10 +139,13 @@ class EcoflapDataModule(pl.LightningDataModule):
         self._datasets: dict[Stage, Dataset[dict[str, Any]]] = {}
 
     def check_files(self, stage: Stage) -> dict[str, Path]:
-        """Find, without reading them, the annotation or list files that the ``stage`` loop's split needs.
+        """Find, without reading them, the annotation or list files that the ``stage`` loop's split needs, and the
+        image folders known from the options alone (``image_root``, VQAv2's ``{split}2014`` folder, NLVR2's split
+        folder, ImageNet's split folder).
 
-        Only file and folder names are looked up: no file is parsed, no image opened. It is the lookup that reading
-        the split starts with, so the files it returns are the files the loop reads.
+        Only file and folder names are looked up: no file is parsed, no image opened. It is the lookup that
+        reading the split starts with, so the files it returns are the files the loop reads. Image files named by the
+        annotations are checked when the split is read (:meth:`dataset`).
 
         Args:
             stage: ``"train"`` (also the calibration split), ``"val"`` or ``"test"`` (also predict).
@@ -168,7 +193,8 @@ class EcoflapDataModule(pl.LightningDataModule):
         return locate(self.data_dir, file, [], option, f"{what} for the {stage} loop"), option
 
     def dataset(self, stage: Stage) -> Dataset[dict[str, Any]]:
-        """The Dataset serving the ``"train"``, ``"val"`` or ``"test"`` loop, read once and cached."""
+        """The Dataset serving the ``"train"``, ``"val"`` or ``"test"`` loop, read once (its image files checked to
+        exist) and cached."""
         _check_stage(stage)
         if stage not in self._datasets:
             dataset = self._build(stage)
@@ -186,7 +212,8 @@ class EcoflapDataModule(pl.LightningDataModule):
 
     @override
     def setup(self, stage: str) -> None:
-        """Read the annotation files of the Trainer stage's main loop (images are read lazily, per sample).
+        """Read the annotation files of the Trainer stage's main loop and check that its image files exist (images
+        are decoded lazily, per sample).
 
         ``fit`` reads the training split only: the validation split is read when the Trainer asks for its
         dataloader, so a run without validation (``limit_val_batches: 0``) needs no validation files.

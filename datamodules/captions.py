@@ -14,6 +14,7 @@ from typing_extensions import override
 from ecoflap_pl.datamodules._io import (
     DataFormatError,
     check_entry,
+    check_image_folder,
     expect_type,
     get_list,
     image_id_from_name,
@@ -22,7 +23,14 @@ from ecoflap_pl.datamodules._io import (
     resolve,
     text_list,
 )
-from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample, Stage, check_choice
+from ecoflap_pl.datamodules.base import (
+    EcoflapDataModule,
+    ImageSampleDataset,
+    Sample,
+    Stage,
+    check_choice,
+    checked_image_dataset,
+)
 
 SPLITS = ("train", "val", "test")
 # Karpathy's dataset_*.json split labels per split; restval images count as training images.
@@ -154,14 +162,25 @@ class CaptionDataModule(EcoflapDataModule):
 
     @override
     def _locate(self, stage: Stage) -> dict[str, Path]:
+        """The annotation file and ``image_root`` (the images' folder itself when the file's name tells it)."""
         option = f"{stage}_file"
-        return {option: self._find_file(stage, self._split(stage), option)}
+        path = self._find_file(stage, self._split(stage), option)
+        return {
+            option: path,
+            "image_root": check_image_folder(self._image_folder(path), "image_root", self._image_hint()),
+        }
 
     @override
     def _read(self, stage: Stage, files: dict[str, Path]) -> ImageSampleDataset:
         option = f"{stage}_file"
         samples = self._read_samples(files[option], option, self._split(stage))
-        return ImageSampleDataset(per_caption(samples) if stage == "train" else samples, self._image_hint())
+        return checked_image_dataset(
+            per_caption(samples) if stage == "train" else samples, "image_root", self._image_hint()
+        )
+
+    def _image_folder(self, path: Path) -> Path:
+        """The folder holding the images of the annotation file ``path``, known from its name: ``image_root``."""
+        return self.image_root
 
     def _split(self, stage: Stage) -> str:
         return {"train": "train", "val": self.val_split, "test": self.test_split}[stage]

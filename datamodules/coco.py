@@ -93,6 +93,12 @@ class COCOCaptionDataModule(CaptionDataModule):
         return super()._parse(fmt, document, path, option, split)
 
     @override
+    def _image_folder(self, path: Path) -> Path:
+        """``image_root/{train,val}{year}`` for an official ``captions_{train,val}{year}.json``, else ``image_root``."""
+        match = _OFFICIAL_NAME.search(path.name)
+        return self.image_root / match.group(1) if match else self.image_root
+
+    @override
     def _candidates(self, fmt: str, split: str) -> list[Path]:
         if fmt != "official":
             return super()._candidates(fmt, split)

@@ -7,8 +7,8 @@ from typing import Any
 
 from typing_extensions import override
 
-from ecoflap_pl.datamodules._io import check_entry, expect_type, read_json, resolve, text_list
-from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample, Stage
+from ecoflap_pl.datamodules._io import check_entry, check_image_folder, expect_type, read_json, resolve, text_list
+from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample, Stage, checked_image_dataset
 
 
 def read_image_text_pairs(path: Path, option: str, image_root: Path) -> list[Sample]:
@@ -56,10 +56,13 @@ class ImageTextPairsDataModule(EcoflapDataModule):
     @override
     def _locate(self, stage: Stage) -> dict[str, Path]:
         path, option = self._required_file(stage, self.files[stage], "image-text pairs")
-        return {option: path}
+        return {option: path, "image_root": check_image_folder(self.image_root, "image_root", self._image_hint())}
 
     @override
     def _read(self, stage: Stage, files: dict[str, Path]) -> ImageSampleDataset:
         option = f"{stage}_file"
         samples = read_image_text_pairs(files[option], option, self.image_root)
-        return ImageSampleDataset(samples, f"image paths are relative to `image_root` ({self.image_root}).")
+        return checked_image_dataset(samples, "image_root", self._image_hint())
+
+    def _image_hint(self) -> str:
+        return f"image paths are relative to `image_root` ({self.image_root})."

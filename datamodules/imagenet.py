@@ -20,7 +20,14 @@ from ecoflap_pl.datamodules._io import (
     read_json,
     resolve,
 )
-from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample, Stage, check_choice
+from ecoflap_pl.datamodules.base import (
+    EcoflapDataModule,
+    ImageSampleDataset,
+    Sample,
+    Stage,
+    check_choice,
+    checked_image_dataset,
+)
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
@@ -159,11 +166,13 @@ class ImageNetDataModule(EcoflapDataModule):
         option = f"{self.splits[stage]}_dir"
         root = files[option]
         class_index = {wnid: i for i, wnid in enumerate(self.classes)}
+        hint = f"images are read from `{option}` ({root})."
         if "val_solution_file" in files:
-            samples = self._read_flat_val(root, files["val_solution_file"], class_index)
-        else:
-            samples = read_class_folders(root, option, class_index)
-        return ImageSampleDataset(samples, f"images are read from `{option}` ({root}).")
+            return checked_image_dataset(
+                self._read_flat_val(root, files["val_solution_file"], class_index), option, hint
+            )
+        # the images of class folders are found by listing them: each exists
+        return ImageSampleDataset(read_class_folders(root, option, class_index), hint)
 
     def _read_flat_val(self, root: Path, path: Path, class_index: dict[str, int]) -> list[Sample]:
         samples: list[Sample] = []

@@ -7,8 +7,23 @@ from typing import Any
 
 from typing_extensions import override
 
-from ecoflap_pl.datamodules._io import DataFormatError, check_entry, expect_type, locate, read_json_lines, resolve
-from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample, Stage, check_choice
+from ecoflap_pl.datamodules._io import (
+    DataFormatError,
+    check_entry,
+    check_image_folder,
+    expect_type,
+    locate,
+    read_json_lines,
+    resolve,
+)
+from ecoflap_pl.datamodules.base import (
+    EcoflapDataModule,
+    ImageSampleDataset,
+    Sample,
+    Stage,
+    check_choice,
+    checked_image_dataset,
+)
 
 LABELS = {"True": 1, "False": 0}
 
@@ -99,10 +114,16 @@ class NLVR2DataModule(EcoflapDataModule):
     def _locate(self, stage: Stage) -> dict[str, Path]:
         split, option = self.splits[stage], f"{stage}_file"
         defaults = [self.data_dir / f"{split}.json", self.data_dir / "data" / f"{split}.json"]
-        return {option: locate(self.data_dir, self.files[stage], defaults, option, f"NLVR2 {split} annotations")}
+        return {
+            option: locate(self.data_dir, self.files[stage], defaults, option, f"NLVR2 {split} annotations"),
+            "image_root": check_image_folder(self.image_root / split, "image_root", self._image_hint(split)),
+        }
 
     @override
     def _read(self, stage: Stage, files: dict[str, Path]) -> ImageSampleDataset:
         split, option = self.splits[stage], f"{stage}_file"
         samples = read_nlvr2(files[option], option, self.image_root / split, split)
-        return ImageSampleDataset(samples, f"images are read from `image_root`/{split} ({self.image_root / split}).")
+        return checked_image_dataset(samples, "image_root", self._image_hint(split))
+
+    def _image_hint(self, split: str) -> str:
+        return f"images are read from `image_root`/{split} ({self.image_root / split})."

@@ -12,6 +12,7 @@ from typing_extensions import override
 from ecoflap_pl.datamodules._io import (
     DataFormatError,
     check_entry,
+    check_image_folder,
     expect_type,
     field_strings,
     get_list,
@@ -19,7 +20,14 @@ from ecoflap_pl.datamodules._io import (
     read_json,
     resolve,
 )
-from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample, Stage, check_choice
+from ecoflap_pl.datamodules.base import (
+    EcoflapDataModule,
+    ImageSampleDataset,
+    Sample,
+    Stage,
+    check_choice,
+    checked_image_dataset,
+)
 
 # question-file split -> COCO image folder (test-dev2015 images are part of test2015)
 IMAGE_FOLDERS = {"train2014": "train2014", "val2014": "val2014", "test2015": "test2015", "test-dev2015": "test2015"}
@@ -178,16 +186,23 @@ class VQAv2DataModule(EcoflapDataModule):
                 a_option,
                 f"VQA annotations of split {split!r}",
             )
+        files["image_root"] = check_image_folder(
+            self.image_root / IMAGE_FOLDERS[split], "image_root", self._image_hint(split)
+        )
         return files
 
     @override
     def _read(self, stage: Stage, files: dict[str, Path]) -> ImageSampleDataset:
         split = self.splits[stage]
         q_option, a_option = f"{stage}_questions_file", f"{stage}_annotations_file"
+        samples = read_vqa(
+            files[q_option], q_option, files.get(a_option), a_option, self.image_root, IMAGE_FOLDERS[split]
+        )
+        return checked_image_dataset(samples, "image_root", self._image_hint(split))
+
+    def _image_hint(self, split: str) -> str:
         folder = IMAGE_FOLDERS[split]
-        samples = read_vqa(files[q_option], q_option, files.get(a_option), a_option, self.image_root, folder)
-        hint = f"images are read from `image_root`/{folder} ({self.image_root / folder})."
-        return ImageSampleDataset(samples, hint)
+        return f"images are read from `image_root`/{folder} ({self.image_root / folder})."
 
     def _find(self, override: str | None, name: str, api_folder: str, option: str, what: str) -> Path:
         folders = (self.data_dir, self.data_dir / "annotations", self.data_dir / api_folder)

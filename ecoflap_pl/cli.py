@@ -120,7 +120,8 @@ class EcoflapCLI(LightningCLI):
 
     def _check_data_files(self) -> None:
         """Find the data files the run will read before the task builds its model (minutes for a large one), so that
-        a wrong ``data_dir`` or a missing annotation file is reported at once.
+        a wrong ``data_dir``, a missing annotation file or image folder is reported at once (the image files the
+        annotations name are checked when the split is read, before pruning).
 
         The DataModule is built from its configuration without the task's collator (the link that sets it needs the
         model) and asked for :meth:`~ecoflap_pl.datamodules.EcoflapDataModule.check_files` of the subcommand's main

@@ -47,6 +47,12 @@ def test_tiny_session_runs_every_part_and_writes_its_sections(tmp_path):
             assert "error" not in data, (name, method, data)
             assert data["prune"]["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
             assert ("coarse" in data["prune"]["stages"]) == (method != "wanda")
+            # each coarse step is ranked against the exact gradient norms, over all blocks and within each tower
+            if method != "wanda":
+                assert set(data["spearman"]) == {"all", *data["prune"]["tower_sparsity"]}
+                assert all(-1.0 <= rho <= 1.0 for rho in data["spearman"].values())
+            else:
+                assert "spearman" not in data
 
     on_device = json.loads((tmp_path / "llava_7b.json").read_text())["methods"]["zeroth_order"]
     assert on_device["prune"]["overall_sparsity"] == pytest.approx(0.5, abs=0.01)

@@ -1,9 +1,11 @@
-"""``ecoflap`` finds the data files a run reads before it builds the model: a wrong ``data_dir`` or a missing annotation
-file is one short configuration error, not minutes of model loading followed by a traceback."""
+"""``ecoflap`` finds the data files a run reads before it builds the model: a wrong ``data_dir``, a missing annotation
+file or image folder is one short configuration error, not minutes of model loading followed by a traceback; a missing
+image file is reported when the split is read, before pruning."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ import yaml
 from ecoflap_pl.datamodules import VQAv2DataModule
 from ecoflap_pl.tasks import VQATask
 from tests.datamodules.datamodule_layouts import write_vqa
-from tests.robustness.cli_runs import TRAINER, Outcome, run_ecoflap
+from tests.robustness.cli_runs import TRAINER, Outcome, run_ecoflap, vit_config
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILT = "NotBuiltTask was built"
@@ -117,6 +119,44 @@ def test_a_missing_file_of_the_run_is_named_before_the_model_is_built(
     outcome = run_ecoflap(capsys, subcommand, "-c", config(tmp_path, vqa_root, stages=stages))
     refused(outcome, str(vqa_root / removed), f"HINT: set `{option}`")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("subcommand", "folder"),
+    [("validate", "val2014"), ("validate", "train2014"), ("test", "val2014"), ("fit", "val2014")],
+)
+def test_a_missing_image_folder_is_named_before_the_model_is_built(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, vqa_root: Path, subcommand: str, folder: str
+) -> None:
+    shutil.rmtree(vqa_root / folder)
+    outcome = run_ecoflap(capsys, subcommand, "-c", config(tmp_path, vqa_root, stages=["validate", "test"]))
+    error = refused(outcome, f"Image folder {vqa_root / folder} (set by `image_root`) does not exist.")
+    assert f"HINT: images are read from `image_root`/{folder}" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_image_file_is_reported_when_the_split_is_read_before_pruning(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, demo_data: Any
+) -> None:
+    # The check before the model looks up names only; the split's images are checked when `setup` reads it, before
+    # the pruning callback draws a batch (a tiny ViT on the flat ImageNet val layout).
+    data_dir = tmp_path / "imagenet"
+    shutil.copytree(demo_data.imagenet_flat, data_dir, ignore=shutil.ignore_patterns("train"))
+    missing = data_dir / "val" / "ILSVRC2012_val_00000002.JPEG"
+    missing.unlink()
+    total = len(list((data_dir / "val").iterdir())) + 1
+    report = tmp_path / "report"
+    config = vit_config(tmp_path, demo_data, report_dir=str(report))
+    options = [f"--data.init_args.data_dir={data_dir}", f"--data.init_args.train_dir={demo_data.imagenet / 'train'}"]
+    outcome = run_ecoflap(capsys, "validate", "-c", config, *options)
+    assert outcome.code == 2, outcome.text[-3000:]
+    error = outcome.text[outcome.text.index("error (DataFileNotFoundError): ") :].splitlines()
+    assert error[0].endswith(
+        f"Missing images: 1 of the {total} that the annotations name (image folder set by `val_dir`), e.g.:"
+    )
+    assert error[1].startswith(f"{missing} (for ImageId ILSVRC2012_val_00000002 (")
+    assert error[2] == f"HINT: images are read from `val_dir` ({data_dir / 'val'})."
+    assert not report.exists()  # refused before pruning
 
 
 def test_the_training_split_is_not_needed_when_the_run_does_not_prune(

@@ -106,11 +106,25 @@ CASES = [
 ]
 
 
+# The image folder each case's `_locate` knows from the options alone (returned as "image_root"), under data_dir.
+IMAGE_FOLDERS = {
+    "vqa_val": "val2014",
+    "vqa_test_unannotated": "test2015",
+    "coco_karpathy": "",
+    "coco_original": "",
+    "coco_official": "val2014",  # named by captions_val2014.json
+    "flickr30k": "",
+    "nlvr2": "dev",
+    "image_text_pairs": "",
+}
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_finds_the_files_the_loop_reads(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     datamodule, stage, expected = _case(name, tmp_path, request)
     files = datamodule.check_files(stage)
-    assert files == {option: datamodule.data_dir / path for option, path in expected.items()}
+    folders = {"image_root": IMAGE_FOLDERS[name]} if name in IMAGE_FOLDERS else {}
+    assert files == {option: datamodule.data_dir / path for option, path in {**expected, **folders}.items()}
     assert len(datamodule.dataset(stage)) > 0  # and reading the split finds the same files
 
 
@@ -159,6 +173,6 @@ def test_an_unset_file_option_is_refused(tmp_path: Path) -> None:
 def test_a_datamodule_made_of_others_checks_each_part(vqa_root: Path) -> None:
     # The demo's training mix of VQAv2 questions and COCO captions: its training split needs both datasets' files.
     mix = VQACaptionMixDataModule(vqa_root, collate_fn=collate)
-    assert set(mix.check_files("val")) == set(VQA_VAL)
+    assert set(mix.check_files("val")) == {*VQA_VAL, "image_root"}
     with pytest.raises(DataFileNotFoundError, match=r"COCO train caption annotations.*HINT: set `train_file`"):
         mix.check_files("train")

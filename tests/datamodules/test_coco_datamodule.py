@@ -184,8 +184,8 @@ def test_missing_key_in_original(coco_original: Path) -> None:
 
 def test_missing_image_names_path_and_id(coco_karpathy: Path) -> None:
     image = coco_karpathy / coco_image_path(5)
-    image.unlink()
     dataset = _module(coco_karpathy).dataset("val")
+    image.unlink()  # after the split was read (test_image_check.py: before): found when its sample is read
     with pytest.raises(DataFileNotFoundError, match=rf"{image} \(for image_id 5 .*`image_root`"):
         dataset[0]
 

@@ -48,6 +48,7 @@ def test_errors(pairs_root: Path) -> None:
     with pytest.raises(DataFormatError, match=r"bad\.json, entry 7: missing key 'image'"):
         ImageTextPairsDataModule(pairs_root, "bad.json").dataset("train")
     image = pairs_root / "images" / "00001" / "000000004.jpg"
-    image.unlink()
+    dataset = ImageTextPairsDataModule(pairs_root, "cc3m.json").dataset("train")
+    image.unlink()  # after the split was read (test_image_check.py: before): found when its sample is read
     with pytest.raises(DataFileNotFoundError, match=rf"{image} \(for .*cc3m\.json, entry 4\)"):
-        ImageTextPairsDataModule(pairs_root, "cc3m.json").dataset("train")[4]
+        dataset[4]

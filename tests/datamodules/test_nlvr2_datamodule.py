@@ -71,9 +71,10 @@ def test_bad_label(nlvr2_root: Path) -> None:
 
 def test_missing_right_image_names_identifier(nlvr2_root: Path) -> None:
     image = nlvr2_root / "dev" / "dev-851-1-img1.png"
-    image.unlink()
+    dataset = NLVR2DataModule(nlvr2_root).dataset("val")
+    image.unlink()  # after the split was read (test_image_check.py: before): found when its sample is read
     with pytest.raises(DataFileNotFoundError, match=rf"{image} \(for identifier 'dev-851-1-3' "):
-        NLVR2DataModule(nlvr2_root).dataset("val")[1]
+        dataset[1]
 
 
 def test_corrupt_image(nlvr2_root: Path) -> None:
