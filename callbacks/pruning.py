@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timezone
@@ -25,10 +26,10 @@ import ecoflap_pl
 from ecoflap_pl.callbacks.export import describe_saved, save_pruned, source_directories
 from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
 from ecoflap_pl.callbacks.progress import StageProgress
-from ecoflap_pl.export import check_save_format, check_save_target
+from ecoflap_pl.export import check_save_format, check_save_target, check_writable_folder
 from ecoflap_pl.export.semi_structured import check_semi_structured, to_semi_structured_
 from ecoflap_pl.models.placement import OffloadedWeights, placement
-from ecoflap_pl.pruning import PruningConfig, PruningResult, prune
+from ecoflap_pl.pruning import PruningConfig, PruningResult, check_before_pruning, prune
 from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE, AllocationName, ImportanceName, MethodName, ScoreName
 from ecoflap_pl.reporting import REPORT_JSON, render_table, report_dict, write_report
 
@@ -214,6 +215,7 @@ class ECoFLaPPruning(Callback):
         self.report: dict[str, Any] | None = None
         self.masks_from: str | None = None
         self._result: PruningResult | None = None
+        self._pruning_started = False
 
     @property
     def result(self) -> PruningResult | None:
@@ -232,6 +234,10 @@ class ECoFLaPPruning(Callback):
         model = _pruned_module(pl_module)
         if self.save_to is not None and (stage in self.stages or stage == TrainerFn.FITTING):
             self._check_save_to(model)
+        if stage in self.stages:
+            check_before_pruning(model, self.config)
+            if self.report_dir is not None:
+                check_writable_folder(self.report_dir, option="report_dir")
         if self.semi_structured:
             self._check_semi_structured(trainer, stage)
         if stage == TrainerFn.FITTING.value and trainer.max_steps != 0 and trainer.max_epochs != 0:
@@ -293,7 +299,9 @@ class ECoFLaPPruning(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and self.save_to is not None and trainer.is_global_zero:
+        # A run refused before pruning began (a setup check) has its own message: the notice would only repeat it.
+        started = self.pruned or self._pruning_started
+        if trainer.state.fn == TrainerFn.FITTING and self.save_to is not None and trainer.is_global_zero and started:
             rank_zero_warn(self._interrupted_save_notice(self.save_to, trainer.global_step))
 
     @override
@@ -339,10 +347,7 @@ class ECoFLaPPruning(Callback):
         try:
             checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
         except Exception as error:  # torch raises several types for files that are not checkpoints
-            raise ValueError(
-                f"`ckpt_path` {str(ckpt_path)!r} cannot be read as a Lightning checkpoint: {error}. HINT: pass a "
-                "complete `.ckpt` file written by the Trainer (a copy interrupted mid-write is truncated)."
-            ) from error
+            raise unreadable_checkpoint(ckpt_path, error) from error
         state = checkpoint.get("callbacks", {}).get(self.state_key, {}) if isinstance(checkpoint, dict) else {}
         return bool(state.get("pruned", False))
 
@@ -368,6 +373,10 @@ class ECoFLaPPruning(Callback):
             with torch.inference_mode(False), torch.enable_grad():
                 self._prune(trainer, pl_module, stage)
             self.masks_from = f"pruning at the start of {stage}"
+        elif not self.stages:
+            # Chosen on purpose (the `dense` preset, or evaluating a model saved after pruning): no warning, and no
+            # hint to prune, which would prune a saved pruned model again.
+            rank_zero_info(f"`pruning.stages` is []: `{stage}` runs on the model as it is, without pruning.")
         else:
             rank_zero_warn(
                 f"`pruning.stages` is {list(self.stages)}, so `{stage}` runs on the dense model (nothing is pruned). "
@@ -386,6 +395,7 @@ class ECoFLaPPruning(Callback):
         check_semi_structured(self.config.structure, trainer.strategy.root_device)
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> PruningResult:
+        self._pruning_started = True
         model = _pruned_module(pl_module)
         batches = self._calibration_batches(trainer, pl_module)
         world_size, rank = trainer.world_size, trainer.global_rank
@@ -518,6 +528,25 @@ class ECoFLaPPruning(Callback):
         )
         if self.progress:
             Console().print(describe_saved(saved, self.save_to))
+
+
+def unreadable_checkpoint(ckpt_path: str | Path, error: BaseException) -> ValueError:
+    """The error for a ``ckpt_path`` that ``torch.load`` refused, saying what is wrong with the file.
+
+    torch's own message is left out where it misleads: for a file that is no zip archive it advises loading with
+    ``weights_only=False`` (running the file's code), and for an empty file it is empty.
+    """
+    path = Path(ckpt_path)
+    if path.is_file() and path.stat().st_size == 0:
+        problem = "the file is empty"
+    elif path.is_file() and not zipfile.is_zipfile(path):
+        problem = "it is not a complete zip archive, as the Trainer writes checkpoints (cut short, or another file)"
+    else:
+        problem = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return ValueError(
+        f"`ckpt_path` {str(ckpt_path)!r} cannot be read as a Lightning checkpoint: {problem}. HINT: pass a complete "
+        "`.ckpt` file written by the Trainer (a copy interrupted mid-write is truncated)."
+    )
 
 
 def _read_report_metadata(path: Path) -> dict[str, Any] | None:

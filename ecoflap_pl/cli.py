@@ -28,9 +28,11 @@ from torch import nn
 from typing_extensions import override
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
+from ecoflap_pl.callbacks.pruning import unreadable_checkpoint
 from ecoflap_pl.console import quiet_libraries
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.datamodules.base import Stage
+from ecoflap_pl.option_hints import unknown_option_hint
 from ecoflap_pl.tasks.base import EcoflapTask
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,16 @@ class EcoflapCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            hint = unknown_option_hint(str(error), parser)
+            if hint is None:
+                raise
+            raise ConfigurationError(f"{error}\n{hint}") from error  # its own line: the summary keeps it
+
+    @override
     def instantiate_classes(self) -> None:
         try:
             self._check_data_files()
@@ -160,17 +172,22 @@ class EcoflapCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         settings = self.config.get(subcommand) if subcommand else None
         ckpt_path = settings.get("ckpt_path") if settings is not None else None
-        before = _model_arguments(settings)
+        before, task = _model_arguments(settings), _model_class(settings)
         try:
             super()._parse_ckpt_path()
         except Exception as error:  # torch raises several types for a file that is not a checkpoint
             if isinstance(error, ArgumentError):
                 raise
+            raise ConfigurationError(str(unreadable_checkpoint(ckpt_path, error))) from error
+        settings = self.config.get(subcommand) if subcommand else None
+        if _model_class(settings) != task:
+            # Lightning would silently build the checkpoint's task instead of the config's: another model, data
+            # that does not fit it, and metrics of another kind.
             raise ConfigurationError(
-                f"`ckpt_path` {ckpt_path!r} cannot be read as a Lightning checkpoint: {error} HINT: pass a complete "
-                "`.ckpt` file written by the Trainer (a copy interrupted mid-write is truncated)."
-            ) from error
-        after = _model_arguments(self.config.get(subcommand) if subcommand else None)
+                f"`ckpt_path` {ckpt_path!r} was written by the task {_model_class(settings)}, but the config's model "
+                f"is {task}. HINT: pass a checkpoint of {task}, or use this one with the config it was trained with."
+            )
+        after = _model_arguments(settings)
         replaced = {key: (before[key], after.get(key)) for key in before if before[key] != after.get(key)}
         if replaced:
             log.warning(
@@ -280,6 +297,12 @@ def _model_arguments(settings: Any) -> dict[str, Any]:
     if init_args is None:
         return {}
     return init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
+
+
+def _model_class(settings: Any) -> str | None:
+    """The model's ``class_path`` in one subcommand's settings (``None`` when there is none)."""
+    model = settings.get("model") if settings is not None else None
+    return model.get("class_path") if model is not None and hasattr(model, "get") else None
 
 
 def _check_dense(model: Any, limit: float = 0.01) -> None:

@@ -3,7 +3,7 @@
 Imports torch, safetensors and (lazily) transformers; no Lightning.
 """
 
-from ecoflap_pl.export.atomic import atomic_directory, check_save_target
+from ecoflap_pl.export.atomic import atomic_directory, check_save_target, check_writable_folder
 from ecoflap_pl.export.checkpoint import (
     SAVE_FORMATS,
     SavedModel,
@@ -21,6 +21,7 @@ __all__ = [
     "atomic_directory",
     "check_save_format",
     "check_save_target",
+    "check_writable_folder",
     "is_sparse_export",
     "load_pruned_model",
     "load_pruned_state_dict",

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,23 +56,58 @@ def check_save_target(
                 f"`{option}` is {str(target)!r}, which holds the source model ({source_path}): writing there would "
                 f"replace the weights being pruned. HINT: choose another folder, e.g. '{option}: {path.name}-pruned'."
             )
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(
-            f"`{option}` must be a directory, but {str(target)!r} is a file. HINT: choose a folder path (it is "
-            "created if missing)."
-        )
+    _refuse_a_file(path, option, target)
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(
             f"`{option}` is {str(target)!r}, a folder that is not empty; nothing was written. HINT: choose an empty or "
             f"new folder, or replace it with --pruning.overwrite true (the old folder is swapped out only once the new "
             "one is complete)."
         )
-    parent = _existing_ancestor(path.parent, option, target)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(
-            f"`{option}` is {str(target)!r}, but {parent} cannot be written. HINT: choose a folder you can write to."
-        )
+    # The new folder is written beside the target, so it is its parent that must take new entries.
+    check_writable_folder(path.parent, option=option, target=target)
     return path
+
+
+def check_writable_folder(folder: str | Path, *, option: str, target: str | Path | None = None) -> Path:
+    """Check, before any long work, that files can be written in ``folder`` (created later when missing).
+
+    The nearest existing folder at or above ``folder`` is tried by creating and removing an empty subfolder in it:
+    mode bits alone do not tell (root ignores them; ``/proc``, read-only mounts and full quotas refuse anyway).
+
+    Args:
+        folder: the folder that will receive files.
+        option: the user-facing name of the setting in messages.
+        target: the path the user gave, quoted in messages, when ``folder`` is the one that receives it (its
+            parent); default: ``folder`` itself, which must then not be a file.
+
+    Returns:
+        ``folder`` as an absolute path.
+
+    Raises:
+        FileExistsError: ``folder`` or one of its parents is a file.
+        PermissionError: the nearest existing folder cannot take new entries.
+    """
+    path = Path(folder).expanduser().absolute()
+    if target is None:
+        _refuse_a_file(path, option, folder)
+    shown = folder if target is None else target
+    ancestor = _existing_ancestor(path, option, shown)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".ecoflap-write-check-", dir=ancestor))
+    except OSError as error:
+        raise PermissionError(
+            f"`{option}` is {str(shown)!r}, but {ancestor} cannot be written ({error.strerror or error}). HINT: "
+            "choose a folder you can write to."
+        ) from error
+    return path
+
+
+def _refuse_a_file(path: Path, option: str, given: str | Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(
+            f"`{option}` must be a directory, but {str(given)!r} is a file. HINT: choose a folder path (it is created "
+            "if missing)."
+        )
 
 
 def _existing_ancestor(path: Path, option: str, target: str | Path) -> Path:

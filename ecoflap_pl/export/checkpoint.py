@@ -265,9 +265,8 @@ def load_pruned_model(directory: str | Path, model_class: Any = None, **from_pre
     import transformers
 
     directory = Path(directory)
-    config_data = json.loads((directory / "config.json").read_text())
     if model_class is None:
-        model_class = getattr(transformers, config_data["architectures"][0])
+        model_class = _saved_model_class(directory)
     save_format = saved_format(directory)
     if save_format == "dense":
         return model_class.from_pretrained(directory, **from_pretrained_kwargs)
@@ -277,3 +276,35 @@ def load_pruned_model(directory: str | Path, model_class: Any = None, **from_pre
         model_class = model_class._model_mapping[type(config)]
     state_dict, _ = load_pruned_state_dict(directory)
     return model_class.from_pretrained(None, config=config, state_dict=state_dict, **from_pretrained_kwargs)
+
+
+def _saved_model_class(directory: Path) -> Any:
+    """The ``transformers`` class named by ``architectures`` in the folder's ``config.json``.
+
+    Raises:
+        FileNotFoundError: no ``config.json`` (a missing folder, or a timm / plain module's state dict).
+        ValueError: a ``config.json`` that names no ``transformers`` class.
+    """
+    import transformers
+
+    path = directory / "config.json"
+    if not path.is_file():
+        what = "holds no Hugging Face model" if any(directory.glob("model*.safetensors")) else "is not a save_to folder"
+        raise FileNotFoundError(
+            f"{directory} has no config.json: it {what}. HINT: load a timm or plain module's folder with "
+            "load_pruned_state_dict(dir) and model.load_state_dict(state_dict); else pass a folder written by "
+            "`save_to` (ecoflap prune)."
+        )
+    try:
+        architectures = json.loads(path.read_text(encoding="utf-8")).get("architectures") or [None]
+    except (UnicodeDecodeError, ValueError, AttributeError) as error:
+        raise ValueError(
+            f"{path} is not a model config (a JSON object): {error}. HINT: export the model again."
+        ) from error
+    model_class = getattr(transformers, str(architectures[0]), None)
+    if model_class is None:
+        raise ValueError(
+            f"{path} names the architecture {architectures[0]!r}, which this transformers version does not have. "
+            "HINT: pass model_class= (e.g. transformers.AutoModelForCausalLM), or upgrade transformers."
+        )
+    return model_class

@@ -13,6 +13,7 @@ from torch import nn
 
 from ecoflap_pl.pruning.allocation import (
     AllocationRequest,
+    check_report_fits,
     dense_outlier_ratios,
     get_allocation,
     read_allocation_report,
@@ -213,6 +214,43 @@ def _check_inputs(model: Any, batches: Any, loss_fn: Any, config: Any, rank: int
         raise ValueError(f"`rank` must be in [0, world_size={world_size}), got {rank!r}.")
 
 
+def _group_sizes(candidates: Sequence[Candidate], groups: Mapping[str, tuple[str, ...]]) -> dict[str, int]:
+    """Parameters per group."""
+    numel = {c.name: c.numel for c in candidates}
+    return {group: sum(numel[name] for name in names) for group, names in groups.items()}
+
+
+def check_before_pruning(model: nn.Module, config: PruningConfig) -> None:
+    """The checks of :func:`prune` that need neither calibration data nor a forward pass: ``model`` has stacks of
+    blocks in which ``include``/``exclude`` select weights; with an N:M ``structure``, every selected weight's input
+    width is a multiple of M; ``allocation_report`` is a readable pruning report made for those weights (its groups
+    are among them) at ``sparsity``.
+
+    ``prune`` runs them first; a caller that loads data or evaluates the model before pruning (the Lightning
+    callback) runs them before that work too, so a bad setting is refused at once.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`prune` does for these settings.
+    """
+    # The candidates of every stack: those of the stacks that run in the calibration loss are among them.
+    candidates = find_candidates(model, find_stacks(model), config)
+    if config.allocation_report is not None:
+        groups = build_groups(candidates, config.granularity)
+        report = read_allocation_report(config.allocation_report)
+        check_report_fits(report, config, groups, _group_sizes(candidates, groups), complete=False)
+    if config.n_m is not None:
+        m = config.n_m[1]
+        misfits = [c.name for c in candidates if model.get_parameter(c.name).shape[-1] % m]
+        if misfits:
+            shown = ", ".join(f"{name} {list(model.get_parameter(name).shape)}" for name in misfits[:3])
+            more = f" and {len(misfits) - 3} more" if len(misfits) > 3 else ""
+            raise ValueError(
+                f"`structure` {config.structure} prunes groups of {m} consecutive inputs, but these weights have an "
+                f"input width that is not a multiple of M={m}: {shown}{more}. HINT: leave them out with `exclude`, "
+                "or prune with structure 'unstructured'."
+            )
+
+
 def _plan(
     model: nn.Module, batches: Sequence[Any], loss_fn: LossFn, config: PruningConfig, rank: int
 ) -> tuple[_Plan, StageStats]:
@@ -238,9 +276,9 @@ def _plan(
     towers: dict[str, list[str]] = {}
     for group, names in groups.items():
         towers.setdefault(stack_of[names[0]], []).append(group)
-    numel = {c.name: c.numel for c in candidates}
-    sizes = {group: sum(numel[n] for n in names) for group, names in groups.items()}
-    plan = _Plan(ran, skipped, candidates, groups, {t: tuple(g) for t, g in towers.items()}, sizes)
+    plan = _Plan(
+        ran, skipped, candidates, groups, {t: tuple(g) for t, g in towers.items()}, _group_sizes(candidates, groups)
+    )
     logger.info(
         "Found %d weights to prune in %d groups over %d stacks: %s",
         len(candidates),
@@ -446,8 +484,7 @@ def prune(
     coarse = scores is None and config.importance != "uniform"
     _check_shards(calibration_batches, config, world_size, ("coarse", "fine") if coarse else ("fine",))
     holdout = _holdout_batches(calibration_batches, config) if config.allocation == "auto" else []
-    if config.allocation_report is not None:
-        read_allocation_report(config.allocation_report)  # fail before any work
+    check_before_pruning(model, config)
     stages: dict[str, StageStats] = {}
     params = dict(model.named_parameters())
     with pruning_session(model) as transaction:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ecoflap_pl.export import atomic_directory, check_save_target
+from ecoflap_pl.export import atomic_directory, check_save_target, check_writable_folder
 
 CHILD = Path(__file__).with_name("write_tiny_model.py")
 KILL_POINTS = ["weights:after", "report:after", "sync:after", "swap:before", "exchange:after"]
@@ -114,6 +114,7 @@ def test_refusals_name_the_problem_and_the_fix(tmp_path: Path) -> None:
         check_save_target(a_file / "pruned", overwrite=False)
     assert check_save_target(tmp_path / "new" / "pruned", overwrite=False) == tmp_path / "new" / "pruned"
     assert not (tmp_path / "new").exists()  # checking creates nothing
+    assert not list(tmp_path.glob(".ecoflap-write-check-*"))  # and leaves no trace of its probe
     assert (source / "model.safetensors").read_bytes() == b"weights"
 
 
@@ -138,3 +139,27 @@ def test_an_unwritable_parent_is_refused_before_any_work(tmp_path: Path) -> None
     assert result.returncode == 3, result.stderr
     assert f"{locked} cannot be written" in result.stdout and "HINT" in result.stdout
     assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize("check", ["save_to", "report_dir"])
+def test_a_folder_that_takes_no_new_entry_is_refused_whatever_its_mode_bits_say(check: str) -> None:
+    """``/proc`` looks writable to root (``os.access`` says yes) but takes no new folder: the check must find out
+    by trying, before pruning, not when the files are written after it."""
+    target = "/proc/ecoflap-pruned"
+    assert os.geteuid() != 0 or os.access("/proc", os.W_OK)  # mode bits alone would let it through as root
+    with pytest.raises(PermissionError, match=rf"`{check}` is '{target}', but /proc cannot be written .*HINT"):
+        if check == "save_to":
+            check_save_target(target, overwrite=False)
+        else:
+            check_writable_folder(target, option="report_dir")
+
+
+def test_a_report_dir_that_is_a_file_or_below_one_is_refused(tmp_path: Path) -> None:
+    a_file = tmp_path / "report"
+    a_file.write_text("x")
+    with pytest.raises(FileExistsError, match=r"`report_dir` must be a directory, but '.*report' is a file. HINT"):
+        check_writable_folder(a_file, option="report_dir")
+    with pytest.raises(FileExistsError, match="is a file, so no folder can be made below it"):
+        check_writable_folder(a_file / "sub", option="report_dir")
+    assert check_writable_folder(tmp_path / "new", option="report_dir") == tmp_path / "new"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["report"]

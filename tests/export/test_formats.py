@@ -174,3 +174,23 @@ def test_a_damaged_file_of_the_folder_is_named(tmp_path: Path, damaged: str) -> 
         read_masks(tmp_path)
     with pytest.raises(ValueError, match=rf"{damaged} cannot be read as a safetensors file"):
         load_pruned_state_dict(tmp_path)
+
+
+def test_load_pruned_model_of_a_folder_without_a_model_config_says_what_to_do(tmp_path: Path) -> None:
+    """A timm save_to folder, a missing folder and an unknown architecture were a bare FileNotFoundError on
+    config.json, or a KeyError / AttributeError."""
+    model, _, _, masks = pruned("vit", "unstructured")
+    (tmp_path / "vit").mkdir()
+    write_pruned_model(model, tmp_path / "vit", masks, "dense")
+    with pytest.raises(FileNotFoundError, match=r"has no config.json: it holds no Hugging Face model\. HINT: .*"):
+        load_pruned_model(tmp_path / "vit")
+    with pytest.raises(FileNotFoundError, match=r"has no config.json: it is not a save_to folder\. HINT"):
+        load_pruned_model(tmp_path / "missing")
+    llama, _, _, llama_masks = pruned("llama", "unstructured")
+    (tmp_path / "llama").mkdir()
+    write_pruned_model(llama, tmp_path / "llama", llama_masks, "dense")
+    config = tmp_path / "llama" / "config.json"
+    config.write_text(config.read_text().replace("LlamaForCausalLM", "LlamaForTimeTravel"))
+    with pytest.raises(ValueError, match=r"architecture 'LlamaForTimeTravel'.*HINT: pass model_class="):
+        load_pruned_model(tmp_path / "llama")
+    assert type(load_pruned_model(tmp_path / "llama", AutoModelForCausalLM)) is type(llama)

@@ -17,7 +17,7 @@ from ecoflap_pl.pruning.allocation import (
     register_allocation,
     registry,
 )
-from ecoflap_pl.reporting import write_report
+from ecoflap_pl.reporting import report_dict, write_report
 from tests.pruning.pruning_helpers import assert_bit_identical, seeded_toy_model, snapshot, toy_batches, toy_loss
 
 SIZE = 1024  # parameters of one ToyBlock of width 16 (fc1 16x32 + fc2 32x16)
@@ -143,17 +143,24 @@ def test_from_report_refuses_other_groups_and_leaves_the_model_alone(tmp_path):
     path = write_report(first, tmp_path)["json"]
     model = seeded_toy_model()
     before = snapshot(model)
+    calls = []
+
+    def counted_loss(model, batch):
+        calls.append(batch)
+        return toy_loss(model, batch)
+
     with pytest.raises(ValueError, match=r"made for other groups \(granularity 'layer'.*HINT: reuse a report"):
-        prune(model, batches, toy_loss, PruningConfig(allocation="from_report", allocation_report=str(path)))
+        prune(model, batches, counted_loss, PruningConfig(allocation="from_report", allocation_report=str(path)))
     assert_bit_identical(model, before)
     with pytest.raises(ValueError, match=r"overall sparsity of 0\.5000, but `sparsity` is 0\.6.*sparsity: 0\.5"):
         prune(
             model,
             batches,
-            toy_loss,
+            counted_loss,
             PruningConfig(sparsity=0.6, granularity="layer", allocation="from_report", allocation_report=str(path)),
         )
     assert_bit_identical(model, before)
+    assert calls == []  # both refused before the first forward (they were found after it, at allocation)
     with pytest.raises(FileNotFoundError, match=r"`allocation_report` '.*missing.json' is not a file"):
         prune(model, batches, toy_loss, PruningConfig(allocation="from_report", allocation_report="missing.json"))
     (tmp_path / "other.json").write_text(json.dumps({"overall_sparsity": 0.5}))
@@ -164,6 +171,41 @@ def test_from_report_refuses_other_groups_and_leaves_the_model_alone(tmp_path):
             toy_loss,
             PruningConfig(allocation="from_report", allocation_report=str(tmp_path / "other.json")),
         )
+    assert_bit_identical(model, before)
+
+
+def _moved_budget(report):
+    """Two groups' sparsities moved apart by 0.7, out of [0, 1), while the size-weighted total stays the same."""
+    first, second = list(report["group_sparsity"])[:2]
+    report["group_sparsity"][first] += 0.7
+    report["group_sparsity"][second] -= 0.7
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda report: report.update(groups=list(report["groups"])), "`groups` must map each group"),
+        (lambda report: report.update(config="block"), "`config` must be a mapping"),
+        (lambda report: report["group_sparsity"].pop("layers.1"), r"a sparsity for each of its 3 groups.*layers\.1"),
+        (lambda report: report["group_sparsity"].update({"layers.1": "0.6"}), r"number in \[0, 1\), got layers\.1"),
+        (lambda report: report["group_sparsity"].update({"layers.1": float("nan")}), "layers.1: nan"),
+        (_moved_budget, r"number in \[0, 1\), got layers\.0: 1\.3.*layers\.1: -0\.0"),
+    ],
+    ids=["groups-a-list", "config-a-string", "a-group-missing", "a-string", "nan", "out-of-range-same-total"],
+)
+def test_from_report_refuses_an_edited_or_damaged_report_and_leaves_the_model_alone(tmp_path, damage, named):
+    """Each was a bare AttributeError / KeyError, or (out of range, same total) pruned a block to 100% while the
+    result claimed the target sparsity."""
+    batches = toy_batches(2)
+    report = report_dict(prune(seeded_toy_model(), batches, toy_loss, PruningConfig(sparsity=0.6, fine_samples=8)))
+    damage(report)
+    path = tmp_path / "pruning_report.json"
+    path.write_text(json.dumps(report), encoding="utf-8")
+    model = seeded_toy_model()
+    before = snapshot(model)
+    config = PruningConfig(sparsity=0.6, allocation="from_report", allocation_report=str(path))
+    with pytest.raises(ValueError, match=rf"is not a valid pruning report: .*{named}.*HINT: use the pruning_report"):
+        prune(model, batches, toy_loss, config)
     assert_bit_identical(model, before)
 
 

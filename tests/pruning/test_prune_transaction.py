@@ -75,12 +75,23 @@ def test_bad_scores_leave_the_model_unchanged():
     check_unchanged(model, before)
 
 
-def test_bad_structure_for_a_later_tower_rolls_back_the_first():
+def test_bad_structure_for_a_later_tower_is_refused_before_any_work():
+    """It was found by the fine step of the second tower, after pruning the first (then rolled back), and named only
+    the shape; now every misfit is named before the first forward."""
     model = two_towers(second_width=10)  # 1:3 fits the first tower's widths (12, 24), not the second's (10)
     before = snapshot(model)
     config = PruningConfig(sparsity=2 / 3, structure="1:3", importance="uniform", fine_samples=8)
-    with pytest.raises(ValueError, match="multiple of M=3"):
-        prune(model, toy_batches(2), two_tower_loss, config)
+    calls = []
+
+    def counted_loss(model, batch):
+        calls.append(batch)
+        return two_tower_loss(model, batch)
+
+    with pytest.raises(
+        ValueError, match=r"not a multiple of M=3: second\.0\.fc1\.weight \[20, 10\], .*HINT: .*exclude"
+    ):
+        prune(model, toy_batches(2), counted_loss, config)
+    assert calls == []
     check_unchanged(model, before)
 
 

@@ -8,12 +8,16 @@ import contextlib
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import Blip2ForConditionalGeneration
 
 from ecoflap_pl.cli import main
+from ecoflap_pl.pruning import PruningConfig, prune
+from ecoflap_pl.reporting import write_report
+from tests.pruning.pruning_helpers import seeded_toy_model, toy_batches, toy_loss
 from tests.robustness.cli_runs import folder_digest, run_ecoflap, vit_config, vqa_config
 
 
@@ -31,7 +35,16 @@ def short_error(outcome, *expected: str) -> None:
         (["--pruning.sparsity=abc"], ['Parser key "pruning.sparsity"', "Got value: abc"]),
         (["--pruning.sparsity=1.5"], ["`sparsity` must be in [0, 1)", "HINT"]),
         (["--pruning.method=wandaa"], ["`method` must be one of ['wanda', 'sparsegpt', 'magnitude']"]),
-        (["--pruning.sparsty=0.5"], ["unrecognized arguments: --pruning.sparsty=0.5"]),
+        (
+            ["--pruning.sparsty=0.5"],
+            ["unrecognized arguments: --pruning.sparsty=0.5", "did you mean 'pruning.sparsity'"],
+        ),
+        (
+            ["--data.init_args.batch_sise=2"],
+            ["Option 'batch_sise' is not accepted", "HINT: did you mean 'batch_size'?"],
+        ),
+        (["--model.init_args.num_beam=2"], ["Option 'num_beam' is not accepted", "HINT: did you mean 'num_beams'?"]),
+        (["--pruning.zzz=1"], ["unrecognized arguments: --pruning.zzz=1"]),
         (["--pruning.stages=[train]"], ["`stages` must be a subset of"]),
         (["--data.init_args.batch_size=0"], ["`batch_size` must be an int >= 1, got 0."]),
         (["--data.init_args.calibration_batch_size=-1"], ["`calibration_batch_size` must be an int >= 1"]),
@@ -55,20 +68,30 @@ def test_a_report_dir_that_is_a_file(capsys, tmp_path, demo_data):
     blocker = tmp_path / "report"
     blocker.write_text("a file, not a folder", encoding="utf-8")
     outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data, report_dir=str(blocker)))
-    short_error(outcome, f"The pruning report could not be written to {blocker}", "`pruning.report_dir`")
+    short_error(outcome, f"`report_dir` must be a directory, but '{blocker}' is a file. HINT")
+    assert "Pruned " not in outcome.text  # refused before pruning, not when the report is written after it
     assert blocker.read_text(encoding="utf-8") == "a file, not a folder"
 
 
 @pytest.mark.parametrize(
-    "content", [b"", b"PK\x03\x04" + bytes(100), b"not a checkpoint"], ids=["empty", "cut", "text"]
+    ("content", "reason"),
+    [
+        (b"", "the file is empty"),
+        (b"PK\x03\x04" + bytes(100), "it is not a complete zip archive"),
+        (b"not a checkpoint", "it is not a complete zip archive"),
+    ],
+    ids=["empty", "cut", "text"],
 )
-def test_an_unreadable_checkpoint_is_one_message(capsys, tmp_path, demo_data, content):
+def test_an_unreadable_checkpoint_is_one_message(capsys, tmp_path, demo_data, content, reason):
+    """The reason used to be torch's: nothing for an empty file, and for a text file advice to load it with
+    `weights_only=False` (running its code)."""
     checkpoint = tmp_path / "broken.ckpt"
     checkpoint.write_bytes(content)
     config = vit_config(tmp_path, demo_data)
     for extra in ([], ["--compare_dense=true"]):
         outcome = run_ecoflap(capsys, "validate", "-c", config, f"--ckpt_path={checkpoint}", *extra)
-        short_error(outcome, f"`ckpt_path` '{checkpoint}' cannot be read as a Lightning checkpoint")
+        short_error(outcome, f"`ckpt_path` '{checkpoint}' cannot be read as a Lightning checkpoint: {reason}", "HINT")
+        assert "weights_only" not in outcome.text
     assert checkpoint.read_bytes() == content
 
 
@@ -107,6 +130,13 @@ def test_yaml_syntax_error_names_the_file_and_line(capsys, tmp_path):
     short_error(run_ecoflap(capsys, "validate", "-c", str(bad)), f"{bad}, line 4", "is not valid YAML")
 
 
+def test_a_misspelt_key_in_the_config_file_names_the_option_meant(capsys, tmp_path, demo_data):
+    path = tmp_path / "config.yaml"
+    path.write_text(Path(vit_config(tmp_path, demo_data)).read_text().replace("fine_samples", "fine_sampels"))
+    outcome = run_ecoflap(capsys, "validate", "-c", str(path))
+    short_error(outcome, "does not accept option 'pruning.fine_sampels'", "HINT: did you mean 'pruning.fine_samples'?")
+
+
 def test_missing_config_file(capsys, tmp_path):
     short_error(run_ecoflap(capsys, "validate", "-c", str(tmp_path / "nope.yaml")), "File does not exist")
 
@@ -140,6 +170,15 @@ def test_validate_with_stages_fit_says_nothing_is_pruned(capsys, tmp_path, demo_
     assert outcome.text.count("val/loss") == 1  # evaluated once
     plain = run_ecoflap(capsys, "validate", "-c", config)
     assert "so `validate` runs on the dense model (nothing is pruned)" in plain.text
+
+
+def test_validate_with_no_stages_evaluates_the_model_as_it_is_without_a_warning(capsys, tmp_path, demo_data):
+    """`stages: []` is chosen on purpose (the `dense` preset; a saved pruned model evaluated as saved): the warning
+    it got called the model dense and hinted to add 'validate', which would prune a saved pruned model again."""
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data, stages=[]))
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert "`pruning.stages` is []: `validate` runs on the model as it is, without pruning." in outcome.text
+    assert "HINT" not in outcome.text and "dense model" not in outcome.text
 
 
 def test_test_on_an_unannotated_split_says_where_the_results_went(capsys, tmp_path, demo_data, blip2_dir):
@@ -203,10 +242,87 @@ def test_a_checkpoint_of_another_model_config_is_rebuilt_as_trained(capsys, tmp_
     assert outcome.metric("val/loss") == same.metric("val/loss")
 
 
-def test_compare_dense_refuses_a_bad_save_to_before_the_dense_evaluation(capsys, tmp_path, demo_data):
+def occupied_folder(tmp_path):
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("the user's file", encoding="utf-8")
+    return occupied
+
+
+def test_prune_refusing_save_to_says_it_once(capsys, tmp_path, demo_data):
+    """A save_to refused at setup was followed by a warning that '`fit` stopped before pruning finished' (the user
+    ran `prune`, and nothing had started): the refusal alone is the message."""
+    occupied = occupied_folder(tmp_path)
+    before = folder_digest(occupied)
+    outcome = run_ecoflap(capsys, "prune", "-c", vit_config(tmp_path, demo_data, save_to=str(occupied)))
+    short_error(outcome, "a folder that is not empty; nothing was written")
+    assert "stopped" not in outcome.text, outcome.text
+    assert folder_digest(occupied) == before
+
+
+@pytest.mark.parametrize(
+    ("pruning", "expected"),
+    [
+        ({"allocation": "from_report", "allocation_report": "/no/such/pruning_report.json"}, "is not a file. HINT"),
+        ({"exclude": ["*"]}, "select no weight to prune"),
+        ({"report_dir": "/proc/ecoflap-report"}, "`report_dir` is '/proc/ecoflap-report', but /proc cannot be written"),
+    ],
+    ids=["missing-allocation-report", "patterns-selecting-nothing", "report-dir-taking-no-entry"],
+)
+def test_compare_dense_refuses_bad_pruning_settings_before_the_dense_evaluation(
+    capsys, tmp_path, demo_data, pruning, expected
+):
+    """Each was refused only when pruning began, after the dense model had been evaluated (minutes on a real model);
+    the unwritable report_dir only after pruning itself."""
+    logs = tmp_path / "logs"  # a dense evaluation would log its metrics here
+    outcome = run_ecoflap(
+        capsys,
+        "validate",
+        "-c",
+        vit_config(tmp_path, demo_data, **pruning),
+        "--compare_dense=true",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={logs}",
+    )
+    short_error(outcome, expected)
+    assert not list(logs.rglob("metrics.csv"))
+
+
+def test_compare_dense_refuses_the_report_of_another_model_before_the_dense_evaluation(capsys, tmp_path, demo_data):
+    toy = prune(seeded_toy_model(), toy_batches(2), toy_loss, PruningConfig(importance="uniform", fine_samples=8))
+    report = write_report(toy, tmp_path / "toy")["json"]
+    logs = tmp_path / "logs"
+    outcome = run_ecoflap(
+        capsys,
+        "validate",
+        "-c",
+        vit_config(tmp_path, demo_data, allocation="from_report", allocation_report=str(report)),
+        "--compare_dense=true",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={logs}",
+    )
+    short_error(outcome, "was made for other groups", "only there: ['layers.0', 'layers.1', 'layers.2']", "HINT")
+    assert not list(logs.rglob("metrics.csv"))
+
+
+def test_a_checkpoint_of_another_task_is_refused(capsys, tmp_path, demo_data, blip2_dir, pruned_run):
+    """A classification checkpoint given to the VQA config: Lightning built the checkpoint's task instead of the
+    config's, and the run failed later on the data ('Classification val batches must carry `labels`')."""
+    checkpoint, _ = pruned_run
+    digest = folder_digest(checkpoint.parent)
+    outcome = run_ecoflap(
+        capsys, "validate", "-c", vqa_config(tmp_path, demo_data, blip2_dir), f"--ckpt_path={checkpoint}"
+    )
+    short_error(
+        outcome,
+        "was written by the task ecoflap_pl.tasks.ClassificationTask, but the config's model is "
+        "ecoflap_pl.tasks.VQATask. HINT",
+    )
+    assert folder_digest(checkpoint.parent) == digest
+
+
+def test_compare_dense_refuses_a_bad_save_to_before_the_dense_evaluation(capsys, tmp_path, demo_data):
+    occupied = occupied_folder(tmp_path)
     before = folder_digest(occupied)
     config = vit_config(tmp_path, demo_data, save_to=str(occupied))
     logs = tmp_path / "logs"  # a dense evaluation would log its metrics here

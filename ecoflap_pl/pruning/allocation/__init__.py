@@ -6,7 +6,7 @@ Importing the package registers the built-in strategies: ``ecoflap``, ``uniform`
 
 from ecoflap_pl.pruning.allocation.auto import auto_allocation
 from ecoflap_pl.pruning.allocation.ecoflap import allocate_sparsity, ecoflap_allocation
-from ecoflap_pl.pruning.allocation.from_report import read_allocation_report, report_allocation
+from ecoflap_pl.pruning.allocation.from_report import check_report_fits, read_allocation_report, report_allocation
 from ecoflap_pl.pruning.allocation.owl import dense_outlier_ratios, outlier_counts, owl_allocation, owl_sparsity
 from ecoflap_pl.pruning.allocation.registry import (
     Allocation,
@@ -27,6 +27,7 @@ __all__ = [
     "allocate_sparsity",
     "allocation_names",
     "auto_allocation",
+    "check_report_fits",
     "dense_outlier_ratios",
     "ecoflap_allocation",
     "get_allocation",
