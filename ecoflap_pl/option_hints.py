@@ -9,7 +9,7 @@ import inspect
 import re
 from argparse import ArgumentParser
 
-_UNKNOWN_ARGUMENT = re.compile(r"unrecognized arguments: --([\w.]+)")
+_UNKNOWN_ARGUMENT = re.compile(r"unrecognized arguments: --([\w.]+)", re.IGNORECASE)
 _UNKNOWN_KEY = re.compile(r"does not accept option '([\w.]+)'")
 _UNKNOWN_CLASS_ARGUMENT = re.compile(r"given class_path '([\w.]+)':\s*Option '(\w+)' is not accepted")
 

@@ -73,7 +73,9 @@ def test_a_question_about_a_missing_image_names_the_image(demo_data, tmp_path):
     document["questions"][0]["image_id"] = 999_999
     broken = write(tmp_path / "q.json", json.dumps(document))
     data = vqa(demo_data, val_questions_file=broken)
-    with pytest.raises(DataFileNotFoundError, match=r"Missing images: 1 of .*\n  .*000000999999\.jpg \(for question_id"):
+    with pytest.raises(
+        DataFileNotFoundError, match=r"Missing images: 1 of .*\n  .*000000999999\.jpg \(for question_id"
+    ):
         data.setup("validate")  # when the split is read, before any batch
 
 
