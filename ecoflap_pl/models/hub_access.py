@@ -8,8 +8,9 @@ lines and 23 seconds. No documented setting bounds those tries (``HF_HUB_ETAG_TI
 would break with its next release; the tries are right, too, for a hub that answers slowly during a long download.
 So, before a hub name that is not in the cache is loaded, :func:`check_hub_access` makes the one metadata request
 the library itself starts with (which it sends without retries) and turns a failure into one message; a cached name
-costs a look at the cache and no request. :func:`quiet_hub_retries` keeps what retries remain (a model whose config is
-cached but whose weights are not) to DEBUG records for the duration of the load only.
+costs a look at the cache and no request. What retries remain (a model whose config is cached but whose weights are
+not, with the hub unreachable) are one line for the duration of the load only (:func:`quiet_hub_retries`), which says
+why the load waits, and the load's final error is the same message.
 """
 
 from __future__ import annotations
@@ -71,20 +72,37 @@ def is_hub_unavailable(error: BaseException) -> bool:
     return False
 
 
-class _RetriesToDebug(logging.Filter):
-    """Turn the hub client's retry warnings into DEBUG records (dropped unless its logger shows DEBUG)."""
+class _OneLineForRetries(logging.Filter):
+    """Put one line of ours in place of the hub client's first retry warning, and turn the others into DEBUG records
+    (dropped unless its logger shows DEBUG)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said = False
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.WARNING or not any(text in record.getMessage() for text in _RETRY_MESSAGES):
+            return True
+        if not self.said:
+            self.said = True
+            record.msg, record.args = _WAITING, (constants.ENDPOINT,)
             return True
         record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
+_WAITING = (
+    "The Hugging Face hub (%s) does not answer, and a file of the model is not in the cache: the hub client tries "
+    "again, with pauses of up to 8 s, for each such file. HINT: with the whole model in the cache, set "
+    "HF_HUB_OFFLINE=1 to load it without the hub."
+)
+
+
 @contextmanager
 def quiet_hub_retries() -> Iterator[None]:
-    """Within the block, the hub client's retry warnings are DEBUG records; every other record is left as it is."""
-    logger, retries = logging.getLogger(_RETRY_LOGGER), _RetriesToDebug()
+    """Within the block, the hub client's retry warnings are one line (see :class:`_OneLineForRetries`); every other
+    record is left as it is, and so is everything outside the block."""
+    logger, retries = logging.getLogger(_RETRY_LOGGER), _OneLineForRetries()
     logger.addFilter(retries)
     try:
         yield
