@@ -9,7 +9,8 @@ from typing import Any, TypeVar, cast
 
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ecoflap_pl.models.hub_access import check_hub_access, hub_unavailable, is_hub_unavailable, quiet_hub_retries
+from ecoflap_pl.models import hub_access
+from ecoflap_pl.models.hub_access import HubModel
 
 ModelT = TypeVar("ModelT", bound=PreTrainedModel)
 
@@ -43,34 +44,29 @@ def hub_load_errors(pretrained: str, **from_pretrained_kwargs: Any) -> Iterator[
     """Run a ``from_pretrained(pretrained)`` call with the errors a user can act on.
 
     A local path that does not exist is refused before the hub client reports it as a malformed repo id. A hub name
-    that is not in the cache is checked first (:func:`~ecoflap_pl.models.hub_access.check_hub_access`): offline mode,
-    or a hub that cannot be reached, ends the run at once with a few lines instead of the client's retries.
+    that is not in the cache is checked first: offline mode, or a hub that cannot be reached, ends the run at once with
+    a few lines instead of the client's retries (:func:`~ecoflap_pl.models.hub_access.hub_load_errors`).
 
     Args:
         pretrained: a hub name or a local directory.
-        from_pretrained_kwargs: the call's ``revision`` and ``cache_dir``, if any, are where the cache is looked up.
+        from_pretrained_kwargs: the call's ``revision`` and ``cache_dir``, if any, say where the cache is looked up.
 
     Raises:
         FileNotFoundError: a local ``pretrained`` path that does not exist.
         OSError: the model is not in the cache and cannot be downloaded.
     """
-    local = Path(pretrained).expanduser()
-    if _looks_local(str(pretrained)) and not local.exists():
+    if Path(pretrained).expanduser().exists() or from_pretrained_kwargs.get("local_files_only"):
+        yield
+        return
+    if _looks_local(str(pretrained)):
         raise FileNotFoundError(
             f"`pretrained` {str(pretrained)!r} does not exist: it is a local path, not a hub name of the form "
             "'namespace/name'. HINT: give the directory written by save_pretrained(), or a hub name such as "
             "'Salesforce/blip2-opt-2.7b'."
         )
-    cache_dir = from_pretrained_kwargs.get("cache_dir")
-    if not local.exists() and not from_pretrained_kwargs.get("local_files_only"):
-        check_hub_access(pretrained, revision=from_pretrained_kwargs.get("revision"), cache_dir=cache_dir)
-    try:
-        with quiet_hub_retries():
-            yield
-    except OSError as error:
-        if local.exists() or not is_hub_unavailable(error):
-            raise
-        raise hub_unavailable(pretrained, cache_dir) from error
+    revision, cache_dir = from_pretrained_kwargs.get("revision"), from_pretrained_kwargs.get("cache_dir")
+    with hub_access.hub_load_errors(HubModel(pretrained), revision=revision, cache_dir=cache_dir):
+        yield
 
 
 def load_pretrained(model_cls: type[ModelT], pretrained: str, **from_pretrained_kwargs: Any) -> ModelT:

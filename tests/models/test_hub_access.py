@@ -15,18 +15,22 @@ import pytest
 from huggingface_hub import hf_hub_download
 from transformers import T5Config, T5ForConditionalGeneration
 
-from ecoflap_pl.models.hub_access import quiet_hub_retries
+from ecoflap_pl.models.hub_access import quiet_hub_retries, timm_hub_model
 from ecoflap_pl.models.loading import hub_load_errors
 
 CHILD = """
 import sys, time
 from transformers import AutoModelForSeq2SeqLM
 from ecoflap_pl.models.loading import load_pretrained
+from ecoflap_pl.tasks import ClassificationTask
 from ecoflap_pl.tasks.model_config import load_config
 started = time.monotonic()
 try:
-    load_config(sys.argv[1], None)
-    load_pretrained(AutoModelForSeq2SeqLM, sys.argv[1])
+    if sys.argv[1].startswith("timm:"):
+        ClassificationTask(sys.argv[1].removeprefix("timm:"), pretrained=True)
+    else:
+        load_config(sys.argv[1], None)
+        load_pretrained(AutoModelForSeq2SeqLM, sys.argv[1])
     print("loaded")
 except OSError as error:
     print(error)
@@ -71,6 +75,29 @@ def test_a_model_neither_cached_nor_reachable_is_refused_at_once(tmp_path: Path,
     assert "HINT:" in message and "`hf download google/flan-t5-xl`" in message and "HF_HOME" in message
     assert float(seconds.split()[1]) < 5  # the client's own retries sleep 23 s in all
     assert "Retrying" not in stderr and "thrown while requesting" not in stderr
+
+
+def test_a_timm_model_neither_cached_nor_reachable_is_refused_at_once(tmp_path: Path) -> None:
+    lines, stderr = load_in_child("timm:eva_giant_patch14_224.clip_ft_in1k", tmp_path / "empty-cache", UNREACHABLE)
+    message, seconds = lines
+    assert message.startswith(
+        "`timm_model` 'eva_giant_patch14_224.clip_ft_in1k' (hub repository 'timm/eva_giant_patch14_224.clip_ft_in1k') "
+        "is not in the local Hugging Face cache"
+    )
+    assert "`hf download timm/eva_giant_patch14_224.clip_ft_in1k`" in message and "pretrained_cfg_overlay" in message
+    assert float(seconds.split()[1]) < 5
+    assert "Retrying" not in stderr and "thrown while requesting" not in stderr
+
+
+def test_timm_names_map_to_the_repository_and_files_timm_loads() -> None:
+    tagged = timm_hub_model("eva_giant_patch14_224.clip_ft_in1k")
+    assert tagged is not None and tagged.repo_id == "timm/eva_giant_patch14_224.clip_ft_in1k"
+    assert tagged.files == ("model.safetensors", "pytorch_model.bin") and tagged.option == "timm_model"
+    default_tag = timm_hub_model("vit_base_patch16_224")
+    assert default_tag is not None and default_tag.repo_id.startswith("timm/vit_base_patch16_224.")
+    from_hub = timm_hub_model("hf-hub:someone/my-vit")
+    assert from_hub is not None and (from_hub.repo_id, from_hub.files) == ("someone/my-vit", ("config.json",))
+    assert timm_hub_model("no_such_model_anywhere") is None  # timm's own error names it
 
 
 def test_a_cached_model_loads_while_the_hub_cannot_be_reached(tmp_path: Path) -> None:
