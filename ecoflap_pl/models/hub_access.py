@@ -1,9 +1,9 @@
 """Say at once, in a few lines, that a hub model cannot be had: it is not in the cache, and the hub cannot be reached
 or offline mode is on.
 
-Left to itself, ``huggingface_hub`` answers a file that is neither cached nor reachable with five more tries spaced 1,
-2, 4, 8 and 8 seconds apart, two warning lines each, before transformers raises "We couldn't connect to ...": 14
-lines and 23 seconds. No documented setting bounds those tries (``HF_HUB_ETAG_TIMEOUT`` and
+Left to itself, ``huggingface_hub`` (2.4 here) answers a file that is neither cached nor reachable with five more
+tries spaced 1, 2, 4, 8 and 8 seconds apart, two warning lines each, before transformers raises "We couldn't connect
+to ...": 14 lines and 23 seconds. No documented setting bounds those tries (``HF_HUB_ETAG_TIMEOUT`` and
 ``HF_HUB_DOWNLOAD_TIMEOUT`` bound each request, not their number), and patching the library's private retry loop
 would break with its next release; the tries are right, too, for a hub that answers slowly during a long download.
 So, before a hub model that is not in the cache is loaded, :func:`check_hub_access` makes the one metadata request
@@ -25,7 +25,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 _TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _RETRY_LOGGER = "huggingface_hub.utils._http"
-_RETRY_MESSAGES = (" thrown while requesting ", "Retrying in ", "Rate limited. Waiting ")
+_RETRY_MESSAGES = (" thrown while requesting ", "Retrying in ")
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def timm_hub_model(timm_model: str) -> HubModel | None:
 
 
 @contextmanager
-def hub_load_errors(model: HubModel, *, revision: str | None = None, cache_dir: str | None = None) -> Iterator[None]:
+def hub_model_errors(model: HubModel, *, revision: str | None = None, cache_dir: str | None = None) -> Iterator[None]:
     """Run the load of the hub ``model`` with its unavailability said at once, in a few lines.
 
     Before the block, a model that is not cached is refused when offline mode is on or the hub does not answer

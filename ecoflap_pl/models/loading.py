@@ -9,8 +9,7 @@ from typing import Any, TypeVar, cast
 
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ecoflap_pl.models import hub_access
-from ecoflap_pl.models.hub_access import HubModel
+from ecoflap_pl.models.hub_access import HubModel, hub_model_errors
 
 ModelT = TypeVar("ModelT", bound=PreTrainedModel)
 
@@ -45,7 +44,7 @@ def hub_load_errors(pretrained: str, **from_pretrained_kwargs: Any) -> Iterator[
 
     A local path that does not exist is refused before the hub client reports it as a malformed repo id. A hub name
     that is not in the cache is checked first: offline mode, or a hub that cannot be reached, ends the run at once with
-    a few lines instead of the client's retries (:func:`~ecoflap_pl.models.hub_access.hub_load_errors`).
+    a few lines instead of the client's retries (:func:`~ecoflap_pl.models.hub_access.hub_model_errors`).
 
     Args:
         pretrained: a hub name or a local directory.
@@ -65,7 +64,7 @@ def hub_load_errors(pretrained: str, **from_pretrained_kwargs: Any) -> Iterator[
             "'Salesforce/blip2-opt-2.7b'."
         )
     revision, cache_dir = from_pretrained_kwargs.get("revision"), from_pretrained_kwargs.get("cache_dir")
-    with hub_access.hub_load_errors(HubModel(pretrained), revision=revision, cache_dir=cache_dir):
+    with hub_model_errors(HubModel(pretrained), revision=revision, cache_dir=cache_dir):
         yield
 
 
