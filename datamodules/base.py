@@ -171,7 +171,7 @@ class EcoflapDataModule(pl.LightningDataModule):
         that a damaged annotation file is reported at once), then hands them to the DataModule its parser builds
         after the model: each file is parsed once. A different DataModule is left alone (logged).
         """
-        if type(other) is not type(self) or dict(other.hparams) != dict(self.hparams):
+        if type(other) is not type(self) or _arguments(other) != _arguments(self):
             log.debug("%s: not reusing the splits of %s, built with other arguments", type(self).__name__, other)
             return
         for stage, dataset in other._datasets.items():
@@ -306,6 +306,12 @@ class EcoflapDataModule(pl.LightningDataModule):
                 "when using the DataModule on its own (samples hold PIL images that torch cannot batch by itself)."
             )
         return collator
+
+
+def _arguments(datamodule: EcoflapDataModule) -> dict[str, Any]:
+    """The arguments ``datamodule`` was built with; LightningCLI's instantiator adds ``_class_path`` and
+    ``_instantiator`` to the hyperparameters of the DataModule it builds."""
+    return {key: value for key, value in datamodule.hparams.items() if not key.startswith("_")}
 
 
 def _check_stage(stage: Any) -> None:
