@@ -197,10 +197,10 @@ def read_json_lines(path: Path, option: str) -> Iterator[tuple[int, Any]]:
                     entry = json.loads(line)
                 except json.JSONDecodeError as err:
                     # only the file's last line can lack its newline: a file cut short ends inside it
-                    where = "the line" if line.endswith("\n") else "the file"
+                    problem = _json_problem(err, "the file" if not line.endswith("\n") else "the line", line=True)
                     raise DataFormatError(
-                        f"{path} (set by `{option}`), line {number} is not valid JSON: {_json_problem(err, where)}; "
-                        f"the file must hold one JSON object per line. {damaged_hint(option)}"
+                        f"{path} (set by `{option}`), line {number} is not valid JSON: {problem}; the file must hold "
+                        f"one JSON object per line. {damaged_hint(option)}"
                     ) from err
                 yield number, entry
     except UnicodeDecodeError as err:
@@ -217,16 +217,18 @@ def _check_file(path: Path, option: str) -> None:
         )
 
 
-def _json_problem(err: json.JSONDecodeError, scope: str) -> str:
-    """What is wrong where: ``scope`` (``"the file"``, or ``"the line"`` of a JSON-lines file: its column only) is
-    empty, or ends before its JSON is complete (cut short), or ``err``'s message at its line and column."""
+def _json_problem(err: json.JSONDecodeError, ending: str, line: bool = False) -> str:
+    """What is wrong where, for a whole JSON file or (``line``) one line of a JSON-lines file, ``err``'s position given
+    by its column only: empty; ending before its JSON is complete, said of ``ending`` (``"the file"``: it is cut
+    short; ``"the line"``: one object spread over several lines); else ``err``'s message and position."""
     if not err.doc.strip():
-        return f"{scope} is empty"
-    where = f"column {err.colno}" if scope == "the line" else f"line {err.lineno}, column {err.colno}"
+        return "the file is empty"
+    where = f"column {err.colno}" if line else f"line {err.lineno}, column {err.colno}"
     problem = f"{err.msg.removesuffix(' at')} at {where}"  # "Unterminated string starting at": its message ends so
     # A string that runs to the end is "Unterminated" at its start; anything else cut short fails at the very end.
     if err.pos >= len(err.doc.rstrip()) or err.msg.startswith("Unterminated string"):
-        return f"{scope} ends before its JSON is complete ({problem}): it is cut short"
+        cut = ": it is cut short" if ending == "the file" else ""
+        return f"{ending} ends before its JSON is complete ({problem}){cut}"
     return problem
 
 
