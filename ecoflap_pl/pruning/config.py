@@ -23,7 +23,7 @@ PROBE_GRANULARITIES = ("per_tensor", "per_block")
 ACTIVATION_STORAGES = ("auto", "device", "cpu", "recompute")
 AllocationName = Literal["ecoflap", "uniform", "owl", "from_report", "auto"]
 """The built-in allocation strategies (``ecoflap_pl.pruning.allocation``); strategies registered later with
-``register_allocation`` are accepted too (from Python; the CLI lists the built-ins)."""
+``register_allocation`` are accepted from Python, and by the ``ecoflap`` command once added here."""
 _NM_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 # Never pruned by default (docs/algorithm.md §1): BLIP-2's whole Q-Former. Embeddings, heads and inter-tower
 # projections sit outside the discovered block stacks and are never candidates anyway.
