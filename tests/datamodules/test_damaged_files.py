@@ -20,7 +20,7 @@ from ecoflap_pl.datamodules import (
     TextDataModule,
     VQAv2DataModule,
 )
-from tests.datamodules.test_check_files import CASES, _case
+from tests.datamodules.test_check_files import CASES, datamodule_case
 
 DAMAGED = r"HINT: the file is probably damaged or incomplete .*: download or extract it again"
 
@@ -45,7 +45,7 @@ def _damage(path: Path, how: str) -> None:
 def test_a_damaged_file_is_named_with_what_is_wrong_and_a_hint(
     name: str, how: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    datamodule, stage, expected = _case(name, tmp_path, request)
+    datamodule, stage, expected = datamodule_case(name, tmp_path, request)
     files = [option for option in expected if not option.endswith("_dir")]  # ImageNet's image folders are not files
     for option in files:
         path = datamodule.check_files(stage)[option]
@@ -106,7 +106,7 @@ SHAPES: list[tuple[str, str, Callable[[Any], Any], str]] = [
 def test_json_of_another_shape_is_named(
     name: str, option: str, change: Callable[[Any], Any], message: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    datamodule, stage, _ = _case(name, tmp_path, request)
+    datamodule, stage, _ = datamodule_case(name, tmp_path, request)
     path = datamodule.check_files(stage)[option]
     path.write_text(json.dumps(change(json.loads(path.read_text(encoding="utf-8")))), encoding="utf-8")
     with pytest.raises(DataFormatError, match=message) as raised:
