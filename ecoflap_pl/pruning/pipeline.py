@@ -375,7 +375,29 @@ def score_groups(
     residency: Residency | None = None,
 ) -> GroupScores:
     """Run only the coarse step: one importance score per group, reusable by ``prune(..., scores=...)`` for any
-    target sparsity. The model is left exactly as it was."""
+    target sparsity. The model is left exactly as it was.
+
+    Args:
+        model: as for :func:`prune`.
+        calibration_batches: as for :func:`prune`; the leading batches holding ``config.coarse_samples`` are scored.
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor``, the model's own training loss.
+        config: the run's configuration; ``importance`` must be an estimator, not ``"uniform"``. ``prune`` refuses
+            the scores when its config differs in a field they depend on (importance, score, aggregate,
+            granularity, probe_granularity, include, exclude, coarse_samples, eps, probes, seed) or the model's
+            candidates differ.
+        all_reduce: sums a tensor over ranks (DDP); the scores become global.
+        rank: this process's rank; it handles the calibration batches with ``id % world_size == rank``.
+        world_size: number of ranks.
+        progress: ``progress(stage, done, total)`` callback.
+        residency: for a model with offloaded weights, as for :func:`prune`.
+
+    Returns:
+        The group scores, sizes, groups and towers, the settings they depend on and the coarse step's cost.
+
+    Raises:
+        ValueError, TypeError: bad arguments, ``importance="uniform"``, no stacks, empty data.
+        FloatingPointError: a NaN or infinite calibration loss (naming the batch).
+    """
     _check_inputs(model, calibration_batches, loss_fn, config, rank, world_size)
     if config.importance == "uniform":
         raise ValueError("`importance` must be 'zeroth_order' or 'first_order' to score groups, got 'uniform'.")

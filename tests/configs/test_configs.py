@@ -278,6 +278,14 @@ def test_data_dirs_are_edit_placeholders() -> None:
             assert "# EDIT" in path.read_text(encoding="utf-8"), f"{path}: mark data_dir with '# EDIT'"
 
 
+def test_no_config_pins_the_cap_of_the_group_sparsities() -> None:
+    """``max_sparsity`` is left to follow ``sparsity`` (``sparsity + 0.1``): a pinned 0.6 turned ECoFLaP into the
+    uniform baseline under ``--pruning.sparsity 0.6`` (every group capped at the target) and refused 0.7."""
+    for path in [*yaml_files(), *sorted((CONFIGS / "demo").glob("*.yaml"))]:
+        pruning = load(path).get("pruning") or {}
+        assert pruning.get("max_sparsity") is None, f"{path}: leave max_sparsity null (sparsity + 0.1)"
+
+
 def test_pruning_files_fully_define_their_method(built: dict[str, Any]) -> None:
     """Layering a pruning file replaces the method: every value it sets reaches the callback's config."""
     for path in sorted((CONFIGS / "pruning").glob("*.yaml")):
