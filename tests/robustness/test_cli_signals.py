@@ -22,6 +22,13 @@ from tests.robustness.cli_runs import vit_config, vqa_config
 ENTRY = "import logging; logging.basicConfig(level=logging.INFO); from ecoflap_pl.cli import main; main()"
 
 
+def _interruptible() -> None:
+    """Give the child the default SIGINT disposition, as in a terminal: a shell without job control starts a
+    background job (``pytest ... &`` in a script) with SIGINT ignored, which its children inherit, and Python then
+    installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Run:
     """``ecoflap ARGS`` as a separate process whose output goes to a file (read without blocking)."""
 
@@ -34,6 +41,7 @@ class Run:
                 stderr=subprocess.STDOUT,
                 text=True,
                 env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
+                preexec_fn=_interruptible,
             )
 
     def output(self) -> str:
