@@ -37,6 +37,7 @@ SAVE_FORMATS = ("dense", *FORMATS)
 MASKS_FILE = "masks/pruning_masks.safetensors"
 LEGACY_MASKS_FILE = "pruning_masks.safetensors"
 STATE_DICT_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 _FORMAT_KEY = "sparse_format"
 
 
@@ -190,6 +191,18 @@ def _opened(path: Path) -> Iterator[Any]:
 
 
 def _weight_files(directory: Path) -> list[Path]:
+    """The folder's weight files: the shards its index lists (every one must be there), else ``model*.safetensors``."""
+    index = _read_index(directory)
+    if index is not None:
+        shards = sorted({directory / str(name) for name in (index.get("weight_map") or {}).values()})
+        missing = [path.name for path in shards if not path.is_file()]
+        if missing or not shards:
+            raise FileNotFoundError(
+                f"{directory} is incomplete: its {INDEX_FILE} lists weight files that are not there "
+                f"({', '.join(missing) or 'it lists none'}). HINT: the folder was copied in part or a file was "
+                "removed; copy the whole folder again, or export the model again."
+            )
+        return shards
     files = sorted(directory.glob("model*.safetensors"))
     if not files:
         raise FileNotFoundError(
@@ -198,9 +211,35 @@ def _weight_files(directory: Path) -> list[Path]:
     return files
 
 
+def _read_index(directory: Path) -> dict[str, Any] | None:
+    """The shard index of a model stored in several files; ``None`` for a single-file model."""
+    path = directory / INDEX_FILE
+    if not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path} is not a shard index (JSON): {error}. HINT: export the model again.") from error
+    if not isinstance(index, dict):
+        raise ValueError(f"{path} is not a shard index (a JSON object). HINT: export the model again.")
+    return index
+
+
 def saved_format(directory: str | Path) -> str:
-    """The save format of a folder written by :func:`write_pruned_model`."""
-    with _opened(_weight_files(Path(directory))[0]) as handle:
+    """The save format of a folder written by :func:`write_pruned_model`.
+
+    A model stored in several shards (over ``huggingface_hub``'s 5 GB per file) records it in its index only:
+    ``huggingface_hub`` writes the metadata there, not into the shards.
+
+    Raises:
+        FileNotFoundError: no weight file, or a shard of the index missing.
+    """
+    directory = Path(directory)
+    files = _weight_files(directory)
+    index = _read_index(directory)
+    if index is not None:
+        return str((index.get("metadata") or {}).get(_FORMAT_KEY, "dense"))
+    with _opened(files[0]) as handle:
         return (handle.metadata() or {}).get(_FORMAT_KEY, "dense")
 
 
