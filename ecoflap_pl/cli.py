@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
@@ -364,16 +368,46 @@ def main(args: list[str] | None = None) -> None:
     """
     quiet_libraries()
     try:
-        check_config_files(sys.argv[1:] if args is None else args)
-        build_cli(args, save_config_kwargs={"overwrite": True})
+        with _sigterm_raises():
+            check_config_files(sys.argv[1:] if args is None else args)
+            build_cli(args, save_config_kwargs={"overwrite": True})
     except SIGTERMException:
         log.warning("Stopped by SIGTERM.")
         sys.exit(143)
+    except KeyboardInterrupt:
+        log.warning("Stopped by SIGINT (Ctrl+C).")
+        sys.exit(1)
     except USER_ERRORS as error:
         if os.environ.get("ECOFLAP_DEBUG"):
             raise
         Console(stderr=True, soft_wrap=True).print(error_summary(error), markup=False, highlight=False)
         sys.exit(2)
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`SIGTERMException` wherever the Trainer's own handler is not installed.
+
+    The Trainer handles SIGTERM only while its loops run (it stops them at the next batch). Pruning before ``fit``
+    (``on_fit_start``), the save at the end of ``fit``, loading the model and everything else would die at once with
+    the default handler: no message, and the write under way left behind. Raised instead, the exception unwinds
+    through the engine's transaction (the weights are restored) and the atomic folder write (its partial folder is
+    removed), and :func:`main` ends the run with status 143. Inside the loops the Trainer calls this handler after its
+    own: it does nothing there, so the Trainer still stops at a batch boundary.
+    """
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if signal.getsignal(signal.SIGTERM) is stop:  # the Trainer's handler is not in place
+            raise SIGTERMException(143)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def error_summary(error: BaseException) -> str:
