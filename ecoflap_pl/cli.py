@@ -32,6 +32,7 @@ from torch import nn
 from typing_extensions import override
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
+from ecoflap_pl.callbacks.checkpoint_file import check_checkpoint_file
 from ecoflap_pl.callbacks.pruning import unreadable_checkpoint
 from ecoflap_pl.console import quiet_libraries
 from ecoflap_pl.datamodules import EcoflapDataModule
@@ -177,6 +178,11 @@ class EcoflapCLI(LightningCLI):
         settings = self.config.get(subcommand) if subcommand else None
         ckpt_path = settings.get("ckpt_path") if settings is not None else None
         before, task = _model_arguments(settings), _model_class(settings)
+        if ckpt_path is not None:
+            try:
+                check_checkpoint_file(ckpt_path)  # before any of it is loaded, and before the model is built
+            except ValueError as error:
+                raise ConfigurationError(str(error)) from error
         try:
             super()._parse_ckpt_path()
         except Exception as error:  # torch raises several types for a file that is not a checkpoint
