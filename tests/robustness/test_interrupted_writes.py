@@ -1,10 +1,11 @@
 """A real signal reaching ``ecoflap`` (a separate process) while it prunes before ``fit`` or writes ``save_to`` or
-the report: the run ends with one line and its exit status, the weights are restored, and every folder holds its
-previous content or nothing, never a part of the new one (see ``CASES.md``)."""
+the report, or a write the kernel refuses: the run ends with one line and its exit status, the weights are restored,
+and every folder holds its previous content or nothing, never a part of the new one (see ``CASES.md``)."""
 
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -104,3 +105,32 @@ def test_sigint_while_the_report_is_written_leaves_the_previous_report_whole(tmp
     after = folder_digest(tmp_path / "run")
     assert {name: after[name] for name in REPORT} == {name: before[name] for name in REPORT}
     assert not [path.name for path in (tmp_path / "run").iterdir() if path.name.startswith(".")]
+
+
+def test_a_write_refused_by_the_kernel_names_save_to_and_leaves_it_as_it_was(tmp_path, demo_data, previous_export):
+    """The kernel refuses the write past a size, as a full disk does (ENOSPC on a full tmpfs gives the same path):
+    safetensors raised its own error type, shown as a 20-line traceback."""
+    target = tmp_path / "pruned"
+    shutil.copytree(previous_export / "pruned", target)
+    before = folder_digest(target)
+    config = vit_config(tmp_path, demo_data, importance="uniform", save_to=str(target), overwrite=True)
+    limit = (target / "model.safetensors").stat().st_size // 2  # the weights file cannot be written whole
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    run = subprocess.run(
+        [sys.executable, "-m", "ecoflap_pl.cli", "prune", "-c", config],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=240,
+        preexec_fn=limit_file_size,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 2, output[-3000:]
+    error = output[output.index("error (") :]
+    assert f"error (OSError): The pruned model could not be written to {target} (" in error
+    assert f"{target} is as it was before. HINT: free space" in error and "Traceback" not in output
+    assert folder_digest(target) == before
+    assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]
