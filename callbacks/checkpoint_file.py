@@ -1,9 +1,20 @@
-"""A Lightning checkpoint file checked whole before any of it is loaded."""
+"""Lightning checkpoint files: written whole (never a cut file under the checkpoint's name), and checked whole before
+any of it is loaded."""
 
 from __future__ import annotations
 
+import os
+import secrets
 import zipfile
 from pathlib import Path
+from typing import Any
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
+from typing_extensions import override
 
 _CHUNK = 1 << 24
 
@@ -39,3 +50,37 @@ def check_checkpoint_file(ckpt_path: str | Path) -> None:
             "nothing was loaded from it. HINT: copy the checkpoint again from where it was saved, or resume from an "
             "earlier checkpoint."
         ) from error
+
+
+class WholeFileCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` that writes a local checkpoint beside its target and renames it over the target.
+
+    Lightning's own write goes to a temporary file in the system's temporary folder, then moves it: where that folder
+    is on another filesystem than the checkpoints (a local ``/tmp``, checkpoints on a network filesystem), the move is
+    a copy into the final name, and a run killed during it leaves a cut checkpoint under that name, in place of the
+    previous ``last.ckpt`` if that is the one being replaced. Written in the same folder and renamed, a checkpoint file
+    is always whole: the previous one or the new one. Remote paths (``s3://`` ...) are left to Lightning.
+
+    The temporary name, ``.ecoflap-checkpoint-*.partial``, holds no part of the checkpoint's name: a leftover of a run
+    killed mid-write is never taken for ``last`` by ``ModelCheckpoint``, which matches names containing ``last``.
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(path).expanduser()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.parent / f".ecoflap-checkpoint-{secrets.token_hex(8)}.partial"
+        # Created with the modes a plain open() gives (the umask's), which the renamed file keeps.
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(descriptor, "wb") as stream:
+                torch.save(checkpoint, stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(partial, target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise

@@ -3,14 +3,21 @@ back bit for bit; a cut or changed file is refused in one message before the mod
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from ecoflap_pl.callbacks.checkpoint_file import WholeFileCheckpointIO
+from ecoflap_pl.cli import EcoflapTrainer
 from tests.robustness import test_cli_faults
-from tests.robustness.cli_runs import run_ecoflap, vit_config
+from tests.robustness.cli_runs import TRAINER, run_ecoflap, vit_config
 from tests.robustness.test_cli_faults import short_error
 
 pruned_run = test_cli_faults.pruned_run  # a pruned, fine-tuned checkpoint (a module-scoped fixture)
@@ -72,3 +79,52 @@ def test_a_checkpoint_cut_short_is_refused(capsys, tmp_path, demo_data, pruned_r
     cut.write_bytes(data[: int(len(data) * kept)])
     outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), f"--ckpt_path={cut}")
     short_error(outcome, f"`ckpt_path` '{cut}' cannot be read as a Lightning checkpoint", "not a complete zip archive")
+
+
+def test_checkpoints_are_written_in_their_own_folder_not_through_the_temporary_folder(tmp_path, monkeypatch):
+    """Lightning wrote each checkpoint to the system's temporary folder and moved it: across filesystems (a local /tmp,
+    checkpoints on a network filesystem) a copy into the final name, which a kill cuts short (a 0-byte epoch=1.ckpt
+    was seen on a tmpfs)."""
+    trainer = EcoflapTrainer(**TRAINER, default_root_dir=tmp_path)
+    assert isinstance(trainer.strategy.checkpoint_io, WholeFileCheckpointIO)
+
+    def no_temporary_folder(*args, **kwargs):
+        raise AssertionError("the checkpoint went through the temporary folder")
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_temporary_folder)
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    trainer.strategy.checkpoint_io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, target)
+    assert torch.equal(torch.load(target)["state_dict"]["w"], torch.ones(3))
+    assert [path.name for path in target.parent.iterdir()] == ["last.ckpt"]
+
+
+KILL_WHILE_PICKLED = """
+import os, signal, sys, torch
+from ecoflap_pl.cli import EcoflapTrainer
+
+class KillsTheWriter:
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+trainer = EcoflapTrainer(accelerator="cpu", devices=1, logger=False, default_root_dir=sys.argv[1])
+weights = {"w": torch.full((1000,), 2.0), "then": KillsTheWriter()}  # killed after the tensor's record is written
+trainer.strategy.checkpoint_io.save_checkpoint({"state_dict": weights}, sys.argv[2])
+"""
+
+
+def test_a_kill_while_a_checkpoint_is_replaced_leaves_the_previous_one_whole(tmp_path):
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    target.parent.mkdir()
+    torch.save({"state_dict": {"w": torch.ones(1000)}}, target)
+    before = target.read_bytes()
+    run = subprocess.run(
+        [sys.executable, "-c", KILL_WHILE_PICKLED, str(tmp_path), str(target)],
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    assert target.read_bytes() == before
+    leftovers = [path.name for path in target.parent.iterdir() if path != target]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".ecoflap-checkpoint-"), leftovers
+    assert "last" not in leftovers[0]  # never taken for the last checkpoint by ModelCheckpoint
