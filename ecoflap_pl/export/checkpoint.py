@@ -282,7 +282,34 @@ def read_masks(directory: str | Path) -> dict[str, torch.Tensor]:
         )
     with _opened(path) as handle:
         shapes = json.loads((handle.metadata() or {})["shapes"])
-        return {name: unpack_mask(handle.get_tensor(name), tuple(shapes[name])) for name in handle.keys()}  # noqa: SIM118
+        masks = {name: unpack_mask(handle.get_tensor(name), tuple(shapes[name])) for name in handle.keys()}  # noqa: SIM118
+    _check_masks_fit_the_weights(directory, path, masks)
+    return masks
+
+
+def _check_masks_fit_the_weights(directory: Path, path: Path, masks: dict[str, torch.Tensor]) -> None:
+    """Refuse a masks file that belongs to another model than the folder's weights (compared by the weight files'
+    headers only: no tensor is read). A mask named like no stored weight is let through alone, as a model may store
+    its weights under other names than its modules' (``save_pretrained``'s key mappings), but not when none fits.
+
+    Raises:
+        ValueError: a mask whose weight has another shape, or masks none of which names a stored weight.
+    """
+    stored: dict[str, list[int]] = {}
+    for weight_file in _weight_files(directory):
+        with _opened(weight_file) as handle:
+            stored.update({name: handle.get_slice(name).get_shape() for name in handle.keys()})  # noqa: SIM118
+    wrong = [name for name, mask in masks.items() if name in stored and list(mask.shape) != stored[name]]
+    if wrong or (masks and not any(name in stored for name in masks)):
+        shown = (
+            f"{wrong[0]!r} is {list(masks[wrong[0]].shape)} there but {stored[wrong[0]]} in the weights"
+            if wrong
+            else "none of its masks names a stored weight"
+        )
+        raise ValueError(
+            f"{path} does not belong to the model in {directory}: {shown}. HINT: the masks file was copied from "
+            "another export; export the model again, or put back the masks written with these weights."
+        )
 
 
 def load_pruned_model(directory: str | Path, model_class: Any = None, **from_pretrained_kwargs: Any) -> nn.Module:

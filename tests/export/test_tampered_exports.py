@@ -1,5 +1,6 @@
-"""Exports stored in several shards (models over ``huggingface_hub``'s 5 GB per file), written with a tiny shard size:
-read back in their format, and refused whole when a shard is missing (see ``tests/robustness/CASES.md``)."""
+"""Exports changed after they were written, and exports stored in several shards (models over ``huggingface_hub``'s
+5 GB per file, written here with a tiny shard size): read back in their format, or refused by name, never loaded
+wrong (see ``tests/robustness/CASES.md``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ecoflap_pl.export import (
     read_masks,
     write_pruned_model,
 )
+from ecoflap_pl.export.checkpoint import MASKS_FILE
 from tests.export.test_formats import pruned
 
 
@@ -63,3 +65,20 @@ def test_a_missing_shard_is_refused_by_name(tmp_path: Path, monkeypatch: pytest.
     for read in (load_pruned_model, load_pruned_state_dict, read_masks):
         with pytest.raises(FileNotFoundError, match=expected):
             read(folder)
+
+
+def test_masks_of_another_model_are_refused(tmp_path: Path) -> None:
+    """A masks file copied from another export was read as it was, beside weights it does not describe."""
+    model, _, _, masks = pruned("llama", "unstructured")
+    write_pruned_model(model, tmp_path / "pruned", masks, "dense")
+    other, _, _, other_masks = pruned("blip2_opt", "unstructured")
+    write_pruned_model(other, tmp_path / "other", other_masks, "dense")
+    (tmp_path / "pruned" / MASKS_FILE).write_bytes((tmp_path / "other" / MASKS_FILE).read_bytes())
+    with pytest.raises(ValueError, match=r"does not belong to the model in .*pruned: none of its masks names a stored"):
+        read_masks(tmp_path / "pruned")
+
+    name = next(iter(masks))
+    write_pruned_model(model, tmp_path / "resized", {**masks, name: masks[name][:, :-1]}, "dense")
+    with pytest.raises(ValueError, match=rf"{name!r} is \[.*\] there but \[.*\] in the weights\. HINT"):
+        read_masks(tmp_path / "resized")
+    assert read_masks(tmp_path / "other").keys() == other_masks.keys()
