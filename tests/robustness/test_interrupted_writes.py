@@ -134,3 +134,15 @@ def test_a_write_refused_by_the_kernel_names_save_to_and_leaves_it_as_it_was(tmp
     assert f"{target} is as it was before. HINT: free space" in error and "Traceback" not in output
     assert folder_digest(target) == before
     assert not [path.name for path in tmp_path.iterdir() if path.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    ("signame", "code", "said"), [("SIGINT", 1, "Stopped by SIGINT (Ctrl+C)."), ("SIGTERM", 143, "Stopped by SIGTERM.")]
+)
+def test_a_signal_before_the_trainer_starts_is_one_line(tmp_path, demo_data, signame, code, said):
+    """Ctrl+C while the config is read or the model built ended with a KeyboardInterrupt traceback."""
+    config = vit_config(tmp_path, demo_data)
+    code_seen, output = signalled(tmp_path, "ecoflap_pl.cli:check_config_files", signame, "validate", "-c", config)
+    assert code_seen == code, output[-3000:]
+    assert said in output and "Traceback" not in output
+    assert not (tmp_path / "run").exists()
