@@ -1,6 +1,6 @@
 """Exports changed after they were written, and exports stored in several shards (models over ``huggingface_hub``'s
 5 GB per file, written here with a tiny shard size): read back in their format, or refused by name, never loaded
-wrong (see ``tests/robustness/CASES.md``)."""
+wrong (rows 99-101 of the robustness cases table)."""
 
 from __future__ import annotations
 
