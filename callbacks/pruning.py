@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -186,8 +186,9 @@ class ECoFLaPPruning(Callback):
             probes=probes,
             probe_granularity=probe_granularity,
             prune_per_model=prune_per_model,
-            include=tuple(include),
-            exclude=tuple(exclude),
+            # PruningConfig makes a tuple of any sequence, and of one string a one-pattern tuple (not its characters)
+            include=cast("tuple[str, ...]", include),
+            exclude=cast("tuple[str, ...]", exclude),
             sparsegpt_block_size=sparsegpt_block_size,
             sparsegpt_damping=sparsegpt_damping,
             seed=seed,

@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -158,38 +159,91 @@ def _first_missing(folder: str) -> str:
 
 
 def read_json(path: Path, option: str) -> Any:
-    """Parse the JSON file at ``path`` (set by ``option``), turning I/O and syntax errors into clear ones."""
-    if not path.is_file():
-        raise DataFileNotFoundError(
-            f"Annotation file not found: expected {path}. HINT: set `{option}` to its path "
-            "(absolute, or relative to `data_dir`)."
-        )
+    """Parse the JSON file at ``path`` (set by ``option``), turning I/O and syntax errors into clear ones.
+
+    Raises:
+        DataFileNotFoundError: no file at ``path``.
+        DataFormatError: the file is not UTF-8 JSON; the message says where it stops parsing (line and column), whether
+            it is empty or cut short, and how to get a good copy.
+    """
+    _check_file(path, option)
     try:
         with path.open(encoding="utf-8") as handle:
             return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataFormatError(f"{path} (set by `{option}`) is not valid JSON: {err}.") from err
+    except json.JSONDecodeError as err:
+        raise DataFormatError(
+            f"{path} (set by `{option}`) is not valid JSON: {_json_problem(err, 'the file')}. {damaged_hint(option)}"
+        ) from err
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{path} (set by `{option}`) {not_utf8(err)}. {damaged_hint(option)}") from err
 
 
 def read_json_lines(path: Path, option: str) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line_number, object)`` for each non-empty line of the JSON-lines file at ``path`` (gzip if ``.gz``)."""
+    """Yield ``(line_number, object)`` for each non-empty line of the JSON-lines file at ``path`` (gzip if ``.gz``).
+
+    Raises:
+        DataFileNotFoundError: no file at ``path``.
+        DataFormatError: a line that is not JSON (its number and column; a last line cut short is said to be), text
+            that is not UTF-8, or a ``.gz`` file that is not complete gzip data.
+    """
+    _check_file(path, option)
+    opened = gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+    try:
+        with opened as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError as err:
+                    # only the file's last line can lack its newline: a file cut short ends inside it
+                    problem = _json_problem(err, "the file" if not line.endswith("\n") else "the line", line=True)
+                    raise DataFormatError(
+                        f"{path} (set by `{option}`), line {number} is not valid JSON: {problem}; the file must hold "
+                        f"one JSON object per line. {damaged_hint(option)}"
+                    ) from err
+                yield number, entry
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{path} (set by `{option}`) {not_utf8(err)}. {damaged_hint(option)}") from err
+    except (OSError, EOFError, zlib.error) as err:  # gzip: not gzip data, a cut or damaged stream
+        raise DataFormatError(f"{path} (set by `{option}`) cannot be read: {err}. {damaged_hint(option)}") from err
+
+
+def _check_file(path: Path, option: str) -> None:
     if not path.is_file():
         raise DataFileNotFoundError(
             f"Annotation file not found: expected {path}. HINT: set `{option}` to its path "
             "(absolute, or relative to `data_dir`)."
         )
-    opened = gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
-    with opened as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(
-                    f"{path} (set by `{option}`), line {number} is not valid JSON: {err}. "
-                    "HINT: the file must hold one JSON object per line."
-                ) from err
+
+
+def _json_problem(err: json.JSONDecodeError, ending: str, line: bool = False) -> str:
+    """What is wrong where, for a whole JSON file or (``line``) one line of a JSON-lines file, ``err``'s position given
+    by its column only: empty; ending before its JSON is complete, said of ``ending`` (``"the file"``: it is cut
+    short; ``"the line"``: one object spread over several lines); else ``err``'s message and position."""
+    if not err.doc.strip():
+        return "the file is empty"
+    where = f"column {err.colno}" if line else f"line {err.lineno}, column {err.colno}"
+    problem = f"{err.msg.removesuffix(' at')} at {where}"  # "Unterminated string starting at": its message ends so
+    # A string that runs to the end is "Unterminated" at its start; anything else cut short fails at the very end.
+    if err.pos >= len(err.doc.rstrip()) or err.msg.startswith("Unterminated string"):
+        cut = ": it is cut short" if ending == "the file" else ""
+        return f"{ending} ends before its JSON is complete ({problem}){cut}"
+    return problem
+
+
+def not_utf8(err: UnicodeDecodeError) -> str:
+    """``is not UTF-8 text (...)``: what follows a file's path when ``err`` was raised decoding it."""
+    return f"is not UTF-8 text ({err.reason} at byte {err.start:,}): not an annotation file, or a damaged one"
+
+
+def damaged_hint(option: str) -> str:
+    """The ``HINT`` of a file that cannot be parsed: how to get a good copy of it."""
+    return (
+        "HINT: the file is probably damaged or incomplete (an interrupted download, copy or extraction): download or "
+        f"extract it again from the dataset's release (compare its size with the original's), or point `{option}` at "
+        "a good copy."
+    )
 
 
 def expect_type(value: Any, types: type | tuple[type, ...], where: str, what: str) -> Any:
@@ -239,10 +293,32 @@ def field_strings(entries: Any, key: str, where: str, what: str) -> list[str]:
 def get_list(document: Any, key: str, path: Path, option: str) -> list[Any]:
     """``document[key]`` of a top-level JSON object, checked to be a list."""
     where = f"{path} (set by `{option}`)"
-    expect_type(document, dict, where, "the top level")
+    top_level(document, dict, path, option)
     if key not in document:
-        raise DataFormatError(f"{where}: missing top-level key {key!r} (the file has keys {sorted(document)}).")
+        raise DataFormatError(
+            f"{where}: missing top-level key {key!r} (the file has keys {sorted(document)}). {wrong_file_hint(option)}"
+        )
     return expect_type(document[key], list, where, f"top-level key {key!r}")
+
+
+def top_level(document: Any, types: type, path: Path, option: str) -> Any:
+    """``document`` when the file's top level is a ``types`` (``dict``: an object, ``list``: an array), else a
+    :class:`DataFormatError` naming the file, what its top level is, and a ``HINT``."""
+    if not isinstance(document, types):
+        expected, found = _json_name(types.__name__), _json_name(type(document).__name__)
+        raise DataFormatError(
+            f"{path} (set by `{option}`): the top level must be a JSON {expected}, got a JSON {found}. "
+            + wrong_file_hint(option)
+        )
+    return document
+
+
+def wrong_file_hint(option: str) -> str:
+    """The ``HINT`` of a file whose JSON has another shape than the layout expects: most often another file."""
+    return (
+        f"HINT: check that `{option}` names the right file of the official layout (docs/data_formats.md); a file "
+        "edited or converted by a script may have lost its structure."
+    )
 
 
 def text_list(value: Any, where: str, key: str) -> list[str]:
@@ -287,4 +363,12 @@ def load_image(path: str, source: str, hint: str = "") -> Image.Image:
 
 
 def _json_name(python_names: str) -> str:
-    return python_names.replace("dict", "object").replace("list", "array").replace("str", "string")
+    return (
+        python_names.replace("dict", "object")
+        .replace("list", "array")
+        .replace("str", "string")
+        .replace("NoneType", "null")
+        .replace("int", "number")
+        .replace("float", "number")
+        .replace("bool", "boolean")
+    )

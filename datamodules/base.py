@@ -93,9 +93,11 @@ class EcoflapDataModule(pl.LightningDataModule):
     image folders it knows without reading them, by the option that sets each; ``_read(stage, files)`` reads them
     into its Dataset and checks that every image file the samples reference exists
     (:func:`checked_image_dataset`). :meth:`check_files` runs the first step alone, so that a missing file or image
-    folder is reported before any long work (the ``ecoflap`` command does so before it builds the model); a missing
-    image file is reported when the split is read (``setup``, or the calibration split when pruning starts), before
-    any batch. Images are decoded lazily, per sample: an unreadable one is reported when its sample is read.
+    folder is reported before any long work; :meth:`dataset` runs both, once per split. The ``ecoflap`` command does
+    both before it builds the model, so that a missing, damaged or malformed file or a missing image file is reported
+    at once, and hands the splits read to the DataModule of the run (:meth:`reuse_splits`); used from Python, a split
+    is read by ``setup`` (or when pruning asks for calibration batches), before any batch. Images are decoded lazily,
+    per sample: an unreadable one is reported when its sample is read.
 
     Args:
         data_dir: root folder of the dataset in its official layout.
@@ -160,6 +162,20 @@ class EcoflapDataModule(pl.LightningDataModule):
         """
         _check_stage(stage)
         return self._locate(stage)
+
+    def reuse_splits(self, other: EcoflapDataModule) -> None:
+        """Serve the splits ``other`` has read (:meth:`dataset`) instead of reading them again, when ``other`` is the
+        same DataModule: the same class built with the same arguments (``collate_fn`` aside, which reading ignores).
+
+        The ``ecoflap`` command reads the splits of a run on a DataModule of its own before it builds the model (so
+        that a damaged annotation file is reported at once), then hands them to the DataModule its parser builds
+        after the model: each file is parsed once. A different DataModule is left alone (logged).
+        """
+        if type(other) is not type(self) or _arguments(other) != _arguments(self):
+            log.debug("%s: not reusing the splits of %s, built with other arguments", type(self).__name__, other)
+            return
+        for stage, dataset in other._datasets.items():
+            self._datasets.setdefault(stage, dataset)
 
     def _locate(self, stage: Stage) -> dict[str, Path]:
         """The files of the split serving ``stage``, by option, found but not read (:meth:`check_files`)."""
@@ -290,6 +306,12 @@ class EcoflapDataModule(pl.LightningDataModule):
                 "when using the DataModule on its own (samples hold PIL images that torch cannot batch by itself)."
             )
         return collator
+
+
+def _arguments(datamodule: EcoflapDataModule) -> dict[str, Any]:
+    """The arguments ``datamodule`` was built with; LightningCLI's instantiator adds ``_class_path`` and
+    ``_instantiator`` to the hyperparameters of the DataModule it builds."""
+    return {key: value for key, value in datamodule.hparams.items() if not key.startswith("_")}
 
 
 def _check_stage(stage: Any) -> None:

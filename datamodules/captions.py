@@ -22,6 +22,7 @@ from ecoflap_pl.datamodules._io import (
     read_json,
     resolve,
     text_list,
+    wrong_file_hint,
 )
 from ecoflap_pl.datamodules.base import (
     EcoflapDataModule,
@@ -194,7 +195,7 @@ class CaptionDataModule(EcoflapDataModule):
                 f"{path} (set by `{option}`) is not a {self.dataset_name} caption file in a known format: expected a "
                 f"list of {{'image', 'caption'}} (karpathy), {{'images': [...]}} (karpathy_original)"
                 + (", {'images', 'annotations'} (official)" if "official" in self.formats else "")
-                + "."
+                + f". {wrong_file_hint(option)}"
             )
         if self.annotation_format not in ("auto", found):
             raise DataFormatError(

@@ -7,13 +7,21 @@ from typing import Any
 
 from typing_extensions import override
 
-from ecoflap_pl.datamodules._io import check_entry, check_image_folder, expect_type, read_json, resolve, text_list
+from ecoflap_pl.datamodules._io import (
+    check_entry,
+    check_image_folder,
+    expect_type,
+    read_json,
+    resolve,
+    text_list,
+    top_level,
+)
 from ecoflap_pl.datamodules.base import EcoflapDataModule, ImageSampleDataset, Sample, Stage, checked_image_dataset
 
 
 def read_image_text_pairs(path: Path, option: str, image_root: Path) -> list[Sample]:
     """``{"text"}`` samples of a list ``[{"image": relative path, "caption": str or [str]}]``, one per caption."""
-    entries = expect_type(read_json(path, option), list, f"{path} (set by `{option}`)", "the top level")
+    entries = top_level(read_json(path, option), list, path, option)
     samples: list[Sample] = []
     for index, entry in enumerate(entries):
         where = f"{path}, entry {index}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,14 @@ from typing_extensions import override
 from ecoflap_pl.datamodules._io import (
     DataFileNotFoundError,
     DataFormatError,
-    expect_type,
+    damaged_hint,
     find_dir,
     find_file,
     locate,
+    not_utf8,
     read_json,
     resolve,
+    top_level,
 )
 from ecoflap_pl.datamodules.base import (
     EcoflapDataModule,
@@ -65,19 +68,37 @@ def read_class_folders(root: Path, option: str, class_index: dict[str, int]) -> 
 
 
 def read_val_solution(path: Path, option: str) -> list[tuple[int, str, str]]:
-    """``(line, ImageId, wnid)`` rows of Kaggle's ``LOC_val_solution.csv`` (wnid = first PredictionString token)."""
+    """``(line, ImageId, wnid)`` rows of Kaggle's ``LOC_val_solution.csv`` (wnid = first PredictionString token).
+
+    A PredictionString is boxes of five tokens, ``wnid x_min y_min x_max y_max`` (or the wnid alone): a row cut short
+    inside its boxes loses that count, so such a file is refused at its last row.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{path} (set by `{option}`) {not_utf8(err)}. {damaged_hint(option)}") from err
+    cut = "" if text.endswith("\n") else " The file does not end with a newline: it may be cut short."
+    reader = csv.reader(io.StringIO(text))
     rows = []
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle)
+    try:
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
             raise DataFormatError(
                 f"{path} (set by `{option}`) must start with the header 'ImageId,PredictionString', got {header!r}."
+                f"{cut} {damaged_hint(option)}"
             )
         for number, row in enumerate(reader, start=2):
-            if len(row) < 2 or not row[0].strip() or not row[1].split():
-                raise DataFormatError(f"{path}, line {number}: expected 'ImageId,wnid x y x y ...', got {row!r}.")
-            rows.append((number, row[0].strip(), row[1].split()[0]))
+            boxes = row[1].split() if len(row) >= 2 else []
+            if not boxes or not row[0].strip() or (len(boxes) > 1 and len(boxes) % 5):
+                raise DataFormatError(
+                    f"{path}, line {number}: expected 'ImageId,wnid' or 'ImageId,wnid x_min y_min x_max y_max ...' "
+                    f"(five tokens per box), got {row!r}.{cut} {damaged_hint(option)}"
+                )
+            rows.append((number, row[0].strip(), boxes[0]))
+    except csv.Error as err:  # e.g. a field over the size limit: a binary file
+        raise DataFormatError(
+            f"{path} (set by `{option}`), line {reader.line_num} is not CSV: {err}. {damaged_hint(option)}"
+        ) from err
     return sorted(rows, key=lambda r: r[1])
 
 
@@ -166,6 +187,8 @@ class ImageNetDataModule(EcoflapDataModule):
         option = f"{self.splits[stage]}_dir"
         root = files[option]
         class_index = {wnid: i for i, wnid in enumerate(self.classes)}
+        if "class_names_file" in files:
+            self.class_names  # noqa: B018 -- read with the split, so that a damaged file is reported when it is read
         hint = f"images are read from `{option}` ({root})."
         if "val_solution_file" in files:
             return checked_image_dataset(
@@ -203,9 +226,15 @@ class ImageNetDataModule(EcoflapDataModule):
                 if missing:
                     raise DataFormatError(f"{path} (set by `class_names_file`) has no name for {missing[:5]}.")
                 names = [names[wnid] for wnid in self.classes]
-            expect_type(names, list, f"{path} (set by `class_names_file`)", "the top level")
+            top_level(names, list, path, "class_names_file")
         else:
-            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(
+                    f"{path} (set by `class_names_file`) {not_utf8(err)}. {damaged_hint('class_names_file')}"
+                ) from err
+            names = [line.strip() for line in text.splitlines() if line.strip()]
         if len(names) != len(self.classes) or not all(isinstance(n, str) for n in names):
             raise DataFormatError(
                 f"{path} (set by `class_names_file`) must hold {len(self.classes)} string names (one per class), "

@@ -13,7 +13,14 @@ from typing import Any
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from ecoflap_pl.datamodules._io import DataFormatError, check_entry, expect_type, read_json_lines
+from ecoflap_pl.datamodules._io import (
+    DataFormatError,
+    check_entry,
+    damaged_hint,
+    expect_type,
+    not_utf8,
+    read_json_lines,
+)
 from ecoflap_pl.datamodules.base import EcoflapDataModule, Stage
 
 JSON_LINES_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -31,7 +38,7 @@ def read_texts(path: Path, option: str, text_key: str) -> list[str]:
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as err:
-            raise DataFormatError(f"{path} (set by `{option}`) is not UTF-8 text: {err}.") from err
+            raise DataFormatError(f"{path} (set by `{option}`) {not_utf8(err)}. {damaged_hint(option)}") from err
         texts = [line.strip() for line in lines if line.strip()]
     if not texts:
         raise DataFormatError(f"{path} (set by `{option}`) holds no text. HINT: point `{option}` at a non-empty file.")

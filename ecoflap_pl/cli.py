@@ -126,36 +126,44 @@ class EcoflapCLI(LightningCLI):
     @override
     def instantiate_classes(self) -> None:
         try:
-            self._check_data_files()
+            checked = self._read_data_first()
             super().instantiate_classes()
+            if checked is not None and isinstance(self.datamodule, EcoflapDataModule):
+                self.datamodule.reuse_splits(checked)
         except (ValueError, TypeError, OSError, MisconfigurationException) as error:
             raise ConfigurationError(str(error)) from error
 
-    def _check_data_files(self) -> None:
-        """Find the data files the run will read before the task builds its model (minutes for a large one), so that
-        a wrong ``data_dir``, a missing annotation file or image folder is reported at once (the image files the
-        annotations name are checked when the split is read, before pruning).
+    def _read_data_first(self) -> EcoflapDataModule | None:
+        """Read the splits the run will read before the task builds its model (minutes for a large one), so that a
+        wrong ``data_dir``, a missing, damaged or malformed annotation file, a missing image folder or image file is
+        reported at once; return the DataModule holding them, whose splits the run's DataModule then reuses.
 
         The DataModule is built from its configuration without the task's collator (the link that sets it needs the
-        model) and asked for :meth:`~ecoflap_pl.datamodules.EcoflapDataModule.check_files` of the subcommand's main
-        loop, and of the training split when the pruning callback will draw calibration batches from it first.
-        Nothing is read but file names (the demo DataModules build their data when constructed, on first use, as the
-        task would before them). A DataModule taking class arguments (``class_path`` values, which only the parser
-        instantiates) is left to be checked when its loop starts.
+        model). For the subcommand's main loop, and the training split when the pruning callback will draw
+        calibration batches from it first, :meth:`~ecoflap_pl.datamodules.EcoflapDataModule.check_files` finds every
+        file (so a missing one is named before any file is parsed), then
+        :meth:`~ecoflap_pl.datamodules.EcoflapDataModule.dataset` reads each split: the parse ``setup`` would do
+        after the model is built, moved before it, not repeated (the demo DataModules build their data when
+        constructed, on first use, as the task would before them). A DataModule taking class arguments
+        (``class_path`` values, which only the parser instantiates) is left to be checked when its loop starts.
         """
         data = self._get(self.config, "data") if self.subcommand is not None else None
         if data is None:
-            return
+            return None
         init_args = data.init_args.as_dict() if data.get("init_args") is not None else {}
         init_args.pop("collate_fn", None)
         if any(isinstance(value, dict) and "class_path" in value for value in init_args.values()):
-            return
+            return None
         datamodule = instantiate_class((), {"class_path": data.class_path, "init_args": init_args})
         if not isinstance(datamodule, EcoflapDataModule):
-            return
-        for stage in self._loops_read():
+            return None
+        loops = self._loops_read()
+        for stage in loops:
             files = datamodule.check_files(stage)
             log.debug("The %s loop reads %s", stage, ", ".join(f"{key}={path}" for key, path in files.items()))
+        for stage in loops:
+            datamodule.dataset(stage)
+        return datamodule
 
     def _loops_read(self) -> list[Stage]:
         """The DataModule loops the subcommand reads: its main loop; for ``fit``, the validation split unless

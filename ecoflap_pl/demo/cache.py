@@ -10,7 +10,8 @@ Everything the demo makes lives under one directory, :func:`demo_dir`: ``$ECOFLA
 Each build directory holds a marker file with the parameters it was built from. A later run whose parameters match
 reuses it at once; different parameters (another preset, a newer recipe) rebuild it. A build is written to a
 temporary sibling directory and renamed into place when complete, so an interrupted run never leaves a half-written
-model behind, and two processes building the same thing at once both end with one complete copy.
+model behind, and two processes building the same thing at once both end with one complete copy. Its files get the
+modes of the umask, as files written with a plain ``open()`` do (:func:`~ecoflap_pl.export.file_modes.umask_modes`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ecoflap_pl.export.file_modes import umask_modes
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,8 @@ def cached_build(
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     try:
-        build(tmp)
+        with umask_modes(tmp):
+            build(tmp)
         (tmp / marker).write_text(json.dumps(params, indent=2), encoding="utf-8")
         _move_into_place(tmp, target, params, marker, keep_same=not rebuild)
     finally:

@@ -1,10 +1,22 @@
 """Replace a directory all at once: write beside it, then swap, so a reader never sees a mix of old and new.
 
-A write goes into ``.<name>.partial-<pid>`` in the target's parent (same filesystem, so renames are atomic). Once
-every file is written and flushed to disk, the folder takes the target's place: on Linux with one
+A write goes into ``.<name>.partial-<pid>-<random>`` in the target's parent (same filesystem, so renames are atomic).
+Once every file is written and flushed to disk, the folder takes the target's place: on Linux with one
 ``renameat2(RENAME_EXCHANGE)`` call (the old and the new folder trade names in one step), elsewhere with two renames
-(old aside, new in place). A process killed at any moment leaves either the old folder or the complete new one at the
-target path; its leftover partial folder is removed by the next write to the same target.
+(old aside as ``.<name>.previous-<pid>-<random>``, new in place). A process killed at any moment leaves either the old
+folder or the complete new one at the target path; its leftovers are removed by the next write to the same target.
+
+Which leftovers are stale is decided by a lock, not by a process id. Each write holds an exclusive advisory lock
+(``flock``) on its own lock file, ``.<name>.writer-<pid>-<random>``, from before its partial folder exists until after
+it is gone; the kernel drops the lock when the writer exits, however it ends (SIGKILL too). Leftovers whose lock can be
+taken are stale; those whose lock is held belong to a live write and are left alone. A process id alone cannot tell:
+after a crash the id is given to another, unrelated process (the leftover would be kept forever), and a writer on
+another machine or in another container sharing the folder has an id that means nothing here (its live write would
+be removed). Recording the process start time beside the id fixes the first, not the second, and needs ``/proc`` or
+a platform-specific call. The lock is a regular file opened for writing, not the folder itself, because NFS clients
+emulate ``flock`` with byte-range locks, which need a file open for writing. Where no lock can be taken (Windows, which
+has no ``flock``; a filesystem mounted without lock support), a leftover whose lock file is still there cannot be
+judged: it is kept and a warning names it, to be removed by hand when no write to that folder runs.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -20,10 +33,16 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ecoflap_pl.export.file_modes import umask_modes
+
+if sys.platform != "win32":
+    import fcntl
+
 logger = logging.getLogger(__name__)
 
-_PARTIAL = ".partial-"
-_PREVIOUS = ".previous-"
+_PARTIAL = "partial"
+_PREVIOUS = "previous"
+_WRITER = "writer"
 _RENAME_EXCHANGE = 2  # linux/fs.h
 
 
@@ -126,50 +145,133 @@ def _existing_ancestor(path: Path, option: str, target: str | Path) -> Path:
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield an empty folder beside ``target``; on a clean exit it replaces ``target`` whole, on an error it is removed.
 
-    Checks belong to :func:`check_save_target`, called before the work that produces the files.
+    Every file and folder written into it gets the mode a plain ``open()`` / ``mkdir()`` gives (the umask's), whatever
+    mode its writer gave it (:func:`~ecoflap_pl.export.file_modes.umask_modes`). Checks belong to
+    :func:`check_save_target`, called before the work that produces the files.
     """
     target = Path(target).expanduser().absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(target)
-    partial = target.parent / f".{target.name}{_PARTIAL}{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
+    _remove_stale_leftovers(target)
+    with _writer_lock(target) as tag:
+        partial = _leftover(target, _PARTIAL, tag)
+        partial.mkdir()
+        try:
+            with umask_modes(partial):
+                yield partial
+            _sync_tree(partial)
+            _swap_into_place(partial, target, _leftover(target, _PREVIOUS, tag))
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _leftover(target: Path, kind: str, tag: str) -> Path:
+    return target.parent / f".{target.name}.{kind}-{tag}"
+
+
+@contextmanager
+def _writer_lock(target: Path) -> Iterator[str]:
+    """Create a lock file for a new write of ``target`` and hold an exclusive lock on it for the block; yield the tag
+    that names the write's partial folder. The lock file is removed at the end.
+
+    A cleaner may take the new file for a dead write's in the moment between its creation and its lock, and remove it;
+    the write then starts again under a new tag. A filesystem that refuses locks is logged at DEBUG level and the write
+    goes on unlocked: :func:`_remove_stale_leftovers` cannot take a lock there either, so it keeps its leftovers.
+    """
+    while True:
+        tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+        path = _leftover(target, _WRITER, tag)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        locked = _take_lock(descriptor)
+        if locked is None:
+            logger.debug("No file lock on %s; leftovers of this write, if any, will be kept", path)
+        if locked is not False and _names(path, descriptor):
+            break
+        os.close(descriptor)
     try:
-        yield partial
-        _sync_tree(partial)
-        _swap_into_place(partial, target)
+        yield tag
     finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        os.close(descriptor)  # closing releases the lock; Windows cannot remove a file that is still open
+        path.unlink(missing_ok=True)
 
 
-def _remove_stale_partials(target: Path) -> None:
+def _names(path: Path, descriptor: int) -> bool:
+    """Whether ``path`` still names the file open as ``descriptor``."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(descriptor))
+    except FileNotFoundError:
+        return False
+
+
+def _remove_stale_leftovers(target: Path) -> None:
     """Clean up after writers of ``target`` that no longer run (killed mid-write).
 
     A partial folder is removed; the old folder set aside by the two-rename fallback goes back in place if the
-    kill came between its two renames, else it is removed.
+    kill came between its two renames, else it is removed. Leftovers of a write that still holds its lock are kept.
+    Names without a lock file (a write whose lock file is gone, or one by a version that took no lock) are stale.
     """
-    for leftover in target.parent.glob(f".{target.name}.*-*"):
-        kind, _, pid = leftover.name[len(target.name) + 2 :].rpartition("-")
-        if not pid.isdigit() or _is_running(int(pid)):
-            continue
-        if f".{kind}-" == _PREVIOUS and not target.exists():
-            logger.warning("Restoring %s from %s, set aside by an interrupted write", target, leftover)
-            os.rename(leftover, target)
-        elif f".{kind}-" in (_PARTIAL, _PREVIOUS):
-            logger.info("Removing %s, left by an interrupted write", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
+    prefix = f".{target.name}."
+    leftovers: dict[str, list[str]] = {}
+    for leftover in target.parent.iterdir():
+        kind, dash, tag = leftover.name[len(prefix) :].partition("-")
+        if leftover.name.startswith(prefix) and kind in (_PARTIAL, _PREVIOUS, _WRITER) and dash and tag:
+            leftovers.setdefault(tag, []).append(leftover.name)
+    for tag, names in sorted(leftovers.items()):
+        with _stale_writer(_leftover(target, _WRITER, tag)) as stale:
+            if stale is None:
+                logger.warning(
+                    "Keeping %s in %s: this system cannot tell whether the write that left them still runs (no file "
+                    "locks here). HINT: remove them once no run is writing %s.",
+                    ", ".join(sorted(names)),
+                    target.parent,
+                    target,
+                )
+            elif stale:
+                _remove_leftovers_of(target, tag)
 
 
-def _is_running(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this process starts a new write; an older partial of the same pid is stale
+@contextmanager
+def _stale_writer(lock_path: Path) -> Iterator[bool | None]:
+    """Whether the write that owns ``lock_path`` has ended (``None``: cannot tell); if so its lock is held for the
+    block, so that no other cleaner works on the same leftovers."""
+    descriptor = None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        descriptor = os.open(lock_path, os.O_RDWR)
+    except FileNotFoundError:
+        stale: bool | None = True
+    except OSError:  # e.g. another user's lock file
+        stale = None
+    else:
+        stale = _take_lock(descriptor)
+    try:
+        yield stale
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
+
+
+def _take_lock(descriptor: int) -> bool | None:
+    """``True``: the exclusive lock is now held; ``False``: another open file holds it; ``None``: no lock possible."""
+    if sys.platform == "win32":
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return False
-    except PermissionError:
-        return True
+    except OSError:
+        return None
     return True
+
+
+def _remove_leftovers_of(target: Path, tag: str) -> None:
+    previous, partial = _leftover(target, _PREVIOUS, tag), _leftover(target, _PARTIAL, tag)
+    if previous.is_dir() and not target.exists():
+        logger.warning("Restoring %s from %s, set aside by an interrupted write", target, previous)
+        os.rename(previous, target)
+    for folder in (previous, partial):
+        if folder.is_dir():
+            logger.info("Removing %s, left by an interrupted write", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    _leftover(target, _WRITER, tag).unlink(missing_ok=True)
 
 
 def _sync_tree(folder: Path) -> None:
@@ -194,11 +296,10 @@ def _fsync_dir(folder: Path) -> None:
         os.close(descriptor)
 
 
-def _swap_into_place(partial: Path, target: Path) -> None:
+def _swap_into_place(partial: Path, target: Path, aside: Path) -> None:
     if not target.exists():
         os.rename(partial, target)
     elif not _exchange(partial, target):
-        aside = target.parent / f".{target.name}{_PREVIOUS}{os.getpid()}"
         os.rename(target, aside)
         os.rename(partial, target)
         shutil.rmtree(aside, ignore_errors=True)

@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file, save_model
 from torch import nn
 
+from ecoflap_pl.export.file_modes import umask_modes
 from ecoflap_pl.export.sparse_formats import FORMATS, compress_state_dict, decompress_state_dict, pack_mask, unpack_mask
 
 SAVE_FORMATS = ("dense", *FORMATS)
@@ -100,7 +101,9 @@ def write_pruned_model(
 ) -> SavedModel:
     """Write ``model`` (pruned with ``masks``) into the existing ``directory`` in ``save_format``.
 
-    Every ``processors`` object with a ``save_pretrained`` method (tokenizer, processor) is saved beside it.
+    Every ``processors`` object with a ``save_pretrained`` method (tokenizer, processor) is saved beside it. The files
+    and folders written get the modes of the umask (:func:`~ecoflap_pl.export.file_modes.umask_modes`), as a plain
+    ``open()`` gives, though ``safetensors`` creates its files readable by their owner only.
 
     Raises:
         ValueError: an unknown format, or a mask that does not fit it.
@@ -110,25 +113,26 @@ def write_pruned_model(
         check_save_format(save_format, "unstructured")
     state_dict = model.state_dict()
     hf_model = _is_hf_model(model)
-    if save_format == "dense":
-        if hf_model:
-            model.save_pretrained(directory)  # type: ignore[operator]
+    with umask_modes(directory):
+        if save_format == "dense":
+            if hf_model:
+                model.save_pretrained(directory)  # type: ignore[operator]
+            else:
+                save_model(model, str(directory / STATE_DICT_FILE))
+            _write_masks(masks, directory / MASKS_FILE)
         else:
-            save_model(model, str(directory / STATE_DICT_FILE))
-        _write_masks(masks, directory / MASKS_FILE)
-    else:
-        from huggingface_hub import save_torch_state_dict
+            from huggingface_hub import save_torch_state_dict
 
-        if hf_model:
-            state_dict = _without_tied_copies(model, state_dict)
-        compressed = compress_state_dict(state_dict, masks, save_format)
-        if hf_model:
-            _write_hf_configs(model, directory, save_format, masks)
-        save_torch_state_dict(compressed, directory, metadata={"format": "pt", _FORMAT_KEY: save_format})
-    for processor in processors:
-        save = getattr(processor, "save_pretrained", None)
-        if callable(save):
-            save(directory)
+            if hf_model:
+                state_dict = _without_tied_copies(model, state_dict)
+            compressed = compress_state_dict(state_dict, masks, save_format)
+            if hf_model:
+                _write_hf_configs(model, directory, save_format, masks)
+            save_torch_state_dict(compressed, directory, metadata={"format": "pt", _FORMAT_KEY: save_format})
+        for processor in processors:
+            save = getattr(processor, "save_pretrained", None)
+            if callable(save):
+                save(directory)
     weights = sum(path.stat().st_size for path in directory.glob("model*.safetensors"))
     return SavedModel(save_format, weights, _dense_bytes(state_dict))
 

@@ -7,8 +7,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from huggingface_hub import is_offline_mode
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from ecoflap_pl.models.hub_access import HubModel, hub_model_errors
 
 ModelT = TypeVar("ModelT", bound=PreTrainedModel)
 
@@ -38,32 +39,33 @@ def _looks_local(pretrained: str) -> bool:
 
 
 @contextmanager
-def hub_load_errors(pretrained: str) -> Iterator[None]:
+def hub_load_errors(pretrained: str, **from_pretrained_kwargs: Any) -> Iterator[None]:
     """Run a ``from_pretrained(pretrained)`` call with the errors a user can act on.
 
-    A local path that does not exist is refused before the hub client reports it as a malformed repo id; a name
-    that cannot be fetched while offline mode is on says so.
+    A local path that does not exist is refused before the hub client reports it as a malformed repo id. A hub name
+    that is not in the cache is checked first: offline mode, or a hub that cannot be reached, ends the run at once with
+    a few lines instead of the client's retries (:func:`~ecoflap_pl.models.hub_access.hub_model_errors`).
+
+    Args:
+        pretrained: a hub name or a local directory.
+        from_pretrained_kwargs: the call's ``revision`` and ``cache_dir``, if any, say where the cache is looked up.
 
     Raises:
         FileNotFoundError: a local ``pretrained`` path that does not exist.
-        OSError: the model cannot be loaded, with offline mode named when it is on.
+        OSError: the model is not in the cache and cannot be downloaded.
     """
-    if _looks_local(str(pretrained)) and not Path(pretrained).expanduser().exists():
+    if Path(pretrained).expanduser().exists() or from_pretrained_kwargs.get("local_files_only"):
+        yield
+        return
+    if _looks_local(str(pretrained)):
         raise FileNotFoundError(
             f"`pretrained` {str(pretrained)!r} does not exist: it is a local path, not a hub name of the form "
             "'namespace/name'. HINT: give the directory written by save_pretrained(), or a hub name such as "
             "'Salesforce/blip2-opt-2.7b'."
         )
-    try:
+    revision, cache_dir = from_pretrained_kwargs.get("revision"), from_pretrained_kwargs.get("cache_dir")
+    with hub_model_errors(HubModel(pretrained), revision=revision, cache_dir=cache_dir):
         yield
-    except OSError as error:
-        if not is_offline_mode() or Path(pretrained).expanduser().exists():
-            raise
-        raise OSError(
-            f"`pretrained` {str(pretrained)!r} is not in the local Hugging Face cache, and offline mode is on "
-            "(HF_HUB_OFFLINE=1), so it cannot be downloaded. HINT: unset HF_HUB_OFFLINE to download it once, or give "
-            "the directory of a local copy."
-        ) from error
 
 
 def load_pretrained(model_cls: type[ModelT], pretrained: str, **from_pretrained_kwargs: Any) -> ModelT:
@@ -77,7 +79,7 @@ def load_pretrained(model_cls: type[ModelT], pretrained: str, **from_pretrained_
     """
     from ecoflap_pl.export import is_sparse_export, load_pruned_model
 
-    with hub_load_errors(pretrained):
+    with hub_load_errors(pretrained, **from_pretrained_kwargs):
         if is_sparse_export(pretrained):
             return cast(ModelT, load_pruned_model(Path(pretrained).expanduser(), model_cls, **from_pretrained_kwargs))
         return model_cls.from_pretrained(pretrained, **from_pretrained_kwargs)

@@ -6,6 +6,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from ecoflap_pl.pruning.field_types import PathString, check_field_types
+
 ImportanceName = Literal["zeroth_order", "first_order", "uniform"]
 """The built-in importance estimators (``ecoflap_pl.pruning.importance``) and ``"uniform"`` (no scores); estimators
 registered later with ``register_importance`` are accepted too."""
@@ -29,7 +31,7 @@ DEFAULT_EXCLUDE = ("*qformer*",)
 
 
 def _choice(name: str, value: str, options: tuple[str, ...]) -> str:
-    normalised = str(value).strip().lower().replace("-", "_")
+    normalised = value.strip().lower().replace("-", "_")
     if normalised not in options:
         raise ValueError(f"`{name}` must be one of {list(options)}, got {value!r}.")
     return normalised
@@ -101,7 +103,7 @@ class PruningConfig:
     allocation: AllocationName = "ecoflap"
     owl_m: float = 5.0
     owl_lambda: float = 0.08
-    allocation_report: str | None = None
+    allocation_report: PathString | None = None
     auto_holdout_samples: int = 16
     score: ScoreName | str = "grad_only"
     aggregate: str = "sum"
@@ -128,13 +130,13 @@ class PruningConfig:
         def normalise(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
-        if not 0.0 <= float(self.sparsity) < 1.0:
+        check_field_types(self)  # every field's type (from its annotation) and finite floats, before any range
+        if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(
                 f"`sparsity` must be in [0, 1) (the fraction of zeros), got {self.sparsity!r}. "
                 "HINT: 0.5 prunes half of the weights."
             )
-        normalise("sparsity", float(self.sparsity))
-        max_sparsity = min(self.sparsity + 0.1, 0.99) if self.max_sparsity is None else float(self.max_sparsity)
+        max_sparsity = min(self.sparsity + 0.1, 0.99) if self.max_sparsity is None else self.max_sparsity
         if not self.sparsity <= max_sparsity < 1.0:
             raise ValueError(
                 f"`max_sparsity` must be in [sparsity, 1) = [{self.sparsity}, 1), got {self.max_sparsity!r}. "
@@ -158,25 +160,21 @@ class PruningConfig:
             "max_probe_replicas",
             "fine_replay_batches",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
         normalise("structure", self._normalised_structure())
         if not self.eps > 0:
             raise ValueError(f"`eps` must be > 0, got {self.eps!r}. HINT: the official runs use 1e-3.")
         if not self.sparsegpt_damping > 0:
             raise ValueError(f"`sparsegpt_damping` must be > 0, got {self.sparsegpt_damping!r}.")
         for name in ("include", "exclude"):
-            value = getattr(self, name)
-            patterns = (value,) if isinstance(value, str) else tuple(value)
-            if not all(isinstance(pattern, str) and pattern for pattern in patterns):
-                raise ValueError(f"`{name}` must be a list of non-empty glob patterns, got {value!r}.")
-            normalise(name, patterns)
+            if not all(getattr(self, name)):
+                raise ValueError(f"`{name}` must be a list of non-empty glob patterns, got {getattr(self, name)!r}.")
         if not self.include:
             raise ValueError("`include` must name at least one pattern, got []. HINT: use ['*'] for every candidate.")
 
     def _normalised_structure(self) -> str:
-        structure = str(self.structure).strip().lower()
+        structure = self.structure.strip().lower()
         if structure == "unstructured":
             return structure
         match = _NM_PATTERN.match(structure)
@@ -221,7 +219,7 @@ class PruningConfig:
             "method": method_names(),
         }
         for name, options in registered.items():
-            value = str(getattr(self, name)).strip().lower().replace("-", "_")
+            value = getattr(self, name).strip().lower().replace("-", "_")
             if value not in options:
                 raise ValueError(
                     f"`{name}` must be one of {list(options)}, got {getattr(self, name)!r}. HINT: {hints[name]}"
@@ -236,7 +234,7 @@ class PruningConfig:
     def _check_allocation(self) -> None:
         from ecoflap_pl.pruning.allocation import allocation_names  # the registry imports this module
 
-        allocation = str(self.allocation).strip().lower().replace("-", "_")
+        allocation = self.allocation.strip().lower().replace("-", "_")
         if allocation not in allocation_names():
             raise ValueError(
                 f"`allocation` must be one of {list(allocation_names())}, got {self.allocation!r}. "
@@ -252,16 +250,12 @@ class PruningConfig:
                 f"`owl_lambda` must be in [0, 1 - sparsity) = [0, {1 - self.sparsity:g}), got {self.owl_lambda!r}. "
                 "HINT: the OWL paper uses 0.08 at 70% sparsity."
             )
-        object.__setattr__(self, "owl_m", float(self.owl_m))
-        object.__setattr__(self, "owl_lambda", float(self.owl_lambda))
         if (allocation == "from_report") != (self.allocation_report is not None):
             raise ValueError(
                 f"`allocation_report` must be set exactly when `allocation` is 'from_report', got allocation "
                 f"{allocation!r} with allocation_report {self.allocation_report!r}. HINT: allocation: from_report "
                 "with allocation_report: path/to/pruning_report.json."
             )
-        if self.allocation_report is not None:
-            object.__setattr__(self, "allocation_report", str(self.allocation_report))
 
     @property
     def calibration_samples(self) -> int:

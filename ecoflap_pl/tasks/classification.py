@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import timm
@@ -10,6 +11,7 @@ from timm.data import resolve_data_config
 from torch import Tensor
 from typing_extensions import override
 
+from ecoflap_pl.models.hub_access import hub_model_errors, timm_hub_model
 from ecoflap_pl.tasks.image_classification import ImageClassificationTask
 
 
@@ -56,11 +58,14 @@ class ClassificationTask(ImageClassificationTask):
             )
         config = dict(model_config or {})
         overlay = config.get("pretrained_cfg_overlay")
+        local_file = isinstance(overlay, dict) and "file" in overlay
         if pretrained and isinstance(overlay, dict) and "file" in overlay and "num_classes" in config:
             # timm drops a checkpoint's classifier when its size differs from the hub config's num_classes (1000
             # for ImageNet names); a local file's classifier is sized for this model, so keep it
             config["pretrained_cfg_overlay"] = {"num_classes": config["num_classes"], **overlay}
-        self.model = timm.create_model(timm_model, pretrained=bool(pretrained), **config)
+        hub_model = timm_hub_model(timm_model) if pretrained and not local_file else None
+        with hub_model_errors(hub_model) if hub_model is not None else nullcontext():
+            self.model = timm.create_model(timm_model, pretrained=bool(pretrained), **config)
         num_classes = int(getattr(self.model, "num_classes"))  # noqa: B009 (timm types its models as nn.Module)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(

@@ -1,13 +1,15 @@
-"""``ecoflap`` finds the data files a run reads before it builds the model: a wrong ``data_dir``, a missing annotation
-file or image folder is one short configuration error, not minutes of model loading followed by a traceback; a missing
-image file is reported when the split is read, before pruning."""
+"""``ecoflap`` reads the splits a run reads before it builds the model: a wrong ``data_dir``, a missing or damaged
+annotation file, a missing image folder or image file is one short configuration error, not minutes of model loading
+followed by a traceback; the splits read are reused by the run, not read again."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,9 @@ import torch
 import yaml
 
 from ecoflap_pl.datamodules import VQAv2DataModule
-from ecoflap_pl.tasks import VQATask
+from ecoflap_pl.tasks import ClassificationTask, VQATask
 from tests.datamodules.datamodule_layouts import write_vqa
-from tests.robustness.cli_runs import TRAINER, Outcome, run_ecoflap, vit_config
+from tests.robustness.cli_runs import TINY_VIT, TRAINER, Outcome, run_ecoflap, vit_config
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILT = "NotBuiltTask was built"
@@ -135,28 +137,102 @@ def test_a_missing_image_folder_is_named_before_the_model_is_built(
     assert not (tmp_path / "run").exists()
 
 
-def test_a_missing_image_file_is_reported_when_the_split_is_read_before_pruning(
+def test_a_missing_image_file_is_named_before_the_model_is_built(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, demo_data: Any
 ) -> None:
-    # The check before the model looks up names only; the split's images are checked when `setup` reads it, before
-    # the pruning callback draws a batch (a tiny ViT on the flat ImageNet val layout).
+    # The splits are read before the model is built, and reading a split checks that its image files exist (the flat
+    # ImageNet val layout, whose images the CSV names).
     data_dir = tmp_path / "imagenet"
     shutil.copytree(demo_data.imagenet_flat, data_dir, ignore=shutil.ignore_patterns("train"))
     missing = data_dir / "val" / "ILSVRC2012_val_00000002.JPEG"
     missing.unlink()
     total = len(list((data_dir / "val").iterdir())) + 1
-    report = tmp_path / "report"
-    config = vit_config(tmp_path, demo_data, report_dir=str(report))
-    options = [f"--data.init_args.data_dir={data_dir}", f"--data.init_args.train_dir={demo_data.imagenet / 'train'}"]
-    outcome = run_ecoflap(capsys, "validate", "-c", config, *options)
-    assert outcome.code == 2, outcome.text[-3000:]
-    error = outcome.text[outcome.text.index("error (DataFileNotFoundError): ") :].splitlines()
+    init_args = {"data_dir": str(data_dir), "train_dir": str(demo_data.imagenet / "train")}
+    data = {"class_path": "ecoflap_pl.datamodules.ImageNetDataModule", "init_args": init_args}
+    outcome = run_ecoflap(capsys, "validate", "-c", config(tmp_path, data_dir, data))
+    assert outcome.code == 2 and BUILT not in outcome.text, outcome.text[-3000:]
+    error = outcome.text[outcome.text.index("error (configuration error): ") :].splitlines()
     assert error[0].endswith(
         f"Missing images: 1 of the {total} that the annotations name (image folder set by `val_dir`), e.g.:"
     )
     assert error[1].startswith(f"{missing} (for ImageId ILSVRC2012_val_00000002 (")
     assert error[2] == f"HINT: images are read from `val_dir` ({data_dir / 'val'})."
-    assert not report.exists()  # refused before pruning
+    assert not (tmp_path / "run").exists()
+
+
+def _cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-40])
+
+
+def _a_list(path: Path) -> None:
+    path.write_text(json.dumps([json.loads(path.read_text(encoding="utf-8"))]), encoding="utf-8")
+
+
+def _a_syntax_error(path: Path) -> None:
+    path.write_text(path.read_text(encoding="utf-8").replace('"', "'", 3), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("subcommand", "damaged", "damage", "option", "problem"),
+    [
+        ("validate", "v2_OpenEnded_mscoco_val2014_questions.json", _cut_short, "val_questions_file", "it is cut short"),
+        (  # the calibration split
+            "validate",
+            "v2_mscoco_train2014_annotations.json",
+            _a_list,
+            "train_annotations_file",
+            "the top level must be a JSON object, got a JSON array. HINT: check that `train_annotations_file` names",
+        ),
+        ("test", "v2_mscoco_val2014_annotations.json", _a_syntax_error, "test_annotations_file", "at line 1, column"),
+        ("fit", "v2_OpenEnded_mscoco_val2014_questions.json", _cut_short, "val_questions_file", "cut short"),
+        ("prune", "v2_mscoco_train2014_annotations.json", _a_syntax_error, "train_annotations_file", "column"),
+    ],
+)
+def test_a_damaged_annotation_file_is_named_before_the_model_is_built(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    vqa_root: Path,
+    subcommand: str,
+    damaged: str,
+    damage: Callable[[Path], None],
+    option: str,
+    problem: str,
+) -> None:
+    # Before, the check looked up names only: a damaged file was found by `setup`, after the model was built.
+    damage(vqa_root / damaged)
+    outcome = run_ecoflap(capsys, subcommand, "-c", config(tmp_path, vqa_root, stages=["fit", "validate", "test"]))
+    error = refused(outcome, str(vqa_root / damaged), f"`{option}`", problem)
+    if damage is not _a_list:
+        assert "is not valid JSON" in error and "HINT: the file is probably damaged or incomplete" in error
+    assert not (tmp_path / "run").exists()
+
+
+class DeletesFileTask(ClassificationTask):
+    """A tiny timm classifier that deletes a file when it is built: a run that reads the file after building its
+    model fails."""
+
+    def __init__(self, delete: str, timm_model: str, model_config: dict[str, Any]) -> None:
+        Path(delete).unlink()
+        super().__init__(timm_model, pretrained=False, model_config=model_config)
+
+
+def test_each_split_is_read_once_before_the_model_and_reused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, demo_data: Any
+) -> None:
+    # The DataModule the check reads with is not the one the parser builds after the model: the second takes over
+    # the splits the first read, so no annotation file is parsed twice. The task deletes the validation labels (the
+    # CSV of the flat ImageNet layout) when it is built: the run still prunes and evaluates.
+    data_dir = tmp_path / "imagenet"
+    shutil.copytree(demo_data.imagenet_flat, data_dir, ignore=shutil.ignore_patterns("train"))
+    labels = data_dir / "LOC_val_solution.csv"
+    model = {"timm_model": "vit_tiny_patch16_224", "model_config": TINY_VIT, "delete": str(labels)}
+    path = vit_config(tmp_path, demo_data, report_dir=str(tmp_path / "report"))
+    options = [f"--data.init_args.data_dir={data_dir}", f"--data.init_args.train_dir={demo_data.imagenet / 'train'}"]
+    options += [f"--model={json.dumps({'class_path': f'{__name__}.DeletesFileTask', 'init_args': model})}"]
+    outcome = run_ecoflap(capsys, "validate", "-c", path, *options)
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert not labels.exists() and (tmp_path / "report" / "pruning_report.json").is_file()
+    assert outcome.metric("val/loss") > 0  # evaluated
 
 
 def test_the_training_split_is_not_needed_when_the_run_does_not_prune(

@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from ecoflap_pl.datamodules import (
     COCOCaptionDataModule,
+    DataFileNotFoundError,
     EcoflapDataModule,
     Flickr30kDataModule,
     ImageNetDataModule,
@@ -146,3 +147,17 @@ def test_hparams_are_saved_without_collate_fn(vqa_root: Path) -> None:
     dm = VQAv2DataModule(vqa_root, collate_fn=collate, batch_size=3, questions_prefix="OpenEnded_mscoco")
     assert dm.hparams["batch_size"] == 3 and dm.hparams["questions_prefix"] == "OpenEnded_mscoco"
     assert "collate_fn" not in dm.hparams
+
+
+def test_splits_read_by_a_datamodule_are_reused_by_the_same_datamodule_only(vqa_root: Path) -> None:
+    checked = VQAv2DataModule(vqa_root)
+    val = checked.dataset("val")
+    same = VQAv2DataModule(vqa_root, collate_fn=collate)  # the collator does not change what is read
+    same.reuse_splits(checked)
+    other = VQAv2DataModule(vqa_root, val_split="train2014")
+    other.reuse_splits(checked)
+    (vqa_root / "v2_OpenEnded_mscoco_val2014_questions.json").unlink()
+    assert same.dataset("val") is val  # not read again
+    with pytest.raises(DataFileNotFoundError, match="HINT: set `val_questions_file`"):
+        VQAv2DataModule(vqa_root).dataset("val")
+    assert other.dataset("val") is not val  # another split: read from its own files

@@ -42,7 +42,9 @@ def _imagenet_root(root: Path) -> Path:
     return root
 
 
-def _case(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[EcoflapDataModule, str, dict[str, str]]:
+def datamodule_case(
+    name: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> tuple[EcoflapDataModule, str, dict[str, str]]:
     """A DataModule over tiny files of its official layout, the loop checked, and the files it must find (by
     option, relative to ``data_dir``)."""
     makers: dict[str, Callable[[], tuple[EcoflapDataModule, str, dict[str, str]]]] = {
@@ -121,7 +123,7 @@ IMAGE_FOLDERS = {
 
 @pytest.mark.parametrize("name", CASES)
 def test_finds_the_files_the_loop_reads(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    datamodule, stage, expected = _case(name, tmp_path, request)
+    datamodule, stage, expected = datamodule_case(name, tmp_path, request)
     files = datamodule.check_files(stage)
     folders = {"image_root": IMAGE_FOLDERS[name]} if name in IMAGE_FOLDERS else {}
     assert files == {option: datamodule.data_dir / path for option, path in {**expected, **folders}.items()}
@@ -130,7 +132,7 @@ def test_finds_the_files_the_loop_reads(name: str, tmp_path: Path, request: pyte
 
 @pytest.mark.parametrize("name", CASES)
 def test_a_missing_file_is_named_with_its_option(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    datamodule, stage, expected = _case(name, tmp_path, request)
+    datamodule, stage, expected = datamodule_case(name, tmp_path, request)
     for option, path in expected.items():
         found = datamodule.check_files(stage)[option]
         moved = found.with_name(found.name + ".moved")
@@ -145,7 +147,7 @@ def test_a_missing_file_is_named_with_its_option(name: str, tmp_path: Path, requ
 
 @pytest.mark.parametrize("name", [case for case in CASES if not case.startswith("imagenet")])
 def test_no_file_is_parsed(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    datamodule, stage, expected = _case(name, tmp_path, request)
+    datamodule, stage, expected = datamodule_case(name, tmp_path, request)
     first = datamodule.data_dir / next(iter(expected.values()))
     first.write_text("{ not JSON", encoding="utf-8")
     assert datamodule.check_files(stage)[next(iter(expected))] == first  # found, not opened

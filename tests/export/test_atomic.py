@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ecoflap_pl.export import atomic_directory, check_save_target, check_writable_folder
+from ecoflap_pl.export import atomic, atomic_directory, check_save_target, check_writable_folder
 
 CHILD = Path(__file__).with_name("write_tiny_model.py")
 KILL_POINTS = ["weights:after", "report:after", "sync:after", "swap:before", "exchange:after"]
@@ -59,7 +60,8 @@ def test_a_write_killed_at_any_step_leaves_the_old_folder_or_the_new_one(
     killed = write(target, kill_at, seed=1)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert checksum(target) == (new if kill_at == "exchange:after" else old)
-    assert len(list(tmp_path.iterdir())) == 2  # the killed write's partial folder is left beside it
+    left = sorted(path.name for path in tmp_path.iterdir() if path.name != "pruned")
+    assert [name.split("-")[0] for name in left] == [".pruned.partial", ".pruned.writer"]  # its partial and lock file
 
     if kill_at == "sync:after":  # the next write cleans up after the killed one
         assert write(target, seed=1).returncode == 0
@@ -163,3 +165,110 @@ def test_a_report_dir_that_is_a_file_or_below_one_is_refused(tmp_path: Path) -> 
         check_writable_folder(a_file / "sub", option="report_dir")
     assert check_writable_folder(tmp_path / "new", option="report_dir") == tmp_path / "new"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["report"]
+
+
+HOLDER = """
+import sys
+from ecoflap_pl.export import atomic_directory
+with atomic_directory(sys.argv[1]) as partial:
+    (partial / "weights").write_text("the holder's")
+    print(partial, flush=True)
+    sys.stdin.readline()
+"""
+"""A write that stops half-way, until a line comes on its stdin."""
+
+
+def start_holder(target: Path) -> tuple[subprocess.Popen[str], Path]:
+    """A child process in the middle of a write of ``target``, and the partial folder it is writing."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(target)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    return child, Path(child.stdout.readline().strip())
+
+
+def write_now(target: Path, text: str) -> None:
+    with atomic_directory(target) as partial:
+        (partial / "weights").write_text(text)
+
+
+def test_a_write_in_progress_is_left_alone_and_finishes(tmp_path: Path) -> None:
+    target = tmp_path / "pruned"
+    child, partial = start_holder(target)
+    try:
+        write_now(target, "mine")
+        assert (partial / "weights").read_text() == "the holder's"  # the live write kept its folder
+        assert (target / "weights").read_text() == "mine"
+    finally:
+        child.communicate("go on\n", timeout=60)
+    assert child.returncode == 0
+    assert (target / "weights").read_text() == "the holder's"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pruned"]
+
+
+def test_the_leftovers_of_a_killed_write_are_removed(tmp_path: Path) -> None:
+    target = tmp_path / "pruned"
+    write_now(target, "old")
+    child, partial = start_holder(target)
+    child.kill()
+    child.wait()
+    assert partial.is_dir() and len(list(tmp_path.iterdir())) == 3  # target, partial, lock file
+    write_now(target, "new")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pruned"]
+    assert (target / "weights").read_text() == "new"
+
+
+def test_leftovers_named_by_a_process_id_now_in_use_by_another_process_are_removed(tmp_path: Path) -> None:
+    """After a crash the writer's process id goes to some other process: the id alone must not keep its leftovers."""
+    target = tmp_path / "pruned"
+    write_now(target, "old")
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        tag = f"{other.pid}-0badc0de"
+        for name in (f".pruned.partial-{other.pid}", f".pruned.partial-{tag}", f".pruned.previous-{tag}"):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "weights").write_text("half")
+        (tmp_path / f".pruned.writer-{tag}").write_text("")  # its lock file, which nobody holds
+        write_now(target, "new")
+        assert other.poll() is None  # the process with that id still runs
+    finally:
+        other.kill()
+        other.wait()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pruned"]
+    assert (target / "weights").read_text() == "new"
+
+
+def test_the_old_folder_set_aside_by_a_killed_write_is_restored(tmp_path: Path) -> None:
+    """The two-rename fallback killed between its renames leaves no target, only the old folder set aside."""
+    target = tmp_path / "pruned"
+    write_now(target, "old")
+    tag = "12345-0badc0de"
+    target.rename(tmp_path / f".pruned.previous-{tag}")
+    (tmp_path / f".pruned.partial-{tag}").mkdir()
+    (tmp_path / f".pruned.writer-{tag}").write_text("")
+    with atomic_directory(target) as partial:
+        assert (target / "weights").read_text() == "old"  # back in place before the new write starts
+        (partial / "weights").write_text("new")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pruned"]
+
+
+def test_without_file_locks_leftovers_are_kept_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a filesystem that refuses locks (or on Windows) a leftover cannot be judged, so it is kept and named."""
+    target = tmp_path / "pruned"
+    (tmp_path / ".pruned.partial-7-0badc0de").mkdir()
+    (tmp_path / ".pruned.writer-7-0badc0de").write_text("")
+
+    def no_locks(descriptor: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(atomic.fcntl, "flock", no_locks)
+    write_now(target, "new")
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        ".pruned.partial-7-0badc0de",
+        ".pruned.writer-7-0badc0de",
+        "pruned",
+    ]
+    assert "Keeping .pruned.partial-7-0badc0de, .pruned.writer-7-0badc0de in" in caplog.text
+    assert "HINT: remove them once no run is writing" in caplog.text

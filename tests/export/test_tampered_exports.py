@@ -1,6 +1,6 @@
 """Exports changed after they were written, and exports stored in several shards (models over ``huggingface_hub``'s
 5 GB per file, written here with a tiny shard size): read back in their format, or refused by name, never loaded
-wrong (rows 99-101 of the robustness cases table)."""
+wrong (rows 115-117 of the robustness cases table)."""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ The entry point runs with INFO logging, so that a test can wait for the line tha
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import signal
 import subprocess
@@ -98,3 +100,36 @@ def test_a_hub_name_in_offline_mode_says_offline(tmp_path, demo_data, blip2_dir)
     assert "offline mode is on (HF_HUB_OFFLINE=1)" in output
     assert len(output[output.index("error (") :].splitlines()) <= 4
     assert not Path(tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}], ids=["offline", "unreachable"]
+)
+def test_a_hub_model_neither_cached_nor_reachable_is_a_short_error_at_once(tmp_path, env):
+    """An experiment config as shipped, its data in place, the hub model missing from an empty cache: a few lines that
+    name the model and the fix, before any work (the hub client alone would print 14 lines over 23 s)."""
+    text = tmp_path / "text" / "wikitext-2-raw"
+    text.mkdir(parents=True)
+    for split in ("valid", "test"):
+        (text / f"wiki.{split}.raw").write_text(" = Title = \n the cat sat on the mat .\n", encoding="utf-8")
+    with gzip.open(tmp_path / "text" / "c4-train.00000-of-01024.json.gz", "wt", encoding="utf-8") as c4:
+        c4.write(json.dumps({"text": "the cat sat on the mat"}) + "\n")
+    config = Path(__file__).parents[2] / "configs" / "experiments" / "flant5xl_lm.yaml"
+    run = Run(
+        tmp_path / "out.log",
+        "validate",
+        "-c",
+        str(config),
+        "--trainer.accelerator=cpu",
+        "--trainer.precision=32",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        f"--data.init_args.data_dir={tmp_path / 'text'}",
+        env={"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_CACHE": str(tmp_path / "hf_home" / "hub"), **env},
+    )
+    output = run.finish(timeout=240)
+    assert run.process.returncode == 2, output[-3000:]
+    lines = output.strip().splitlines()
+    assert len(lines) <= 3 and "Retrying" not in output, output[-3000:]
+    assert "`pretrained` 'google/flan-t5-xl' is not in the local Hugging Face cache" in lines[0]
+    assert "HINT:" in lines[0] and "`hf download google/flan-t5-xl`" in lines[0]
+    assert not (tmp_path / "run").exists()

@@ -50,7 +50,8 @@ def test_an_empty_training_split_is_refused_for_calibration(demo_data, tmp_path)
 def test_a_truncated_json_file_names_the_file(demo_data, tmp_path):
     text = (demo_data.coco / VAL_QUESTIONS).read_text(encoding="utf-8")
     cut = write(tmp_path / "q.json", text[: len(text) // 2])
-    with pytest.raises(DataFormatError, match=r"q\.json \(set by `val_questions_file`\) is not valid JSON"):
+    expected = r"q\.json \(set by `val_questions_file`\) is not valid JSON: the file ends before .*: it is cut short"
+    with pytest.raises(DataFormatError, match=expected):
         vqa(demo_data, val_questions_file=cut).setup("validate")
 
 
@@ -64,7 +65,8 @@ def test_an_entry_without_a_key_names_the_entry_and_key(demo_data, tmp_path):
 
 def test_a_top_level_of_the_wrong_type(demo_data, tmp_path):
     broken = write(tmp_path / "q.json", json.dumps(questions(demo_data)["questions"]))
-    with pytest.raises(DataFormatError, match="the top level must be a JSON object, got list"):
+    expected = r"the top level must be a JSON object, got a JSON array\. HINT: check that `val_questions_file` names"
+    with pytest.raises(DataFormatError, match=expected):
         vqa(demo_data, val_questions_file=broken).setup("validate")
 
 
