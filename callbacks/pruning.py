@@ -281,7 +281,7 @@ class ECoFLaPPruning(Callback):
         if self.masks:
             mask_gradients_(_pruned_module(pl_module), self.masks)
         if getattr(trainer.precision_plugin, "scaler", None) is None:  # a GradScaler skips non-finite steps itself
-            _check_finite_gradients(pl_module, trainer.global_step)
+            _check_finite_gradients(trainer, pl_module)
 
     @override
     def on_train_batch_end(
@@ -578,23 +578,27 @@ def _stopping_on_sigterm(
     return report
 
 
-def _check_finite_gradients(pl_module: pl.LightningModule, step: int) -> None:
+def _check_finite_gradients(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
     """Stop fine-tuning before an optimizer step that would write NaN or infinite values into the weights.
 
     One fused norm over every gradient decides (a non-finite norm of finite but huge gradients is no error); only
-    then are the tensors looked at one by one, to name them.
+    then are the tensors looked at one by one, to name them. With several processes, they agree first (one boolean
+    reduced), so that every rank stops at the same step, also where each holds only a shard of the gradients.
 
     Raises:
         FloatingPointError: a gradient holds NaN or infinite values (the loss diverged); the step is not taken.
     """
     named = [(name, param.grad) for name, param in pl_module.named_parameters() if param.grad is not None]
-    if not named or bool(torch.isfinite(torch.nn.utils.get_total_norm([grad for _, grad in named]))):
-        return
-    bad = [name for name, grad in named if not bool(torch.isfinite(grad).all())]
-    if bad:
+    norm_finite = not named or bool(torch.isfinite(torch.nn.utils.get_total_norm([grad for _, grad in named])))
+    bad = [] if norm_finite else [name for name, grad in named if not bool(torch.isfinite(grad).all())]
+    finite = not bad
+    if trainer.world_size > 1:
+        finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+    if not finite:
+        where = f"the gradients of {_some(bad)}" if bad else "the gradients on another process"
         raise FloatingPointError(
-            f"Fine-tuning diverged at step {step}: the gradients of {_some(bad)} hold NaN or infinite values (the loss "
-            "is no longer finite), so that step was not taken. HINT: lower `model.init_args.learning_rate`, set "
+            f"Fine-tuning diverged at step {trainer.global_step}: {where} hold NaN or infinite values (the loss is no "
+            "longer finite), so that step was not taken. HINT: lower `model.init_args.learning_rate`, set "
             "`trainer.gradient_clip_val`, or check the training data."
         )
 
