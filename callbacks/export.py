@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ecoflap_pl.export import SavedModel, atomic_directory, write_pruned_model
@@ -40,10 +42,22 @@ def save_pruned(
     The files are written into a folder beside ``target`` that takes its place only when complete
     (:func:`~ecoflap_pl.export.atomic_directory`); check ``target`` before pruning with
     :func:`~ecoflap_pl.export.check_save_target`.
+
+    Raises:
+        OSError: a write failed (disk full, no permission, a file-size limit), naming ``target``, which is unchanged.
     """
-    with atomic_directory(target) as partial:
-        saved = write_pruned_model(model, partial, dict(masks), save_format, processors)
-        write_report(result, partial, {**(metadata or {}), "export": saved.to_dict()})
+    try:
+        with atomic_directory(target) as partial:
+            saved = write_pruned_model(model, partial, dict(masks), save_format, processors)
+            write_report(result, partial, {**(metadata or {}), "export": saved.to_dict()})
+    except (OSError, SafetensorError) as error:  # safetensors reports a failed write as its own error type
+        errno = error.errno if isinstance(error, OSError) else None
+        message = (
+            f"The pruned model could not be written to {target} ({os.strerror(errno) if errno else error}); {target} "
+            f"is as it was before. HINT: free space or fix the permissions in {Path(target).parent}, or set "
+            "`pruning.save_to` to another folder."
+        )
+        raise (OSError(errno, message) if errno else OSError(message)) from error
     logger.info("%s", describe_saved(saved, target))
     return saved
 

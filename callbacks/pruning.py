@@ -280,6 +280,8 @@ class ECoFLaPPruning(Callback):
         # step: zeroed gradients keep Adam's moments of pruned weights at zero and leave them out of the clip norm.
         if self.masks:
             mask_gradients_(_pruned_module(pl_module), self.masks)
+        if getattr(trainer.precision_plugin, "scaler", None) is None:  # a GradScaler skips non-finite steps itself
+            _check_finite_gradients(trainer, pl_module)
 
     @override
     def on_train_batch_end(
@@ -515,6 +517,7 @@ class ECoFLaPPruning(Callback):
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.save_to is not None and self.result is not None
+        _check_finite_weights(_pruned_module(pl_module), self.save_to)
         self._saved_at_step = trainer.global_step
         if not trainer.is_global_zero:
             return
@@ -573,6 +576,51 @@ def _stopping_on_sigterm(
         progress(stage, done, total)
 
     return report
+
+
+def _check_finite_gradients(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Stop fine-tuning before an optimizer step that would write NaN or infinite values into the weights.
+
+    One fused norm over every gradient decides (a non-finite norm of finite but huge gradients is no error); only
+    then are the tensors looked at one by one, to name them. With several processes, they agree first (one boolean
+    reduced), so that every rank stops at the same step, also where each holds only a shard of the gradients.
+
+    Raises:
+        FloatingPointError: a gradient holds NaN or infinite values (the loss diverged); the step is not taken.
+    """
+    named = [(name, param.grad) for name, param in pl_module.named_parameters() if param.grad is not None]
+    norm_finite = not named or bool(torch.isfinite(torch.nn.utils.get_total_norm([grad for _, grad in named])))
+    bad = [] if norm_finite else [name for name, grad in named if not bool(torch.isfinite(grad).all())]
+    finite = not bad
+    if trainer.world_size > 1:
+        finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+    if not finite:
+        where = f"the gradients of {_some(bad)}" if bad else "the gradients on another process"
+        raise FloatingPointError(
+            f"Fine-tuning diverged at step {trainer.global_step}: {where} hold NaN or infinite values (the loss is no "
+            "longer finite), so that step was not taken. HINT: lower `model.init_args.learning_rate`, set "
+            "`trainer.gradient_clip_val`, or check the training data."
+        )
+
+
+def _check_finite_weights(model: nn.Module, save_to: str) -> None:
+    """Refuse to write a model whose weights hold NaN or infinite values over ``save_to``.
+
+    Raises:
+        FloatingPointError: naming the weights; ``save_to`` is left as it is.
+    """
+    bad = [name for name, param in model.named_parameters() if not bool(torch.isfinite(param).all())]
+    if bad:
+        raise FloatingPointError(
+            f"The weights {_some(bad)} hold NaN or infinite values, so the model was not saved: {save_to} is left as "
+            "it was. HINT: lower `model.init_args.learning_rate` or set `trainer.gradient_clip_val`, then resume from "
+            "an earlier checkpoint with `--ckpt_path`."
+        )
+
+
+def _some(names: Sequence[str]) -> str:
+    shown = ", ".join(repr(name) for name in names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _pruned_module(pl_module: pl.LightningModule) -> nn.Module:

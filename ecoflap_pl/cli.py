@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
 import yaml
 from jsonargparse import ArgumentError
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.trainer.states import TrainerFn
@@ -28,6 +33,7 @@ from torch import nn
 from typing_extensions import override
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
+from ecoflap_pl.callbacks.checkpoint_file import WholeFileCheckpointIO, check_checkpoint_file
 from ecoflap_pl.callbacks.pruning import unreadable_checkpoint
 from ecoflap_pl.console import quiet_libraries
 from ecoflap_pl.datamodules import EcoflapDataModule
@@ -42,6 +48,13 @@ class EcoflapTrainer(pl.Trainer):
     """The Lightning ``Trainer`` plus :meth:`prune`, the ``ecoflap prune`` subcommand."""
 
     callbacks: list[Callback]  # set by Lightning's CallbackConnector; the Trainer class does not declare it
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """The Trainer's arguments; checkpoints of a local folder are written whole (:class:`WholeFileCheckpointIO`)
+        unless a strategy or plugin brings its own checkpoint IO."""
+        super().__init__(*args, **kwargs)
+        if type(self.strategy.checkpoint_io) is TorchCheckpointIO:
+            self.strategy.checkpoint_io = WholeFileCheckpointIO()
 
     def pruning_callback(self) -> ECoFLaPPruning:
         """The trainer's :class:`~ecoflap_pl.callbacks.ECoFLaPPruning` callback."""
@@ -181,6 +194,11 @@ class EcoflapCLI(LightningCLI):
         settings = self.config.get(subcommand) if subcommand else None
         ckpt_path = settings.get("ckpt_path") if settings is not None else None
         before, task = _model_arguments(settings), _model_class(settings)
+        if ckpt_path is not None:
+            try:
+                check_checkpoint_file(ckpt_path)  # before any of it is loaded, and before the model is built
+            except ValueError as error:
+                raise ConfigurationError(str(error)) from error
         try:
             super()._parse_ckpt_path()
         except Exception as error:  # torch raises several types for a file that is not a checkpoint
@@ -372,16 +390,46 @@ def main(args: list[str] | None = None) -> None:
     """
     quiet_libraries()
     try:
-        check_config_files(sys.argv[1:] if args is None else args)
-        build_cli(args, save_config_kwargs={"overwrite": True})
+        with _sigterm_raises():
+            check_config_files(sys.argv[1:] if args is None else args)
+            build_cli(args, save_config_kwargs={"overwrite": True})
     except SIGTERMException:
         log.warning("Stopped by SIGTERM.")
         sys.exit(143)
+    except KeyboardInterrupt:
+        log.warning("Stopped by SIGINT (Ctrl+C).")
+        sys.exit(1)
     except USER_ERRORS as error:
         if os.environ.get("ECOFLAP_DEBUG"):
             raise
         Console(stderr=True, soft_wrap=True).print(error_summary(error), markup=False, highlight=False)
         sys.exit(2)
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`SIGTERMException` wherever the Trainer's own handler is not installed.
+
+    The Trainer handles SIGTERM only while its loops run (it stops them at the next batch). Pruning before ``fit``
+    (``on_fit_start``), the save at the end of ``fit``, loading the model and everything else would die at once with
+    the default handler: no message, and the write under way left behind. Raised instead, the exception unwinds
+    through the engine's transaction (the weights are restored) and the atomic folder write (its partial folder is
+    removed), and :func:`main` ends the run with status 143. Inside the loops the Trainer calls this handler after its
+    own: it does nothing there, so the Trainer still stops at a batch boundary.
+    """
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if signal.getsignal(signal.SIGTERM) is stop:  # the Trainer's handler is not in place
+            raise SIGTERMException(143)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def error_summary(error: BaseException) -> str:

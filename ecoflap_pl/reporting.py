@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +230,8 @@ def write_report(
 ) -> dict[str, Path]:
     """Write ``pruning_report.json`` (:func:`report_dict`) and ``pruning_sparsity.png`` (:func:`plot_sparsity`).
 
+    Each file is replaced whole: an interrupted or failed write leaves the previous report as it was.
+
     Returns:
         ``{"json": path, "plot": path}``.
 
@@ -235,11 +239,17 @@ def write_report(
         OSError: the folder cannot be written (disk full, no permission, a file in the way), naming the folder.
     """
     directory = Path(directory)
-    json_path = directory / REPORT_JSON
+    json_path, plot_path = directory / REPORT_JSON, directory / REPORT_PLOT
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report_dict(result, metadata), indent=2, sort_keys=False))
-        plot_path = plot_sparsity(result, directory / REPORT_PLOT)
+        # Both files are written in full beside the old ones, then renamed over them (the JSON last), so that an
+        # interrupted or failed write leaves the previous report whole, never a cut JSON or a plot of another run.
+        with tempfile.TemporaryDirectory(prefix=".pruning-report-", dir=directory) as scratch:
+            new_json, new_plot = Path(scratch) / REPORT_JSON, Path(scratch) / REPORT_PLOT
+            new_json.write_text(json.dumps(report_dict(result, metadata), indent=2, sort_keys=False))
+            plot_sparsity(result, new_plot)
+            os.replace(new_plot, plot_path)
+            os.replace(new_json, json_path)
     except OSError as error:
         raise OSError(
             error.errno,

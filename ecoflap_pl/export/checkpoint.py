@@ -38,6 +38,7 @@ SAVE_FORMATS = ("dense", *FORMATS)
 MASKS_FILE = "masks/pruning_masks.safetensors"
 LEGACY_MASKS_FILE = "pruning_masks.safetensors"
 STATE_DICT_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 _FORMAT_KEY = "sparse_format"
 
 
@@ -194,6 +195,18 @@ def _opened(path: Path) -> Iterator[Any]:
 
 
 def _weight_files(directory: Path) -> list[Path]:
+    """The folder's weight files: the shards its index lists (every one must be there), else ``model*.safetensors``."""
+    index = _read_index(directory)
+    if index is not None:
+        shards = sorted({directory / str(name) for name in (index.get("weight_map") or {}).values()})
+        missing = [path.name for path in shards if not path.is_file()]
+        if missing or not shards:
+            raise FileNotFoundError(
+                f"{directory} is incomplete: its {INDEX_FILE} lists weight files that are not there "
+                f"({', '.join(missing) or 'it lists none'}). HINT: the folder was copied in part or a file was "
+                "removed; copy the whole folder again, or export the model again."
+            )
+        return shards
     files = sorted(directory.glob("model*.safetensors"))
     if not files:
         raise FileNotFoundError(
@@ -202,9 +215,35 @@ def _weight_files(directory: Path) -> list[Path]:
     return files
 
 
+def _read_index(directory: Path) -> dict[str, Any] | None:
+    """The shard index of a model stored in several files; ``None`` for a single-file model."""
+    path = directory / INDEX_FILE
+    if not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path} is not a shard index (JSON): {error}. HINT: export the model again.") from error
+    if not isinstance(index, dict):
+        raise ValueError(f"{path} is not a shard index (a JSON object). HINT: export the model again.")
+    return index
+
+
 def saved_format(directory: str | Path) -> str:
-    """The save format of a folder written by :func:`write_pruned_model`."""
-    with _opened(_weight_files(Path(directory))[0]) as handle:
+    """The save format of a folder written by :func:`write_pruned_model`.
+
+    A model stored in several shards (over ``huggingface_hub``'s 5 GB per file) records it in its index only:
+    ``huggingface_hub`` writes the metadata there, not into the shards.
+
+    Raises:
+        FileNotFoundError: no weight file, or a shard of the index missing.
+    """
+    directory = Path(directory)
+    files = _weight_files(directory)
+    index = _read_index(directory)
+    if index is not None:
+        return str((index.get("metadata") or {}).get(_FORMAT_KEY, "dense"))
+    with _opened(files[0]) as handle:
         return (handle.metadata() or {}).get(_FORMAT_KEY, "dense")
 
 
@@ -247,7 +286,34 @@ def read_masks(directory: str | Path) -> dict[str, torch.Tensor]:
         )
     with _opened(path) as handle:
         shapes = json.loads((handle.metadata() or {})["shapes"])
-        return {name: unpack_mask(handle.get_tensor(name), tuple(shapes[name])) for name in handle.keys()}  # noqa: SIM118
+        masks = {name: unpack_mask(handle.get_tensor(name), tuple(shapes[name])) for name in handle.keys()}  # noqa: SIM118
+    _check_masks_fit_the_weights(directory, path, masks)
+    return masks
+
+
+def _check_masks_fit_the_weights(directory: Path, path: Path, masks: dict[str, torch.Tensor]) -> None:
+    """Refuse a masks file that belongs to another model than the folder's weights (compared by the weight files'
+    headers only: no tensor is read). A mask named like no stored weight is let through alone, as a model may store
+    its weights under other names than its modules' (``save_pretrained``'s key mappings), but not when none fits.
+
+    Raises:
+        ValueError: a mask whose weight has another shape, or masks none of which names a stored weight.
+    """
+    stored: dict[str, list[int]] = {}
+    for weight_file in _weight_files(directory):
+        with _opened(weight_file) as handle:
+            stored.update({name: handle.get_slice(name).get_shape() for name in handle.keys()})  # noqa: SIM118
+    wrong = [name for name, mask in masks.items() if name in stored and list(mask.shape) != stored[name]]
+    if wrong or (masks and not any(name in stored for name in masks)):
+        shown = (
+            f"{wrong[0]!r} is {list(masks[wrong[0]].shape)} there but {stored[wrong[0]]} in the weights"
+            if wrong
+            else "none of its masks names a stored weight"
+        )
+        raise ValueError(
+            f"{path} does not belong to the model in {directory}: {shown}. HINT: the masks file was copied from "
+            "another export; export the model again, or put back the masks written with these weights."
+        )
 
 
 def load_pruned_model(directory: str | Path, model_class: Any = None, **from_pretrained_kwargs: Any) -> nn.Module:

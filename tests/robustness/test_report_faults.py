@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ecoflap_pl import reporting
 from ecoflap_pl.pruning import PruningConfig, prune
 from ecoflap_pl.reporting import REPORT_JSON, write_report
 from tests.pruning.pruning_helpers import seeded_toy_model, toy_batches, toy_loss
@@ -35,3 +36,18 @@ def test_a_file_in_place_of_the_report_folder(result, tmp_path):
     with pytest.raises(OSError, match=r"could not be written to .*report: .*HINT: .*`pruning.report_dir`"):
         write_report(result, blocker)
     assert blocker.read_text(encoding="utf-8") == "not a folder"
+
+
+def test_a_failure_after_the_json_leaves_the_previous_report_whole(result, tmp_path, monkeypatch):
+    """The JSON was written in place first: a plot that then failed (a full disk) left the new JSON beside the old
+    plot, a report of a run that had failed."""
+    write_report(result, tmp_path, {"run": "previous"})
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(reporting, "plot_sparsity", no_space)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_report(result, tmp_path, {"run": "new"})
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before

@@ -1,0 +1,86 @@
+"""Lightning checkpoint files: written whole (never a cut file under the checkpoint's name), and checked whole before
+any of it is loaded."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
+from typing_extensions import override
+
+_CHUNK = 1 << 24
+
+
+def check_checkpoint_file(ckpt_path: str | Path) -> None:
+    """Refuse a checkpoint whose bytes changed after the Trainer wrote it (a bad disk, a damaged copy).
+
+    ``torch.load`` does not check the CRC-32 that ``torch.save`` records for each entry of the archive, so a changed
+    byte inside a tensor loads silently as a wrong weight. :mod:`zipfile` checks it while reading an entry, so every
+    entry is read through once here. Entries saved without a checksum (``compute_crc32`` off in
+    ``torch.serialization.config``, recorded as 0) cannot be checked and are skipped. A file that is no zip archive at
+    all is left to ``torch.load``, whose refusal names the problem.
+
+    Raises:
+        ValueError: an entry does not match its checksum, or the archive's directory is damaged.
+    """
+    path = Path(ckpt_path)
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return
+    entry = "its central directory"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0 and info.file_size > 0:
+                    continue
+                entry = info.filename
+                with archive.open(info) as stream:
+                    while stream.read(_CHUNK):
+                        pass
+    except (zipfile.BadZipFile, EOFError, ValueError) as error:
+        raise ValueError(
+            f"`ckpt_path` {str(ckpt_path)!r} is damaged: {entry} does not match what the Trainer wrote ({error}); "
+            "nothing was loaded from it. HINT: copy the checkpoint again from where it was saved, or resume from an "
+            "earlier checkpoint."
+        ) from error
+
+
+class WholeFileCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` that writes a local checkpoint beside its target and renames it over the target.
+
+    Lightning's own write goes to a temporary file in the system's temporary folder, then moves it: where that folder
+    is on another filesystem than the checkpoints (a local ``/tmp``, checkpoints on a network filesystem), the move is
+    a copy into the final name, and a run killed during it leaves a cut checkpoint under that name, in place of the
+    previous ``last.ckpt`` if that is the one being replaced. Written in the same folder and renamed, a checkpoint file
+    is always whole: the previous one or the new one. Remote paths (``s3://`` ...) are left to Lightning.
+
+    The temporary name, ``.ecoflap-checkpoint-*.partial``, holds no part of the checkpoint's name: a leftover of a run
+    killed mid-write is never taken for ``last`` by ``ModelCheckpoint``, which matches names containing ``last``.
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(path).expanduser()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.parent / f".ecoflap-checkpoint-{secrets.token_hex(8)}.partial"
+        # Created with the modes a plain open() gives (the umask's), which the renamed file keeps.
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(descriptor, "wb") as stream:
+                torch.save(checkpoint, stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(partial, target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise

@@ -1,0 +1,130 @@
+"""Resuming from a pruned checkpoint, and checkpoints damaged after they were written (see ``CASES.md``): the masks come
+back bit for bit; a cut or changed file is refused in one message before the model is built."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from ecoflap_pl.callbacks.checkpoint_file import WholeFileCheckpointIO
+from ecoflap_pl.cli import EcoflapTrainer
+from tests.robustness import test_cli_faults
+from tests.robustness.cli_runs import TRAINER, run_ecoflap, vit_config
+from tests.robustness.test_cli_faults import short_error
+
+pruned_run = test_cli_faults.pruned_run  # a pruned, fine-tuned checkpoint (a module-scoped fixture)
+
+
+def callback_state(checkpoint: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    pruning = next(value for key, value in state["callbacks"].items() if "ECoFLaPPruning" in key)
+    return state, pruning["masks"]
+
+
+def test_resuming_fit_keeps_the_masks_bit_for_bit(capsys, tmp_path, demo_data, pruned_run):
+    checkpoint, _ = pruned_run
+    first, masks = callback_state(checkpoint)
+    config = vit_config(tmp_path, demo_data, importance="uniform")
+    outcome = run_ecoflap(
+        capsys,
+        "fit",
+        "-c",
+        config,
+        f"--ckpt_path={checkpoint}",
+        "--trainer.max_steps=4",
+        "--trainer.limit_val_batches=0",
+    )
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert "not pruned again" in outcome.text
+    resumed, resumed_masks = callback_state(next((tmp_path / "run").rglob("*.ckpt")))
+    assert resumed["global_step"] == 4 and first["global_step"] == 2
+    assert resumed_masks.keys() == masks.keys()
+    for name, mask in masks.items():
+        assert torch.equal(resumed_masks[name], mask), name
+        weight, before = resumed["state_dict"][f"model.{name}"], first["state_dict"][f"model.{name}"]
+        assert torch.count_nonzero(weight[~mask]) == 0, name  # pruned weights stay zero through the new steps
+        assert not torch.equal(weight[mask], before[mask]), name  # while the kept ones train
+
+
+def test_a_checkpoint_with_a_changed_byte_is_refused_before_it_is_loaded(capsys, tmp_path, demo_data, pruned_run):
+    """torch.load does not check the archive's checksums: a changed byte inside a weight loaded as a wrong value."""
+    checkpoint, _ = pruned_run
+    with zipfile.ZipFile(checkpoint) as archive:
+        largest = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(checkpoint.read_bytes())
+    header = 30 + int.from_bytes(data[largest.header_offset + 26 : largest.header_offset + 28], "little")
+    header += int.from_bytes(data[largest.header_offset + 28 : largest.header_offset + 30], "little")
+    data[largest.header_offset + header + largest.file_size // 2] ^= 0x01  # one bit of one stored weight
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(bytes(data))
+
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), f"--ckpt_path={damaged}")
+    short_error(outcome, f"`ckpt_path` '{damaged}' is damaged: {largest.filename} does not match", "HINT")
+    assert damaged.read_bytes() == bytes(data)
+
+
+@pytest.mark.parametrize("kept", [0.05, 0.5, 0.999])
+def test_a_checkpoint_cut_short_is_refused(capsys, tmp_path, demo_data, pruned_run, kept):
+    checkpoint, _ = pruned_run
+    data = checkpoint.read_bytes()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(data[: int(len(data) * kept)])
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), f"--ckpt_path={cut}")
+    short_error(outcome, f"`ckpt_path` '{cut}' cannot be read as a Lightning checkpoint", "not a complete zip archive")
+
+
+def test_checkpoints_are_written_in_their_own_folder_not_through_the_temporary_folder(tmp_path, monkeypatch):
+    """Lightning wrote each checkpoint to the system's temporary folder and moved it: across filesystems (a local /tmp,
+    checkpoints on a network filesystem) a copy into the final name, which a kill cuts short (a 0-byte epoch=1.ckpt
+    was seen on a tmpfs)."""
+    trainer = EcoflapTrainer(**TRAINER, default_root_dir=tmp_path)
+    assert isinstance(trainer.strategy.checkpoint_io, WholeFileCheckpointIO)
+
+    def no_temporary_folder(*args, **kwargs):
+        raise AssertionError("the checkpoint went through the temporary folder")
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_temporary_folder)
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    trainer.strategy.checkpoint_io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, target)
+    assert torch.equal(torch.load(target)["state_dict"]["w"], torch.ones(3))
+    assert [path.name for path in target.parent.iterdir()] == ["last.ckpt"]
+
+
+KILL_WHILE_PICKLED = """
+import os, signal, sys, torch
+from ecoflap_pl.cli import EcoflapTrainer
+
+class KillsTheWriter:
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+trainer = EcoflapTrainer(accelerator="cpu", devices=1, logger=False, default_root_dir=sys.argv[1])
+weights = {"w": torch.full((1000,), 2.0), "then": KillsTheWriter()}  # killed after the tensor's record is written
+trainer.strategy.checkpoint_io.save_checkpoint({"state_dict": weights}, sys.argv[2])
+"""
+
+
+def test_a_kill_while_a_checkpoint_is_replaced_leaves_the_previous_one_whole(tmp_path):
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    target.parent.mkdir()
+    torch.save({"state_dict": {"w": torch.ones(1000)}}, target)
+    before = target.read_bytes()
+    run = subprocess.run(
+        [sys.executable, "-c", KILL_WHILE_PICKLED, str(tmp_path), str(target)],
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    assert target.read_bytes() == before
+    leftovers = [path.name for path in target.parent.iterdir() if path != target]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".ecoflap-checkpoint-"), leftovers
+    assert "last" not in leftovers[0]  # never taken for the last checkpoint by ModelCheckpoint

@@ -1,0 +1,78 @@
+"""Fine-tuning that diverges (NaN or infinite values): stopped with a clear error, and ``save_to`` keeps the model as
+pruned before fine-tuning instead of the broken one (see ``CASES.md``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
+from typing_extensions import override
+
+from ecoflap_pl.callbacks import ECoFLaPPruning
+from tests.callbacks.callback_toys import FAST, ToyData, ToyTask
+from tests.robustness.cli_runs import folder_digest, run_ecoflap, vit_config
+from tests.trainers import quiet_trainer
+
+
+def test_a_learning_rate_that_makes_the_loss_nan_stops_fit_and_keeps_save_to(capsys, tmp_path, demo_data):
+    """Lightning trains on with a NaN loss: the run ended with status 0 and save_to held NaN weights."""
+    save_to = tmp_path / "pruned"
+    config = vit_config(tmp_path, demo_data, importance="uniform", save_to=str(save_to))
+    outcome = run_ecoflap(
+        capsys,
+        "fit",
+        "-c",
+        config,
+        "--model.init_args.learning_rate=1e6",
+        "--trainer.max_steps=8",
+        "--trainer.limit_val_batches=0",
+    )
+    assert outcome.code == 2, outcome.text[-3000:]
+    assert "error (FloatingPointError): Fine-tuning diverged at step" in outcome.text
+    assert (
+        "hold NaN or infinite values" in outcome.text and "HINT: lower `model.init_args.learning_rate`" in outcome.text
+    )
+    assert f"{save_to} holds the model as pruned BEFORE fine-tuning" in outcome.text
+    weights = load_file(str(save_to / "model.safetensors"))
+    assert all(bool(torch.isfinite(tensor).all()) for tensor in weights.values())
+    assert json.loads((save_to / "pruning_report.json").read_text())["metadata"]["global_step"] == 0
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+class BreakAWeight(Callback):
+    """Writes a NaN into a weight once training ends (as a buggy callback or a diverged bf16 run could)."""
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        with torch.no_grad():
+            next(pl_module.parameters()).view(-1)[0] = float("nan")
+
+
+def test_weights_that_are_not_finite_are_never_written_over_save_to(tmp_path: Path) -> None:
+    save_to = tmp_path / "pruned"
+    pruning = ECoFLaPPruning(**FAST, save_to=str(save_to))
+    trainer = quiet_trainer(
+        max_steps=2,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[BreakAWeight(), pruning],
+    )
+    saved_after_pruning: dict[str, str] = {}
+
+    class Snapshot(Callback):
+        @override
+        def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            saved_after_pruning.update(folder_digest(save_to))
+
+    trainer.callbacks.append(Snapshot())
+    with pytest.raises(
+        FloatingPointError, match=rf"hold NaN or infinite values, so the model was not saved: {save_to}"
+    ):
+        trainer.fit(ToyTask(), datamodule=ToyData())
+    assert saved_after_pruning and folder_digest(save_to) == saved_after_pruning
