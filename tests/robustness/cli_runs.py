@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -24,6 +25,13 @@ TRAINER = {
     "enable_model_summary": False,
 }
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4, "num_classes": 10}
+
+
+def interruptible() -> None:
+    """``preexec_fn`` of the subprocesses a test signals: the default SIGINT disposition, as in a terminal. A shell
+    without job control starts a background job (``pytest ... &`` in a script) with SIGINT ignored, its children
+    inherit that, and Python then installs no KeyboardInterrupt handler: Ctrl+C would never reach the run."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @dataclass

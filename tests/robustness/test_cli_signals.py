@@ -17,16 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.robustness.cli_runs import vit_config, vqa_config
+from tests.robustness.cli_runs import interruptible, vit_config, vqa_config
 
 ENTRY = "import logging; logging.basicConfig(level=logging.INFO); from ecoflap_pl.cli import main; main()"
-
-
-def _interruptible() -> None:
-    """Give the child the default SIGINT disposition, as in a terminal: a shell without job control starts a
-    background job (``pytest ... &`` in a script) with SIGINT ignored, which its children inherit, and Python then
-    installs no KeyboardInterrupt handler."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Run:
@@ -41,7 +34,7 @@ class Run:
                 stderr=subprocess.STDOUT,
                 text=True,
                 env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
-                preexec_fn=_interruptible,
+                preexec_fn=interruptible,
             )
 
     def output(self) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.robustness.cli_runs import folder_digest, vit_config
+from tests.robustness.cli_runs import folder_digest, interruptible, vit_config
 
 CHILD = Path(__file__).with_name("signal_at.py")
 REPORT = ("pruning_report.json", "pruning_sparsity.png")
@@ -28,6 +28,7 @@ def signalled(tmp_path: Path, where: str, signame: str, *args: str, call: int = 
         text=True,
         env=env,
         timeout=240,
+        preexec_fn=interruptible,
     )
     output = run.stdout + run.stderr
     assert f"sending {signame} at {where}" in output, output[-3000:]
