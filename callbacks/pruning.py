@@ -26,7 +26,7 @@ import ecoflap_pl
 from ecoflap_pl.callbacks.export import describe_saved, save_pruned, source_directories
 from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
 from ecoflap_pl.callbacks.progress import StageProgress
-from ecoflap_pl.export import check_save_format, check_save_target, check_writable_folder
+from ecoflap_pl.export import check_save_format, check_save_target, check_writable_folder, least_export_bytes
 from ecoflap_pl.export.semi_structured import check_semi_structured, to_semi_structured_
 from ecoflap_pl.models.placement import OffloadedWeights, placement
 from ecoflap_pl.pruning import PruningConfig, PruningResult, check_before_pruning, prune
@@ -498,6 +498,7 @@ class ECoFLaPPruning(Callback):
             overwrite=self.overwrite or self._saved_at_step is not None,
             protected=source_directories(model),
             option="save_to",
+            least_bytes=least_export_bytes(model, self.save_format, self.config.sparsity),
         )
 
     def _interrupted_save_notice(self, save_to: str, global_step: int) -> str:

@@ -47,7 +47,12 @@ _RENAME_EXCHANGE = 2  # linux/fs.h
 
 
 def check_save_target(
-    target: str | Path, *, overwrite: bool, protected: Iterable[str | Path] = (), option: str = "save_to"
+    target: str | Path,
+    *,
+    overwrite: bool,
+    protected: Iterable[str | Path] = (),
+    option: str = "save_to",
+    least_bytes: int = 0,
 ) -> Path:
     """Check, before any long work, that :func:`atomic_directory` can write ``target``.
 
@@ -57,6 +62,8 @@ def check_save_target(
         protected: directories the write must never replace, nor any folder holding them (e.g. the ``pretrained``
             model's weights).
         option: the user-facing name of ``target`` in messages.
+        least_bytes: a lower bound of what the write will take; refused when the filesystem that receives it has
+            less free space. The new folder is complete before an old ``target`` goes, so its space does not count.
 
     Returns:
         ``target`` as an absolute path.
@@ -65,6 +72,7 @@ def check_save_target(
         FileExistsError: ``target`` is a file, or a non-empty directory and ``overwrite`` is false.
         ValueError: ``target`` is, or holds, a protected directory.
         PermissionError: the folder that would receive ``target`` cannot be written.
+        OSError: less free space than ``least_bytes`` where ``target`` would be written.
     """
     path = Path(target).expanduser().absolute()
     resolved = path.resolve()
@@ -84,7 +92,19 @@ def check_save_target(
         )
     # The new folder is written beside the target, so it is its parent that must take new entries.
     check_writable_folder(path.parent, option=option, target=target)
+    _check_free_space(path.parent, least_bytes, option, target)
     return path
+
+
+def _check_free_space(folder: Path, least_bytes: int, option: str, target: str | Path) -> None:
+    ancestor = _existing_ancestor(folder, option, target)
+    free = shutil.disk_usage(ancestor).free
+    if least_bytes > free:
+        raise OSError(
+            f"`{option}` is {str(target)!r}: the model takes at least {least_bytes / 2**30:.2f} GiB there, and the "
+            f"filesystem of {ancestor} has {free / 2**30:.2f} GiB free; nothing was written. HINT: free space there, "
+            "or choose a folder on another disk.",
+        )
 
 
 def check_writable_folder(folder: str | Path, *, option: str, target: str | Path | None = None) -> Path:

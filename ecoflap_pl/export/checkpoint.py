@@ -88,8 +88,16 @@ def _is_hf_model(model: nn.Module) -> bool:
 
 
 def _dense_bytes(state_dict: dict[str, torch.Tensor]) -> int:
-    unique = {tensor.data_ptr(): tensor.numel() * tensor.element_size() for tensor in state_dict.values()}
+    # Tied weights share their memory; tensors without memory (``meta``: offloaded weights) count one by one.
+    unique = {tensor.data_ptr() or id(tensor): tensor.numel() * tensor.element_size() for tensor in state_dict.values()}
     return sum(unique.values())
+
+
+def least_export_bytes(model: nn.Module, save_format: str, sparsity: float) -> int:
+    """A lower bound of what :func:`write_pruned_model` writes for ``model`` pruned to ``sparsity`` of its candidate
+    weights: its weights stored dense; a sparse format keeps at least ``1 - sparsity`` of their values."""
+    dense = _dense_bytes(model.state_dict())
+    return dense if save_format == "dense" else int(dense * (1 - sparsity))
 
 
 def write_pruned_model(

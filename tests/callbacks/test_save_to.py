@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from typing_extensions import override
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.callbacks import export as callback_export
 from ecoflap_pl.cli import EcoflapTrainer
-from ecoflap_pl.export import load_pruned_model
+from ecoflap_pl.export import atomic, load_pruned_model
 from ecoflap_pl.models.tiny import tiny_model
 from ecoflap_pl.tasks.base import EcoflapTask
 from tests.callbacks.callback_toys import FAST, ToyData, ToyTask
@@ -130,6 +131,20 @@ def test_save_to_is_checked_before_pruning_and_left_untouched(tmp_path: Path) ->
         "pruning_report.json",
         "pruning_sparsity.png",
     ]
+
+
+def test_save_to_without_room_for_the_model_is_refused_before_pruning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = ToyTask()
+    before = {name: tensor.clone() for name, tensor in task.model.state_dict().items()}
+    full = shutil.disk_usage(tmp_path)._replace(free=64)  # a disk with 64 bytes left: less than the toy's weights
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda _: full)
+    callback = ECoFLaPPruning(**FAST, stages=["validate"], save_to=str(tmp_path / "pruned"))
+    with pytest.raises(OSError, match="takes at least .* GiB free; nothing was written. HINT: free space there"):
+        validate(task, ToyData(), callback, tmp_path)
+    assert not callback.pruned and not (tmp_path / "pruned").exists()
+    assert all(torch.equal(task.model.state_dict()[name], tensor) for name, tensor in before.items())
 
 
 def test_save_to_refuses_the_folder_of_the_pretrained_weights(tmp_path: Path) -> None:

@@ -99,6 +99,15 @@ def test_an_exception_inside_leaves_the_target_untouched(tmp_path: Path) -> None
     assert sorted(path.name for path in tmp_path.iterdir()) == ["pruned"]
 
 
+def test_a_target_without_the_free_space_it_needs_is_refused_before_the_write(tmp_path: Path) -> None:
+    free = shutil.disk_usage(tmp_path).free
+    target = tmp_path / "new" / "pruned"
+    with pytest.raises(OSError, match=r"takes at least .* GiB there, and the filesystem of .* GiB free; nothing was"):
+        check_save_target(target, overwrite=False, least_bytes=free + 2**30)
+    assert not (tmp_path / "new").exists()
+    assert check_save_target(target, overwrite=False, least_bytes=free // 2) == target
+
+
 def test_refusals_name_the_problem_and_the_fix(tmp_path: Path) -> None:
     source = tmp_path / "models" / "dense"
     source.mkdir(parents=True)
