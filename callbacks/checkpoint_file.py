@@ -17,6 +17,7 @@ from lightning.fabric.utilities.types import _PATH
 from typing_extensions import override
 
 _CHUNK = 1 << 24
+_CHECKED: set[tuple[str, int, int]] = set()  # (file, size, modification time) of the checkpoints found whole
 
 
 def check_checkpoint_file(ckpt_path: str | Path) -> None:
@@ -34,6 +35,10 @@ def check_checkpoint_file(ckpt_path: str | Path) -> None:
     path = Path(ckpt_path)
     if not path.is_file() or not zipfile.is_zipfile(path):
         return
+    stat = path.stat()
+    checked = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if checked in _CHECKED:  # the `ecoflap` command checks before the model is built, the Trainer again at its load
+        return
     entry = "its central directory"
     try:
         with zipfile.ZipFile(path) as archive:
@@ -50,6 +55,7 @@ def check_checkpoint_file(ckpt_path: str | Path) -> None:
             "nothing was loaded from it. HINT: copy the checkpoint again from where it was saved, or resume from an "
             "earlier checkpoint."
         ) from error
+    _CHECKED.add(checked)
 
 
 class WholeFileCheckpointIO(TorchCheckpointIO):
@@ -63,7 +69,20 @@ class WholeFileCheckpointIO(TorchCheckpointIO):
 
     The temporary name, ``.ecoflap-checkpoint-*.partial``, holds no part of the checkpoint's name: a leftover of a run
     killed mid-write is never taken for ``last`` by ``ModelCheckpoint``, which matches names containing ``last``.
+
+    A local checkpoint is checked whole (:func:`check_checkpoint_file`) before it is loaded, so that a resume from
+    Python (``trainer.fit(..., ckpt_path=...)``) refuses a damaged file as the ``ecoflap`` command does.
     """
+
+    @override
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if isinstance(get_filesystem(path), LocalFileSystem):
+            check_checkpoint_file(path)
+        if map_location is None:
+            return super().load_checkpoint(path, weights_only=weights_only)
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:

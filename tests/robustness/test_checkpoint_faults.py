@@ -54,17 +54,39 @@ def test_resuming_fit_keeps_the_masks_bit_for_bit(capsys, tmp_path, demo_data, p
         assert not torch.equal(weight[mask], before[mask]), name  # while the kept ones train
 
 
-def test_a_checkpoint_with_a_changed_byte_is_refused_before_it_is_loaded(capsys, tmp_path, demo_data, pruned_run):
-    """torch.load does not check the archive's checksums: a changed byte inside a weight loaded as a wrong value."""
-    checkpoint, _ = pruned_run
+def with_a_changed_bit(checkpoint: Path, damaged: Path) -> tuple[zipfile.ZipInfo, bytes]:
+    """Write ``checkpoint`` to ``damaged`` with one bit changed in the middle of its largest entry (a stored weight);
+    return that entry and the damaged bytes."""
     with zipfile.ZipFile(checkpoint) as archive:
         largest = max(archive.infolist(), key=lambda info: info.file_size)
     data = bytearray(checkpoint.read_bytes())
     header = 30 + int.from_bytes(data[largest.header_offset + 26 : largest.header_offset + 28], "little")
     header += int.from_bytes(data[largest.header_offset + 28 : largest.header_offset + 30], "little")
-    data[largest.header_offset + header + largest.file_size // 2] ^= 0x01  # one bit of one stored weight
-    damaged = tmp_path / "damaged.ckpt"
+    data[largest.header_offset + header + largest.file_size // 2] ^= 0x01
     damaged.write_bytes(bytes(data))
+    return largest, bytes(data)
+
+
+def test_a_damaged_checkpoint_is_refused_when_the_trainer_loads_it(tmp_path):
+    """``trainer.fit(..., ckpt_path=...)`` from Python goes through the Trainer's checkpoint IO, not the command."""
+    checkpoint = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": {"weight": torch.arange(4096.0)}}, checkpoint)
+    io = WholeFileCheckpointIO()
+    assert torch.equal(io.load_checkpoint(checkpoint)["state_dict"]["weight"], torch.arange(4096.0))
+    found_whole = checkpoint.stat().st_mtime_ns
+    largest, _ = with_a_changed_bit(checkpoint, checkpoint)  # the same file, changed after it was found whole
+    os.utime(checkpoint, ns=(found_whole + 10**9, found_whole + 10**9))  # on a filesystem of coarse times too
+    with pytest.raises(ValueError, match=f"is damaged: {largest.filename} does not match what the Trainer wrote"):
+        io.load_checkpoint(checkpoint)
+    trainer = EcoflapTrainer(**TRAINER)
+    assert isinstance(trainer.strategy.checkpoint_io, WholeFileCheckpointIO)
+
+
+def test_a_checkpoint_with_a_changed_byte_is_refused_before_it_is_loaded(capsys, tmp_path, demo_data, pruned_run):
+    """torch.load does not check the archive's checksums: a changed byte inside a weight loaded as a wrong value."""
+    checkpoint, _ = pruned_run
+    damaged = tmp_path / "damaged.ckpt"
+    largest, data = with_a_changed_bit(checkpoint, damaged)
 
     outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), f"--ckpt_path={damaged}")
     short_error(outcome, f"`ckpt_path` '{damaged}' is damaged: {largest.filename} does not match", "HINT")
