@@ -3,8 +3,6 @@ any of it is loaded."""
 
 from __future__ import annotations
 
-import os
-import secrets
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,11 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from typing_extensions import override
 
+from ecoflap_pl.export.atomic import atomic_file, remove_stale_partial_files
+
 _CHUNK = 1 << 24
+# The name of a checkpoint being written holds no part of its final name (see WholeFileCheckpointIO).
+_PARTIAL_PREFIX, _PARTIAL_SUFFIX = ".ecoflap-checkpoint-", ".partial"
 _CHECKED: set[tuple[str, int, int]] = set()  # (file, size, modification time) of the checkpoints found whole
 
 
@@ -68,7 +70,8 @@ class WholeFileCheckpointIO(TorchCheckpointIO):
     is always whole: the previous one or the new one. Remote paths (``s3://`` ...) are left to Lightning.
 
     The temporary name, ``.ecoflap-checkpoint-*.partial``, holds no part of the checkpoint's name: a leftover of a run
-    killed mid-write is never taken for ``last`` by ``ModelCheckpoint``, which matches names containing ``last``.
+    killed mid-write is never taken for ``last`` by ``ModelCheckpoint``, which matches names containing ``last``. Such
+    leftovers are removed by the next checkpoint written to the same folder (their writer's lock is gone).
 
     A local checkpoint is checked whole (:func:`check_checkpoint_file`) before it is loaded, so that a resume from
     Python (``trainer.fit(..., ckpt_path=...)``) refuses a damaged file as the ``ecoflap`` command does.
@@ -91,15 +94,6 @@ class WholeFileCheckpointIO(TorchCheckpointIO):
             return
         target = Path(path).expanduser()
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.parent / f".ecoflap-checkpoint-{secrets.token_hex(8)}.partial"
-        # Created with the modes a plain open() gives (the umask's), which the renamed file keeps.
-        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(descriptor, "wb") as stream:
-                torch.save(checkpoint, stream)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(partial, target)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+        remove_stale_partial_files(target.parent, f"{_PARTIAL_PREFIX}*{_PARTIAL_SUFFIX}")
+        with atomic_file(target, _PARTIAL_PREFIX, _PARTIAL_SUFFIX) as stream:
+            torch.save(checkpoint, stream)

@@ -32,6 +32,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from ecoflap_pl.export.file_modes import umask_modes
 
@@ -182,6 +183,52 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
             _swap_into_place(partial, target, _leftover(target, _PREVIOUS, tag))
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(target: Path, partial_prefix: str, partial_suffix: str) -> Iterator[BinaryIO]:
+    """Yield a new file beside ``target``, open for binary writing; on a clean exit it is flushed to disk and renamed
+    over ``target``, on an error it is removed. A process killed at any moment leaves the old ``target`` or the new one.
+
+    The file is named ``<partial_prefix><random><partial_suffix>`` and holds an exclusive lock (``flock``) until it has
+    its final name, so that :func:`remove_stale_partial_files` removes it only once its writer is gone. It is created
+    with the modes a plain ``open()`` gives (the umask's), which the renamed file keeps.
+    """
+    while True:
+        partial = target.parent / f"{partial_prefix}{secrets.token_hex(8)}{partial_suffix}"
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        if _take_lock(descriptor) is not False and _names(partial, descriptor):
+            break
+        os.close(descriptor)  # a cleaner took it for a dead write's before it was locked: start again
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+            if sys.platform != "win32":  # renamed while still locked, so that no cleaner removes the finished file
+                os.replace(partial, target)
+        if sys.platform == "win32":  # Windows renames no open file (and has no flock, so no cleaner runs)
+            os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_partial_files(folder: Path, pattern: str) -> None:
+    """Remove the files of ``folder`` matching ``pattern`` that :func:`atomic_file` left when its writer was killed:
+    those whose lock can be taken. Files of writes that still run are left alone, and so is everything where no lock
+    can be taken (Windows, a filesystem without locks)."""
+    for leftover in folder.glob(pattern):
+        try:
+            descriptor = os.open(leftover, os.O_WRONLY)
+        except OSError:  # gone meanwhile, or not ours to open
+            continue
+        try:
+            if _take_lock(descriptor) and _names(leftover, descriptor):
+                logger.info("Removing %s, left by an interrupted write", leftover)
+                leftover.unlink(missing_ok=True)
+        finally:
+            os.close(descriptor)
 
 
 def _leftover(target: Path, kind: str, tag: str) -> Path:

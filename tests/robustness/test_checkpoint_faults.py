@@ -120,18 +120,31 @@ def test_checkpoints_are_written_in_their_own_folder_not_through_the_temporary_f
     assert [path.name for path in target.parent.iterdir()] == ["last.ckpt"]
 
 
-KILL_WHILE_PICKLED = """
-import os, signal, sys, torch
+STOPPED_WHILE_PICKLED = """
+import os, signal, sys, time, torch
 from ecoflap_pl.cli import EcoflapTrainer
 
-class KillsTheWriter:
+class StopsTheWriter:
     def __reduce__(self):
-        os.kill(os.getpid(), signal.SIGKILL)
+        if sys.argv[3] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        print("writing", flush=True)
+        time.sleep(120)
 
 trainer = EcoflapTrainer(accelerator="cpu", devices=1, logger=False, default_root_dir=sys.argv[1])
-weights = {"w": torch.full((1000,), 2.0), "then": KillsTheWriter()}  # killed after the tensor's record is written
+weights = {"w": torch.full((1000,), 2.0), "then": StopsTheWriter()}  # stopped after the tensor's record is written
 trainer.strategy.checkpoint_io.save_checkpoint({"state_dict": weights}, sys.argv[2])
 """
+
+
+def killed_while_writing(tmp_path: Path, target: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", STOPPED_WHILE_PICKLED, str(tmp_path), str(target), "kill"],
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
 
 
 def test_a_kill_while_a_checkpoint_is_replaced_leaves_the_previous_one_whole(tmp_path):
@@ -139,14 +152,34 @@ def test_a_kill_while_a_checkpoint_is_replaced_leaves_the_previous_one_whole(tmp
     target.parent.mkdir()
     torch.save({"state_dict": {"w": torch.ones(1000)}}, target)
     before = target.read_bytes()
-    run = subprocess.run(
-        [sys.executable, "-c", KILL_WHILE_PICKLED, str(tmp_path), str(target)],
-        capture_output=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=120,
-    )
-    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    killed_while_writing(tmp_path, target)
     assert target.read_bytes() == before
     leftovers = [path.name for path in target.parent.iterdir() if path != target]
     assert len(leftovers) == 1 and leftovers[0].startswith(".ecoflap-checkpoint-"), leftovers
     assert "last" not in leftovers[0]  # never taken for the last checkpoint by ModelCheckpoint
+
+
+def test_the_next_checkpoint_removes_what_a_killed_write_left_but_not_a_running_write(tmp_path):
+    """A kill mid-write left a hidden file the size of a checkpoint in the folder for good (several GB each time a
+    large run was preempted)."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    killed_while_writing(tmp_path, folder / "epoch=0.ckpt")
+    left_by_the_kill = set(folder.glob(".ecoflap-checkpoint-*.partial"))
+    writer = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_WHILE_PICKLED, str(tmp_path), str(folder / "epoch=1.ckpt"), "hold"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "writing\n"
+        running = set(folder.glob(".ecoflap-checkpoint-*.partial")) - left_by_the_kill
+        assert len(left_by_the_kill) == 1 and len(running) == 1
+
+        WholeFileCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}}, folder / "epoch=2.ckpt")
+        assert set(folder.glob(".ecoflap-checkpoint-*.partial")) == running
+        assert torch.equal(torch.load(folder / "epoch=2.ckpt")["state_dict"]["w"], torch.ones(3))
+    finally:
+        writer.kill()
+        writer.wait()
