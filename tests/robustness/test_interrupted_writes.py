@@ -9,6 +9,7 @@ import resource
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,18 +36,24 @@ def signalled(tmp_path: Path, where: str, signame: str, *args: str, call: int = 
     return run.returncode, output
 
 
-@pytest.fixture(scope="module")
-def previous_export(tmp_path_factory, demo_data) -> Path:
-    """A complete ``save_to`` folder of an earlier run, and its report."""
-    root = tmp_path_factory.mktemp("previous")
-    config = vit_config(root, demo_data, importance="uniform", sparsity=0.3, save_to=str(root / "pruned"))
-    run = subprocess.run(
+def ecoflap_prune(config: str, preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
+    """``ecoflap prune -c CONFIG`` as a separate process (``preexec_fn`` runs in it before the program starts)."""
+    return subprocess.run(
         [sys.executable, "-m", "ecoflap_pl.cli", "prune", "-c", config],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         timeout=240,
+        preexec_fn=preexec_fn,
     )
+
+
+@pytest.fixture(scope="module")
+def previous_export(tmp_path_factory, demo_data) -> Path:
+    """A complete ``save_to`` folder of an earlier run, and its report."""
+    root = tmp_path_factory.mktemp("previous")
+    config = vit_config(root, demo_data, importance="uniform", sparsity=0.3, save_to=str(root / "pruned"))
+    run = ecoflap_prune(config)
     assert run.returncode == 0, run.stderr[-3000:]
     return root
 
@@ -120,14 +127,7 @@ def test_a_write_refused_by_the_kernel_names_save_to_and_leaves_it_as_it_was(tmp
     def limit_file_size() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    run = subprocess.run(
-        [sys.executable, "-m", "ecoflap_pl.cli", "prune", "-c", config],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=240,
-        preexec_fn=limit_file_size,
-    )
+    run = ecoflap_prune(config, preexec_fn=limit_file_size)
     output = run.stdout + run.stderr
     assert run.returncode == 2, output[-3000:]
     error = output[output.index("error (") :]
