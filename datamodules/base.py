@@ -217,8 +217,9 @@ class EcoflapDataModule(pl.LightningDataModule):
             size = len(cast(Sized, dataset))
             if size == 0:
                 role = "calibration and training" if stage == "train" else f"the {stage} loop"
+                read = ", ".join(f"`{option}` {path}" for option, path in self._locate(stage).items())
                 raise DataFormatError(
-                    f"{type(self).__name__}: the split read for {role} has no samples (data_dir {self.data_dir}). "
+                    f"{type(self).__name__}: the split read for {role} has no samples (read from {read}). "
                     "Nothing would be pruned, trained or evaluated. HINT: check that its annotation file lists "
                     "samples and that the split options name the split you mean."
                 )

@@ -129,6 +129,13 @@ def test_json_lines_of_another_shape_name_the_line(nlvr2_root: Path) -> None:
         NLVR2DataModule(nlvr2_root).dataset("val")
 
 
+def test_an_empty_json_lines_file_names_the_file(nlvr2_root: Path) -> None:
+    (nlvr2_root / "dev.json").write_text("", encoding="utf-8")
+    expected = rf"the val loop has no samples \(read from `val_file` {re.escape(str(nlvr2_root / 'dev.json'))}, .*HINT"
+    with pytest.raises(DataFormatError, match=expected):
+        NLVR2DataModule(nlvr2_root).dataset("val")
+
+
 @pytest.mark.parametrize(
     ("content", "problem"),
     [

@@ -4,6 +4,7 @@ is refused with a message naming the file, entry or option, or read correctly (s
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -36,7 +37,9 @@ def write(path: Path, text: str) -> str:
 
 def test_an_empty_val_split_is_refused(demo_data, tmp_path):
     empty = write(tmp_path / "q.json", json.dumps({**questions(demo_data), "questions": []}))
-    with pytest.raises(DataFormatError, match=r"VQAv2DataModule: the split read for the val loop has no samples"):
+    expected = r"VQAv2DataModule: the split read for the val loop has no samples \(read from .*`val_questions_file` "
+    expected += re.escape(empty)
+    with pytest.raises(DataFormatError, match=expected):
         vqa(demo_data, val_questions_file=empty).setup("validate")
 
 
