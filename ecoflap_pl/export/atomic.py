@@ -29,7 +29,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -194,12 +194,9 @@ def atomic_file(target: Path, partial_prefix: str, partial_suffix: str) -> Itera
     its final name, so that :func:`remove_stale_partial_files` removes it only once its writer is gone. It is created
     with the modes a plain ``open()`` gives (the umask's), which the renamed file keeps.
     """
-    while True:
-        partial = target.parent / f"{partial_prefix}{secrets.token_hex(8)}{partial_suffix}"
-        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        if _take_lock(descriptor) is not False and _names(partial, descriptor):
-            break
-        os.close(descriptor)  # a cleaner took it for a dead write's before it was locked: start again
+    _, partial, descriptor = _create_locked(
+        lambda tag: target.parent / f"{partial_prefix}{tag}{partial_suffix}", os.O_WRONLY
+    )
     try:
         with os.fdopen(descriptor, "wb") as stream:
             yield stream
@@ -219,16 +216,10 @@ def remove_stale_partial_files(folder: Path, pattern: str) -> None:
     those whose lock can be taken. Files of writes that still run are left alone, and so is everything where no lock
     can be taken (Windows, a filesystem without locks)."""
     for leftover in folder.glob(pattern):
-        try:
-            descriptor = os.open(leftover, os.O_WRONLY)
-        except OSError:  # gone meanwhile, or not ours to open
-            continue
-        try:
-            if _take_lock(descriptor) and _names(leftover, descriptor):
+        with _stale_writer(leftover) as stale:
+            if stale:
                 logger.info("Removing %s, left by an interrupted write", leftover)
                 leftover.unlink(missing_ok=True)
-        finally:
-            os.close(descriptor)
 
 
 def _leftover(target: Path, kind: str, tag: str) -> Path:
@@ -240,25 +231,35 @@ def _writer_lock(target: Path) -> Iterator[str]:
     """Create a lock file for a new write of ``target`` and hold an exclusive lock on it for the block; yield the tag
     that names the write's partial folder. The lock file is removed at the end.
 
-    A cleaner may take the new file for a dead write's in the moment between its creation and its lock, and remove it;
-    the write then starts again under a new tag. A filesystem that refuses locks is logged at DEBUG level and the write
-    goes on unlocked: :func:`_remove_stale_leftovers` cannot take a lock there either, so it keeps its leftovers.
+    A filesystem that refuses locks leaves the write unlocked (:func:`_create_locked`): :func:`_remove_stale_leftovers`
+    cannot take a lock there either, so it keeps its leftovers.
     """
-    while True:
-        tag = f"{os.getpid()}-{secrets.token_hex(4)}"
-        path = _leftover(target, _WRITER, tag)
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
-        locked = _take_lock(descriptor)
-        if locked is None:
-            logger.debug("No file lock on %s; leftovers of this write, if any, will be kept", path)
-        if locked is not False and _names(path, descriptor):
-            break
-        os.close(descriptor)
+    tag, path, descriptor = _create_locked(lambda tag: _leftover(target, _WRITER, tag), os.O_RDWR)
     try:
         yield tag
     finally:
         os.close(descriptor)  # closing releases the lock; Windows cannot remove a file that is still open
         path.unlink(missing_ok=True)
+
+
+def _create_locked(name: Callable[[str], Path], access: int) -> tuple[str, Path, int]:
+    """Create a new file named ``name(tag)`` for a fresh tag, open with ``access``, and take an exclusive lock on it;
+    return the tag, the path and the descriptor.
+
+    A cleaner may take the new file for a dead write's in the moment between its creation and its lock, and remove it;
+    the file is then made again under a new tag. A filesystem that refuses locks is logged at DEBUG level and the file
+    is returned unlocked (no cleaner can take a lock there either).
+    """
+    while True:
+        tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+        path = name(tag)
+        descriptor = os.open(path, access | os.O_CREAT | os.O_EXCL, 0o666)
+        locked = _take_lock(descriptor)
+        if locked is None:
+            logger.debug("No file lock on %s; what this write leaves behind, if anything, will be kept", path)
+        if locked is not False and _names(path, descriptor):
+            return tag, path, descriptor
+        os.close(descriptor)
 
 
 def _names(path: Path, descriptor: int) -> bool:
