@@ -70,6 +70,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "auto_wanda": {**FIRST, "allocation": "auto", "method": "wanda"},
     "auto_sparsegpt": {**FIRST, "allocation": "auto", **SPARSEGPT},
 }
+COARSE_SETTINGS = ("coarse_samples", "probes", "probe_granularity")
 DETERMINISTIC = {"magnitude"}
 PEER_CONFIGS = ("wanda", "sparsegpt", "owl_wanda", "owl_sparsegpt")
 
@@ -110,7 +111,7 @@ class Bench:
             collate_fn=self.task.collator,
         )
         self.dense = {name: value.detach().clone() for name, value in self.task.model.state_dict().items()}
-        self._scores: dict[tuple[str, int], GroupScores] = {}
+        self._scores: dict[tuple[str, str, int, int, int], GroupScores] = {}
 
     def restore(self) -> None:
         self.task.model.load_state_dict(self.dense)
@@ -143,15 +144,13 @@ class Bench:
         return self.task.calibration_loss(batch)
 
     def config(self, method: str, sparsity: float, seed: int) -> PruningConfig:
-        return PruningConfig(
-            sparsity=sparsity,
-            coarse_samples=self.args.coarse_samples,
-            fine_samples=self.args.fine_samples,
-            probe_granularity=self.args.probe_granularity,
-            auto_holdout_samples=self.args.auto_holdout_samples,
-            seed=seed,
-            **METHODS[method],
-        )
+        defaults = {
+            "coarse_samples": self.args.coarse_samples,
+            "fine_samples": self.args.fine_samples,
+            "probe_granularity": self.args.probe_granularity,
+            "auto_holdout_samples": self.args.auto_holdout_samples,
+        }
+        return PruningConfig(sparsity=sparsity, seed=seed, **{**defaults, **METHODS[method]})
 
     def run(self, method: str, sparsity: float, seed: int) -> Run:
         self.restore()
@@ -159,7 +158,7 @@ class Bench:
         batches = self.calibration(seed, config.calibration_samples)
         scores = None
         if config.allocation in ("ecoflap", "auto") and config.importance != "uniform":
-            key = (config.importance, seed)
+            key = (config.importance, config.probe_granularity, config.probes, config.coarse_samples, seed)
             if key not in self._scores:
                 self._scores[key] = score_groups(self.task.model, batches, self.loss, config)
             scores = self._scores[key]
@@ -297,6 +296,10 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
         seconds = statistics.mean(r.prune_seconds for r in chosen)
         seeds = ",".join(str(s) for s in sorted({r.seed for r in chosen}))
         lines.append(f"| {tool} | {method} | " + " | ".join(cells) + f" | {seconds:.0f} | {seeds} |")
+    own = {m: {k: v for k, v in METHODS[m].items() if k in COARSE_SETTINGS} for m in METHODS}
+    notes = [f"{m} ({', '.join(f'{k} {v}' for k, v in settings.items())})" for m, settings in own.items() if settings]
+    if notes:
+        lines += ["", "Methods whose coarse step departs from the settings above: " + "; ".join(notes) + "."]
     picks = [r for r in runs if r.chosen]
     if picks:
         lines += [
