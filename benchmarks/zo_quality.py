@@ -149,8 +149,6 @@ def render(args: argparse.Namespace, argv: list[str], study: Study, reference: d
     tables = []
     for granularity in GRANULARITIES:
         lines = [
-            f"`probe_granularity: {granularity}`:",
-            "",
             "| samples | " + " | ".join(f"{p} probe(s)" for p in args.probes) + " |",
             "|---|" + "---|" * len(args.probes),
         ]
@@ -163,49 +161,46 @@ def render(args: argparse.Namespace, argv: list[str], study: Study, reference: d
                 cost = unit[granularity] * probes * samples
                 cells.append(f"{mean:.3f} ({low:.2f}; {cost / 60:.0f} min, {cost / first[samples]['seconds']:.0f}x)")
             lines.append(f"| {samples} | " + " | ".join(cells) + " |")
-        tables += [*lines, ""]
+        tables += [f"`probe_granularity: {granularity}`:", "\n".join(lines)]
     values = [n for batch_norms in norms for n in batch_norms.values()]
     loads = sorted(record["load"] for record in study.cache.values())
-    command = " ".join(["python", "benchmarks/zo_quality.py", *argv])
-    return "\n".join(
-        [
-            SECTION,
-            "",
-            f"Command: `{command}`",
-            "",
-            f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}) shared with other jobs (1-minute load average "
-            f"{loads[0]:.1f} to {loads[-1]:.1f} at the end of the measurements), no GPU; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} thread(s), fp32. Every figure below comes from one process on seed "
-            f"{args.seed}'s calibration batches (`gemma_lm.py`'s: KJV Old Testament chapters of 128 tokens in batches "
-            f"of {batch}); {len(groups)} decoder blocks of {tensors} weight tensors in all. Exact reference: "
-            f"Σ_batches Σ_tensors ‖∇_W L_b‖₂ per block by autograd ({reference['seconds']:.1f} s for "
-            f"{len(norms)} batches); the per-tensor, per-batch norms range from {min(values):.1e} to "
-            f"{max(values):.1e}.",
-            "",
-            "First order (aggregate sum), wall seconds of the coarse step and Spearman ρ against the exact reference "
-            "on the same samples, with `gemma_lm.py`'s score grad_mag_abs (Σ|g·w|, what `ecoflap_fo_*` rank by) "
-            "and with grad_only (Σ|g|, the zeroth-order estimator's score):",
-            "",
-            "| samples | grad_mag_abs wall s | grad_mag_abs ρ | grad_only wall s | grad_only ρ |",
-            "|---|---|---|---|---|",
-            *first_rows,
-            "",
-            "Zeroth order (score grad_only, aggregate sum, ε = 1e-3, prefix reuse and up to 8 probes per forward), "
-            "measured: wall seconds, that over first order's on the same samples, and the ρ of the scores it produced:",
-            "",
-            "| granularity | probes per batch | samples | wall s | over first order | Spearman ρ |",
-            "|---|---|---|---|---|---|",
-            *measured_rows,
-            "",
-            "Zeroth order, Spearman ρ expected from the exact per-tensor, per-batch norms (mean over 200 draws of the "
-            "directions; in brackets the 10th percentile, which 9 draws in 10 reach, then the coarse step's wall "
-            "time scaled from the measured zeroth-order runs by probes x samples, and that time over first order's "
-            f"measured on the same samples: {', '.join(f'{first_per_sample[s]:.1f}' for s in args.samples)} s per "
-            f"sample).{scaled}",
-            "",
-            *tables,
-        ]
-    )
+    paragraphs = [
+        SECTION,
+        f"Command: `{' '.join(['python', 'benchmarks/zo_quality.py', *argv])}`",
+        f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}) shared with other jobs (1-minute load average "
+        f"{loads[0]:.1f} to {loads[-1]:.1f} at the end of the measurements), no GPU; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s), fp32. Every figure below comes from one process on seed "
+        f"{args.seed}'s calibration batches (`gemma_lm.py`'s: KJV Old Testament chapters of 128 tokens in batches "
+        f"of {batch}); {len(groups)} decoder blocks of {tensors} weight tensors in all. Exact reference: "
+        f"Σ_batches Σ_tensors ‖∇_W L_b‖₂ per block by autograd ({reference['seconds']:.1f} s for "
+        f"{len(norms)} batches); the per-tensor, per-batch norms range from {min(values):.1e} to {max(values):.1e}.",
+        "First order (aggregate sum), wall seconds of the coarse step and Spearman ρ against the exact reference "
+        "on the same samples, with `gemma_lm.py`'s score grad_mag_abs (Σ|g·w|, what `ecoflap_fo_*` rank by) "
+        "and with grad_only (Σ|g|, the zeroth-order estimator's score):",
+        "\n".join(
+            [
+                "| samples | grad_mag_abs wall s | grad_mag_abs ρ | grad_only wall s | grad_only ρ |",
+                "|---|---|---|---|---|",
+                *first_rows,
+            ]
+        ),
+        "Zeroth order (score grad_only, aggregate sum, ε = 1e-3, prefix reuse and up to 8 probes per forward), "
+        "measured: wall seconds, that over first order's on the same samples, and the ρ of the scores it produced:",
+        "\n".join(
+            [
+                "| granularity | probes per batch | samples | wall s | over first order | Spearman ρ |",
+                "|---|---|---|---|---|---|",
+                *measured_rows,
+            ]
+        ),
+        "Zeroth order, Spearman ρ expected from the exact per-tensor, per-batch norms (mean over 200 draws of the "
+        "directions; in brackets the 10th percentile, which 9 draws in 10 reach, then the coarse step's wall "
+        "time scaled from the measured zeroth-order runs by probes x samples, and that time over first order's "
+        f"measured on the same samples: {', '.join(f'{first_per_sample[s]:.1f}' for s in args.samples)} s per "
+        f"sample).{scaled}",
+        *tables,
+    ]
+    return "\n\n".join(paragraphs) + "\n"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
