@@ -68,6 +68,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "ecoflap_fo_sparsegpt": {**FIRST, **SPARSEGPT},
     # Zeroth order with the most probes that fit about 10 CPU-minutes of scoring here (zo_quality.py).
     "ecoflap_zo_4probes_wanda": {**ZEROTH, "probe_granularity": "per_block", "probes": 4, "method": "wanda"},
+    "ecoflap_zo_4probes_sparsegpt": {**ZEROTH, "probe_granularity": "per_block", "probes": 4, **SPARSEGPT},
     # What zeroth order's scores approach as the probes grow: its expectation, by autograd (``Bench.exact_scores``).
     "ecoflap_zo_exact_wanda": {**FIRST, "score": "grad_only", "method": "wanda"},
     "owl_wanda": {"importance": "uniform", "allocation": "owl", "method": "wanda"},
