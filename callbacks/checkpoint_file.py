@@ -1,19 +1,24 @@
-"""Lightning checkpoint files: written whole (never a cut file under the checkpoint's name), and checked whole before
-any of it is loaded."""
+"""Lightning checkpoint files: written whole (never a cut file under the checkpoint's name), checked whole before any
+of it is loaded, and room for one checked before training starts."""
 
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import Strategy
 from typing_extensions import override
 
+from ecoflap_pl.export import check_free_space, tensor_bytes
 from ecoflap_pl.export.atomic import atomic_file, remove_stale_partial_files
 
 _CHUNK = 1 << 24
@@ -97,3 +102,90 @@ class WholeFileCheckpointIO(TorchCheckpointIO):
         remove_stale_partial_files(target.parent, f"{_PARTIAL_PREFIX}*{_PARTIAL_SUFFIX}")
         with atomic_file(target, _PARTIAL_PREFIX, _PARTIAL_SUFFIX) as stream:
             torch.save(checkpoint, stream)
+
+
+def use_whole_file_checkpoints(strategy: Strategy) -> None:
+    """Give ``strategy`` a :class:`WholeFileCheckpointIO` in place of Lightning's default ``TorchCheckpointIO``; the
+    checkpoint IO of a strategy or plugin that brings its own is kept."""
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = WholeFileCheckpointIO()
+
+
+def check_checkpoint_room(trainer: pl.Trainer, callback_tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a ``fit`` now if the local folder of one of its ``ModelCheckpoint`` callbacks has less free space than one
+    checkpoint takes (:func:`least_checkpoint_bytes`).
+
+    The first checkpoint is written after the first epoch (or ``every_n_train_steps``): without this, a full disk shows
+    only then, after pruning and training. Call it once the folders are known (``ModelCheckpoint.setup`` resolves the
+    default ``lightning_logs/version_N/checkpoints``), on every process: global rank 0, which writes the checkpoints,
+    checks, and every process raises its verdict, so that all stop together.
+
+    Args:
+        trainer: the Trainer, its optimizers built.
+        callback_tensors: the tensors a callback holds now, which go into the checkpoint with its state.
+
+    Raises:
+        OSError: a checkpoint folder's filesystem has less free space than the bound.
+    """
+    if trainer.max_steps == 0 or trainer.max_epochs == 0 or trainer.strategy.restore_checkpoint_after_setup:
+        return  # no training step, no checkpoint; a sharding strategy writes each process's shard (not bounded here)
+    refusal = None
+    if trainer.is_global_zero:
+        try:
+            for callback in trainer.checkpoint_callbacks:
+                if not isinstance(callback, ModelCheckpoint) or callback.dirpath is None:
+                    continue
+                if not isinstance(get_filesystem(callback.dirpath), LocalFileSystem):
+                    continue
+                if callback.save_top_k == 0 and not callback.save_last:
+                    continue  # it writes no checkpoint
+                weights_only = callback.save_weights_only
+                least = least_checkpoint_bytes(trainer, {} if weights_only else callback_tensors, weights_only)
+                held = "" if weights_only else ", the callbacks' state and the optimizers' state resumed"
+                what = f"one checkpoint (the model's state dict{held}: a lower bound)"
+                folder = callback.dirpath
+                check_free_space(folder, least, option="ModelCheckpoint.dirpath", target=folder, what=what)
+        except OSError as error:
+            refusal = str(error)
+    refusal = trainer.strategy.broadcast(refusal, src=0)
+    if refusal is not None:
+        raise OSError(refusal)
+
+
+def least_checkpoint_bytes(
+    trainer: pl.Trainer, callback_tensors: Mapping[str, torch.Tensor], weights_only: bool = False
+) -> int:
+    """A lower bound of the size of one checkpoint of ``trainer``, known before its training starts.
+
+    Counted: the LightningModule's state dict; unless ``weights_only``, ``callback_tensors`` and, when resuming, the
+    optimizers' state stored in ``trainer.ckpt_path`` (read memory-mapped: only its tensors' sizes), which Lightning
+    restores into the optimizers. The optimizers' state of a new run is left out: Adam's moments, for instance, are
+    created at the first step only for the weights that get a gradient, which cannot be known before (a trainable
+    weight that no loss reaches gets none). A first checkpoint with Adam takes about three times this bound.
+    """
+    tensors: dict[str, torch.Tensor] = dict(trainer.lightning_module.state_dict())
+    if not weights_only:
+        tensors.update({f"callback.{name}": tensor for name, tensor in callback_tensors.items()})
+        resumed = _tensors_in(_resumed_checkpoint(trainer.ckpt_path).get("optimizer_states", []))
+        tensors.update({f"optimizer.{index}": tensor for index, tensor in enumerate(resumed)})
+    return tensor_bytes(tensors)
+
+
+def _resumed_checkpoint(ckpt_path: _PATH | None) -> dict[str, Any]:
+    """The local checkpoint ``ckpt_path``, memory-mapped (its tensors are not read); empty when there is none."""
+    if ckpt_path is None or not isinstance(get_filesystem(ckpt_path), LocalFileSystem) or not Path(ckpt_path).is_file():
+        return {}
+    checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+    return checkpoint if isinstance(checkpoint, dict) else {}
+
+
+def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors inside nested dicts, lists and tuples (an optimizer's ``state_dict``)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_in(item)
