@@ -195,7 +195,9 @@ def test_the_next_checkpoint_removes_what_a_killed_write_left_but_not_a_running_
 
 def fitted_checkpoint(tmp_path: Path) -> Path:
     """A pruned toy task's checkpoint after 2 steps of AdamW, written by a plain Trainer."""
-    trainer = quiet_trainer(callbacks=[ECoFLaPPruning(**FAST, stages=["fit"])], max_steps=2, limit_val_batches=0)
+    trainer = quiet_trainer(
+        callbacks=[ECoFLaPPruning(**FAST, stages=["fit"])], max_steps=2, limit_val_batches=0, default_root_dir=tmp_path
+    )
     trainer.fit(ToyTask(), datamodule=ToyData())
     trainer.save_checkpoint(tmp_path / "fitted.ckpt")
     return tmp_path / "fitted.ckpt"
@@ -209,7 +211,7 @@ def test_a_damaged_checkpoint_given_to_a_plain_trainer_with_the_callback_is_refu
     task = ToyTask(seed=1)
     before = {name: tensor.clone() for name, tensor in task.state_dict().items()}
     callback = ECoFLaPPruning(**FAST, stages=["validate"])
-    trainer = quiet_trainer(callbacks=[callback])
+    trainer = quiet_trainer(callbacks=[callback], default_root_dir=tmp_path)
     with pytest.raises(ValueError, match=f"is damaged: {largest.filename} does not match what the Trainer wrote"):
         trainer.validate(task, datamodule=ToyData(), ckpt_path=damaged)
     assert all(torch.equal(task.state_dict()[name], tensor) for name, tensor in before.items())
@@ -231,7 +233,8 @@ def test_a_checkpoint_checked_by_the_command_is_not_read_again_when_the_trainer_
     check_checkpoint_file(checkpoint)  # as `ecoflap` does before the model is built
     assert len(opened) == entries
     for trainer_class in (EcoflapTrainer, pl.Trainer):
-        trainer = quiet_trainer(trainer_class, callbacks=[ECoFLaPPruning(**FAST, stages=["validate"])])
+        callbacks = [ECoFLaPPruning(**FAST, stages=["validate"])]
+        trainer = quiet_trainer(trainer_class, callbacks=callbacks, default_root_dir=tmp_path)
         trainer.validate(ToyTask(seed=1), datamodule=ToyData(), ckpt_path=checkpoint)
         assert isinstance(trainer.strategy.checkpoint_io, WholeFileCheckpointIO)
     assert len(opened) == entries
@@ -277,7 +280,7 @@ def test_the_checkpoint_bound_is_below_the_size_of_a_checkpoint_written(tmp_path
             bounds.append(least_checkpoint_bytes(trainer, callback.masks))
             bounds.append(least_checkpoint_bytes(trainer, callback.masks, weights_only=True))
 
-    trainer = quiet_trainer(callbacks=[callback, Bound()], max_steps=2, limit_val_batches=0)
+    trainer = quiet_trainer(callbacks=[callback, Bound()], max_steps=2, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(ToyTask(seed=1), datamodule=ToyData(), ckpt_path=checkpoint)
     weights = sum(tensor.numel() * tensor.element_size() for tensor in trainer.lightning_module.state_dict().values())
     assert bounds[1] == weights and 3 * weights < bounds[0] < checkpoint.stat().st_size
