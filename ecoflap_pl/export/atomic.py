@@ -117,10 +117,18 @@ def check_free_space(
     free = shutil.disk_usage(ancestor).free
     if least_bytes > free:
         raise OSError(
-            f"`{option}` is {str(target)!r}: {what} takes at least {least_bytes / 2**30:.2f} GiB there, and the "
-            f"filesystem of {ancestor} has {free / 2**30:.2f} GiB free; nothing was written. HINT: free space there, "
-            "or choose a folder on another disk.",
+            f"`{option}` is {str(target)!r}: {what} takes at least {_size(least_bytes)} there, and the filesystem of "
+            f"{ancestor} has {_size(free)} free; nothing was written. HINT: free space there, or choose a folder on "
+            "another disk.",
         )
+
+
+def _size(count: int) -> str:
+    """``count`` bytes in GiB, or in MiB or KiB below one of the unit, so that the figure is never 0.00."""
+    for unit, power in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 2**power:
+            return f"{count / 2**power:.2f} {unit}"
+    return f"{count} bytes"
 
 
 def check_writable_folder(folder: str | Path, *, option: str, target: str | Path | None = None) -> Path:
