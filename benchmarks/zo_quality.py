@@ -134,7 +134,7 @@ def render(args: argparse.Namespace, argv: list[str], study: Study, reference: d
         base = first[samples]["seconds"] if samples in first else float("nan")
         measured_rows.append(
             f"| {granularity} | {probes} | {samples} | {record['seconds']:.1f} | {record['seconds'] / base:.1f}x | "
-            f"{value:.3f} |"
+            f"{value:.3f} | {record['load']:.1f} |"
         )
     tensors = sum(len(names) for names in groups.values())
     scaled = ""
@@ -169,9 +169,10 @@ def render(args: argparse.Namespace, argv: list[str], study: Study, reference: d
         f"Command: `{' '.join(['python', 'benchmarks/zo_quality.py', *argv])}`",
         f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}) shared with other jobs (1-minute load average "
         f"{loads[0]:.1f} to {loads[-1]:.1f} at the end of the measurements), no GPU; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s), fp32. Every figure below comes from one process on seed "
-        f"{args.seed}'s calibration batches (`gemma_lm.py`'s: KJV Old Testament chapters of 128 tokens in batches "
-        f"of {batch}); {len(groups)} decoder blocks of {tensors} weight tensors in all. Exact reference: "
+        f"{torch.get_num_threads()} thread(s), fp32. Measurements run one at a time, each kept in "
+        f"`{args.cache}` with the 1-minute load average when it ended (rows measured by different processes met "
+        f"different loads; compare wall times of rows with similar load). All are on seed {args.seed}'s "
+        f"calibration batches (`gemma_lm.py`'s: KJV Old Testament chapters of 128 tokens in batches of {batch}); {len(groups)} decoder blocks of {tensors} weight tensors in all. Exact reference: "
         f"Σ_batches Σ_tensors ‖∇_W L_b‖₂ per block by autograd ({reference['seconds']:.1f} s for "
         f"{len(norms)} batches); the per-tensor, per-batch norms range from {min(values):.1e} to {max(values):.1e}.",
         "First order (aggregate sum), wall seconds of the coarse step and Spearman ρ against the exact reference "
@@ -188,8 +189,8 @@ def render(args: argparse.Namespace, argv: list[str], study: Study, reference: d
         "measured: wall seconds, that over first order's on the same samples, and the ρ of the scores it produced:",
         "\n".join(
             [
-                "| granularity | probes per batch | samples | wall s | over first order | Spearman ρ |",
-                "|---|---|---|---|---|---|",
+                "| granularity | probes per batch | samples | wall s | over first order | Spearman ρ | load |",
+                "|---|---|---|---|---|---|---|",
                 *measured_rows,
             ]
         ),
@@ -214,7 +215,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--measure",
         type=_cell,
         nargs="+",
-        default=[_cell("per_block:1:4")],
+        default=[_cell("per_block:1:4"), _cell("per_block:4:4")],
         help="zeroth-order runs, as granularity:probes:samples",
     )
     parser.add_argument("--batch-size", type=int, default=4)
