@@ -172,7 +172,8 @@ def render(args: argparse.Namespace, argv: list[str], study: Study, reference: d
         f"{torch.get_num_threads()} thread(s), fp32. Measurements run one at a time, each kept in "
         f"`{args.cache}` with the 1-minute load average when it ended (rows measured by different processes met "
         f"different loads; compare wall times of rows with similar load). All are on seed {args.seed}'s "
-        f"calibration batches (`gemma_lm.py`'s: KJV Old Testament chapters of 128 tokens in batches of {batch}); {len(groups)} decoder blocks of {tensors} weight tensors in all. Exact reference: "
+        f"calibration batches (`gemma_lm.py`'s: KJV Old Testament chapters of 128 tokens in batches of {batch}); "
+        f"{len(groups)} decoder blocks of {tensors} weight tensors in all. Exact reference: "
         f"Σ_batches Σ_tensors ‖∇_W L_b‖₂ per block by autograd ({reference['seconds']:.1f} s for "
         f"{len(norms)} batches); the per-tensor, per-batch norms range from {min(values):.1e} to {max(values):.1e}.",
         "First order (aggregate sum), wall seconds of the coarse step and Spearman ρ against the exact reference "
