@@ -38,6 +38,7 @@ from ecoflap_pl.callbacks.pruning import unreadable_checkpoint
 from ecoflap_pl.console import quiet_libraries
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.datamodules.base import Stage
+from ecoflap_pl.hardware_check import check_trainer_hardware
 from ecoflap_pl.option_hints import unknown_option_hint
 from ecoflap_pl.tasks.base import EcoflapTask
 
@@ -126,6 +127,8 @@ class EcoflapCLI(LightningCLI):
     @override
     def instantiate_classes(self) -> None:
         try:
+            if self.subcommand is not None:
+                check_trainer_hardware(self._get(self.config, "trainer"))
             checked = self._read_data_first()
             super().instantiate_classes()
             if checked is not None and isinstance(self.datamodule, EcoflapDataModule):
