@@ -94,6 +94,15 @@ class EcoflapTrainer(pl.Trainer):
         self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
 
+DESCRIPTION = (
+    "Prune a model with ECoFLaP, then evaluate or fine-tune it (LightningCLI). `validate` and `test` prune, then "
+    "evaluate (--compare_dense true: dense and pruned side by side); `fit` prunes, then fine-tunes with the masks "
+    "held fixed; `prune` prunes and saves (--pruning.save_to DIR); `predict` prunes only when pruning.stages names "
+    "it. The pruning settings are the `pruning:` section (`ecoflap validate --help` lists them). Configs: "
+    "configs/README.md."
+)
+"""What ``ecoflap --help`` says the command does (LightningCLI's default is "Lightning Trainer command line tool")."""
+
 _MAIN_LOOP: dict[str, Stage] = {"fit": "train", "prune": "train", "validate": "val", "test": "test", "predict": "test"}
 """The DataModule loop each subcommand runs (``prune`` runs ``fit`` with no step: it only calibrates)."""
 
@@ -112,6 +121,7 @@ class EcoflapCLI(LightningCLI):
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # Configuration errors are raised (not printed with the whole usage) so that `main` can show them briefly.
         kwargs.setdefault("exit_on_error", False)
+        kwargs.setdefault("description", DESCRIPTION)  # the subcommands' parsers get their own
         return super().init_parser(**kwargs)
 
     @override

@@ -1,6 +1,6 @@
-"""``ecoflap`` checks the Trainer's hardware settings before it builds the model: a GPU that is not there (every
-experiment file asks for one) or a device count Lightning refuses is one short configuration error with a hint, not
-minutes of model loading followed by Lightning's one-line refusal."""
+"""``ecoflap --help`` says what the command does, and ``ecoflap`` checks the Trainer's hardware settings before it
+builds the model: a GPU that is not there (every experiment file asks for one) or a device count Lightning refuses is
+one short configuration error with a hint, not minutes of model loading followed by Lightning's one-line refusal."""
 
 from __future__ import annotations
 
@@ -54,3 +54,14 @@ def test_trainer_settings_lightning_refuses_are_named_before_the_model_is_built(
     error = refused(outcome, "The trainer settings (accelerator='cpu'", expected, "HINT: fix trainer.accelerator")
     assert "do not fit this machine" in error
     assert not (tmp_path / "run").exists()
+
+
+def test_the_top_level_help_says_what_each_subcommand_does(capsys: pytest.CaptureFixture[str]) -> None:
+    """``ecoflap --help`` said "Lightning Trainer command line tool", and its subcommands' one-line help is
+    Lightning's ("Perform one evaluation epoch over the validation set."): nothing said that they prune first."""
+    outcome = run_ecoflap(capsys, "--help")
+    assert outcome.code == 0
+    text = " ".join(outcome.text.split())
+    assert "Lightning Trainer command line tool" not in text
+    for said in ("`validate` and `test` prune, then evaluate", "`fit` prunes, then fine-tunes", "--pruning.save_to"):
+        assert said in text, text[:2000]

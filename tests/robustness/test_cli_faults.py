@@ -35,6 +35,7 @@ def short_error(outcome, *expected: str) -> None:
         (["--pruning.sparsity=abc"], ['Parser key "pruning.sparsity"', "Got value: abc"]),
         (["--pruning.sparsity=1.5"], ["`sparsity` must be in [0, 1)", "HINT"]),
         (["--pruning.method=wandaa"], ["`method` must be one of ['wanda', 'sparsegpt', 'magnitude']"]),
+        (["--pruning.allocation=unifrom"], ["`allocation` must be one of", "HINT"]),
         (
             ["--pruning.sparsty=0.5"],
             ["unrecognized arguments: --pruning.sparsty=0.5", "did you mean 'pruning.sparsity'"],
@@ -62,6 +63,16 @@ def test_configuration_errors_are_one_message(capsys, tmp_path, demo_data, blip2
     short_error(run_ecoflap(capsys, "validate", "-c", config, *options), *expected)
     assert folder_digest(blip2_dir) == before
     assert not (tmp_path / "run").exists()
+
+
+def test_names_are_read_in_any_case_in_every_pruning_option(capsys, tmp_path, demo_data):
+    """`--pruning.method Wanda` ran while `--pruning.allocation Uniform` was refused by the parser (a Literal type),
+    without the valid names' hint."""
+    config = vit_config(tmp_path, demo_data)
+    outcome = run_ecoflap(capsys, "validate", "-c", config, "--pruning.allocation=Uniform", "--pruning.method=Wanda")
+    assert outcome.code == 0, outcome.text[-3000:]
+    report = json.loads((tmp_path / "run" / "pruning_report.json").read_text(encoding="utf-8"))
+    assert (report["config"]["allocation"], report["config"]["method"]) == ("uniform", "wanda")
 
 
 def test_a_report_dir_that_is_a_file(capsys, tmp_path, demo_data):
