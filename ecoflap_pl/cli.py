@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -27,8 +27,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 from torch import nn
 from typing_extensions import override
 
@@ -68,7 +69,11 @@ class EcoflapTrainer(pl.Trainer):
         return found[0]
 
     def prune(
-        self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None, ckpt_path: str | None = None
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        weights_only: bool | None = None,
     ) -> None:
         """Prune the model and save it (``pruning.save_to``) without training or evaluating.
 
@@ -80,6 +85,7 @@ class EcoflapTrainer(pl.Trainer):
             model: the task whose ``model`` is pruned.
             datamodule: the data, whose ``calibration_dataloader`` feeds pruning.
             ckpt_path: a checkpoint to start from (one that is already pruned is not pruned again).
+            weights_only: how ``ckpt_path`` is loaded, as for ``fit`` (so that a config of ``fit`` runs ``prune``).
         """
         callback = self.pruning_callback()
         if TrainerFn.FITTING not in callback.stages:
@@ -91,7 +97,8 @@ class EcoflapTrainer(pl.Trainer):
             log.warning("`pruning.save_to` is not set: the pruned model is only reported, not saved.")
         self.fit_loop.epoch_loop.max_steps = 0
         self.num_sanity_val_steps = 0
-        self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        loading = {} if weights_only is None else {"weights_only": weights_only}  # a Lightning without it: not given
+        self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **loading)
 
 
 DESCRIPTION = (
@@ -308,16 +315,22 @@ class EcoflapCLI(LightningCLI):
         pruned = run(**pruned_kwargs)
         if self.trainer.is_global_zero:
             sparsity = callback.result.overall_sparsity if callback.result is not None else 0.0
-            table = comparison_table(dense[0] if dense else {}, pruned[0] if pruned else {}, sparsity)
-            table.caption = f"pruned: masks from {callback.masks_from}"
+            notes = [f"pruned: masks from {callback.masks_from}"]
             if pruned_checkpoint:
-                table.caption += "; dense: the model the config builds, without the checkpoint"
-            Console().print(table)
+                notes.append("dense: the model the config builds, without the checkpoint")
+            Console().print(comparison_table(dense[0] if dense else {}, pruned[0] if pruned else {}, sparsity, notes))
 
 
-def comparison_table(dense: Mapping[str, float], pruned: Mapping[str, float], sparsity: float) -> Table:
-    """Dense and pruned metrics side by side, with the difference."""
-    table = Table(title=f"Dense vs pruned ({100 * sparsity:.1f}% of the candidate weights pruned)")
+def comparison_table(
+    dense: Mapping[str, float], pruned: Mapping[str, float], sparsity: float, notes: Sequence[str] = ()
+) -> Group:
+    """Dense and pruned metrics side by side, with the difference: a title line, the table, then ``notes``, one a line.
+
+    The title and notes are lines of their own, not the table's title and caption, which rich wraps to the width of
+    the table's four short columns (a checkpoint's path was cut in two).
+    """
+    title = Text(f"Dense vs pruned ({100 * sparsity:.1f}% of the candidate weights pruned)", style="italic")
+    table = Table()
     table.add_column("metric")
     table.add_column("dense", justify="right")
     table.add_column("pruned", justify="right")
@@ -326,7 +339,7 @@ def comparison_table(dense: Mapping[str, float], pruned: Mapping[str, float], sp
         before, after = dense.get(key), pruned.get(key)
         delta = f"{after - before:+.4f}" if before is not None and after is not None else ""
         table.add_row(key, _fmt(before), _fmt(after), delta)
-    return table
+    return Group(title, table, *(Text(note) for note in notes))
 
 
 def _model_arguments(settings: Any) -> dict[str, Any]:

@@ -148,6 +148,28 @@ def test_a_misspelt_key_in_the_config_file_names_the_option_meant(capsys, tmp_pa
     short_error(outcome, "does not accept option 'pruning.fine_sampels'", "HINT: did you mean 'pruning.fine_samples'?")
 
 
+def test_the_config_a_validate_run_saved_runs_prune_once_its_validate_option_is_deleted(capsys, tmp_path, demo_data):
+    """A run saves its merged config as config.yaml (and --print_config prints it) with its subcommand's options:
+    `verbose` of validate given to prune or fit was "does not accept option 'verbose'. HINT: did you mean 'verbose'?",
+    and prune refused `weights_only`, which fit takes."""
+    assert run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data)).code == 0
+    saved = tmp_path / "run" / "config.yaml"
+    assert "\nverbose: true\n" in saved.read_text(encoding="utf-8") and "weights_only" in saved.read_text()
+    for subcommand in ("prune", "fit"):
+        outcome = run_ecoflap(capsys, subcommand, "-c", str(saved))
+        short_error(
+            outcome,
+            f"'verbose' is an option of `validate` and `test`, not of `{subcommand}`",
+            f"HINT: delete its `verbose:` line, or print the config again with `ecoflap {subcommand} ...",
+        )
+        assert "did you mean" not in outcome.text
+    edited = tmp_path / "for_prune.yaml"
+    edited.write_text(saved.read_text(encoding="utf-8").replace("\nverbose: true\n", "\n"), encoding="utf-8")
+    outcome = run_ecoflap(capsys, "prune", "-c", str(edited), f"--pruning.save_to={tmp_path / 'pruned'}")
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert (tmp_path / "pruned" / "model.safetensors").is_file()
+
+
 def test_missing_config_file(capsys, tmp_path):
     short_error(run_ecoflap(capsys, "validate", "-c", str(tmp_path / "nope.yaml")), "File does not exist")
 
