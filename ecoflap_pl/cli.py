@@ -215,6 +215,7 @@ class EcoflapCLI(LightningCLI):
         ckpt_path = settings.get("ckpt_path") if settings is not None else None
         before, task = _model_arguments(settings), _model_class(settings)
         if ckpt_path is not None:
+            _check_ckpt_path_exists(str(ckpt_path))
             try:
                 check_checkpoint_file(ckpt_path)  # before any of it is loaded, and before the model is built
             except ValueError as error:
@@ -319,6 +320,30 @@ class EcoflapCLI(LightningCLI):
             if pruned_checkpoint:
                 notes.append("dense: the model the config builds, without the checkpoint")
             Console().print(comparison_table(dense[0] if dense else {}, pruned[0] if pruned else {}, sparsity, notes))
+
+
+_CKPT_PATH_WORDS = ("last", "best", "hpc")
+"""``ckpt_path`` values that name no file: Lightning finds the checkpoint itself."""
+
+
+def _check_ckpt_path_exists(ckpt_path: str) -> None:
+    """Refuse a local ``ckpt_path`` that is no file before the model is built (Lightning finds out when the run
+    restores it, after the model is built and, for ``validate``, after pruning). Lightning's words (``last``, ...), a
+    model registry name and a remote URL are left to Lightning.
+
+    Raises:
+        ConfigurationError: the path does not exist, or is a folder.
+    """
+    if ckpt_path in _CKPT_PATH_WORDS or ckpt_path.startswith("registry") or "://" in ckpt_path:
+        return
+    path = Path(ckpt_path).expanduser()
+    if path.is_file():
+        return
+    found = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
+    raise ConfigurationError(
+        f"`ckpt_path` {ckpt_path!r} {found}. HINT: give a .ckpt file a run saved (under its "
+        "`trainer.default_root_dir`, in checkpoints/), or 'last' to resume from the newest checkpoint there."
+    )
 
 
 def comparison_table(

@@ -88,7 +88,7 @@ def test_the_experiment_config_with_a_wrong_data_dir_stops_before_the_hub(tmp_pa
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
     args = ["validate", "-c", str(ROOT / "configs/experiments/blip2_opt27b_vqav2.yaml")]
     args += [f"--data.init_args.data_dir={missing}", f"--trainer.default_root_dir={tmp_path / 'run'}"]
-    args += ["--trainer.accelerator=cpu"]  # the config asks for a GPU, which is checked first (test_trainer_check.py)
+    args += ["--trainer.accelerator=cpu"]  # the config asks for a GPU, which is checked first (test_run_checks.py)
     run = subprocess.run(
         [sys.executable, "-m", "ecoflap_pl.cli", *args], capture_output=True, text=True, env=env, cwd=tmp_path
     )

@@ -108,7 +108,7 @@ def test_an_unreadable_checkpoint_is_one_message(capsys, tmp_path, demo_data, co
 
 def test_a_missing_checkpoint(capsys, tmp_path, demo_data):
     outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), "--ckpt_path=/no/such.ckpt")
-    short_error(outcome, "Checkpoint file not found: /no/such.ckpt")
+    short_error(outcome, "`ckpt_path` '/no/such.ckpt' does not exist. HINT: give a .ckpt file a run saved")
 
 
 def test_mixed_precision_still_prunes(capsys, tmp_path, demo_data):

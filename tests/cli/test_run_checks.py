@@ -1,6 +1,6 @@
-"""``ecoflap --help`` says what the command does, and ``ecoflap`` checks the Trainer's hardware settings before it
-builds the model: a GPU that is not there (every experiment file asks for one) or a device count Lightning refuses is
-one short configuration error with a hint, not minutes of model loading followed by Lightning's one-line refusal."""
+"""What ``ecoflap`` checks before it builds the model, besides the data (test_data_check.py): the Trainer's hardware
+settings (a GPU that is not there: every experiment file asks for one) and ``ckpt_path``, each one short configuration
+error with a hint, not minutes of model loading followed by Lightning's one-line refusal; and what ``--help`` says."""
 
 from __future__ import annotations
 
@@ -65,3 +65,20 @@ def test_the_top_level_help_says_what_each_subcommand_does(capsys: pytest.Captur
     assert "Lightning Trainer command line tool" not in text
     for said in ("`validate` and `test` prune, then evaluate", "`fit` prunes, then fine-tunes", "--pruning.save_to"):
         assert said in text, text[:2000]
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "fit", "prune"])
+def test_a_checkpoint_path_that_is_no_file_is_refused_before_the_model_is_built(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, subcommand: str
+) -> None:
+    """Lightning's "Checkpoint file not found: PATH" came when the run restored the checkpoint: after the model was
+    built and, for validate, after pruning; a folder given as ``ckpt_path`` failed inside torch.load."""
+    data_dir = write_vqa(tmp_path / "vqa")
+    path = config(tmp_path, data_dir)
+    outcome = run_ecoflap(capsys, subcommand, "-c", path, "--ckpt_path=/no/such.ckpt")
+    refused(outcome, "`ckpt_path` '/no/such.ckpt' does not exist. HINT: give a .ckpt file a run saved")
+    folder = tmp_path / "run_folder"
+    folder.mkdir()
+    outcome = run_ecoflap(capsys, subcommand, "-c", path, f"--ckpt_path={folder}")
+    refused(outcome, f"`ckpt_path` '{folder}' is a folder, not a checkpoint file. HINT")
+    assert not (tmp_path / "run").exists()
