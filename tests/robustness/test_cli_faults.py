@@ -75,6 +75,17 @@ def test_names_are_read_in_any_case_in_every_pruning_option(capsys, tmp_path, de
     assert (report["config"]["allocation"], report["config"]["method"]) == ("uniform", "wanda")
 
 
+def test_a_list_option_takes_one_name_without_brackets(capsys, tmp_path, demo_data):
+    """`--pruning.stages validate` and `--pruning.exclude 'blocks.1.*'` were refused by the parser ("Expected a
+    <class 'collections.abc.Sequence'>. Got value: validate"), though the callback reads one name as a list of one."""
+    config = vit_config(tmp_path, demo_data)
+    outcome = run_ecoflap(capsys, "validate", "-c", config, "--pruning.stages=validate", "--pruning.exclude=blocks.1.*")
+    assert outcome.code == 0, outcome.text[-3000:]
+    report = json.loads((tmp_path / "run" / "pruning_report.json").read_text(encoding="utf-8"))
+    assert report["config"]["exclude"] == ["blocks.1.*"]
+    assert [block["block"] for block in report["blocks"]] == ["blocks.0"]
+
+
 def test_a_report_dir_that_is_a_file(capsys, tmp_path, demo_data):
     blocker = tmp_path / "report"
     blocker.write_text("a file, not a folder", encoding="utf-8")
