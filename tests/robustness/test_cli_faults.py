@@ -86,6 +86,15 @@ def test_a_list_option_takes_one_name_without_brackets(capsys, tmp_path, demo_da
     assert [block["block"] for block in report["blocks"]] == ["blocks.0"]
 
 
+def test_fit_prints_no_lightning_chatter(capsys, tmp_path, demo_data):
+    config = vit_config(tmp_path, demo_data)
+    outcome = run_ecoflap(capsys, "fit", "-c", config, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1")
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert "Pruning report:" in outcome.text
+    for chatter in ("to estimate number of stepping batches", "GPU available", "Seed set", "stopped:"):
+        assert chatter not in outcome.text, chatter
+
+
 def test_a_report_dir_that_is_a_file(capsys, tmp_path, demo_data):
     blocker = tmp_path / "report"
     blocker.write_text("a file, not a folder", encoding="utf-8")
