@@ -43,11 +43,16 @@ def unknown_option_hint(message: str, parser: ArgumentParser) -> str | None:
 
 def _close_option_hint(given: str, known: list[str]) -> str | None:
     """``HINT: did you mean ...?`` naming the option of ``known`` in the same section as ``given`` with the closest
-    name, or None when none is close."""
+    name, or, for a misspelt section (``pruneing.sparsity``), the same option of the section with the closest name;
+    None when none is close."""
     prefix, _, name = given.rpartition(".")
     siblings = {option.rpartition(".")[2]: option for option in known if option.rpartition(".")[0] == prefix}
     close = difflib.get_close_matches(name, list(siblings), n=1, cutoff=0.75)
-    return f"HINT: did you mean '{siblings[close[0]]}'?" if close else None
+    if close:
+        return f"HINT: did you mean '{siblings[close[0]]}'?"
+    sections = {option.rpartition(".")[0] for option in known if f"{option.rpartition('.')[0]}.{name}" == option}
+    section = difflib.get_close_matches(prefix, sorted(sections - {""}), n=1, cutoff=0.75) if prefix else []
+    return f"HINT: did you mean '{section[0]}.{name}'?" if section else None
 
 
 def _other_subcommands_option_hint(given: str, subcommand: str, elsewhere: list[str]) -> str:

@@ -190,6 +190,15 @@ def test_the_config_a_validate_run_saved_runs_prune_once_its_validate_option_is_
     assert (tmp_path / "pruned" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize(("section", "typo"), [("pruning", "pruneing"), ("trainer", "trainr")])
+def test_a_misspelt_section_in_the_config_file_names_the_section_meant(capsys, tmp_path, demo_data, section, typo):
+    """A misspelt section name gave no hint: the hint looked for options of the misspelt section only."""
+    path = tmp_path / "config.yaml"
+    path.write_text(Path(vit_config(tmp_path, demo_data)).read_text().replace(f"\n{section}:", f"\n{typo}:"))
+    outcome = run_ecoflap(capsys, "validate", "-c", str(path))
+    short_error(outcome, f"does not accept option '{typo}.", f"HINT: did you mean '{section}.")
+
+
 def test_missing_config_file(capsys, tmp_path):
     short_error(run_ecoflap(capsys, "validate", "-c", str(tmp_path / "nope.yaml")), "File does not exist")
 
