@@ -14,6 +14,15 @@ _UNKNOWN_KEY = re.compile(r"(?:Subcommand '(\w+)' )?does not accept option '([\w
 _UNKNOWN_CLASS_ARGUMENT = re.compile(r"given class_path '([\w.]+)':\s*Option '(\w+)' is not accepted")
 
 
+_OTHER_CODE_NAMES = {
+    "sparsity_ratio": "sparsity",
+    "sparsity_type": "structure",
+    "prune_method": "method",
+    "nsamples": "fine_samples",
+}
+"""Arguments of Wanda's ``main.py`` that its users type out of habit, and the pruning options that do the same here."""
+
+
 def unknown_option_hint(message: str, parser: ArgumentParser) -> str | None:
     """``HINT: did you mean ...?`` for the option a parser error refused, or None when no option of the same section
     (``pruning.``, ``trainer.``, a class's arguments) has a close name.
@@ -47,6 +56,8 @@ def _close_option_hint(given: str, known: list[str]) -> str | None:
     None when none is close."""
     prefix, _, name = given.rpartition(".")
     siblings = {option.rpartition(".")[2]: option for option in known if option.rpartition(".")[0] == prefix}
+    if _OTHER_CODE_NAMES.get(name) in siblings:
+        return f"HINT: did you mean '{siblings[_OTHER_CODE_NAMES[name]]}'? ({name} is its name in Wanda's code)"
     close = difflib.get_close_matches(name, list(siblings), n=1, cutoff=0.75)
     if close:
         return f"HINT: did you mean '{siblings[close[0]]}'?"

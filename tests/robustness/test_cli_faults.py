@@ -46,6 +46,8 @@ def short_error(outcome, *expected: str) -> None:
         ),
         (["--model.init_args.num_beam=2"], ["Option 'num_beam' is not accepted", "HINT: did you mean 'num_beams'?"]),
         (["--pruning.zzz=1"], ["unrecognized arguments: --pruning.zzz=1"]),
+        (["--pruning.sparsity_type=2:4"], ["HINT: did you mean 'pruning.structure'? (sparsity_type is its name in"]),
+        (["--pruning.sparsity_ratio=0.5"], ["HINT: did you mean 'pruning.sparsity'? (sparsity_ratio is its name in"]),
         (["--pruning.stages=[train]"], ["`stages` must be a subset of"]),
         (["--data.init_args.batch_size=0"], ["`batch_size` must be an int >= 1, got 0."]),
         (["--data.init_args.calibration_batch_size=-1"], ["`calibration_batch_size` must be an int >= 1"]),
