@@ -23,6 +23,7 @@ from torch import nn
 from typing_extensions import override
 
 import ecoflap_pl
+from ecoflap_pl.callbacks.checkpoint_file import check_checkpoint_room, use_whole_file_checkpoints
 from ecoflap_pl.callbacks.export import describe_saved, save_pruned, source_directories
 from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
 from ecoflap_pl.callbacks.progress import StageProgress
@@ -249,13 +250,19 @@ class ECoFLaPPruning(Callback):
                 "restores checkpoints only after the model is wrapped. HINT: prune with a DDP or single-device "
                 "Trainer (stages ['validate'] and save_to), then fine-tune the saved pruned model."
             )
+        # The checkpoint to restore is not known yet (`trainer.ckpt_path` is set as Lightning loads it, after `setup`),
+        # so the loading is what checks it: whole, before any of it is restored (a file the `ecoflap` command already
+        # checked is not read again), as under the `ecoflap` command's Trainer.
+        use_whole_file_checkpoints(trainer.strategy)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # `on_fit_start` runs after the checkpoint's callback state is restored, after the strategy moved the model
         # to its device (and wrapped it in DDP), and before the sanity check and the first optimizer step. Pruning
         # changes weights in place (same Parameter objects), so the optimizers built by `strategy.setup` stay
-        # valid, and their (empty or restored) state is consistent with the masked gradients.
+        # valid, and their (empty or restored) state is consistent with the masked gradients. The checkpoint folders
+        # are known here (`ModelCheckpoint.setup` resolves the default one), so their free space is checked first.
+        check_checkpoint_room(trainer, {f"masks.{name}": mask for name, mask in self.masks.items()})
         self._ensure_pruned(trainer, pl_module, TrainerFn.FITTING.value)
 
     @override

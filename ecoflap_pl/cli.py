@@ -22,7 +22,6 @@ from typing import Any
 import lightning.pytorch as pl
 import yaml
 from jsonargparse import ArgumentError
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.trainer.states import TrainerFn
@@ -34,7 +33,7 @@ from torch import nn
 from typing_extensions import override
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
-from ecoflap_pl.callbacks.checkpoint_file import WholeFileCheckpointIO, check_checkpoint_file
+from ecoflap_pl.callbacks.checkpoint_file import check_checkpoint_file, use_whole_file_checkpoints
 from ecoflap_pl.callbacks.pruning import unreadable_checkpoint
 from ecoflap_pl.console import quiet_libraries
 from ecoflap_pl.datamodules import EcoflapDataModule
@@ -52,11 +51,10 @@ class EcoflapTrainer(pl.Trainer):
     callbacks: list[Callback]  # set by Lightning's CallbackConnector; the Trainer class does not declare it
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        """The Trainer's arguments; checkpoints of a local folder are written whole (:class:`WholeFileCheckpointIO`)
+        """The Trainer's arguments; checkpoints of a local folder are written whole (:func:`use_whole_file_checkpoints`)
         unless a strategy or plugin brings its own checkpoint IO."""
         super().__init__(*args, **kwargs)
-        if type(self.strategy.checkpoint_io) is TorchCheckpointIO:
-            self.strategy.checkpoint_io = WholeFileCheckpointIO()
+        use_whole_file_checkpoints(self.strategy)
 
     def pruning_callback(self) -> ECoFLaPPruning:
         """The trainer's :class:`~ecoflap_pl.callbacks.ECoFLaPPruning` callback."""

@@ -3,7 +3,7 @@
 Imports torch, safetensors and (lazily) transformers; no Lightning.
 """
 
-from ecoflap_pl.export.atomic import atomic_directory, check_save_target, check_writable_folder
+from ecoflap_pl.export.atomic import atomic_directory, check_free_space, check_save_target, check_writable_folder
 from ecoflap_pl.export.checkpoint import (
     SAVE_FORMATS,
     SavedModel,
@@ -13,6 +13,7 @@ from ecoflap_pl.export.checkpoint import (
     load_pruned_model,
     load_pruned_state_dict,
     read_masks,
+    tensor_bytes,
     write_pruned_model,
 )
 
@@ -20,6 +21,7 @@ __all__ = [
     "SAVE_FORMATS",
     "SavedModel",
     "atomic_directory",
+    "check_free_space",
     "check_save_format",
     "check_save_target",
     "check_writable_folder",
@@ -28,5 +30,6 @@ __all__ = [
     "load_pruned_model",
     "load_pruned_state_dict",
     "read_masks",
+    "tensor_bytes",
     "write_pruned_model",
 ]

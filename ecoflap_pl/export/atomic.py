@@ -93,19 +93,42 @@ def check_save_target(
         )
     # The new folder is written beside the target, so it is its parent that must take new entries.
     check_writable_folder(path.parent, option=option, target=target)
-    _check_free_space(path.parent, least_bytes, option, target)
+    check_free_space(path.parent, least_bytes, option=option, target=target)
     return path
 
 
-def _check_free_space(folder: Path, least_bytes: int, option: str, target: str | Path) -> None:
-    ancestor = _existing_ancestor(folder, option, target)
+def check_free_space(
+    folder: str | Path, least_bytes: int, *, option: str, target: str | Path, what: str = "the model"
+) -> None:
+    """Check, before any long work, that the filesystem receiving ``folder`` (created later when missing) has at least
+    ``least_bytes`` free.
+
+    Args:
+        folder: the folder that will receive the files.
+        least_bytes: a lower bound of what will be written there.
+        option: the user-facing name of the setting in messages.
+        target: the path the user gave, quoted in messages.
+        what: what is written, as the message names it.
+
+    Raises:
+        OSError: less free space than ``least_bytes``.
+    """
+    ancestor = _existing_ancestor(Path(folder).expanduser().absolute(), option, target)
     free = shutil.disk_usage(ancestor).free
     if least_bytes > free:
         raise OSError(
-            f"`{option}` is {str(target)!r}: the model takes at least {least_bytes / 2**30:.2f} GiB there, and the "
-            f"filesystem of {ancestor} has {free / 2**30:.2f} GiB free; nothing was written. HINT: free space there, "
-            "or choose a folder on another disk.",
+            f"`{option}` is {str(target)!r}: {what} takes at least {_size(least_bytes)} there, and the filesystem of "
+            f"{ancestor} has {_size(free)} free; nothing was written. HINT: free space there, or choose a folder on "
+            "another disk.",
         )
+
+
+def _size(count: int) -> str:
+    """``count`` bytes in GiB, or in MiB or KiB below one of the unit, so that the figure is never 0.00."""
+    for unit, power in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 2**power:
+            return f"{count / 2**power:.2f} {unit}"
+    return f"{count} bytes"
 
 
 def check_writable_folder(folder: str | Path, *, option: str, target: str | Path | None = None) -> Path:

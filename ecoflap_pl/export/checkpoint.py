@@ -20,7 +20,7 @@ top level (``pruning_masks.safetensors``); :func:`read_masks` still reads them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -87,7 +87,8 @@ def _is_hf_model(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def _dense_bytes(state_dict: dict[str, torch.Tensor]) -> int:
+def tensor_bytes(state_dict: Mapping[str, torch.Tensor]) -> int:
+    """The bytes ``state_dict``'s tensors take, each storage once."""
     # Tied weights share their memory; tensors without memory (``meta``: offloaded weights) count one by one.
     unique = {tensor.data_ptr() or id(tensor): tensor.numel() * tensor.element_size() for tensor in state_dict.values()}
     return sum(unique.values())
@@ -96,7 +97,7 @@ def _dense_bytes(state_dict: dict[str, torch.Tensor]) -> int:
 def least_export_bytes(model: nn.Module, save_format: str, sparsity: float) -> int:
     """A lower bound of what :func:`write_pruned_model` writes for ``model`` pruned to ``sparsity`` of its candidate
     weights: its weights stored dense; a sparse format keeps at least ``1 - sparsity`` of their values."""
-    dense = _dense_bytes(model.state_dict())
+    dense = tensor_bytes(model.state_dict())
     return dense if save_format == "dense" else int(dense * (1 - sparsity))
 
 
@@ -142,7 +143,7 @@ def write_pruned_model(
             if callable(save):
                 save(directory)
     weights = sum(path.stat().st_size for path in directory.glob("model*.safetensors"))
-    return SavedModel(save_format, weights, _dense_bytes(state_dict))
+    return SavedModel(save_format, weights, tensor_bytes(state_dict))
 
 
 def _without_tied_copies(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

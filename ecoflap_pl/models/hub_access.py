@@ -8,9 +8,11 @@ to ...": 14 lines and 23 seconds. No documented setting bounds those tries (``HF
 would break with its next release; the tries are right, too, for a hub that answers slowly during a long download.
 So, before a hub model that is not in the cache is loaded, :func:`check_hub_access` makes the one metadata request
 the library itself starts with (which it sends without retries) and turns a failure into one message; a cached model
-costs a look at the cache and no request. What retries remain (a model whose config is cached but whose weights are
-not, with the hub unreachable) are one line for the duration of the load only (:func:`quiet_hub_retries`), which says
-why the load waits, and the load's final error is the same message.
+costs a look at the cache and no request. A model whose config is cached but none of whose weight files is (an
+interrupted download, a copied cache without its blobs) counts as not cached: its load would wait through the same
+retries for its weights. What retries remain (a file beyond those, such as a shard missing beside others, with the hub
+unreachable) are one line for the duration of the load only (:func:`quiet_hub_retries`), which says why the load
+waits, and the load's final error is the same message.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, is_offline_mode, try_to_load_from_cache
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 _TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+# Suffixes of the weight files transformers and timm load (with a variant, a subfolder, shards or GGUF too).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 _RETRY_LOGGER = "huggingface_hub.utils._http"
 _RETRY_MESSAGES = (" thrown while requesting ", "Retrying in ")
 
@@ -34,12 +39,14 @@ class HubModel:
 
     Attributes:
         repo_id: the hub repository.
-        files: the files the load fetches first; the model counts as cached when one of them is, and the first is the
-            one requested to see whether the hub answers. ``config.json`` is the first file of every transformers
-            model.
+        files: the files the load fetches first; the model counts as cached when one of them is (and a weight file
+            beside it, see ``weight_suffixes``), and the first is the one requested to see whether the hub answers.
+            ``config.json`` is the first file of every transformers model.
         option: the setting that named the model, quoted in messages.
         name: the model as the user wrote it, when that is not ``repo_id`` (a timm model name).
         local_copy: how to use a copy on disk instead, the last part of the hint.
+        weight_suffixes: the name endings of the weight files the load fetches after ``files``; one such file must be
+            in the cached snapshot too. Empty when ``files`` are the weights.
     """
 
     repo_id: str
@@ -47,6 +54,7 @@ class HubModel:
     option: str = "pretrained"
     name: str | None = None
     local_copy: str = "pass the folder of a local copy as `pretrained`"
+    weight_suffixes: tuple[str, ...] = _WEIGHT_SUFFIXES
 
 
 def timm_hub_model(timm_model: str) -> HubModel | None:
@@ -61,7 +69,7 @@ def timm_hub_model(timm_model: str) -> HubModel | None:
         return None
     # Without a file named in the config, timm asks for model.safetensors and falls back to pytorch_model.bin.
     files = (pretrained_cfg.hf_hub_filename,) if pretrained_cfg.hf_hub_filename else _TIMM_WEIGHTS
-    return HubModel(pretrained_cfg.hf_hub_id, files, "timm_model", timm_model, local_copy)
+    return HubModel(pretrained_cfg.hf_hub_id, files, "timm_model", timm_model, local_copy, weight_suffixes=())
 
 
 @contextmanager
@@ -89,26 +97,49 @@ def check_hub_access(model: HubModel, *, revision: str | None = None, cache_dir:
     """Refuse the hub ``model`` now if it is not in the cache and cannot be downloaded.
 
     Raises:
-        OSError: ``model`` is not cached, and offline mode is on or the hub does not answer.
+        OSError: ``model`` is not cached (or only its config is), and offline mode is on or the hub does not answer.
     """
-    for filename in model.files:
-        if try_to_load_from_cache(model.repo_id, filename, cache_dir=cache_dir, revision=revision) is not None:
-            return
+    snapshot = _cached_snapshot(model, revision, cache_dir)
+    if snapshot is not None and _holds_weights(snapshot, model.weight_suffixes):
+        return
+    config_only = snapshot is not None
     if is_offline_mode():
-        raise hub_unavailable(model, cache_dir)
+        raise hub_unavailable(model, cache_dir, config_only=config_only)
     url = hf_hub_url(model.repo_id, model.files[0], revision=revision)
     try:
         get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except HfHubHTTPError:
         return  # the hub answered (a missing or gated repo): the load says what is wrong
     except Exception as error:  # the HTTP client's connection and timeout errors, whose classes vary between versions
-        raise hub_unavailable(model, cache_dir, error) from error
+        raise hub_unavailable(model, cache_dir, error, config_only=config_only) from error
 
 
-def hub_unavailable(model: HubModel, cache_dir: str | None = None, reason: BaseException | None = None) -> OSError:
-    """The error for a hub model that is not in the cache and cannot be downloaded (offline, or the hub unreachable)."""
+def _cached_snapshot(model: HubModel, revision: str | None, cache_dir: str | None) -> Path | None:
+    """The cached snapshot folder holding one of ``model.files``; ``None`` when none of them is cached."""
+    for filename in model.files:
+        found = try_to_load_from_cache(model.repo_id, filename, cache_dir=cache_dir, revision=revision)
+        if isinstance(found, str):  # not None, nor the marker of a file known to be absent from the repository
+            return Path(found).parent
+    return None
+
+
+def _holds_weights(snapshot: Path, suffixes: tuple[str, ...]) -> bool:
+    """Whether ``snapshot`` holds a weight file (one whose name ends with one of ``suffixes``; any, when empty).
+
+    Any such file counts, whatever its variant, subfolder or shard: the check must never refuse a model that loads
+    from the cache. A link whose file is gone does not count.
+    """
+    return not suffixes or any(path.name.endswith(suffixes) and path.is_file() for path in snapshot.rglob("*"))
+
+
+def hub_unavailable(
+    model: HubModel, cache_dir: str | None = None, reason: BaseException | None = None, *, config_only: bool = False
+) -> OSError:
+    """The error for a hub model that is not in the cache and cannot be downloaded (offline, or the hub unreachable);
+    ``config_only``: its config is in the cache, none of its weight files is."""
     cache = cache_dir or constants.HF_HUB_CACHE
     named = f"{model.name!r} (hub repository {model.repo_id!r})" if model.name else repr(model.repo_id)
+    partly = ": its config is there, but none of its weight files" if config_only else ""
     if is_offline_mode():
         why = "offline mode is on (HF_HUB_OFFLINE=1), so it cannot be downloaded"
         first = "unset HF_HUB_OFFLINE to download it; or"
@@ -116,9 +147,9 @@ def hub_unavailable(model: HubModel, cache_dir: str | None = None, reason: BaseE
         why = f"the hub ({constants.ENDPOINT}) could not be reached" + (f": {reason}" if reason else "")
         first = "check the network or proxy; or"
     return OSError(
-        f"`{model.option}` {named} is not in the local Hugging Face cache ({cache}), and {why}. HINT: {first} run "
-        f"`hf download {model.repo_id}` on a machine with access and copy its cache folder here (set HF_HOME to the "
-        f"copy); or {model.local_copy}."
+        f"`{model.option}` {named} is not in the local Hugging Face cache ({cache}{partly}), and {why}. HINT: {first} "
+        f"run `hf download {model.repo_id}` on a machine with access and copy its cache folder here (set HF_HOME to "
+        f"the copy); or {model.local_copy}."
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from typing import Any
 
 import lightning.pytorch as pl
@@ -140,3 +141,28 @@ class MaskRecorder(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         weights = {n: p.detach().cpu() for n, p in pl_module.model.named_parameters()}  # type: ignore[union-attr]
         torch.save(weights, f"{self.directory}/weights_rank{trainer.global_rank}.pt")
+
+
+class ZipEntryReads(Callback):
+    """Saves, per rank, how many zip entries were read between ``setup`` and ``on_fit_start``: the checkpoint's
+    load, whose check reads every entry of the archive once."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.reads = 0
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        read_entry = zipfile.ZipFile.open
+
+        def counted(archive: zipfile.ZipFile, name: Any, *args: Any, **kwargs: Any) -> Any:
+            self.reads += 1
+            return read_entry(archive, name, *args, **kwargs)
+
+        self._read_entry = read_entry
+        zipfile.ZipFile.open = counted  # type: ignore[method-assign]
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        zipfile.ZipFile.open = self._read_entry  # type: ignore[method-assign]
+        torch.save(self.reads, f"{self.directory}/reads_rank{trainer.global_rank}.pt")

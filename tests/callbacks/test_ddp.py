@@ -1,14 +1,17 @@
-"""Two CPU processes (gloo): every rank ends with the same masks, equal to a single-process run on the same data."""
+"""Two CPU processes (gloo): every rank ends with the same masks, equal to a single-process run on the same data; a
+checkpoint found whole before the processes start is not read again by them."""
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
-from tests.callbacks.callback_toys import FAST, MaskRecorder, ToyData, ToyTask
+from ecoflap_pl.callbacks.checkpoint_file import CHECKED_CHECKPOINTS_VARIABLE, check_checkpoint_file
+from tests.callbacks.callback_toys import FAST, MaskRecorder, ToyData, ToyTask, ZipEntryReads
 from tests.trainers import quiet_trainer
 
 
@@ -44,3 +47,35 @@ def test_ddp_ranks_build_identical_masks_equal_to_one_process(tmp_path: Path) ->
     for name, mask in rank0.items():
         assert torch.equal(weights[0][name], weights[1][name]), name  # DDP kept the ranks in step
         assert torch.count_nonzero(weights[0][name][~mask]) == 0, name  # and fine-tuning kept the zeros
+
+
+@pytest.mark.distributed
+def test_the_processes_of_the_ranks_inherit_the_verdict_on_a_checkpoint_found_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ecoflap`` checks ``ckpt_path`` whole before Lightning starts the processes of the ranks: they read it again,
+    each of them, before loading it (as long again as the load itself, benchmarks/RESULTS.md)."""
+    single = quiet_trainer(callbacks=[ECoFLaPPruning(**FAST)], max_steps=2, default_root_dir=tmp_path)
+    single.fit(ToyTask(), datamodule=ToyData())
+    checkpoint = tmp_path / "pruned.ckpt"
+    single.save_checkpoint(checkpoint)
+    with zipfile.ZipFile(checkpoint) as archive:
+        entries = len(archive.infolist())
+    monkeypatch.delenv(CHECKED_CHECKPOINTS_VARIABLE, raising=False)
+
+    def resume(directory: Path) -> list[int]:
+        directory.mkdir()
+        trainer = quiet_trainer(
+            callbacks=[ECoFLaPPruning(**FAST), ZipEntryReads(str(directory))],
+            devices=2,
+            strategy="ddp_spawn",
+            max_steps=3,
+            limit_val_batches=0,
+            default_root_dir=directory,
+        )
+        trainer.fit(ToyTask(), datamodule=ToyData(), ckpt_path=checkpoint)
+        return [torch.load(directory / f"reads_rank{rank}.pt") for rank in (0, 1)]
+
+    assert resume(tmp_path / "unchecked") == [entries, entries]  # each rank checks the file it loads
+    check_checkpoint_file(checkpoint)  # as `ecoflap` does before it builds the model
+    assert resume(tmp_path / "checked") == [0, 0]

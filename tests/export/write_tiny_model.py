@@ -21,7 +21,7 @@ from ecoflap_pl.pruning import PruningConfig, prune
 
 STEPS = {
     "weights": (checkpoint, "_write_masks"),
-    "processors": (checkpoint, "_dense_bytes"),
+    "processors": (checkpoint, "tensor_bytes"),
     "report": (callback_export, "write_report"),
     "sync": (atomic, "_sync_tree"),
     "swap": (atomic, "_swap_into_place"),

@@ -107,13 +107,42 @@ def test_a_cached_model_loads_while_the_hub_cannot_be_reached(tmp_path: Path) ->
     assert "Retrying" not in stderr
 
 
-def test_weights_missing_from_a_cached_model_are_the_same_short_error(tmp_path: Path) -> None:
-    """Only the config is cached: the check lets the load start, and the load's own failure gets the same message."""
+@pytest.mark.parametrize("env", [UNREACHABLE, OFFLINE], ids=["unreachable", "offline"])
+def test_a_model_whose_config_alone_is_cached_is_refused_at_once(tmp_path: Path, env: dict[str, str]) -> None:
+    """Only the config is cached (an interrupted download): the check let the load start, which then waited through
+    the client's retries for the weights (23 s, with a line saying so) before the short error."""
+    cache_a_tiny_model(tmp_path / "cache", "someone/tiny-t5", weights=False)
+    lines, stderr = load_in_child("someone/tiny-t5", tmp_path / "cache", env)
+    message, seconds = lines
+    assert message.startswith(
+        f"`pretrained` 'someone/tiny-t5' is not in the local Hugging Face cache ({tmp_path / 'cache'}: its config is "
+        "there, but none of its weight files), and "
+    )
+    reason = "offline mode is on (HF_HUB_OFFLINE=1)" if env is OFFLINE else "http://127.0.0.1:9) could not be reached"
+    assert reason in message and "HINT:" in message and "`hf download someone/tiny-t5`" in message
+    assert float(seconds.split()[1]) < 5
+    assert "does not answer" not in stderr and "Retrying" not in stderr and "thrown while requesting" not in stderr
+
+
+def test_a_model_cached_in_shards_loads_offline(tmp_path: Path) -> None:
+    """Any weight file counts (shards, variants, subfolders): the check must not refuse a model that loads from the
+    cache."""
+    cache_a_tiny_model(tmp_path / "cache", "someone/tiny-t5", weights=False)
+    snapshot = next((tmp_path / "cache").rglob("config.json")).parent
+    config = T5Config.from_pretrained(snapshot)
+    T5ForConditionalGeneration(config).save_pretrained(snapshot, max_shard_size="1KB")
+    assert not (snapshot / "model.safetensors").exists() and len(list(snapshot.glob("model-*.safetensors"))) > 1
+    lines, _ = load_in_child("someone/tiny-t5", tmp_path / "cache", OFFLINE)
+    assert lines[0] == "loaded", lines
+
+
+def test_a_file_missing_from_a_cached_model_during_the_load_is_the_same_short_error(tmp_path: Path) -> None:
+    """The model is cached, so the check lets the load start; a file the load then cannot have gets the same message."""
     cache = tmp_path / "cache"
-    cache_a_tiny_model(cache, "someone/tiny-t5", weights=False)
+    cache_a_tiny_model(cache, "someone/tiny-t5", weights=True)
     refused = r"'someone/tiny-t5' is not in the local Hugging Face cache .* HINT: .*hf download"
     with pytest.raises(OSError, match=refused), hub_load_errors("someone/tiny-t5", cache_dir=str(cache)):
-        hf_hub_download("someone/tiny-t5", "model.safetensors", cache_dir=cache, local_files_only=True)
+        hf_hub_download("someone/tiny-t5", "tokenizer.json", cache_dir=cache, local_files_only=True)
     assert json.loads(next(cache.rglob("config.json")).read_text())["d_model"] == 8
 
 

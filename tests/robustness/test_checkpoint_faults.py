@@ -4,6 +4,8 @@ back bit for bit; a cut or changed file is refused in one message before the mod
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,14 +13,20 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from ecoflap_pl.callbacks.checkpoint_file import WholeFileCheckpointIO
+from ecoflap_pl.callbacks import ECoFLaPPruning
+from ecoflap_pl.callbacks.checkpoint_file import WholeFileCheckpointIO, check_checkpoint_file, least_checkpoint_bytes
 from ecoflap_pl.cli import EcoflapTrainer
+from ecoflap_pl.export import atomic
+from tests.callbacks.callback_toys import FAST, ToyData, ToyTask
 from tests.robustness import test_cli_faults
 from tests.robustness.cli_runs import TRAINER, run_ecoflap, vit_config
 from tests.robustness.test_cli_faults import short_error
+from tests.trainers import quiet_trainer
 
 pruned_run = test_cli_faults.pruned_run  # a pruned, fine-tuned checkpoint (a module-scoped fixture)
 
@@ -183,3 +191,96 @@ def test_the_next_checkpoint_removes_what_a_killed_write_left_but_not_a_running_
     finally:
         writer.kill()
         writer.wait()
+
+
+def fitted_checkpoint(tmp_path: Path) -> Path:
+    """A pruned toy task's checkpoint after 2 steps of AdamW, written by a plain Trainer."""
+    trainer = quiet_trainer(
+        callbacks=[ECoFLaPPruning(**FAST, stages=["fit"])], max_steps=2, limit_val_batches=0, default_root_dir=tmp_path
+    )
+    trainer.fit(ToyTask(), datamodule=ToyData())
+    trainer.save_checkpoint(tmp_path / "fitted.ckpt")
+    return tmp_path / "fitted.ckpt"
+
+
+def test_a_damaged_checkpoint_given_to_a_plain_trainer_with_the_callback_is_refused_before_it_is_loaded(tmp_path):
+    """A plain ``lightning.Trainer`` (not the command's) loaded a changed byte as a wrong weight; with the pruning
+    callback its loading now checks the file whole before any of it is restored."""
+    damaged = tmp_path / "damaged.ckpt"
+    largest, data = with_a_changed_bit(fitted_checkpoint(tmp_path), damaged)
+    task = ToyTask(seed=1)
+    before = {name: tensor.clone() for name, tensor in task.state_dict().items()}
+    callback = ECoFLaPPruning(**FAST, stages=["validate"])
+    trainer = quiet_trainer(callbacks=[callback], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=f"is damaged: {largest.filename} does not match what the Trainer wrote"):
+        trainer.validate(task, datamodule=ToyData(), ckpt_path=damaged)
+    assert all(torch.equal(task.state_dict()[name], tensor) for name, tensor in before.items())
+    assert not callback.pruned and damaged.read_bytes() == data
+
+
+def test_a_checkpoint_checked_by_the_command_is_not_read_again_when_the_trainer_loads_it(tmp_path, monkeypatch):
+    checkpoint = fitted_checkpoint(tmp_path)
+    with zipfile.ZipFile(checkpoint) as archive:
+        entries = len(archive.infolist())
+    opened: list[str] = []
+    open_entry = zipfile.ZipFile.open
+
+    def counted(self, name, *args, **kwargs):
+        opened.append(name.filename if isinstance(name, zipfile.ZipInfo) else name)
+        return open_entry(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", counted)
+    check_checkpoint_file(checkpoint)  # as `ecoflap` does before the model is built
+    assert len(opened) == entries
+    for trainer_class in (EcoflapTrainer, pl.Trainer):
+        callbacks = [ECoFLaPPruning(**FAST, stages=["validate"])]
+        trainer = quiet_trainer(trainer_class, callbacks=callbacks, default_root_dir=tmp_path)
+        trainer.validate(ToyTask(seed=1), datamodule=ToyData(), ckpt_path=checkpoint)
+        assert isinstance(trainer.strategy.checkpoint_io, WholeFileCheckpointIO)
+    assert len(opened) == entries
+
+
+@pytest.mark.parametrize("dirpath", ["given", "default"])
+def test_a_checkpoint_folder_without_room_for_one_checkpoint_is_refused_before_pruning(tmp_path, monkeypatch, dirpath):
+    """The first checkpoint is written after the first epoch: a full disk was found only after pruning and training."""
+    folder = tmp_path / "ckpts" if dirpath == "given" else tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    full = shutil.disk_usage(tmp_path)._replace(free=64)  # a disk with 64 bytes left: less than the toy's weights
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda _: full)
+    task = ToyTask()
+    before = {name: tensor.clone() for name, tensor in task.state_dict().items()}
+    callback = ECoFLaPPruning(**FAST, stages=["fit"])
+    checkpoints = [ModelCheckpoint(dirpath=folder)] if dirpath == "given" else []
+    trainer = quiet_trainer(
+        callbacks=[callback, *checkpoints],
+        enable_checkpointing=True,
+        max_steps=2,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        logger=pl.loggers.CSVLogger(tmp_path, name="lightning_logs") if dirpath == "default" else False,
+    )
+    refused = (
+        f"`ModelCheckpoint.dirpath` is '{folder}': one checkpoint (a lower bound: the model's state dict, the "
+        "callbacks' state and a resumed run's optimizer state) takes at least 74.89 KiB there, and the filesystem of "
+    )
+    with pytest.raises(OSError, match=re.escape(refused) + ".* has 64 bytes free; nothing was written. HINT: free"):
+        trainer.fit(task, datamodule=ToyData())
+    assert not callback.pruned and trainer.global_step == 0
+    assert all(torch.equal(task.state_dict()[name], tensor) for name, tensor in before.items())
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_the_checkpoint_bound_is_below_the_size_of_a_checkpoint_written(tmp_path):
+    """Resumed with AdamW's moments: the bound counts them (about three times the weights), and stays below the file."""
+    checkpoint = fitted_checkpoint(tmp_path)
+    callback = ECoFLaPPruning(**FAST, stages=["fit"])
+    bounds: list[int] = []
+
+    class Bound(pl.Callback):
+        def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            bounds.append(least_checkpoint_bytes(trainer, callback.masks))
+            bounds.append(least_checkpoint_bytes(trainer, callback.masks, weights_only=True))
+
+    trainer = quiet_trainer(callbacks=[callback, Bound()], max_steps=2, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(ToyTask(seed=1), datamodule=ToyData(), ckpt_path=checkpoint)
+    weights = sum(tensor.numel() * tensor.element_size() for tensor in trainer.lightning_module.state_dict().values())
+    assert bounds[1] == weights and 3 * weights < bounds[0] < checkpoint.stat().st_size
