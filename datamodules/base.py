@@ -185,14 +185,17 @@ class EcoflapDataModule(pl.LightningDataModule):
         if "data_dir" not in inspect.signature(type(self)).parameters:
             return None
         candidates = [self.data_dir.parent] if self.data_dir.parent != self.data_dir else []
-        if self.data_dir.is_dir():
-            inside = (path for path in sorted(self.data_dir.iterdir()) if path.is_dir() and path.name[:1] != ".")
-            candidates += list(itertools.islice(inside, NEARBY_FOLDERS))
+        try:
+            if self.data_dir.is_dir():
+                inside = (path for path in sorted(self.data_dir.iterdir()) if path.is_dir() and path.name[:1] != ".")
+                candidates += list(itertools.islice(inside, NEARBY_FOLDERS))
+        except OSError:  # a folder that cannot be listed: the error found is reported as it is
+            pass
         arguments = _arguments(self)
         for candidate in candidates:
             try:
                 type(self)(**{**arguments, "data_dir": candidate})._locate(stage)
-            except (DataFileNotFoundError, ValueError, TypeError):
+            except (OSError, ValueError, TypeError):  # DataFileNotFoundError is an OSError
                 continue
             return candidate
         return None
