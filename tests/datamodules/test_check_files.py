@@ -211,4 +211,3 @@ def test_a_data_dir_near_no_dataset_root_keeps_the_option_hint(tmp_path: Path) -
     with pytest.raises(DataFileNotFoundError, match="HINT: set `val_questions_file`") as raised:
         VQAv2DataModule(tmp_path / "datasets").check_files("val")
     assert "set data_dir" not in str(raised.value)
-
