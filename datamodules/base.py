@@ -169,14 +169,20 @@ class EcoflapDataModule(pl.LightningDataModule):
         try:
             return self._locate(stage)
         except DataFileNotFoundError as error:
+            # The error's hint (set the file's option) misleads when the folder, not the file, is wrong.
+            not_found, _, option_hint = str(error).partition(" HINT: ")
             nearby = self._data_dir_nearby(stage)
-            if nearby is None:
-                raise
-            not_found = str(error).split(" HINT: ", 1)[0]  # its hint (set the file's option) would mislead here
-            raise DataFileNotFoundError(
-                f"{not_found} `data_dir` is {self.data_dir}, but the files of this split are in {nearby}. HINT: set "
-                f"data_dir: {nearby}"
-            ) from error
+            if nearby is not None:
+                raise DataFileNotFoundError(
+                    f"{not_found} `data_dir` is {self.data_dir}, but the files of this split are in {nearby}. HINT: "
+                    f"set data_dir: {nearby}"
+                ) from error
+            if not self.data_dir.exists() and str(self.data_dir) in not_found:
+                raise DataFileNotFoundError(
+                    f"{not_found} `data_dir` {self.data_dir} does not exist. HINT: set data_dir to the folder that "
+                    f"holds the dataset (the experiment files mark it `# EDIT`), or {option_hint}"
+                ) from error
+            raise
 
     def _data_dir_nearby(self, stage: Stage) -> Path | None:
         """The folder one level above ``data_dir``, or one of the first :data:`NEARBY_FOLDERS` folders inside it, in

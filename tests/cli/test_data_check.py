@@ -96,7 +96,8 @@ def test_the_experiment_config_with_a_wrong_data_dir_stops_before_the_hub(tmp_pa
     error = run.stderr[run.stderr.index("error (") :]
     assert error.startswith("error (configuration error): VQA questions of split 'val2014' not found")
     assert str(missing / "v2_OpenEnded_mscoco_val2014_questions.json") in error
-    assert "HINT: set `val_questions_file`" in error and len(error.splitlines()) <= 3
+    assert f"`data_dir` {missing} does not exist. HINT: set data_dir to the folder that holds the dataset" in error
+    assert "or set `val_questions_file`" in error and len(error.splitlines()) <= 3
     assert "offline" not in run.stdout + run.stderr and "blip2-opt-2.7b" not in error
     assert not (tmp_path / "run").exists() and not (tmp_path / "hf_home").exists()  # nothing written
 

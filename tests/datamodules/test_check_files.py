@@ -161,6 +161,15 @@ def test_a_missing_data_dir_names_the_data_dir_paths(tmp_path: Path) -> None:
         VQAv2DataModule(missing).check_files("val")
     with pytest.raises(DataFileNotFoundError, match=rf"{missing / 'train'}.*`train_dir`"):
         ImageNetDataModule(missing).check_files("train")
+    # The folder, not the file, is what to fix (an experiment file whose `# EDIT` line was not edited).
+    with pytest.raises(DataFileNotFoundError) as raised:
+        VQAv2DataModule(missing).check_files("val")
+    assert f"`data_dir` {missing} does not exist. HINT: set data_dir to the folder that holds the dataset" in str(
+        raised.value
+    )
+    assert str(raised.value).endswith(
+        "or set `val_questions_file` to the file's path (absolute, or relative to `data_dir`)."
+    )
 
 
 def test_an_unset_file_option_is_refused(tmp_path: Path) -> None:
