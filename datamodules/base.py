@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import logging
 from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
@@ -14,9 +16,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
-from ecoflap_pl.datamodules._io import DataFormatError, check_image_files, load_image, locate
+from ecoflap_pl.datamodules._io import DataFileNotFoundError, DataFormatError, check_image_files, load_image, locate
 
 log = logging.getLogger(__name__)
+
+NEARBY_FOLDERS = 32
+"""How many folders inside a wrong ``data_dir`` are searched for the dataset's files (the first, by name)."""
 
 Stage = Literal["train", "val", "test"]
 CollateFn = Callable[[list[dict[str, Any]]], Any]
@@ -161,7 +166,45 @@ class EcoflapDataModule(pl.LightningDataModule):
             ValueError: the loop needs a file option that is not set.
         """
         _check_stage(stage)
-        return self._locate(stage)
+        try:
+            return self._locate(stage)
+        except DataFileNotFoundError as error:
+            # The error's hint (set the file's option) misleads when the folder, not the file, is wrong.
+            not_found, _, option_hint = str(error).partition(" HINT: ")
+            nearby = self._data_dir_nearby(stage)
+            if nearby is not None:
+                raise DataFileNotFoundError(
+                    f"{not_found} `data_dir` is {self.data_dir}, but the files of this split are in {nearby}. HINT: "
+                    f"set data_dir: {nearby}"
+                ) from error
+            if not self.data_dir.exists() and str(self.data_dir) in not_found:
+                raise DataFileNotFoundError(
+                    f"{not_found} `data_dir` {self.data_dir} does not exist. HINT: set data_dir to the folder that "
+                    f"holds the dataset (the experiment files mark it `# EDIT`), or {option_hint}"
+                ) from error
+            raise
+
+    def _data_dir_nearby(self, stage: Stage) -> Path | None:
+        """The folder one level above ``data_dir``, or one of the first :data:`NEARBY_FOLDERS` folders inside it, in
+        which the files of the ``stage`` loop's split are all found (``data_dir`` set to the parent or a subfolder of
+        the dataset's root), or ``None``. DataModules that choose their ``data_dir`` themselves are not searched."""
+        if "data_dir" not in inspect.signature(type(self)).parameters:
+            return None
+        candidates = [self.data_dir.parent] if self.data_dir.parent != self.data_dir else []
+        try:
+            if self.data_dir.is_dir():
+                inside = (path for path in sorted(self.data_dir.iterdir()) if path.is_dir() and path.name[:1] != ".")
+                candidates += list(itertools.islice(inside, NEARBY_FOLDERS))
+        except OSError:  # a folder that cannot be listed: the error found is reported as it is
+            pass
+        arguments = _arguments(self)
+        for candidate in candidates:
+            try:
+                type(self)(**{**arguments, "data_dir": candidate})._locate(stage)
+            except (OSError, ValueError, TypeError):  # DataFileNotFoundError is an OSError
+                continue
+            return candidate
+        return None
 
     def reuse_splits(self, other: EcoflapDataModule) -> None:
         """Serve the splits ``other`` has read (:meth:`dataset`) instead of reading them again, when ``other`` is the

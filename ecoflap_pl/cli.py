@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -26,8 +26,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 from torch import nn
 from typing_extensions import override
 
@@ -37,6 +38,7 @@ from ecoflap_pl.callbacks.pruning import unreadable_checkpoint
 from ecoflap_pl.console import quiet_libraries
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.datamodules.base import Stage
+from ecoflap_pl.hardware_check import check_trainer_hardware
 from ecoflap_pl.option_hints import unknown_option_hint
 from ecoflap_pl.tasks.base import EcoflapTask
 
@@ -65,7 +67,11 @@ class EcoflapTrainer(pl.Trainer):
         return found[0]
 
     def prune(
-        self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None, ckpt_path: str | None = None
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        weights_only: bool | None = None,
     ) -> None:
         """Prune the model and save it (``pruning.save_to``) without training or evaluating.
 
@@ -77,6 +83,7 @@ class EcoflapTrainer(pl.Trainer):
             model: the task whose ``model`` is pruned.
             datamodule: the data, whose ``calibration_dataloader`` feeds pruning.
             ckpt_path: a checkpoint to start from (one that is already pruned is not pruned again).
+            weights_only: how ``ckpt_path`` is loaded, as for ``fit`` (so that a config of ``fit`` runs ``prune``).
         """
         callback = self.pruning_callback()
         if TrainerFn.FITTING not in callback.stages:
@@ -88,8 +95,18 @@ class EcoflapTrainer(pl.Trainer):
             log.warning("`pruning.save_to` is not set: the pruned model is only reported, not saved.")
         self.fit_loop.epoch_loop.max_steps = 0
         self.num_sanity_val_steps = 0
-        self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        loading = {} if weights_only is None else {"weights_only": weights_only}  # a Lightning without it: not given
+        self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **loading)
 
+
+DESCRIPTION = (
+    "Prune a model with ECoFLaP, then evaluate or fine-tune it (LightningCLI). `validate` and `test` prune, then "
+    "evaluate (--compare_dense true: dense and pruned side by side); `fit` prunes, then fine-tunes with the masks "
+    "held fixed; `prune` prunes and saves (--pruning.save_to DIR); `predict` prunes only when pruning.stages names "
+    "it. The pruning settings are the `pruning:` section (`ecoflap validate --help` lists them). Configs: "
+    "configs/README.md."
+)
+"""What ``ecoflap --help`` says the command does (LightningCLI's default is "Lightning Trainer command line tool")."""
 
 _MAIN_LOOP: dict[str, Stage] = {"fit": "train", "prune": "train", "validate": "val", "test": "test", "predict": "test"}
 """The DataModule loop each subcommand runs (``prune`` runs ``fit`` with no step: it only calibrates)."""
@@ -109,6 +126,7 @@ class EcoflapCLI(LightningCLI):
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # Configuration errors are raised (not printed with the whole usage) so that `main` can show them briefly.
         kwargs.setdefault("exit_on_error", False)
+        kwargs.setdefault("description", DESCRIPTION)  # the subcommands' parsers get their own
         return super().init_parser(**kwargs)
 
     @override
@@ -124,6 +142,8 @@ class EcoflapCLI(LightningCLI):
     @override
     def instantiate_classes(self) -> None:
         try:
+            if self.subcommand is not None:
+                check_trainer_hardware(self._get(self.config, "trainer"))
             checked = self._read_data_first()
             super().instantiate_classes()
             if checked is not None and isinstance(self.datamodule, EcoflapDataModule):
@@ -193,6 +213,7 @@ class EcoflapCLI(LightningCLI):
         ckpt_path = settings.get("ckpt_path") if settings is not None else None
         before, task = _model_arguments(settings), _model_class(settings)
         if ckpt_path is not None:
+            _check_ckpt_path_exists(str(ckpt_path))
             try:
                 check_checkpoint_file(ckpt_path)  # before any of it is loaded, and before the model is built
             except ValueError as error:
@@ -293,16 +314,46 @@ class EcoflapCLI(LightningCLI):
         pruned = run(**pruned_kwargs)
         if self.trainer.is_global_zero:
             sparsity = callback.result.overall_sparsity if callback.result is not None else 0.0
-            table = comparison_table(dense[0] if dense else {}, pruned[0] if pruned else {}, sparsity)
-            table.caption = f"pruned: masks from {callback.masks_from}"
+            notes = [f"pruned: masks from {callback.masks_from}"]
             if pruned_checkpoint:
-                table.caption += "; dense: the model the config builds, without the checkpoint"
-            Console().print(table)
+                notes.append("dense: the model the config builds, without the checkpoint")
+            Console().print(comparison_table(dense[0] if dense else {}, pruned[0] if pruned else {}, sparsity, notes))
 
 
-def comparison_table(dense: Mapping[str, float], pruned: Mapping[str, float], sparsity: float) -> Table:
-    """Dense and pruned metrics side by side, with the difference."""
-    table = Table(title=f"Dense vs pruned ({100 * sparsity:.1f}% of the candidate weights pruned)")
+_CKPT_PATH_WORDS = ("last", "best", "hpc")
+"""``ckpt_path`` values that name no file: Lightning finds the checkpoint itself."""
+
+
+def _check_ckpt_path_exists(ckpt_path: str) -> None:
+    """Refuse a local ``ckpt_path`` that is no file before the model is built (Lightning finds out when the run
+    restores it, after the model is built and, for ``validate``, after pruning). Lightning's words (``last``, ...), a
+    model registry name and a remote URL are left to Lightning.
+
+    Raises:
+        ConfigurationError: the path does not exist, or is a folder.
+    """
+    if ckpt_path in _CKPT_PATH_WORDS or ckpt_path.startswith("registry") or "://" in ckpt_path:
+        return
+    path = Path(ckpt_path).expanduser()
+    if path.is_file():
+        return
+    found = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
+    raise ConfigurationError(
+        f"`ckpt_path` {ckpt_path!r} {found}. HINT: give a .ckpt file a run saved (under its "
+        "`trainer.default_root_dir`, in checkpoints/), or 'last' to resume from the newest checkpoint there."
+    )
+
+
+def comparison_table(
+    dense: Mapping[str, float], pruned: Mapping[str, float], sparsity: float, notes: Sequence[str] = ()
+) -> Group:
+    """Dense and pruned metrics side by side, with the difference: a title line, the table, then ``notes``, one a line.
+
+    The title and notes are lines of their own, not the table's title and caption, which rich wraps to the width of
+    the table's four short columns (a checkpoint's path was cut in two).
+    """
+    title = Text(f"Dense vs pruned ({100 * sparsity:.1f}% of the candidate weights pruned)", style="italic")
+    table = Table()
     table.add_column("metric")
     table.add_column("dense", justify="right")
     table.add_column("pruned", justify="right")
@@ -311,7 +362,7 @@ def comparison_table(dense: Mapping[str, float], pruned: Mapping[str, float], sp
         before, after = dense.get(key), pruned.get(key)
         delta = f"{after - before:+.4f}" if before is not None and after is not None else ""
         table.add_row(key, _fmt(before), _fmt(after), delta)
-    return table
+    return Group(title, table, *(Text(note) for note in notes))
 
 
 def _model_arguments(settings: Any) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """What the ``ecoflap`` command prints: its progress bars, tables and file paths, without its libraries' chatter.
 
 Lightning logs hardware banners ("GPU available: ..."), a promotional tip on every Trainer without its paid logger,
-"Seed set to ..." and "`Trainer.fit` stopped: `max_steps=...` reached." at INFO, and one of its modules triggers a
-deprecation warning of torch's pytree API. transformers draws a tqdm bar of its own whenever it loads or saves a model
-("Loading weights", "Writing model shards"), beside the command's progress bars. None of it tells a user anything
-about their run; the filters below drop exactly those messages and bars and nothing else (warnings and errors still
-show, and so do the hub's download bars).
+"Seed set to ...", "`Trainer.fit` stopped: `max_steps=...` reached." and, when a task's learning-rate schedule asks
+for the number of steps, "Loading `train_dataloader` to estimate number of stepping batches." at INFO, and one of
+its modules triggers a deprecation warning of torch's pytree API. transformers draws a tqdm bar of its own whenever
+it loads or saves a model ("Loading weights", "Writing model shards"), beside the command's progress bars. None of
+it tells a user anything about their run; the filters below drop exactly those messages and bars and nothing else
+(warnings and errors still show, and so do the hub's download bars).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ _BANNERS = (
     "💡 Tip:",
     "Seed set to",
     "`Trainer.fit` stopped:",
+    "Loading `train_dataloader` to estimate number of stepping batches.",
 )
 _LOGGERS = (
     "lightning.pytorch.utilities.rank_zero",

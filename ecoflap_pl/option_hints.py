@@ -10,8 +10,17 @@ import re
 from argparse import ArgumentParser
 
 _UNKNOWN_ARGUMENT = re.compile(r"unrecognized arguments: --([\w.]+)", re.IGNORECASE)
-_UNKNOWN_KEY = re.compile(r"does not accept option '([\w.]+)'")
+_UNKNOWN_KEY = re.compile(r"(?:Subcommand '(\w+)' )?does not accept option '([\w.]+)'")
 _UNKNOWN_CLASS_ARGUMENT = re.compile(r"given class_path '([\w.]+)':\s*Option '(\w+)' is not accepted")
+
+
+_OTHER_CODE_NAMES = {
+    "sparsity_ratio": "sparsity",
+    "sparsity_type": "structure",
+    "prune_method": "method",
+    "nsamples": "fine_samples",
+}
+"""Arguments of Wanda's ``main.py`` that its users type out of habit, and the pruning options that do the same here."""
 
 
 def unknown_option_hint(message: str, parser: ArgumentParser) -> str | None:
@@ -22,28 +31,69 @@ def unknown_option_hint(message: str, parser: ArgumentParser) -> str | None:
         message: the parser's error message.
         parser: the ``ecoflap`` parser (with its subcommand parsers), whose options are the valid names.
     """
-    found = _UNKNOWN_ARGUMENT.search(message) or _UNKNOWN_KEY.search(message)
+    key = _UNKNOWN_KEY.search(message)
+    if key is not None and key.group(1) is not None:
+        subcommand, given = key.group(1), key.group(2)
+        elsewhere = [name for name, options in _subcommand_options(parser).items() if given in options]
+        if elsewhere:
+            return _other_subcommands_option_hint(given, subcommand, elsewhere)
+        known = _subcommand_options(parser).get(subcommand, [])
+        return _close_option_hint(given, known)
+    found = _UNKNOWN_ARGUMENT.search(message) or key
     if found:
-        given, known = found.group(1), _parser_options(parser)
+        given, known = found.group(found.lastindex or 1), _parser_options(parser)
     else:
         found = _UNKNOWN_CLASS_ARGUMENT.search(message)
         if found is None:
             return None
         given, known = found.group(2), _init_arguments(found.group(1))
+    return _close_option_hint(given, known)
+
+
+def _close_option_hint(given: str, known: list[str]) -> str | None:
+    """``HINT: did you mean ...?`` naming the option of ``known`` in the same section as ``given`` with the closest
+    name, or, for a misspelt section (``pruneing.sparsity``), the same option of the section with the closest name;
+    None when none is close."""
     prefix, _, name = given.rpartition(".")
     siblings = {option.rpartition(".")[2]: option for option in known if option.rpartition(".")[0] == prefix}
+    if _OTHER_CODE_NAMES.get(name) in siblings:
+        return f"HINT: did you mean '{siblings[_OTHER_CODE_NAMES[name]]}'? ({name} is its name in Wanda's code)"
     close = difflib.get_close_matches(name, list(siblings), n=1, cutoff=0.75)
-    return f"HINT: did you mean '{siblings[close[0]]}'?" if close else None
+    if close:
+        return f"HINT: did you mean '{siblings[close[0]]}'?"
+    sections = {option.rpartition(".")[0] for option in known if f"{option.rpartition('.')[0]}.{name}" == option}
+    section = difflib.get_close_matches(prefix, sorted(sections - {""}), n=1, cutoff=0.75) if prefix else []
+    return f"HINT: did you mean '{section[0]}.{name}'?" if section else None
+
+
+def _other_subcommands_option_hint(given: str, subcommand: str, elsewhere: list[str]) -> str:
+    """The hint for an option of other subcommands only, e.g. ``verbose`` (``validate``/``test``) given to ``fit``: a
+    config that ``--print_config`` printed, or a run saved as ``config.yaml``, for another subcommand."""
+    return (
+        f"'{given}' is an option of {' and '.join(f'`{name}`' for name in elsewhere)}, not of `{subcommand}`: this "
+        f"config was probably printed (--print_config) or saved (config.yaml) by another subcommand. HINT: delete its "
+        f"`{given}:` line, or print the config again with `ecoflap {subcommand} ... --print_config`."
+    )
+
+
+def _subcommand_options(parser: ArgumentParser) -> dict[str, list[str]]:
+    """Each subcommand's dotted option names, without the leading dashes (empty without subcommands)."""
+    subcommands = getattr(parser, "_subcommands_action", None)
+    parsers = subcommands._name_parser_map if subcommands is not None else {}
+    return {name: _options(each) for name, each in parsers.items()}
+
+
+def _options(parser: ArgumentParser) -> list[str]:
+    names = {option.lstrip("-") for action in parser._actions for option in action.option_strings}
+    return sorted(name for name in names if len(name) > 1)
 
 
 def _parser_options(parser: ArgumentParser) -> list[str]:
     """Every dotted option name of ``parser`` and of its subcommand parsers, without the leading dashes."""
-    parsers = [parser]
-    subcommands = getattr(parser, "_subcommands_action", None)
-    if subcommands is not None:
-        parsers += list(subcommands._name_parser_map.values())
-    names = {option.lstrip("-") for each in parsers for action in each._actions for option in action.option_strings}
-    return sorted(name for name in names if len(name) > 1)
+    names = set(_options(parser))
+    for options in _subcommand_options(parser).values():
+        names.update(options)
+    return sorted(names)
 
 
 def _init_arguments(class_path: str) -> list[str]:

@@ -82,6 +82,15 @@ def _pct(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
+def _block_label(row: BlockRow) -> str:
+    """The block's name below its tower's row: the tower's last part and the rest (``"layers.3"`` for
+    ``"language_model.model.decoder.layers.3"``), short enough for an 80-column terminal; the report keeps the full
+    name."""
+    if not row.tower:
+        return row.block
+    return row.tower.rpartition(".")[2] + row.block[len(row.tower) :]
+
+
 def _tower_totals(rows: list[BlockRow], tower: str) -> tuple[int, float]:
     params = sum(row.params for row in rows if row.tower == tower)
     target = sum(row.target * row.params for row in rows if row.tower == tower) / params
@@ -105,8 +114,10 @@ def sparsity_table(result: PruningResult) -> Table:
         title=f"ECoFLaP: {_allocation_label(result)} + {config.method}, target {_pct(config.sparsity)}",
         title_justify="left",
     )
-    for column, justify in (("tower / block", "left"), ("params", "right"), ("score", "right")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    # A long module name is folded onto the next line, never cut: its end (the block index) tells the rows apart.
+    table.add_column("tower / block", overflow="fold")
+    table.add_column("params", justify="right")
+    table.add_column("score", justify="right")
     table.add_column("target", justify="right")
     table.add_column("achieved", justify="right")
     rows = block_rows(result)
@@ -114,7 +125,7 @@ def sparsity_table(result: PruningResult) -> Table:
     for tower in result.towers:
         for row in (r for r in rows if r.tower == tower):
             score = "-" if row.score is None else f"{row.score:.4g}"
-            table.add_row(f"  {row.block}", f"{row.params:,}", score, _pct(row.target), _pct(row.achieved))
+            table.add_row(f"  {_block_label(row)}", f"{row.params:,}", score, _pct(row.target), _pct(row.achieved))
         params, target = _tower_totals(rows, tower)
         table.add_row(
             f"{tower or '<root>'} (tower)", f"{params:,}", "", _pct(target), _pct(towers[tower]), style="bold"

@@ -38,6 +38,44 @@ def _looks_local(pretrained: str) -> bool:
     return pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1 or "\\" in pretrained
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".index")
+"""File endings of the weight files (and their shard indexes) ``from_pretrained`` reads from a folder."""
+
+
+def check_model_folder(folder: Path) -> None:
+    """Refuse a local ``pretrained`` folder that ``from_pretrained`` cannot load: one without ``config.json`` (the
+    folder above the model's, or a data folder) or without weight files (the config and tokenizer copied alone).
+    transformers says "Unrecognized model ... Should have a `model_type` key in its config.json" for the first, even
+    when there is no config.json at all.
+
+    Raises:
+        FileNotFoundError: naming the folder, what it lacks and, when one of its subfolders holds a model, that one.
+    """
+    if not (folder / "config.json").is_file():
+        models = sorted(sub for sub in _subfolders(folder) if (sub / "config.json").is_file())
+        where = (
+            f"point `pretrained` at the model folder inside it: {', '.join(str(m) for m in models[:3])}"
+            if models
+            else "give the folder written by save_pretrained() or `--pruning.save_to`, or a hub name such as "
+            "'Salesforce/blip2-opt-2.7b'"
+        )
+        raise FileNotFoundError(
+            f"`pretrained` {str(folder)!r} is a folder without config.json, so it holds no model. HINT: {where}."
+        )
+    weights = [path.name for path in folder.iterdir() if path.name.endswith(WEIGHT_SUFFIXES) or ".index." in path.name]
+    if not weights:
+        raise FileNotFoundError(
+            f"`pretrained` {str(folder)!r} holds config.json but no weight files ({', '.join(WEIGHT_SUFFIXES)}): "
+            "the weights were not copied with it. HINT: copy the model's *.safetensors files (and their index) into "
+            "it, or point `pretrained` at the complete folder."
+        )
+
+
+def _subfolders(folder: Path, limit: int = 64) -> list[Path]:
+    """The first ``limit`` folders inside ``folder``, by name (a data folder may hold thousands)."""
+    return sorted(path for path in folder.iterdir() if path.is_dir())[:limit]
+
+
 @contextmanager
 def hub_load_errors(pretrained: str, **from_pretrained_kwargs: Any) -> Iterator[None]:
     """Run a ``from_pretrained(pretrained)`` call with the errors a user can act on.
@@ -54,7 +92,10 @@ def hub_load_errors(pretrained: str, **from_pretrained_kwargs: Any) -> Iterator[
         FileNotFoundError: a local ``pretrained`` path that does not exist.
         OSError: the model is not in the cache and cannot be downloaded.
     """
-    if Path(pretrained).expanduser().exists() or from_pretrained_kwargs.get("local_files_only"):
+    local = Path(pretrained).expanduser()
+    if local.exists() or from_pretrained_kwargs.get("local_files_only"):
+        if local.is_dir() and not from_pretrained_kwargs.get("subfolder"):
+            check_model_folder(local)
         yield
         return
     if _looks_local(str(pretrained)):

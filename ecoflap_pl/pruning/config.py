@@ -100,7 +100,7 @@ class PruningConfig:
     sparsity: float = 0.5
     max_sparsity: float | None = None
     importance: ImportanceName | str = "zeroth_order"
-    allocation: AllocationName = "ecoflap"
+    allocation: AllocationName | str = "ecoflap"
     owl_m: float = 5.0
     owl_lambda: float = 0.08
     allocation_report: PathString | None = None

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
+from torch import nn
 
 from ecoflap_pl import PruningConfig, PruningResult, prune
 from ecoflap_pl.reporting import block_rows, plot_sparsity, render_table, write_report
@@ -64,3 +65,24 @@ def test_plot_handles_uniform_runs_without_scores(tmp_path: Path) -> None:
     assert all(row.score is None for row in block_rows(uniform))
     assert plot_sparsity(uniform, tmp_path / "u.png").stat().st_size > 0
     assert torch.is_tensor(next(iter(uniform.masks.values())))
+
+
+def test_block_rows_stay_apart_on_an_80_column_terminal_with_hub_length_module_names() -> None:
+    """The demo BLIP-2's towers are ``vision_model.encoder.layers`` and ``language_model.model.decoder.layers``: the
+    table gave each language block as ``language_model.model.decoder.laye…``, both rows alike."""
+    task = ToyTask()
+    nested = nn.Module()  # the toy's towers under the module path of a Hugging Face BLIP-2 OPT
+    nested.language_model = nn.Module()
+    nested.language_model.model = nn.Module()
+    nested.language_model.model.decoder = task.model
+    batches = list(ToyData().calibration_dataloader(8))
+    config = PruningConfig(sparsity=0.5, coarse_samples=8, fine_samples=8)
+    result = prune(nested, batches, lambda model, batch: task.calibration_loss(batch), config)
+    console = Console(width=80, record=True)
+    console.print(render_table(result))
+    lines = console.export_text().splitlines()
+    block_lines = [line for line in lines if line.startswith("│   ")]
+    labels = [line.split("│")[1].strip() for line in block_lines]
+    assert labels == ["vision.0", "vision.1", "text.0", "text.1"]
+    assert "…" not in console.export_text()
+    assert any("language_model.model.decoder.vision" in line for line in lines)  # the tower row names the full path

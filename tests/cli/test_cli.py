@@ -9,7 +9,10 @@ import sys
 import pytest
 import torch
 import yaml
+from rich.console import Console
 from transformers import Blip2ForConditionalGeneration
+
+from ecoflap_pl.cli import comparison_table
 
 
 def ecoflap(*args: str) -> subprocess.CompletedProcess:
@@ -101,3 +104,16 @@ def test_print_config_and_bad_option_error(tmp_path, blip2_dir, demo_data):
         text=True,
     )
     assert bad.returncode != 0 and "method" in bad.stderr
+
+
+def test_the_comparison_keeps_its_title_and_notes_whole() -> None:
+    """The title and the notes were the table's title and caption, which rich wraps to the width of its four short
+    columns: "Dense vs pruned (60.0% of the candidate" over "weights pruned)", a checkpoint's path cut in two."""
+    checkpoint = "/scratch/experiments/blip2_opt27b_vqav2/checkpoints/epoch=9-step=123456.ckpt"
+    notes = [f"pruned: masks from the checkpoint {checkpoint}", "dense: the model the config builds"]
+    console = Console(width=120, record=True)
+    console.print(comparison_table({"val/accuracy": 0.7658}, {"val/accuracy": 0.7399}, 0.6, notes))
+    lines = [line.rstrip() for line in console.export_text().splitlines()]
+    assert lines[0] == "Dense vs pruned (60.0% of the candidate weights pruned)"
+    assert lines[-2:] == notes
+    assert "│ val/accuracy │ 0.7658 │ 0.7399 │ -0.0259 │" in lines

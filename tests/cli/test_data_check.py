@@ -88,6 +88,7 @@ def test_the_experiment_config_with_a_wrong_data_dir_stops_before_the_hub(tmp_pa
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
     args = ["validate", "-c", str(ROOT / "configs/experiments/blip2_opt27b_vqav2.yaml")]
     args += [f"--data.init_args.data_dir={missing}", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    args += ["--trainer.accelerator=cpu"]  # the config asks for a GPU, which is checked first (test_run_checks.py)
     run = subprocess.run(
         [sys.executable, "-m", "ecoflap_pl.cli", *args], capture_output=True, text=True, env=env, cwd=tmp_path
     )
@@ -95,7 +96,8 @@ def test_the_experiment_config_with_a_wrong_data_dir_stops_before_the_hub(tmp_pa
     error = run.stderr[run.stderr.index("error (") :]
     assert error.startswith("error (configuration error): VQA questions of split 'val2014' not found")
     assert str(missing / "v2_OpenEnded_mscoco_val2014_questions.json") in error
-    assert "HINT: set `val_questions_file`" in error and len(error.splitlines()) <= 3
+    assert f"`data_dir` {missing} does not exist. HINT: set data_dir to the folder that holds the dataset" in error
+    assert "or set `val_questions_file`" in error and len(error.splitlines()) <= 3
     assert "offline" not in run.stdout + run.stderr and "blip2-opt-2.7b" not in error
     assert not (tmp_path / "run").exists() and not (tmp_path / "hf_home").exists()  # nothing written
 

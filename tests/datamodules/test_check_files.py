@@ -22,7 +22,7 @@ from ecoflap_pl.datamodules import (
     VQAv2DataModule,
 )
 from ecoflap_pl.demo.training import VQACaptionMixDataModule
-from tests.datamodules.datamodule_layouts import collate, write_imagenet, write_json
+from tests.datamodules.datamodule_layouts import collate, write_imagenet, write_json, write_vqa
 
 VQA_VAL = {
     "val_questions_file": "v2_OpenEnded_mscoco_val2014_questions.json",
@@ -161,6 +161,15 @@ def test_a_missing_data_dir_names_the_data_dir_paths(tmp_path: Path) -> None:
         VQAv2DataModule(missing).check_files("val")
     with pytest.raises(DataFileNotFoundError, match=rf"{missing / 'train'}.*`train_dir`"):
         ImageNetDataModule(missing).check_files("train")
+    # The folder, not the file, is what to fix (an experiment file whose `# EDIT` line was not edited).
+    with pytest.raises(DataFileNotFoundError) as raised:
+        VQAv2DataModule(missing).check_files("val")
+    assert f"`data_dir` {missing} does not exist. HINT: set data_dir to the folder that holds the dataset" in str(
+        raised.value
+    )
+    assert str(raised.value).endswith(
+        "or set `val_questions_file` to the file's path (absolute, or relative to `data_dir`)."
+    )
 
 
 def test_an_unset_file_option_is_refused(tmp_path: Path) -> None:
@@ -178,3 +187,36 @@ def test_a_datamodule_made_of_others_checks_each_part(vqa_root: Path) -> None:
     assert set(mix.check_files("val")) == {*VQA_VAL, "image_root"}
     with pytest.raises(DataFileNotFoundError, match=r"COCO train caption annotations.*HINT: set `train_file`"):
         mix.check_files("train")
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_data_dir_inside_the_dataset_root_names_the_root(
+    name: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    datamodule, stage, _ = datamodule_case(name, tmp_path, request)
+    inside = datamodule.data_dir / "a_subfolder"
+    inside.mkdir()
+    arguments = {key: value for key, value in datamodule.hparams.items() if not key.startswith("_")}
+    wrong = type(datamodule)(**{**arguments, "data_dir": inside})
+    with pytest.raises(DataFileNotFoundError) as raised:
+        wrong.check_files(stage)
+    message = str(raised.value)
+    assert message.endswith(
+        f"`data_dir` is {inside}, but the files of this split are in {datamodule.data_dir}. HINT: set data_dir: "
+        f"{datamodule.data_dir}"
+    ), message
+    assert message.count("HINT") == 1, message  # not also "set `val_file`": the file is there, data_dir is wrong
+
+
+def test_a_data_dir_above_the_dataset_root_names_the_root(tmp_path: Path) -> None:
+    (tmp_path / "datasets" / "a_first_folder").mkdir(parents=True)
+    vqa = write_vqa(tmp_path / "datasets" / "vqav2")
+    with pytest.raises(DataFileNotFoundError, match=re.escape(f"HINT: set data_dir: {vqa}")):
+        VQAv2DataModule(tmp_path / "datasets").check_files("val")
+
+
+def test_a_data_dir_near_no_dataset_root_keeps_the_option_hint(tmp_path: Path) -> None:
+    (tmp_path / "datasets" / "empty").mkdir(parents=True)
+    with pytest.raises(DataFileNotFoundError, match="HINT: set `val_questions_file`") as raised:
+        VQAv2DataModule(tmp_path / "datasets").check_files("val")
+    assert "set data_dir" not in str(raised.value)

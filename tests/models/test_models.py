@@ -9,6 +9,7 @@ from transformers import T5ForConditionalGeneration
 from ecoflap_pl.models.loading import build_hf_model, load_tokenizer
 from ecoflap_pl.models.tiny import HF_FAMILIES, tiny_config, tiny_model, tiny_timm
 from ecoflap_pl.models.tokenizers import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS, train_tokenizer
+from ecoflap_pl.tasks.model_config import load_config
 
 CORPUS = ["a red 3 and a blue 7", "what digit is on the left ?", "two digits"] * 4
 
@@ -84,6 +85,32 @@ def test_build_hf_model_from_config_dict_or_directory(tmp_path):
     assert torch.equal(model.shared.weight, loaded.shared.weight)
     with pytest.raises(ValueError, match="Exactly one of `pretrained` and `model_config`"):
         build_hf_model(T5ForConditionalGeneration, pretrained=str(tmp_path), config=config)
+
+
+def test_a_pretrained_folder_without_config_names_the_model_folder_inside_it(tmp_path):
+    """transformers said "Unrecognized model in DIR. Should have a `model_type` key in its config.json" of a folder
+    with no config.json at all (the runs folder above a save_to export, a data folder)."""
+    model = build_hf_model(T5ForConditionalGeneration, config=tiny_config("t5").to_dict())
+    model.save_pretrained(tmp_path / "runs" / "pruned")
+    (tmp_path / "runs" / "logs").mkdir()
+    for load in (lambda path: load_config(path, None), lambda path: build_hf_model(T5ForConditionalGeneration, path)):
+        with pytest.raises(FileNotFoundError) as raised:
+            load(str(tmp_path / "runs"))
+        assert str(raised.value) == (
+            f"`pretrained` '{tmp_path / 'runs'}' is a folder without config.json, so it holds no model. HINT: point "
+            f"`pretrained` at the model folder inside it: {tmp_path / 'runs' / 'pruned'}."
+        )
+        with pytest.raises(FileNotFoundError, match=r"without config.json, so it holds no model\. HINT: give the"):
+            load(str(tmp_path / "runs" / "logs"))
+
+
+def test_a_pretrained_folder_without_weights_says_they_were_not_copied(tmp_path):
+    """transformers said "Error no file named model.safetensors, or pytorch_model.bin, found in directory DIR"."""
+    model = build_hf_model(T5ForConditionalGeneration, config=tiny_config("t5").to_dict())
+    model.save_pretrained(tmp_path / "copy")
+    (tmp_path / "copy" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"holds config.json but no weight files .*HINT: copy the model's"):
+        build_hf_model(T5ForConditionalGeneration, str(tmp_path / "copy"))
 
 
 @pytest.mark.parametrize("family", ["blip2_opt", "blip"])

@@ -35,6 +35,7 @@ def short_error(outcome, *expected: str) -> None:
         (["--pruning.sparsity=abc"], ['Parser key "pruning.sparsity"', "Got value: abc"]),
         (["--pruning.sparsity=1.5"], ["`sparsity` must be in [0, 1)", "HINT"]),
         (["--pruning.method=wandaa"], ["`method` must be one of ['wanda', 'sparsegpt', 'magnitude']"]),
+        (["--pruning.allocation=unifrom"], ["`allocation` must be one of", "HINT"]),
         (
             ["--pruning.sparsty=0.5"],
             ["unrecognized arguments: --pruning.sparsty=0.5", "did you mean 'pruning.sparsity'"],
@@ -45,6 +46,8 @@ def short_error(outcome, *expected: str) -> None:
         ),
         (["--model.init_args.num_beam=2"], ["Option 'num_beam' is not accepted", "HINT: did you mean 'num_beams'?"]),
         (["--pruning.zzz=1"], ["unrecognized arguments: --pruning.zzz=1"]),
+        (["--pruning.sparsity_type=2:4"], ["HINT: did you mean 'pruning.structure'? (sparsity_type is its name in"]),
+        (["--pruning.sparsity_ratio=0.5"], ["HINT: did you mean 'pruning.sparsity'? (sparsity_ratio is its name in"]),
         (["--pruning.stages=[train]"], ["`stages` must be a subset of"]),
         (["--data.init_args.batch_size=0"], ["`batch_size` must be an int >= 1, got 0."]),
         (["--data.init_args.calibration_batch_size=-1"], ["`calibration_batch_size` must be an int >= 1"]),
@@ -62,6 +65,36 @@ def test_configuration_errors_are_one_message(capsys, tmp_path, demo_data, blip2
     short_error(run_ecoflap(capsys, "validate", "-c", config, *options), *expected)
     assert folder_digest(blip2_dir) == before
     assert not (tmp_path / "run").exists()
+
+
+def test_names_are_read_in_any_case_in_every_pruning_option(capsys, tmp_path, demo_data):
+    """`--pruning.method Wanda` ran while `--pruning.allocation Uniform` was refused by the parser (a Literal type),
+    without the valid names' hint."""
+    config = vit_config(tmp_path, demo_data)
+    outcome = run_ecoflap(capsys, "validate", "-c", config, "--pruning.allocation=Uniform", "--pruning.method=Wanda")
+    assert outcome.code == 0, outcome.text[-3000:]
+    report = json.loads((tmp_path / "run" / "pruning_report.json").read_text(encoding="utf-8"))
+    assert (report["config"]["allocation"], report["config"]["method"]) == ("uniform", "wanda")
+
+
+def test_a_list_option_takes_one_name_without_brackets(capsys, tmp_path, demo_data):
+    """`--pruning.stages validate` and `--pruning.exclude 'blocks.1.*'` were refused by the parser ("Expected a
+    <class 'collections.abc.Sequence'>. Got value: validate"), though the callback reads one name as a list of one."""
+    config = vit_config(tmp_path, demo_data)
+    outcome = run_ecoflap(capsys, "validate", "-c", config, "--pruning.stages=validate", "--pruning.exclude=blocks.1.*")
+    assert outcome.code == 0, outcome.text[-3000:]
+    report = json.loads((tmp_path / "run" / "pruning_report.json").read_text(encoding="utf-8"))
+    assert report["config"]["exclude"] == ["blocks.1.*"]
+    assert [block["block"] for block in report["blocks"]] == ["blocks.0"]
+
+
+def test_fit_prints_no_lightning_chatter(capsys, tmp_path, demo_data):
+    config = vit_config(tmp_path, demo_data)
+    outcome = run_ecoflap(capsys, "fit", "-c", config, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1")
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert "Pruning report:" in outcome.text
+    for chatter in ("to estimate number of stepping batches", "GPU available", "Seed set", "stopped:"):
+        assert chatter not in outcome.text, chatter
 
 
 def test_a_report_dir_that_is_a_file(capsys, tmp_path, demo_data):
@@ -97,7 +130,7 @@ def test_an_unreadable_checkpoint_is_one_message(capsys, tmp_path, demo_data, co
 
 def test_a_missing_checkpoint(capsys, tmp_path, demo_data):
     outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), "--ckpt_path=/no/such.ckpt")
-    short_error(outcome, "Checkpoint file not found: /no/such.ckpt")
+    short_error(outcome, "`ckpt_path` '/no/such.ckpt' does not exist. HINT: give a .ckpt file a run saved")
 
 
 def test_mixed_precision_still_prunes(capsys, tmp_path, demo_data):
@@ -135,6 +168,37 @@ def test_a_misspelt_key_in_the_config_file_names_the_option_meant(capsys, tmp_pa
     path.write_text(Path(vit_config(tmp_path, demo_data)).read_text().replace("fine_samples", "fine_sampels"))
     outcome = run_ecoflap(capsys, "validate", "-c", str(path))
     short_error(outcome, "does not accept option 'pruning.fine_sampels'", "HINT: did you mean 'pruning.fine_samples'?")
+
+
+def test_the_config_a_validate_run_saved_runs_prune_once_its_validate_option_is_deleted(capsys, tmp_path, demo_data):
+    """A run saves its merged config as config.yaml (and --print_config prints it) with its subcommand's options:
+    `verbose` of validate given to prune or fit was "does not accept option 'verbose'. HINT: did you mean 'verbose'?",
+    and prune refused `weights_only`, which fit takes."""
+    assert run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data)).code == 0
+    saved = tmp_path / "run" / "config.yaml"
+    assert "\nverbose: true\n" in saved.read_text(encoding="utf-8") and "weights_only" in saved.read_text()
+    for subcommand in ("prune", "fit"):
+        outcome = run_ecoflap(capsys, subcommand, "-c", str(saved))
+        short_error(
+            outcome,
+            f"'verbose' is an option of `validate` and `test`, not of `{subcommand}`",
+            f"HINT: delete its `verbose:` line, or print the config again with `ecoflap {subcommand} ...",
+        )
+        assert "did you mean" not in outcome.text
+    edited = tmp_path / "for_prune.yaml"
+    edited.write_text(saved.read_text(encoding="utf-8").replace("\nverbose: true\n", "\n"), encoding="utf-8")
+    outcome = run_ecoflap(capsys, "prune", "-c", str(edited), f"--pruning.save_to={tmp_path / 'pruned'}")
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert (tmp_path / "pruned" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("section", "typo"), [("pruning", "pruneing"), ("trainer", "trainr")])
+def test_a_misspelt_section_in_the_config_file_names_the_section_meant(capsys, tmp_path, demo_data, section, typo):
+    """A misspelt section name gave no hint: the hint looked for options of the misspelt section only."""
+    path = tmp_path / "config.yaml"
+    path.write_text(Path(vit_config(tmp_path, demo_data)).read_text().replace(f"\n{section}:", f"\n{typo}:"))
+    outcome = run_ecoflap(capsys, "validate", "-c", str(path))
+    short_error(outcome, f"does not accept option '{typo}.", f"HINT: did you mean '{section}.")
 
 
 def test_missing_config_file(capsys, tmp_path):

@@ -1,0 +1,84 @@
+"""What ``ecoflap`` checks before it builds the model, besides the data (test_data_check.py): the Trainer's hardware
+settings (a GPU that is not there: every experiment file asks for one) and ``ckpt_path``, each one short configuration
+error with a hint, not minutes of model loading followed by Lightning's one-line refusal; and what ``--help`` says."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.cli.test_data_check import config, refused
+from tests.datamodules.datamodule_layouts import write_vqa
+from tests.robustness.cli_runs import run_ecoflap
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_an_experiment_file_on_a_machine_without_a_gpu_stops_before_the_model_with_a_hint(tmp_path: Path) -> None:
+    # The shipped BLIP-2 OPT-2.7B experiment asks for a GPU; its model comes from the hub, offline here, so building
+    # the model first would end with the hub's error (on a real machine: minutes of loading 15 GB first).
+    data_dir = write_vqa(tmp_path / "vqa")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    args = ["validate", "-c", str(ROOT / "configs/experiments/blip2_opt27b_vqav2.yaml")]
+    args += [f"--data.init_args.data_dir={data_dir}", f"--trainer.default_root_dir={tmp_path / 'run'}"]
+    run = subprocess.run(
+        [sys.executable, "-m", "ecoflap_pl.cli", *args], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert run.returncode == 2, run.stderr[-3000:]
+    error = run.stderr[run.stderr.index("error (") :]
+    assert error.startswith("error (configuration error): The trainer settings (accelerator='gpu', devices=1"), error
+    assert "HINT: torch sees no CUDA GPU here" in error
+    assert "--trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto" in error
+    assert len(error.splitlines()) <= 3, error
+    assert "blip2-opt-2.7b" not in error and "offline" not in run.stdout + run.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "hf_home").exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        # configs/trainer/ddp.yaml's `devices: -1` (every GPU) with the CPU accelerator
+        (["--trainer.accelerator", "cpu", "--trainer.devices", "-1"], "`devices` selected with `CPUAccelerator`"),
+        (["--trainer.accelerator", "cpu", "--trainer.strategy", "fsdp"], "FSDP"),
+    ],
+)
+def test_trainer_settings_lightning_refuses_are_named_before_the_model_is_built(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, options: list[str], expected: str
+) -> None:
+    data_dir = write_vqa(tmp_path / "vqa")
+    outcome = run_ecoflap(capsys, "validate", "-c", config(tmp_path, data_dir), *options)
+    error = refused(outcome, "The trainer settings (accelerator='cpu'", expected, "HINT: fix trainer.accelerator")
+    assert "do not fit this machine" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_top_level_help_says_what_each_subcommand_does(capsys: pytest.CaptureFixture[str]) -> None:
+    """``ecoflap --help`` said "Lightning Trainer command line tool", and its subcommands' one-line help is
+    Lightning's ("Perform one evaluation epoch over the validation set."): nothing said that they prune first."""
+    outcome = run_ecoflap(capsys, "--help")
+    assert outcome.code == 0
+    text = " ".join(outcome.text.split())
+    assert "Lightning Trainer command line tool" not in text
+    for said in ("`validate` and `test` prune, then evaluate", "`fit` prunes, then fine-tunes", "--pruning.save_to"):
+        assert said in text, text[:2000]
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "fit", "prune"])
+def test_a_checkpoint_path_that_is_no_file_is_refused_before_the_model_is_built(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, subcommand: str
+) -> None:
+    """Lightning's "Checkpoint file not found: PATH" came when the run restored the checkpoint: after the model was
+    built and, for validate, after pruning; a folder given as ``ckpt_path`` failed inside torch.load."""
+    data_dir = write_vqa(tmp_path / "vqa")
+    path = config(tmp_path, data_dir)
+    outcome = run_ecoflap(capsys, subcommand, "-c", path, "--ckpt_path=/no/such.ckpt")
+    refused(outcome, "`ckpt_path` '/no/such.ckpt' does not exist. HINT: give a .ckpt file a run saved")
+    folder = tmp_path / "run_folder"
+    folder.mkdir()
+    outcome = run_ecoflap(capsys, subcommand, "-c", path, f"--ckpt_path={folder}")
+    refused(outcome, f"`ckpt_path` '{folder}' is a folder, not a checkpoint file. HINT")
+    assert not (tmp_path / "run").exists()
