@@ -40,9 +40,8 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
 import torch
-from _reference import exact_gradient_norms, group_spearman, spearman
+from _reference import exact_gradient_norms, group_spearman, simulated_spearman
 from _results import publish_section
 from transformers import Blip2ForConditionalGeneration
 
@@ -118,40 +117,6 @@ def captioning_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
 def _scores(model: torch.nn.Module, batches: list[Any], args: argparse.Namespace, **settings: Any) -> Any:
     config = PruningConfig(sparsity=0.5, coarse_samples=args.samples, seed=0, **settings)
     return score_groups(model, batches, captioning_loss, config)
-
-
-def simulated_spearman(
-    norms: list[dict[str, float]],
-    groups: dict[str, list[str]],
-    probes: int,
-    batches: int,
-    per_block: bool = False,
-    draws: int = 200,
-) -> tuple[float, float]:
-    """Mean and 10th percentile over ``draws`` of the Spearman ρ between the zeroth-order block scores with ``probes``
-    Gaussian directions per batch on the first ``batches`` batches and the exact ``Σ_b Σ_W ‖∇_W L_b‖₂``.
-
-    For ``z ~ N(0, I)``, ``zᵀg ~ N(0, ‖g‖²)`` exactly, so a two-point probe's ``|ĝ|`` is ``‖g‖·|N(0, 1)|`` up to the
-    finite difference's O(ε²) error and the loss's rounding: the estimator's distribution follows from the exact
-    norms alone. ``per_block`` draws one direction for a whole block (``‖g_block‖ = sqrt(Σ_W ‖∇_W L‖²)``).
-    """
-    generator = np.random.default_rng(0)
-    names = sorted(groups)
-    exact = np.array([[[norms[b][t] for t in groups[g]] for g in names] for b in range(batches)], dtype=object)
-    reference = np.array([sum(sum(exact[b][i]) for b in range(batches)) for i in range(len(names))])
-    units = [
-        [np.sqrt(np.sum(np.square(exact[b][i]))) if per_block else np.asarray(exact[b][i]) for i in range(len(names))]
-        for b in range(batches)
-    ]
-    values = []
-    for _ in range(draws):
-        scores = np.zeros(len(names))
-        for b in range(batches):
-            for i in range(len(names)):
-                magnitude = np.abs(generator.standard_normal((probes, np.size(units[b][i])))).mean(axis=0)
-                scores[i] += float(np.sum(units[b][i] * magnitude))
-        values.append(spearman(list(scores), list(reference)))
-    return float(np.mean(values)), float(np.percentile(values, 10))
 
 
 def one_probe_estimates(

@@ -33,7 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ import lightning.pytorch as pl
 import torch
 from _bible_text import write_texts
 from _gemma import gemma_directory
+from _reference import block_reference, exact_gradient_norms
 from _results import publish_section
 
 from ecoflap_pl.datamodules import TextDataModule
@@ -65,12 +66,19 @@ METHODS: dict[str, dict[str, Any]] = {
     "ecoflap_zo_sparsegpt": {**ZEROTH, **SPARSEGPT},
     "ecoflap_fo_wanda": {**FIRST, "method": "wanda"},
     "ecoflap_fo_sparsegpt": {**FIRST, **SPARSEGPT},
+    # Zeroth order with the most probes that fit about 10 CPU-minutes of scoring here (zo_quality.py).
+    "ecoflap_zo_4probes_wanda": {**ZEROTH, "probe_granularity": "per_block", "probes": 4, "method": "wanda"},
+    "ecoflap_zo_4probes_sparsegpt": {**ZEROTH, "probe_granularity": "per_block", "probes": 4, **SPARSEGPT},
+    # What zeroth order's scores approach as the probes grow: its expectation, by autograd (``Bench.exact_scores``).
+    "ecoflap_zo_exact_wanda": {**FIRST, "score": "grad_only", "method": "wanda"},
     "owl_wanda": {"importance": "uniform", "allocation": "owl", "method": "wanda"},
     "owl_sparsegpt": {"importance": "uniform", "allocation": "owl", **SPARSEGPT},
     "auto_wanda": {**FIRST, "allocation": "auto", "method": "wanda"},
     "auto_sparsegpt": {**FIRST, "allocation": "auto", **SPARSEGPT},
 }
+COARSE_SETTINGS = ("coarse_samples", "probes", "probe_granularity")
 DETERMINISTIC = {"magnitude"}
+EXACT = {"ecoflap_zo_exact_wanda"}
 PEER_CONFIGS = ("wanda", "sparsegpt", "owl_wanda", "owl_sparsegpt")
 
 
@@ -110,7 +118,7 @@ class Bench:
             collate_fn=self.task.collator,
         )
         self.dense = {name: value.detach().clone() for name, value in self.task.model.state_dict().items()}
-        self._scores: dict[tuple[str, int], GroupScores] = {}
+        self._scores: dict[tuple[str, str, int, int, int], GroupScores] = {}
 
     def restore(self) -> None:
         self.task.model.load_state_dict(self.dense)
@@ -143,15 +151,27 @@ class Bench:
         return self.task.calibration_loss(batch)
 
     def config(self, method: str, sparsity: float, seed: int) -> PruningConfig:
-        return PruningConfig(
-            sparsity=sparsity,
-            coarse_samples=self.args.coarse_samples,
-            fine_samples=self.args.fine_samples,
-            probe_granularity=self.args.probe_granularity,
-            auto_holdout_samples=self.args.auto_holdout_samples,
-            seed=seed,
-            **METHODS[method],
-        )
+        defaults = {
+            "coarse_samples": self.args.coarse_samples,
+            "fine_samples": self.args.fine_samples,
+            "probe_granularity": self.args.probe_granularity,
+            "auto_holdout_samples": self.args.auto_holdout_samples,
+        }
+        return PruningConfig(sparsity=sparsity, seed=seed, **{**defaults, **METHODS[method]})
+
+    def exact_scores(
+        self, model: torch.nn.Module, batches: list[dict[str, Any]], loss: Any, config: PruningConfig
+    ) -> GroupScores:
+        """The zeroth-order scores' expectation with infinitely many per-tensor probes (up to ``sqrt(2/π)``):
+        ``Σ_batches Σ_tensors ‖∇_W L_b‖₂`` of each block on the coarse batches, by autograd, in place of the
+        first-order scores of ``config`` (whose groups, sizes and settings it keeps); its seconds include both."""
+        layout = score_groups(model, batches, loss, config)
+        started = time.perf_counter()
+        coarse = batches[: -(-config.coarse_samples // self.args.batch_size)]
+        names = [name for names in layout.groups.values() for name in names]
+        exact = block_reference(exact_gradient_norms(model, coarse, loss, names), layout.groups)
+        stats = replace(layout.stats, seconds=layout.stats.seconds + time.perf_counter() - started)
+        return replace(layout, scores=exact, stats=stats)
 
     def run(self, method: str, sparsity: float, seed: int) -> Run:
         self.restore()
@@ -159,9 +179,12 @@ class Bench:
         batches = self.calibration(seed, config.calibration_samples)
         scores = None
         if config.allocation in ("ecoflap", "auto") and config.importance != "uniform":
-            key = (config.importance, seed)
+            key = (config.importance, config.probe_granularity, config.probes, config.coarse_samples, seed)
+            if method in EXACT:
+                key = ("exact", *key[1:])
             if key not in self._scores:
-                self._scores[key] = score_groups(self.task.model, batches, self.loss, config)
+                score = self.exact_scores if method in EXACT else score_groups
+                self._scores[key] = score(self.task.model, batches, self.loss, config)
             scores = self._scores[key]
         with torch.no_grad():
             result = prune(self.task.model, batches, self.loss, config, scores=scores)
@@ -297,6 +320,10 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
         seconds = statistics.mean(r.prune_seconds for r in chosen)
         seeds = ",".join(str(s) for s in sorted({r.seed for r in chosen}))
         lines.append(f"| {tool} | {method} | " + " | ".join(cells) + f" | {seconds:.0f} | {seeds} |")
+    own = {m: {k: v for k, v in METHODS[m].items() if k in COARSE_SETTINGS} for m in METHODS}
+    notes = [f"{m} ({', '.join(f'{k} {v}' for k, v in settings.items())})" for m, settings in own.items() if settings]
+    if notes:
+        lines += ["", "Methods whose coarse step departs from the settings above: " + "; ".join(notes) + "."]
     picks = [r for r in runs if r.chosen]
     if picks:
         lines += [
@@ -370,7 +397,9 @@ def main(argv: list[str] | None = None) -> None:
             "registry wheels, dequantised to float32); its 18 decoder blocks are pruned (embeddings and the tied "
             f"262k-vocabulary head are not). Calibration: KJV Old Testament chapters, {args.coarse_samples} coarse / "
             f"{args.fine_samples} fine samples of {args.max_length} tokens; zeroth order with probe_granularity "
-            f"{args.probe_granularity}; `auto` holds out {args.auto_holdout_samples} more. "
+            f"{args.probe_granularity}, 1 probe per batch; first order scores Σ|g·w| (`grad_mag_abs`), zeroth "
+            "order Σ|ĝ| (`grad_only`), `ecoflap_zo_exact_*` its expectation Σ_b Σ_W ‖∇_W L_b‖₂ by autograd; "
+            f"`auto` holds out {args.auto_holdout_samples} more. "
             f"Perplexity: {args.eval_documents} KJV New Testament chapters, first "
             f"{args.max_length} tokens each. Mean ± standard deviation over the seeds listed (calibration subset and "
             "zeroth-order directions); prune seconds include the scoring.",
