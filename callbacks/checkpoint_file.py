@@ -181,25 +181,21 @@ def least_checkpoint_bytes(
     """A lower bound of the size of one checkpoint of ``trainer``, known before its training starts.
 
     Counted: the LightningModule's state dict; unless ``weights_only``, ``callback_tensors`` and, when resuming, the
-    optimizers' state stored in ``trainer.ckpt_path`` (read memory-mapped: only its tensors' sizes), which Lightning
-    restores into the optimizers. The optimizers' state of a new run is left out: Adam's moments, for instance, are
-    created at the first step only for the weights that get a gradient, which cannot be known before (a trainable
-    weight that no loss reaches gets none). A first checkpoint with Adam takes about three times this bound.
+    optimizers' state of the checkpoint Lightning has loaded and restores into the optimizers after ``on_fit_start``
+    (the loaded checkpoint itself, so the file is not read again, under the ``weights_only`` the user chose). The
+    optimizers' state of a new run is left out: Adam's moments, for instance, are created at the first step only for
+    the weights that get a gradient, which cannot be known before (a trainable weight that no loss reaches gets none).
+    A first checkpoint with Adam takes about three times this bound.
     """
     tensors: dict[str, torch.Tensor] = dict(trainer.lightning_module.state_dict())
     if not weights_only:
         tensors.update({f"callback.{name}": tensor for name, tensor in callback_tensors.items()})
-        resumed = _tensors_in(_resumed_checkpoint(trainer.ckpt_path).get("optimizer_states", []))
+        # Lightning holds the checkpoint it resumes from until `restore_training_state`, which follows `on_fit_start`
+        # (an internal attribute; without it the bound leaves the resumed optimizer state out, and stays a lower one).
+        loaded = getattr(trainer._checkpoint_connector, "_loaded_checkpoint", None) or {}
+        resumed = _tensors_in(loaded.get("optimizer_states", []))
         tensors.update({f"optimizer.{index}": tensor for index, tensor in enumerate(resumed)})
     return tensor_bytes(tensors)
-
-
-def _resumed_checkpoint(ckpt_path: _PATH | None) -> dict[str, Any]:
-    """The local checkpoint ``ckpt_path``, memory-mapped (its tensors are not read); empty when there is none."""
-    if ckpt_path is None or not isinstance(get_filesystem(ckpt_path), LocalFileSystem) or not Path(ckpt_path).is_file():
-        return {}
-    checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
-    return checkpoint if isinstance(checkpoint, dict) else {}
 
 
 def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
