@@ -95,8 +95,7 @@ class EcoflapTrainer(pl.Trainer):
             log.warning("`pruning.save_to` is not set: the pruned model is only reported, not saved.")
         self.fit_loop.epoch_loop.max_steps = 0
         self.num_sanity_val_steps = 0
-        loading = {} if weights_only is None else {"weights_only": weights_only}  # a Lightning without it: not given
-        self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **loading)
+        self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
 
 
 DESCRIPTION = (

@@ -27,8 +27,9 @@ from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, is_offl
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 _TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-# Suffixes of the weight files transformers and timm load (with a variant, a subfolder, shards or GGUF too).
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".index")
+"""File endings of the weight files (and their shard indexes) ``from_pretrained`` reads, from a local folder or a cached
+snapshot (with a variant, a subfolder or shards too)."""
 _RETRY_LOGGER = "huggingface_hub.utils._http"
 _RETRY_MESSAGES = (" thrown while requesting ", "Retrying in ")
 
@@ -54,7 +55,7 @@ class HubModel:
     option: str = "pretrained"
     name: str | None = None
     local_copy: str = "pass the folder of a local copy as `pretrained`"
-    weight_suffixes: tuple[str, ...] = _WEIGHT_SUFFIXES
+    weight_suffixes: tuple[str, ...] = WEIGHT_SUFFIXES
 
 
 def timm_hub_model(timm_model: str) -> HubModel | None:

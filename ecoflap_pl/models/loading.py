@@ -9,7 +9,7 @@ from typing import Any, TypeVar, cast
 
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ecoflap_pl.models.hub_access import HubModel, hub_model_errors
+from ecoflap_pl.models.hub_access import WEIGHT_SUFFIXES, HubModel, hub_model_errors
 
 ModelT = TypeVar("ModelT", bound=PreTrainedModel)
 
@@ -36,10 +36,6 @@ def check_tokenizer_source(model_config: Any, tokenizer: str | None) -> None:
 def _looks_local(pretrained: str) -> bool:
     """A path rather than a hub name (``namespace/name``): absolute, relative to ``.``/``~``, or deeper than 2."""
     return pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1 or "\\" in pretrained
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".index")
-"""File endings of the weight files (and their shard indexes) ``from_pretrained`` reads from a folder."""
 
 
 def check_model_folder(folder: Path) -> None:
