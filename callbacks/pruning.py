@@ -29,7 +29,7 @@ from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
 from ecoflap_pl.callbacks.progress import StageProgress
 from ecoflap_pl.export import check_save_format, check_save_target, check_writable_folder, least_export_bytes
 from ecoflap_pl.export.semi_structured import check_semi_structured, to_semi_structured_
-from ecoflap_pl.models.placement import OffloadedWeights, placement
+from ecoflap_pl.models.placement import OffloadedWeights, StoredTensors, placement
 from ecoflap_pl.pruning import PruningConfig, PruningResult, check_before_pruning, prune
 from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE, AllocationName, ImportanceName, MethodName, ScoreName
 from ecoflap_pl.reporting import REPORT_JSON, render_table, report_dict, write_report
@@ -206,6 +206,8 @@ class ECoFLaPPruning(Callback):
         self._saved_at_step: int | None = None
         if not isinstance(semi_structured, bool):
             raise ValueError(f"`semi_structured` must be True or False, got {semi_structured!r}.")
+        if semi_structured:  # before the model is built; the device is checked again once the Trainer placed it
+            check_semi_structured(self.config.structure)
         self.semi_structured = semi_structured
         self._on_sparse_kernels = False
         self.report_dir = _check_path("report_dir", report_dir)
@@ -612,12 +614,14 @@ def _check_finite_gradients(trainer: pl.Trainer, pl_module: pl.LightningModule) 
 
 
 def _check_finite_weights(model: nn.Module, save_to: str) -> None:
-    """Refuse to write a model whose weights hold NaN or infinite values over ``save_to``.
+    """Refuse to write a model whose weights hold NaN or infinite values over ``save_to`` (offloaded weights are read
+    from where they are stored, one at a time).
 
     Raises:
         FloatingPointError: naming the weights; ``save_to`` is left as it is.
     """
-    bad = [name for name, param in model.named_parameters() if not bool(torch.isfinite(param).all())]
+    stored = StoredTensors(model)
+    bad = [name for name, _ in model.named_parameters() if not bool(torch.isfinite(stored[name]).all())]
     if bad:
         raise FloatingPointError(
             f"The weights {_some(bad)} hold NaN or infinite values, so the model was not saved: {save_to} is left as "

@@ -132,9 +132,12 @@ def write_pruned_model(
         else:
             from huggingface_hub import save_torch_state_dict
 
+            from ecoflap_pl.models.placement import StoredTensors
+
             if hf_model:
                 state_dict = _without_tied_copies(model, state_dict)
-            compressed = compress_state_dict(state_dict, masks, save_format)
+            # Offloaded weights (``device_map``) are read from their store as each is compressed.
+            compressed = compress_state_dict(StoredTensors(model, state_dict), masks, save_format)
             if hf_model:
                 _write_hf_configs(model, directory, save_format, masks)
             save_torch_state_dict(compressed, directory, metadata={"format": "pt", _FORMAT_KEY: save_format})

@@ -18,27 +18,35 @@ logger = logging.getLogger(__name__)
 _OPTION = "semi_structured"
 
 
-def check_semi_structured(structure: str, device: torch.device) -> None:
+def check_semi_structured(structure: str, device: torch.device | None = None) -> None:
     """Raise unless 2:4 masks on ``device`` can run on semi-structured sparse kernels.
 
+    Args:
+        structure: the masks' structure (``"2:4"``, ``"unstructured"``, ...).
+        device: the device the model runs on; ``None`` (before the Trainer picks one) checks only that this machine
+            has a CUDA GPU at all.
+
     Raises:
-        ValueError: ``structure`` is not ``"2:4"``.
-        RuntimeError: ``device`` is not a CUDA GPU of compute capability 8.0 or more.
+        ValueError: ``structure`` is not ``"2:4"``, no CUDA GPU (on ``device``, or on this machine), or a GPU of
+            compute capability below 8.0.
     """
     if structure != "2:4":
         raise ValueError(
             f"`{_OPTION}` runs 2:4 masks on sparse kernels, but `structure` is {structure!r}. HINT: prune with "
             f"structure '2:4' (and importance 'uniform'), or leave {_OPTION} false."
         )
-    if device.type != "cuda":
-        raise RuntimeError(
-            f"`{_OPTION}` needs a CUDA GPU (semi-structured sparse kernels exist only there), but the model runs on "
-            f"{device}. HINT: run on a GPU (--trainer.accelerator gpu), or leave {_OPTION} false: the masked dense "
-            "model gives the same outputs, without the speed-up."
+    if device is None and torch.cuda.is_available():
+        return
+    if device is None or device.type != "cuda":
+        where = "torch sees no CUDA GPU on this machine" if device is None else f"the model runs on {device}"
+        raise ValueError(
+            f"`{_OPTION}` needs a CUDA GPU (semi-structured sparse kernels exist only there), but {where}. HINT: run "
+            f"on a GPU (--trainer.accelerator gpu), or leave {_OPTION} false: the masked dense model gives the same "
+            "outputs, without the speed-up."
         )
     capability = torch.cuda.get_device_capability(device)
     if capability < (8, 0):
-        raise RuntimeError(
+        raise ValueError(
             f"`{_OPTION}` needs sparse tensor cores (compute capability 8.0+, e.g. A100, H100), but {device} has "
             f"{capability[0]}.{capability[1]}. HINT: leave {_OPTION} false on this GPU."
         )

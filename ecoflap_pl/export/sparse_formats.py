@@ -17,7 +17,7 @@ come back exactly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,7 +91,7 @@ def _layout(sparse_format: str) -> _Layout:
 
 
 def compress_state_dict(
-    state_dict: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], sparse_format: str
+    state_dict: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], sparse_format: str
 ) -> dict[str, torch.Tensor]:
     """``state_dict`` with every masked ``<module>.weight`` replaced by its ``sparse_format`` tensors (others as is).
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,6 +29,38 @@ def placement(model: nn.Module) -> dict[str, str] | None:
     """Module name -> device (``"cuda:0"``, ``"cpu"``, ``"disk"``) of a dispatched model, else None."""
     device_map = getattr(model, "hf_device_map", None)
     return {name: str(device) for name, device in device_map.items()} if device_map else None
+
+
+class StoredTensors(Mapping[str, torch.Tensor]):
+    """A state dict of ``model`` in which each offloaded tensor (``meta`` in the model) is read from Accelerate's
+    weight map when asked for, one at a time: its stored value, the pruned one once pruning wrote it back.
+
+    Args:
+        model: any module; one that is not dispatched gives its own tensors.
+        state_dict: the entries to serve (default ``model.state_dict()``), e.g. less tied copies.
+    """
+
+    def __init__(self, model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+        self._state_dict = model.state_dict() if state_dict is None else state_dict
+        self._stored = {
+            f"{name}.{tensor_name}" if name else tensor_name: (hook.weights_map, tensor_name)
+            for name, module in model.named_modules()
+            for hook in _offload_hooks(module)
+            for tensor_name, _ in named_module_tensors(module, hook.offload_buffers, recurse=hook.place_submodules)
+        }
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self._state_dict[name]
+        if tensor.device.type == "meta" and name in self._stored:
+            weights_map, key = self._stored[name]
+            return weights_map[key]
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state_dict)
+
+    def __len__(self) -> int:
+        return len(self._state_dict)
 
 
 def _offload_hooks(module: nn.Module) -> list[AlignDevicesHook]:

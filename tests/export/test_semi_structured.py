@@ -11,10 +11,16 @@ from ecoflap_pl.pruning.masks import apply_mask_, nm_mask
 
 
 def test_refused_off_cuda_and_for_masks_that_are_not_2_4() -> None:
-    with pytest.raises(RuntimeError, match="needs a CUDA GPU .* runs on cpu. HINT: run on a GPU"):
+    with pytest.raises(ValueError, match="needs a CUDA GPU .* runs on cpu. HINT: run on a GPU"):
         check_semi_structured("2:4", torch.device("cpu"))
     with pytest.raises(ValueError, match="`structure` is 'unstructured'. HINT: prune with structure '2:4'"):
         check_semi_structured("unstructured", torch.device("cpu"))
+
+
+def test_refused_on_a_machine_without_cuda_before_the_device_is_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine, also where tests run on a GPU one
+    with pytest.raises(ValueError, match="needs a CUDA GPU .* torch sees no CUDA GPU on this machine. HINT"):
+        check_semi_structured("2:4")
 
 
 @pytest.mark.gpu

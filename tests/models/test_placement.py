@@ -20,6 +20,7 @@ from transformers import LlamaForCausalLM
 from ecoflap_pl import PruningConfig, prune, score_groups
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.cli import EcoflapTrainer
+from ecoflap_pl.export import load_pruned_model
 from ecoflap_pl.models.placement import OffloadedWeights, placement
 from ecoflap_pl.models.tiny import tiny_model
 from ecoflap_pl.tasks.base import EcoflapTask
@@ -265,6 +266,28 @@ def test_ecoflap_prune_of_an_offloaded_model_reports_its_placement(saved, tmp_pa
     assert all(torch.equal(callback.masks[name], mask) for name, mask in in_memory.masks.items())
     report = json.loads((tmp_path / "pruning_report.json").read_text())
     assert report["metadata"]["placement"] == DEVICE_MAP
+
+
+@pytest.mark.parametrize("save_format", ["dense", "sparse-bitmask"])
+def test_ecoflap_prune_of_an_offloaded_model_saves_its_pruned_weights(saved, tmp_path, save_format):
+    """README's "larger than one device" recipe: prune where the weights live, then `save_to`. The saved folder holds
+    the pruned values of the disk-offloaded weights too (they were `meta` in the model, which broke the finiteness
+    check and the sparse encoder), equal to the model pruned in memory."""
+    model, _, offloaded = saved
+    config = {"sparsity": 0.5, "importance": "zeroth_order", "coarse_samples": 4, "fine_samples": 4}
+    prune(model, _batches(), _loss, PruningConfig(**config))
+    callback = ECoFLaPPruning(
+        **config, stages=["fit"], progress=False, save_to=str(tmp_path / "pruned"), save_format=save_format
+    )
+    trainer = EcoflapTrainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[callback], default_root_dir=tmp_path
+    )
+    trainer.prune(_LMTask(offloaded), datamodule=_LMData())
+    loaded = load_pruned_model(tmp_path / "pruned")
+    expected = model.state_dict()
+    assert (expected["model.layers.2.mlp.up_proj.weight"] == 0).any()  # an offloaded weight, pruned
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
 
 
 @pytest.mark.gpu

@@ -402,3 +402,16 @@ def test_compare_dense_refuses_a_bad_save_to_before_the_dense_evaluation(capsys,
     short_error(outcome, "a folder that is not empty; nothing was written", "--pruning.overwrite true")
     assert not list(logs.rglob("metrics.csv"))  # refused before the dense model was evaluated
     assert folder_digest(occupied) == before
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "prune"])
+def test_semi_structured_without_a_gpu_is_one_message(capsys, tmp_path, demo_data, blip2_dir, monkeypatch, subcommand):
+    """It ended in a RuntimeError's traceback (validate), or a hint to fine-tune without it (prune)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine, also where tests run on a GPU one
+    config = vqa_config(
+        tmp_path, demo_data, blip2_dir, structure="2:4", importance="uniform", semi_structured=True, save_to="pruned"
+    )
+    outcome = run_ecoflap(capsys, subcommand, "-c", config)
+    short_error(outcome, "`semi_structured` needs a CUDA GPU", "torch sees no CUDA GPU on this machine. HINT")
+    assert "Traceback" not in outcome.text
+    assert not (tmp_path / "run").exists() and not (tmp_path / "pruned").exists()
