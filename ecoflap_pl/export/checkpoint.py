@@ -343,6 +343,9 @@ def load_pruned_model(directory: str | Path, model_class: Any = None, **from_pre
         model_class: the ``transformers`` class (an ``AutoModel*`` class too); default the class named in
             ``config.json`` (``architectures``).
         from_pretrained_kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
+
+    Raises:
+        TypeError: ``model_class`` is made for another config class than the saved model's.
     """
     import transformers
 
@@ -350,14 +353,39 @@ def load_pruned_model(directory: str | Path, model_class: Any = None, **from_pre
     if model_class is None:
         model_class = _saved_model_class(directory)
     save_format = saved_format(directory)
+    config = transformers.AutoConfig.from_pretrained(directory)
+    _check_model_class(model_class, config, directory)
     if save_format == "dense":
         return model_class.from_pretrained(directory, **from_pretrained_kwargs)
-    config = transformers.AutoConfig.from_pretrained(directory)
     del config.quantization_config  # the weights are decompressed here, not by a quantizer
     if not issubclass(model_class, transformers.PreTrainedModel):  # an Auto class: the class it picks for config
         model_class = model_class._model_mapping[type(config)]
     state_dict, _ = load_pruned_state_dict(directory)
     return model_class.from_pretrained(None, config=config, state_dict=state_dict, **from_pretrained_kwargs)
+
+
+def _check_model_class(model_class: Any, config: Any, directory: Path) -> None:
+    """Refuse a ``model_class`` that cannot hold the saved model: ``from_pretrained`` would fail deep inside
+    transformers (``'dict' object has no attribute 'to_dict'``, a missing config attribute, a bare ``KeyError``).
+
+    Raises:
+        TypeError: a class that is not a ``transformers`` model class, or one built for another config class.
+    """
+    import transformers
+
+    if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
+        fits = model_class.config_class is None or isinstance(config, model_class.config_class)
+    else:  # an Auto class maps config classes to model classes
+        mapping = getattr(model_class, "_model_mapping", None)
+        fits = mapping is not None and type(config) in mapping
+    if not fits:
+        name = getattr(model_class, "__name__", repr(model_class))
+        saved = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+        raise TypeError(
+            f"`model_class` {name} cannot load the model in {directory}: that is a {saved} (its config.json holds a "
+            f"{type(config).__name__}). HINT: leave model_class out (the class config.json names is used), or pass "
+            f"a class made for {type(config).__name__} (transformers.{saved}, or an Auto class that maps it)."
+        )
 
 
 def _saved_model_class(directory: Path) -> Any:

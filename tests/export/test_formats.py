@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from ecoflap_pl.export import (
     SAVE_FORMATS,
@@ -196,3 +196,21 @@ def test_load_pruned_model_of_a_folder_without_a_model_config_says_what_to_do(tm
     with pytest.raises(ValueError, match=r"architecture 'LlamaForTimeTravel'.*HINT: pass model_class="):
         load_pruned_model(tmp_path / "llama")
     assert type(load_pruned_model(tmp_path / "llama", AutoModelForCausalLM)) is type(llama)
+
+
+@pytest.mark.parametrize("save_format", ["dense", "sparse-bitmask"])
+@pytest.mark.parametrize("model_class", [LlamaForCausalLM, AutoModelForCausalLM])
+def test_load_pruned_model_with_a_class_for_another_model_says_which_fits(
+    tmp_path: Path, save_format: str, model_class: Any
+) -> None:
+    """A BLIP-2 folder loaded as a causal LM failed inside transformers: "'dict' object has no attribute 'to_dict'",
+    "'Blip2Config' object has no attribute 'pad_token_id'", or a bare KeyError naming the config class."""
+    model, _, _, masks = pruned("blip2_opt", "unstructured")
+    write_pruned_model(model, tmp_path, masks, save_format)
+    with pytest.raises(
+        TypeError,
+        match=rf"`model_class` {model_class.__name__} cannot load the model in .*: that is a "
+        r"Blip2ForConditionalGeneration \(its config.json holds a Blip2Config\)\. HINT: leave model_class out",
+    ):
+        load_pruned_model(tmp_path, model_class)
+    assert type(load_pruned_model(tmp_path, type(model))) is type(model)
