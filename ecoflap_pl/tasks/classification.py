@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -11,6 +12,7 @@ from timm.data import resolve_data_config
 from torch import Tensor
 from typing_extensions import override
 
+from ecoflap_pl.export import is_sparse_export, load_pruned_state_dict
 from ecoflap_pl.models.hub_access import hub_model_errors, timm_hub_model
 from ecoflap_pl.tasks.image_classification import ImageClassificationTask
 
@@ -28,7 +30,8 @@ class ClassificationTask(ImageClassificationTask):
             ``eva_giant_patch14_224.clip_ft_in1k``).
         pretrained: load timm's weights for the name.
         model_config: extra ``timm.create_model`` keyword arguments (``num_classes``, ``img_size``, ...;
-            ``pretrained_cfg_overlay: {file: ...}`` loads a local checkpoint).
+            ``pretrained_cfg_overlay: {file: ...}`` loads a local checkpoint, such as the ``model.safetensors`` of a
+            ``pruning.save_to`` folder in any ``save_format``).
         class_names: readable class names in label order, only checked against the classifier's number of classes.
         augment: apply timm's training augmentation in ``training_step``.
         learning_rate: AdamW peak learning rate.
@@ -64,8 +67,13 @@ class ClassificationTask(ImageClassificationTask):
             # for ImageNet names); a local file's classifier is sized for this model, so keep it
             config["pretrained_cfg_overlay"] = {"num_classes": config["num_classes"], **overlay}
         hub_model = timm_hub_model(timm_model) if pretrained and not local_file else None
+        # timm cannot decode the file of a `pruning.save_to` folder written in a sparse save_format: decoded here
+        folder = Path(overlay["file"]).expanduser().parent if pretrained and local_file else None
+        sparse_export = folder if folder is not None and is_sparse_export(folder) else None
         with hub_model_errors(hub_model) if hub_model is not None else nullcontext():
-            self.model = timm.create_model(timm_model, pretrained=bool(pretrained), **config)
+            self.model = timm.create_model(timm_model, pretrained=bool(pretrained) and not sparse_export, **config)
+        if sparse_export is not None:
+            self.model.load_state_dict(load_pruned_state_dict(sparse_export)[0])
         num_classes = int(getattr(self.model, "num_classes"))  # noqa: B009 (timm types its models as nn.Module)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from ecoflap_pl.export import write_pruned_model
 from ecoflap_pl.models.tiny import TIMM_ARCHITECTURES, tiny_config
 from ecoflap_pl.models.tokenizers import train_tokenizer
 from ecoflap_pl.tasks.classification import ClassificationTask
@@ -245,4 +246,21 @@ def test_timm_loads_a_local_checkpoint_whole_including_its_classifier(family: st
     config = _timm_config() | {"pretrained_cfg_overlay": {"file": str(tmp_path / "model.safetensors")}}
     loaded = ClassificationTask(timm_model=TIMM_ARCHITECTURES[family], pretrained=True, model_config=config)
     for name, tensor in trained.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("save_format", ["dense", "sparse-bitmask"])
+def test_timm_loads_the_model_file_of_a_save_to_folder_in_any_format(tmp_path: Path, save_format: str) -> None:
+    """A sparse-bitmask `model.safetensors` given as the local checkpoint failed in timm's load_state_dict, listing
+    every `.compressed` / `.bitmask` tensor as unexpected and every pruned weight as missing."""
+    pruned = _timm_task("vit")
+    masks = {}
+    for name, parameter in pruned.model.named_parameters():
+        if name.startswith("blocks.") and name.endswith(".weight") and parameter.ndim == 2:
+            masks[name] = torch.rand(parameter.shape, generator=torch.Generator().manual_seed(0)) > 0.5
+            parameter.data.mul_(masks[name])
+    write_pruned_model(pruned.model, tmp_path, masks, save_format)
+    config = _timm_config() | {"pretrained_cfg_overlay": {"file": str(tmp_path / "model.safetensors")}}
+    loaded = ClassificationTask(timm_model=TIMM_ARCHITECTURES["vit"], pretrained=True, model_config=config)
+    for name, tensor in pruned.model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
