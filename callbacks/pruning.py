@@ -239,7 +239,7 @@ class ECoFLaPPruning(Callback):
         if self.save_to is not None and (stage in self.stages or stage == TrainerFn.FITTING):
             self._check_save_to(model)
         if stage in self.stages:
-            check_before_pruning(model, self.config)
+            OffloadedWeights(model).check_writable(check_before_pruning(model, self.config))
             if self.report_dir is not None:
                 check_writable_folder(self.report_dir, option="report_dir")
         if self.semi_structured:

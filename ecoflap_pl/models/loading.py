@@ -158,12 +158,22 @@ def build_hf_model(
 def placement_kwargs(
     device_map: str | dict[str, Any] | None, max_memory: dict[str, Any] | None, offload_folder: str | None
 ) -> dict[str, Any]:
-    """``from_pretrained`` arguments of Accelerate's big-model placement (those given)."""
+    """``from_pretrained`` arguments of Accelerate's big-model placement (those given).
+
+    Raises:
+        ValueError: ``max_memory`` or ``offload_folder`` without ``device_map``.
+        FileExistsError, PermissionError: an ``offload_folder`` that cannot be written (checked before the model is
+            loaded, which writes there, as pruning does).
+    """
+    from ecoflap_pl.export import check_writable_folder
+
     if device_map is None and (max_memory is not None or offload_folder is not None):
         raise ValueError(
             "`max_memory` and `offload_folder` must come with `device_map`, got device_map=None. HINT: "
             "device_map: auto."
         )
+    if offload_folder is not None:
+        check_writable_folder(offload_folder, option="offload_folder")
     given = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
     return {key: value for key, value in given.items() if value is not None}
 

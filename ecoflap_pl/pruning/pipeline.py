@@ -220,7 +220,7 @@ def _group_sizes(candidates: Sequence[Candidate], groups: Mapping[str, tuple[str
     return {group: sum(numel[name] for name in names) for group, names in groups.items()}
 
 
-def check_before_pruning(model: nn.Module, config: PruningConfig) -> None:
+def check_before_pruning(model: nn.Module, config: PruningConfig) -> list[str]:
     """The checks of :func:`prune` that need neither calibration data nor a forward pass: ``model`` has stacks of
     blocks in which ``include``/``exclude`` select weights; with an N:M ``structure``, every selected weight's input
     width is a multiple of M; ``allocation_report`` is a readable pruning report made for those weights (its groups
@@ -228,6 +228,9 @@ def check_before_pruning(model: nn.Module, config: PruningConfig) -> None:
 
     ``prune`` runs them first; a caller that loads data or evaluates the model before pruning (the Lightning
     callback) runs them before that work too, so a bad setting is refused at once.
+
+    Returns:
+        The names of the candidate weights (of every stack: those the calibration loss reaches are among them).
 
     Raises:
         FileNotFoundError, ValueError: as :func:`prune` does for these settings.
@@ -249,6 +252,7 @@ def check_before_pruning(model: nn.Module, config: PruningConfig) -> None:
                 f"input width that is not a multiple of M={m}: {shown}{more}. HINT: leave them out with `exclude`, "
                 "or prune with structure 'unstructured'."
             )
+    return [candidate.name for candidate in candidates]
 
 
 def _plan(

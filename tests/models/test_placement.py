@@ -268,6 +268,28 @@ def test_ecoflap_prune_of_an_offloaded_model_reports_its_placement(saved, tmp_pa
     assert report["metadata"]["placement"] == DEVICE_MAP
 
 
+def test_disk_offload_without_an_offload_folder_is_refused_before_pruning(saved, tmp_path):
+    """The weights on disk are then read from the model's own files, which pruning never writes: refused only when the
+    first pruned block was stored back, after the whole coarse pass."""
+    model, folder, _ = saved
+    offloaded = LlamaForCausalLM.from_pretrained(folder / "model", device_map=DEVICE_MAP).eval()
+    ids = _batches()[0]["input_ids"]
+    dense = offloaded(ids).logits
+    callback = ECoFLaPPruning(sparsity=0.5, importance="zeroth_order", coarse_samples=4, stages=["fit"], progress=False)
+    trainer = EcoflapTrainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[callback], default_root_dir=tmp_path
+    )
+    forwards = []
+    handle = offloaded.register_forward_pre_hook(lambda *_: forwards.append(1))
+    with pytest.raises(
+        ValueError, match=r"The weights of model.layers.1.* no offload folder.* HINT: add --model.init_args.offload_fo"
+    ):
+        trainer.prune(_LMTask(offloaded), datamodule=_LMData())
+    handle.remove()
+    assert not forwards and not callback.pruned  # refused before the coarse pass
+    assert torch.equal(offloaded(ids).logits, dense)
+
+
 @pytest.mark.parametrize("save_format", ["dense", "sparse-bitmask"])
 def test_ecoflap_prune_of_an_offloaded_model_saves_its_pruned_weights(saved, tmp_path, save_format):
     """README's "larger than one device" recipe: prune where the weights live, then `save_to`. The saved folder holds

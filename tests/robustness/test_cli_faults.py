@@ -415,3 +415,24 @@ def test_semi_structured_without_a_gpu_is_one_message(capsys, tmp_path, demo_dat
     short_error(outcome, "`semi_structured` needs a CUDA GPU", "torch sees no CUDA GPU on this machine. HINT")
     assert "Traceback" not in outcome.text
     assert not (tmp_path / "run").exists() and not (tmp_path / "pruned").exists()
+
+
+@pytest.mark.parametrize(
+    ("offload_folder", "expected"),
+    [
+        ("/proc/ecoflap-offload", "`offload_folder` is '/proc/ecoflap-offload', but /proc cannot be written"),
+        ("a-file", "`offload_folder` must be a directory, but"),
+    ],
+    ids=["unwritable", "a-file"],
+)
+def test_an_offload_folder_that_cannot_be_written_is_refused_before_the_model_loads(
+    capsys, tmp_path, demo_data, blip2_dir, offload_folder, expected
+):
+    """It was Accelerate's bare "[Errno 2] No such file or directory: '/proc/…'" from inside from_pretrained."""
+    (tmp_path / "a-file").write_text("user data", encoding="utf-8")
+    config = vqa_config(tmp_path, demo_data, blip2_dir)
+    placement = ["--model.init_args.device_map=auto", "--model.init_args.max_memory={cpu: 1KB}"]
+    folder = offload_folder if offload_folder.startswith("/") else str(tmp_path / offload_folder)
+    outcome = run_ecoflap(capsys, "prune", "-c", config, *placement, f"--model.init_args.offload_folder={folder}")
+    short_error(outcome, expected, "HINT")
+    assert (tmp_path / "a-file").read_text(encoding="utf-8") == "user data"
