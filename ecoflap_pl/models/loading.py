@@ -174,8 +174,63 @@ def placement_kwargs(
         )
     if offload_folder is not None:
         check_writable_folder(offload_folder, option="offload_folder")
-    given = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+    caps = None if max_memory is None else _checked_max_memory(max_memory)
+    given = {"device_map": device_map, "max_memory": caps, "offload_folder": offload_folder}
     return {key: value for key, value in given.items() if value is not None}
+
+
+_MAX_MEMORY_HINT = (
+    "HINT: map GPU numbers, 'cpu' or 'mps' to a size in bytes (10e9) or with a unit ('10GiB', '5GB'), e.g. "
+    "--model.init_args.max_memory '{0: 20GiB, cpu: 60GiB}'; what does not fit goes to offload_folder."
+)
+_NAMED_DEVICES = ("cpu", "mps", "disk")
+
+
+def _checked_max_memory(max_memory: dict[Any, Any]) -> dict[int | str, int]:
+    """``max_memory`` as Accelerate reads it: GPU numbers as ints (a JSON config can only give ``"0"``), sizes in
+    bytes. Accelerate refuses ``"0"`` as "not recognized" though it asks for integers, names neither the option nor
+    the entry of a size it cannot read (and refuses ``"10e9"``), and a GPU on a machine without one fails on the
+    driver.
+
+    Raises:
+        ValueError: a key that names no device of this machine, or a size that is not one.
+    """
+    import torch
+
+    accelerators = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    checked: dict[int | str, int] = {}
+    for key, size in max_memory.items():
+        device: int | str = int(key) if str(key).isdigit() else str(key)
+        if isinstance(device, str) and device not in _NAMED_DEVICES:
+            raise ValueError(f"`max_memory` names the device {key!r}, which is no device. {_MAX_MEMORY_HINT}")
+        if isinstance(device, int) and not accelerators:
+            raise ValueError(
+                f"`max_memory` names GPU {device}, but torch sees no GPU on this machine. HINT: give the CPU its "
+                "size alone, e.g. '{cpu: 60GiB}'; what does not fit goes to offload_folder."
+            )
+        checked[device] = _size_in_bytes(key, size)
+    return checked
+
+
+def _size_in_bytes(key: Any, size: Any) -> int:
+    """A ``max_memory`` size in bytes: a number (``10e9``, also as a string) or a string with a unit (``"10GiB"``)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        number = float(size)
+    except (TypeError, ValueError):
+        number = None
+    try:
+        if isinstance(size, bool) or not isinstance(size, (int, float, str)):
+            raise TypeError(size)
+        count = int(number) if number is not None else int(convert_file_size_to_int(size))
+        if count < 0:
+            raise ValueError(count)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise ValueError(
+            f"`max_memory` gives {key!r} the size {size!r}, which is not one. {_MAX_MEMORY_HINT}"
+        ) from error
+    return count
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

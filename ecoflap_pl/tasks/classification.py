@@ -68,7 +68,9 @@ class ClassificationTask(ImageClassificationTask):
             config["pretrained_cfg_overlay"] = {"num_classes": config["num_classes"], **overlay}
         hub_model = timm_hub_model(timm_model) if pretrained and not local_file else None
         # timm cannot decode the file of a `pruning.save_to` folder written in a sparse save_format: decoded here
-        folder = Path(overlay["file"]).expanduser().parent if pretrained and local_file else None
+        folder = (
+            Path(config["pretrained_cfg_overlay"]["file"]).expanduser().parent if pretrained and local_file else None
+        )
         sparse_export = folder if folder is not None and is_sparse_export(folder) else None
         with hub_model_errors(hub_model) if hub_model is not None else nullcontext():
             self.model = timm.create_model(timm_model, pretrained=bool(pretrained) and not sparse_export, **config)

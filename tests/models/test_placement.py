@@ -21,6 +21,7 @@ from ecoflap_pl import PruningConfig, prune, score_groups
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.cli import EcoflapTrainer
 from ecoflap_pl.export import load_pruned_model
+from ecoflap_pl.models.loading import build_hf_model, placement_kwargs
 from ecoflap_pl.models.placement import OffloadedWeights, placement
 from ecoflap_pl.models.tiny import tiny_model
 from ecoflap_pl.tasks.base import EcoflapTask
@@ -266,6 +267,32 @@ def test_ecoflap_prune_of_an_offloaded_model_reports_its_placement(saved, tmp_pa
     assert all(torch.equal(callback.masks[name], mask) for name, mask in in_memory.masks.items())
     report = json.loads((tmp_path / "pruning_report.json").read_text())
     assert report["metadata"]["placement"] == DEVICE_MAP
+
+
+def test_max_memory_is_read_in_the_forms_a_config_gives_it(saved, monkeypatch):
+    """A JSON config's GPU keys are strings ("0": Accelerate said "Device 0 is not recognized, available devices are
+    integers"), and "10e9" from the command line is a string Accelerate cannot read."""
+    _, folder, _ = saved
+    kwargs = placement_kwargs("auto", {"cpu": "4e4"}, str(folder / "offload"))
+    assert kwargs["max_memory"] == {"cpu": 40_000}
+    assert "disk" in placement(build_hf_model(LlamaForCausalLM, str(folder / "model"), **kwargs)).values()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # where the GPU numbers are kept
+    assert placement_kwargs("auto", {"0": "1GiB", "cpu": 5e9}, None)["max_memory"] == {0: 2**30, "cpu": 5 * 10**9}
+
+
+@pytest.mark.parametrize(
+    ("max_memory", "expected"),
+    [
+        ({"gpu": "10GiB"}, r"`max_memory` names the device 'gpu', which is no device\. HINT: map GPU numbers"),
+        ({"cpu": "ten"}, r"`max_memory` gives 'cpu' the size 'ten', which is not one\. HINT"),
+        ({"cpu": -1}, r"gives 'cpu' the size -1, which is not one"),
+        ({"0": "20GiB", "cpu": "60GiB"}, r"names GPU 0, but torch sees no GPU on this machine\. HINT: give the CPU"),
+    ],
+)
+def test_max_memory_that_accelerate_cannot_use_is_refused_by_entry(monkeypatch, max_memory, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine, also where tests run on a GPU one
+    with pytest.raises(ValueError, match=expected):
+        placement_kwargs("auto", max_memory, None)
 
 
 def test_disk_offload_without_an_offload_folder_is_refused_before_pruning(saved, tmp_path):
