@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 import yaml
 from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -95,7 +96,11 @@ class EcoflapTrainer(pl.Trainer):
             log.warning("`pruning.save_to` is not set: the pruned model is only reported, not saved.")
         self.fit_loop.epoch_loop.max_steps = 0
         self.num_sanity_val_steps = 0
-        self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
+        # No step is taken: no summary of a model about to be trained, no advice on logging the steps of an epoch.
+        self.callbacks = [callback for callback in self.callbacks if not isinstance(callback, ModelSummary)]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The number of training batches .* logging interval")
+            self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
 
 
 DESCRIPTION = (

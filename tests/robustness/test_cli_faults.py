@@ -436,3 +436,15 @@ def test_an_offload_folder_that_cannot_be_written_is_refused_before_the_model_lo
     outcome = run_ecoflap(capsys, "prune", "-c", config, *placement, f"--model.init_args.offload_folder={folder}")
     short_error(outcome, expected, "HINT")
     assert (tmp_path / "a-file").read_text(encoding="utf-8") == "user data"
+
+
+def test_prune_prints_no_model_summary_nor_logging_advice(capsys, tmp_path, demo_data):
+    """`ecoflap prune` (a fit of zero steps) printed, after "Pruned model saved to ...", the summary of a model about to
+    be trained and Lightning's advice to lower log_every_n_steps for an epoch that takes no step."""
+    config = vit_config(tmp_path, demo_data, save_to=str(tmp_path / "pruned"))
+    options = ["--trainer.enable_model_summary=true", "--trainer.logger=true"]
+    outcome = run_ecoflap(capsys, "prune", "-c", config, *options)
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert "Pruned model saved to" in outcome.text
+    for chatter in ("Trainable params", "logging interval"):
+        assert chatter not in outcome.text, chatter
