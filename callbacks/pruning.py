@@ -250,7 +250,8 @@ class ECoFLaPPruning(Callback):
             raise ValueError(
                 f"ECoFLaPPruning cannot prune under {type(trainer.strategy).__name__}: it shards the parameters and "
                 "restores checkpoints only after the model is wrapped. HINT: prune with a DDP or single-device "
-                "Trainer (stages ['validate'] and save_to), then fine-tune the saved pruned model."
+                "Trainer and save (`ecoflap prune --pruning.save_to DIR`), then fine-tune DIR under DDP "
+                "(`ecoflap fit -c configs/trainer/ddp.yaml --model.init_args.pretrained DIR`)."
             )
         # The checkpoint to restore is not known yet (`trainer.ckpt_path` is set as Lightning loads it, after `setup`),
         # so the loading is what checks it: whole, before any of it is restored (a file the `ecoflap` command already

@@ -30,5 +30,5 @@ def test_the_callback_refuses_strategies_that_restore_after_sharding(tmp_path, t
     processor.tokenizer.save_pretrained(tmp_path / "tokenizer")
     task = VQATask(model_config=config.to_dict(), tokenizer=str(tmp_path / "tokenizer"))
     trainer = trainer_factory(strategy=_RestoresAfterSetup("cpu"))
-    with pytest.raises(ValueError, match="HINT: prune with a DDP or single-device Trainer"):
+    with pytest.raises(ValueError, match=r"HINT: prune with a DDP or single-device Trainer and save \(`ecoflap prune"):
         ECoFLaPPruning(sparsity=0.5, stages=["fit"]).setup(trainer, task, "fit")
