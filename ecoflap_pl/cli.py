@@ -148,6 +148,9 @@ class EcoflapCLI(LightningCLI):
         try:
             if self.subcommand is not None:
                 check_trainer_hardware(self._get(self.config, "trainer"))
+                # Every pruning setting (semi_structured on a machine without a GPU too) is checked by building the
+                # callback, which costs nothing, before the data is read and the model built (it is built after them).
+                ECoFLaPPruning(**self._get(self.config, "pruning").as_dict())
             checked = self._read_data_first()
             super().instantiate_classes()
             if checked is not None and isinstance(self.datamodule, EcoflapDataModule):

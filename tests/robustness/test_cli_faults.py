@@ -406,10 +406,13 @@ def test_compare_dense_refuses_a_bad_save_to_before_the_dense_evaluation(capsys,
 
 @pytest.mark.parametrize("subcommand", ["validate", "prune"])
 def test_semi_structured_without_a_gpu_is_one_message(capsys, tmp_path, demo_data, blip2_dir, monkeypatch, subcommand):
-    """It ended in a RuntimeError's traceback (validate), or a hint to fine-tune without it (prune)."""
+    """It ended in a RuntimeError's traceback (validate), or a hint to fine-tune without it (prune), once the model was
+    built (here a model whose weights file is cut, which loading it would report instead)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine, also where tests run on a GPU one
+    model = shutil.copytree(blip2_dir, tmp_path / "model")
+    (model / "model.safetensors").write_bytes((blip2_dir / "model.safetensors").read_bytes()[:100])
     config = vqa_config(
-        tmp_path, demo_data, blip2_dir, structure="2:4", importance="uniform", semi_structured=True, save_to="pruned"
+        tmp_path, demo_data, model, structure="2:4", importance="uniform", semi_structured=True, save_to="pruned"
     )
     outcome = run_ecoflap(capsys, subcommand, "-c", config)
     short_error(outcome, "`semi_structured` needs a CUDA GPU", "torch sees no CUDA GPU on this machine. HINT")
