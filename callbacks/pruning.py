@@ -239,7 +239,7 @@ class ECoFLaPPruning(Callback):
         if self.save_to is not None and (stage in self.stages or stage == TrainerFn.FITTING):
             self._check_save_to(model)
         if stage in self.stages:
-            OffloadedWeights(model).check_writable(check_before_pruning(model, self.config))
+            _check_offload_folder(model, check_before_pruning(model, self.config))
             if self.report_dir is not None:
                 check_writable_folder(self.report_dir, option="report_dir")
         if self.semi_structured:
@@ -663,6 +663,22 @@ def _check_trainable(model: nn.Module) -> None:
             "(device_map) and load a copy for each forward, so their gradients are dropped and the optimizer never "
             "updates them. HINT: prune and save with `ecoflap prune` (pruning.save_to), then fine-tune the saved model "
             "placed on devices only (a device_map without 'cpu' or 'disk', or a model that fits one device)."
+        )
+
+
+def _check_offload_folder(model: nn.Module, candidates: Sequence[str]) -> None:
+    """Refuse, before pruning, candidate weights offloaded to disk whose pruned values would have nowhere to go.
+
+    Raises:
+        ValueError: naming the modules and the option that fixes it.
+    """
+    stuck = OffloadedWeights(model).unwritable(candidates)
+    if stuck:
+        raise ValueError(
+            f"The weights of {_some(stuck)} are offloaded to disk and read from the model's own files, and there is "
+            "no offload folder to write their pruned values to. HINT: add --model.init_args.offload_folder DIR (a "
+            "folder with room for the offloaded part; from Python, from_pretrained(..., offload_folder=DIR)), or "
+            "raise max_memory so that they are held in memory."
         )
 
 

@@ -102,16 +102,11 @@ class OffloadedWeights:
         """Whether the module or parameter ``name`` (or part of it) is offloaded."""
         return any(_related(module, [name]) for module in self.modules)
 
-    def check_writable(self, names: Iterable[str]) -> None:
-        """Refuse, before any work, weights ``names`` that pruning could not store back: offloaded to disk but read
-        from the model's own checkpoint files, with no offload folder for the new values (those files are never
-        changed).
-
-        Raises:
-            ValueError: naming the modules and the option that fixes it.
-        """
+    def unwritable(self, names: Iterable[str]) -> list[str]:
+        """The offloaded modules holding any of the weights ``names`` whose changed values could not be stored back:
+        offloaded to disk but read from the model's own checkpoint files (never changed), with no offload folder."""
         names = list(names)
-        stuck = [
+        return [
             name
             for name, module, hook in self._hooks
             if hook.weights_map.dataset.save_folder is None
@@ -121,14 +116,6 @@ class OffloadedWeights:
                 for tensor_name, _ in named_module_tensors(module, hook.offload_buffers, recurse=hook.place_submodules)
             )
         ]
-        if stuck:
-            shown = ", ".join(stuck[:3]) + (f" and {len(stuck) - 3} more" if len(stuck) > 3 else "")
-            raise ValueError(
-                f"The weights of {shown} are offloaded to disk and read from the model's own files, and there is no "
-                "offload folder to write their pruned values to. HINT: add --model.init_args.offload_folder DIR (a "
-                "folder with room for the offloaded part; from Python, from_pretrained(..., offload_folder=DIR)), or "
-                "raise max_memory so that they are held in memory."
-            )
 
     @contextmanager
     def resident(self, names: Sequence[str], write_back: bool) -> Iterator[None]:

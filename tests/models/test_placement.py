@@ -309,7 +309,8 @@ def test_disk_offload_without_an_offload_folder_is_refused_before_pruning(saved,
     forwards = []
     handle = offloaded.register_forward_pre_hook(lambda *_: forwards.append(1))
     with pytest.raises(
-        ValueError, match=r"The weights of model.layers.1.* no offload folder.* HINT: add --model.init_args.offload_fo"
+        ValueError,
+        match=r"The weights of 'model.layers.1.self_attn.q_proj'.* no offload folder.* HINT: add --model.init_args",
     ):
         trainer.prune(_LMTask(offloaded), datamodule=_LMData())
     handle.remove()
