@@ -397,7 +397,15 @@ class ECoFLaPPruning(Callback):
                 f"`pruning.stages` is {list(self.stages)}, so `{stage}` runs on the dense model (nothing is pruned). "
                 f"HINT: add '{stage}' to pruning.stages to prune before {stage}."
             )
-        if self.semi_structured and self.pruned and stage != TrainerFn.FITTING:
+        if self.semi_structured and stage != TrainerFn.FITTING:
+            if not self.pruned:
+                raise ValueError(
+                    f"`semi_structured` runs the masks of a pruned model on sparse kernels, but `{stage}` runs a model "
+                    f"this run neither pruned nor restored from a pruned checkpoint (pruning.stages is "
+                    f"{list(self.stages)}): there are no masks, and the model would run dense. HINT: add '{stage}' to "
+                    "pruning.stages with structure '2:4' and importance 'uniform' (a model saved 2:4 keeps its zeros as "
+                    "its masks), or evaluate a checkpoint of `ecoflap fit` with --ckpt_path, which carries its masks."
+                )
             to_semi_structured_(_pruned_module(pl_module), self.masks)
             self._on_sparse_kernels = True
 

@@ -35,3 +35,14 @@ def test_refused_for_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     callback = ECoFLaPPruning(**TWO_FOUR)
     with pytest.raises(ValueError, match="for validate, test and predict only"):
         trainer(tmp_path, callback).fit(ToyTask(), datamodule=ToyData())
+
+
+def test_refused_when_there_are_no_masks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluating a shipped 2:4 model with `stages: []` ran it dense without a word: the callback had no masks."""
+    import ecoflap_pl.callbacks.pruning as pruning_callback
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the no-GPU checks, which are not tested here
+    monkeypatch.setattr(pruning_callback, "check_semi_structured", lambda *_: None)
+    callback = ECoFLaPPruning(**TWO_FOUR, stages=[])
+    with pytest.raises(ValueError, match=r"`validate` runs a model this run neither pruned .* HINT: add 'validate' to"):
+        trainer(tmp_path, callback).validate(ToyTask(), datamodule=ToyData())
