@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ecoflap_pl.export import SavedModel, atomic_directory, write_pruned_model
+from ecoflap_pl.models.placement import OffloadedWeights
 from ecoflap_pl.pruning import PruningResult
 from ecoflap_pl.reporting import write_report
 
@@ -20,11 +21,14 @@ logger = logging.getLogger(__name__)
 
 
 def source_directories(model: nn.Module) -> list[Path]:
-    """Local folders holding the weights ``model`` was loaded from (a Hugging Face ``name_or_path`` that exists)."""
+    """Local folders holding the weights ``model`` was loaded from (a Hugging Face ``name_or_path`` that exists), and
+    those its offloaded weights live in (``device_map``'s offload folder: pruning writes the pruned ones there, and
+    the model reads them from there until it ends)."""
     name_or_path = getattr(model, "name_or_path", None)
+    found = [Path(folder) for folder in OffloadedWeights(model).folders]
     if isinstance(name_or_path, str) and name_or_path and Path(name_or_path).expanduser().is_dir():
-        return [Path(name_or_path).expanduser()]
-    return []
+        found.insert(0, Path(name_or_path).expanduser())
+    return found
 
 
 def save_pruned(

@@ -102,6 +102,12 @@ class OffloadedWeights:
         """Whether the module or parameter ``name`` (or part of it) is offloaded."""
         return any(_related(module, [name]) for module in self.modules)
 
+    @property
+    def folders(self) -> list[str]:
+        """The offload folders the offloaded weights (and the pruned ones written back) are stored in."""
+        found = {hook.weights_map.dataset.save_folder for _, _, hook in self._hooks}
+        return sorted(str(folder) for folder in found if folder is not None)
+
     def unwritable(self, names: Iterable[str]) -> list[str]:
         """The offloaded modules holding any of the weights ``names`` whose changed values could not be stored back:
         offloaded to disk but read from the model's own checkpoint files (never changed), with no offload folder."""

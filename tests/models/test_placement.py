@@ -318,6 +318,31 @@ def test_disk_offload_without_an_offload_folder_is_refused_before_pruning(saved,
     assert torch.equal(offloaded(ids).logits, dense)
 
 
+def test_save_to_holding_the_offload_folder_is_refused_before_pruning(tmp_path):
+    """`save_to` replaced the offload folder inside it, pruned weights included: the model then failed to read them
+    ("No such file or directory: '…/offload/model.layers.1….dat'") in the evaluation that followed."""
+    tiny_model("llama", layers=3).save_pretrained(tmp_path / "model")
+    offload = tmp_path / "pruned" / "offload"
+    offloaded = LlamaForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=DEVICE_MAP, offload_folder=str(offload)
+    ).eval()
+    callback = ECoFLaPPruning(
+        sparsity=0.5,
+        importance="uniform",
+        stages=["fit"],
+        progress=False,
+        save_to=str(tmp_path / "pruned"),
+        overwrite=True,
+    )
+    trainer = EcoflapTrainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[callback], default_root_dir=tmp_path
+    )
+    with pytest.raises(ValueError, match=rf"`save_to` is .*pruned', which holds the source model \({offload}\)"):
+        trainer.prune(_LMTask(offloaded), datamodule=_LMData())
+    assert not callback.pruned
+    offloaded(_batches()[0]["input_ids"])  # its offloaded weights are where it reads them
+
+
 @pytest.mark.parametrize("save_format", ["dense", "sparse-bitmask"])
 def test_ecoflap_prune_of_an_offloaded_model_saves_its_pruned_weights(saved, tmp_path, save_format):
     """README's "larger than one device" recipe: prune where the weights live, then `save_to`. The saved folder holds
