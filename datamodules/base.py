@@ -313,14 +313,16 @@ class EcoflapDataModule(pl.LightningDataModule):
         ``calibration_batch_size`` in that fixed order, no shuffling, the same ``collate_fn`` as training.
 
         Args:
-            num_samples: subset size; ``None`` uses ``calibration_samples``. Capped at the split's size (logged).
+            num_samples: subset size; ``None`` uses ``calibration_samples``. Capped at the split's size, logged at
+                DEBUG only: :func:`~ecoflap_pl.pruning.prune` warns once when its steps get fewer samples than they
+                ask for, naming the options to lower (a warning here too would say the same thing twice).
         """
         size = self.calibration_samples if num_samples is None else num_samples
         _check_int("num_samples", size, 1)
         train = self.dataset("train")
         available = len(cast(Sized, train))
         if size > available:
-            log.warning("Calibration asked for %d samples; the training split has %d: using all.", size, available)
+            log.debug("Calibration asked for %d samples; the training split has %d: using all.", size, available)
             size = available
         order = torch.randperm(available, generator=torch.Generator().manual_seed(self.calibration_seed))
         subset = Subset(train, order[:size].tolist())

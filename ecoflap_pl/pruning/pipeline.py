@@ -107,12 +107,41 @@ def _leading_count(batches: Sequence[Any], samples: int) -> tuple[int, int]:
     return count, seen
 
 
-def _leading_batches(batches: Sequence[Any], samples: int, purpose: str) -> list[tuple[int, Any]]:
-    """The first batches holding ``samples`` samples, with their global ids."""
-    count, seen = _leading_count(batches, samples)
-    if seen < samples:
-        logger.warning("%s asked for %d calibration samples but only %d were given; using all.", purpose, samples, seen)
+def _leading_batches(batches: Sequence[Any], samples: int) -> list[tuple[int, Any]]:
+    """The first batches holding ``samples`` samples (all when fewer, see :func:`_short_calibration`), with their
+    global ids."""
+    count = _leading_count(batches, samples)[0]
     return [(batch_id, batches[batch_id]) for batch_id in range(count)]
+
+
+def _short_calibration(
+    batches: Sequence[Any], config: PruningConfig, steps: Sequence[str], holdout: bool
+) -> str | None:
+    """One message for a calibration set smaller than ``steps`` (``"coarse"``, ``"fine"``) and, with ``holdout``,
+    ``auto``'s held-out batches ask for, naming what is used instead and the fields to lower; ``None`` when it is
+    large enough.
+
+    One cause, one message for every step (an ecoflap DataModule that capped the set logs that at DEBUG only).
+    """
+    given = sum(_batch_samples(batch) for batch in batches)
+    short = [f"{step}_samples" for step in steps if getattr(config, f"{step}_samples") > given]
+    if short:
+        asked = " and ".join(f"`{field}` is {getattr(config, field)}" for field in short)
+        uses = "both steps use" if len(short) == 2 else f"the {short[0].removesuffix('_samples')} step uses"
+        return (
+            f"Only {given} calibration samples were given, but {asked}: {uses} all {given}. HINT: lower "
+            f"{' and '.join(f'`{field}`' for field in short)} to {given}, or give more calibration samples."
+        )
+    if not holdout or given >= config.calibration_samples:
+        return None
+    leading = _leading_count(batches, max(getattr(config, f"{step}_samples") for step in steps))[1]
+    left = given - leading
+    return (
+        f"Only {given} calibration samples were given, but the run asks for {config.calibration_samples}: allocation "
+        f"'auto' holds out the {left} left after the {leading} of the coarse and fine steps, not "
+        f"`auto_holdout_samples` ({config.auto_holdout_samples}). HINT: lower `auto_holdout_samples` to {left}, or "
+        "give more calibration samples."
+    )
 
 
 def _holdout_batches(batches: Sequence[Any], config: PruningConfig) -> list[tuple[int, Any]]:
@@ -125,16 +154,12 @@ def _holdout_batches(batches: Sequence[Any], config: PruningConfig) -> list[tupl
     start = _leading_count(batches, config.fine_samples)[0]
     if config.importance != "uniform":
         start = max(start, _leading_count(batches, config.coarse_samples)[0])
-    count, seen = _leading_count(batches[start:], config.auto_holdout_samples)
+    count = _leading_count(batches[start:], config.auto_holdout_samples)[0]
     if not count:
         raise ValueError(
             f"`allocation` 'auto' needs held-out calibration batches after the {start} that the coarse and fine "
             f"steps use, but only {len(batches)} were given. HINT: pass {config.calibration_samples} calibration "
             "samples (PruningConfig.calibration_samples), or lower coarse_samples / fine_samples."
-        )
-    if seen < config.auto_holdout_samples:
-        logger.warning(
-            "auto asked for %d held-out samples but only %d are left; using them.", config.auto_holdout_samples, seen
         )
     return [(batch_id, batches[batch_id]) for batch_id in range(start, start + count)]
 
@@ -195,6 +220,12 @@ def _check_shards(batches: Sequence[Any], config: PruningConfig, world_size: int
                 f"{count}: rank {count} of {world_size} got no calibration batch ({count} batches in all). HINT: raise "
                 f"`{field}` (now {samples}) or lower the calibration batch size."
             )
+
+
+def _warn_once(rank: int, message: str | None) -> None:
+    """Log ``message`` as a warning on rank 0 only: every rank holds the same batches and would say the same."""
+    if message is not None and rank == 0:
+        logger.warning(message)
 
 
 def _check_inputs(model: Any, batches: Any, loss_fn: Any, config: Any, rank: int, world_size: int) -> None:
@@ -310,7 +341,7 @@ def _score(
 ) -> GroupScores:
     _check_residency(plan, config, residency)
     params = dict(model.named_parameters())
-    chosen = _leading_batches(batches, config.coarse_samples, "The coarse step")
+    chosen = _leading_batches(batches, config.coarse_samples)
     own = _shard(chosen, rank, world_size)
     device = next(model.parameters()).device
 
@@ -402,6 +433,7 @@ def score_groups(
     if config.importance == "uniform":
         raise ValueError("`importance` must be 'zeroth_order' or 'first_order' to score groups, got 'uniform'.")
     _check_shards(calibration_batches, config, world_size, ("coarse",))
+    _warn_once(rank, _short_calibration(calibration_batches, config, ("coarse",), holdout=False))
     with pruning_session(model):
         plan, _ = _plan(model, calibration_batches, loss_fn, config, rank)
         return _score(
@@ -504,8 +536,10 @@ def prune(
     """
     _check_inputs(model, calibration_batches, loss_fn, config, rank, world_size)
     coarse = scores is None and config.importance != "uniform"
-    _check_shards(calibration_batches, config, world_size, ("coarse", "fine") if coarse else ("fine",))
+    steps = ("coarse", "fine") if coarse else ("fine",)
+    _check_shards(calibration_batches, config, world_size, steps)
     holdout = _holdout_batches(calibration_batches, config) if config.allocation == "auto" else []
+    _warn_once(rank, _short_calibration(calibration_batches, config, steps, holdout=config.allocation == "auto"))
     check_before_pruning(model, config)
     stages: dict[str, StageStats] = {}
     params = dict(model.named_parameters())
@@ -521,9 +555,7 @@ def prune(
                 100 * prior_sparsity,
             )
         device = next(model.parameters()).device
-        fine_batches = _shard(
-            _leading_batches(calibration_batches, config.fine_samples, "The fine step"), rank, world_size
-        )
+        fine_batches = _shard(_leading_batches(calibration_batches, config.fine_samples), rank, world_size)
         computed: dict[str, GroupScores] = {}
         outliers: dict[float, dict[str, float]] = {}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -95,6 +96,18 @@ def test_fit_prints_no_lightning_chatter(capsys, tmp_path, demo_data):
     assert "Pruning report:" in outcome.text
     for chatter in ("to estimate number of stepping batches", "GPU available", "Seed set", "stopped:"):
         assert chatter not in outcome.text, chatter
+
+
+def test_more_calibration_samples_than_the_training_split_holds_is_one_warning(capsys, tmp_path, demo_data):
+    """The DataModule, the fine step and the coarse step each warned for this one cause: three lines, none naming the
+    option to lower."""
+    config = vit_config(tmp_path, demo_data, coarse_samples=50, fine_samples=100)  # the demo split holds 20
+    outcome = run_ecoflap(capsys, "prune", "-c", config)
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert [line for line in outcome.text.splitlines() if re.search(r"\bsamples?\b", line, re.IGNORECASE)] == [
+        "Only 20 calibration samples were given, but `coarse_samples` is 50 and `fine_samples` is 100: both steps use "
+        "all 20. HINT: lower `coarse_samples` and `fine_samples` to 20, or give more calibration samples."
+    ]
 
 
 def test_a_report_dir_that_is_a_file(capsys, tmp_path, demo_data):
