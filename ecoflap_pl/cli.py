@@ -38,7 +38,7 @@ from ecoflap_pl.callbacks.pruning import unreadable_checkpoint
 from ecoflap_pl.console import quiet_libraries
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.datamodules.base import Stage
-from ecoflap_pl.hardware_check import check_trainer_hardware
+from ecoflap_pl.hardware_check import check_model_placement, check_trainer_hardware
 from ecoflap_pl.option_hints import unknown_option_hint
 from ecoflap_pl.tasks.base import EcoflapTask
 
@@ -165,6 +165,7 @@ class EcoflapCLI(LightningCLI):
         try:
             if self.subcommand is not None:
                 check_trainer_hardware(self._get(self.config, "trainer"))
+                check_model_placement(_model_arguments(self.config.get(self.subcommand)))
             checked = self._read_data_first()
             super().instantiate_classes()
             if checked is not None and isinstance(self.datamodule, EcoflapDataModule):

@@ -9,6 +9,7 @@ from typing import Any, TypeVar, cast
 
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from ecoflap_pl.hardware_check import check_device_map
 from ecoflap_pl.models.hub_access import WEIGHT_SUFFIXES, HubModel, hub_model_errors
 
 ModelT = TypeVar("ModelT", bound=PreTrainedModel)
@@ -113,9 +114,13 @@ def load_pretrained(model_cls: type[ModelT], pretrained: str, **from_pretrained_
         model_cls: the Hugging Face class, an ``AutoModel*`` class too.
         pretrained: a hub name or a local directory.
         from_pretrained_kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
+
+    Raises:
+        ValueError: a ``device_map`` or ``max_memory`` naming a CUDA GPU where torch sees none.
     """
     from ecoflap_pl.export import is_sparse_export, load_pruned_model
 
+    check_device_map(from_pretrained_kwargs.get("device_map"), from_pretrained_kwargs.get("max_memory"))
     with hub_load_errors(pretrained, **from_pretrained_kwargs):
         if is_sparse_export(pretrained):
             return cast(ModelT, load_pruned_model(Path(pretrained).expanduser(), model_cls, **from_pretrained_kwargs))

@@ -20,6 +20,7 @@ from transformers import LlamaForCausalLM
 from ecoflap_pl import PruningConfig, prune, score_groups
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.cli import EcoflapTrainer
+from ecoflap_pl.models.loading import build_hf_model
 from ecoflap_pl.models.placement import OffloadedWeights, placement
 from ecoflap_pl.models.tiny import tiny_model
 from ecoflap_pl.tasks.base import EcoflapTask
@@ -288,3 +289,36 @@ def test_gpu_model_with_cpu_and_disk_offload_gets_the_scores_and_masks_on_the_gp
     assert result.stages["coarse"].probe_replicas >= 1  # the fast path, no fallback
     for name, mask in in_memory.masks.items():
         assert torch.equal(result.masks[name].cpu(), mask.cpu()), name
+
+
+@pytest.mark.parametrize(
+    ("placement_kwargs", "named"),
+    [
+        ({"device_map": {"": "cuda:0"}}, "('': 'cuda:0')"),
+        ({"device_map": "cuda"}, "('cuda')"),
+        ({"device_map": {"model.layers.0": 0, "lm_head": "cpu"}}, "('model.layers.0': 0)"),
+        ({"device_map": "auto", "max_memory": {0: "1GiB", "cpu": "1GiB"}}, "(max_memory key 0)"),
+    ],
+)
+def test_a_device_map_on_a_gpu_is_refused_before_loading_where_torch_sees_none(
+    tmp_path, monkeypatch, placement_kwargs, named
+):
+    """transformers failed inside torch ("Found no NVIDIA driver on your system", a RuntimeError with a traceback)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine, where a GPU might be there
+    tiny_model("llama", layers=2).save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match="puts weights on a CUDA GPU") as refusal:
+        build_hf_model(LlamaForCausalLM, str(tmp_path / "model"), **placement_kwargs)
+    message = str(refusal.value)
+    assert named in message and "torch sees none here" in message
+    assert "HINT: on the CPU, use device_map: cpu, or device_map: auto with max_memory for 'cpu' and 'disk'" in message
+
+
+@pytest.mark.parametrize(
+    "placement_kwargs",
+    [{"device_map": "auto"}, {"device_map": "cpu"}, {"device_map": "auto", "max_memory": {"cpu": "1GiB"}}],
+)
+def test_a_device_map_for_the_cpu_loads_where_torch_sees_no_gpu(tmp_path, monkeypatch, placement_kwargs):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    tiny_model("llama", layers=2).save_pretrained(tmp_path / "model")
+    model = build_hf_model(LlamaForCausalLM, str(tmp_path / "model"), **placement_kwargs)
+    assert {parameter.device.type for parameter in model.parameters()} == {"cpu"}

@@ -110,6 +110,22 @@ def test_more_calibration_samples_than_the_training_split_holds_is_one_warning(c
     ]
 
 
+def test_a_device_map_on_a_gpu_where_torch_sees_none_is_refused_before_the_model(
+    capsys, tmp_path, demo_data, blip2_dir, monkeypatch
+):
+    """transformers failed inside torch as the model loaded ("Found no NVIDIA driver on your system", a RuntimeError
+    with its traceback); `auto` alone places the model on the CPU there, and still runs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine, where a GPU might be there
+    config = vqa_config(tmp_path, demo_data, blip2_dir)
+    outcome = run_ecoflap(capsys, "validate", "-c", config, '--model.init_args.device_map={"": "cuda:0"}')
+    short_error(
+        outcome, "`device_map` {'': 'cuda:0'} puts weights on a CUDA GPU", "HINT: on the CPU, use device_map: cpu"
+    )
+    assert not (tmp_path / "run").exists()
+    outcome = run_ecoflap(capsys, "validate", "-c", config, "--model.init_args.device_map=auto")
+    assert outcome.code == 0, outcome.text[-3000:]
+
+
 def test_a_report_dir_that_is_a_file(capsys, tmp_path, demo_data):
     blocker = tmp_path / "report"
     blocker.write_text("a file, not a folder", encoding="utf-8")
