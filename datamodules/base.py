@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import itertools
 import logging
 from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
 from ecoflap_pl.datamodules._io import DataFileNotFoundError, DataFormatError, check_image_files, load_image, locate
+from ecoflap_pl.folders import first_subfolders
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,7 @@ class EcoflapDataModule(pl.LightningDataModule):
         candidates = [self.data_dir.parent] if self.data_dir.parent != self.data_dir else []
         try:
             if self.data_dir.is_dir():
-                inside = (path for path in sorted(self.data_dir.iterdir()) if path.is_dir() and path.name[:1] != ".")
-                candidates += list(itertools.islice(inside, NEARBY_FOLDERS))
+                candidates += first_subfolders(self.data_dir, NEARBY_FOLDERS)
         except OSError:  # a folder that cannot be listed: the error found is reported as it is
             pass
         arguments = _arguments(self)

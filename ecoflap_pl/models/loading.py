@@ -9,10 +9,13 @@ from typing import Any, TypeVar, cast
 
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from ecoflap_pl.folders import first_subfolders
 from ecoflap_pl.hardware_check import check_device_map
 from ecoflap_pl.models.hub_access import WEIGHT_SUFFIXES, HubModel, hub_model_errors
 
 ModelT = TypeVar("ModelT", bound=PreTrainedModel)
+MODEL_FOLDERS = 64
+"""How many subfolders of a ``pretrained`` folder without config.json are searched for a model to name."""
 
 
 def check_model_source(pretrained: str | None, model_config: Any, example: str = "Salesforce/blip2-opt-2.7b") -> None:
@@ -49,7 +52,7 @@ def check_model_folder(folder: Path) -> None:
         FileNotFoundError: naming the folder, what it lacks and, when one of its subfolders holds a model, that one.
     """
     if not (folder / "config.json").is_file():
-        models = sorted(sub for sub in _subfolders(folder) if (sub / "config.json").is_file())
+        models = [sub for sub in first_subfolders(folder, MODEL_FOLDERS) if (sub / "config.json").is_file()]
         where = (
             f"point `pretrained` at the model folder inside it: {', '.join(str(m) for m in models[:3])}"
             if models
@@ -66,11 +69,6 @@ def check_model_folder(folder: Path) -> None:
             "the weights were not copied with it. HINT: copy the model's *.safetensors files (and their index) into "
             "it, or point `pretrained` at the complete folder."
         )
-
-
-def _subfolders(folder: Path, limit: int = 64) -> list[Path]:
-    """The first ``limit`` folders inside ``folder``, by name (a data folder may hold thousands)."""
-    return sorted(path for path in folder.iterdir() if path.is_dir())[:limit]
 
 
 @contextmanager

@@ -108,10 +108,11 @@ def _leading_count(sizes: Sequence[int], samples: int) -> tuple[int, int]:
     return count, seen
 
 
-def _leading_batches(batches: Sequence[Any], sizes: Sequence[int], samples: int) -> list[tuple[int, Any]]:
+def _leading_batches(batches: Sequence[Any], samples: int) -> list[tuple[int, Any]]:
     """The first batches holding ``samples`` samples (all when fewer, see :func:`_short_calibration`), with their
     global ids."""
-    return [(batch_id, batches[batch_id]) for batch_id in range(_leading_count(sizes, samples)[0])]
+    count = _leading_count([_batch_samples(batch) for batch in batches], samples)[0]
+    return [(batch_id, batches[batch_id]) for batch_id in range(count)]
 
 
 def _short_calibration(sizes: Sequence[int], config: PruningConfig, steps: Sequence[str], holdout: bool) -> str | None:
@@ -352,7 +353,6 @@ def _score(
     model: nn.Module,
     plan: _Plan,
     batches: Sequence[Any],
-    sizes: Sequence[int],
     loss_fn: LossFn,
     config: PruningConfig,
     all_reduce: AllReduce | None,
@@ -363,7 +363,7 @@ def _score(
 ) -> GroupScores:
     _check_residency(plan, config, residency)
     params = dict(model.named_parameters())
-    chosen = _leading_batches(batches, sizes, config.coarse_samples)
+    chosen = _leading_batches(batches, config.coarse_samples)
     own = _shard(chosen, rank, world_size)
     device = next(model.parameters()).device
 
@@ -460,17 +460,7 @@ def score_groups(
     with pruning_session(model):
         plan, _ = _plan(model, calibration_batches, loss_fn, config, rank)
         return _score(
-            model,
-            plan,
-            calibration_batches,
-            batch_sizes,
-            loss_fn,
-            config,
-            all_reduce,
-            rank,
-            world_size,
-            progress,
-            residency,
+            model, plan, calibration_batches, loss_fn, config, all_reduce, rank, world_size, progress, residency
         )
 
 
@@ -589,7 +579,7 @@ def prune(
                 100 * prior_sparsity,
             )
         device = next(model.parameters()).device
-        fine_batches = _shard(_leading_batches(calibration_batches, batch_sizes, config.fine_samples), rank, world_size)
+        fine_batches = _shard(_leading_batches(calibration_batches, config.fine_samples), rank, world_size)
         computed: dict[str, GroupScores] = {}
         outliers: dict[float, dict[str, float]] = {}
 
@@ -600,7 +590,6 @@ def prune(
                         model,
                         plan,
                         calibration_batches,
-                        batch_sizes,
                         loss_fn,
                         config,
                         all_reduce,
