@@ -457,7 +457,7 @@ class ECoFLaPPruning(Callback):
             self._save(trainer, pl_module)
         return result
 
-    def check_calibration_sizes(self, datamodule: pl.LightningDataModule, world_size: int) -> None:
+    def check_calibration_data(self, datamodule: pl.LightningDataModule, world_size: int) -> None:
         """Refuse, before a launcher starts the Trainer's processes (DDP), calibration data that pruning would refuse
         in every one of them, each printing the same error: no batch at all, too few batches for ``world_size``
         ranks, none left for ``auto``'s held-out ones.

@@ -108,10 +108,10 @@ DESCRIPTION = (
 """What ``ecoflap --help`` says the command does (LightningCLI's default is "Lightning Trainer command line tool")."""
 
 SUBCOMMAND_HELP = {
-    "fit": "Prune, then fine-tune with the masks held fixed (trainer.max_epochs / max_steps).",
+    "fit": "Prune, then fine-tune with the masks held fixed.",
     "validate": "Prune, then evaluate on the validation split (--compare_dense true: dense and pruned side by side).",
     "test": "Prune, then evaluate on the test split (--compare_dense true: dense and pruned side by side).",
-    "predict": "Predict on the test split; prunes first only when pruning.stages names 'predict'.",
+    "predict": "Run the task's predictions on the test split (no metrics); prunes only if pruning.stages names it.",
     "prune": "Prune and save the model (--pruning.save_to DIR), without training or evaluating.",
 }
 """What ``ecoflap --help`` lists for each subcommand, and each one's ``--help`` begins with (Lightning's would be the
@@ -284,7 +284,7 @@ class EcoflapCLI(LightningCLI):
         stage = TrainerFn.FITTING.value if subcommand == "prune" else subcommand
         callback.setup(self.trainer, self.model, stage)
         if stage in callback.stages and not self._starts_pruned(self._get(self.config, "pruning")):
-            callback.check_calibration_sizes(self.datamodule, self.trainer.world_size)
+            callback.check_calibration_data(self.datamodule, self.trainer.world_size)
 
     @staticmethod
     @override

@@ -273,15 +273,15 @@ def test_too_few_calibration_batches_for_the_ranks_is_explained(
         ({}, 0, "yielded no batch"),
     ],
 )
-def test_calibration_sizes_are_checked_without_loading_a_sample(
+def test_calibration_data_is_checked_without_loading_a_sample(
     settings: dict[str, Any], samples: int, error: str
 ) -> None:
     """What pruning would refuse on every rank, refused from the batch sizes alone (the ``ecoflap`` command runs this
     before a DDP launcher starts its processes, so that the refusal is printed once)."""
     callback = ECoFLaPPruning(**{**FAST, **settings})
     with pytest.raises(ValueError, match=error):
-        callback.check_calibration_sizes(ToyData(samples), world_size=2)
-    callback.check_calibration_sizes(ToyData(24), world_size=1)  # one rank, and auto has its held-out batches
+        callback.check_calibration_data(ToyData(samples), world_size=2)
+    callback.check_calibration_data(ToyData(24), world_size=1)  # one rank, and auto has its held-out batches
 
 
 def test_progress_bars_and_summary_table_on_rank_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
