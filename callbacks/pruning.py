@@ -26,6 +26,7 @@ import ecoflap_pl
 from ecoflap_pl.callbacks.checkpoint_file import check_checkpoint_room, use_whole_file_checkpoints
 from ecoflap_pl.callbacks.export import describe_saved, save_pruned, source_directories
 from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
+from ecoflap_pl.callbacks.process_group import destroy_gloo_group_at_exit
 from ecoflap_pl.callbacks.progress import StageProgress
 from ecoflap_pl.export import check_save_format, check_save_target, check_writable_folder, least_export_bytes
 from ecoflap_pl.export.semi_structured import check_semi_structured, to_semi_structured_
@@ -254,6 +255,7 @@ class ECoFLaPPruning(Callback):
         # so the loading is what checks it: whole, before any of it is restored (a file the `ecoflap` command already
         # checked is not read again), as under the `ecoflap` command's Trainer.
         use_whole_file_checkpoints(trainer.strategy)
+        destroy_gloo_group_at_exit()  # a gloo group left to the interpreter's teardown can abort a finished run
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
