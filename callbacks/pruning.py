@@ -26,11 +26,11 @@ import ecoflap_pl
 from ecoflap_pl.callbacks.checkpoint_file import check_checkpoint_room, use_whole_file_checkpoints
 from ecoflap_pl.callbacks.export import describe_saved, save_pruned, source_directories
 from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
-from ecoflap_pl.callbacks.process_group import destroy_gloo_group_at_exit
 from ecoflap_pl.callbacks.progress import StageProgress
 from ecoflap_pl.export import check_save_format, check_save_target, check_writable_folder, least_export_bytes
 from ecoflap_pl.export.semi_structured import check_semi_structured, to_semi_structured_
 from ecoflap_pl.models.placement import OffloadedWeights, placement
+from ecoflap_pl.process_group import destroy_gloo_group_at_exit
 from ecoflap_pl.pruning import PruningConfig, PruningResult, check_before_pruning, check_calibration_sizes, prune
 from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE, AllocationName, ImportanceName, MethodName, ScoreName
 from ecoflap_pl.reporting import REPORT_JSON, render_table, report_dict, write_report
