@@ -26,12 +26,12 @@ import ecoflap_pl
 from ecoflap_pl.callbacks.checkpoint_file import check_checkpoint_room, use_whole_file_checkpoints
 from ecoflap_pl.callbacks.export import describe_saved, save_pruned, source_directories
 from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
-from ecoflap_pl.callbacks.process_group import destroy_gloo_group_at_exit
 from ecoflap_pl.callbacks.progress import StageProgress
 from ecoflap_pl.export import check_save_format, check_save_target, check_writable_folder, least_export_bytes
 from ecoflap_pl.export.semi_structured import check_semi_structured, to_semi_structured_
 from ecoflap_pl.models.placement import OffloadedWeights, StoredTensors, placement
-from ecoflap_pl.pruning import PruningConfig, PruningResult, check_before_pruning, prune
+from ecoflap_pl.process_group import destroy_gloo_group_at_exit
+from ecoflap_pl.pruning import PruningConfig, PruningResult, check_before_pruning, check_calibration_sizes, prune
 from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE, AllocationName, ImportanceName, MethodName, ScoreName
 from ecoflap_pl.reporting import REPORT_JSON, render_table, report_dict, write_report
 
@@ -470,9 +470,27 @@ class ECoFLaPPruning(Callback):
             self._save(trainer, pl_module)
         return result
 
-    def _calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
-        # Lightning's DataConnector sets `Trainer.datamodule`, which the Trainer class does not declare.
-        datamodule = trainer.datamodule  # type: ignore[attr-defined]
+    def check_calibration_data(self, datamodule: pl.LightningDataModule, world_size: int) -> None:
+        """Refuse, before a launcher starts the Trainer's processes (DDP), calibration data that pruning would refuse
+        in every one of them, each printing the same error: no batch at all, too few batches for ``world_size``
+        ranks, none left for ``auto``'s held-out ones.
+
+        Reads only the sizes of the batches, from the calibration loader's batch sampler (no sample is loaded); a
+        loader without one is left to pruning, which checks the batches themselves.
+
+        Raises:
+            AttributeError: the DataModule has no ``calibration_dataloader``.
+            ValueError: as pruning would, with a ``HINT``.
+        """
+        sampler = getattr(self._calibration_loader(datamodule), "batch_sampler", None)
+        if sampler is None:
+            return
+        sizes = [len(indices) for indices in sampler]
+        if not sizes:
+            raise _no_calibration_batch(datamodule)
+        check_calibration_sizes(sizes, self.config, world_size=world_size, coarse=self.config.importance != "uniform")
+
+    def _calibration_loader(self, datamodule: pl.LightningDataModule | None) -> Any:
         factory = getattr(datamodule, "calibration_dataloader", None)
         if not callable(factory):
             where = "no DataModule was given" if datamodule is None else f"{type(datamodule).__name__} has none"
@@ -482,14 +500,14 @@ class ECoFLaPPruning(Callback):
                 "`def calibration_dataloader(self, num_samples: int | None = None) -> DataLoader` to your "
                 "LightningDataModule and pass it as `datamodule=`."
             )
-        loader = factory(self.config.calibration_samples)
-        batches = list(loader)
+        return factory(self.config.calibration_samples)
+
+    def _calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
+        # Lightning's DataConnector sets `Trainer.datamodule`, which the Trainer class does not declare.
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
+        batches = list(self._calibration_loader(datamodule))
         if not batches:
-            raise ValueError(
-                f"The calibration dataloader of {type(datamodule).__name__} yielded no batch: the split it samples "
-                "(the training split for ecoflap_pl DataModules) is empty. HINT: check the training annotations under "
-                "`data_dir`; pruning needs at least one calibration sample."
-            )
+            raise _no_calibration_batch(datamodule)
         world_size, rank = trainer.world_size, trainer.global_rank
         # prune() refuses, identically on every rank, a set too short to give each rank a batch of every step.
         for batch_id in range(rank, len(batches), world_size):
@@ -597,6 +615,14 @@ def _stopping_on_sigterm(
         progress(stage, done, total)
 
     return report
+
+
+def _no_calibration_batch(datamodule: pl.LightningDataModule) -> ValueError:
+    return ValueError(
+        f"The calibration dataloader of {type(datamodule).__name__} yielded no batch: the split it samples "
+        "(the training split for ecoflap_pl DataModules) is empty. HINT: check the training annotations under "
+        "`data_dir`; pruning needs at least one calibration sample."
+    )
 
 
 def _check_finite_gradients(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

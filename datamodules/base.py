@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import itertools
 import logging
 from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
 from ecoflap_pl.datamodules._io import DataFileNotFoundError, DataFormatError, check_image_files, load_image, locate
+from ecoflap_pl.folders import first_subfolders
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,7 @@ class EcoflapDataModule(pl.LightningDataModule):
         candidates = [self.data_dir.parent] if self.data_dir.parent != self.data_dir else []
         try:
             if self.data_dir.is_dir():
-                inside = (path for path in sorted(self.data_dir.iterdir()) if path.is_dir() and path.name[:1] != ".")
-                candidates += list(itertools.islice(inside, NEARBY_FOLDERS))
+                candidates += first_subfolders(self.data_dir, NEARBY_FOLDERS)
         except OSError:  # a folder that cannot be listed: the error found is reported as it is
             pass
         arguments = _arguments(self)
@@ -313,14 +312,16 @@ class EcoflapDataModule(pl.LightningDataModule):
         ``calibration_batch_size`` in that fixed order, no shuffling, the same ``collate_fn`` as training.
 
         Args:
-            num_samples: subset size; ``None`` uses ``calibration_samples``. Capped at the split's size (logged).
+            num_samples: subset size; ``None`` uses ``calibration_samples``. Capped at the split's size, logged at
+                DEBUG only: :func:`~ecoflap_pl.pruning.prune` warns once when its steps get fewer samples than they
+                ask for, naming the options to lower (a warning here too would say the same thing twice).
         """
         size = self.calibration_samples if num_samples is None else num_samples
         _check_int("num_samples", size, 1)
         train = self.dataset("train")
         available = len(cast(Sized, train))
         if size > available:
-            log.warning("Calibration asked for %d samples; the training split has %d: using all.", size, available)
+            log.debug("Calibration asked for %d samples; the training split has %d: using all.", size, available)
             size = available
         order = torch.randperm(available, generator=torch.Generator().manual_seed(self.calibration_seed))
         subset = Subset(train, order[:size].tolist())

@@ -39,7 +39,7 @@ from ecoflap_pl.callbacks.pruning import unreadable_checkpoint
 from ecoflap_pl.console import quiet_libraries
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.datamodules.base import Stage
-from ecoflap_pl.hardware_check import check_trainer_hardware
+from ecoflap_pl.hardware_check import check_model_placement, check_trainer_hardware
 from ecoflap_pl.option_hints import unknown_option_hint
 from ecoflap_pl.tasks.base import EcoflapTask
 
@@ -112,6 +112,16 @@ DESCRIPTION = (
 )
 """What ``ecoflap --help`` says the command does (LightningCLI's default is "Lightning Trainer command line tool")."""
 
+SUBCOMMAND_HELP = {
+    "fit": "Prune, then fine-tune with the masks held fixed.",
+    "validate": "Prune, then evaluate on the validation split (--compare_dense true: dense and pruned side by side).",
+    "test": "Prune, then evaluate on the test split (--compare_dense true: dense and pruned side by side).",
+    "predict": "Run the task's predictions on the test split (no metrics); prunes only if pruning.stages names it.",
+    "prune": "Prune and save the model (--pruning.save_to DIR), without training or evaluating.",
+}
+"""What ``ecoflap --help`` lists for each subcommand, and each one's ``--help`` begins with (Lightning's would be the
+first line of the Trainer method's docstring: "Runs the full optimization routine.")."""
+
 _MAIN_LOOP: dict[str, Stage] = {"fit": "train", "prune": "train", "validate": "val", "test": "test", "predict": "test"}
 """The DataModule loop each subcommand runs (``prune`` runs ``fit`` with no step: it only calibrates)."""
 
@@ -130,8 +140,20 @@ class EcoflapCLI(LightningCLI):
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         # Configuration errors are raised (not printed with the whole usage) so that `main` can show them briefly.
         kwargs.setdefault("exit_on_error", False)
-        kwargs.setdefault("description", DESCRIPTION)  # the subcommands' parsers get their own
+        kwargs.setdefault("description", DESCRIPTION)  # the subcommands' parsers get SUBCOMMAND_HELP
         return super().init_parser(**kwargs)
+
+    @override
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        # Each subcommand's parser is described by SUBCOMMAND_HELP (a description given through `parser_kwargs`
+        # still wins); Lightning lists the subcommands with its Trainer methods' first docstring lines whatever the
+        # description, so the listing's entries are set to SUBCOMMAND_HELP once the parsers are added.
+        kwargs = {name: {"description": SUBCOMMAND_HELP[name], **kwargs.get(name, {})} for name in self.subcommands()}
+        super()._add_subcommands(parser, **kwargs)
+        listing = parser._subcommands_action
+        if listing is not None:
+            for entry in listing._choices_actions:
+                entry.help = SUBCOMMAND_HELP[entry.dest]
 
     @override
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -148,6 +170,7 @@ class EcoflapCLI(LightningCLI):
         try:
             if self.subcommand is not None:
                 check_trainer_hardware(self._get(self.config, "trainer"))
+                check_model_placement(_model_arguments(self.config.get(self.subcommand)))
                 # Every pruning setting (semi_structured on a machine without a GPU too) is checked by building the
                 # callback, which costs nothing, before the data is read and the model built (it is built after them).
                 ECoFLaPPruning(**self._get(self.config, "pruning").as_dict())
@@ -247,6 +270,29 @@ class EcoflapCLI(LightningCLI):
                 "rebuilt as it was trained, so that the checkpoint's weights fit it.",
                 ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in sorted(replaced.items())),
             )
+
+    @override
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            self._check_before_launch(subcommand)
+        except (ValueError, TypeError, OSError, AttributeError) as error:
+            raise ConfigurationError(str(error)) from error
+        super()._run_subcommand(subcommand)
+
+    def _check_before_launch(self, subcommand: str) -> None:
+        """Under a strategy that starts processes (DDP on several devices), run the pruning callback's checks before
+        they start, in this one process: started, every process would run them and print the same refusal, once per
+        rank. ``setup``'s checks (``save_to``, ``report_dir``, the selected weights, ...) and the calibration batches'
+        sizes against the number of ranks; the calibration check is left out when the run does not prune (the
+        subcommand is not in ``pruning.stages``, or ``ckpt_path`` may hold a pruned model).
+        """
+        if self.trainer.strategy.launcher is None:
+            return  # one process: the checks run once, in `setup` and when pruning starts
+        callback = self.trainer.pruning_callback()
+        stage = TrainerFn.FITTING.value if subcommand == "prune" else subcommand
+        callback.setup(self.trainer, self.model, stage)
+        if stage in callback.stages and not self._starts_pruned(self._get(self.config, "pruning")):
+            callback.check_calibration_data(self.datamodule, self.trainer.world_size)
 
     @staticmethod
     @override

@@ -1,5 +1,5 @@
 """Check the Trainer's hardware settings (``accelerator``, ``devices``, ``strategy``, ``precision``, ``num_nodes``)
-before the task builds its model.
+and the model's placement (``device_map``, ``max_memory``) before the task builds its model.
 
 LightningCLI builds the model first and the Trainer last, so a GPU that is not there (every experiment file and
 ``configs/trainer/gpu.yaml`` ask for one) was refused only after minutes of loading a large model, in Lightning's one
@@ -71,3 +71,57 @@ def _hint(given: Mapping[str, Any]) -> str:
             "CPU, add --trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto."
         )
     return "HINT: fix trainer.accelerator, devices, strategy or precision (see `ecoflap fit --help`)."
+
+
+def check_model_placement(model_arguments: Mapping[str, Any]) -> None:
+    """:func:`check_device_map` on a task's arguments: its ``device_map`` and ``max_memory``, or those keys of its
+    ``from_pretrained_kwargs``."""
+    extra = model_arguments.get("from_pretrained_kwargs") or {}
+    check_device_map(
+        model_arguments.get("device_map") or extra.get("device_map"),
+        model_arguments.get("max_memory") or extra.get("max_memory"),
+    )
+
+
+def check_device_map(device_map: Any, max_memory: Mapping[Any, Any] | None = None) -> None:
+    """Refuse a ``device_map`` or ``max_memory`` that puts weights on a CUDA GPU when torch sees none, before the model
+    is built: ``from_pretrained`` fails at once inside torch ("Found no NVIDIA driver on your system"), with a
+    traceback and no word on the fix. ``auto`` (``balanced``, ``sequential``) alone places the model on the CPU (and
+    disk) there, and is left to do so.
+
+    Args:
+        device_map: ``from_pretrained``'s ``device_map``: a strategy name, a device (``"cuda:0"``, ``0``, ``"cpu"``)
+            or a dict module name -> device.
+        max_memory: ``from_pretrained``'s ``max_memory``: device (a GPU index, ``"cpu"``, ``"disk"``) -> size.
+
+    Raises:
+        ValueError: naming the GPU places, with the CPU alternatives as a ``HINT``.
+    """
+    if torch.cuda.is_available():
+        return
+    if isinstance(device_map, Mapping):
+        places = [f"{key!r}: {value!r}" for key, value in device_map.items() if _names_a_gpu(value)]
+    else:
+        places = [repr(device_map)] if device_map is not None and _names_a_gpu(device_map) else []
+    places += [f"max_memory key {key!r}" for key in max_memory or {} if _names_a_gpu(key)]
+    if not places:
+        return
+    raise ValueError(
+        f"`device_map` {device_map!r}{f' with max_memory {max_memory!r}' if max_memory else ''} puts weights on a CUDA "
+        f"GPU ({', '.join(places)}), but torch sees none here (torch.cuda.is_available() is False). HINT: on the CPU, "
+        "use device_map: cpu, or device_map: auto with max_memory for 'cpu' and 'disk' only (and an offload_folder), "
+        "or drop device_map; on a GPU machine, check the driver and CUDA_VISIBLE_DEVICES."
+    )
+
+
+def _names_a_gpu(place: Any) -> bool:
+    """Whether a ``device_map`` value or ``max_memory`` key is a CUDA device: an index (``0``, ``"0"``), ``cuda``,
+    ``cuda:N`` or a CUDA ``torch.device``."""
+    if isinstance(place, torch.device):
+        return place.type == "cuda"
+    if isinstance(place, bool):
+        return False
+    if isinstance(place, int):
+        return True
+    text = str(place).strip().lower()
+    return text.isdigit() or text == "cuda" or text.startswith("cuda:")

@@ -9,9 +9,13 @@ from typing import Any, TypeVar, cast
 
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from ecoflap_pl.folders import first_subfolders
+from ecoflap_pl.hardware_check import check_device_map
 from ecoflap_pl.models.hub_access import WEIGHT_SUFFIXES, HubModel, hub_model_errors
 
 ModelT = TypeVar("ModelT", bound=PreTrainedModel)
+MODEL_FOLDERS = 64
+"""How many subfolders of a ``pretrained`` folder without config.json are searched for a model to name."""
 
 
 def check_model_source(pretrained: str | None, model_config: Any, example: str = "Salesforce/blip2-opt-2.7b") -> None:
@@ -48,7 +52,7 @@ def check_model_folder(folder: Path) -> None:
         FileNotFoundError: naming the folder, what it lacks and, when one of its subfolders holds a model, that one.
     """
     if not (folder / "config.json").is_file():
-        models = sorted(sub for sub in _subfolders(folder) if (sub / "config.json").is_file())
+        models = [sub for sub in first_subfolders(folder, MODEL_FOLDERS) if (sub / "config.json").is_file()]
         where = (
             f"point `pretrained` at the model folder inside it: {', '.join(str(m) for m in models[:3])}"
             if models
@@ -65,11 +69,6 @@ def check_model_folder(folder: Path) -> None:
             "the weights were not copied with it. HINT: copy the model's *.safetensors files (and their index) into "
             "it, or point `pretrained` at the complete folder."
         )
-
-
-def _subfolders(folder: Path, limit: int = 64) -> list[Path]:
-    """The first ``limit`` folders inside ``folder``, by name (a data folder may hold thousands)."""
-    return sorted(path for path in folder.iterdir() if path.is_dir())[:limit]
 
 
 @contextmanager
@@ -113,9 +112,13 @@ def load_pretrained(model_cls: type[ModelT], pretrained: str, **from_pretrained_
         model_cls: the Hugging Face class, an ``AutoModel*`` class too.
         pretrained: a hub name or a local directory.
         from_pretrained_kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
+
+    Raises:
+        ValueError: a ``device_map`` or ``max_memory`` naming a CUDA GPU where torch sees none.
     """
     from ecoflap_pl.export import is_sparse_export, load_pruned_model
 
+    check_device_map(from_pretrained_kwargs.get("device_map"), from_pretrained_kwargs.get("max_memory"))
     with hub_load_errors(pretrained, **from_pretrained_kwargs):
         if is_sparse_export(pretrained):
             return cast(ModelT, load_pruned_model(Path(pretrained).expanduser(), model_cls, **from_pretrained_kwargs))
@@ -188,26 +191,18 @@ _NAMED_DEVICES = ("cpu", "mps", "disk")
 
 def _checked_max_memory(max_memory: dict[Any, Any]) -> dict[int | str, int]:
     """``max_memory`` as Accelerate reads it: GPU numbers as ints (a JSON config can only give ``"0"``), sizes in
-    bytes. Accelerate refuses ``"0"`` as "not recognized" though it asks for integers, names neither the option nor
-    the entry of a size it cannot read (and refuses ``"10e9"``), and a GPU on a machine without one fails on the
-    driver.
+    bytes. Accelerate refuses ``"0"`` as "not recognized" though it asks for integers, and names neither the option
+    nor the entry of a size it cannot read (and refuses ``"10e9"``). A GPU on a machine without one is refused by
+    :func:`~ecoflap_pl.hardware_check.check_device_map`.
 
     Raises:
-        ValueError: a key that names no device of this machine, or a size that is not one.
+        ValueError: a key that names no device, or a size that is not one.
     """
-    import torch
-
-    accelerators = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
     checked: dict[int | str, int] = {}
     for key, size in max_memory.items():
         device: int | str = int(key) if str(key).isdigit() else str(key)
         if isinstance(device, str) and device not in _NAMED_DEVICES:
             raise ValueError(f"`max_memory` names the device {key!r}, which is no device. {_MAX_MEMORY_HINT}")
-        if isinstance(device, int) and not accelerators:
-            raise ValueError(
-                f"`max_memory` names GPU {device}, but torch sees no GPU on this machine. HINT: give the CPU its "
-                "size alone, e.g. '{cpu: 60GiB}'; what does not fit goes to offload_folder."
-            )
         checked[device] = _size_in_bytes(key, size)
     return checked
 

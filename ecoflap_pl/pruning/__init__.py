@@ -3,7 +3,7 @@
 from ecoflap_pl.pruning.allocation import allocate_sparsity
 from ecoflap_pl.pruning.config import PruningConfig
 from ecoflap_pl.pruning.monitor import StageStats
-from ecoflap_pl.pruning.pipeline import check_before_pruning, prune, score_groups
+from ecoflap_pl.pruning.pipeline import check_before_pruning, check_calibration_sizes, prune, score_groups
 from ecoflap_pl.pruning.result import GroupScores, PruningResult
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "StageStats",
     "allocate_sparsity",
     "check_before_pruning",
+    "check_calibration_sizes",
     "prune",
     "score_groups",
 ]

@@ -96,47 +96,94 @@ def _batch_samples(batch: Any) -> int:
     return 1
 
 
-def _leading_count(batches: Sequence[Any], samples: int) -> tuple[int, int]:
-    """How many leading batches hold ``samples`` samples (all when fewer), and how many samples they hold."""
+def _leading_count(sizes: Sequence[int], samples: int) -> tuple[int, int]:
+    """How many leading batches of ``sizes`` samples each hold ``samples`` samples (all when fewer), and how many
+    samples they hold."""
     count = seen = 0
-    for batch in batches:
+    for size in sizes:
         if seen >= samples:
             break
         count += 1
-        seen += _batch_samples(batch)
+        seen += size
     return count, seen
 
 
-def _leading_batches(batches: Sequence[Any], samples: int, purpose: str) -> list[tuple[int, Any]]:
-    """The first batches holding ``samples`` samples, with their global ids."""
-    count, seen = _leading_count(batches, samples)
-    if seen < samples:
-        logger.warning("%s asked for %d calibration samples but only %d were given; using all.", purpose, samples, seen)
+def _leading_batches(batches: Sequence[Any], samples: int) -> list[tuple[int, Any]]:
+    """The first batches holding ``samples`` samples (all when fewer, see :func:`_short_calibration`), with their
+    global ids."""
+    count = _leading_count([_batch_samples(batch) for batch in batches], samples)[0]
     return [(batch_id, batches[batch_id]) for batch_id in range(count)]
 
 
-def _holdout_batches(batches: Sequence[Any], config: PruningConfig) -> list[tuple[int, Any]]:
-    """``auto``'s held-out batches: those after the fine step's (and, with scores, the coarse step's) leading batches,
-    ``auto_holdout_samples`` samples.
+def _short_calibration(sizes: Sequence[int], config: PruningConfig, steps: Sequence[str], holdout: bool) -> str | None:
+    """One message for a calibration set smaller than ``steps`` (``"coarse"``, ``"fine"``) and, with ``holdout``,
+    ``auto``'s held-out batches ask for, naming what is used instead and the fields to lower; ``None`` when it is
+    large enough.
+
+    One cause, one message for every step (an ecoflap DataModule that capped the set logs that at DEBUG only).
+    """
+    given = sum(sizes)
+    short = [f"{step}_samples" for step in steps if getattr(config, f"{step}_samples") > given]
+    if short:
+        asked = " and ".join(f"`{field}` is {getattr(config, field)}" for field in short)
+        uses = "both steps use" if len(short) == 2 else f"the {short[0].removesuffix('_samples')} step uses"
+        return (
+            f"Only {given} calibration samples were given, but {asked}: {uses} all {given}. HINT: lower "
+            f"{' and '.join(f'`{field}`' for field in short)} to {given}, or give more calibration samples."
+        )
+    if not holdout or given >= config.calibration_samples:
+        return None
+    leading = _leading_count(sizes, max(getattr(config, f"{step}_samples") for step in steps))[1]
+    left = given - leading
+    return (
+        f"Only {given} calibration samples were given, but the run asks for {config.calibration_samples}: allocation "
+        f"'auto' holds out the {left} left after the {leading} of the coarse and fine steps, not "
+        f"`auto_holdout_samples` ({config.auto_holdout_samples}). HINT: lower `auto_holdout_samples` to {left}, or "
+        "give more calibration samples."
+    )
+
+
+def _holdout_ids(sizes: Sequence[int], config: PruningConfig) -> range:
+    """The ids of ``auto``'s held-out batches: those after the fine step's (and, with scores, the coarse step's)
+    leading batches, ``auto_holdout_samples`` samples.
 
     Raises:
         ValueError: when no batch is left after those of the coarse and fine steps.
     """
-    start = _leading_count(batches, config.fine_samples)[0]
+    start = _leading_count(sizes, config.fine_samples)[0]
     if config.importance != "uniform":
-        start = max(start, _leading_count(batches, config.coarse_samples)[0])
-    count, seen = _leading_count(batches[start:], config.auto_holdout_samples)
+        start = max(start, _leading_count(sizes, config.coarse_samples)[0])
+    count = _leading_count(sizes[start:], config.auto_holdout_samples)[0]
     if not count:
         raise ValueError(
             f"`allocation` 'auto' needs held-out calibration batches after the {start} that the coarse and fine "
-            f"steps use, but only {len(batches)} were given. HINT: pass {config.calibration_samples} calibration "
+            f"steps use, but only {len(sizes)} were given. HINT: pass {config.calibration_samples} calibration "
             "samples (PruningConfig.calibration_samples), or lower coarse_samples / fine_samples."
         )
-    if seen < config.auto_holdout_samples:
-        logger.warning(
-            "auto asked for %d held-out samples but only %d are left; using them.", config.auto_holdout_samples, seen
-        )
-    return [(batch_id, batches[batch_id]) for batch_id in range(start, start + count)]
+    return range(start, start + count)
+
+
+def check_calibration_sizes(
+    batch_sizes: Sequence[int], config: PruningConfig, *, world_size: int = 1, coarse: bool = True
+) -> None:
+    """The checks of :func:`prune` on its calibration batches that need only their sizes: every one of
+    ``world_size`` ranks gets a batch of each step, and ``auto`` has held-out batches left.
+
+    They depend on nothing a rank holds alone, so a caller that starts processes (a DDP launcher) runs them before it
+    starts them, and a refusal is said once, not once per process.
+
+    Args:
+        batch_sizes: the number of samples of each calibration batch, in order.
+        config: the run's configuration.
+        world_size: number of ranks.
+        coarse: whether the coarse step scores groups (``False`` with ``importance="uniform"`` or given scores).
+
+    Raises:
+        ValueError: a set too short for the ranks or for ``auto``'s held-out batches, with a ``HINT``.
+    """
+    _check_shards(batch_sizes, config, world_size, ("coarse", "fine") if coarse else ("fine",))
+    if config.allocation == "auto":
+        _holdout_ids(batch_sizes, config)
 
 
 def _heldout_loss(
@@ -179,22 +226,28 @@ def _shard(batches: list[tuple[int, Any]], rank: int, world_size: int) -> list[t
     return [(batch_id, batch) for batch_id, batch in batches if batch_id % world_size == rank]
 
 
-def _check_shards(batches: Sequence[Any], config: PruningConfig, world_size: int, steps: Sequence[str]) -> None:
+def _check_shards(sizes: Sequence[int], config: PruningConfig, world_size: int, steps: Sequence[str]) -> None:
     """Refuse a calibration set too short to give every rank a batch of each of ``steps`` (``"coarse"``, ``"fine"``).
 
-    Depends only on the batches (which every rank holds) and ``world_size``, so every rank raises the same error
-    before any collective call; a rank left without a batch would otherwise wait forever in all-reduce.
+    Depends only on the batch sizes (every rank holds every batch) and ``world_size``, so every rank raises the same
+    error before any collective call; a rank left without a batch would otherwise wait forever in all-reduce.
     """
     for step in steps:
         field = f"{step}_samples"
         samples = getattr(config, field)
-        count = _leading_count(batches, samples)[0]
+        count = _leading_count(sizes, samples)[0]
         if count < world_size:
             raise ValueError(
                 f"Each of the {world_size} ranks needs at least one calibration batch, but the {step} step uses only "
                 f"{count}: rank {count} of {world_size} got no calibration batch ({count} batches in all). HINT: raise "
                 f"`{field}` (now {samples}) or lower the calibration batch size."
             )
+
+
+def _warn_once(rank: int, message: str | None) -> None:
+    """Log ``message`` as a warning on rank 0 only: every rank holds the same batches and would say the same."""
+    if message is not None and rank == 0:
+        logger.warning(message)
 
 
 def _check_inputs(model: Any, batches: Any, loss_fn: Any, config: Any, rank: int, world_size: int) -> None:
@@ -314,7 +367,7 @@ def _score(
 ) -> GroupScores:
     _check_residency(plan, config, residency)
     params = dict(model.named_parameters())
-    chosen = _leading_batches(batches, config.coarse_samples, "The coarse step")
+    chosen = _leading_batches(batches, config.coarse_samples)
     own = _shard(chosen, rank, world_size)
     device = next(model.parameters()).device
 
@@ -405,7 +458,9 @@ def score_groups(
     _check_inputs(model, calibration_batches, loss_fn, config, rank, world_size)
     if config.importance == "uniform":
         raise ValueError("`importance` must be 'zeroth_order' or 'first_order' to score groups, got 'uniform'.")
-    _check_shards(calibration_batches, config, world_size, ("coarse",))
+    batch_sizes = [_batch_samples(batch) for batch in calibration_batches]
+    _check_shards(batch_sizes, config, world_size, ("coarse",))
+    _warn_once(rank, _short_calibration(batch_sizes, config, ("coarse",), holdout=False))
     with pruning_session(model):
         plan, _ = _plan(model, calibration_batches, loss_fn, config, rank)
         return _score(
@@ -508,8 +563,11 @@ def prune(
     """
     _check_inputs(model, calibration_batches, loss_fn, config, rank, world_size)
     coarse = scores is None and config.importance != "uniform"
-    _check_shards(calibration_batches, config, world_size, ("coarse", "fine") if coarse else ("fine",))
-    holdout = _holdout_batches(calibration_batches, config) if config.allocation == "auto" else []
+    batch_sizes = [_batch_samples(batch) for batch in calibration_batches]
+    check_calibration_sizes(batch_sizes, config, world_size=world_size, coarse=coarse)
+    auto = config.allocation == "auto"
+    holdout = [(i, calibration_batches[i]) for i in _holdout_ids(batch_sizes, config)] if auto else []
+    _warn_once(rank, _short_calibration(batch_sizes, config, ("coarse", "fine") if coarse else ("fine",), holdout=auto))
     check_before_pruning(model, config)
     stages: dict[str, StageStats] = {}
     params = dict(model.named_parameters())
@@ -525,9 +583,7 @@ def prune(
                 100 * prior_sparsity,
             )
         device = next(model.parameters()).device
-        fine_batches = _shard(
-            _leading_batches(calibration_batches, config.fine_samples, "The fine step"), rank, world_size
-        )
+        fine_batches = _shard(_leading_batches(calibration_batches, config.fine_samples), rank, world_size)
         computed: dict[str, GroupScores] = {}
         outliers: dict[float, dict[str, float]] = {}
 

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from ecoflap_pl.process_group import destroy_gloo_group_at_exit
+
 
 class EcoflapTask(pl.LightningModule):
     """Base class of the task modules.
@@ -56,6 +58,12 @@ class EcoflapTask(pl.LightningModule):
             return super()._apply(fn, recurse)
         finally:
             self._modules["model"] = model
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Have a gloo process group (DDP on CPUs) destroyed before this process exits: left to the interpreter's
+        teardown it can abort a finished run (``ecoflap_pl/process_group.py``). Overrides call ``super().setup``."""
+        destroy_gloo_group_at_exit()
 
     @override
     def on_fit_start(self) -> None:

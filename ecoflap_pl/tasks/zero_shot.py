@@ -142,6 +142,7 @@ class ZeroShotClassificationTask(ImageClassificationTask):
 
     @override
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if self.class_names is not None:
             return
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -262,6 +263,25 @@ def test_too_few_calibration_batches_for_the_ranks_is_explained(
     with pytest.raises(ValueError, match="Each of the 2 ranks needs at least one calibration batch"):
         run.validate(ToyTask(), datamodule=ToyData())
     assert not callback.pruned
+
+
+@pytest.mark.parametrize(
+    ("settings", "samples", "error"),
+    [
+        ({"coarse_samples": 4, "fine_samples": 4}, 16, "Each of the 2 ranks needs at least one calibration batch"),
+        ({"allocation": "auto", "coarse_samples": 8, "fine_samples": 8}, 8, "held-out calibration batches after the 2"),
+        ({}, 0, "yielded no batch"),
+    ],
+)
+def test_calibration_data_is_checked_without_loading_a_sample(
+    settings: dict[str, Any], samples: int, error: str
+) -> None:
+    """What pruning would refuse on every rank, refused from the batch sizes alone (the ``ecoflap`` command runs this
+    before a DDP launcher starts its processes, so that the refusal is printed once)."""
+    callback = ECoFLaPPruning(**{**FAST, **settings})
+    with pytest.raises(ValueError, match=error):
+        callback.check_calibration_data(ToyData(samples), world_size=2)
+    callback.check_calibration_data(ToyData(24), world_size=1)  # one rank, and auto has its held-out batches
 
 
 def test_progress_bars_and_summary_table_on_rank_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from ecoflap_pl.cli import SUBCOMMAND_HELP
+from ecoflap_pl.demo.data import DemoPaths
 from tests.cli.test_data_check import config, refused
 from tests.datamodules.datamodule_layouts import write_vqa
-from tests.robustness.cli_runs import run_ecoflap
+from tests.robustness.cli_runs import run_ecoflap, vit_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,6 +58,26 @@ def test_trainer_settings_lightning_refuses_are_named_before_the_model_is_built(
     assert not (tmp_path / "run").exists()
 
 
+def test_a_refusal_under_ddp_on_several_cpu_processes_is_said_once(tmp_path: Path, demo_data: DemoPaths) -> None:
+    """``--trainer.devices 3`` on the CPU starts three DDP processes; a calibration set too short for three ranks was
+    refused by each of them after they started: the same error three times. It is refused before they start."""
+    path = vit_config(tmp_path, demo_data)  # 4 coarse samples in batches of 4: one batch for three ranks
+    run = subprocess.run(
+        [sys.executable, "-m", "ecoflap_pl.cli", "fit", "-c", path, "--trainer.devices=3", "--trainer.max_epochs=1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+        timeout=300,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 2, output[-3000:]
+    assert output.count("error (") == 1, output[-3000:]
+    assert "Each of the 3 ranks needs at least one calibration batch" in output
+    assert "HINT: raise `coarse_samples` (now 4)" in output
+    assert "Initializing distributed" not in output  # refused before any process started
+
+
 def test_the_top_level_help_says_what_each_subcommand_does(capsys: pytest.CaptureFixture[str]) -> None:
     """``ecoflap --help`` said "Lightning Trainer command line tool", and its subcommands' one-line help is
     Lightning's ("Perform one evaluation epoch over the validation set."): nothing said that they prune first."""
@@ -65,6 +87,21 @@ def test_the_top_level_help_says_what_each_subcommand_does(capsys: pytest.Captur
     assert "Lightning Trainer command line tool" not in text
     for said in ("`validate` and `test` prune, then evaluate", "`fit` prunes, then fine-tunes", "--pruning.save_to"):
         assert said in text, text[:2000]
+    listing = text[text.index("Available subcommands:") :]
+    for subcommand, said in SUBCOMMAND_HELP.items():
+        assert f"{subcommand} {said}" in listing, listing
+    for lightnings in ("Runs the full optimization routine", "evaluation epoch", "Run inference on your data"):
+        assert lightnings not in listing, listing
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict", "prune"])
+def test_each_subcommand_help_begins_with_what_it_does_here(
+    capsys: pytest.CaptureFixture[str], subcommand: str
+) -> None:
+    outcome = run_ecoflap(capsys, subcommand, "--help")
+    assert outcome.code == 0
+    text = " ".join(outcome.text.split())
+    assert text.index(SUBCOMMAND_HELP[subcommand]) < text.index("options:"), text[:2000]
 
 
 @pytest.mark.parametrize("subcommand", ["validate", "fit", "prune"])

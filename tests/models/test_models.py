@@ -92,6 +92,7 @@ def test_a_pretrained_folder_without_config_names_the_model_folder_inside_it(tmp
     with no config.json at all (the runs folder above a save_to export, a data folder)."""
     model = build_hf_model(T5ForConditionalGeneration, config=tiny_config("t5").to_dict())
     model.save_pretrained(tmp_path / "runs" / "pruned")
+    model.save_pretrained(tmp_path / "runs" / ".backup")  # a hidden folder is neither searched nor named
     (tmp_path / "runs" / "logs").mkdir()
     for load in (lambda path: load_config(path, None), lambda path: build_hf_model(T5ForConditionalGeneration, path)):
         with pytest.raises(FileNotFoundError) as raised:

@@ -21,7 +21,8 @@ from ecoflap_pl import PruningConfig, prune, score_groups
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.cli import EcoflapTrainer
 from ecoflap_pl.export import load_pruned_model
-from ecoflap_pl.models.loading import build_hf_model, placement_kwargs
+from ecoflap_pl.models import loading
+from ecoflap_pl.models.loading import build_hf_model
 from ecoflap_pl.models.placement import OffloadedWeights, placement
 from ecoflap_pl.models.tiny import tiny_model
 from ecoflap_pl.tasks.base import EcoflapTask
@@ -269,15 +270,17 @@ def test_ecoflap_prune_of_an_offloaded_model_reports_its_placement(saved, tmp_pa
     assert report["metadata"]["placement"] == DEVICE_MAP
 
 
-def test_max_memory_is_read_in_the_forms_a_config_gives_it(saved, monkeypatch):
+def test_max_memory_is_read_in_the_forms_a_config_gives_it(saved):
     """A JSON config's GPU keys are strings ("0": Accelerate said "Device 0 is not recognized, available devices are
     integers"), and "10e9" from the command line is a string Accelerate cannot read."""
     _, folder, _ = saved
-    kwargs = placement_kwargs("auto", {"cpu": "4e4"}, str(folder / "offload"))
+    kwargs = loading.placement_kwargs("auto", {"cpu": "4e4"}, str(folder / "offload"))
     assert kwargs["max_memory"] == {"cpu": 40_000}
     assert "disk" in placement(build_hf_model(LlamaForCausalLM, str(folder / "model"), **kwargs)).values()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # where the GPU numbers are kept
-    assert placement_kwargs("auto", {"0": "1GiB", "cpu": 5e9}, None)["max_memory"] == {0: 2**30, "cpu": 5 * 10**9}
+    assert loading.placement_kwargs("auto", {"0": "1GiB", "cpu": 5e9}, None)["max_memory"] == {
+        0: 2**30,
+        "cpu": 5 * 10**9,
+    }
 
 
 @pytest.mark.parametrize(
@@ -286,13 +289,11 @@ def test_max_memory_is_read_in_the_forms_a_config_gives_it(saved, monkeypatch):
         ({"gpu": "10GiB"}, r"`max_memory` names the device 'gpu', which is no device\. HINT: map GPU numbers"),
         ({"cpu": "ten"}, r"`max_memory` gives 'cpu' the size 'ten', which is not one\. HINT"),
         ({"cpu": -1}, r"gives 'cpu' the size -1, which is not one"),
-        ({"0": "20GiB", "cpu": "60GiB"}, r"names GPU 0, but torch sees no GPU on this machine\. HINT: give the CPU"),
     ],
 )
-def test_max_memory_that_accelerate_cannot_use_is_refused_by_entry(monkeypatch, max_memory, expected):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine, also where tests run on a GPU one
+def test_max_memory_that_accelerate_cannot_use_is_refused_by_entry(max_memory, expected):
     with pytest.raises(ValueError, match=expected):
-        placement_kwargs("auto", max_memory, None)
+        loading.placement_kwargs("auto", max_memory, None)
 
 
 def test_disk_offload_without_an_offload_folder_is_refused_before_pruning(saved, tmp_path):
@@ -386,3 +387,36 @@ def test_gpu_model_with_cpu_and_disk_offload_gets_the_scores_and_masks_on_the_gp
     assert result.stages["coarse"].probe_replicas >= 1  # the fast path, no fallback
     for name, mask in in_memory.masks.items():
         assert torch.equal(result.masks[name].cpu(), mask.cpu()), name
+
+
+@pytest.mark.parametrize(
+    ("placement_kwargs", "named"),
+    [
+        ({"device_map": {"": "cuda:0"}}, "('': 'cuda:0')"),
+        ({"device_map": "cuda"}, "('cuda')"),
+        ({"device_map": {"model.layers.0": 0, "lm_head": "cpu"}}, "('model.layers.0': 0)"),
+        ({"device_map": "auto", "max_memory": {0: "1GiB", "cpu": "1GiB"}}, "(max_memory key 0)"),
+    ],
+)
+def test_a_device_map_on_a_gpu_is_refused_before_loading_where_torch_sees_none(
+    tmp_path, monkeypatch, placement_kwargs, named
+):
+    """transformers failed inside torch ("Found no NVIDIA driver on your system", a RuntimeError with a traceback)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine, where a GPU might be there
+    tiny_model("llama", layers=2).save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match="puts weights on a CUDA GPU") as refusal:
+        build_hf_model(LlamaForCausalLM, str(tmp_path / "model"), **placement_kwargs)
+    message = str(refusal.value)
+    assert named in message and "torch sees none here" in message
+    assert "HINT: on the CPU, use device_map: cpu, or device_map: auto with max_memory for 'cpu' and 'disk'" in message
+
+
+@pytest.mark.parametrize(
+    "placement_kwargs",
+    [{"device_map": "auto"}, {"device_map": "cpu"}, {"device_map": "auto", "max_memory": {"cpu": "1GiB"}}],
+)
+def test_a_device_map_for_the_cpu_loads_where_torch_sees_no_gpu(tmp_path, monkeypatch, placement_kwargs):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    tiny_model("llama", layers=2).save_pretrained(tmp_path / "model")
+    model = build_hf_model(LlamaForCausalLM, str(tmp_path / "model"), **placement_kwargs)
+    assert {parameter.device.type for parameter in model.parameters()} == {"cpu"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -95,6 +96,34 @@ def test_fit_prints_no_lightning_chatter(capsys, tmp_path, demo_data):
     assert "Pruning report:" in outcome.text
     for chatter in ("to estimate number of stepping batches", "GPU available", "Seed set", "stopped:"):
         assert chatter not in outcome.text, chatter
+
+
+def test_more_calibration_samples_than_the_training_split_holds_is_one_warning(capsys, tmp_path, demo_data):
+    """The DataModule, the fine step and the coarse step each warned for this one cause: three lines, none naming the
+    option to lower."""
+    config = vit_config(tmp_path, demo_data, coarse_samples=50, fine_samples=100)  # the demo split holds 20
+    outcome = run_ecoflap(capsys, "prune", "-c", config)
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert [line for line in outcome.text.splitlines() if re.search(r"\bsamples?\b", line, re.IGNORECASE)] == [
+        "Only 20 calibration samples were given, but `coarse_samples` is 50 and `fine_samples` is 100: both steps use "
+        "all 20. HINT: lower `coarse_samples` and `fine_samples` to 20, or give more calibration samples."
+    ]
+
+
+def test_a_device_map_on_a_gpu_where_torch_sees_none_is_refused_before_the_model(
+    capsys, tmp_path, demo_data, blip2_dir, monkeypatch
+):
+    """transformers failed inside torch as the model loaded ("Found no NVIDIA driver on your system", a RuntimeError
+    with its traceback); `auto` alone places the model on the CPU there, and still runs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine, where a GPU might be there
+    config = vqa_config(tmp_path, demo_data, blip2_dir)
+    outcome = run_ecoflap(capsys, "validate", "-c", config, '--model.init_args.device_map={"": "cuda:0"}')
+    short_error(
+        outcome, "`device_map` {'': 'cuda:0'} puts weights on a CUDA GPU", "HINT: on the CPU, use device_map: cpu"
+    )
+    assert not (tmp_path / "run").exists()
+    outcome = run_ecoflap(capsys, "validate", "-c", config, "--model.init_args.device_map=auto")
+    assert outcome.code == 0, outcome.text[-3000:]
 
 
 def test_a_report_dir_that_is_a_file(capsys, tmp_path, demo_data):

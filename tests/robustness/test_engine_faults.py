@@ -265,3 +265,62 @@ def test_running_out_of_memory_keeps_its_type():
         loss_running_out,
         PruningConfig(**CONFIG),
     )
+
+
+# --- fewer calibration samples than the config asks for: one warning naming the cause and the fix ---------------------
+
+
+def _warnings(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+
+
+def test_a_short_calibration_set_is_one_warning_naming_the_options_to_lower(caplog):
+    config = PruningConfig(sparsity=0.5, coarse_samples=50, fine_samples=100)
+    with caplog.at_level(logging.WARNING, logger="ecoflap_pl"):
+        prune(seeded_toy_model(), toy_batches(2), toy_loss, config)  # 2 batches of 4: 8 samples
+    assert _warnings(caplog) == [
+        "Only 8 calibration samples were given, but `coarse_samples` is 50 and `fine_samples` is 100: both steps use "
+        "all 8. HINT: lower `coarse_samples` and `fine_samples` to 8, or give more calibration samples."
+    ]
+
+
+def test_a_short_calibration_set_names_only_the_step_it_shortens(caplog):
+    config = PruningConfig(sparsity=0.5, coarse_samples=4, fine_samples=100)
+    with caplog.at_level(logging.WARNING, logger="ecoflap_pl"):
+        prune(seeded_toy_model(), toy_batches(2), toy_loss, config)
+        score_groups(seeded_toy_model(), toy_batches(2), toy_loss, config)  # the coarse step has its 4
+    assert _warnings(caplog) == [
+        "Only 8 calibration samples were given, but `fine_samples` is 100: the fine step uses all 8. HINT: lower "
+        "`fine_samples` to 8, or give more calibration samples."
+    ]
+
+
+def test_a_short_held_out_set_of_auto_is_one_warning(caplog):
+    config = PruningConfig(sparsity=0.5, coarse_samples=4, fine_samples=4, allocation="auto")
+    with caplog.at_level(logging.WARNING, logger="ecoflap_pl"):
+        prune(seeded_toy_model(), toy_batches(3), toy_loss, config)  # 12 samples: 4 leading, 8 held out of 16
+    assert _warnings(caplog) == [
+        "Only 12 calibration samples were given, but the run asks for 20: allocation 'auto' holds out the 8 left "
+        "after the 4 of the coarse and fine steps, not `auto_holdout_samples` (16). HINT: lower `auto_holdout_samples` "
+        "to 8, or give more calibration samples."
+    ]
+
+
+def test_a_short_calibration_set_is_reported_by_rank_0_only(caplog):
+    config = PruningConfig(sparsity=0.5, importance="uniform", fine_samples=100)
+
+    def two_equal_ranks(tensor: torch.Tensor) -> torch.Tensor:
+        return 2 * tensor
+
+    with caplog.at_level(logging.WARNING, logger="ecoflap_pl"):
+        for rank in (0, 1):  # every rank holds the same batches
+            prune(
+                seeded_toy_model(),
+                toy_batches(2),
+                toy_loss,
+                config,
+                rank=rank,
+                world_size=2,
+                all_reduce=two_equal_ranks,
+            )
+    assert len(_warnings(caplog)) == 1
