@@ -78,7 +78,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         check_semi_structured("2:4", device)
-    except RuntimeError as error:
+    except ValueError as error:  # no CUDA GPU, or one without sparse tensor cores
         logger.error("sparse_speed needs a GPU: %s", error)
         sys.exit(2)
 
