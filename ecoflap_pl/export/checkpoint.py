@@ -268,6 +268,16 @@ def is_sparse_export(path: str | Path) -> bool:
     return directory.is_dir() and any(directory.glob("model*.safetensors")) and saved_format(directory) != "dense"
 
 
+def has_saved_masks(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by :func:`write_pruned_model` with its masks: a dense one with its masks
+    file, or a sparse one (whose bitmasks are the masks). A plain ``save_pretrained`` folder has none."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir() or not any(directory.glob("model*.safetensors")):
+        return False
+    masks_files = (directory / name for name in (MASKS_FILE, LEGACY_MASKS_FILE))
+    return saved_format(directory) != "dense" or any(masks_file.is_file() for masks_file in masks_files)
+
+
 def load_pruned_state_dict(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The dense state dict and the masks (by weight name) of a folder written by :func:`write_pruned_model`.
 
@@ -361,7 +371,10 @@ def load_pruned_model(directory: str | Path, model_class: Any = None, **from_pre
     if not issubclass(model_class, transformers.PreTrainedModel):  # an Auto class: the class it picks for config
         model_class = model_class._model_mapping[type(config)]
     state_dict, _ = load_pruned_state_dict(directory)
-    return model_class.from_pretrained(None, config=config, state_dict=state_dict, **from_pretrained_kwargs)
+    model = model_class.from_pretrained(None, config=config, state_dict=state_dict, **from_pretrained_kwargs)
+    # As from_pretrained(directory) records it: the pruning callback finds the folder's masks through it.
+    model.name_or_path = model.config.name_or_path = str(directory)
+    return model
 
 
 def _check_model_class(model_class: Any, config: Any, directory: Path) -> None:
