@@ -54,17 +54,17 @@ def check_saved_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], folde
         ValueError: naming the first mask that does not fit, and how to go on.
     """
     parameters = dict(model.named_parameters())
-    stored = StoredTensors(model)
     again = "or set `pruning.reuse_saved_masks: false` to prune the model anew"
+    misfits = [name for name, mask in masks.items() if name not in parameters or parameters[name].shape != mask.shape]
+    if misfits:
+        found = f"it is {list(parameters[misfits[0]].shape)}" if misfits[0] in parameters else "the model has none"
+        raise ValueError(
+            f"The masks saved in {folder} do not fit the model loaded from it: the mask of {misfits[0]!r} is "
+            f"{list(masks[misfits[0]].shape)}, but {found}. HINT: the masks file was copied from another export; "
+            f"export the model again, {again}."
+        )
+    stored = StoredTensors(model)
     for name, mask in masks.items():
-        parameter = parameters.get(name)
-        if parameter is None or parameter.shape != mask.shape:
-            found = "the model has no such parameter" if parameter is None else f"it is {list(parameter.shape)}"
-            raise ValueError(
-                f"The masks saved in {folder} do not fit the model loaded from it: the mask of {name!r} is "
-                f"{list(mask.shape)}, but {found}. HINT: the masks file was copied from another export; export the "
-                f"model again, {again}."
-            )
         weight = stored[name]
         unmasked = int(torch.count_nonzero(weight[~mask.to(weight.device)]))
         if unmasked:

@@ -16,7 +16,8 @@ from transformers import LlamaForCausalLM
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.callbacks import pruning as pruning_callback
 from ecoflap_pl.cli import EcoflapTrainer
-from ecoflap_pl.export import read_masks
+from ecoflap_pl.export import checkpoint, read_masks
+from ecoflap_pl.export.checkpoint import MASKS_FILE
 from ecoflap_pl.models.loading import load_pretrained
 from tests.callbacks.callback_toys import FAST
 from tests.callbacks.test_save_to import Sentences, TinyLlamaTask
@@ -134,3 +135,16 @@ def test_a_saved_model_whose_weights_were_changed_is_refused(tmp_path: Path, pru
         quiet_trainer(default_root_dir=tmp_path, callbacks=[callback]).validate(task, datamodule=Sentences())
     assert prune_calls == [] and not callback.pruned
     assert all(torch.equal(task.model.state_dict()[key], tensor) for key, tensor in changed.items())
+
+
+def test_saved_masks_that_name_no_parameter_of_the_model_are_refused(tmp_path: Path) -> None:
+    folder = saved_model(tmp_path, "dense")
+    masks = read_masks(folder)
+    masks["model.layers.9.mlp.up_proj.weight"] = torch.ones(64, 32, dtype=torch.bool)  # a layer the model lacks
+    checkpoint._write_masks(masks, folder / MASKS_FILE)
+    callback = ECoFLaPPruning(**FAST)
+    with pytest.raises(ValueError, match=r"'model.layers.9.mlp.up_proj.weight' is \[64, 32\], but the model has none"):
+        quiet_trainer(default_root_dir=tmp_path, callbacks=[callback]).validate(
+            SavedLlamaTask(folder), datamodule=Sentences()
+        )
+    assert not callback.pruned
