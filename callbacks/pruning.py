@@ -428,10 +428,11 @@ class ECoFLaPPruning(Callback):
             if not self.pruned:
                 raise ValueError(
                     f"`semi_structured` runs the masks of a pruned model on sparse kernels, but `{stage}` runs a model "
-                    f"this run neither pruned nor restored from a pruned checkpoint (pruning.stages is "
-                    f"{list(self.stages)}): there are no masks, and the model would run dense. HINT: add '{stage}' to "
-                    "pruning.stages with structure '2:4' and importance 'uniform' (a model saved 2:4 keeps its zeros "
-                    "as its masks), or evaluate a checkpoint of `ecoflap fit` (--ckpt_path), which carries its masks."
+                    f"this run neither pruned nor restored from a pruned checkpoint or a saved pruned model "
+                    f"(pruning.stages is {list(self.stages)}): there are no masks, and the model would run dense. "
+                    f"HINT: evaluate a folder `save_to` wrote (--model.init_args.pretrained DIR) or a checkpoint of "
+                    f"`ecoflap fit` (--ckpt_path), which carry their masks; or add '{stage}' to pruning.stages with "
+                    "structure '2:4' and importance 'uniform' (the model's zeros are kept as its masks)."
                 )
             to_semi_structured_(_pruned_module(pl_module), self.masks)
             self._on_sparse_kernels = True
