@@ -404,7 +404,7 @@ class ECoFLaPPruning(Callback):
                 self._announce_masks = True
             if self._announce_masks:
                 self._announce_masks = False
-                sparsity = self.result.overall_sparsity if self.result is not None else float("nan")
+                sparsity = self.result.overall_sparsity if self.result is not None else _pruned_share(self.masks)
                 rank_zero_info(
                     f"The model is already pruned ({100 * sparsity:.1f}% of the candidate weights; masks from "
                     f"{self.masks_from}): `{stage}` uses it as it is, it is not pruned again."
@@ -722,6 +722,12 @@ def _check_finite_weights(model: nn.Module, save_to: str) -> None:
             "it was. HINT: lower `model.init_args.learning_rate` or set `trainer.gradient_clip_val`, then resume from "
             "an earlier checkpoint with `--ckpt_path`."
         )
+
+
+def _pruned_share(masks: dict[str, torch.Tensor]) -> float:
+    """The fraction of the masked weights that are pruned (the overall sparsity, where no report says it)."""
+    total = sum(mask.numel() for mask in masks.values())
+    return sum(int((~mask).sum()) for mask in masks.values()) / total if total else 0.0
 
 
 def _some(names: Sequence[str]) -> str:

@@ -148,3 +148,26 @@ def test_saved_masks_that_name_no_parameter_of_the_model_are_refused(tmp_path: P
             SavedLlamaTask(folder), datamodule=Sentences()
         )
     assert not callback.pruned
+
+
+def test_a_saved_model_without_its_report_is_used_but_not_saved_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = saved_model(tmp_path, "dense")
+    (folder / "pruning_report.json").unlink()
+    caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
+    callback = ECoFLaPPruning(**FAST)
+    quiet_trainer(default_root_dir=tmp_path, callbacks=[callback]).validate(
+        SavedLlamaTask(folder), datamodule=Sentences()
+    )
+    assert callback.pruned and callback.result is None
+    assert f"The model is already pruned (50.0% of the candidate weights; masks from the saved model {folder})" in (
+        caplog.text
+    )
+
+    callback = ECoFLaPPruning(**FAST, stages=["fit"], save_to=str(tmp_path / "tuned"))
+    with pytest.raises(ValueError, match=r"has no readable pruning_report.json, .* HINT: put back the"):
+        quiet_trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[callback]).fit(
+            SavedLlamaTask(folder), datamodule=Sentences()
+        )
+    assert not (tmp_path / "tuned").exists()
