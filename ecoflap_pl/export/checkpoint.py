@@ -89,15 +89,22 @@ def _is_hf_model(model: nn.Module) -> bool:
 
 def tensor_bytes(state_dict: Mapping[str, torch.Tensor]) -> int:
     """The bytes ``state_dict``'s tensors take, each storage once."""
-    # Tied weights share their memory; tensors without memory (``meta``: offloaded weights) count one by one.
+    # Tied weights share their memory; tensors without memory (``meta``: offloaded weights) count once per object, so
+    # pass the model's own tensors (``state_dict(keep_vars=True)``), in which a tied offloaded weight is one Parameter.
     unique = {tensor.data_ptr() or id(tensor): tensor.numel() * tensor.element_size() for tensor in state_dict.values()}
     return sum(unique.values())
+
+
+def model_bytes(model: nn.Module) -> int:
+    """The bytes of ``model``'s weights stored dense: every tensor of its state dict once, a tied weight (one
+    Parameter under several names) once, offloaded (``meta``) ones included."""
+    return tensor_bytes(model.state_dict(keep_vars=True))
 
 
 def least_export_bytes(model: nn.Module, save_format: str, sparsity: float) -> int:
     """A lower bound of what :func:`write_pruned_model` writes for ``model`` pruned to ``sparsity`` of its candidate
     weights: its weights stored dense; a sparse format keeps at least ``1 - sparsity`` of their values."""
-    dense = tensor_bytes(model.state_dict())
+    dense = model_bytes(model)
     return dense if save_format == "dense" else int(dense * (1 - sparsity))
 
 
@@ -146,7 +153,7 @@ def write_pruned_model(
             if callable(save):
                 save(directory)
     weights = sum(path.stat().st_size for path in directory.glob("model*.safetensors"))
-    return SavedModel(save_format, weights, tensor_bytes(state_dict))
+    return SavedModel(save_format, weights, model_bytes(model))
 
 
 def _without_tied_copies(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
