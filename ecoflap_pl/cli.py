@@ -42,7 +42,7 @@ from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.datamodules.base import Stage
 from ecoflap_pl.export import has_saved_masks
 from ecoflap_pl.hardware_check import check_model_placement, check_trainer_hardware
-from ecoflap_pl.option_hints import unknown_option_hint
+from ecoflap_pl.option_hints import mapping_option_hint, unknown_option_hint
 from ecoflap_pl.tasks.base import EcoflapTask
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class EcoflapCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as error:
-            hint = unknown_option_hint(str(error), parser)
+            hint = unknown_option_hint(str(error), parser) or mapping_option_hint(str(error))
             if hint is None:
                 raise
             raise ConfigurationError(f"{error}\n{hint}") from error  # its own line: the summary keeps it
