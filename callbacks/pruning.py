@@ -261,7 +261,9 @@ class ECoFLaPPruning(Callback):
         model = _pruned_module(pl_module)
         if self.save_to is not None and (stage in self.stages or stage == TrainerFn.FITTING):
             self._check_save_to(model)
-        if stage in self.stages:
+        # A model loaded from a `save_to` folder is not pruned again, so nothing of it is written back.
+        from_saved = self.reuse_saved_masks and not self.pruned and saved_model_folder(model) is not None
+        if stage in self.stages and not from_saved:
             _check_offload_folder(model, check_before_pruning(model, self.config))
             if self.report_dir is not None:
                 check_writable_folder(self.report_dir, option="report_dir")

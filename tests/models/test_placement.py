@@ -438,3 +438,27 @@ def test_the_dense_size_of_an_offloaded_model_counts_a_tied_weight_once(tmp_path
     target = tmp_path / "pruned"
     target.mkdir()
     assert write_pruned_model(offloaded, target, {}, save_format).dense_bytes == in_memory
+
+
+class _LMEvalTask(_LMTask):
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.calibration_loss(batch), batch_size=batch["input_ids"].shape[0])
+
+
+def test_a_saved_pruned_model_offloaded_to_disk_is_evaluated_as_saved_without_an_offload_folder(saved, tmp_path):
+    """README's "larger than one device" recipe, second step: the saved folder evaluated with `device_map` and the
+    default stages. It is not pruned again, so its weights on disk need no offload folder (before: refused, as for a
+    model to prune)."""
+    _, _, offloaded = saved
+    config = {"sparsity": 0.5, "importance": "uniform", "progress": False}
+    callback = ECoFLaPPruning(**config, stages=["fit"], save_to=str(tmp_path / "pruned"))
+    EcoflapTrainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[callback], default_root_dir=tmp_path
+    ).prune(_LMTask(offloaded), datamodule=_LMData())
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "pruned", device_map=DEVICE_MAP).eval()
+    assert reloaded.model.layers[2].mlp.up_proj.weight.device.type == "meta"  # read from the folder's own file
+    callback = ECoFLaPPruning(**config)  # stages fit, validate, test
+    metrics = quiet_trainer(default_root_dir=tmp_path / "eval", callbacks=[callback]).validate(
+        _LMEvalTask(reloaded), dataloaders=_LMData().train_dataloader()
+    )
+    assert callback.masks_from == f"the saved model {tmp_path / 'pruned'}" and metrics[0]["val/loss"] > 0
