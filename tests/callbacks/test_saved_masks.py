@@ -56,9 +56,10 @@ def prune_calls(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return calls
 
 
+@pytest.mark.parametrize("stages", [["fit"], []])  # before: pruned again; fine-tuned with no masks held fixed
 @pytest.mark.parametrize("save_format", FORMATS)
 def test_fine_tuning_a_saved_model_keeps_its_masks_and_does_not_prune_it_again(
-    tmp_path: Path, save_format: str, prune_calls: list[Any], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, save_format: str, stages: list[str], prune_calls: list[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     folder = saved_model(tmp_path, save_format)
     prune_calls.clear()
@@ -66,7 +67,7 @@ def test_fine_tuning_a_saved_model_keeps_its_masks_and_does_not_prune_it_again(
     report = json.loads((folder / "pruning_report.json").read_text())
     task = SavedLlamaTask(folder)
     before = {name: tensor.clone() for name, tensor in task.model.state_dict().items()}
-    callback = ECoFLaPPruning(**FAST, stages=["fit"])
+    callback = ECoFLaPPruning(**FAST, stages=stages)
     caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
     quiet_trainer(
         max_steps=3, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[callback]
