@@ -12,8 +12,8 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from ecoflap_pl.export import SavedModel, atomic_directory, write_pruned_model
-from ecoflap_pl.models.placement import OffloadedWeights
+from ecoflap_pl.export import SavedModel, atomic_directory, has_saved_masks, write_pruned_model
+from ecoflap_pl.models.placement import OffloadedWeights, StoredTensors
 from ecoflap_pl.pruning import PruningResult
 from ecoflap_pl.reporting import write_report
 
@@ -29,6 +29,50 @@ def source_directories(model: nn.Module) -> list[Path]:
     if isinstance(name_or_path, str) and name_or_path and Path(name_or_path).expanduser().is_dir():
         found.insert(0, Path(name_or_path).expanduser())
     return found
+
+
+def saved_model_folder(model: nn.Module) -> Path | None:
+    """The folder written by ``save_to`` (with its masks) that ``model`` was loaded from: a Hugging Face model's
+    ``name_or_path``, or the folder of the file a timm model's ``pretrained_cfg_overlay`` loaded; ``None`` for any
+    other model (a hub name, random weights, a folder without masks)."""
+    name_or_path = getattr(model, "name_or_path", None)
+    weights_file = (getattr(model, "pretrained_cfg", None) or {}).get("file")
+    if isinstance(name_or_path, str) and name_or_path:
+        folder = Path(name_or_path).expanduser()
+    elif isinstance(weights_file, str) and weights_file:
+        folder = Path(weights_file).expanduser().parent
+    else:
+        return None
+    return folder if has_saved_masks(folder) else None
+
+
+def check_saved_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], folder: Path) -> None:
+    """Refuse masks read from ``folder`` that do not fit ``model`` (loaded from it): each must name a parameter of the
+    same shape, whose weights are zero wherever the mask prunes (offloaded weights are read from their store).
+
+    Raises:
+        ValueError: naming the first mask that does not fit, and how to go on.
+    """
+    parameters = dict(model.named_parameters())
+    again = "or set `pruning.reuse_saved_masks: false` to prune the model anew"
+    misfits = [name for name, mask in masks.items() if name not in parameters or parameters[name].shape != mask.shape]
+    if misfits:
+        found = f"it is {list(parameters[misfits[0]].shape)}" if misfits[0] in parameters else "the model has none"
+        raise ValueError(
+            f"The masks saved in {folder} do not fit the model loaded from it: the mask of {misfits[0]!r} is "
+            f"{list(masks[misfits[0]].shape)}, but {found}. HINT: the masks file was copied from another export; "
+            f"export the model again, {again}."
+        )
+    stored = StoredTensors(model)
+    for name, mask in masks.items():
+        weight = stored[name]
+        unmasked = int(torch.count_nonzero(weight[~mask.to(weight.device)]))
+        if unmasked:
+            raise ValueError(
+                f"The weights in {folder} are not zero where its masks prune them ({unmasked} nonzero weights of "
+                f"{name!r}), so they are not the weights `save_to` wrote with those masks. HINT: the folder's weights "
+                f"were changed after it was saved; export the pruned model again, {again}."
+            )
 
 
 def save_pruned(

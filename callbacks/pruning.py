@@ -24,10 +24,22 @@ from typing_extensions import override
 
 import ecoflap_pl
 from ecoflap_pl.callbacks.checkpoint_file import check_checkpoint_room, use_whole_file_checkpoints
-from ecoflap_pl.callbacks.export import describe_saved, save_pruned, source_directories
+from ecoflap_pl.callbacks.export import (
+    check_saved_masks,
+    describe_saved,
+    save_pruned,
+    saved_model_folder,
+    source_directories,
+)
 from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
 from ecoflap_pl.callbacks.progress import StageProgress
-from ecoflap_pl.export import check_save_format, check_save_target, check_writable_folder, least_export_bytes
+from ecoflap_pl.export import (
+    check_save_format,
+    check_save_target,
+    check_writable_folder,
+    least_export_bytes,
+    read_masks,
+)
 from ecoflap_pl.export.semi_structured import check_semi_structured, to_semi_structured_
 from ecoflap_pl.models.placement import OffloadedWeights, StoredTensors, placement
 from ecoflap_pl.process_group import destroy_gloo_group_at_exit
@@ -70,7 +82,9 @@ class ECoFLaPPruning(Callback):
     summed through the strategy, so every rank builds identical masks. During fine-tuning the gradients of pruned
     weights are zeroed before every optimizer step and the pruned weights are re-zeroed after every training batch.
     The masks, the report and the ``pruned`` flag travel in every checkpoint, so resuming or evaluating a pruned
-    checkpoint never prunes again.
+    checkpoint never prunes again. Likewise a model loaded from a folder that ``save_to`` wrote (``pretrained: DIR``)
+    is already pruned: its saved masks are read back and held fixed, and it is not pruned again (see
+    ``reuse_saved_masks``).
 
     The pruning arguments are the fields of :class:`~ecoflap_pl.pruning.PruningConfig`, validated when the callback
     is built.
@@ -122,6 +136,9 @@ class ECoFLaPPruning(Callback):
             or ``"sparse-24-bitmask"`` (2:4 masks only), the ``compressed-tensors`` sparse layouts; load any of them
             with :func:`ecoflap_pl.export.load_pruned_model`.
         overwrite: let ``save_to`` replace a non-empty folder (swapped out only once the new one is complete).
+        reuse_saved_masks: a model loaded from a ``save_to`` folder (its masks beside its weights, or in its sparse
+            format) keeps those masks: every stage uses it as it is, and fine-tuning holds them fixed. ``False``
+            treats it as any model: pruned again in ``stages`` (e.g. to a higher sparsity), else run dense.
         semi_structured: for ``validate``/``test``/``predict`` of a 2:4-pruned model on a CUDA GPU, swap the pruned
             Linear weights for PyTorch semi-structured sparse tensors, so that they run on sparse tensor cores
             (16-bit weights: use ``precision: bf16-true``). Evaluation and inference only.
@@ -163,6 +180,7 @@ class ECoFLaPPruning(Callback):
         save_to: str | None = None,
         save_format: str = "dense",
         overwrite: bool = False,
+        reuse_saved_masks: bool = True,
         report_dir: str | None = None,
         progress: bool = True,
         semi_structured: bool = False,
@@ -204,6 +222,9 @@ class ECoFLaPPruning(Callback):
         if not isinstance(overwrite, bool):
             raise ValueError(f"`overwrite` must be True or False, got {overwrite!r}.")
         self.overwrite = overwrite
+        if not isinstance(reuse_saved_masks, bool):
+            raise ValueError(f"`reuse_saved_masks` must be True or False, got {reuse_saved_masks!r}.")
+        self.reuse_saved_masks = reuse_saved_masks
         self._saved_at_step: int | None = None
         if not isinstance(semi_structured, bool):
             raise ValueError(f"`semi_structured` must be True or False, got {semi_structured!r}.")
@@ -221,6 +242,7 @@ class ECoFLaPPruning(Callback):
         self.masks_from: str | None = None
         self._result: PruningResult | None = None
         self._pruning_started = False
+        self._announce_masks = False
 
     @property
     def result(self) -> PruningResult | None:
@@ -239,7 +261,9 @@ class ECoFLaPPruning(Callback):
         model = _pruned_module(pl_module)
         if self.save_to is not None and (stage in self.stages or stage == TrainerFn.FITTING):
             self._check_save_to(model)
-        if stage in self.stages:
+        # A model loaded from a `save_to` folder is not pruned again, so nothing of it is written back.
+        from_saved = self.reuse_saved_masks and not self.pruned and saved_model_folder(model) is not None
+        if stage in self.stages and not from_saved:
             _check_offload_folder(model, check_before_pruning(model, self.config))
             if self.report_dir is not None:
                 check_writable_folder(self.report_dir, option="report_dir")
@@ -267,6 +291,7 @@ class ECoFLaPPruning(Callback):
         # changes weights in place (same Parameter objects), so the optimizers built by `strategy.setup` stay
         # valid, and their (empty or restored) state is consistent with the masked gradients. The checkpoint folders
         # are known here (`ModelCheckpoint.setup` resolves the default one), so their free space is checked first.
+        self._reuse_saved_masks(pl_module)
         check_checkpoint_room(trainer, {f"masks.{name}": mask for name, mask in self.masks.items()})
         self._ensure_pruned(trainer, pl_module, TrainerFn.FITTING.value)
 
@@ -371,13 +396,17 @@ class ECoFLaPPruning(Callback):
     def _ensure_pruned(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._on_sparse_kernels:
             return  # the masked weights already live in 2:4 sparse tensors
+        self._reuse_saved_masks(pl_module)
         if self.pruned:
-            # Restored from a checkpoint or pruned by an earlier stage: put the masks on the weights' device and
-            # make sure the weights honour them.
+            # Restored from a checkpoint, loaded from a saved pruned model or pruned by an earlier stage: put the
+            # masks on the weights' device and make sure the weights honour them.
             mask_weights_(_pruned_module(pl_module), self.masks)
             if self.masks_from == "the checkpoint":
                 self.masks_from = f"the checkpoint {trainer.ckpt_path}"
-                sparsity = self.result.overall_sparsity if self.result is not None else float("nan")
+                self._announce_masks = True
+            if self._announce_masks:
+                self._announce_masks = False
+                sparsity = self.result.overall_sparsity if self.result is not None else _pruned_share(self.masks)
                 rank_zero_info(
                     f"The model is already pruned ({100 * sparsity:.1f}% of the candidate weights; masks from "
                     f"{self.masks_from}): `{stage}` uses it as it is, it is not pruned again."
@@ -389,8 +418,8 @@ class ECoFLaPPruning(Callback):
                 self._prune(trainer, pl_module, stage)
             self.masks_from = f"pruning at the start of {stage}"
         elif not self.stages:
-            # Chosen on purpose (the `dense` preset, or evaluating a model saved after pruning): no warning, and no
-            # hint to prune, which would prune a saved pruned model again.
+            # Chosen on purpose (the `dense` preset, or a saved pruned model with `reuse_saved_masks` off): no
+            # warning, and no hint to prune.
             rank_zero_info(f"`pruning.stages` is []: `{stage}` runs on the model as it is, without pruning.")
         else:
             rank_zero_warn(
@@ -401,13 +430,37 @@ class ECoFLaPPruning(Callback):
             if not self.pruned:
                 raise ValueError(
                     f"`semi_structured` runs the masks of a pruned model on sparse kernels, but `{stage}` runs a model "
-                    f"this run neither pruned nor restored from a pruned checkpoint (pruning.stages is "
-                    f"{list(self.stages)}): there are no masks, and the model would run dense. HINT: add '{stage}' to "
-                    "pruning.stages with structure '2:4' and importance 'uniform' (a model saved 2:4 keeps its zeros "
-                    "as its masks), or evaluate a checkpoint of `ecoflap fit` (--ckpt_path), which carries its masks."
+                    f"this run neither pruned nor restored from a pruned checkpoint or a saved pruned model "
+                    f"(pruning.stages is {list(self.stages)}): there are no masks, and the model would run dense. "
+                    f"HINT: evaluate a folder `save_to` wrote (--model.init_args.pretrained DIR) or a checkpoint of "
+                    f"`ecoflap fit` (--ckpt_path), which carry their masks; or add '{stage}' to pruning.stages with "
+                    "structure '2:4' and importance 'uniform' (the model's zeros are kept as its masks)."
                 )
             to_semi_structured_(_pruned_module(pl_module), self.masks)
             self._on_sparse_kernels = True
+
+    def _reuse_saved_masks(self, pl_module: pl.LightningModule) -> None:
+        """Take the masks of the ``save_to`` folder the model was loaded from, once, unless it is pruned already (a
+        checkpoint's masks come first) or ``reuse_saved_masks`` is off."""
+        if self.pruned or not self.reuse_saved_masks:
+            return
+        model = _pruned_module(pl_module)
+        folder = saved_model_folder(model)
+        if folder is None:
+            return
+        masks = read_masks(folder)
+        check_saved_masks(model, masks, folder)
+        report = _read_report(folder / REPORT_JSON)
+        if report is None and self.save_to is not None:
+            raise ValueError(
+                f"The saved model {folder} has no readable {REPORT_JSON}, which `save_to` writes beside its weights, "
+                f"so the fine-tuned model cannot be saved with its report to {self.save_to}. HINT: put back the "
+                f"{REPORT_JSON} exported with the model, or export it again."
+            )
+        self.masks, self.report, self._result = masks, report, None
+        self.pruned = True
+        self.masks_from = f"the saved model {folder}"
+        self._announce_masks = True
 
     def _check_semi_structured(self, trainer: pl.Trainer, stage: str) -> None:
         if stage == TrainerFn.FITTING:
@@ -592,11 +645,17 @@ def unreadable_checkpoint(ckpt_path: str | Path, error: BaseException) -> ValueE
     )
 
 
-def _read_report_metadata(path: Path) -> dict[str, Any] | None:
+def _read_report(path: Path) -> dict[str, Any] | None:
+    """The pruning report at ``path``; ``None`` where there is none, or it is not a report (a JSON object)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("metadata")
-    except (OSError, ValueError, AttributeError):
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
+    return report if isinstance(report, dict) else None
+
+
+def _read_report_metadata(path: Path) -> dict[str, Any] | None:
+    return (_read_report(path) or {}).get("metadata")
 
 
 def _stopping_on_sigterm(
@@ -665,6 +724,12 @@ def _check_finite_weights(model: nn.Module, save_to: str) -> None:
             "it was. HINT: lower `model.init_args.learning_rate` or set `trainer.gradient_clip_val`, then resume from "
             "an earlier checkpoint with `--ckpt_path`."
         )
+
+
+def _pruned_share(masks: dict[str, torch.Tensor]) -> float:
+    """The fraction of the masked weights that are pruned (the overall sparsity, where no report says it)."""
+    total = sum(mask.numel() for mask in masks.values())
+    return sum(int((~mask).sum()) for mask in masks.values()) / total if total else 0.0
 
 
 def _some(names: Sequence[str]) -> str:

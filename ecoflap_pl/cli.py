@@ -35,12 +35,14 @@ from typing_extensions import override
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.callbacks.checkpoint_file import check_checkpoint_file, use_whole_file_checkpoints
+from ecoflap_pl.callbacks.export import saved_model_folder
 from ecoflap_pl.callbacks.pruning import unreadable_checkpoint
 from ecoflap_pl.console import quiet_libraries
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.datamodules.base import Stage
+from ecoflap_pl.export import has_saved_masks
 from ecoflap_pl.hardware_check import check_model_placement, check_trainer_hardware
-from ecoflap_pl.option_hints import unknown_option_hint
+from ecoflap_pl.option_hints import mapping_option_hint, unknown_option_hint
 from ecoflap_pl.tasks.base import EcoflapTask
 
 log = logging.getLogger(__name__)
@@ -160,7 +162,7 @@ class EcoflapCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as error:
-            hint = unknown_option_hint(str(error), parser)
+            hint = unknown_option_hint(str(error), parser) or mapping_option_hint(str(error))
             if hint is None:
                 raise
             raise ConfigurationError(f"{error}\n{hint}") from error  # its own line: the summary keeps it
@@ -227,8 +229,12 @@ class EcoflapCLI(LightningCLI):
         return [main_loop, "train"]
 
     def _starts_pruned(self, pruning: Any) -> bool:
-        """Whether ``ckpt_path`` may hold a pruned model, which is not pruned again (a path that is not a file, such
-        as ``last``, counts as one: the check must not refuse a run that would not read the training split)."""
+        """Whether the run starts from a pruned model, which is not pruned again: a ``pretrained`` folder that
+        ``save_to`` wrote (unless ``pruning.reuse_saved_masks`` is off), or a ``ckpt_path`` that may hold one (a path
+        that is not a file, such as ``last``, counts as one: the check must not refuse a run that would not read the
+        training split)."""
+        if pruning.get("reuse_saved_masks", True) and _saved_pretrained(self.config.get(self.subcommand)) is not None:
+            return True
         ckpt_path = self._get(self.config, "ckpt_path")
         if ckpt_path is None:
             return False
@@ -329,6 +335,13 @@ class EcoflapCLI(LightningCLI):
             run(**kwargs)
             return
         callback = self.trainer.pruning_callback()
+        saved = saved_model_folder(getattr(self.model, "model", self.model)) if callback.reuse_saved_masks else None
+        if saved is not None:
+            raise ValueError(
+                f"`compare_dense` needs a dense model, but the model given is already pruned: `pretrained` {saved} "
+                "is a model saved with its masks. HINT: point `pretrained` at the dense model it was pruned from "
+                "(the pruned run then prunes it as configured), or drop --compare_dense."
+            )
         ckpt_path = kwargs.get("ckpt_path")
         pruned_checkpoint = (
             ckpt_path is not None and Path(ckpt_path).is_file() and callback.checkpoint_is_pruned(ckpt_path)
@@ -425,6 +438,21 @@ def _model_arguments(settings: Any) -> dict[str, Any]:
     if init_args is None:
         return {}
     return init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
+
+
+def _saved_pretrained(settings: Any) -> Path | None:
+    """The ``save_to`` folder (with its masks) that the model of one subcommand's settings loads: ``pretrained``, or
+    the folder of a timm model's ``model_config.pretrained_cfg_overlay.file``; ``None`` for any other model."""
+    arguments = _model_arguments(settings)
+    overlay = (arguments.get("model_config") or {}).get("pretrained_cfg_overlay") or {}
+    timm_file = overlay.get("file") if arguments.get("pretrained") is True else None  # timm reads it when pretrained
+    for path in (arguments.get("pretrained"), timm_file):
+        if isinstance(path, str) and path:
+            folder = Path(path).expanduser()
+            folder = folder if folder.is_dir() else folder.parent
+            if has_saved_masks(folder):
+                return folder
+    return None
 
 
 def _model_class(settings: Any) -> str | None:

@@ -23,6 +23,25 @@ _OTHER_CODE_NAMES = {
 """Arguments of Wanda's ``main.py`` that its users type out of habit, and the pruning options that do the same here."""
 
 
+_PARSER_KEY = re.compile(r'Parser key "(\w+)"')
+_EXPECTED_MAPPING = "Expected a <class 'dict'>"
+_MAPPING_EXAMPLES = {
+    "max_memory": "--model.init_args.max_memory '{cpu: 10GB}' (GPUs by number: '{0: 20GiB, cpu: 60GiB}')",
+}
+"""Mapping options of the tasks, with the form a command line gives one."""
+
+
+def mapping_option_hint(message: str) -> str | None:
+    """``HINT:`` with the mapping form of an option that takes a mapping and was given something else (``max_memory
+    10GB``: the parser only says ``Expected a <class 'dict'>``), or None for any other error."""
+    where = message.find(_EXPECTED_MAPPING)
+    keys = _PARSER_KEY.findall(message[:where]) if where >= 0 else []
+    option = keys[-1] if keys else None  # the innermost key before the complaint: the option given
+    if option not in _MAPPING_EXAMPLES:
+        return None
+    return f"HINT: `{option}` is a mapping, e.g. {_MAPPING_EXAMPLES[option]}."
+
+
 def unknown_option_hint(message: str, parser: ArgumentParser) -> str | None:
     """``HINT: did you mean ...?`` for the option a parser error refused, or None when no option of the same section
     (``pruning.``, ``trainer.``, a class's arguments) has a close name.

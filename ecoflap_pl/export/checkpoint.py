@@ -89,15 +89,22 @@ def _is_hf_model(model: nn.Module) -> bool:
 
 def tensor_bytes(state_dict: Mapping[str, torch.Tensor]) -> int:
     """The bytes ``state_dict``'s tensors take, each storage once."""
-    # Tied weights share their memory; tensors without memory (``meta``: offloaded weights) count one by one.
+    # Tied weights share their memory; tensors without memory (``meta``: offloaded weights) count once per object, so
+    # pass the model's own tensors (``state_dict(keep_vars=True)``), in which a tied offloaded weight is one Parameter.
     unique = {tensor.data_ptr() or id(tensor): tensor.numel() * tensor.element_size() for tensor in state_dict.values()}
     return sum(unique.values())
+
+
+def model_bytes(model: nn.Module) -> int:
+    """The bytes of ``model``'s weights stored dense: every tensor of its state dict once, a tied weight (one
+    Parameter under several names) once, offloaded (``meta``) ones included."""
+    return tensor_bytes(model.state_dict(keep_vars=True))
 
 
 def least_export_bytes(model: nn.Module, save_format: str, sparsity: float) -> int:
     """A lower bound of what :func:`write_pruned_model` writes for ``model`` pruned to ``sparsity`` of its candidate
     weights: its weights stored dense; a sparse format keeps at least ``1 - sparsity`` of their values."""
-    dense = tensor_bytes(model.state_dict())
+    dense = model_bytes(model)
     return dense if save_format == "dense" else int(dense * (1 - sparsity))
 
 
@@ -146,7 +153,7 @@ def write_pruned_model(
             if callable(save):
                 save(directory)
     weights = sum(path.stat().st_size for path in directory.glob("model*.safetensors"))
-    return SavedModel(save_format, weights, tensor_bytes(state_dict))
+    return SavedModel(save_format, weights, model_bytes(model))
 
 
 def _without_tied_copies(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -268,6 +275,16 @@ def is_sparse_export(path: str | Path) -> bool:
     return directory.is_dir() and any(directory.glob("model*.safetensors")) and saved_format(directory) != "dense"
 
 
+def has_saved_masks(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by :func:`write_pruned_model` with its masks: a dense one with its masks
+    file, or a sparse one (whose bitmasks are the masks). A plain ``save_pretrained`` folder has none."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir() or not any(directory.glob("model*.safetensors")):
+        return False
+    masks_files = (directory / name for name in (MASKS_FILE, LEGACY_MASKS_FILE))
+    return saved_format(directory) != "dense" or any(masks_file.is_file() for masks_file in masks_files)
+
+
 def load_pruned_state_dict(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The dense state dict and the masks (by weight name) of a folder written by :func:`write_pruned_model`.
 
@@ -361,7 +378,10 @@ def load_pruned_model(directory: str | Path, model_class: Any = None, **from_pre
     if not issubclass(model_class, transformers.PreTrainedModel):  # an Auto class: the class it picks for config
         model_class = model_class._model_mapping[type(config)]
     state_dict, _ = load_pruned_state_dict(directory)
-    return model_class.from_pretrained(None, config=config, state_dict=state_dict, **from_pretrained_kwargs)
+    model = model_class.from_pretrained(None, config=config, state_dict=state_dict, **from_pretrained_kwargs)
+    # As from_pretrained(directory) records it: the pruning callback finds the folder's masks through it.
+    model.name_or_path = model.config.name_or_path = str(directory)
+    return model
 
 
 def _check_model_class(model_class: Any, config: Any, directory: Path) -> None:

@@ -44,5 +44,5 @@ def test_refused_when_there_are_no_masks(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the no-GPU checks, which are not tested here
     monkeypatch.setattr(pruning_callback, "check_semi_structured", lambda *_: None)
     callback = ECoFLaPPruning(**TWO_FOUR, stages=[])
-    with pytest.raises(ValueError, match=r"`validate` runs a model this run neither pruned .* HINT: add 'validate' to"):
+    with pytest.raises(ValueError, match=r"this run neither pruned .* HINT: .* or add 'validate' to"):
         trainer(tmp_path, callback).validate(ToyTask(), datamodule=ToyData())

@@ -18,6 +18,8 @@ import torch
 import yaml
 
 from ecoflap_pl.datamodules import VQAv2DataModule
+from ecoflap_pl.export import write_pruned_model
+from ecoflap_pl.models.tiny import tiny_model
 from ecoflap_pl.tasks import ClassificationTask, VQATask
 from tests.datamodules.datamodule_layouts import write_vqa
 from tests.robustness.cli_runs import TINY_VIT, TRAINER, Outcome, run_ecoflap, vit_config
@@ -298,3 +300,46 @@ def test_the_demo_on_an_empty_cache_builds_its_data_then_checks_it_before_traini
     refused(outcome, str(tmp_path / "cache" / "data" / "tiny" / "coco" / "missing.json"), "`val_questions_file`")
     assert (tmp_path / "cache" / "data" / "tiny" / "coco" / "v2_OpenEnded_mscoco_val2014_questions.json").is_file()
     assert not (tmp_path / "cache" / "models").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("masks", "reuse"), [(True, True), (False, True), (True, False)])
+def test_a_saved_pruned_model_needs_no_calibration_split(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, vqa_root: Path, masks: bool, reuse: bool
+) -> None:
+    model = tiny_model("llama")
+    folder = tmp_path / "pruned"
+    folder.mkdir()
+    if masks:  # a folder `save_to` wrote: weights and masks
+        write_pruned_model(model, folder, {"model.layers.0.mlp.up_proj.weight": torch.ones(64, 32, dtype=torch.bool)})
+    else:  # a plain save_pretrained folder
+        model.save_pretrained(folder)
+    (vqa_root / "v2_mscoco_train2014_annotations.json").unlink()
+    options = [f"--model.init_args.pretrained={folder}", f"--pruning.reuse_saved_masks={str(reuse).lower()}"]
+    outcome = run_ecoflap(capsys, "validate", "-c", config(tmp_path, vqa_root), *options)
+    if masks and reuse:  # evaluated as it is: not pruned again, so no calibration batch is read
+        went_on_to_the_model(outcome)
+    else:
+        refused(outcome, "HINT: set `train_annotations_file`")
+
+
+@pytest.mark.parametrize("save_format", ["dense", "sparse-bitmask"])
+def test_a_saved_timm_model_is_validated_as_saved_without_a_training_split(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, demo_data: Any, save_format: str
+) -> None:
+    folder = tmp_path / "pruned"
+    path = vit_config(tmp_path, demo_data, save_to=str(folder), save_format=save_format)
+    assert run_ecoflap(capsys, "prune", "-c", path).code == 0
+    data_dir = tmp_path / "imagenet"
+    shutil.copytree(demo_data.imagenet, data_dir, ignore=shutil.ignore_patterns("train"))
+    saved = {"pretrained_cfg_overlay": {"file": str(folder / "model.safetensors")}}
+    path = vit_config(tmp_path, demo_data, model=saved)  # the default stages: fit, validate, test
+    options = [f"--data.init_args.data_dir={data_dir}", "--model.init_args.pretrained=true"]
+    outcome = run_ecoflap(capsys, "validate", "-c", path, *options)
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert f"masks from the saved model {folder}): `validate` uses it as it is, it is not pruned again" in outcome.text
+    assert outcome.metric("val/loss") > 0
+
+    refused = run_ecoflap(capsys, "validate", "-c", path, *options, "--compare_dense=true")
+    assert refused.code != 0, refused.text[-3000:]
+    assert f"already pruned: `pretrained` {folder} is a model saved with its masks." in refused.text
+    assert "HINT: point `pretrained` at the dense model it was pruned from" in refused.text

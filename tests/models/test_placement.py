@@ -20,7 +20,7 @@ from transformers import LlamaForCausalLM
 from ecoflap_pl import PruningConfig, prune, score_groups
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.cli import EcoflapTrainer
-from ecoflap_pl.export import load_pruned_model
+from ecoflap_pl.export import least_export_bytes, load_pruned_model, tensor_bytes, write_pruned_model
 from ecoflap_pl.models import loading
 from ecoflap_pl.models.loading import build_hf_model
 from ecoflap_pl.models.placement import OffloadedWeights, placement
@@ -420,3 +420,45 @@ def test_a_device_map_for_the_cpu_loads_where_torch_sees_no_gpu(tmp_path, monkey
     tiny_model("llama", layers=2).save_pretrained(tmp_path / "model")
     model = build_hf_model(LlamaForCausalLM, str(tmp_path / "model"), **placement_kwargs)
     assert {parameter.device.type for parameter in model.parameters()} == {"cpu"}
+
+
+@pytest.mark.parametrize("save_format", ["dense", "sparse-bitmask"])
+def test_the_dense_size_of_an_offloaded_model_counts_a_tied_weight_once(tmp_path, save_format):
+    model = tiny_model("llama", layers=3)
+    model.config.tie_word_embeddings = True  # lm_head shares the input embedding, as OPT's does
+    model.tie_weights()
+    model.save_pretrained(tmp_path / "model")
+    device_map = {**DEVICE_MAP, "model.embed_tokens": "disk", "lm_head": "disk"}
+    offloaded = LlamaForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=str(tmp_path / "offload")
+    )
+    assert offloaded.lm_head.weight.device.type == "meta"
+    in_memory = tensor_bytes(model.state_dict())  # one storage: the tied weight counts once
+    assert least_export_bytes(offloaded, "dense", 0.5) == in_memory  # before: + the embedding again
+    target = tmp_path / "pruned"
+    target.mkdir()
+    assert write_pruned_model(offloaded, target, {}, save_format).dense_bytes == in_memory
+
+
+class _LMEvalTask(_LMTask):
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.calibration_loss(batch), batch_size=batch["input_ids"].shape[0])
+
+
+def test_a_saved_pruned_model_offloaded_to_disk_is_evaluated_as_saved_without_an_offload_folder(saved, tmp_path):
+    """README's "larger than one device" recipe, second step: the saved folder evaluated with `device_map` and the
+    default stages. It is not pruned again, so its weights on disk need no offload folder (before: refused, as for a
+    model to prune)."""
+    _, _, offloaded = saved
+    config = {"sparsity": 0.5, "importance": "uniform", "progress": False}
+    callback = ECoFLaPPruning(**config, stages=["fit"], save_to=str(tmp_path / "pruned"))
+    EcoflapTrainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, callbacks=[callback], default_root_dir=tmp_path
+    ).prune(_LMTask(offloaded), datamodule=_LMData())
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "pruned", device_map=DEVICE_MAP).eval()
+    assert reloaded.model.layers[2].mlp.up_proj.weight.device.type == "meta"  # read from the folder's own file
+    callback = ECoFLaPPruning(**config)  # stages fit, validate, test
+    metrics = quiet_trainer(default_root_dir=tmp_path / "eval", callbacks=[callback]).validate(
+        _LMEvalTask(reloaded), dataloaders=_LMData().train_dataloader()
+    )
+    assert callback.masks_from == f"the saved model {tmp_path / 'pruned'}" and metrics[0]["val/loss"] > 0

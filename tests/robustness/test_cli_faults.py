@@ -55,6 +55,10 @@ def short_error(outcome, *expected: str) -> None:
         (["--model.init_args.pretrained=/no/such/dir/model"], ["'/no/such/dir/model' does not exist", "local path"]),
         (["--model.init_args.pretrained=./missing-model"], ["'./missing-model' does not exist"]),
         (["--compare_dense=maybe"], ['Parser key "compare_dense"']),
+        (
+            ["--model.init_args.max_memory=10GB"],
+            ["Expected a <class 'dict'>", "HINT: `max_memory` is a mapping, e.g. --model.init_args.max_memory '{cpu:"],
+        ),
         (["--trainer.precision=17"], ["precision"]),
         (["--trainer.devices=0"], ["`Trainer(devices='0')` value is not a valid input"]),
         (["--trainer.limit_val_batches=0"], ["`trainer.limit_val_batches` is 0", "would evaluate nothing"]),

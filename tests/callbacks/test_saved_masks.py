@@ -1,0 +1,174 @@
+"""A model loaded from a ``save_to`` folder is already pruned: its saved masks are read back and held fixed, it is not
+pruned again (unless ``reuse_saved_masks`` is off), and a folder whose weights no longer fit its masks is refused."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM
+
+from ecoflap_pl.callbacks import ECoFLaPPruning
+from ecoflap_pl.callbacks import pruning as pruning_callback
+from ecoflap_pl.cli import EcoflapTrainer
+from ecoflap_pl.export import checkpoint, read_masks
+from ecoflap_pl.export.checkpoint import MASKS_FILE
+from ecoflap_pl.models.loading import load_pretrained
+from tests.callbacks.callback_toys import FAST
+from tests.callbacks.test_save_to import Sentences, TinyLlamaTask
+from tests.trainers import quiet_trainer
+
+FORMATS = ["dense", "sparse-bitmask"]
+
+
+class SavedLlamaTask(TinyLlamaTask):
+    """The tiny LLaMA task with its model loaded from ``folder``, as ``pretrained: DIR`` loads it."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.model = load_pretrained(LlamaForCausalLM, str(folder))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def saved_model(tmp_path: Path, save_format: str) -> Path:
+    """``ecoflap prune``'s run: prune the tiny LLaMA and save it to ``tmp_path/pruned`` in ``save_format``."""
+    folder = tmp_path / "pruned"
+    callback = ECoFLaPPruning(**FAST, save_to=str(folder), save_format=save_format)
+    trainer = quiet_trainer(EcoflapTrainer, default_root_dir=tmp_path / "prune", callbacks=[callback])
+    assert isinstance(trainer, EcoflapTrainer)
+    trainer.prune(TinyLlamaTask(), datamodule=Sentences())
+    return folder
+
+
+@pytest.fixture
+def prune_calls(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The engine's ``prune`` as the callback calls it, recording each call (tests clear it once they saved)."""
+    calls: list[Any] = []
+    real = pruning_callback.prune
+    monkeypatch.setattr(pruning_callback, "prune", lambda *args, **kwargs: calls.append(args) or real(*args, **kwargs))
+    return calls
+
+
+@pytest.mark.parametrize("stages", [["fit"], []])  # before: pruned again; fine-tuned with no masks held fixed
+@pytest.mark.parametrize("save_format", FORMATS)
+def test_fine_tuning_a_saved_model_keeps_its_masks_and_does_not_prune_it_again(
+    tmp_path: Path, save_format: str, stages: list[str], prune_calls: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = saved_model(tmp_path, save_format)
+    prune_calls.clear()
+    saved_masks = read_masks(folder)
+    report = json.loads((folder / "pruning_report.json").read_text())
+    task = SavedLlamaTask(folder)
+    before = {name: tensor.clone() for name, tensor in task.model.state_dict().items()}
+    callback = ECoFLaPPruning(**FAST, stages=stages)
+    caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
+    quiet_trainer(
+        max_steps=3, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[callback]
+    ).fit(task, datamodule=Sentences())
+
+    assert prune_calls == []  # before, the saved model was pruned again (other masks, a higher sparsity)
+    assert callback.masks_from == f"the saved model {folder}"
+    assert f"masks from the saved model {folder}): `fit` uses it as it is, it is not pruned again." in caplog.text
+    assert set(callback.masks) == set(saved_masks)
+    weights = task.model.state_dict()
+    for name, mask in saved_masks.items():
+        assert torch.equal(callback.masks[name].cpu(), mask), name
+        assert torch.count_nonzero(weights[name][~mask]) == 0, name
+        assert not torch.equal(weights[name][mask], before[name][mask]), name  # the kept weights were trained
+    assert callback.result is not None
+    assert callback.result.overall_sparsity == pytest.approx(report["overall_sparsity"])
+    state = callback.state_dict()  # the masks travel in the checkpoints of the fine-tuning run
+    assert state["pruned"] and all(torch.equal(state["masks"][name], mask) for name, mask in saved_masks.items())
+
+
+@pytest.mark.parametrize("save_format", FORMATS)
+def test_validating_a_saved_model_with_the_default_stages_evaluates_it_as_saved(
+    tmp_path: Path, save_format: str, prune_calls: list[Any]
+) -> None:
+    folder = saved_model(tmp_path, save_format)
+    prune_calls.clear()
+    task = SavedLlamaTask(folder)
+    saved = {name: tensor.clone() for name, tensor in task.model.state_dict().items()}
+    callback = ECoFLaPPruning(**FAST)
+    metrics = quiet_trainer(default_root_dir=tmp_path, callbacks=[callback]).validate(task, datamodule=Sentences())
+
+    assert prune_calls == [] and callback.pruned
+    assert metrics[0]["val/loss"] > 0
+    assert all(torch.equal(task.model.state_dict()[name], tensor) for name, tensor in saved.items())
+    assert all(torch.equal(callback.masks[name], mask) for name, mask in read_masks(folder).items())
+
+
+def test_reuse_saved_masks_off_prunes_a_saved_model_again(tmp_path: Path, prune_calls: list[Any]) -> None:
+    folder = saved_model(tmp_path, "dense")
+    prune_calls.clear()
+    callback = ECoFLaPPruning(**{**FAST, "sparsity": 0.7}, stages=["validate"], reuse_saved_masks=False)
+    quiet_trainer(default_root_dir=tmp_path, callbacks=[callback]).validate(
+        SavedLlamaTask(folder), datamodule=Sentences()
+    )
+
+    assert len(prune_calls) == 1 and callback.masks_from == "pruning at the start of validate"
+    assert callback.result is not None and callback.result.overall_sparsity == pytest.approx(0.7, abs=0.01)
+
+
+def test_reuse_saved_masks_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match="`reuse_saved_masks` must be True or False, got 'no'"):
+        ECoFLaPPruning(reuse_saved_masks="no")  # type: ignore[arg-type]
+
+
+def test_a_saved_model_whose_weights_were_changed_is_refused(tmp_path: Path, prune_calls: list[Any]) -> None:
+    folder = saved_model(tmp_path, "dense")
+    prune_calls.clear()
+    name, mask = next(iter(read_masks(folder).items()))
+    weights = load_file(folder / "model.safetensors")
+    weights[name][~mask] = 0.5  # the pruned weights, no longer zero
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    task = SavedLlamaTask(folder)
+    changed = {key: tensor.clone() for key, tensor in task.model.state_dict().items()}
+    callback = ECoFLaPPruning(**FAST)
+    with pytest.raises(ValueError, match=rf"weights in {folder} are not zero where its masks prune them .*HINT:"):
+        quiet_trainer(default_root_dir=tmp_path, callbacks=[callback]).validate(task, datamodule=Sentences())
+    assert prune_calls == [] and not callback.pruned
+    assert all(torch.equal(task.model.state_dict()[key], tensor) for key, tensor in changed.items())
+
+
+def test_saved_masks_that_name_no_parameter_of_the_model_are_refused(tmp_path: Path) -> None:
+    folder = saved_model(tmp_path, "dense")
+    masks = read_masks(folder)
+    masks["model.layers.9.mlp.up_proj.weight"] = torch.ones(64, 32, dtype=torch.bool)  # a layer the model lacks
+    checkpoint._write_masks(masks, folder / MASKS_FILE)
+    callback = ECoFLaPPruning(**FAST)
+    with pytest.raises(ValueError, match=r"'model.layers.9.mlp.up_proj.weight' is \[64, 32\], but the model has none"):
+        quiet_trainer(default_root_dir=tmp_path, callbacks=[callback]).validate(
+            SavedLlamaTask(folder), datamodule=Sentences()
+        )
+    assert not callback.pruned
+
+
+def test_a_saved_model_without_its_report_is_used_but_not_saved_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = saved_model(tmp_path, "dense")
+    (folder / "pruning_report.json").unlink()
+    caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
+    callback = ECoFLaPPruning(**FAST)
+    quiet_trainer(default_root_dir=tmp_path, callbacks=[callback]).validate(
+        SavedLlamaTask(folder), datamodule=Sentences()
+    )
+    assert callback.pruned and callback.result is None
+    assert f"The model is already pruned (50.0% of the candidate weights; masks from the saved model {folder})" in (
+        caplog.text
+    )
+
+    callback = ECoFLaPPruning(**FAST, stages=["fit"], save_to=str(tmp_path / "tuned"))
+    with pytest.raises(ValueError, match=r"has no readable pruning_report.json, .* HINT: put back the"):
+        quiet_trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[callback]).fit(
+            SavedLlamaTask(folder), datamodule=Sentences()
+        )
+    assert not (tmp_path / "tuned").exists()
