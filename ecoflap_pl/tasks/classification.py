@@ -28,10 +28,10 @@ class ClassificationTask(ImageClassificationTask):
     Args:
         timm_model: a timm model name (``vit_base_patch16_224.augreg_in21k_ft_in1k``,
             ``eva_giant_patch14_224.clip_ft_in1k``).
-        pretrained: load timm's weights for the name.
+        pretrained: load timm's weights for the name (or the local file of ``pretrained_cfg_overlay``).
         model_config: extra ``timm.create_model`` keyword arguments (``num_classes``, ``img_size``, ...;
-            ``pretrained_cfg_overlay: {file: ...}`` loads a local checkpoint, such as the ``model.safetensors`` of a
-            ``pruning.save_to`` folder in any ``save_format``).
+            ``pretrained_cfg_overlay: {file: ...}`` with ``pretrained: true`` loads a local checkpoint, such as the
+            ``model.safetensors`` of a ``pruning.save_to`` folder in any ``save_format``).
         class_names: readable class names in label order, only checked against the classifier's number of classes.
         augment: apply timm's training augmentation in ``training_step``.
         learning_rate: AdamW peak learning rate.
@@ -62,15 +62,19 @@ class ClassificationTask(ImageClassificationTask):
         config = dict(model_config or {})
         overlay = config.get("pretrained_cfg_overlay")
         local_file = isinstance(overlay, dict) and "file" in overlay
-        if pretrained and isinstance(overlay, dict) and "file" in overlay and "num_classes" in config:
+        if local_file and not pretrained:
+            raise ValueError(
+                f"`model_config.pretrained_cfg_overlay.file` is {overlay['file']!r}, but `pretrained` is "
+                f"{pretrained!r}: timm loads that file only with pretrained weights, so the model would start from "
+                "random weights. HINT: set pretrained: true to load the file, or drop pretrained_cfg_overlay.file."
+            )
+        if local_file and "num_classes" in config:
             # timm drops a checkpoint's classifier when its size differs from the hub config's num_classes (1000
             # for ImageNet names); a local file's classifier is sized for this model, so keep it
             config["pretrained_cfg_overlay"] = {"num_classes": config["num_classes"], **overlay}
         hub_model = timm_hub_model(timm_model) if pretrained and not local_file else None
         # timm cannot decode the file of a `pruning.save_to` folder written in a sparse save_format: decoded here
-        folder = (
-            Path(config["pretrained_cfg_overlay"]["file"]).expanduser().parent if pretrained and local_file else None
-        )
+        folder = Path(config["pretrained_cfg_overlay"]["file"]).expanduser().parent if local_file else None
         sparse_export = folder if folder is not None and is_sparse_export(folder) else None
         with hub_model_errors(hub_model) if hub_model is not None else nullcontext():
             self.model = timm.create_model(timm_model, pretrained=bool(pretrained) and not sparse_export, **config)

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from ecoflap_pl.export import write_pruned_model
@@ -236,7 +237,6 @@ def test_timm_class_names_must_match_the_classifier() -> None:
 @pytest.mark.parametrize("family", ["vit", "eva"])
 def test_timm_loads_a_local_checkpoint_whole_including_its_classifier(family: str, tmp_path: Path) -> None:
     """timm would drop a 3-class head as "not the hub's 1000 classes"; a local file's head is the model's own."""
-    from safetensors.torch import save_file
 
     trained = _timm_task(family)
     with torch.no_grad():
@@ -264,3 +264,17 @@ def test_timm_loads_the_model_file_of_a_save_to_folder_in_any_format(tmp_path: P
     loaded = ClassificationTask(timm_model=TIMM_ARCHITECTURES["vit"], pretrained=True, model_config=config)
     for name, tensor in pruned.model.state_dict().items():
         torch.testing.assert_close(loaded.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("pretrained", [False, None])
+def test_a_local_file_without_pretrained_is_refused(tmp_path: Path, pretrained: bool | None) -> None:
+    """timm loads `pretrained_cfg_overlay.file` only with pretrained weights: without them the model started from
+    random weights without a word (and the pruning callback took the saved masks beside the file for its own)."""
+    save_file(
+        {k: v.contiguous() for k, v in _timm_task("vit").model.state_dict().items()}, tmp_path / "model.safetensors"
+    )
+    config = _timm_config() | {"pretrained_cfg_overlay": {"file": str(tmp_path / "model.safetensors")}}
+    with pytest.raises(
+        ValueError, match=r"timm loads that file only with pretrained weights.*HINT: set pretrained: true"
+    ):
+        ClassificationTask(timm_model=TIMM_ARCHITECTURES["vit"], pretrained=pretrained, model_config=config)
