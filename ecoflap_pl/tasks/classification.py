@@ -61,20 +61,20 @@ class ClassificationTask(ImageClassificationTask):
             )
         config = dict(model_config or {})
         overlay = config.get("pretrained_cfg_overlay")
-        local_file = isinstance(overlay, dict) and "file" in overlay
-        if local_file and not pretrained:
+        local_file = overlay.get("file") if isinstance(overlay, dict) else None
+        if local_file is not None and not pretrained:
             raise ValueError(
-                f"`model_config.pretrained_cfg_overlay.file` is {overlay['file']!r}, but `pretrained` is "
-                f"{pretrained!r}: timm loads that file only with pretrained weights, so the model would start from "
-                "random weights. HINT: set pretrained: true to load the file, or drop pretrained_cfg_overlay.file."
+                f"`model_config.pretrained_cfg_overlay.file` is {local_file!r}, but `pretrained` is {pretrained!r}: "
+                "timm loads that file only with pretrained weights, so the model would start from random weights. "
+                "HINT: set pretrained: true to load the file, or drop pretrained_cfg_overlay.file."
             )
-        if local_file and "num_classes" in config:
+        if isinstance(overlay, dict) and local_file is not None and "num_classes" in config:
             # timm drops a checkpoint's classifier when its size differs from the hub config's num_classes (1000
             # for ImageNet names); a local file's classifier is sized for this model, so keep it
             config["pretrained_cfg_overlay"] = {"num_classes": config["num_classes"], **overlay}
-        hub_model = timm_hub_model(timm_model) if pretrained and not local_file else None
+        hub_model = timm_hub_model(timm_model) if pretrained and local_file is None else None
         # timm cannot decode the file of a `pruning.save_to` folder written in a sparse save_format: decoded here
-        folder = Path(config["pretrained_cfg_overlay"]["file"]).expanduser().parent if local_file else None
+        folder = Path(local_file).expanduser().parent if local_file is not None else None
         sparse_export = folder if folder is not None and is_sparse_export(folder) else None
         with hub_model_errors(hub_model) if hub_model is not None else nullcontext():
             self.model = timm.create_model(timm_model, pretrained=bool(pretrained) and not sparse_export, **config)
