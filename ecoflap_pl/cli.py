@@ -444,15 +444,13 @@ def _saved_pretrained(settings: Any) -> Path | None:
     """The ``save_to`` folder (with its masks) that the model of one subcommand's settings loads: ``pretrained``, or
     the folder of a timm model's ``model_config.pretrained_cfg_overlay.file``; ``None`` for any other model."""
     arguments = _model_arguments(settings)
+    pretrained = arguments.get("pretrained")
     overlay = (arguments.get("model_config") or {}).get("pretrained_cfg_overlay") or {}
-    timm_file = overlay.get("file") if arguments.get("pretrained") is True else None  # timm reads it when pretrained
-    for path in (arguments.get("pretrained"), timm_file):
-        if isinstance(path, str) and path:
-            folder = Path(path).expanduser()
-            folder = folder if folder.is_dir() else folder.parent
-            if has_saved_masks(folder):
-                return folder
-    return None
+    timm_file = overlay.get("file") if pretrained is True else None  # timm reads it when pretrained
+    folders = [Path(pretrained).expanduser()] if isinstance(pretrained, str) and pretrained else []
+    if isinstance(timm_file, str) and timm_file:
+        folders.append(Path(timm_file).expanduser().parent)
+    return next((folder for folder in folders if has_saved_masks(folder)), None)
 
 
 def _model_class(settings: Any) -> str | None:

@@ -53,11 +53,11 @@ def unknown_option_hint(message: str, parser: ArgumentParser) -> str | None:
     key = _UNKNOWN_KEY.search(message)
     if key is not None and key.group(1) is not None:
         subcommand, given = key.group(1), key.group(2)
-        elsewhere = [name for name, options in _subcommand_options(parser).items() if given in options]
+        per_subcommand = _subcommand_options(parser)
+        elsewhere = [name for name, options in per_subcommand.items() if given in options]
         if elsewhere:
             return _other_subcommands_option_hint(given, subcommand, elsewhere)
-        known = _subcommand_options(parser).get(subcommand, [])
-        return _close_option_hint(given, known)
+        return _close_option_hint(given, per_subcommand.get(subcommand, []))
     found = _UNKNOWN_ARGUMENT.search(message) or key
     if found:
         given, known = found.group(found.lastindex or 1), _parser_options(parser)

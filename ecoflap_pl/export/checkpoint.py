@@ -281,8 +281,13 @@ def has_saved_masks(path: str | Path) -> bool:
     directory = Path(path).expanduser()
     if not directory.is_dir() or not any(directory.glob("model*.safetensors")):
         return False
-    masks_files = (directory / name for name in (MASKS_FILE, LEGACY_MASKS_FILE))
-    return saved_format(directory) != "dense" or any(masks_file.is_file() for masks_file in masks_files)
+    return saved_format(directory) != "dense" or _masks_file(directory) is not None
+
+
+def _masks_file(directory: Path) -> Path | None:
+    """The masks file of a dense folder written by :func:`write_pruned_model` (or by an earlier version, at its top
+    level); ``None`` when it has none."""
+    return next((directory / name for name in (MASKS_FILE, LEGACY_MASKS_FILE) if (directory / name).is_file()), None)
 
 
 def load_pruned_state_dict(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -307,7 +312,7 @@ def read_masks(directory: str | Path) -> dict[str, torch.Tensor]:
     directory = Path(directory)
     if saved_format(directory) != "dense":
         return load_pruned_state_dict(directory)[1]
-    path = next((directory / name for name in (MASKS_FILE, LEGACY_MASKS_FILE) if (directory / name).is_file()), None)
+    path = _masks_file(directory)
     if path is None:
         raise FileNotFoundError(
             f"No {MASKS_FILE} in {directory}. HINT: pass a folder written by `save_to` (ecoflap prune) with its "
