@@ -46,14 +46,15 @@ def _batches(family: str, count: int = 2, size: int = 2) -> list[dict[str, torch
         else:  # transformers 5 scatters the Q-Former outputs into the image placeholders (num_query_tokens = 4)
             words[:, :4] = IMAGE_ID
             pixels = torch.randn(size, 3, 32, 32, generator=generator)
-            batches.append({"pixel_values": pixels, "input_ids": words, "labels": words.masked_fill(words == IMAGE_ID, -100)})
+            batches.append(
+                {"pixel_values": pixels, "input_ids": words, "labels": words.masked_fill(words == IMAGE_ID, -100)}
+            )
     return batches
 
 
 def write(folder: Path) -> None:
     """Prune the tiny models and write every case into ``folder``."""
     from ecoflap_pl.callbacks.export import save_pruned
-
     from ecoflap_pl.models.tiny import tiny_model
     from ecoflap_pl.pruning import PruningConfig, prune
 
@@ -67,7 +68,12 @@ def write(folder: Path) -> None:
             result = prune(model, _batches(family), lambda m, batch: m(**batch).loss, config)
             case = f"{family}-{save_format}"
             save_pruned(
-                model, folder / case, masks=result.masks, save_format=save_format, processors=(), result=result,
+                model,
+                folder / case,
+                masks=result.masks,
+                save_format=save_format,
+                processors=(),
+                result=result,
                 metadata=None,
             )
             reference = {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
@@ -102,7 +108,9 @@ def _verdict(reader: str, case: Path) -> str:
         loaded = _load(reader, case)
     except Exception as error:  # the verdict is the error, whatever its type
         return f"error: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
-    differ = sorted(name for name, tensor in reference.items() if name not in loaded or not torch.equal(loaded[name], tensor))
+    differ = sorted(
+        name for name, tensor in reference.items() if name not in loaded or not torch.equal(loaded[name], tensor)
+    )
     if not differ:
         return "equal"
     if set(differ) <= pruned:
@@ -119,7 +127,9 @@ def read(folder: Path, reader: str) -> None:
         from compressed_tensors import __version__ as compressed_tensors
     except ImportError:
         compressed_tensors = "not installed"
-    logger.info("reader %s: transformers %s, compressed-tensors %s", reader, transformers.__version__, compressed_tensors)
+    logger.info(
+        "reader %s: transformers %s, compressed-tensors %s", reader, transformers.__version__, compressed_tensors
+    )
     for case in sorted(path for path in folder.iterdir() if path.is_dir()):
         logger.info("  %s: %s", case.name, _verdict(reader, case))
 
