@@ -27,8 +27,9 @@ _UNITS = 7560
 def _score_numerator(prediction: str, answers: Sequence[str]) -> int:
     """``k`` of the official rule: sum over the human answers of min(3, matches among the other answers)."""
     pred = normalize_answer(prediction)
-    # As the official script: the human answers are only punctuation-processed, and only when they disagree (the
-    # released annotations are already normalised). The prediction always gets the full normalisation.
+    # As the official script up to March 2021, the version LAVIS copies (see vqa_normalization.py): the human
+    # answers are only punctuation-processed, and only when they disagree (the released annotations are already
+    # normalised). The prediction always gets the full normalisation.
     refs = [process_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
     matches = sum(ref == pred for ref in refs)
     return sum(min(3, matches - (ref == pred)) for ref in refs)

@@ -1,5 +1,11 @@
 """The answer normalisation of the official VQA evaluation script (GT-Vision-Lab/VQA, ``vqaEval.py``).
 
+The version followed is the one LAVIS (and so ECoFLaP's numbers) ships: GT-Vision-Lab's script as it was from
+October 2016 (ASCII apostrophes in the contractions) until March 2021. Its tables are unchanged since, but its
+``evaluate()`` loop was changed then (commit ``a013f00``): the prediction is normalised only when the human answers
+disagree, and those answers then also get ``processDigitArticle``. That later loop scores ``"two"`` against ten
+``"2"`` as 0 where this one (and LAVIS) gives 1; see ``vqa.py`` for the loop followed here.
+
 The tables are written out here by hand because no maintained library ships them: the official script is not a
 package (it is copied into LAVIS, BLIP, OFA, ... each with small edits), and torchmetrics / evaluate have no VQA
 accuracy. They are kept exactly as the official script has them, quirks included, so scores compare with

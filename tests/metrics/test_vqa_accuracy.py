@@ -84,6 +84,15 @@ def test_human_answers_are_processed_as_the_official_script_does() -> None:
     assert vqa_score("t shirt", ["t-shirt"] * 4 + ["shirt"] * 6) == 1.0
 
 
+def test_follows_the_loop_lavis_ships_not_the_2021_rewrite() -> None:
+    # LAVIS's copy (GT-Vision-Lab's loop before March 2021) always fully normalises the prediction: "Two" -> "2"
+    # matches ten agreeing "2" (the 2021 rewrite leaves the prediction raw here and scores 0) ...
+    assert vqa_score("Two", ["2"] * 10) == 1.0
+    # ... and never digit/article-processes the human answers: "the dog" stays "the dog", so the prediction "dog"
+    # (normalised: "dog") matches none of them (the 2021 rewrite makes them "dog" and scores 1).
+    assert vqa_score("dog", ["the dog"] * 4 + ["cat"] * 6) == 0.0
+
+
 def test_per_answer_type_accuracy_on_hand_worked_questions() -> None:
     # VQA_QUESTIONS, worked out: "yes" vs 10 x "yes" -> 1; "No" -> "no", 2 of 10 match -> 0.6;
     # "two" -> "2", 3 of 10 match -> 0.9; "the dog" -> "dog" vs 10 x "dog" -> 1;
@@ -104,7 +113,7 @@ def test_without_answer_types_only_the_overall_accuracy_is_reported() -> None:
 
 
 def _official_question_accuracy(prediction: str, answers: list[str]) -> float:
-    """The official vqaEval.py loop body, transcribed (answers as dicts with answer ids, removed by identity)."""
+    """The official vqaEval.py loop body as LAVIS ships it, transcribed (answers as dicts with ids, removed by id)."""
     gts = [{"answer": answer, "answer_id": i + 1} for i, answer in enumerate(answers)]
     res_ans = prediction.replace("\n", " ").replace("\t", " ").strip()
     res_ans = process_digit_article(process_punctuation(res_ans))
