@@ -114,7 +114,7 @@ def test_without_answer_types_only_the_overall_accuracy_is_reported() -> None:
 
 def _official_question_accuracy(prediction: str, answers: list[str]) -> float:
     """The official vqaEval.py loop body as LAVIS ships it, transcribed (answers as dicts with ids, removed by id)."""
-    gts = [{"answer": answer, "answer_id": i + 1} for i, answer in enumerate(answers)]
+    gts = [{"answer": answer, "answer_id": str(i + 1)} for i, answer in enumerate(answers)]
     res_ans = prediction.replace("\n", " ").replace("\t", " ").strip()
     res_ans = process_digit_article(process_punctuation(res_ans))
     if len(set(a["answer"] for a in gts)) > 1:
@@ -168,4 +168,4 @@ def test_results_file_is_the_official_format_each_question_once(tmp_path) -> Non
     with pytest.raises(ValueError, match=r"one answer per question id \(2\), got 1"):
         write_vqa_results(tmp_path / "x.json", [1, 2], ["a"])
     with pytest.raises(TypeError, match="`question_ids` must hold ints"):
-        write_vqa_results(tmp_path / "x.json", ["q1"], ["a"])
+        write_vqa_results(tmp_path / "x.json", ["q1"], ["a"])  # type: ignore[list-item]
