@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -15,6 +16,8 @@ from ecoflap_pl.metrics._states import (
     sample_ids,
     text_state_dtypes,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = (1, 5, 10)
 
@@ -31,7 +34,9 @@ def _retrieval_compute(similarity: Tensor, text_to_image: Tensor, top_k: Sequenc
     Rank of a query = the number of wrong candidates scoring at least as high as its best right candidate; a hit
     at K is a rank below K. Ties therefore count against the query (a model whose embeddings collapse to one
     vector scores 0, not 1): a text query's image must beat every other image strictly, and an image query's
-    best caption must beat the captions of every other image strictly.
+    best caption must beat the captions of every other image strictly. A NaN score (a model whose embeddings
+    overflowed) ranks as ``-inf``, below every number, and is logged: compared as NaN it would beat nothing and
+    be beaten by nothing, so every query of a NaN model would be a hit.
 
     Args:
         similarity: ``[num_images, num_texts]`` scores, higher is more similar.
@@ -58,6 +63,15 @@ def _retrieval_compute(similarity: Tensor, text_to_image: Tensor, top_k: Sequenc
         missing = torch.nonzero(captions_per_image == 0).flatten().tolist()
         raise ValueError(f"Every image needs at least one caption; images {missing[:10]} have none.")
     similarity = similarity.float()
+    nan = similarity.isnan()
+    if bool(nan.any()):
+        log.warning(
+            "%d of %d image-text scores are NaN (the model's embeddings are not finite); they rank below every "
+            "score, so their pairs never count as hits.",
+            int(nan.sum()),
+            nan.numel(),
+        )
+        similarity = similarity.masked_fill(nan, float("-inf"))
     texts = torch.arange(num_texts, device=similarity.device)
     positives = torch.zeros_like(similarity, dtype=torch.bool)
     positives[text_to_image, texts] = True

@@ -104,3 +104,20 @@ def test_update_rejects_bad_input() -> None:
         metric.update(torch.zeros(2, 4), torch.zeros(2, 4), torch.tensor([0, 1]), image_ids=[1])
     with pytest.raises(ValueError, match="at least one image"):
         metric.compute()
+
+
+def test_nan_scores_rank_below_every_score_and_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    # image 1's embedding overflowed: its row is NaN. As -inf: text 1's image scores below images 0 and 2 (rank 2,
+    # a miss at K=1) and image 1's caption below the other captions (rank 2, a miss); the other four queries are
+    # unaffected hits. Compared as NaN, both were hits (NaN >= x is always False: rank 0), so a model emitting NaN
+    # everywhere scored a perfect 1.0.
+    nan = float("nan")
+    similarity = torch.tensor([[1.0, 0.0, 0.0], [nan, nan, nan], [0.0, 0.0, 1.0]])
+    with caplog.at_level("WARNING", logger="ecoflap_pl.metrics.retrieval"):
+        result = retrieval_recall(similarity, torch.tensor([0, 1, 2]), top_k=(1,))
+    assert result["t2i_r1"] == pytest.approx(2 / 3) and result["i2t_r1"] == pytest.approx(2 / 3)
+    assert "3 of 9 image-text scores are NaN" in caplog.text
+    # all NaN: every query ties with every wrong candidate (ranks 2 and 4 for 3 images x 2 captions): no hit at K<=2
+    metric = RetrievalRecall(top_k=(1, 2))
+    metric.update(torch.full((3, 4), nan), torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]), image_ids=[1, 2, 3])
+    assert set(metric.compute().values()) == {0.0}
