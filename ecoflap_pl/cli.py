@@ -40,6 +40,7 @@ from ecoflap_pl.callbacks.pruning import unreadable_checkpoint
 from ecoflap_pl.console import quiet_libraries
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.datamodules.base import Stage
+from ecoflap_pl.entry_point import SIGINT_STATUS, stopped_by_sigint
 from ecoflap_pl.export import has_saved_masks
 from ecoflap_pl.hardware_check import check_model_placement, check_trainer_hardware
 from ecoflap_pl.option_hints import mapping_option_hint, unknown_option_hint
@@ -511,10 +512,12 @@ bug) keeps its traceback; so does every error with ``ECOFLAP_DEBUG=1``."""
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry point: ``ecoflap {fit,validate,test,predict,prune} -c CONFIG.yaml``.
+    """The ``ecoflap`` command: ``ecoflap {fit,validate,test,predict,prune} -c CONFIG.yaml`` (its console script is
+    :func:`ecoflap_pl.entry_point.main`).
 
     A refused configuration, bad data or a missing file ends the run with its message (and the option it names) in
-    a few lines and exit status 2; SIGTERM ends it with status 143. ``ECOFLAP_DEBUG=1`` shows the full traceback.
+    a few lines and exit status 2; SIGTERM ends it with status 143, SIGINT (Ctrl+C) with 130. ``ECOFLAP_DEBUG=1``
+    shows the full traceback.
     """
     quiet_libraries()
     try:
@@ -525,8 +528,12 @@ def main(args: list[str] | None = None) -> None:
         log.warning("Stopped by SIGTERM.")
         sys.exit(143)
     except KeyboardInterrupt:
-        log.warning("Stopped by SIGINT (Ctrl+C).")
-        sys.exit(1)
+        stopped_by_sigint()
+    except SystemExit as exit_:
+        if exit_.code == 1 and isinstance(exit_.__context__, KeyboardInterrupt):
+            # Lightning ends a Ctrl+C inside its loops with `sys.exit(1)`, once it has said so and torn the run down.
+            sys.exit(SIGINT_STATUS)
+        raise
     except USER_ERRORS as error:
         if os.environ.get("ECOFLAP_DEBUG"):
             raise
