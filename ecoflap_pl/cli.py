@@ -37,6 +37,7 @@ from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.callbacks.checkpoint_file import check_checkpoint_file, use_whole_file_checkpoints
 from ecoflap_pl.callbacks.export import saved_model_folder
 from ecoflap_pl.callbacks.pruning import unreadable_checkpoint
+from ecoflap_pl.cli_help import DESCRIPTION, SUBCOMMAND_HELP, describe_subcommand
 from ecoflap_pl.console import quiet_libraries
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.datamodules.base import Stage
@@ -106,25 +107,6 @@ class EcoflapTrainer(pl.Trainer):
             self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
 
 
-DESCRIPTION = (
-    "Prune a model with ECoFLaP, then evaluate or fine-tune it (LightningCLI). `validate` and `test` prune, then "
-    "evaluate (--compare_dense true: dense and pruned side by side); `fit` prunes, then fine-tunes with the masks "
-    "held fixed; `prune` prunes and saves (--pruning.save_to DIR); `predict` prunes only when pruning.stages names "
-    "it. The pruning settings are the `pruning:` section (`ecoflap validate --help` lists them). Configs: "
-    "configs/README.md."
-)
-"""What ``ecoflap --help`` says the command does (LightningCLI's default is "Lightning Trainer command line tool")."""
-
-SUBCOMMAND_HELP = {
-    "fit": "Prune, then fine-tune with the masks held fixed.",
-    "validate": "Prune, then evaluate on the validation split (--compare_dense true: dense and pruned side by side).",
-    "test": "Prune, then evaluate on the test split (--compare_dense true: dense and pruned side by side).",
-    "predict": "Run the task's predictions on the test split (no metrics); prunes only if pruning.stages names it.",
-    "prune": "Prune and save the model (--pruning.save_to DIR), without training or evaluating.",
-}
-"""What ``ecoflap --help`` lists for each subcommand, and each one's ``--help`` begins with (Lightning's would be the
-first line of the Trainer method's docstring: "Runs the full optimization routine.")."""
-
 _MAIN_LOOP: dict[str, Stage] = {"fit": "train", "prune": "train", "validate": "val", "test": "test", "predict": "test"}
 """The DataModule loop each subcommand runs (``prune`` runs ``fit`` with no step: it only calibrates)."""
 
@@ -157,6 +139,12 @@ class EcoflapCLI(LightningCLI):
         if listing is not None:
             for entry in listing._choices_actions:
                 entry.help = SUBCOMMAND_HELP[entry.dest]
+
+    @override
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        describe_subcommand(parser, subcommand)  # its --help in our words, not the Trainer method's docstring
+        return parser
 
     @override
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
