@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,6 +28,7 @@ from lightning.pytorch.callbacks import Callback, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_prefixed_message, rank_zero_only
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
@@ -504,8 +506,8 @@ def main(args: list[str] | None = None) -> None:
     :func:`ecoflap_pl.entry_point.main`).
 
     A refused configuration, bad data or a missing file ends the run with its message (and the option it names) in
-    a few lines and exit status 2; SIGTERM ends it with status 143, SIGINT (Ctrl+C) with 130. ``ECOFLAP_DEBUG=1``
-    shows the full traceback.
+    a few lines (on global rank 0; one line on the others: :func:`refusal_on_this_rank`) and exit status 2; SIGTERM
+    ends it with status 143, SIGINT (Ctrl+C) with 130. ``ECOFLAP_DEBUG=1`` shows the full traceback.
     """
     quiet_libraries()
     try:
@@ -525,7 +527,7 @@ def main(args: list[str] | None = None) -> None:
     except USER_ERRORS as error:
         if os.environ.get("ECOFLAP_DEBUG"):
             raise
-        Console(stderr=True, soft_wrap=True).print(error_summary(error), markup=False, highlight=False)
+        Console(stderr=True, soft_wrap=True).print(refusal_on_this_rank(error), markup=False, highlight=False)
         sys.exit(2)
 
 
@@ -562,6 +564,24 @@ def error_summary(error: BaseException) -> str:
     configuration = (ArgumentError, ConfigurationError, MisconfigurationException)
     kind = "configuration error" if isinstance(error, configuration) else type(error).__name__
     return f"error ({kind}): {chr(10).join(dict.fromkeys(kept[:8]))}\n(ECOFLAP_DEBUG=1 shows the traceback)"
+
+
+def refusal_on_this_rank(error: BaseException) -> str:
+    """What this process prints of an error that ends the run: :func:`error_summary` on global rank 0, one short line
+    on any other rank.
+
+    Under ``torchrun`` or ``srun`` every rank runs the whole command, so each would print the same refusal of the same
+    config; under Lightning's own DDP launch, the processes it starts would too. The rank is the one Lightning's
+    ``rank_zero_only`` holds: read from the launcher's environment (``RANK``, ``LOCAL_RANK``, ``SLURM_PROCID``) before
+    the Trainer exists, its global rank once it does. The other ranks keep one line, so that an error met on one node
+    only (a file missing there) is not hidden.
+    """
+    summary = error_summary(error)
+    rank = rank_zero_only.rank
+    if rank == 0:
+        return summary
+    first = textwrap.shorten(summary.splitlines()[0], width=80, placeholder=" ...")
+    return rank_prefixed_message(f"{first} (rank 0 prints the whole message)", rank)
 
 
 _PARSER_NOISE = (
