@@ -577,7 +577,7 @@ def refusal_on_this_rank(error: BaseException) -> str:
     only (a file missing there) is not hidden.
     """
     summary = error_summary(error)
-    rank = rank_zero_only.rank
+    rank: int = rank_zero_only.rank  # type: ignore[attr-defined]  # set on the function object by Lightning
     if rank == 0:
         return summary
     first = textwrap.shorten(summary.splitlines()[0], width=80, placeholder=" ...")
