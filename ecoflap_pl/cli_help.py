@@ -39,7 +39,8 @@ _CHECKPOINT = (
 CKPT_PATH_HELP = {
     "fit": "The checkpoint to resume fine-tuning from (weights, optimizer state, step): "
     + _CHECKPOINT
-    + " One saved after pruning keeps its masks and is not pruned again; a dense one is pruned first.",
+    + " One saved after pruning keeps its masks and is not pruned again; a dense one is pruned first when "
+    "pruning.stages names fit.",
     "validate": "The checkpoint to evaluate instead of the model the config builds: "
     + _CHECKPOINT
     + " One saved after pruning is evaluated as it is (its masks restored, not pruned again); a dense one is pruned "
@@ -70,9 +71,10 @@ _RETURN_PREDICTIONS_HELP = (
 )
 
 _GROUP_TITLES = {
-    "trainer": "Lightning's Trainer (the `trainer:` section; `ecoflap prune` is the EcoflapTrainer's prune method)",
+    "trainer": "Lightning's Trainer: the `trainer:` section",
     "optimizer": "The optimizer of `fit`, instead of the task's own (AdamW with warm-up and cosine decay)",
-    "lr_scheduler": "The learning-rate schedule of `fit`, read only with --optimizer (without it: a constant rate)",
+    "lr_scheduler": "The learning-rate schedule of `fit` with --optimizer (ignored without it; unset with it: a "
+    "constant rate)",
 }
 """Titles of the argument groups LightningCLI adds: its own are the first docstring line of the trainer class (with its
 markup), torch's docstring ("Base class for all optimizers") and the tuple of scheduler classes."""

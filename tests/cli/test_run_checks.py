@@ -153,5 +153,5 @@ def test_each_subcommand_help_describes_its_options_in_its_own_words(
     options = text[text.index(f"Options of `ecoflap {subcommand}`:") :]
     assert options.split(" --ckpt_path CKPT_PATH ")[1].startswith(CKPT_PATH_HELP[subcommand]), options[:1500]
     assert "One saved after pruning" in CKPT_PATH_HELP[subcommand]
-    for group in ("Lightning's Trainer (the `trainer:` section", "The optimizer of `fit`", "learning-rate schedule"):
+    for group in ("Lightning's Trainer: the `trainer:` section:", "The optimizer of `fit`", "learning-rate schedule"):
         assert group in text, text[:3000]
