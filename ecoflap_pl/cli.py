@@ -8,6 +8,8 @@ are the ``pruning:`` section (the arguments of :class:`~ecoflap_pl.callbacks.ECo
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
 import logging
 import os
 import signal
@@ -128,7 +130,11 @@ class EcoflapCLI(LightningCLI):
         # Configuration errors are raised (not printed with the whole usage) so that `main` can show them briefly.
         kwargs.setdefault("exit_on_error", False)
         kwargs.setdefault("description", DESCRIPTION)  # the subcommands' parsers get SUBCOMMAND_HELP
-        return super().init_parser(**kwargs)
+        parser = super().init_parser(**kwargs)
+        parser.add_argument(
+            "--version", action=_PrintVersions, help="Print the versions of ecoflap-pl and of its libraries"
+        )
+        return parser
 
     @override
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
@@ -564,6 +570,19 @@ def error_summary(error: BaseException) -> str:
     configuration = (ArgumentError, ConfigurationError, MisconfigurationException)
     kind = "configuration error" if isinstance(error, configuration) else type(error).__name__
     return f"error ({kind}): {chr(10).join(dict.fromkeys(kept[:8]))}\n(ECOFLAP_DEBUG=1 shows the traceback)"
+
+
+class _PrintVersions(argparse.Action):
+    """``ecoflap --version``: this package's version and those of the libraries a bug report needs, one per line
+    (argparse's own ``version`` action refills the text to the terminal's width)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:  # noqa: A002
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        packages = ("ecoflap-pl", "torch", "lightning", "transformers", "timm", "accelerate")
+        sys.stdout.write("".join(f"{name} {importlib.metadata.version(name)}\n" for name in packages))
+        parser.exit()
 
 
 def refusal_on_this_rank(error: BaseException) -> str:

@@ -4,6 +4,7 @@ error with a hint, not minutes of model loading followed by Lightning's one-line
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -93,6 +94,15 @@ def test_the_top_level_help_says_what_each_subcommand_does(capsys: pytest.Captur
         assert f"{subcommand} {said}" in listing, listing
     for lightnings in ("Runs the full optimization routine", "evaluation epoch", "Run inference on your data"):
         assert lightnings not in listing, listing
+
+
+def test_version_lists_the_package_and_the_libraries_a_bug_report_needs(capsys: pytest.CaptureFixture[str]) -> None:
+    """``ecoflap --version`` was refused as an unknown argument."""
+    outcome = run_ecoflap(capsys, "--version")
+    assert outcome.code == 0
+    lines = outcome.text.split("\n")
+    for package in ("ecoflap-pl", "torch", "lightning", "transformers", "timm", "accelerate"):
+        assert f"{package} {importlib.metadata.version(package)}" in lines, outcome.text
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict", "prune"])
