@@ -626,6 +626,28 @@ class ECoFLaPPruning(Callback):
             Console().print(describe_saved(saved, self.save_to))
 
 
+def keep_pruning_state_in_weights_only_checkpoint(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
+    """Add the state of the Trainer's :class:`ECoFLaPPruning` (the masks, the report, the ``pruned`` flag) to a
+    checkpoint that Lightning writes without the callbacks' state.
+
+    A weights-only checkpoint (``ModelCheckpoint(save_weights_only=True)``, ``trainer.save_checkpoint(path,
+    weights_only=True)``) holds no callback state, so without this its masks would be lost: ``validate --ckpt_path``
+    of it would prune the pruned model again, with other masks. Lightning still calls the LightningModule's
+    ``on_save_checkpoint`` for it, and :class:`~ecoflap_pl.tasks.base.EcoflapTask` calls this from there. The state
+    is stored where a full checkpoint keeps it, so Lightning restores it the same way; a ``fit`` resumed from such a
+    checkpoint is still refused by Lightning, which finds no optimizer state in it.
+    """
+    if "callbacks" in checkpoint:  # a full checkpoint: the callbacks' state is there already
+        return
+    states = {
+        callback.state_key: callback.state_dict()
+        for callback in trainer.callbacks  # type: ignore[attr-defined]
+        if isinstance(callback, ECoFLaPPruning) and callback.pruned
+    }
+    if states:
+        checkpoint["callbacks"] = states
+
+
 def unreadable_checkpoint(ckpt_path: str | Path, error: BaseException) -> ValueError:
     """The error for a ``ckpt_path`` that ``torch.load`` refused, saying what is wrong with the file.
 

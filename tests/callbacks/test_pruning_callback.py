@@ -154,6 +154,33 @@ def test_resume_restores_masks_and_does_not_prune_again(tmp_path: Path, monkeypa
     assert_pruned_weights_zero(fresh, evaluator.masks)
 
 
+@pytest.mark.parametrize("entry", ["validate", "test"])
+def test_a_weights_only_checkpoint_keeps_the_masks_and_is_not_pruned_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: str
+) -> None:
+    """Lightning writes no callback state into a weights-only checkpoint: the task adds the pruning state, so the
+    checkpoint is evaluated with its own masks (it was pruned again on top, with other masks, before)."""
+    first = ECoFLaPPruning(**{**FAST, "sparsity": 0.3})
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_weights_only=True, save_last=True)
+    run = trainer(tmp_path, [first, checkpoints], enable_checkpointing=True, max_steps=3, num_sanity_val_steps=0)
+    run.fit(ToyTask(), datamodule=ToyData())
+    run.save_checkpoint(tmp_path / "saved.ckpt", weights_only=True)
+    for ckpt in (tmp_path / "ckpt" / "last.ckpt", tmp_path / "saved.ckpt"):
+        assert "optimizer_states" not in torch.load(ckpt, map_location="cpu", weights_only=False)  # weights only
+
+        evaluator = ECoFLaPPruning(**{**FAST, "sparsity": 0.3})
+        calls = count_prunes(evaluator, monkeypatch)
+        fresh = ToyTask(seed=7)
+        getattr(trainer(tmp_path, [evaluator], limit_test_batches=1), entry)(
+            fresh, datamodule=ToyData(), ckpt_path=ckpt
+        )
+        assert calls == [] and evaluator.pruned
+        assert evaluator.masks.keys() == first.masks.keys()
+        assert all(torch.equal(evaluator.masks[n].cpu(), first.masks[n].cpu()) for n in first.masks)
+        assert_pruned_weights_zero(fresh, evaluator.masks)
+        assert zero_fraction(fresh.model) == pytest.approx(0.3, abs=1e-3)
+
+
 def test_resume_with_other_settings_warns_and_keeps_masks(tmp_path: Path) -> None:
     callback = ECoFLaPPruning(**FAST)
     trainer(tmp_path, [callback], max_steps=1, num_sanity_val_steps=0).fit(ToyTask(), datamodule=ToyData())
