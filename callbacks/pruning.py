@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
 import ecoflap_pl
@@ -226,6 +227,7 @@ class ECoFLaPPruning(Callback):
             raise ValueError(f"`reuse_saved_masks` must be True or False, got {reuse_saved_masks!r}.")
         self.reuse_saved_masks = reuse_saved_masks
         self._saved_at_step: int | None = None
+        self._save_to_checked_after_restore = False
         if not isinstance(semi_structured, bool):
             raise ValueError(f"`semi_structured` must be True or False, got {semi_structured!r}.")
         if semi_structured:  # before the model is built; the device is checked again once the Trainer placed it
@@ -260,7 +262,11 @@ class ECoFLaPPruning(Callback):
         # restored after `setup`.
         model = _pruned_module(pl_module)
         if self.save_to is not None and (stage in self.stages or stage == TrainerFn.FITTING):
-            self._check_save_to(model)
+            # A `fit` resumed from a checkpoint replaces the `save_to` its own pruning wrote, but the checkpoint's state
+            # is restored only after `setup`: an export's folder is checked again in `on_fit_start`, before pruning.
+            resumable = stage == TrainerFn.FITTING and _read_report(Path(self.save_to) / REPORT_JSON) is not None
+            self._check_save_to(model, resumable=resumable)
+            self._save_to_checked_after_restore = resumable
         # A model loaded from a `save_to` folder is not pruned again, so nothing of it is written back.
         from_saved = self.reuse_saved_masks and not self.pruned and saved_model_folder(model) is not None
         if stage in self.stages and not from_saved:
@@ -292,8 +298,16 @@ class ECoFLaPPruning(Callback):
         # valid, and their (empty or restored) state is consistent with the masked gradients. The checkpoint folders
         # are known here (`ModelCheckpoint.setup` resolves the default one), so their free space is checked first.
         self._reuse_saved_masks(pl_module)
+        # Only the masks of a checkpoint tell that this `fit` continues the run that wrote `save_to` (a saved model's
+        # masks would also match an export of another fine-tuning of it).
+        resumed = self.masks_from == "the checkpoint" and self._save_to_holds_this_run()
+        if self._save_to_checked_after_restore and not resumed:
+            self._check_save_to(_pruned_module(pl_module))
         check_checkpoint_room(trainer, {f"masks.{name}": mask for name, mask in self.masks.items()})
         self._ensure_pruned(trainer, pl_module, TrainerFn.FITTING.value)
+        for average in _averaged_copies(trainer):
+            # A copy of its own of the masks for the averaged copy's device (`mask_weights_` keeps the moved masks).
+            mask_weights_(_pruned_module(average), dict(self.masks))
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -580,13 +594,14 @@ class ECoFLaPPruning(Callback):
             experiment_logger.log_hyperparams({"pruning": self.config.to_dict()})
             experiment_logger.log_metrics(metrics, step=trainer.global_step)
 
-    def _check_save_to(self, model: nn.Module) -> None:
+    def _check_save_to(self, model: nn.Module, resumable: bool = False) -> None:
         # Before any pruning: a refusal must come before minutes of work, with the user's files untouched. A folder
-        # this run wrote itself (pruned, then fine-tuned) is replaced without `overwrite`.
+        # this run wrote itself (pruned, then fine-tuned) is replaced without `overwrite`; so is, once `resumable` is
+        # confirmed (`_save_to_holds_this_run`), the folder of the run a resumed `fit` continues.
         assert self.save_to is not None
         check_save_target(
             self.save_to,
-            overwrite=self.overwrite or self._saved_at_step is not None,
+            overwrite=self.overwrite or resumable or self._saved_at_step is not None,
             protected=source_directories(model),
             option="save_to",
             least_bytes=least_export_bytes(model, self.save_format, self.config.sparsity),
@@ -596,16 +611,22 @@ class ECoFLaPPruning(Callback):
         """What ``save_to`` holds after ``fit`` stopped early (an interrupt or an error)."""
         if not self.pruned:
             return f"`fit` stopped before pruning finished: weights unchanged, nothing saved to {save_to}."
-        saved = _read_report_metadata(Path(save_to) / REPORT_JSON)
-        saved_run = None if saved is None else {key: value for key, value in saved.items() if key != "export"}
-        ours = self.report is not None and saved_run == self.report.get("metadata")
-        if not ours:
+        if not self._save_to_holds_this_run():
             return f"`fit` stopped at step {global_step}: nothing from this run was saved to {save_to}."
         return (
             f"`fit` stopped at step {global_step}: {save_to} holds the model as pruned BEFORE fine-tuning, not "
             "the fine-tuned one. HINT: resume from the last checkpoint with `--ckpt_path`; save_to is written again "
             "when fit ends."
         )
+
+    def _save_to_holds_this_run(self) -> bool:
+        """Whether ``save_to`` holds an export of this run's pruning (its report's metadata are this run's: the
+        same pruning, restored from a checkpoint of the run that wrote it, or done by this run)."""
+        if not self.pruned or self.report is None or self.save_to is None:
+            return False
+        saved = _read_report_metadata(Path(self.save_to) / REPORT_JSON)
+        saved_run = None if saved is None else {key: value for key, value in saved.items() if key != "export"}
+        return saved_run == self.report.get("metadata")
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.save_to is not None and self.result is not None
@@ -769,6 +790,26 @@ def _pruned_module(pl_module: pl.LightningModule) -> nn.Module:
             "assign the network to `self.model` and define `calibration_loss`."
         )
     return model
+
+
+def _averaged_copies(trainer: pl.Trainer) -> list[pl.LightningModule]:
+    """The copies of the LightningModule that Lightning's weight-averaging callbacks average the weights into
+    (``WeightAveraging``, ``EMAWeightAveraging``, ``StochasticWeightAveraging``), where they exist already.
+
+    They copy the model as ``setup`` finds it: dense, before pruning. The average starts over from the model at its
+    first update, but until then (``EMAWeightAveraging(update_starting_at_step=...)``, an SWA start epoch) their
+    checkpoints store that copy as the model's weights, and the end of training copies it into the model. Read from
+    their private ``_average_model`` (an ``AveragedModel`` wrapping the copy, or the copy itself): Lightning gives no
+    public access to it.
+    """
+    copies = []
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        average = getattr(callback, "_average_model", None)
+        if isinstance(average, AveragedModel):
+            average = average.module
+        if isinstance(average, pl.LightningModule):
+            copies.append(average)
+    return copies
 
 
 def _check_trainable(model: nn.Module) -> None:

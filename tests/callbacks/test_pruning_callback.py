@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -179,6 +179,28 @@ def test_a_weights_only_checkpoint_keeps_the_masks_and_is_not_pruned_again(
         assert all(torch.equal(evaluator.masks[n].cpu(), first.masks[n].cpu()) for n in first.masks)
         assert_pruned_weights_zero(fresh, evaluator.masks)
         assert zero_fraction(fresh.model) == pytest.approx(0.3, abs=1e-3)
+
+
+@pytest.mark.parametrize("averaging_first", [True, False])
+@pytest.mark.parametrize("first_update", [0, 100])
+def test_ema_weight_averaging_keeps_the_masks(tmp_path: Path, averaging_first: bool, first_update: int) -> None:
+    """Lightning's EMA copies the model in `setup`, dense, before pruning: until its first update (never, within
+    `update_starting_at_step` 100) its checkpoints stored that copy as the weights and the end of training copied it
+    into the model, with every pruned weight back."""
+    callback = ECoFLaPPruning(**FAST)
+    averaging = EMAWeightAveraging(decay=0.9, update_starting_at_step=first_update)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    callbacks = [averaging, callback] if averaging_first else [callback, averaging]
+    task = ToyTask()
+    trainer(tmp_path, [*callbacks, checkpoints], enable_checkpointing=True, max_steps=3).fit(task, datamodule=ToyData())
+
+    assert_pruned_weights_zero(task, callback.masks)
+    saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert len(saved) == 3
+    for ckpt in saved:
+        weights = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        for name, mask in callback.masks.items():
+            assert torch.count_nonzero(weights[f"model.{name}"][~mask.cpu()]) == 0, (ckpt.name, name)
 
 
 def test_resume_with_other_settings_warns_and_keeps_masks(tmp_path: Path) -> None:
