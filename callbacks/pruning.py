@@ -227,7 +227,7 @@ class ECoFLaPPruning(Callback):
             raise ValueError(f"`reuse_saved_masks` must be True or False, got {reuse_saved_masks!r}.")
         self.reuse_saved_masks = reuse_saved_masks
         self._saved_at_step: int | None = None
-        self._save_to_checked_after_restore = False
+        self._save_to_export_checked_later = False
         if not isinstance(semi_structured, bool):
             raise ValueError(f"`semi_structured` must be True or False, got {semi_structured!r}.")
         if semi_structured:  # before the model is built; the device is checked again once the Trainer placed it
@@ -262,11 +262,12 @@ class ECoFLaPPruning(Callback):
         # restored after `setup`.
         model = _pruned_module(pl_module)
         if self.save_to is not None and (stage in self.stages or stage == TrainerFn.FITTING):
-            # A `fit` resumed from a checkpoint replaces the `save_to` its own pruning wrote, but the checkpoint's state
-            # is restored only after `setup`: an export's folder is checked again in `on_fit_start`, before pruning.
-            resumable = stage == TrainerFn.FITTING and _read_report(Path(self.save_to) / REPORT_JSON) is not None
-            self._check_save_to(model, resumable=resumable)
-            self._save_to_checked_after_restore = resumable
+            # Whether a stage writes `save_to` depends on the checkpoint's state, restored only after `setup`: a pruned
+            # checkpoint is evaluated without writing anything, and a resumed `fit` replaces the export of the run it
+            # continues. So a folder holding an export is checked for emptiness when the stage starts, before pruning.
+            export = _read_report(Path(self.save_to) / REPORT_JSON) is not None
+            self._check_save_to(model, emptiness_later=export)
+            self._save_to_export_checked_later = export
         # A model loaded from a `save_to` folder is not pruned again, so nothing of it is written back.
         from_saved = self.reuse_saved_masks and not self.pruned and saved_model_folder(model) is not None
         if stage in self.stages and not from_saved:
@@ -298,10 +299,11 @@ class ECoFLaPPruning(Callback):
         # valid, and their (empty or restored) state is consistent with the masked gradients. The checkpoint folders
         # are known here (`ModelCheckpoint.setup` resolves the default one), so their free space is checked first.
         self._reuse_saved_masks(pl_module)
-        # Only the masks of a checkpoint tell that this `fit` continues the run that wrote `save_to` (a saved model's
-        # masks would also match an export of another fine-tuning of it).
+        # A pruned model is saved at the end of `fit`, unless it continues the run that wrote `save_to` (only the masks
+        # of a checkpoint tell: a saved model's would also match an export of another fine-tuning of it); a model
+        # pruned now is checked before pruning.
         resumed = self.masks_from == "the checkpoint" and self._save_to_holds_this_run()
-        if self._save_to_checked_after_restore and not resumed:
+        if self._save_to_export_checked_later and self.pruned and not resumed:
             self._check_save_to(_pruned_module(pl_module))
         check_checkpoint_room(trainer, {f"masks.{name}": mask for name, mask in self.masks.items()})
         self._ensure_pruned(trainer, pl_module, TrainerFn.FITTING.value)
@@ -389,6 +391,17 @@ class ECoFLaPPruning(Callback):
                     "the model is not pruned again. HINT: start from the dense model to prune with new settings."
                 )
 
+    def check_save_to_before_pruning(self, pl_module: pl.LightningModule) -> None:
+        """Refuse now a ``save_to`` that pruning could not write, a folder holding an export included (``setup``
+        leaves that one to the stage's start, where the restored checkpoint tells whether anything is written): for
+        a caller that knows that the run prunes, before work that would come first.
+
+        Raises:
+            FileExistsError, ValueError, PermissionError, OSError: as ``setup``.
+        """
+        if self.save_to is not None:
+            self._check_save_to(_pruned_module(pl_module))
+
     def checkpoint_is_pruned(self, ckpt_path: str | Path) -> bool:
         """Whether the Lightning checkpoint at ``ckpt_path`` holds this callback's state with a pruned model.
 
@@ -426,6 +439,8 @@ class ECoFLaPPruning(Callback):
                     f"{self.masks_from}): `{stage}` uses it as it is, it is not pruned again."
                 )
         elif stage in self.stages:
+            if self._save_to_export_checked_later:
+                self._check_save_to(_pruned_module(pl_module))
             # validate/test/predict hooks run inside Lightning's inference mode: lift it, so that calibration
             # batches are ordinary tensors and first-order scoring can back-propagate.
             with torch.inference_mode(False), torch.enable_grad():
@@ -594,14 +609,14 @@ class ECoFLaPPruning(Callback):
             experiment_logger.log_hyperparams({"pruning": self.config.to_dict()})
             experiment_logger.log_metrics(metrics, step=trainer.global_step)
 
-    def _check_save_to(self, model: nn.Module, resumable: bool = False) -> None:
+    def _check_save_to(self, model: nn.Module, emptiness_later: bool = False) -> None:
         # Before any pruning: a refusal must come before minutes of work, with the user's files untouched. A folder
-        # this run wrote itself (pruned, then fine-tuned) is replaced without `overwrite`; so is, once `resumable` is
-        # confirmed (`_save_to_holds_this_run`), the folder of the run a resumed `fit` continues.
+        # this run wrote itself (pruned, then fine-tuned) is replaced without `overwrite`. `emptiness_later` leaves a
+        # non-empty folder to the stage's start (see `setup`).
         assert self.save_to is not None
         check_save_target(
             self.save_to,
-            overwrite=self.overwrite or resumable or self._saved_at_step is not None,
+            overwrite=self.overwrite or emptiness_later or self._saved_at_step is not None,
             protected=source_directories(model),
             option="save_to",
             least_bytes=least_export_bytes(model, self.save_format, self.config.sparsity),

@@ -372,6 +372,8 @@ class EcoflapCLI(LightningCLI):
         # The dense run goes without the callback, so its fail-fast checks (save_to, 2:4 kernels, strategy) run
         # here: a refusal must come before the dense evaluation's minutes of work, not after them.
         callback.setup(self.trainer, self.model, self.subcommand)
+        if not pruned_checkpoint and self.subcommand in callback.stages:
+            callback.check_save_to_before_pruning(self.model)  # `setup` leaves a folder holding an export for later
         self.trainer.callbacks.remove(callback)
         try:
             dense = run(**dense_kwargs)

@@ -211,3 +211,35 @@ def test_a_resumed_fit_replaces_the_save_to_of_the_run_it_continues(tmp_path: Pa
         quiet_trainer(max_steps=2, callbacks=[fresh], **settings).fit(ToyTask(), datamodule=ToyData())
     assert not fresh.pruned
     assert sorted((path.name, path.stat().st_mtime_ns) for path in target.rglob("*")) == before
+
+
+@pytest.mark.parametrize("entry", ["validate", "test"])
+def test_evaluating_a_pruned_checkpoint_with_the_config_that_saved_its_export(tmp_path: Path, entry: str) -> None:
+    """The finetune experiments' second step, `ecoflap test -c CONFIG --ckpt_path BEST`, keeps CONFIG's `save_to`,
+    which the `fit` filled: nothing is written when the checkpoint is pruned, so it must not be refused (it was, as a
+    non-empty folder); pruning a model in that stage still is, before pruning, the folder untouched."""
+    target = tmp_path / "pruned"
+    first = ECoFLaPPruning(**FAST, save_to=str(target))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    settings = dict(num_sanity_val_steps=0, limit_val_batches=1, limit_test_batches=1, default_root_dir=tmp_path)
+    quiet_trainer(max_steps=2, callbacks=[first, checkpoints], enable_checkpointing=True, **settings).fit(
+        ToyTask(), datamodule=ToyData()
+    )
+    before = sorted((path.name, path.stat().st_mtime_ns) for path in target.rglob("*"))
+
+    evaluator = ECoFLaPPruning(**FAST, save_to=str(target))
+    task = ToyTask(seed=5)
+    getattr(quiet_trainer(callbacks=[evaluator], **settings), entry)(
+        task, datamodule=ToyData(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+    )
+    assert evaluator.masks_from == f"the checkpoint {tmp_path / 'ckpt' / 'last.ckpt'}"
+    assert all(torch.equal(evaluator.masks[n].cpu(), first.masks[n].cpu()) for n in first.masks)
+
+    pruning = ECoFLaPPruning(**FAST, save_to=str(target))
+    dense = ToyTask(seed=6)
+    weights = {name: tensor.clone() for name, tensor in dense.model.state_dict().items()}
+    with pytest.raises(FileExistsError, match="not empty; nothing was written. HINT: .*--pruning.overwrite true"):
+        getattr(quiet_trainer(callbacks=[pruning], **settings), entry)(dense, datamodule=ToyData())
+    assert not pruning.pruned
+    assert all(torch.equal(dense.model.state_dict()[name], tensor) for name, tensor in weights.items())
+    assert sorted((path.name, path.stat().st_mtime_ns) for path in target.rglob("*")) == before
