@@ -298,6 +298,7 @@ class EcoflapCLI(LightningCLI):
         stage = TrainerFn.FITTING.value if subcommand == "prune" else subcommand
         callback.setup(self.trainer, self.model, stage)
         if stage in callback.stages and not self._starts_pruned(self._get(self.config, "pruning")):
+            callback.check_save_to_before_pruning(self.model)  # `setup` leaves a folder holding an export for later
             callback.check_calibration_data(self.datamodule, self.trainer.world_size)
 
     @staticmethod
