@@ -351,7 +351,7 @@ class ECoFLaPPruning(Callback):
         # Saved again only when training changed the weights since the last save (`ecoflap prune` runs fit with no
         # step: its model is written once, right after pruning).
         if self.pruned and self.save_to is not None and trainer.global_step != self._saved_at_step:
-            self._save(trainer, pl_module)
+            self._save(trainer, pl_module, f"Pruned model fine-tuned to step {trainer.global_step}")
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -643,7 +643,7 @@ class ECoFLaPPruning(Callback):
         saved_run = None if saved is None else {key: value for key, value in saved.items() if key != "export"}
         return saved_run == self.report.get("metadata")
 
-    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str = "Pruned model") -> None:
         assert self.save_to is not None and self.result is not None
         _check_finite_weights(_pruned_module(pl_module), self.save_to)
         self._saved_at_step = trainer.global_step
@@ -659,7 +659,7 @@ class ECoFLaPPruning(Callback):
             metadata=(self.report or {}).get("metadata"),
         )
         if self.progress:
-            Console().print(describe_saved(saved, self.save_to))
+            Console().print(describe_saved(saved, self.save_to, what))
 
 
 def keep_pruning_state_in_weights_only_checkpoint(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:

@@ -243,3 +243,16 @@ def test_evaluating_a_pruned_checkpoint_with_the_config_that_saved_its_export(tm
     assert not pruning.pruned
     assert all(torch.equal(dense.model.state_dict()[name], tensor) for name, tensor in weights.items())
     assert sorted((path.name, path.stat().st_mtime_ns) for path in target.rglob("*")) == before
+
+
+def test_the_console_says_which_model_each_save_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`fit` writes `save_to` after pruning, then again at its end: both lines read "Pruned model saved to DIR", so
+    the last one on the console did not say that the folder now holds the fine-tuned model."""
+    target = tmp_path / "pruned"
+    callback = ECoFLaPPruning(**{**FAST, "progress": True}, save_to=str(target))
+    quiet_trainer(
+        max_steps=3, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[callback]
+    ).fit(ToyTask(), datamodule=ToyData())
+    said = " ".join(capsys.readouterr().out.split())
+    first, last = said.index(f"Pruned model saved to {target} "), said.index(f"fine-tuned to step 3 saved to {target} ")
+    assert first < last and said.count("saved to") == 2
