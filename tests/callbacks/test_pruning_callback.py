@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -201,6 +201,21 @@ def test_ema_weight_averaging_keeps_the_masks(tmp_path: Path, averaging_first: b
         weights = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
         for name, mask in callback.masks.items():
             assert torch.count_nonzero(weights[f"model.{name}"][~mask.cpu()]) == 0, (ckpt.name, name)
+
+
+def test_stochastic_weight_averaging_stores_a_masked_average(tmp_path: Path) -> None:
+    """SWA copies the model in `setup`, dense, and stores that copy in every checkpoint until it starts averaging."""
+    callback = ECoFLaPPruning(**FAST)
+    averaging = StochasticWeightAveraging(swa_lrs=1e-3, swa_epoch_start=5)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    run = trainer(tmp_path, [averaging, callback, checkpoints], enable_checkpointing=True, max_steps=4)
+    run.fit(ToyTask(), datamodule=ToyData())
+    for ckpt in sorted((tmp_path / "ckpt").glob("*.ckpt")):
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["callbacks"]
+        average = next(value for key, value in state.items() if "StochasticWeightAveraging" in key)
+        for name, mask in callback.masks.items():
+            stored = average["average_model_state"][f"model.{name}"]
+            assert torch.count_nonzero(stored[~mask.cpu()]) == 0, (ckpt.name, name)
 
 
 def test_resume_with_other_settings_warns_and_keeps_masks(tmp_path: Path) -> None:
