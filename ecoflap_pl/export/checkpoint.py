@@ -327,8 +327,10 @@ def read_masks(directory: str | Path) -> dict[str, torch.Tensor]:
 
 def _check_masks_fit_the_weights(directory: Path, path: Path, masks: dict[str, torch.Tensor]) -> None:
     """Refuse a masks file that belongs to another model than the folder's weights (compared by the weight files'
-    headers only: no tensor is read). A mask named like no stored weight is let through alone, as a model may store
-    its weights under other names than its modules' (``save_pretrained``'s key mappings), but not when none fits.
+    headers only: no tensor is read). The masks name the model's parameters, but ``save_pretrained`` may store them
+    under other names (transformers' key mappings: a LLaVA is saved under its hub checkpoint's names); then the names
+    and shapes are those of the model the folder's ``config.json`` builds, on the meta device. A mask named like no
+    weight is let through alone, but not when none fits.
 
     Raises:
         ValueError: a mask whose weight has another shape, or masks none of which names a stored weight.
@@ -337,6 +339,8 @@ def _check_masks_fit_the_weights(directory: Path, path: Path, masks: dict[str, t
     for weight_file in _weight_files(directory):
         with _opened(weight_file) as handle:
             stored.update({name: handle.get_slice(name).get_shape() for name in handle.keys()})  # noqa: SIM118
+    if masks.keys() - stored.keys() and (directory / "config.json").is_file():
+        stored.update(_parameter_shapes(directory))
     wrong = [name for name, mask in masks.items() if name in stored and list(mask.shape) != stored[name]]
     if wrong or (masks and not any(name in stored for name in masks)):
         shown = (
@@ -348,6 +352,17 @@ def _check_masks_fit_the_weights(directory: Path, path: Path, masks: dict[str, t
             f"{path} does not belong to the model in {directory}: {shown}. HINT: the masks file was copied from "
             "another export; export the model again, or put back the masks written with these weights."
         )
+
+
+def _parameter_shapes(directory: Path) -> dict[str, list[int]]:
+    """The shape of every tensor of the model the folder's ``config.json`` builds, by the model's own names (built on
+    the meta device: no memory, no weight read)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        model = _saved_model_class(directory)._from_config(config)
+    return {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
 def load_pruned_model(directory: str | Path, model_class: Any = None, **from_pretrained_kwargs: Any) -> nn.Module:

@@ -82,3 +82,25 @@ def test_masks_of_another_model_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=rf"{name!r} is \[.*\] there but \[.*\] in the weights\. HINT"):
         read_masks(tmp_path / "resized")
     assert read_masks(tmp_path / "other").keys() == other_masks.keys()
+
+
+def test_the_masks_of_a_model_saved_under_its_hub_names_are_read(tmp_path: Path) -> None:
+    """transformers saves a LLaVA under its hub checkpoint's names (``language_model.model.layers...``), not its
+    modules' (``model.language_model.layers...``), which the masks use: every dense LLaVA export was refused as if its
+    masks file came from another model."""
+    from ecoflap_pl.models.tiny import tiny_model
+
+    model = tiny_model("llava")
+    name = next(name for name, _ in model.named_parameters() if name.endswith("mlp.down_proj.weight"))
+    weight = model.get_parameter(name)
+    mask = torch.arange(weight.numel()).reshape(weight.shape) % 2 == 0
+    with torch.no_grad():
+        weight[~mask] = 0.0
+    write_pruned_model(model, tmp_path / "pruned", {name: mask}, "dense")
+
+    recovered = read_masks(tmp_path / "pruned")
+    assert recovered.keys() == {name} and torch.equal(recovered[name], mask)
+    resized = {name: mask[:, :-1]}
+    write_pruned_model(model, tmp_path / "resized", resized, "dense")
+    with pytest.raises(ValueError, match=rf"{name!r} is \[.*\] there but \[.*\] in the weights\. HINT"):
+        read_masks(tmp_path / "resized")
