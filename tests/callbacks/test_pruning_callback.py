@@ -100,6 +100,55 @@ def test_masks_hold_under_adamw_momentum_from_a_dense_optimizer_state(tmp_path: 
     assert_pruned_weights_zero(task, callback.masks)
 
 
+class SGDTask(ToyTask):
+    """SGD with Nesterov momentum and (coupled) weight decay, stepped by a per-step scheduler."""
+
+    @override
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class TwoOptimizersTask(ToyTask):
+    """Manual optimization: AdamW for the vision tower, SGD with momentum for the rest, clipped by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    @override
+    def configure_optimizers(self) -> Any:
+        vision = [param for name, param in self.model.named_parameters() if name.startswith("vision.")]
+        rest = [param for name, param in self.model.named_parameters() if not name.startswith("vision.")]
+        return [torch.optim.AdamW(vision, lr=1e-2, weight_decay=0.1), torch.optim.SGD(rest, lr=0.1, momentum=0.9)]
+
+    @override
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        optimizers = self.optimizers()
+        loss = self.calibration_loss(batch)
+        for optimizer in optimizers:  # type: ignore[union-attr]
+            optimizer.zero_grad()
+        self.manual_backward(loss)
+        for optimizer in optimizers:  # type: ignore[union-attr]
+            self.clip_gradients(optimizer, gradient_clip_val=0.1)
+            optimizer.step()
+        return loss
+
+
+@pytest.mark.parametrize("task_class", [SGDTask, TwoOptimizersTask])
+def test_masks_hold_under_other_optimizers(tmp_path: Path, task_class: type[ToyTask]) -> None:
+    """Momentum, coupled weight decay, a scheduler, validation inside the epoch and several optimizers stepped by hand:
+    every pruned weight is exactly 0 after fit, and the kept ones trained."""
+    callback = ECoFLaPPruning(**FAST)
+    task = task_class()
+    dense = {n: p.detach().clone() for n, p in task.model.named_parameters()}
+    trainer(tmp_path, [callback], max_steps=-1, max_epochs=2, val_check_interval=2).fit(task, datamodule=ToyData())
+    assert_pruned_weights_zero(task, callback.masks)
+    params = dict(task.model.named_parameters())
+    assert any(not torch.equal(params[n][m], dense[n][m]) for n, m in callback.masks.items())
+
+
 def test_checkpoint_state_round_trip(tmp_path: Path) -> None:
     callback = ECoFLaPPruning(**FAST)
     task = ToyTask()
