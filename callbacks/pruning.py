@@ -670,8 +670,9 @@ def keep_pruning_state_in_weights_only_checkpoint(trainer: pl.Trainer, checkpoin
     weights_only=True)``) holds no callback state, so without this its masks would be lost: ``validate --ckpt_path``
     of it would prune the pruned model again, with other masks. Lightning still calls the LightningModule's
     ``on_save_checkpoint`` for it, and :class:`~ecoflap_pl.tasks.base.EcoflapTask` calls this from there. The state
-    is stored where a full checkpoint keeps it, so Lightning restores it the same way; a ``fit`` resumed from such a
-    checkpoint is still refused by Lightning, which finds no optimizer state in it.
+    is stored where a full checkpoint keeps it, so Lightning restores it the same way. Such a checkpoint still cannot
+    resume ``fit`` (no optimizer state): the ``ecoflap`` command refuses that before the model is built, Lightning
+    when it restores the optimizers.
     """
     if "callbacks" in checkpoint:  # a full checkpoint: the callbacks' state is there already
         return
