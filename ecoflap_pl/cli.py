@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -28,6 +29,7 @@ from lightning.pytorch.callbacks import Callback, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_prefixed_message, rank_zero_only
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
@@ -38,9 +40,11 @@ from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.callbacks.checkpoint_file import check_checkpoint_file, use_whole_file_checkpoints
 from ecoflap_pl.callbacks.export import saved_model_folder
 from ecoflap_pl.callbacks.pruning import unreadable_checkpoint
+from ecoflap_pl.cli_help import DESCRIPTION, SUBCOMMAND_HELP, describe_subcommand
 from ecoflap_pl.console import quiet_libraries
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.datamodules.base import Stage
+from ecoflap_pl.entry_point import SIGINT_STATUS, stopped_by_sigint
 from ecoflap_pl.export import has_saved_masks
 from ecoflap_pl.hardware_check import check_model_placement, check_trainer_hardware
 from ecoflap_pl.option_hints import mapping_option_hint, unknown_option_hint
@@ -106,25 +110,6 @@ class EcoflapTrainer(pl.Trainer):
             self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
 
 
-DESCRIPTION = (
-    "Prune a model with ECoFLaP, then evaluate or fine-tune it (LightningCLI). `validate` and `test` prune, then "
-    "evaluate (--compare_dense true: dense and pruned side by side); `fit` prunes, then fine-tunes with the masks "
-    "held fixed; `prune` prunes and saves (--pruning.save_to DIR); `predict` prunes only when pruning.stages names "
-    "it. The pruning settings are the `pruning:` section (`ecoflap validate --help` lists them). Configs: "
-    "configs/README.md."
-)
-"""What ``ecoflap --help`` says the command does (LightningCLI's default is "Lightning Trainer command line tool")."""
-
-SUBCOMMAND_HELP = {
-    "fit": "Prune, then fine-tune with the masks held fixed.",
-    "validate": "Prune, then evaluate on the validation split (--compare_dense true: dense and pruned side by side).",
-    "test": "Prune, then evaluate on the test split (--compare_dense true: dense and pruned side by side).",
-    "predict": "Run the task's predictions on the test split (no metrics); prunes only if pruning.stages names it.",
-    "prune": "Prune and save the model (--pruning.save_to DIR), without training or evaluating.",
-}
-"""What ``ecoflap --help`` lists for each subcommand, and each one's ``--help`` begins with (Lightning's would be the
-first line of the Trainer method's docstring: "Runs the full optimization routine.")."""
-
 _MAIN_LOOP: dict[str, Stage] = {"fit": "train", "prune": "train", "validate": "val", "test": "test", "predict": "test"}
 """The DataModule loop each subcommand runs (``prune`` runs ``fit`` with no step: it only calibrates)."""
 
@@ -157,6 +142,12 @@ class EcoflapCLI(LightningCLI):
         if listing is not None:
             for entry in listing._choices_actions:
                 entry.help = SUBCOMMAND_HELP[entry.dest]
+
+    @override
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        describe_subcommand(parser, subcommand)  # its --help in our words, not the Trainer method's docstring
+        return parser
 
     @override
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -534,10 +525,12 @@ bug) keeps its traceback; so does every error with ``ECOFLAP_DEBUG=1``."""
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry point: ``ecoflap {fit,validate,test,predict,prune} -c CONFIG.yaml``.
+    """The ``ecoflap`` command: ``ecoflap {fit,validate,test,predict,prune} -c CONFIG.yaml`` (its console script is
+    :func:`ecoflap_pl.entry_point.main`).
 
     A refused configuration, bad data or a missing file ends the run with its message (and the option it names) in
-    a few lines and exit status 2; SIGTERM ends it with status 143. ``ECOFLAP_DEBUG=1`` shows the full traceback.
+    a few lines (on global rank 0; one line on the others: :func:`refusal_on_this_rank`) and exit status 2; SIGTERM
+    ends it with status 143, SIGINT (Ctrl+C) with 130. ``ECOFLAP_DEBUG=1`` shows the full traceback.
     """
     quiet_libraries()
     try:
@@ -548,12 +541,16 @@ def main(args: list[str] | None = None) -> None:
         log.warning("Stopped by SIGTERM.")
         sys.exit(143)
     except KeyboardInterrupt:
-        log.warning("Stopped by SIGINT (Ctrl+C).")
-        sys.exit(1)
+        stopped_by_sigint()
+    except SystemExit as exit_:
+        if exit_.code == 1 and isinstance(exit_.__context__, KeyboardInterrupt):
+            # Lightning ends a Ctrl+C inside its loops with `sys.exit(1)`, once it has said so and torn the run down.
+            sys.exit(SIGINT_STATUS)
+        raise
     except USER_ERRORS as error:
         if os.environ.get("ECOFLAP_DEBUG"):
             raise
-        Console(stderr=True, soft_wrap=True).print(error_summary(error), markup=False, highlight=False)
+        Console(stderr=True, soft_wrap=True).print(refusal_on_this_rank(error), markup=False, highlight=False)
         sys.exit(2)
 
 
@@ -590,6 +587,24 @@ def error_summary(error: BaseException) -> str:
     configuration = (ArgumentError, ConfigurationError, MisconfigurationException)
     kind = "configuration error" if isinstance(error, configuration) else type(error).__name__
     return f"error ({kind}): {chr(10).join(dict.fromkeys(kept[:8]))}\n(ECOFLAP_DEBUG=1 shows the traceback)"
+
+
+def refusal_on_this_rank(error: BaseException) -> str:
+    """What this process prints of an error that ends the run: :func:`error_summary` on global rank 0, one short line
+    on any other rank.
+
+    Under ``torchrun`` or ``srun`` every rank runs the whole command, so each would print the same refusal of the same
+    config; under Lightning's own DDP launch, the processes it starts would too. The rank is the one Lightning's
+    ``rank_zero_only`` holds: read from the launcher's environment (``RANK``, ``LOCAL_RANK``, ``SLURM_PROCID``) before
+    the Trainer exists, its global rank once it does. The other ranks keep one line, so that an error met on one node
+    only (a file missing there) is not hidden.
+    """
+    summary = error_summary(error)
+    rank: int = rank_zero_only.rank  # type: ignore[attr-defined]  # set on the function object by Lightning
+    if rank == 0:
+        return summary
+    first = textwrap.shorten(summary.splitlines()[0], width=80, placeholder=" ...")
+    return rank_prefixed_message(f"{first} (rank 0 prints the whole message)", rank)
 
 
 _PARSER_NOISE = (

@@ -12,6 +12,7 @@ it tells a user anything about their run; the filters below drop exactly those m
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 from transformers.utils import logging as transformers_logging
@@ -32,9 +33,13 @@ _LOGGERS = (
 )
 
 
+_RANK_PREFIX = re.compile(r"^\[rank: \d+\] ")
+"""What Lightning puts before a message on every rank of a run started by ``torchrun`` or ``srun`` ("Seed set to")."""
+
+
 class _DropBanners(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(_BANNERS)
+        return not _RANK_PREFIX.sub("", record.getMessage(), count=1).startswith(_BANNERS)
 
 
 def quiet_libraries() -> None:

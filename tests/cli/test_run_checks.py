@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ecoflap_pl.cli import SUBCOMMAND_HELP
+from ecoflap_pl.cli_help import CKPT_PATH_HELP
 from ecoflap_pl.demo.data import DemoPaths
 from tests.cli.test_data_check import config, refused
 from tests.datamodules.datamodule_layouts import write_vqa
@@ -144,3 +145,38 @@ def test_a_checkpoint_path_that_is_no_file_is_refused_before_the_model_is_built(
     outcome = run_ecoflap(capsys, subcommand, "-c", path, f"--ckpt_path={folder}")
     refused(outcome, f"`ckpt_path` '{folder}' is a folder, not a checkpoint file. HINT")
     assert not (tmp_path / "run").exists()
+
+
+LIGHTNINGS_WORDS = (
+    "Runs the full optimization routine",
+    "Perform one evaluation epoch",
+    "Run inference on your data",
+    "from which training is resumed",
+    "previous ``trainer.fit`` call",
+    "If True, prints the",
+    "Whether to return predictions",
+    "Base class for all optimizers",
+    "<class '",
+    ":meth:`prune`",
+)
+"""What each subcommand's ``--help`` said in Lightning's words (the Trainer methods' docstrings, torch's and the
+scheduler classes' tuple as group titles), all of it written for ``trainer.fit(model)`` in a script."""
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict", "prune"])
+def test_each_subcommand_help_describes_its_options_in_its_own_words(
+    capsys: pytest.CaptureFixture[str], subcommand: str
+) -> None:
+    """Below its first line, ``ecoflap fit --help`` still headed ``--ckpt_path`` "Runs the full optimization routine"
+    and described it as "the checkpoint from which training is resumed ... the previous ``trainer.fit`` call", which a
+    command that builds its model from the config and reads pruned checkpoints does not do."""
+    outcome = run_ecoflap(capsys, subcommand, "--help")
+    assert outcome.code == 0
+    text = " ".join(outcome.text.split())
+    for lightnings in LIGHTNINGS_WORDS:
+        assert lightnings not in text, text[text.find(lightnings) - 300 :][:1000]
+    options = text[text.index(f"Options of `ecoflap {subcommand}`:") :]
+    assert options.split(" --ckpt_path CKPT_PATH ")[1].startswith(CKPT_PATH_HELP[subcommand]), options[:1500]
+    assert "One saved after pruning" in CKPT_PATH_HELP[subcommand]
+    for group in ("Lightning's Trainer: the `trainer:` section:", "The optimizer of `fit`", "learning-rate schedule"):
+        assert group in text, text[:3000]

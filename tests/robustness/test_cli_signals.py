@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from ecoflap_pl.entry_point import SIGINT_STATUS
 from tests.robustness.cli_runs import interruptible, vit_config, vqa_config
 
 ENTRY = "import logging; logging.basicConfig(level=logging.INFO); from ecoflap_pl.cli import main; main()"
@@ -58,7 +59,8 @@ class Run:
 
 
 @pytest.mark.parametrize(
-    ("signum", "code", "said"), [(signal.SIGTERM, 143, "Stopped by SIGTERM"), (signal.SIGINT, 1, "KeyboardInterrupt")]
+    ("signum", "code", "said"),
+    [(signal.SIGTERM, 143, "Stopped by SIGTERM"), (signal.SIGINT, SIGINT_STATUS, "KeyboardInterrupt")],
 )
 def test_a_signal_while_pruning_inside_validate_stops_at_once(tmp_path, demo_data, signum, code, said):
     config = vit_config(tmp_path, demo_data, probes=400)  # a coarse step of many forward passes: time to interrupt
@@ -81,7 +83,7 @@ def test_sigint_while_fine_tuning_says_what_save_to_holds(tmp_path, demo_data):
     time.sleep(1.0)  # a few optimizer steps
     run.process.send_signal(signal.SIGINT)
     output = run.finish(timeout=120)
-    assert run.process.returncode == 1, output[-3000:]
+    assert run.process.returncode == SIGINT_STATUS, output[-3000:]
     assert f"{save_to} holds the model as pruned BEFORE fine-tuning, not the fine-tuned one" in output
     assert "--ckpt_path" in output
 

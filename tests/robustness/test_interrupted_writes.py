@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ecoflap_pl.entry_point import SIGINT_STATUS
 from tests.robustness.cli_runs import folder_digest, interruptible, vit_config
 
 CHILD = Path(__file__).with_name("signal_at.py")
@@ -63,7 +64,7 @@ def previous_export(tmp_path_factory, demo_data) -> Path:
     [
         ("SIGTERM", 143, "Stopped by SIGTERM.", False),
         ("SIGTERM", 143, "Stopped by SIGTERM.", True),
-        ("SIGINT", 1, "Detected KeyboardInterrupt", True),
+        ("SIGINT", SIGINT_STATUS, "Detected KeyboardInterrupt", True),
     ],
 )
 def test_a_signal_while_save_to_is_written_leaves_it_as_it_was(
@@ -109,7 +110,7 @@ def test_sigint_while_the_report_is_written_leaves_the_previous_report_whole(tmp
     before = folder_digest(tmp_path / "run")
     config = vit_config(tmp_path, demo_data, importance="uniform")
     code, output = signalled(tmp_path, "ecoflap_pl.reporting:plot_sparsity", "SIGINT", "prune", "-c", config)
-    assert code == 1, output[-3000:]
+    assert code == SIGINT_STATUS, output[-3000:]
     after = folder_digest(tmp_path / "run")
     assert {name: after[name] for name in REPORT} == {name: before[name] for name in REPORT}
     assert not [path.name for path in (tmp_path / "run").iterdir() if path.name.startswith(".")]
@@ -138,7 +139,8 @@ def test_a_write_refused_by_the_kernel_names_save_to_and_leaves_it_as_it_was(tmp
 
 
 @pytest.mark.parametrize(
-    ("signame", "code", "said"), [("SIGINT", 1, "Stopped by SIGINT (Ctrl+C)."), ("SIGTERM", 143, "Stopped by SIGTERM.")]
+    ("signame", "code", "said"),
+    [("SIGINT", SIGINT_STATUS, "Stopped by SIGINT (Ctrl+C)."), ("SIGTERM", 143, "Stopped by SIGTERM.")],
 )
 def test_a_signal_before_the_trainer_starts_is_one_line(tmp_path, demo_data, signame, code, said):
     """Ctrl+C while the config is read or the model built ended with a KeyboardInterrupt traceback."""

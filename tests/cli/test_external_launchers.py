@@ -1,0 +1,119 @@
+"""``ecoflap`` started once per rank by ``torchrun`` or ``srun``: a refusal is printed whole on global rank 0 only,
+one line on each other rank, and every rank ends with status 2.
+
+Each rank is a separate process with the launcher's environment (refused before any process group is created, so
+the ranks need not meet); ``test_torchrun_prints_a_refusal_met_after_the_process_group_once`` runs the real
+``torchrun``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import free_port
+from tests.robustness.cli_runs import vit_config
+
+DDP_ON_TWO_CPUS = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+
+
+def _torchrun_environment(rank: int, port: int) -> dict[str, str]:
+    """What ``torchrun --nproc_per_node 2`` sets for ``rank`` (the variables Lightning's TorchElasticEnvironment
+    detects and reads)."""
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "GROUP_RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "TORCHELASTIC_RUN_ID": "ecoflap-test",
+    }
+
+
+def _srun_environment(rank: int, port: int) -> dict[str, str]:
+    """What ``srun --ntasks 2`` on one node sets for task ``rank`` (variables Lightning's SLURMEnvironment reads)."""
+    return {
+        "SLURM_PROCID": str(rank),
+        "SLURM_LOCALID": str(rank),
+        "SLURM_NODEID": "0",
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "ecoflap",
+        "SLURM_NODELIST": "localhost",
+        "MASTER_PORT": str(port),
+    }
+
+
+def _without_launchers(environment: dict[str, str]) -> dict[str, str]:
+    return {key: value for key, value in environment.items() if not key.startswith(("SLURM_", "TORCHELASTIC_"))}
+
+
+def _run_ranks(launcher: str, *args: str) -> list[subprocess.CompletedProcess[str]]:
+    """``ecoflap ARGS`` as ranks 0 and 1 of ``launcher``, started together."""
+    environment = {"torchrun": _torchrun_environment, "srun": _srun_environment}[launcher]
+    port = free_port()
+    base = {**_without_launchers(dict(os.environ)), "OMP_NUM_THREADS": "1"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ecoflap_pl", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**base, **environment(rank, port)},
+        )
+        for rank in (0, 1)
+    ]
+    return [
+        subprocess.CompletedProcess(process.args, process.wait(timeout=300), *process.communicate())
+        for process in processes
+    ]
+
+
+@pytest.mark.parametrize(
+    ("launcher", "option", "said"),
+    [
+        ("torchrun", "--pruning.sparsity=1.5", "`sparsity` must be in [0, 1)"),
+        ("srun", "--pruning.sparsty=0.5", "HINT: did you mean 'pruning.sparsity'?"),
+    ],
+)
+def test_a_refusal_is_printed_whole_on_rank_0_only(tmp_path, demo_data, launcher, option, said):
+    """Every rank printed the same refusal whole: under torchrun or srun each rank runs the command."""
+    config = vit_config(tmp_path, demo_data)
+    first, second = _run_ranks(launcher, "validate", "-c", config, *DDP_ON_TWO_CPUS, option)
+    assert first.returncode == second.returncode == 2, first.stderr[-3000:] + second.stderr[-3000:]
+    assert said in first.stderr and "(ECOFLAP_DEBUG=1 shows the traceback)" in first.stderr, first.stderr[-3000:]
+    assert "[rank: 1]" not in first.stderr
+    shown = [line for line in second.stderr.splitlines() if "error (" in line or "HINT" in line or "ECOFLAP" in line]
+    assert len(shown) == 1, second.stderr[-3000:]
+    assert shown[0].startswith("[rank: 1] error (configuration error): ") and len(shown[0]) < 140, shown
+    assert shown[0].endswith("(rank 0 prints the whole message)"), shown
+    assert "Seed set to" not in first.stderr + second.stderr  # each rank said it, "[rank: N]" before Lightning's line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.distributed
+def test_torchrun_prints_a_refusal_met_after_the_process_group_once(tmp_path, demo_data):
+    """The pruning callback's own checks (here: patterns that select no weight) run in ``setup``, on every rank once
+    the process group exists; Lightning's launcher is None under torchrun, so the CLI cannot run them before."""
+    config = vit_config(tmp_path, demo_data, include=["no_such_weight"])
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+        + ["-m", "ecoflap_pl", "validate", "-c", config, *DDP_ON_TWO_CPUS],
+        capture_output=True,
+        text=True,
+        env={**_without_launchers(dict(os.environ)), "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode != 0, output[-3000:]
+    assert "exitcode  : 2" in output, output[-3000:]  # torchrun's summary: a rank ended with the refusal's status
+    assert output.count("HINT") == 1 and output.count("(ECOFLAP_DEBUG=1 shows the traceback)") == 1, output[-3000:]
+    assert "[rank: 1] error (configuration error): " in output or "exitcode  : -15" in output, output[-3000:]
+    assert not list(Path(tmp_path / "run").rglob("pruning_report.json"))
