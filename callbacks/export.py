@@ -110,11 +110,11 @@ def save_pruned(
     return saved
 
 
-def describe_saved(saved: SavedModel, target: str | Path) -> str:
-    """One line: where the model went, in which format, and its size on disk beside the dense size."""
+def describe_saved(saved: SavedModel, target: str | Path, what: str = "Pruned model") -> str:
+    """One line: ``what`` was saved where, in which format, and its size on disk beside the dense size."""
     share = 100 * saved.weights_bytes / max(saved.dense_bytes, 1)
     return (
-        f"Pruned model saved to {target} ({saved.save_format}): weights {_megabytes(saved.weights_bytes)} on disk, "
+        f"{what} saved to {target} ({saved.save_format}): weights {_megabytes(saved.weights_bytes)} on disk, "
         f"{share:.0f}% of the dense {_megabytes(saved.dense_bytes)}"
     )
 

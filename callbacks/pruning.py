@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
 import ecoflap_pl
@@ -226,6 +227,7 @@ class ECoFLaPPruning(Callback):
             raise ValueError(f"`reuse_saved_masks` must be True or False, got {reuse_saved_masks!r}.")
         self.reuse_saved_masks = reuse_saved_masks
         self._saved_at_step: int | None = None
+        self._save_to_export_checked_later = False
         if not isinstance(semi_structured, bool):
             raise ValueError(f"`semi_structured` must be True or False, got {semi_structured!r}.")
         if semi_structured:  # before the model is built; the device is checked again once the Trainer placed it
@@ -260,7 +262,12 @@ class ECoFLaPPruning(Callback):
         # restored after `setup`.
         model = _pruned_module(pl_module)
         if self.save_to is not None and (stage in self.stages or stage == TrainerFn.FITTING):
-            self._check_save_to(model)
+            # Whether a stage writes `save_to` depends on the checkpoint's state, restored only after `setup`: a pruned
+            # checkpoint is evaluated without writing anything, and a resumed `fit` replaces the export of the run it
+            # continues. So a folder holding an export is checked for emptiness when the stage starts, before pruning.
+            export = _read_report(Path(self.save_to) / REPORT_JSON) is not None
+            self._check_save_to(model, emptiness_later=export)
+            self._save_to_export_checked_later = export
         # A model loaded from a `save_to` folder is not pruned again, so nothing of it is written back.
         from_saved = self.reuse_saved_masks and not self.pruned and saved_model_folder(model) is not None
         if stage in self.stages and not from_saved:
@@ -292,8 +299,17 @@ class ECoFLaPPruning(Callback):
         # valid, and their (empty or restored) state is consistent with the masked gradients. The checkpoint folders
         # are known here (`ModelCheckpoint.setup` resolves the default one), so their free space is checked first.
         self._reuse_saved_masks(pl_module)
+        # A pruned model is saved at the end of `fit`, unless it continues the run that wrote `save_to` (only the masks
+        # of a checkpoint tell: a saved model's would also match an export of another fine-tuning of it); a model
+        # pruned now is checked before pruning.
+        resumed = self.masks_from == "the checkpoint" and self._save_to_holds_this_run()
+        if self._save_to_export_checked_later and self.pruned and not resumed:
+            self._check_save_to(_pruned_module(pl_module))
         check_checkpoint_room(trainer, {f"masks.{name}": mask for name, mask in self.masks.items()})
         self._ensure_pruned(trainer, pl_module, TrainerFn.FITTING.value)
+        for average in _averaged_copies(trainer):
+            # A copy of its own of the masks for the averaged copy's device (`mask_weights_` keeps the moved masks).
+            mask_weights_(_pruned_module(average), dict(self.masks))
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -335,7 +351,7 @@ class ECoFLaPPruning(Callback):
         # Saved again only when training changed the weights since the last save (`ecoflap prune` runs fit with no
         # step: its model is written once, right after pruning).
         if self.pruned and self.save_to is not None and trainer.global_step != self._saved_at_step:
-            self._save(trainer, pl_module)
+            self._save(trainer, pl_module, f"Pruned model fine-tuned to step {trainer.global_step}")
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -375,6 +391,17 @@ class ECoFLaPPruning(Callback):
                     "the model is not pruned again. HINT: start from the dense model to prune with new settings."
                 )
 
+    def check_save_to_before_pruning(self, pl_module: pl.LightningModule) -> None:
+        """Refuse now a ``save_to`` that pruning could not write, a folder holding an export included (``setup``
+        leaves that one to the stage's start, where the restored checkpoint tells whether anything is written): for
+        a caller that knows that the run prunes, before work that would come first.
+
+        Raises:
+            FileExistsError, ValueError, PermissionError, OSError: as ``setup``.
+        """
+        if self.save_to is not None:
+            self._check_save_to(_pruned_module(pl_module))
+
     def checkpoint_is_pruned(self, ckpt_path: str | Path) -> bool:
         """Whether the Lightning checkpoint at ``ckpt_path`` holds this callback's state with a pruned model.
 
@@ -412,6 +439,8 @@ class ECoFLaPPruning(Callback):
                     f"{self.masks_from}): `{stage}` uses it as it is, it is not pruned again."
                 )
         elif stage in self.stages:
+            if self._save_to_export_checked_later:
+                self._check_save_to(_pruned_module(pl_module))
             # validate/test/predict hooks run inside Lightning's inference mode: lift it, so that calibration
             # batches are ordinary tensors and first-order scoring can back-propagate.
             with torch.inference_mode(False), torch.enable_grad():
@@ -580,13 +609,14 @@ class ECoFLaPPruning(Callback):
             experiment_logger.log_hyperparams({"pruning": self.config.to_dict()})
             experiment_logger.log_metrics(metrics, step=trainer.global_step)
 
-    def _check_save_to(self, model: nn.Module) -> None:
+    def _check_save_to(self, model: nn.Module, emptiness_later: bool = False) -> None:
         # Before any pruning: a refusal must come before minutes of work, with the user's files untouched. A folder
-        # this run wrote itself (pruned, then fine-tuned) is replaced without `overwrite`.
+        # this run wrote itself (pruned, then fine-tuned) is replaced without `overwrite`. `emptiness_later` leaves a
+        # non-empty folder to the stage's start (see `setup`).
         assert self.save_to is not None
         check_save_target(
             self.save_to,
-            overwrite=self.overwrite or self._saved_at_step is not None,
+            overwrite=self.overwrite or emptiness_later or self._saved_at_step is not None,
             protected=source_directories(model),
             option="save_to",
             least_bytes=least_export_bytes(model, self.save_format, self.config.sparsity),
@@ -596,10 +626,7 @@ class ECoFLaPPruning(Callback):
         """What ``save_to`` holds after ``fit`` stopped early (an interrupt or an error)."""
         if not self.pruned:
             return f"`fit` stopped before pruning finished: weights unchanged, nothing saved to {save_to}."
-        saved = _read_report_metadata(Path(save_to) / REPORT_JSON)
-        saved_run = None if saved is None else {key: value for key, value in saved.items() if key != "export"}
-        ours = self.report is not None and saved_run == self.report.get("metadata")
-        if not ours:
+        if not self._save_to_holds_this_run():
             return f"`fit` stopped at step {global_step}: nothing from this run was saved to {save_to}."
         return (
             f"`fit` stopped at step {global_step}: {save_to} holds the model as pruned BEFORE fine-tuning, not "
@@ -607,7 +634,16 @@ class ECoFLaPPruning(Callback):
             "when fit ends."
         )
 
-    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _save_to_holds_this_run(self) -> bool:
+        """Whether ``save_to`` holds an export of this run's pruning (its report's metadata are this run's: the
+        same pruning, restored from a checkpoint of the run that wrote it, or done by this run)."""
+        if not self.pruned or self.report is None or self.save_to is None:
+            return False
+        saved = _read_report_metadata(Path(self.save_to) / REPORT_JSON)
+        saved_run = None if saved is None else {key: value for key, value in saved.items() if key != "export"}
+        return saved_run == self.report.get("metadata")
+
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str = "Pruned model") -> None:
         assert self.save_to is not None and self.result is not None
         _check_finite_weights(_pruned_module(pl_module), self.save_to)
         self._saved_at_step = trainer.global_step
@@ -623,7 +659,30 @@ class ECoFLaPPruning(Callback):
             metadata=(self.report or {}).get("metadata"),
         )
         if self.progress:
-            Console().print(describe_saved(saved, self.save_to))
+            Console().print(describe_saved(saved, self.save_to, what))
+
+
+def keep_pruning_state_in_weights_only_checkpoint(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
+    """Add the state of the Trainer's :class:`ECoFLaPPruning` (the masks, the report, the ``pruned`` flag) to a
+    checkpoint that Lightning writes without the callbacks' state.
+
+    A weights-only checkpoint (``ModelCheckpoint(save_weights_only=True)``, ``trainer.save_checkpoint(path,
+    weights_only=True)``) holds no callback state, so without this its masks would be lost: ``validate --ckpt_path``
+    of it would prune the pruned model again, with other masks. Lightning still calls the LightningModule's
+    ``on_save_checkpoint`` for it, and :class:`~ecoflap_pl.tasks.base.EcoflapTask` calls this from there. The state
+    is stored where a full checkpoint keeps it, so Lightning restores it the same way. Such a checkpoint still cannot
+    resume ``fit`` (no optimizer state): the ``ecoflap`` command refuses that before the model is built, Lightning
+    when it restores the optimizers.
+    """
+    if "callbacks" in checkpoint:  # a full checkpoint: the callbacks' state is there already
+        return
+    states = {
+        callback.state_key: callback.state_dict()
+        for callback in trainer.callbacks  # type: ignore[attr-defined]
+        if isinstance(callback, ECoFLaPPruning) and callback.pruned
+    }
+    if states:
+        checkpoint["callbacks"] = states
 
 
 def unreadable_checkpoint(ckpt_path: str | Path, error: BaseException) -> ValueError:
@@ -747,6 +806,26 @@ def _pruned_module(pl_module: pl.LightningModule) -> nn.Module:
             "assign the network to `self.model` and define `calibration_loss`."
         )
     return model
+
+
+def _averaged_copies(trainer: pl.Trainer) -> list[pl.LightningModule]:
+    """The copies of the LightningModule that Lightning's weight-averaging callbacks average the weights into
+    (``WeightAveraging``, ``EMAWeightAveraging``, ``StochasticWeightAveraging``), where they exist already.
+
+    They copy the model as ``setup`` finds it: dense, before pruning. The average starts over from the model at its
+    first update, but until then (``EMAWeightAveraging(update_starting_at_step=...)``, an SWA start epoch) their
+    checkpoints store that copy as the model's weights, and the end of training copies it into the model. Read from
+    their private ``_average_model`` (an ``AveragedModel`` wrapping the copy, or the copy itself): Lightning gives no
+    public access to it.
+    """
+    copies = []
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        average = getattr(callback, "_average_model", None)
+        if isinstance(average, AveragedModel):
+            average = average.module
+        if isinstance(average, pl.LightningModule):
+            copies.append(average)
+    return copies
 
 
 def _check_trainable(model: nn.Module) -> None:

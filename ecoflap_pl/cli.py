@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import Callback, ModelSummary
@@ -257,6 +258,8 @@ class EcoflapCLI(LightningCLI):
             if isinstance(error, ArgumentError):
                 raise
             raise ConfigurationError(str(unreadable_checkpoint(ckpt_path, error))) from error
+        if subcommand == "fit" and ckpt_path is not None and Path(ckpt_path).expanduser().is_file():
+            _check_resumable(str(ckpt_path))
         settings = self.config.get(subcommand) if subcommand else None
         if _model_class(settings) != task:
             # Lightning would silently build the checkpoint's task instead of the config's: another model, data
@@ -295,6 +298,7 @@ class EcoflapCLI(LightningCLI):
         stage = TrainerFn.FITTING.value if subcommand == "prune" else subcommand
         callback.setup(self.trainer, self.model, stage)
         if stage in callback.stages and not self._starts_pruned(self._get(self.config, "pruning")):
+            callback.check_save_to_before_pruning(self.model)  # `setup` leaves a folder holding an export for later
             callback.check_calibration_data(self.datamodule, self.trainer.world_size)
 
     @staticmethod
@@ -369,6 +373,8 @@ class EcoflapCLI(LightningCLI):
         # The dense run goes without the callback, so its fail-fast checks (save_to, 2:4 kernels, strategy) run
         # here: a refusal must come before the dense evaluation's minutes of work, not after them.
         callback.setup(self.trainer, self.model, self.subcommand)
+        if not pruned_checkpoint and self.subcommand in callback.stages:
+            callback.check_save_to_before_pruning(self.model)  # `setup` leaves a folder holding an export for later
         self.trainer.callbacks.remove(callback)
         try:
             dense = run(**dense_kwargs)
@@ -405,6 +411,23 @@ def _check_ckpt_path_exists(ckpt_path: str) -> None:
         f"`ckpt_path` {ckpt_path!r} {found}. HINT: give a .ckpt file a run saved (under its "
         "`trainer.default_root_dir`, in checkpoints/), or 'last' to resume from the newest checkpoint there."
     )
+
+
+def _check_resumable(ckpt_path: str) -> None:
+    """Refuse, before the model is built, to resume ``fit`` from a weights-only checkpoint
+    (``ModelCheckpoint(save_weights_only=True)``): Lightning finds out only when it restores the optimizers, after
+    the model is built and restored, with a traceback. Read memory-mapped: the weights are not loaded.
+
+    Raises:
+        ConfigurationError: the checkpoint holds no optimizer state.
+    """
+    checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+    if isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:
+        raise ConfigurationError(
+            f"`ckpt_path` {ckpt_path!r} holds the weights only (`ModelCheckpoint(save_weights_only=True)`), without "
+            "the optimizer state that `fit` resumes. HINT: resume from a checkpoint saved without save_weights_only, "
+            "or evaluate this one with `ecoflap validate` or `ecoflap test --ckpt_path` (its masks come with it)."
+        )
 
 
 def comparison_table(

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from ecoflap_pl.callbacks.pruning import keep_pruning_state_in_weights_only_checkpoint
 from ecoflap_pl.process_group import destroy_gloo_group_at_exit
 
 
@@ -73,6 +74,12 @@ class EcoflapTask(pl.LightningModule):
         without this fine-tuning would run without dropout. Override it to keep parts of a model frozen in eval mode.
         """
         self.train()
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the pruning masks in weights-only checkpoints too (Lightning leaves the callbacks' state out of them).
+        Overrides call ``super().on_save_checkpoint``."""
+        keep_pruning_state_in_weights_only_checkpoint(self.trainer, checkpoint)
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -100,6 +100,55 @@ def test_masks_hold_under_adamw_momentum_from_a_dense_optimizer_state(tmp_path: 
     assert_pruned_weights_zero(task, callback.masks)
 
 
+class SGDTask(ToyTask):
+    """SGD with Nesterov momentum and (coupled) weight decay, stepped by a per-step scheduler."""
+
+    @override
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class TwoOptimizersTask(ToyTask):
+    """Manual optimization: AdamW for the vision tower, SGD with momentum for the rest, clipped by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    @override
+    def configure_optimizers(self) -> Any:
+        vision = [param for name, param in self.model.named_parameters() if name.startswith("vision.")]
+        rest = [param for name, param in self.model.named_parameters() if not name.startswith("vision.")]
+        return [torch.optim.AdamW(vision, lr=1e-2, weight_decay=0.1), torch.optim.SGD(rest, lr=0.1, momentum=0.9)]
+
+    @override
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        optimizers = self.optimizers()
+        loss = self.calibration_loss(batch)
+        for optimizer in optimizers:  # type: ignore[union-attr]
+            optimizer.zero_grad()
+        self.manual_backward(loss)
+        for optimizer in optimizers:  # type: ignore[union-attr]
+            self.clip_gradients(optimizer, gradient_clip_val=0.1)
+            optimizer.step()
+        return loss
+
+
+@pytest.mark.parametrize("task_class", [SGDTask, TwoOptimizersTask])
+def test_masks_hold_under_other_optimizers(tmp_path: Path, task_class: type[ToyTask]) -> None:
+    """Momentum, coupled weight decay, a scheduler, validation inside the epoch and several optimizers stepped by hand:
+    every pruned weight is exactly 0 after fit, and the kept ones trained."""
+    callback = ECoFLaPPruning(**FAST)
+    task = task_class()
+    dense = {n: p.detach().clone() for n, p in task.model.named_parameters()}
+    trainer(tmp_path, [callback], max_steps=-1, max_epochs=2, val_check_interval=2).fit(task, datamodule=ToyData())
+    assert_pruned_weights_zero(task, callback.masks)
+    params = dict(task.model.named_parameters())
+    assert any(not torch.equal(params[n][m], dense[n][m]) for n, m in callback.masks.items())
+
+
 def test_checkpoint_state_round_trip(tmp_path: Path) -> None:
     callback = ECoFLaPPruning(**FAST)
     task = ToyTask()
@@ -152,6 +201,70 @@ def test_resume_restores_masks_and_does_not_prune_again(tmp_path: Path, monkeypa
     trainer(tmp_path, [evaluator]).validate(fresh, datamodule=ToyData(), ckpt_path=ckpt)
     assert calls == [] and evaluator.pruned
     assert_pruned_weights_zero(fresh, evaluator.masks)
+
+
+@pytest.mark.parametrize("entry", ["validate", "test"])
+def test_a_weights_only_checkpoint_keeps_the_masks_and_is_not_pruned_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: str
+) -> None:
+    """Lightning writes no callback state into a weights-only checkpoint: the task adds the pruning state, so the
+    checkpoint is evaluated with its own masks (it was pruned again on top, with other masks, before)."""
+    first = ECoFLaPPruning(**{**FAST, "sparsity": 0.3})
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_weights_only=True, save_last=True)
+    run = trainer(tmp_path, [first, checkpoints], enable_checkpointing=True, max_steps=3, num_sanity_val_steps=0)
+    run.fit(ToyTask(), datamodule=ToyData())
+    run.save_checkpoint(tmp_path / "saved.ckpt", weights_only=True)
+    for ckpt in (tmp_path / "ckpt" / "last.ckpt", tmp_path / "saved.ckpt"):
+        assert "optimizer_states" not in torch.load(ckpt, map_location="cpu", weights_only=False)  # weights only
+
+        evaluator = ECoFLaPPruning(**{**FAST, "sparsity": 0.3})
+        calls = count_prunes(evaluator, monkeypatch)
+        fresh = ToyTask(seed=7)
+        getattr(trainer(tmp_path, [evaluator], limit_test_batches=1), entry)(
+            fresh, datamodule=ToyData(), ckpt_path=ckpt
+        )
+        assert calls == [] and evaluator.pruned
+        assert evaluator.masks.keys() == first.masks.keys()
+        assert all(torch.equal(evaluator.masks[n].cpu(), first.masks[n].cpu()) for n in first.masks)
+        assert_pruned_weights_zero(fresh, evaluator.masks)
+        assert zero_fraction(fresh.model) == pytest.approx(0.3, abs=1e-3)
+
+
+@pytest.mark.parametrize("averaging_first", [True, False])
+@pytest.mark.parametrize("first_update", [0, 100])
+def test_ema_weight_averaging_keeps_the_masks(tmp_path: Path, averaging_first: bool, first_update: int) -> None:
+    """Lightning's EMA copies the model in `setup`, dense, before pruning: until its first update (never, within
+    `update_starting_at_step` 100) its checkpoints stored that copy as the weights and the end of training copied it
+    into the model, with every pruned weight back."""
+    callback = ECoFLaPPruning(**FAST)
+    averaging = EMAWeightAveraging(decay=0.9, update_starting_at_step=first_update)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    callbacks = [averaging, callback] if averaging_first else [callback, averaging]
+    task = ToyTask()
+    trainer(tmp_path, [*callbacks, checkpoints], enable_checkpointing=True, max_steps=3).fit(task, datamodule=ToyData())
+
+    assert_pruned_weights_zero(task, callback.masks)
+    saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert len(saved) == 3
+    for ckpt in saved:
+        weights = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        for name, mask in callback.masks.items():
+            assert torch.count_nonzero(weights[f"model.{name}"][~mask.cpu()]) == 0, (ckpt.name, name)
+
+
+def test_stochastic_weight_averaging_stores_a_masked_average(tmp_path: Path) -> None:
+    """SWA copies the model in `setup`, dense, and stores that copy in every checkpoint until it starts averaging."""
+    callback = ECoFLaPPruning(**FAST)
+    averaging = StochasticWeightAveraging(swa_lrs=1e-3, swa_epoch_start=5)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    run = trainer(tmp_path, [averaging, callback, checkpoints], enable_checkpointing=True, max_steps=4)
+    run.fit(ToyTask(), datamodule=ToyData())
+    for ckpt in sorted((tmp_path / "ckpt").glob("*.ckpt")):
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["callbacks"]
+        average = next(value for key, value in state.items() if "StochasticWeightAveraging" in key)
+        for name, mask in callback.masks.items():
+            stored = average["average_model_state"][f"model.{name}"]
+            assert torch.count_nonzero(stored[~mask.cpu()]) == 0, (ckpt.name, name)
 
 
 def test_resume_with_other_settings_warns_and_keeps_masks(tmp_path: Path) -> None:

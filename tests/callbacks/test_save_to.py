@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader
@@ -179,3 +180,79 @@ def test_prune_writes_the_model_once_in_the_chosen_format(tmp_path: Path, monkey
 def test_a_24_format_needs_24_masks() -> None:
     with pytest.raises(ValueError, match="`save_format` 'sparse-24-bitmask' stores 2:4 masks"):
         ECoFLaPPruning(save_to="out", save_format="sparse-24-bitmask")
+
+
+@pytest.mark.parametrize("step", [2, 4])  # mid-epoch, and at the end of the first epoch (4 batches an epoch)
+def test_a_resumed_fit_replaces_the_save_to_of_the_run_it_continues(tmp_path: Path, step: int) -> None:
+    """The interrupted-fit notice says "resume with --ckpt_path; save_to is written again when fit ends": the resumed
+    run, with the same settings, must not be refused because its own first run wrote `save_to`; another run must."""
+    target = tmp_path / "pruned"
+    first = ECoFLaPPruning(**FAST, save_to=str(target))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    settings = dict(num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path)
+    quiet_trainer(max_steps=4, callbacks=[first, checkpoints], enable_checkpointing=True, **settings).fit(
+        ToyTask(), datamodule=ToyData()
+    )
+    ckpt = next((tmp_path / "ckpt").glob(f"*step={step}.ckpt"))
+
+    resumed = ECoFLaPPruning(**FAST, save_to=str(target))
+    task = ToyTask(seed=5)
+    quiet_trainer(max_steps=6, callbacks=[resumed], **settings).fit(task, datamodule=ToyData(), ckpt_path=ckpt)
+    assert resumed.masks_from == f"the checkpoint {ckpt}"
+    assert all(torch.equal(resumed.masks[n].cpu(), first.masks[n].cpu()) for n in first.masks)
+    saved = ToyTask(seed=99).model
+    load_model(saved, str(target / "model.safetensors"))
+    for name, param in saved.named_parameters():  # the weights at the end of the resumed fit
+        assert torch.equal(param, dict(task.model.named_parameters())[name].detach()), name
+
+    before = sorted((path.name, path.stat().st_mtime_ns) for path in target.rglob("*"))
+    fresh = ECoFLaPPruning(**FAST, save_to=str(target))
+    with pytest.raises(FileExistsError, match="not empty; nothing was written. HINT: .*--pruning.overwrite true"):
+        quiet_trainer(max_steps=2, callbacks=[fresh], **settings).fit(ToyTask(), datamodule=ToyData())
+    assert not fresh.pruned
+    assert sorted((path.name, path.stat().st_mtime_ns) for path in target.rglob("*")) == before
+
+
+@pytest.mark.parametrize("entry", ["validate", "test"])
+def test_evaluating_a_pruned_checkpoint_with_the_config_that_saved_its_export(tmp_path: Path, entry: str) -> None:
+    """The finetune experiments' second step, `ecoflap test -c CONFIG --ckpt_path BEST`, keeps CONFIG's `save_to`,
+    which the `fit` filled: nothing is written when the checkpoint is pruned, so it must not be refused (it was, as a
+    non-empty folder); pruning a model in that stage still is, before pruning, the folder untouched."""
+    target = tmp_path / "pruned"
+    first = ECoFLaPPruning(**FAST, save_to=str(target))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    settings = dict(num_sanity_val_steps=0, limit_val_batches=1, limit_test_batches=1, default_root_dir=tmp_path)
+    quiet_trainer(max_steps=2, callbacks=[first, checkpoints], enable_checkpointing=True, **settings).fit(
+        ToyTask(), datamodule=ToyData()
+    )
+    before = sorted((path.name, path.stat().st_mtime_ns) for path in target.rglob("*"))
+
+    evaluator = ECoFLaPPruning(**FAST, save_to=str(target))
+    task = ToyTask(seed=5)
+    getattr(quiet_trainer(callbacks=[evaluator], **settings), entry)(
+        task, datamodule=ToyData(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+    )
+    assert evaluator.masks_from == f"the checkpoint {tmp_path / 'ckpt' / 'last.ckpt'}"
+    assert all(torch.equal(evaluator.masks[n].cpu(), first.masks[n].cpu()) for n in first.masks)
+
+    pruning = ECoFLaPPruning(**FAST, save_to=str(target))
+    dense = ToyTask(seed=6)
+    weights = {name: tensor.clone() for name, tensor in dense.model.state_dict().items()}
+    with pytest.raises(FileExistsError, match="not empty; nothing was written. HINT: .*--pruning.overwrite true"):
+        getattr(quiet_trainer(callbacks=[pruning], **settings), entry)(dense, datamodule=ToyData())
+    assert not pruning.pruned
+    assert all(torch.equal(dense.model.state_dict()[name], tensor) for name, tensor in weights.items())
+    assert sorted((path.name, path.stat().st_mtime_ns) for path in target.rglob("*")) == before
+
+
+def test_the_console_says_which_model_each_save_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`fit` writes `save_to` after pruning, then again at its end: both lines read "Pruned model saved to DIR", so
+    the last one on the console did not say that the folder now holds the fine-tuned model."""
+    target = tmp_path / "pruned"
+    callback = ECoFLaPPruning(**{**FAST, "progress": True}, save_to=str(target))
+    quiet_trainer(
+        max_steps=3, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[callback]
+    ).fit(ToyTask(), datamodule=ToyData())
+    said = " ".join(capsys.readouterr().out.split())
+    first, last = said.index(f"Pruned model saved to {target} "), said.index(f"fine-tuned to step 3 saved to {target} ")
+    assert first < last and said.count("saved to") == 2

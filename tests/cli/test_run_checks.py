@@ -80,6 +80,31 @@ def test_a_refusal_under_ddp_on_several_cpu_processes_is_said_once(tmp_path: Pat
     assert "Initializing distributed" not in output  # refused before any process started
 
 
+def test_a_save_to_holding_an_export_under_ddp_is_refused_once_before_the_processes_start(
+    tmp_path: Path, demo_data: DemoPaths
+) -> None:
+    """`setup` leaves a `save_to` that holds an earlier export to the stage's start (a pruned checkpoint writes
+    nothing): a run that prunes is refused by the command before DDP starts its processes, not once per rank."""
+    occupied = tmp_path / "exported"
+    occupied.mkdir()
+    (occupied / "pruning_report.json").write_text("{}", encoding="utf-8")
+    path = vit_config(tmp_path, demo_data, save_to=str(occupied))
+    run = subprocess.run(
+        [sys.executable, "-m", "ecoflap_pl.cli", "fit", "-c", path, "--trainer.devices=2", "--trainer.max_epochs=1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+        timeout=300,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 2, output[-3000:]
+    assert output.count("error (") == 1, output[-3000:]
+    assert "a folder that is not empty; nothing was written" in output
+    assert "Initializing distributed" not in output  # refused before any process started
+    assert [child.name for child in occupied.iterdir()] == ["pruning_report.json"]
+
+
 def test_the_top_level_help_says_what_each_subcommand_does(capsys: pytest.CaptureFixture[str]) -> None:
     """``ecoflap --help`` said "Lightning Trainer command line tool", and its subcommands' one-line help is
     Lightning's ("Perform one evaluation epoch over the validation set."): nothing said that they prune first."""

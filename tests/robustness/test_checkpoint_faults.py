@@ -62,6 +62,24 @@ def test_resuming_fit_keeps_the_masks_bit_for_bit(capsys, tmp_path, demo_data, p
         assert not torch.equal(weight[mask], before[mask]), name  # while the kept ones train
 
 
+def test_resuming_fit_from_a_weights_only_checkpoint_is_refused_before_the_model_is_built(
+    capsys, tmp_path, demo_data, pruned_run
+):
+    """Lightning refused it with a KeyError traceback when it restored the optimizers, after the model was built and
+    restored (and, before weights-only checkpoints kept the masks, after pruning it again)."""
+    checkpoint, _ = pruned_run
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    weights_only = tmp_path / "weights_only.ckpt"
+    for key in ("optimizer_states", "lr_schedulers"):  # what Lightning leaves out of a weights-only checkpoint
+        del state[key]
+    torch.save(state, weights_only)
+    outcome = run_ecoflap(
+        capsys, "fit", "-c", vit_config(tmp_path, demo_data), f"--ckpt_path={weights_only}", "--trainer.max_steps=4"
+    )
+    short_error(outcome, f"`ckpt_path` '{weights_only}' holds the weights only", "HINT", "ecoflap test --ckpt_path")
+    assert not (tmp_path / "run").exists()  # refused before the run started
+
+
 def with_a_changed_bit(checkpoint: Path, damaged: Path) -> tuple[zipfile.ZipInfo, bytes]:
     """Write ``checkpoint`` to ``damaged`` with one bit changed in the middle of its largest entry (a stored weight);
     return that entry and the damaged bytes."""

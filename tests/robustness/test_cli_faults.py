@@ -346,10 +346,14 @@ def occupied_folder(tmp_path):
     return occupied
 
 
-def test_prune_refusing_save_to_says_it_once(capsys, tmp_path, demo_data):
+@pytest.mark.parametrize("export", [False, True])
+def test_prune_refusing_save_to_says_it_once(capsys, tmp_path, demo_data, export):
     """A save_to refused at setup was followed by a warning that '`fit` stopped before pruning finished' (the user
-    ran `prune`, and nothing had started): the refusal alone is the message."""
+    ran `prune`, and nothing had started): the refusal alone is the message. An earlier export there is refused when
+    the stage starts, before pruning, as plainly."""
     occupied = occupied_folder(tmp_path)
+    if export:
+        (occupied / "pruning_report.json").write_text("{}", encoding="utf-8")
     before = folder_digest(occupied)
     outcome = run_ecoflap(capsys, "prune", "-c", vit_config(tmp_path, demo_data, save_to=str(occupied)))
     short_error(outcome, "a folder that is not empty; nothing was written")
@@ -418,8 +422,11 @@ def test_a_checkpoint_of_another_task_is_refused(capsys, tmp_path, demo_data, bl
     assert folder_digest(checkpoint.parent) == digest
 
 
-def test_compare_dense_refuses_a_bad_save_to_before_the_dense_evaluation(capsys, tmp_path, demo_data):
+@pytest.mark.parametrize("export", [False, True])
+def test_compare_dense_refuses_a_bad_save_to_before_the_dense_evaluation(capsys, tmp_path, demo_data, export):
     occupied = occupied_folder(tmp_path)
+    if export:  # an earlier run's export: `setup` leaves its emptiness to the stage's start, the command checks it
+        (occupied / "pruning_report.json").write_text("{}", encoding="utf-8")
     before = folder_digest(occupied)
     config = vit_config(tmp_path, demo_data, save_to=str(occupied))
     logs = tmp_path / "logs"  # a dense evaluation would log its metrics here
