@@ -402,6 +402,27 @@ class ECoFLaPPruning(Callback):
         if self.save_to is not None:
             self._check_save_to(_pruned_module(pl_module))
 
+    def check_save_to_before_fit(self, pl_module: pl.LightningModule, ckpt_path: str | Path | None) -> None:
+        """Refuse now, after ``setup``, a ``save_to`` holding an export that ``fit`` would replace though the run
+        does not continue the one that wrote it: a pruned ``ckpt_path`` of another run, or a model loaded from a
+        ``save_to`` folder. ``on_fit_start`` checks the same once the checkpoint is restored; this reads the
+        checkpoint's pruning state from the file instead, for a caller that must refuse before the run starts
+        processes (each of which would refuse it). A run that prunes is checked by :meth:`check_save_to_before_pruning`.
+
+        Raises:
+            FileExistsError, ValueError, PermissionError, OSError: as ``setup``; ValueError also for an unreadable
+            checkpoint.
+        """
+        if self.save_to is None or not self._save_to_export_checked_later:
+            return
+        model = _pruned_module(pl_module)
+        state = self._checkpoint_state(ckpt_path) if ckpt_path is not None else {}
+        if state.get("pruned", False):
+            if not self._save_to_holds(state.get("report")):
+                self._check_save_to(model)
+        elif self.reuse_saved_masks and not self.pruned and saved_model_folder(model) is not None:
+            self._check_save_to(model)
+
     def checkpoint_is_pruned(self, ckpt_path: str | Path) -> bool:
         """Whether the Lightning checkpoint at ``ckpt_path`` holds this callback's state with a pruned model.
 
@@ -411,12 +432,21 @@ class ECoFLaPPruning(Callback):
         Raises:
             ValueError: the file is not a readable checkpoint.
         """
+        return bool(self._checkpoint_state(ckpt_path).get("pruned", False))
+
+    def _checkpoint_state(self, ckpt_path: str | Path) -> dict[str, Any]:
+        """This callback's state in the Lightning checkpoint at ``ckpt_path`` (empty where it has none), read
+        memory-mapped: the weights are not loaded.
+
+        Raises:
+            ValueError: the file is not a readable checkpoint.
+        """
         try:
             checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
         except Exception as error:  # torch raises several types for files that are not checkpoints
             raise unreadable_checkpoint(ckpt_path, error) from error
         state = checkpoint.get("callbacks", {}).get(self.state_key, {}) if isinstance(checkpoint, dict) else {}
-        return bool(state.get("pruned", False))
+        return state if isinstance(state, dict) else {}
 
     # ---------------------------------------------------------------- workers
 
@@ -637,11 +667,15 @@ class ECoFLaPPruning(Callback):
     def _save_to_holds_this_run(self) -> bool:
         """Whether ``save_to`` holds an export of this run's pruning (its report's metadata are this run's: the
         same pruning, restored from a checkpoint of the run that wrote it, or done by this run)."""
-        if not self.pruned or self.report is None or self.save_to is None:
+        return self.pruned and self._save_to_holds(self.report)
+
+    def _save_to_holds(self, report: dict[str, Any] | None) -> bool:
+        """Whether ``save_to`` holds an export of the pruning ``report`` describes (the same report metadata)."""
+        if report is None or self.save_to is None:
             return False
         saved = _read_report_metadata(Path(self.save_to) / REPORT_JSON)
         saved_run = None if saved is None else {key: value for key, value in saved.items() if key != "export"}
-        return saved_run == self.report.get("metadata")
+        return saved_run == report.get("metadata")
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str = "Pruned model") -> None:
         assert self.save_to is not None and self.result is not None

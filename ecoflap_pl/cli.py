@@ -246,28 +246,22 @@ class EcoflapCLI(LightningCLI):
         settings = self.config.get(subcommand) if subcommand else None
         ckpt_path = settings.get("ckpt_path") if settings is not None else None
         before, task = _model_arguments(settings), _model_class(settings)
+        is_file = ckpt_path is not None and Path(ckpt_path).expanduser().is_file()
         if ckpt_path is not None:
             _check_ckpt_path_exists(str(ckpt_path))
-            try:
-                check_checkpoint_file(ckpt_path)  # before any of it is loaded, and before the model is built
-            except ValueError as error:
-                raise ConfigurationError(str(error)) from error
         try:
+            if is_file:
+                _check_checkpoint_file(str(ckpt_path), str(subcommand))  # before the model is built
             super()._parse_ckpt_path()
         except Exception as error:  # torch raises several types for a file that is not a checkpoint
-            if isinstance(error, ArgumentError):
+            if isinstance(error, ArgumentError | ConfigurationError):
                 raise
             raise ConfigurationError(str(unreadable_checkpoint(ckpt_path, error))) from error
-        if subcommand == "fit" and ckpt_path is not None and Path(ckpt_path).expanduser().is_file():
-            _check_resumable(str(ckpt_path))
         settings = self.config.get(subcommand) if subcommand else None
         if _model_class(settings) != task:
             # Lightning would silently build the checkpoint's task instead of the config's: another model, data
             # that does not fit it, and metrics of another kind.
-            raise ConfigurationError(
-                f"`ckpt_path` {ckpt_path!r} was written by the task {_model_class(settings)}, but the config's model "
-                f"is {task}. HINT: pass a checkpoint of {task}, or use this one with the config it was trained with."
-            )
+            raise ConfigurationError(_other_task_message(repr(ckpt_path), _model_class(settings), task))
         after = _model_arguments(settings)
         replaced = {key: (before[key], after.get(key)) for key in before if before[key] != after.get(key)}
         if replaced:
@@ -280,23 +274,61 @@ class EcoflapCLI(LightningCLI):
     @override
     def _run_subcommand(self, subcommand: str) -> None:
         try:
+            self._resolve_ckpt_path(subcommand)
             self._check_before_launch(subcommand)
         except (ValueError, TypeError, OSError, AttributeError) as error:
             raise ConfigurationError(str(error)) from error
         super()._run_subcommand(subcommand)
 
+    def _resolve_ckpt_path(self, subcommand: str) -> None:
+        """Resolve a ``ckpt_path`` that Lightning finds itself (``last``, ``best``, ``hpc``, a model registry name)
+        with the Trainer's own resolution, give the file it finds the checks a ``ckpt_path`` file gets (whole,
+        resumable by ``fit``, written by the config's task), and run with that file, so that the checks after this
+        one (pruned or not, ``save_to``) read it too and Lightning does not resolve it again.
+
+        Lightning resolves these names from the Trainer's checkpoint callbacks and loggers (``last``: the newest
+        ``last*.ckpt`` in their folders), which LightningCLI builds together with the model: this runs once the model
+        is built, before the run starts (before pruning, and before a strategy starts its processes). Where Lightning
+        finds no file (``last`` before any checkpoint was saved), it warns as always and the run starts without one.
+
+        Raises:
+            ValueError: Lightning finds no checkpoint for the name (``best`` without a best model, ``hpc`` without an
+                HPC checkpoint), or the file it finds is refused.
+        """
+        ckpt_path = self._get(self.config, "ckpt_path")
+        if ckpt_path is None or Path(str(ckpt_path)).expanduser().is_file() or "://" in str(ckpt_path):
+            return
+        function = TrainerFn.FITTING if subcommand == "prune" else TrainerFn(subcommand)
+        resolved = self.trainer._checkpoint_connector._select_ckpt_path(
+            function, ckpt_path, model_provided=True, model_connected=self.trainer.lightning_module is not None
+        )
+        if resolved is not None and not Path(str(resolved)).is_file():
+            return  # a name Lightning left as it is (a registry name without `litmodels`): Lightning reports it
+        if resolved is not None:
+            log.info("`ckpt_path` %r is %s", ckpt_path, resolved)
+            checkpoint = _check_checkpoint_file(str(resolved), subcommand)
+            task, written_by = _model_class(self.config.get(subcommand)), _checkpoint_task(checkpoint)
+            if written_by is not None and written_by != task:
+                raise ValueError(_other_task_message(f"{ckpt_path!r} ({resolved})", written_by, task))
+        self.config[subcommand]["ckpt_path"] = self.config_init[subcommand]["ckpt_path"] = resolved
+
     def _check_before_launch(self, subcommand: str) -> None:
         """Under a strategy that starts processes (DDP on several devices), run the pruning callback's checks before
         they start, in this one process: started, every process would run them and print the same refusal, once per
-        rank. ``setup``'s checks (``save_to``, ``report_dir``, the selected weights, ...) and the calibration batches'
-        sizes against the number of ranks; the calibration check is left out when the run does not prune (the
-        subcommand is not in ``pruning.stages``, or ``ckpt_path`` may hold a pruned model).
+        rank. ``setup``'s checks (``save_to``, ``report_dir``, the selected weights, ...); for ``fit``, a ``save_to``
+        holding an export that the run would replace though it does not continue the run that wrote it (read from the
+        ``ckpt_path`` file, which ``on_fit_start`` checks only once it is restored); and the calibration batches' sizes
+        against the number of ranks, left out when the run does not prune (the subcommand is not in
+        ``pruning.stages``, or ``ckpt_path`` may hold a pruned model).
         """
         if self.trainer.strategy.launcher is None:
             return  # one process: the checks run once, in `setup` and when pruning starts
         callback = self.trainer.pruning_callback()
         stage = TrainerFn.FITTING.value if subcommand == "prune" else subcommand
         callback.setup(self.trainer, self.model, stage)
+        if subcommand == "fit":
+            ckpt_path = self._get(self.config, "ckpt_path")
+            callback.check_save_to_before_fit(self.model, ckpt_path if Path(str(ckpt_path)).is_file() else None)
         if stage in callback.stages and not self._starts_pruned(self._get(self.config, "pruning")):
             callback.check_save_to_before_pruning(self.model)  # `setup` leaves a folder holding an export for later
             callback.check_calibration_data(self.datamodule, self.trainer.world_size)
@@ -413,21 +445,44 @@ def _check_ckpt_path_exists(ckpt_path: str) -> None:
     )
 
 
-def _check_resumable(ckpt_path: str) -> None:
-    """Refuse, before the model is built, to resume ``fit`` from a weights-only checkpoint
-    (``ModelCheckpoint(save_weights_only=True)``): Lightning finds out only when it restores the optimizers, after
-    the model is built and restored, with a traceback. Read memory-mapped: the weights are not loaded.
+def _check_checkpoint_file(ckpt_path: str, subcommand: str) -> Any:
+    """The checks of a ``ckpt_path`` file before it is restored: whole (its checksums), a readable checkpoint, and
+    for ``fit`` one that can be resumed: Lightning finds out that a weights-only checkpoint
+    (``ModelCheckpoint(save_weights_only=True)``) cannot only when it restores the optimizers, after the model is built
+    and restored, with a traceback. Return the checkpoint, read memory-mapped: the weights are not loaded.
 
     Raises:
-        ConfigurationError: the checkpoint holds no optimizer state.
+        ConfigurationError: the file is damaged or not a readable checkpoint, or ``fit`` cannot resume it.
     """
-    checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
-    if isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:
+    try:
+        check_checkpoint_file(ckpt_path)  # before any of it is loaded
+        checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+    except ValueError as error:
+        raise ConfigurationError(str(error)) from error
+    except Exception as error:  # torch raises several types for files that are not checkpoints
+        raise ConfigurationError(str(unreadable_checkpoint(ckpt_path, error))) from error
+    if subcommand == "fit" and isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:
         raise ConfigurationError(
             f"`ckpt_path` {ckpt_path!r} holds the weights only (`ModelCheckpoint(save_weights_only=True)`), without "
             "the optimizer state that `fit` resumes. HINT: resume from a checkpoint saved without save_weights_only, "
             "or evaluate this one with `ecoflap validate` or `ecoflap test --ckpt_path` (its masks come with it)."
         )
+    return checkpoint
+
+
+def _checkpoint_task(checkpoint: Any) -> str | None:
+    """The task class that wrote ``checkpoint``, as LightningCLI stores it in its hyperparameters (``None`` where
+    they do not name it)."""
+    hyperparameters = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    task = hyperparameters.get("_class_path") if isinstance(hyperparameters, dict) else None
+    return task if isinstance(task, str) else None
+
+
+def _other_task_message(ckpt_path: str, written_by: str | None, task: str | None) -> str:
+    return (
+        f"`ckpt_path` {ckpt_path} was written by the task {written_by}, but the config's model is {task}. HINT: pass "
+        f"a checkpoint of {task}, or use this one with the config it was trained with."
+    )
 
 
 def comparison_table(

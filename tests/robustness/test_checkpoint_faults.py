@@ -80,6 +80,69 @@ def test_resuming_fit_from_a_weights_only_checkpoint_is_refused_before_the_model
     assert not (tmp_path / "run").exists()  # refused before the run started
 
 
+def last_checkpoint(tmp_path: Path, state: dict) -> Path:
+    """Write ``state`` where Lightning looks for ``--ckpt_path last`` in the run of ``vit_config(tmp_path, ...)``
+    (no logger: ``default_root_dir/checkpoints/last.ckpt``)."""
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    torch.save(state, last)
+    return last
+
+
+@pytest.mark.parametrize("ckpt_path", ["last", "weights_only"])
+def test_resuming_fit_from_last_when_it_is_weights_only_is_refused_before_the_run_starts(
+    capsys, tmp_path, demo_data, pruned_run, ckpt_path
+):
+    """`last` is resolved by Lightning when the run starts: a weights-only last checkpoint ended in Lightning's KeyError
+    traceback after it was restored. Lightning's resolution now runs before the run, and the file it finds gets the
+    checks of a `ckpt_path` file."""
+    checkpoint, _ = pruned_run
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    for key in ("optimizer_states", "lr_schedulers"):  # what Lightning leaves out of a weights-only checkpoint
+        del state[key]
+    last = last_checkpoint(tmp_path, state)
+    if ckpt_path == "weights_only":  # an explicit file: refused before the model is built, as before
+        ckpt_path = str(last)
+    outcome = run_ecoflap(
+        capsys, "fit", "-c", vit_config(tmp_path, demo_data), f"--ckpt_path={ckpt_path}", "--trainer.max_steps=4"
+    )
+    short_error(outcome, f"`ckpt_path` '{last}' holds the weights only", "HINT", "ecoflap test --ckpt_path")
+    assert "Trying to restore optimizer state" not in outcome.text
+    assert [path.name for path in (tmp_path / "run").rglob("*") if path.is_file()] == ["last.ckpt"]
+
+
+def test_a_last_checkpoint_of_another_task_is_refused_before_the_run_starts(capsys, tmp_path, demo_data, pruned_run):
+    """LightningCLI rebuilds the task a `ckpt_path` file names (refused when it is not the config's), but not for
+    `last`: the config's task restored the other task's checkpoint without a word."""
+    checkpoint, _ = pruned_run
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert state["hyper_parameters"]["_class_path"] == "ecoflap_pl.tasks.ClassificationTask"
+    state["hyper_parameters"]["_class_path"] = "ecoflap_pl.tasks.VQATask"
+    last = last_checkpoint(tmp_path, state)
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), "--ckpt_path=last")
+    short_error(outcome, f"`ckpt_path` 'last' ({last}) was written by the task ecoflap_pl.tasks.VQATask", "HINT")
+
+
+def test_a_damaged_last_checkpoint_is_refused_before_the_run_starts(capsys, tmp_path, demo_data, pruned_run):
+    checkpoint, _ = pruned_run
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    largest, data = with_a_changed_bit(checkpoint, last)
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), "--ckpt_path=last")
+    short_error(outcome, f"`ckpt_path` '{last}' is damaged: {largest.filename} does not match", "HINT")
+    assert last.read_bytes() == data
+
+
+def test_last_without_a_checkpoint_warns_once_and_starts_without_one(capsys, tmp_path, demo_data):
+    """Lightning's own behaviour (a warning, not an error, so that `last` can be set before the first run), said once
+    though the command resolves `last` before the run."""
+    outcome = run_ecoflap(
+        capsys, "fit", "-c", vit_config(tmp_path, demo_data), "--ckpt_path=last", "--trainer.max_steps=1"
+    )
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert outcome.text.count('ckpt_path="last") is set, but there is no last checkpoint available') == 1
+
+
 def with_a_changed_bit(checkpoint: Path, damaged: Path) -> tuple[zipfile.ZipInfo, bytes]:
     """Write ``checkpoint`` to ``damaged`` with one bit changed in the middle of its largest entry (a stored weight);
     return that entry and the damaged bytes."""
