@@ -17,9 +17,11 @@ from ecoflap_pl.cli_help import CKPT_PATH_HELP
 from ecoflap_pl.demo.data import DemoPaths
 from tests.cli.test_data_check import config, refused
 from tests.datamodules.datamodule_layouts import write_vqa
+from tests.robustness import test_cli_faults
 from tests.robustness.cli_runs import run_ecoflap, vit_config
 
 ROOT = Path(__file__).resolve().parents[2]
+pruned_run = test_cli_faults.pruned_run  # a pruned, fine-tuned checkpoint (a module-scoped fixture)
 
 
 def test_an_experiment_file_on_a_machine_without_a_gpu_stops_before_the_model_with_a_hint(tmp_path: Path) -> None:
@@ -91,6 +93,34 @@ def test_a_save_to_holding_an_export_under_ddp_is_refused_once_before_the_proces
     path = vit_config(tmp_path, demo_data, save_to=str(occupied))
     run = subprocess.run(
         [sys.executable, "-m", "ecoflap_pl.cli", "fit", "-c", path, "--trainer.devices=2", "--trainer.max_epochs=1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+        timeout=300,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 2, output[-3000:]
+    assert output.count("error (") == 1, output[-3000:]
+    assert "a folder that is not empty; nothing was written" in output
+    assert "Initializing distributed" not in output  # refused before any process started
+    assert [child.name for child in occupied.iterdir()] == ["pruning_report.json"]
+
+
+def test_resuming_a_checkpoint_of_another_run_into_a_save_to_holding_an_export_under_ddp_is_refused_once(
+    tmp_path: Path, demo_data: DemoPaths, pruned_run: tuple[Path, float]
+) -> None:
+    """Whether `fit --ckpt_path` may replace `save_to` depends on the checkpoint's pruning report (the run that wrote
+    the export may be resumed), known to the callback only once the checkpoint is restored: every DDP process refused
+    it. The command reads the report from the file and refuses before the processes start."""
+    checkpoint, _ = pruned_run
+    occupied = tmp_path / "exported"
+    occupied.mkdir()
+    (occupied / "pruning_report.json").write_text('{"metadata": {"run": "another"}}', encoding="utf-8")
+    path = vit_config(tmp_path, demo_data, save_to=str(occupied))
+    command = ["fit", "-c", path, f"--ckpt_path={checkpoint}", "--trainer.devices=2", "--trainer.max_steps=3"]
+    run = subprocess.run(
+        [sys.executable, "-m", "ecoflap_pl.cli", *command],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
