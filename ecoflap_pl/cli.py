@@ -12,6 +12,7 @@ import argparse
 import importlib.metadata
 import logging
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -293,15 +294,22 @@ class EcoflapCLI(LightningCLI):
 
         Raises:
             ValueError: Lightning finds no checkpoint for the name (``best`` without a best model, ``hpc`` without an
-                HPC checkpoint), or the file it finds is refused.
+                HPC checkpoint; ``last`` where an earlier run's last checkpoint is in a folder Lightning does not
+                search), or the file it finds is refused.
         """
         ckpt_path = self._get(self.config, "ckpt_path")
         if ckpt_path is None or Path(str(ckpt_path)).expanduser().is_file() or "://" in str(ckpt_path):
             return
         function = TrainerFn.FITTING if subcommand == "prune" else TrainerFn(subcommand)
-        resolved = self.trainer._checkpoint_connector._select_ckpt_path(
-            function, ckpt_path, model_provided=True, model_connected=self.trainer.lightning_module is not None
-        )
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            resolved = self.trainer._checkpoint_connector._select_ckpt_path(
+                function, ckpt_path, model_provided=True, model_connected=self.trainer.lightning_module is not None
+            )
+        if resolved is None and ckpt_path == "last":
+            _check_no_unseen_last_checkpoint(Path(self.trainer.default_root_dir))  # instead of Lightning's warning
+        for warning in said:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         if resolved is not None and not Path(str(resolved)).is_file():
             return  # a name Lightning left as it is (a registry name without `litmodels`): Lightning reports it
         if resolved is not None:
@@ -468,6 +476,31 @@ def _check_checkpoint_file(ckpt_path: str, subcommand: str) -> Any:
             "or evaluate this one with `ecoflap validate` or `ecoflap test --ckpt_path` (its masks come with it)."
         )
     return checkpoint
+
+
+def _check_no_unseen_last_checkpoint(root: Path) -> None:
+    """Refuse ``ckpt_path: last`` where Lightning found no last checkpoint but an earlier run saved one under
+    ``root`` (the Trainer's ``default_root_dir``). Lightning searches only the folders this run's checkpoint callbacks
+    save to; with a logger and a ``ModelCheckpoint`` without ``dirpath``, that is a new version folder each run, so the
+    run would start over, with Lightning's hint to set ``save_last=True`` (set already). The search by hand matches
+    Lightning's ``last`` names (``last.ckpt``, ``last-N.ckpt``); Lightning's own search is private to its callback.
+
+    Raises:
+        ValueError: naming the newest such checkpoint.
+    """
+    earlier = sorted(
+        (path for path in root.rglob("last*.ckpt") if re.fullmatch(r"last(-\d+)?", path.stem)),
+        key=lambda path: path.stat().st_mtime,
+    )
+    if not earlier:
+        return
+    others = f" (and {len(earlier) - 1} older)" if len(earlier) > 1 else ""
+    raise ValueError(
+        f"`ckpt_path` 'last' finds no checkpoint in the folder this run saves checkpoints to, but an earlier run "
+        f"saved {earlier[-1]}{others}: with a logger, a ModelCheckpoint without `dirpath` saves each run in a new "
+        f"version folder. HINT: resume from that file (--ckpt_path {earlier[-1]}), or give the ModelCheckpoint a "
+        "`dirpath` (as the *_finetune experiments do) so that every run saves in one folder."
+    )
 
 
 def _checkpoint_task(checkpoint: Any) -> str | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
@@ -141,6 +142,40 @@ def test_last_without_a_checkpoint_warns_once_and_starts_without_one(capsys, tmp
     )
     assert outcome.code == 0, outcome.text[-3000:]
     assert outcome.text.count('ckpt_path="last") is set, but there is no last checkpoint available') == 1
+
+
+@pytest.mark.parametrize("dirpath", [None, "checkpoints"])
+def test_last_finds_the_previous_run_of_a_config_with_a_logger(capsys, tmp_path, demo_data, dirpath):
+    """The *_finetune experiments' Trainer: the default logger and a `ModelCheckpoint(save_last=True)`. Without
+    `dirpath`, each run saves in a new version folder, where Lightning looks for `last`: it warned "Set
+    `ModelCheckpoint(..., save_last=True)`" (set already) and started over, pruning again, refused by the `save_to`
+    the first run wrote. It is refused, naming the file; with `dirpath` (as the experiments now have) `last` resumes."""
+    path = vit_config(tmp_path, demo_data, save_to=str(tmp_path / "pruned"))
+    config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    del config["trainer"]["logger"]
+    checkpoints = {"save_last": True, **({"dirpath": str(tmp_path / dirpath)} if dirpath else {})}
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": checkpoints}
+    ]
+    Path(path).write_text(yaml.safe_dump(config), encoding="utf-8")
+    first = run_ecoflap(capsys, "fit", "-c", path, "--trainer.max_steps=2", "--trainer.limit_val_batches=1")
+    assert first.code == 0, first.text[-3000:]
+    (last,) = tmp_path.rglob("last.ckpt")
+    outcome = run_ecoflap(
+        capsys, "fit", "-c", path, "--ckpt_path=last", "--trainer.max_steps=4", "--trainer.limit_val_batches=1"
+    )
+    if dirpath is None:
+        short_error(
+            outcome,
+            f"but an earlier run saved {last}: with a logger",
+            f"HINT: resume from that file (--ckpt_path {last})",
+        )
+        assert "Set `ModelCheckpoint(..., save_last=True)`" not in outcome.text
+        assert len(list(tmp_path.rglob("version_*"))) == 1  # refused before the run started
+    else:
+        assert outcome.code == 0, outcome.text[-3000:]
+        assert "not pruned again" in outcome.text
+        assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
 
 
 def with_a_changed_bit(checkpoint: Path, damaged: Path) -> tuple[zipfile.ZipInfo, bytes]:
