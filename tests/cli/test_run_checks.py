@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ecoflap_pl.cli import SUBCOMMAND_HELP
 from ecoflap_pl.cli_help import CKPT_PATH_HELP
@@ -133,6 +134,33 @@ def test_resuming_a_checkpoint_of_another_run_into_a_save_to_holding_an_export_u
     assert "a folder that is not empty; nothing was written" in output
     assert "Initializing distributed" not in output  # refused before any process started
     assert [child.name for child in occupied.iterdir()] == ["pruning_report.json"]
+
+
+def test_resuming_from_a_weights_only_last_checkpoint_under_ddp_is_refused_once(
+    tmp_path: Path, demo_data: DemoPaths, pruned_run: tuple[Path, float]
+) -> None:
+    """`--ckpt_path last` is resolved when the run starts: each DDP process ended in Lightning's KeyError traceback.
+    The command resolves it with Lightning's resolution and refuses the file it finds before the processes start."""
+    checkpoint, _ = pruned_run
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    del state["optimizer_states"]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"  # where `vit_config`'s Trainer (no logger) looks
+    last.parent.mkdir(parents=True)
+    torch.save(state, last)
+    command = ["fit", "-c", vit_config(tmp_path, demo_data), "--ckpt_path=last", "--trainer.devices=2"]
+    run = subprocess.run(
+        [sys.executable, "-m", "ecoflap_pl.cli", *command, "--trainer.max_steps=3"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+        timeout=300,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 2, output[-3000:]
+    assert output.count("error (") == 1, output[-3000:]
+    assert f"`ckpt_path` '{last}' holds the weights only" in output
+    assert "Initializing distributed" not in output  # refused before any process started
 
 
 def test_the_top_level_help_says_what_each_subcommand_does(capsys: pytest.CaptureFixture[str]) -> None:
