@@ -323,20 +323,21 @@ class EcoflapCLI(LightningCLI):
     def _check_before_launch(self, subcommand: str) -> None:
         """Under a strategy that starts processes (DDP on several devices), run the pruning callback's checks before
         they start, in this one process: started, every process would run them and print the same refusal, once per
-        rank. ``setup``'s checks (``save_to``, ``report_dir``, the selected weights, ...); for ``fit``, a ``save_to``
-        holding an export that the run would replace though it does not continue the run that wrote it (read from the
-        ``ckpt_path`` file, which ``on_fit_start`` checks only once it is restored); and the calibration batches' sizes
-        against the number of ranks, left out when the run does not prune (the subcommand is not in
-        ``pruning.stages``, or ``ckpt_path`` may hold a pruned model).
+        rank. ``setup``'s checks (``save_to``, ``report_dir``, the selected weights, ...); for ``fit`` and ``prune``, a
+        ``save_to`` holding an export that the run would replace though it does not continue the run that wrote it
+        (read from the ``ckpt_path`` file, which ``on_fit_start`` checks only once it is restored); and the
+        calibration batches' sizes against the number of ranks, left out when the run does not prune (the subcommand
+        is not in ``pruning.stages``, or ``ckpt_path`` may hold a pruned model).
         """
         if self.trainer.strategy.launcher is None:
             return  # one process: the checks run once, in `setup` and when pruning starts
         callback = self.trainer.pruning_callback()
         stage = TrainerFn.FITTING.value if subcommand == "prune" else subcommand
         callback.setup(self.trainer, self.model, stage)
-        if subcommand == "fit":
+        if stage == TrainerFn.FITTING.value:
             ckpt_path = self._get(self.config, "ckpt_path")
-            callback.check_save_to_before_fit(self.model, ckpt_path if Path(str(ckpt_path)).is_file() else None)
+            checkpoint = ckpt_path if ckpt_path is not None and Path(ckpt_path).is_file() else None
+            callback.check_save_to_before_fit(self.model, checkpoint)
         if stage in callback.stages and not self._starts_pruned(self._get(self.config, "pruning")):
             callback.check_save_to_before_pruning(self.model)  # `setup` leaves a folder holding an export for later
             callback.check_calibration_data(self.datamodule, self.trainer.world_size)
@@ -464,9 +465,10 @@ def _check_checkpoint_file(ckpt_path: str, subcommand: str) -> Any:
     """
     try:
         check_checkpoint_file(ckpt_path)  # before any of it is loaded
-        checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
     except ValueError as error:
         raise ConfigurationError(str(error)) from error
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as error:  # torch raises several types for files that are not checkpoints
         raise ConfigurationError(str(unreadable_checkpoint(ckpt_path, error))) from error
     if subcommand == "fit" and isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:

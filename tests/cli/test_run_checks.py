@@ -108,18 +108,31 @@ def test_a_save_to_holding_an_export_under_ddp_is_refused_once_before_the_proces
     assert [child.name for child in occupied.iterdir()] == ["pruning_report.json"]
 
 
-def test_resuming_a_checkpoint_of_another_run_into_a_save_to_holding_an_export_under_ddp_is_refused_once(
-    tmp_path: Path, demo_data: DemoPaths, pruned_run: tuple[Path, float]
+@pytest.mark.parametrize("source", ["checkpoint", "saved model"])
+def test_fine_tuning_a_pruned_model_of_another_run_into_a_save_to_holding_an_export_under_ddp_is_refused_once(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    demo_data: DemoPaths,
+    pruned_run: tuple[Path, float],
+    source: str,
 ) -> None:
-    """Whether `fit --ckpt_path` may replace `save_to` depends on the checkpoint's pruning report (the run that wrote
-    the export may be resumed), known to the callback only once the checkpoint is restored: every DDP process refused
-    it. The command reads the report from the file and refuses before the processes start."""
-    checkpoint, _ = pruned_run
+    """Whether `fit` may replace `save_to` depends on where the masks come from (a checkpoint of the run that wrote
+    the export is resumed and replaces it), known to the callback only once the checkpoint is restored or the saved
+    masks read: every DDP process refused it. The command reads the checkpoint's pruning report from the file, or
+    sees the saved model, and refuses before the processes start."""
     occupied = tmp_path / "exported"
     occupied.mkdir()
     (occupied / "pruning_report.json").write_text('{"metadata": {"run": "another"}}', encoding="utf-8")
-    path = vit_config(tmp_path, demo_data, save_to=str(occupied))
-    command = ["fit", "-c", path, f"--ckpt_path={checkpoint}", "--trainer.devices=2", "--trainer.max_steps=3"]
+    if source == "checkpoint":
+        options = [f"--ckpt_path={pruned_run[0]}"]
+        path = vit_config(tmp_path, demo_data, save_to=str(occupied))
+    else:
+        saved = tmp_path / "pruned"
+        assert run_ecoflap(capsys, "prune", "-c", vit_config(tmp_path, demo_data, save_to=str(saved))).code == 0
+        model = {"pretrained_cfg_overlay": {"file": str(saved / "model.safetensors")}}
+        path = vit_config(tmp_path, demo_data, model=model, save_to=str(occupied))
+        options = ["--model.init_args.pretrained=true"]
+    command = ["fit", "-c", path, *options, "--trainer.devices=2", "--trainer.max_steps=3"]
     run = subprocess.run(
         [sys.executable, "-m", "ecoflap_pl.cli", *command],
         capture_output=True,
