@@ -88,9 +88,10 @@ def test_a_save_to_holding_an_export_under_ddp_is_refused_once_before_the_proces
     assert [child.name for child in occupied.iterdir()] == ["pruning_report.json"]
 
 
-def _refused_fit_on_cpu_processes(tmp_path: Path, config_path: str, devices: int) -> str:
-    """The output of ``ecoflap fit`` under DDP on ``devices`` CPU processes, refused once, with status 2."""
-    args = ["fit", "-c", config_path, f"--trainer.devices={devices}", "--trainer.max_epochs=1"]
+def _refused_fit_on_cpu_processes(tmp_path: Path, config_path: str, devices: int, *options: str) -> str:
+    """The output of ``ecoflap fit`` (with ``options``) under DDP on ``devices`` CPU processes, refused once, with
+    status 2."""
+    args = ["fit", "-c", config_path, f"--trainer.devices={devices}", "--trainer.max_epochs=1", *options]
     run = subprocess.run(
         [sys.executable, "-m", "ecoflap_pl.cli", *args],
         capture_output=True,
@@ -129,18 +130,7 @@ def test_fine_tuning_a_pruned_model_of_another_run_into_a_save_to_holding_an_exp
         model = {"pretrained_cfg_overlay": {"file": str(saved / "model.safetensors")}}
         path = vit_config(tmp_path, demo_data, model=model, save_to=str(occupied))
         options = ["--model.init_args.pretrained=true"]
-    command = ["fit", "-c", path, *options, "--trainer.devices=2", "--trainer.max_steps=3"]
-    run = subprocess.run(
-        [sys.executable, "-m", "ecoflap_pl.cli", *command],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        cwd=tmp_path,
-        timeout=300,
-    )
-    output = run.stdout + run.stderr
-    assert run.returncode == 2, output[-3000:]
-    assert output.count("error (") == 1, output[-3000:]
+    output = _refused_fit_on_cpu_processes(tmp_path, path, 2, *options, "--trainer.max_steps=3")
     assert "a folder that is not empty; nothing was written" in output
     assert "Initializing distributed" not in output  # refused before any process started
     assert [child.name for child in occupied.iterdir()] == ["pruning_report.json"]
@@ -157,18 +147,8 @@ def test_resuming_from_a_weights_only_last_checkpoint_under_ddp_is_refused_once(
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"  # where `vit_config`'s Trainer (no logger) looks
     last.parent.mkdir(parents=True)
     torch.save(state, last)
-    command = ["fit", "-c", vit_config(tmp_path, demo_data), "--ckpt_path=last", "--trainer.devices=2"]
-    run = subprocess.run(
-        [sys.executable, "-m", "ecoflap_pl.cli", *command, "--trainer.max_steps=3"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        cwd=tmp_path,
-        timeout=300,
-    )
-    output = run.stdout + run.stderr
-    assert run.returncode == 2, output[-3000:]
-    assert output.count("error (") == 1, output[-3000:]
+    path = vit_config(tmp_path, demo_data)
+    output = _refused_fit_on_cpu_processes(tmp_path, path, 2, "--ckpt_path=last", "--trainer.max_steps=3")
     assert f"`ckpt_path` '{last}' holds the weights only" in output
     assert "Initializing distributed" not in output  # refused before any process started
 
