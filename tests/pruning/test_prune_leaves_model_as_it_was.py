@@ -4,8 +4,9 @@ attributes, grad mode and the global random states included."""
 
 from __future__ import annotations
 
+import pickle
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -87,7 +88,7 @@ def capture(model: nn.Module) -> ModelState:
         torch.is_grad_enabled(),
         torch.get_rng_state(),
         random.getstate(),
-        np.random.get_state()[1].tobytes(),
+        pickle.dumps(np.random.get_state()),
         F.linear,
         torch.nn.Linear.forward,
         *(tuple(getattr(module_globals, hooks).items()) for hooks in _GLOBAL_HOOKS),
@@ -103,7 +104,8 @@ def _same(first: Any, second: Any) -> bool:
     return bool(first == second)
 
 
-def assert_as_before(model: nn.Module, before: ModelState, masks: dict[str, torch.Tensor] | None = None, *, reconstructs: bool = False
+def assert_as_before(
+    model: nn.Module, before: ModelState, masks: dict[str, torch.Tensor] | None = None, *, reconstructs: bool = False
 ) -> None:
     """``model`` (and the process) as in ``before``, except that a weight in ``masks`` is its old value times its
     mask, bit for bit (with ``reconstructs``, SparseGPT's, only its pruned entries are known: zero)."""
@@ -126,11 +128,14 @@ def assert_as_before(model: nn.Module, before: ModelState, masks: dict[str, torc
 
 
 def _partly_frozen_in_train_mode(model: nn.Module) -> None:
-    """A model as a user fine-tuning it holds it: train mode, one frozen tower part, a left-over gradient."""
+    """A model as a user fine-tuning it holds it: train mode, its first half frozen (candidate weights included, as a
+    frozen vision tower), left-over gradients on a frozen and a trainable parameter."""
     model.train()
     parameters = list(model.parameters())
-    parameters[0].requires_grad_(False)
-    parameters[-1].grad = torch.full_like(parameters[-1], 0.25)
+    for param in parameters[: len(parameters) // 2]:
+        param.requires_grad_(False)
+    for param in (parameters[1], parameters[-1]):
+        param.grad = torch.full_like(param, 0.25)
 
 
 METHODS = ("wanda", "sparsegpt", "magnitude")
@@ -271,6 +276,16 @@ def test_an_interrupt_from_the_batch_sequence_leaves_the_model_as_it_was(importa
     assert_as_before(model, before)
 
 
+@pytest.mark.parametrize("allocation", ["owl", "auto"])
+def test_owl_and_auto_allocations_change_only_the_masked_weights(allocation):
+    model, batches, loss_fn = family_case("llama", batches=4)
+    _partly_frozen_in_train_mode(model)
+    before = capture(model)
+    config = replace(_config("zeroth_order", "wanda", "unstructured"), allocation=allocation, auto_holdout_samples=4)
+    result = prune(model, batches, loss_fn, config)
+    assert_as_before(model, before, result.masks)
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -281,19 +296,19 @@ def test_an_interrupt_from_the_batch_sequence_leaves_the_model_as_it_was(importa
         lambda model: model.model.layers[0].train(False),
         lambda model: model.lm_head.weight.requires_grad_(False),
         lambda model: setattr(model.lm_head.weight, "grad", torch.zeros_like(model.lm_head.weight)),
-        lambda model: model.get_parameter("model.embed_tokens.weight").grad.add_(1.0),
+        lambda model: next(param for param in model.parameters() if param.grad is not None).grad.add_(1.0),
         lambda model: setattr(model.lm_head, "weight", nn.Parameter(model.lm_head.weight.detach().clone())),
         lambda model: model.model.norm.register_buffer("extra", torch.zeros(1)),
         lambda model: next(model.buffers()).add_(1),
         lambda model: torch.rand(1),
         lambda model: random.random(),
+        lambda model: np.random.rand(),
         lambda model: torch.set_grad_enabled(False),
     ],
 )
 def test_the_snapshot_sees_every_kind_of_change(change):
     model, _, _ = family_case("llama")
     _partly_frozen_in_train_mode(model)
-    model.get_parameter("model.embed_tokens.weight").grad = torch.zeros_like(model.model.embed_tokens.weight)
     before = capture(model)
     try:
         change(model)
