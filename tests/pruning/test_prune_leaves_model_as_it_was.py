@@ -1,6 +1,6 @@
 """After prune() the model is exactly as it was except for the zeros of the masks; after score_groups(), a refused
 call or an exception mid-way it is exactly as it was: hooks, flags, gradients, parameter objects, buffers,
-attributes, grad mode and the global random states included."""
+attributes, grad mode, function modes and the global random states included."""
 
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ class ModelState:
 def capture(model: nn.Module) -> ModelState:
     """Snapshot ``model``: per module its class, attribute names, ``forward`` and every hook dict; per parameter its
     object, dtype, device, ``requires_grad``, ``.grad`` (object and value) and value; per buffer its object and value;
-    and the grad mode, the global hooks, ``F.linear`` and the global random states of torch, ``random`` and numpy."""
+    and the grad mode, the global hooks, the torch function modes, ``F.linear`` and the global random states of
+    torch, ``random`` and numpy."""
     modules = {
         name: (
             type(module),
@@ -91,6 +92,7 @@ def capture(model: nn.Module) -> ModelState:
         pickle.dumps(np.random.get_state()),
         F.linear,
         torch.nn.Linear.forward,
+        len(torch.overrides._get_current_function_mode_stack()),  # the engine's TorchFunctionModes all exited
         *(tuple(getattr(module_globals, hooks).items()) for hooks in _GLOBAL_HOOKS),
     )
     return ModelState(modules, parameters, values, buffers, process)
@@ -117,7 +119,9 @@ def assert_as_before(
         for name in old:
             assert _same(old[name], new[name]), f"{field}: {name}"
     for index, (old, new) in enumerate(zip(before.process, after.process, strict=True)):
-        assert _same(old, new), f"process state {index} (grad mode, RNG states, F.linear or global hooks)"
+        assert _same(old, new), (
+            f"process state {index} (grad mode, RNG states, F.linear, function modes or global hooks)"
+        )
     for name, value in before.values.items():
         if name not in masks:
             assert _same(value, after.values[name]), name
@@ -179,12 +183,22 @@ def test_score_groups_leaves_the_model_as_it_was(family, importance):
     assert_as_before(model, before)
 
 
-def test_an_eval_mode_bf16_model_stays_so_and_its_weights_are_masked_without_rounding():
+@pytest.mark.parametrize(("importance", "method", "structure"), [STEPS[0], STEPS[5], STEPS[6]])
+def test_an_eval_mode_bf16_model_stays_so_and_its_weights_are_masked_without_rounding(importance, method, structure):
     model, batches, loss_fn = family_case("llama")
     model.to(torch.bfloat16).eval()
     before = capture(model)
-    result = prune(model, batches, loss_fn, _config("zeroth_order", "wanda", "unstructured"))
+    result = prune(model, batches, loss_fn, _config(importance, method, structure))
     assert_as_before(model, before, result.masks)
+
+
+@pytest.mark.parametrize("importance", ["zeroth_order", "first_order"])
+def test_pruning_under_no_grad_leaves_grad_mode_off(importance):
+    model, batches, loss_fn = family_case("llama")
+    with torch.no_grad():
+        before = capture(model)
+        result = prune(model, batches, loss_fn, _config(importance, "wanda", "unstructured"))
+        assert_as_before(model, before, result.masks)
 
 
 def test_a_refused_call_leaves_the_model_as_it_was():
