@@ -64,17 +64,7 @@ def test_a_refusal_under_ddp_on_several_cpu_processes_is_said_once(tmp_path: Pat
     """``--trainer.devices 3`` on the CPU starts three DDP processes; a calibration set too short for three ranks was
     refused by each of them after they started: the same error three times. It is refused before they start."""
     path = vit_config(tmp_path, demo_data)  # 4 coarse samples in batches of 4: one batch for three ranks
-    run = subprocess.run(
-        [sys.executable, "-m", "ecoflap_pl.cli", "fit", "-c", path, "--trainer.devices=3", "--trainer.max_epochs=1"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        cwd=tmp_path,
-        timeout=300,
-    )
-    output = run.stdout + run.stderr
-    assert run.returncode == 2, output[-3000:]
-    assert output.count("error (") == 1, output[-3000:]
+    output = _refused_fit_on_cpu_processes(tmp_path, path, devices=3)
     assert "Each of the 3 ranks needs at least one calibration batch" in output
     assert "HINT: raise `coarse_samples` (now 4)" in output
     assert "Initializing distributed" not in output  # refused before any process started
@@ -89,8 +79,17 @@ def test_a_save_to_holding_an_export_under_ddp_is_refused_once_before_the_proces
     occupied.mkdir()
     (occupied / "pruning_report.json").write_text("{}", encoding="utf-8")
     path = vit_config(tmp_path, demo_data, save_to=str(occupied))
+    output = _refused_fit_on_cpu_processes(tmp_path, path, devices=2)
+    assert "a folder that is not empty; nothing was written" in output
+    assert "Initializing distributed" not in output  # refused before any process started
+    assert [child.name for child in occupied.iterdir()] == ["pruning_report.json"]
+
+
+def _refused_fit_on_cpu_processes(tmp_path: Path, config_path: str, devices: int) -> str:
+    """The output of ``ecoflap fit`` under DDP on ``devices`` CPU processes, refused once, with status 2."""
+    args = ["fit", "-c", config_path, f"--trainer.devices={devices}", "--trainer.max_epochs=1"]
     run = subprocess.run(
-        [sys.executable, "-m", "ecoflap_pl.cli", "fit", "-c", path, "--trainer.devices=2", "--trainer.max_epochs=1"],
+        [sys.executable, "-m", "ecoflap_pl.cli", *args],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -100,9 +99,7 @@ def test_a_save_to_holding_an_export_under_ddp_is_refused_once_before_the_proces
     output = run.stdout + run.stderr
     assert run.returncode == 2, output[-3000:]
     assert output.count("error (") == 1, output[-3000:]
-    assert "a folder that is not empty; nothing was written" in output
-    assert "Initializing distributed" not in output  # refused before any process started
-    assert [child.name for child in occupied.iterdir()] == ["pruning_report.json"]
+    return output
 
 
 def test_the_top_level_help_says_what_each_subcommand_does(capsys: pytest.CaptureFixture[str]) -> None:
