@@ -275,6 +275,17 @@ def test_an_exception_mid_way_leaves_the_model_as_it_was(family, importance, met
 
 
 @pytest.mark.parametrize("importance", ["zeroth_order", "first_order"])
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("broken batch")], ids=["interrupt", "error"])
+def test_an_exception_while_scoring_groups_leaves_the_model_as_it_was(importance, error):
+    model, batches, loss_fn = family_case("blip2_opt")
+    _partly_frozen_in_train_mode(model)
+    before = capture(model)
+    with pytest.raises(type(error)):
+        score_groups(model, batches, _failing_loss(loss_fn, 3, error), _config(importance, "wanda", "unstructured"))
+    assert_as_before(model, before)
+
+
+@pytest.mark.parametrize("importance", ["zeroth_order", "first_order"])
 @pytest.mark.parametrize("when", [0.0, 0.5, 1.0], ids=["first-read", "half-way", "last-read"])
 def test_an_interrupt_from_the_batch_sequence_leaves_the_model_as_it_was(importance, when):
     config = _config(importance, "sparsegpt", "unstructured")
