@@ -133,8 +133,13 @@ def assert_as_before(
 
 def _partly_frozen_in_train_mode(model: nn.Module) -> None:
     """A model as a user fine-tuning it holds it: train mode, its first half frozen (candidate weights included, as a
-    frozen vision tower), left-over gradients on a frozen and a trainable parameter."""
+    frozen vision tower), left-over gradients on a frozen and a trainable parameter, and hooks of its own (which
+    pruning must neither remove nor leave company)."""
     model.train()
+    model.register_forward_pre_hook(lambda module, args: None)
+    next(module for module in model.modules() if isinstance(module, nn.Linear)).register_forward_hook(
+        lambda module, args, output: None
+    )
     parameters = list(model.parameters())
     for param in parameters[: len(parameters) // 2]:
         param.requires_grad_(False)
