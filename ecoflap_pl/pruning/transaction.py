@@ -42,13 +42,25 @@ def _cache_configs(model: nn.Module) -> list[object]:
     return configs
 
 
+def _cuda_devices(model: nn.Module) -> list[int]:
+    return sorted(
+        {
+            torch.cuda.current_device() if param.device.index is None else param.device.index
+            for param in model.parameters()
+            if param.device.type == "cuda"
+        }
+    )
+
+
 @contextmanager
 def pruning_session(model: nn.Module) -> Iterator[WeightTransaction]:
     """Evaluation mode and no KV caches while pruning; on any exception every recorded weight is rolled back.
 
     Dropout would add noise to every loss difference and a KV cache would be extended by each replayed block, so
     both are switched off; the training flags and ``config.use_cache`` of Hugging Face modules are restored on
-    exit, whatever happens.
+    exit, whatever happens. So is torch's global random state (CPU and the model's CUDA devices): a forward that
+    draws from it even in evaluation mode (ViLT samples image patches) would otherwise make a seeded run's later
+    randomness depend on how many calibration forwards pruning ran.
     """
     training = {module: module.training for module in model.modules()}
     cache_configs = _cache_configs(model)
@@ -57,7 +69,8 @@ def pruning_session(model: nn.Module) -> Iterator[WeightTransaction]:
     for config in cache_configs:
         config.use_cache = False  # type: ignore[attr-defined]
     try:
-        yield transaction
+        with torch.random.fork_rng(devices=_cuda_devices(model)):
+            yield transaction
     except BaseException:
         transaction.rollback()
         logger.info("Pruning stopped by an exception; every weight was restored.")
