@@ -333,3 +333,13 @@ def test_experiment_settings(built: dict[str, Any], stem: str) -> None:
         assert (result["trainer"]["max_epochs"], task["learning_rate"]) == finetune[stem]
         assert task["weight_decay"] == 0.05
         assert "ModelCheckpoint" in result["trainer"]["callbacks"]
+
+
+@pytest.mark.parametrize("stem", sorted(p.stem for p in (CONFIGS / "experiments").glob("*_finetune.yaml")))
+def test_finetune_experiments_save_every_run_in_one_folder_with_a_last_checkpoint(stem: str) -> None:
+    """`--ckpt_path last` resumes the previous run: Lightning looks for `last.ckpt` in the ModelCheckpoint's folder,
+    which without `dirpath` is a new logger version folder each run."""
+    config = yaml.safe_load((CONFIGS / "experiments" / f"{stem}.yaml").read_text(encoding="utf-8"))
+    (checkpoints,) = (c for c in config["trainer"]["callbacks"] if c["class_path"].endswith(".ModelCheckpoint"))
+    assert checkpoints["init_args"]["save_last"] is True
+    assert checkpoints["init_args"]["dirpath"] == f"runs/{stem}/checkpoints"
