@@ -46,6 +46,7 @@ from ecoflap_pl.models.placement import OffloadedWeights, StoredTensors, placeme
 from ecoflap_pl.process_group import destroy_gloo_group_at_exit
 from ecoflap_pl.pruning import PruningConfig, PruningResult, check_before_pruning, check_calibration_sizes, prune
 from ecoflap_pl.pruning.config import DEFAULT_EXCLUDE, AllocationName, ImportanceName, MethodName, ScoreName
+from ecoflap_pl.pruning.masks import masks_sparsity
 from ecoflap_pl.reporting import REPORT_JSON, render_table, report_dict, write_report
 
 logger = logging.getLogger(__name__)
@@ -269,8 +270,7 @@ class ECoFLaPPruning(Callback):
             self._check_save_to(model, emptiness_later=export)
             self._save_to_export_checked_later = export
         # A model loaded from a `save_to` folder is not pruned again, so nothing of it is written back.
-        from_saved = self.reuse_saved_masks and not self.pruned and saved_model_folder(model) is not None
-        if stage in self.stages and not from_saved:
+        if stage in self.stages and self._saved_masks_to_reuse(model) is None:
             _check_offload_folder(model, check_before_pruning(model, self.config))
             if self.report_dir is not None:
                 check_writable_folder(self.report_dir, option="report_dir")
@@ -420,7 +420,7 @@ class ECoFLaPPruning(Callback):
         if state.get("pruned", False):
             if not self._save_to_holds(state.get("report")):
                 self._check_save_to(model)
-        elif self.reuse_saved_masks and not self.pruned and saved_model_folder(model) is not None:
+        elif self._saved_masks_to_reuse(model) is not None:
             self._check_save_to(model)
 
     def checkpoint_is_pruned(self, ckpt_path: str | Path) -> bool:
@@ -463,7 +463,7 @@ class ECoFLaPPruning(Callback):
                 self._announce_masks = True
             if self._announce_masks:
                 self._announce_masks = False
-                sparsity = self.result.overall_sparsity if self.result is not None else _pruned_share(self.masks)
+                sparsity = self.result.overall_sparsity if self.result is not None else masks_sparsity(self.masks)
                 rank_zero_info(
                     f"The model is already pruned ({100 * sparsity:.1f}% of the candidate weights; masks from "
                     f"{self.masks_from}): `{stage}` uses it as it is, it is not pruned again."
@@ -501,10 +501,8 @@ class ECoFLaPPruning(Callback):
     def _reuse_saved_masks(self, pl_module: pl.LightningModule) -> None:
         """Take the masks of the ``save_to`` folder the model was loaded from, once, unless it is pruned already (a
         checkpoint's masks come first) or ``reuse_saved_masks`` is off."""
-        if self.pruned or not self.reuse_saved_masks:
-            return
         model = _pruned_module(pl_module)
-        folder = saved_model_folder(model)
+        folder = self._saved_masks_to_reuse(model)
         if folder is None:
             return
         masks = read_masks(folder)
@@ -520,6 +518,13 @@ class ECoFLaPPruning(Callback):
         self.pruned = True
         self.masks_from = f"the saved model {folder}"
         self._announce_masks = True
+
+    def _saved_masks_to_reuse(self, model: nn.Module) -> Path | None:
+        """The ``save_to`` folder ``model`` was loaded from, whose masks this run takes instead of pruning (None when
+        the model is pruned already, ``reuse_saved_masks`` is off, or it comes from no such folder)."""
+        if self.pruned or not self.reuse_saved_masks:
+            return None
+        return saved_model_folder(model)
 
     def _check_semi_structured(self, trainer: pl.Trainer, stage: str) -> None:
         if stage == TrainerFn.FITTING:
@@ -817,12 +822,6 @@ def _check_finite_weights(model: nn.Module, save_to: str) -> None:
             "it was. HINT: lower `model.init_args.learning_rate` or set `trainer.gradient_clip_val`, then resume from "
             "an earlier checkpoint with `--ckpt_path`."
         )
-
-
-def _pruned_share(masks: dict[str, torch.Tensor]) -> float:
-    """The fraction of the masked weights that are pruned (the overall sparsity, where no report says it)."""
-    total = sum(mask.numel() for mask in masks.values())
-    return sum(int((~mask).sum()) for mask in masks.values()) / total if total else 0.0
 
 
 def _some(names: Sequence[str]) -> str:

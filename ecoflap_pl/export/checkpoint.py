@@ -33,6 +33,7 @@ from torch import nn
 
 from ecoflap_pl.export.file_modes import umask_modes
 from ecoflap_pl.export.sparse_formats import FORMATS, compress_state_dict, decompress_state_dict, pack_mask, unpack_mask
+from ecoflap_pl.pruning.masks import masks_sparsity
 
 SAVE_FORMATS = ("dense", *FORMATS)
 MASKS_FILE = "masks/pruning_masks.safetensors"
@@ -169,8 +170,6 @@ def _write_hf_configs(model: nn.Module, directory: Path, save_format: str, masks
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and getattr(model, "can_generate", lambda: False)():
         generation_config.save_pretrained(directory)
-    kept = sum(int(mask.sum()) for mask in masks.values())
-    total = sum(mask.numel() for mask in masks.values())
     dense_linears = sorted(
         name
         for name, module in model.named_modules()
@@ -184,7 +183,7 @@ def _write_hf_configs(model: nn.Module, directory: Path, save_format: str, masks
         "transform_config": {},
         "sparsity_config": {
             "format": save_format,
-            "global_sparsity": 1 - kept / total if total else 0.0,
+            "global_sparsity": masks_sparsity(masks),
             "sparsity_structure": "2:4" if save_format == "sparse-24-bitmask" else "unstructured",
             "targets": ["Linear"],
             "ignore": dense_linears,

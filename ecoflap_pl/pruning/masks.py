@@ -8,6 +8,8 @@ followed by ``<=``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 
@@ -31,6 +33,13 @@ def pruned_count(numel: int, sparsity: float) -> int:
     (to the nearest integer, halves to even), so a model's achieved sparsity is its target to within one weight per
     tensor."""
     return min(numel, max(0, round(numel * sparsity)))
+
+
+def masks_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
+    """The share of the masked weights that are pruned (``False``), over all the masks together (0 for none)."""
+    kept = sum(int(mask.sum()) for mask in masks.values())
+    total = sum(mask.numel() for mask in masks.values())
+    return 1 - kept / total if total else 0.0
 
 
 def _lowest(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
