@@ -628,14 +628,22 @@ def main(args: list[str] | None = None) -> None:
     a few lines (on global rank 0; one line on the others: :func:`refusal_on_this_rank`) and exit status 2; SIGTERM
     ends it with status 143, SIGINT (Ctrl+C) with 130. ``ECOFLAP_DEBUG=1`` shows the full traceback.
     """
-    quiet_libraries()
     try:
+        # The refusal below is printed inside the handler too: a SIGTERM while it is printed (``torchrun`` stopping
+        # this rank once another one has failed) killed the process without its line, status -15.
         with _sigterm_raises():
-            check_config_files(sys.argv[1:] if args is None else args)
-            build_cli(args, save_config_kwargs={"overwrite": True})
+            _run_command(args)
     except SIGTERMException:
         log.warning(STOPPED_BY_SIGTERM)
         sys.exit(SIGTERM_STATUS)
+
+
+def _run_command(args: list[str] | None) -> None:
+    """The command of :func:`main`, its refusals printed and turned into exit statuses."""
+    quiet_libraries()
+    try:
+        check_config_files(sys.argv[1:] if args is None else args)
+        build_cli(args, save_config_kwargs={"overwrite": True})
     except KeyboardInterrupt:
         stopped_by_sigint()
     except SystemExit as exit_:

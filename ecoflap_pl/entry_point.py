@@ -37,9 +37,9 @@ def stopped_by_sigint() -> NoReturn:
 
 def main() -> None:
     """Run ``ecoflap`` on ``sys.argv`` (see :func:`ecoflap_pl.cli.main`), a Ctrl+C while it is imported included."""
-    with _signals_exit_at_once():
-        from ecoflap_pl.cli import main as run_command  # seconds: torch, Lightning, transformers
     try:
+        with _signals_exit_at_once():
+            from ecoflap_pl.cli import main as run_command  # seconds: torch, Lightning, transformers
         run_command()
     except KeyboardInterrupt:  # between the import and the command's own handler
         stopped_by_sigint()
@@ -54,6 +54,10 @@ def _signals_exit_at_once() -> Iterator[None]:
     signal when it crossed an ``exec`` of a dataclass's generated code. Nothing of the run has started yet, no file
     is open for writing, so there is nothing to unwind: the handler says so and exits. A signal the user's shell or
     launcher set to be ignored (SIGINT in a background job, ``nohup``) is left as it is.
+
+    SIGINT gets Python's handler back on exit (a ``KeyboardInterrupt`` then unwinds the run); the SIGTERM handler is
+    left in place until the command sets its own, as its first step, and puts this one back when it ends: with the
+    default restored in between, a SIGTERM at that moment killed the process without a word (status -15).
     """
     said = {signal.SIGINT: (_STOPPED, SIGINT_STATUS), signal.SIGTERM: (STOPPED_BY_SIGTERM, SIGTERM_STATUS)}
     python_defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
@@ -71,5 +75,5 @@ def _signals_exit_at_once() -> Iterator[None]:
     try:
         yield
     finally:
-        for signum in taken:
-            signal.signal(signum, python_defaults[signum])
+        if signal.SIGINT in taken:
+            signal.signal(signal.SIGINT, python_defaults[signal.SIGINT])

@@ -75,3 +75,35 @@ def test_a_signal_while_the_command_imports_is_one_line(tmp_path, command, signu
     assert said[-1:] == [line], said[-40:]
     assert not [text for text in said if "Traceback" in text or "KeyboardInterrupt" in text], said[-40:]
     assert stdout == ""
+
+
+HANDED_OVER = """
+import os, signal, sys
+import ecoflap_pl.cli
+from ecoflap_pl.entry_point import main
+
+own_handler = ecoflap_pl.cli._sigterm_raises
+
+def signalled_first():  # the first step of the command: it has not set its handler yet
+    os.kill(os.getpid(), signal.SIGTERM)
+    return own_handler()
+
+ecoflap_pl.cli._sigterm_raises = signalled_first
+sys.argv = ["ecoflap", "validate", "-c", sys.argv[1]]
+main()
+"""
+
+
+def test_a_sigterm_between_the_import_and_the_command_s_own_handler_is_one_line(tmp_path):
+    """The entry point gave SIGTERM its default back after the import, before the command set its own handler: a
+    SIGTERM in between killed the process without a word (status -15)."""
+    run = subprocess.run(
+        [sys.executable, "-c", HANDED_OVER, str(tmp_path / "config.yaml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
+    assert run.returncode == SIGTERM_STATUS, run.stderr[-3000:]
+    assert run.stderr.splitlines()[-1:] == ["Stopped by SIGTERM."], run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and run.stdout == ""

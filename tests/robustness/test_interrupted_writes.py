@@ -149,3 +149,14 @@ def test_a_signal_before_the_trainer_starts_is_one_line(tmp_path, demo_data, sig
     assert code_seen == code, output[-3000:]
     assert said in output and "Traceback" not in output
     assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_while_a_refusal_is_printed_is_one_line(tmp_path, demo_data):
+    """``torchrun`` stops the other ranks once one has failed: a rank stopped while it printed its own refusal was
+    killed by the default handler (status -15, nothing said)."""
+    config = vit_config(tmp_path, demo_data, sparsity=1.5)
+    code, output = signalled(tmp_path, "ecoflap_pl.cli:refusal_on_this_rank", "SIGTERM", "validate", "-c", config)
+    assert code == 143, output[-3000:]
+    assert output.rstrip().endswith("Stopped by SIGTERM."), output[-3000:]
+    assert "Traceback" not in output
+    assert not (tmp_path / "run").exists()
