@@ -63,13 +63,14 @@ class Run:
     [(signal.SIGTERM, 143, "Stopped by SIGTERM"), (signal.SIGINT, SIGINT_STATUS, "KeyboardInterrupt")],
 )
 def test_a_signal_while_pruning_inside_validate_stops_at_once(tmp_path, demo_data, signum, code, said):
-    config = vit_config(tmp_path, demo_data, probes=400)  # a coarse step of many forward passes: time to interrupt
+    # A coarse step of about 360,000 forward passes (minutes): still running whenever the signal comes, however late
+    # a loaded machine lets this test send it (400 probes, 8 s here, could end first); only the signal ends it early.
+    config = vit_config(tmp_path, demo_data, probes=20_000)
     run = Run(tmp_path / "out.log", "validate", "-c", config)
     run.wait_for(lambda: "weights to prune in" in run.output(), "the start of pruning")
-    sent = time.monotonic()
     run.process.send_signal(signum)
-    output = run.finish(timeout=60)
-    assert time.monotonic() - sent < 30, output[-3000:]
+    output = run.finish(timeout=120)
+    assert "Coarse step" not in output, output[-3000:]  # stopped inside the step, not after it
     assert run.process.returncode == code, output[-3000:]
     assert said in output and "every weight was restored" in output
     assert not list((tmp_path / "run").rglob("pruning_report.json"))
