@@ -4,10 +4,12 @@ that is always destroyed, and ranks spawned with a shared dict for their results
 from __future__ import annotations
 
 import os
+import random
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,10 +18,30 @@ import torch.multiprocessing as mp
 
 
 def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port of 127.0.0.1 that nothing listens on now, below the kernel's range of ephemeral ports.
+
+    A port the kernel hands out (``bind(("127.0.0.1", 0))``) is free only until the process group binds it: any
+    outgoing connection meanwhile (another rank's, gloo's) may get it as its local port, and a rank's store client
+    that connects before the master listens may, once in a few tens of thousands of tries, get the master port
+    itself and connect to itself. No port is handed out below that range, so neither can happen there.
+    """
+    below = range(max(1024, _lowest_ephemeral_port() - 10_000), _lowest_ephemeral_port())
+    for port in random.Random().sample(below, min(100, len(below))):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use
+            return port
+    raise OSError(f"no free port among 100 tried in {below}")
+
+
+def _lowest_ephemeral_port() -> int:
+    """The start of Linux's ``ip_local_port_range`` (32768 by default, also where it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @contextmanager

@@ -118,21 +118,21 @@ def test_torchrun_prints_a_refusal_met_after_the_process_group_once(tmp_path, de
     )
     output = run.stdout + run.stderr
     assert run.returncode != 0, output[-3000:]
-    # Both ranks meet the refusal; whichever exits first, torchrun stops the other with SIGTERM, which ends it with
-    # its own line and status 143 wherever the command is (its refusal printed or not): each rank ends one of the two
-    # ways, and the rank that failed first (torchrun's root cause) with the refusal's status.
+    # Both ranks meet the refusal; whichever exits first, torchrun stops the other with SIGTERM. A rank so stopped
+    # while the command runs says so and ends with status 143, its refusal printed or not; one stopped once its
+    # refusal is printed, as the interpreter shuts down (Python has given SIGTERM its default action back), dies by
+    # the signal (-15). The rank that failed first (torchrun's root cause) ended with the refusal's status.
     codes = {int(rank): int(code) for rank, code in _EXIT_CODES.findall(output)}
-    assert codes.keys() == {0, 1} and set(codes.values()) <= {2, 143} and 2 in codes.values(), output[-3000:]
+    assert codes.keys() == {0, 1} and set(codes.values()) <= {2, 143, -15}, output[-3000:]
     first = _EXIT_CODES.search(output, output.index("Root Cause (first observed failure)"))
     assert first is not None and first.group(2) == "2", output[-3000:]
-    if 143 in codes.values():
-        assert "Stopped by SIGTERM." in output, output[-3000:]
+    assert output.count("Stopped by SIGTERM.") == list(codes.values()).count(143), output[-3000:]
     # The whole refusal is printed once at most, by rank 0; rank 1 says one line.
     whole = output.count("HINT")
     assert whole == output.count("(ECOFLAP_DEBUG=1 shows the traceback)") <= 1, output[-3000:]
     assert "[rank: 0] error" not in output and output.count("[rank: 1] error (configuration error): ") <= 1
-    if codes[0] == 2:
+    if codes[0] != 143:
         assert whole == 1, output[-3000:]
-    if codes[1] == 2:
+    if codes[1] != 143:
         assert "[rank: 1] error (configuration error): " in output, output[-3000:]
     assert not list(Path(tmp_path / "run").rglob("pruning_report.json"))
