@@ -9,7 +9,7 @@ the LightningModule (``module.to(torch.bfloat16)`` converts every floating-point
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -50,18 +50,21 @@ def cat_state(state: Tensor | list[Tensor], dtype: torch.dtype) -> Tensor:
     return dim_zero_cat(state).to(dtype)
 
 
-def first_occurrences(keys: Sequence[str]) -> list[bool]:
-    """Keep-mask that drops repeated keys (the padding a ``DistributedSampler`` adds); ``""`` means "no key"."""
-    seen: set[str] = set()
+def first_occurrences(keys: Sequence[Hashable]) -> list[bool]:
+    """Keep-mask that drops repeated keys (the padding a ``DistributedSampler`` adds); ``""`` or None: "no key",
+    never dropped."""
+    seen: set[Hashable] = set()
     keep = []
     for key in keys:
-        keep.append(key == "" or key not in seen)
-        seen.add(key)
+        unkeyed = key is None or key == ""
+        keep.append(unkeyed or key not in seen)
+        if not unkeyed:
+            seen.add(key)
     return keep
 
 
-def sample_ids(ids: Sequence[int | str] | None, size: int, arg: str = "ids") -> list[str]:
-    """Ids as strings (``""`` for none), validated against the batch size."""
+def sample_ids(ids: Sequence[int | str | None] | None, size: int, arg: str = "ids") -> list[str]:
+    """Ids as strings, validated against the batch size; ``""`` (never dropped) where ``ids`` or one id is None."""
     if ids is None:
         return [""] * size
     if len(ids) != size:
@@ -70,10 +73,13 @@ def sample_ids(ids: Sequence[int | str] | None, size: int, arg: str = "ids") -> 
     for sample_id in ids:
         if isinstance(sample_id, Tensor):
             sample_id = sample_id.item()
+        if sample_id is None:
+            out.append("")
+            continue
         if isinstance(sample_id, bool) or not isinstance(sample_id, (int, str)) or sample_id == "":
             raise ValueError(
-                f"`{arg}` must hold ints or non-empty strings, got {sample_id!r}. "
-                "HINT: pass the dataset's image_id / question_id."
+                f"`{arg}` must hold ints or non-empty strings (None for a sample without an id), got {sample_id!r}. "
+                "HINT: pass the dataset's sample ids (image_id, question_id, NLVR2's identifier)."
             )
         out.append(str(sample_id))
     return out
