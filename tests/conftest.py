@@ -3,16 +3,37 @@ size) and a tiny BLIP-2 saved to disk."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import Blip2Processor, BlipImageProcessor
 
 from ecoflap_pl.demo.data import DemoPaths
 from ecoflap_pl.demo.presets import PRESETS
 from ecoflap_pl.models.tiny import tiny_model
 from ecoflap_pl.models.tokenizers import train_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def process_state_restored() -> Iterator[None]:
+    """Each test leaves the environment variables and torch's thread count as it found them.
+
+    Lightning's DDP launchers set ``MASTER_PORT`` in the process that starts the ranks (``ddp_spawn`` in a test: this
+    one), ``seed_everything`` sets ``PL_GLOBAL_SEED``, and neither is removed: every later test, and every ``ecoflap``
+    subprocess it starts, ran with the port and seed of an earlier one (a stale port another socket may hold by then).
+    A test that sets one thread for its tiny models left every later test on one thread.
+    """
+    environment, threads = dict(os.environ), torch.get_num_threads()
+    yield
+    for name in set(os.environ) - set(environment):
+        del os.environ[name]
+    os.environ.update(environment)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
