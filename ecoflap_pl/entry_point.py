@@ -76,4 +76,4 @@ def _signals_exit_at_once() -> Iterator[None]:
         yield
     finally:
         if signal.SIGINT in taken:
-            signal.signal(signal.SIGINT, python_defaults[signal.SIGINT])
+            signal.signal(signal.SIGINT, signal.default_int_handler)
