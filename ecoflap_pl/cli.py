@@ -456,12 +456,13 @@ def _check_ckpt_path_exists(ckpt_path: str) -> None:
 
 def _check_checkpoint_file(ckpt_path: str, subcommand: str) -> Any:
     """The checks of a ``ckpt_path`` file before it is restored: whole (its checksums), a readable checkpoint, and
-    for ``fit`` one that can be resumed: Lightning finds out that a weights-only checkpoint
-    (``ModelCheckpoint(save_weights_only=True)``) cannot only when it restores the optimizers, after the model is built
-    and restored, with a traceback. Return the checkpoint, read memory-mapped: the weights are not loaded.
+    for ``fit`` and ``prune`` (``fit`` with no step) one that can be resumed: Lightning finds out that a weights-only
+    checkpoint (``ModelCheckpoint(save_weights_only=True)``) cannot only when it restores the optimizers, after the
+    model is built and restored, with a traceback. Return the checkpoint, read memory-mapped: the weights are not
+    loaded.
 
     Raises:
-        ConfigurationError: the file is damaged or not a readable checkpoint, or ``fit`` cannot resume it.
+        ConfigurationError: the file is damaged or not a readable checkpoint, or ``fit``/``prune`` cannot resume it.
     """
     try:
         check_checkpoint_file(ckpt_path)  # before any of it is loaded
@@ -471,13 +472,23 @@ def _check_checkpoint_file(ckpt_path: str, subcommand: str) -> Any:
         checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as error:  # torch raises several types for files that are not checkpoints
         raise ConfigurationError(str(unreadable_checkpoint(ckpt_path, error))) from error
-    if subcommand == "fit" and isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:
-        raise ConfigurationError(
-            f"`ckpt_path` {ckpt_path!r} holds the weights only (`ModelCheckpoint(save_weights_only=True)`), without "
-            "the optimizer state that `fit` resumes. HINT: resume from a checkpoint saved without save_weights_only, "
-            "or evaluate this one with `ecoflap validate` or `ecoflap test --ckpt_path` (its masks come with it)."
-        )
+    if subcommand in _RESTORES_OPTIMIZERS and isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:
+        weights_only = f"`ckpt_path` {ckpt_path!r} holds the weights only (`ModelCheckpoint(save_weights_only=True)`)"
+        raise ConfigurationError(f"{weights_only}, {_RESTORES_OPTIMIZERS[subcommand]}")
     return checkpoint
+
+
+_RESTORES_OPTIMIZERS = {
+    "fit": "without the optimizer state that `fit` resumes. HINT: resume from a checkpoint saved without "
+    "save_weights_only, or evaluate this one with `ecoflap validate` or `ecoflap test --ckpt_path` (its masks come "
+    "with it).",
+    "prune": "without the optimizer state that `prune` restores (it runs `fit` with no step, and Lightning's `fit` "
+    "restores a checkpoint whole). HINT: prune from a checkpoint saved without save_weights_only, or run `ecoflap "
+    "validate --ckpt_path` on this one: it restores the weights only, keeps the masks of a pruned checkpoint, and "
+    "prunes a dense one (saved to `--pruning.save_to DIR`).",
+}
+"""The subcommands whose run restores a checkpoint's optimizer state (refusing a weights-only one), and the rest of
+the message that refuses it."""
 
 
 def _check_no_unseen_last_checkpoint(root: Path) -> None:

@@ -25,7 +25,7 @@ from ecoflap_pl.cli import EcoflapTrainer
 from ecoflap_pl.export import atomic
 from tests.callbacks.callback_toys import FAST, ToyData, ToyTask
 from tests.robustness import test_cli_faults
-from tests.robustness.cli_runs import TRAINER, run_ecoflap, vit_config
+from tests.robustness.cli_runs import TRAINER, folder_digest, run_ecoflap, vit_config
 from tests.robustness.test_cli_faults import short_error
 from tests.trainers import quiet_trainer
 
@@ -110,6 +110,26 @@ def test_resuming_fit_from_last_when_it_is_weights_only_is_refused_before_the_ru
     short_error(outcome, f"`ckpt_path` '{last}' holds the weights only", "HINT", "ecoflap test --ckpt_path")
     assert "Trying to restore optimizer state" not in outcome.text
     assert [path.name for path in (tmp_path / "run").rglob("*") if path.is_file()] == ["last.ckpt"]
+
+
+@pytest.mark.parametrize("ckpt_path", ["file", "last"])
+def test_prune_from_a_weights_only_checkpoint_is_refused_before_pruning(
+    capsys, tmp_path, demo_data, pruned_run, ckpt_path
+):
+    """`prune` runs `fit` with no step, and Lightning's `fit` restores the optimizer state: a weights-only checkpoint
+    ended in Lightning's KeyError traceback, after the model was built and restored. It gets `fit`'s check (a file:
+    before the model is built; `last`: once Lightning's resolution finds the file, before the run)."""
+    checkpoint, _ = pruned_run
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    for key in ("optimizer_states", "lr_schedulers"):  # what Lightning leaves out of a weights-only checkpoint
+        del state[key]
+    last = last_checkpoint(tmp_path, state)
+    digest = folder_digest(tmp_path / "run")
+    config = vit_config(tmp_path, demo_data, save_to=str(tmp_path / "pruned"))
+    outcome = run_ecoflap(capsys, "prune", "-c", config, f"--ckpt_path={last if ckpt_path == 'file' else 'last'}")
+    short_error(outcome, f"`ckpt_path` '{last}' holds the weights only", "that `prune` restores", "HINT: prune from")
+    assert "Trying to restore optimizer state" not in outcome.text
+    assert folder_digest(tmp_path / "run") == digest and not (tmp_path / "pruned").exists()
 
 
 def test_a_last_checkpoint_of_another_task_is_refused_before_the_run_starts(capsys, tmp_path, demo_data, pruned_run):
