@@ -168,6 +168,11 @@ class EcoflapCLI(LightningCLI):
 
     @override
     def instantiate_classes(self) -> None:
+        self._instantiate_classes(splits_read=None)
+
+    def _instantiate_classes(self, splits_read: EcoflapDataModule | None) -> None:
+        """Check the settings, read the data (unless ``splits_read`` holds the splits already), then build the task,
+        the DataModule and the Trainer."""
         try:
             if self.subcommand is not None:
                 check_trainer_hardware(self._get(self.config, "trainer"))
@@ -175,7 +180,7 @@ class EcoflapCLI(LightningCLI):
                 # Every pruning setting (semi_structured on a machine without a GPU too) is checked by building the
                 # callback, which costs nothing, before the data is read and the model built (it is built after them).
                 ECoFLaPPruning(**self._get(self.config, "pruning").as_dict())
-            checked = self._read_data_first()
+            checked = self._read_data_first() if splits_read is None else splits_read
             super().instantiate_classes()
             if checked is not None and isinstance(self.datamodule, EcoflapDataModule):
                 self.datamodule.reuse_splits(checked)
@@ -284,8 +289,9 @@ class EcoflapCLI(LightningCLI):
     def _resolve_ckpt_path(self, subcommand: str) -> None:
         """Resolve a ``ckpt_path`` that Lightning finds itself (``last``, ``best``, ``hpc``, a model registry name)
         with the Trainer's own resolution, give the file it finds the checks a ``ckpt_path`` file gets (whole,
-        resumable by ``fit``, written by the config's task), and run with that file, so that the checks after this
-        one (pruned or not, ``save_to``) read it too and Lightning does not resolve it again.
+        resumable by ``fit`` and ``prune``, written by the config's task) and its hyperparameters
+        (:meth:`_rebuild_as_trained`), and run with that file, so that the checks after this one (pruned or not,
+        ``save_to``) read it too and Lightning does not resolve it again.
 
         Lightning resolves these names from the Trainer's checkpoint callbacks and loggers (``last``: the newest
         ``last*.ckpt`` in their folders), which LightningCLI builds together with the model: this runs once the model
@@ -319,6 +325,27 @@ class EcoflapCLI(LightningCLI):
             if written_by is not None and written_by != task:
                 raise ValueError(_other_task_message(f"{ckpt_path!r} ({resolved})", written_by, task))
         self.config[subcommand]["ckpt_path"] = self.config_init[subcommand]["ckpt_path"] = resolved
+        if resolved is not None:
+            self._rebuild_as_trained(subcommand)
+
+    def _rebuild_as_trained(self, subcommand: str) -> None:
+        """Give the file a Lightning name resolved to what LightningCLI gives a ``ckpt_path`` file before it builds
+        the model: its hyperparameters replace the config's model arguments (a warning names them). Where they
+        replace any, the run is built again from the new config, as it would be given the file (seeded again, the
+        splits already read reused): the model first built is not the one the checkpoint was written by (another
+        width fails to restore; another argument changes the model without a word)."""
+        settings = self.config.get(subcommand)
+        before = (_model_class(settings), _model_arguments(settings))
+        self._parse_ckpt_path()
+        settings = self.config.get(subcommand)
+        if (_model_class(settings), _model_arguments(settings)) == before:
+            return
+        splits_read = self.datamodule if isinstance(self.datamodule, EcoflapDataModule) else None
+        del self.model, self.trainer, self.config_init  # the first model, freed before the second is built
+        self._set_seed()
+        self.before_instantiate_classes()
+        self._instantiate_classes(splits_read)
+        self.after_instantiate_classes()
 
     def _check_before_launch(self, subcommand: str) -> None:
         """Under a strategy that starts processes (DDP on several devices), run the pruning callback's checks before

@@ -144,6 +144,22 @@ def test_a_last_checkpoint_of_another_task_is_refused_before_the_run_starts(caps
     short_error(outcome, f"`ckpt_path` 'last' ({last}) was written by the task ecoflap_pl.tasks.VQATask", "HINT")
 
 
+def test_a_last_checkpoint_of_another_model_config_is_rebuilt_as_trained(capsys, tmp_path, demo_data, pruned_run):
+    """LightningCLI replaces the config's model arguments by a `ckpt_path` file's hyperparameters, but not for `last`:
+    the config's model (another width) was built and the checkpoint restored into it, with torch's size-mismatch
+    traceback; an argument that changes no shape changed the model without a word. `last` now gets what its file
+    gets: the same warning and the same model."""
+    checkpoint, _ = pruned_run
+    last = last_checkpoint(tmp_path, torch.load(checkpoint, map_location="cpu", weights_only=False))
+    other = vit_config(tmp_path, demo_data, model={"embed_dim": 48})
+    by_file = run_ecoflap(capsys, "validate", "-c", other, f"--ckpt_path={last}")
+    outcome = run_ecoflap(capsys, "validate", "-c", other, "--ckpt_path=last")
+    assert outcome.code == 0, outcome.text[-3000:]
+    replaced = "The checkpoint's hyperparameters replace these model arguments of the config: model_config"
+    assert outcome.text.count(replaced) == by_file.text.count(replaced) == 1
+    assert outcome.metric("val/loss") == by_file.metric("val/loss")
+
+
 def test_a_damaged_last_checkpoint_is_refused_before_the_run_starts(capsys, tmp_path, demo_data, pruned_run):
     checkpoint, _ = pruned_run
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
