@@ -55,6 +55,11 @@ from ecoflap_pl.tasks.base import EcoflapTask
 
 log = logging.getLogger(__name__)
 
+warn_on_rank_zero = rank_zero_only(log.warning)
+"""``log.warning`` on global rank 0 only: under ``torchrun`` or ``srun`` every rank runs the whole command, and under
+Lightning's own DDP launch the processes it starts run it again, so each would say the same warning. The rank is the
+one :func:`refusal_on_this_rank` reads."""
+
 
 class EcoflapTrainer(pl.Trainer):
     """The Lightning ``Trainer`` plus :meth:`prune`, the ``ecoflap prune`` subcommand."""
@@ -103,7 +108,7 @@ class EcoflapTrainer(pl.Trainer):
                 f"{list(callback.stages)}. HINT: add 'fit' to pruning.stages."
             )
         if callback.save_to is None:
-            log.warning("`pruning.save_to` is not set: the pruned model is only reported, not saved.")
+            warn_on_rank_zero("`pruning.save_to` is not set: the pruned model is only reported, not saved.")
         self.fit_loop.epoch_loop.max_steps = 0
         self.num_sanity_val_steps = 0
         # No step is taken: no summary of a model about to be trained, no advice on logging the steps of an epoch.
@@ -271,7 +276,7 @@ class EcoflapCLI(LightningCLI):
         after = _model_arguments(settings)
         replaced = {key: (before[key], after.get(key)) for key in before if before[key] != after.get(key)}
         if replaced:
-            log.warning(
+            warn_on_rank_zero(
                 "The checkpoint's hyperparameters replace these model arguments of the config: %s. The model is "
                 "rebuilt as it was trained, so that the checkpoint's weights fit it.",
                 ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in sorted(replaced.items())),
@@ -416,7 +421,7 @@ class EcoflapCLI(LightningCLI):
             ckpt_path is not None and Path(ckpt_path).is_file() and callback.checkpoint_is_pruned(ckpt_path)
         )
         if not pruned_checkpoint and self.subcommand not in callback.stages:
-            log.warning(
+            warn_on_rank_zero(
                 "`compare_dense` has nothing to compare: `pruning.stages` is %s, so `%s` does not prune. The model is "
                 "evaluated once, dense. HINT: add '%s' to pruning.stages.",
                 list(callback.stages),
@@ -623,6 +628,21 @@ def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
+class EcoflapArgumentParser(LightningArgumentParser):
+    """The command's parsers: ``--help`` and the usage are printed on global rank 0 only (every rank of a ``torchrun``
+    or ``srun`` run parses the command line: each printed the whole help)."""
+
+    @override
+    @rank_zero_only
+    def print_help(self, *args: Any, **kwargs: Any) -> None:
+        super().print_help(*args, **kwargs)
+
+    @override
+    @rank_zero_only
+    def print_usage(self, *args: Any, **kwargs: Any) -> None:
+        super().print_usage(*args, **kwargs)
+
+
 def build_cli(args: list[str] | None = None, **kwargs: Any) -> EcoflapCLI:
     """The ``ecoflap`` CLI over ``args``: any task and DataModule by ``class_path``, the ``EcoflapTrainer``.
 
@@ -636,6 +656,7 @@ def build_cli(args: list[str] | None = None, **kwargs: Any) -> EcoflapCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_class=EcoflapTrainer,
+        parser_class=EcoflapArgumentParser,
         args=args,
         **kwargs,
     )
@@ -732,7 +753,7 @@ class _PrintVersions(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
         packages = ("ecoflap-pl", "torch", "lightning", "transformers", "timm", "accelerate")
-        sys.stdout.write("".join(f"{name} {importlib.metadata.version(name)}\n" for name in packages))
+        rank_zero_only(sys.stdout.write)("".join(f"{name} {importlib.metadata.version(name)}\n" for name in packages))
         parser.exit()
 
 
