@@ -34,6 +34,7 @@ from ecoflap_pl.callbacks.export import (
 )
 from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
 from ecoflap_pl.callbacks.progress import StageProgress
+from ecoflap_pl.entry_point import SIGTERM_STATUS
 from ecoflap_pl.export import (
     check_save_format,
     check_save_target,
@@ -768,7 +769,7 @@ def _stopping_on_sigterm(
 
     def report(stage: str, done: int, total: int) -> None:
         if trainer.received_sigterm:
-            raise SIGTERMException(143)
+            raise SIGTERMException(SIGTERM_STATUS)
         progress(stage, done, total)
 
     return report

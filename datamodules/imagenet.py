@@ -46,7 +46,8 @@ def class_folders(root: Path) -> list[str]:
 
 
 def read_class_folders(root: Path, option: str, class_index: dict[str, int]) -> list[Sample]:
-    """``{"label"}`` samples of every image in ``root/{wnid}/``, by sorted wnid then sorted file name."""
+    """``{"label", "image_id"}`` samples of every image in ``root/{wnid}/``, by sorted wnid then sorted file name
+    (``image_id``: ``"{wnid}/{file name}"``, the path relative to ``root``)."""
     samples: list[Sample] = []
     for wnid in class_folders(root):
         if wnid not in class_index:
@@ -60,7 +61,12 @@ def read_class_folders(root: Path, option: str, class_index: dict[str, int]) -> 
                 e.name for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".")
             )
         samples.extend(
-            Sample((str(root / wnid / name),), {"label": label}, f"class {wnid} (label {label})") for name in names
+            Sample(
+                (str(root / wnid / name),),
+                {"label": label, "image_id": f"{wnid}/{name}"},
+                f"class {wnid} (label {label})",
+            )
+            for name in names
         )
     if not samples:
         raise DataFormatError(f"No images found in wnid folders under {root} (set by `{option}`).")
@@ -71,7 +77,8 @@ def read_val_solution(path: Path, option: str) -> list[tuple[int, str, str]]:
     """``(line, ImageId, wnid)`` rows of Kaggle's ``LOC_val_solution.csv`` (wnid = first PredictionString token).
 
     A PredictionString is boxes of five tokens, ``wnid x_min y_min x_max y_max`` (or the wnid alone): a row cut short
-    inside its boxes loses that count, so such a file is refused at its last row.
+    inside its boxes loses that count, so such a file is refused at its last row. An ImageId listed twice is refused
+    too: its image would be evaluated twice (and its ``image_id`` would not name one sample).
     """
     try:
         text = path.read_text(encoding="utf-8")
@@ -99,7 +106,14 @@ def read_val_solution(path: Path, option: str) -> list[tuple[int, str, str]]:
         raise DataFormatError(
             f"{path} (set by `{option}`), line {reader.line_num} is not CSV: {err}. {damaged_hint(option)}"
         ) from err
-    return sorted(rows, key=lambda r: r[1])
+    rows.sort(key=lambda r: r[1])
+    for (line, image_id, _), (other_line, other_id, _) in zip(rows, rows[1:], strict=False):
+        if image_id == other_id:
+            raise DataFormatError(
+                f"{path} (set by `{option}`) lists ImageId {image_id} twice (lines {line} and {other_line}): its image "
+                f"would be evaluated twice. {damaged_hint(option)}"
+            )
+    return rows
 
 
 class ImageNetDataModule(EcoflapDataModule):
@@ -107,7 +121,9 @@ class ImageNetDataModule(EcoflapDataModule):
 
     ``train_dir/{wnid}/*.JPEG``; ``val_dir`` either holds the same wnid folders or the flat
     ``ILSVRC2012_val_*.JPEG`` files labelled by ``LOC_val_solution.csv``. Classes are the sorted wnids of the
-    training folders (else of the val folders, else of the CSV). Samples: ``{"image", "label"}``.
+    training folders (else of the val folders, else of the CSV). Samples: ``{"image", "label", "image_id"}``, the
+    ``image_id`` being the image's path relative to the split folder (``n01440764/n01440764_10026.JPEG``; in a flat
+    validation folder ``ILSVRC2012_val_00000001.JPEG``): evaluation counts a repeated ``image_id`` once (DDP).
 
     Args:
         data_dir: dataset root (for Kaggle's archive, ``ILSVRC/Data/CLS-LOC``).
@@ -203,7 +219,8 @@ class ImageNetDataModule(EcoflapDataModule):
             if wnid not in class_index:
                 raise DataFormatError(f"{path}, line {number}: wnid {wnid!r} of {image_id} is not a known class.")
             source = f"ImageId {image_id} ({path}, line {number})"
-            samples.append(Sample((str(root / f"{image_id}.JPEG"),), {"label": class_index[wnid]}, source))
+            name = f"{image_id}.JPEG"
+            samples.append(Sample((str(root / name),), {"label": class_index[wnid], "image_id": name}, source))
         return samples
 
     def _solution_path(self) -> Path:

@@ -47,7 +47,7 @@ from ecoflap_pl.cli_help import DESCRIPTION, SUBCOMMAND_HELP, describe_subcomman
 from ecoflap_pl.console import quiet_libraries
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.datamodules.base import Stage
-from ecoflap_pl.entry_point import SIGINT_STATUS, stopped_by_sigint
+from ecoflap_pl.entry_point import SIGINT_STATUS, SIGTERM_STATUS, STOPPED_BY_SIGTERM, stopped_by_sigint
 from ecoflap_pl.export import has_saved_masks
 from ecoflap_pl.hardware_check import check_model_placement, check_trainer_hardware
 from ecoflap_pl.option_hints import mapping_option_hint, unknown_option_hint
@@ -693,8 +693,8 @@ def main(args: list[str] | None = None) -> None:
             check_config_files(sys.argv[1:] if args is None else args)
             build_cli(args, save_config_kwargs={"overwrite": True})
     except SIGTERMException:
-        log.warning("Stopped by SIGTERM.")
-        sys.exit(143)
+        log.warning(STOPPED_BY_SIGTERM)
+        sys.exit(SIGTERM_STATUS)
     except KeyboardInterrupt:
         stopped_by_sigint()
     except SystemExit as exit_:
@@ -723,7 +723,7 @@ def _sigterm_raises() -> Iterator[None]:
 
     def stop(signum: int, frame: FrameType | None) -> None:
         if signal.getsignal(signal.SIGTERM) is stop:  # the Trainer's handler is not in place
-            raise SIGTERMException(143)
+            raise SIGTERMException(SIGTERM_STATUS)
 
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield

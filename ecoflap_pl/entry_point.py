@@ -1,8 +1,9 @@
 """The ``ecoflap`` console script and ``python -m ecoflap_pl``: a module that imports nothing heavy.
 
 Importing the command (torch, Lightning, transformers) takes seconds before :func:`ecoflap_pl.cli.main` can catch
-anything, so a Ctrl+C in those seconds printed Python's traceback of the import. :func:`main` imports the command
-itself, with a SIGINT handler of its own: a Ctrl+C at any moment ends the run with the same line and status.
+anything, so a Ctrl+C in those seconds printed Python's traceback of the import, and a SIGTERM (``torchrun`` stopping
+the other ranks once one has failed, a scheduler's cancel) killed the process without a word. :func:`main` imports the
+command itself, with handlers of its own: either signal at any moment ends the run with the same line and status.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ log = logging.getLogger(__name__)
 SIGINT_STATUS = 130
 """Exit status of a run stopped by SIGINT (Ctrl+C): 128 + the signal's number, as a shell reports it."""
 
+SIGTERM_STATUS = 143
+"""Exit status of a run stopped by SIGTERM, likewise 128 + 15."""
+
 _STOPPED = "Stopped by SIGINT (Ctrl+C)."
+STOPPED_BY_SIGTERM = "Stopped by SIGTERM."
 
 
 def stopped_by_sigint() -> NoReturn:
@@ -32,7 +37,7 @@ def stopped_by_sigint() -> NoReturn:
 
 def main() -> None:
     """Run ``ecoflap`` on ``sys.argv`` (see :func:`ecoflap_pl.cli.main`), a Ctrl+C while it is imported included."""
-    with _sigint_exits_at_once():
+    with _signals_exit_at_once():
         from ecoflap_pl.cli import main as run_command  # seconds: torch, Lightning, transformers
     try:
         run_command()
@@ -41,27 +46,30 @@ def main() -> None:
 
 
 @contextmanager
-def _sigint_exits_at_once() -> Iterator[None]:
-    """Make SIGINT end the process at once, with :data:`SIGINT_STATUS`, while the command is imported.
+def _signals_exit_at_once() -> Iterator[None]:
+    """Make SIGINT and SIGTERM end the process at once, with their line and status, while the command is imported.
 
     A ``KeyboardInterrupt`` unwinding through half-done imports raises errors of its own (a half-initialised numpy
     answers the next lookup of one of its submodules with a ``RecursionError``) and makes ``python -m`` die by the
     signal when it crossed an ``exec`` of a dataclass's generated code. Nothing of the run has started yet, no file
-    is open for writing, so there is nothing to unwind: the handler says so and exits. A SIGINT that Python does
-    not turn into ``KeyboardInterrupt`` (ignored, as in a shell's background job) is left as it is.
+    is open for writing, so there is nothing to unwind: the handler says so and exits. A signal the user's shell or
+    launcher set to be ignored (SIGINT in a background job, ``nohup``) is left as it is.
     """
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
+    said = {signal.SIGINT: (_STOPPED, SIGINT_STATUS), signal.SIGTERM: (STOPPED_BY_SIGTERM, SIGTERM_STATUS)}
+    python_defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        log.warning(_STOPPED)
+        line, status = said[signal.Signals(signum)]
+        log.warning(line)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(SIGINT_STATUS)
+        os._exit(status)
 
-    signal.signal(signal.SIGINT, stop)
+    taken = [signum for signum, default in python_defaults.items() if signal.getsignal(signum) is default]
+    for signum in taken:
+        signal.signal(signum, stop)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum in taken:
+            signal.signal(signum, python_defaults[signum])

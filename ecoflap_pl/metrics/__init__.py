@@ -5,20 +5,23 @@
   :func:`write_vqa_results` writes the official test-server file.
 - :class:`RetrievalRecall`: text->image and image->text Recall@1/5/10 over the whole split;
   :func:`retrieval_recall` computes it from a precomputed similarity matrix.
+- :class:`TopKAccuracy`: the share of samples whose label is among the top K logits (ImageNet top-1 / top-5 and
+  NLVR2 accuracy); :func:`top_k_accuracy` is its functional form.
 
-NLVR2 accuracy and ImageNet top-1 / top-5 are not rewritten here: tasks use torchmetrics' own metrics,
-``torchmetrics.classification.BinaryAccuracy()`` for NLVR2 (label 1 = "True") and
-``MulticlassAccuracy(num_classes=1000, top_k=1, average="micro")`` / ``MulticlassAccuracy(..., top_k=5,
-average="micro")`` for ImageNet (``average="micro"`` is the plain fraction of correct images; the default
-``"macro"`` averages per class).
+Each metric takes an id per sample (``image_id``, ``question_id``, NLVR2's ``identifier``) and counts a repeated id
+once, so the samples a padding ``DistributedSampler`` repeats under DDP drop out and every number equals a
+one-device run. Top-K accuracy is torchmetrics' ``MulticlassAccuracy(top_k=k, average="micro")`` per sample:
+torchmetrics' own class keeps only sums, which cannot drop a repeated sample.
 
 Usage in a LightningModule: call ``metric.update(...)`` in ``validation_step`` (never ``metric(...)``: the
 caption scores start JVMs, scoring every batch would be slow), then in ``on_validation_epoch_end``
 ``self.log_dict({f"val/{k}": v for k, v in metric.compute().items()})`` and ``metric.reset()``. ``compute()``
-returns a ``dict[str, float]`` that is identical on every rank. All values are fractions (VQA accuracy 0.65, not
-65; CIDEr 1.2, not 120).
+returns a ``dict[str, float]`` that is identical on every rank; :class:`TopKAccuracy` returns a 0-dim tensor, so
+``self.log("val/top1", metric)`` in the step logs it and Lightning computes and resets it at the end of the epoch.
+All values are fractions (VQA accuracy 0.65, not 65; CIDEr 1.2, not 120).
 """
 
+from ecoflap_pl.metrics.accuracy import TopKAccuracy, top_k_accuracy
 from ecoflap_pl.metrics.caption import CAPTION_SCORE_KEYS, CaptionScores, caption_scores
 from ecoflap_pl.metrics.retrieval import RetrievalRecall, retrieval_recall
 from ecoflap_pl.metrics.vqa import ANSWER_TYPES, VQAAccuracy, vqa_accuracy, vqa_score, write_vqa_results
@@ -29,10 +32,12 @@ __all__ = [
     "CAPTION_SCORE_KEYS",
     "CaptionScores",
     "RetrievalRecall",
+    "TopKAccuracy",
     "VQAAccuracy",
     "caption_scores",
     "normalize_answer",
     "retrieval_recall",
+    "top_k_accuracy",
     "vqa_accuracy",
     "vqa_score",
     "write_vqa_results",

@@ -60,8 +60,8 @@ def first_occurrences(keys: Sequence[str]) -> list[bool]:
     return keep
 
 
-def sample_ids(ids: Sequence[int | str] | None, size: int, arg: str = "ids") -> list[str]:
-    """Ids as strings (``""`` for none), validated against the batch size."""
+def sample_ids(ids: Sequence[int | str | None] | None, size: int, arg: str = "ids") -> list[str]:
+    """Ids as strings, validated against the batch size; ``""`` (never dropped) where ``ids`` or one id is None."""
     if ids is None:
         return [""] * size
     if len(ids) != size:
@@ -70,10 +70,13 @@ def sample_ids(ids: Sequence[int | str] | None, size: int, arg: str = "ids") -> 
     for sample_id in ids:
         if isinstance(sample_id, Tensor):
             sample_id = sample_id.item()
+        if sample_id is None:
+            out.append("")
+            continue
         if isinstance(sample_id, bool) or not isinstance(sample_id, (int, str)) or sample_id == "":
             raise ValueError(
-                f"`{arg}` must hold ints or non-empty strings, got {sample_id!r}. "
-                "HINT: pass the dataset's image_id / question_id."
+                f"`{arg}` must hold ints or non-empty strings (None for a sample without an id), got {sample_id!r}. "
+                "HINT: pass the dataset's sample ids (image_id, question_id, NLVR2's identifier)."
             )
         out.append(str(sample_id))
     return out

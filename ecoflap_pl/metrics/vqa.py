@@ -6,12 +6,12 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
+from ecoflap_pl.metrics._states import ListStateMetric, cat_state, first_occurrences, sample_ids, text_state_dtypes
 from ecoflap_pl.metrics.vqa_normalization import normalize_answer, process_punctuation
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def vqa_score(prediction: str, answers: Sequence[str]) -> float:
 def _vqa_update(
     predictions: Sequence[str], answers: Sequence[Sequence[str]], answer_types: Sequence[str] | None
 ) -> tuple[Tensor, Tensor]:
-    """Per-type (``yes/no``, ``number``, ``other``, untyped) score units and question counts of one batch."""
+    """Score units and answer-type slot (``yes/no``, ``number``, ``other``, untyped) of each question of a batch."""
     if isinstance(predictions, str) or not all(isinstance(p, str) for p in predictions):
         raise TypeError(f"`predictions` must be a sequence of strings, got {predictions!r}.")
     if len(answers) != len(predictions):
@@ -70,8 +70,7 @@ def _vqa_update(
         raise ValueError(
             f"`answer_types` must hold one type per prediction ({len(predictions)}), got {len(answer_types)}."
         )
-    units = torch.zeros(len(ANSWER_TYPES) + 1, dtype=torch.int64)
-    counts = torch.zeros_like(units)
+    units, slots = [], []
     for i, (prediction, refs) in enumerate(zip(predictions, answers, strict=True)):
         _check_answers(refs)
         slot = len(ANSWER_TYPES)
@@ -82,59 +81,65 @@ def _vqa_update(
                     "HINT: pass answer_types=None to report the overall accuracy only."
                 )
             slot = ANSWER_TYPES.index(answer_types[i])
-        units[slot] += _score_numerator(prediction, refs) * (_UNITS // (3 * len(refs)))
-        counts[slot] += 1
-    return units, counts
+        units.append(_score_numerator(prediction, refs) * (_UNITS // (3 * len(refs))))
+        slots.append(slot)
+    return torch.tensor(units, dtype=torch.int64), torch.tensor(slots, dtype=torch.int64)
 
 
-def _vqa_compute(units: Tensor, counts: Tensor) -> dict[str, float]:
-    total = int(counts.sum())
-    if total == 0:
+def _vqa_compute(units: Tensor, slots: Tensor, keys: Sequence[str]) -> dict[str, float]:
+    """Accuracy overall and per answer type from each question's score units and slot, a repeated key once."""
+    if units.numel() == 0:
         raise ValueError("VQA accuracy needs at least one question, got none. HINT: call update() first.")
-    out = {"accuracy": int(units.sum()) / _UNITS / total}
+    keep = torch.tensor(first_occurrences(keys), dtype=torch.bool, device=units.device)
+    units, slots = units[keep], slots[keep]
+    size = len(ANSWER_TYPES) + 1
+    type_units = torch.zeros(size, dtype=torch.int64, device=units.device).index_add_(0, slots, units)
+    counts = torch.bincount(slots, minlength=size)
+    out = {"accuracy": int(units.sum()) / _UNITS / len(units)}
     for slot, key in enumerate(_TYPE_KEYS):
         if int(counts[slot]) > 0:
-            out[f"accuracy_{key}"] = int(units[slot]) / _UNITS / int(counts[slot])
+            out[f"accuracy_{key}"] = int(type_units[slot]) / _UNITS / int(counts[slot])
     return out
 
 
-class VQAAccuracy(Metric):
-    """Official VQA accuracy, overall and per answer type, as sums and counts that DDP all-reduces.
+class VQAAccuracy(ListStateMetric):
+    """Official VQA accuracy, overall and per answer type, over the whole split, each ``question_id`` once.
 
     Predictions are normalised like the official script (see ``vqa_normalization.py``) and scored by the
-    10-answer rule of :func:`vqa_score`. The states are integer sums, so a question a ``DistributedSampler``
-    repeats to pad the last batch counts twice: at most ``world_size - 1`` questions, which shifts the
-    accuracy by less than ``(world_size - 1) / num_questions``. For exact numbers on a split, evaluate on one
-    device or with a sampler that does not pad.
+    10-answer rule of :func:`vqa_score`. Each question's score (an integer number of units of 1/7560, exact in any
+    order and through a bf16 cast of the LightningModule), answer type and ``question_id`` go into ``cat`` states,
+    so under DDP :meth:`compute` sees every question and drops those a padding ``DistributedSampler`` repeats: the
+    accuracy equals a one-device run whatever the world size. Without ``question_ids`` every question counts,
+    repeats included.
 
     Example::
 
         metric = VQAAccuracy()
-        metric.update(["two"], [["2"] * 10], answer_types=["number"])
+        metric.update(["two"], [["2"] * 10], answer_types=["number"], question_ids=[262148000])
         metric.compute()  # {"accuracy": 1.0, "accuracy_number": 1.0}
 
     Args:
         **kwargs: forwarded to :class:`torchmetrics.Metric`.
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
+    _list_state_dtypes: ClassVar[dict[str, torch.dtype]] = {
+        "score_units": torch.int64,
+        "answer_type_slots": torch.int64,
+        **text_state_dtypes("id"),
+    }
 
-    score_units: Tensor
-    counts: Tensor
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        size = len(ANSWER_TYPES) + 1
-        self.add_state("score_units", default=torch.zeros(size, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("counts", default=torch.zeros(size, dtype=torch.int64), dist_reduce_fx="sum")
+    score_units: list[Tensor]
+    answer_type_slots: list[Tensor]
+    id_bytes: list[Tensor]
+    id_lengths: list[Tensor]
 
     def update(
         self,
         predictions: Sequence[str],
         answers: Sequence[Sequence[str]],
         answer_types: Sequence[str] | None = None,
+        question_ids: Sequence[int | str | None] | None = None,
     ) -> None:
         """Add a batch.
 
@@ -142,10 +147,14 @@ class VQAAccuracy(Metric):
             predictions: the model's answer per question.
             answers: the human answers per question (10 in VQAv2 / OK-VQA; 1 to 10 accepted).
             answer_types: ``"yes/no"``, ``"number"`` or ``"other"`` per question, or None (overall only).
+            question_ids: the ``question_id`` per question; a repeated id is scored once. None (or a None id): no
+                de-duplication of those questions.
         """
-        units, counts = _vqa_update(predictions, answers, answer_types)
-        self.score_units += units.to(self.score_units.device)
-        self.counts += counts.to(self.counts.device)
+        units, slots = _vqa_update(predictions, answers, answer_types)
+        keys = sample_ids(question_ids, len(predictions), arg="question_ids")
+        self.score_units.append(units.to(self.device))
+        self.answer_type_slots.append(slots.to(self.device))
+        self._append_texts("id", keys)
 
     def compute(self) -> dict[str, float]:
         """Accuracy as a fraction in [0, 1] (the official script prints 100 times this).
@@ -154,14 +163,19 @@ class VQAAccuracy(Metric):
             ``{"accuracy"}`` plus ``"accuracy_yes_no"``, ``"accuracy_number"``, ``"accuracy_other"`` for each
             answer type that has questions.
         """
-        return _vqa_compute(self.score_units, self.counts)
+        units = cat_state(self.score_units, torch.int64)
+        return _vqa_compute(units, cat_state(self.answer_type_slots, torch.int64), self._texts("id"))
 
 
 def vqa_accuracy(
-    predictions: Sequence[str], answers: Sequence[Sequence[str]], answer_types: Sequence[str] | None = None
+    predictions: Sequence[str],
+    answers: Sequence[Sequence[str]],
+    answer_types: Sequence[str] | None = None,
+    question_ids: Sequence[int | str | None] | None = None,
 ) -> dict[str, float]:
     """Functional form of :class:`VQAAccuracy` (same arguments as its ``update``, same keys as its ``compute``)."""
-    return _vqa_compute(*_vqa_update(predictions, answers, answer_types))
+    units, slots = _vqa_update(predictions, answers, answer_types)
+    return _vqa_compute(units, slots, sample_ids(question_ids, len(predictions), arg="question_ids"))
 
 
 def write_vqa_results(path: str | Path, question_ids: Sequence[int], answers: Sequence[str]) -> Path:

@@ -17,15 +17,16 @@ import torch
 import torch.nn.functional as F
 from timm.data import create_transform
 from torch import Tensor
-from torchmetrics.classification import MulticlassAccuracy
 from torchvision import transforms
 from typing_extensions import override
 
+from ecoflap_pl.metrics import TopKAccuracy
 from ecoflap_pl.tasks.base import EcoflapTask
 
 
 class ClassificationCollator:
-    """Turns ``{"image", "label"}`` samples into ``{"pixel_values": uint8 (B, C, H, W), "labels": (B,)}``.
+    """Turns ``{"image", "label", "image_id"}`` samples into ``{"pixel_values": uint8 (B, C, H, W), "labels": (B,),
+    "image_id": [B]}`` (``labels`` when every sample has one; ``image_id`` None for a sample without one).
 
     Args:
         transform: PIL image -> ``uint8`` tensor ``(C, H, W)``: timm's evaluation transform with
@@ -39,6 +40,7 @@ class ClassificationCollator:
         batch: dict[str, Any] = {"pixel_values": torch.stack([self.transform(s["image"]) for s in samples])}
         if all(sample.get("label") is not None for sample in samples):
             batch["labels"] = torch.tensor([int(sample["label"]) for sample in samples], dtype=torch.long)
+        batch["image_id"] = [sample.get("image_id") for sample in samples]
         return batch
 
 
@@ -48,7 +50,8 @@ class ImageClassificationTask(EcoflapTask):
     logits of ``uint8`` pixels).
 
     Loss: the cross-entropy of :meth:`loss_logits` against ``labels``. Metrics: top-1 and top-5 accuracy
-    (``top_k`` capped at the number of classes), logged ``val/top1``, ``val/top5`` (``test/`` likewise) with the
+    (:class:`~ecoflap_pl.metrics.TopKAccuracy`, ``top_k`` capped at the number of classes; a repeated ``image_id``
+    counts once, so DDP's padding repeats drop out), logged ``val/top1``, ``val/top5`` (``test/`` likewise) with the
     cross-entropy as ``val/loss``. ``predict_step`` returns ``{"prediction": (B,), "top5": (B, k), "scores": (B,
     k)}``.
 
@@ -81,9 +84,7 @@ class ImageClassificationTask(EcoflapTask):
         self.metrics.clear()
         for prefix in ("val", "test"):
             for k in (1, 5):
-                self.metrics[f"{prefix}_top{k}"] = MulticlassAccuracy(
-                    num_classes=num_classes, top_k=min(k, num_classes), average="micro"
-                )
+                self.metrics[f"{prefix}_top{k}"] = TopKAccuracy(top_k=min(k, num_classes))
 
     def normalize(self, pixel_values: Tensor) -> Tensor:
         """``uint8`` (or [0, 255] float) pixels -> the model's normalised float input."""
@@ -129,6 +130,6 @@ class ImageClassificationTask(EcoflapTask):
         self.log(f"{prefix}/loss", F.cross_entropy(logits, batch["labels"]), batch_size=size, sync_dist=True)
         for k in (1, 5):
             metric = self.metrics[f"{prefix}_top{k}"]
-            assert isinstance(metric, MulticlassAccuracy)  # the ModuleDict holds only these
-            metric.update(logits, batch["labels"])
+            assert isinstance(metric, TopKAccuracy)  # the ModuleDict holds only these
+            metric.update(logits, batch["labels"], ids=batch.get("image_id"))
             self.log(f"{prefix}/top{k}", metric, batch_size=size, prog_bar=k == 1)

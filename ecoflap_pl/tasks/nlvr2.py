@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torchmetrics.classification import MulticlassAccuracy
 from transformers import ProcessorMixin
 from typing_extensions import override
 
+from ecoflap_pl.metrics import TopKAccuracy
 from ecoflap_pl.models.loading import build_hf_model, check_tokenizer_source
 from ecoflap_pl.tasks.base import EcoflapTask
 from ecoflap_pl.tasks.families import family_for
@@ -67,8 +67,10 @@ class NLVR2Collator:
 class NLVR2Task(EcoflapTask):
     """ViLT (``ViltForImagesAndTextClassification``, two images) on NLVR2.
 
-    Loss: the model's own cross-entropy over {False, True}; metric: accuracy, logged as ``val/accuracy`` and
-    ``test/accuracy``. ``predict_step`` returns ``{"identifier", "prediction" (bool), "probability"}`` per sample.
+    Loss: the model's own cross-entropy over {False, True}; metric: accuracy (:class:`~ecoflap_pl.metrics.TopKAccuracy`
+    with ``top_k=1``; a repeated ``identifier`` counts once, so DDP's padding repeats drop out), logged as
+    ``val/accuracy`` and ``test/accuracy``. ``predict_step`` returns ``{"identifier", "prediction" (bool),
+    "probability"}`` per sample.
 
     Args:
         pretrained: a ``from_pretrained`` name or directory, e.g. ``dandelin/vilt-b32-finetuned-nlvr2``; its
@@ -104,8 +106,8 @@ class NLVR2Task(EcoflapTask):
             )
         self.processor = self.family_adapter.build_processor(self.model.config, pretrained, tokenizer)
         self.collator = NLVR2Collator(self.processor, max_length=self.model.config.max_position_embeddings)
-        self.val_accuracy = MulticlassAccuracy(num_classes=self.model.config.num_labels, average="micro")
-        self.test_accuracy = MulticlassAccuracy(num_classes=self.model.config.num_labels, average="micro")
+        self.val_accuracy = TopKAccuracy(top_k=1)
+        self.test_accuracy = TopKAccuracy(top_k=1)
 
     @override
     def forward(self, batch: dict[str, Any]) -> Any:
@@ -134,13 +136,13 @@ class NLVR2Task(EcoflapTask):
             for identifier, p in zip(batch["identifier"], probabilities.float().cpu(), strict=True)
         ]
 
-    def _evaluate(self, batch: dict[str, Any], metric: MulticlassAccuracy, prefix: str) -> None:
+    def _evaluate(self, batch: dict[str, Any], metric: TopKAccuracy, prefix: str) -> None:
         if "labels" not in batch:
             raise ValueError(f"NLVR2 {prefix} batches must carry `labels` (the sample's `label`), got none.")
         output = self(batch)
         batch_size = len(batch["identifier"])
         self.log(f"{prefix}/loss", output.loss, batch_size=batch_size, sync_dist=True)
-        metric.update(output.logits, batch["labels"])
+        metric.update(output.logits, batch["labels"], ids=batch["identifier"])
         self.log(f"{prefix}/accuracy", metric, batch_size=batch_size, prog_bar=True)
 
 

@@ -61,8 +61,9 @@ class VQATask(PromptedGenerationTask):
     FlanT5: prompt in the encoder, answer in the decoder); BLIP: its own answer-decoder loss; ViLT: its own BCE
     against the soft scores ``min(1, count / 3)``.
     Validation and test: beam-search answers (BLIP-2, BLIP; the prompt cut off and the text stripped) or the
-    top-scoring answer (ViLT), scored with :class:`~ecoflap_pl.metrics.VQAAccuracy` and logged as
-    ``val/accuracy``, ``val/accuracy_yes_no``, ``val/accuracy_number``, ``val/accuracy_other`` (``test/...``).
+    top-scoring answer (ViLT), scored with :class:`~ecoflap_pl.metrics.VQAAccuracy` (a repeated ``question_id``
+    counts once, so DDP's padding repeats drop out) and logged as ``val/accuracy``, ``val/accuracy_yes_no``,
+    ``val/accuracy_number``, ``val/accuracy_other`` (``test/...``).
     Questions without answers (test-dev / test splits) are not scored: their answers are gathered from every rank
     and rank 0 writes the official results file ``[{"question_id", "answer"}]`` to
     ``<results_dir>/vqa_<stage>_results.json``. ``predict_step`` returns ``[{"question_id", "answer"}]``.
@@ -213,6 +214,7 @@ class VQATask(PromptedGenerationTask):
                 [predictions[i] for i in scored],
                 [batch["answers"][i] for i in scored],
                 answer_types=types if all(t in ANSWER_TYPES for t in types) else None,
+                question_ids=[batch["question_id"][i] for i in scored],
             )
         self._unanswered[stage].extend(
             (int(batch["question_id"][i]), predictions[i]) for i in range(len(predictions)) if not batch["answers"][i]

@@ -1,5 +1,6 @@
-"""The ``ecoflap`` console script and ``python -m ecoflap_pl`` start light, so a Ctrl+C at any moment, the seconds
-spent importing torch, Lightning and transformers included, ends the run with one line and status 130."""
+"""The ``ecoflap`` console script and ``python -m ecoflap_pl`` start light, so a Ctrl+C (or a SIGTERM) at any moment,
+the seconds spent importing torch, Lightning and transformers included, ends the run with one line and status 130
+(143)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ecoflap_pl.entry_point import SIGINT_STATUS
+from ecoflap_pl.entry_point import SIGINT_STATUS, SIGTERM_STATUS
 from tests.robustness.cli_runs import interruptible
 
 CONSOLE_SCRIPT = Path(sysconfig.get_path("scripts")) / "ecoflap"
@@ -39,11 +40,20 @@ def test_the_package_names_load_on_first_use():
 
 
 @pytest.mark.parametrize(
+    ("signum", "status", "line"),
+    [
+        (signal.SIGINT, SIGINT_STATUS, "Stopped by SIGINT (Ctrl+C)."),
+        (signal.SIGTERM, SIGTERM_STATUS, "Stopped by SIGTERM."),
+    ],
+    ids=["SIGINT", "SIGTERM"],
+)
+@pytest.mark.parametrize(
     "command", [[str(CONSOLE_SCRIPT)], [sys.executable, "-m", "ecoflap_pl"]], ids=["console_script", "python_-m"]
 )
-def test_ctrl_c_while_the_command_imports_is_one_line(tmp_path, command):
+def test_a_signal_while_the_command_imports_is_one_line(tmp_path, command, signum, status, line):
     """The console script imported the whole CLI before any handler ran: a Ctrl+C then printed the import's traceback
-    and the process died by the signal."""
+    and the process died by the signal; a SIGTERM (``torchrun`` stopping the other ranks when one fails) killed it
+    without a word (status -15)."""
     stderr = tmp_path / "stderr.txt"
     with stderr.open("w", encoding="utf-8") as err:
         process = subprocess.Popen(
@@ -58,10 +68,10 @@ def test_ctrl_c_while_the_command_imports_is_one_line(tmp_path, command):
         while not _TORCH_IMPORTED.search(stderr.read_text(encoding="utf-8")):
             assert process.poll() is None and time.monotonic() < deadline, stderr.read_text(encoding="utf-8")[-3000:]
             time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         stdout, _ = process.communicate(timeout=120)
-    said = [line for line in stderr.read_text(encoding="utf-8").splitlines() if not line.startswith("import time:")]
-    assert process.returncode == SIGINT_STATUS == 130, said[-40:]
-    assert said[-1:] == ["Stopped by SIGINT (Ctrl+C)."], said[-40:]
-    assert not [line for line in said if "Traceback" in line or "KeyboardInterrupt" in line], said[-40:]
+    said = [text for text in stderr.read_text(encoding="utf-8").splitlines() if not text.startswith("import time:")]
+    assert process.returncode == status == 128 + signum, said[-40:]
+    assert said[-1:] == [line], said[-40:]
+    assert not [text for text in said if "Traceback" in text or "KeyboardInterrupt" in text], said[-40:]
     assert stdout == ""

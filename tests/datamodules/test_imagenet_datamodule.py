@@ -20,7 +20,8 @@ def test_train_and_val_layouts(tmp_path: Path, flat_val: bool) -> None:
     train = dm.dataset("train")
     assert [train[i]["label"] for i in range(len(train))] == [0, 0, 0, 1, 1, 1]
     sample = train[4]
-    assert set(sample) == {"image", "label"} and sample["image"].mode == "RGB"
+    assert set(sample) == {"image", "label", "image_id"} and sample["image"].mode == "RGB"
+    assert sample["image_id"] == f"{IMAGENET_WNIDS[1]}/{IMAGENET_WNIDS[1]}_1.JPEG"  # the path in the split folder
     assert sample["image"].getpixel((0, 0))[0] == pytest.approx(11, abs=3)
     val = dm.dataset("val")
     labels = sorted(val[i]["label"] for i in range(len(val)))
@@ -29,6 +30,13 @@ def test_train_and_val_layouts(tmp_path: Path, flat_val: bool) -> None:
     if flat_val:  # sorted by ImageId; image k has label k % 2
         assert [val[i]["label"] for i in range(len(val))] == [0, 1, 0, 1]
         assert Path(val.samples[0].images[0]) == tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG"
+    image_ids = [val[i]["image_id"] for i in range(len(val))]
+    assert len(set(image_ids)) == len(val)  # evaluation counts a repeated image_id once: each names one sample
+    assert (
+        image_ids[0] == "ILSVRC2012_val_00000001.JPEG"
+        if flat_val
+        else f"{IMAGENET_WNIDS[0]}/ILSVRC2012_val_00000001.JPEG"
+    )
 
 
 def test_kaggle_layout_finds_csv_three_levels_up(tmp_path: Path) -> None:
@@ -107,6 +115,17 @@ def test_csv_errors(tmp_path: Path) -> None:
         ImageNetDataModule(tmp_path).dataset("val")
     path.write_text("\n".join([*rows, "ILSVRC2012_val_00000009,"]))
     with pytest.raises(DataFormatError, match=r"line 6: expected 'ImageId,wnid' or 'ImageId,wnid x_min y_min x_max"):
+        ImageNetDataModule(tmp_path).dataset("val")
+
+
+def test_csv_listing_an_image_twice_is_refused(tmp_path: Path) -> None:
+    # evaluated twice on one device, once under DDP (a repeated image_id is a padding repeat): refused instead
+    write_imagenet(tmp_path, flat_val=True)
+    path = tmp_path / "LOC_val_solution.csv"
+    rows = path.read_text().splitlines()
+    path.write_text("\n".join([*rows, rows[2]]) + "\n")
+    expected = r"lists ImageId ILSVRC2012_val_00000002 twice \(lines 3 and 6\): its image would be evaluated twice\."
+    with pytest.raises(DataFormatError, match=expected + ".*HINT: the file is probably damaged"):
         ImageNetDataModule(tmp_path).dataset("val")
 
 

@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo): every metric gathered over 2 ranks equals the single-process value."""
+"""Two CPU processes (gloo): every metric gathered over 2 ranks equals the single-process value, also when the
+``DistributedSampler`` pads the last batch with a repeated sample (an odd-sized split)."""
 
 from __future__ import annotations
 
@@ -10,19 +11,41 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
-from ecoflap_pl.metrics import CaptionScores, RetrievalRecall, VQAAccuracy, retrieval_recall
+from ecoflap_pl.metrics import (
+    CaptionScores,
+    RetrievalRecall,
+    TopKAccuracy,
+    VQAAccuracy,
+    retrieval_recall,
+    top_k_accuracy,
+    vqa_accuracy,
+)
 from tests.distributed import free_port, gloo_group
 from tests.metrics.metric_data import (
     CAPTION_IDS,
     CAPTION_PREDICTIONS,
     CAPTION_REFERENCES,
-    VQA_EXPECTED,
     VQA_QUESTIONS,
     retrieval_data,
 )
 
 WORLD_SIZE = 2
 NUM_IMAGES = 7  # odd: the DistributedSampler pads rank 1 with a repeat of image 0
+NUM_QUESTIONS = 5  # odd: rank 1 gets a repeat of question 0 ("yes", scored 1.0)
+NUM_SAMPLES = 9  # odd: rank 1 gets a repeat of sample 0 (top-K data below)
+
+
+def _padded_indices(size: int, rank: int) -> list[int]:
+    """The indices a padding ``DistributedSampler`` deals ``rank`` of a split of ``size`` samples."""
+    return list(DistributedSampler(range(size), WORLD_SIZE, rank, shuffle=False))
+
+
+def _classification_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[9, 6]`` and labels; sample 0 is a top-1 hit, so counting its repeat again raises top-1."""
+    gen = torch.Generator().manual_seed(5)
+    logits, labels = torch.randn(NUM_SAMPLES, 6, generator=gen), torch.randint(0, 6, (NUM_SAMPLES,), generator=gen)
+    labels[0] = logits[0].argmax()
+    return logits, labels
 
 
 def _retrieval_update(metric: RetrievalRecall, indices: list[int]) -> None:
@@ -37,11 +60,29 @@ def _retrieval_update(metric: RetrievalRecall, indices: list[int]) -> None:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     with gloo_group(rank, WORLD_SIZE, port):
         results = {}
-        # VQA: every question on exactly one rank (sum states cannot drop a padding repeat)
+        # VQA: the questions as a DistributedSampler deals them, padding repeat included
         vqa = VQAAccuracy()
-        for prediction, answers, answer_type in VQA_QUESTIONS[rank::WORLD_SIZE]:
-            vqa.update([prediction], [answers], [answer_type])
+        for i in _padded_indices(NUM_QUESTIONS, rank):
+            prediction, answers, answer_type = VQA_QUESTIONS[i]
+            vqa.update([prediction], [answers], [answer_type], question_ids=[262148000 + i])
         results["vqa"] = vqa.compute()
+        # top-1 / top-5 (ids: ImageNet's image paths) and NLVR2 (2 classes, its identifiers), padding included
+        logits, labels = _classification_data()
+        indices = _padded_indices(NUM_SAMPLES, rank)
+        for k in (1, 5):
+            metric = TopKAccuracy(top_k=k)
+            for start in range(0, len(indices), 2):
+                batch = indices[start : start + 2]
+                metric.update(logits[batch], labels[batch], ids=[f"n0144/{i}.JPEG" for i in batch])
+            results[f"top{k}"] = float(metric.compute())
+        nlvr2 = TopKAccuracy()
+        nlvr2.update(logits[indices, :2], labels[indices] % 2, ids=[f"dev-{i}-0-0" for i in indices])
+        results["nlvr2"] = float(nlvr2.compute())
+        # top-1 where rank 1 saw nothing: its empty states must still gather
+        lonely = TopKAccuracy()
+        if rank == 0:
+            lonely.update(logits, labels, ids=list(range(NUM_SAMPLES)))
+        results["top1_one_rank"] = float(lonely.compute())
         # retrieval: the split as a DistributedSampler deals it, padding repeat included
         retrieval = RetrievalRecall()
         _retrieval_update(retrieval, list(DistributedSampler(range(NUM_IMAGES), WORLD_SIZE, rank, shuffle=False)))
@@ -69,9 +110,23 @@ def test_two_ranks_equal_one_process(tmp_path: Path, caption_scores_single: dict
     mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, start_method="fork")
     images, texts, text_to_image = retrieval_data(seed=3, num_images=NUM_IMAGES)
     retrieval_single = retrieval_recall(images @ texts.T, text_to_image)
+    predictions, answers, types = (list(column[:NUM_QUESTIONS]) for column in zip(*VQA_QUESTIONS, strict=True))
+    vqa_single = vqa_accuracy(predictions, answers, types)
+    # the old sums counted the repeat of question 0 again: a number that differs from the split's
+    assert vqa_single["accuracy"] != pytest.approx(
+        vqa_accuracy([*predictions, "yes"], [*answers, answers[0]])["accuracy"]
+    )
+    logits, labels = _classification_data()
+    single = {f"top{k}": float(top_k_accuracy(logits, labels, top_k=k)) for k in (1, 5)}
+    single["nlvr2"] = float(top_k_accuracy(logits[:, :2], labels % 2))
+    padded = torch.cat([torch.arange(NUM_SAMPLES), torch.tensor([0])])
+    assert single["top1"] != pytest.approx(float(top_k_accuracy(logits[padded], labels[padded])))
     for rank in range(WORLD_SIZE):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert results["vqa"] == pytest.approx(VQA_EXPECTED, abs=1e-15)
+        assert results["vqa"] == pytest.approx(vqa_single, abs=1e-15)
+        for key in ("top1", "top5", "nlvr2"):
+            assert results[key] == single[key], key  # integer counts: exactly the one-process number
+        assert results["top1_one_rank"] == single["top1"]
         assert results["retrieval"] == pytest.approx(retrieval_single, abs=1e-6)
         assert results["retrieval_one_rank"] == pytest.approx(retrieval_single, abs=1e-6)
         # the ranks gather the samples in another order: float sums may differ in the last bits

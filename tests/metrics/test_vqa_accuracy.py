@@ -112,6 +112,31 @@ def test_without_answer_types_only_the_overall_accuracy_is_reported() -> None:
     assert vqa_accuracy(predictions, answers) == pytest.approx({"accuracy": VQA_EXPECTED["accuracy"]})
 
 
+def test_a_repeated_question_id_is_scored_once() -> None:
+    # a padding DistributedSampler repeats questions; without ids the repeat counts again (the sum of old)
+    predictions, answers, types = (list(column) for column in zip(*VQA_QUESTIONS, strict=True))
+    ids = [262148000 + i for i in range(len(predictions))]
+    metric = VQAAccuracy()
+    metric.update(predictions, answers, types, question_ids=ids)
+    metric.update(predictions[4:5], answers[4:5], types[4:5], question_ids=ids[4:5])  # "t-shirt", scored 0.3
+    assert metric.compute() == pytest.approx(VQA_EXPECTED, abs=1e-15)
+    assert vqa_accuracy(predictions + predictions[4:5], answers + answers[4:5], types + types[4:5], ids + ids[4:5]) == (
+        pytest.approx(VQA_EXPECTED, abs=1e-15)
+    )
+    repeated = vqa_accuracy(predictions + predictions[4:5], answers + answers[4:5], types + types[4:5])
+    assert repeated["accuracy"] == pytest.approx((6 * VQA_EXPECTED["accuracy"] + 0.3) / 7, abs=1e-15)
+    # a question without an id (None) is never dropped
+    with_none = vqa_accuracy(predictions[4:5] * 2, answers[4:5] * 2, question_ids=[None, ids[4]])
+    assert with_none == pytest.approx({"accuracy": 0.3}, abs=1e-15)
+
+
+def test_question_ids_must_name_each_question() -> None:
+    with pytest.raises(ValueError, match=r"`question_ids` must have one id per sample \(1\), got 2"):
+        VQAAccuracy().update(["yes"], [["yes"] * 10], question_ids=[1, 2])
+    with pytest.raises(ValueError, match=r"`question_ids` must hold ints or non-empty strings .*got 1\.5"):
+        vqa_accuracy(["yes"], [["yes"] * 10], question_ids=[1.5])  # type: ignore[list-item]
+
+
 def _official_question_accuracy(prediction: str, answers: list[str]) -> float:
     """The official vqaEval.py loop body as LAVIS ships it, transcribed (answers as dicts with ids, removed by id)."""
     gts = [{"answer": answer, "answer_id": str(i + 1)} for i, answer in enumerate(answers)]

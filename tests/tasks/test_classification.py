@@ -21,7 +21,7 @@ from ecoflap_pl.models.tiny import TIMM_ARCHITECTURES, tiny_config
 from ecoflap_pl.models.tokenizers import train_tokenizer
 from ecoflap_pl.tasks.classification import ClassificationTask
 from ecoflap_pl.tasks.zero_shot import ZeroShotClassificationTask
-from tests.tasks.task_helpers import fit_changed_weights
+from tests.tasks.task_helpers import fit_changed_weights, validate_once_twice_and_on_two_processes
 
 CLASS_NAMES = ["tench", "goldfish", "great white shark"]
 TEMPLATES = ["a photo of a {}.", "a drawing of the {}."]
@@ -145,6 +145,25 @@ def test_timm_training_changes_weights_and_validation_logs_top1_top5(
         predictions = task(batch["pixel_values"]).argmax(-1)
     assert metrics["val/top1"] == pytest.approx(float((predictions == batch["labels"]).float().mean()))
     assert metrics["val/top5"] == 1.0  # 3 classes: top-5 is capped at top-3
+
+
+@pytest.mark.distributed
+def test_top1_top5_under_two_process_ddp_equal_one_process(trainer_factory: Callable[..., pl.Trainer]) -> None:
+    """5 images on 2 ranks: the DistributedSampler repeats image 0 on rank 1, which counts once."""
+    torch.manual_seed(0)
+    task = ClassificationTask(timm_model=TIMM_ARCHITECTURES["vit"], model_config=_timm_config(num_classes=8))
+    samples = [{**sample, "image_id": f"n01440764/{i}.JPEG"} for i, sample in enumerate(_samples(5))]
+    with torch.no_grad():
+        order = task.eval()(task.collator(samples)["pixel_values"]).argsort(dim=-1, descending=True)
+    # labels from the model's own ranking: image 0 a top-1 hit; 2 of 5 top-1 hits, 3 of 5 top-5 hits
+    for sample, row, rank in zip(samples, order.tolist(), (0, 7, 1, 7, 0), strict=True):
+        sample["label"] = row[rank]
+    single, repeat_counted, distributed = validate_once_twice_and_on_two_processes(
+        task, samples, "image_id", trainer_factory
+    )
+    assert (single["val/top1"], single["val/top5"]) == (pytest.approx(2 / 5), pytest.approx(3 / 5))
+    assert (repeat_counted["val/top1"], repeat_counted["val/top5"]) == (pytest.approx(3 / 6), pytest.approx(4 / 6))
+    assert (distributed["val/top1"], distributed["val/top5"]) == (single["val/top1"], single["val/top5"])
 
 
 @pytest.mark.parametrize(("gradient_clip_val", "fused"), [(None, True), (0.5, None)])

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from ecoflap_pl.models.tiny import tiny_config
 from ecoflap_pl.models.tokenizers import train_tokenizer
 from ecoflap_pl.tasks.nlvr2 import NLVR2Task
-from tests.tasks.task_helpers import fit_changed_weights
+from tests.tasks.task_helpers import fit_changed_weights, validate_once_twice_and_on_two_processes
 
 SENTENCES = ["the left image has two dogs", "there is a cat in the right image", "one image shows a red bus"]
 
@@ -101,6 +101,26 @@ def test_training_changes_weights_and_validation_logs_accuracy(
     assert metrics["val/accuracy"] == pytest.approx(correct / 4)
     (test_metrics,) = trainer.test(task, dataloaders=loader, verbose=False)
     assert test_metrics["test/accuracy"] == pytest.approx(correct / 4)
+
+
+@pytest.mark.distributed
+def test_accuracy_under_two_process_ddp_equals_one_process(
+    task: NLVR2Task, trainer_factory: Callable[..., pl.Trainer]
+) -> None:
+    """5 samples on 2 ranks: the DistributedSampler repeats dev-0-0-0 on rank 1, which counts once."""
+    samples = _samples(5)
+    task.model.eval()
+    with torch.no_grad():
+        predicted = task(task.collator(samples)).logits.argmax(-1).tolist()
+    # labels from the model's own predictions: sample 0 right, 3 of 5 right
+    for sample, prediction, right in zip(samples, predicted, (True, False, True, False, True), strict=True):
+        sample["label"] = prediction if right else 1 - prediction
+    single, repeat_counted, distributed = validate_once_twice_and_on_two_processes(
+        task, samples, "identifier", trainer_factory
+    )
+    assert single["val/accuracy"] == pytest.approx(3 / 5)
+    assert repeat_counted["val/accuracy"] == pytest.approx(4 / 6)
+    assert distributed["val/accuracy"] == single["val/accuracy"]
 
 
 def test_predict_step_returns_one_prediction_per_identifier(task: NLVR2Task) -> None:

@@ -15,7 +15,7 @@ from ecoflap_pl.models.tokenizers import IMAGE_ID
 from ecoflap_pl.tasks.labels import IGNORE_INDEX
 from ecoflap_pl.tasks.vqa import VQATask
 from ecoflap_pl.tasks.vqa_heads import blip_generate, soft_scores
-from tests.tasks.task_helpers import fit_changed_weights
+from tests.tasks.task_helpers import fit_changed_weights, validate_once_twice_and_on_two_processes
 
 FAMILIES = ("blip2_opt", "blip2_t5", "blip", "vilt")
 ANSWER_LIST = ["red", "blue", "two", "one", "yes", "no"]
@@ -160,6 +160,27 @@ def test_validation_logs_overall_and_per_type_accuracy(tiny_setup, trainer_facto
     assert {"val/accuracy", "val/accuracy_yes_no", "val/accuracy_number", "val/accuracy_other"} <= set(metrics)
     assert 0.0 <= metrics["val/accuracy"] <= 1.0
     assert "val" not in task.results_paths  # annotated: scored, no results file
+
+
+@pytest.mark.distributed
+def test_accuracy_under_two_process_ddp_equals_one_process(tiny_setup, trainer_factory, vqa_samples):
+    """5 questions on 2 ranks: the DistributedSampler repeats question 1000 on rank 1, which is scored once."""
+    task = _task(tiny_setup, "vilt")
+    samples = [{**vqa_samples[i % 3], "question_id": 1000 + i} for i in range(5)]
+    with torch.no_grad():
+        predicted = task.eval().answer(task.collator(samples))
+    # human answers from the model's own answers: question 0 scores 1; the split (1 + 0 + 1 + 0.6 + 0) / 5
+    for sample, prediction, matching in zip(samples, predicted, (10, 0, 10, 2, 0), strict=True):
+        other = next(answer for answer in ANSWER_LIST if answer != prediction)
+        sample["answers"] = [prediction] * matching + [other] * (10 - matching)
+        sample["answer"] = sample["answers"][0]
+    single, repeat_counted, distributed = validate_once_twice_and_on_two_processes(
+        task, samples, "question_id", trainer_factory
+    )
+    assert single["val/accuracy"] == pytest.approx(2.6 / 5)
+    assert repeat_counted["val/accuracy"] == pytest.approx(3.6 / 6)
+    per_type = {key: value for key, value in single.items() if key.startswith("val/accuracy")}
+    assert {key: distributed[key] for key in per_type} == per_type
 
 
 def test_unannotated_test_split_writes_the_official_results_file(
