@@ -9,7 +9,7 @@ the LightningModule (``module.to(torch.bfloat16)`` converts every floating-point
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -50,13 +50,16 @@ def cat_state(state: Tensor | list[Tensor], dtype: torch.dtype) -> Tensor:
     return dim_zero_cat(state).to(dtype)
 
 
-def first_occurrences(keys: Sequence[str]) -> list[bool]:
-    """Keep-mask that drops repeated keys (the padding a ``DistributedSampler`` adds); ``""`` means "no key"."""
-    seen: set[str] = set()
+def first_occurrences(keys: Sequence[Hashable]) -> list[bool]:
+    """Keep-mask that drops repeated keys (the padding a ``DistributedSampler`` adds); ``""`` or None: "no key",
+    never dropped."""
+    seen: set[Hashable] = set()
     keep = []
     for key in keys:
-        keep.append(key == "" or key not in seen)
-        seen.add(key)
+        unkeyed = key is None or key == ""
+        keep.append(unkeyed or key not in seen)
+        if not unkeyed:
+            seen.add(key)
     return keep
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ecoflap_pl.metrics._states import first_occurrences
 from ecoflap_pl.tasks.distributed import gather_objects, gather_tensors, pad_cat, rank_and_world_size
 
 
@@ -68,14 +68,3 @@ def gather_split(parts: list[dict[str, Any]], with_hidden: bool) -> Split:
         rank=rank,
         world_size=world_size,
     )
-
-
-def first_occurrences(ids: Sequence[int | str | None]) -> list[bool]:
-    """Keep-mask dropping repeated image ids (a padding ``DistributedSampler`` repeats samples); None never repeats."""
-    seen: set[int | str] = set()
-    keep = []
-    for image_id in ids:
-        keep.append(image_id is None or image_id not in seen)
-        if image_id is not None:
-            seen.add(image_id)
-    return keep

@@ -225,7 +225,7 @@ class VQATask(PromptedGenerationTask):
         if self.trainer.sanity_checking:
             metric.reset()
             return
-        if metric.update_count > 0:
+        if any_rank(metric.update_count > 0):  # compute() gathers from every rank: all of them, or none
             for key, value in metric.compute().items():
                 self.log(f"{stage}/{key}", value, prog_bar=key == "accuracy")
             metric.reset()

@@ -22,6 +22,7 @@ def test_texts_round_trip_through_uint8_tensors() -> None:
 
 def test_first_occurrences_keeps_the_first_of_each_id_and_every_unnamed_sample() -> None:
     assert first_occurrences(["1", "2", "1", "", "", "2", "3"]) == [True, True, False, True, True, False, True]
+    assert first_occurrences([7, None, 7, "7", None, 8]) == [True, True, False, True, True, True]  # retrieval's ids
     assert sample_ids([7, "coco_1", torch.tensor(3)], 3) == ["7", "coco_1", "3"]
     assert sample_ids(None, 2) == ["", ""]
     assert sample_ids([5, None], 2) == ["5", ""]  # a sample without an id is never dropped

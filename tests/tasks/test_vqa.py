@@ -183,6 +183,26 @@ def test_accuracy_under_two_process_ddp_equals_one_process(tiny_setup, trainer_f
     assert {key: distributed[key] for key in per_type} == per_type
 
 
+@pytest.mark.distributed
+def test_a_rank_without_annotated_questions_under_ddp(tiny_setup, trainer_factory, vqa_samples, tmp_path):
+    """Questions 0 and 2 annotated, 1 and 3 not: the DistributedSampler gives rank 1 only unannotated ones. Each rank
+    decided alone whether to compute the accuracy (a gather across ranks), so rank 1 skipped the gather rank 0 waited
+    in."""
+    task = _task(tiny_setup, "vilt")
+    task.results_dir = str(tmp_path / "results")
+    samples = [{**vqa_samples[i % 3], "question_id": 1000 + i} for i in range(4)]
+    for i in (1, 3):
+        samples[i] = {**samples[i], "answers": [], "answer_type": "", "answer": ""}
+    loader = DataLoader(samples, batch_size=2, collate_fn=task.collator)
+    single = trainer_factory().validate(task, dataloaders=loader, verbose=False)[0]
+    trainer = trainer_factory(strategy="ddp_spawn", devices=2, use_distributed_sampler=True)
+    distributed = trainer.validate(task, dataloaders=loader, verbose=False)[0]
+    assert set(single) == set(distributed) >= {"val/accuracy"}
+    assert distributed == pytest.approx(single)
+    written = json.loads((tmp_path / "results" / "vqa_val_results.json").read_text(encoding="utf-8"))
+    assert sorted(entry["question_id"] for entry in written) == [1001, 1003]
+
+
 def test_unannotated_test_split_writes_the_official_results_file(
     tiny_setup, trainer_factory, vqa_test_samples, tmp_path
 ):
