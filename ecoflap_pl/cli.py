@@ -55,6 +55,11 @@ from ecoflap_pl.tasks.base import EcoflapTask
 
 log = logging.getLogger(__name__)
 
+warn_on_rank_zero = rank_zero_only(log.warning)
+"""``log.warning`` on global rank 0 only: under ``torchrun`` or ``srun`` every rank runs the whole command, and under
+Lightning's own DDP launch the processes it starts run it again, so each would say the same warning. The rank is the
+one :func:`refusal_on_this_rank` reads."""
+
 
 class EcoflapTrainer(pl.Trainer):
     """The Lightning ``Trainer`` plus :meth:`prune`, the ``ecoflap prune`` subcommand."""
@@ -103,7 +108,7 @@ class EcoflapTrainer(pl.Trainer):
                 f"{list(callback.stages)}. HINT: add 'fit' to pruning.stages."
             )
         if callback.save_to is None:
-            log.warning("`pruning.save_to` is not set: the pruned model is only reported, not saved.")
+            warn_on_rank_zero("`pruning.save_to` is not set: the pruned model is only reported, not saved.")
         self.fit_loop.epoch_loop.max_steps = 0
         self.num_sanity_val_steps = 0
         # No step is taken: no summary of a model about to be trained, no advice on logging the steps of an epoch.
@@ -168,6 +173,11 @@ class EcoflapCLI(LightningCLI):
 
     @override
     def instantiate_classes(self) -> None:
+        self._instantiate_classes(splits_read=None)
+
+    def _instantiate_classes(self, splits_read: EcoflapDataModule | None) -> None:
+        """Check the settings, read the data (unless ``splits_read`` holds the splits already), then build the task,
+        the DataModule and the Trainer."""
         try:
             if self.subcommand is not None:
                 check_trainer_hardware(self._get(self.config, "trainer"))
@@ -175,7 +185,7 @@ class EcoflapCLI(LightningCLI):
                 # Every pruning setting (semi_structured on a machine without a GPU too) is checked by building the
                 # callback, which costs nothing, before the data is read and the model built (it is built after them).
                 ECoFLaPPruning(**self._get(self.config, "pruning").as_dict())
-            checked = self._read_data_first()
+            checked = self._read_data_first() if splits_read is None else splits_read
             super().instantiate_classes()
             if checked is not None and isinstance(self.datamodule, EcoflapDataModule):
                 self.datamodule.reuse_splits(checked)
@@ -266,7 +276,7 @@ class EcoflapCLI(LightningCLI):
         after = _model_arguments(settings)
         replaced = {key: (before[key], after.get(key)) for key in before if before[key] != after.get(key)}
         if replaced:
-            log.warning(
+            warn_on_rank_zero(
                 "The checkpoint's hyperparameters replace these model arguments of the config: %s. The model is "
                 "rebuilt as it was trained, so that the checkpoint's weights fit it.",
                 ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in sorted(replaced.items())),
@@ -284,8 +294,9 @@ class EcoflapCLI(LightningCLI):
     def _resolve_ckpt_path(self, subcommand: str) -> None:
         """Resolve a ``ckpt_path`` that Lightning finds itself (``last``, ``best``, ``hpc``, a model registry name)
         with the Trainer's own resolution, give the file it finds the checks a ``ckpt_path`` file gets (whole,
-        resumable by ``fit``, written by the config's task), and run with that file, so that the checks after this
-        one (pruned or not, ``save_to``) read it too and Lightning does not resolve it again.
+        resumable by ``fit`` and ``prune``, written by the config's task) and its hyperparameters
+        (:meth:`_rebuild_as_trained`), and run with that file, so that the checks after this one (pruned or not,
+        ``save_to``) read it too and Lightning does not resolve it again.
 
         Lightning resolves these names from the Trainer's checkpoint callbacks and loggers (``last``: the newest
         ``last*.ckpt`` in their folders), which LightningCLI builds together with the model: this runs once the model
@@ -319,6 +330,27 @@ class EcoflapCLI(LightningCLI):
             if written_by is not None and written_by != task:
                 raise ValueError(_other_task_message(f"{ckpt_path!r} ({resolved})", written_by, task))
         self.config[subcommand]["ckpt_path"] = self.config_init[subcommand]["ckpt_path"] = resolved
+        if resolved is not None:
+            self._rebuild_as_trained(subcommand)
+
+    def _rebuild_as_trained(self, subcommand: str) -> None:
+        """Give the file a Lightning name resolved to what LightningCLI gives a ``ckpt_path`` file before it builds
+        the model: its hyperparameters replace the config's model arguments (a warning names them). Where they
+        replace any, the run is built again from the new config, as it would be given the file (seeded again, the
+        splits already read reused): the model first built is not the one the checkpoint was written by (another
+        width fails to restore; another argument changes the model without a word)."""
+        settings = self.config.get(subcommand)
+        before = (_model_class(settings), _model_arguments(settings))
+        self._parse_ckpt_path()
+        settings = self.config.get(subcommand)
+        if (_model_class(settings), _model_arguments(settings)) == before:
+            return
+        splits_read = self.datamodule if isinstance(self.datamodule, EcoflapDataModule) else None
+        del self.model, self.trainer, self.config_init  # the first model, freed before the second is built
+        self._set_seed()
+        self.before_instantiate_classes()
+        self._instantiate_classes(splits_read)
+        self.after_instantiate_classes()
 
     def _check_before_launch(self, subcommand: str) -> None:
         """Under a strategy that starts processes (DDP on several devices), run the pruning callback's checks before
@@ -389,7 +421,7 @@ class EcoflapCLI(LightningCLI):
             ckpt_path is not None and Path(ckpt_path).is_file() and callback.checkpoint_is_pruned(ckpt_path)
         )
         if not pruned_checkpoint and self.subcommand not in callback.stages:
-            log.warning(
+            warn_on_rank_zero(
                 "`compare_dense` has nothing to compare: `pruning.stages` is %s, so `%s` does not prune. The model is "
                 "evaluated once, dense. HINT: add '%s' to pruning.stages.",
                 list(callback.stages),
@@ -456,12 +488,13 @@ def _check_ckpt_path_exists(ckpt_path: str) -> None:
 
 def _check_checkpoint_file(ckpt_path: str, subcommand: str) -> Any:
     """The checks of a ``ckpt_path`` file before it is restored: whole (its checksums), a readable checkpoint, and
-    for ``fit`` one that can be resumed: Lightning finds out that a weights-only checkpoint
-    (``ModelCheckpoint(save_weights_only=True)``) cannot only when it restores the optimizers, after the model is built
-    and restored, with a traceback. Return the checkpoint, read memory-mapped: the weights are not loaded.
+    for ``fit`` and ``prune`` (``fit`` with no step) one that can be resumed: Lightning finds out that a weights-only
+    checkpoint (``ModelCheckpoint(save_weights_only=True)``) cannot only when it restores the optimizers, after the
+    model is built and restored, with a traceback. Return the checkpoint, read memory-mapped: the weights are not
+    loaded.
 
     Raises:
-        ConfigurationError: the file is damaged or not a readable checkpoint, or ``fit`` cannot resume it.
+        ConfigurationError: the file is damaged or not a readable checkpoint, or ``fit``/``prune`` cannot resume it.
     """
     try:
         check_checkpoint_file(ckpt_path)  # before any of it is loaded
@@ -471,13 +504,23 @@ def _check_checkpoint_file(ckpt_path: str, subcommand: str) -> Any:
         checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as error:  # torch raises several types for files that are not checkpoints
         raise ConfigurationError(str(unreadable_checkpoint(ckpt_path, error))) from error
-    if subcommand == "fit" and isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:
-        raise ConfigurationError(
-            f"`ckpt_path` {ckpt_path!r} holds the weights only (`ModelCheckpoint(save_weights_only=True)`), without "
-            "the optimizer state that `fit` resumes. HINT: resume from a checkpoint saved without save_weights_only, "
-            "or evaluate this one with `ecoflap validate` or `ecoflap test --ckpt_path` (its masks come with it)."
-        )
+    if subcommand in _RESTORES_OPTIMIZERS and isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:
+        weights_only = f"`ckpt_path` {ckpt_path!r} holds the weights only (`ModelCheckpoint(save_weights_only=True)`)"
+        raise ConfigurationError(f"{weights_only}, {_RESTORES_OPTIMIZERS[subcommand]}")
     return checkpoint
+
+
+_RESTORES_OPTIMIZERS = {
+    "fit": "without the optimizer state that `fit` resumes. HINT: resume from a checkpoint saved without "
+    "save_weights_only, or evaluate this one with `ecoflap validate` or `ecoflap test --ckpt_path` (its masks come "
+    "with it).",
+    "prune": "without the optimizer state that `prune` restores (it runs `fit` with no step, and Lightning's `fit` "
+    "restores a checkpoint whole). HINT: prune from a checkpoint saved without save_weights_only, or run `ecoflap "
+    "validate --ckpt_path` on this one: it restores the weights only, keeps the masks of a pruned checkpoint, and "
+    "prunes a dense one (saved to `--pruning.save_to DIR`).",
+}
+"""The subcommands whose run restores a checkpoint's optimizer state (refusing a weights-only one), and the rest of
+the message that refuses it."""
 
 
 def _check_no_unseen_last_checkpoint(root: Path) -> None:
@@ -585,6 +628,21 @@ def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
+class EcoflapArgumentParser(LightningArgumentParser):
+    """The command's parsers: ``--help`` and the usage are printed on global rank 0 only (every rank of a ``torchrun``
+    or ``srun`` run parses the command line: each printed the whole help)."""
+
+    @override
+    @rank_zero_only
+    def print_help(self, *args: Any, **kwargs: Any) -> None:
+        super().print_help(*args, **kwargs)
+
+    @override
+    @rank_zero_only
+    def print_usage(self, *args: Any, **kwargs: Any) -> None:
+        super().print_usage(*args, **kwargs)
+
+
 def build_cli(args: list[str] | None = None, **kwargs: Any) -> EcoflapCLI:
     """The ``ecoflap`` CLI over ``args``: any task and DataModule by ``class_path``, the ``EcoflapTrainer``.
 
@@ -598,6 +656,7 @@ def build_cli(args: list[str] | None = None, **kwargs: Any) -> EcoflapCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_class=EcoflapTrainer,
+        parser_class=EcoflapArgumentParser,
         args=args,
         **kwargs,
     )
@@ -702,7 +761,7 @@ class _PrintVersions(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
         packages = ("ecoflap-pl", "torch", "lightning", "transformers", "timm", "accelerate")
-        sys.stdout.write("".join(f"{name} {importlib.metadata.version(name)}\n" for name in packages))
+        rank_zero_only(sys.stdout.write)("".join(f"{name} {importlib.metadata.version(name)}\n" for name in packages))
         parser.exit()
 
 

@@ -55,7 +55,8 @@ CKPT_PATH_HELP = {
     "pruning.stages names predict.",
     "prune": "The checkpoint to start from: "
     + _CHECKPOINT
-    + " One saved after pruning is not pruned again (its masks are restored).",
+    + " One saved after pruning is not pruned again (its masks are restored). Restored as fit restores it, optimizer "
+    "state included: one saved with save_weights_only is refused.",
 }
 """``--ckpt_path`` of each subcommand (Lightning's speaks of "the previous ``trainer.fit`` call" of a script)."""
 

@@ -12,10 +12,10 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,10 @@ def _signals_exit_at_once() -> Iterator[None]:
     default restored in between, a SIGTERM at that moment killed the process without a word (status -15).
     """
     said = {signal.SIGINT: (_STOPPED, SIGINT_STATUS), signal.SIGTERM: (STOPPED_BY_SIGTERM, SIGTERM_STATUS)}
-    python_defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    python_defaults: dict[signal.Signals, Callable[[int, FrameType | None], Any] | signal.Handlers] = {
+        signal.SIGINT: signal.default_int_handler,
+        signal.SIGTERM: signal.SIG_DFL,
+    }
 
     def stop(signum: int, frame: FrameType | None) -> None:
         line, status = said[signal.Signals(signum)]

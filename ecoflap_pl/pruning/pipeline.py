@@ -245,7 +245,8 @@ def _check_shards(sizes: Sequence[int], config: PruningConfig, world_size: int, 
 
 
 def _warn_once(rank: int, message: str | None) -> None:
-    """Log ``message`` as a warning on rank 0 only: every rank holds the same batches and would say the same."""
+    """Log ``message`` as a warning on rank 0 only: every rank holds the same model and batch sizes, and would say the
+    same (the engine sees no Lightning, so the rank is the one it is given)."""
     if message is not None and rank == 0:
         logger.warning(message)
 
@@ -324,7 +325,7 @@ def _plan(
                 "HINT: `loss_fn` must run the model's forward pass."
             )
         for stack in skipped:
-            logger.warning("Stack %s never runs in the calibration loss; it is left dense.", stack.name)
+            _warn_once(rank, f"Stack {stack.name} never runs in the calibration loss; it is left dense.")
         candidates = find_candidates(model, ran, config)
     # A stack with nothing to prune (BLIP-2's excluded Q-Former) is neither replayed nor counted.
     ran = [stack for stack in ran if any(c.stack == stack.name for c in candidates)]
@@ -577,10 +578,10 @@ def prune(
         prior_zeros = _prior_zeros(model, plan.candidates, residency)
         prior_sparsity = sum(prior_zeros.values()) / max(sum(c.numel for c in plan.candidates), 1)
         if prior_sparsity >= _PRIOR_SPARSITY_WARNING:
-            logger.warning(
-                "%.1f%% of the candidate weights are already zero before pruning (a model pruned before, or "
-                "dequantised). They stay pruned: the masks and the achieved sparsity include them.",
-                100 * prior_sparsity,
+            _warn_once(
+                rank,
+                f"{100 * prior_sparsity:.1f}% of the candidate weights are already zero before pruning (a model pruned "
+                "before, or dequantised). They stay pruned: the masks and the achieved sparsity include them.",
             )
         device = next(model.parameters()).device
         fine_batches = _shard(_leading_batches(calibration_batches, config.fine_samples), rank, world_size)

@@ -1,9 +1,9 @@
 """``ecoflap`` started once per rank by ``torchrun`` or ``srun``: a refusal is printed whole on global rank 0 only,
-one line on each other rank, and every rank ends with status 2.
+one line on each other rank, and every rank ends with status 2; the command's warnings, ``--help`` and ``--version``
+are printed on global rank 0 only.
 
-Each rank is a separate process with the launcher's environment (refused before any process group is created, so
-the ranks need not meet); ``test_torchrun_prints_a_refusal_met_after_the_process_group_once`` runs the real
-``torchrun``.
+Each rank is a separate process with the launcher's environment (done before any process group is created, so the
+ranks need not meet); the tests named ``test_torchrun_*`` run the real ``torchrun``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from ecoflap_pl.cli import main
 from tests.distributed import free_port
 from tests.robustness.cli_runs import vit_config
 
@@ -136,3 +140,57 @@ def test_torchrun_prints_a_refusal_met_after_the_process_group_once(tmp_path, de
     if codes[1] != 143:
         assert "[rank: 1] error (configuration error): " in output, output[-3000:]
     assert not list(Path(tmp_path / "run").rglob("pruning_report.json"))
+
+
+def test_help_is_printed_on_rank_0_only():
+    """Every rank printed the whole help: about 750 lines for `validate --help`."""
+    first, second = _run_ranks("torchrun", "validate", "--help")
+    assert first.returncode == second.returncode == 0, first.stderr[-3000:] + second.stderr[-3000:]
+    assert "--ckpt_path" in first.stdout, first.stdout[-3000:]
+    assert second.stdout == "", second.stdout[-3000:]
+
+
+def test_versions_are_printed_on_rank_0_only(capsys, monkeypatch):
+    """As rank 1 of a launcher: the rank Lightning reads from its environment when imported."""
+    for rank, printed in ((0, True), (1, False)):
+        monkeypatch.setattr(rank_zero_only, "rank", rank)
+        with pytest.raises(SystemExit) as exit_:
+            main(["--version"])
+        assert exit_.value.code == 0
+        assert ("lightning " in capsys.readouterr().out) is printed, rank
+
+
+def test_a_warning_of_the_command_is_printed_on_rank_0_only(tmp_path, demo_data):
+    """The command's own warnings (here: a `ckpt_path` whose hyperparameters replace the config's model arguments, said
+    while the config is parsed, before a refused setting ends the run) were printed once per rank."""
+    config = vit_config(tmp_path, demo_data)
+    model = yaml.safe_load(Path(config).read_text(encoding="utf-8"))["model"]
+    hyperparameters = {**model["init_args"], "model_config": {**model["init_args"]["model_config"], "depth": 3}}
+    checkpoint = tmp_path / "deeper.ckpt"
+    torch.save({"hyper_parameters": {**hyperparameters, "_class_path": model["class_path"]}}, checkpoint)
+    first, second = _run_ranks(
+        "torchrun", "validate", "-c", config, f"--ckpt_path={checkpoint}", "--pruning.sparsity=1.5"
+    )
+    assert first.returncode == second.returncode == 2, first.stderr[-3000:] + second.stderr[-3000:]
+    replaced = "The checkpoint's hyperparameters replace these model arguments of the config: model_config"
+    assert first.stderr.count(replaced) == 1, first.stderr[-3000:]
+    assert replaced not in second.stderr, second.stderr[-3000:]
+    assert "`sparsity` must be in [0, 1)" in first.stderr and "[rank: 1] error" in second.stderr
+
+
+@pytest.mark.distributed
+def test_torchrun_prints_a_warning_of_prune_once(tmp_path, demo_data):
+    """`ecoflap prune` without `save_to` warns that the pruned model is not saved: each rank said it."""
+    config = vit_config(tmp_path, demo_data, coarse_samples=8)  # a calibration batch of 4 for each rank
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+        + ["-m", "ecoflap_pl", "prune", "-c", config, *DDP_ON_TWO_CPUS],
+        capture_output=True,
+        text=True,
+        env={**_without_launchers(dict(os.environ)), "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-3000:]
+    assert output.count("`pruning.save_to` is not set: the pruned model is only reported, not saved.") == 1, output
+    assert len(list(Path(tmp_path / "run").rglob("pruning_report.json"))) == 1

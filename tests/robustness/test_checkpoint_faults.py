@@ -25,7 +25,7 @@ from ecoflap_pl.cli import EcoflapTrainer
 from ecoflap_pl.export import atomic
 from tests.callbacks.callback_toys import FAST, ToyData, ToyTask
 from tests.robustness import test_cli_faults
-from tests.robustness.cli_runs import TRAINER, run_ecoflap, vit_config
+from tests.robustness.cli_runs import TRAINER, folder_digest, run_ecoflap, vit_config
 from tests.robustness.test_cli_faults import short_error
 from tests.trainers import quiet_trainer
 
@@ -112,6 +112,26 @@ def test_resuming_fit_from_last_when_it_is_weights_only_is_refused_before_the_ru
     assert [path.name for path in (tmp_path / "run").rglob("*") if path.is_file()] == ["last.ckpt"]
 
 
+@pytest.mark.parametrize("ckpt_path", ["file", "last"])
+def test_prune_from_a_weights_only_checkpoint_is_refused_before_pruning(
+    capsys, tmp_path, demo_data, pruned_run, ckpt_path
+):
+    """`prune` runs `fit` with no step, and Lightning's `fit` restores the optimizer state: a weights-only checkpoint
+    ended in Lightning's KeyError traceback, after the model was built and restored. It gets `fit`'s check (a file:
+    before the model is built; `last`: once Lightning's resolution finds the file, before the run)."""
+    checkpoint, _ = pruned_run
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    for key in ("optimizer_states", "lr_schedulers"):  # what Lightning leaves out of a weights-only checkpoint
+        del state[key]
+    last = last_checkpoint(tmp_path, state)
+    digest = folder_digest(tmp_path / "run")
+    config = vit_config(tmp_path, demo_data, save_to=str(tmp_path / "pruned"))
+    outcome = run_ecoflap(capsys, "prune", "-c", config, f"--ckpt_path={last if ckpt_path == 'file' else 'last'}")
+    short_error(outcome, f"`ckpt_path` '{last}' holds the weights only", "that `prune` restores", "HINT: prune from")
+    assert "Trying to restore optimizer state" not in outcome.text
+    assert folder_digest(tmp_path / "run") == digest and not (tmp_path / "pruned").exists()
+
+
 def test_a_last_checkpoint_of_another_task_is_refused_before_the_run_starts(capsys, tmp_path, demo_data, pruned_run):
     """LightningCLI rebuilds the task a `ckpt_path` file names (refused when it is not the config's), but not for
     `last`: the config's task restored the other task's checkpoint without a word."""
@@ -122,6 +142,22 @@ def test_a_last_checkpoint_of_another_task_is_refused_before_the_run_starts(caps
     last = last_checkpoint(tmp_path, state)
     outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), "--ckpt_path=last")
     short_error(outcome, f"`ckpt_path` 'last' ({last}) was written by the task ecoflap_pl.tasks.VQATask", "HINT")
+
+
+def test_a_last_checkpoint_of_another_model_config_is_rebuilt_as_trained(capsys, tmp_path, demo_data, pruned_run):
+    """LightningCLI replaces the config's model arguments by a `ckpt_path` file's hyperparameters, but not for `last`:
+    the config's model (another width) was built and the checkpoint restored into it, with torch's size-mismatch
+    traceback; an argument that changes no shape changed the model without a word. `last` now gets what its file
+    gets: the same warning and the same model."""
+    checkpoint, _ = pruned_run
+    last = last_checkpoint(tmp_path, torch.load(checkpoint, map_location="cpu", weights_only=False))
+    other = vit_config(tmp_path, demo_data, model={"embed_dim": 48})
+    by_file = run_ecoflap(capsys, "validate", "-c", other, f"--ckpt_path={last}")
+    outcome = run_ecoflap(capsys, "validate", "-c", other, "--ckpt_path=last")
+    assert outcome.code == 0, outcome.text[-3000:]
+    replaced = "The checkpoint's hyperparameters replace these model arguments of the config: model_config"
+    assert outcome.text.count(replaced) == by_file.text.count(replaced) == 1
+    assert outcome.metric("val/loss") == by_file.metric("val/loss")
 
 
 def test_a_damaged_last_checkpoint_is_refused_before_the_run_starts(capsys, tmp_path, demo_data, pruned_run):

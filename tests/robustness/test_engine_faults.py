@@ -57,6 +57,20 @@ def test_pruning_a_pruned_model_reports_the_true_sparsity(second, caplog):
         assert bool((weight[was_zero] == 0).all())  # the first pruning is never undone
 
 
+def test_a_model_pruned_before_is_warned_about_on_rank_0_only(caplog):
+    """Every rank of a DDP run prunes the same model: each said that it was pruned before."""
+    pruned = seeded_toy_model()
+    prune(pruned, toy_batches(2), toy_loss, PruningConfig(sparsity=0.5, importance="uniform", **CONFIG))
+    for rank in (0, 1):
+        model = seeded_toy_model()
+        model.load_state_dict(pruned.state_dict())
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ecoflap_pl.pruning"):
+            config = PruningConfig(sparsity=0.5, importance="uniform", **CONFIG)
+            prune(model, toy_batches(2), toy_loss, config, rank=rank, world_size=2)
+        assert ("already zero before pruning" in caplog.text) is (rank == 0), (rank, caplog.text)
+
+
 def test_dense_model_reports_no_prior_sparsity():
     result = prune(seeded_toy_model(), toy_batches(2), toy_loss, PruningConfig(importance="uniform", **CONFIG))
     assert result.prior_sparsity == 0.0
