@@ -62,6 +62,19 @@ def _without_launchers(environment: dict[str, str]) -> dict[str, str]:
     return {key: value for key, value in environment.items() if not key.startswith(("SLURM_", "TORCHELASTIC_"))}
 
 
+def _torchrun(*args: str) -> tuple[int, str]:
+    """``torchrun --nproc_per_node 2 -m ecoflap_pl ARGS``: its exit status, and its output and every rank's."""
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+        + ["-m", "ecoflap_pl", *args],
+        capture_output=True,
+        text=True,
+        env={**_without_launchers(dict(os.environ)), "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    return run.returncode, run.stdout + run.stderr
+
+
 def _run_ranks(launcher: str, *args: str) -> list[subprocess.CompletedProcess[str]]:
     """``ecoflap ARGS`` as ranks 0 and 1 of ``launcher``, started together."""
     environment = {"torchrun": _torchrun_environment, "srun": _srun_environment}[launcher]
@@ -142,16 +155,8 @@ def test_torchrun_prints_a_refusal_met_after_the_process_group_once(tmp_path, de
     """The pruning callback's own checks (here: patterns that select no weight) run in ``setup``, on every rank once
     the process group exists; Lightning's launcher is None under torchrun, so the CLI cannot run them before."""
     config = vit_config(tmp_path, demo_data, include=["no_such_weight"])
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
-        + ["-m", "ecoflap_pl", "validate", "-c", config, *DDP_ON_TWO_CPUS],
-        capture_output=True,
-        text=True,
-        env={**_without_launchers(dict(os.environ)), "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
-    output = run.stdout + run.stderr
-    assert run.returncode != 0, output[-3000:]
+    returncode, output = _torchrun("validate", "-c", config, *DDP_ON_TWO_CPUS)
+    assert returncode != 0, output[-3000:]
     # Both ranks meet the refusal; whichever exits first, torchrun stops the other with SIGTERM. A rank so stopped
     # while the command runs says so and ends with status 143, its refusal printed or not; one stopped once its
     # refusal is printed, as the interpreter shuts down (Python has given SIGTERM its default action back), dies by
@@ -211,15 +216,7 @@ def test_a_warning_of_the_command_is_printed_on_rank_0_only(tmp_path, demo_data)
 def test_torchrun_prints_a_warning_of_prune_once(tmp_path, demo_data):
     """`ecoflap prune` without `save_to` warns that the pruned model is not saved: each rank said it."""
     config = vit_config(tmp_path, demo_data, coarse_samples=8)  # a calibration batch of 4 for each rank
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
-        + ["-m", "ecoflap_pl", "prune", "-c", config, *DDP_ON_TWO_CPUS],
-        capture_output=True,
-        text=True,
-        env={**_without_launchers(dict(os.environ)), "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, output[-3000:]
+    returncode, output = _torchrun("prune", "-c", config, *DDP_ON_TWO_CPUS)
+    assert returncode == 0, output[-3000:]
     assert output.count("`pruning.save_to` is not set: the pruned model is only reported, not saved.") == 1, output
     assert len(list(Path(tmp_path / "run").rglob("pruning_report.json"))) == 1
