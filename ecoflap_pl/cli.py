@@ -686,7 +686,7 @@ def main(args: list[str] | None = None) -> None:
 
     A refused configuration, bad data or a missing file ends the run with its message (and the option it names) in
     a few lines (on global rank 0; one line on the others, which give rank 0 time to print it:
-    :func:`refusal_on_this_rank`, :func:`_give_rank_0_time_to_refuse`) and exit status 2; SIGTERM
+    :func:`refusal_on_this_rank`, :func:`_rank_0_refusal_wait`) and exit status 2; SIGTERM
     ends it with status 143, SIGINT (Ctrl+C) with 130. ``ECOFLAP_DEBUG=1`` shows the full traceback.
     """
     try:
@@ -715,33 +715,34 @@ def _run_command(args: list[str] | None) -> None:
     except USER_ERRORS as error:
         if os.environ.get("ECOFLAP_DEBUG"):
             raise
+        wait_s = _rank_0_refusal_wait()
         Console(stderr=True, soft_wrap=True).print(refusal_on_this_rank(error), markup=False, highlight=False)
-        _give_rank_0_time_to_refuse()
+        time.sleep(wait_s)
         sys.exit(2)
 
 
 RANK_0_REFUSAL_WAIT_S = 10.0
-"""How long a rank other than 0 that refused the run waits before it exits (see :func:`_give_rank_0_time_to_refuse`)."""
+"""How long a rank other than 0 that refused the run waits before it exits (see :func:`_rank_0_refusal_wait`)."""
 
 
-def _give_rank_0_time_to_refuse() -> None:
-    """On a rank other than 0, wait up to :data:`RANK_0_REFUSAL_WAIT_S` before exiting; a SIGTERM ends the wait with
-    the refusal's status 2 and no other line.
+def _rank_0_refusal_wait() -> float:
+    """How long this rank waits once it has printed its refusal: :data:`RANK_0_REFUSAL_WAIT_S` on a rank other than 0,
+    where a SIGTERM from now on ends the process with the refusal's status 2 and no other line; none on rank 0.
 
     ``torchrun`` stops every rank once one has exited with an error. Every rank runs the same config and meets the
     same refusal, but not at the same moment: where another rank exited first, rank 0 was stopped before it printed
-    the whole message (the HINT included) that the other ranks' one line points to. Waiting here lets rank 0 print
-    it; its exit then makes the launcher stop this rank, whose line is said.
+    the whole message (the HINT included) that the other ranks' one line points to. The wait lets rank 0 print it;
+    its exit then makes the launcher stop this rank, whose line is said.
     """
     rank: int = rank_zero_only.rank  # type: ignore[attr-defined]  # set on the function object by Lightning
     if rank == 0 or threading.current_thread() is not threading.main_thread():
-        return
+        return 0.0
 
     def refused(signum: int, frame: FrameType | None) -> None:
         sys.exit(2)
 
     signal.signal(signal.SIGTERM, refused)
-    time.sleep(RANK_0_REFUSAL_WAIT_S)
+    return RANK_0_REFUSAL_WAIT_S
 
 
 @contextmanager

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,24 +77,36 @@ def _torchrun(*args: str) -> tuple[int, str]:
 
 
 def _run_ranks(launcher: str, *args: str) -> list[subprocess.CompletedProcess[str]]:
-    """``ecoflap ARGS`` as ranks 0 and 1 of ``launcher``, started together."""
+    """``ecoflap ARGS`` as ranks 0 and 1 of ``launcher``, started together. Once rank 0 has failed, rank 1 is stopped
+    with SIGTERM as soon as it has said its refusal, as ``torchrun`` (and ``srun --kill-on-bad-exit``) stop the other
+    ranks once one has exited."""
     environment = {"torchrun": _torchrun_environment, "srun": _srun_environment}[launcher]
     port = free_port()
     base = {**_without_launchers(dict(os.environ)), "OMP_NUM_THREADS": "1"}
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "ecoflap_pl", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**base, **environment(rank, port)},
-        )
-        for rank in (0, 1)
-    ]
-    return [
-        subprocess.CompletedProcess(process.args, process.wait(timeout=300), *process.communicate())
-        for process in processes
-    ]
+    with tempfile.TemporaryDirectory() as folder:
+        outputs = [(Path(folder, f"{rank}.out"), Path(folder, f"{rank}.err")) for rank in (0, 1)]
+        processes = []
+        for rank, (out, err) in enumerate(outputs):
+            with out.open("w", encoding="utf-8") as stdout, err.open("w", encoding="utf-8") as stderr:
+                command = [sys.executable, "-m", "ecoflap_pl", *args]
+                processes.append(
+                    subprocess.Popen(command, stdout=stdout, stderr=stderr, env={**base, **environment(rank, port)})
+                )
+        rank_0, rank_1 = processes
+        if rank_0.wait(timeout=300) != 0:
+            deadline = time.monotonic() + 240
+            while rank_1.poll() is None and "[rank: 1] error" not in outputs[1][1].read_text(encoding="utf-8"):
+                assert time.monotonic() < deadline, outputs[1][1].read_text(encoding="utf-8")[-3000:]
+                time.sleep(0.05)
+            if rank_1.poll() is None:
+                rank_1.send_signal(signal.SIGTERM)
+        rank_1.wait(timeout=300)
+        return [
+            subprocess.CompletedProcess(
+                process.args, process.returncode, out.read_text(encoding="utf-8"), err.read_text(encoding="utf-8")
+            )
+            for process, (out, err) in zip(processes, outputs, strict=True)
+        ]
 
 
 @pytest.mark.parametrize(
