@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 warn_on_rank_zero = rank_zero_only(log.warning)
 """``log.warning`` on global rank 0 only: under ``torchrun`` or ``srun`` every rank runs the whole command, and under
 Lightning's own DDP launch the processes it starts run it again, so each would say the same warning. The rank is the
-one :func:`refusal_on_this_rank` reads."""
+one :func:`_global_rank` reads."""
 
 
 class EcoflapTrainer(pl.Trainer):
@@ -734,8 +734,7 @@ def _rank_0_refusal_wait() -> float:
     the whole message (the HINT included) that the other ranks' one line points to. The wait lets rank 0 print it;
     its exit then makes the launcher stop this rank, whose line is said.
     """
-    rank: int = rank_zero_only.rank  # type: ignore[attr-defined]  # set on the function object by Lightning
-    if rank == 0 or threading.current_thread() is not threading.main_thread():
+    if _global_rank() == 0 or threading.current_thread() is not threading.main_thread():
         return 0.0
 
     def refused(signum: int, frame: FrameType | None) -> None:
@@ -793,18 +792,23 @@ class _PrintVersions(argparse.Action):
         parser.exit()
 
 
+def _global_rank() -> int:
+    """This process's global rank as Lightning's ``rank_zero_only`` holds it: read from the launcher's environment
+    (``RANK``, ``LOCAL_RANK``, ``SLURM_PROCID``) before the Trainer exists, the Trainer's global rank once it does."""
+    rank: int = rank_zero_only.rank  # type: ignore[attr-defined]  # set on the function object by Lightning
+    return rank
+
+
 def refusal_on_this_rank(error: BaseException) -> str:
     """What this process prints of an error that ends the run: :func:`error_summary` on global rank 0, one short line
     on any other rank.
 
     Under ``torchrun`` or ``srun`` every rank runs the whole command, so each would print the same refusal of the same
-    config; under Lightning's own DDP launch, the processes it starts would too. The rank is the one Lightning's
-    ``rank_zero_only`` holds: read from the launcher's environment (``RANK``, ``LOCAL_RANK``, ``SLURM_PROCID``) before
-    the Trainer exists, its global rank once it does. The other ranks keep one line, so that an error met on one node
-    only (a file missing there) is not hidden.
+    config; under Lightning's own DDP launch, the processes it starts would too (the rank: :func:`_global_rank`). The
+    other ranks keep one line, so that an error met on one node only (a file missing there) is not hidden.
     """
     summary = error_summary(error)
-    rank: int = rank_zero_only.rank  # type: ignore[attr-defined]  # set on the function object by Lightning
+    rank = _global_rank()
     if rank == 0:
         return summary
     first = textwrap.shorten(summary.splitlines()[0], width=80, placeholder=" ...")

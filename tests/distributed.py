@@ -25,7 +25,8 @@ def free_port() -> int:
     that connects before the master listens may, once in a few tens of thousands of tries, get the master port
     itself and connect to itself. No port is handed out below that range, so neither can happen there.
     """
-    below = range(max(1024, _lowest_ephemeral_port() - 10_000), _lowest_ephemeral_port())
+    lowest_ephemeral = _lowest_ephemeral_port()
+    below = range(max(1024, lowest_ephemeral - 10_000), lowest_ephemeral)
     for port in random.Random().sample(below, min(100, len(below))):
         with socket.socket() as sock:
             try:
