@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import io
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -164,8 +165,12 @@ class EcoflapCLI(LightningCLI):
 
     @override
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # Every rank of a `torchrun` or `srun` run parses the command line: what parsing prints (`--help`,
+        # `--version`, `--print_config`) is printed on global rank 0 only.
+        printed = nullcontext() if _global_rank() == 0 else redirect_stdout(io.StringIO())
         try:
-            super().parse_arguments(parser, args)
+            with printed:
+                super().parse_arguments(parser, args)
         except ArgumentError as error:
             hint = unknown_option_hint(str(error), parser) or mapping_option_hint(str(error))
             if hint is None:
@@ -629,21 +634,6 @@ def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
-class EcoflapArgumentParser(LightningArgumentParser):
-    """The command's parsers: ``--help`` and the usage are printed on global rank 0 only (every rank of a ``torchrun``
-    or ``srun`` run parses the command line: each printed the whole help)."""
-
-    @override
-    @rank_zero_only
-    def print_help(self, *args: Any, **kwargs: Any) -> None:
-        super().print_help(*args, **kwargs)
-
-    @override
-    @rank_zero_only
-    def print_usage(self, *args: Any, **kwargs: Any) -> None:
-        super().print_usage(*args, **kwargs)
-
-
 def build_cli(args: list[str] | None = None, **kwargs: Any) -> EcoflapCLI:
     """The ``ecoflap`` CLI over ``args``: any task and DataModule by ``class_path``, the ``EcoflapTrainer``.
 
@@ -657,7 +647,6 @@ def build_cli(args: list[str] | None = None, **kwargs: Any) -> EcoflapCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_class=EcoflapTrainer,
-        parser_class=EcoflapArgumentParser,
         args=args,
         **kwargs,
     )
@@ -788,7 +777,7 @@ class _PrintVersions(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
         packages = ("ecoflap-pl", "torch", "lightning", "transformers", "timm", "accelerate")
-        rank_zero_only(sys.stdout.write)("".join(f"{name} {importlib.metadata.version(name)}\n" for name in packages))
+        sys.stdout.write("".join(f"{name} {importlib.metadata.version(name)}\n" for name in packages))
         parser.exit()
 
 

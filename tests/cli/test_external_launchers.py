@@ -1,6 +1,6 @@
 """``ecoflap`` started once per rank by ``torchrun`` or ``srun``: a refusal is printed whole on global rank 0 only,
-one line on each other rank, and every rank ends with status 2; the command's warnings, ``--help`` and ``--version``
-are printed on global rank 0 only.
+one line on each other rank, and every rank ends with status 2; the command's warnings, ``--help``, ``--version`` and
+``--print_config`` are printed on global rank 0 only.
 
 Each rank is a separate process with the launcher's environment (done before any process group is created, so the
 ranks need not meet); the tests named ``test_torchrun_*`` run the real ``torchrun``.
@@ -194,6 +194,14 @@ def test_help_is_printed_on_rank_0_only():
     first, second = _run_ranks("torchrun", "validate", "--help")
     assert first.returncode == second.returncode == 0, first.stderr[-3000:] + second.stderr[-3000:]
     assert "--ckpt_path" in first.stdout, first.stdout[-3000:]
+    assert second.stdout == "", second.stdout[-3000:]
+
+
+def test_the_printed_config_is_printed_on_rank_0_only(tmp_path, demo_data):
+    """Every rank printed the whole merged config (jsonargparse writes it while the command line is parsed)."""
+    first, second = _run_ranks("srun", "validate", "-c", vit_config(tmp_path, demo_data), "--print_config")
+    assert first.returncode == second.returncode == 0, first.stderr[-3000:] + second.stderr[-3000:]
+    assert yaml.safe_load(first.stdout)["model"]["class_path"].endswith("ClassificationTask"), first.stdout
     assert second.stdout == "", second.stdout[-3000:]
 
 
