@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import partial
-from typing import Any, TypeVar
+from functools import partial, wraps
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import nn
@@ -37,6 +37,8 @@ from ecoflap_pl.pruning.transaction import WeightTransaction, pruning_session
 
 logger = logging.getLogger(__name__)
 _Read = TypeVar("_Read")
+_Result = TypeVar("_Result")
+_P = ParamSpec("_P")
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``, called as each unit of work of a stage finishes."""
 
@@ -244,11 +246,32 @@ def _check_shards(sizes: Sequence[int], config: PruningConfig, world_size: int, 
             )
 
 
-def _warn_once(rank: int, message: str | None) -> None:
-    """Log ``message`` as a warning on rank 0 only: every rank holds the same model and batch sizes, and would say the
-    same (the engine sees no Lightning, so the rank is the one it is given)."""
-    if message is not None and rank == 0:
+def _warn(message: str | None) -> None:
+    if message is not None:
         logger.warning(message)
+
+
+_ENGINE_LOGGER = logging.getLogger("ecoflap_pl.pruning")
+
+
+def _warnings_on_rank_zero(function: Callable[_P, _Result]) -> Callable[_P, _Result]:
+    """Run ``function(..., rank=...)`` with the engine's warnings (every ``ecoflap_pl.pruning`` logger) said on rank 0
+    only: every rank holds the same model, configuration and batch sizes, and would say them alike (the engine sees no
+    Lightning, so the rank is the one it is given). A warning about the calibration batches themselves (probes that saw
+    no change of the loss) speaks of rank 0's share."""
+
+    @wraps(function)
+    def on_rank_zero(*args: _P.args, **kwargs: _P.kwargs) -> _Result:
+        if kwargs.get("rank", 0) == 0:
+            return function(*args, **kwargs)
+        level = _ENGINE_LOGGER.level
+        _ENGINE_LOGGER.setLevel(logging.ERROR)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            _ENGINE_LOGGER.setLevel(level)
+
+    return on_rank_zero
 
 
 def _check_inputs(model: Any, batches: Any, loss_fn: Any, config: Any, rank: int, world_size: int) -> None:
@@ -325,7 +348,7 @@ def _plan(
                 "HINT: `loss_fn` must run the model's forward pass."
             )
         for stack in skipped:
-            _warn_once(rank, f"Stack {stack.name} never runs in the calibration loss; it is left dense.")
+            logger.warning(f"Stack {stack.name} never runs in the calibration loss; it is left dense.")
         candidates = find_candidates(model, ran, config)
     # A stack with nothing to prune (BLIP-2's excluded Q-Former) is neither replayed nor counted.
     ran = [stack for stack in ran if any(c.stack == stack.name for c in candidates)]
@@ -420,6 +443,7 @@ def _check_residency(plan: _Plan, config: PruningConfig, residency: Residency | 
         )
 
 
+@_warnings_on_rank_zero
 def score_groups(
     model: nn.Module,
     calibration_batches: Sequence[Any],
@@ -461,7 +485,7 @@ def score_groups(
         raise ValueError("`importance` must be 'zeroth_order' or 'first_order' to score groups, got 'uniform'.")
     batch_sizes = [_batch_samples(batch) for batch in calibration_batches]
     _check_shards(batch_sizes, config, world_size, ("coarse",))
-    _warn_once(rank, _short_calibration(batch_sizes, config, ("coarse",), holdout=False))
+    _warn(_short_calibration(batch_sizes, config, ("coarse",), holdout=False))
     with pruning_session(model):
         plan, _ = _plan(model, calibration_batches, loss_fn, config, rank)
         return _score(
@@ -522,6 +546,7 @@ def _tensor_sparsity(plan: _Plan, group_sparsity: Mapping[str, float]) -> dict[s
     return {name: group_sparsity[group] for group, names in plan.groups.items() for name in names}
 
 
+@_warnings_on_rank_zero
 def prune(
     model: nn.Module,
     calibration_batches: Sequence[Any],
@@ -568,7 +593,7 @@ def prune(
     check_calibration_sizes(batch_sizes, config, world_size=world_size, coarse=coarse)
     auto = config.allocation == "auto"
     holdout = [(i, calibration_batches[i]) for i in _holdout_ids(batch_sizes, config)] if auto else []
-    _warn_once(rank, _short_calibration(batch_sizes, config, ("coarse", "fine") if coarse else ("fine",), holdout=auto))
+    _warn(_short_calibration(batch_sizes, config, ("coarse", "fine") if coarse else ("fine",), holdout=auto))
     check_before_pruning(model, config)
     stages: dict[str, StageStats] = {}
     params = dict(model.named_parameters())
@@ -578,8 +603,7 @@ def prune(
         prior_zeros = _prior_zeros(model, plan.candidates, residency)
         prior_sparsity = sum(prior_zeros.values()) / max(sum(c.numel for c in plan.candidates), 1)
         if prior_sparsity >= _PRIOR_SPARSITY_WARNING:
-            _warn_once(
-                rank,
+            logger.warning(
                 f"{100 * prior_sparsity:.1f}% of the candidate weights are already zero before pruning (a model pruned "
                 "before, or dequantised). They stay pruned: the masks and the achieved sparsity include them.",
             )

@@ -12,6 +12,7 @@ from torch import nn
 
 from ecoflap_pl.pruning import GroupScores, PruningConfig, prune, score_groups
 from tests.pruning.pruning_helpers import assert_bit_identical, seeded_toy_model, snapshot, toy_batches, toy_loss
+from tests.pruning.test_fast_zeroth_order import OpaqueWeight
 
 CONFIG = {"coarse_samples": 8, "fine_samples": 8}
 
@@ -57,18 +58,36 @@ def test_pruning_a_pruned_model_reports_the_true_sparsity(second, caplog):
         assert bool((weight[was_zero] == 0).all())  # the first pruning is never undone
 
 
-def test_a_model_pruned_before_is_warned_about_on_rank_0_only(caplog):
-    """Every rank of a DDP run prunes the same model: each said that it was pruned before."""
-    pruned = seeded_toy_model()
-    prune(pruned, toy_batches(2), toy_loss, PruningConfig(sparsity=0.5, importance="uniform", **CONFIG))
+def _pruned_before() -> nn.Module:
+    model = seeded_toy_model()
+    prune(model, toy_batches(2), toy_loss, PruningConfig(sparsity=0.5, importance="uniform", **CONFIG))
+    return model
+
+
+def _flat_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(batch["inputs"]).sum() * 0 + 1.0  # no gradient anywhere: every score is 0
+
+
+@pytest.mark.parametrize(
+    ("model", "loss", "settings", "warning"),
+    [
+        (_pruned_before, toy_loss, {"importance": "uniform"}, "already zero before pruning"),
+        (seeded_toy_model, toy_loss, {"eps": 1e-12}, "saw no change of the loss"),
+        (seeded_toy_model, _flat_loss, {}, "Every group score is 0"),
+        (OpaqueWeight, toy_loss, {}, "Prefix reuse and batched probes do not apply to this model"),
+    ],
+    ids=["pruned-before", "probes-below-precision", "all-zero-scores", "fast-path-fallback"],
+)
+def test_the_engine_s_warnings_are_said_on_rank_0_only(model, loss, settings, warning, caplog):
+    """Every rank of a DDP run prunes the same model with the same settings: each said the engine's warnings."""
     for rank in (0, 1):
-        model = seeded_toy_model()
-        model.load_state_dict(pruned.state_dict())
+        torch.manual_seed(0)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="ecoflap_pl.pruning"):
-            config = PruningConfig(sparsity=0.5, importance="uniform", **CONFIG)
-            prune(model, toy_batches(2), toy_loss, config, rank=rank, world_size=2)
-        assert ("already zero before pruning" in caplog.text) is (rank == 0), (rank, caplog.text)
+            config = PruningConfig(sparsity=0.5, **{**CONFIG, **settings})
+            prune(model(), toy_batches(2), loss, config, rank=rank, world_size=2)
+            assert logging.getLogger("ecoflap_pl.pruning").level == logging.WARNING  # the caller's level, restored
+        assert (warning in caplog.text) is (rank == 0), (rank, caplog.text)
 
 
 def test_dense_model_reports_no_prior_sparsity():
