@@ -16,6 +16,7 @@ from ecoflap_pl.demo.data import DemoPaths
 from ecoflap_pl.demo.presets import PRESETS
 from ecoflap_pl.models.tiny import tiny_model
 from ecoflap_pl.models.tokenizers import train_tokenizer
+from tests.distributed import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -26,8 +27,13 @@ def process_state_restored() -> Iterator[None]:
     one), ``seed_everything`` sets ``PL_GLOBAL_SEED``, and neither is removed: every later test, and every ``ecoflap``
     subprocess it starts, ran with the port and seed of an earlier one (a stale port another socket may hold by then).
     A test that sets one thread for its tiny models left every later test on one thread.
+
+    Each test also gets its own ``MASTER_PORT``, below the kernel's ephemeral range (``tests.distributed.free_port``):
+    without one, Lightning's launchers take a port the kernel hands out, which another socket may take before the
+    process group binds it.
     """
     environment, threads = dict(os.environ), torch.get_num_threads()
+    os.environ["MASTER_PORT"] = str(free_port())
     yield
     for name in set(os.environ) - set(environment):
         del os.environ[name]
