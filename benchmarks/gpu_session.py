@@ -109,6 +109,8 @@ def gpu_parts() -> list[Part]:
                 "-q",
                 "-p",
                 "no:cacheprovider",
+                "-n",
+                "0",  # one process: the two files' GPU tests share the one device
                 "tests/export/test_semi_structured.py",
                 "tests/models/test_placement.py",
             ),
