@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from ecoflap_pl.export import SavedModel, atomic_directory, has_saved_masks, write_pruned_model
+from ecoflap_pl.export import SavedModel, atomic_directory, has_saved_masks, write_model_card, write_pruned_model
 from ecoflap_pl.models.placement import OffloadedWeights, StoredTensors
 from ecoflap_pl.pruning import PruningResult
 from ecoflap_pl.reporting import write_report
@@ -84,8 +84,11 @@ def save_pruned(
     processors: Iterable[object],
     result: PruningResult,
     metadata: Mapping[str, Any] | None,
+    fine_tuned_to_step: int | None = None,
 ) -> SavedModel:
-    """Write ``model``, its ``processors`` and the pruning report into ``target`` at once, replacing what was there.
+    """Write ``model``, its ``processors``, the pruning report and the model card (``README.md``, for the Hugging Face
+    Hub; ``fine_tuned_to_step`` says the weights were fine-tuned after pruning) into ``target`` at once, replacing what
+    was there.
 
     The files are written into a folder beside ``target`` that takes its place only when complete
     (:func:`~ecoflap_pl.export.atomic_directory`); check ``target`` before pruning with
@@ -98,6 +101,7 @@ def save_pruned(
         with atomic_directory(target) as partial:
             saved = write_pruned_model(model, partial, dict(masks), save_format, processors)
             write_report(result, partial, {**(metadata or {}), "export": saved.to_dict()})
+            write_model_card(partial, model, result, saved, metadata, fine_tuned_to_step=fine_tuned_to_step)
     except (OSError, SafetensorError) as error:  # safetensors reports a failed write as its own error type
         errno = error.errno if isinstance(error, OSError) else None
         message = (

@@ -352,7 +352,7 @@ class ECoFLaPPruning(Callback):
         # Saved again only when training changed the weights since the last save (`ecoflap prune` runs fit with no
         # step: its model is written once, right after pruning).
         if self.pruned and self.save_to is not None and trainer.global_step != self._saved_at_step:
-            self._save(trainer, pl_module, f"Pruned model fine-tuned to step {trainer.global_step}")
+            self._save(trainer, pl_module, fine_tuned=True)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -683,7 +683,7 @@ class ECoFLaPPruning(Callback):
         saved_run = None if saved is None else {key: value for key, value in saved.items() if key != "export"}
         return saved_run == report.get("metadata")
 
-    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str = "Pruned model") -> None:
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, fine_tuned: bool = False) -> None:
         assert self.save_to is not None and self.result is not None
         _check_finite_weights(_pruned_module(pl_module), self.save_to)
         self._saved_at_step = trainer.global_step
@@ -697,8 +697,10 @@ class ECoFLaPPruning(Callback):
             processors=[getattr(pl_module, name, None) for name in ("processor", "tokenizer")],
             result=self.result,
             metadata=(self.report or {}).get("metadata"),
+            fine_tuned_to_step=trainer.global_step if fine_tuned else None,
         )
         if self.progress:
+            what = f"Pruned model fine-tuned to step {trainer.global_step}" if fine_tuned else "Pruned model"
             Console().print(describe_saved(saved, self.save_to, what))
 
 

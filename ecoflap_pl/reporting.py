@@ -97,7 +97,7 @@ def _tower_totals(rows: list[BlockRow], tower: str) -> tuple[int, float]:
     return params, target
 
 
-def _allocation_label(result: PruningResult) -> str:
+def allocation_label(result: PruningResult) -> str:
     """``"zeroth_order"`` for the paper's rule (as before allocations had names), else the allocation's name."""
     config = result.config
     if config.allocation == "ecoflap":
@@ -111,7 +111,7 @@ def sparsity_table(result: PruningResult) -> Table:
     """Per block and per tower: parameters, coarse score, target and achieved sparsity; the overall total last."""
     config = result.config
     table = Table(
-        title=f"ECoFLaP: {_allocation_label(result)} + {config.method}, target {_pct(config.sparsity)}",
+        title=f"ECoFLaP: {allocation_label(result)} + {config.method}, target {_pct(config.sparsity)}",
         title_justify="left",
     )
     # A long module name is folded onto the next line, never cut: its end (the block index) tells the rows apart.
@@ -226,7 +226,7 @@ def plot_sparsity(result: PruningResult, path: str | Path) -> Path:
     axes.set_xlabel("block index within tower")
     axes.set_ylabel("sparsity (%)")
     axes.set_title(
-        f"Per-block sparsity ({_allocation_label(result)}, {config.method}, {100 * config.sparsity:g}% target)"
+        f"Per-block sparsity ({allocation_label(result)}, {config.method}, {100 * config.sparsity:g}% target)"
     )
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")

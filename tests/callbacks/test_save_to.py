@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_model
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -94,6 +95,10 @@ def test_save_to_writes_a_hugging_face_model_with_its_tokenizer(tmp_path: Path) 
     report = json.loads((tmp_path / "pruned" / "pruning_report.json").read_text())
     assert set(report["towers"]) == {"model.layers"} and report["metadata"]["stage"] == "validate"
     assert (tmp_path / "pruned" / "pruning_sparsity.png").exists()
+    card = ModelCard.load(tmp_path / "pruned" / "README.md")
+    assert card.data.library_name == "transformers" and "`tokenizer.json`" in card.text
+    assert f"{100 * report['overall_sparsity']:.2f}% of the model's" in card.text
+    assert "as pruned, not trained after pruning" in card.text
 
 
 def test_save_to_writes_a_state_dict_for_plain_modules_and_again_after_fit(tmp_path: Path) -> None:
@@ -109,6 +114,9 @@ def test_save_to_writes_a_state_dict_for_plain_modules_and_again_after_fit(tmp_p
         assert torch.equal(param, dict(task.model.named_parameters())[name].detach()), name
     for name, mask in callback.masks.items():
         assert torch.count_nonzero(dict(loaded.named_parameters())[name][~mask]) == 0, name
+    card = ModelCard.load(tmp_path / "pruned" / "README.md")  # rewritten with the weights
+    assert "fine-tuned after pruning, to training step 2, with the pruning masks held fixed" in card.text
+    assert card.data.library_name is None  # a plain module
 
 
 def test_save_to_is_checked_before_pruning_and_left_untouched(tmp_path: Path) -> None:
@@ -127,6 +135,7 @@ def test_save_to_is_checked_before_pruning_and_left_untouched(tmp_path: Path) ->
     callback = ECoFLaPPruning(**FAST, stages=["validate"], save_to=str(target), overwrite=True)
     validate(task, ToyData(), callback, tmp_path)
     assert sorted(path.name for path in target.iterdir()) == [
+        "README.md",
         "masks",
         "model.safetensors",
         "pruning_report.json",

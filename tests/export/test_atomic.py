@@ -17,8 +17,9 @@ import pytest
 from ecoflap_pl.export import atomic, atomic_directory, check_save_target, check_writable_folder
 
 CHILD = Path(__file__).with_name("write_tiny_model.py")
-KILL_POINTS = ["weights:after", "report:after", "sync:after", "swap:before", "exchange:after"]
-"""Inside the model write, after the report, after the flush, just before the swap, just after it."""
+KILL_POINTS = ["weights:after", "report:after", "card:after", "sync:after", "swap:before", "exchange:after"]
+"""Inside the model write, after the report, after the model card, after the flush, just before the swap, just after
+it."""
 
 
 def checksum(folder: Path) -> str:

@@ -23,6 +23,7 @@ STEPS = {
     "weights": (checkpoint, "_write_masks"),
     "processors": (checkpoint, "tensor_bytes"),
     "report": (callback_export, "write_report"),
+    "card": (callback_export, "write_model_card"),
     "sync": (atomic, "_sync_tree"),
     "swap": (atomic, "_swap_into_place"),
     "exchange": (atomic, "_exchange"),
