@@ -52,7 +52,7 @@ from ecoflap_pl.datamodules.base import Stage
 from ecoflap_pl.entry_point import SIGINT_STATUS, SIGTERM_STATUS, STOPPED_BY_SIGTERM, stopped_by_sigint
 from ecoflap_pl.export import has_saved_masks
 from ecoflap_pl.hardware_check import check_model_placement, check_trainer_hardware
-from ecoflap_pl.option_hints import mapping_option_hint, unknown_option_hint
+from ecoflap_pl.option_hints import mapping_option_hint, missing_input_hint, unknown_option_hint
 from ecoflap_pl.tasks.base import EcoflapTask
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,8 @@ class EcoflapCLI(LightningCLI):
             with printed:
                 super().parse_arguments(parser, args)
         except ArgumentError as error:
-            hint = unknown_option_hint(str(error), parser) or mapping_option_hint(str(error))
+            message = str(error)
+            hint = unknown_option_hint(message, parser) or mapping_option_hint(message) or missing_input_hint(message)
             if hint is None:
                 raise
             raise ConfigurationError(f"{error}\n{hint}") from error  # its own line: the summary keeps it

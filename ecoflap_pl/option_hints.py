@@ -42,6 +42,27 @@ def mapping_option_hint(message: str) -> str | None:
     return f"HINT: `{option}` is a mapping, e.g. {_MAPPING_EXAMPLES[option]}."
 
 
+_NO_SUBCOMMAND = re.compile(r'expected "subcommand" to be one of')
+_REQUIRED = re.compile(r"the following arguments are required: ([\w., ]+)")
+_DEMO_RUN = "`ecoflap validate -c configs/demo/blip2_vqa.yaml` (configs/README.md lists the configs)"
+
+
+def missing_input_hint(message: str) -> str | None:
+    """``HINT:`` for a command line that names no subcommand, or a run without its task (``model:``) or data
+    (``data:``): the parser names only what is missing, not how a run is given (a config); None for any other error."""
+    if _NO_SUBCOMMAND.search(message):
+        return f"HINT: name a subcommand and a config, e.g. {_DEMO_RUN}; `ecoflap --help` lists the subcommands."
+    required = _REQUIRED.search(message)
+    missing = [name.strip().rpartition(".") for name in required.group(1).split(",")] if required else []
+    if not missing or any(name not in ("model", "data") for _, _, name in missing):
+        return None
+    subcommand = missing[0][0] or "validate"
+    return (
+        "HINT: a run needs its task (`model:`) and its data (`data:`): give a config that names both, e.g. "
+        f"{_DEMO_RUN}, or add the missing section to yours (`ecoflap {subcommand} --help` lists the options)."
+    )
+
+
 def unknown_option_hint(message: str, parser: ArgumentParser) -> str | None:
     """``HINT: did you mean ...?`` for the option a parser error refused, or None when no option of the same section
     (``pruning.``, ``trainer.``, a class's arguments) has a close name.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import Blip2ForConditionalGeneration
 
 from ecoflap_pl.cli import main
@@ -232,6 +233,18 @@ def test_a_misspelt_section_in_the_config_file_names_the_section_meant(capsys, t
     path.write_text(Path(vit_config(tmp_path, demo_data)).read_text().replace(f"\n{section}:", f"\n{typo}:"))
     outcome = run_ecoflap(capsys, "validate", "-c", str(path))
     short_error(outcome, f"does not accept option '{typo}.", f"HINT: did you mean '{section}.")
+
+
+def test_a_command_line_without_a_subcommand_or_a_config_says_how_a_run_is_given(capsys, tmp_path, demo_data):
+    """`ecoflap` alone, `ecoflap fit` alone and a config without its `data:` section named what was missing, not how a
+    run is given."""
+    short_error(run_ecoflap(capsys), 'expected "subcommand" to be one of', "HINT: name a subcommand and a config")
+    how = "HINT: a run needs its task (`model:`) and its data (`data:`): give a config that names both, e.g. `ecoflap"
+    short_error(run_ecoflap(capsys, "fit"), "arguments are required: fit.data, fit.model", how, "`ecoflap fit --help`")
+    without_data = tmp_path / "without_data.yaml"
+    config = yaml.safe_load(Path(vit_config(tmp_path, demo_data)).read_text(encoding="utf-8"))
+    without_data.write_text(yaml.safe_dump({k: v for k, v in config.items() if k != "data"}), encoding="utf-8")
+    short_error(run_ecoflap(capsys, "validate", "-c", str(without_data)), "required: validate.data\n", how)
 
 
 def test_missing_config_file(capsys, tmp_path):
