@@ -20,7 +20,7 @@ from torch import Tensor
 from torchvision import transforms
 from typing_extensions import override
 
-from ecoflap_pl.metrics import TopKAccuracy
+from ecoflap_pl.metrics import MeanLoss, TopKAccuracy
 from ecoflap_pl.tasks.base import EcoflapTask
 
 
@@ -52,8 +52,8 @@ class ImageClassificationTask(EcoflapTask):
     Loss: the cross-entropy of :meth:`loss_logits` against ``labels``. Metrics: top-1 and top-5 accuracy
     (:class:`~ecoflap_pl.metrics.TopKAccuracy`, ``top_k`` capped at the number of classes; a repeated ``image_id``
     counts once, so DDP's padding repeats drop out), logged ``val/top1``, ``val/top5`` (``test/`` likewise) with the
-    cross-entropy as ``val/loss``. ``predict_step`` returns ``{"prediction": (B,), "top5": (B, k), "scores": (B,
-    k)}``.
+    cross-entropy as ``val/loss`` (:class:`~ecoflap_pl.metrics.MeanLoss`, the mean over samples, each ``image_id``
+    once). ``predict_step`` returns ``{"prediction": (B,), "top5": (B, k), "scores": (B, k)}``.
 
     Args:
         augment: apply timm's training augmentation in ``training_step``.
@@ -85,6 +85,7 @@ class ImageClassificationTask(EcoflapTask):
         for prefix in ("val", "test"):
             for k in (1, 5):
                 self.metrics[f"{prefix}_top{k}"] = TopKAccuracy(top_k=min(k, num_classes))
+            self.metrics[f"{prefix}_loss"] = MeanLoss()
 
     def normalize(self, pixel_values: Tensor) -> Tensor:
         """``uint8`` (or [0, 255] float) pixels -> the model's normalised float input."""
@@ -126,10 +127,13 @@ class ImageClassificationTask(EcoflapTask):
         if "labels" not in batch:
             raise ValueError(f"Classification {prefix} batches must carry `labels` (the sample's `label`), got none.")
         logits = self(batch["pixel_values"]).float()
-        size = logits.shape[0]
-        self.log(f"{prefix}/loss", F.cross_entropy(logits, batch["labels"]), batch_size=size, sync_dist=True)
+        size, ids = logits.shape[0], batch.get("image_id")
+        loss = self.metrics[f"{prefix}_loss"]
+        assert isinstance(loss, MeanLoss)  # the ModuleDict holds only these and TopKAccuracy
+        loss.update(F.cross_entropy(logits, batch["labels"], reduction="none"), ids=ids)
+        self.log(f"{prefix}/loss", loss, batch_size=size)
         for k in (1, 5):
             metric = self.metrics[f"{prefix}_top{k}"]
-            assert isinstance(metric, TopKAccuracy)  # the ModuleDict holds only these
-            metric.update(logits, batch["labels"], ids=batch.get("image_id"))
+            assert isinstance(metric, TopKAccuracy)  # the ModuleDict holds only these and MeanLoss
+            metric.update(logits, batch["labels"], ids=ids)
             self.log(f"{prefix}/top{k}", metric, batch_size=size, prog_bar=k == 1)

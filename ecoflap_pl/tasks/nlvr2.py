@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import ProcessorMixin
 from typing_extensions import override
 
-from ecoflap_pl.metrics import TopKAccuracy
+from ecoflap_pl.metrics import MeanLoss, TopKAccuracy
 from ecoflap_pl.models.loading import build_hf_model, check_tokenizer_source
 from ecoflap_pl.tasks.base import EcoflapTask
 from ecoflap_pl.tasks.families import family_for
@@ -69,8 +70,9 @@ class NLVR2Task(EcoflapTask):
 
     Loss: the model's own cross-entropy over {False, True}; metric: accuracy (:class:`~ecoflap_pl.metrics.TopKAccuracy`
     with ``top_k=1``; a repeated ``identifier`` counts once, so DDP's padding repeats drop out), logged as
-    ``val/accuracy`` and ``test/accuracy``. ``predict_step`` returns ``{"identifier", "prediction" (bool),
-    "probability"}`` per sample.
+    ``val/accuracy`` and ``test/accuracy``, with the same cross-entropy per sample as ``val/loss`` / ``test/loss``
+    (:class:`~ecoflap_pl.metrics.MeanLoss`, each ``identifier`` once). ``predict_step`` returns ``{"identifier",
+    "prediction" (bool), "probability"}`` per sample.
 
     Args:
         pretrained: a ``from_pretrained`` name or directory, e.g. ``dandelin/vilt-b32-finetuned-nlvr2``; its
@@ -108,6 +110,8 @@ class NLVR2Task(EcoflapTask):
         self.collator = NLVR2Collator(self.processor, max_length=self.model.config.max_position_embeddings)
         self.val_accuracy = TopKAccuracy(top_k=1)
         self.test_accuracy = TopKAccuracy(top_k=1)
+        self.val_loss = MeanLoss()
+        self.test_loss = MeanLoss()
 
     @override
     def forward(self, batch: dict[str, Any]) -> Any:
@@ -122,11 +126,11 @@ class NLVR2Task(EcoflapTask):
 
     @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_accuracy, "val")
+        self._evaluate(batch, self.val_accuracy, self.val_loss, "val")
 
     @override
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_accuracy, "test")
+        self._evaluate(batch, self.test_accuracy, self.test_loss, "test")
 
     @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
@@ -136,12 +140,14 @@ class NLVR2Task(EcoflapTask):
             for identifier, p in zip(batch["identifier"], probabilities.float().cpu(), strict=True)
         ]
 
-    def _evaluate(self, batch: dict[str, Any], metric: TopKAccuracy, prefix: str) -> None:
+    def _evaluate(self, batch: dict[str, Any], metric: TopKAccuracy, loss: MeanLoss, prefix: str) -> None:
         if "labels" not in batch:
             raise ValueError(f"NLVR2 {prefix} batches must carry `labels` (the sample's `label`), got none.")
         output = self(batch)
         batch_size = len(batch["identifier"])
-        self.log(f"{prefix}/loss", output.loss, batch_size=batch_size, sync_dist=True)
+        # per sample, the cross-entropy the model's `loss` averages over the batch
+        loss.update(F.cross_entropy(output.logits.float(), batch["labels"], reduction="none"), ids=batch["identifier"])
+        self.log(f"{prefix}/loss", loss, batch_size=batch_size)
         metric.update(output.logits, batch["labels"], ids=batch["identifier"])
         self.log(f"{prefix}/accuracy", metric, batch_size=batch_size, prog_bar=True)
 

@@ -9,13 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from ecoflap_pl.metrics import (
     CaptionScores,
+    MeanLoss,
     RetrievalRecall,
     TopKAccuracy,
     VQAAccuracy,
+    mean_loss,
     retrieval_recall,
     top_k_accuracy,
     vqa_accuracy,
@@ -78,6 +81,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         nlvr2 = TopKAccuracy()
         nlvr2.update(logits[indices, :2], labels[indices] % 2, ids=[f"dev-{i}-0-0" for i in indices])
         results["nlvr2"] = float(nlvr2.compute())
+        # the mean cross-entropy (float64 losses gathered as int64 bits), padding included, and with rank 1 empty
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        loss, loss_one_rank = MeanLoss(), MeanLoss()
+        for start in range(0, len(indices), 2):
+            batch = indices[start : start + 2]
+            loss.update(losses[batch], ids=[f"n0144/{i}.JPEG" for i in batch])
+        if rank == 0:
+            loss_one_rank.update(losses, ids=list(range(NUM_SAMPLES)))
+        results["loss"], results["loss_one_rank"] = float(loss.compute()), float(loss_one_rank.compute())
         # top-1 where rank 1 saw nothing: its empty states must still gather
         lonely = TopKAccuracy()
         if rank == 0:
@@ -121,12 +133,18 @@ def test_two_ranks_equal_one_process(tmp_path: Path, caption_scores_single: dict
     single["nlvr2"] = float(top_k_accuracy(logits[:, :2], labels % 2))
     padded = torch.cat([torch.arange(NUM_SAMPLES), torch.tensor([0])])
     assert single["top1"] != pytest.approx(float(top_k_accuracy(logits[padded], labels[padded])))
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    single["loss"] = float(mean_loss(losses))
+    assert single["loss"] != pytest.approx(float(mean_loss(losses[padded])))
     for rank in range(WORLD_SIZE):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert results["vqa"] == pytest.approx(vqa_single, abs=1e-15)
         for key in ("top1", "top5", "nlvr2"):
             assert results[key] == single[key], key  # integer counts: exactly the one-process number
         assert results["top1_one_rank"] == single["top1"]
+        # float64 sums of the same numbers in another order (rank by rank): equal to the last bits or so
+        assert results["loss"] == pytest.approx(single["loss"], rel=1e-14)
+        assert results["loss_one_rank"] == pytest.approx(single["loss"], rel=1e-14)
         assert results["retrieval"] == pytest.approx(retrieval_single, abs=1e-6)
         assert results["retrieval_one_rank"] == pytest.approx(retrieval_single, abs=1e-6)
         # the ranks gather the samples in another order: float sums may differ in the last bits

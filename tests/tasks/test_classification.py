@@ -142,9 +142,11 @@ def test_timm_training_changes_weights_and_validation_logs_top1_top5(
     assert set(metrics) == {"val/top1", "val/top5", "val/loss"}
     batch = task.collator(_samples(6))
     with torch.no_grad():
-        predictions = task(batch["pixel_values"]).argmax(-1)
-    assert metrics["val/top1"] == pytest.approx(float((predictions == batch["labels"]).float().mean()))
+        logits = task(batch["pixel_values"])
+    assert metrics["val/top1"] == pytest.approx(float((logits.argmax(-1) == batch["labels"]).float().mean()))
     assert metrics["val/top5"] == 1.0  # 3 classes: top-5 is capped at top-3
+    # batches of 4 and 2: the mean over the 6 samples, as the batch-size-weighted mean of batch means was
+    assert metrics["val/loss"] == pytest.approx(float(F.cross_entropy(logits, batch["labels"])), rel=1e-6)
 
 
 @pytest.mark.distributed
@@ -164,6 +166,9 @@ def test_top1_top5_under_two_process_ddp_equal_one_process(trainer_factory: Call
     assert (single["val/top1"], single["val/top5"]) == (pytest.approx(2 / 5), pytest.approx(3 / 5))
     assert (repeat_counted["val/top1"], repeat_counted["val/top5"]) == (pytest.approx(3 / 6), pytest.approx(4 / 6))
     assert (distributed["val/top1"], distributed["val/top5"]) == (single["val/top1"], single["val/top5"])
+    # the mean of per-rank batch means that Lightning's sync_dist gave counted image 0 again: the repeat-counted loss
+    assert repeat_counted["val/loss"] != pytest.approx(single["val/loss"], rel=1e-3)
+    assert distributed["val/loss"] == pytest.approx(single["val/loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize(("gradient_clip_val", "fused"), [(None, True), (0.5, None)])

@@ -99,6 +99,9 @@ def test_training_changes_weights_and_validation_logs_accuracy(
             (task(b).logits.argmax(-1) == b["labels"]).sum().item() for b in map(task.collator, (_samples(4),))
         )
     assert metrics["val/accuracy"] == pytest.approx(correct / 4)
+    with torch.no_grad():  # the per-sample cross-entropy averages to the model's own loss of each batch
+        model_losses = [float(task(task.collator(samples[i : i + 2])).loss) for i in (0, 2)]
+    assert metrics["val/loss"] == pytest.approx(sum(model_losses) / 2, rel=1e-5)
     (test_metrics,) = trainer.test(task, dataloaders=loader, verbose=False)
     assert test_metrics["test/accuracy"] == pytest.approx(correct / 4)
 
@@ -121,6 +124,9 @@ def test_accuracy_under_two_process_ddp_equals_one_process(
     assert single["val/accuracy"] == pytest.approx(3 / 5)
     assert repeat_counted["val/accuracy"] == pytest.approx(4 / 6)
     assert distributed["val/accuracy"] == single["val/accuracy"]
+    # the mean of per-rank batch means that Lightning's sync_dist gave counted dev-0-0-0 again: the repeat-counted loss
+    assert repeat_counted["val/loss"] != pytest.approx(single["val/loss"], rel=1e-3)
+    assert distributed["val/loss"] == pytest.approx(single["val/loss"], rel=1e-6)
 
 
 def test_predict_step_returns_one_prediction_per_identifier(task: NLVR2Task) -> None:
