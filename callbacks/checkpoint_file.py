@@ -124,7 +124,25 @@ class WholeFileCheckpointIO(TorchCheckpointIO):
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partial_files(target.parent, f"{_PARTIAL_PREFIX}*{_PARTIAL_SUFFIX}")
         with atomic_file(target, _PARTIAL_PREFIX, _PARTIAL_SUFFIX) as stream:
-            torch.save(checkpoint, stream)
+            _save_interruptibly(checkpoint, stream)
+
+
+def _save_interruptibly(checkpoint: dict[str, Any], stream: Any) -> None:
+    """``torch.save(checkpoint, stream)``, a stop during it (Ctrl+C's ``KeyboardInterrupt``, the ``SIGTERMException``
+    the command raises for SIGTERM) raised as itself.
+
+    torch's zip writer calls ``stream.write`` from C++; a stop raised in one of those calls leaves the writer
+    mid-record, and closing it then raises ``RuntimeError("... unexpected pos ...")`` in its place. Neither Lightning
+    nor the command takes that for a stop: the run ended with a traceback and status 1 instead of the stop's message
+    and status (130, 143).
+    """
+    try:
+        torch.save(checkpoint, stream)
+    except RuntimeError as error:
+        stop = error.__context__
+        if isinstance(stop, (KeyboardInterrupt, SystemExit)):
+            raise stop from None
+        raise
 
 
 def use_whole_file_checkpoints(strategy: Strategy) -> None:

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.callbacks.checkpoint_file import WholeFileCheckpointIO, check_checkpoint_file, least_checkpoint_bytes
@@ -225,6 +226,38 @@ def with_a_changed_bit(checkpoint: Path, damaged: Path) -> tuple[zipfile.ZipInfo
     data[largest.header_offset + header + largest.file_size // 2] ^= 0x01
     damaged.write_bytes(bytes(data))
     return largest, bytes(data)
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SIGTERMException])
+def test_a_stop_while_a_checkpoint_is_written_is_the_stop_and_leaves_the_previous_file(tmp_path, monkeypatch, stop):
+    """A KeyboardInterrupt (Ctrl+C) or SIGTERMException (SIGTERM outside the Trainer's loops) inside torch.save's writes
+    came out as torch's RuntimeError ("unexpected pos"), which neither Lightning nor the command takes for a stop: the
+    run ended with a traceback and status 1 instead of 130 or 143."""
+    target = tmp_path / "last.ckpt"
+    WholeFileCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, target)
+    before = target.read_bytes()
+    writes = []
+
+    def interrupted_at_the_third_write(checkpoint, stream):
+        class Interrupting:  # the file atomic_file opened, with Ctrl+C pressed during the third write
+            def __getattr__(self, name):
+                return getattr(stream, name)
+
+            def write(self, data):
+                writes.append(len(data))
+                if len(writes) == 3:
+                    raise stop
+                return stream.write(data)
+
+        real_save(checkpoint, Interrupting())
+
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", interrupted_at_the_third_write)
+    with pytest.raises(stop):
+        WholeFileCheckpointIO().save_checkpoint({"state_dict": {"w": torch.arange(4096.0)}}, target)
+    assert len(writes) == 3
+    assert target.read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["last.ckpt"]  # no partial file left
 
 
 def test_a_damaged_checkpoint_is_refused_when_the_trainer_loads_it(tmp_path):
