@@ -46,7 +46,8 @@ def read_texts(path: Path, option: str, text_key: str) -> list[str]:
 
 
 class TextDataset(Dataset[dict[str, Any]]):
-    """``{"text": str}`` samples, one per document."""
+    """``{"text": str, "text_id": int}`` samples, one per document; ``text_id`` is the document's index in its file
+    (its order among the file's documents), so evaluation counts a document that DDP's sampler repeats once."""
 
     def __init__(self, texts: list[str]) -> None:
         self.texts = texts
@@ -55,13 +56,14 @@ class TextDataset(Dataset[dict[str, Any]]):
         return len(self.texts)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"text": self.texts[index]}
+        return {"text": self.texts[index], "text_id": index}
 
 
 class TextDataModule(EcoflapDataModule):
     """Documents of a text corpus for language modelling and its calibration (C4 for the official LLaMA runs).
 
-    Samples: ``{"text": str}``. The task's collator tokenises and truncates.
+    Samples: ``{"text": str, "text_id": int}`` (the document's index in its file). The task's collator tokenises and
+    truncates.
 
     Args:
         data_dir: dataset root.

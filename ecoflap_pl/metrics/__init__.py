@@ -9,24 +9,28 @@
   NLVR2 accuracy); :func:`top_k_accuracy` is its functional form.
 - :class:`MeanLoss`: the mean of per-sample losses (the logged ``val/loss`` of classification and NLVR2);
   :func:`mean_loss` is its functional form.
+- :class:`TokenPerplexity`: perplexity over every target token (the logged ``val/perplexity`` of language
+  modelling); :func:`token_perplexity` is its functional form.
 
-Each metric takes an id per sample (``image_id``, ``question_id``, NLVR2's ``identifier``) and counts a repeated id
-once, so the samples a padding ``DistributedSampler`` repeats under DDP drop out and every number equals a
-one-device run, the mean loss included. Top-K accuracy is torchmetrics' ``MulticlassAccuracy(top_k=k,
-average="micro")`` per sample: torchmetrics' own class keeps only sums, which cannot drop a repeated sample.
+Each metric takes an id per sample (``image_id``, ``question_id``, NLVR2's ``identifier``, a text's ``text_id``) and
+counts a repeated id once, so the samples a padding ``DistributedSampler`` repeats under DDP drop out and every number
+equals a one-device run, the mean loss and perplexity included. Top-K accuracy is torchmetrics'
+``MulticlassAccuracy(top_k=k, average="micro")`` per sample, perplexity its ``Perplexity`` per sample: torchmetrics'
+own classes keep only sums, which cannot drop a repeated sample.
 
 Usage in a LightningModule: call ``metric.update(...)`` in ``validation_step`` (never ``metric(...)``: the
 caption scores start JVMs, scoring every batch would be slow), then in ``on_validation_epoch_end``
 ``self.log_dict({f"val/{k}": v for k, v in metric.compute().items()})`` and ``metric.reset()``. ``compute()``
-returns a ``dict[str, float]`` that is identical on every rank; :class:`TopKAccuracy` and :class:`MeanLoss` return
-a 0-dim tensor, so ``self.log("val/top1", metric)`` in the step logs it and Lightning computes and resets it at the
-end of the epoch.
-All values are fractions (VQA accuracy 0.65, not 65; CIDEr 1.2, not 120).
+returns a ``dict[str, float]`` that is identical on every rank; :class:`TopKAccuracy`, :class:`MeanLoss` and
+:class:`TokenPerplexity` return a 0-dim tensor, so ``self.log("val/top1", metric)`` in the step logs it and Lightning
+computes and resets it at the end of the epoch.
+All scores are fractions (VQA accuracy 0.65, not 65; CIDEr 1.2, not 120).
 """
 
 from ecoflap_pl.metrics.accuracy import TopKAccuracy, top_k_accuracy
 from ecoflap_pl.metrics.caption import CAPTION_SCORE_KEYS, CaptionScores, caption_scores
 from ecoflap_pl.metrics.loss import MeanLoss, mean_loss
+from ecoflap_pl.metrics.perplexity import TokenPerplexity, token_perplexity
 from ecoflap_pl.metrics.retrieval import RetrievalRecall, retrieval_recall
 from ecoflap_pl.metrics.vqa import ANSWER_TYPES, VQAAccuracy, vqa_accuracy, vqa_score, write_vqa_results
 from ecoflap_pl.metrics.vqa_normalization import normalize_answer
@@ -37,12 +41,14 @@ __all__ = [
     "CaptionScores",
     "MeanLoss",
     "RetrievalRecall",
+    "TokenPerplexity",
     "TopKAccuracy",
     "VQAAccuracy",
     "caption_scores",
     "mean_loss",
     "normalize_answer",
     "retrieval_recall",
+    "token_perplexity",
     "top_k_accuracy",
     "vqa_accuracy",
     "vqa_score",

@@ -26,14 +26,26 @@ def _loss_bits(losses: Tensor) -> Tensor:
     return losses.detach().to(torch.float64).contiguous().view(torch.int64)
 
 
-def _mean_loss_compute(bits: Tensor, keys: Sequence[str]) -> Tensor:
-    """The mean of the float64 losses held in ``bits``, a repeated key counted once (``""``: no key, always counted)."""
+def _mean_loss_compute(bits: Tensor, keys: Sequence[str], counts: Tensor | None = None) -> Tensor:
+    """The mean of the float64 losses held in ``bits``, a repeated key counted once (``""``: no key, always counted).
+
+    With ``counts`` (``int64 [N]``: the items each loss sums over, such as a document's target tokens), the mean per
+    item instead: the sum of the kept losses over the sum of their counts.
+    """
     if bits.numel() == 0:
         raise ValueError("The mean loss needs at least one sample, got none. HINT: call update() first.")
     # on the CPU: float64 is missing on some accelerators (MPS), and these are one number per sample
     losses = bits.cpu().view(torch.float64)
     keep = torch.tensor(first_occurrences(keys), dtype=torch.bool)
-    return losses[keep].mean()
+    if counts is None:
+        return losses[keep].mean()
+    total = int(counts.cpu()[keep].sum())
+    if total == 0:
+        raise ValueError(
+            "The loss per token needs at least one target token, got none: every label is the ignore_index. HINT: "
+            "check the labels; a document needs two tokens for a causal model to predict one (labels[:, 1:])."
+        )
+    return losses[keep].sum() / total
 
 
 def mean_loss(losses: Tensor, ids: Sequence[int | str | None] | None = None) -> Tensor:

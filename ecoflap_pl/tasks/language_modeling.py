@@ -6,10 +6,10 @@ import logging
 from typing import Any, cast
 
 import torch
-from torchmetrics.text import Perplexity
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
 
+from ecoflap_pl.metrics import TokenPerplexity
 from ecoflap_pl.models.loading import check_tokenizer_source, load_pretrained, load_tokenizer
 from ecoflap_pl.tasks.base import EcoflapTask
 from ecoflap_pl.tasks.labels import IGNORE_INDEX, prefix_split
@@ -17,13 +17,17 @@ from ecoflap_pl.tasks.model_config import load_config
 
 log = logging.getLogger(__name__)
 
+# the batch key of the sample ids (TextDataModule's document index): the metric's, never the model's input
+TEXT_ID = "text_id"
+
 
 class TextCollator:
-    """Turns ``{"text"}`` samples into an LM batch.
+    """Turns ``{"text", "text_id"}`` samples into an LM batch.
 
     Causal models: ``input_ids``, ``attention_mask`` and ``labels`` = the ids with padding at ``-100`` (the model
     shifts them). Encoder-decoder models: the prefix-LM split of docs/algorithm.md §2 (:func:`prefix_split`): the
-    prefix is the encoder input, the rest the ``labels``.
+    prefix is the encoder input, the rest the ``labels``. The batch also carries ``text_id``, a list with each sample's
+    id (None for a sample without one), which evaluation counts once; it never reaches the model.
 
     Args:
         tokenizer: the model's tokenizer (a pad token is required; LLaMA's EOS serves when it has none).
@@ -56,15 +60,16 @@ class TextCollator:
             batch = self._encode(texts)
             labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
         batch.pop("token_type_ids", None)
-        return {**batch, "labels": labels}
+        return {**batch, "labels": labels, TEXT_ID: [sample.get(TEXT_ID) for sample in samples]}
 
 
 class LanguageModelingTask(EcoflapTask):
     """Language modelling: a causal decoder (LLaMA, OPT, ...) or an encoder-decoder (FlanT5, T5).
 
     Loss (``calibration_loss``, ``training_step``): the model's own LM loss on the collator's labels. Validation and
-    test: perplexity over every target token of the split (torchmetrics ``Perplexity``, summed across ranks),
-    logged as ``val/perplexity`` / ``test/perplexity``.
+    test: perplexity over every target token of the split (:class:`~ecoflap_pl.metrics.TokenPerplexity`, torchmetrics'
+    ``Perplexity`` with a document that DDP's sampler repeats counted once, by its ``text_id``), logged as
+    ``val/perplexity`` / ``test/perplexity``.
 
     Args:
         pretrained: a ``from_pretrained`` name or directory (``google/flan-t5-xl``, ``huggyllama/llama-7b``).
@@ -108,21 +113,21 @@ class LanguageModelingTask(EcoflapTask):
         else:
             self.model = model_cls.from_config(config)
         self.collator = TextCollator(self.tokenizer, max_length, self.encoder_decoder, prefix_lm_seed)
-        self.val_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
-        self.test_perplexity = Perplexity(ignore_index=IGNORE_INDEX)
+        self.val_perplexity = TokenPerplexity(ignore_index=IGNORE_INDEX)
+        self.test_perplexity = TokenPerplexity(ignore_index=IGNORE_INDEX)
         log.info("LanguageModelingTask: %s (%s)", config.model_type, "prefix-LM" if self.encoder_decoder else "causal")
 
     @override
     def calibration_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The model's own LM loss on the collator's ``labels``."""
-        return self.model(**batch).loss
+        return self.model(**_model_inputs(batch)).loss
 
-    def _update_perplexity(self, metric: Perplexity, batch: dict[str, Any]) -> None:
-        logits = self.model(**batch).logits.float()
+    def _update_perplexity(self, metric: TokenPerplexity, batch: dict[str, Any]) -> None:
+        logits = self.model(**_model_inputs(batch)).logits
         labels = batch["labels"]
         if not self.encoder_decoder:  # position t predicts token t + 1
             logits, labels = logits[:, :-1], labels[:, 1:]
-        metric.update(logits, labels)
+        metric.update(logits, labels, ids=batch.get(TEXT_ID))
 
     @override
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -133,3 +138,8 @@ class LanguageModelingTask(EcoflapTask):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._update_perplexity(self.test_perplexity, batch)
         self.log("test/perplexity", self.test_perplexity, batch_size=batch["labels"].shape[0])
+
+
+def _model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch without its sample ids, which the model's forward does not take."""
+    return {key: value for key, value in batch.items() if key != TEXT_ID}

@@ -1,4 +1,4 @@
-"""TextDataModule: WikiText raw files, C4-style JSON lines (gzip or not), calibration subset, errors."""
+"""TextDataModule: WikiText raw files, C4-style JSON lines (gzip or not), document ids, calibration subset, errors."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ def test_reads_wikitext_raw_and_c4_json_lines(tmp_path):
     data = TextDataModule(tmp_path, train_file="wiki.train.raw", val_file="c4.json.gz", collate_fn=_identity)
     assert [s["text"] for s in data.dataset("train")] == ["= Title =", "first paragraph", "second"]
     assert [s["text"] for s in data.dataset("val")] == ["doc one", "doc two"]
+    # each document's index in its file: the id that evaluation counts once under DDP
+    assert [s["text_id"] for s in data.dataset("train")] == [0, 1, 2]
+    assert [s["text_id"] for s in data.dataset("val")] == [0, 1]
     calibration = [s for batch in data.calibration_dataloader(2) for s in batch]
     assert len(calibration) == 2 and all(s in list(data.dataset("train")) for s in calibration)
 

@@ -13,6 +13,7 @@ from ecoflap_pl.datamodules.text import TextDataModule
 from ecoflap_pl.models.tiny import tiny_config
 from ecoflap_pl.models.tokenizers import train_tokenizer
 from ecoflap_pl.tasks.language_modeling import LanguageModelingTask
+from tests.tasks.task_helpers import validate_once_twice_and_on_two_processes
 from tests.trainers import quiet_trainer
 
 CORPUS = [
@@ -39,13 +40,17 @@ def _task(family: str, tokenizer_dirs) -> LanguageModelingTask:
     return LanguageModelingTask(model_config=config, tokenizer=tokenizer_dirs[family], max_length=16)
 
 
-def test_causal_loss_and_perplexity_match_the_model(tokenizer_dirs):
-    task = _task("llama", tokenizer_dirs).eval()
-    batch = task.collator([{"text": CORPUS[0]}])
-    assert batch["labels"].tolist() == batch["input_ids"].tolist()
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_perplexity_is_exp_of_the_model_loss_per_token(tokenizer_dirs, family):
+    # the model's own loss is the mean over the batch's target tokens (shifted inside a causal model): exp of it is
+    # the perplexity of the batch, documents of unequal length included
+    task = _task(family, tokenizer_dirs).eval()
+    batch = task.collator([{"text": CORPUS[0], "text_id": 0}, {"text": CORPUS[1], "text_id": 1}])
+    assert batch["text_id"] == [0, 1]
     with torch.no_grad():
-        loss = task.calibration_loss(batch)
+        loss = task.calibration_loss(batch)  # a batch with its ids: they never reach the model's forward
         task._update_perplexity(task.val_perplexity, batch)
+    # rel_tol: the model's loss is an fp32 mean, the metric's a float64 sum
     assert math.isclose(task.val_perplexity.compute().item(), math.exp(loss.item()), rel_tol=1e-5)
 
 
@@ -91,3 +96,19 @@ def test_fit_and_validate_through_the_trainer(tmp_path, tokenizer_dirs, family):
     assert any(not torch.equal(before[n], p) for n, p in task.model.named_parameters())
     metrics = trainer.validate(task, datamodule=data, verbose=False)[0]
     assert math.isfinite(metrics["val/perplexity"]) and metrics["val/perplexity"] > 1
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_perplexity_under_two_process_ddp_equals_one_process(tmp_path, tokenizer_dirs, family, trainer_factory):
+    """5 documents on 2 ranks: the DistributedSampler repeats document 0 on rank 1, whose tokens count once."""
+    (tmp_path / "wiki.valid.raw").write_text("\n".join(CORPUS + ["the blue seven is odd"]) + "\n", encoding="utf-8")
+    data = TextDataModule(tmp_path, train_file="wiki.valid.raw", val_file="wiki.valid.raw")
+    samples = list(data.dataset("val"))
+    assert [sample["text_id"] for sample in samples] == [0, 1, 2, 3, 4]
+    single, repeat_counted, distributed = validate_once_twice_and_on_two_processes(
+        _task(family, tokenizer_dirs), samples, "text_id", trainer_factory
+    )
+    # torchmetrics' sums counted document 0 again under DDP: the repeat-counted perplexity
+    assert repeat_counted["val/perplexity"] != pytest.approx(single["val/perplexity"], rel=1e-3)
+    assert distributed["val/perplexity"] == pytest.approx(single["val/perplexity"], rel=1e-6)
