@@ -86,7 +86,15 @@ def unknown_option_hint(message: str, parser: ArgumentParser) -> str | None:
         found = _UNKNOWN_CLASS_ARGUMENT.search(message)
         if found is None:
             return None
-        given, known = found.group(2), _init_arguments(found.group(1))
+        class_path, given = found.group(1), found.group(2)
+        known = _init_arguments(class_path)
+        if given in known:  # an argument of a base class that this class does not pass on
+            keys = _PARSER_KEY.findall(message)
+            listing = f"`--{keys[0]}.help {class_path}`" if keys else "the subcommand's --help"
+            return (
+                f"HINT: {class_path.rpartition('.')[2]} does not take `{given}`, though a class it derives from does: "
+                f"{listing} lists the arguments it takes."
+            )
     return _close_option_hint(given, known)
 
 

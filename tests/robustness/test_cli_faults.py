@@ -247,6 +247,20 @@ def test_a_command_line_without_a_subcommand_or_a_config_says_how_a_run_is_given
     short_error(run_ecoflap(capsys, "validate", "-c", str(without_data)), "required: validate.data\n", how)
 
 
+def test_an_argument_of_a_base_class_the_class_does_not_take_is_not_suggested_back(capsys):
+    """The demo's DataModule takes no `data_dir` (it builds its own files; its base class takes one): the hint said
+    "did you mean 'data_dir'?" to `--data.init_args.data_dir`."""
+    config = str(Path(__file__).parents[2] / "configs" / "demo" / "vit_imagenet.yaml")
+    outcome = run_ecoflap(capsys, "validate", "-c", config, "--data.init_args.data_dir=/elsewhere")
+    short_error(
+        outcome,
+        "Option 'data_dir' is not accepted",
+        "HINT: DemoImageNetDataModule does not take `data_dir`, though a class it derives from does: `--data.help "
+        "ecoflap_pl.demo.datamodules.DemoImageNetDataModule` lists the arguments it takes.",
+    )
+    assert "did you mean" not in outcome.text
+
+
 def test_missing_config_file(capsys, tmp_path):
     short_error(run_ecoflap(capsys, "validate", "-c", str(tmp_path / "nope.yaml")), "File does not exist")
 
