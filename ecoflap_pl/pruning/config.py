@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from ecoflap_pl.pruning.field_types import PathString, check_field_types
+from ecoflap_pl.pruning.registry import unknown_name
 
 ImportanceName = Literal["zeroth_order", "first_order", "uniform"]
 """The built-in importance estimators (``ecoflap_pl.pruning.importance``) and ``"uniform"`` (no scores); estimators
@@ -33,7 +34,7 @@ DEFAULT_EXCLUDE = ("*qformer*",)
 def _choice(name: str, value: str, options: tuple[str, ...]) -> str:
     normalised = value.strip().lower().replace("-", "_")
     if normalised not in options:
-        raise ValueError(f"`{name}` must be one of {list(options)}, got {value!r}.")
+        raise unknown_name(name, value, options)
     return normalised
 
 
@@ -221,9 +222,7 @@ class PruningConfig:
         for name, options in registered.items():
             value = getattr(self, name).strip().lower().replace("-", "_")
             if value not in options:
-                raise ValueError(
-                    f"`{name}` must be one of {list(options)}, got {getattr(self, name)!r}. HINT: {hints[name]}"
-                )
+                raise unknown_name(name, getattr(self, name), options, hints[name])
             object.__setattr__(self, name, value)
 
     def _default_comparison(self) -> str:
@@ -236,10 +235,8 @@ class PruningConfig:
 
         allocation = self.allocation.strip().lower().replace("-", "_")
         if allocation not in allocation_names():
-            raise ValueError(
-                f"`allocation` must be one of {list(allocation_names())}, got {self.allocation!r}. "
-                "HINT: 'ecoflap' is the paper's rule, 'auto' picks the best candidate on held-out batches."
-            )
+            hint = "'ecoflap' is the paper's rule, 'auto' picks the best candidate on held-out batches."
+            raise unknown_name("allocation", self.allocation, allocation_names(), hint)
         if self.importance == "uniform" and allocation == "ecoflap":
             allocation = "uniform"  # `importance: uniform` (no scores) keeps meaning the uniform baseline
         object.__setattr__(self, "allocation", allocation)

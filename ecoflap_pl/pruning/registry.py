@@ -1,13 +1,25 @@
 """The registry every named extension point shares (methods, estimators, score variants, allocations, the tasks'
 model families): entries added under new names, kept in registration order, and a look-up whose error lists the
-known names with a ``HINT:``. A test that registers an extra entry swaps in a :meth:`Registry.copy`."""
+known names with a ``HINT:`` (:func:`unknown_name`: the close name meant, for a typo). A test that registers an
+extra entry swaps in a :meth:`Registry.copy`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import difflib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
+
+
+def unknown_name(option: str, value: object, names: Sequence[str], hint: str = "", purpose: str = "") -> ValueError:
+    """The error for ``value`` of ``option`` outside ``names``: "`option` must be one of [...]{purpose}, got 'value'.",
+    with "HINT: did you mean 'name'?" where one of ``names`` is close to it (a typo), else ``HINT: {hint}``."""
+    typed = str(value).strip().lower().replace("-", "_")
+    close = difflib.get_close_matches(typed, list(names), n=1, cutoff=0.75)
+    said = f"did you mean {close[0]!r}?" if close else hint
+    message = f"`{option}` must be one of {list(names)}{purpose}, got {value!r}."
+    return ValueError(f"{message} HINT: {said}" if said else message)
 
 
 class Registry(Mapping[str, T]):
@@ -48,12 +60,10 @@ class Registry(Mapping[str, T]):
         """The entry under ``name``.
 
         Raises:
-            ValueError: "`option` must be one of [...]{purpose}, got 'name'. HINT: {hint}" for an unknown name.
+            ValueError: for an unknown name (:func:`unknown_name`, with ``hint`` where no known name is close).
         """
         if name not in self._entries:
-            raise ValueError(
-                f"`{self.option}` must be one of {list(self._entries)}{self.purpose}, got {name!r}. HINT: {self.hint}"
-            )
+            raise unknown_name(self.option, name, list(self._entries), self.hint, self.purpose)
         return self._entries[name]
 
     def names(self) -> tuple[str, ...]:

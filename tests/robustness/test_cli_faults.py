@@ -37,7 +37,10 @@ def short_error(outcome, *expected: str) -> None:
         (["--pruning.sparsity=abc"], ['Parser key "pruning.sparsity"', "Got value: abc"]),
         (["--pruning.sparsity=1.5"], ["`sparsity` must be in [0, 1)", "HINT"]),
         (["--pruning.method=wandaa"], ["`method` must be one of ['wanda', 'sparsegpt', 'magnitude']"]),
-        (["--pruning.allocation=unifrom"], ["`allocation` must be one of", "HINT"]),
+        (["--pruning.allocation=unifrom"], ["`allocation` must be one of", "HINT: did you mean 'uniform'?"]),
+        (["--pruning.method=sparsgpt"], ["`method` must be one of", "HINT: did you mean 'sparsegpt'?"]),
+        (["--pruning.score=grad-ony"], ["`score` must be one of", "got 'grad-ony'. HINT: did you mean 'grad_only'?"]),
+        (["--pruning.method=obs"], ["`method` must be one of", "HINT: register a new fine-step method with"]),
         (
             ["--pruning.sparsty=0.5"],
             ["unrecognized arguments: --pruning.sparsty=0.5", "did you mean 'pruning.sparsity'"],
