@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from ecoflap_pl.pruning.field_types import PathString, check_field_types
-from ecoflap_pl.pruning.registry import unknown_name
+from ecoflap_pl.pruning.registry import normalized_name, unknown_name
 
 ImportanceName = Literal["zeroth_order", "first_order", "uniform"]
 """The built-in importance estimators (``ecoflap_pl.pruning.importance``) and ``"uniform"`` (no scores); estimators
@@ -32,7 +32,7 @@ DEFAULT_EXCLUDE = ("*qformer*",)
 
 
 def _choice(name: str, value: str, options: tuple[str, ...]) -> str:
-    normalised = value.strip().lower().replace("-", "_")
+    normalised = normalized_name(value)
     if normalised not in options:
         raise unknown_name(name, value, options)
     return normalised
@@ -220,7 +220,7 @@ class PruningConfig:
             "method": method_names(),
         }
         for name, options in registered.items():
-            value = getattr(self, name).strip().lower().replace("-", "_")
+            value = normalized_name(getattr(self, name))
             if value not in options:
                 raise unknown_name(name, getattr(self, name), options, hints[name])
             object.__setattr__(self, name, value)
@@ -233,7 +233,7 @@ class PruningConfig:
     def _check_allocation(self) -> None:
         from ecoflap_pl.pruning.allocation import allocation_names  # the registry imports this module
 
-        allocation = self.allocation.strip().lower().replace("-", "_")
+        allocation = normalized_name(self.allocation)
         if allocation not in allocation_names():
             hint = "'ecoflap' is the paper's rule, 'auto' picks the best candidate on held-out batches."
             raise unknown_name("allocation", self.allocation, allocation_names(), hint)

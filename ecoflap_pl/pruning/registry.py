@@ -12,11 +12,16 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+def normalized_name(value: str) -> str:
+    """``value`` as the registered names are spelt: surrounding spaces, case and hyphens do not count
+    (``" Sparse-GPT"`` -> ``"sparse_gpt"``)."""
+    return value.strip().lower().replace("-", "_")
+
+
 def unknown_name(option: str, value: object, names: Sequence[str], hint: str = "", purpose: str = "") -> ValueError:
     """The error for ``value`` of ``option`` outside ``names``: "`option` must be one of [...]{purpose}, got 'value'.",
     with "HINT: did you mean 'name'?" where one of ``names`` is close to it (a typo), else ``HINT: {hint}``."""
-    typed = str(value).strip().lower().replace("-", "_")
-    close = difflib.get_close_matches(typed, list(names), n=1, cutoff=0.75)
+    close = difflib.get_close_matches(normalized_name(str(value)), list(names), n=1, cutoff=0.75)
     said = f"did you mean {close[0]!r}?" if close else hint
     message = f"`{option}` must be one of {list(names)}{purpose}, got {value!r}."
     return ValueError(f"{message} HINT: {said}" if said else message)
