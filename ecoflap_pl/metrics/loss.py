@@ -11,7 +11,7 @@ from torch import Tensor
 from ecoflap_pl.metrics._states import ListStateMetric, cat_state, first_occurrences, sample_ids, text_state_dtypes
 
 
-def _loss_bits(losses: Tensor) -> Tensor:
+def float64_bits(losses: Tensor) -> Tensor:
     """``int64 [N]``: the bits of each sample's loss as float64.
 
     Lightning's bf16 precision casts the LightningModule, which converts every floating-point metric state; integer
@@ -26,26 +26,19 @@ def _loss_bits(losses: Tensor) -> Tensor:
     return losses.detach().to(torch.float64).contiguous().view(torch.int64)
 
 
-def _mean_loss_compute(bits: Tensor, keys: Sequence[str], counts: Tensor | None = None) -> Tensor:
-    """The mean of the float64 losses held in ``bits``, a repeated key counted once (``""``: no key, always counted).
-
-    With ``counts`` (``int64 [N]``: the items each loss sums over, such as a document's target tokens), the mean per
-    item instead: the sum of the kept losses over the sum of their counts.
-    """
+def kept_losses(bits: Tensor, keys: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """The float64 losses held in ``bits`` (on the CPU) and the mask that keeps each key's first sample (``""``: no
+    key, always kept)."""
     if bits.numel() == 0:
         raise ValueError("The mean loss needs at least one sample, got none. HINT: call update() first.")
     # on the CPU: float64 is missing on some accelerators (MPS), and these are one number per sample
-    losses = bits.cpu().view(torch.float64)
-    keep = torch.tensor(first_occurrences(keys), dtype=torch.bool)
-    if counts is None:
-        return losses[keep].mean()
-    total = int(counts.cpu()[keep].sum())
-    if total == 0:
-        raise ValueError(
-            "The loss per token needs at least one target token, got none: every label is the ignore_index. HINT: "
-            "check the labels; a document needs two tokens for a causal model to predict one (labels[:, 1:])."
-        )
-    return losses[keep].sum() / total
+    return bits.cpu().view(torch.float64), torch.tensor(first_occurrences(keys), dtype=torch.bool)
+
+
+def _mean_loss_compute(bits: Tensor, keys: Sequence[str]) -> Tensor:
+    """The mean of the float64 losses held in ``bits``, a repeated key counted once."""
+    losses, keep = kept_losses(bits, keys)
+    return losses[keep].mean()
 
 
 def mean_loss(losses: Tensor, ids: Sequence[int | str | None] | None = None) -> Tensor:
@@ -54,7 +47,7 @@ def mean_loss(losses: Tensor, ids: Sequence[int | str | None] | None = None) -> 
     Returns:
         The mean of ``losses`` in float64, each id once (0-dim, on the CPU).
     """
-    bits = _loss_bits(losses)
+    bits = float64_bits(losses)
     return _mean_loss_compute(bits, sample_ids(ids, len(bits)))
 
 
@@ -92,7 +85,7 @@ class MeanLoss(ListStateMetric):
             ids: an id per sample (ImageNet's ``image_id``, NLVR2's ``identifier``); a repeated id is counted once.
                 None (or a None id): no de-duplication of those samples.
         """
-        bits = _loss_bits(losses)
+        bits = float64_bits(losses)
         self.loss_bits.append(bits)
         self._append_texts("id", sample_ids(ids, len(bits)))
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ecoflap_pl.metrics._states import ListStateMetric, cat_state, sample_ids
-from ecoflap_pl.metrics.loss import MeanLoss, _loss_bits, _mean_loss_compute
+from ecoflap_pl.metrics.loss import MeanLoss, float64_bits, kept_losses
 
 
 def _check_ignore_index(ignore_index: int) -> int:
@@ -45,6 +45,18 @@ def _token_losses(logits: Tensor, labels: Tensor, ignore_index: int) -> tuple[Te
     return sums, (labels != ignore_index).sum(dim=1).to(torch.int64)
 
 
+def _perplexity_compute(bits: Tensor, keys: Sequence[str], counts: Tensor) -> Tensor:
+    """``exp`` of the summed losses in ``bits`` over the summed token ``counts``, a repeated key counted once."""
+    losses, keep = kept_losses(bits, keys)
+    total = int(counts.cpu()[keep].sum())
+    if total == 0:
+        raise ValueError(
+            "The loss per token needs at least one target token, got none: every label is the ignore_index. HINT: "
+            "check the labels; a document needs two tokens for a causal model to predict one (labels[:, 1:])."
+        )
+    return (losses[keep].sum() / total).exp()
+
+
 def token_perplexity(
     logits: Tensor, labels: Tensor, ids: Sequence[int | str | None] | None = None, ignore_index: int = -100
 ) -> Tensor:
@@ -54,7 +66,7 @@ def token_perplexity(
         ``exp`` of the mean negative log-likelihood per target token, each id once (0-dim float64, on the CPU).
     """
     sums, counts = _token_losses(logits, labels, _check_ignore_index(ignore_index))
-    return _mean_loss_compute(_loss_bits(sums), sample_ids(ids, len(sums)), counts).exp()
+    return _perplexity_compute(float64_bits(sums), sample_ids(ids, len(sums)), counts)
 
 
 class TokenPerplexity(ListStateMetric):
@@ -102,7 +114,7 @@ class TokenPerplexity(ListStateMetric):
                 None (or a None id): no de-duplication of those samples.
         """
         sums, counts = _token_losses(logits, labels, self.ignore_index)
-        self.loss_bits.append(_loss_bits(sums))
+        self.loss_bits.append(float64_bits(sums))
         self.token_counts.append(counts)
         self._append_texts("id", sample_ids(ids, len(sums)))
 
@@ -113,4 +125,4 @@ class TokenPerplexity(ListStateMetric):
             A 0-dim float64 tensor on the CPU.
         """
         counts = cat_state(self.token_counts, torch.int64)
-        return _mean_loss_compute(cat_state(self.loss_bits, torch.int64), self._texts("id"), counts).exp()
+        return _perplexity_compute(cat_state(self.loss_bits, torch.int64), self._texts("id"), counts)
