@@ -2,10 +2,10 @@
 # Run on the CPU machine, from the repository root, right before a GPU session: puts into .gpu_deps/site (ignored by
 # git; the device tool carries it with `carry: [".gpu_deps"]`) the pure-Python packages this project imports that the
 # GPU machines' image lacks (checked against its package list): jsonargparse with its `signatures` extras,
-# pycocoevalcap, and pytest-xdist with execnet (pyproject's pytest options name its `-n`). The GPU machine reaches no registry, so they travel from here. pycocoevalcap ships 104 MB of Java
-# jars and METEOR data, over the 64 MiB a call carries; only its Python files travel (the GPU parts import its BLEU
-# and CIDEr scorers, never run METEOR or SPICE). Everything else (torch, transformers, accelerate, lightning, timm,
-# pytest) is in the image.
+# pycocoevalcap, and pytest-xdist with execnet (pyproject's pytest options name its `-n`). The GPU machine reaches no
+# registry, so they travel from here. pycocoevalcap ships 104 MB of Java jars and METEOR data, over the 64 MiB a call
+# carries; only its Python files travel (the GPU parts import its BLEU and CIDEr scorers, never run METEOR or SPICE).
+# Everything else (torch, transformers, accelerate, lightning, timm, pytest) is in the image.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 rm -rf .gpu_deps
