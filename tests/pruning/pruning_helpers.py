@@ -48,6 +48,18 @@ class ToyModel(nn.Module):
         return self.head(hidden).mean(dim=1)
 
 
+class OpaqueWeight(ToyModel):
+    """Uses block 0's fc1 weight through a matmul, which the F.linear interception cannot see (the fast
+    zeroth-order path falls back to one forward per probe)."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(inputs)
+        hidden = hidden + 0.1 * (hidden @ self.layers[0].fc1.weight.T)[..., : hidden.shape[-1]]
+        for layer in self.layers:
+            hidden = layer(hidden, scale=0.5)
+        return self.head(hidden).mean(dim=1)
+
+
 def toy_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return nn.functional.cross_entropy(model(batch["inputs"]), batch["labels"])
 

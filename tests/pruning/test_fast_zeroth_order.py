@@ -15,6 +15,7 @@ from ecoflap_pl.pruning.monitor import StageMonitor
 from ecoflap_pl.pruning.zeroth_order import zeroth_order_sums
 from tests.pruning.pruning_helpers import (
     FAMILIES,
+    OpaqueWeight,
     ToyModel,
     assert_bit_identical,
     family_case,
@@ -137,17 +138,6 @@ class SequenceFirst(ToyModel):
         for layer in self.layers:
             hidden = layer(hidden, scale=0.5)
         return self.head(hidden.transpose(0, 1)).mean(dim=1)
-
-
-class OpaqueWeight(ToyModel):
-    """Uses block 0's fc1 weight through a matmul, which the F.linear interception cannot see."""
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed(inputs)
-        hidden = hidden + 0.1 * (hidden @ self.layers[0].fc1.weight.T)[..., : hidden.shape[-1]]
-        for layer in self.layers:
-            hidden = layer(hidden, scale=0.5)
-        return self.head(hidden).mean(dim=1)
 
 
 @pytest.mark.parametrize(

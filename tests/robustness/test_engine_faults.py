@@ -11,8 +11,14 @@ import torch
 from torch import nn
 
 from ecoflap_pl.pruning import GroupScores, PruningConfig, prune, score_groups
-from tests.pruning.pruning_helpers import assert_bit_identical, seeded_toy_model, snapshot, toy_batches, toy_loss
-from tests.pruning.test_fast_zeroth_order import OpaqueWeight
+from tests.pruning.pruning_helpers import (
+    OpaqueWeight,
+    assert_bit_identical,
+    seeded_toy_model,
+    snapshot,
+    toy_batches,
+    toy_loss,
+)
 
 CONFIG = {"coarse_samples": 8, "fine_samples": 8}
 
