@@ -9,7 +9,6 @@ are the ``pruning:`` section (the arguments of :class:`~ecoflap_pl.callbacks.ECo
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import io
 import logging
 import os
@@ -49,7 +48,13 @@ from ecoflap_pl.cli_help import DESCRIPTION, SUBCOMMAND_HELP, describe_subcomman
 from ecoflap_pl.console import quiet_libraries
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.datamodules.base import Stage
-from ecoflap_pl.entry_point import SIGINT_STATUS, SIGTERM_STATUS, STOPPED_BY_SIGTERM, stopped_by_sigint
+from ecoflap_pl.entry_point import (
+    SIGINT_STATUS,
+    SIGTERM_STATUS,
+    STOPPED_BY_SIGTERM,
+    installed_versions,
+    stopped_by_sigint,
+)
 from ecoflap_pl.export import has_saved_masks
 from ecoflap_pl.hardware_check import check_model_placement, check_trainer_hardware
 from ecoflap_pl.option_hints import mapping_option_hint, missing_input_hint, unknown_option_hint
@@ -777,8 +782,7 @@ class _PrintVersions(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
-        packages = ("ecoflap-pl", "torch", "lightning", "transformers", "timm", "accelerate")
-        sys.stdout.write("".join(f"{name} {importlib.metadata.version(name)}\n" for name in packages))
+        sys.stdout.write(installed_versions())
         parser.exit()
 
 

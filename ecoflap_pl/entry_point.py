@@ -4,10 +4,12 @@ Importing the command (torch, Lightning, transformers) takes seconds before :fun
 anything, so a Ctrl+C in those seconds printed Python's traceback of the import, and a SIGTERM (``torchrun`` stopping
 the other ranks once one has failed, a scheduler's cancel) killed the process without a word. :func:`main` imports the
 command itself, with handlers of its own: either signal at any moment ends the run with the same line and status.
+``ecoflap --version`` alone needs none of it and answers without the import (:func:`installed_versions`).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import signal
@@ -35,14 +37,39 @@ def stopped_by_sigint() -> NoReturn:
     sys.exit(SIGINT_STATUS)
 
 
+VERSIONED_PACKAGES = ("ecoflap-pl", "torch", "lightning", "transformers", "timm", "accelerate")
+"""The packages ``ecoflap --version`` lists: this one and the libraries a bug report needs."""
+
+_LAUNCHER_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+"""Where a launcher tells a process its rank, in the order Lightning's ``rank_zero_only`` reads them."""
+
+
+def installed_versions() -> str:
+    """``NAME VERSION``, one line per package of :data:`VERSIONED_PACKAGES`, read from the installed distributions'
+    metadata: nothing is imported, so the answer comes at once (the full command's import takes 5-10 s)."""
+    return "".join(f"{name} {importlib.metadata.version(name)}\n" for name in VERSIONED_PACKAGES)
+
+
 def main() -> None:
     """Run ``ecoflap`` on ``sys.argv`` (see :func:`ecoflap_pl.cli.main`), a Ctrl+C while it is imported included."""
+    if sys.argv[1:] == ["--version"]:
+        _print_versions_on_rank_zero()
+        return
     try:
         with _signals_exit_at_once():
             from ecoflap_pl.cli import main as run_command  # seconds: torch, Lightning, transformers
         run_command()
     except KeyboardInterrupt:  # between the import and the command's own handler
         stopped_by_sigint()
+
+
+def _print_versions_on_rank_zero() -> None:
+    """``ecoflap --version`` before Lightning is imported: printed by the process whose launcher rank is 0 (or that has
+    none), as the full command prints it (Lightning's ``rank_zero_only`` reads the same variables, written by hand
+    here because importing Lightning is the cost this answer avoids)."""
+    rank = next((os.environ[name] for name in _LAUNCHER_RANK_VARIABLES if name in os.environ), "0")
+    if int(rank) == 0:
+        sys.stdout.write(installed_versions())
 
 
 @contextmanager

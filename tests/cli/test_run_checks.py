@@ -178,6 +178,30 @@ def test_version_lists_the_package_and_the_libraries_a_bug_report_needs(capsys: 
         assert f"{package} {importlib.metadata.version(package)}" in lines, outcome.text
 
 
+_THE_COMMAND_ALONE = """
+import sys
+from ecoflap_pl.entry_point import main
+sys.argv = ["ecoflap", *sys.argv[1:]]
+main()
+print("imported:", sorted(name for name in ("torch", "lightning", "transformers", "timm") if name in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(("rank", "printed"), [(None, True), ("0", True), ("1", False)])
+def test_version_alone_answers_without_importing_the_command(rank: str | None, printed: bool) -> None:
+    """``ecoflap --version`` imported torch, Lightning and transformers (7-10 s) to print six lines of metadata; the
+    console script now answers it from the installed distributions, on launcher rank 0 only (as the full parser)."""
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "LOCAL_RANK", "SLURM_PROCID")}
+    env.update({} if rank is None else {"RANK": rank})
+    outcome = subprocess.run(
+        [sys.executable, "-c", _THE_COMMAND_ALONE, "--version"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert outcome.returncode == 0, outcome.stderr
+    versions = [f"{package} {importlib.metadata.version(package)}" for package in ("ecoflap-pl", "torch", "lightning")]
+    assert all((version in outcome.stdout.splitlines()) is printed for version in versions), outcome.stdout
+    assert outcome.stdout.splitlines()[-1] == "imported: []", outcome.stdout
+
+
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict", "prune"])
 def test_each_subcommand_help_begins_with_what_it_does_here(
     capsys: pytest.CaptureFixture[str], subcommand: str
