@@ -714,7 +714,7 @@ def keep_pruning_state_in_weights_only_checkpoint(trainer: pl.Trainer, checkpoin
     ``on_save_checkpoint`` for it, and :class:`~ecoflap_pl.tasks.base.EcoflapTask` calls this from there. The state
     is stored where a full checkpoint keeps it, so Lightning restores it the same way. Such a checkpoint still cannot
     resume ``fit`` (no optimizer state): the ``ecoflap`` command refuses that before the model is built, Lightning
-    when it restores the optimizers.
+    when it restores the optimizers; ``EcoflapTrainer.prune``, which takes no step, restores it without them.
     """
     if "callbacks" in checkpoint:  # a full checkpoint: the callbacks' state is there already
         return

@@ -31,6 +31,7 @@ import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import Callback, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
+from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_prefixed_message, rank_zero_only
@@ -105,7 +106,8 @@ class EcoflapTrainer(pl.Trainer):
         Args:
             model: the task whose ``model`` is pruned.
             datamodule: the data, whose ``calibration_dataloader`` feeds pruning.
-            ckpt_path: a checkpoint to start from (one that is already pruned is not pruned again).
+            ckpt_path: a checkpoint to start from (one that is already pruned is not pruned again), also one saved
+                with ``save_weights_only``: no step uses the optimizer state it lacks.
             weights_only: how ``ckpt_path`` is loaded, as for ``fit`` (so that a config of ``fit`` runs ``prune``).
         """
         callback = self.pruning_callback()
@@ -120,9 +122,40 @@ class EcoflapTrainer(pl.Trainer):
         self.num_sanity_val_steps = 0
         # No step is taken: no summary of a model about to be trained, no advice on logging the steps of an epoch.
         self.callbacks = [callback for callback in self.callbacks if not isinstance(callback, ModelSummary)]
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _optimizer_state_optional(self._checkpoint_connector):
             warnings.filterwarnings("ignore", message="The number of training batches .* logging interval")
             self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
+
+
+class _OptionalOptimizerStateConnector(_CheckpointConnector):
+    """Lightning's checkpoint connector that restores a checkpoint's optimizer and LR-scheduler state where it has
+    any, and leaves the fresh ones of the run where it has none (a weights-only checkpoint), instead of raising."""
+
+    @override
+    def restore_optimizers_and_schedulers(self) -> None:
+        if "optimizer_states" in self._loaded_checkpoint:
+            super().restore_optimizers_and_schedulers()
+
+
+@contextmanager
+def _optimizer_state_optional(connector: _CheckpointConnector) -> Iterator[None]:
+    """Let ``connector`` restore a checkpoint without optimizer state into ``fit`` while the block runs, no longer.
+
+    Lightning's ``fit`` restores a checkpoint whole, and raises a KeyError for one that holds no optimizer and
+    LR-scheduler state (``ModelCheckpoint(save_weights_only=True)``): resumed training needs them. ``prune`` runs
+    ``fit`` with zero steps, so its optimizers are never used: such a checkpoint is restored as a full one is (the
+    weights, the loops with the global step, the pruning state the task keeps in it), with the run's fresh
+    optimizers. The connector's class is swapped for the block, not the connector: its state (the checkpoint being
+    loaded, ``trainer.ckpt_path``) stays; a Trainer that ``ddp_spawn`` pickles into its processes takes the swap with
+    it (a function set on the instance would be a closure, which does not pickle); and ``fit`` called afterwards
+    refuses such a checkpoint again.
+    """
+    connector_class = type(connector)
+    connector.__class__ = _OptionalOptimizerStateConnector
+    try:
+        yield
+    finally:
+        connector.__class__ = connector_class
 
 
 _MAIN_LOOP: dict[str, Stage] = {"fit": "train", "prune": "train", "validate": "val", "test": "test", "predict": "test"}
@@ -306,7 +339,7 @@ class EcoflapCLI(LightningCLI):
     def _resolve_ckpt_path(self, subcommand: str) -> None:
         """Resolve a ``ckpt_path`` that Lightning finds itself (``last``, ``best``, ``hpc``, a model registry name)
         with the Trainer's own resolution, give the file it finds the checks a ``ckpt_path`` file gets (whole,
-        resumable by ``fit`` and ``prune``, written by the config's task) and its hyperparameters
+        resumable by ``fit``, written by the config's task) and its hyperparameters
         (:meth:`_rebuild_as_trained`), and run with that file, so that the checks after this one (pruned or not,
         ``save_to``) read it too and Lightning does not resolve it again.
 
@@ -500,13 +533,13 @@ def _check_ckpt_path_exists(ckpt_path: str) -> None:
 
 def _check_checkpoint_file(ckpt_path: str, subcommand: str) -> Any:
     """The checks of a ``ckpt_path`` file before it is restored: whole (its checksums), a readable checkpoint, and
-    for ``fit`` and ``prune`` (``fit`` with no step) one that can be resumed: Lightning finds out that a weights-only
-    checkpoint (``ModelCheckpoint(save_weights_only=True)``) cannot only when it restores the optimizers, after the
-    model is built and restored, with a traceback. Return the checkpoint, read memory-mapped: the weights are not
-    loaded.
+    for ``fit`` one that can be resumed: Lightning finds out that a weights-only checkpoint
+    (``ModelCheckpoint(save_weights_only=True)``) cannot only when it restores the optimizers, after the model is
+    built and restored, with a traceback (``prune``, which takes no step, restores it without optimizer state:
+    :meth:`EcoflapTrainer.prune`). Return the checkpoint, read memory-mapped: the weights are not loaded.
 
     Raises:
-        ConfigurationError: the file is damaged or not a readable checkpoint, or ``fit``/``prune`` cannot resume it.
+        ConfigurationError: the file is damaged or not a readable checkpoint, or ``fit`` cannot resume it.
     """
     try:
         check_checkpoint_file(ckpt_path)  # before any of it is loaded
@@ -516,23 +549,14 @@ def _check_checkpoint_file(ckpt_path: str, subcommand: str) -> Any:
         checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as error:  # torch raises several types for files that are not checkpoints
         raise ConfigurationError(str(unreadable_checkpoint(ckpt_path, error))) from error
-    if subcommand in _RESTORES_OPTIMIZERS and isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:
-        weights_only = f"`ckpt_path` {ckpt_path!r} holds the weights only (`ModelCheckpoint(save_weights_only=True)`)"
-        raise ConfigurationError(f"{weights_only}, {_RESTORES_OPTIMIZERS[subcommand]}")
+    if subcommand == "fit" and isinstance(checkpoint, dict) and "optimizer_states" not in checkpoint:
+        raise ConfigurationError(
+            f"`ckpt_path` {ckpt_path!r} holds the weights only (`ModelCheckpoint(save_weights_only=True)`), without "
+            "the optimizer state that `fit` resumes. HINT: resume from a checkpoint saved without save_weights_only, "
+            "or evaluate this one with `ecoflap validate` or `ecoflap test --ckpt_path` (its masks come with it), or "
+            "save it with `ecoflap prune --ckpt_path` (--pruning.save_to DIR) and fine-tune DIR."
+        )
     return checkpoint
-
-
-_RESTORES_OPTIMIZERS = {
-    "fit": "without the optimizer state that `fit` resumes. HINT: resume from a checkpoint saved without "
-    "save_weights_only, or evaluate this one with `ecoflap validate` or `ecoflap test --ckpt_path` (its masks come "
-    "with it).",
-    "prune": "without the optimizer state that `prune` restores (it runs `fit` with no step, and Lightning's `fit` "
-    "restores a checkpoint whole). HINT: prune from a checkpoint saved without save_weights_only, or run `ecoflap "
-    "validate --ckpt_path` on this one: it restores the weights only, keeps the masks of a pruned checkpoint, and "
-    "prunes a dense one (saved to `--pruning.save_to DIR`).",
-}
-"""The subcommands whose run restores a checkpoint's optimizer state (refusing a weights-only one), and the rest of
-the message that refuses it."""
 
 
 def _check_no_unseen_last_checkpoint(root: Path) -> None:

@@ -55,8 +55,9 @@ CKPT_PATH_HELP = {
     "pruning.stages names predict.",
     "prune": "The checkpoint to start from: "
     + _CHECKPOINT
-    + " One saved after pruning is not pruned again (its masks are restored). Restored as fit restores it, optimizer "
-    "state included: one saved with save_weights_only is refused.",
+    + " One saved after pruning is not pruned again (its masks are restored); a dense one is pruned. Restored as fit "
+    "restores it (weights, masks, step) but for the optimizer state, which prune never uses: one saved with "
+    "save_weights_only is pruned or saved as it is too.",
 }
 """``--ckpt_path`` of each subcommand (Lightning's speaks of "the previous ``trainer.fit`` call" of a script)."""
 

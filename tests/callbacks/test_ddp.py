@@ -15,6 +15,7 @@ import torch
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.callbacks.checkpoint_file import CHECKED_CHECKPOINTS_VARIABLE, check_checkpoint_file
+from ecoflap_pl.cli import EcoflapTrainer
 from tests.callbacks.callback_toys import FAST, MaskRecorder, ToyData, ToyTask, ZipEntryReads
 from tests.trainers import quiet_trainer
 
@@ -83,6 +84,34 @@ def test_the_processes_of_the_ranks_inherit_the_verdict_on_a_checkpoint_found_wh
     assert resume(tmp_path / "unchecked") == [entries, entries]  # each rank checks the file it loads
     check_checkpoint_file(checkpoint)  # as `ecoflap` does before it builds the model
     assert resume(tmp_path / "checked") == [0, 0]
+
+
+@pytest.mark.distributed
+def test_trainer_prune_under_ddp_spawn_restores_a_weights_only_checkpoint_in_each_process(tmp_path: Path) -> None:
+    """``EcoflapTrainer.prune`` lets its checkpoint connector skip the optimizer state for the call; ``ddp_spawn``
+    pickles the Trainer into each process, which must restore the weights-only checkpoint the same way."""
+    single = quiet_trainer(callbacks=[ECoFLaPPruning(**FAST)], max_steps=2, default_root_dir=tmp_path)
+    single.fit(ToyTask(), datamodule=ToyData())
+    checkpoint = tmp_path / "weights_only.ckpt"
+    single.save_checkpoint(checkpoint, weights_only=True)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    (tmp_path / "ddp").mkdir()
+    trainer = quiet_trainer(
+        EcoflapTrainer,
+        callbacks=[ECoFLaPPruning(**FAST), MaskRecorder(str(tmp_path / "ddp"))],
+        devices=2,
+        strategy="ddp_spawn",
+        default_root_dir=tmp_path / "ddp",
+    )
+    assert isinstance(trainer, EcoflapTrainer)
+    trainer.prune(ToyTask(seed=7), datamodule=ToyData(), ckpt_path=str(checkpoint))
+    masks = next(value for key, value in state["callbacks"].items() if "ECoFLaPPruning" in key)["masks"]
+    for rank in (0, 1):
+        restored = torch.load(tmp_path / "ddp" / f"masks_rank{rank}.pt", weights_only=True)
+        weights = torch.load(tmp_path / "ddp" / f"weights_rank{rank}.pt", weights_only=True)
+        assert restored.keys() == masks.keys() and masks
+        assert all(torch.equal(restored[name], mask) for name, mask in masks.items()), rank
+        assert all(torch.equal(weight, state["state_dict"][f"model.{name}"]) for name, weight in weights.items())
 
 
 FIT_UNDER_GLOO = """

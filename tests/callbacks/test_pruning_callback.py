@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from ecoflap_pl import PruningConfig, PruningResult
 from ecoflap_pl.callbacks import ECoFLaPPruning
+from ecoflap_pl.cli import EcoflapTrainer
 from tests.callbacks.callback_toys import FAST, ToyData, ToyTask, zero_fraction
 from tests.trainers import quiet_trainer
 
@@ -228,6 +229,38 @@ def test_a_weights_only_checkpoint_keeps_the_masks_and_is_not_pruned_again(
         assert all(torch.equal(evaluator.masks[n].cpu(), first.masks[n].cpu()) for n in first.masks)
         assert_pruned_weights_zero(fresh, evaluator.masks)
         assert zero_fraction(fresh.model) == pytest.approx(0.3, abs=1e-3)
+
+
+def test_trainer_prune_restores_a_weights_only_checkpoint_and_fit_still_refuses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`EcoflapTrainer.prune` runs `fit` with no step, whose restore raised Lightning's KeyError on a checkpoint
+    without optimizer state. It restores the weights, the step and the masks and skips only the optimizers; for
+    that call alone, also when it fails: `fit` of the same Trainer refuses the checkpoint afterwards, as before."""
+    first = ECoFLaPPruning(**FAST)
+    run = trainer(tmp_path, [first], max_steps=3, num_sanity_val_steps=0)
+    run.fit(ToyTask(), datamodule=ToyData())
+    weights_only = tmp_path / "weights_only.ckpt"
+    run.save_checkpoint(weights_only, weights_only=True)
+    state = torch.load(weights_only, map_location="cpu", weights_only=False)
+    other = tmp_path / "other.ckpt"
+    torch.save({**state, "state_dict": {}}, other)  # no weights: the restore of the model fails
+
+    pruning = ECoFLaPPruning(**FAST)
+    calls = count_prunes(pruning, monkeypatch)
+    pruner = quiet_trainer(EcoflapTrainer, callbacks=[pruning], default_root_dir=tmp_path)
+    assert isinstance(pruner, EcoflapTrainer)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        pruner.prune(ToyTask(seed=7), datamodule=ToyData(), ckpt_path=str(other))
+    task = ToyTask(seed=7)
+    pruner.prune(task, datamodule=ToyData(), ckpt_path=str(weights_only))
+    assert calls == [] and pruning.pruned and pruner.global_step == 3
+    assert pruning.masks.keys() == first.masks.keys()
+    assert all(torch.equal(pruning.masks[name], first.masks[name]) for name in first.masks)
+    for name, weight in task.state_dict().items():
+        assert torch.equal(weight, state["state_dict"][name]), name
+    with pytest.raises(KeyError, match="Trying to restore optimizer state but checkpoint contains only the model"):
+        pruner.fit(ToyTask(seed=7), datamodule=ToyData(), ckpt_path=weights_only)
 
 
 @pytest.mark.parametrize("averaging_first", [True, False])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +17,15 @@ import torch
 from ecoflap_pl.cli import SUBCOMMAND_HELP
 from ecoflap_pl.cli_help import CKPT_PATH_HELP
 from ecoflap_pl.demo.data import DemoPaths
+from ecoflap_pl.export import load_pruned_state_dict
 from tests.cli.test_data_check import config, refused
 from tests.datamodules.datamodule_layouts import write_vqa
-from tests.robustness import test_cli_faults
+from tests.robustness import test_checkpoint_faults, test_cli_faults
 from tests.robustness.cli_runs import run_ecoflap, vit_config
 
 ROOT = Path(__file__).resolve().parents[2]
 pruned_run = test_cli_faults.pruned_run  # a pruned, fine-tuned checkpoint (a module-scoped fixture)
+pruned_checkpoints = test_checkpoint_faults.pruned_checkpoints  # the same, whole and weights-only
 
 
 def test_an_experiment_file_on_a_machine_without_a_gpu_stops_before_the_model_with_a_hint(tmp_path: Path) -> None:
@@ -92,6 +95,15 @@ def _refused_fit_on_cpu_processes(tmp_path: Path, config_path: str, devices: int
     """The output of ``ecoflap fit`` (with ``options``) under DDP on ``devices`` CPU processes, refused once, with
     status 2."""
     args = ["fit", "-c", config_path, f"--trainer.devices={devices}", "--trainer.max_epochs=1", *options]
+    code, output = _ecoflap_process(tmp_path, *args)
+    assert code == 2, output[-3000:]
+    assert output.count("error (") == 1, output[-3000:]
+    return output
+
+
+def _ecoflap_process(tmp_path: Path, *args: str) -> tuple[int, str]:
+    """The exit status and output of ``ecoflap ARGS`` run as a process of its own in ``tmp_path`` (which, under DDP on
+    several CPU processes, starts the process of each other rank)."""
     run = subprocess.run(
         [sys.executable, "-m", "ecoflap_pl.cli", *args],
         capture_output=True,
@@ -100,10 +112,7 @@ def _refused_fit_on_cpu_processes(tmp_path: Path, config_path: str, devices: int
         cwd=tmp_path,
         timeout=300,
     )
-    output = run.stdout + run.stderr
-    assert run.returncode == 2, output[-3000:]
-    assert output.count("error (") == 1, output[-3000:]
-    return output
+    return run.returncode, run.stdout + run.stderr
 
 
 @pytest.mark.parametrize("source", ["checkpoint", "saved model"])
@@ -151,6 +160,28 @@ def test_resuming_from_a_weights_only_last_checkpoint_under_ddp_is_refused_once(
     output = _refused_fit_on_cpu_processes(tmp_path, path, 2, "--ckpt_path=last", "--trainer.max_steps=3")
     assert f"`ckpt_path` '{last}' holds the weights only" in output
     assert "Initializing distributed" not in output  # refused before any process started
+
+
+@pytest.mark.distributed
+def test_prune_from_a_weights_only_last_checkpoint_under_ddp_keeps_its_masks_and_saves_its_weights(
+    tmp_path: Path, demo_data: DemoPaths, pruned_checkpoints: dict[str, Path]
+) -> None:
+    """`prune` restores a weights-only checkpoint without the optimizer state it never uses, in each DDP process (each
+    runs the command, and restores the file, itself): the export holds the checkpoint's masks and weights."""
+    weights_only = pruned_checkpoints["weights_only"]
+    state = torch.load(weights_only, map_location="cpu", weights_only=False)
+    masks = next(value for key, value in state["callbacks"].items() if "ECoFLaPPruning" in key)["masks"]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"  # where `vit_config`'s Trainer (no logger) looks
+    last.parent.mkdir(parents=True)
+    shutil.copy(weights_only, last)
+    path = vit_config(tmp_path, demo_data, save_to=str(tmp_path / "pruned"))
+    code, output = _ecoflap_process(tmp_path, "prune", "-c", path, "--trainer.devices=2", "--ckpt_path=last")
+    assert code == 0, output[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in output and "not pruned again" in output
+    weights, saved_masks = load_pruned_state_dict(tmp_path / "pruned")
+    assert saved_masks.keys() == masks.keys() and masks
+    assert all(torch.equal(saved_masks[name], mask) for name, mask in masks.items())
+    assert all(torch.equal(weight, state["state_dict"][f"model.{name}"]) for name, weight in weights.items())
 
 
 def test_the_top_level_help_says_what_each_subcommand_does(capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,6 +3,8 @@ back bit for bit; a cut or changed file is refused in one message before the mod
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shutil
@@ -22,8 +24,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.callbacks.checkpoint_file import WholeFileCheckpointIO, check_checkpoint_file, least_checkpoint_bytes
-from ecoflap_pl.cli import EcoflapTrainer
-from ecoflap_pl.export import atomic
+from ecoflap_pl.cli import EcoflapTrainer, main
+from ecoflap_pl.export import atomic, load_pruned_state_dict
 from tests.callbacks.callback_toys import FAST, ToyData, ToyTask
 from tests.robustness import test_cli_faults
 from tests.robustness.cli_runs import TRAINER, folder_digest, run_ecoflap, vit_config
@@ -78,7 +80,8 @@ def test_resuming_fit_from_a_weights_only_checkpoint_is_refused_before_the_model
     outcome = run_ecoflap(
         capsys, "fit", "-c", vit_config(tmp_path, demo_data), f"--ckpt_path={weights_only}", "--trainer.max_steps=4"
     )
-    short_error(outcome, f"`ckpt_path` '{weights_only}' holds the weights only", "HINT", "ecoflap test --ckpt_path")
+    hint = "or save it with `ecoflap prune --ckpt_path` (--pruning.save_to DIR) and fine-tune DIR."
+    short_error(outcome, f"`ckpt_path` '{weights_only}' holds the weights only", "ecoflap test --ckpt_path", hint)
     assert not (tmp_path / "run").exists()  # refused before the run started
 
 
@@ -113,24 +116,109 @@ def test_resuming_fit_from_last_when_it_is_weights_only_is_refused_before_the_ru
     assert [path.name for path in (tmp_path / "run").rglob("*") if path.is_file()] == ["last.ckpt"]
 
 
-@pytest.mark.parametrize("ckpt_path", ["file", "last"])
-def test_prune_from_a_weights_only_checkpoint_is_refused_before_pruning(
-    capsys, tmp_path, demo_data, pruned_run, ckpt_path
-):
-    """`prune` runs `fit` with no step, and Lightning's `fit` restores the optimizer state: a weights-only checkpoint
-    ended in Lightning's KeyError traceback, after the model was built and restored. It gets `fit`'s check (a file:
-    before the model is built; `last`: once Lightning's resolution finds the file, before the run)."""
-    checkpoint, _ = pruned_run
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    for key in ("optimizer_states", "lr_schedulers"):  # what Lightning leaves out of a weights-only checkpoint
-        del state[key]
-    last = last_checkpoint(tmp_path, state)
-    digest = folder_digest(tmp_path / "run")
-    config = vit_config(tmp_path, demo_data, save_to=str(tmp_path / "pruned"))
-    outcome = run_ecoflap(capsys, "prune", "-c", config, f"--ckpt_path={last if ckpt_path == 'file' else 'last'}")
-    short_error(outcome, f"`ckpt_path` '{last}' holds the weights only", "that `prune` restores", "HINT: prune from")
+def fine_tuned_checkpoints(tmp_path: Path, demo_data, *options: str) -> dict[str, Path]:
+    """``ecoflap fit`` of the tiny ViT (``options`` added), two optimizer steps saved at the same step by two
+    ``ModelCheckpoint``s: whole, and weights-only (``save_weights_only=True``), by kind."""
+    path = vit_config(tmp_path, demo_data, importance="uniform")
+    config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    # Another `every_n_train_steps` each (Lightning refuses two ModelCheckpoints of one state key); both save step 2.
+    checkpoint = "lightning.pytorch.callbacks.ModelCheckpoint"
+    config["trainer"]["callbacks"] = [
+        {"class_path": checkpoint, "init_args": {"dirpath": str(tmp_path / kind), **settings}}
+        for kind, settings in (
+            ("whole", {"every_n_train_steps": 2}),
+            ("weights_only", {"every_n_train_steps": 1, "save_weights_only": True}),
+        )
+    ]
+    Path(path).write_text(yaml.safe_dump(config), encoding="utf-8")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        main(["fit", "-c", path, "--trainer.max_steps=2", "--trainer.limit_val_batches=0", *options])
+    checkpoints = {kind: tmp_path / kind / "epoch=0-step=2.ckpt" for kind in ("whole", "weights_only")}
+    assert "optimizer_states" not in torch.load(checkpoints["weights_only"], map_location="cpu", weights_only=False)
+    return checkpoints
+
+
+@pytest.fixture(scope="module")
+def pruned_checkpoints(tmp_path_factory, demo_data) -> dict[str, Path]:
+    """A model pruned to 50% then fine-tuned for two steps, saved whole and weights-only."""
+    return fine_tuned_checkpoints(tmp_path_factory.mktemp("pruned_checkpoints"), demo_data)
+
+
+@pytest.fixture(scope="module")
+def dense_checkpoints(tmp_path_factory, demo_data) -> dict[str, Path]:
+    """A dense model fine-tuned for two steps (``pruning.stages: []``), saved whole and weights-only."""
+    return fine_tuned_checkpoints(tmp_path_factory.mktemp("dense_checkpoints"), demo_data, "--pruning.stages=[]")
+
+
+def pruned_export(capsys, tmp_path: Path, demo_data, name: str, *options: str) -> tuple[dict, dict, str]:
+    """``ecoflap prune`` of the tiny ViT (``options`` added) saved to ``tmp_path/name``: the export's weights, its masks
+    and its model card, after the checks that the run succeeded."""
+    save_to = tmp_path / name
+    config = vit_config(tmp_path, demo_data, importance="uniform", save_to=str(save_to))
+    outcome = run_ecoflap(capsys, "prune", "-c", config, *options)
+    assert outcome.code == 0, outcome.text[-3000:]
     assert "Trying to restore optimizer state" not in outcome.text
-    assert folder_digest(tmp_path / "run") == digest and not (tmp_path / "pruned").exists()
+    weights, masks = load_pruned_state_dict(save_to)
+    return weights, masks, (save_to / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("ckpt_path", ["file", "last"])
+def test_prune_from_a_weights_only_checkpoint_of_a_pruned_model_saves_it_as_a_whole_one_does(
+    capsys, tmp_path, demo_data, pruned_checkpoints, ckpt_path
+):
+    """`prune` runs `fit` with no step, and Lightning's `fit` restored the optimizer state: a weights-only checkpoint
+    was refused (before, Lightning's KeyError traceback after the model was built and restored), though no step uses
+    it. It is restored as a whole one is: its masks bit for bit, not pruned again, the fine-tuned weights saved."""
+    whole, weights_only = pruned_checkpoints["whole"], pruned_checkpoints["weights_only"]
+    state = torch.load(weights_only, map_location="cpu", weights_only=False)
+    masks = next(value for key, value in state["callbacks"].items() if "ECoFLaPPruning" in key)["masks"]
+    expected = pruned_export(capsys, tmp_path, demo_data, "from_whole", f"--ckpt_path={whole}")
+    if ckpt_path == "last":
+        (tmp_path / "run" / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copy(weights_only, tmp_path / "run" / "checkpoints" / "last.ckpt")
+    digest = folder_digest(weights_only.parent)
+    saved = pruned_export(
+        capsys, tmp_path, demo_data, "pruned", f"--ckpt_path={weights_only if ckpt_path == 'file' else 'last'}"
+    )
+    assert folder_digest(weights_only.parent) == digest
+    assert saved[1].keys() == masks.keys() == expected[1].keys() and masks
+    for name, mask in masks.items():
+        assert torch.equal(saved[1][name], mask) and torch.equal(expected[1][name], mask), name
+    assert saved[0].keys() == expected[0].keys()
+    for name, weight in saved[0].items():
+        assert torch.equal(weight, state["state_dict"][f"model.{name}"]), name  # the fine-tuned weights, as they were
+        assert torch.equal(weight, expected[0][name]), name
+    assert "fine-tuned after pruning, to training step 2, with the pruning masks held fixed" in saved[2]
+    assert without_dates(saved[2]) == without_dates(expected[2])
+
+
+def test_prune_from_a_weights_only_checkpoint_of_a_dense_model_prunes_its_weights(
+    capsys, tmp_path, demo_data, dense_checkpoints
+):
+    """The dense model of the checkpoint is pruned, not the model the config builds: the saved weights are the
+    checkpoint's with the masks applied, as from the whole checkpoint."""
+    weights_only = dense_checkpoints["weights_only"]
+    state = torch.load(weights_only, map_location="cpu", weights_only=False)
+    assert "callbacks" not in state  # a dense model: no pruning state to keep
+    saved, masks, card = pruned_export(capsys, tmp_path, demo_data, "pruned", f"--ckpt_path={weights_only}")
+    expected = pruned_export(capsys, tmp_path, demo_data, "whole", f"--ckpt_path={dense_checkpoints['whole']}")
+    fresh = pruned_export(capsys, tmp_path, demo_data, "fresh")
+    assert masks and masks.keys() == expected[1].keys() == fresh[1].keys()
+    for name, weight in saved.items():
+        dense = state["state_dict"][f"model.{name}"]
+        if name in masks:
+            assert torch.equal(weight, dense * masks[name]) and torch.count_nonzero(dense[~masks[name]]), name
+            assert torch.equal(masks[name], expected[1][name]), name
+        else:
+            assert torch.equal(weight, dense), name
+        assert torch.equal(weight, expected[0][name]), name
+        assert not torch.equal(weight, fresh[0][name]), name  # the config's model, pruned without the checkpoint
+    assert without_dates(card) == without_dates(expected[2])
+
+
+def without_dates(card: str) -> str:
+    """A model card without the times it names (when the model was pruned and saved)."""
+    return re.sub(r"\d{4}-\d\d-\d\dT[\d:.+-]+", "DATE", card)
 
 
 def test_a_last_checkpoint_of_another_task_is_refused_before_the_run_starts(capsys, tmp_path, demo_data, pruned_run):
