@@ -1,5 +1,6 @@
 """What the benchmarks share: printing and writing one section of ``benchmarks/RESULTS.md`` without touching the
-others, saving raw numbers, printing progress, formatting counts and sizes, and building seeded random models."""
+others, saving raw numbers, printing progress, formatting counts and sizes, building seeded random models, and
+validating a task on the CPU."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 GIB = 1024**3
 
@@ -102,3 +107,29 @@ def seeded_random_model(
             return model_class(config)
     finally:
         torch.set_default_dtype(previous)
+
+
+def validate_on_cpu(
+    task: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    metric: str,
+    workdir: str | Path,
+    **trainer_kwargs: Any,
+) -> float:
+    """``metric`` of one validation run of ``task`` on ``datamodule``, by a one-CPU ``Trainer`` writing under
+    ``workdir`` without logger, checkpoints, progress bar or model summary; ``trainer_kwargs`` (``callbacks``,
+    ``limit_val_batches``, ...) go to the ``Trainer`` as well."""
+    from lightning.pytorch import Trainer  # here: the benchmarks that never validate do without Lightning's import
+
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=workdir,
+        **trainer_kwargs,
+    )
+    (metrics,) = trainer.validate(task, datamodule=datamodule, verbose=False)
+    return float(metrics[metric])

@@ -37,12 +37,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from _bible_text import write_texts
 from _gemma import gemma_directory
 from _reference import block_reference, exact_gradient_norms
-from _results import publish_section
+from _results import publish_section, validate_on_cpu
 
 from ecoflap_pl.datamodules import TextDataModule
 from ecoflap_pl.pruning import GroupScores, PruningConfig, prune, score_groups
@@ -124,17 +123,7 @@ class Bench:
         self.task.model.load_state_dict(self.dense)
 
     def perplexity(self) -> float:
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=self.args.workdir,
-        )
-        (metrics,) = trainer.validate(self.task, datamodule=self.data, verbose=False)
-        return float(metrics["val/perplexity"])
+        return validate_on_cpu(self.task, self.data, "val/perplexity", self.args.workdir)
 
     def calibration(self, seed: int, samples: int) -> list[dict[str, Any]]:
         self.data.calibration_seed = seed

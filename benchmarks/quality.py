@@ -34,7 +34,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _results import dump_json, publish_section
+from _results import dump_json, publish_section, validate_on_cpu
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.cli import build_cli
@@ -91,19 +91,8 @@ def build(config: str) -> tuple[EcoflapTask, EcoflapDataModule]:
 def evaluate(
     task: EcoflapTask, data: EcoflapDataModule, metric: str, args: argparse.Namespace, pruning: ECoFLaPPruning | None
 ) -> float:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=args.val_batches,
-        callbacks=[pruning] if pruning is not None else [],
-        default_root_dir=args.workdir,
-    )
-    (metrics,) = trainer.validate(task, datamodule=data, verbose=False)
-    return float(metrics[metric])
+    callbacks = [pruning] if pruning is not None else []
+    return validate_on_cpu(task, data, metric, args.workdir, limit_val_batches=args.val_batches, callbacks=callbacks)
 
 
 def _key(run: Run) -> tuple[str, str, float, int]:

@@ -58,18 +58,27 @@ from ecoflap_pl.models.tokenizers import (
 )
 
 
-def _vision(hidden: int, layers: int, image_size: int, patch_size: int) -> dict[str, Any]:
+def _stack(hidden: int, layers: int, **extra: Any) -> dict[str, Any]:
+    """The size of a transformer stack under the names most Hugging Face configs share: ``layers`` blocks, ``hidden``
+    wide, with 4 attention heads and an MLP twice as wide; ``extra`` adds the family's own settings."""
     return {
         "hidden_size": hidden,
         "intermediate_size": 2 * hidden,
         "num_hidden_layers": layers,
         "num_attention_heads": 4,
-        "image_size": image_size,
-        "patch_size": patch_size,
-        # BLIP and BLIP-2 vision configs default to std 1e-10 (their towers are always loaded from pretrained
-        # weights); a model trained from scratch needs a real initialisation, or its images all embed alike.
-        "initializer_range": 0.02,
+        **extra,
     }
+
+
+def _text_stack(vocab: int, hidden: int, layers: int, **extra: Any) -> dict[str, Any]:
+    """A text stack of :func:`_stack`'s size over a ``vocab``-token vocabulary."""
+    return {"vocab_size": vocab, **_stack(hidden, layers, **extra)}
+
+
+def _vision(hidden: int, layers: int, image_size: int, patch_size: int) -> dict[str, Any]:
+    # BLIP and BLIP-2 vision configs default to std 1e-10 (their towers are always loaded from pretrained
+    # weights); a model trained from scratch needs a real initialisation, or its images all embed alike.
+    return _stack(hidden, layers, image_size=image_size, patch_size=patch_size, initializer_range=0.02)
 
 
 def _opt(vocab: int, hidden: int, layers: int) -> OPTConfig:
@@ -108,13 +117,7 @@ def _t5(vocab: int, hidden: int, layers: int) -> T5Config:
 
 def _decoder(model_type: str, vocab: int, hidden: int, layers: int, **extra: Any) -> dict[str, Any]:
     """A LLaMA-style decoder with grouped-query attention (4 query heads share 2 key/value heads)."""
-    return {
-        "model_type": model_type,
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": 2 * hidden,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 4,
+    settings = {
         "num_key_value_heads": 2,
         "max_position_embeddings": 256,
         "pad_token_id": PAD_ID,
@@ -122,6 +125,7 @@ def _decoder(model_type: str, vocab: int, hidden: int, layers: int, **extra: Any
         "eos_token_id": EOS_ID,
         **extra,
     }
+    return {"model_type": model_type, **_text_stack(vocab, hidden, layers, **settings)}
 
 
 def _qwen_vl(family: str, vocab: int, hidden: int, layers: int, patch_size: int) -> PretrainedConfig:
@@ -192,14 +196,7 @@ def tiny_config(
     vision = _vision(hidden_size, layers, image_size, patch_size)
     if family in ("blip2_opt", "blip2_t5"):
         text = _opt(vocab_size, hidden_size, layers) if family == "blip2_opt" else _t5(vocab_size, hidden_size, layers)
-        qformer = {
-            "hidden_size": hidden_size,
-            "intermediate_size": 2 * hidden_size,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 4,
-            "encoder_hidden_size": hidden_size,
-            "vocab_size": vocab_size,
-        }
+        qformer = _text_stack(vocab_size, hidden_size, 1, encoder_hidden_size=hidden_size)
         return Blip2Config.from_dict(
             {
                 "vision_config": vision,
@@ -210,65 +207,48 @@ def tiny_config(
             }
         )
     if family == "blip":
-        text_config = {
-            "vocab_size": vocab_size,
-            "hidden_size": hidden_size,
-            "encoder_hidden_size": hidden_size,
-            "intermediate_size": 2 * hidden_size,
-            "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "max_position_embeddings": 64,
-            "pad_token_id": PAD_ID,
-            "bos_token_id": BOS_ID,
-            "eos_token_id": SEP_ID,
-            "sep_token_id": SEP_ID,
-        }
+        text_config = _text_stack(
+            vocab_size,
+            hidden_size,
+            layers,
+            encoder_hidden_size=hidden_size,
+            max_position_embeddings=64,
+            pad_token_id=PAD_ID,
+            bos_token_id=BOS_ID,
+            eos_token_id=SEP_ID,
+            sep_token_id=SEP_ID,
+        )
         return BlipConfig(text_config=text_config, vision_config=vision, projection_dim=hidden_size)
     if family == "clip":
-        text_config = {
-            "vocab_size": vocab_size,
-            "hidden_size": hidden_size,
-            "intermediate_size": 2 * hidden_size,
-            "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "max_position_embeddings": 64,
-            "pad_token_id": PAD_ID,
-            "bos_token_id": BOS_ID,
-            "eos_token_id": EOS_ID,
-        }
-        return CLIPConfig(text_config=text_config, vision_config=vision, projection_dim=hidden_size)
-    if family == "vilt":
-        return ViltConfig.from_dict(
-            {
-                "vocab_size": vocab_size,
-                "hidden_size": hidden_size,
-                "intermediate_size": 2 * hidden_size,
-                "num_hidden_layers": layers,
-                "num_attention_heads": 4,
-                "image_size": image_size,
-                "patch_size": patch_size,
-                "max_position_embeddings": 64,
-                "num_images": 2,
-                "modality_type_vocab_size": 3,
-                "num_labels": num_labels,
-                "pad_token_id": PAD_ID,
-            }
-        )
-    if family == "t5":
-        return _t5(vocab_size, hidden_size, layers)
-    if family == "llama":
-        return LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
+        text_config = _text_stack(
+            vocab_size,
+            hidden_size,
+            layers,
+            max_position_embeddings=64,
             pad_token_id=PAD_ID,
             bos_token_id=BOS_ID,
             eos_token_id=EOS_ID,
         )
+        return CLIPConfig(text_config=text_config, vision_config=vision, projection_dim=hidden_size)
+    if family == "vilt":
+        return ViltConfig.from_dict(
+            _text_stack(
+                vocab_size,
+                hidden_size,
+                layers,
+                image_size=image_size,
+                patch_size=patch_size,
+                max_position_embeddings=64,
+                num_images=2,
+                modality_type_vocab_size=3,
+                num_labels=num_labels,
+                pad_token_id=PAD_ID,
+            )
+        )
+    if family == "t5":
+        return _t5(vocab_size, hidden_size, layers)
+    if family == "llama":
+        return LlamaConfig.from_dict(_decoder("llama", vocab_size, hidden_size, layers, max_position_embeddings=128))
     if family in ("qwen2_vl", "qwen2_5_vl"):
         return _qwen_vl(family, vocab_size, hidden_size, layers, patch_size)
     if family == "llava":
@@ -293,15 +273,8 @@ def tiny_config(
             }
         )
     if family == "instructblip":
-        qformer = {  # a stack of its own, so that tests see it left out of pruning by the default `exclude`
-            "hidden_size": hidden_size,
-            "intermediate_size": 2 * hidden_size,
-            "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "encoder_hidden_size": hidden_size,
-            "vocab_size": vocab_size,
-            "pad_token_id": PAD_ID,
-        }
+        # a stack of its own, so that tests see it left out of pruning by the default `exclude`
+        qformer = _text_stack(vocab_size, hidden_size, layers, encoder_hidden_size=hidden_size, pad_token_id=PAD_ID)
         return InstructBlipConfig(
             vision_config=vision,
             qformer_config=qformer,
@@ -310,17 +283,15 @@ def tiny_config(
             image_token_index=IMAGE_ID,
         )
     if family == "siglip":
-        text_config = {
-            "vocab_size": vocab_size,
-            "hidden_size": hidden_size,
-            "intermediate_size": 2 * hidden_size,
-            "num_hidden_layers": layers,
-            "num_attention_heads": 4,
-            "max_position_embeddings": 16,
-            "projection_size": hidden_size,
-            "pad_token_id": PAD_ID,
-            "eos_token_id": EOS_ID,
-        }
+        text_config = _text_stack(
+            vocab_size,
+            hidden_size,
+            layers,
+            max_position_embeddings=16,
+            projection_size=hidden_size,
+            pad_token_id=PAD_ID,
+            eos_token_id=EOS_ID,
+        )
         return SiglipConfig(text_config=text_config, vision_config=vision)
     raise ValueError(f"`family` must be one of {tuple(HF_FAMILIES)}, got {family!r}.")
 

@@ -30,23 +30,31 @@ TRAINER = [
 ]
 
 
-def _config(tmp_path, blip2_dir, demo_data, task="CaptioningTask", data="COCOCaptionDataModule", **pruning):
-    init = {"pretrained": str(blip2_dir), "num_beams": 1, "max_new_tokens": 3, "min_new_tokens": 0}
-    if task == "VQATask":
-        init = {"pretrained": str(blip2_dir), "num_beams": 1, "max_new_tokens": 2}
+def write_config(tmp_path, task, data, data_dir, init, **pruning):
+    """``tmp_path/config.yaml``: the task ``task`` (``init`` its arguments) on the DataModule ``data`` reading
+    ``data_dir`` in batches of 2, pruned to 50% from 2 coarse and 2 fine samples; ``pruning`` adds or overrides
+    pruning settings. Returns its path."""
     config = {
         "seed_everything": 0,
         "trainer": {"default_root_dir": str(tmp_path / "run"), "logger": False},
         "model": {"class_path": f"ecoflap_pl.tasks.{task}", "init_args": init},
         "data": {
             "class_path": f"ecoflap_pl.datamodules.{data}",
-            "init_args": {"data_dir": str(demo_data.coco), "batch_size": 2, "calibration_batch_size": 2},
+            "init_args": {"data_dir": str(data_dir), "batch_size": 2, "calibration_batch_size": 2},
         },
-        "pruning": {"sparsity": 0.5, "coarse_samples": 2, "fine_samples": 4, "progress": False, **pruning},
+        "pruning": {"sparsity": 0.5, "coarse_samples": 2, "fine_samples": 2, "progress": False, **pruning},
     }
     path = tmp_path / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return str(path)
+
+
+def _config(tmp_path, blip2_dir, demo_data, task="CaptioningTask", data="COCOCaptionDataModule", **pruning):
+    init = {"pretrained": str(blip2_dir), "num_beams": 1, "max_new_tokens": 3, "min_new_tokens": 0}
+    if task == "VQATask":
+        init = {"pretrained": str(blip2_dir), "num_beams": 1, "max_new_tokens": 2}
+    return write_config(tmp_path, task, data, demo_data.coco, init, **{"fine_samples": 4, **pruning})
 
 
 def test_validate_prunes_then_evaluates(tmp_path, blip2_dir, demo_data):

@@ -8,10 +8,9 @@ import json
 
 import pytest
 import torch
-import yaml
 
 from ecoflap_pl.models.tiny import HF_FAMILIES, tiny_processor
-from tests.cli.test_cli import TRAINER, ecoflap
+from tests.cli.test_cli import TRAINER, ecoflap, write_config
 
 RUNS = {
     "llava": ("VQATask", "VQAv2DataModule"),
@@ -41,23 +40,6 @@ def _saved(tmp_path, family, demo_data):
     return folder
 
 
-def _write_config(tmp_path, task, data, data_dir, init, **pruning):
-    config = {
-        "seed_everything": 0,
-        "trainer": {"default_root_dir": str(tmp_path / "run"), "logger": False},
-        "model": {"class_path": f"ecoflap_pl.tasks.{task}", "init_args": init},
-        "data": {
-            "class_path": f"ecoflap_pl.datamodules.{data}",
-            "init_args": {"data_dir": str(data_dir), "batch_size": 2, "calibration_batch_size": 2},
-        },
-        "pruning": {"sparsity": 0.5, "coarse_samples": 2, "fine_samples": 2, "progress": False, **pruning},
-    }
-    path = tmp_path / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return str(path)
-
-
 @pytest.mark.parametrize(("family", "placement"), [(family, None) for family in RUNS] + [("llava", "disk")])
 def test_validate_prunes_a_generative_family(tmp_path, demo_data, family, placement):
     task, data = RUNS[family]
@@ -66,7 +48,7 @@ def test_validate_prunes_a_generative_family(tmp_path, demo_data, family, placem
         init["min_new_tokens"] = 0
     if placement is not None:
         init.update(device_map=LLAVA_ON_DISK, offload_folder=str(tmp_path / "offload"))
-    config = _write_config(tmp_path, task, data, demo_data.coco, init)
+    config = write_config(tmp_path, task, data, demo_data.coco, init)
     ecoflap("validate", "-c", config, *TRAINER, "--trainer.limit_val_batches=1")
     report = json.loads((tmp_path / "run" / "pruning_report.json").read_text())
     assert report["overall_sparsity"] == pytest.approx(0.5, abs=0.03)
@@ -88,7 +70,7 @@ def test_prune_saves_a_qwen_vl_model(tmp_path, demo_data, family, task, data, pr
     init = {"pretrained": str(folder), "num_beams": 1, "max_new_tokens": 2}
     if task == "CaptioningTask":
         init["min_new_tokens"] = 0
-    config = _write_config(tmp_path, task, data, demo_data.coco, init, save_to=str(tmp_path / "pruned"))
+    config = write_config(tmp_path, task, data, demo_data.coco, init, save_to=str(tmp_path / "pruned"))
     ecoflap("prune", "-c", config, *TRAINER)
     weights, originals = (
         dict(HF_FAMILIES[family].from_pretrained(path).named_parameters()) for path in (tmp_path / "pruned", folder)
@@ -105,7 +87,7 @@ def test_prune_saves_a_qwen_vl_model(tmp_path, demo_data, family, task, data, pr
 def test_siglip_zero_shot_imagenet_and_pruned_retrieval(tmp_path, demo_data):
     """SigLIP: validate prunes both towers before ImageNet zero-shot; prune saves the retrieval model."""
     folder = _saved(tmp_path, "siglip", demo_data)
-    config = _write_config(
+    config = write_config(
         tmp_path / "zero_shot",
         "ZeroShotClassificationTask",
         "ImageNetDataModule",
@@ -117,7 +99,7 @@ def test_siglip_zero_shot_imagenet_and_pruned_retrieval(tmp_path, demo_data):
     assert set(report["towers"]) == {"vision_model.encoder.layers", "text_model.encoder.layers"}
     assert report["overall_sparsity"] == pytest.approx(0.5, abs=1e-3)
 
-    config = _write_config(
+    config = write_config(
         tmp_path / "retrieval",
         "RetrievalTask",
         "COCOCaptionDataModule",

@@ -5,7 +5,7 @@ A plain module (not ``conftest``), imported by its full name: ``from tests.pruni
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -58,6 +58,22 @@ class OpaqueWeight(ToyModel):
         for layer in self.layers:
             hidden = layer(hidden, scale=0.5)
         return self.head(hidden).mean(dim=1)
+
+
+ToyLinearInputs = tuple[tuple[str, nn.Linear, list[torch.Tensor]], ...]
+
+
+def toy_linear_inputs(model: ToyModel, batches: list[dict[str, torch.Tensor]]) -> Iterator[tuple[int, ToyLinearInputs]]:
+    """The slow references' written-out forward of ``model`` on ``batches``, block by block: yields the block's index
+    and ``(name, linear, inputs)`` of its fc1 and fc2, both measured before the caller's loop body runs; only then
+    does the block's own forward carry the hidden states on, so that a caller that prunes the block feeds its pruned
+    outputs to the next one."""
+    hidden = [model.embed(batch["inputs"]) for batch in batches]
+    for index, block in enumerate(model.layers):
+        fc1_inputs = [block.norm(h) for h in hidden]
+        fc2_inputs = [torch.relu(block.fc1(x)) for x in fc1_inputs]
+        yield index, (("fc1", block.fc1, fc1_inputs), ("fc2", block.fc2, fc2_inputs))
+        hidden = [block(h, scale=0.5) for h in hidden]
 
 
 def toy_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

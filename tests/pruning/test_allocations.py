@@ -18,7 +18,14 @@ from ecoflap_pl.pruning.allocation import (
     registry,
 )
 from ecoflap_pl.reporting import report_dict, write_report
-from tests.pruning.pruning_helpers import assert_bit_identical, seeded_toy_model, snapshot, toy_batches, toy_loss
+from tests.pruning.pruning_helpers import (
+    assert_bit_identical,
+    seeded_toy_model,
+    snapshot,
+    toy_batches,
+    toy_linear_inputs,
+    toy_loss,
+)
 
 SIZE = 1024  # parameters of one ToyBlock of width 16 (fc1 16x32 + fc2 32x16)
 
@@ -40,12 +47,9 @@ def hand_outlier_ratios(model, batches, m):
     """Dense forward written out: Σx² of every Linear input over all tokens, A = |W|·‖X‖, outliers per block."""
     ratios = {}
     with torch.no_grad():
-        hidden = [model.embed(batch["inputs"]) for batch in batches]
-        for index, block in enumerate(model.layers):
-            fc1_inputs = [block.norm(h) for h in hidden]
-            fc2_inputs = [torch.relu(block.fc1(x)) for x in fc1_inputs]
+        for index, linears in toy_linear_inputs(model, batches):
             metrics = []
-            for linear, inputs in ((block.fc1, fc1_inputs), (block.fc2, fc2_inputs)):
+            for _, linear, inputs in linears:
                 sq_sums = torch.zeros(linear.in_features)
                 for x in inputs:
                     for token in x.reshape(-1, linear.in_features):
@@ -53,7 +57,6 @@ def hand_outlier_ratios(model, batches, m):
                 metrics.append(linear.weight.abs() * sq_sums.sqrt())
             entries = torch.cat([metric.flatten() for metric in metrics]).double()
             ratios[f"layers.{index}"] = int((entries > m * entries.mean()).sum()) / entries.numel()
-            hidden = [block(h, scale=0.5) for h in hidden]
     return ratios
 
 

@@ -13,7 +13,14 @@ from ecoflap_pl import PruningConfig, prune
 from ecoflap_pl.pruning.calls import capture_block_calls, hidden_output
 from ecoflap_pl.pruning.statistics import InputStatistics, LinearInputRecorder
 from ecoflap_pl.pruning.transaction import pruning_session
-from tests.pruning.pruning_helpers import family_case, own_block_outputs, slow_row_mask, toy_batches, toy_loss
+from tests.pruning.pruning_helpers import (
+    family_case,
+    own_block_outputs,
+    slow_row_mask,
+    toy_batches,
+    toy_linear_inputs,
+    toy_loss,
+)
 
 
 @pytest.mark.parametrize(
@@ -95,18 +102,14 @@ def slow_sequential_wanda(model, batches, sparsity):
     model = copy.deepcopy(model)
     masks = {}
     with torch.no_grad():
-        hidden = [model.embed(batch["inputs"]) for batch in batches]
-        for index, block in enumerate(model.layers):
-            fc1_inputs = [block.norm(h) for h in hidden]
-            fc2_inputs = [torch.relu(block.fc1(x)) for x in fc1_inputs]
-            for name, linear, inputs in (("fc1", block.fc1, fc1_inputs), ("fc2", block.fc2, fc2_inputs)):
+        for index, linears in toy_linear_inputs(model, batches):
+            for name, linear, inputs in linears:
                 sq_sums = torch.zeros(linear.in_features)
                 for x in inputs:
                     sq_sums += x.reshape(-1, linear.in_features).square().sum(dim=0)
                 mask = slow_row_mask(linear.weight.abs() * sq_sums.sqrt(), sparsity)
                 linear.weight.mul_(mask)
                 masks[f"layers.{index}.{name}.weight"] = mask
-            hidden = [block(h, scale=0.5) for h in hidden]
     return masks
 
 

@@ -268,21 +268,23 @@ def test_missing_config_file(capsys, tmp_path):
     short_error(run_ecoflap(capsys, "validate", "-c", str(tmp_path / "nope.yaml")), "File does not exist")
 
 
-def test_empty_val_split_is_an_error_not_a_silent_success(capsys, tmp_path, demo_data, blip2_dir):
-    questions = json.loads((demo_data.coco / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())
+def _vqa_config_without_questions(tmp_path, demo_data, blip2_dir, split):
+    """The VQA config with the ``split`` (``"train"`` or ``"val"``) questions file replaced by one without questions."""
+    questions = json.loads((demo_data.coco / f"v2_OpenEnded_mscoco_{split}2014_questions.json").read_text())
     empty = tmp_path / "empty_questions.json"
     empty.write_text(json.dumps({**questions, "questions": []}))
-    config = vqa_config(tmp_path, demo_data, blip2_dir, {"val_questions_file": str(empty)})
+    return vqa_config(tmp_path, demo_data, blip2_dir, {f"{split}_questions_file": str(empty)})
+
+
+def test_empty_val_split_is_an_error_not_a_silent_success(capsys, tmp_path, demo_data, blip2_dir):
+    config = _vqa_config_without_questions(tmp_path, demo_data, blip2_dir, "val")
     outcome = run_ecoflap(capsys, "validate", "-c", config)
     short_error(outcome, "the split read for the val loop has no samples")
     assert not list((tmp_path / "run").rglob("pruning_report.json"))  # refused before pruning
 
 
 def test_empty_calibration_split_points_at_the_training_split(capsys, tmp_path, demo_data, blip2_dir):
-    questions = json.loads((demo_data.coco / "v2_OpenEnded_mscoco_train2014_questions.json").read_text())
-    empty = tmp_path / "empty_questions.json"
-    empty.write_text(json.dumps({**questions, "questions": []}))
-    config = vqa_config(tmp_path, demo_data, blip2_dir, {"train_questions_file": str(empty)})
+    config = _vqa_config_without_questions(tmp_path, demo_data, blip2_dir, "train")
     outcome = run_ecoflap(capsys, "validate", "-c", config)
     short_error(outcome, "the split read for calibration and training has no samples")
     assert "coarse_samples" not in outcome.text  # a hint that cannot help is not given
