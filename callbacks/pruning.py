@@ -573,7 +573,7 @@ class ECoFLaPPruning(Callback):
             "stage": stage,
             "world_size": world_size,
             "placement": placement(model),  # module -> device of a model dispatched with device_map, else None
-            "global_step": trainer.global_step,
+            "global_step": _global_step(trainer),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         self.report = report_dict(result, metadata)
@@ -643,7 +643,7 @@ class ECoFLaPPruning(Callback):
         metrics["pruning/seconds"] = sum(stats.seconds for stats in result.stages.values())
         for experiment_logger in trainer.loggers:
             experiment_logger.log_hyperparams({"pruning": self.config.to_dict()})
-            experiment_logger.log_metrics(metrics, step=trainer.global_step)
+            experiment_logger.log_metrics(metrics, step=_global_step(trainer))
 
     def _check_save_to(self, model: nn.Module, emptiness_later: bool = False) -> None:
         # Before any pruning: a refusal must come before minutes of work, with the user's files untouched. A folder
@@ -686,7 +686,7 @@ class ECoFLaPPruning(Callback):
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, fine_tuned: bool = False) -> None:
         assert self.save_to is not None and self.result is not None
         _check_finite_weights(_pruned_module(pl_module), self.save_to)
-        self._saved_at_step = trainer.global_step
+        self._saved_at_step = _global_step(trainer)
         if not trainer.is_global_zero:
             return
         saved = save_pruned(
@@ -830,6 +830,15 @@ def _check_finite_weights(model: nn.Module, save_to: str) -> None:
 def _some(names: Sequence[str]) -> str:
     shown = ", ".join(repr(name) for name in names[:3])
     return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _global_step(trainer: pl.Trainer) -> int:
+    """The Trainer's global step, also while ``fit`` restores a checkpoint: Lightning restores the loops, and with them
+    the step, only after ``on_fit_start`` (where pruning happens), so there the step is the checkpoint's. Read as the
+    Trainer's, a model trained to step N, then pruned by ``fit`` or ``prune --ckpt_path``, was reported as pruned at
+    step 0 and saved again when the run ended, as if fine-tuned after pruning to step N."""
+    restoring = trainer._checkpoint_connector._loaded_checkpoint  # emptied once the loops are restored
+    return int(restoring.get("global_step", trainer.global_step)) if restoring else trainer.global_step
 
 
 def _pruned_module(pl_module: pl.LightningModule) -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -214,6 +215,12 @@ def test_prune_from_a_weights_only_checkpoint_of_a_dense_model_prunes_its_weight
         assert torch.equal(weight, expected[0][name]), name
         assert not torch.equal(weight, fresh[0][name]), name  # the config's model, pruned without the checkpoint
     assert without_dates(card) == without_dates(expected[2])
+    # Trained to step 2, then pruned: pruning ran before Lightning restored the step, so the report said step 0 and the
+    # end of the run saved the model again, its card saying "fine-tuned after pruning, to training step 2".
+    assert "fine-tuned after pruning" not in card and "fine-tuned after pruning" not in expected[2]
+    for folder in ("pruned", "whole"):
+        report = json.loads((tmp_path / folder / "pruning_report.json").read_text(encoding="utf-8"))
+        assert report["metadata"]["global_step"] == state["global_step"] == 2, folder
 
 
 def without_dates(card: str) -> str:
