@@ -118,13 +118,28 @@ class EcoflapTrainer(pl.Trainer):
             )
         if callback.save_to is None:
             warn_on_rank_zero("`pruning.save_to` is not set: the pruned model is only reported, not saved.")
-        self.fit_loop.epoch_loop.max_steps = 0
-        self.num_sanity_val_steps = 0
-        # No step is taken: no summary of a model about to be trained, no advice on logging the steps of an epoch.
-        self.callbacks = [callback for callback in self.callbacks if not isinstance(callback, ModelSummary)]
-        with warnings.catch_warnings(), _optimizer_state_optional(self._checkpoint_connector):
+        with _without_steps(self), warnings.catch_warnings(), _optimizer_state_optional(self._checkpoint_connector):
+            # No step is taken: no advice on logging the steps of an epoch.
             warnings.filterwarnings("ignore", message="The number of training batches .* logging interval")
             self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
+
+
+@contextmanager
+def _without_steps(trainer: EcoflapTrainer) -> Iterator[None]:
+    """Make ``fit`` take no optimizer step and run no sanity check while the block runs, and give the Trainer's
+    settings back after it (also on error): a ``fit`` of the same Trainer then trains as configured. The epoch limits
+    are given back too: ``fit`` replaces unset ones by defaults that follow ``max_steps`` (-1, no limit, for 0)."""
+    fit_loop, epoch_loop = trainer.fit_loop, trainer.fit_loop.epoch_loop
+    settings = fit_loop.min_epochs, fit_loop.max_epochs, epoch_loop.max_steps, trainer.num_sanity_val_steps
+    callbacks = trainer.callbacks
+    epoch_loop.max_steps = trainer.num_sanity_val_steps = 0
+    # No summary of a model about to be trained.
+    trainer.callbacks = [callback for callback in callbacks if not isinstance(callback, ModelSummary)]
+    try:
+        yield
+    finally:
+        fit_loop.min_epochs, fit_loop.max_epochs, epoch_loop.max_steps, trainer.num_sanity_val_steps = settings
+        trainer.callbacks = callbacks
 
 
 class _OptionalOptimizerStateConnector(_CheckpointConnector):

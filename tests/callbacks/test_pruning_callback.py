@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, StochasticWeightAveraging
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, ModelSummary, StochasticWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -261,6 +261,28 @@ def test_trainer_prune_restores_a_weights_only_checkpoint_and_fit_still_refuses_
         assert torch.equal(weight, state["state_dict"][name]), name
     with pytest.raises(KeyError, match="Trying to restore optimizer state but checkpoint contains only the model"):
         pruner.fit(ToyTask(seed=7), datamodule=ToyData(), ckpt_path=weights_only)
+
+
+def test_trainer_prune_gives_the_trainer_s_settings_back_so_fit_then_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`EcoflapTrainer.prune` set `max_steps` and the sanity check to 0 and dropped the model summary for good: a
+    `fit` of the same Trainer afterwards trained nothing, without a word."""
+    pruning = ECoFLaPPruning(**FAST)
+    calls = count_prunes(pruning, monkeypatch)
+    settings = {"max_steps": 3, "num_sanity_val_steps": 1, "enable_model_summary": True}
+    run = quiet_trainer(EcoflapTrainer, callbacks=[pruning], default_root_dir=tmp_path, **settings)
+    assert isinstance(run, EcoflapTrainer)
+    callbacks = list(run.callbacks)
+    assert any(isinstance(callback, ModelSummary) for callback in callbacks)
+    task = ToyTask()
+    run.prune(task, datamodule=ToyData())
+    assert len(calls) == 1 and run.global_step == 0
+    assert run.max_steps == 3 and run.num_sanity_val_steps == 1 and run.callbacks == callbacks
+    assert run.max_epochs is None  # unset, as before: `fit` sets 1000 for max_steps -1, -1 (no limit) for 0
+    run.fit(task, datamodule=ToyData())
+    assert run.global_step == 3 and len(calls) == 1  # trained as configured, on the masks pruning made
+    assert_pruned_weights_zero(task, pruning.masks)
 
 
 @pytest.mark.parametrize("averaging_first", [True, False])
