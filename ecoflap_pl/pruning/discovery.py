@@ -49,11 +49,17 @@ def _has_linear(module: nn.Module) -> bool:
     return any(isinstance(child, nn.Linear) for child in module.modules() if child is not module)
 
 
+def _entries(container: nn.ModuleList | nn.Sequential) -> list[nn.Module]:
+    """The container's entries by position, a block held at several positions as often as it is held
+    (``children()`` yields each module once)."""
+    return [container[index] for index in range(len(container))]
+
+
 def _is_stack(module: nn.Module) -> bool:
     if not isinstance(module, (nn.ModuleList, nn.Sequential)):
         return False
-    children = list(module.children())
-    return len(children) >= 2 and len({type(child) for child in children}) == 1 and _has_linear(children[0])
+    entries = _entries(module)
+    return len(entries) >= 2 and len({type(entry) for entry in entries}) == 1 and _has_linear(entries[0])
 
 
 def find_stacks(model: nn.Module) -> list[Stack]:
@@ -93,6 +99,7 @@ def find_candidates(model: nn.Module, stacks: list[Stack], config: PruningConfig
                 name = f"{sub_name}.weight"
                 if _matches(name, config.include) and not _matches(name, config.exclude):
                     candidates.append(Candidate(name, block, stack.name, module.weight.numel()))
+    _check_weights_not_shared(model, stacks, candidates)
     if not candidates:
         seen = [f"{stack.name} ({len(stack.blocks)} blocks)" for stack in stacks]
         raise ValueError(
@@ -101,6 +108,43 @@ def find_candidates(model: nn.Module, stacks: list[Stack], config: PruningConfig
             f"'{stacks[0].blocks[0]}.*.weight'."
         )
     return candidates
+
+
+def _check_weights_not_shared(model: nn.Module, stacks: list[Stack], candidates: list[Candidate]) -> None:
+    """Refuse selected weights that several positions of the model share: a block held at several positions of its
+    stack (ALBERT-style sharing across depths), or one Linear weight inside several blocks.
+
+    Every weight is pruned once, from the inputs of the one position it holds: Wanda's and SparseGPT's statistics,
+    the block-by-block replay and the per-block sparsities all assume it. A shared block ran more often than the
+    others in the first forward pass, and ended in a misleading "did not run N time(s)"; a shared Linear was pruned
+    twice under two names.
+
+    Raises:
+        ValueError: naming the shared block or weight, with the patterns that leave it out.
+    """
+    modules = dict(model.named_modules())
+    selected_stacks = {candidate.stack for candidate in candidates}
+    for stack in stacks:
+        entries = _entries(modules[stack.name]) if stack.name in selected_stacks else []
+        repeated = [index for index, entry in enumerate(entries) if any(entry is other for other in entries[:index])]
+        if repeated:
+            first = next(index for index, entry in enumerate(entries) if entry is entries[repeated[0]])
+            prefix = f"{stack.name}." if stack.name else ""
+            raise ValueError(
+                f"The stack `{stack.name or type(model).__name__}` holds the same block object at positions {first} "
+                f"and {repeated[0]} (its weights are shared across depths): each weight is pruned once, from the "
+                f"inputs of one position. HINT: leave the stack out with `exclude: ['{prefix}*']`, or give each "
+                "position a block of its own."
+            )
+    names_of: dict[int, list[str]] = {}
+    for candidate in candidates:
+        names_of.setdefault(id(model.get_parameter(candidate.name)), []).append(candidate.name)
+    shared = next((names for names in names_of.values() if len(names) > 1), None)
+    if shared is not None:
+        raise ValueError(
+            f"The weights {shared[0]} and {shared[1]} are one tensor, shared by two blocks: each weight is pruned "
+            f"once, from the inputs of one position. HINT: leave one of them out with `exclude: ['{shared[1]}']`."
+        )
 
 
 def order_stacks(

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ecoflap_pl import PruningConfig, prune, score_groups
-from tests.pruning.pruning_helpers import assert_bit_identical, snapshot, toy_batches, toy_loss
+from tests.pruning.pruning_helpers import ToyBlock, ToyModel, assert_bit_identical, snapshot, toy_batches, toy_loss
 
 
 @pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5])
@@ -112,3 +112,46 @@ def test_engine_import_pulls_in_no_lightning_stack():
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert completed.stdout.strip() == "[]"
+
+
+class _WithASecondStack(ToyModel):
+    """ToyModel whose blocks are followed by a second stack of two blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.more = nn.ModuleList(ToyBlock(16) for _ in range(2))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(inputs)
+        for layer in [*self.layers, *self.more]:
+            hidden = layer(hidden)
+        return self.head(hidden).mean(dim=1)
+
+
+@pytest.mark.parametrize(("positions", "said"), [([0, 1, 0], "0 and 2"), ([0, 0, 0], "0 and 1")])
+def test_a_block_held_at_several_positions_is_refused(positions, said):
+    """A block shared across depths (ALBERT-style) ran more often than the other blocks of its stack, and the engine
+    ended in "Blocks [1] of a stack of 2 did not run 2 time(s)"; with one block at every position the stack was not
+    found at all. Leaving the stack out prunes the rest."""
+    model = _WithASecondStack()
+    blocks = [model.layers[index] for index in positions]
+    model.layers = nn.ModuleList(blocks)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"The stack `layers` holds the same block object at positions {said} "):
+        prune(model, toy_batches(2), toy_loss, PruningConfig(sparsity=0.5))
+    assert_bit_identical(model, before)
+    result = prune(model, toy_batches(2), toy_loss, PruningConfig(sparsity=0.5, exclude=("layers.*",)))
+    assert result.masks.keys() == {f"more.{i}.{fc}.weight" for i in range(2) for fc in ("fc1", "fc2")}
+    assert torch.equal(model.layers[0].fc1.weight, before["layers.0.fc1.weight"])  # the shared block left dense
+
+
+def test_one_linear_weight_inside_two_blocks_is_refused():
+    """A Linear shared by two blocks was pruned twice, under two names."""
+    model = ToyModel()
+    model.layers[1].fc1 = model.layers[0].fc1
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"layers.0.fc1.weight and layers.1.fc1.weight are one tensor, shared by two"):
+        prune(model, toy_batches(2), toy_loss, PruningConfig(sparsity=0.5))
+    assert_bit_identical(model, before)
+    result = prune(model, toy_batches(2), toy_loss, PruningConfig(sparsity=0.5, exclude=("layers.1.fc1.weight",)))
+    assert "layers.0.fc1.weight" in result.masks and "layers.1.fc1.weight" not in result.masks
