@@ -18,7 +18,7 @@ from torch import nn
 
 from ecoflap_pl.export.checkpoint import INDEX_FILE, MASKS_FILE, SavedModel, _is_hf_model
 from ecoflap_pl.pruning import PruningResult
-from ecoflap_pl.reporting import REPORT_JSON, REPORT_PLOT, allocation_label, block_rows
+from ecoflap_pl.reporting import REPORT_JSON, REPORT_PLOT, block_rows
 
 MODEL_CARD = "README.md"
 _FORMATS = {
@@ -113,6 +113,18 @@ def _pct(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
+def _allocation(result: PruningResult) -> str:
+    """How the group sparsities were chosen, as the ``allocation`` option names it: the strategy, the candidate
+    ``auto`` kept, and the coarse scores it read (the console's short label calls the paper's rule by its scores)."""
+    config = result.config
+    text = f"allocation `{config.allocation}`"
+    if result.chosen_candidate is not None:
+        text += f" (chose `{result.chosen_candidate}`)"
+    if result.group_scores:
+        text += f" on `{config.importance}` scores"
+    return text
+
+
 def _summary(model: nn.Module, result: PruningResult, fine_tuned_to_step: int | None) -> str:
     """The title, the sparsity reached, how it was pruned and on how many calibration samples."""
     config = result.config
@@ -146,7 +158,7 @@ def _summary(model: nn.Module, result: PruningResult, fine_tuned_to_step: int | 
     lines += [
         "",
         "- **Method**: ECoFLaP (Sung, Yoon, Bansal, *ECoFLaP: Efficient Coarse-to-Fine Layer-Wise Pruning for "
-        f"Vision-Language Models*, ICLR 2024): allocation `{allocation_label(result)}`, fine step `{config.method}`, "
+        f"Vision-Language Models*, ICLR 2024): {_allocation(result)}, fine step `{config.method}`, "
         f"structure `{config.structure}`, target sparsity {_pct(config.sparsity)}{cap}.",
         f"- **Calibration samples**: {', '.join(samples)}.",
         f"- **Weights**: {weights}",

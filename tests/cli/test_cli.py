@@ -12,7 +12,8 @@ import yaml
 from rich.console import Console
 from transformers import Blip2ForConditionalGeneration
 
-from ecoflap_pl.cli import comparison_table
+from ecoflap_pl.cli import comparison_table, main
+from ecoflap_pl.pruning.allocation import Allocation, register_allocation, registry
 
 
 def ecoflap(*args: str) -> subprocess.CompletedProcess:
@@ -112,6 +113,28 @@ def test_print_config_and_bad_option_error(tmp_path, blip2_dir, demo_data):
         text=True,
     )
     assert bad.returncode != 0 and "method" in bad.stderr
+
+
+def test_a_registered_allocation_runs_by_name_though_its_literal_does_not_list_it(
+    tmp_path, blip2_dir, demo_data, monkeypatch
+):
+    """``pruning.allocation`` is the ``AllocationName`` literal or any string, checked by ``PruningConfig`` against
+    the registry: a strategy registered from outside the package runs by its name (docs/allocation.md)."""
+    monkeypatch.setattr(registry, "_STRATEGIES", registry._STRATEGIES.copy())  # the built-ins only for other tests
+
+    @register_allocation("deeper_is_sparser")
+    def deeper_is_sparser(request):
+        groups = list(request.groups)
+        return Allocation({g: 0.4 + 0.2 * i / (len(groups) - 1) for i, g in enumerate(groups)})
+
+    config = _config(tmp_path, blip2_dir, demo_data, allocation="deeper_is_sparser", method="magnitude")
+    monkeypatch.setattr(sys, "argv", ["ecoflap"])  # the entry point, in this process (where the strategy is known)
+    main(["prune", "-c", config, *TRAINER])
+    report = json.loads((tmp_path / "run" / "pruning_report.json").read_text())
+    assert report["config"]["allocation"] == "deeper_is_sparser"
+    assert "coarse" not in report["stages"]  # a strategy that reads no scores runs no coarse step
+    # Four blocks in forward order (two of the vision tower, two of the language model): 0.4 rising to 0.6.
+    assert list(report["group_sparsity"].values()) == pytest.approx([0.4 + 0.2 * i / 3 for i in range(4)])
 
 
 def test_the_comparison_keeps_its_title_and_notes_whole() -> None:

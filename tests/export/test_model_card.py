@@ -81,7 +81,7 @@ def test_a_hugging_face_export_carries_a_card_with_the_figures_of_its_report(
     sparse = save_format != "dense"
     assert card.data.tags == ["pruned", "sparse", "ecoflap", "wanda", *(["compressed-tensors"] if sparse else [])]
     assert card.text.lstrip().startswith("# LlamaForCausalLM pruned with ECoFLaP")
-    assert "allocation `zeroth_order`, fine step `wanda`, structure `unstructured`" in card.text
+    assert "allocation `ecoflap` on `zeroth_order` scores, fine step `wanda`, structure `unstructured`" in card.text
     assert "as pruned, not trained after pruning" in card.text
     assert_figures_of_the_report(card, report, tmp_path / "pruned")
     assert ("masks/pruning_masks.safetensors" in card.text) is not sparse  # a sparse format's bitmasks are its masks
@@ -152,3 +152,26 @@ def test_a_uniform_run_names_no_coarse_step_nor_cap_and_the_stacks_left_dense() 
     assert "- **Calibration samples**: `fine_samples` 4 for the fine step." in card.text
     assert "Left dense (never ran in the calibration loss): `model.vision_tower.layers`." in card.text
     assert "compressed-tensors" in card.data.tags and "load_pruned_model" in card.text
+
+
+@pytest.mark.parametrize(
+    ("allocation", "importance", "named"),
+    [
+        # OWL reads no coarse scores, whatever `importance` says, so the card names none ("owl`, fine step").
+        ("owl", "zeroth_order", "allocation `owl`, fine step"),
+        ("auto", "first_order", "allocation `auto` (chose `{chosen}`) on `first_order` scores, fine step"),
+        ("auto", "uniform", "allocation `auto` (chose `{chosen}`), fine step"),
+    ],
+)
+def test_the_allocation_is_named_as_its_option_takes_it(allocation: str, importance: str, named: str) -> None:
+    torch.set_num_threads(1)
+    model = tiny_model("llama")
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(8, 100, (2, 8), generator=generator)} for _ in range(4)]
+    config = PruningConfig(
+        allocation=allocation, importance=importance, coarse_samples=4, fine_samples=4, auto_holdout_samples=4
+    )
+    result = prune(model, batches, lambda m, b: m(**b, labels=b["input_ids"]).loss, config)
+    card = model_card(model, result, SavedModel("dense", 1, 1))
+
+    assert named.format(chosen=result.chosen_candidate) in card.text
