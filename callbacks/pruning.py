@@ -606,7 +606,7 @@ class ECoFLaPPruning(Callback):
         sizes = [len(indices) for indices in sampler]
         if not sizes:
             raise _no_calibration_batch(datamodule)
-        check_calibration_sizes(sizes, self.config, world_size=world_size, coarse=self.config.importance != "uniform")
+        check_calibration_sizes(sizes, self.config, world_size=world_size, coarse=self.config.scores_groups)
 
     def _calibration_loader(self, datamodule: pl.LightningDataModule | None) -> Any:
         factory = getattr(datamodule, "calibration_dataloader", None)

@@ -542,7 +542,8 @@ def _check_ckpt_path_exists(ckpt_path: str) -> None:
     found = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
     raise ConfigurationError(
         f"`ckpt_path` {ckpt_path!r} {found}. HINT: give a .ckpt file a run saved (under its "
-        "`trainer.default_root_dir`, in checkpoints/), or 'last' to resume from the newest checkpoint there."
+        "`trainer.default_root_dir`, in lightning_logs/version_N/checkpoints/ with the default logger), or 'last' to "
+        "resume from the newest checkpoint there."
     )
 
 

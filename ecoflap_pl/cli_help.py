@@ -30,7 +30,8 @@ SUBCOMMAND_HELP = {
 first line of the Trainer method's docstring: "Runs the full optimization routine.")."""
 
 _CHECKPOINT = (
-    "a .ckpt file a run of this task saved (in checkpoints/ under its trainer.default_root_dir), or one of "
+    "a .ckpt file a run of this task saved (under its trainer.default_root_dir: lightning_logs/version_N/checkpoints/ "
+    "with the default logger, checkpoints/ without one), or one of "
     "Lightning's names ('last', 'hpc', 'registry[:NAME[:version:V]]'). A local file is checked before the model is "
     "built: it must exist and hold the bytes the Trainer wrote; a checkpoint of another task is refused, and the "
     "checkpoint's hyperparameters replace the config's model arguments (a warning names them)."

@@ -23,8 +23,8 @@ COMPARISONS = ("per_row", "per_matrix")
 PROBE_GRANULARITIES = ("per_tensor", "per_block")
 ACTIVATION_STORAGES = ("auto", "device", "cpu", "recompute")
 AllocationName = Literal["ecoflap", "uniform", "owl", "from_report", "auto"]
-"""The built-in allocation strategies (``ecoflap_pl.pruning.allocation``); strategies registered later with
-``register_allocation`` are accepted from Python, and by the ``ecoflap`` command once added here."""
+"""The built-in allocation strategies (``ecoflap_pl.pruning.allocation``), the choices ``--help`` lists; a strategy
+registered later with ``register_allocation`` is accepted by name too, from Python and by the ``ecoflap`` command."""
 _NM_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 # Never pruned by default (docs/algorithm.md §1): BLIP-2's whole Q-Former. Embeddings, heads and inter-tower
 # projections sit outside the discovered block stacks and are never candidates anyway.
@@ -255,10 +255,18 @@ class PruningConfig:
             )
 
     @property
+    def scores_groups(self) -> bool:
+        """Whether a run has a coarse step: ``importance`` scores the groups (it is not ``"uniform"``) and the
+        allocation reads the scores (``uniform``, ``owl`` and ``from_report`` do not)."""
+        from ecoflap_pl.pruning.allocation import allocation_reads_scores  # the registry imports this module
+
+        return self.importance != "uniform" and allocation_reads_scores(self.allocation)
+
+    @property
     def calibration_samples(self) -> int:
-        """Calibration samples a run reads: the fine step's (and, unless ``importance`` is ``"uniform"``, the coarse
-        step's) leading ones, plus ``auto``'s held-out ones after them."""
-        leading = self.fine_samples if self.importance == "uniform" else max(self.coarse_samples, self.fine_samples)
+        """Calibration samples a run reads: the fine step's (and, with a coarse step, the coarse step's) leading ones,
+        plus ``auto``'s held-out ones after them."""
+        leading = max(self.coarse_samples, self.fine_samples) if self.scores_groups else self.fine_samples
         return leading + (self.auto_holdout_samples if self.allocation == "auto" else 0)
 
     @property

@@ -153,7 +153,7 @@ def _holdout_ids(sizes: Sequence[int], config: PruningConfig) -> range:
         ValueError: when no batch is left after those of the coarse and fine steps.
     """
     start = _leading_count(sizes, config.fine_samples)[0]
-    if config.importance != "uniform":
+    if config.scores_groups:
         start = max(start, _leading_count(sizes, config.coarse_samples)[0])
     count = _leading_count(sizes[start:], config.auto_holdout_samples)[0]
     if not count:
@@ -588,7 +588,7 @@ def prune(
         On any exception, including KeyboardInterrupt, every weight is restored bit-exactly.
     """
     _check_inputs(model, calibration_batches, loss_fn, config, rank, world_size)
-    coarse = scores is None and config.importance != "uniform"
+    coarse = scores is None and config.scores_groups
     batch_sizes = [_batch_samples(batch) for batch in calibration_batches]
     check_calibration_sizes(batch_sizes, config, world_size=world_size, coarse=coarse)
     auto = config.allocation == "auto"

@@ -106,6 +106,18 @@ def test_allocation_defaults_and_the_uniform_importance_alias():
     assert PruningConfig(allocation="AUTO").allocation == "auto"
     assert PruningConfig(method="sparsegpt").comparison == "per_matrix"  # the original SparseGPT
     assert PruningConfig(fine_samples=8, coarse_samples=4).calibration_samples == 8
+    assert PruningConfig(fine_samples=8, coarse_samples=32, allocation="owl").calibration_samples == 8  # no scores
+    scored = {
+        name: PruningConfig(allocation=name, allocation_report="r.json" if name == "from_report" else None)
+        for name in ("ecoflap", "auto", "uniform", "owl", "from_report")
+    }
+    assert {name: config.scores_groups for name, config in scored.items()} == {
+        "ecoflap": True,
+        "auto": True,
+        "uniform": False,
+        "owl": False,
+        "from_report": False,
+    }
     assert PruningConfig(fine_samples=8, allocation="auto", auto_holdout_samples=3).calibration_samples == 35
     config = PruningConfig(allocation="from_report", allocation_report="runs/x/pruning_report.json")
     assert PruningConfig.from_dict(config.to_dict()) == config

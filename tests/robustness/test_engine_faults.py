@@ -334,6 +334,17 @@ def test_a_short_calibration_set_names_only_the_step_it_shortens(caplog):
     ]
 
 
+@pytest.mark.parametrize("allocation", ["owl", "uniform"])
+def test_an_allocation_that_reads_no_scores_is_not_warned_of_a_coarse_step(caplog, allocation):
+    """OWL and the uniform allocation never run the coarse step, but a set shorter than `coarse_samples` was warned
+    that "the coarse step uses all 8" (and checked against the ranks for that step)."""
+    config = PruningConfig(sparsity=0.5, coarse_samples=50, fine_samples=8, allocation=allocation)
+    assert not config.scores_groups and config.calibration_samples == 8
+    with caplog.at_level(logging.WARNING, logger="ecoflap_pl"):
+        result = prune(seeded_toy_model(), toy_batches(2), toy_loss, config)
+    assert _warnings(caplog) == [] and "coarse" not in result.stages
+
+
 def test_a_short_held_out_set_of_auto_is_one_warning(caplog):
     config = PruningConfig(sparsity=0.5, coarse_samples=4, fine_samples=4, allocation="auto")
     with caplog.at_level(logging.WARNING, logger="ecoflap_pl"):

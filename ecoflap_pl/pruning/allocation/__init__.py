@@ -14,6 +14,7 @@ from ecoflap_pl.pruning.allocation.registry import (
     AllocationStrategy,
     CandidateAllocation,
     allocation_names,
+    allocation_reads_scores,
     get_allocation,
     register_allocation,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "CandidateAllocation",
     "allocate_sparsity",
     "allocation_names",
+    "allocation_reads_scores",
     "auto_allocation",
     "check_report_fits",
     "dense_outlier_ratios",

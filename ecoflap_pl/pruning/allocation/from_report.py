@@ -111,7 +111,7 @@ def check_report_fits(
         )
 
 
-@register_allocation("from_report")
+@register_allocation("from_report", reads_scores=False)
 def report_allocation(request: AllocationRequest) -> Allocation:
     """The per-group sparsities of ``allocation_report``, refused when its groups are not this run's.
 

@@ -122,7 +122,7 @@ def owl_sparsity(
     return {g: 1 - keep[g] / sizes[g] for g in ratios}
 
 
-@register_allocation("owl")
+@register_allocation("owl", reads_scores=False)
 def owl_allocation(request: AllocationRequest) -> Allocation:
     """OWL with ``M = owl_m`` and ``λ = owl_lambda``, the budget over the whole model or inside each tower
     (``prune_per_model``). Forward only: one dense pass of the fine step's statistics."""

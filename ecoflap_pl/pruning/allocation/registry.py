@@ -79,13 +79,29 @@ _STRATEGIES: Registry[AllocationStrategy] = Registry(
 )
 
 
-def register_allocation(name: str) -> Callable[[AllocationStrategy], AllocationStrategy]:
-    """Decorator registering ``strategy(request) -> Allocation`` under ``name`` (``PruningConfig.allocation``)."""
+_READ_NO_SCORES: set[str] = set()
+"""The strategies registered with ``reads_scores=False``."""
+
+
+def register_allocation(name: str, *, reads_scores: bool = True) -> Callable[[AllocationStrategy], AllocationStrategy]:
+    """Decorator registering ``strategy(request) -> Allocation`` under ``name`` (``PruningConfig.allocation``).
+
+    ``reads_scores=False`` declares a strategy that never calls ``request.scores()``: a run with it has no coarse
+    step, so its calibration set is checked, and read by the ``ecoflap`` command, for the fine step alone.
+    """
 
     def register(strategy: AllocationStrategy) -> AllocationStrategy:
-        return _STRATEGIES.add(name, strategy)
+        registered = _STRATEGIES.add(name, strategy)
+        if not reads_scores:
+            _READ_NO_SCORES.add(name)
+        return registered
 
     return register
+
+
+def allocation_reads_scores(name: str) -> bool:
+    """Whether the strategy registered under ``name`` reads the coarse step's scores (:func:`register_allocation`)."""
+    return name not in _READ_NO_SCORES
 
 
 def allocation_names() -> tuple[str, ...]:
