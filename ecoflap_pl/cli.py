@@ -46,7 +46,7 @@ from ecoflap_pl.callbacks.checkpoint_file import check_checkpoint_file, use_whol
 from ecoflap_pl.callbacks.export import saved_model_folder
 from ecoflap_pl.callbacks.pruning import unreadable_checkpoint
 from ecoflap_pl.cli_help import DESCRIPTION, SUBCOMMAND_HELP, describe_subcommand
-from ecoflap_pl.console import quiet_libraries
+from ecoflap_pl.console import quiet_libraries, warnings_in_one_line
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.datamodules.base import Stage
 from ecoflap_pl.entry_point import (
@@ -739,7 +739,9 @@ def _run_command(args: list[str] | None) -> None:
     quiet_libraries()
     try:
         check_config_files(sys.argv[1:] if args is None else args)
-        build_cli(args, save_config_kwargs={"overwrite": True})
+        # `ECOFLAP_DEBUG=1` keeps Python's format of warnings: where each was raised.
+        with nullcontext() if os.environ.get("ECOFLAP_DEBUG") else warnings_in_one_line():
+            build_cli(args, save_config_kwargs={"overwrite": True})
     except KeyboardInterrupt:
         stopped_by_sigint()
     except SystemExit as exit_:

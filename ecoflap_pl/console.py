@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from transformers.utils import logging as transformers_logging
 
@@ -50,3 +52,22 @@ def quiet_libraries() -> None:
             logger.addFilter(_DropBanners())
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     transformers_logging.disable_progress_bar()
+
+
+@contextmanager
+def warnings_in_one_line() -> Iterator[None]:
+    """Print each warning as ``Category: message`` while the block runs, without Python's ``path:line:`` before it
+    and the source line after it (``rank_zero_warn(``): where in a library a warning was raised tells a user of the
+    command nothing. Python's format is put back afterwards."""
+
+    def one_line(
+        message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+    ) -> str:
+        return f"{category.__name__}: {message}\n"
+
+    python_format = warnings.formatwarning
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python_format

@@ -233,6 +233,28 @@ def test_version_alone_answers_without_importing_the_command(rank: str | None, p
     assert outcome.stdout.splitlines()[-1] == "imported: []", outcome.stdout
 
 
+@pytest.mark.parametrize(("debug", "python_format"), [({}, False), ({"ECOFLAP_DEBUG": "1"}, True)])
+def test_a_warning_is_printed_in_one_line_unless_debugging(tmp_path, demo_data, debug, python_format):
+    """The command printed its warnings in Python's format: `/…/callbacks/pruning.py:485: UserWarning: …` and then the
+    line of source that raised it, `  rank_zero_warn(`. ``ECOFLAP_DEBUG=1`` keeps that format."""
+    config = vit_config(tmp_path, demo_data)
+    env = {key: value for key, value in os.environ.items() if key != "ECOFLAP_DEBUG"}
+    env.update({"OMP_NUM_THREADS": "1", **debug})
+    run = subprocess.run(
+        [sys.executable, "-m", "ecoflap_pl", "validate", "-c", config, "--pruning.stages=[fit]"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    said = "UserWarning: `pruning.stages` is ['fit'], so `validate` runs on the dense model (nothing is pruned)."
+    lines = run.stderr.splitlines()
+    assert any(line.startswith(said) for line in lines) is not python_format, run.stderr[-3000:]
+    assert ("pruning.py:" in run.stderr and "rank_zero_warn(" in run.stderr) is python_format, run.stderr[-3000:]
+
+
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict", "prune"])
 def test_each_subcommand_help_begins_with_what_it_does_here(
     capsys: pytest.CaptureFixture[str], subcommand: str
