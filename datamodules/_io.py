@@ -354,7 +354,8 @@ def load_image(path: str, source: str, hint: str = "") -> Image.Image:
 
     Raises:
         DataFileNotFoundError: no file at ``path``.
-        DataFormatError: the file is not a readable image (corrupt, truncated, not an image).
+        DataFormatError: the file is not a readable image (corrupt, truncated, not an image, or more pixels than PIL
+            opens).
     """
     suffix = f" HINT: {hint}" if hint else ""
     try:
@@ -362,6 +363,12 @@ def load_image(path: str, source: str, hint: str = "") -> Image.Image:
             return _to_rgb(image)
     except FileNotFoundError as err:
         raise DataFileNotFoundError(f"Image not found: {path} (for {source}).{suffix}") from err
+    except Image.DecompressionBombError as err:  # not an OSError: it ended in a traceback that named no file
+        raise DataFormatError(
+            f"Image {path} (for {source}) is too large to open: {err} HINT: PIL refuses images of more than twice "
+            "PIL.Image.MAX_IMAGE_PIXELS pixels, as a guard against decompression bombs; resize the image, or leave its "
+            "entry out of the annotations."
+        ) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataFormatError(f"Image {path} (for {source}) cannot be read: {err}.{suffix}") from err
 
