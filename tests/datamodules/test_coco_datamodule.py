@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,22 @@ def test_official_has_no_test_split(coco_official: Path) -> None:
     dm = _module(coco_official, annotation_format="official")
     with pytest.raises(ValueError, match="no test split.*test_split: val"):
         dm.dataset("test")
+
+
+@pytest.mark.parametrize(("stage", "option"), [("test", "test_split"), ("val", "val_split")])
+def test_only_official_files_and_the_test_split_say_how_to_evaluate(
+    coco_official: Path, stage: Stage, option: str
+) -> None:
+    # `auto` with the official release only: the test split (the default test_split) has no file. The error said to
+    # set `test_file`, as if a file were misplaced, where the official captions have no test split at all.
+    dm = _module(coco_official, val_split="test")
+    official = coco_official / "annotations" / "captions_val2014.json"
+    expected = rf"have no test split\. HINT: set `{option}: val` to evaluate on captions_val2014\.json"
+    with pytest.raises(
+        DataFileNotFoundError, match=rf"coco_karpathy_test\.json.* {re.escape(str(official))}, {expected}"
+    ):
+        dm.check_files(stage)
+    assert _ids(_module(coco_official, **{option: "val"}).dataset(stage)) == [4, 5, 6]
 
 
 def test_auto_detection_prefers_karpathy(coco_karpathy: Path) -> None:
