@@ -116,6 +116,18 @@ def test_only_official_files_and_the_test_split_say_how_to_evaluate(
     assert _ids(_module(coco_official, **{option: "val"}).dataset(stage)) == [4, 5, 6]
 
 
+def test_lavis_storage_layout_reads_images_from_the_images_folder(coco_karpathy: Path) -> None:
+    # LAVIS stores coco/annotations/coco_karpathy_*.json and the images in coco/images/{train2014,val2014}/: the lists
+    # were found, the images looked for in coco/val2014 ("Image folder ... does not exist").
+    (coco_karpathy / "images").mkdir()
+    for folder in ("train2014", "val2014"):
+        (coco_karpathy / folder).rename(coco_karpathy / "images" / folder)
+    val = _module(coco_karpathy).dataset("val")
+    assert _ids(val) == KARPATHY_EXPECTED["val"]
+    assert Path(val.samples[0].images[0]) == coco_karpathy / "images" / coco_image_path(5)
+    assert val[0]["image"].getpixel((0, 0))[0] == pytest.approx(5, abs=3)
+
+
 def test_auto_detection_prefers_karpathy(coco_karpathy: Path) -> None:
     write_coco_official(coco_karpathy)
     assert _ids(_module(coco_karpathy).dataset("val")) == [5]
