@@ -14,7 +14,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+"""PIL modes of a 16-bit grayscale image (a 16-bit PNG opens as ``I;16``, or as ``I`` in older Pillow)."""
 
 
 class DataFileNotFoundError(FileNotFoundError):
@@ -350,16 +354,35 @@ def load_image(path: str, source: str, hint: str = "") -> Image.Image:
 
     Raises:
         DataFileNotFoundError: no file at ``path``.
-        DataFormatError: the file is not a readable image (corrupt, truncated, not an image).
+        DataFormatError: the file is not a readable image (corrupt, truncated, not an image, or more pixels than PIL
+            opens).
     """
     suffix = f" HINT: {hint}" if hint else ""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return _to_rgb(image)
     except FileNotFoundError as err:
         raise DataFileNotFoundError(f"Image not found: {path} (for {source}).{suffix}") from err
+    except Image.DecompressionBombError as err:  # not an OSError: it ended in a traceback that named no file
+        raise DataFormatError(
+            f"Image {path} (for {source}) is too large to open: {err} HINT: PIL refuses images of more than twice "
+            "PIL.Image.MAX_IMAGE_PIXELS pixels, as a guard against decompression bombs; resize the image, or leave its "
+            "entry out of the annotations."
+        ) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataFormatError(f"Image {path} (for {source}) cannot be read: {err}.{suffix}") from err
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, a 16-bit grayscale one scaled to 8 bits.
+
+    PIL's ``convert("RGB")`` clips the values of a 16-bit image to 255 instead of scaling them, so a 16-bit PNG
+    came out almost white; its top 8 bits are kept instead, as for the 8-bit version of the same picture.
+    """
+    if image.mode in _SIXTEEN_BIT_MODES:
+        pixels = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        return Image.fromarray(pixels.astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
 
 
 def _json_name(python_names: str) -> str:

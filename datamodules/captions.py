@@ -126,7 +126,8 @@ class CaptionDataModule(EcoflapDataModule):
             ``dataset_*.json`` the entries of the loop's split are kept.
         val_file: annotation file the validation loop reads (split ``val_split``).
         test_file: annotation file the test/predict loops read (split ``test_split``).
-        image_root: folder the annotation image paths are relative to (default ``data_dir``).
+        image_root: folder the annotation image paths are relative to; default ``data_dir/images`` when that folder
+            exists (LAVIS's storage layout: ``coco/images/``, ``flickr30k/images/``), else ``data_dir``.
         val_split: the split the validation loop reads, ``"val"`` or ``"test"``.
         test_split: the split the test/predict loops read, ``"val"`` or ``"test"``.
         **kwargs: batch_size, num_workers, collate_fn, calibration_* and shuffle_seed
@@ -136,6 +137,7 @@ class CaptionDataModule(EcoflapDataModule):
     dataset_name: ClassVar[str] = ""
     formats: ClassVar[tuple[str, ...]] = ("karpathy", "karpathy_original")
     karpathy_file: ClassVar[str] = ""  # LAVIS file name with a {split} field
+    lavis_stored_file: ClassVar[str] = ""  # the name LAVIS's dataset builder stores it under, when another one
     original_file: ClassVar[str] = ""  # Karpathy's single file
     original_folder: ClassVar[str] = ""  # image folder of original entries that have no "filepath"
 
@@ -157,7 +159,11 @@ class CaptionDataModule(EcoflapDataModule):
         check_choice("test_split", test_split, SPLITS)
         self.annotation_format = annotation_format
         self.files: dict[Stage, str | None] = {"train": train_file, "val": val_file, "test": test_file}
-        self.image_root = resolve(self.data_dir, image_root) if image_root is not None else self.data_dir
+        if image_root is not None:
+            self.image_root = resolve(self.data_dir, image_root)
+        else:
+            images = self.data_dir / "images"
+            self.image_root = images if images.is_dir() else self.data_dir
         self.val_split = val_split
         self.test_split = test_split
 
@@ -211,7 +217,10 @@ class CaptionDataModule(EcoflapDataModule):
 
     def _candidates(self, fmt: str, split: str) -> list[Path]:
         name = self.karpathy_file.format(split=split) if fmt == "karpathy" else self.original_file
-        return [self.data_dir / name, self.data_dir / "annotations" / name]
+        paths = [self.data_dir / name, self.data_dir / "annotations" / name]
+        if fmt == "karpathy" and self.lavis_stored_file:
+            paths.append(self.data_dir / "annotations" / self.lavis_stored_file.format(split=split))
+        return paths
 
     def _find_file(self, stage: Stage, split: str, option: str) -> Path:
         formats = self.formats if self.annotation_format == "auto" else (self.annotation_format,)

@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 
 from typing_extensions import override
 
-from ecoflap_pl.datamodules._io import DataFormatError, check_entry, expect_type, get_list
-from ecoflap_pl.datamodules.base import Sample
+from ecoflap_pl.datamodules._io import DataFileNotFoundError, DataFormatError, check_entry, expect_type, get_list
+from ecoflap_pl.datamodules.base import Sample, Stage
 from ecoflap_pl.datamodules.captions import CaptionDataModule
 
 _OFFICIAL_NAME = re.compile(r"captions_((?:train|val)\d{4})\.json$")
@@ -110,3 +110,21 @@ class COCOCaptionDataModule(CaptionDataModule):
                 )
             return []
         return [self.data_dir / "annotations" / f"captions_{split}{year}.json" for year in (2017, 2014)]
+
+    @override
+    def _find_file(self, stage: Stage, split: str, option: str) -> Path:
+        """The annotation file of ``split``; without one for the test split, a folder holding only the official
+        captions (which have no test split) is told how to evaluate on them."""
+        try:
+            return super()._find_file(stage, split, option)
+        except DataFileNotFoundError as error:
+            official = [path for path in self._candidates("official", "val") if path.is_file()]
+            if split != "test" or self.files[stage] is not None or self.annotation_format != "auto" or not official:
+                raise
+            not_found = str(error).partition(" HINT: ")[0]
+            split_option = "test_split" if stage == "test" else "val_split"
+            raise DataFileNotFoundError(
+                f"{not_found} The official COCO captions found, {official[0]}, have no test split. HINT: set "
+                f"`{split_option}: val` to evaluate on {official[0].name}, or add the Karpathy split files "
+                "(coco_karpathy_test.json of LAVIS, or dataset_coco.json) for the Karpathy test split."
+            ) from error

@@ -6,6 +6,7 @@ import csv
 import functools
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ from ecoflap_pl.datamodules.base import (
 )
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+# A line of Kaggle's LOC_synset_mapping.txt: "n01440764 tench, Tinca tinca" (the wnid, then its synonyms).
+_SYNSET_LINE = re.compile(r"(n\d{8})\s+(\S.*)")
 
 
 def class_folders(root: Path) -> list[str]:
@@ -131,8 +134,10 @@ class ImageNetDataModule(EcoflapDataModule):
         val_dir: validation folder, relative to ``data_dir`` or absolute.
         val_solution_file: the CSV labelling a flat ``val_dir``; default: ``LOC_val_solution.csv`` in
             ``data_dir``, or in the Kaggle root three levels up when ``data_dir`` ends with ``Data/CLS-LOC``.
-        class_names_file: readable class names: a JSON ``{wnid: name}`` or list, or a text file with one name per
-            line in class order. Default: timm's ImageNet names when the wnids are ImageNet's, else the wnids.
+        class_names_file: readable class names: a JSON ``{wnid: name}`` or list, a text file with one name per
+            line in class order, or Kaggle's ``LOC_synset_mapping.txt`` (``wnid synonym, synonym, ...`` per line;
+            each class gets the first synonym of its wnid, as timm's names do). Default: timm's ImageNet names when
+            the wnids are ImageNet's, else the wnids.
         val_split: split read by the validation loop (``val`` or ``train``).
         test_split: split read by the test/predict loops (ImageNet's test labels are not public).
         **kwargs: batch_size, num_workers, collate_fn, calibration_* and shuffle_seed
@@ -234,15 +239,19 @@ class ImageNetDataModule(EcoflapDataModule):
         path = resolve(self.data_dir, str(self.class_names_file))
         return find_file([path], "class_names_file", "ImageNet class names")
 
+    def _names_by_wnid(self, names: dict[str, Any], path: Path) -> list[Any]:
+        """The name of each class in label order from ``{wnid: name}`` read from ``path``; a missing wnid is named."""
+        missing = [wnid for wnid in self.classes if wnid not in names]
+        if missing:
+            raise DataFormatError(f"{path} (set by `class_names_file`) has no name for {missing[:5]}.")
+        return [names[wnid] for wnid in self.classes]
+
     def _names_from_file(self) -> list[str]:
         path = self._class_names_path()
         if path.suffix == ".json":
             names = read_json(path, "class_names_file")
             if isinstance(names, dict):
-                missing = [wnid for wnid in self.classes if wnid not in names]
-                if missing:
-                    raise DataFormatError(f"{path} (set by `class_names_file`) has no name for {missing[:5]}.")
-                names = [names[wnid] for wnid in self.classes]
+                names = self._names_by_wnid(names, path)
             top_level(names, list, path, "class_names_file")
         else:
             try:
@@ -251,7 +260,12 @@ class ImageNetDataModule(EcoflapDataModule):
                 raise DataFormatError(
                     f"{path} (set by `class_names_file`) {not_utf8(err)}. {damaged_hint('class_names_file')}"
                 ) from err
-            names = [line.strip() for line in text.splitlines() if line.strip()]
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            synsets = [match for line in lines if (match := _SYNSET_LINE.fullmatch(line))]
+            if lines and len(synsets) == len(lines):  # read by wnid: the file may list more classes than the folders
+                names = self._names_by_wnid({match[1]: match[2].split(",")[0].strip() for match in synsets}, path)
+            else:
+                names = lines
         if len(names) != len(self.classes) or not all(isinstance(n, str) for n in names):
             raise DataFormatError(
                 f"{path} (set by `class_names_file`) must hold {len(self.classes)} string names (one per class), "

@@ -110,7 +110,8 @@ class VQAv2DataModule(EcoflapDataModule):
     Files per split (``train2014``, ``val2014``, ``test2015``, ``test-dev2015``), searched in ``data_dir``,
     ``data_dir/annotations`` and the VQA API's ``data_dir/Questions`` / ``data_dir/Annotations``:
     ``{questions_prefix}_{split}_questions.json`` and, except for test splits, ``{annotations_prefix}_{split}
-    _annotations.json``. Images: ``image_root/{train2014,val2014,test2015}/COCO_{folder}_{image_id:012d}.jpg``.
+    _annotations.json``. Images: ``image_root/{train2014,val2014,test2015}/COCO_{folder}_{image_id:012d}.jpg``
+    (``image_root``: the VQA API's ``data_dir/Images/mscoco`` when it exists, else ``data_dir``).
 
     Samples: ``{"image", "image_id", "question_id", "question", "answers" (the 10 human answers; [] for test),
     "answer_type" ("" for test), "answer" (multiple_choice_answer; "" for test)}``.
@@ -129,7 +130,8 @@ class VQAv2DataModule(EcoflapDataModule):
         val_annotations_file: overrides the validation annotations file.
         test_questions_file: overrides the test questions file.
         test_annotations_file: overrides the test annotations file (read even for a test split when set).
-        image_root: folder holding ``train2014/``, ``val2014/``, ``test2015/`` (default ``data_dir``).
+        image_root: folder holding ``train2014/``, ``val2014/``, ``test2015/``; default ``data_dir/Images/mscoco``
+            when that folder exists (the VQA API's layout), else ``data_dir``.
         **kwargs: batch_size, num_workers, collate_fn, calibration_* and shuffle_seed
             (see :class:`~ecoflap_pl.datamodules.base.EcoflapDataModule`).
     """
@@ -163,7 +165,11 @@ class VQAv2DataModule(EcoflapDataModule):
             "val": val_annotations_file,
             "test": test_annotations_file,
         }
-        self.image_root = resolve(self.data_dir, image_root) if image_root is not None else self.data_dir
+        if image_root is not None:
+            self.image_root = resolve(self.data_dir, image_root)
+        else:
+            api_images = self.data_dir / "Images" / "mscoco"  # the VQA API's layout, beside Questions/ and Annotations/
+            self.image_root = api_images if api_images.is_dir() else self.data_dir
 
     @override
     def _locate(self, stage: Stage) -> dict[str, Path]:

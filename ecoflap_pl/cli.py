@@ -808,12 +808,36 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 def error_summary(error: BaseException) -> str:
-    """``error (kind): <message>`` in a few lines: jsonargparse's listing of the types it tried is left out."""
-    lines = [line.strip() for line in (str(error).strip() or type(error).__name__).splitlines() if line.strip()]
+    """``error (kind): <message>`` in a few lines: jsonargparse's listing of the types it tried is left out, and so is
+    the traceback that torch wraps an error raised in a DataLoader worker in (:func:`_worker_error_message`)."""
+    message = _worker_error_message(error)
+    lines = [line.strip() for line in (message.strip() or type(error).__name__).splitlines() if line.strip()]
     kept = [line.removeprefix("- ") for line in lines if not line.startswith(_PARSER_NOISE)] or lines[:1]
     configuration = (ArgumentError, ConfigurationError, MisconfigurationException)
     kind = "configuration error" if isinstance(error, configuration) else type(error).__name__
     return f"error ({kind}): {chr(10).join(dict.fromkeys(kept[:8]))}\n(ECOFLAP_DEBUG=1 shows the traceback)"
+
+
+_WORKER_TRACEBACK = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback \(most recent call ")
+
+
+def _worker_error_message(error: BaseException) -> str:
+    """The message of ``error``; for an error raised in a DataLoader worker (``num_workers > 0``), the message of the
+    error the worker raised.
+
+    torch raises it again in the main process as an error of the same type whose message is ``Caught <type> in
+    DataLoader worker process N.`` and the worker's whole traceback, causes first: the first lines of the summary were
+    the cause's (PIL's ``cannot identify image file``), and the message naming the sample and the ``HINT`` was cut.
+    """
+    text = str(error)
+    if _WORKER_TRACEBACK.match(text) is None:
+        return text
+    lines = text.splitlines()
+    own = re.compile(rf"(?:[\w.]+\.)?{re.escape(type(error).__name__)}(?::|$)")
+    last = next((i for i in range(len(lines) - 1, 0, -1) if own.match(lines[i])), None)
+    if last is None:
+        return text
+    return "\n".join([lines[last].partition(": ")[2], *lines[last + 1 :]])
 
 
 class _PrintVersions(argparse.Action):

@@ -39,6 +39,11 @@ class ClassificationTask(ImageClassificationTask):
         warmup_steps: linear warm-up steps.
     """
 
+    classes_hint = (
+        "evaluate on every class the classifier was trained on (ImageNet-1k: the 1000 wnid folders), or give it a "
+        "head of {count} classes (model_config: {{num_classes: {count}}}) and fine-tune it."
+    )
+
     def __init__(
         self,
         timm_model: str,

@@ -11,7 +11,7 @@ collator would need to know which loader it serves, which a collate function run
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,8 @@ class ImageClassificationTask(EcoflapTask):
     (:class:`~ecoflap_pl.metrics.TopKAccuracy`, ``top_k`` capped at the number of classes; a repeated ``image_id``
     counts once, so DDP's padding repeats drop out), logged ``val/top1``, ``val/top5`` (``test/`` likewise) with the
     cross-entropy as ``val/loss`` (:class:`~ecoflap_pl.metrics.MeanLoss`, the mean over samples, each ``image_id``
-    once). ``predict_step`` returns ``{"prediction": (B,), "top5": (B, k), "scores": (B, k)}``.
+    once). ``predict_step`` returns ``{"prediction": (B,), "top5": (B, k), "scores": (B, k)}``. A DataModule with
+    ``classes`` (``ImageNetDataModule``) must have as many as the classifier (checked at setup).
 
     Args:
         augment: apply timm's training augmentation in ``training_step``.
@@ -64,11 +65,14 @@ class ImageClassificationTask(EcoflapTask):
 
     pixel_mean: Tensor
     pixel_std: Tensor
+    classes_hint: ClassVar[str] = ""
+    """The ``HINT`` of a DataModule whose number of classes is not the classifier's; ``{count}``: the data's."""
 
     def __init__(self, augment: bool, learning_rate: float, weight_decay: float, warmup_steps: int) -> None:
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps)
         self.augment = augment
         self.metrics = torch.nn.ModuleDict()
+        self.num_classes: int | None = None
 
     def _set_preprocessing(self, data_config: dict[str, Any]) -> None:
         """The collator's evaluation transform, the training augmentation and the normalisation of ``data_config``
@@ -80,7 +84,27 @@ class ImageClassificationTask(EcoflapTask):
         self.register_buffer("pixel_mean", torch.tensor(data_config["mean"]).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(data_config["std"]).view(1, -1, 1, 1), persistent=False)
 
+    @override
+    def setup(self, stage: str) -> None:
+        """Refuse a DataModule whose classes (``classes``, as :class:`~ecoflap_pl.datamodules.ImageNetDataModule`
+        has) are not as many as the classifier's: its label ``i`` is its own ``i``-th class, so against another
+        number of logits the loss and accuracy score other classes (10 ImageNet wnid folders, Imagenette, under a
+        1000-class classifier: label 0 is tench for both, label 1 English springer for the data and goldfish for the
+        classifier)."""
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        classes = getattr(datamodule, "classes", None)
+        if classes is None or self.num_classes is None or len(classes) == self.num_classes:
+            return
+        raise ValueError(
+            f"The classifier has {self.num_classes} classes, but {type(datamodule).__name__} has {len(classes)} "
+            f"({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''}): the data's label i is its own i-th "
+            "class, not the classifier's class i, so the loss and accuracy would score other classes. HINT: "
+            + self.classes_hint.format(count=len(classes))
+        )
+
     def _build_metrics(self, num_classes: int) -> None:
+        self.num_classes = num_classes
         self.metrics.clear()
         for prefix in ("val", "test"):
             for k in (1, 5):

@@ -53,6 +53,7 @@ class ZeroShotClassificationTask(ImageClassificationTask):
     """
 
     model: CLIPModel | SiglipModel
+    classes_hint = "leave `class_names` out to take the DataModule's, or give one name per class of the data ({count})."
 
     def __init__(
         self,

@@ -139,11 +139,12 @@ def write_vqa(
     questions_dir: str = "",
     annotations_dir: str = "",
     multiple_choice: bool = True,
+    images_dir: str = "",
 ) -> Path:
     for split, pairs in VQA_QUESTIONS.items():
         folder = "test2015" if split.startswith("test") else split
         for _, image_id in pairs:
-            write_image(root / folder / f"COCO_{folder}_{image_id:012d}.jpg", image_id)
+            write_image(root / images_dir / folder / f"COCO_{folder}_{image_id:012d}.jpg", image_id)
         questions = [{"image_id": i, "question": f"is {q} there?", "question_id": q} for q, i in pairs]
         write_json(
             root / questions_dir / f"{questions_prefix}_{split}_questions.json",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,34 @@ def test_official_has_no_test_split(coco_official: Path) -> None:
     dm = _module(coco_official, annotation_format="official")
     with pytest.raises(ValueError, match="no test split.*test_split: val"):
         dm.dataset("test")
+
+
+@pytest.mark.parametrize(("stage", "option"), [("test", "test_split"), ("val", "val_split")])
+def test_only_official_files_and_the_test_split_say_how_to_evaluate(
+    coco_official: Path, stage: Stage, option: str
+) -> None:
+    # `auto` with the official release only: the test split (the default test_split) has no file. The error said to
+    # set `test_file`, as if a file were misplaced, where the official captions have no test split at all.
+    dm = _module(coco_official, val_split="test")
+    official = coco_official / "annotations" / "captions_val2014.json"
+    expected = rf"have no test split\. HINT: set `{option}: val` to evaluate on captions_val2014\.json"
+    with pytest.raises(
+        DataFileNotFoundError, match=rf"coco_karpathy_test\.json.* {re.escape(str(official))}, {expected}"
+    ):
+        dm.check_files(stage)
+    assert _ids(_module(coco_official, **{option: "val"}).dataset(stage)) == [4, 5, 6]
+
+
+def test_lavis_storage_layout_reads_images_from_the_images_folder(coco_karpathy: Path) -> None:
+    # LAVIS stores coco/annotations/coco_karpathy_*.json and the images in coco/images/{train2014,val2014}/: the lists
+    # were found, the images looked for in coco/val2014 ("Image folder ... does not exist").
+    (coco_karpathy / "images").mkdir()
+    for folder in ("train2014", "val2014"):
+        (coco_karpathy / folder).rename(coco_karpathy / "images" / folder)
+    val = _module(coco_karpathy).dataset("val")
+    assert _ids(val) == KARPATHY_EXPECTED["val"]
+    assert Path(val.samples[0].images[0]) == coco_karpathy / "images" / coco_image_path(5)
+    assert val[0]["image"].getpixel((0, 0))[0] == pytest.approx(5, abs=3)
 
 
 def test_auto_detection_prefers_karpathy(coco_karpathy: Path) -> None:

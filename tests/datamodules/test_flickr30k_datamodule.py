@@ -33,6 +33,23 @@ def test_every_split(fixture: str, request) -> None:
         assert sample["image"].mode == "RGB"
 
 
+def test_lavis_storage_layout(flickr_karpathy: Path) -> None:
+    # LAVIS's dataset builder stores the lists as annotations/{train,val,test}.json and the images in images/: the
+    # files were not found ("Flickr30k train caption annotations ... not found"), nor, once named, the images.
+    for split in ("train", "val", "test"):
+        (flickr_karpathy / "annotations" / f"flickr30k_{split}.json").rename(
+            flickr_karpathy / "annotations" / f"{split}.json"
+        )
+    (flickr_karpathy / "images").mkdir()
+    (flickr_karpathy / "flickr30k-images").rename(flickr_karpathy / "images" / "flickr30k-images")
+    dm = Flickr30kDataModule(flickr_karpathy, collate_fn=collate)
+    assert dm.check_files("test")["test_file"] == flickr_karpathy / "annotations" / "test.json"
+    sample = dm.dataset("test")[0]
+    assert sample["image_id"] == _split_ids("test")[0] and sample["references"] == captions_of(sample["image_id"])
+    assert Path(dm.dataset("test").samples[0].images[0]).parent == flickr_karpathy / "images" / "flickr30k-images"
+    assert len(dm.dataset("train")) == 3 * len(_split_ids("train"))
+
+
 def test_official_format_is_not_offered(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="`annotation_format` must be one of 'auto', 'karpathy', 'karpathy_original'"):
         Flickr30kDataModule(tmp_path, annotation_format="official")

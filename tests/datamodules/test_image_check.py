@@ -282,7 +282,9 @@ def test_missing_folders_and_files_are_reported_together(pairs_root: Path, coco_
         "Missing images: 1 of the 10 that the annotations name (image folder set by `image_root`), e.g.:",
         f"  {pairs_root / 'images' / '00002' / '000000009.jpg'} (for {pairs_root / 'cc3m.json'}, entry 9)",
     ]
-    # Karpathy's training split spans two COCO folders: both missing are named on one line.
+    # Karpathy's training split spans two COCO folders: both missing are named on one line. (The two fixtures share
+    # one folder: the pairs' images/ would be taken for LAVIS's COCO image folder.)
+    shutil.rmtree(pairs_root / "images")
     shutil.rmtree(coco_karpathy / "train2014")
     shutil.rmtree(coco_karpathy / "val2014")
     with pytest.raises(DataFileNotFoundError) as raised:

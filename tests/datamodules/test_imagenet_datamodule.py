@@ -16,7 +16,7 @@ def test_train_and_val_layouts(tmp_path: Path, flat_val: bool) -> None:
     write_imagenet(tmp_path, flat_val=flat_val)
     dm = ImageNetDataModule(tmp_path, collate_fn=collate)
     assert dm.classes == list(IMAGENET_WNIDS)
-    assert dm.class_names == ["tench", "goldfish"]
+    assert dm.dataset("val")[0]["label"] == 0 and dm.class_names == ["tench", "goldfish"]
     train = dm.dataset("train")
     assert [train[i]["label"] for i in range(len(train))] == [0, 0, 0, 1, 1, 1]
     sample = train[4]
@@ -74,6 +74,23 @@ def test_class_names_file(tmp_path: Path, kind: str) -> None:
     path = tmp_path / ("names.txt" if kind == "text" else "names.json")
     path.write_text("a tench\n\ngold fish\n" if kind == "text" else json.dumps(names[kind]))
     assert ImageNetDataModule(tmp_path, class_names_file=path.name).class_names == ["a tench", "gold fish"]
+
+
+def test_kaggle_synset_mapping_gives_each_wnid_its_first_synonym(tmp_path: Path) -> None:
+    # Kaggle's LOC_synset_mapping.txt: read as one name per line, each name kept its wnid ("n01440764 tench, Tinca
+    # tinca"), and a file listing more classes than the folders hold (all 1000 for a subset) was refused.
+    write_imagenet(tmp_path, flat_val=True)
+    mapping = tmp_path / "LOC_synset_mapping.txt"
+    synsets = ["n01440764 tench, Tinca tinca", "n01443537 goldfish, Carassius auratus", "n01484850 great white shark"]
+    for lines in (synsets[:2], synsets):
+        mapping.write_text("\n".join(lines) + "\n")
+        dm = ImageNetDataModule(tmp_path, class_names_file=mapping.name, collate_fn=collate)
+        assert dm.dataset("val")[0]["label"] == 0 and dm.class_names == ["tench", "goldfish"]
+    mapping.write_text(synsets[1] + "\n")
+    with pytest.raises(
+        DataFormatError, match=r"LOC_synset_mapping\.txt \(set by `class_names_file`\) has no name for "
+    ):
+        _ = ImageNetDataModule(tmp_path, class_names_file=mapping.name).class_names
 
 
 def test_class_names_file_errors(tmp_path: Path) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from ecoflap_pl.datamodules import DataFileNotFoundError, DataFormatError, NLVR2DataModule
 from tests.datamodules.datamodule_layouts import NLVR2_LINES, collate
@@ -82,3 +84,15 @@ def test_corrupt_image(nlvr2_root: Path) -> None:
     image.write_bytes(b"")
     with pytest.raises(DataFormatError, match=rf"{image} \(for identifier 'train-11-2-0' "):
         NLVR2DataModule(nlvr2_root).dataset("train")[2]
+
+
+def test_a_16_bit_grayscale_png_is_scaled_to_8_bits(nlvr2_root: Path) -> None:
+    # PIL's convert("RGB") clips 16-bit values to 255: this picture, half black and half mid-grey, came out white.
+    pixels = np.zeros((8, 8), dtype=np.uint16)
+    pixels[:, 4:] = 0x8000  # 32768 of 65535: mid-grey, 128 in 8 bits
+    left = nlvr2_root / "dev" / "dev-850-0-img0.png"
+    Image.fromarray(pixels).save(left)
+    assert Image.open(left).mode == "I;16"
+    image = NLVR2DataModule(nlvr2_root, collate_fn=collate).dataset("val")[0]["images"][0]
+    assert image.mode == "RGB"
+    assert image.getpixel((0, 0)) == (0, 0, 0) and image.getpixel((7, 0)) == (128, 128, 128)

@@ -53,6 +53,16 @@ def test_vqa_api_folders(tmp_path: Path) -> None:
     assert len(VQAv2DataModule(tmp_path).dataset("val")) == 2
 
 
+def test_vqa_api_layout_finds_its_images_folder(tmp_path: Path) -> None:
+    # The VQA API's README puts the COCO images in Images/mscoco/{train2014,val2014,test2015}; its Questions/ and
+    # Annotations/ were found, but the images were looked for in data_dir/val2014 ("Image folder ... does not exist").
+    write_vqa(tmp_path, questions_dir="Questions", annotations_dir="Annotations", images_dir="Images/mscoco")
+    dm = VQAv2DataModule(tmp_path, test_split="test-dev2015", collate_fn=collate)
+    assert dm.check_files("val")["image_root"] == tmp_path / "Images" / "mscoco" / "val2014"
+    assert dm.dataset("val")[0]["image"].size == (8, 8)
+    assert Path(dm.dataset("test").samples[0].images[0]).parent == tmp_path / "Images" / "mscoco" / "test2015"
+
+
 def test_file_overrides(vqa_root: Path) -> None:
     (vqa_root / "v2_OpenEnded_mscoco_val2014_questions.json").rename(vqa_root / "q.json")
     (vqa_root / "v2_mscoco_val2014_annotations.json").rename(vqa_root / "a.json")

@@ -97,6 +97,26 @@ def test_a_list_option_takes_one_name_without_brackets(capsys, tmp_path, demo_da
     assert [block["block"] for block in report["blocks"]] == ["blocks.0"]
 
 
+def test_an_unreadable_image_read_in_a_dataloader_worker_is_said_as_read_in_the_main_process(
+    capsys, tmp_path, demo_data
+):
+    """With `num_workers > 0` (every experiment config), torch raised the error again as "Caught DataFormatError in
+    DataLoader worker process 0." and the worker's traceback, causes first: the summary showed PIL's frames and
+    "cannot identify image file", not the message naming the sample and the HINT."""
+    data_dir = tmp_path / "imagenet"
+    shutil.copytree(demo_data.imagenet, data_dir)
+    image = sorted((data_dir / "val").glob("*/*.JPEG"))[0]
+    image.write_bytes(b"not an image")
+    options = [f"--data.init_args.data_dir={data_dir}", "--data.init_args.num_workers=2"]
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), *options)
+    short_error(
+        outcome,
+        f"error (DataFormatError): Image {image} (for class {image.parent.name} (label 0)) cannot be read: cannot "
+        f"identify image file '{image}'. HINT: images are read from `val_dir` ({data_dir / 'val'}).\n",
+    )
+    assert "Caught" not in outcome.text and "Traceback" not in outcome.text
+
+
 def test_fit_prints_no_lightning_chatter(capsys, tmp_path, demo_data):
     config = vit_config(tmp_path, demo_data)
     outcome = run_ecoflap(capsys, "fit", "-c", config, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1")

@@ -97,6 +97,19 @@ def test_an_image_that_does_not_decode_names_the_file(demo_data, tmp_path, conte
         samples[index]
 
 
+def test_an_image_too_large_for_pil_names_the_file(demo_data, tmp_path):
+    root = tmp_path / "coco"
+    shutil.copytree(demo_data.coco / "val2014", root / "val2014")
+    image = sorted((root / "val2014").iterdir())[0]
+    Image.new("1", (13_380, 13_380)).save(image, format="PNG")  # 179 million pixels, over PIL's limit; a 22 kB file
+    samples = vqa(demo_data, image_root=str(root)).dataset("val")
+    index = next(i for i in range(len(samples)) if samples.samples[i].images[0] == str(image))
+    with pytest.raises(
+        DataFormatError, match=rf"Image {image} \(for question_id .*\) is too large to open: .*HINT: PIL"
+    ):
+        samples[index]
+
+
 def test_a_missing_data_dir_names_the_path_and_option(tmp_path):
     with pytest.raises(DataFileNotFoundError, match="HINT: set `val_questions_file`"):
         VQAv2DataModule(tmp_path / "nowhere", collate_fn=raw).setup("validate")

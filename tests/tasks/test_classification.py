@@ -16,11 +16,13 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
+from ecoflap_pl.datamodules import ImageNetDataModule
 from ecoflap_pl.export import write_pruned_model
 from ecoflap_pl.models.tiny import TIMM_ARCHITECTURES, tiny_config
 from ecoflap_pl.models.tokenizers import train_tokenizer
 from ecoflap_pl.tasks.classification import ClassificationTask
 from ecoflap_pl.tasks.zero_shot import ZeroShotClassificationTask
+from tests.datamodules.datamodule_layouts import write_imagenet
 from tests.tasks.task_helpers import fit_changed_weights, validate_once_twice_and_on_two_processes
 
 CLASS_NAMES = ["tench", "goldfish", "great white shark"]
@@ -235,6 +237,26 @@ def test_clip_without_class_names_anywhere_is_rejected(
     loader = DataLoader(_samples(2), batch_size=2, collate_fn=task.collator)
     with pytest.raises(ValueError, match="needs `class_names`"):
         trainer_factory().validate(task, dataloaders=loader, verbose=False)
+
+
+def test_a_datamodule_with_another_number_of_classes_is_refused(
+    clip_tokenizer_dir: str, trainer_factory: Callable[..., pl.Trainer], tmp_path: Path
+) -> None:
+    # Two wnid folders (an ImageNet subset, as Imagenette) under a 3-class classifier: label 1 is the data's second
+    # wnid, not the classifier's class 1; top-1 and the loss were computed and logged as if it were.
+    write_imagenet(tmp_path)
+    data = ImageNetDataModule(tmp_path, batch_size=2)
+    for task, hint in (
+        (_timm_task("vit"), r"give it a head of 2 classes \(model_config: \{num_classes: 2\}\)"),
+        (_clip_task(clip_tokenizer_dir), r"leave `class_names` out to take the DataModule's"),
+    ):
+        message = rf"classifier has 3 classes, but ImageNetDataModule has 2 \(n01440764, n01443537\): .*HINT: .*{hint}"
+        with pytest.raises(ValueError, match=message):
+            trainer_factory().validate(task, datamodule=data, verbose=False)
+    torch.manual_seed(0)
+    task = ClassificationTask(timm_model=TIMM_ARCHITECTURES["vit"], model_config=_timm_config(num_classes=2))
+    (metrics,) = trainer_factory().validate(task, datamodule=data, verbose=False)
+    assert set(metrics) == {"val/top1", "val/top5", "val/loss"}
 
 
 def test_timm_pretrained_must_be_a_bool() -> None:
