@@ -67,7 +67,7 @@ def check_save_target(
             less free space. The new folder is complete before an old ``target`` goes, so its space does not count.
 
     Returns:
-        ``target`` as an absolute path.
+        ``target`` as an absolute path (where it points, when it is a symbolic link: see :func:`atomic_directory`).
 
     Raises:
         FileExistsError: ``target`` is a file, or a non-empty directory and ``overwrite`` is false.
@@ -75,7 +75,7 @@ def check_save_target(
         PermissionError: the folder that would receive ``target`` cannot be written.
         OSError: less free space than ``least_bytes`` where ``target`` would be written.
     """
-    path = Path(target).expanduser().absolute()
+    path = _followed(Path(target).expanduser().absolute())
     resolved = path.resolve()
     for source in protected:
         source_path = Path(source).expanduser().resolve()
@@ -173,6 +173,13 @@ def _refuse_a_file(path: Path, option: str, given: str | Path) -> None:
         )
 
 
+def _followed(path: Path) -> Path:
+    """The path a symbolic link ``path`` points to, else ``path``: a target that is a link to a folder (on a larger
+    disk, say) is written where it points and the link is kept; swapping a new folder into the link's own place would
+    replace the link, and the old folder would stay where the link pointed."""
+    return path.resolve() if path.is_symlink() else path
+
+
 def _existing_ancestor(path: Path, option: str, target: str | Path) -> Path:
     for candidate in (path, *path.parents):
         if candidate.exists():
@@ -190,10 +197,11 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield an empty folder beside ``target``; on a clean exit it replaces ``target`` whole, on an error it is removed.
 
     Every file and folder written into it gets the mode a plain ``open()`` / ``mkdir()`` gives (the umask's), whatever
-    mode its writer gave it (:func:`~ecoflap_pl.export.file_modes.umask_modes`). Checks belong to
+    mode its writer gave it (:func:`~ecoflap_pl.export.file_modes.umask_modes`). A ``target`` that is a symbolic link
+    is kept: the folder it points to is replaced, and the new one is written beside that folder. Checks belong to
     :func:`check_save_target`, called before the work that produces the files.
     """
-    target = Path(target).expanduser().absolute()
+    target = _followed(Path(target).expanduser().absolute())
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_leftovers(target)
     with _writer_lock(target) as tag:
