@@ -36,6 +36,7 @@ from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
 from ecoflap_pl.callbacks.progress import StageProgress
 from ecoflap_pl.entry_point import SIGTERM_STATUS
 from ecoflap_pl.export import (
+    check_masks_fit_save_format,
     check_save_format,
     check_save_target,
     check_writable_folder,
@@ -300,6 +301,9 @@ class ECoFLaPPruning(Callback):
         # valid, and their (empty or restored) state is consistent with the masked gradients. The checkpoint folders
         # are known here (`ModelCheckpoint.setup` resolves the default one), so their free space is checked first.
         self._reuse_saved_masks(pl_module)
+        if self.pruned and self.save_to is not None:  # masks this run did not prune, saved at the end of `fit`
+            where = f"the checkpoint {trainer.ckpt_path}" if self.masks_from == "the checkpoint" else self.masks_from
+            check_masks_fit_save_format(self.masks, self.save_format, str(where))
         # A pruned model is saved at the end of `fit`, unless it continues the run that wrote `save_to` (only the masks
         # of a checkpoint tell: a saved model's would also match an export of another fine-tuning of it); a model
         # pruned now is checked before pruning.

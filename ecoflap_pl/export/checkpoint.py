@@ -32,7 +32,14 @@ from safetensors.torch import save_file, save_model
 from torch import nn
 
 from ecoflap_pl.export.file_modes import umask_modes
-from ecoflap_pl.export.sparse_formats import FORMATS, compress_state_dict, decompress_state_dict, pack_mask, unpack_mask
+from ecoflap_pl.export.sparse_formats import (
+    FORMATS,
+    compress_state_dict,
+    decompress_state_dict,
+    is_two_four,
+    pack_mask,
+    unpack_mask,
+)
 from ecoflap_pl.pruning.masks import masks_sparsity
 
 SAVE_FORMATS = ("dense", *FORMATS)
@@ -60,6 +67,25 @@ def check_save_format(save_format: str, structure: str) -> str:
             "structure '2:4', or save with save_format 'sparse-bitmask' (any pattern)."
         )
     return save_format
+
+
+def check_masks_fit_save_format(masks: Mapping[str, torch.Tensor], save_format: str, source: str) -> None:
+    """Refuse masks that ``save_format`` cannot store, before the work that ends in the write: masks read from a saved
+    model or a checkpoint follow the structure they were pruned with, not the run's ``structure`` that
+    :func:`check_save_format` checked.
+
+    Raises:
+        ValueError: ``"sparse-24-bitmask"`` and a mask that is not 2:4, naming it and ``source``.
+    """
+    if save_format != "sparse-24-bitmask":
+        return
+    misfit = next((name for name, mask in masks.items() if not is_two_four(mask)), None)
+    if misfit is not None:
+        raise ValueError(
+            f"`save_format` 'sparse-24-bitmask' stores 2:4 masks, but the masks from {source} are not 2:4 (the mask of "
+            f"{misfit!r} is not): the model could not be saved at the end, so the run stops before it starts. HINT: "
+            "save with save_format 'sparse-bitmask' (any pattern), or prune the dense model with structure '2:4'."
+        )
 
 
 @dataclass(frozen=True)

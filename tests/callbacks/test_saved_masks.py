@@ -172,3 +172,19 @@ def test_a_saved_model_without_its_report_is_used_but_not_saved_again(
             SavedLlamaTask(folder), datamodule=Sentences()
         )
     assert not (tmp_path / "tuned").exists()
+
+
+def test_masks_that_the_24_format_cannot_store_are_refused_before_fine_tuning(tmp_path: Path) -> None:
+    folder = saved_model(tmp_path, "sparse-bitmask")  # unstructured masks
+    task = SavedLlamaTask(folder)
+    before = {name: tensor.clone() for name, tensor in task.model.state_dict().items()}
+    callback = ECoFLaPPruning(
+        **FAST, structure="2:4", importance="uniform", save_to=str(tmp_path / "tuned"), save_format="sparse-24-bitmask"
+    )
+    # before: fine-tuned, then "… 2 of every 4 consecutive input weights …" when the end of `fit` saved it
+    with pytest.raises(ValueError, match=rf"the masks from the saved model {folder} are not 2:4 .* HINT: save with"):
+        quiet_trainer(max_steps=3, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[callback]).fit(
+            task, datamodule=Sentences()
+        )
+    assert all(torch.equal(task.model.state_dict()[name], tensor) for name, tensor in before.items())
+    assert not (tmp_path / "tuned").exists()
