@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -231,6 +231,7 @@ class ECoFLaPPruning(Callback):
         self.reuse_saved_masks = reuse_saved_masks
         self._saved_at_step: int | None = None
         self._save_to_export_checked_later = False
+        self._run_folders: list[str] = []
         if not isinstance(semi_structured, bool):
             raise ValueError(f"`semi_structured` must be True or False, got {semi_structured!r}.")
         if semi_structured:  # before the model is built; the device is checked again once the Trainer placed it
@@ -264,6 +265,7 @@ class ECoFLaPPruning(Callback):
         # model may still be on the CPU, and a checkpoint's callback state (the "already pruned" flag) is only
         # restored after `setup`.
         model = _pruned_module(pl_module)
+        self._run_folders = _run_folders(trainer)
         if self.save_to is not None and (stage in self.stages or stage == TrainerFn.FITTING):
             # Whether a stage writes `save_to` depends on the checkpoint's state, restored only after `setup`: a pruned
             # checkpoint is evaluated without writing anything, and a resumed `fit` replaces the export of the run it
@@ -658,6 +660,7 @@ class ECoFLaPPruning(Callback):
             self.save_to,
             overwrite=self.overwrite or emptiness_later or self._saved_at_step is not None,
             protected=source_directories(model),
+            run_folders=self._run_folders,
             option="save_to",
             least_bytes=least_export_bytes(model, self.save_format, self.config.sparsity),
         )
@@ -748,6 +751,14 @@ def unreadable_checkpoint(ckpt_path: str | Path, error: BaseException) -> ValueE
         f"`ckpt_path` {str(ckpt_path)!r} cannot be read as a Lightning checkpoint: {problem}. HINT: pass a complete "
         "`.ckpt` file written by the Trainer (a copy interrupted mid-write is truncated)."
     )
+
+
+def _run_folders(trainer: pl.Trainer) -> list[str]:
+    """The folders ``trainer`` writes its own files into: its root (the saved config; checkpoints without a logger),
+    its loggers' and its checkpoint callbacks' folders (those that name one before their ``setup``)."""
+    folders = [trainer.default_root_dir, *(logger.save_dir for logger in trainer.loggers)]
+    folders += [callback.dirpath for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)]
+    return [str(folder) for folder in folders if folder]
 
 
 def _read_report(path: Path) -> dict[str, Any] | None:

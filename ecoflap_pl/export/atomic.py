@@ -52,6 +52,7 @@ def check_save_target(
     *,
     overwrite: bool,
     protected: Iterable[str | Path] = (),
+    run_folders: Iterable[str | Path] = (),
     option: str = "save_to",
     least_bytes: int = 0,
 ) -> Path:
@@ -62,6 +63,8 @@ def check_save_target(
         overwrite: whether an existing non-empty ``target`` may be replaced.
         protected: directories the write must never replace, nor any folder holding them (e.g. the ``pretrained``
             model's weights).
+        run_folders: directories the run writes its own files into (logs, checkpoints, its saved config), which the
+            write must not replace either, nor any folder holding them: the whole ``target`` is swapped out.
         option: the user-facing name of ``target`` in messages.
         least_bytes: a lower bound of what the write will take; refused when the filesystem that receives it has
             less free space. The new folder is complete before an old ``target`` goes, so its space does not count.
@@ -71,19 +74,25 @@ def check_save_target(
 
     Raises:
         FileExistsError: ``target`` is a file, or a non-empty directory and ``overwrite`` is false.
-        ValueError: ``target`` is, or holds, a protected directory.
+        ValueError: ``target`` is, or holds, a protected directory or a run folder.
         PermissionError: the folder that would receive ``target`` cannot be written.
         OSError: less free space than ``least_bytes`` where ``target`` would be written.
     """
     path = _followed(Path(target).expanduser().absolute())
     resolved = path.resolve()
-    for source in protected:
-        source_path = Path(source).expanduser().resolve()
-        if resolved == source_path or resolved in source_path.parents:
-            raise ValueError(
-                f"`{option}` is {str(target)!r}, which holds the source model ({source_path}): writing there would "
-                f"replace the weights being pruned. HINT: choose another folder, e.g. '{option}: {path.name}-pruned'."
-            )
+    source_path = _first_held(resolved, protected)
+    if source_path is not None:
+        raise ValueError(
+            f"`{option}` is {str(target)!r}, which holds the source model ({source_path}): writing there would "
+            f"replace the weights being pruned. HINT: choose another folder, e.g. '{option}: {path.name}-pruned'."
+        )
+    run_folder = _first_held(resolved, run_folders)
+    if run_folder is not None:
+        raise ValueError(
+            f"`{option}` is {str(target)!r}, which holds the run's own folder {run_folder} (its logs, checkpoints "
+            "and saved config): the model's folder is replaced whole when it is written, so they would be deleted. "
+            f"HINT: choose a folder of its own, e.g. '{option}: {Path(target) / 'pruned'}'."
+        )
     _refuse_a_file(path, option, target)
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(
@@ -171,6 +180,15 @@ def _refuse_a_file(path: Path, option: str, given: str | Path) -> None:
             f"`{option}` must be a directory, but {str(given)!r} is a file. HINT: choose a folder path (it is created "
             "if missing)."
         )
+
+
+def _first_held(resolved: Path, folders: Iterable[str | Path]) -> Path | None:
+    """The first of ``folders`` that the resolved path ``resolved`` is, or holds; ``None`` when none."""
+    for folder in folders:
+        folder_path = Path(folder).expanduser().resolve()
+        if resolved == folder_path or resolved in folder_path.parents:
+            return folder_path
+    return None
 
 
 def _followed(path: Path) -> Path:

@@ -169,6 +169,31 @@ def test_save_to_refuses_the_folder_of_the_pretrained_weights(tmp_path: Path) ->
             validate(task, Sentences(), callback, tmp_path)
 
 
+@pytest.mark.parametrize("where", ["root", "above the root", "checkpoint folder"])
+def test_save_to_refuses_the_folders_the_run_writes_its_logs_and_checkpoints_to(tmp_path: Path, where: str) -> None:
+    root = tmp_path / "run"
+    earlier = root / "checkpoints" / "epoch=0-step=1.ckpt"  # an earlier run's checkpoint
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"checkpoint")
+    targets = {"root": root, "above the root": tmp_path, "checkpoint folder": root / "checkpoints"}
+    callback = ECoFLaPPruning(**FAST, save_to=str(targets[where]), overwrite=True)
+    task = ToyTask()
+    before = {name: tensor.clone() for name, tensor in task.model.state_dict().items()}
+    trainer = quiet_trainer(
+        max_steps=2,
+        limit_val_batches=0,
+        default_root_dir=root,
+        enable_checkpointing=True,
+        callbacks=[callback, ModelCheckpoint(dirpath=root / "checkpoints")],
+    )
+    # before: written, the swap deleting the checkpoints (an earlier one and this run's) and the run's saved config
+    with pytest.raises(ValueError, match=rf"holds the run's own folder {root}.* HINT: choose a folder of its own"):
+        trainer.fit(task, datamodule=ToyData())
+    assert not callback.pruned
+    assert all(torch.equal(task.model.state_dict()[name], tensor) for name, tensor in before.items())
+    assert earlier.read_bytes() == b"checkpoint"
+
+
 def test_prune_writes_the_model_once_in_the_chosen_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     writes = []
     real = callback_export.write_pruned_model
