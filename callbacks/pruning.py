@@ -74,7 +74,8 @@ def _check_path(name: str, value: Any) -> str | None:
         return None
     if not isinstance(value, (str, Path)) or not str(value):
         raise ValueError(f"`{name}` must be a directory path or None, got {value!r}. HINT: e.g. '{name}: out/pruned'.")
-    return str(value)
+    # Expanded once, here: every reader of the folder (the report of an earlier export in it, too) sees one path.
+    return str(Path(value).expanduser())
 
 
 class ECoFLaPPruning(Callback):

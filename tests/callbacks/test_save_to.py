@@ -247,13 +247,19 @@ def test_a_resumed_fit_replaces_the_save_to_of_the_run_it_continues(tmp_path: Pa
     assert sorted((path.name, path.stat().st_mtime_ns) for path in target.rglob("*")) == before
 
 
+@pytest.mark.parametrize("spelled", ["absolute", "home"])  # home: `save_to: ~/pruned`, as a config may give it
 @pytest.mark.parametrize("entry", ["validate", "test"])
-def test_evaluating_a_pruned_checkpoint_with_the_config_that_saved_its_export(tmp_path: Path, entry: str) -> None:
+def test_evaluating_a_pruned_checkpoint_with_the_config_that_saved_its_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: str, spelled: str
+) -> None:
     """The finetune experiments' second step, `ecoflap test -c CONFIG --ckpt_path BEST`, keeps CONFIG's `save_to`,
     which the `fit` filled: nothing is written when the checkpoint is pruned, so it must not be refused (it was, as a
-    non-empty folder); pruning a model in that stage still is, before pruning, the folder untouched."""
+    non-empty folder, and with a `~/` path still was: the export was looked for under a folder named `~`); pruning a
+    model in that stage still is, before pruning, the folder untouched."""
+    monkeypatch.setenv("HOME", str(tmp_path))
     target = tmp_path / "pruned"
-    first = ECoFLaPPruning(**FAST, save_to=str(target))
+    save_to = "~/pruned" if spelled == "home" else str(target)
+    first = ECoFLaPPruning(**FAST, save_to=save_to)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     settings = dict(num_sanity_val_steps=0, limit_val_batches=1, limit_test_batches=1, default_root_dir=tmp_path)
     quiet_trainer(max_steps=2, callbacks=[first, checkpoints], enable_checkpointing=True, **settings).fit(
@@ -261,7 +267,7 @@ def test_evaluating_a_pruned_checkpoint_with_the_config_that_saved_its_export(tm
     )
     before = sorted((path.name, path.stat().st_mtime_ns) for path in target.rglob("*"))
 
-    evaluator = ECoFLaPPruning(**FAST, save_to=str(target))
+    evaluator = ECoFLaPPruning(**FAST, save_to=save_to)
     task = ToyTask(seed=5)
     getattr(quiet_trainer(callbacks=[evaluator], **settings), entry)(
         task, datamodule=ToyData(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
@@ -269,7 +275,7 @@ def test_evaluating_a_pruned_checkpoint_with_the_config_that_saved_its_export(tm
     assert evaluator.masks_from == f"the checkpoint {tmp_path / 'ckpt' / 'last.ckpt'}"
     assert all(torch.equal(evaluator.masks[n].cpu(), first.masks[n].cpu()) for n in first.masks)
 
-    pruning = ECoFLaPPruning(**FAST, save_to=str(target))
+    pruning = ECoFLaPPruning(**FAST, save_to=save_to)
     dense = ToyTask(seed=6)
     weights = {name: tensor.clone() for name, tensor in dense.model.state_dict().items()}
     with pytest.raises(FileExistsError, match="not empty; nothing was written. HINT: .*--pruning.overwrite true"):
