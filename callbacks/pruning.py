@@ -757,7 +757,7 @@ def unreadable_checkpoint(ckpt_path: str | Path, error: BaseException) -> ValueE
 def _run_folders(trainer: pl.Trainer) -> list[str]:
     """The folders ``trainer`` writes its own files into: its root (the saved config; checkpoints without a logger),
     its loggers' and its checkpoint callbacks' folders (those that name one before their ``setup``)."""
-    folders = [trainer.default_root_dir, *(logger.save_dir for logger in trainer.loggers)]
+    folders: list[str | Path | None] = [trainer.default_root_dir, *(logger.save_dir for logger in trainer.loggers)]
     folders += [callback.dirpath for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)]
     return [str(folder) for folder in folders if folder]
 
