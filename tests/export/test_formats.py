@@ -22,6 +22,8 @@ from ecoflap_pl.export import (
 )
 from ecoflap_pl.models.loading import build_hf_model, load_pretrained
 from ecoflap_pl.pruning import PruningConfig, prune
+from ecoflap_pl.tasks import LanguageModelingTask
+from tests.callbacks.test_save_to import TinyLlamaTask
 from tests.pruning.pruning_helpers import family_case
 
 CASES = [
@@ -214,3 +216,24 @@ def test_load_pruned_model_with_a_class_for_another_model_says_which_fits(
     ):
         load_pruned_model(tmp_path, model_class)
     assert type(load_pruned_model(tmp_path, type(model))) is type(model)
+
+
+@pytest.mark.parametrize("save_format", ["dense", "sparse-bitmask"])
+def test_a_task_loads_a_saved_folder_named_from_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, save_format: str
+) -> None:
+    """`pretrained: ~/models/pruned` in a config file, which no shell expands (before: "Repo id must use alphanumeric
+    chars …": from_pretrained took it for a hub name)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    saved = TinyLlamaTask()
+    name = "model.layers.0.mlp.up_proj.weight"
+    mask = torch.rand(saved.model.get_parameter(name).shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    with torch.no_grad():
+        saved.model.get_parameter(name)[~mask] = 0.0
+    write_pruned_model(saved.model, tmp_path / "models" / "pruned", {name: mask}, save_format, [saved.tokenizer])
+
+    task = LanguageModelingTask(pretrained="~/models/pruned")
+    assert task.model.name_or_path == str(tmp_path / "models" / "pruned")
+    expected = saved.model.state_dict()
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in task.model.state_dict().items())
+    assert task.tokenizer.get_vocab() == saved.tokenizer.get_vocab()
