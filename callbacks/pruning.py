@@ -357,7 +357,8 @@ class ECoFLaPPruning(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Saved again only when training changed the weights since the last save (`ecoflap prune` runs fit with no
-        # step: its model is written once, right after pruning).
+        # step: its model is written once, right after pruning). A model taken pruned from a saved folder or a
+        # checkpoint is written here even without a step (`ecoflap prune` converting it to another save_format).
         if self.pruned and self.save_to is not None and trainer.global_step != self._saved_at_step:
             self._save(trainer, pl_module, fine_tuned=True)
 
@@ -697,6 +698,7 @@ class ECoFLaPPruning(Callback):
         self._saved_at_step = _global_step(trainer)
         if not trainer.is_global_zero:
             return
+        to_step = _fine_tuned_to_step(self.report, trainer.global_step if fine_tuned else 0)
         saved = save_pruned(
             _pruned_module(pl_module),
             self.save_to,
@@ -705,10 +707,10 @@ class ECoFLaPPruning(Callback):
             processors=[getattr(pl_module, name, None) for name in ("processor", "tokenizer")],
             result=self.result,
             metadata=(self.report or {}).get("metadata"),
-            fine_tuned_to_step=trainer.global_step if fine_tuned else None,
+            fine_tuned_to_step=to_step,
         )
         if self.progress:
-            what = f"Pruned model fine-tuned to step {trainer.global_step}" if fine_tuned else "Pruned model"
+            what = "Pruned model" if to_step is None else f"Pruned model fine-tuned to step {to_step}"
             Console().print(describe_saved(saved, self.save_to, what))
 
 
@@ -752,6 +754,16 @@ def unreadable_checkpoint(ckpt_path: str | Path, error: BaseException) -> ValueE
         f"`ckpt_path` {str(ckpt_path)!r} cannot be read as a Lightning checkpoint: {problem}. HINT: pass a complete "
         "`.ckpt` file written by the Trainer (a copy interrupted mid-write is truncated)."
     )
+
+
+def _fine_tuned_to_step(report: dict[str, Any] | None, steps: int) -> int | None:
+    """The training steps the weights have had since pruning: ``steps`` taken by this run, after those recorded by the
+    saved model it started from (its report's ``export.fine_tuned_to_step``, absent from a run's own pruning report);
+    ``None`` for weights as pruned."""
+    before = (((report or {}).get("metadata") or {}).get("export") or {}).get("fine_tuned_to_step")
+    if not steps:
+        return before if isinstance(before, int) else None
+    return (before if isinstance(before, int) else 0) + steps
 
 
 def _run_folders(trainer: pl.Trainer) -> list[str]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
@@ -188,3 +189,28 @@ def test_masks_that_the_24_format_cannot_store_are_refused_before_fine_tuning(tm
         )
     assert all(torch.equal(task.model.state_dict()[name], tensor) for name, tensor in before.items())
     assert not (tmp_path / "tuned").exists()
+
+
+def test_the_card_counts_the_training_steps_of_every_fine_tuning_since_pruning(tmp_path: Path) -> None:
+    folder = saved_model(tmp_path, "dense")
+
+    def save(source: Path, target: Path, steps: int) -> str:
+        """Fine-tune the model saved in ``source`` for ``steps`` (0: `ecoflap prune`, which converts it to another
+        save_format) and save it to ``target``; the card's line on the weights."""
+        callback = ECoFLaPPruning(**FAST, save_to=str(target), save_format="sparse-bitmask")
+        trainer = quiet_trainer(
+            EcoflapTrainer, max_steps=steps, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[callback]
+        )
+        assert isinstance(trainer, EcoflapTrainer)
+        run = trainer.fit if steps else trainer.prune
+        run(SavedLlamaTask(source), datamodule=Sentences())
+        card = ModelCard.load(target / "README.md").text
+        return next(line for line in card.splitlines() if line.startswith("- **Weights**"))
+
+    # before: "fine-tuned after pruning, to training step 0", then "… step 2" for the second fine-tuning
+    assert "as pruned, not trained after pruning" in save(folder, tmp_path / "converted", 0)
+    assert "fine-tuned after pruning, to training step 3," in save(folder, tmp_path / "tuned", 3)
+    assert "to training step 5," in save(tmp_path / "tuned", tmp_path / "tuned_more", 2)
+    assert "to training step 5," in save(tmp_path / "tuned_more", tmp_path / "shipped", 0)
+    report = json.loads((tmp_path / "shipped" / "pruning_report.json").read_text())
+    assert report["metadata"]["export"]["fine_tuned_to_step"] == 5
