@@ -685,12 +685,12 @@ class ECoFLaPPruning(Callback):
         return self.pruned and self._save_to_holds(self.report)
 
     def _save_to_holds(self, report: dict[str, Any] | None) -> bool:
-        """Whether ``save_to`` holds an export of the pruning ``report`` describes (the same report metadata)."""
+        """Whether ``save_to`` holds an export of the pruning ``report`` describes (the same report metadata, but for
+        what each export adds: the report of a model taken from a saved folder holds that folder's own ``export``)."""
         if report is None or self.save_to is None:
             return False
         saved = _read_report_metadata(Path(self.save_to) / REPORT_JSON)
-        saved_run = None if saved is None else {key: value for key, value in saved.items() if key != "export"}
-        return saved_run == report.get("metadata")
+        return isinstance(saved, dict) and _pruning_run(saved) == _pruning_run(report.get("metadata") or {})
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, fine_tuned: bool = False) -> None:
         assert self.save_to is not None and self.result is not None
@@ -754,6 +754,11 @@ def unreadable_checkpoint(ckpt_path: str | Path, error: BaseException) -> ValueE
         f"`ckpt_path` {str(ckpt_path)!r} cannot be read as a Lightning checkpoint: {problem}. HINT: pass a complete "
         "`.ckpt` file written by the Trainer (a copy interrupted mid-write is truncated)."
     )
+
+
+def _pruning_run(metadata: dict[str, Any]) -> dict[str, Any]:
+    """A report's metadata less its ``export`` entry: what identifies the pruning run."""
+    return {key: value for key, value in metadata.items() if key != "export"}
 
 
 def _fine_tuned_to_step(report: dict[str, Any] | None, steps: int) -> int | None:

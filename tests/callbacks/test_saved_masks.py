@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
@@ -214,3 +215,26 @@ def test_the_card_counts_the_training_steps_of_every_fine_tuning_since_pruning(t
     assert "to training step 5," in save(tmp_path / "tuned_more", tmp_path / "shipped", 0)
     report = json.loads((tmp_path / "shipped" / "pruning_report.json").read_text())
     assert report["metadata"]["export"]["fine_tuned_to_step"] == 5
+
+
+def test_a_resumed_fine_tuning_of_a_saved_model_replaces_the_save_to_it_wrote(tmp_path: Path) -> None:
+    """`fit --ckpt_path` continuing a fine-tuning of a saved folder (to more steps, once it ended) replaces its own
+    export, as for a model pruned by the run (before: "a folder that is not empty", its report carrying the saved
+    folder's `export` entry never matched)."""
+    folder = saved_model(tmp_path, "dense")
+    target = tmp_path / "tuned"
+    settings = dict(num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)
+    first = ECoFLaPPruning(**FAST, save_to=str(target))
+    quiet_trainer(max_steps=2, callbacks=[first, checkpoints], enable_checkpointing=True, **settings).fit(
+        SavedLlamaTask(folder), datamodule=Sentences()
+    )
+    resumed = ECoFLaPPruning(**FAST, save_to=str(target))
+    quiet_trainer(max_steps=4, callbacks=[resumed], **settings).fit(
+        SavedLlamaTask(folder), datamodule=Sentences(), ckpt_path=next((tmp_path / "ckpt").glob("*step=2.ckpt"))
+    )
+    assert "fine-tuned after pruning, to training step 4," in ModelCard.load(target / "README.md").text
+
+    other = ECoFLaPPruning(**FAST, save_to=str(target))  # another fine-tuning of the same saved model
+    with pytest.raises(FileExistsError, match="not empty; nothing was written"):
+        quiet_trainer(max_steps=2, callbacks=[other], **settings).fit(SavedLlamaTask(folder), datamodule=Sentences())
