@@ -591,7 +591,8 @@ class ECoFLaPPruning(Callback):
             logger.info("Pruning report: %s and %s", paths["json"], paths["plot"])
             if self.progress:
                 Console().print(render_table(result))
-                Console().print(f"Pruning report: {paths['json']}\nSparsity plot:  {paths['plot']}")
+                # markup off: brackets in a folder name are part of the path
+                Console().print(f"Pruning report: {paths['json']}\nSparsity plot:  {paths['plot']}", markup=False)
         if self.save_to is not None:
             self._save(trainer, pl_module)
         return result
@@ -711,7 +712,7 @@ class ECoFLaPPruning(Callback):
         )
         if self.progress:
             what = "Pruned model" if to_step is None else f"Pruned model fine-tuned to step {to_step}"
-            Console().print(describe_saved(saved, self.save_to, what))
+            Console().print(describe_saved(saved, self.save_to, what), markup=False)
 
 
 def keep_pruning_state_in_weights_only_checkpoint(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:

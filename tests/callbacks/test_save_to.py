@@ -296,3 +296,20 @@ def test_the_console_says_which_model_each_save_wrote(tmp_path: Path, capsys: py
     said = " ".join(capsys.readouterr().out.split())
     first, last = said.index(f"Pruned model saved to {target} "), said.index(f"fine-tuned to step 3 saved to {target} ")
     assert first < last and said.count("saved to") == 2
+
+
+def test_the_console_prints_folders_with_brackets_as_they_are(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Brackets in a folder name are not console markup (before: "saved to …//pruned" for `[exp1]`, and a
+    MarkupError once the model was saved for `[/x]`)."""
+    monkeypatch.setenv("COLUMNS", "400")  # one line per message
+    run, target = tmp_path / "runs[exp1]", tmp_path / "[exp1]" / "pruned[/x]"
+    callback = ECoFLaPPruning(**{**FAST, "progress": True}, save_to=str(target))
+    quiet_trainer(max_steps=1, limit_val_batches=0, default_root_dir=run, callbacks=[callback]).fit(
+        ToyTask(), datamodule=ToyData()
+    )
+    said = capsys.readouterr().out
+    assert f"Pruning report: {run / 'pruning_report.json'}\n" in said
+    assert f"Pruned model saved to {target} (dense)" in said
+    assert f"Pruned model fine-tuned to step 1 saved to {target} (dense)" in said
