@@ -74,7 +74,7 @@ def check_save_target(
 
     Raises:
         FileExistsError: ``target`` is a file, or a non-empty directory and ``overwrite`` is false.
-        ValueError: ``target`` is, or holds, a protected directory or a run folder.
+        ValueError: ``target`` is, or holds, a protected directory or a run folder; or it is a mount point.
         PermissionError: the folder that would receive ``target`` cannot be written.
         OSError: less free space than ``least_bytes`` where ``target`` would be written.
     """
@@ -94,6 +94,12 @@ def check_save_target(
             f"HINT: choose a folder of its own, e.g. '{option}: {Path(target) / 'pruned'}'."
         )
     _refuse_a_file(path, option, target)
+    if os.path.ismount(path):
+        raise ValueError(
+            f"`{option}` is {str(target)!r}, a mount point: the new folder is written beside it and then takes its "
+            f"place, which a mount point does not allow (Device or resource busy). HINT: save into a folder inside "
+            f"it, e.g. '{option}: {path / 'pruned'}'."
+        )
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(
             f"`{option}` is {str(target)!r}, a folder that is not empty; nothing was written. HINT: choose an empty or "

@@ -117,6 +117,17 @@ def test_a_target_that_is_a_link_is_written_where_it_points_and_stays_a_link(tmp
     assert [path.name for path in real.parent.iterdir()] == ["pruned"]
 
 
+def test_a_mount_point_is_refused_before_any_work() -> None:
+    """A mount point (a container's output volume, `-v ./out:/out`) cannot be renamed: before, the write failed once
+    the model was pruned ("could not be written to /out (Device or resource busy) … HINT: free space or fix the
+    permissions")."""
+    mount = Path("/proc")
+    if not os.path.ismount(mount):
+        pytest.skip("no /proc mount point here")
+    with pytest.raises(ValueError, match=r"is '/proc', a mount point: .* HINT: save into a folder inside it, e.g. "):
+        check_save_target(mount, overwrite=True)
+
+
 def test_a_target_without_the_free_space_it_needs_is_refused_before_the_write(tmp_path: Path) -> None:
     free = shutil.disk_usage(tmp_path).free
     target = tmp_path / "new" / "pruned"
