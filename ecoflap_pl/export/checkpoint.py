@@ -38,6 +38,7 @@ from ecoflap_pl.export.sparse_formats import (
     decompress_state_dict,
     is_two_four,
     pack_mask,
+    read_bitmasks,
     unpack_mask,
 )
 from ecoflap_pl.pruning.masks import masks_sparsity
@@ -336,7 +337,13 @@ def read_masks(directory: str | Path) -> dict[str, torch.Tensor]:
     """The pruning masks (``True`` = kept) stored in a folder written by :func:`write_pruned_model`."""
     directory = Path(directory)
     if saved_format(directory) != "dense":
-        return load_pruned_state_dict(directory)[1]
+        # Only the bitmasks and shapes are read: decoding the whole state dict would hold a dense copy of every weight.
+        parts: dict[str, torch.Tensor] = {}
+        for weight_file in _weight_files(directory):
+            with _opened(weight_file) as handle:
+                names = [name for name in handle.keys() if name.endswith((".bitmask", ".shape"))]  # noqa: SIM118
+                parts.update({name: handle.get_tensor(name) for name in names})
+        return read_bitmasks(parts)
     path = _masks_file(directory)
     if path is None:
         raise FileNotFoundError(

@@ -119,6 +119,18 @@ def compress_state_dict(
     return compressed
 
 
+def read_bitmasks(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The masks (by weight name) that the ``bitmask`` and ``shape`` tensors of a compressed state dict hold (every
+    other tensor may be left out: the kept values are not needed)."""
+    masks: dict[str, torch.Tensor] = {}
+    for name, packed in tensors.items():
+        if name.endswith(".bitmask"):
+            module = name.removesuffix(".bitmask")
+            shape = tuple(int(size) for size in tensors[f"{module}.shape"].flatten())
+            masks[f"{module}.weight"] = unpack_mask(packed, shape)  # type: ignore[arg-type]
+    return masks
+
+
 def decompress_state_dict(
     state_dict: dict[str, torch.Tensor], sparse_format: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
