@@ -100,7 +100,9 @@ def save_pruned(
     try:
         with atomic_directory(target) as partial:
             saved = write_pruned_model(model, partial, dict(masks), save_format, processors)
-            write_report(result, partial, {**(metadata or {}), "export": saved.to_dict()})
+            # The training steps are recorded, so that fine-tuning the saved model again counts on from them.
+            export = {**saved.to_dict(), "fine_tuned_to_step": fine_tuned_to_step}
+            write_report(result, partial, {**(metadata or {}), "export": export})
             write_model_card(partial, model, result, saved, metadata, fine_tuned_to_step=fine_tuned_to_step)
     except (OSError, SafetensorError) as error:  # safetensors reports a failed write as its own error type
         errno = error.errno if isinstance(error, OSError) else None

@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -36,6 +36,7 @@ from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
 from ecoflap_pl.callbacks.progress import StageProgress
 from ecoflap_pl.entry_point import SIGTERM_STATUS
 from ecoflap_pl.export import (
+    check_masks_fit_save_format,
     check_save_format,
     check_save_target,
     check_writable_folder,
@@ -73,7 +74,8 @@ def _check_path(name: str, value: Any) -> str | None:
         return None
     if not isinstance(value, (str, Path)) or not str(value):
         raise ValueError(f"`{name}` must be a directory path or None, got {value!r}. HINT: e.g. '{name}: out/pruned'.")
-    return str(value)
+    # Expanded once, here: every reader of the folder (the report of an earlier export in it, too) sees one path.
+    return str(Path(value).expanduser())
 
 
 class ECoFLaPPruning(Callback):
@@ -230,6 +232,7 @@ class ECoFLaPPruning(Callback):
         self.reuse_saved_masks = reuse_saved_masks
         self._saved_at_step: int | None = None
         self._save_to_export_checked_later = False
+        self._run_folders: list[str] = []
         if not isinstance(semi_structured, bool):
             raise ValueError(f"`semi_structured` must be True or False, got {semi_structured!r}.")
         if semi_structured:  # before the model is built; the device is checked again once the Trainer placed it
@@ -263,6 +266,7 @@ class ECoFLaPPruning(Callback):
         # model may still be on the CPU, and a checkpoint's callback state (the "already pruned" flag) is only
         # restored after `setup`.
         model = _pruned_module(pl_module)
+        self._run_folders = _run_folders(trainer)
         if self.save_to is not None and (stage in self.stages or stage == TrainerFn.FITTING):
             # Whether a stage writes `save_to` depends on the checkpoint's state, restored only after `setup`: a pruned
             # checkpoint is evaluated without writing anything, and a resumed `fit` replaces the export of the run it
@@ -300,6 +304,9 @@ class ECoFLaPPruning(Callback):
         # valid, and their (empty or restored) state is consistent with the masked gradients. The checkpoint folders
         # are known here (`ModelCheckpoint.setup` resolves the default one), so their free space is checked first.
         self._reuse_saved_masks(pl_module)
+        if self.pruned and self.save_to is not None:  # masks this run did not prune, saved at the end of `fit`
+            where = f"the checkpoint {trainer.ckpt_path}" if self.masks_from == "the checkpoint" else self.masks_from
+            check_masks_fit_save_format(self.masks, self.save_format, str(where))
         # A pruned model is saved at the end of `fit`, unless it continues the run that wrote `save_to` (only the masks
         # of a checkpoint tell: a saved model's would also match an export of another fine-tuning of it); a model
         # pruned now is checked before pruning.
@@ -350,7 +357,8 @@ class ECoFLaPPruning(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Saved again only when training changed the weights since the last save (`ecoflap prune` runs fit with no
-        # step: its model is written once, right after pruning).
+        # step: its model is written once, right after pruning). A model taken pruned from a saved folder or a
+        # checkpoint is written here even without a step (`ecoflap prune` converting it to another save_format).
         if self.pruned and self.save_to is not None and trainer.global_step != self._saved_at_step:
             self._save(trainer, pl_module, fine_tuned=True)
 
@@ -583,7 +591,8 @@ class ECoFLaPPruning(Callback):
             logger.info("Pruning report: %s and %s", paths["json"], paths["plot"])
             if self.progress:
                 Console().print(render_table(result))
-                Console().print(f"Pruning report: {paths['json']}\nSparsity plot:  {paths['plot']}")
+                # markup off: brackets in a folder name are part of the path
+                Console().print(f"Pruning report: {paths['json']}\nSparsity plot:  {paths['plot']}", markup=False)
         if self.save_to is not None:
             self._save(trainer, pl_module)
         return result
@@ -654,6 +663,7 @@ class ECoFLaPPruning(Callback):
             self.save_to,
             overwrite=self.overwrite or emptiness_later or self._saved_at_step is not None,
             protected=source_directories(model),
+            run_folders=self._run_folders,
             option="save_to",
             least_bytes=least_export_bytes(model, self.save_format, self.config.sparsity),
         )
@@ -676,12 +686,12 @@ class ECoFLaPPruning(Callback):
         return self.pruned and self._save_to_holds(self.report)
 
     def _save_to_holds(self, report: dict[str, Any] | None) -> bool:
-        """Whether ``save_to`` holds an export of the pruning ``report`` describes (the same report metadata)."""
+        """Whether ``save_to`` holds an export of the pruning ``report`` describes (the same report metadata, but for
+        what each export adds: the report of a model taken from a saved folder holds that folder's own ``export``)."""
         if report is None or self.save_to is None:
             return False
         saved = _read_report_metadata(Path(self.save_to) / REPORT_JSON)
-        saved_run = None if saved is None else {key: value for key, value in saved.items() if key != "export"}
-        return saved_run == report.get("metadata")
+        return isinstance(saved, dict) and _pruning_run(saved) == _pruning_run(report.get("metadata") or {})
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, fine_tuned: bool = False) -> None:
         assert self.save_to is not None and self.result is not None
@@ -689,6 +699,7 @@ class ECoFLaPPruning(Callback):
         self._saved_at_step = _global_step(trainer)
         if not trainer.is_global_zero:
             return
+        to_step = _fine_tuned_to_step(self.report, trainer.global_step if fine_tuned else 0)
         saved = save_pruned(
             _pruned_module(pl_module),
             self.save_to,
@@ -697,11 +708,11 @@ class ECoFLaPPruning(Callback):
             processors=[getattr(pl_module, name, None) for name in ("processor", "tokenizer")],
             result=self.result,
             metadata=(self.report or {}).get("metadata"),
-            fine_tuned_to_step=trainer.global_step if fine_tuned else None,
+            fine_tuned_to_step=to_step,
         )
         if self.progress:
-            what = f"Pruned model fine-tuned to step {trainer.global_step}" if fine_tuned else "Pruned model"
-            Console().print(describe_saved(saved, self.save_to, what))
+            what = "Pruned model" if to_step is None else f"Pruned model fine-tuned to step {to_step}"
+            Console().print(describe_saved(saved, self.save_to, what), markup=False)
 
 
 def keep_pruning_state_in_weights_only_checkpoint(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
@@ -744,6 +755,29 @@ def unreadable_checkpoint(ckpt_path: str | Path, error: BaseException) -> ValueE
         f"`ckpt_path` {str(ckpt_path)!r} cannot be read as a Lightning checkpoint: {problem}. HINT: pass a complete "
         "`.ckpt` file written by the Trainer (a copy interrupted mid-write is truncated)."
     )
+
+
+def _pruning_run(metadata: dict[str, Any]) -> dict[str, Any]:
+    """A report's metadata less its ``export`` entry: what identifies the pruning run."""
+    return {key: value for key, value in metadata.items() if key != "export"}
+
+
+def _fine_tuned_to_step(report: dict[str, Any] | None, steps: int) -> int | None:
+    """The training steps the weights have had since pruning: ``steps`` taken by this run, after those recorded by the
+    saved model it started from (its report's ``export.fine_tuned_to_step``, absent from a run's own pruning report);
+    ``None`` for weights as pruned."""
+    before = (((report or {}).get("metadata") or {}).get("export") or {}).get("fine_tuned_to_step")
+    if not steps:
+        return before if isinstance(before, int) else None
+    return (before if isinstance(before, int) else 0) + steps
+
+
+def _run_folders(trainer: pl.Trainer) -> list[str]:
+    """The folders ``trainer`` writes its own files into: its root (the saved config; checkpoints without a logger),
+    its loggers' and its checkpoint callbacks' folders (those that name one before their ``setup``)."""
+    folders: list[str | Path | None] = [trainer.default_root_dir, *(logger.save_dir for logger in trainer.loggers)]
+    folders += [callback.dirpath for callback in trainer.checkpoint_callbacks if isinstance(callback, ModelCheckpoint)]
+    return [str(folder) for folder in folders if folder]
 
 
 def _read_report(path: Path) -> dict[str, Any] | None:

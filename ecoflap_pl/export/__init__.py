@@ -8,6 +8,7 @@ from ecoflap_pl.export.atomic import atomic_directory, check_free_space, check_s
 from ecoflap_pl.export.checkpoint import (
     SAVE_FORMATS,
     SavedModel,
+    check_masks_fit_save_format,
     check_save_format,
     has_saved_masks,
     is_sparse_export,
@@ -26,6 +27,7 @@ __all__ = [
     "SavedModel",
     "atomic_directory",
     "check_free_space",
+    "check_masks_fit_save_format",
     "check_save_format",
     "check_save_target",
     "check_writable_folder",

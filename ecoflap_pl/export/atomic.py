@@ -52,6 +52,7 @@ def check_save_target(
     *,
     overwrite: bool,
     protected: Iterable[str | Path] = (),
+    run_folders: Iterable[str | Path] = (),
     option: str = "save_to",
     least_bytes: int = 0,
 ) -> Path:
@@ -62,29 +63,43 @@ def check_save_target(
         overwrite: whether an existing non-empty ``target`` may be replaced.
         protected: directories the write must never replace, nor any folder holding them (e.g. the ``pretrained``
             model's weights).
+        run_folders: directories the run writes its own files into (logs, checkpoints, its saved config), which the
+            write must not replace either, nor any folder holding them: the whole ``target`` is swapped out.
         option: the user-facing name of ``target`` in messages.
         least_bytes: a lower bound of what the write will take; refused when the filesystem that receives it has
             less free space. The new folder is complete before an old ``target`` goes, so its space does not count.
 
     Returns:
-        ``target`` as an absolute path.
+        ``target`` as an absolute path (where it points, when it is a symbolic link: see :func:`atomic_directory`).
 
     Raises:
         FileExistsError: ``target`` is a file, or a non-empty directory and ``overwrite`` is false.
-        ValueError: ``target`` is, or holds, a protected directory.
+        ValueError: ``target`` is, or holds, a protected directory or a run folder; or it is a mount point.
         PermissionError: the folder that would receive ``target`` cannot be written.
         OSError: less free space than ``least_bytes`` where ``target`` would be written.
     """
-    path = Path(target).expanduser().absolute()
+    path = _followed(Path(target).expanduser().absolute())
     resolved = path.resolve()
-    for source in protected:
-        source_path = Path(source).expanduser().resolve()
-        if resolved == source_path or resolved in source_path.parents:
-            raise ValueError(
-                f"`{option}` is {str(target)!r}, which holds the source model ({source_path}): writing there would "
-                f"replace the weights being pruned. HINT: choose another folder, e.g. '{option}: {path.name}-pruned'."
-            )
+    source_path = _first_held(resolved, protected)
+    if source_path is not None:
+        raise ValueError(
+            f"`{option}` is {str(target)!r}, which holds the source model ({source_path}): writing there would "
+            f"replace the weights being pruned. HINT: choose another folder, e.g. '{option}: {path.name}-pruned'."
+        )
+    run_folder = _first_held(resolved, run_folders)
+    if run_folder is not None:
+        raise ValueError(
+            f"`{option}` is {str(target)!r}, which holds the run's own folder {run_folder} (its logs, checkpoints "
+            "and saved config): the model's folder is replaced whole when it is written, so they would be deleted. "
+            f"HINT: choose a folder of its own, e.g. '{option}: {Path(target) / 'pruned'}'."
+        )
     _refuse_a_file(path, option, target)
+    if os.path.ismount(path):
+        raise ValueError(
+            f"`{option}` is {str(target)!r}, a mount point: the new folder is written beside it and then takes its "
+            f"place, which a mount point does not allow (Device or resource busy). HINT: save into a folder inside "
+            f"it, e.g. '{option}: {path / 'pruned'}'."
+        )
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(
             f"`{option}` is {str(target)!r}, a folder that is not empty; nothing was written. HINT: choose an empty or "
@@ -173,6 +188,22 @@ def _refuse_a_file(path: Path, option: str, given: str | Path) -> None:
         )
 
 
+def _first_held(resolved: Path, folders: Iterable[str | Path]) -> Path | None:
+    """The first of ``folders`` that the resolved path ``resolved`` is, or holds; ``None`` when none."""
+    for folder in folders:
+        folder_path = Path(folder).expanduser().resolve()
+        if resolved == folder_path or resolved in folder_path.parents:
+            return folder_path
+    return None
+
+
+def _followed(path: Path) -> Path:
+    """The path a symbolic link ``path`` points to, else ``path``: a target that is a link to a folder (on a larger
+    disk, say) is written where it points and the link is kept; swapping a new folder into the link's own place would
+    replace the link, and the old folder would stay where the link pointed."""
+    return path.resolve() if path.is_symlink() else path
+
+
 def _existing_ancestor(path: Path, option: str, target: str | Path) -> Path:
     for candidate in (path, *path.parents):
         if candidate.exists():
@@ -190,10 +221,11 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield an empty folder beside ``target``; on a clean exit it replaces ``target`` whole, on an error it is removed.
 
     Every file and folder written into it gets the mode a plain ``open()`` / ``mkdir()`` gives (the umask's), whatever
-    mode its writer gave it (:func:`~ecoflap_pl.export.file_modes.umask_modes`). Checks belong to
+    mode its writer gave it (:func:`~ecoflap_pl.export.file_modes.umask_modes`). A ``target`` that is a symbolic link
+    is kept: the folder it points to is replaced, and the new one is written beside that folder. Checks belong to
     :func:`check_save_target`, called before the work that produces the files.
     """
-    target = Path(target).expanduser().absolute()
+    target = _followed(Path(target).expanduser().absolute())
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_leftovers(target)
     with _writer_lock(target) as tag:

@@ -32,7 +32,15 @@ from safetensors.torch import save_file, save_model
 from torch import nn
 
 from ecoflap_pl.export.file_modes import umask_modes
-from ecoflap_pl.export.sparse_formats import FORMATS, compress_state_dict, decompress_state_dict, pack_mask, unpack_mask
+from ecoflap_pl.export.sparse_formats import (
+    FORMATS,
+    compress_state_dict,
+    decompress_state_dict,
+    is_two_four,
+    pack_mask,
+    read_bitmasks,
+    unpack_mask,
+)
 from ecoflap_pl.pruning.masks import masks_sparsity
 
 SAVE_FORMATS = ("dense", *FORMATS)
@@ -60,6 +68,25 @@ def check_save_format(save_format: str, structure: str) -> str:
             "structure '2:4', or save with save_format 'sparse-bitmask' (any pattern)."
         )
     return save_format
+
+
+def check_masks_fit_save_format(masks: Mapping[str, torch.Tensor], save_format: str, source: str) -> None:
+    """Refuse masks that ``save_format`` cannot store, before the work that ends in the write: masks read from a saved
+    model or a checkpoint follow the structure they were pruned with, not the run's ``structure`` that
+    :func:`check_save_format` checked.
+
+    Raises:
+        ValueError: ``"sparse-24-bitmask"`` and a mask that is not 2:4, naming it and ``source``.
+    """
+    if save_format != "sparse-24-bitmask":
+        return
+    misfit = next((name for name, mask in masks.items() if not is_two_four(mask)), None)
+    if misfit is not None:
+        raise ValueError(
+            f"`save_format` 'sparse-24-bitmask' stores 2:4 masks, but the masks from {source} are not 2:4 (the mask of "
+            f"{misfit!r} is not): the model could not be saved at the end, so the run stops before it starts. HINT: "
+            "save with save_format 'sparse-bitmask' (any pattern), or prune the dense model with structure '2:4'."
+        )
 
 
 @dataclass(frozen=True)
@@ -310,7 +337,13 @@ def read_masks(directory: str | Path) -> dict[str, torch.Tensor]:
     """The pruning masks (``True`` = kept) stored in a folder written by :func:`write_pruned_model`."""
     directory = Path(directory)
     if saved_format(directory) != "dense":
-        return load_pruned_state_dict(directory)[1]
+        # Only the bitmasks and shapes are read: decoding the whole state dict would hold a dense copy of every weight.
+        parts: dict[str, torch.Tensor] = {}
+        for weight_file in _weight_files(directory):
+            with _opened(weight_file) as handle:
+                names = [name for name in handle.keys() if name.endswith((".bitmask", ".shape"))]  # noqa: SIM118
+                parts.update({name: handle.get_tensor(name) for name in names})
+        return read_bitmasks(parts)
     path = _masks_file(directory)
     if path is None:
         raise FileNotFoundError(

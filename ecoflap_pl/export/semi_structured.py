@@ -13,6 +13,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ecoflap_pl.export.sparse_formats import is_two_four
+
 logger = logging.getLogger(__name__)
 
 _OPTION = "semi_structured"
@@ -52,11 +54,6 @@ def check_semi_structured(structure: str, device: torch.device | None = None) ->
         )
 
 
-def _is_two_four(mask: torch.Tensor) -> bool:
-    rows, cols = mask.shape
-    return cols % 4 == 0 and bool((mask.reshape(rows, -1, 4).sum(dim=-1) == 2).all())
-
-
 def to_semi_structured_(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list[str]:
     """Swap the weight of every 2:4-masked ``nn.Linear`` of ``model`` for a semi-structured sparse tensor, in place.
 
@@ -80,7 +77,7 @@ def to_semi_structured_(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> 
         module = model.get_submodule(name.removesuffix(".weight"))
         if not isinstance(module, nn.Linear) or name.rpartition(".")[2] != "weight":
             continue
-        if not _is_two_four(mask):
+        if not is_two_four(mask):
             raise ValueError(f"`{_OPTION}` needs 2:4 masks, but the mask of {name} is not 2:4.")
         try:
             sparse = to_sparse_semi_structured(module.weight.detach())

@@ -37,6 +37,12 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(bits.reshape(shape).astype(bool))
 
 
+def is_two_four(mask: torch.Tensor) -> bool:
+    """Whether ``mask`` (``[rows, cols]``) keeps exactly 2 of every 4 consecutive weights of each row."""
+    rows, cols = mask.shape
+    return cols % 4 == 0 and bool((mask.reshape(rows, -1, 4).sum(dim=-1) == 2).all())
+
+
 @dataclass(frozen=True)
 class _Layout:
     names: tuple[str, ...]
@@ -64,8 +70,7 @@ def _decode_bitmask(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch
 
 def _encode_24(weight: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     rows, cols = weight.shape
-    kept = mask.reshape(rows, -1, 4).sum(dim=-1) if cols % 4 == 0 else None
-    if kept is None or not bool((kept == 2).all()):
+    if not is_two_four(mask):
         raise ValueError(
             f"The `sparse-24-bitmask` format stores exactly 2 of every 4 consecutive input weights, but a [{rows}, "
             f"{cols}] mask does not have that pattern. HINT: prune with structure '2:4', or save with "
@@ -112,6 +117,18 @@ def compress_state_dict(
         for part, value in layout.encode(tensor.detach(), mask).items():
             compressed[f"{module}.{part}"] = value.cpu()
     return compressed
+
+
+def read_bitmasks(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The masks (by weight name) that the ``bitmask`` and ``shape`` tensors of a compressed state dict hold (every
+    other tensor may be left out: the kept values are not needed)."""
+    masks: dict[str, torch.Tensor] = {}
+    for name, packed in tensors.items():
+        if name.endswith(".bitmask"):
+            module = name.removesuffix(".bitmask")
+            shape = tuple(int(size) for size in tensors[f"{module}.shape"].flatten())
+            masks[f"{module}.weight"] = unpack_mask(packed, shape)  # type: ignore[arg-type]
+    return masks
 
 
 def decompress_state_dict(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,12 @@ from ecoflap_pl.models.hub_access import WEIGHT_SUFFIXES, HubModel, hub_model_er
 ModelT = TypeVar("ModelT", bound=PreTrainedModel)
 MODEL_FOLDERS = 64
 """How many subfolders of a ``pretrained`` folder without config.json are searched for a model to name."""
+
+
+def expand_home(pretrained: str | None) -> str | None:
+    """``pretrained`` with a leading ``~`` expanded, as every local path is: a config file, which no shell expands, may
+    name a saved model ``~/models/pruned``, and ``from_pretrained`` would take it for a malformed hub name."""
+    return None if pretrained is None else os.path.expanduser(pretrained)
 
 
 def check_model_source(pretrained: str | None, model_config: Any, example: str = "Salesforce/blip2-opt-2.7b") -> None:

@@ -11,7 +11,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
 
-from ecoflap_pl.models.loading import build_hf_model, check_vocabulary, placement_kwargs
+from ecoflap_pl.models.loading import build_hf_model, check_vocabulary, expand_home, placement_kwargs
 from ecoflap_pl.tasks.base import EcoflapTask
 from ecoflap_pl.tasks.families import FamilyAdapter, TaskKind, resolve_architecture
 from ecoflap_pl.tasks.model_config import load_config
@@ -134,6 +134,7 @@ class PromptedGenerationTask(EcoflapTask):
     ) -> None:
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps)
         self.save_hyperparameters()  # collects the subclass's arguments too
+        pretrained = expand_home(pretrained)
         check_generation(num_beams, max_new_tokens, min_new_tokens, max_text_length)
         self.config = load_config(pretrained, model_config, architecture)
         self.architecture, self.family_adapter = resolve_architecture(architecture, self.config, self.task_kind)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrained
 from typing_extensions import override
 
 from ecoflap_pl.metrics import TokenPerplexity
-from ecoflap_pl.models.loading import check_tokenizer_source, load_pretrained, load_tokenizer
+from ecoflap_pl.models.loading import check_tokenizer_source, expand_home, load_pretrained, load_tokenizer
 from ecoflap_pl.tasks.base import EcoflapTask
 from ecoflap_pl.tasks.labels import IGNORE_INDEX, prefix_split
 from ecoflap_pl.tasks.model_config import load_config
@@ -97,6 +97,7 @@ class LanguageModelingTask(EcoflapTask):
     ) -> None:
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps)
         self.save_hyperparameters()
+        pretrained = expand_home(pretrained)
         if max_length < 2:
             raise ValueError(f"`max_length` must be >= 2, got {max_length!r}.")
         config = load_config(pretrained, model_config)

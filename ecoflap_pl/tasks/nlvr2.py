@@ -10,7 +10,7 @@ from transformers import ProcessorMixin
 from typing_extensions import override
 
 from ecoflap_pl.metrics import MeanLoss, TopKAccuracy
-from ecoflap_pl.models.loading import build_hf_model, check_tokenizer_source
+from ecoflap_pl.models.loading import build_hf_model, check_tokenizer_source, expand_home
 from ecoflap_pl.tasks.base import EcoflapTask
 from ecoflap_pl.tasks.families import family_for
 from ecoflap_pl.tasks.model_config import load_config
@@ -97,6 +97,7 @@ class NLVR2Task(EcoflapTask):
     ) -> None:
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps)
         self.save_hyperparameters()
+        pretrained = expand_home(pretrained)
         check_tokenizer_source(model_config, tokenizer)
         config = load_config(pretrained, model_config, "vilt", example="dandelin/vilt-b32-finetuned-nlvr2")
         self.family_adapter = family_for(config.model_type, "nlvr2")

@@ -17,7 +17,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from ecoflap_pl.metrics import RetrievalRecall, retrieval_recall
-from ecoflap_pl.models.loading import build_hf_model, check_tokenizer_source
+from ecoflap_pl.models.loading import build_hf_model, check_tokenizer_source, expand_home
 from ecoflap_pl.tasks.base import EcoflapTask
 from ecoflap_pl.tasks.families import FamilyAdapter, Towers, family_for
 from ecoflap_pl.tasks.families.towers import vision_dtype
@@ -96,6 +96,7 @@ class RetrievalTask(EcoflapTask):
     ) -> None:
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps)
         self.save_hyperparameters()
+        pretrained = expand_home(pretrained)
         check_tokenizer_source(model_config, tokenizer)
         if temperature <= 0:
             raise ValueError(f"`temperature` must be > 0, got {temperature!r}. HINT: BLIP starts at 0.07.")

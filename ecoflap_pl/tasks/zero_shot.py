@@ -12,7 +12,7 @@ from torch import Tensor
 from transformers import CLIPModel, PretrainedConfig, SiglipModel
 from typing_extensions import override
 
-from ecoflap_pl.models.loading import build_hf_model, check_tokenizer_source
+from ecoflap_pl.models.loading import build_hf_model, check_tokenizer_source, expand_home
 from ecoflap_pl.tasks.families import family_for
 from ecoflap_pl.tasks.families.towers import pooled
 from ecoflap_pl.tasks.image_classification import ImageClassificationTask
@@ -81,6 +81,7 @@ class ZeroShotClassificationTask(ImageClassificationTask):
                 "ClassificationTask(timm_model=...) for a timm classifier, or pretrained: openai/clip-vit-base-patch16."
             )
         check_tokenizer_source(model_config, tokenizer)
+        pretrained = expand_home(pretrained)
         if model_config is not None:
             model_config = {"model_type": "clip", **model_config}  # CLIP unless the dict names its type
         config = load_config(pretrained, model_config, example="openai/clip-vit-base-patch16")

@@ -169,6 +169,31 @@ def test_save_to_refuses_the_folder_of_the_pretrained_weights(tmp_path: Path) ->
             validate(task, Sentences(), callback, tmp_path)
 
 
+@pytest.mark.parametrize("where", ["root", "above the root", "checkpoint folder"])
+def test_save_to_refuses_the_folders_the_run_writes_its_logs_and_checkpoints_to(tmp_path: Path, where: str) -> None:
+    root = tmp_path / "run"
+    earlier = root / "checkpoints" / "epoch=0-step=1.ckpt"  # an earlier run's checkpoint
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"checkpoint")
+    targets = {"root": root, "above the root": tmp_path, "checkpoint folder": root / "checkpoints"}
+    callback = ECoFLaPPruning(**FAST, save_to=str(targets[where]), overwrite=True)
+    task = ToyTask()
+    before = {name: tensor.clone() for name, tensor in task.model.state_dict().items()}
+    trainer = quiet_trainer(
+        max_steps=2,
+        limit_val_batches=0,
+        default_root_dir=root,
+        enable_checkpointing=True,
+        callbacks=[callback, ModelCheckpoint(dirpath=root / "checkpoints")],
+    )
+    # before: written, the swap deleting the checkpoints (an earlier one and this run's) and the run's saved config
+    with pytest.raises(ValueError, match=rf"holds the run's own folder {root}.* HINT: choose a folder of its own"):
+        trainer.fit(task, datamodule=ToyData())
+    assert not callback.pruned
+    assert all(torch.equal(task.model.state_dict()[name], tensor) for name, tensor in before.items())
+    assert earlier.read_bytes() == b"checkpoint"
+
+
 def test_prune_writes_the_model_once_in_the_chosen_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     writes = []
     real = callback_export.write_pruned_model
@@ -222,13 +247,19 @@ def test_a_resumed_fit_replaces_the_save_to_of_the_run_it_continues(tmp_path: Pa
     assert sorted((path.name, path.stat().st_mtime_ns) for path in target.rglob("*")) == before
 
 
+@pytest.mark.parametrize("spelled", ["absolute", "home"])  # home: `save_to: ~/pruned`, as a config may give it
 @pytest.mark.parametrize("entry", ["validate", "test"])
-def test_evaluating_a_pruned_checkpoint_with_the_config_that_saved_its_export(tmp_path: Path, entry: str) -> None:
+def test_evaluating_a_pruned_checkpoint_with_the_config_that_saved_its_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: str, spelled: str
+) -> None:
     """The finetune experiments' second step, `ecoflap test -c CONFIG --ckpt_path BEST`, keeps CONFIG's `save_to`,
     which the `fit` filled: nothing is written when the checkpoint is pruned, so it must not be refused (it was, as a
-    non-empty folder); pruning a model in that stage still is, before pruning, the folder untouched."""
+    non-empty folder, and with a `~/` path still was: the export was looked for under a folder named `~`); pruning a
+    model in that stage still is, before pruning, the folder untouched."""
+    monkeypatch.setenv("HOME", str(tmp_path))
     target = tmp_path / "pruned"
-    first = ECoFLaPPruning(**FAST, save_to=str(target))
+    save_to = "~/pruned" if spelled == "home" else str(target)
+    first = ECoFLaPPruning(**FAST, save_to=save_to)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     settings = dict(num_sanity_val_steps=0, limit_val_batches=1, limit_test_batches=1, default_root_dir=tmp_path)
     quiet_trainer(max_steps=2, callbacks=[first, checkpoints], enable_checkpointing=True, **settings).fit(
@@ -236,7 +267,7 @@ def test_evaluating_a_pruned_checkpoint_with_the_config_that_saved_its_export(tm
     )
     before = sorted((path.name, path.stat().st_mtime_ns) for path in target.rglob("*"))
 
-    evaluator = ECoFLaPPruning(**FAST, save_to=str(target))
+    evaluator = ECoFLaPPruning(**FAST, save_to=save_to)
     task = ToyTask(seed=5)
     getattr(quiet_trainer(callbacks=[evaluator], **settings), entry)(
         task, datamodule=ToyData(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
@@ -244,7 +275,7 @@ def test_evaluating_a_pruned_checkpoint_with_the_config_that_saved_its_export(tm
     assert evaluator.masks_from == f"the checkpoint {tmp_path / 'ckpt' / 'last.ckpt'}"
     assert all(torch.equal(evaluator.masks[n].cpu(), first.masks[n].cpu()) for n in first.masks)
 
-    pruning = ECoFLaPPruning(**FAST, save_to=str(target))
+    pruning = ECoFLaPPruning(**FAST, save_to=save_to)
     dense = ToyTask(seed=6)
     weights = {name: tensor.clone() for name, tensor in dense.model.state_dict().items()}
     with pytest.raises(FileExistsError, match="not empty; nothing was written. HINT: .*--pruning.overwrite true"):
@@ -265,3 +296,20 @@ def test_the_console_says_which_model_each_save_wrote(tmp_path: Path, capsys: py
     said = " ".join(capsys.readouterr().out.split())
     first, last = said.index(f"Pruned model saved to {target} "), said.index(f"fine-tuned to step 3 saved to {target} ")
     assert first < last and said.count("saved to") == 2
+
+
+def test_the_console_prints_folders_with_brackets_as_they_are(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Brackets in a folder name are not console markup (before: "saved to …//pruned" for `[exp1]`, and a
+    MarkupError once the model was saved for `[/x]`)."""
+    monkeypatch.setenv("COLUMNS", "400")  # one line per message
+    run, target = tmp_path / "runs[exp1]", tmp_path / "[exp1]" / "pruned[/x]"
+    callback = ECoFLaPPruning(**{**FAST, "progress": True}, save_to=str(target))
+    quiet_trainer(max_steps=1, limit_val_batches=0, default_root_dir=run, callbacks=[callback]).fit(
+        ToyTask(), datamodule=ToyData()
+    )
+    said = capsys.readouterr().out
+    assert f"Pruning report: {run / 'pruning_report.json'}\n" in said
+    assert f"Pruned model saved to {target} (dense)" in said
+    assert f"Pruned model fine-tuned to step 1 saved to {target} (dense)" in said

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
+from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
@@ -172,3 +174,67 @@ def test_a_saved_model_without_its_report_is_used_but_not_saved_again(
             SavedLlamaTask(folder), datamodule=Sentences()
         )
     assert not (tmp_path / "tuned").exists()
+
+
+def test_masks_that_the_24_format_cannot_store_are_refused_before_fine_tuning(tmp_path: Path) -> None:
+    folder = saved_model(tmp_path, "sparse-bitmask")  # unstructured masks
+    task = SavedLlamaTask(folder)
+    before = {name: tensor.clone() for name, tensor in task.model.state_dict().items()}
+    callback = ECoFLaPPruning(
+        **FAST, structure="2:4", importance="uniform", save_to=str(tmp_path / "tuned"), save_format="sparse-24-bitmask"
+    )
+    # before: fine-tuned, then "… 2 of every 4 consecutive input weights …" when the end of `fit` saved it
+    with pytest.raises(ValueError, match=rf"the masks from the saved model {folder} are not 2:4 .* HINT: save with"):
+        quiet_trainer(max_steps=3, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[callback]).fit(
+            task, datamodule=Sentences()
+        )
+    assert all(torch.equal(task.model.state_dict()[name], tensor) for name, tensor in before.items())
+    assert not (tmp_path / "tuned").exists()
+
+
+def test_the_card_counts_the_training_steps_of_every_fine_tuning_since_pruning(tmp_path: Path) -> None:
+    folder = saved_model(tmp_path, "dense")
+
+    def save(source: Path, target: Path, steps: int) -> str:
+        """Fine-tune the model saved in ``source`` for ``steps`` (0: `ecoflap prune`, which converts it to another
+        save_format) and save it to ``target``; the card's line on the weights."""
+        callback = ECoFLaPPruning(**FAST, save_to=str(target), save_format="sparse-bitmask")
+        trainer = quiet_trainer(
+            EcoflapTrainer, max_steps=steps, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[callback]
+        )
+        assert isinstance(trainer, EcoflapTrainer)
+        run = trainer.fit if steps else trainer.prune
+        run(SavedLlamaTask(source), datamodule=Sentences())
+        card = ModelCard.load(target / "README.md").text
+        return next(line for line in card.splitlines() if line.startswith("- **Weights**"))
+
+    # before: "fine-tuned after pruning, to training step 0", then "… step 2" for the second fine-tuning
+    assert "as pruned, not trained after pruning" in save(folder, tmp_path / "converted", 0)
+    assert "fine-tuned after pruning, to training step 3," in save(folder, tmp_path / "tuned", 3)
+    assert "to training step 5," in save(tmp_path / "tuned", tmp_path / "tuned_more", 2)
+    assert "to training step 5," in save(tmp_path / "tuned_more", tmp_path / "shipped", 0)
+    report = json.loads((tmp_path / "shipped" / "pruning_report.json").read_text())
+    assert report["metadata"]["export"]["fine_tuned_to_step"] == 5
+
+
+def test_a_resumed_fine_tuning_of_a_saved_model_replaces_the_save_to_it_wrote(tmp_path: Path) -> None:
+    """`fit --ckpt_path` continuing a fine-tuning of a saved folder (to more steps, once it ended) replaces its own
+    export, as for a model pruned by the run (before: "a folder that is not empty", its report carrying the saved
+    folder's `export` entry never matched)."""
+    folder = saved_model(tmp_path, "dense")
+    target = tmp_path / "tuned"
+    settings = dict(num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2)
+    first = ECoFLaPPruning(**FAST, save_to=str(target))
+    quiet_trainer(max_steps=2, callbacks=[first, checkpoints], enable_checkpointing=True, **settings).fit(
+        SavedLlamaTask(folder), datamodule=Sentences()
+    )
+    resumed = ECoFLaPPruning(**FAST, save_to=str(target))
+    quiet_trainer(max_steps=4, callbacks=[resumed], **settings).fit(
+        SavedLlamaTask(folder), datamodule=Sentences(), ckpt_path=next((tmp_path / "ckpt").glob("*step=2.ckpt"))
+    )
+    assert "fine-tuned after pruning, to training step 4," in ModelCard.load(target / "README.md").text
+
+    other = ECoFLaPPruning(**FAST, save_to=str(target))  # another fine-tuning of the same saved model
+    with pytest.raises(FileExistsError, match="not empty; nothing was written"):
+        quiet_trainer(max_steps=2, callbacks=[other], **settings).fit(SavedLlamaTask(folder), datamodule=Sentences())

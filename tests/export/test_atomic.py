@@ -100,6 +100,34 @@ def test_an_exception_inside_leaves_the_target_untouched(tmp_path: Path) -> None
     assert sorted(path.name for path in tmp_path.iterdir()) == ["pruned"]
 
 
+@pytest.mark.parametrize("old_files", [False, True])
+def test_a_target_that_is_a_link_is_written_where_it_points_and_stays_a_link(tmp_path: Path, old_files: bool) -> None:
+    real = tmp_path / "disk" / "pruned"
+    real.mkdir(parents=True)
+    if old_files:
+        (real / "config.json").write_text("old")
+    link = tmp_path / "pruned"
+    link.symlink_to(real)
+    assert check_save_target(link, overwrite=True) == real
+    with atomic_directory(link) as partial:
+        (partial / "config.json").write_text("new")
+    assert link.is_symlink() and link.resolve() == real
+    assert [path.name for path in real.iterdir()] == ["config.json"] and (real / "config.json").read_text() == "new"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["disk", "pruned"]
+    assert [path.name for path in real.parent.iterdir()] == ["pruned"]
+
+
+def test_a_mount_point_is_refused_before_any_work() -> None:
+    """A mount point (a container's output volume, `-v ./out:/out`) cannot be renamed: before, the write failed once
+    the model was pruned ("could not be written to /out (Device or resource busy) … HINT: free space or fix the
+    permissions")."""
+    mount = Path("/proc")
+    if not os.path.ismount(mount):
+        pytest.skip("no /proc mount point here")
+    with pytest.raises(ValueError, match=r"is '/proc', a mount point: .* HINT: save into a folder inside it, e.g. "):
+        check_save_target(mount, overwrite=True)
+
+
 def test_a_target_without_the_free_space_it_needs_is_refused_before_the_write(tmp_path: Path) -> None:
     free = shutil.disk_usage(tmp_path).free
     target = tmp_path / "new" / "pruned"

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from ecoflap_pl.export import (
@@ -22,6 +23,8 @@ from ecoflap_pl.export import (
 )
 from ecoflap_pl.models.loading import build_hf_model, load_pretrained
 from ecoflap_pl.pruning import PruningConfig, prune
+from ecoflap_pl.tasks import LanguageModelingTask
+from tests.callbacks.test_save_to import TinyLlamaTask
 from tests.pruning.pruning_helpers import family_case
 
 CASES = [
@@ -214,3 +217,46 @@ def test_load_pruned_model_with_a_class_for_another_model_says_which_fits(
     ):
         load_pruned_model(tmp_path, model_class)
     assert type(load_pruned_model(tmp_path, type(model))) is type(model)
+
+
+@pytest.mark.parametrize("save_format", ["dense", "sparse-bitmask"])
+def test_a_task_loads_a_saved_folder_named_from_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, save_format: str
+) -> None:
+    """`pretrained: ~/models/pruned` in a config file, which no shell expands (before: "Repo id must use alphanumeric
+    chars …": from_pretrained took it for a hub name)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    saved = TinyLlamaTask()
+    name = "model.layers.0.mlp.up_proj.weight"
+    mask = torch.rand(saved.model.get_parameter(name).shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    with torch.no_grad():
+        saved.model.get_parameter(name)[~mask] = 0.0
+    write_pruned_model(saved.model, tmp_path / "models" / "pruned", {name: mask}, save_format, [saved.tokenizer])
+
+    task = LanguageModelingTask(pretrained="~/models/pruned")
+    assert task.model.name_or_path == str(tmp_path / "models" / "pruned")
+    expected = saved.model.state_dict()
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in task.model.state_dict().items())
+    assert task.tokenizer.get_vocab() == saved.tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize(
+    ("structure", "save_format"), [("unstructured", "sparse-bitmask"), ("2:4", "sparse-24-bitmask")]
+)
+def test_the_masks_of_a_sparse_export_are_read_from_its_bitmasks_alone(
+    tmp_path: Path, structure: str, save_format: str
+) -> None:
+    """`read_masks` (what a run from a saved folder calls, after loading the model) reads the bitmasks and shapes
+    only: here the kept values are left out of the file. Before, it decoded the whole state dict, a dense copy of every
+    weight (113 M parameters: 1.1 s and 810 MiB more peak memory, against 0.07 s and 133 MiB, the masks)."""
+    model, _, _, masks = pruned("llama", structure)
+    write_pruned_model(model, tmp_path, masks, save_format)
+    path = tmp_path / "model.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        kept = {name: handle.get_tensor(name) for name in handle.keys() if name.endswith((".bitmask", ".shape"))}  # noqa: SIM118
+    save_file(kept, str(path), metadata=metadata)
+
+    recovered = read_masks(tmp_path)
+    assert recovered.keys() == masks.keys()
+    assert all(torch.equal(recovered[name], mask) for name, mask in masks.items())
