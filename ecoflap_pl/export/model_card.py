@@ -143,9 +143,9 @@ def _summary(model: nn.Module, result: PruningResult, fine_tuned_to_step: int | 
     # max_sparsity caps the paper's rule on coarse scores only: allocation ecoflap, importance not uniform.
     capped = config.allocation == "ecoflap" and config.importance != "uniform"
     cap = f", max_sparsity {_pct(config.max_sparsity)}" if capped and config.max_sparsity is not None else ""
-    samples = [f"`fine_samples` {config.fine_samples} for the fine step"]
+    samples = [_samples_read(result, "fine", "the fine step")]
     if "coarse" in result.stages:
-        samples.insert(0, f"`coarse_samples` {config.coarse_samples} for the coarse scores")
+        samples.insert(0, _samples_read(result, "coarse", "the coarse scores"))
     if config.allocation == "auto":
         samples.append(f"`auto_holdout_samples` {config.auto_holdout_samples} held out to choose the allocation")
     if fine_tuned_to_step is None:
@@ -164,6 +164,16 @@ def _summary(model: nn.Module, result: PruningResult, fine_tuned_to_step: int | 
         f"- **Weights**: {weights}",
     ]
     return "\n".join(lines)
+
+
+def _samples_read(result: PruningResult, stage: str, what: str) -> str:
+    """How many calibration samples ``stage`` read, with the ``*_samples`` setting where that differs (fewer samples
+    given, or whole batches holding more); only the setting for a report that did not record the count."""
+    asked = getattr(result.config, f"{stage}_samples")
+    read = result.stages[stage].samples
+    if not read:
+        return f"`{stage}_samples` {asked} for {what}"
+    return f"{read} for {what}" + ("" if read == asked else f" (`{stage}_samples` {asked})")
 
 
 def _towers(result: PruningResult) -> str:

@@ -21,6 +21,9 @@ class StageStats:
     (``memory_kind="cuda_allocated"``), else the peak resident set size of the process sampled every 5 ms
     (``"cpu_rss"``). ``recorded_bytes`` is what the zeroth-order step keeps of one calibration batch's block outputs
     for prefix reuse, and ``probe_replicas`` the number of probes it ran per forward (0 where neither applies).
+    ``samples`` is the number of calibration samples the coarse or fine step read, over all ranks: the leading
+    batches that hold its ``*_samples`` (whole batches, so it may be more), or all of them when fewer were given (0
+    for other stages, and in reports written before it was recorded).
     """
 
     full_forwards: int = 0
@@ -31,6 +34,7 @@ class StageStats:
     memory_kind: str = "cpu_rss"
     recorded_bytes: int = 0
     probe_replicas: int = 0
+    samples: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -117,6 +117,11 @@ def _leading_batches(batches: Sequence[Any], samples: int) -> list[tuple[int, An
     return [(batch_id, batches[batch_id]) for batch_id in range(count)]
 
 
+def _samples_of(batches: Sequence[tuple[int, Any]]) -> int:
+    """The samples in ``batches`` (``(batch id, batch)`` pairs), as the report records what a step read."""
+    return sum(_batch_samples(batch) for _, batch in batches)
+
+
 def _short_calibration(sizes: Sequence[int], config: PruningConfig, steps: Sequence[str], holdout: bool) -> str | None:
     """One message for a calibration set smaller than ``steps`` (``"coarse"``, ``"fine"``) and, with ``holdout``,
     ``auto``'s held-out batches ask for, naming what is used instead and the fields to lower; ``None`` when it is
@@ -422,7 +427,8 @@ def _score(
         monitor.stats.seconds,
         monitor.stats.full_forwards,
     )
-    return GroupScores(scores, dict(plan.sizes), dict(plan.groups), dict(plan.towers), settings, monitor.stats)
+    stats = replace(monitor.stats, samples=_samples_of(chosen))
+    return GroupScores(scores, dict(plan.sizes), dict(plan.groups), dict(plan.towers), settings, stats)
 
 
 def _check_residency(plan: _Plan, config: PruningConfig, residency: Residency | None) -> None:
@@ -608,7 +614,8 @@ def prune(
                 "before, or dequantised). They stay pruned: the masks and the achieved sparsity include them.",
             )
         device = next(model.parameters()).device
-        fine_batches = _shard(_leading_batches(calibration_batches, config.fine_samples), rank, world_size)
+        fine_leading = _leading_batches(calibration_batches, config.fine_samples)
+        fine_batches = _shard(fine_leading, rank, world_size)
         computed: dict[str, GroupScores] = {}
         outliers: dict[float, dict[str, float]] = {}
 
@@ -698,7 +705,7 @@ def prune(
                 on_block_done=_ticker(progress, "fine", _block_count(plan)),
                 residency=residency,
             )
-        stages["fine"] = monitor.stats
+        stages["fine"] = replace(monitor.stats, samples=_samples_of(fine_leading))
         # weights that were zero already are pruned too, whatever the new mask says
         pruned_before = [c for c in plan.candidates if c.name in prior_zeros]
         for name, nonzero in _read_weights(model, pruned_before, residency, lambda weight: weight != 0).items():

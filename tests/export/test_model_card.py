@@ -58,8 +58,9 @@ def assert_figures_of_the_report(card: ModelCard, report: dict[str, Any], folder
     assert f"target sparsity {100 * config['sparsity']:.2f}%, max_sparsity {100 * config['max_sparsity']:.2f}%" in (
         card.text
     )
-    assert f"`coarse_samples` {config['coarse_samples']} for the coarse scores" in card.text
-    assert f"`fine_samples` {config['fine_samples']} for the fine step" in card.text
+    read = {stage: report["stages"][stage]["samples"] for stage in ("coarse", "fine")}
+    assert all(read.values())
+    assert f"{read['coarse']} for the coarse scores" in card.text and f"{read['fine']} for the fine step" in card.text
     saved = report["metadata"]["export"]
     assert f"({saved['weights_bytes']:,} bytes) on disk" in card.text
     assert f"({saved['dense_bytes']:,} bytes) they take stored dense" in card.text
@@ -138,6 +139,22 @@ def test_the_card_of_fine_tuned_weights_says_so(llama: tuple[nn.Module, PruningR
     assert "not trained after pruning" not in card.text
 
 
+def test_the_card_says_how_many_calibration_samples_were_read() -> None:
+    """With fewer calibration samples than the config asks for, the card stated the settings ("`fine_samples` 64 for
+    the fine step") as if that many had been read: the engine warned, but recorded nothing."""
+    torch.set_num_threads(1)
+    model = tiny_model("llama")
+    batch = {"input_ids": torch.randint(8, 100, (2, 8), generator=torch.Generator().manual_seed(0))}
+    config = PruningConfig(sparsity=0.5, coarse_samples=2, fine_samples=64)
+    result = prune(model, [batch], lambda m, b: m(**b, labels=b["input_ids"]).loss, config)
+    assert {stage: result.stages[stage].samples for stage in ("coarse", "fine")} == {"coarse": 2, "fine": 2}
+    card = model_card(model, result, SavedModel("dense", 1, 1))
+    assert "- **Calibration samples**: 2 for the coarse scores, 2 for the fine step (`fine_samples` 64)." in card.text
+    unrecorded = {stage: replace(stats, samples=0) for stage, stats in result.stages.items()}  # an older report
+    card = model_card(model, replace(result, stages=unrecorded), SavedModel("dense", 1, 1))
+    assert "`coarse_samples` 2 for the coarse scores, `fine_samples` 64 for the fine step." in card.text
+
+
 def test_a_uniform_run_names_no_coarse_step_nor_cap_and_the_stacks_left_dense() -> None:
     torch.set_num_threads(1)
     model = tiny_model("llama")
@@ -149,7 +166,7 @@ def test_a_uniform_run_names_no_coarse_step_nor_cap_and_the_stacks_left_dense() 
 
     assert "allocation `uniform`, fine step `wanda`, structure `2:4`, target sparsity 50.00%." in card.text
     assert "`coarse_samples`" not in card.text and "max_sparsity" not in card.text
-    assert "- **Calibration samples**: `fine_samples` 4 for the fine step." in card.text
+    assert "- **Calibration samples**: 4 for the fine step." in card.text
     assert "Left dense (never ran in the calibration loss): `model.vision_tower.layers`." in card.text
     assert "compressed-tensors" in card.data.tags and "load_pruned_model" in card.text
 
