@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -89,7 +90,8 @@ class EcoflapTask(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        """AdamW with linear warm-up and cosine decay; no decay on biases and norms (BLIP's recipe)."""
+        """AdamW with linear warm-up and cosine decay to 0 at the last step (the peak rate after the warm-up where the
+        Trainer has no last step); no weight decay on biases and norms (BLIP's recipe)."""
         decay: list[nn.Parameter] = []
         no_decay: list[nn.Parameter] = []
         for name, param in self.named_parameters():
@@ -107,12 +109,24 @@ class EcoflapTask(pl.LightningModule):
             lr=self.learning_rate,
             fused=fused or None,
         )
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        total = self.trainer.estimated_stepping_batches
+        endless = math.isinf(total)
+        if endless:
+            # Training without a known end (max_steps and max_epochs -1, stopped by max_time or a callback, or an
+            # iterable dataset without a length): a cosine decay has no end to decay to.
+            rank_zero_warn(
+                "The number of training steps is unknown (`trainer.max_steps` and `trainer.max_epochs` are -1, or the "
+                "training data has no length), so the learning rate stays at `learning_rate` after the warm-up, "
+                "without the cosine decay. HINT: set `trainer.max_steps` to decay it to 0 over that many steps."
+            )
+        total = max(int(total), 1) if not endless else total
         warmup = min(self.warmup_steps, total)
 
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
+            if endless:
+                return 1.0
             progress = (step - warmup) / max(total - warmup, 1)
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 

@@ -76,3 +76,42 @@ def test_weights_that_are_not_finite_are_never_written_over_save_to(tmp_path: Pa
     ):
         trainer.fit(ToyTask(), datamodule=ToyData())
     assert saved_after_pruning and folder_digest(save_to) == saved_after_pruning
+
+
+class StopAtStep(Callback):
+    """Ends ``fit`` once ``step`` optimizer steps are taken, as ``max_time`` or early stopping would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        trainer.should_stop = trainer.global_step >= self.step
+
+
+def test_training_without_a_known_number_of_steps_keeps_the_peak_rate_after_the_warm_up(tmp_path: Path) -> None:
+    """The schedule took `int()` of an infinite step count: OverflowError in `configure_optimizers`, no step taken."""
+    pruning = ECoFLaPPruning(**FAST)
+    task = ToyTask(learning_rate=1e-2)
+    task.warmup_steps = 2
+    rates: list[float] = []
+
+    class RecordRate(Callback):
+        @override
+        def on_before_optimizer_step(self, trainer: pl.Trainer, *args: object) -> None:
+            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = quiet_trainer(
+        max_steps=-1,
+        max_epochs=-1,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[pruning, RecordRate(), StopAtStep(4)],
+    )
+    with pytest.warns(UserWarning, match=r"number of training steps is unknown .* HINT: set `trainer.max_steps`"):
+        trainer.fit(task, datamodule=ToyData())
+    assert trainer.global_step == 4
+    assert rates == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2])
+    params = dict(task.model.named_parameters())
+    assert all(torch.count_nonzero(params[name].detach()[~mask]) == 0 for name, mask in pruning.masks.items())
