@@ -85,11 +85,11 @@ class ECoFLaPPruning(Callback):
     target device with calibration batches from ``trainer.datamodule.calibration_dataloader(n)``; the loss is the
     task's ``calibration_loss(batch)``. Under DDP each rank scores its share of the batches and the statistics are
     summed through the strategy, so every rank builds identical masks. During fine-tuning the gradients of pruned
-    weights are zeroed before every optimizer step and the pruned weights are re-zeroed after every training batch.
-    The masks, the report and the ``pruned`` flag travel in every checkpoint, so resuming or evaluating a pruned
-    checkpoint never prunes again. Likewise a model loaded from a folder that ``save_to`` wrote (``pretrained: DIR``)
-    is already pruned: its saved masks are read back and held fixed, and it is not pruned again (see
-    ``reuse_saved_masks``).
+    weights are zeroed after every backward and before every optimizer step, and the pruned weights are re-zeroed
+    after every training batch. The masks, the report and the ``pruned`` flag travel in every checkpoint, so resuming
+    or evaluating a pruned checkpoint never prunes again. Likewise a model loaded from a folder that ``save_to`` wrote
+    (``pretrained: DIR``) is already pruned: its saved masks are read back and held fixed, and it is not pruned again
+    (see ``reuse_saved_masks``).
 
     The pruning arguments are the fields of :class:`~ecoflap_pl.pruning.PruningConfig`, validated when the callback
     is built.
@@ -334,11 +334,21 @@ class ECoFLaPPruning(Callback):
         self._ensure_pruned(trainer, pl_module, TrainerFn.PREDICTING.value)
 
     @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Every backward of Lightning (automatic, an optimizer's closure, `manual_backward`) ends here, before any code
+        # of the task can read the gradients: with manual optimization `clip_gradients` and gradient-norm logging come
+        # before `optimizer.step()`, so masking only before the step let pruned weights' gradients into the clip norm.
+        if self.masks:
+            mask_gradients_(_pruned_module(pl_module), self.masks)
+
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # Runs after the (accumulated, DDP-reduced, unscaled) gradients are final and before clipping and the
-        # step: zeroed gradients keep Adam's moments of pruned weights at zero and leave them out of the clip norm.
+        # Runs after the (accumulated, DDP-reduced, unscaled) gradients are final and before automatic clipping and
+        # the step: zeroed gradients keep Adam's moments of pruned weights at zero and leave them out of the clip norm.
+        # Masked again after `on_after_backward` for gradients written outside Lightning's backward (a plain
+        # `loss.backward()` under manual optimization, another callback).
         if self.masks:
             mask_gradients_(_pruned_module(pl_module), self.masks)
         if getattr(trainer.precision_plugin, "scaler", None) is None:  # a GradScaler skips non-finite steps itself

@@ -150,6 +150,55 @@ def test_masks_hold_under_other_optimizers(tmp_path: Path, task_class: type[ToyT
     assert any(not torch.equal(params[n][m], dense[n][m]) for n, m in callback.masks.items())
 
 
+class ManualClipTask(ToyTask):
+    """Manual optimization with plain SGD, its gradients clipped by norm by hand before the step (Lightning's recipe);
+    keeps the weights as pruned, at the start of training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.pruned_weights: dict[str, torch.Tensor] = {}
+
+    @override
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    @override
+    def on_train_start(self) -> None:
+        self.pruned_weights = {name: param.detach().clone() for name, param in self.model.named_parameters()}
+
+    @override
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        optimizer = self.optimizers()
+        optimizer.zero_grad()  # type: ignore[union-attr]
+        loss = self.calibration_loss(batch)
+        self.manual_backward(loss)
+        self.clip_gradients(optimizer, gradient_clip_val=0.1, gradient_clip_algorithm="norm")  # type: ignore[arg-type]
+        optimizer.step()  # type: ignore[union-attr]
+        return loss
+
+
+def test_manual_clipping_sees_the_gradients_of_the_pruned_model_only(tmp_path: Path) -> None:
+    """The gradients were masked only inside `optimizer.step()`, after the task clipped them: the clip norm counted
+    the pruned weights' gradients, so every kept weight took a smaller step than in the pruned model."""
+    callback = ECoFLaPPruning(**FAST)
+    task = ManualClipTask()
+    trainer(tmp_path, [callback], max_steps=1, num_sanity_val_steps=0).fit(task, datamodule=ToyData())
+
+    reference = ToyTask()  # one hand-written step of the pruned model: masked gradients, clipped, then SGD
+    reference.model.load_state_dict(task.pruned_weights)
+    reference.calibration_loss(next(iter(ToyData().train_dataloader()))).backward()
+    params = dict(reference.model.named_parameters())
+    with torch.no_grad():
+        for name, mask in callback.masks.items():
+            params[name].grad.mul_(mask.to(params[name].device))  # type: ignore[union-attr]
+        torch.nn.utils.clip_grad_norm_(params.values(), 0.1)
+        for param in params.values():
+            param.sub_(0.1 * param.grad)  # type: ignore[operator]
+    for name, param in task.model.named_parameters():
+        torch.testing.assert_close(param.detach(), params[name].detach(), msg=name)
+
+
 def test_checkpoint_state_round_trip(tmp_path: Path) -> None:
     callback = ECoFLaPPruning(**FAST)
     task = ToyTask()
