@@ -351,7 +351,9 @@ class ECoFLaPPruning(Callback):
         # `loss.backward()` under manual optimization, another callback).
         if self.masks:
             mask_gradients_(_pruned_module(pl_module), self.masks)
-        if getattr(trainer.precision_plugin, "scaler", None) is None:  # a GradScaler skips non-finite steps itself
+        # A GradScaler skips steps with gradients that are not finite itself (an overflow it cures by a lower scale);
+        # under it, only a loss that is not finite is divergence, checked after the batch.
+        if getattr(trainer.precision_plugin, "scaler", None) is None:
             _check_finite_gradients(trainer, pl_module)
 
     @override
@@ -363,6 +365,8 @@ class ECoFLaPPruning(Callback):
         # every training batch: before any validation, logging or checkpoint can see them.
         if self.masks:
             mask_weights_(_pruned_module(pl_module), self.masks)
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            _check_finite_loss(trainer, outputs, batch_idx)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -851,6 +855,30 @@ def _check_finite_gradients(trainer: pl.Trainer, pl_module: pl.LightningModule) 
             f"Fine-tuning diverged at step {trainer.global_step}: {where} hold NaN or infinite values (the loss is no "
             "longer finite), so that step was not taken. HINT: lower `model.init_args.learning_rate`, set "
             "`trainer.gradient_clip_val`, or check the training data."
+        )
+
+
+def _check_finite_loss(trainer: pl.Trainer, outputs: Any, batch_idx: int) -> None:
+    """Stop fine-tuning under a ``GradScaler`` (``16-mixed`` on GPUs) once the training loss is NaN or infinite.
+
+    The scaler skips every step whose gradients are not finite and lowers its scale, which cures an overflow of the
+    scaled gradients but never a loss that is not finite (the scale multiplies the loss only after it is computed):
+    without this, such a run skipped every step to its end, without a word, and was saved as fine-tuned. With several
+    processes, they agree first (one boolean reduced), so that every rank stops at the same batch.
+
+    Raises:
+        FloatingPointError: the loss of this batch (on this or another process) is not finite; its step was skipped.
+    """
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # no loss returned: nothing to check
+    here = not isinstance(loss, torch.Tensor) or bool(torch.isfinite(loss.detach()).all())
+    finite = trainer.strategy.reduce_boolean_decision(here, all=True) if trainer.world_size > 1 else here
+    if not finite:
+        where = "the training loss" if not here else "the training loss on another process"
+        raise FloatingPointError(
+            f"Fine-tuning diverged at epoch {trainer.current_epoch}, batch {batch_idx}: {where} is NaN or infinite. "
+            "The GradScaler of `16-mixed` skipped that step, as it would skip every later one without end, so "
+            "training stops. HINT: lower `model.init_args.learning_rate`, set `trainer.gradient_clip_val`, use "
+            "`trainer.precision: bf16-mixed`, or check the training data."
         )
 
 

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision
 from safetensors.torch import load_file
 from typing_extensions import override
 
@@ -115,3 +116,36 @@ def test_training_without_a_known_number_of_steps_keeps_the_peak_rate_after_the_
     assert rates == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2])
     params = dict(task.model.named_parameters())
     assert all(torch.count_nonzero(params[name].detach()[~mask]) == 0 for name, mask in pruning.masks.items())
+
+
+class NaNLossFromStep(ToyTask):
+    """A loss that turns NaN from the third batch on, as a bad sample or a broken forward would make it."""
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if batch_idx >= 2 else loss
+
+
+def test_a_loss_that_is_not_finite_under_a_grad_scaler_stops_fit_and_keeps_save_to(tmp_path: Path) -> None:
+    """16-mixed's GradScaler skipped every step of a NaN loss: fit ended with no error after 8 skipped steps, and
+    save_to was written as the model "fine-tuned to step 8"."""
+    save_to = tmp_path / "pruned"
+    pruning = ECoFLaPPruning(**FAST, save_to=str(save_to))
+    trainer = quiet_trainer(
+        # what `precision="16-mixed"` builds on a GPU; the scaler is given here so that the test runs on a CPU
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))],
+        max_steps=8,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[pruning],
+    )
+    with pytest.raises(
+        FloatingPointError, match=r"diverged at epoch 0, batch 2: the training loss is NaN or infinite\..* HINT:"
+    ):
+        trainer.fit(NaNLossFromStep(), datamodule=ToyData())
+    assert trainer.global_step == 3  # two steps taken, the third skipped by the scaler
+    report = json.loads((save_to / "pruning_report.json").read_text())
+    assert report["metadata"]["export"]["fine_tuned_to_step"] is None  # as pruned, before fine-tuning
+    assert all(bool(torch.isfinite(tensor).all()) for tensor in load_file(str(save_to / "model.safetensors")).values())
