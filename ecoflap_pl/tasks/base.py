@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -99,9 +100,15 @@ class EcoflapTask(pl.LightningModule):
                 continue
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
         # The fused kernel updates every tensor in one pass (about 2.5x faster than the default on CPU for the
-        # demo BLIP-2). It serves floating-point tensors on CPU and CUDA, and Lightning refuses to clip gradients
-        # under mixed precision for an optimizer that unscales them itself, as a fused one does: otherwise, the default.
-        fused = not self.trainer.gradient_clip_val and all(
+        # demo BLIP-2) and computes in fp32 whatever the weights' dtype: under `16-true` the default kernel computes
+        # in fp16, where `eps` (1e-8) is 0, so a zero or small gradient (its square underflows) made the weight NaN or
+        # infinite at the first step. It serves floating-point tensors on CPU and CUDA, and Lightning refuses to clip
+        # gradients under mixed precision for an optimizer that unscales them itself, as a fused one does: there, and
+        # on other devices, the default.
+        clipped_under_mixed = bool(self.trainer.gradient_clip_val) and isinstance(
+            self.trainer.precision_plugin, MixedPrecision
+        )
+        fused = not clipped_under_mixed and all(
             param.is_floating_point() and param.device.type in ("cpu", "cuda") for param in decay + no_decay
         )
         optimizer = torch.optim.AdamW(

@@ -149,3 +149,27 @@ def test_a_loss_that_is_not_finite_under_a_grad_scaler_stops_fit_and_keeps_save_
     report = json.loads((save_to / "pruning_report.json").read_text())
     assert report["metadata"]["export"]["fine_tuned_to_step"] is None  # as pruned, before fine-tuning
     assert all(bool(torch.isfinite(tensor).all()) for tensor in load_file(str(save_to / "model.safetensors")).values())
+
+
+def test_fp16_weights_with_clipped_gradients_fine_tune(tmp_path: Path) -> None:
+    """The default AdamW kernel, taken whenever gradients were clipped, computes in the weights' dtype: its `eps`
+    (1e-8) is 0 in fp16, so zero and small gradients gave NaN and infinite weights at the first step, whatever the
+    learning rate, and the divergence check stopped the run with a HINT (lower the rate, clip) that could not help."""
+    pruning = ECoFLaPPruning(**FAST)
+    task = ToyTask(learning_rate=1e-5)
+    dense = {name: param.detach().clone() for name, param in task.model.named_parameters()}
+    trainer = quiet_trainer(
+        precision="16-true",
+        gradient_clip_val=0.5,
+        max_steps=8,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[pruning],
+    )
+    trainer.fit(task, datamodule=ToyData())
+    assert trainer.global_step == 8
+    params = {name: param.detach() for name, param in task.model.named_parameters()}
+    assert all(bool(torch.isfinite(param).all()) for param in params.values())
+    assert all(torch.count_nonzero(params[name][~mask]) == 0 for name, mask in pruning.masks.items())
+    assert any(not torch.equal(params[name][mask], dense[name][mask].half()) for name, mask in pruning.masks.items())

@@ -173,13 +173,22 @@ def test_top1_top5_under_two_process_ddp_equal_one_process(trainer_factory: Call
     assert distributed["val/loss"] == pytest.approx(single["val/loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize(("gradient_clip_val", "fused"), [(None, True), (0.5, None)])
-def test_adamw_is_fused_unless_gradients_are_clipped(
-    trainer_factory: Callable[..., pl.Trainer], gradient_clip_val: float | None, fused: bool | None
+@pytest.mark.parametrize(
+    ("gradient_clip_val", "precision", "fused"),
+    [
+        (None, "32-true", True),
+        (0.5, "32-true", True),
+        (0.5, "16-true", True),
+        (None, "bf16-mixed", True),
+        (0.5, "bf16-mixed", None),
+    ],
+)
+def test_adamw_is_fused_unless_gradients_are_clipped_under_mixed_precision(
+    trainer_factory: Callable[..., pl.Trainer], gradient_clip_val: float | None, precision: str, fused: bool | None
 ) -> None:
     # Lightning refuses to clip gradients under mixed precision with an optimizer that unscales them itself
     task = _timm_task("eva")
-    trainer = trainer_factory(gradient_clip_val=gradient_clip_val, max_steps=1)
+    trainer = trainer_factory(gradient_clip_val=gradient_clip_val, precision=precision, max_steps=1)
     trainer.fit(task, train_dataloaders=DataLoader(_samples(2), batch_size=2, collate_fn=task.collator))
     assert trainer.optimizers[0].defaults["fused"] is fused
 
