@@ -867,7 +867,8 @@ def _check_finite_loss(trainer: pl.Trainer, outputs: Any, batch_idx: int) -> Non
     processes, they agree first (one boolean reduced), so that every rank stops at the same batch.
 
     Raises:
-        FloatingPointError: the loss of this batch (on this or another process) is not finite; its step was skipped.
+        FloatingPointError: the loss of this batch (on this or another process) is not finite; no step took its
+            gradients.
     """
     loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # no loss returned: nothing to check
     here = not isinstance(loss, torch.Tensor) or bool(torch.isfinite(loss.detach()).all())
@@ -876,9 +877,10 @@ def _check_finite_loss(trainer: pl.Trainer, outputs: Any, batch_idx: int) -> Non
         where = "the training loss" if not here else "the training loss on another process"
         raise FloatingPointError(
             f"Fine-tuning diverged at epoch {trainer.current_epoch}, batch {batch_idx}: {where} is NaN or infinite. "
-            "The GradScaler of `16-mixed` skipped that step, as it would skip every later one without end, so "
-            "training stops. HINT: lower `model.init_args.learning_rate`, set `trainer.gradient_clip_val`, use "
-            "`trainer.precision: bf16-mixed`, or check the training data."
+            "The GradScaler of `16-mixed` skips every optimizer step with its gradients (no weight took them), and "
+            "would skip every later one without end, so training stops here. HINT: lower "
+            "`model.init_args.learning_rate`, set `trainer.gradient_clip_val`, use `trainer.precision: bf16-mixed`, "
+            "or check the training data."
         )
 
 
