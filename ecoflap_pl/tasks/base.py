@@ -8,7 +8,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -103,11 +102,9 @@ class EcoflapTask(pl.LightningModule):
         # demo BLIP-2) and computes in fp32 whatever the weights' dtype: under `16-true` the default kernel computes
         # in fp16, where `eps` (1e-8) is 0, so a zero or small gradient (its square underflows) made the weight NaN or
         # infinite at the first step. It serves floating-point tensors on CPU and CUDA, and Lightning refuses to clip
-        # gradients under mixed precision for an optimizer that unscales them itself, as a fused one does: there, and
-        # on other devices, the default.
-        clipped_under_mixed = bool(self.trainer.gradient_clip_val) and isinstance(
-            self.trainer.precision_plugin, MixedPrecision
-        )
+        # gradients under mixed precision for an optimizer that unscales them itself, as a fused one does (FSDP's
+        # plugin would clip the scaled gradients): there, and on other devices, the default.
+        clipped_under_mixed = bool(self.trainer.gradient_clip_val) and "mixed" in str(self.trainer.precision)
         fused = not clipped_under_mixed and all(
             param.is_floating_point() and param.device.type in ("cpu", "cuda") for param in decay + no_decay
         )
