@@ -244,7 +244,7 @@ class EcoflapCLI(LightningCLI):
                 check_model_placement(_model_arguments(self.config.get(self.subcommand)))
                 # Every pruning setting (semi_structured on a machine without a GPU too) is checked by building the
                 # callback, which costs nothing, before the data is read and the model built (it is built after them).
-                ECoFLaPPruning(**self._get(self.config, "pruning").as_dict())
+                self._pruning_callback()
             checked = self._read_data_first() if splits_read is None else splits_read
             super().instantiate_classes()
             if checked is not None and isinstance(self.datamodule, EcoflapDataModule):
@@ -292,22 +292,28 @@ class EcoflapCLI(LightningCLI):
         if main_loop == "train":
             limit_val_batches = self._get(self.config, "trainer").get("limit_val_batches")
             return [main_loop] if limit_val_batches == 0 else [main_loop, "val"]
-        pruning = self._get(self.config, "pruning")
-        if self.subcommand not in pruning.stages or self._starts_pruned(pruning):
+        if self.subcommand not in self._get(self.config, "pruning").stages or self._starts_pruned():
             return [main_loop]
         return [main_loop, "train"]
 
-    def _starts_pruned(self, pruning: Any) -> bool:
+    def _pruning_callback(self) -> ECoFLaPPruning:
+        """The pruning callback that the ``pruning:`` section configures, built from the parsed settings without
+        jsonargparse's meta keys: a section given as a file of its own (``--pruning FILE``) carries its ``__path__``,
+        which the callback does not take."""
+        return ECoFLaPPruning(**self._get(self.config, "pruning").clone(with_meta=False).as_dict())
+
+    def _starts_pruned(self) -> bool:
         """Whether the run starts from a pruned model, which is not pruned again: a ``pretrained`` folder that
         ``save_to`` wrote (unless ``pruning.reuse_saved_masks`` is off), or a ``ckpt_path`` that may hold one (a path
         that is not a file, such as ``last``, counts as one: the check must not refuse a run that would not read the
         training split)."""
-        if pruning.get("reuse_saved_masks", True) and _saved_pretrained(self.config.get(self.subcommand)) is not None:
+        callback = self._pruning_callback()
+        if callback.reuse_saved_masks and _saved_pretrained(self.config.get(self.subcommand)) is not None:
             return True
         ckpt_path = self._get(self.config, "ckpt_path")
         if ckpt_path is None:
             return False
-        return not Path(ckpt_path).is_file() or ECoFLaPPruning(**pruning.as_dict()).checkpoint_is_pruned(ckpt_path)
+        return not Path(ckpt_path).is_file() or callback.checkpoint_is_pruned(ckpt_path)
 
     @override
     def _parse_ckpt_path(self) -> None:
@@ -430,7 +436,7 @@ class EcoflapCLI(LightningCLI):
             ckpt_path = self._get(self.config, "ckpt_path")
             checkpoint = ckpt_path if ckpt_path is not None and Path(ckpt_path).is_file() else None
             callback.check_save_to_before_fit(self.model, checkpoint)
-        if stage in callback.stages and not self._starts_pruned(self._get(self.config, "pruning")):
+        if stage in callback.stages and not self._starts_pruned():
             callback.check_save_to_before_pruning(self.model)  # `setup` leaves a folder holding an export for later
             callback.check_calibration_data(self.datamodule, self.trainer.world_size)
 

@@ -284,6 +284,19 @@ def test_an_argument_of_a_base_class_the_class_does_not_take_is_not_suggested_ba
     assert "did you mean" not in outcome.text
 
 
+def test_a_pruning_section_given_as_a_file_of_its_own_is_read(capsys, tmp_path, demo_data):
+    """`--pruning FILE` (a section's own config file: `--help` lists `--pruning CONFIG`, as `--trainer CONFIG`) was
+    refused with "ECoFLaPPruning.__init__() got an unexpected keyword argument '__path__'", jsonargparse's note of
+    where the section came from."""
+    section = tmp_path / "pruning.yaml"
+    section.write_text("sparsity: 0.3\nallocation: uniform\n", encoding="utf-8")
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), "--pruning", str(section))
+    assert outcome.code == 0, outcome.text[-3000:]
+    report = json.loads((tmp_path / "run" / "pruning_report.json").read_text(encoding="utf-8"))
+    assert (report["config"]["sparsity"], report["config"]["allocation"]) == (0.3, "uniform")
+    assert report["config"]["coarse_samples"] == 4  # the -c file's other settings are kept
+
+
 def test_missing_config_file(capsys, tmp_path):
     short_error(run_ecoflap(capsys, "validate", "-c", str(tmp_path / "nope.yaml")), "File does not exist")
 
