@@ -95,6 +95,8 @@ def unknown_option_hint(message: str, parser: ArgumentParser) -> str | None:
                 f"HINT: {class_path.rpartition('.')[2]} does not take `{given}`, though a class it derives from does: "
                 f"{listing} lists the arguments it takes."
             )
+        owner = f"an argument of {class_path.rpartition('.')[2]}"
+        return _close_option_hint(given, known) or _other_section_hint(given, _parser_options(parser), owner)
     return _close_option_hint(given, known)
 
 
@@ -111,7 +113,29 @@ def _close_option_hint(given: str, known: list[str]) -> str | None:
         return f"HINT: did you mean '{siblings[close[0]]}'?"
     sections = {option.rpartition(".")[0] for option in known if f"{option.rpartition('.')[0]}.{name}" == option}
     section = difflib.get_close_matches(prefix, sorted(sections - {""}), n=1, cutoff=0.75) if prefix else []
-    return f"HINT: did you mean '{section[0]}.{name}'?" if section else None
+    if section:
+        return f"HINT: did you mean '{section[0]}.{name}'?"
+    return _other_section_hint(given, known)
+
+
+def _other_section_hint(given: str, known: list[str], owner: str | None = None) -> str | None:
+    """The hint for an option put in another section than its own: ``pruning.compare_dense`` or
+    ``trainer.seed_everything`` (top-level options), ``data.init_args.sparsity`` (a pruning option; ``given`` is then
+    the bare name the class refused, and ``owner`` says whose argument it is not), or a section's file holding its
+    section's name again (``--pruning FILE`` of a file that starts with ``pruning:``); None when no option of
+    ``known`` has that name."""
+    prefix, _, name = given.rpartition(".")
+    first, _, rest = prefix.partition(".")
+    if first and rest == first:
+        return (
+            f"HINT: a file given as `--{first} FILE` holds the settings of the `{first}:` section alone; this one "
+            f"names the section again: give it with -c instead (-c FILE merges a whole config)."
+        )
+    elsewhere = [f"'{option}'" for option in known if option.rpartition(".")[2] == name and option != given]
+    if not elsewhere:
+        return None
+    not_here = owner or (f"an option of the `{prefix}:` section" if prefix else "a top-level option")
+    return f"HINT: did you mean {' or '.join(elsewhere)}? `{name}` is not {not_here}."
 
 
 def _other_subcommands_option_hint(given: str, subcommand: str, elsewhere: list[str]) -> str:

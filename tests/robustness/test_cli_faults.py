@@ -258,6 +258,52 @@ def test_a_misspelt_section_in_the_config_file_names_the_section_meant(capsys, t
     short_error(outcome, f"does not accept option '{typo}.", f"HINT: did you mean '{section}.")
 
 
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        (
+            {"pruning": {"compare_dense": True}},
+            "HINT: did you mean 'compare_dense'? `compare_dense` is not an option of the `pruning:` section.",
+        ),
+        (
+            {"trainer": {"ckpt_path": "last"}},
+            "HINT: did you mean 'ckpt_path'? `ckpt_path` is not an option of the `trainer:` section.",
+        ),
+        (
+            {"trainer": {"seed_everything": 3}},
+            "HINT: did you mean 'seed_everything'? `seed_everything` is not an option of the `trainer:` section.",
+        ),
+        (
+            {"data": {"init_args": {"sparsity": 0.3}}},
+            "HINT: did you mean 'pruning.sparsity'? `sparsity` is not an argument of ImageNetDataModule.",
+        ),
+    ],
+)
+def test_an_option_in_another_section_than_its_own_names_its_section(capsys, tmp_path, demo_data, section, expected):
+    """An option of another section (a top-level one under `pruning:` or `trainer:`, a pruning one among the data's
+    arguments) was refused without a hint: the hint looked only among the options of the section it was put in."""
+    config = yaml.safe_load(Path(vit_config(tmp_path, demo_data)).read_text(encoding="utf-8"))
+    name, settings = next(iter(section.items()))
+    settings = {"init_args": {**config[name]["init_args"], **settings["init_args"]}} if name == "data" else settings
+    config[name] = {**config[name], **settings}
+    path = tmp_path / "misplaced.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    short_error(run_ecoflap(capsys, "validate", "-c", str(path)), expected)
+
+
+def test_a_section_file_that_names_its_section_again_says_to_give_it_with_c(capsys, tmp_path, demo_data):
+    """`--pruning configs/pruning/wanda.yaml` (a whole config, its settings under `pruning:`) was refused as "does not
+    accept option 'pruning.pruning.sparsity'" without a hint."""
+    wanda = Path(__file__).parents[2] / "configs" / "pruning" / "wanda.yaml"
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), "--pruning", str(wanda))
+    short_error(
+        outcome,
+        "does not accept option 'pruning.pruning.sparsity'",
+        "HINT: a file given as `--pruning FILE` holds the settings of the `pruning:` section alone; this one names the "
+        "section again: give it with -c instead",
+    )
+
+
 def test_a_command_line_without_a_subcommand_or_a_config_says_how_a_run_is_given(capsys, tmp_path, demo_data):
     """`ecoflap` alone, `ecoflap fit` alone and a config without its `data:` section named what was missing, not how a
     run is given."""
