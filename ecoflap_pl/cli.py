@@ -41,6 +41,11 @@ from rich.text import Text
 from torch import nn
 from typing_extensions import override
 
+# The demo's tasks and DataModules are imported so that their short names resolve as the library's do (`--model
+# DemoVQATask`, `--model.help DemoVQATask`): jsonargparse finds a short name among the subclasses imported, so they
+# were found only after a config had named one by its import path.
+import ecoflap_pl.demo.datamodules  # noqa: F401
+import ecoflap_pl.demo.tasks  # noqa: F401
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.callbacks.checkpoint_file import check_checkpoint_file, use_whole_file_checkpoints
 from ecoflap_pl.callbacks.export import saved_model_folder

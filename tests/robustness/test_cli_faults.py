@@ -9,6 +9,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -289,6 +291,18 @@ def test_an_option_in_another_section_than_its_own_names_its_section(capsys, tmp
     path = tmp_path / "misplaced.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     short_error(run_ecoflap(capsys, "validate", "-c", str(path)), expected)
+
+
+def test_the_demo_classes_resolve_by_their_short_names(tmp_path):
+    """`ecoflap validate --model.help DemoVQATask` was "Expected a dot import path string: DemoVQATask" (the library's
+    `--model.help VQATask` worked): jsonargparse finds a short name among the subclasses imported, and the demo's
+    module was imported only once a config named one of its classes by its import path. A new process, so that no
+    earlier test has imported it."""
+    command = [sys.executable, "-m", "ecoflap_pl", "validate", "--model.help=DemoVQATask"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Help for --model.help=ecoflap_pl.demo.tasks.DemoVQATask" in done.stdout
+    assert "--model.num_beams" in done.stdout
 
 
 def test_a_section_file_that_names_its_section_again_says_to_give_it_with_c(capsys, tmp_path, demo_data):
