@@ -63,7 +63,7 @@ from ecoflap_pl.entry_point import (
 )
 from ecoflap_pl.export import has_saved_masks
 from ecoflap_pl.hardware_check import check_model_placement, check_trainer_hardware
-from ecoflap_pl.option_hints import mapping_option_hint, missing_input_hint, unknown_option_hint
+from ecoflap_pl.option_hints import mapping_option_hint, missing_input_hint, unknown_class_hint, unknown_option_hint
 from ecoflap_pl.tasks.base import EcoflapTask
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,12 @@ class EcoflapCLI(LightningCLI):
                 super().parse_arguments(parser, args)
         except ArgumentError as error:
             message = str(error)
-            hint = unknown_option_hint(message, parser) or mapping_option_hint(message) or missing_input_hint(message)
+            hint = (
+                unknown_option_hint(message, parser)
+                or unknown_class_hint(message)
+                or mapping_option_hint(message)
+                or missing_input_hint(message)
+            )
             if hint is None:
                 raise
             raise ConfigurationError(f"{error}\n{hint}") from error  # its own line: the summary keeps it

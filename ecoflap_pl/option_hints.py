@@ -42,6 +42,54 @@ def mapping_option_hint(message: str) -> str | None:
     return f"HINT: `{option}` is a mapping, e.g. {_MAPPING_EXAMPLES[option]}."
 
 
+_UNKNOWN_CLASS = re.compile(
+    r"""(?:Parser key "|--)(model|data)\b.*?(?:Expected a dot import path string: ([\w.]+)"""
+    r"|given class_path '([\w.]+)':\s*(?:module '[\w.]+' has no attribute|No module named))",
+    re.DOTALL,
+)
+_CLASS_PACKAGES = {
+    "model": ("ecoflap_pl.tasks.base.EcoflapTask", ("ecoflap_pl.tasks", "ecoflap_pl.demo.tasks")),
+    "data": ("ecoflap_pl.datamodules.EcoflapDataModule", ("ecoflap_pl.datamodules", "ecoflap_pl.demo.datamodules")),
+}
+"""For ``model`` and ``data``: the base class every choice derives from, and the packages that hold the choices."""
+
+
+def unknown_class_hint(message: str) -> str | None:
+    """``HINT:`` for a task or DataModule class that could not be found (``--model VQATsk``, a misspelt ``class_path``,
+    ``--model.help`` of a class whose module is not imported): the closest class name, with its import path, and the
+    classes there are (the parser names only the path it could not import); None for any other error."""
+    found = _UNKNOWN_CLASS.search(message)
+    if found is None:
+        return None
+    section, given = found.group(1), found.group(2) or found.group(3)
+    per_package = _public_classes(section)
+    by_name = {name: f"{package}.{name}" for package, names in per_package.items() for name in names}
+    close = difflib.get_close_matches(given.rpartition(".")[2], list(by_name), n=1, cutoff=0.8)
+    meant = f"did you mean '{by_name[close[0]]}'? " if close else ""
+    listing = "; ".join(f"{package}.{{{', '.join(names)}}}" for package, names in per_package.items())
+    return f"HINT: {meant}The {_CLASS_KINDS[section]}: {listing} (`--{section}.help PATH` lists one's arguments)."
+
+
+_CLASS_KINDS = {"model": "tasks", "data": "DataModules"}
+
+
+def _public_classes(section: str) -> dict[str, list[str]]:
+    """The classes ``section`` (``model`` or ``data``) takes, by package: those of its packages that derive from its
+    base class, each under the package that exports it."""
+    base_path, packages = _CLASS_PACKAGES[section]
+    module_name, _, base_name = base_path.rpartition(".")
+    base = getattr(importlib.import_module(module_name), base_name)
+    found: dict[str, list[str]] = {}
+    for package in packages:
+        module = importlib.import_module(package)
+        for name in sorted(getattr(module, "__all__", dir(module))):
+            value = getattr(module, name, None)
+            if inspect.isclass(value) and issubclass(value, base) and value is not base:
+                if value.__module__.startswith(package):  # not a class the package imports from another one
+                    found.setdefault(package, []).append(name)
+    return found
+
+
 _NO_SUBCOMMAND = re.compile(r'expected "subcommand" to be one of')
 _REQUIRED = re.compile(r"the following arguments are required: ([\w., ]+)")
 _DEMO_RUN = "`ecoflap validate -c configs/demo/blip2_vqa.yaml` (configs/README.md lists the configs)"

@@ -293,6 +293,35 @@ def test_an_option_in_another_section_than_its_own_names_its_section(capsys, tmp
     short_error(run_ecoflap(capsys, "validate", "-c", str(path)), expected)
 
 
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        (
+            "--model=ecoflap_pl.tasks.VQATsk",
+            "HINT: did you mean 'ecoflap_pl.tasks.VQATask'? The tasks: ecoflap_pl.tasks.{",
+        ),
+        (
+            "--data=ecoflap_pl.datamodules.ImageNetDataModul",
+            "HINT: did you mean 'ecoflap_pl.datamodules.ImageNetDataModule'? The DataModules: ecoflap_pl.datamodules.{",
+        ),
+        ("--model.help=DemoVQATsk", "HINT: did you mean 'ecoflap_pl.demo.tasks.DemoVQATask'? The tasks: "),
+        ("--model=my_tasks.Task", "HINT: The tasks: ecoflap_pl.tasks.{CaptioningTask, ClassificationTask, "),
+    ],
+)
+def test_a_task_or_datamodule_class_not_found_lists_the_classes(capsys, tmp_path, demo_data, option, expected):
+    """A misspelt class (`--model`, `class_path:`, `--model.help`) or one that cannot be imported was "module
+    'ecoflap_pl.tasks' has no attribute 'VQATsk'" or "Expected a dot import path string: DemoVQATsk": no class named,
+    nor where the classes are."""
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), option)
+    short_error(
+        outcome,
+        expected,
+        "ecoflap_pl.demo.tasks.{DemoCaptioningTask, DemoClassificationTask, DemoVQATask}"
+        if "--model" in option
+        else "ecoflap_pl.demo.datamodules.{",
+    )
+
+
 def test_the_demo_classes_resolve_by_their_short_names(tmp_path):
     """`ecoflap validate --model.help DemoVQATask` was "Expected a dot import path string: DemoVQATask" (the library's
     `--model.help VQATask` worked): jsonargparse finds a short name among the subclasses imported, and the demo's
