@@ -360,6 +360,13 @@ class EcoflapCLI(LightningCLI):
 
     @override
     def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand not in ("validate", "test") and self._get(self.config, "compare_dense"):
+            warn_on_rank_zero(
+                "`compare_dense` is ignored by `%s`: it evaluates the dense model beside the pruned one in `validate` "
+                "and `test` only. HINT: run `ecoflap validate` (or `test`) with this config to compare them; set "
+                "compare_dense false to leave this out.",
+                subcommand,
+            )
         try:
             self._resolve_ckpt_path(subcommand)
             self._check_before_launch(subcommand)

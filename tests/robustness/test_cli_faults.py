@@ -334,6 +334,19 @@ def test_the_demo_classes_resolve_by_their_short_names(tmp_path):
     assert "--model.num_beams" in done.stdout
 
 
+def test_compare_dense_given_to_a_subcommand_that_does_not_evaluate_says_it_is_ignored(capsys, tmp_path, demo_data):
+    """`--compare_dense true` (the demo ViT config sets it) was silently ignored by `prune`, `fit` and `predict`."""
+    outcome = run_ecoflap(
+        capsys, "prune", "-c", vit_config(tmp_path, demo_data), "--compare_dense=true", "--pruning.progress=false"
+    )
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert (
+        "`compare_dense` is ignored by `prune`: it evaluates the dense model beside the pruned one in" in outcome.text
+    )
+    assert "HINT: run `ecoflap validate` (or `test`) with this config to compare them" in outcome.text
+    assert "Dense vs pruned" not in outcome.text
+
+
 def test_a_section_file_that_names_its_section_again_says_to_give_it_with_c(capsys, tmp_path, demo_data):
     """`--pruning configs/pruning/wanda.yaml` (a whole config, its settings under `pruning:`) was refused as "does not
     accept option 'pruning.pruning.sparsity'" without a hint."""
