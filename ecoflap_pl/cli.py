@@ -9,6 +9,7 @@ are the ``pruning:`` section (the arguments of :class:`~ecoflap_pl.callbacks.ECo
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import logging
 import os
@@ -251,6 +252,7 @@ class EcoflapCLI(LightningCLI):
         try:
             if self.subcommand is not None:
                 check_trainer_hardware(self._get(self.config, "trainer"))
+                _check_no_pruning_callback_in_trainer(self._get(self.config, "trainer"))
                 check_model_placement(_model_arguments(self.config.get(self.subcommand)))
                 # Every pruning setting (semi_structured on a machine without a GPU too) is checked by building the
                 # callback, which costs nothing, before the data is read and the model built (it is built after them).
@@ -543,6 +545,32 @@ class EcoflapCLI(LightningCLI):
             if pruned_checkpoint:
                 notes.append("dense: the model the config builds, without the checkpoint")
             Console().print(comparison_table(dense[0] if dense else {}, pruned[0] if pruned else {}, sparsity, notes))
+
+
+def _check_no_pruning_callback_in_trainer(trainer_settings: Any) -> None:
+    """Refuse an :class:`~ecoflap_pl.callbacks.ECoFLaPPruning` under ``trainer.callbacks`` (where a plain LightningCLI
+    config puts its callbacks) before anything is built: the command adds its own from the ``pruning:`` section, and
+    Lightning refused the second one when it built the Trainer, with a traceback ("Found more than one stateful
+    callback of type `ECoFLaPPruning`").
+
+    Raises:
+        ConfigurationError: naming the ``trainer.callbacks`` entry.
+    """
+    callbacks = trainer_settings.get("callbacks") if trainer_settings is not None else None
+    listed: list[Any] = callbacks if isinstance(callbacks, list) else [callbacks]
+    for callback in listed:
+        class_path = callback.get("class_path") if hasattr(callback, "get") else None
+        module_name, _, name = str(class_path).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError, ValueError):
+            continue
+        if isinstance(cls, type) and issubclass(cls, ECoFLaPPruning):
+            raise ConfigurationError(
+                f"`trainer.callbacks` holds {class_path}, but the pruning callback is configured by the `pruning:` "
+                "section, which adds it to every run. HINT: remove it from trainer.callbacks and put its init_args "
+                "under `pruning:` (`ecoflap validate --help` lists them)."
+            )
 
 
 _CKPT_PATH_WORDS = ("last", "best", "hpc")

@@ -347,6 +347,21 @@ def test_compare_dense_given_to_a_subcommand_that_does_not_evaluate_says_it_is_i
     assert "Dense vs pruned" not in outcome.text
 
 
+def test_a_pruning_callback_under_trainer_callbacks_is_refused_before_the_model(capsys, tmp_path, demo_data):
+    """`--trainer.callbacks+=ecoflap_pl.callbacks.ECoFLaPPruning` (where a LightningCLI config puts callbacks) ended
+    in a traceback once the data was read and the model built: Lightning's "Found more than one stateful callback of
+    type `ECoFLaPPruning`" beside the one of the `pruning:` section, exit status 1."""
+    option = "--trainer.callbacks+=ecoflap_pl.callbacks.ECoFLaPPruning"
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), option)
+    short_error(
+        outcome,
+        "`trainer.callbacks` holds ecoflap_pl.callbacks.ECoFLaPPruning, but the pruning callback is configured by the "
+        "`pruning:` section, which adds it to every run. HINT: remove it from trainer.callbacks and put its init_args "
+        "under `pruning:`",
+    )
+    assert "Traceback" not in outcome.text and not (tmp_path / "run").exists()
+
+
 def test_a_section_file_that_names_its_section_again_says_to_give_it_with_c(capsys, tmp_path, demo_data):
     """`--pruning configs/pruning/wanda.yaml` (a whole config, its settings under `pruning:`) was refused as "does not
     accept option 'pruning.pruning.sparsity'" without a hint."""
