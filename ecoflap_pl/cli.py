@@ -64,7 +64,13 @@ from ecoflap_pl.entry_point import (
 )
 from ecoflap_pl.export import has_saved_masks
 from ecoflap_pl.hardware_check import check_model_placement, check_trainer_hardware
-from ecoflap_pl.option_hints import mapping_option_hint, missing_input_hint, unknown_class_hint, unknown_option_hint
+from ecoflap_pl.option_hints import (
+    config_before_subcommand_hint,
+    mapping_option_hint,
+    missing_input_hint,
+    unknown_class_hint,
+    unknown_option_hint,
+)
 from ecoflap_pl.tasks.base import EcoflapTask
 
 log = logging.getLogger(__name__)
@@ -237,6 +243,7 @@ class EcoflapCLI(LightningCLI):
                 or unknown_class_hint(message)
                 or mapping_option_hint(message)
                 or missing_input_hint(message)
+                or config_before_subcommand_hint(message)
             )
             if hint is None:
                 raise

@@ -90,6 +90,22 @@ def _public_classes(section: str) -> dict[str, list[str]]:
     return found
 
 
+_BEFORE_SUBCOMMAND = re.compile(r"Option '[\w.]+' is not accepted before subcommand '(\w+)'")
+
+
+def config_before_subcommand_hint(message: str) -> str | None:
+    """``HINT:`` for a config given before the subcommand (``ecoflap -c FILE validate``), whose options the parser
+    refused one by one; None for any other error."""
+    found = _BEFORE_SUBCOMMAND.search(message)
+    if found is None:
+        return None
+    subcommand = found.group(1)
+    return (
+        f"HINT: give the config after the subcommand, `ecoflap {subcommand} -c FILE`: before it, a config must hold "
+        f"each subcommand's settings under the subcommand's name (`{subcommand}:`)."
+    )
+
+
 _NO_SUBCOMMAND = re.compile(r'expected "subcommand" to be one of')
 _REQUIRED = re.compile(r"the following arguments are required: ([\w., ]+)")
 _DEMO_RUN = "`ecoflap validate -c configs/demo/blip2_vqa.yaml` (configs/README.md lists the configs)"

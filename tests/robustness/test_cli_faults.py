@@ -362,6 +362,18 @@ def test_a_pruning_callback_under_trainer_callbacks_is_refused_before_the_model(
     assert "Traceback" not in outcome.text and not (tmp_path / "run").exists()
 
 
+def test_a_config_given_before_the_subcommand_says_to_give_it_after(capsys, tmp_path, demo_data):
+    """`ecoflap -c FILE validate` was refused as "Option 'model.class_path' is not accepted before subcommand
+    'validate'" (or the first option of the file), without how to give it."""
+    outcome = run_ecoflap(capsys, "-c", vit_config(tmp_path, demo_data), "validate")
+    short_error(
+        outcome,
+        "is not accepted before subcommand 'validate'",
+        "HINT: give the config after the subcommand, `ecoflap validate -c FILE`: before it, a config must hold each "
+        "subcommand's settings under the subcommand's name (`validate:`).",
+    )
+
+
 def test_a_section_file_that_names_its_section_again_says_to_give_it_with_c(capsys, tmp_path, demo_data):
     """`--pruning configs/pruning/wanda.yaml` (a whole config, its settings under `pruning:`) was refused as "does not
     accept option 'pruning.pruning.sparsity'" without a hint."""
