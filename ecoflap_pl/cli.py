@@ -62,7 +62,7 @@ from ecoflap_pl.entry_point import (
     installed_versions,
     stopped_by_sigint,
 )
-from ecoflap_pl.export import has_saved_masks
+from ecoflap_pl.export import check_writable_folder, has_saved_masks
 from ecoflap_pl.hardware_check import check_model_placement, check_trainer_hardware
 from ecoflap_pl.option_hints import (
     config_before_subcommand_hint,
@@ -260,6 +260,7 @@ class EcoflapCLI(LightningCLI):
             if self.subcommand is not None:
                 check_trainer_hardware(self._get(self.config, "trainer"))
                 _check_no_pruning_callback_in_trainer(self._get(self.config, "trainer"))
+                _check_default_root_dir(self._get(self.config, "trainer"))
                 check_model_placement(_model_arguments(self.config.get(self.subcommand)))
                 # Every pruning setting (semi_structured on a machine without a GPU too) is checked by building the
                 # callback, which costs nothing, before the data is read and the model built (it is built after them).
@@ -578,6 +579,24 @@ def _check_no_pruning_callback_in_trainer(trainer_settings: Any) -> None:
                 "section, which adds it to every run. HINT: remove it from trainer.callbacks and put its init_args "
                 "under `pruning:` (`ecoflap validate --help` lists them)."
             )
+
+
+def _check_default_root_dir(trainer_settings: Any) -> None:
+    """Check that the run's folder, ``trainer.default_root_dir`` (default: the working directory), can be written,
+    where the Trainer writes there: the ``config.yaml`` of every run and, with the default logger or none, the logs
+    and checkpoints (a logger of its own writes where its ``save_dir`` says). Lightning first writes it once the data
+    is read and the model built (minutes for a large one), and a folder it cannot make was only "[Errno 20] Not a
+    directory: ...", without the option.
+
+    Raises:
+        FileExistsError: the folder or one of its parents is a file.
+        PermissionError: it cannot be written.
+    """
+    if trainer_settings is None or not isinstance(trainer_settings.get("logger"), bool | None):
+        return
+    root = trainer_settings.get("default_root_dir") or os.getcwd()
+    if "://" not in str(root):  # a remote folder is Lightning's to reach
+        check_writable_folder(root, option="trainer.default_root_dir")
 
 
 _CKPT_PATH_WORDS = ("last", "best", "hpc")

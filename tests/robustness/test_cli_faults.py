@@ -374,6 +374,22 @@ def test_a_config_given_before_the_subcommand_says_to_give_it_after(capsys, tmp_
     )
 
 
+def test_a_default_root_dir_that_cannot_be_made_is_refused_before_the_model(capsys, tmp_path, demo_data):
+    """A `trainer.default_root_dir` below a file was "error (NotADirectoryError): [Errno 20] Not a directory: ...",
+    without the option, raised when Lightning first wrote the run's config.yaml there: once the data was read and the
+    model built."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("", encoding="utf-8")
+    option = f"--trainer.default_root_dir={blocker / 'runs'}"
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), option)
+    short_error(
+        outcome,
+        f"`trainer.default_root_dir` is '{blocker / 'runs'}', but {blocker} is a file, so no folder can be made below "
+        "it. HINT: choose a path whose parents are folders.",
+    )
+    assert "Validation" not in outcome.text and "ECoFLaP:" not in outcome.text
+
+
 def test_a_section_file_that_names_its_section_again_says_to_give_it_with_c(capsys, tmp_path, demo_data):
     """`--pruning configs/pruning/wanda.yaml` (a whole config, its settings under `pruning:`) was refused as "does not
     accept option 'pruning.pruning.sparsity'" without a hint."""
