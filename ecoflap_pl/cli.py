@@ -9,6 +9,7 @@ are the ``pruning:`` section (the arguments of :class:`~ecoflap_pl.callbacks.ECo
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import logging
 import os
@@ -41,6 +42,11 @@ from rich.text import Text
 from torch import nn
 from typing_extensions import override
 
+# The demo's tasks and DataModules are imported so that their short names resolve as the library's do (`--model
+# DemoVQATask`, `--model.help DemoVQATask`): jsonargparse finds a short name among the subclasses imported, so they
+# were found only after a config had named one by its import path.
+import ecoflap_pl.demo.datamodules  # noqa: F401
+import ecoflap_pl.demo.tasks  # noqa: F401
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.callbacks.checkpoint_file import check_checkpoint_file, use_whole_file_checkpoints
 from ecoflap_pl.callbacks.export import saved_model_folder
@@ -56,9 +62,15 @@ from ecoflap_pl.entry_point import (
     installed_versions,
     stopped_by_sigint,
 )
-from ecoflap_pl.export import has_saved_masks
+from ecoflap_pl.export import check_writable_folder, has_saved_masks
 from ecoflap_pl.hardware_check import check_model_placement, check_trainer_hardware
-from ecoflap_pl.option_hints import mapping_option_hint, missing_input_hint, unknown_option_hint
+from ecoflap_pl.option_hints import (
+    config_before_subcommand_hint,
+    mapping_option_hint,
+    missing_input_hint,
+    unknown_class_hint,
+    unknown_option_hint,
+)
 from ecoflap_pl.tasks.base import EcoflapTask
 
 log = logging.getLogger(__name__)
@@ -226,7 +238,13 @@ class EcoflapCLI(LightningCLI):
                 super().parse_arguments(parser, args)
         except ArgumentError as error:
             message = str(error)
-            hint = unknown_option_hint(message, parser) or mapping_option_hint(message) or missing_input_hint(message)
+            hint = (
+                unknown_option_hint(message, parser)
+                or unknown_class_hint(message)
+                or mapping_option_hint(message)
+                or missing_input_hint(message)
+                or config_before_subcommand_hint(message)
+            )
             if hint is None:
                 raise
             raise ConfigurationError(f"{error}\n{hint}") from error  # its own line: the summary keeps it
@@ -241,10 +259,12 @@ class EcoflapCLI(LightningCLI):
         try:
             if self.subcommand is not None:
                 check_trainer_hardware(self._get(self.config, "trainer"))
+                _check_no_pruning_callback_in_trainer(self._get(self.config, "trainer"))
+                _check_default_root_dir(self._get(self.config, "trainer"))
                 check_model_placement(_model_arguments(self.config.get(self.subcommand)))
                 # Every pruning setting (semi_structured on a machine without a GPU too) is checked by building the
                 # callback, which costs nothing, before the data is read and the model built (it is built after them).
-                ECoFLaPPruning(**self._get(self.config, "pruning").as_dict())
+                self._pruning_callback()
             checked = self._read_data_first() if splits_read is None else splits_read
             super().instantiate_classes()
             if checked is not None and isinstance(self.datamodule, EcoflapDataModule):
@@ -292,22 +312,28 @@ class EcoflapCLI(LightningCLI):
         if main_loop == "train":
             limit_val_batches = self._get(self.config, "trainer").get("limit_val_batches")
             return [main_loop] if limit_val_batches == 0 else [main_loop, "val"]
-        pruning = self._get(self.config, "pruning")
-        if self.subcommand not in pruning.stages or self._starts_pruned(pruning):
+        if self.subcommand not in self._get(self.config, "pruning").stages or self._starts_pruned():
             return [main_loop]
         return [main_loop, "train"]
 
-    def _starts_pruned(self, pruning: Any) -> bool:
+    def _pruning_callback(self) -> ECoFLaPPruning:
+        """The pruning callback that the ``pruning:`` section configures, built from the parsed settings without
+        jsonargparse's meta keys: a section given as a file of its own (``--pruning FILE``) carries its ``__path__``,
+        which the callback does not take."""
+        return ECoFLaPPruning(**self._get(self.config, "pruning").clone(with_meta=False).as_dict())
+
+    def _starts_pruned(self) -> bool:
         """Whether the run starts from a pruned model, which is not pruned again: a ``pretrained`` folder that
         ``save_to`` wrote (unless ``pruning.reuse_saved_masks`` is off), or a ``ckpt_path`` that may hold one (a path
         that is not a file, such as ``last``, counts as one: the check must not refuse a run that would not read the
         training split)."""
-        if pruning.get("reuse_saved_masks", True) and _saved_pretrained(self.config.get(self.subcommand)) is not None:
+        callback = self._pruning_callback()
+        if callback.reuse_saved_masks and _saved_pretrained(self.config.get(self.subcommand)) is not None:
             return True
         ckpt_path = self._get(self.config, "ckpt_path")
         if ckpt_path is None:
             return False
-        return not Path(ckpt_path).is_file() or ECoFLaPPruning(**pruning.as_dict()).checkpoint_is_pruned(ckpt_path)
+        return not Path(ckpt_path).is_file() or callback.checkpoint_is_pruned(ckpt_path)
 
     @override
     def _parse_ckpt_path(self) -> None:
@@ -344,6 +370,13 @@ class EcoflapCLI(LightningCLI):
 
     @override
     def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand not in ("validate", "test") and self._get(self.config, "compare_dense"):
+            warn_on_rank_zero(
+                "`compare_dense` is ignored by `%s`: it evaluates the dense model beside the pruned one in `validate` "
+                "and `test` only. HINT: run `ecoflap validate` (or `test`) with this config to compare them; set "
+                "compare_dense false to leave this out.",
+                subcommand,
+            )
         try:
             self._resolve_ckpt_path(subcommand)
             self._check_before_launch(subcommand)
@@ -430,7 +463,7 @@ class EcoflapCLI(LightningCLI):
             ckpt_path = self._get(self.config, "ckpt_path")
             checkpoint = ckpt_path if ckpt_path is not None and Path(ckpt_path).is_file() else None
             callback.check_save_to_before_fit(self.model, checkpoint)
-        if stage in callback.stages and not self._starts_pruned(self._get(self.config, "pruning")):
+        if stage in callback.stages and not self._starts_pruned():
             callback.check_save_to_before_pruning(self.model)  # `setup` leaves a folder holding an export for later
             callback.check_calibration_data(self.datamodule, self.trainer.world_size)
 
@@ -520,6 +553,50 @@ class EcoflapCLI(LightningCLI):
             if pruned_checkpoint:
                 notes.append("dense: the model the config builds, without the checkpoint")
             Console().print(comparison_table(dense[0] if dense else {}, pruned[0] if pruned else {}, sparsity, notes))
+
+
+def _check_no_pruning_callback_in_trainer(trainer_settings: Any) -> None:
+    """Refuse an :class:`~ecoflap_pl.callbacks.ECoFLaPPruning` under ``trainer.callbacks`` (where a plain LightningCLI
+    config puts its callbacks) before anything is built: the command adds its own from the ``pruning:`` section, and
+    Lightning refused the second one when it built the Trainer, with a traceback ("Found more than one stateful
+    callback of type `ECoFLaPPruning`").
+
+    Raises:
+        ConfigurationError: naming the ``trainer.callbacks`` entry.
+    """
+    callbacks = trainer_settings.get("callbacks") if trainer_settings is not None else None
+    listed: list[Any] = callbacks if isinstance(callbacks, list) else [callbacks]
+    for callback in listed:
+        class_path = callback.get("class_path") if hasattr(callback, "get") else None
+        module_name, _, name = str(class_path).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError, ValueError):
+            continue
+        if isinstance(cls, type) and issubclass(cls, ECoFLaPPruning):
+            raise ConfigurationError(
+                f"`trainer.callbacks` holds {class_path}, but the pruning callback is configured by the `pruning:` "
+                "section, which adds it to every run. HINT: remove it from trainer.callbacks and put its init_args "
+                "under `pruning:` (`ecoflap validate --help` lists them)."
+            )
+
+
+def _check_default_root_dir(trainer_settings: Any) -> None:
+    """Check that the run's folder, ``trainer.default_root_dir`` (default: the working directory), can be written,
+    where the Trainer writes there: the ``config.yaml`` of every run and, with the default logger or none, the logs
+    and checkpoints (a logger of its own writes where its ``save_dir`` says). Lightning first writes it once the data
+    is read and the model built (minutes for a large one), and a folder it cannot make was only "[Errno 20] Not a
+    directory: ...", without the option.
+
+    Raises:
+        FileExistsError: the folder or one of its parents is a file.
+        PermissionError: it cannot be written.
+    """
+    if trainer_settings is None or not isinstance(trainer_settings.get("logger"), bool | None):
+        return
+    root = trainer_settings.get("default_root_dir") or os.getcwd()
+    if "://" not in str(root):  # a remote folder is Lightning's to reach
+        check_writable_folder(root, option="trainer.default_root_dir")
 
 
 _CKPT_PATH_WORDS = ("last", "best", "hpc")

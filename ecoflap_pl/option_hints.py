@@ -42,6 +42,70 @@ def mapping_option_hint(message: str) -> str | None:
     return f"HINT: `{option}` is a mapping, e.g. {_MAPPING_EXAMPLES[option]}."
 
 
+_UNKNOWN_CLASS = re.compile(
+    r"""(?:Parser key "|--)(model|data)\b.*?(?:Expected a dot import path string: ([\w.]+)"""
+    r"|given class_path '([\w.]+)':\s*(?:module '[\w.]+' has no attribute|No module named))",
+    re.DOTALL,
+)
+_CLASS_PACKAGES = {
+    "model": ("ecoflap_pl.tasks.base.EcoflapTask", ("ecoflap_pl.tasks", "ecoflap_pl.demo.tasks")),
+    "data": ("ecoflap_pl.datamodules.EcoflapDataModule", ("ecoflap_pl.datamodules", "ecoflap_pl.demo.datamodules")),
+}
+"""For ``model`` and ``data``: the base class every choice derives from, and the packages that hold the choices."""
+
+
+def unknown_class_hint(message: str) -> str | None:
+    """``HINT:`` for a task or DataModule class that could not be found (``--model VQATsk``, a misspelt ``class_path``,
+    ``--model.help`` of a class whose module is not imported): the closest class name, with its import path, and the
+    classes there are (the parser names only the path it could not import); None for any other error."""
+    found = _UNKNOWN_CLASS.search(message)
+    if found is None:
+        return None
+    section, given = found.group(1), found.group(2) or found.group(3)
+    per_package = _public_classes(section)
+    by_name = {name: f"{package}.{name}" for package, names in per_package.items() for name in names}
+    close = difflib.get_close_matches(given.rpartition(".")[2], list(by_name), n=1, cutoff=0.8)
+    meant = f"did you mean '{by_name[close[0]]}'? " if close else ""
+    listing = "; ".join(f"{package}.{{{', '.join(names)}}}" for package, names in per_package.items())
+    return f"HINT: {meant}The {_CLASS_KINDS[section]}: {listing} (`--{section}.help PATH` lists one's arguments)."
+
+
+_CLASS_KINDS = {"model": "tasks", "data": "DataModules"}
+
+
+def _public_classes(section: str) -> dict[str, list[str]]:
+    """The classes ``section`` (``model`` or ``data``) takes, by package: those of its packages that derive from its
+    base class, each under the package that exports it."""
+    base_path, packages = _CLASS_PACKAGES[section]
+    module_name, _, base_name = base_path.rpartition(".")
+    base = getattr(importlib.import_module(module_name), base_name)
+    found: dict[str, list[str]] = {}
+    for package in packages:
+        module = importlib.import_module(package)
+        for name in sorted(getattr(module, "__all__", dir(module))):
+            value = getattr(module, name, None)
+            if inspect.isclass(value) and issubclass(value, base) and value is not base:
+                if value.__module__.startswith(package):  # not a class the package imports from another one
+                    found.setdefault(package, []).append(name)
+    return found
+
+
+_BEFORE_SUBCOMMAND = re.compile(r"Option '[\w.]+' is not accepted before subcommand '(\w+)'")
+
+
+def config_before_subcommand_hint(message: str) -> str | None:
+    """``HINT:`` for a config given before the subcommand (``ecoflap -c FILE validate``), whose options the parser
+    refused one by one; None for any other error."""
+    found = _BEFORE_SUBCOMMAND.search(message)
+    if found is None:
+        return None
+    subcommand = found.group(1)
+    return (
+        f"HINT: give the config after the subcommand, `ecoflap {subcommand} -c FILE`: before it, a config must hold "
+        f"each subcommand's settings under the subcommand's name (`{subcommand}:`)."
+    )
+
+
 _NO_SUBCOMMAND = re.compile(r'expected "subcommand" to be one of')
 _REQUIRED = re.compile(r"the following arguments are required: ([\w., ]+)")
 _DEMO_RUN = "`ecoflap validate -c configs/demo/blip2_vqa.yaml` (configs/README.md lists the configs)"
@@ -95,6 +159,8 @@ def unknown_option_hint(message: str, parser: ArgumentParser) -> str | None:
                 f"HINT: {class_path.rpartition('.')[2]} does not take `{given}`, though a class it derives from does: "
                 f"{listing} lists the arguments it takes."
             )
+        owner = f"an argument of {class_path.rpartition('.')[2]}"
+        return _close_option_hint(given, known) or _other_section_hint(given, _parser_options(parser), owner)
     return _close_option_hint(given, known)
 
 
@@ -111,7 +177,29 @@ def _close_option_hint(given: str, known: list[str]) -> str | None:
         return f"HINT: did you mean '{siblings[close[0]]}'?"
     sections = {option.rpartition(".")[0] for option in known if f"{option.rpartition('.')[0]}.{name}" == option}
     section = difflib.get_close_matches(prefix, sorted(sections - {""}), n=1, cutoff=0.75) if prefix else []
-    return f"HINT: did you mean '{section[0]}.{name}'?" if section else None
+    if section:
+        return f"HINT: did you mean '{section[0]}.{name}'?"
+    return _other_section_hint(given, known)
+
+
+def _other_section_hint(given: str, known: list[str], owner: str | None = None) -> str | None:
+    """The hint for an option put in another section than its own: ``pruning.compare_dense`` or
+    ``trainer.seed_everything`` (top-level options), ``data.init_args.sparsity`` (a pruning option; ``given`` is then
+    the bare name the class refused, and ``owner`` says whose argument it is not), or a section's file holding its
+    section's name again (``--pruning FILE`` of a file that starts with ``pruning:``); None when no option of
+    ``known`` has that name."""
+    prefix, _, name = given.rpartition(".")
+    first, _, rest = prefix.partition(".")
+    if first and rest == first:
+        return (
+            f"HINT: a file given as `--{first} FILE` holds the settings of the `{first}:` section alone; this one "
+            f"names the section again: give it with -c instead (-c FILE merges a whole config)."
+        )
+    elsewhere = [f"'{option}'" for option in known if option.rpartition(".")[2] == name and option != given]
+    if not elsewhere:
+        return None
+    not_here = owner or (f"an option of the `{prefix}:` section" if prefix else "a top-level option")
+    return f"HINT: did you mean {' or '.join(elsewhere)}? `{name}` is not {not_here}."
 
 
 def _other_subcommands_option_hint(given: str, subcommand: str, elsewhere: list[str]) -> str:

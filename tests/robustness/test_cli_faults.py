@@ -9,6 +9,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -258,6 +260,149 @@ def test_a_misspelt_section_in_the_config_file_names_the_section_meant(capsys, t
     short_error(outcome, f"does not accept option '{typo}.", f"HINT: did you mean '{section}.")
 
 
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        (
+            {"pruning": {"compare_dense": True}},
+            "HINT: did you mean 'compare_dense'? `compare_dense` is not an option of the `pruning:` section.",
+        ),
+        (
+            {"trainer": {"ckpt_path": "last"}},
+            "HINT: did you mean 'ckpt_path'? `ckpt_path` is not an option of the `trainer:` section.",
+        ),
+        (
+            {"trainer": {"seed_everything": 3}},
+            "HINT: did you mean 'seed_everything'? `seed_everything` is not an option of the `trainer:` section.",
+        ),
+        (
+            {"data": {"init_args": {"sparsity": 0.3}}},
+            "HINT: did you mean 'pruning.sparsity'? `sparsity` is not an argument of ImageNetDataModule.",
+        ),
+    ],
+)
+def test_an_option_in_another_section_than_its_own_names_its_section(capsys, tmp_path, demo_data, section, expected):
+    """An option of another section (a top-level one under `pruning:` or `trainer:`, a pruning one among the data's
+    arguments) was refused without a hint: the hint looked only among the options of the section it was put in."""
+    config = yaml.safe_load(Path(vit_config(tmp_path, demo_data)).read_text(encoding="utf-8"))
+    name, settings = next(iter(section.items()))
+    settings = {"init_args": {**config[name]["init_args"], **settings["init_args"]}} if name == "data" else settings
+    config[name] = {**config[name], **settings}
+    path = tmp_path / "misplaced.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    short_error(run_ecoflap(capsys, "validate", "-c", str(path)), expected)
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        (
+            "--model=ecoflap_pl.tasks.VQATsk",
+            "HINT: did you mean 'ecoflap_pl.tasks.VQATask'? The tasks: ecoflap_pl.tasks.{",
+        ),
+        (
+            "--data=ecoflap_pl.datamodules.ImageNetDataModul",
+            "HINT: did you mean 'ecoflap_pl.datamodules.ImageNetDataModule'? The DataModules: ecoflap_pl.datamodules.{",
+        ),
+        ("--model.help=DemoVQATsk", "HINT: did you mean 'ecoflap_pl.demo.tasks.DemoVQATask'? The tasks: "),
+        ("--model=my_tasks.Task", "HINT: The tasks: ecoflap_pl.tasks.{CaptioningTask, ClassificationTask, "),
+    ],
+)
+def test_a_task_or_datamodule_class_not_found_lists_the_classes(capsys, tmp_path, demo_data, option, expected):
+    """A misspelt class (`--model`, `class_path:`, `--model.help`) or one that cannot be imported was "module
+    'ecoflap_pl.tasks' has no attribute 'VQATsk'" or "Expected a dot import path string: DemoVQATsk": no class named,
+    nor where the classes are."""
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), option)
+    short_error(
+        outcome,
+        expected,
+        "ecoflap_pl.demo.tasks.{DemoCaptioningTask, DemoClassificationTask, DemoVQATask}"
+        if "--model" in option
+        else "ecoflap_pl.demo.datamodules.{",
+    )
+
+
+def test_the_demo_classes_resolve_by_their_short_names(tmp_path):
+    """`ecoflap validate --model.help DemoVQATask` was "Expected a dot import path string: DemoVQATask" (the library's
+    `--model.help VQATask` worked): jsonargparse finds a short name among the subclasses imported, and the demo's
+    module was imported only once a config named one of its classes by its import path. A new process, so that no
+    earlier test has imported it."""
+    command = [sys.executable, "-m", "ecoflap_pl", "validate", "--model.help=DemoVQATask"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Help for --model.help=ecoflap_pl.demo.tasks.DemoVQATask" in done.stdout
+    assert "--model.num_beams" in done.stdout
+
+
+def test_compare_dense_given_to_a_subcommand_that_does_not_evaluate_says_it_is_ignored(capsys, tmp_path, demo_data):
+    """`--compare_dense true` (the demo ViT config sets it) was silently ignored by `prune`, `fit` and `predict`."""
+    outcome = run_ecoflap(
+        capsys, "prune", "-c", vit_config(tmp_path, demo_data), "--compare_dense=true", "--pruning.progress=false"
+    )
+    assert outcome.code == 0, outcome.text[-3000:]
+    assert (
+        "`compare_dense` is ignored by `prune`: it evaluates the dense model beside the pruned one in" in outcome.text
+    )
+    assert "HINT: run `ecoflap validate` (or `test`) with this config to compare them" in outcome.text
+    assert "Dense vs pruned" not in outcome.text
+
+
+def test_a_pruning_callback_under_trainer_callbacks_is_refused_before_the_model(capsys, tmp_path, demo_data):
+    """`--trainer.callbacks+=ecoflap_pl.callbacks.ECoFLaPPruning` (where a LightningCLI config puts callbacks) ended
+    in a traceback once the data was read and the model built: Lightning's "Found more than one stateful callback of
+    type `ECoFLaPPruning`" beside the one of the `pruning:` section, exit status 1."""
+    option = "--trainer.callbacks+=ecoflap_pl.callbacks.ECoFLaPPruning"
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), option)
+    short_error(
+        outcome,
+        "`trainer.callbacks` holds ecoflap_pl.callbacks.ECoFLaPPruning, but the pruning callback is configured by the "
+        "`pruning:` section, which adds it to every run. HINT: remove it from trainer.callbacks and put its init_args "
+        "under `pruning:`",
+    )
+    assert "Traceback" not in outcome.text and not (tmp_path / "run").exists()
+
+
+def test_a_config_given_before_the_subcommand_says_to_give_it_after(capsys, tmp_path, demo_data):
+    """`ecoflap -c FILE validate` was refused as "Option 'model.class_path' is not accepted before subcommand
+    'validate'" (or the first option of the file), without how to give it."""
+    outcome = run_ecoflap(capsys, "-c", vit_config(tmp_path, demo_data), "validate")
+    short_error(
+        outcome,
+        "is not accepted before subcommand 'validate'",
+        "HINT: give the config after the subcommand, `ecoflap validate -c FILE`: before it, a config must hold each "
+        "subcommand's settings under the subcommand's name (`validate:`).",
+    )
+
+
+def test_a_default_root_dir_that_cannot_be_made_is_refused_before_the_model(capsys, tmp_path, demo_data):
+    """A `trainer.default_root_dir` below a file was "error (NotADirectoryError): [Errno 20] Not a directory: ...",
+    without the option, raised when Lightning first wrote the run's config.yaml there: once the data was read and the
+    model built."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("", encoding="utf-8")
+    option = f"--trainer.default_root_dir={blocker / 'runs'}"
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), option)
+    short_error(
+        outcome,
+        f"`trainer.default_root_dir` is '{blocker / 'runs'}', but {blocker} is a file, so no folder can be made below "
+        "it. HINT: choose a path whose parents are folders.",
+    )
+    assert "Validation" not in outcome.text and "ECoFLaP:" not in outcome.text
+
+
+def test_a_section_file_that_names_its_section_again_says_to_give_it_with_c(capsys, tmp_path, demo_data):
+    """`--pruning configs/pruning/wanda.yaml` (a whole config, its settings under `pruning:`) was refused as "does not
+    accept option 'pruning.pruning.sparsity'" without a hint."""
+    wanda = Path(__file__).parents[2] / "configs" / "pruning" / "wanda.yaml"
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), "--pruning", str(wanda))
+    short_error(
+        outcome,
+        "does not accept option 'pruning.pruning.sparsity'",
+        "HINT: a file given as `--pruning FILE` holds the settings of the `pruning:` section alone; this one names the "
+        "section again: give it with -c instead",
+    )
+
+
 def test_a_command_line_without_a_subcommand_or_a_config_says_how_a_run_is_given(capsys, tmp_path, demo_data):
     """`ecoflap` alone, `ecoflap fit` alone and a config without its `data:` section named what was missing, not how a
     run is given."""
@@ -282,6 +427,19 @@ def test_an_argument_of_a_base_class_the_class_does_not_take_is_not_suggested_ba
         "ecoflap_pl.demo.datamodules.DemoImageNetDataModule` lists the arguments it takes.",
     )
     assert "did you mean" not in outcome.text
+
+
+def test_a_pruning_section_given_as_a_file_of_its_own_is_read(capsys, tmp_path, demo_data):
+    """`--pruning FILE` (a section's own config file: `--help` lists `--pruning CONFIG`, as `--trainer CONFIG`) was
+    refused with "ECoFLaPPruning.__init__() got an unexpected keyword argument '__path__'", jsonargparse's note of
+    where the section came from."""
+    section = tmp_path / "pruning.yaml"
+    section.write_text("sparsity: 0.3\nallocation: uniform\n", encoding="utf-8")
+    outcome = run_ecoflap(capsys, "validate", "-c", vit_config(tmp_path, demo_data), "--pruning", str(section))
+    assert outcome.code == 0, outcome.text[-3000:]
+    report = json.loads((tmp_path / "run" / "pruning_report.json").read_text(encoding="utf-8"))
+    assert (report["config"]["sparsity"], report["config"]["allocation"]) == (0.3, "uniform")
+    assert report["config"]["coarse_samples"] == 4  # the -c file's other settings are kept
 
 
 def test_missing_config_file(capsys, tmp_path):
