@@ -19,10 +19,11 @@ MODEL_FOLDERS = 64
 """How many subfolders of a ``pretrained`` folder without config.json are searched for a model to name."""
 
 
-def expand_home(pretrained: str | None) -> str | None:
-    """``pretrained`` with a leading ``~`` expanded, as every local path is: a config file, which no shell expands, may
-    name a saved model ``~/models/pruned``, and ``from_pretrained`` would take it for a malformed hub name."""
-    return None if pretrained is None else os.path.expanduser(pretrained)
+def expand_home(name_or_path: str | None) -> str | None:
+    """A ``pretrained`` or ``tokenizer`` argument with a leading ``~`` expanded, as every local path is: a config file,
+    which no shell expands, may name a saved model ``~/models/pruned``, and ``from_pretrained`` would take it for a
+    malformed hub name."""
+    return None if name_or_path is None else os.path.expanduser(name_or_path)
 
 
 def check_model_source(pretrained: str | None, model_config: Any, example: str = "Salesforce/blip2-opt-2.7b") -> None:

@@ -134,7 +134,7 @@ class PromptedGenerationTask(EcoflapTask):
     ) -> None:
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps)
         self.save_hyperparameters()  # collects the subclass's arguments too
-        pretrained = expand_home(pretrained)
+        pretrained, tokenizer = expand_home(pretrained), expand_home(tokenizer)
         check_generation(num_beams, max_new_tokens, min_new_tokens, max_text_length)
         self.config = load_config(pretrained, model_config, architecture)
         self.architecture, self.family_adapter = resolve_architecture(architecture, self.config, self.task_kind)

@@ -97,7 +97,7 @@ class LanguageModelingTask(EcoflapTask):
     ) -> None:
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps)
         self.save_hyperparameters()
-        pretrained = expand_home(pretrained)
+        pretrained, tokenizer = expand_home(pretrained), expand_home(tokenizer)
         if max_length < 2:
             raise ValueError(f"`max_length` must be >= 2, got {max_length!r}.")
         config = load_config(pretrained, model_config)

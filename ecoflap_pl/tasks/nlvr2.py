@@ -97,7 +97,7 @@ class NLVR2Task(EcoflapTask):
     ) -> None:
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps)
         self.save_hyperparameters()
-        pretrained = expand_home(pretrained)
+        pretrained, tokenizer = expand_home(pretrained), expand_home(tokenizer)
         check_tokenizer_source(model_config, tokenizer)
         config = load_config(pretrained, model_config, "vilt", example="dandelin/vilt-b32-finetuned-nlvr2")
         self.family_adapter = family_for(config.model_type, "nlvr2")

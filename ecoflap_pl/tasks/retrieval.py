@@ -96,7 +96,7 @@ class RetrievalTask(EcoflapTask):
     ) -> None:
         super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_steps)
         self.save_hyperparameters()
-        pretrained = expand_home(pretrained)
+        pretrained, tokenizer = expand_home(pretrained), expand_home(tokenizer)
         check_tokenizer_source(model_config, tokenizer)
         if temperature <= 0:
             raise ValueError(f"`temperature` must be > 0, got {temperature!r}. HINT: BLIP starts at 0.07.")

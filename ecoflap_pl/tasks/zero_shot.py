@@ -81,7 +81,7 @@ class ZeroShotClassificationTask(ImageClassificationTask):
                 "ClassificationTask(timm_model=...) for a timm classifier, or pretrained: openai/clip-vit-base-patch16."
             )
         check_tokenizer_source(model_config, tokenizer)
-        pretrained = expand_home(pretrained)
+        pretrained, tokenizer = expand_home(pretrained), expand_home(tokenizer)
         if model_config is not None:
             model_config = {"model_type": "clip", **model_config}  # CLIP unless the dict names its type
         config = load_config(pretrained, model_config, example="openai/clip-vit-base-patch16")

@@ -238,6 +238,9 @@ def test_a_task_loads_a_saved_folder_named_from_the_home_folder(
     expected = saved.model.state_dict()
     assert all(torch.equal(tensor, expected[key]) for key, tensor in task.model.state_dict().items())
     assert task.tokenizer.get_vocab() == saved.tokenizer.get_vocab()
+    # `tokenizer` too (before: the same hub-name error)
+    with_tokenizer = LanguageModelingTask(pretrained="~/models/pruned", tokenizer="~/models/pruned")
+    assert with_tokenizer.tokenizer.get_vocab() == saved.tokenizer.get_vocab()
 
 
 @pytest.mark.parametrize(
