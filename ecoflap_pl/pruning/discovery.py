@@ -126,25 +126,33 @@ def _check_weights_not_shared(model: nn.Module, stacks: list[Stack], candidates:
     selected_stacks = {candidate.stack for candidate in candidates}
     for stack in stacks:
         entries = _entries(modules[stack.name]) if stack.name in selected_stacks else []
-        repeated = [index for index, entry in enumerate(entries) if any(entry is other for other in entries[:index])]
-        if repeated:
-            first = next(index for index, entry in enumerate(entries) if entry is entries[repeated[0]])
+        repeated = _first_repeat(id(entry) for entry in entries)
+        if repeated is not None:
             prefix = f"{stack.name}." if stack.name else ""
             raise ValueError(
-                f"The stack `{stack.name or type(model).__name__}` holds the same block object at positions {first} "
-                f"and {repeated[0]} (its weights are shared across depths): each weight is pruned once, from the "
-                f"inputs of one position. HINT: leave the stack out with `exclude: ['{prefix}*']`, or give each "
-                "position a block of its own."
+                f"The stack `{stack.name or type(model).__name__}` holds the same block object at positions "
+                f"{repeated[0]} and {repeated[1]} (its weights are shared across depths): each weight is pruned once, "
+                f"from the inputs of one position. HINT: leave the stack out with `exclude: ['{prefix}*']`, or give "
+                "each position a block of its own."
             )
-    names_of: dict[int, list[str]] = {}
-    for candidate in candidates:
-        names_of.setdefault(id(model.get_parameter(candidate.name)), []).append(candidate.name)
-    shared = next((names for names in names_of.values() if len(names) > 1), None)
-    if shared is not None:
+    repeated = _first_repeat(id(model.get_parameter(candidate.name)) for candidate in candidates)
+    if repeated is not None:
+        first, again = (candidates[index].name for index in repeated)
         raise ValueError(
-            f"The weights {shared[0]} and {shared[1]} are one tensor, shared by two blocks: each weight is pruned "
-            f"once, from the inputs of one position. HINT: leave one of them out with `exclude: ['{shared[1]}']`."
+            f"The weights {first} and {again} are one tensor, shared by two blocks: each weight is pruned once, from "
+            f"the inputs of one position. HINT: leave one of them out with `exclude: ['{again}']`."
         )
+
+
+def _first_repeat(keys: Iterable[int]) -> tuple[int, int] | None:
+    """The positions of the first key met again in ``keys``: where it was first, and where it came again; None when
+    every key differs."""
+    first_at: dict[int, int] = {}
+    for index, key in enumerate(keys):
+        first = first_at.setdefault(key, index)
+        if first != index:
+            return first, index
+    return None
 
 
 def order_stacks(
