@@ -60,10 +60,14 @@ def _encode_bitmask(weight: torch.Tensor, mask: torch.Tensor) -> dict[str, torch
     }
 
 
+def _stored_mask(bitmask: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """The boolean mask a format's ``bitmask`` and ``shape`` tensors store."""
+    return unpack_mask(bitmask, tuple(int(size) for size in shape.flatten()))  # type: ignore[arg-type]
+
+
 def _decode_bitmask(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = tuple(int(size) for size in parts["shape"].flatten())
-    mask = unpack_mask(parts["bitmask"], shape)  # type: ignore[arg-type]
-    weight = torch.zeros(shape, dtype=parts["compressed"].dtype)
+    mask = _stored_mask(parts["bitmask"], parts["shape"])
+    weight = torch.zeros(mask.shape, dtype=parts["compressed"].dtype)
     weight[mask] = parts["compressed"].flatten()
     return weight, mask
 
@@ -126,8 +130,7 @@ def read_bitmasks(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     for name, packed in tensors.items():
         if name.endswith(".bitmask"):
             module = name.removesuffix(".bitmask")
-            shape = tuple(int(size) for size in tensors[f"{module}.shape"].flatten())
-            masks[f"{module}.weight"] = unpack_mask(packed, shape)  # type: ignore[arg-type]
+            masks[f"{module}.weight"] = _stored_mask(packed, tensors[f"{module}.shape"])
     return masks
 
 
