@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from ecoflap_pl.export import is_sparse_export, load_pruned_state_dict
 from ecoflap_pl.models.hub_access import hub_model_errors, timm_hub_model
+from ecoflap_pl.models.loading import expand_home
 from ecoflap_pl.tasks.image_classification import ImageClassificationTask
 
 
@@ -67,6 +68,17 @@ class ClassificationTask(ImageClassificationTask):
         config = dict(model_config or {})
         overlay = config.get("pretrained_cfg_overlay")
         local_file = overlay.get("file") if isinstance(overlay, dict) else None
+        if isinstance(overlay, dict) and isinstance(local_file, str):
+            # a config file's `~/...` reaches timm unexpanded (no shell reads it), and timm's loader answers a file it
+            # cannot find with a FileNotFoundError that has no message
+            local_file = expand_home(local_file)
+            overlay = config["pretrained_cfg_overlay"] = {**overlay, "file": local_file}
+            if pretrained and not Path(local_file).is_file():
+                raise FileNotFoundError(
+                    f"`model_config.pretrained_cfg_overlay.file` {local_file!r} is not a file. HINT: name the "
+                    "checkpoint itself (a .safetensors, .pth or .bin file; for a `pruning.save_to` folder, its "
+                    "model.safetensors)."
+                )
         if local_file is not None and not pretrained:
             raise ValueError(
                 f"`model_config.pretrained_cfg_overlay.file` is {local_file!r}, but `pretrained` is {pretrained!r}: "
@@ -79,7 +91,7 @@ class ClassificationTask(ImageClassificationTask):
             config["pretrained_cfg_overlay"] = {"num_classes": config["num_classes"], **overlay}
         hub_model = timm_hub_model(timm_model) if pretrained and local_file is None else None
         # timm cannot decode the file of a `pruning.save_to` folder written in a sparse save_format: decoded here
-        folder = Path(local_file).expanduser().parent if local_file is not None else None
+        folder = Path(local_file).parent if local_file is not None else None
         sparse_export = folder if folder is not None and is_sparse_export(folder) else None
         with hub_model_errors(hub_model) if hub_model is not None else nullcontext():
             self.model = timm.create_model(timm_model, pretrained=bool(pretrained) and not sparse_export, **config)

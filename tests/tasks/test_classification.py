@@ -333,3 +333,25 @@ def test_a_local_file_without_pretrained_is_refused(tmp_path: Path, pretrained: 
         ValueError, match=r"timm loads that file only with pretrained weights.*HINT: set pretrained: true"
     ):
         ClassificationTask(timm_model=TIMM_ARCHITECTURES["vit"], pretrained=pretrained, model_config=config)
+
+
+def test_a_local_file_named_from_the_home_folder_is_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pretrained_cfg_overlay: {file: ~/model.safetensors}` in a config file, which no shell expands (before: timm's
+    bare `FileNotFoundError` with no message)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    trained = _timm_task("vit")
+    save_file({k: v.contiguous() for k, v in trained.model.state_dict().items()}, tmp_path / "model.safetensors")
+    config = _timm_config() | {"pretrained_cfg_overlay": {"file": "~/model.safetensors"}}
+    loaded = ClassificationTask(timm_model=TIMM_ARCHITECTURES["vit"], pretrained=True, model_config=config)
+    assert loaded.model.pretrained_cfg["file"] == str(tmp_path / "model.safetensors")
+    for name, tensor in trained.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("name", ["missing.safetensors", "."])
+def test_a_local_file_that_is_not_a_file_is_named(tmp_path: Path, name: str) -> None:
+    """A missing file (or the `save_to` folder instead of its model.safetensors) ended in timm's `FileNotFoundError`
+    with no message and no path."""
+    config = _timm_config() | {"pretrained_cfg_overlay": {"file": str(tmp_path / name)}}
+    with pytest.raises(FileNotFoundError, match=r"pretrained_cfg_overlay.file.*is not a file\. HINT: name the"):
+        ClassificationTask(timm_model=TIMM_ARCHITECTURES["vit"], pretrained=True, model_config=config)
