@@ -113,6 +113,12 @@ def _caption_compute(
     if spice:
         _require_spice()
     gts = _tokenize({i: [{"caption": ref} for ref in refs] for i, refs in enumerate(references)})
+    if not any(ref for refs in gts.values() for ref in refs):
+        # pycocoevalcap's ROUGE-L and CIDEr end in "max() arg is an empty sequence" on such a corpus
+        raise ValueError(
+            f"Every reference caption of the {len(references)} samples is empty once PTB-tokenised (the tokenizer "
+            f"drops punctuation), e.g. {references[0]!r}. HINT: check the caption fields of the annotation file."
+        )
     res = _tokenize({i: [{"caption": pred}] for i, pred in enumerate(predictions)})
     scores: dict[str, float] = {}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)

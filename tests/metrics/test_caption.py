@@ -74,3 +74,14 @@ def test_update_rejects_bad_input(predictions, references, ids, error, match) ->
 def test_compute_without_samples_raises() -> None:
     with pytest.raises(ValueError, match="at least one sample"):
         CaptionScores().compute()
+
+
+@pytest.mark.parametrize("references", [[[""]], [["", " "], ["..."]]])
+def test_a_corpus_of_empty_references_is_named(references: list[list[str]]) -> None:
+    """References that are all empty once PTB-tokenised (blank, or punctuation only) ended in pycocoevalcap's
+    "max() arg is an empty sequence" from ROUGE-L / CIDEr."""
+    predictions = ["a dog", "a cat"][: len(references)]
+    with pytest.raises(ValueError, match=r"Every reference caption of the \d samples is empty once PTB-tokenised"):
+        caption_scores(predictions, references)
+    # one empty reference beside real ones is scored as pycocoevalcap scores it
+    assert caption_scores(["a dog", "a cat"], [["a dog"], [""]])["bleu_1"] > 0
