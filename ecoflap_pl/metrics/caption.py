@@ -8,8 +8,12 @@ first, and SPICE downloads Stanford CoreNLP models on first use, which cannot wo
 from __future__ import annotations
 
 import logging
+import os
 import shutil
-from collections.abc import Sequence
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -89,10 +93,36 @@ def _caption_update(
     return [_clean(p) for p in predictions], cleaned_refs
 
 
+@contextmanager
+def _without_tokenizer_summary() -> Iterator[None]:
+    """Drop the "PTBTokenizer tokenized N tokens at R tokens per second." line that Stanford's tokenizer prints on
+    every call, keeping anything else it (or Python) writes to standard error meanwhile.
+
+    pycocoevalcap starts the Java tokenizer with the parent's standard error and offers no option to quiet it, so the
+    file descriptor itself is redirected to a temporary file for the call and what it received is written back,
+    less that line.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not line.startswith("PTBTokenizer tokenized ")))
+            sys.stderr.flush()
+
+
 def _tokenize(captions: dict[int, list[dict[str, str]]]) -> dict[int, list[str]]:
     expected = {key: len(value) for key, value in captions.items()}
     try:
-        tokenized = PTBTokenizer().tokenize(captions)
+        with _without_tokenizer_summary():
+            tokenized = PTBTokenizer().tokenize(captions)
     except PermissionError as err:
         raise PermissionError(
             f"pycocoevalcap's PTBTokenizer writes a temporary file next to its jar and could not: {err}. "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -10,7 +13,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from ecoflap_pl.metrics import CAPTION_SCORE_KEYS, CaptionScores, caption_scores
-from ecoflap_pl.metrics.caption import _missing_spice_models
+from ecoflap_pl.metrics.caption import _missing_spice_models, _without_tokenizer_summary
 from tests.metrics.metric_data import CAPTION_IDS, CAPTION_PREDICTIONS, CAPTION_REFERENCES
 
 
@@ -85,3 +88,15 @@ def test_a_corpus_of_empty_references_is_named(references: list[list[str]]) -> N
         caption_scores(predictions, references)
     # one empty reference beside real ones is scored as pycocoevalcap scores it
     assert caption_scores(["a dog", "a cat"], [["a dog"], [""]])["bleu_1"] > 0
+
+
+def test_the_tokenizer_s_summary_line_is_not_printed(capfd: pytest.CaptureFixture[str]) -> None:
+    """Stanford's PTB tokenizer printed "PTBTokenizer tokenized N tokens at R tokens per second." to standard error
+    twice per evaluation (four lines in the captioning demo's first run); anything else written there is kept."""
+    caption_scores(["a dog runs"], [["a dog running", "a brown dog"]])
+    assert "PTBTokenizer" not in capfd.readouterr().err
+    with _without_tokenizer_summary():
+        os.write(2, b"PTBTokenizer tokenized 3 tokens at 10.0 tokens per second.\nException in thread main\n")
+        print("a Python warning", file=sys.stderr)
+    # (pytest's capfd points sys.stderr at its capture directly, so the two lines' order is not the terminal's)
+    assert sorted(capfd.readouterr().err.splitlines()) == ["Exception in thread main", "a Python warning"]
