@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ def describe_batch(batch: Any) -> str:
     """The shapes of a batch's tensors, e.g. ``"pixel_values (2, 3, 32, 32), input_ids (2, 7)"``, for errors."""
     if isinstance(batch, torch.Tensor):
         return f"tensor {tuple(batch.shape)}"
-    items = batch.items() if isinstance(batch, dict) else enumerate(batch) if isinstance(batch, (list, tuple)) else ()
+    items = batch.items() if isinstance(batch, Mapping) else enumerate(batch) if isinstance(batch, list | tuple) else ()
     shapes = [f"{key} {tuple(value.shape)}" for key, value in items if isinstance(value, torch.Tensor)]
     return ", ".join(shapes) or type(batch).__name__
 
