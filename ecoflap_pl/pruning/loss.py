@@ -12,26 +12,61 @@ from torch import nn
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
+def _named_tensors(batch: Any) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a batch with their keys (a tensor alone is ``"tensor"``): those of a mapping (a dict, a
+    tokenizer's ``BatchEncoding``), a list or a tuple."""
+    if isinstance(batch, torch.Tensor):
+        return [("tensor", batch)]
+    items = batch.items() if isinstance(batch, Mapping) else enumerate(batch) if isinstance(batch, list | tuple) else ()
+    return [(str(key), value) for key, value in items if isinstance(value, torch.Tensor)]
+
+
 def describe_batch(batch: Any) -> str:
     """The shapes of a batch's tensors, e.g. ``"pixel_values (2, 3, 32, 32), input_ids (2, 7)"``, for errors."""
-    if isinstance(batch, torch.Tensor):
-        return f"tensor {tuple(batch.shape)}"
-    items = batch.items() if isinstance(batch, Mapping) else enumerate(batch) if isinstance(batch, list | tuple) else ()
-    shapes = [f"{key} {tuple(value.shape)}" for key, value in items if isinstance(value, torch.Tensor)]
+    shapes = [f"{key} {tuple(value.shape)}" for key, value in _named_tensors(batch)]
     return ", ".join(shapes) or type(batch).__name__
 
 
-def run_on_batch(run: Callable[[Any], Any], batch: Any, batch_id: int) -> Any:
-    """``run(batch)``, naming the calibration batch and its shapes when the forward pass fails (a shape mismatch)."""
+def _failure_hint(model: nn.Module, batch: Any) -> str:
+    """The likeliest cause of a failed forward pass: the batch's tensors on another device than the model's weights,
+    or floating-point ones of another dtype (a model that does not cast its inputs), else a shape that differs from
+    the other batches'."""
+    tensors = _named_tensors(batch)
+    devices = {param.device for param in model.parameters()}
+    elsewhere = [f"{key} on {value.device}" for key, value in tensors if value.device not in devices]
+    if elsewhere:
+        return (
+            f"HINT: the batch holds {', '.join(elsewhere)}, the model's weights are on "
+            f"{', '.join(sorted(map(str, devices)))}: the calibration batches are used as given; move them to the "
+            "model's device."
+        )
+    dtypes = {param.dtype for param in model.parameters() if param.is_floating_point()}
+    other = [
+        f"{key} {value.dtype}" for key, value in tensors if value.is_floating_point() and value.dtype not in dtypes
+    ]
+    if other:
+        return (
+            f"HINT: the batch holds {', '.join(other)}, the model's weights are "
+            f"{', '.join(sorted(str(dtype) for dtype in dtypes))}: cast them to the model's dtype, in the batches or "
+            "in `loss_fn`."
+        )
+    return (
+        "HINT: when only some batches fail, check that they are shaped like the others (same image size, padded "
+        "text): the calibration data and the collator."
+    )
+
+
+def run_on_batch(loss_fn: LossFn, model: nn.Module, batch: Any, batch_id: int) -> Any:
+    """``loss_fn(model, batch)``, naming the calibration batch, its shapes and the likely cause when the forward pass
+    fails (tensors on another device or of another dtype than the model's weights, a shape mismatch)."""
     try:
-        return run(batch)
+        return loss_fn(model, batch)
     except torch.OutOfMemoryError:
         raise  # keeps its type: callers and users handle running out of memory on their own
     except RuntimeError as error:
         raise RuntimeError(
             f"The forward pass failed on calibration batch {batch_id} ({describe_batch(batch)}): {error} "
-            "HINT: when only some batches fail, check that they are shaped like the others (same image size, padded "
-            "text): the calibration data and the collator."
+            f"{_failure_hint(model, batch)}"
         ) from error
 
 
@@ -51,7 +86,7 @@ def checked_loss(loss_fn: LossFn, model: nn.Module, batch: Any, batch_id: int) -
         FloatingPointError: when the loss is NaN or infinite, naming the calibration batch, or the weight that is
             already NaN or infinite.
     """
-    loss = run_on_batch(lambda item: loss_fn(model, item), batch, batch_id)
+    loss = run_on_batch(loss_fn, model, batch, batch_id)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise TypeError(
             f"`loss_fn` must return a scalar tensor, got {type(loss).__name__}"
