@@ -95,7 +95,7 @@ def sparsegpt_prune_(
                 if comparison == "per_row":
                     block_pruned = ~row_count_mask(metric, _share(per_row, start, end, cols))
                 else:
-                    count = int(_share(torch.tensor(total), start, end, cols))
+                    count = int(_share(torch.tensor(total, device="cpu"), start, end, cols))
                     block_pruned = ~matrix_count_mask(metric, count)
             for j in range(end - start):
                 if n_m is not None and j % n_m[1] == 0:

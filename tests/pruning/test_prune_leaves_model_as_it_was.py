@@ -231,6 +231,23 @@ def test_pruning_under_inference_mode_prunes_as_outside_it(family, importance):
     assert torch.equal(weight.grad, mask.to(weight.dtype))
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_caller_s_default_device_does_not_reach_pruning(method):
+    """``prune()`` inside ``with torch.device(...)`` (or after ``torch.set_default_device``), as a notebook that
+    builds its tensors on a default device: SparseGPT made its per-block counts there, and failed on one that holds
+    no data ("Tensor.item() cannot be called on meta tensors"; on a GPU, one sync per column block)."""
+    config = _config("zeroth_order", method, "unstructured")
+    reference, batches, loss_fn = family_case("llama")
+    prune(reference, batches, loss_fn, config)
+    model, _, _ = family_case("llama")
+    before = capture(model)
+    with torch.device("meta"):
+        result = prune(model, batches, loss_fn, config)
+    assert_as_before(model, before, result.masks, reconstructs=method == "sparsegpt")
+    for (name, param), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(param, expected), name
+
+
 @pytest.mark.parametrize(
     "compile_",
     [
