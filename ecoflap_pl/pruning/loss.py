@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -56,11 +57,19 @@ def _failure_hint(model: nn.Module, batch: Any) -> str:
     )
 
 
+def _own_copy(batch: Any) -> Any:
+    """``batch`` with its outer container copied (a dict, a tokenizer's ``BatchEncoding``, a list): a ``loss_fn`` that
+    pops from it (``labels = batch.pop("labels")``, the Hugging Face Trainer's ``compute_loss`` recipe) takes them from
+    this call's copy, not from the calibration batch that every later pass reads again."""
+    return copy.copy(batch) if isinstance(batch, Mapping | list) else batch
+
+
 def run_on_batch(loss_fn: LossFn, model: nn.Module, batch: Any, batch_id: int) -> Any:
-    """``loss_fn(model, batch)``, naming the calibration batch, its shapes and the likely cause when the forward pass
-    fails (tensors on another device or of another dtype than the model's weights, a shape mismatch)."""
+    """``loss_fn(model, batch)`` on a copy of the batch's container, naming the calibration batch, its shapes and the
+    likely cause when the forward pass fails (tensors on another device or of another dtype than the model's weights,
+    a shape mismatch)."""
     try:
-        return loss_fn(model, batch)
+        return loss_fn(model, _own_copy(batch))
     except torch.OutOfMemoryError:
         raise  # keeps its type: callers and users handle running out of memory on their own
     except RuntimeError as error:

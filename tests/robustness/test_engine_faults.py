@@ -247,6 +247,26 @@ def test_one_calibration_batch_on_another_device_or_of_another_dtype_is_named(mo
     )
 
 
+@pytest.mark.parametrize("importance", ["zeroth_order", "first_order", "uniform"])
+def test_a_loss_that_pops_from_the_batch_prunes_as_one_that_reads_it(importance):
+    """``labels = batch.pop("labels")`` in ``loss_fn`` (the Hugging Face Trainer's ``compute_loss`` recipe): the
+    first pass took the labels out of the user's calibration batch, and the next one ended in a bare
+    ``KeyError: 'labels'``. Each call now gets a copy of the batch's dict, and the batches are left as given."""
+
+    def popping_loss(model, batch):
+        labels = batch.pop("labels")
+        return nn.functional.cross_entropy(model(batch.pop("inputs")), labels)
+
+    config = PruningConfig(importance=importance, method="sparsegpt", sparsity=0.5, **CONFIG)
+    reference = seeded_toy_model()
+    prune(reference, toy_batches(2), toy_loss, config)
+    model, batches = seeded_toy_model(), toy_batches(2)
+    prune(model, batches, popping_loss, config)
+    assert [sorted(batch) for batch in batches] == [["inputs", "labels"]] * 2
+    for (name, param), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(param, expected), name
+
+
 def test_a_loss_that_is_not_a_scalar():
     refused(
         seeded_toy_model(),
