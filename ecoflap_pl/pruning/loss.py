@@ -86,6 +86,19 @@ def _non_finite_parameter(model: nn.Module) -> str | None:
     return None
 
 
+def _loss_hint(returned: Any) -> str:
+    """A hint for a ``loss_fn`` that returned a Hugging Face model's whole output instead of its loss (return
+    ``.loss``), or a loss that is ``None`` (the model computes none without labels: pass them)."""
+    if returned is None or getattr(returned, "loss", 0) is None:
+        return (
+            " HINT: a Hugging Face model's loss is None without labels: pass the labels it computes its loss from, "
+            "e.g. `model(**batch, labels=batch['input_ids']).loss` for a language model (or `return` the loss)."
+        )
+    if hasattr(returned, "loss"):
+        return " HINT: return the output's loss, `model(**batch).loss`."
+    return ""
+
+
 def checked_loss(loss_fn: LossFn, model: nn.Module, batch: Any, batch_id: int) -> torch.Tensor:
     """``loss_fn(model, batch)`` as a scalar in at least fp32 (an fp64 loss keeps its precision).
 
@@ -99,7 +112,7 @@ def checked_loss(loss_fn: LossFn, model: nn.Module, batch: Any, batch_id: int) -
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise TypeError(
             f"`loss_fn` must return a scalar tensor, got {type(loss).__name__}"
-            f"{'' if not isinstance(loss, torch.Tensor) else f' of shape {tuple(loss.shape)}'}."
+            f"{'' if not isinstance(loss, torch.Tensor) else f' of shape {tuple(loss.shape)}'}.{_loss_hint(loss)}"
         )
     loss = loss.reshape(()).to(torch.promote_types(loss.dtype, torch.float32))
     value = float(loss.detach())

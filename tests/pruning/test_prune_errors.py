@@ -16,6 +16,7 @@ from tests.pruning.pruning_helpers import (
     ToyBlock,
     ToyModel,
     assert_bit_identical,
+    family_case,
     seeded_toy_model,
     snapshot,
     toy_batches,
@@ -82,6 +83,25 @@ def test_loss_fn_that_is_not_callable(toy_model):
 def test_loss_fn_returning_no_scalar(toy_model):
     with pytest.raises(TypeError, match=r"`loss_fn` must return a scalar tensor, got Tensor of shape \(4, 5\)"):
         prune(toy_model, toy_batches(1), lambda model, batch: model(batch["inputs"]), PruningConfig())
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "said"),
+    [
+        (lambda model, batch: model(**batch, labels=batch["input_ids"]), r"got CausalLMOutputWithPast\. HINT: return "),
+        (lambda model, batch: model(**batch), r"got CausalLMOutputWithPast\. HINT: .*loss is None without labels"),
+        (lambda model, batch: model(**batch).loss, r"got NoneType\. HINT: .*loss is None without labels: pass"),
+    ],
+    ids=["the output", "the output without labels", "the loss without labels"],
+)
+def test_loss_fn_returning_a_model_output_or_no_loss_gets_a_hint(loss_fn, said):
+    """A Hugging Face model's whole output, or its ``.loss`` computed without labels (None): the refusal named the
+    type alone."""
+    model, batches, _ = family_case("llama")
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=rf"`loss_fn` must return a scalar tensor, {said}"):
+        prune(model, batches, loss_fn, PruningConfig())
+    assert_bit_identical(model, before)
 
 
 def test_loss_fn_that_never_runs_the_blocks(toy_model):
