@@ -228,6 +228,9 @@ def replica_slice(batched: Any, dense: Any, replicas: int, index: int) -> Any:
 
 
 def batch_size(batch: Any) -> int:
-    """The leading dimension of the first tensor in ``batch`` (1 when it holds none)."""
+    """The samples in ``batch``: the leading dimension of its first tensor that has one (1 when it holds none).
+
+    Tensors are found inside tuples, lists and any mapping (a tokenizer's ``BatchEncoding`` is a ``UserDict``); a
+    0-d tensor first (a count of items) is no batch dimension."""
     leaves = tensor_leaves(batch)
     return next((int(t.shape[0]) for t in leaves if t.ndim), 1)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ecoflap_pl.pruning.config import PruningConfig
 
@@ -91,14 +92,19 @@ def find_candidates(model: nn.Module, stacks: list[Stack], config: PruningConfig
         )
     modules = dict(model.named_modules())
     candidates = []
+    computed: list[tuple[str, nn.Linear]] = []
     for stack in stacks:
         for block in stack.blocks:
             for sub_name, module in modules[block].named_modules(prefix=block):
                 if not isinstance(module, nn.Linear):
                     continue
                 name = f"{sub_name}.weight"
-                if _matches(name, config.include) and not _matches(name, config.exclude):
-                    candidates.append(Candidate(name, block, stack.name, module.weight.numel()))
+                if not _matches(name, config.include) or _matches(name, config.exclude):
+                    continue
+                if "weight" not in dict(module.named_parameters(recurse=False)):
+                    computed.append((name, module))
+                candidates.append(Candidate(name, block, stack.name, module.weight.numel()))
+    _check_weights_stored(computed)
     _check_weights_not_shared(model, stacks, candidates)
     if not candidates:
         seen = [f"{stack.name} ({len(stack.blocks)} blocks)" for stack in stacks]
@@ -108,6 +114,36 @@ def find_candidates(model: nn.Module, stacks: list[Stack], config: PruningConfig
             f"'{stacks[0].blocks[0]}.*.weight'."
         )
     return candidates
+
+
+def _check_weights_stored(computed: list[tuple[str, nn.Linear]]) -> None:
+    """Refuse selected weights that are no parameter of their Linear but computed in each forward from others: a
+    ``torch.nn.utils.prune`` mask (``weight_orig * weight_mask``) or a ``torch.nn.utils.parametrize`` parametrization.
+
+    Pruning writes zeros into the stored weight, which such a forward would compute over; the model's own
+    ``get_parameter`` had answered "`weight` is not an nn.Parameter", naming neither the weight nor the cause.
+
+    Raises:
+        ValueError: naming the weights and how their earlier pruning or parametrization is made permanent.
+    """
+    if not computed:
+        return
+    name, module = computed[0]
+    if parametrize.is_parametrized(module, "weight"):
+        cause = "a parametrization (torch.nn.utils.parametrize)"
+        fix = "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')"
+    elif hasattr(module, "weight_orig"):
+        cause = "a torch.nn.utils.prune mask (weight_orig * weight_mask)"
+        fix = "torch.nn.utils.prune.remove(module, 'weight') (its zeros then stay pruned)"
+    else:
+        cause = "other tensors"
+        fix = "store it as an nn.Parameter named `weight`"
+    more = f" (and {len(computed) - 1} more)" if len(computed) > 1 else ""
+    raise ValueError(
+        f"The weight {name}{more} is no parameter of its Linear but computed in each forward from {cause}: pruning "
+        f"writes zeros into stored weights. HINT: make it a plain weight first, {fix} on each such Linear, or leave "
+        f"it out with `exclude: ['{name}']`."
+    )
 
 
 def _check_weights_not_shared(model: nn.Module, stacks: list[Stack], candidates: list[Candidate]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, cast
 
 import torch
@@ -178,7 +177,7 @@ def fine_prune_(
                 stack.blocks,
                 upstream,
                 [batch for _, batch in batches],
-                lambda batch: run_on_batch(partial(loss_fn, model), batch, batch_ids[id(batch)]),
+                lambda batch: run_on_batch(loss_fn, model, batch, batch_ids[id(batch)]),
                 stack.calls_per_forward,
                 storage,
             )

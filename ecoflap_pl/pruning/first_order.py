@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ecoflap_pl.pruning.block_outputs import map_tensors, tensor_leaves
 from ecoflap_pl.pruning.loss import LossFn, checked_loss
 from ecoflap_pl.pruning.monitor import StageMonitor
 from ecoflap_pl.pruning.score_variants import get_score
@@ -16,6 +17,14 @@ from ecoflap_pl.pruning.score_variants import get_score
 def _wide(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` in at least fp32 (fp16/bf16 are widened, fp64 is kept)."""
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _autograd_batch(batch: Any) -> Any:
+    """``batch`` with its tensors made under ``torch.inference_mode()`` cloned, one batch at a time: autograd cannot
+    save those for backward (a convolution's input), so a batch built in inference mode could not be back-propagated."""
+    if not any(tensor.is_inference() for tensor in tensor_leaves(batch)):
+        return batch
+    return map_tensors(batch, lambda tensor: tensor.clone() if tensor.is_inference() else tensor)
 
 
 def first_order_sums(
@@ -59,7 +68,7 @@ def first_order_sums(
             handles.append(param.register_post_accumulate_grad_hook(hook_for(name)))
         with torch.enable_grad():
             for batch_id, batch in batches:
-                loss = checked_loss(loss_fn, model, batch, batch_id)
+                loss = checked_loss(loss_fn, model, _autograd_batch(batch), batch_id)
                 if not loss.requires_grad:
                     raise ValueError(
                         f"importance='first_order' back-propagates the calibration loss, but the loss of calibration "

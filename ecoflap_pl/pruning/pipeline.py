@@ -18,6 +18,7 @@ from ecoflap_pl.pruning.allocation import (
     get_allocation,
     read_allocation_report,
 )
+from ecoflap_pl.pruning.block_outputs import batch_size
 from ecoflap_pl.pruning.config import PruningConfig
 from ecoflap_pl.pruning.discovery import (
     Candidate,
@@ -85,19 +86,6 @@ def _block_count(plan: _Plan) -> int:
     return sum(len(stack.blocks) for stack in plan.stacks)
 
 
-def _batch_samples(batch: Any) -> int:
-    """Samples in a batch: the leading dimension of its first tensor (1 when it has no tensor)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.ndim else 1
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
-    for value in values:
-        if isinstance(value, (torch.Tensor, dict, list, tuple)):
-            found = _batch_samples(value)
-            if found:
-                return found
-    return 1
-
-
 def _leading_count(sizes: Sequence[int], samples: int) -> tuple[int, int]:
     """How many leading batches of ``sizes`` samples each hold ``samples`` samples (all when fewer), and how many
     samples they hold."""
@@ -113,13 +101,13 @@ def _leading_count(sizes: Sequence[int], samples: int) -> tuple[int, int]:
 def _leading_batches(batches: Sequence[Any], samples: int) -> list[tuple[int, Any]]:
     """The first batches holding ``samples`` samples (all when fewer, see :func:`_short_calibration`), with their
     global ids."""
-    count = _leading_count([_batch_samples(batch) for batch in batches], samples)[0]
+    count = _leading_count([batch_size(batch) for batch in batches], samples)[0]
     return [(batch_id, batches[batch_id]) for batch_id in range(count)]
 
 
 def _samples_of(batches: Sequence[tuple[int, Any]]) -> int:
     """The samples in ``batches`` (``(batch id, batch)`` pairs), as the report records what a step read."""
-    return sum(_batch_samples(batch) for _, batch in batches)
+    return sum(batch_size(batch) for _, batch in batches)
 
 
 def _short_calibration(sizes: Sequence[int], config: PruningConfig, steps: Sequence[str], holdout: bool) -> str | None:
@@ -206,7 +194,7 @@ def _heldout_loss(
     own = [(i, batch) for i, batch in batches if all_reduce is None or i % world_size == rank]
     sums = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)
     for batch_id, batch in own:
-        size = _batch_samples(batch)
+        size = batch_size(batch)
         sums[0] += float(checked_loss(loss_fn, model, batch, batch_id)) * size
         sums[1] += size
     if all_reduce is not None:
@@ -489,7 +477,7 @@ def score_groups(
     _check_inputs(model, calibration_batches, loss_fn, config, rank, world_size)
     if config.importance == "uniform":
         raise ValueError("`importance` must be 'zeroth_order' or 'first_order' to score groups, got 'uniform'.")
-    batch_sizes = [_batch_samples(batch) for batch in calibration_batches]
+    batch_sizes = [batch_size(batch) for batch in calibration_batches]
     _check_shards(batch_sizes, config, world_size, ("coarse",))
     _warn(_short_calibration(batch_sizes, config, ("coarse",), holdout=False))
     with pruning_session(model):
@@ -595,7 +583,7 @@ def prune(
     """
     _check_inputs(model, calibration_batches, loss_fn, config, rank, world_size)
     coarse = scores is None and config.scores_groups
-    batch_sizes = [_batch_samples(batch) for batch in calibration_batches]
+    batch_sizes = [batch_size(batch) for batch in calibration_batches]
     check_calibration_sizes(batch_sizes, config, world_size=world_size, coarse=coarse)
     auto = config.allocation == "auto"
     holdout = [(i, calibration_batches[i]) for i in _holdout_ids(batch_sizes, config)] if auto else []

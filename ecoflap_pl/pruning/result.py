@@ -81,7 +81,8 @@ class PruningResult:
         target_sparsity: parameter name -> sparsity asked of the fine step.
         achieved_sparsity: parameter name -> fraction of the tensor's entries that are pruned.
         sizes: parameter name -> number of entries.
-        stages: stage name (``"discovery"``, ``"coarse"``, ``"fine"``) -> its cost.
+        stages: stage name (``"discovery"``, ``"coarse"``, ``"fine"``; ``"outliers"`` for OWL's dense pass and
+            ``"auto"`` for its search) -> its cost.
         masks: parameter name -> bool mask (``True`` = kept); not part of ``to_dict``.
         skipped_stacks: stacks found in the model that the calibration loss never ran (left dense).
         prior_sparsity: fraction of the candidate weights that were already zero before this run (a model pruned

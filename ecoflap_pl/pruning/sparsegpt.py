@@ -69,47 +69,49 @@ def sparsegpt_prune_(
         block_size: columns per block.
         damping: fraction of the mean Hessian diagonal added to the diagonal.
     """
-    rows, cols = weight.shape
-    work = weight.detach().float().clone()
-    hessian = gram.detach().float().clone()
-    dead = hessian.diagonal() == 0
-    hessian[dead, dead] = 1.0
-    work[:, dead] = 0.0
-    factor = _inverse_hessian_factor(hessian, damping)
-    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
-    total = pruned_count(weight.numel(), sparsity)
-    if n_m is None and comparison == "per_row":
-        per_row = row_counts(work.square() / factor.diagonal().square().unsqueeze(0), total)
+    # A caller's autocast (a mixed-precision notebook cell) would run the updates' matmuls in 16 bits.
+    with torch.autocast(weight.device.type, enabled=False):
+        rows, cols = weight.shape
+        work = weight.detach().float().clone()
+        hessian = gram.detach().float().clone()
+        dead = hessian.diagonal() == 0
+        hessian[dead, dead] = 1.0
+        work[:, dead] = 0.0
+        factor = _inverse_hessian_factor(hessian, damping)
+        pruned = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
+        total = pruned_count(weight.numel(), sparsity)
+        if n_m is None and comparison == "per_row":
+            per_row = row_counts(work.square() / factor.diagonal().square().unsqueeze(0), total)
 
-    for start in range(0, cols, block_size):
-        end = min(start + block_size, cols)
-        block = work[:, start:end].clone()
-        block_factor = factor[start:end, start:end]
-        block_diag = block_factor.diagonal()
-        errors = torch.zeros_like(block)
-        block_pruned = torch.zeros_like(block, dtype=torch.bool)
-        if n_m is None:
-            metric = block.square() / block_diag.square().unsqueeze(0)
-            if comparison == "per_row":
-                block_pruned = ~row_count_mask(metric, _share(per_row, start, end, cols))
-            else:
-                count = int(_share(torch.tensor(total), start, end, cols))
-                block_pruned = ~matrix_count_mask(metric, count)
-        for j in range(end - start):
-            if n_m is not None and j % n_m[1] == 0:
-                span = slice(j, j + n_m[1])
-                metric = block[:, span].square() / block_diag[span].square().unsqueeze(0)
-                block_pruned[:, span] = ~nm_mask(metric, *n_m)
-            column = block[:, j]
-            quantised = column.masked_fill(block_pruned[:, j], 0.0)
-            error = (column - quantised) / block_factor[j, j]
-            block[:, j:] -= error.unsqueeze(1) * block_factor[j, j:].unsqueeze(0)
-            block[:, j] = quantised
-            errors[:, j] = error
-        work[:, start:end] = block
-        work[:, end:] -= errors @ factor[start:end, end:]
-        pruned[:, start:end] = block_pruned
+        for start in range(0, cols, block_size):
+            end = min(start + block_size, cols)
+            block = work[:, start:end].clone()
+            block_factor = factor[start:end, start:end]
+            block_diag = block_factor.diagonal()
+            errors = torch.zeros_like(block)
+            block_pruned = torch.zeros_like(block, dtype=torch.bool)
+            if n_m is None:
+                metric = block.square() / block_diag.square().unsqueeze(0)
+                if comparison == "per_row":
+                    block_pruned = ~row_count_mask(metric, _share(per_row, start, end, cols))
+                else:
+                    count = int(_share(torch.tensor(total, device="cpu"), start, end, cols))
+                    block_pruned = ~matrix_count_mask(metric, count)
+            for j in range(end - start):
+                if n_m is not None and j % n_m[1] == 0:
+                    span = slice(j, j + n_m[1])
+                    metric = block[:, span].square() / block_diag[span].square().unsqueeze(0)
+                    block_pruned[:, span] = ~nm_mask(metric, *n_m)
+                column = block[:, j]
+                quantised = column.masked_fill(block_pruned[:, j], 0.0)
+                error = (column - quantised) / block_factor[j, j]
+                block[:, j:] -= error.unsqueeze(1) * block_factor[j, j:].unsqueeze(0)
+                block[:, j] = quantised
+                errors[:, j] = error
+            work[:, start:end] = block
+            work[:, end:] -= errors @ factor[start:end, end:]
+            pruned[:, start:end] = block_pruned
 
-    with torch.no_grad():
-        weight.copy_(work.masked_fill(pruned, 0.0).to(weight.dtype))
-    return ~pruned
+        with torch.no_grad():
+            weight.copy_(work.masked_fill(pruned, 0.0).to(weight.dtype))
+        return ~pruned

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -52,6 +53,26 @@ def _cuda_devices(model: nn.Module) -> list[int]:
     )
 
 
+def _eager(model: nn.Module) -> AbstractContextManager[object]:
+    """``torch.compiler.set_stance("force_eager")`` when ``model`` or one of its modules is compiled
+    (``torch.compile(module)`` or ``module.compile()``), else nothing.
+
+    Pruning answers block calls from records, hooks every block and intercepts ``F.linear``: under ``torch.compile``
+    each of these recompiles or breaks the graph (a compiled LLaMA failed in the zeroth-order step after a minute of
+    compiling), while the same forward run eagerly computes the same loss. Compiling imports ``torch._dynamo``, so a
+    process without it holds no compiled module (and does not pay for its import here).
+    """
+    if "torch._dynamo" not in sys.modules:
+        return nullcontext()
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    compiled = any(
+        isinstance(module, OptimizedModule) or getattr(module, "_compiled_call_impl", None) is not None
+        for module in model.modules()
+    )
+    return torch.compiler.set_stance("force_eager") if compiled else nullcontext()
+
+
 @contextmanager
 def pruning_session(model: nn.Module) -> Iterator[WeightTransaction]:
     """Evaluation mode and no KV caches while pruning; on any exception every recorded weight is rolled back.
@@ -61,6 +82,12 @@ def pruning_session(model: nn.Module) -> Iterator[WeightTransaction]:
     exit, whatever happens. So is torch's global random state (CPU and the model's CUDA devices): a forward that
     draws from it even in evaluation mode (ViLT samples image patches) would otherwise make a seeded run's later
     randomness depend on how many calibration forwards pruning ran.
+
+    A caller inside ``torch.inference_mode()`` is taken out of it for the session (its grad mode kept): tensors made
+    in inference mode keep no version counter (the zeroth-order step reads the recorded outputs' versions) and
+    cannot be saved for backward, so the first-order step could not back-propagate, and masks made so would break
+    the fine-tuning that multiplies its weights by them. A compiled model runs eagerly for the session (see
+    :func:`_eager`); its compiled code serves it again afterwards, with the pruned weights.
     """
     training = {module: module.training for module in model.modules()}
     cache_configs = _cache_configs(model)
@@ -68,8 +95,14 @@ def pruning_session(model: nn.Module) -> Iterator[WeightTransaction]:
     model.eval()
     for config in cache_configs:
         config.use_cache = False  # type: ignore[attr-defined]
+    grad_enabled = torch.is_grad_enabled()
     try:
-        with torch.random.fork_rng(devices=_cuda_devices(model)):
+        with (
+            torch.inference_mode(False),
+            torch.set_grad_enabled(grad_enabled),
+            torch.random.fork_rng(devices=_cuda_devices(model)),
+            _eager(model),
+        ):
             yield transaction
     except BaseException:
         transaction.rollback()

@@ -8,9 +8,20 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils import prune as torch_prune
 
 from ecoflap_pl import PruningConfig, prune, score_groups
-from tests.pruning.pruning_helpers import ToyBlock, ToyModel, assert_bit_identical, snapshot, toy_batches, toy_loss
+from tests.pruning.pruning_helpers import (
+    ToyBlock,
+    ToyModel,
+    assert_bit_identical,
+    family_case,
+    seeded_toy_model,
+    snapshot,
+    toy_batches,
+    toy_loss,
+)
 
 
 @pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5])
@@ -72,6 +83,25 @@ def test_loss_fn_that_is_not_callable(toy_model):
 def test_loss_fn_returning_no_scalar(toy_model):
     with pytest.raises(TypeError, match=r"`loss_fn` must return a scalar tensor, got Tensor of shape \(4, 5\)"):
         prune(toy_model, toy_batches(1), lambda model, batch: model(batch["inputs"]), PruningConfig())
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "said"),
+    [
+        (lambda model, batch: model(**batch, labels=batch["input_ids"]), r"got CausalLMOutputWithPast\. HINT: return "),
+        (lambda model, batch: model(**batch), r"got CausalLMOutputWithPast\. HINT: .*loss is None without labels"),
+        (lambda model, batch: model(**batch).loss, r"got NoneType\. HINT: .*loss is None without labels: pass"),
+    ],
+    ids=["the output", "the output without labels", "the loss without labels"],
+)
+def test_loss_fn_returning_a_model_output_or_no_loss_gets_a_hint(loss_fn, said):
+    """A Hugging Face model's whole output, or its ``.loss`` computed without labels (None): the refusal named the
+    type alone."""
+    model, batches, _ = family_case("llama")
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=rf"`loss_fn` must return a scalar tensor, {said}"):
+        prune(model, batches, loss_fn, PruningConfig())
+    assert_bit_identical(model, before)
 
 
 def test_loss_fn_that_never_runs_the_blocks(toy_model):
@@ -155,3 +185,50 @@ def test_one_linear_weight_inside_two_blocks_is_refused():
     assert_bit_identical(model, before)
     result = prune(model, toy_batches(2), toy_loss, PruningConfig(sparsity=0.5, exclude=("layers.1.fc1.weight",)))
     assert "layers.0.fc1.weight" in result.masks and "layers.1.fc1.weight" not in result.masks
+
+
+def _masked_by_torch_prune(model: ToyModel) -> nn.Module:
+    linear = model.layers[1].fc1
+    torch_prune.l1_unstructured(linear, "weight", amount=0.25)
+    return linear
+
+
+def _parametrized(model: ToyModel) -> nn.Module:
+    linear = model.layers[1].fc1
+    parametrize.register_parametrization(linear, "weight", _Halved())
+    return linear
+
+
+class _Halved(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight / 2
+
+
+@pytest.mark.parametrize(
+    ("compute", "cause", "fix"),
+    [
+        (_masked_by_torch_prune, r"a torch.nn.utils.prune mask", r"torch.nn.utils.prune.remove\(module, 'weight'\)"),
+        (_parametrized, r"a parametrization", r"parametrize.remove_parametrizations\(module, 'weight'\)"),
+    ],
+)
+def test_a_weight_computed_in_the_forward_is_refused_naming_how_to_make_it_plain(compute, cause, fix):
+    """A Linear pruned before with ``torch.nn.utils.prune`` or parametrized: the refusal was the model's own
+    "AttributeError: `weight` is not an nn.Parameter", naming neither the weight nor the cause. Made plain as the
+    hint says, the model is pruned (a torch.nn.utils.prune mask's zeros stay pruned); left out, the rest is."""
+    model = seeded_toy_model()
+    linear = compute(model)
+    before = snapshot(model)
+    config = PruningConfig(sparsity=0.5)
+    with pytest.raises(ValueError, match=rf"The weight layers\.1\.fc1\.weight is no parameter .* from {cause}.*{fix}"):
+        prune(model, toy_batches(2), toy_loss, config)
+    assert_bit_identical(model, before)
+    result = prune(model, toy_batches(2), toy_loss, PruningConfig(sparsity=0.5, exclude=("layers.1.fc1.weight",)))
+    assert "layers.1.fc1.weight" not in result.masks and "layers.0.fc1.weight" in result.masks
+    zeros_before = linear.weight == 0
+    if parametrize.is_parametrized(linear):
+        parametrize.remove_parametrizations(linear, "weight")
+    else:
+        torch_prune.remove(linear, "weight")
+    result = prune(model, toy_batches(2), toy_loss, config)
+    assert not result.masks["layers.1.fc1.weight"][zeros_before].any()
+    assert torch.equal(~result.masks["layers.1.fc1.weight"], linear.weight == 0)

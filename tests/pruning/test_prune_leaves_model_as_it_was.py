@@ -206,6 +206,76 @@ def test_pruning_under_no_grad_leaves_grad_mode_off(importance):
         assert_as_before(model, before, result.masks)
 
 
+@pytest.mark.parametrize("family", ["llama", "vit"])
+@pytest.mark.parametrize("importance", ["zeroth_order", "first_order"])
+def test_pruning_under_inference_mode_prunes_as_outside_it(family, importance):
+    """A notebook cell under ``torch.inference_mode()``, its calibration batches made there too: the zeroth-order
+    step failed ("Inference tensors do not track version counter"), the first-order one could not back-propagate
+    (the ViT's convolution cannot save an inference tensor for backward), and masks made there were inference
+    tensors, which the fine-tuning's ``weight * mask`` cannot save for backward either."""
+    config = _config(importance, "sparsegpt", "unstructured")
+    reference, batches, loss_fn = family_case(family)
+    prune(reference, batches, loss_fn, config)
+    model, _, _ = family_case(family)
+    with torch.inference_mode():
+        made_there = [{key: value.clone() for key, value in batch.items()} for batch in batches]
+        before = capture(model)
+        result = prune(model, made_there, loss_fn, config)
+        assert torch.is_inference_mode_enabled()
+        assert_as_before(model, before, result.masks, reconstructs=True)
+    for (name, param), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(param, expected), name
+    name, mask = next(iter(result.masks.items()))
+    weight = model.get_parameter(name)
+    (weight * mask).sum().backward()
+    assert torch.equal(weight.grad, mask.to(weight.dtype))
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_caller_s_default_device_does_not_reach_pruning(method):
+    """``prune()`` inside ``with torch.device(...)`` (or after ``torch.set_default_device``), as a notebook that
+    builds its tensors on a default device: SparseGPT made its per-block counts there, and failed on one that holds
+    no data ("Tensor.item() cannot be called on meta tensors"; on a GPU, one sync per column block)."""
+    config = _config("zeroth_order", method, "unstructured")
+    reference, batches, loss_fn = family_case("llama")
+    prune(reference, batches, loss_fn, config)
+    model, _, _ = family_case("llama")
+    before = capture(model)
+    with torch.device("meta"):
+        result = prune(model, batches, loss_fn, config)
+    assert_as_before(model, before, result.masks, reconstructs=method == "sparsegpt")
+    for (name, param), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(param, expected), name
+
+
+@pytest.mark.parametrize(
+    "compile_",
+    [
+        lambda model: torch.compile(model, backend="eager"),
+        lambda model: model.compile(backend="eager") or model,
+        lambda model: setattr(model, "model", torch.compile(model.model, backend="eager")) or model,
+    ],
+    ids=["torch.compile(model)", "model.compile()", "a compiled submodule"],
+)
+def test_a_compiled_model_is_pruned_as_the_eager_one(compile_):
+    """``torch.compile(model)``, ``model.compile()`` or a compiled inner model: pruning failed in the zeroth-order
+    step with a TypeError from inside the model's forward ("arange() received an invalid combination of arguments"),
+    after a minute of compiling. Pruning now runs the model eagerly and prunes the weights the compiled model shares,
+    exactly as it prunes the eager model; the compiled model computes the pruned model's loss afterwards."""
+    config = _config("zeroth_order", "wanda", "unstructured")
+    reference, batches, loss_fn = family_case("llama")
+    prune(reference, batches, loss_fn, config)
+    model, _, _ = family_case("llama")
+    compiled = compile_(model)
+    before = capture(compiled)
+    result = prune(compiled, batches, loss_fn, config)
+    assert_as_before(compiled, before, result.masks)
+    assert result.masks.keys() == {name for name, _ in compiled.named_parameters() if name in result.masks}
+    for (name, param), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(param, expected), name
+    torch.testing.assert_close(loss_fn(compiled, batches[0]), loss_fn(reference, batches[0]))
+
+
 def test_a_refused_call_leaves_the_model_as_it_was():
     model, batches, loss_fn = family_case("llama")
     _partly_frozen_in_train_mode(model)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from transformers import BatchEncoding
 
 from ecoflap_pl import GroupScores, PruningConfig, PruningResult, prune, score_groups
 from tests.pruning.pruning_helpers import family_case, seeded_toy_model, toy_batches, toy_loss
@@ -108,6 +109,31 @@ def test_samples_select_the_leading_batches():
     assert calls[0] == 0  # discovery
     assert set(calls[1:-3]) == {0}  # coarse: 4 samples = batch 0 only
     assert calls[-3:] == [0, 1, 2]  # fine: 12 samples = batches 0-2
+
+
+@pytest.mark.parametrize(
+    "as_batch",
+    [
+        lambda batch: BatchEncoding(batch),
+        lambda batch: {"num_items_in_batch": torch.tensor(16), **batch},
+    ],
+    ids=["a tokenizer's BatchEncoding", "a 0-d tensor first"],
+)
+def test_samples_are_counted_in_a_tokenizer_s_batches(as_batch):
+    """Batches of 4 samples as a Hugging Face tokenizer returns them (a ``BatchEncoding``, a ``UserDict`` and no
+    dict), or with a 0-d count first: each was counted as one sample, so ``coarse_samples=8`` read 8 batches (32
+    samples), every step read 4 times the samples asked, and the report said it had read 8."""
+    model, batches, loss_fn = family_case("llama", batches=4, size=4)
+    calls = []
+
+    def recording_loss(model, batch):
+        calls.append(batch["id"])
+        return loss_fn(model, {"input_ids": batch["input_ids"]})
+
+    given = [as_batch({**batch, "id": index}) for index, batch in enumerate(batches)]
+    result = prune(model, given, recording_loss, PruningConfig(sparsity=0.5, coarse_samples=8, fine_samples=8))
+    assert set(calls) == {0, 1}
+    assert result.stages["coarse"].samples == result.stages["fine"].samples == 8
 
 
 def test_progress_ends_at_its_total_when_a_stack_has_nothing_to_prune():

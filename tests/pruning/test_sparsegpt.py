@@ -137,3 +137,20 @@ def test_dead_inputs_are_zeroed_and_cholesky_survives():
     mask = sparsegpt_prune_(pruned, inputs.T @ inputs, 0.25)
     assert torch.all(pruned[:, 3] == 0)
     assert int((~mask).sum()) == 4 * 2
+
+
+def test_a_caller_s_autocast_leaves_the_updates_in_fp32():
+    """``prune()`` called under ``torch.autocast`` (a notebook's mixed-precision cell): the weight updates'
+    ``errors @ factor`` ran in bf16, moving the kept weights by up to 0.7 from their fp32 values, where the
+    statistics and the algorithm are documented as fp32."""
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(64, 300, generator=generator)
+    inputs = torch.randn(512, 300, generator=generator)
+    gram = inputs.T @ inputs
+    expected = weight.clone()
+    expected_mask = sparsegpt_prune_(expected, gram, 0.5)
+    pruned = weight.clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mask = sparsegpt_prune_(pruned, gram, 0.5)
+    assert torch.equal(mask, expected_mask)
+    assert torch.equal(pruned, expected)

@@ -215,11 +215,56 @@ def test_one_calibration_batch_of_another_shape_is_named(importance):
     refused(
         seeded_toy_model(),
         RuntimeError,
-        r"calibration batch 2 \(inputs \(4, 6, 5\), labels \(4,\)\)",
+        r"calibration batch 2 \(inputs \(4, 6, 5\), labels \(4,\)\).* HINT: when only some batches fail, check that "
+        "they are shaped like the others",
         batches,
         toy_loss,
         PruningConfig(importance=importance, coarse_samples=12, fine_samples=12),
     )
+
+
+@pytest.mark.parametrize(
+    ("moved", "said"),
+    [
+        (lambda inputs: inputs.to("meta"), r"the batch holds inputs on meta, the model's weights are on cpu: .* move "),
+        (lambda inputs: inputs.double(), r"the batch holds inputs torch.float64, the model's weights are torch.float"),
+    ],
+    ids=["device", "dtype"],
+)
+@pytest.mark.parametrize("importance", ["zeroth_order", "uniform"])
+def test_one_calibration_batch_on_another_device_or_of_another_dtype_is_named(moved, said, importance):
+    """A batch left on another device than the model (the engine uses the batches as given), or of another dtype
+    than a model that does not cast its inputs: the hint asked to check the batches' shapes."""
+    batches = toy_batches(3)
+    batches[2] = {"inputs": moved(batches[2]["inputs"]), "labels": batches[2]["labels"]}
+    refused(
+        seeded_toy_model(),
+        RuntimeError,
+        rf"calibration batch 2 \(inputs \(4, 6, 8\), labels \(4,\)\): .* HINT: {said}",
+        batches,
+        toy_loss,
+        PruningConfig(importance=importance, coarse_samples=12, fine_samples=12),
+    )
+
+
+@pytest.mark.parametrize("importance", ["zeroth_order", "first_order", "uniform"])
+def test_a_loss_that_pops_from_the_batch_prunes_as_one_that_reads_it(importance):
+    """``labels = batch.pop("labels")`` in ``loss_fn`` (the Hugging Face Trainer's ``compute_loss`` recipe): the
+    first pass took the labels out of the user's calibration batch, and the next one ended in a bare
+    ``KeyError: 'labels'``. Each call now gets a copy of the batch's dict, and the batches are left as given."""
+
+    def popping_loss(model, batch):
+        labels = batch.pop("labels")
+        return nn.functional.cross_entropy(model(batch.pop("inputs")), labels)
+
+    config = PruningConfig(importance=importance, method="sparsegpt", sparsity=0.5, **CONFIG)
+    reference = seeded_toy_model()
+    prune(reference, toy_batches(2), toy_loss, config)
+    model, batches = seeded_toy_model(), toy_batches(2)
+    prune(model, batches, popping_loss, config)
+    assert [sorted(batch) for batch in batches] == [["inputs", "labels"]] * 2
+    for (name, param), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(param, expected), name
 
 
 def test_a_loss_that_is_not_a_scalar():
