@@ -32,7 +32,9 @@ class BlockRow:
     Attributes:
         tower: the stack the block belongs to (e.g. ``"vision_model.encoder.layers"``).
         block: the block's module name (e.g. ``"vision_model.encoder.layers.3"``).
-        index: the block's position inside its tower.
+        index: the block's position inside its tower: its index in the stack (a block left out by ``exclude`` keeps
+            its place), or its place among the blocks listed where the stack names its entries (an
+            ``nn.Sequential`` built from a dict).
         params: number of candidate weights in the block.
         target: size-weighted target sparsity of its weights.
         achieved: fraction of its candidate weights that are zero-masked.
@@ -56,6 +58,13 @@ def _block_of(tower: str, name: str) -> str:
     return f"{tower}.{head}" if tower else head
 
 
+def _position(tower: str, block: str, listed: int) -> int:
+    """The index of ``block`` in its stack, from its name (``"layers.3"`` -> 3); ``listed``, its place among the
+    blocks listed, for a stack whose entries have names of their own."""
+    entry = block[len(tower) + 1 :] if tower else block
+    return int(entry) if entry.isdigit() else listed
+
+
 def block_rows(result: PruningResult) -> list[BlockRow]:
     """Per-block totals of ``result``, tower by tower in forward order, blocks in model order."""
     rows: list[BlockRow] = []
@@ -74,7 +83,7 @@ def block_rows(result: PruningResult) -> list[BlockRow]:
             achieved = sum(result.achieved_sparsity[n] * result.sizes[n] for n in names) / params
             whole = result.config.granularity != "model" and result.group_scores
             score = sum(result.group_scores[g] for g in block_groups[block]) if whole else None
-            rows.append(BlockRow(tower, block, index, params, target, achieved, score))
+            rows.append(BlockRow(tower, block, _position(tower, block, index), params, target, achieved, score))
     return rows
 
 

@@ -86,3 +86,16 @@ def test_block_rows_stay_apart_on_an_80_column_terminal_with_hub_length_module_n
     assert labels == ["vision.0", "vision.1", "text.0", "text.1"]
     assert "…" not in console.export_text()
     assert any("language_model.model.decoder.vision" in line for line in lines)  # the tower row names the full path
+
+
+def test_a_block_after_one_left_out_by_exclude_keeps_its_index(tmp_path: Path) -> None:
+    """With ``vision.0`` excluded, ``vision.1`` was block 0 of its tower in the report's ``blocks`` and on the plot's
+    x axis ("block index within tower") (CASES 236)."""
+    task = ToyTask()
+    batches = list(ToyData().calibration_dataloader(8))
+    config = PruningConfig(sparsity=0.5, coarse_samples=8, fine_samples=8, exclude=("vision.0.*",))
+    result = prune(task.model, batches, lambda model, batch: task.calibration_loss(batch), config)
+    rows = block_rows(result)
+    assert [(r.block, r.index) for r in rows] == [("vision.1", 1), ("text.0", 0), ("text.1", 1)]
+    data = json.loads(write_report(result, tmp_path)["json"].read_text())
+    assert [(b["block"], b["index"]) for b in data["blocks"]] == [("vision.1", 1), ("text.0", 0), ("text.1", 1)]
