@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -76,20 +77,26 @@ def test_short_calibration_set_is_refused_identically_on_every_rank():
     assert "Each of the 2 ranks needs at least one calibration batch" in errors[0] and "HINT:" in errors[0]
 
 
+def _counting_loss(calls: dict[str, int]) -> Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]:
+    """``toy_loss`` that counts its calls and the backward passes through it in ``calls``."""
+
+    def counted_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        calls["loss"] += 1
+        loss = toy_loss(model, batch)
+        if loss.requires_grad:
+            loss.register_hook(lambda grad: calls.__setitem__("backward", calls["backward"] + 1))
+        return loss
+
+    return counted_loss
+
+
 def _counted_rank_main(rank: int, world_size: int, port: int, results: dict) -> None:
     with gloo_group(rank, world_size, port):
         for name, config in CONFIGS.items():
             calls = {"loss": 0, "backward": 0}
-
-            def counted_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-                calls["loss"] += 1
-                loss = toy_loss(model, batch)
-                if loss.requires_grad:
-                    loss.register_hook(lambda grad: calls.__setitem__("backward", calls["backward"] + 1))
-                return loss
-
+            loss_fn = _counting_loss(calls)
             result = prune(
-                seeded_toy_model(), toy_batches(4), counted_loss, config, all_reduce=_all_reduce, rank=rank, world_size=2
+                seeded_toy_model(), toy_batches(4), loss_fn, config, all_reduce=_all_reduce, rank=rank, world_size=2
             )
             results[(rank, name)] = (dict(calls), {stage: stats.to_dict() for stage, stats in result.stages.items()})
 
