@@ -117,15 +117,19 @@ def allocation_label(result: PruningResult) -> str:
 
 
 def sparsity_table(result: PruningResult) -> Table:
-    """Per block and per tower: parameters, coarse score, target and achieved sparsity; the overall total last."""
+    """Per block and per tower: candidate weights, coarse score, target and achieved sparsity; the overall total last.
+
+    The counts and percentages are of the candidate weights alone (the Linear weights of the blocks that pruning
+    considered), not of all the model's parameters: the caption says so, and names what ``exclude`` left out."""
     config = result.config
     table = Table(
         title=f"ECoFLaP: {allocation_label(result)} + {config.method}, target {_pct(config.sparsity)}",
         title_justify="left",
+        caption_justify="left",
     )
     # A long module name is folded onto the next line, never cut: its end (the block index) tells the rows apart.
     table.add_column("tower / block", overflow="fold")
-    table.add_column("params", justify="right")
+    table.add_column("weights", justify="right")
     table.add_column("score", justify="right")
     table.add_column("target", justify="right")
     table.add_column("achieved", justify="right")
@@ -143,18 +147,24 @@ def sparsity_table(result: PruningResult) -> Table:
     total = sum(result.sizes.values())
     overall_target = sum(result.target_sparsity[n] * result.sizes[n] for n in result.sizes) / total if total else 0.0
     table.add_row("total", f"{total:,}", "", _pct(overall_target), _pct(result.overall_sparsity), style="bold")
-    captions = []
+    captions = [
+        "weights: the candidate weights (the Linear weights of the blocks), not all parameters; target, achieved: "
+        "the share of them that is zero"
+    ]
+    if config.exclude:
+        captions.append(f"not pruned nor counted (`exclude`): {', '.join(config.exclude)}")
     if result.prior_sparsity:
         captions.append(f"{_pct(result.prior_sparsity)} of the candidate weights were already zero before this run")
     if result.skipped_stacks:
         captions.append(f"left dense (never ran in the calibration loss): {', '.join(result.skipped_stacks)}")
-    table.caption = "; ".join(captions) or None
+    table.caption = "\n".join(captions)
     return table
 
 
 def stage_table(result: PruningResult) -> Table:
-    """Cost of each stage: forward and backward passes, wall time and peak memory."""
-    table = Table(title="Pruning cost per stage", title_justify="left")
+    """Cost of each stage: forward and backward passes, wall time and peak memory; the caption says what each
+    column counts."""
+    table = Table(title="Pruning cost per stage", title_justify="left", caption_justify="left")
     for column in ("stage", "forwards", "block fwd", "backwards", "seconds", "peak memory"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for stage, stats in result.stages.items():
@@ -169,6 +179,11 @@ def stage_table(result: PruningResult) -> Table:
             memory,
         )
     table.add_row("total", "", "", "", f"{sum(s.seconds for s in result.stages.values()):.2f}", "", style="bold")
+    table.caption = (
+        "forwards: calls of the calibration loss (some stopped early or answered in part from recorded block "
+        "outputs)\nblock fwd: blocks run on their own\nboth summed over all ranks; seconds (wall time) and peak "
+        "memory (of one process): the largest rank's"
+    )
     return table
 
 

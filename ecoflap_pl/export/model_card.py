@@ -180,7 +180,7 @@ def _towers(result: PruningResult) -> str:
     """Per tower: its candidate weights and their achieved sparsity; the stacks left dense below."""
     rows = block_rows(result)
     achieved = result.tower_sparsity()
-    lines = ["## Sparsity per tower", "", "| tower | weights | achieved sparsity |", "|---|---:|---:|"]
+    lines = ["## Sparsity per tower", "", "| tower | candidate weights | achieved sparsity |", "|---|---:|---:|"]
     for tower in result.towers:
         weights = sum(row.params for row in rows if row.tower == tower)
         lines.append(f"| `{tower or '<root>'}` | {weights:,} | {_pct(achieved[tower])} |")

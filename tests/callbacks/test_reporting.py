@@ -99,3 +99,22 @@ def test_a_block_after_one_left_out_by_exclude_keeps_its_index(tmp_path: Path) -
     assert [(r.block, r.index) for r in rows] == [("vision.1", 1), ("text.0", 0), ("text.1", 1)]
     data = json.loads(write_report(result, tmp_path)["json"].read_text())
     assert [(b["block"], b["index"]) for b in data["blocks"]] == [("vision.1", 1), ("text.0", 0), ("text.1", 1)]
+
+
+def test_the_tables_say_what_their_counts_and_percentages_are_of(result: PruningResult) -> None:
+    """The sparsity table's "params" column and "total" row counted the candidate weights only (the demo ViT's
+    262,144 of its 366,346 parameters), without a word, and the stage table's "forwards" counted calls of the
+    calibration loss, many stopped early (CASES 237)."""
+    console = Console(width=160, record=True)
+    console.print(render_table(result))
+    text = console.export_text()
+    words = " ".join(text.split())  # the captions wrap at the table's width
+    assert "params" not in text
+    assert (
+        "weights: the candidate weights (the Linear weights of the blocks), not all parameters; target, achieved: "
+        "the share of them that is zero" in words
+    )
+    assert "not pruned nor counted (`exclude`): *qformer*" in words  # the default patterns, named
+    assert "forwards: calls of the calibration loss" in words and "block fwd: blocks run on their own" in words
+    total = next(line for line in text.splitlines() if line.lstrip("│ ").startswith("total") and "%" in line)
+    assert f"{sum(result.sizes.values()):,}" in total

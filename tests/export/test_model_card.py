@@ -51,6 +51,7 @@ def assert_figures_of_the_report(card: ModelCard, report: dict[str, Any], folder
     folder."""
     candidates = sum(report["sizes"].values())
     assert f"{100 * report['overall_sparsity']:.2f}% of the model's {candidates:,} candidate weights" in card.text
+    assert "| tower | candidate weights | achieved sparsity |" in card.text
     for tower, achieved in report["tower_sparsity"].items():
         weights = sum(row["params"] for row in report["blocks"] if row["tower"] == tower)
         assert f"| `{tower}` | {weights:,} | {100 * achieved:.2f}% |" in card.text
