@@ -369,8 +369,9 @@ def _plan(
         ran, skipped, candidates, groups, {t: tuple(g) for t, g in towers.items()}, _group_sizes(candidates, groups)
     )
     logger.info(
-        "Found %d weights to prune in %d groups over %d stacks: %s",
+        "Found %d weight matrices, %s weights to prune in %d groups over %d stacks: %s",
         len(candidates),
+        f"{sum(candidate.numel for candidate in candidates):,}",
         len(groups),
         len(ran),
         ", ".join(f"{s.name} ({len(s.blocks)})" for s in ran),
@@ -731,9 +732,10 @@ def prune(
         chosen_candidate=allocation.chosen,
     )
     logger.info(
-        "Pruned %d weights to %.2f%% sparsity (target %.2f%%) in %.1f s",
+        "Pruned %d weight matrices to %.2f%% sparsity of their %s weights (target %.2f%%) in %.1f s",
         len(masks),
         100 * result.overall_sparsity,
+        f"{sum(sizes.values()):,}",
         100 * config.sparsity,
         sum(s.seconds for s in stages.values()),
     )
