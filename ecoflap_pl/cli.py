@@ -550,6 +550,9 @@ class EcoflapCLI(LightningCLI):
         if self.trainer.is_global_zero:
             sparsity = callback.result.overall_sparsity if callback.result is not None else 0.0
             notes = [f"pruned: masks from {callback.masks_from}"]
+            if callback.fine_tuned_to_step is not None:
+                steps = callback.fine_tuned_to_step
+                notes.append(f"pruned: fine-tuned after pruning, to training step {steps} (the masks held fixed)")
             if pruned_checkpoint:
                 notes.append("dense: the model the config builds, without the checkpoint")
             Console().print(comparison_table(dense[0] if dense else {}, pruned[0] if pruned else {}, sparsity, notes))
