@@ -116,6 +116,12 @@ def allocation_label(result: PruningResult) -> str:
     return config.allocation
 
 
+def _method_label(result: PruningResult) -> str:
+    """The fine step's method, with its N:M structure where it has one (``"wanda 2:4"``)."""
+    config = result.config
+    return config.method if config.structure == "unstructured" else f"{config.method} {config.structure}"
+
+
 def sparsity_table(result: PruningResult) -> Table:
     """Per block and per tower: candidate weights, coarse score, target and achieved sparsity; the overall total last.
 
@@ -123,7 +129,7 @@ def sparsity_table(result: PruningResult) -> Table:
     considered), not of all the model's parameters: the caption says so, and names what ``exclude`` left out."""
     config = result.config
     table = Table(
-        title=f"ECoFLaP: {allocation_label(result)} + {config.method}, target {_pct(config.sparsity)}",
+        title=f"ECoFLaP: {allocation_label(result)} + {_method_label(result)}, target {_pct(config.sparsity)}",
         title_justify="left",
         caption_justify="left",
     )
@@ -250,7 +256,7 @@ def plot_sparsity(result: PruningResult, path: str | Path) -> Path:
     axes.set_xlabel("block index within tower")
     axes.set_ylabel("sparsity (%)")
     axes.set_title(
-        f"Per-block sparsity ({allocation_label(result)}, {config.method}, {100 * config.sparsity:g}% target)"
+        f"Per-block sparsity ({allocation_label(result)}, {_method_label(result)}, {100 * config.sparsity:g}% target)"
     )
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")

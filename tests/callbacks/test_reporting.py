@@ -118,3 +118,16 @@ def test_the_tables_say_what_their_counts_and_percentages_are_of(result: Pruning
     assert "forwards: calls of the calibration loss" in words and "block fwd: blocks run on their own" in words
     total = next(line for line in text.splitlines() if line.lstrip("│ ").startswith("total") and "%" in line)
     assert f"{sum(result.sizes.values()):,}" in total
+
+
+def test_an_n_m_run_names_its_structure_in_the_title() -> None:
+    """A 2:4 run's table was titled "uniform + wanda, target 50.00%", as an unstructured run at 50%."""
+    task = ToyTask()
+    batches = list(ToyData().calibration_dataloader(8))
+    config = PruningConfig(
+        importance="uniform", allocation="uniform", structure="2:4", max_sparsity=None, fine_samples=8
+    )
+    result = prune(task.model, batches, lambda model, batch: task.calibration_loss(batch), config)
+    console = Console(width=160, record=True)
+    console.print(render_table(result))
+    assert "ECoFLaP: uniform + wanda 2:4, target 50.00%" in console.export_text()
