@@ -104,7 +104,7 @@ def _counted_rank_main(rank: int, world_size: int, port: int, results: dict) -> 
 @pytest.mark.distributed
 def test_the_stage_costs_of_two_ranks_count_the_work_of_both():
     """Each rank counted only its own share of the forwards and backwards, while `samples` covered both: the
-    report of a 2-process run said 20 coarse forwards where the ranks ran 39 (CASES 235)."""
+    report of a 2-process run said 20 coarse forwards where the ranks ran 40 (CASES 235)."""
     results = spawn_ranks(_counted_rank_main)
     for name in CONFIGS:
         (calls_0, stages_0), (calls_1, stages_1) = results[(0, name)], results[(1, name)]
