@@ -23,8 +23,9 @@ class StageStats:
     (``"cpu_rss"``). ``recorded_bytes`` is what the zeroth-order step keeps of one calibration batch's block outputs
     for prefix reuse, and ``probe_replicas`` the number of probes it ran per forward (0 where neither applies).
     ``samples`` is the number of calibration samples the coarse or fine step read, over all ranks: the leading
-    batches that hold its ``*_samples`` (whole batches, so it may be more), or all of them when fewer were given (0
-    for other stages, and in reports written before it was recorded).
+    batches that hold its ``*_samples`` (whole batches, so it may be more), or all of them when fewer were given;
+    for ``auto``, the held-out batches after them, which hold its ``auto_holdout_samples`` or those left (0 for other
+    stages, and in reports written before it was recorded).
 
     ``full_forwards`` counts the calls of the calibration loss (a forward of the model, some stopped early or run with
     block outputs answered from a record), ``block_forwards`` the blocks run on their own (replays). Under DDP

@@ -690,6 +690,8 @@ def prune(
             config, plan.sizes, plan.groups, plan.towers, coarse_scores, outlier_ratios, evaluate
         )
         allocation = get_allocation(config.allocation)(request)
+        if "auto" in stages:
+            stages["auto"] = replace(stages["auto"], samples=_samples_of(holdout))
         group_sparsity = allocation.group_sparsity
         tensor_sparsity = _tensor_sparsity(plan, group_sparsity)
         with StageMonitor(device) as monitor, torch.no_grad():
