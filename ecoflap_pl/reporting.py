@@ -197,8 +197,11 @@ def candidate_table(result: PruningResult) -> Table:
     """``auto``'s candidates in the order tried: held-out loss, range of group sparsities, the chosen one marked;
     the caption gives the search's cost as a ratio to a plain run."""
     table = Table(title="auto: candidate allocations", title_justify="left")
-    for column in ("candidate", "held-out loss", "min sparsity", "max sparsity", "chosen"):
-        table.add_column(column, justify="left" if column == "candidate" else "right")
+    # The names tell the candidates apart by their end ("ecoflap(max_sparsity=0.7)"): never cut, the numbers wrap.
+    longest = max((len(candidate.name) for candidate in result.candidates), default=0)
+    table.add_column("candidate", no_wrap=True, min_width=longest)
+    for column in ("held-out loss", "min group sparsity", "max group sparsity", "chosen"):
+        table.add_column(column, justify="right")
     for candidate in result.candidates:
         values = candidate.group_sparsity.values()
         chosen = "*" if candidate.name == result.chosen_candidate else ""

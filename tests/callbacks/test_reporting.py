@@ -11,7 +11,7 @@ from rich.console import Console
 from torch import nn
 
 from ecoflap_pl import PruningConfig, PruningResult, prune
-from ecoflap_pl.reporting import block_rows, plot_sparsity, render_table, write_report
+from ecoflap_pl.reporting import block_rows, candidate_table, plot_sparsity, render_table, write_report
 from tests.callbacks.callback_toys import ToyData, ToyTask
 
 
@@ -131,3 +131,19 @@ def test_an_n_m_run_names_its_structure_in_the_title() -> None:
     console = Console(width=160, record=True)
     console.print(render_table(result))
     assert "ECoFLaP: uniform + wanda 2:4, target 50.00%" in console.export_text()
+
+
+def test_auto_s_candidates_keep_their_names_whole_on_an_80_column_terminal() -> None:
+    """The names were cut to "ecoflap(max_sparsity…", three rows alike: which cap each row tried was not shown
+    (CASES 241)."""
+    task = ToyTask()
+    batches = list(ToyData().calibration_dataloader(16))
+    config = PruningConfig(sparsity=0.6, allocation="auto", coarse_samples=4, fine_samples=4, auto_holdout_samples=4)
+    result = prune(task.model, batches, lambda model, batch: task.calibration_loss(batch), config)
+    console = Console(width=80, record=True)
+    console.print(candidate_table(result))
+    text = console.export_text()
+    assert "…" not in text
+    for candidate in result.candidates:
+        assert f"│ {candidate.name} " in text, candidate.name
+    assert "min group" in text and "max group" in text  # the allocation's range, not the `max_sparsity` setting
