@@ -233,6 +233,7 @@ class ECoFLaPPruning(Callback):
         self._saved_at_step: int | None = None
         self._save_to_export_checked_later = False
         self._run_folders: list[str] = []
+        self._checkpoint_step: int | None = None
         if not isinstance(semi_structured, bool):
             raise ValueError(f"`semi_structured` must be True or False, got {semi_structured!r}.")
         if semi_structured:  # before the model is built; the device is checked again once the Trainer placed it
@@ -250,6 +251,18 @@ class ECoFLaPPruning(Callback):
         self._result: PruningResult | None = None
         self._pruning_started = False
         self._announce_masks = False
+
+    @property
+    def fine_tuned_to_step(self) -> int | None:
+        """The training steps the weights of a pruned checkpoint had after pruning (its ``global_step`` less the
+        step it was pruned at, after those of the saved model it started from); ``None`` for a model this run
+        pruned, or a checkpoint of weights as pruned."""
+        if self._checkpoint_step is None or not self.pruned:
+            return None
+        pruned_at = ((self.report or {}).get("metadata") or {}).get("global_step")
+        return _fine_tuned_to_step(
+            self.report, self._checkpoint_step - (pruned_at if isinstance(pruned_at, int) else 0)
+        )
 
     @property
     def result(self) -> PruningResult | None:
@@ -393,6 +406,15 @@ class ECoFLaPPruning(Callback):
         }
 
     @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning calls this before `load_state_dict`, with the whole checkpoint: its step tells how far the
+        # restored weights were trained (`validate` and `test` do not restore the loops, so `trainer.global_step` is 0).
+        step = checkpoint.get("global_step")
+        self._checkpoint_step = step if isinstance(step, int) else None
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         version = state_dict.get("version", 1)
         if not isinstance(version, int) or version > _STATE_VERSION:
@@ -404,6 +426,8 @@ class ECoFLaPPruning(Callback):
         self.masks = {name: torch.as_tensor(mask).bool() for name, mask in state_dict.get("masks", {}).items()}
         self.report = state_dict.get("report")
         self.masks_from = "the checkpoint" if self.pruned else None  # the path is known once the stage starts
+        if not self.pruned:
+            self._checkpoint_step = None  # a dense checkpoint's steps were not taken after pruning
         self._result = None
         if self.pruned and self.report is not None:
             saved, current = self.report.get("config", {}), self.config.to_dict()

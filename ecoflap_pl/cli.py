@@ -549,7 +549,7 @@ class EcoflapCLI(LightningCLI):
         pruned = run(**pruned_kwargs)
         if self.trainer.is_global_zero:
             sparsity = callback.result.overall_sparsity if callback.result is not None else 0.0
-            notes = [f"pruned: masks from {callback.masks_from}"]
+            notes = pruned_notes(callback)
             if pruned_checkpoint:
                 notes.append("dense: the model the config builds, without the checkpoint")
             Console().print(comparison_table(dense[0] if dense else {}, pruned[0] if pruned else {}, sparsity, notes))
@@ -690,6 +690,22 @@ def _other_task_message(ckpt_path: str, written_by: str | None, task: str | None
         f"`ckpt_path` {ckpt_path} was written by the task {written_by}, but the config's model is {task}. HINT: pass "
         f"a checkpoint of {task}, or use this one with the config it was trained with."
     )
+
+
+def pruned_notes(callback: ECoFLaPPruning) -> list[str]:
+    """What the pruned column of the comparison is of: where its masks came from, the zeros the model had before
+    pruning (counted in its sparsity), and the training a checkpoint's weights had after pruning."""
+    notes = [f"pruned: masks from {callback.masks_from}"]
+    result = callback.result
+    if result is not None and result.prior_sparsity:
+        notes.append(
+            f"pruned: {100 * result.prior_sparsity:.1f}% of the candidate weights were zero before pruning, counted "
+            "in its sparsity"
+        )
+    if callback.fine_tuned_to_step is not None:
+        steps = callback.fine_tuned_to_step
+        notes.append(f"pruned: fine-tuned after pruning, to training step {steps} (the masks held fixed)")
+    return notes
 
 
 def comparison_table(

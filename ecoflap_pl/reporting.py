@@ -32,7 +32,9 @@ class BlockRow:
     Attributes:
         tower: the stack the block belongs to (e.g. ``"vision_model.encoder.layers"``).
         block: the block's module name (e.g. ``"vision_model.encoder.layers.3"``).
-        index: the block's position inside its tower.
+        index: the block's position inside its tower: its index in the stack (a block left out by ``exclude`` keeps
+            its place), or its place among the blocks listed where the stack names its entries (an
+            ``nn.Sequential`` built from a dict).
         params: number of candidate weights in the block.
         target: size-weighted target sparsity of its weights.
         achieved: fraction of its candidate weights that are zero-masked.
@@ -56,6 +58,13 @@ def _block_of(tower: str, name: str) -> str:
     return f"{tower}.{head}" if tower else head
 
 
+def _position(tower: str, block: str, listed: int) -> int:
+    """The index of ``block`` in its stack, from its name (``"layers.3"`` -> 3); ``listed``, its place among the
+    blocks listed, for a stack whose entries have names of their own."""
+    entry = block[len(tower) + 1 :] if tower else block
+    return int(entry) if entry.isdigit() else listed
+
+
 def block_rows(result: PruningResult) -> list[BlockRow]:
     """Per-block totals of ``result``, tower by tower in forward order, blocks in model order."""
     rows: list[BlockRow] = []
@@ -74,7 +83,7 @@ def block_rows(result: PruningResult) -> list[BlockRow]:
             achieved = sum(result.achieved_sparsity[n] * result.sizes[n] for n in names) / params
             whole = result.config.granularity != "model" and result.group_scores
             score = sum(result.group_scores[g] for g in block_groups[block]) if whole else None
-            rows.append(BlockRow(tower, block, index, params, target, achieved, score))
+            rows.append(BlockRow(tower, block, _position(tower, block, index), params, target, achieved, score))
     return rows
 
 
@@ -107,16 +116,26 @@ def allocation_label(result: PruningResult) -> str:
     return config.allocation
 
 
+def _method_label(result: PruningResult) -> str:
+    """The fine step's method, with its N:M structure where it has one (``"wanda 2:4"``)."""
+    config = result.config
+    return config.method if config.structure == "unstructured" else f"{config.method} {config.structure}"
+
+
 def sparsity_table(result: PruningResult) -> Table:
-    """Per block and per tower: parameters, coarse score, target and achieved sparsity; the overall total last."""
+    """Per block and per tower: candidate weights, coarse score, target and achieved sparsity; the overall total last.
+
+    The counts and percentages are of the candidate weights alone (the Linear weights of the blocks that pruning
+    considered), not of all the model's parameters: the caption says so, and names what ``exclude`` left out."""
     config = result.config
     table = Table(
-        title=f"ECoFLaP: {allocation_label(result)} + {config.method}, target {_pct(config.sparsity)}",
+        title=f"ECoFLaP: {allocation_label(result)} + {_method_label(result)}, target {_pct(config.sparsity)}",
         title_justify="left",
+        caption_justify="left",
     )
     # A long module name is folded onto the next line, never cut: its end (the block index) tells the rows apart.
     table.add_column("tower / block", overflow="fold")
-    table.add_column("params", justify="right")
+    table.add_column("weights", justify="right")
     table.add_column("score", justify="right")
     table.add_column("target", justify="right")
     table.add_column("achieved", justify="right")
@@ -134,18 +153,24 @@ def sparsity_table(result: PruningResult) -> Table:
     total = sum(result.sizes.values())
     overall_target = sum(result.target_sparsity[n] * result.sizes[n] for n in result.sizes) / total if total else 0.0
     table.add_row("total", f"{total:,}", "", _pct(overall_target), _pct(result.overall_sparsity), style="bold")
-    captions = []
+    captions = [
+        "weights: the candidate weights (the Linear weights of the blocks), not all parameters; target, achieved: "
+        "the share of them that is zero"
+    ]
+    if config.exclude:
+        captions.append(f"not pruned nor counted (`exclude`): {', '.join(config.exclude)}")
     if result.prior_sparsity:
         captions.append(f"{_pct(result.prior_sparsity)} of the candidate weights were already zero before this run")
     if result.skipped_stacks:
         captions.append(f"left dense (never ran in the calibration loss): {', '.join(result.skipped_stacks)}")
-    table.caption = "; ".join(captions) or None
+    table.caption = "\n".join(captions)
     return table
 
 
 def stage_table(result: PruningResult) -> Table:
-    """Cost of each stage: forward and backward passes, wall time and peak memory."""
-    table = Table(title="Pruning cost per stage", title_justify="left")
+    """Cost of each stage: forward and backward passes, wall time and peak memory; the caption says what each
+    column counts."""
+    table = Table(title="Pruning cost per stage", title_justify="left", caption_justify="left")
     for column in ("stage", "forwards", "block fwd", "backwards", "seconds", "peak memory"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for stage, stats in result.stages.items():
@@ -160,6 +185,11 @@ def stage_table(result: PruningResult) -> Table:
             memory,
         )
     table.add_row("total", "", "", "", f"{sum(s.seconds for s in result.stages.values()):.2f}", "", style="bold")
+    table.caption = (
+        "forwards: calls of the calibration loss (some stopped early or answered in part from recorded block "
+        "outputs)\nblock fwd: blocks run on their own\nboth summed over all ranks; seconds (wall time) and peak "
+        "memory (of one process): the largest rank's"
+    )
     return table
 
 
@@ -167,8 +197,11 @@ def candidate_table(result: PruningResult) -> Table:
     """``auto``'s candidates in the order tried: held-out loss, range of group sparsities, the chosen one marked;
     the caption gives the search's cost as a ratio to a plain run."""
     table = Table(title="auto: candidate allocations", title_justify="left")
-    for column in ("candidate", "held-out loss", "min sparsity", "max sparsity", "chosen"):
-        table.add_column(column, justify="left" if column == "candidate" else "right")
+    # The names tell the candidates apart by their end ("ecoflap(max_sparsity=0.7)"): never cut, the numbers wrap.
+    longest = max((len(candidate.name) for candidate in result.candidates), default=0)
+    table.add_column("candidate", no_wrap=True, min_width=longest)
+    for column in ("held-out loss", "min group sparsity", "max group sparsity", "chosen"):
+        table.add_column(column, justify="right")
     for candidate in result.candidates:
         values = candidate.group_sparsity.values()
         chosen = "*" if candidate.name == result.chosen_candidate else ""
@@ -226,7 +259,7 @@ def plot_sparsity(result: PruningResult, path: str | Path) -> Path:
     axes.set_xlabel("block index within tower")
     axes.set_ylabel("sparsity (%)")
     axes.set_title(
-        f"Per-block sparsity ({allocation_label(result)}, {config.method}, {100 * config.sparsity:g}% target)"
+        f"Per-block sparsity ({allocation_label(result)}, {_method_label(result)}, {100 * config.sparsity:g}% target)"
     )
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")

@@ -143,11 +143,11 @@ def _summary(model: nn.Module, result: PruningResult, fine_tuned_to_step: int | 
     # max_sparsity caps the paper's rule on coarse scores only: allocation ecoflap, importance not uniform.
     capped = config.allocation == "ecoflap" and config.importance != "uniform"
     cap = f", max_sparsity {_pct(config.max_sparsity)}" if capped and config.max_sparsity is not None else ""
-    samples = [_samples_read(result, "fine", "the fine step")]
+    samples = [_samples_read(result, "fine", "for the fine step")]
     if "coarse" in result.stages:
-        samples.insert(0, _samples_read(result, "coarse", "the coarse scores"))
-    if config.allocation == "auto":
-        samples.append(f"`auto_holdout_samples` {config.auto_holdout_samples} held out to choose the allocation")
+        samples.insert(0, _samples_read(result, "coarse", "for the coarse scores"))
+    if "auto" in result.stages:
+        samples.append(_samples_read(result, "auto", "held out to choose the allocation", "auto_holdout_samples"))
     if fine_tuned_to_step is None:
         weights = "as pruned, not trained after pruning."
     else:
@@ -166,21 +166,23 @@ def _summary(model: nn.Module, result: PruningResult, fine_tuned_to_step: int | 
     return "\n".join(lines)
 
 
-def _samples_read(result: PruningResult, stage: str, what: str) -> str:
-    """How many calibration samples ``stage`` read, with the ``*_samples`` setting where that differs (fewer samples
-    given, or whole batches holding more); only the setting for a report that did not record the count."""
-    asked = getattr(result.config, f"{stage}_samples")
+def _samples_read(result: PruningResult, stage: str, what: str, setting: str | None = None) -> str:
+    """How many calibration samples ``stage`` read, with its ``setting`` (default ``{stage}_samples``) where that
+    differs (fewer samples given, or whole batches holding more); only the setting for a report that did not record
+    the count."""
+    setting = setting or f"{stage}_samples"
+    asked = getattr(result.config, setting)
     read = result.stages[stage].samples
     if not read:
-        return f"`{stage}_samples` {asked} for {what}"
-    return f"{read} for {what}" + ("" if read == asked else f" (`{stage}_samples` {asked})")
+        return f"`{setting}` {asked} {what}"
+    return f"{read} {what}" + ("" if read == asked else f" (`{setting}` {asked})")
 
 
 def _towers(result: PruningResult) -> str:
     """Per tower: its candidate weights and their achieved sparsity; the stacks left dense below."""
     rows = block_rows(result)
     achieved = result.tower_sparsity()
-    lines = ["## Sparsity per tower", "", "| tower | weights | achieved sparsity |", "|---|---:|---:|"]
+    lines = ["## Sparsity per tower", "", "| tower | candidate weights | achieved sparsity |", "|---|---:|---:|"]
     for tower in result.towers:
         weights = sum(row.params for row in rows if row.tower == tower)
         lines.append(f"| `{tower or '<root>'}` | {weights:,} | {_pct(achieved[tower])} |")

@@ -90,10 +90,13 @@ def to_semi_structured_(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> 
     if masks and not swapped:
         dtypes = sorted({str(model.get_parameter(name).dtype) for name in kept_dense})
         raise ValueError(
-            f"`{_OPTION}`: none of the {len(kept_dense)} pruned weights fits the sparse kernels (dtypes {dtypes}). "
-            "HINT: run in 16 bits (--trainer.precision bf16-true); sizes must be multiples of 64."
+            f"`{_OPTION}`: none of the {len(kept_dense)} pruned weight matrices fits the sparse kernels (dtypes "
+            f"{dtypes}). HINT: run in 16 bits (--trainer.precision bf16-true); sizes must be multiples of 64."
         )
     logger.info(
-        "2:4 sparse kernels on %d of %d pruned weights (%d kept dense)", len(swapped), len(masks), len(kept_dense)
+        "2:4 sparse kernels on %d of %d pruned weight matrices (%d kept dense)",
+        len(swapped),
+        len(masks),
+        len(kept_dense),
     )
     return swapped

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -22,8 +23,14 @@ class StageStats:
     (``"cpu_rss"``). ``recorded_bytes`` is what the zeroth-order step keeps of one calibration batch's block outputs
     for prefix reuse, and ``probe_replicas`` the number of probes it ran per forward (0 where neither applies).
     ``samples`` is the number of calibration samples the coarse or fine step read, over all ranks: the leading
-    batches that hold its ``*_samples`` (whole batches, so it may be more), or all of them when fewer were given (0
-    for other stages, and in reports written before it was recorded).
+    batches that hold its ``*_samples`` (whole batches, so it may be more), or all of them when fewer were given;
+    for ``auto``, the held-out batches after them, which hold its ``auto_holdout_samples`` or those left (0 for other
+    stages, and in reports written before it was recorded).
+
+    ``full_forwards`` counts the calls of the calibration loss (a forward of the model, some stopped early or run with
+    block outputs answered from a record), ``block_forwards`` the blocks run on their own (replays). Under DDP
+    (:func:`over_ranks`) the counts are summed over the ranks, and ``seconds``, ``peak_memory_bytes`` and
+    ``recorded_bytes`` are the largest rank's: the ranks work side by side, each in a process of its own.
     """
 
     full_forwards: int = 0
@@ -38,6 +45,40 @@ class StageStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def over_ranks(
+    stats: StageStats,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> StageStats:
+    """One rank's ``stats`` made those of the whole run, on every rank: the counts summed over the ranks (each counted
+    only its share of the batches), the time and memory the largest rank's. ``all_reduce`` sums a tensor over the
+    ranks; each rank puts its time and memory in a slot of its own, so the sum gathers them all (``None``: one
+    process, ``stats`` as they are)."""
+    if all_reduce is None:
+        return stats
+    counts = [stats.full_forwards, stats.block_forwards, stats.backward_passes]
+    gathered = torch.zeros(len(counts) + 3 * world_size, dtype=torch.float64, device=device)
+    gathered[: len(counts)] = torch.tensor(counts, dtype=torch.float64)
+    slot = len(counts) + 3 * rank
+    gathered[slot : slot + 3] = torch.tensor(
+        [stats.seconds, stats.peak_memory_bytes, stats.recorded_bytes], dtype=torch.float64
+    )
+    summed = all_reduce(gathered).cpu()
+    per_rank = summed[len(counts) :].view(world_size, 3).amax(dim=0).tolist()
+    forwards, blocks, backwards = (int(value) for value in summed[: len(counts)].tolist())
+    return replace(
+        stats,
+        full_forwards=forwards,
+        block_forwards=blocks,
+        backward_passes=backwards,
+        seconds=per_rank[0],
+        peak_memory_bytes=int(per_rank[1]),
+        recorded_bytes=int(per_rank[2]),
+    )
 
 
 def _rss_bytes() -> int:

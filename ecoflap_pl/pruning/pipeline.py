@@ -31,7 +31,7 @@ from ecoflap_pl.pruning.discovery import (
 from ecoflap_pl.pruning.fine import AllReduce, fine_prune_
 from ecoflap_pl.pruning.importance import ImportanceRequest, get_importance
 from ecoflap_pl.pruning.loss import LossFn, checked_loss
-from ecoflap_pl.pruning.monitor import StageMonitor, StageStats
+from ecoflap_pl.pruning.monitor import StageMonitor, StageStats, over_ranks
 from ecoflap_pl.pruning.residency import Residency, resident
 from ecoflap_pl.pruning.result import GroupScores, PruningResult
 from ecoflap_pl.pruning.transaction import WeightTransaction, pruning_session
@@ -188,15 +188,18 @@ def _heldout_loss(
     all_reduce: AllReduce | None,
     rank: int,
     world_size: int,
+    monitor: StageMonitor,
 ) -> float:
     """The sample-weighted mean calibration loss over ``batches``; with ``all_reduce`` each rank evaluates its share
-    (``id % world_size == rank``) and the sums are reduced, so every rank gets the same value."""
+    (``id % world_size == rank``) and the sums are reduced, so every rank gets the same value. ``monitor`` counts
+    this rank's forwards."""
     own = [(i, batch) for i, batch in batches if all_reduce is None or i % world_size == rank]
     sums = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)
     for batch_id, batch in own:
         size = batch_size(batch)
         sums[0] += float(checked_loss(loss_fn, model, batch, batch_id)) * size
         sums[1] += size
+        monitor.full_forwards += 1
     if all_reduce is not None:
         sums = all_reduce(sums)
     return float(sums[0] / sums[1])
@@ -354,8 +357,9 @@ def _plan(
         ran, skipped, candidates, groups, {t: tuple(g) for t, g in towers.items()}, _group_sizes(candidates, groups)
     )
     logger.info(
-        "Found %d weights to prune in %d groups over %d stacks: %s",
+        "Found %d weight matrices, %s weights to prune in %d groups over %d stacks: %s",
         len(candidates),
+        f"{sum(candidate.numel for candidate in candidates):,}",
         len(groups),
         len(ran),
         ", ".join(f"{s.name} ({len(s.blocks)})" for s in ran),
@@ -409,13 +413,10 @@ def _score(
             raw = dict(zip(keys, summed.tolist(), strict=True))
         scores = _aggregate(plan, estimator.combine(raw, request, len(chosen)), config)
     settings = _score_settings(config, plan, params)
+    stats = replace(over_ranks(monitor.stats, all_reduce, rank, world_size, device), samples=_samples_of(chosen))
     logger.info(
-        "Coarse step (%s) done in %.1f s, %d forward passes",
-        config.importance,
-        monitor.stats.seconds,
-        monitor.stats.full_forwards,
+        "Coarse step (%s) done in %.1f s, %d forward passes", config.importance, stats.seconds, stats.full_forwards
     )
-    stats = replace(monitor.stats, samples=_samples_of(chosen))
     return GroupScores(scores, dict(plan.sizes), dict(plan.groups), dict(plan.towers), settings, stats)
 
 
@@ -591,8 +592,11 @@ def prune(
     check_before_pruning(model, config)
     stages: dict[str, StageStats] = {}
     params = dict(model.named_parameters())
+    device = next(model.parameters()).device
+    whole_run = partial(over_ranks, all_reduce=all_reduce, rank=rank, world_size=world_size, device=device)
     with pruning_session(model) as transaction:
-        plan, stages["discovery"] = _plan(model, calibration_batches, loss_fn, config, rank)
+        plan, discovery = _plan(model, calibration_batches, loss_fn, config, rank)
+        stages["discovery"] = whole_run(discovery)
         _check_residency(plan, config, residency)
         prior_zeros = _prior_zeros(model, plan.candidates, residency)
         prior_sparsity = sum(prior_zeros.values()) / max(sum(c.numel for c in plan.candidates), 1)
@@ -601,7 +605,6 @@ def prune(
                 f"{100 * prior_sparsity:.1f}% of the candidate weights are already zero before pruning (a model pruned "
                 "before, or dequantised). They stay pruned: the masks and the achieved sparsity include them.",
             )
-        device = next(model.parameters()).device
         fine_leading = _leading_batches(calibration_batches, config.fine_samples)
         fine_batches = _shard(fine_leading, rank, world_size)
         computed: dict[str, GroupScores] = {}
@@ -643,7 +646,7 @@ def prune(
                         monitor=monitor,
                         all_reduce=all_reduce,
                     )
-                stages["outliers"] = _add(stages.get("outliers"), monitor.stats)
+                stages["outliers"] = _add(stages.get("outliers"), whole_run(monitor.stats))
             return outliers[m]
 
         def evaluate(name: str, group_sparsity: Mapping[str, float]) -> float:
@@ -665,17 +668,18 @@ def prune(
                         all_reduce=all_reduce,
                         on_block_done=_ticker(progress, f"auto: {name}", _block_count(plan)),
                     )
-                    loss = _heldout_loss(model, holdout, loss_fn, all_reduce, rank, world_size)
-                    monitor.full_forwards += len(holdout)
+                    loss = _heldout_loss(model, holdout, loss_fn, all_reduce, rank, world_size, monitor)
                 finally:
                     trial.rollback()
-            stages["auto"] = _add(stages.get("auto"), monitor.stats)
+            stages["auto"] = _add(stages.get("auto"), whole_run(monitor.stats))
             return loss
 
         request = AllocationRequest(
             config, plan.sizes, plan.groups, plan.towers, coarse_scores, outlier_ratios, evaluate
         )
         allocation = get_allocation(config.allocation)(request)
+        if "auto" in stages:
+            stages["auto"] = replace(stages["auto"], samples=_samples_of(holdout))
         group_sparsity = allocation.group_sparsity
         tensor_sparsity = _tensor_sparsity(plan, group_sparsity)
         with StageMonitor(device) as monitor, torch.no_grad():
@@ -693,7 +697,7 @@ def prune(
                 on_block_done=_ticker(progress, "fine", _block_count(plan)),
                 residency=residency,
             )
-        stages["fine"] = replace(monitor.stats, samples=_samples_of(fine_leading))
+        stages["fine"] = replace(whole_run(monitor.stats), samples=_samples_of(fine_leading))
         # weights that were zero already are pruned too, whatever the new mask says
         pruned_before = [c for c in plan.candidates if c.name in prior_zeros]
         for name, nonzero in _read_weights(model, pruned_before, residency, lambda weight: weight != 0).items():
@@ -718,9 +722,10 @@ def prune(
         chosen_candidate=allocation.chosen,
     )
     logger.info(
-        "Pruned %d weights to %.2f%% sparsity (target %.2f%%) in %.1f s",
+        "Pruned %d weight matrices to %.2f%% sparsity of their %s weights (target %.2f%%) in %.1f s",
         len(masks),
         100 * result.overall_sparsity,
+        f"{sum(sizes.values()):,}",
         100 * config.sparsity,
         sum(s.seconds for s in stages.values()),
     )

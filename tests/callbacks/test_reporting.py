@@ -11,7 +11,7 @@ from rich.console import Console
 from torch import nn
 
 from ecoflap_pl import PruningConfig, PruningResult, prune
-from ecoflap_pl.reporting import block_rows, plot_sparsity, render_table, write_report
+from ecoflap_pl.reporting import block_rows, candidate_table, plot_sparsity, render_table, write_report
 from tests.callbacks.callback_toys import ToyData, ToyTask
 
 
@@ -86,3 +86,64 @@ def test_block_rows_stay_apart_on_an_80_column_terminal_with_hub_length_module_n
     assert labels == ["vision.0", "vision.1", "text.0", "text.1"]
     assert "…" not in console.export_text()
     assert any("language_model.model.decoder.vision" in line for line in lines)  # the tower row names the full path
+
+
+def test_a_block_after_one_left_out_by_exclude_keeps_its_index(tmp_path: Path) -> None:
+    """With ``vision.0`` excluded, ``vision.1`` was block 0 of its tower in the report's ``blocks`` and on the plot's
+    x axis ("block index within tower") (CASES 236)."""
+    task = ToyTask()
+    batches = list(ToyData().calibration_dataloader(8))
+    config = PruningConfig(sparsity=0.5, coarse_samples=8, fine_samples=8, exclude=("vision.0.*",))
+    result = prune(task.model, batches, lambda model, batch: task.calibration_loss(batch), config)
+    rows = block_rows(result)
+    assert [(r.block, r.index) for r in rows] == [("vision.1", 1), ("text.0", 0), ("text.1", 1)]
+    data = json.loads(write_report(result, tmp_path)["json"].read_text())
+    assert [(b["block"], b["index"]) for b in data["blocks"]] == [("vision.1", 1), ("text.0", 0), ("text.1", 1)]
+
+
+def test_the_tables_say_what_their_counts_and_percentages_are_of(result: PruningResult) -> None:
+    """The sparsity table's "params" column and "total" row counted the candidate weights only (the demo ViT's
+    262,144 of its 366,346 parameters), without a word, and the stage table's "forwards" counted calls of the
+    calibration loss, many stopped early (CASES 237)."""
+    console = Console(width=160, record=True)
+    console.print(render_table(result))
+    text = console.export_text()
+    words = " ".join(text.split())  # the captions wrap at the table's width
+    assert "params" not in text
+    assert (
+        "weights: the candidate weights (the Linear weights of the blocks), not all parameters; target, achieved: "
+        "the share of them that is zero" in words
+    )
+    assert "not pruned nor counted (`exclude`): *qformer*" in words  # the default patterns, named
+    assert "forwards: calls of the calibration loss" in words and "block fwd: blocks run on their own" in words
+    total = next(line for line in text.splitlines() if line.lstrip("│ ").startswith("total") and "%" in line)
+    assert f"{sum(result.sizes.values()):,}" in total
+
+
+def test_an_n_m_run_names_its_structure_in_the_title() -> None:
+    """A 2:4 run's table was titled "uniform + wanda, target 50.00%", as an unstructured run at 50%."""
+    task = ToyTask()
+    batches = list(ToyData().calibration_dataloader(8))
+    config = PruningConfig(
+        importance="uniform", allocation="uniform", structure="2:4", max_sparsity=None, fine_samples=8
+    )
+    result = prune(task.model, batches, lambda model, batch: task.calibration_loss(batch), config)
+    console = Console(width=160, record=True)
+    console.print(render_table(result))
+    assert "ECoFLaP: uniform + wanda 2:4, target 50.00%" in console.export_text()
+
+
+def test_auto_s_candidates_keep_their_names_whole_on_an_80_column_terminal() -> None:
+    """The names were cut to "ecoflap(max_sparsity…", three rows alike: which cap each row tried was not shown
+    (CASES 241)."""
+    task = ToyTask()
+    batches = list(ToyData().calibration_dataloader(16))
+    config = PruningConfig(sparsity=0.6, allocation="auto", coarse_samples=4, fine_samples=4, auto_holdout_samples=4)
+    result = prune(task.model, batches, lambda model, batch: task.calibration_loss(batch), config)
+    console = Console(width=80, record=True)
+    console.print(candidate_table(result))
+    text = console.export_text()
+    assert "…" not in text
+    for candidate in result.candidates:
+        assert f"│ {candidate.name} " in text, candidate.name
+    assert "min group" in text and "max group" in text  # the allocation's range, not the `max_sparsity` setting

@@ -12,8 +12,11 @@ import yaml
 from rich.console import Console
 from transformers import Blip2ForConditionalGeneration
 
-from ecoflap_pl.cli import comparison_table, main
+from ecoflap_pl.callbacks import ECoFLaPPruning
+from ecoflap_pl.cli import comparison_table, main, pruned_notes
 from ecoflap_pl.pruning.allocation import Allocation, register_allocation, registry
+from tests.callbacks.callback_toys import FAST, ToyData, ToyTask
+from tests.trainers import quiet_trainer
 
 
 def ecoflap(*args: str) -> subprocess.CompletedProcess:
@@ -148,3 +151,18 @@ def test_the_comparison_keeps_its_title_and_notes_whole() -> None:
     assert lines[0] == "Dense vs pruned (60.0% of the candidate weights pruned)"
     assert lines[-2:] == notes
     assert "│ val/accuracy │ 0.7658 │ 0.7399 │ -0.0259 │" in lines
+
+
+def test_the_pruned_column_says_the_zeros_the_model_had_before_pruning(tmp_path) -> None:
+    """A model with zeros before pruning was compared as "Dense vs pruned (50.1% of the candidate weights pruned)",
+    its own zeros counted as pruned without a word where the sparsity table is not printed (`progress: false`)
+    (CASES 239)."""
+    task = ToyTask()
+    with torch.no_grad():
+        task.model.vision[0].fc1.weight[:, :16] = 0  # half of one of the 8 weight matrices
+    callback = ECoFLaPPruning(**FAST)
+    quiet_trainer(callbacks=[callback], default_root_dir=tmp_path).validate(task, datamodule=ToyData())
+    assert pruned_notes(callback) == [
+        "pruned: masks from pruning at the start of validate",
+        "pruned: 6.2% of the candidate weights were zero before pruning, counted in its sparsity",
+    ]

@@ -51,6 +51,7 @@ def assert_figures_of_the_report(card: ModelCard, report: dict[str, Any], folder
     folder."""
     candidates = sum(report["sizes"].values())
     assert f"{100 * report['overall_sparsity']:.2f}% of the model's {candidates:,} candidate weights" in card.text
+    assert "| tower | candidate weights | achieved sparsity |" in card.text
     for tower, achieved in report["tower_sparsity"].items():
         weights = sum(row["params"] for row in report["blocks"] if row["tower"] == tower)
         assert f"| `{tower}` | {weights:,} | {100 * achieved:.2f}% |" in card.text
@@ -153,6 +154,21 @@ def test_the_card_says_how_many_calibration_samples_were_read() -> None:
     unrecorded = {stage: replace(stats, samples=0) for stage, stats in result.stages.items()}  # an older report
     card = model_card(model, replace(result, stages=unrecorded), SavedModel("dense", 1, 1))
     assert "`coarse_samples` 2 for the coarse scores, `fine_samples` 64 for the fine step." in card.text
+
+
+def test_the_card_says_how_many_samples_auto_held_out() -> None:
+    """With fewer calibration samples than `auto_holdout_samples` asks for after the coarse and fine steps' batches,
+    `auto` holds out those left (and warns), but the card said "`auto_holdout_samples` 8 held out to choose the
+    allocation", the setting (CASES 240)."""
+    torch.set_num_threads(1)
+    model = tiny_model("llama")
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(8, 100, (2, 8), generator=generator)} for _ in range(3)]
+    config = PruningConfig(allocation="auto", coarse_samples=2, fine_samples=2, auto_holdout_samples=8)
+    result = prune(model, batches, lambda m, b: m(**b, labels=b["input_ids"]).loss, config)
+    assert result.stages["auto"].samples == 4  # the two batches after the first, which both steps read
+    card = model_card(model, result, SavedModel("dense", 1, 1))
+    assert "2 for the fine step, 4 held out to choose the allocation (`auto_holdout_samples` 8)." in card.text
 
 
 def test_a_uniform_run_names_no_coarse_step_nor_cap_and_the_stacks_left_dense() -> None:

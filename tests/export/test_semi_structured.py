@@ -41,3 +41,16 @@ def test_outputs_equal_the_masked_dense_model_within_bf16_tolerance() -> None:
     assert sorted(swapped) == sorted(masks)
     assert type(model.get_parameter(swapped[0])).__name__.startswith("SparseSemiStructuredTensor")
     torch.testing.assert_close(sparse, dense, rtol=1.6e-2, atol=1e-2)
+
+
+def test_weights_the_kernels_do_not_take_are_counted_as_matrices() -> None:
+    """fp32 weights (here on the CPU, which has no kernels either) stay dense: the refusal said "none of the 14 pruned
+    weights", of 14 weight matrices holding 18,432 weights (CASES 238)."""
+    model = tiny_model("llama")
+    masks = {}
+    for name, param in model.named_parameters():
+        if ".layers." in name and name.endswith("proj.weight"):
+            masks[name] = nm_mask(param.detach().abs(), 2, 4)
+            apply_mask_(param, masks[name])
+    with pytest.raises(ValueError, match=f"none of the {len(masks)} pruned weight matrices fits the sparse kernels"):
+        to_semi_structured_(model, masks)

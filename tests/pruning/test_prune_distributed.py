@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -74,3 +75,42 @@ def test_short_calibration_set_is_refused_identically_on_every_rank():
     assert errors.keys() == {0, 1}
     assert errors[0] == errors[1]
     assert "Each of the 2 ranks needs at least one calibration batch" in errors[0] and "HINT:" in errors[0]
+
+
+def _counting_loss(calls: dict[str, int]) -> Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]:
+    """``toy_loss`` that counts its calls and the backward passes through it in ``calls``."""
+
+    def counted_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        calls["loss"] += 1
+        loss = toy_loss(model, batch)
+        if loss.requires_grad:
+            loss.register_hook(lambda grad: calls.__setitem__("backward", calls["backward"] + 1))
+        return loss
+
+    return counted_loss
+
+
+def _counted_rank_main(rank: int, world_size: int, port: int, results: dict) -> None:
+    with gloo_group(rank, world_size, port):
+        for name, config in CONFIGS.items():
+            calls = {"loss": 0, "backward": 0}
+            loss_fn = _counting_loss(calls)
+            result = prune(
+                seeded_toy_model(), toy_batches(4), loss_fn, config, all_reduce=_all_reduce, rank=rank, world_size=2
+            )
+            results[(rank, name)] = (dict(calls), {stage: stats.to_dict() for stage, stats in result.stages.items()})
+
+
+@pytest.mark.distributed
+def test_the_stage_costs_of_two_ranks_count_the_work_of_both():
+    """Each rank counted only its own share of the forwards and backwards, while `samples` covered both: the
+    report of a 2-process run said 20 coarse forwards where the ranks ran 40 (CASES 235)."""
+    results = spawn_ranks(_counted_rank_main)
+    for name in CONFIGS:
+        (calls_0, stages_0), (calls_1, stages_1) = results[(0, name)], results[(1, name)]
+        assert stages_0 == stages_1, name  # every rank reports the whole run
+        assert sum(stats["full_forwards"] for stats in stages_0.values()) == calls_0["loss"] + calls_1["loss"], name
+        backwards = sum(stats["backward_passes"] for stats in stages_0.values())
+        assert backwards == calls_0["backward"] + calls_1["backward"], name
+        assert all(stats["seconds"] > 0 and stats["peak_memory_bytes"] > 0 for stats in stages_0.values()), name
+    assert results[(0, "first_order_sparsegpt")][1]["coarse"]["backward_passes"] == 4  # one per batch, on both ranks

@@ -151,3 +151,16 @@ def test_progress_ends_at_its_total_when_a_stack_has_nothing_to_prune():
     assert events == [("fine", i, blocks) for i in range(1, blocks + 1)]
     # the vision tower and the OPT decoder only (captures of every batch, a plain one of the first to compare with)
     assert result.stages["fine"].full_forwards == 2 * (1 + len(batches))
+
+
+def test_the_info_lines_count_weight_matrices_and_weights_apart(caplog):
+    """ "Found 6 weights to prune" and "Pruned 6 weights to 50.00% sparsity" counted the toy's 6 weight matrices, which
+    hold 3,072 weights (CASES 238)."""
+    model = seeded_toy_model()
+    weights = sum(layer.fc1.weight.numel() + layer.fc2.weight.numel() for layer in model.layers)
+    with caplog.at_level("INFO", logger="ecoflap_pl.pruning.pipeline"):
+        result = prune(model, toy_batches(4), toy_loss, PruningConfig(sparsity=0.5, coarse_samples=8, fine_samples=16))
+    matrices = 2 * len(model.layers)
+    assert f"Found {matrices} weight matrices, {weights:,} weights to prune in" in caplog.text
+    sparsity = f"{100 * result.overall_sparsity:.2f}%"
+    assert f"Pruned {matrices} weight matrices to {sparsity} sparsity of their {weights:,} weights" in caplog.text

@@ -536,6 +536,8 @@ def test_compare_dense_with_a_pruned_checkpoint_evaluates_the_real_dense_model(c
     shown = " ".join(both.text.split())  # rich wraps long titles and captions to the terminal's width
     assert f"Dense vs pruned ({100 * sparsity:.1f}% of the candidate weights pruned)" in shown, both.text[-3000:]
     assert f"masks from the checkpoint {checkpoint}" in shown
+    # The pruned column is of weights trained after pruning: it said only where the masks came from (CASES 239).
+    assert "pruned: fine-tuned after pruning, to training step 2 (the masks held fixed)" in shown
     assert f"val/loss │ {dense:.4f} │ {pruned:.4f}" in shown
 
 
