@@ -30,6 +30,7 @@ import lightning.pytorch as pl
 import torch
 import yaml
 from jsonargparse import ArgumentError
+from lightning.fabric.utilities.data import has_len
 from lightning.pytorch.callbacks import Callback, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
@@ -548,10 +549,11 @@ class EcoflapCLI(LightningCLI):
             self.trainer.callbacks.append(callback)
         pruned = run(**pruned_kwargs)
         if self.trainer.is_global_zero:
-            sparsity = callback.result.overall_sparsity if callback.result is not None else 0.0
             notes = pruned_notes(callback)
             if pruned_checkpoint:
                 notes.append("dense: the model the config builds, without the checkpoint")
+            notes.extend(_part_of_split_note(self.trainer, self.subcommand))
+            sparsity = callback.result.overall_sparsity if callback.result is not None else _masked_share(callback)
             Console().print(comparison_table(dense[0] if dense else {}, pruned[0] if pruned else {}, sparsity, notes))
 
 
@@ -706,6 +708,28 @@ def pruned_notes(callback: ECoFLaPPruning) -> list[str]:
         steps = callback.fine_tuned_to_step
         notes.append(f"pruned: fine-tuned after pruning, to training step {steps} (the masks held fixed)")
     return notes
+
+
+def _masked_share(callback: ECoFLaPPruning) -> float:
+    """The share of the candidate weights that ``callback``'s masks prune (a checkpoint written before the report was
+    kept in it holds the masks alone)."""
+    total = sum(mask.numel() for mask in callback.masks.values())
+    return sum(int((~mask).sum()) for mask in callback.masks.values()) / total if total else 0.0
+
+
+def _part_of_split_note(trainer: pl.Trainer, subcommand: str) -> list[str]:
+    """A note when ``limit_val_batches`` / ``limit_test_batches`` kept both runs to part of the split, whose metrics
+    would otherwise read as the whole split's."""
+    split = "val" if subcommand == "validate" else "test"
+    limit = getattr(trainer, f"limit_{split}_batches")
+    if limit is None or (isinstance(limit, float) and limit >= 1.0):
+        return []
+    batches = sum(getattr(trainer, f"num_{split}_batches"))
+    loaders = getattr(trainer, f"{split}_dataloaders")
+    loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+    if all(has_len(loader) for loader in loaders) and batches >= sum(len(loader) for loader in loaders):
+        return []  # a limit above the split's length
+    return [f"both: the first {batches} batches of the {split} split (`trainer.limit_{split}_batches` {limit})"]
 
 
 def comparison_table(

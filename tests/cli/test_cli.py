@@ -13,7 +13,7 @@ from rich.console import Console
 from transformers import Blip2ForConditionalGeneration
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
-from ecoflap_pl.cli import comparison_table, main, pruned_notes
+from ecoflap_pl.cli import _masked_share, _part_of_split_note, comparison_table, main, pruned_notes
 from ecoflap_pl.pruning.allocation import Allocation, register_allocation, registry
 from tests.callbacks.callback_toys import FAST, ToyData, ToyTask
 from tests.trainers import quiet_trainer
@@ -166,3 +166,29 @@ def test_the_pruned_column_says_the_zeros_the_model_had_before_pruning(tmp_path)
         "pruned: masks from pruning at the start of validate",
         "pruned: 6.2% of the candidate weights were zero before pruning, counted in its sparsity",
     ]
+
+
+@pytest.mark.parametrize(
+    ("limit", "note"),
+    [
+        (1, "both: the first 1 batches of the val split (`trainer.limit_val_batches` 1)"),
+        (0.5, "both: the first 1 batches of the val split (`trainer.limit_val_batches` 0.5)"),
+        (5, None),  # above the split's 2 batches: the whole split
+        (1.0, None),
+    ],
+)
+def test_the_comparison_says_when_it_covers_part_of_the_split(tmp_path, limit, note) -> None:
+    """`--trainer.limit_val_batches 1` with `--compare_dense` printed both columns as the split's metrics without a
+    word that they were of its first batch alone."""
+    trainer = quiet_trainer(limit_val_batches=limit, default_root_dir=tmp_path)
+    trainer.validate(ToyTask(), datamodule=ToyData())
+    assert _part_of_split_note(trainer, "validate") == ([] if note is None else [note])
+
+
+def test_the_comparison_title_of_masks_without_a_report_counts_the_masks() -> None:
+    """A checkpoint that kept the masks but no report (written before reports were kept) was titled "0.0% of the
+    candidate weights pruned"."""
+    callback = ECoFLaPPruning(**FAST)
+    callback.masks = {"a.weight": torch.tensor([[True, False], [False, False]]), "b.weight": torch.ones(4, dtype=bool)}
+    assert callback.result is None
+    assert _masked_share(callback) == 3 / 8
