@@ -628,7 +628,7 @@ class ECoFLaPPruning(Callback):
             paths = write_report(result, report_dir, metadata)
             logger.info("Pruning report: %s and %s", paths["json"], paths["plot"])
             if self.progress:
-                Console().print(render_table(result))
+                Console().print(render_table(result, trainer.world_size))
                 # markup off: brackets in a folder name are part of the path
                 Console().print(f"Pruning report: {paths['json']}\nSparsity plot:  {paths['plot']}", markup=False)
         if self.save_to is not None:

@@ -552,7 +552,7 @@ class EcoflapCLI(LightningCLI):
             notes = pruned_notes(callback)
             if pruned_checkpoint:
                 notes.append("dense: the model the config builds, without the checkpoint")
-            notes.extend(_part_of_split_note(self.trainer, self.subcommand))
+            notes.extend(_part_of_split_note(self.trainer, "val" if self.subcommand == "validate" else "test"))
             sparsity = callback.result.overall_sparsity if callback.result is not None else _masked_share(callback)
             Console().print(comparison_table(dense[0] if dense else {}, pruned[0] if pruned else {}, sparsity, notes))
 
@@ -717,10 +717,9 @@ def _masked_share(callback: ECoFLaPPruning) -> float:
     return sum(int((~mask).sum()) for mask in callback.masks.values()) / total if total else 0.0
 
 
-def _part_of_split_note(trainer: pl.Trainer, subcommand: str) -> list[str]:
-    """A note when ``limit_val_batches`` / ``limit_test_batches`` kept both runs to part of the split, whose metrics
-    would otherwise read as the whole split's."""
-    split = "val" if subcommand == "validate" else "test"
+def _part_of_split_note(trainer: pl.Trainer, split: str) -> list[str]:
+    """A note when ``limit_val_batches`` / ``limit_test_batches`` (``split`` "val" or "test") kept both runs to part
+    of the split, whose metrics would otherwise read as the whole split's."""
     limit = getattr(trainer, f"limit_{split}_batches")
     if limit is None or (isinstance(limit, float) and limit >= 1.0):
         return []

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from ecoflap_pl.pruning import PruningResult
 
@@ -126,12 +127,11 @@ def sparsity_table(result: PruningResult) -> Table:
     """Per block and per tower: candidate weights, coarse score, target and achieved sparsity; the overall total last.
 
     The counts and percentages are of the candidate weights alone (the Linear weights of the blocks that pruning
-    considered), not of all the model's parameters: the caption says so, and names what ``exclude`` left out."""
+    considered), not of all the model's parameters: :func:`sparsity_notes` says so below the table."""
     config = result.config
     table = Table(
         title=f"ECoFLaP: {allocation_label(result)} + {_method_label(result)}, target {_pct(config.sparsity)}",
         title_justify="left",
-        caption_justify="left",
     )
     # A long module name is folded onto the next line, never cut: its end (the block index) tells the rows apart.
     table.add_column("tower / block", overflow="fold")
@@ -153,24 +153,30 @@ def sparsity_table(result: PruningResult) -> Table:
     total = sum(result.sizes.values())
     overall_target = sum(result.target_sparsity[n] * result.sizes[n] for n in result.sizes) / total if total else 0.0
     table.add_row("total", f"{total:,}", "", _pct(overall_target), _pct(result.overall_sparsity), style="bold")
-    captions = [
-        "weights: the candidate weights (the Linear weights of the blocks), not all parameters; target, achieved: "
-        "the share of them that is zero"
-    ]
-    if config.exclude:
-        captions.append(f"not pruned nor counted (`exclude`): {', '.join(config.exclude)}")
-    if result.prior_sparsity:
-        captions.append(f"{_pct(result.prior_sparsity)} of the candidate weights were already zero before this run")
-    if result.skipped_stacks:
-        captions.append(f"left dense (never ran in the calibration loss): {', '.join(result.skipped_stacks)}")
-    table.caption = "\n".join(captions)
     return table
 
 
+def sparsity_notes(result: PruningResult) -> list[str]:
+    """What the sparsity table's counts are of, and what it leaves out: the stacks left dense (by ``include`` /
+    ``exclude``, or never run by the calibration loss) and the zeros the model had before the run."""
+    notes = [
+        "weights: the candidate weights (the Linear weights of the blocks), not all parameters; target, achieved: the "
+        "share of them that is zero"
+    ]
+    if result.excluded_stacks:
+        patterns = ", ".join(result.config.exclude)
+        notes.append(f"left dense by `exclude` ({patterns}) or `include`: {', '.join(result.excluded_stacks)}")
+    if result.skipped_stacks:
+        notes.append(f"left dense (never ran in the calibration loss): {', '.join(result.skipped_stacks)}")
+    if result.prior_sparsity:
+        notes.append(f"{_pct(result.prior_sparsity)} of the candidate weights were already zero before this run")
+    return notes
+
+
 def stage_table(result: PruningResult) -> Table:
-    """Cost of each stage: forward and backward passes, wall time and peak memory; the caption says what each
+    """Cost of each stage: forward and backward passes, wall time and peak memory; :func:`stage_notes` says what each
     column counts."""
-    table = Table(title="Pruning cost per stage", title_justify="left", caption_justify="left")
+    table = Table(title="Pruning cost per stage", title_justify="left")
     for column in ("stage", "forwards", "block fwd", "backwards", "seconds", "peak memory"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for stage, stats in result.stages.items():
@@ -185,17 +191,25 @@ def stage_table(result: PruningResult) -> Table:
             memory,
         )
     table.add_row("total", "", "", "", f"{sum(s.seconds for s in result.stages.values()):.2f}", "", style="bold")
-    table.caption = (
-        "forwards: calls of the calibration loss (some stopped early or answered in part from recorded block "
-        "outputs)\nblock fwd: blocks run on their own\nboth summed over all ranks; seconds (wall time) and peak "
-        "memory (of one process): the largest rank's"
-    )
     return table
 
 
+def stage_notes(world_size: int = 1) -> list[str]:
+    """What the stage table's columns count; under DDP (``world_size`` > 1), whose figures they are."""
+    notes = [
+        "forwards: calls of the calibration loss (some stopped early, or answered in part from recorded block "
+        "outputs); block fwd: blocks run on their own"
+    ]
+    if world_size > 1:
+        notes.append(
+            f"counts summed over the {world_size} ranks; seconds (wall time) and peak memory (of one process): the "
+            "largest rank's"
+        )
+    return notes
+
+
 def candidate_table(result: PruningResult) -> Table:
-    """``auto``'s candidates in the order tried: held-out loss, range of group sparsities, the chosen one marked;
-    the caption gives the search's cost as a ratio to a plain run."""
+    """``auto``'s candidates in the order tried: held-out loss, range of group sparsities, the chosen one marked."""
     table = Table(title="auto: candidate allocations", title_justify="left")
     # The names tell the candidates apart by their end ("ecoflap(max_sparsity=0.7)"): never cut, the numbers wrap.
     longest = max((len(candidate.name) for candidate in result.candidates), default=0)
@@ -208,20 +222,28 @@ def candidate_table(result: PruningResult) -> Table:
         style = "bold" if chosen else None
         row = (candidate.name, f"{candidate.heldout_loss:.6g}", _pct(min(values)), _pct(max(values)), chosen)
         table.add_row(*row, style=style)
-    if result.search_cost_ratio is not None:
-        table.caption = f"time: {result.search_cost_ratio:.2f}x a plain run (discovery, coarse and fine steps)"
     return table
 
 
-def render_table(result: PruningResult) -> Table:
+def render_table(result: PruningResult, world_size: int = 1) -> Table:
     """The summary of a run: :func:`sparsity_table`, ``auto``'s :func:`candidate_table` when it searched, and
-    :func:`stage_table`, as one rich renderable table."""
-    grid = Table.grid(padding=(1, 0))
+    :func:`stage_table` (of ``world_size`` ranks), each followed by its notes, one a line, as one rich renderable.
+
+    The notes are lines of their own, not the tables' captions, which rich wraps to the width of the table."""
+    grid = Table.grid(padding=(0, 0))
     grid.add_column()
-    grid.add_row(sparsity_table(result))
+    sections: list[tuple[Table, list[str]]] = [(sparsity_table(result), sparsity_notes(result))]
     if result.candidates:
-        grid.add_row(candidate_table(result))
-    grid.add_row(stage_table(result))
+        cost = result.search_cost_ratio
+        notes = [] if cost is None else [f"time: {cost:.2f}x a plain run (discovery, coarse and fine steps)"]
+        sections.append((candidate_table(result), notes))
+    sections.append((stage_table(result), stage_notes(world_size)))
+    for index, (table, notes) in enumerate(sections):
+        if index:
+            grid.add_row("")
+        grid.add_row(table)
+        for note in notes:
+            grid.add_row(Text(note))
     return grid
 
 

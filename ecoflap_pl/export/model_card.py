@@ -186,6 +186,10 @@ def _towers(result: PruningResult) -> str:
     for tower in result.towers:
         weights = sum(row.params for row in rows if row.tower == tower)
         lines.append(f"| `{tower or '<root>'}` | {weights:,} | {_pct(achieved[tower])} |")
+    if result.excluded_stacks:
+        stacks = ", ".join(f"`{stack}`" for stack in result.excluded_stacks)
+        patterns = ", ".join(f"`{pattern}`" for pattern in result.config.exclude)
+        lines += ["", f"Left dense by `exclude` ({patterns}) or `include`: {stacks}."]
     if result.skipped_stacks:
         stacks = ", ".join(f"`{stack}`" for stack in result.skipped_stacks)
         lines += ["", f"Left dense (never ran in the calibration loss): {stacks}."]

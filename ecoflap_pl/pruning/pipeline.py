@@ -63,6 +63,7 @@ _PRIOR_SPARSITY_WARNING = 0.01
 class _Plan:
     stacks: list[Stack]
     skipped: list[Stack]
+    excluded: list[Stack]
     candidates: list[Candidate]
     groups: dict[str, tuple[str, ...]]
     towers: dict[str, tuple[str, ...]]
@@ -347,14 +348,21 @@ def _plan(
             logger.warning(f"Stack {stack.name} never runs in the calibration loss; it is left dense.")
         candidates = find_candidates(model, ran, config)
     # A stack with nothing to prune (BLIP-2's excluded Q-Former) is neither replayed nor counted.
-    ran = [stack for stack in ran if any(c.stack == stack.name for c in candidates)]
+    excluded = [stack for stack in ran if not any(c.stack == stack.name for c in candidates)]
+    ran = [stack for stack in ran if stack not in excluded]
     groups = build_groups(candidates, config.granularity)
     stack_of = {c.name: c.stack for c in candidates}
     towers: dict[str, list[str]] = {}
     for group, names in groups.items():
         towers.setdefault(stack_of[names[0]], []).append(group)
     plan = _Plan(
-        ran, skipped, candidates, groups, {t: tuple(g) for t, g in towers.items()}, _group_sizes(candidates, groups)
+        ran,
+        skipped,
+        excluded,
+        candidates,
+        groups,
+        {t: tuple(g) for t, g in towers.items()},
+        _group_sizes(candidates, groups),
     )
     logger.info(
         "Found %d weight matrices, %s weights to prune in %d groups over %d stacks: %s",
@@ -716,6 +724,7 @@ def prune(
         stages=stages,
         masks=masks,
         skipped_stacks=tuple(stack.name for stack in plan.skipped),
+        excluded_stacks=tuple(stack.name for stack in plan.excluded),
         prior_sparsity=prior_sparsity,
         group_outlier_ratios=outliers.get(config.owl_m, {}),
         candidates=allocation.candidates,

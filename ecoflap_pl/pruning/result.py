@@ -85,6 +85,8 @@ class PruningResult:
             ``"auto"`` for its search) -> its cost.
         masks: parameter name -> bool mask (``True`` = kept); not part of ``to_dict``.
         skipped_stacks: stacks found in the model that the calibration loss never ran (left dense).
+        excluded_stacks: stacks that ran but hold no candidate weight: ``include`` / ``exclude`` left every Linear of
+            their blocks out (BLIP-2's Q-Former under the default ``exclude``); left dense.
         prior_sparsity: fraction of the candidate weights that were already zero before this run (a model pruned
             before); they are counted as pruned in the masks and in ``achieved_sparsity``.
         group_outlier_ratios: group -> OWL outlier ratio of the dense model (``owl`` and ``auto`` runs).
@@ -103,6 +105,7 @@ class PruningResult:
     stages: dict[str, StageStats]
     masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     skipped_stacks: tuple[str, ...] = ()
+    excluded_stacks: tuple[str, ...] = ()
     prior_sparsity: float = 0.0
     group_outlier_ratios: dict[str, float] = field(default_factory=dict)
     candidates: tuple[CandidateAllocation, ...] = ()
@@ -149,6 +152,7 @@ class PruningResult:
             "sizes": dict(self.sizes),
             "stages": {stage: stats.to_dict() for stage, stats in self.stages.items()},
             "skipped_stacks": list(self.skipped_stacks),
+            "excluded_stacks": list(self.excluded_stacks),
             "prior_sparsity": self.prior_sparsity,
             "group_outlier_ratios": dict(self.group_outlier_ratios),
             "candidates": [candidate.to_dict() for candidate in self.candidates],
@@ -170,6 +174,7 @@ class PruningResult:
             stages={stage: StageStats(**stats) for stage, stats in data["stages"].items()},
             masks=dict(masks or {}),
             skipped_stacks=tuple(data.get("skipped_stacks", ())),
+            excluded_stacks=tuple(data.get("excluded_stacks", ())),
             prior_sparsity=float(data.get("prior_sparsity", 0.0)),
             group_outlier_ratios={g: float(d) for g, d in data.get("group_outlier_ratios", {}).items()},
             candidates=tuple(CandidateAllocation.from_dict(c) for c in data.get("candidates", ())),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,6 @@ from typing_extensions import override
 
 from ecoflap_pl.export import is_sparse_export, load_pruned_state_dict
 from ecoflap_pl.models.hub_access import hub_model_errors, timm_hub_model
-from ecoflap_pl.models.loading import expand_home
 from ecoflap_pl.tasks.image_classification import ImageClassificationTask
 
 
@@ -71,7 +71,7 @@ class ClassificationTask(ImageClassificationTask):
         if isinstance(overlay, dict) and isinstance(local_file, str):
             # a config file's `~/...` reaches timm unexpanded (no shell reads it), and timm's loader answers a file it
             # cannot find with a FileNotFoundError that has no message
-            local_file = expand_home(local_file)
+            local_file = os.path.expanduser(local_file)
             overlay = config["pretrained_cfg_overlay"] = {**overlay, "file": local_file}
             if pretrained and not Path(local_file).is_file():
                 raise FileNotFoundError(

@@ -11,6 +11,7 @@ from rich.console import Console
 from torch import nn
 
 from ecoflap_pl import PruningConfig, PruningResult, prune
+from ecoflap_pl.export.model_card import _towers
 from ecoflap_pl.reporting import block_rows, candidate_table, plot_sparsity, render_table, write_report
 from tests.callbacks.callback_toys import ToyData, ToyTask
 
@@ -108,14 +109,15 @@ def test_the_tables_say_what_their_counts_and_percentages_are_of(result: Pruning
     console = Console(width=160, record=True)
     console.print(render_table(result))
     text = console.export_text()
-    words = " ".join(text.split())  # the captions wrap at the table's width
+    lines = [line.rstrip() for line in text.splitlines()]
     assert "params" not in text
     assert (
         "weights: the candidate weights (the Linear weights of the blocks), not all parameters; target, achieved: "
-        "the share of them that is zero" in words
+        "the share of them that is zero" in lines
     )
-    assert "not pruned nor counted (`exclude`): *qformer*" in words  # the default patterns, named
-    assert "forwards: calls of the calibration loss" in words and "block fwd: blocks run on their own" in words
+    assert not any("exclude" in line for line in lines)  # the default patterns left nothing of this model out
+    assert "forwards: calls of the calibration loss" in text and "block fwd: blocks run on their own" in text
+    assert "ranks" not in text  # one process
     total = next(line for line in text.splitlines() if line.lstrip("│ ").startswith("total") and "%" in line)
     assert f"{sum(result.sizes.values()):,}" in total
 
@@ -147,3 +149,24 @@ def test_auto_s_candidates_keep_their_names_whole_on_an_80_column_terminal() -> 
     for candidate in result.candidates:
         assert f"│ {candidate.name} " in text, candidate.name
     assert "min group" in text and "max group" in text  # the allocation's range, not the `max_sparsity` setting
+
+
+def test_the_notes_name_the_stacks_exclude_left_dense_and_the_ranks_of_a_ddp_run() -> None:
+    """The default `exclude` patterns were named under every table ("not pruned nor counted (`exclude`): *qformer*"
+    for a ViT, which has no Q-Former), the notes were the tables' captions, wrapped to the table's width, and a
+    one-process run was told its counts were "summed over all ranks"."""
+    task = ToyTask()
+    batches = list(ToyData().calibration_dataloader(8))
+    config = PruningConfig(sparsity=0.5, coarse_samples=8, fine_samples=8, exclude=("vision.*",))
+    result = prune(task.model, batches, lambda model, batch: task.calibration_loss(batch), config)
+    assert result.excluded_stacks == ("vision",)
+    assert PruningResult.from_dict(result.to_dict()).excluded_stacks == ("vision",)
+    assert "Left dense by `exclude` (`vision.*`) or `include`: `vision`." in _towers(result)  # the model card's
+    console = Console(width=160, record=True)
+    console.print(render_table(result, world_size=2))
+    lines = [line.rstrip() for line in console.export_text().splitlines()]
+    assert "left dense by `exclude` (vision.*) or `include`: vision" in lines
+    assert (
+        "counts summed over the 2 ranks; seconds (wall time) and peak memory (of one process): the largest rank's"
+        in lines
+    )

@@ -182,7 +182,7 @@ def test_the_comparison_says_when_it_covers_part_of_the_split(tmp_path, limit, n
     word that they were of its first batch alone."""
     trainer = quiet_trainer(limit_val_batches=limit, default_root_dir=tmp_path)
     trainer.validate(ToyTask(), datamodule=ToyData())
-    assert _part_of_split_note(trainer, "validate") == ([] if note is None else [note])
+    assert _part_of_split_note(trainer, "val") == ([] if note is None else [note])
 
 
 def test_the_comparison_title_of_masks_without_a_report_counts_the_masks() -> None:
