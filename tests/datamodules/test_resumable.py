@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ class IdData(EcoflapDataModule):
     """The toy samples, each with its index as ``"id"``, through the DataModule base's own dataloaders."""
 
     def __init__(self, num_workers: int = 0) -> None:
-        super().__init__(".", batch_size=BATCH, num_workers=num_workers, collate_fn=default_collate)
+        super().__init__(
+            ".", batch_size=BATCH, num_workers=num_workers, collate_fn=default_collate, calibration_batch_size=4
+        )
 
     @override
     def _locate(self, stage: Stage) -> dict[str, Path]:
@@ -40,42 +43,54 @@ class IdData(EcoflapDataModule):
 
 
 class Seen(Callback):
-    """Records the sample ids of every training batch; stops the run (as a kill would) before step ``stop_at``."""
+    """Appends the sample ids of every training batch to ``rank{N}.jsonl`` in ``directory``; stops the run (as a kill
+    would) before step ``stop_at``."""
 
-    def __init__(self, stop_at: int | None = None) -> None:
+    def __init__(self, directory: Path, stop_at: int | None = None) -> None:
+        self.directory = directory
         self.stop_at = stop_at
-        self.ids: list[list[int]] = []
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         if trainer.global_step == self.stop_at:
             raise _Stopped
-        self.ids.append(batch["id"].tolist())
+        with open(self.directory / f"rank{trainer.global_rank}.jsonl", "a") as file:
+            file.write(json.dumps(batch["id"].tolist()) + "\n")
+
+
+def _ids(directory: Path, rank: int = 0) -> list[list[int]]:
+    """The sample ids of the batches that the runs in ``directory`` trained on, on ``rank``, in order."""
+    return [json.loads(line) for line in (directory / f"rank{rank}.jsonl").read_text().splitlines()]
 
 
 class _Stopped(Exception):
     pass
 
 
-def _fit(root: Path, num_workers: int, stop_at: int | None = None, ckpt_path: Path | None = None) -> tuple:
-    """One fit of the pruned toy task; returns its weights, masks and the sample ids of its batches."""
-    task, seen, pruning = ToyTask(), Seen(stop_at), ECoFLaPPruning(**FAST)
+def _fit(
+    root: Path, num_workers: int, stop_at: int | None = None, ckpt_path: Path | None = None, **trainer: Any
+) -> tuple:
+    """One fit of the pruned toy task, in ``root``; returns its weights and masks (the weights only, where spawned)."""
+    root.mkdir(parents=True, exist_ok=True)
+    task, pruning = ToyTask(), ECoFLaPPruning(**FAST)
     checkpoints = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=0, save_last=True)
-    trainer = pl.Trainer(
+    run = pl.Trainer(
         max_steps=STEPS,
-        callbacks=[pruning, seen, checkpoints],
+        callbacks=[pruning, Seen(root, stop_at), checkpoints],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
         default_root_dir=root,
+        **trainer,
     )
     try:
-        trainer.fit(task, datamodule=IdData(num_workers), ckpt_path=ckpt_path)
-    except _Stopped:
-        pass
+        run.fit(task, datamodule=IdData(num_workers), ckpt_path=ckpt_path)
+    except Exception as error:  # under ddp_spawn, the workers' error comes back as another type
+        if "_Stopped" not in repr(error) and not isinstance(error, _Stopped):
+            raise
     weights = {name: value.clone() for name, value in task.state_dict().items()}
-    return weights, pruning.state_dict()["masks"], seen.ids
+    return weights, pruning.state_dict().get("masks")
 
 
 def _same(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> bool:
@@ -85,21 +100,36 @@ def _same(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> bool
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("stop_at", [3, 5, 7], ids=["mid-first-epoch", "epoch-end", "mid-second-epoch"])
 def test_a_fit_resumed_mid_epoch_equals_an_uninterrupted_one(tmp_path: Path, num_workers: int, stop_at: int) -> None:
-    weights, masks, ids = _fit(tmp_path / "whole", num_workers)
-    _, _, ids_before = _fit(tmp_path / "cut", num_workers, stop_at=stop_at)
+    weights, masks = _fit(tmp_path / "whole", num_workers)
+    _fit(tmp_path / "cut", num_workers, stop_at=stop_at)
+    before = _ids(tmp_path / "cut")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        resumed, resumed_masks, ids_after = _fit(tmp_path / "cut", num_workers, ckpt_path=tmp_path / "cut/last.ckpt")
+        resumed, resumed_masks = _fit(tmp_path / "cut", num_workers, ckpt_path=tmp_path / "cut/last.ckpt")
 
-    assert len(ids) == STEPS and len(ids_before) == stop_at
-    assert ids_before + ids_after == ids  # no batch seen twice, none left out, in the same order
+    assert len(_ids(tmp_path / "whole")) == STEPS and len(before) == stop_at
+    assert _ids(tmp_path / "cut") == _ids(tmp_path / "whole")  # no batch seen twice, none left out, in order
     assert _same(resumed, weights)
     assert _same(resumed_masks, masks)
     assert not [warning for warning in caught if NO_STATE in str(warning.message)]
 
 
+@pytest.mark.distributed
+def test_a_fit_resumed_mid_epoch_under_ddp_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+    ddp = {"strategy": "ddp_spawn", "devices": 2, "accelerator": "cpu"}
+    weights, _ = _fit(tmp_path / "whole", 0, **ddp)
+    _fit(tmp_path / "cut", 0, stop_at=4, **ddp)
+    resumed, _ = _fit(tmp_path / "cut", 0, ckpt_path=tmp_path / "cut/last.ckpt", **ddp)
+
+    shards = [_ids(tmp_path / "whole", rank) for rank in (0, 1)]
+    assert [_ids(tmp_path / "cut", rank) for rank in (0, 1)] == shards
+    first_epoch = [index for shard in shards for batch in shard[:3] for index in batch]  # 10 samples a rank: 3 batches
+    assert sorted(first_epoch) == list(range(SAMPLES))  # each rank its own share, every sample once
+    assert _same(resumed, weights)
+
+
 def test_a_checkpoint_without_loader_state_resumes_from_the_start_of_the_epoch_with_a_warning(tmp_path: Path) -> None:
-    _, _, ids = _fit(tmp_path / "whole", 0)
+    _fit(tmp_path / "whole", 0)
     _fit(tmp_path / "cut", 0, stop_at=3)
     old = tmp_path / "cut/old.ckpt"
     checkpoint = torch.load(tmp_path / "cut/last.ckpt", weights_only=False)
@@ -107,11 +137,12 @@ def test_a_checkpoint_without_loader_state_resumes_from_the_start_of_the_epoch_w
     torch.save(checkpoint, old)
 
     with pytest.warns(UserWarning, match=f"{NO_STATE} .* after 3 batches goes on from the first batch") as caught:
-        _, _, ids_after = _fit(tmp_path / "cut", 0, ckpt_path=old)
+        _fit(tmp_path / "cut", 0, ckpt_path=old)
 
     assert len([warning for warning in caught if NO_STATE in str(warning.message)]) == 1
-    assert ids_after[0] == ids[0]  # the epoch's order starts again
-    assert len(ids_after) == STEPS - 3
+    after = _ids(tmp_path / "cut")[3:]
+    assert after[0] == _ids(tmp_path / "whole")[0]  # the epoch's order starts again
+    assert len(after) == STEPS - 3
 
 
 def test_single_task_batches_go_on_from_a_state_mid_epoch_and_at_its_end() -> None:
