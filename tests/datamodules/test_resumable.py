@@ -70,10 +70,13 @@ class _Stopped(Exception):
 def _fit(
     root: Path, num_workers: int, stop_at: int | None = None, ckpt_path: Path | None = None, **trainer: Any
 ) -> tuple:
-    """One fit of the pruned toy task, in ``root``; returns its weights and masks (the weights only, where spawned)."""
+    """One fit of the pruned toy task, in ``root``, for ``STEPS`` steps (within 3 epochs, as the experiment files set
+    ``max_epochs``: the task's schedule then builds the training dataloader before the checkpoint is restored); returns
+    its weights and masks (the weights only, where spawned)."""
     root.mkdir(parents=True, exist_ok=True)
     task, pruning = ToyTask(), ECoFLaPPruning(**FAST)
     checkpoints = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=0, save_last=True)
+    trainer.setdefault("max_epochs", 3)
     run = pl.Trainer(
         max_steps=STEPS,
         callbacks=[pruning, Seen(root, stop_at), checkpoints],
@@ -97,15 +100,24 @@ def _same(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> bool
     return left.keys() == right.keys() and all(torch.equal(left[name], right[name]) for name in left)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-@pytest.mark.parametrize("stop_at", [3, 5, 7], ids=["mid-first-epoch", "epoch-end", "mid-second-epoch"])
-def test_a_fit_resumed_mid_epoch_equals_an_uninterrupted_one(tmp_path: Path, num_workers: int, stop_at: int) -> None:
-    weights, masks = _fit(tmp_path / "whole", num_workers)
-    _fit(tmp_path / "cut", num_workers, stop_at=stop_at)
+@pytest.mark.parametrize(
+    ("num_workers", "stop_at", "max_epochs"),
+    [(0, 3, 3), (0, 5, 3), (0, 7, 3), (2, 3, 3), (2, 5, 3), (2, 7, 3), (0, 7, -1), (2, 7, -1)],
+    ids=lambda value: str(value),
+)
+def test_a_fit_resumed_mid_epoch_equals_an_uninterrupted_one(
+    tmp_path: Path, num_workers: int, stop_at: int, max_epochs: int
+) -> None:
+    """Stopped mid first epoch, at the end of it or mid second epoch; with ``max_epochs`` -1 the schedule needs no
+    dataloader before the restore."""
+    weights, masks = _fit(tmp_path / "whole", num_workers, max_epochs=max_epochs)
+    _fit(tmp_path / "cut", num_workers, stop_at=stop_at, max_epochs=max_epochs)
     before = _ids(tmp_path / "cut")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        resumed, resumed_masks = _fit(tmp_path / "cut", num_workers, ckpt_path=tmp_path / "cut/last.ckpt")
+        resumed, resumed_masks = _fit(
+            tmp_path / "cut", num_workers, ckpt_path=tmp_path / "cut/last.ckpt", max_epochs=max_epochs
+        )
 
     assert len(_ids(tmp_path / "whole")) == STEPS and len(before) == stop_at
     assert _ids(tmp_path / "cut") == _ids(tmp_path / "whole")  # no batch seen twice, none left out, in order
