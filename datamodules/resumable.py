@@ -5,7 +5,7 @@ restores it on resume. :class:`ResumableLoader` is torchdata's ``StatefulDataLoa
 sampler and its workers; the samplers here give it a state that holds across the end of an epoch as well:
 torchdata's own ``RandomSampler`` draws each epoch's permutation when its iterator is made (an extra draw per worker
 start, so the order changed with ``num_workers``), and a state taken at the last batch of an epoch, restored into the
-next one, skipped that whole epoch, with its ``RandomSampler`` and ``StatefulDistributedSampler`` alike.
+next one, gave that epoch another order (``RandomSampler``) or skipped it whole (``StatefulDistributedSampler``).
 """
 
 from __future__ import annotations
