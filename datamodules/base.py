@@ -311,6 +311,7 @@ class EcoflapDataModule(pl.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self._resolve_collate_fn(),
+            # the workers' base seeds, drawn apart from the order (else from the global generator)
             generator=torch.Generator().manual_seed(self.shuffle_seed + epoch),
             resumed_batches=resumed_batches(self.trainer),
         )
