@@ -12,10 +12,11 @@ from typing import Any, Literal, cast
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from typing_extensions import override
 
 from ecoflap_pl.datamodules._io import DataFileNotFoundError, DataFormatError, check_image_files, load_image, locate
+from ecoflap_pl.datamodules.resumable import EpochDistributedSampler, ResumableLoader, ShuffledIndices, resumed_batches
 from ecoflap_pl.folders import first_subfolders
 
 log = logging.getLogger(__name__)
@@ -287,10 +288,33 @@ class EcoflapDataModule(pl.LightningDataModule):
             self.dataset(main_loop[stage])
 
     @override
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
+        """The shuffled training split, in a dataloader whose state Lightning keeps in every checkpoint, so that a run
+        resumed mid-epoch goes on with the batches an uninterrupted run trains on next (:mod:`.resumable`).
+
+        On one process the order is that of a ``DataLoader(shuffle=True)`` seeded with ``shuffle_seed`` plus the epoch
+        it is built in; under several, each takes its share of an order seeded with ``shuffle_seed`` plus the epoch,
+        as the ``DistributedSampler`` Lightning puts in a plain ``DataLoader``.
+        """
+        train = self.dataset("train")
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        generator = torch.Generator().manual_seed(self.shuffle_seed + epoch)
-        return self._loader(self.dataset("train"), self.batch_size, shuffle=True, generator=generator)
+        sampler: Sampler[int]
+        if self.trainer is not None and self.trainer.world_size > 1:
+            sampler = EpochDistributedSampler(
+                train, self.trainer.world_size, self.trainer.global_rank, self.shuffle_seed, epoch
+            )
+        else:
+            sampler = ShuffledIndices(len(cast(Sized, train)), torch.Generator().manual_seed(self.shuffle_seed + epoch))
+        return ResumableLoader(
+            train,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self._resolve_collate_fn(),
+            # the workers' base seeds, drawn apart from the order (else from the global generator)
+            generator=torch.Generator().manual_seed(self.shuffle_seed + epoch),
+            resumed_batches=resumed_batches(self.trainer),
+        )
 
     @override
     def val_dataloader(self) -> DataLoader:
@@ -327,14 +351,10 @@ class EcoflapDataModule(pl.LightningDataModule):
         subset = Subset(train, order[:size].tolist())
         return self._loader(subset, self.calibration_batch_size)
 
-    def _loader(
-        self, dataset: Dataset, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
-    ) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
             num_workers=self.num_workers,
             collate_fn=self._resolve_collate_fn(),
         )

@@ -10,19 +10,20 @@ DataModules, and :class:`MultitaskCollator` sends each batch to its task's colla
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, Dataset
 from transformers.trainer_pt_utils import get_length_grouped_indices
 from typing_extensions import override
 
 from ecoflap_pl.datamodules import COCOCaptionDataModule, EcoflapDataModule, VQAv2DataModule
 from ecoflap_pl.datamodules._io import load_image
 from ecoflap_pl.datamodules.base import ImageSampleDataset, Stage
+from ecoflap_pl.datamodules.resumable import ResumableLoader, ResumableOrder, resumed_batches
 from ecoflap_pl.demo.progress import StepBar
 from ecoflap_pl.tasks.base import EcoflapTask
 
@@ -55,7 +56,7 @@ class MultitaskCollator:
         )
 
 
-class SingleTaskBatches(Sampler[list[int]]):
+class SingleTaskBatches(ResumableOrder[list[int]]):
     """Batches of a ``ConcatDataset`` that each come from one of its datasets: every dataset is shuffled and cut
     into batches (of samples of similar length where lengths are given), then all batches are shuffled together, so
     tasks alternate in proportion to their sizes.
@@ -65,7 +66,8 @@ class SingleTaskBatches(Sampler[list[int]]):
     length (Hugging Face's ``group_by_length``: sorted within shuffled mega-batches of up to 50 batches) pads them to
     about their own length rather than the longest (6% padding instead of 45% at batch 32 on the demo captions). VQA
     questions are about equally long and are not grouped: batches of equal-length questions are batches of one
-    question type, and a demo BLIP-2 trained on them kept answering each type's most common answer.
+    question type, and a demo BLIP-2 trained on them kept answering each type's most common answer. A run resumed
+    mid-epoch goes on with the batches an uninterrupted run trains on next (:class:`ResumableOrder`).
 
     Args:
         lengths: for each concatenated dataset in order, either its number of samples (shuffled), or the length of
@@ -75,25 +77,25 @@ class SingleTaskBatches(Sampler[list[int]]):
     """
 
     def __init__(self, lengths: Sequence[int | Sequence[int]], batch_size: int, generator: torch.Generator) -> None:
+        super().__init__(generator)
         self.lengths = lengths
         self.batch_size = batch_size
-        self.generator = generator
 
     def __len__(self) -> int:
         return sum(-(-_size(part) // self.batch_size) for part in self.lengths)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    @override
+    def _draw(self, generator: torch.Generator) -> list[list[int]]:
         batches, offset = [], 0
         for part in self.lengths:
             if isinstance(part, int):
-                order = torch.randperm(part, generator=self.generator).tolist()
+                order = torch.randperm(part, generator=generator).tolist()
             else:  # mega-batches are whole batches, so consecutive slices never straddle two of them
-                order = get_length_grouped_indices(part, self.batch_size, generator=self.generator)
+                order = get_length_grouped_indices(part, self.batch_size, generator=generator)
             order = [offset + index for index in order]
             batches += [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
             offset += _size(part)
-        for index in torch.randperm(len(batches), generator=self.generator).tolist():
-            yield batches[index]
+        return [batches[index] for index in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def _size(part: int | Sequence[int]) -> int:
@@ -173,7 +175,7 @@ class VQACaptionMixDataModule(EcoflapDataModule):
         return ConcatDataset([PreprocessedImages(part, self.preprocess, cache) for part in parts])
 
     @override
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         train = cast(ConcatDataset, self.dataset("train"))
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         vqa, captions = (cast(ImageSampleDataset, part) for part in train.datasets)
@@ -182,8 +184,12 @@ class VQACaptionMixDataModule(EcoflapDataModule):
             [len(sample.fields["text"].split()) for sample in captions.samples],
         ]
         batches = SingleTaskBatches(lengths, self.batch_size, torch.Generator().manual_seed(self.shuffle_seed + epoch))
-        return DataLoader(
-            train, batch_sampler=batches, num_workers=self.num_workers, collate_fn=self._resolve_collate_fn()
+        return ResumableLoader(
+            train,
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            collate_fn=self._resolve_collate_fn(),
+            resumed_batches=resumed_batches(self.trainer),
         )
 
 

@@ -114,6 +114,12 @@ class EcoflapTask(pl.LightningModule):
             fused=fused or None,
         )
         total = self.trainer.estimated_stepping_batches
+        if self.trainer.ckpt_path is not None:
+            # With `max_epochs` set, the estimate builds the training dataloader, before Lightning restores the
+            # checkpoint's loops; the fit loop would keep it, built for the first epoch and without the dataloader
+            # state the checkpoint holds, and start the epoch it resumes from its first batch again. Dropped, it is
+            # built again once the loops are restored, and given their state.
+            self.trainer.fit_loop._combined_loader = None
         endless = math.isinf(total)
         if endless:
             # Training without a known end (max_steps and max_epochs -1, stopped by max_time or a callback, or an

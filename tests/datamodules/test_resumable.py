@@ -1,0 +1,178 @@
+"""A fine-tuning run interrupted mid-epoch and resumed from its checkpoint equals an uninterrupted one
+(`datamodules/resumable.py`): same batches after the resume, same weights and masks at the end."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import Dataset, default_collate
+from typing_extensions import override
+
+from ecoflap_pl.callbacks import ECoFLaPPruning
+from ecoflap_pl.datamodules import EcoflapDataModule
+from ecoflap_pl.datamodules.base import Stage
+from ecoflap_pl.demo.training import SingleTaskBatches
+from tests.callbacks.callback_toys import FAST, ToyTask, toy_samples
+
+SAMPLES, BATCH, STEPS = 20, 4, 12  # 5 batches an epoch: the runs end in their third epoch
+NO_STATE = "holds no state of the training dataloader"
+
+
+class IdData(EcoflapDataModule):
+    """The toy samples, each with its index as ``"id"``, through the DataModule base's own dataloaders."""
+
+    def __init__(self, num_workers: int = 0) -> None:
+        super().__init__(
+            ".", batch_size=BATCH, num_workers=num_workers, collate_fn=default_collate, calibration_batch_size=4
+        )
+
+    @override
+    def _locate(self, stage: Stage) -> dict[str, Path]:
+        return {}
+
+    @override
+    def _read(self, stage: Stage, files: dict[str, Path]) -> Dataset[dict[str, Any]]:
+        return [{**sample, "id": index} for index, sample in enumerate(toy_samples(SAMPLES))]  # type: ignore[return-value]
+
+
+class Seen(Callback):
+    """Appends the sample ids of every training batch to ``rank{N}.jsonl`` in ``directory``; stops the run (as a kill
+    would) before step ``stop_at``."""
+
+    def __init__(self, directory: Path, stop_at: int | None = None) -> None:
+        self.directory = directory
+        self.stop_at = stop_at
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_step == self.stop_at:
+            raise _Stopped
+        with open(self.directory / f"rank{trainer.global_rank}.jsonl", "a") as file:
+            file.write(json.dumps(batch["id"].tolist()) + "\n")
+
+
+def _ids(directory: Path, rank: int = 0) -> list[list[int]]:
+    """The sample ids of the batches that the runs in ``directory`` trained on, on ``rank``, in order."""
+    return [json.loads(line) for line in (directory / f"rank{rank}.jsonl").read_text().splitlines()]
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _fit(
+    root: Path, num_workers: int, stop_at: int | None = None, ckpt_path: Path | None = None, **trainer: Any
+) -> tuple:
+    """One fit of the pruned toy task, in ``root``, for ``STEPS`` steps (within 3 epochs, as the experiment files set
+    ``max_epochs``: the task's schedule then builds the training dataloader before the checkpoint is restored); returns
+    its weights and masks (the weights only, where spawned)."""
+    root.mkdir(parents=True, exist_ok=True)
+    task, pruning = ToyTask(), ECoFLaPPruning(**FAST)
+    checkpoints = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=0, save_last=True)
+    trainer.setdefault("max_epochs", 3)
+    run = pl.Trainer(
+        max_steps=STEPS,
+        callbacks=[pruning, Seen(root, stop_at), checkpoints],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=root,
+        **trainer,
+    )
+    try:
+        run.fit(task, datamodule=IdData(num_workers), ckpt_path=ckpt_path)
+    except Exception as error:  # under ddp_spawn, the workers' error comes back as another type
+        if "_Stopped" not in repr(error) and not isinstance(error, _Stopped):
+            raise
+    weights = {name: value.clone() for name, value in task.state_dict().items()}
+    return weights, pruning.state_dict().get("masks")
+
+
+def _same(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> bool:
+    return left.keys() == right.keys() and all(torch.equal(left[name], right[name]) for name in left)
+
+
+@pytest.mark.parametrize(
+    ("num_workers", "stop_at", "max_epochs"),
+    [(0, 3, 3), (0, 5, 3), (0, 7, 3), (2, 3, 3), (2, 5, 3), (2, 7, 3), (0, 7, -1), (2, 7, -1)],
+    ids=lambda value: str(value),
+)
+def test_a_fit_resumed_mid_epoch_equals_an_uninterrupted_one(
+    tmp_path: Path, num_workers: int, stop_at: int, max_epochs: int
+) -> None:
+    """Stopped mid first epoch, at the end of it or mid second epoch; with ``max_epochs`` -1 the schedule needs no
+    dataloader before the restore."""
+    weights, masks = _fit(tmp_path / "whole", num_workers, max_epochs=max_epochs)
+    _fit(tmp_path / "cut", num_workers, stop_at=stop_at, max_epochs=max_epochs)
+    before = _ids(tmp_path / "cut")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed, resumed_masks = _fit(
+            tmp_path / "cut", num_workers, ckpt_path=tmp_path / "cut/last.ckpt", max_epochs=max_epochs
+        )
+
+    assert len(_ids(tmp_path / "whole")) == STEPS and len(before) == stop_at
+    assert _ids(tmp_path / "cut") == _ids(tmp_path / "whole")  # no batch seen twice, none left out, in order
+    assert _same(resumed, weights)
+    assert _same(resumed_masks, masks)
+    assert not [warning for warning in caught if NO_STATE in str(warning.message)]
+
+
+@pytest.mark.distributed
+def test_a_fit_resumed_mid_epoch_under_ddp_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+    ddp = {"strategy": "ddp_spawn", "devices": 2, "accelerator": "cpu"}
+    weights, _ = _fit(tmp_path / "whole", 0, **ddp)
+    _fit(tmp_path / "cut", 0, stop_at=4, **ddp)
+    resumed, _ = _fit(tmp_path / "cut", 0, ckpt_path=tmp_path / "cut/last.ckpt", **ddp)
+
+    shards = [_ids(tmp_path / "whole", rank) for rank in (0, 1)]
+    assert [_ids(tmp_path / "cut", rank) for rank in (0, 1)] == shards
+    first_epoch = [index for shard in shards for batch in shard[:3] for index in batch]  # 10 samples a rank: 3 batches
+    assert sorted(first_epoch) == list(range(SAMPLES))  # each rank its own share, every sample once
+    assert _same(resumed, weights)
+
+
+def test_a_checkpoint_without_loader_state_resumes_from_the_start_of_the_epoch_with_a_warning(tmp_path: Path) -> None:
+    _fit(tmp_path / "whole", 0)
+    _fit(tmp_path / "cut", 0, stop_at=3)
+    old = tmp_path / "cut/old.ckpt"
+    checkpoint = torch.load(tmp_path / "cut/last.ckpt", weights_only=False)
+    del checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # as written before the loader kept state
+    torch.save(checkpoint, old)
+
+    with pytest.warns(UserWarning, match=f"{NO_STATE} .* after 3 batches goes on from the first batch") as caught:
+        _fit(tmp_path / "cut", 0, ckpt_path=old)
+
+    assert len([warning for warning in caught if NO_STATE in str(warning.message)]) == 1
+    after = _ids(tmp_path / "cut")[3:]
+    assert after[0] == _ids(tmp_path / "whole")[0]  # the epoch's order starts again
+    assert len(after) == STEPS - 3
+
+
+def test_single_task_batches_go_on_from_a_state_mid_epoch_and_at_its_end() -> None:
+    def batches() -> SingleTaskBatches:
+        return SingleTaskBatches([10, [3, 1, 4, 1, 5, 9, 2]], 3, torch.Generator().manual_seed(0))
+
+    whole = batches()
+    first, second = list(whole), list(whole)
+    cut = batches()
+    iterator = iter(cut)
+    seen = [next(iterator) for _ in range(2)]
+    state = cut.state_dict()
+    list(iterator)
+    at_end = cut.state_dict()
+
+    resumed = batches()
+    resumed.load_state_dict(state)
+    assert seen + list(resumed) == first
+    next_epoch = batches()
+    next_epoch.load_state_dict(at_end)
+    assert list(next_epoch) == second
