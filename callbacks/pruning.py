@@ -34,6 +34,7 @@ from ecoflap_pl.callbacks.export import (
 )
 from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
 from ecoflap_pl.callbacks.progress import StageProgress
+from ecoflap_pl.datamodules.resumable import drop_loader_built_before_restore
 from ecoflap_pl.entry_point import SIGTERM_STATUS
 from ecoflap_pl.export import (
     check_masks_fit_save_format,
@@ -328,6 +329,9 @@ class ECoFLaPPruning(Callback):
         for average in _averaged_copies(trainer):
             # A copy of its own of the masks for the averaged copy's device (`mask_weights_` keeps the moved masks).
             mask_weights_(_pruned_module(average), dict(self.masks))
+        # A task's own `configure_optimizers` that reads `trainer.estimated_stepping_batches` built the training
+        # dataloader before the checkpoint's loops are restored: dropped here, it is built again with their state.
+        drop_loader_built_before_restore(trainer)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -165,3 +165,16 @@ def resumed_batches(trainer: pl.Trainer | None) -> int:
     if not loop.restarting or loop.batch_progress.is_last_batch:
         return 0
     return loop.batch_progress.current.ready
+
+
+def drop_loader_built_before_restore(trainer: pl.Trainer) -> None:
+    """Make a ``fit`` that restores a checkpoint build its training dataloader again once the loops are restored.
+
+    ``trainer.estimated_stepping_batches`` (a learning-rate schedule's length, read in ``configure_optimizers``) builds
+    the training dataloader when ``max_epochs`` is set, before Lightning restores the checkpoint's loops; the fit loop
+    keeps it, built for the first epoch and never given the dataloader state the checkpoint holds, so the epoch it
+    resumes would start from its first batch again, without a word. Call this after ``configure_optimizers`` and
+    before the restore (``on_fit_start``).
+    """
+    if trainer.ckpt_path is not None:
+        trainer.fit_loop._combined_loader = None

@@ -68,13 +68,18 @@ class _Stopped(Exception):
 
 
 def _fit(
-    root: Path, num_workers: int, stop_at: int | None = None, ckpt_path: Path | None = None, **trainer: Any
+    root: Path,
+    num_workers: int,
+    stop_at: int | None = None,
+    ckpt_path: Path | None = None,
+    task_class: type[ToyTask] = ToyTask,
+    **trainer: Any,
 ) -> tuple:
     """One fit of the pruned toy task, in ``root``, for ``STEPS`` steps (within 3 epochs, as the experiment files set
     ``max_epochs``: the task's schedule then builds the training dataloader before the checkpoint is restored); returns
     its weights and masks (the weights only, where spawned)."""
     root.mkdir(parents=True, exist_ok=True)
-    task, pruning = ToyTask(), ECoFLaPPruning(**FAST)
+    task, pruning = task_class(), ECoFLaPPruning(**FAST)
     checkpoints = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=0, save_last=True)
     trainer.setdefault("max_epochs", 3)
     run = pl.Trainer(
@@ -137,6 +142,28 @@ def test_a_fit_resumed_mid_epoch_under_ddp_equals_an_uninterrupted_one(tmp_path:
     assert [_ids(tmp_path / "cut", rank) for rank in (0, 1)] == shards
     first_epoch = [index for shard in shards for batch in shard[:3] for index in batch]  # 10 samples a rank: 3 batches
     assert sorted(first_epoch) == list(range(SAMPLES))  # each rank its own share, every sample once
+    assert _same(resumed, weights)
+
+
+class OwnSchedule(ToyTask):
+    """A task with a ``configure_optimizers`` of its own whose schedule lasts ``trainer.estimated_stepping_batches``, as
+    Lightning's documentation shows for ``OneCycleLR``."""
+
+    @override
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.01)
+        steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.LinearLR(optimizer, total_iters=steps)}
+
+
+def test_a_task_with_its_own_schedule_resumed_mid_epoch_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+    """Its schedule built the training dataloader before the restore, and only `EcoflapTask.configure_optimizers`
+    dropped that loader: the resumed epoch started from its first batch again, without a warning."""
+    weights, _ = _fit(tmp_path / "whole", 0, task_class=OwnSchedule)
+    _fit(tmp_path / "cut", 0, stop_at=3, task_class=OwnSchedule)
+    resumed, _ = _fit(tmp_path / "cut", 0, ckpt_path=tmp_path / "cut/last.ckpt", task_class=OwnSchedule)
+
+    assert _ids(tmp_path / "cut") == _ids(tmp_path / "whole")
     assert _same(resumed, weights)
 
 
