@@ -524,6 +524,7 @@ class ECoFLaPPruning(Callback):
             with torch.inference_mode(False), torch.enable_grad():
                 self._prune(trainer, pl_module, stage)
             self.masks_from = f"pruning at the start of {stage}"
+            self._checkpoint_step = None  # a checkpoint without pruning state: its steps trained the dense model
         elif not self.stages:
             # Chosen on purpose (the `dense` preset, or a saved pruned model with `reuse_saved_masks` off): no
             # warning, and no hint to prune.

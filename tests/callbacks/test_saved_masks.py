@@ -269,3 +269,18 @@ def test_the_steps_of_a_model_pruned_after_dense_training_count_from_pruning(tmp
         SavedLlamaTask(tmp_path / "pruned"), datamodule=Sentences()
     )
     assert "to training step 5," in ModelCard.load(tmp_path / "tuned_more" / "README.md").text
+
+
+def test_a_dense_checkpoint_pruned_as_it_is_evaluated_was_not_fine_tuned_after_pruning(tmp_path: Path) -> None:
+    """`validate --compare_dense --ckpt_path` of a dense checkpoint at step 2 written without the pruning callback
+    prunes it at the start of `validate`: the comparison noted "fine-tuned after pruning, to training step 2"."""
+    dense = quiet_trainer(max_steps=2, limit_val_batches=0, default_root_dir=tmp_path)
+    dense.fit(TinyLlamaTask(), datamodule=Sentences())
+    dense.save_checkpoint(tmp_path / "dense.ckpt")
+
+    evaluator = ECoFLaPPruning(**FAST)
+    quiet_trainer(callbacks=[evaluator], limit_val_batches=1, default_root_dir=tmp_path).validate(
+        TinyLlamaTask(), datamodule=Sentences(), ckpt_path=tmp_path / "dense.ckpt"
+    )
+    assert evaluator.masks_from == "pruning at the start of validate"
+    assert evaluator.fine_tuned_to_step is None
