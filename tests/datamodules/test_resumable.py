@@ -167,6 +167,21 @@ def test_a_task_with_its_own_schedule_resumed_mid_epoch_equals_an_uninterrupted_
     assert _same(resumed, weights)
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_epoch_cut_short_by_limit_train_batches_is_followed_by_a_new_order_after_a_resume(
+    tmp_path: Path, num_workers: int
+) -> None:
+    """`limit_train_batches` 3 of 5: a run resumed from the last batch of its first epoch went on with the two batches
+    left of that epoch's order, where the uninterrupted run drew the second epoch's."""
+    limited = {"limit_train_batches": 3, "max_epochs": 5}
+    weights, _ = _fit(tmp_path / "whole", num_workers, **limited)
+    _fit(tmp_path / "cut", num_workers, stop_at=3, **limited)
+    resumed, _ = _fit(tmp_path / "cut", num_workers, ckpt_path=tmp_path / "cut/last.ckpt", **limited)
+
+    assert _ids(tmp_path / "cut") == _ids(tmp_path / "whole")
+    assert _same(resumed, weights)
+
+
 def test_a_checkpoint_without_loader_state_resumes_from_the_start_of_the_epoch_with_a_warning(tmp_path: Path) -> None:
     _fit(tmp_path / "whole", 0)
     _fit(tmp_path / "cut", 0, stop_at=3)
@@ -203,3 +218,7 @@ def test_single_task_batches_go_on_from_a_state_mid_epoch_and_at_its_end() -> No
     next_epoch = batches()
     next_epoch.load_state_dict(at_end)
     assert list(next_epoch) == second
+    cut_short = batches()  # an epoch ended after two batches (`limit_train_batches`), restored there
+    cut_short.restored_at_epoch_end = True
+    cut_short.load_state_dict(state)
+    assert list(cut_short) == second
