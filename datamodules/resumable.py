@@ -109,7 +109,9 @@ class ShuffledIndices(ResumableOrder[int]):
 
 class EpochDistributedSampler(StatefulDistributedSampler):
     """torchdata's ``StatefulDistributedSampler`` (a ``DistributedSampler``, which Lightning keeps) whose state names
-    its epoch: the state of another epoch, the one that ended at the checkpoint, is not restored.
+    its epoch: the state of another epoch, the one that ended at the checkpoint, is not restored, nor that of an epoch
+    that ended before its order did (``limit_train_batches``; ``restored_at_epoch_end``, as for
+    :class:`ResumableOrder`).
 
     Args:
         dataset: the training split.
@@ -122,6 +124,7 @@ class EpochDistributedSampler(StatefulDistributedSampler):
     def __init__(self, dataset: Any, num_replicas: int, rank: int, seed: int, epoch: int) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.set_epoch(epoch)
+        self.restored_at_epoch_end = False
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -129,7 +132,7 @@ class EpochDistributedSampler(StatefulDistributedSampler):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("epoch") == self.epoch:
+        if state_dict.get("epoch") == self.epoch and not self.restored_at_epoch_end:
             super().load_state_dict(state_dict)
 
 
@@ -153,7 +156,7 @@ class ResumableLoader(StatefulDataLoader):
             super().__init__(*args, **kwargs)
         self.resumed_batches = resumed_batches
         for order in (self.sampler, self.batch_sampler):
-            if isinstance(order, ResumableOrder):
+            if isinstance(order, ResumableOrder | EpochDistributedSampler):
                 order.restored_at_epoch_end = restored_at_epoch_end
 
     @override

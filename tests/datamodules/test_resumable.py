@@ -182,6 +182,18 @@ def test_an_epoch_cut_short_by_limit_train_batches_is_followed_by_a_new_order_af
     assert _same(resumed, weights)
 
 
+@pytest.mark.distributed
+def test_an_epoch_cut_short_under_ddp_is_followed_by_a_new_order_after_a_resume(tmp_path: Path) -> None:
+    """Each rank went on with the batches left of its share of the cut epoch's order."""
+    limited = {"limit_train_batches": 2, "max_epochs": 5, "strategy": "ddp_spawn", "devices": 2, "accelerator": "cpu"}
+    weights, _ = _fit(tmp_path / "whole", 0, **limited)
+    _fit(tmp_path / "cut", 0, stop_at=2, **limited)
+    resumed, _ = _fit(tmp_path / "cut", 0, ckpt_path=tmp_path / "cut/last.ckpt", **limited)
+
+    assert [_ids(tmp_path / "cut", rank) for rank in (0, 1)] == [_ids(tmp_path / "whole", rank) for rank in (0, 1)]
+    assert _same(resumed, weights)
+
+
 def test_a_checkpoint_without_loader_state_resumes_from_the_start_of_the_epoch_with_a_warning(tmp_path: Path) -> None:
     _fit(tmp_path / "whole", 0)
     _fit(tmp_path / "cut", 0, stop_at=3)
