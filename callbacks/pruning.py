@@ -34,6 +34,7 @@ from ecoflap_pl.callbacks.export import (
 )
 from ecoflap_pl.callbacks.masks import mask_gradients_, mask_weights_
 from ecoflap_pl.callbacks.progress import StageProgress
+from ecoflap_pl.datamodules.resumable import drop_loader_built_before_restore
 from ecoflap_pl.entry_point import SIGTERM_STATUS
 from ecoflap_pl.export import (
     check_masks_fit_save_format,
@@ -254,15 +255,12 @@ class ECoFLaPPruning(Callback):
 
     @property
     def fine_tuned_to_step(self) -> int | None:
-        """The training steps the weights of a pruned checkpoint had after pruning (its ``global_step`` less the
-        step it was pruned at, after those of the saved model it started from); ``None`` for a model this run
-        pruned, or a checkpoint of weights as pruned."""
+        """The training steps the weights of a pruned checkpoint had after pruning (its ``global_step``, counted as
+        :func:`_fine_tuned_to_step` counts a save's); ``None`` for a model this run pruned, or a checkpoint of weights
+        as pruned."""
         if self._checkpoint_step is None or not self.pruned:
             return None
-        pruned_at = ((self.report or {}).get("metadata") or {}).get("global_step")
-        return _fine_tuned_to_step(
-            self.report, self._checkpoint_step - (pruned_at if isinstance(pruned_at, int) else 0)
-        )
+        return _fine_tuned_to_step(self.report, self._checkpoint_step)
 
     @property
     def result(self) -> PruningResult | None:
@@ -331,6 +329,9 @@ class ECoFLaPPruning(Callback):
         for average in _averaged_copies(trainer):
             # A copy of its own of the masks for the averaged copy's device (`mask_weights_` keeps the moved masks).
             mask_weights_(_pruned_module(average), dict(self.masks))
+        # A task's own `configure_optimizers` that reads `trainer.estimated_stepping_batches` built the training
+        # dataloader before the checkpoint's loops are restored: dropped here, it is built again with their state.
+        drop_loader_built_before_restore(trainer)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -523,6 +524,7 @@ class ECoFLaPPruning(Callback):
             with torch.inference_mode(False), torch.enable_grad():
                 self._prune(trainer, pl_module, stage)
             self.masks_from = f"pruning at the start of {stage}"
+            self._checkpoint_step = None  # a checkpoint without pruning state: its steps trained the dense model
         elif not self.stages:
             # Chosen on purpose (the `dense` preset, or a saved pruned model with `reuse_saved_masks` off): no
             # warning, and no hint to prune.
@@ -737,7 +739,7 @@ class ECoFLaPPruning(Callback):
         self._saved_at_step = _global_step(trainer)
         if not trainer.is_global_zero:
             return
-        to_step = _fine_tuned_to_step(self.report, trainer.global_step if fine_tuned else 0)
+        to_step = _fine_tuned_to_step(self.report, trainer.global_step if fine_tuned else None)
         saved = save_pruned(
             _pruned_module(pl_module),
             self.save_to,
@@ -800,11 +802,17 @@ def _pruning_run(metadata: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in metadata.items() if key != "export"}
 
 
-def _fine_tuned_to_step(report: dict[str, Any] | None, steps: int) -> int | None:
-    """The training steps the weights have had since pruning: ``steps`` taken by this run, after those recorded by the
-    saved model it started from (its report's ``export.fine_tuned_to_step``, absent from a run's own pruning report);
-    ``None`` for weights as pruned."""
-    before = (((report or {}).get("metadata") or {}).get("export") or {}).get("fine_tuned_to_step")
+def _fine_tuned_to_step(report: dict[str, Any] | None, global_step: int | None) -> int | None:
+    """The training steps the weights have had since pruning, at this run's ``global_step`` (``None``: weights as
+    pruned, or as the saved model they were taken from had them): after those recorded by the saved model the run
+    started from (its report's ``export.fine_tuned_to_step``), all of this run's steps; for the run's own pruning (a
+    report without ``export``), those after the step it pruned at, the report's ``global_step`` (a dense checkpoint's
+    steps before it trained the dense model)."""
+    metadata = (report or {}).get("metadata") or {}
+    export = metadata.get("export")
+    before = export.get("fine_tuned_to_step") if isinstance(export, dict) else None
+    pruned_at = metadata.get("global_step") if export is None else 0
+    steps = 0 if global_step is None else global_step - (pruned_at if isinstance(pruned_at, int) else 0)
     if not steps:
         return before if isinstance(before, int) else None
     return (before if isinstance(before, int) else 0) + steps

@@ -33,6 +33,10 @@ class ResumableOrder(Sampler[T], Generic[T]):
     the draw and no item, so a run resumed from the last batch of an epoch draws the next epoch's order as an
     uninterrupted run does. Subclasses define the draw, :meth:`_draw`.
 
+    A mid-epoch state also holds the generator's state after the draw: a run whose epochs end before their orders do
+    (``limit_train_batches``), restored from an epoch's last batch (``restored_at_epoch_end``), draws the next order
+    from it rather than going on with the rest of the one that epoch stopped in.
+
     Args:
         generator: the source of every draw, advanced by one draw per epoch.
     """
@@ -44,6 +48,7 @@ class ResumableOrder(Sampler[T], Generic[T]):
         self._size = 0
         self._yielded = 0
         self._resume: tuple[torch.Tensor, int] | None = None
+        self.restored_at_epoch_end = False
 
     def _draw(self, generator: torch.Generator) -> list[T]:
         """The order of one epoch, drawn from ``generator``."""
@@ -63,14 +68,20 @@ class ResumableOrder(Sampler[T], Generic[T]):
             yield item
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the epoch stands: ``{"generator": state before its draw, "yielded": items yielded}``."""
+        """Where the epoch stands: ``{"generator": state before its draw, "yielded": items yielded, "next": state
+        after its draw}`` (no ``"next"`` before the first draw, nor once the order is done: the next epoch's state)."""
         if self._after is not None and self._yielded == self._size:
             return {"generator": self._after, "yielded": 0}
-        return {"generator": self._before, "yielded": self._yielded}
+        after = {} if self._after is None else {"next": self._after}
+        return {"generator": self._before, "yielded": self._yielded, **after}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Make the next iteration continue the epoch of ``state_dict`` (:meth:`state_dict`)."""
-        self._resume = (state_dict["generator"], state_dict["yielded"])
+        """Make the next iteration continue the epoch of ``state_dict`` (:meth:`state_dict`), or start the next one
+        where ``restored_at_epoch_end`` says the run's epoch ended there."""
+        if self.restored_at_epoch_end and "next" in state_dict:
+            self._resume = (state_dict["next"], 0)
+        else:
+            self._resume = (state_dict["generator"], state_dict["yielded"])
 
 
 class ShuffledIndices(ResumableOrder[int]):
@@ -98,7 +109,9 @@ class ShuffledIndices(ResumableOrder[int]):
 
 class EpochDistributedSampler(StatefulDistributedSampler):
     """torchdata's ``StatefulDistributedSampler`` (a ``DistributedSampler``, which Lightning keeps) whose state names
-    its epoch: the state of another epoch, the one that ended at the checkpoint, is not restored.
+    its epoch: the state of another epoch, the one that ended at the checkpoint, is not restored, nor that of an epoch
+    that ended before its order did (``limit_train_batches``; ``restored_at_epoch_end``, as for
+    :class:`ResumableOrder`).
 
     Args:
         dataset: the training split.
@@ -111,6 +124,7 @@ class EpochDistributedSampler(StatefulDistributedSampler):
     def __init__(self, dataset: Any, num_replicas: int, rank: int, seed: int, epoch: int) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.set_epoch(epoch)
+        self.restored_at_epoch_end = False
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -118,7 +132,7 @@ class EpochDistributedSampler(StatefulDistributedSampler):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("epoch") == self.epoch:
+        if state_dict.get("epoch") == self.epoch and not self.restored_at_epoch_end:
             super().load_state_dict(state_dict)
 
 
@@ -129,14 +143,21 @@ class ResumableLoader(StatefulDataLoader):
     Args:
         *args: the ``StatefulDataLoader`` arguments.
         resumed_batches: the batches of the current epoch the restored run has already trained on (0: none).
+        restored_at_epoch_end: whether the run was restored from the last batch of an epoch (see
+            :class:`ResumableOrder`).
         **kwargs: the ``StatefulDataLoader`` keyword arguments.
     """
 
-    def __init__(self, *args: Any, resumed_batches: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, resumed_batches: int = 0, restored_at_epoch_end: bool = False, **kwargs: Any
+    ) -> None:
         with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated since: a warning every fit
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
             super().__init__(*args, **kwargs)
         self.resumed_batches = resumed_batches
+        for order in (self.sampler, self.batch_sampler):
+            if isinstance(order, ResumableOrder | EpochDistributedSampler):
+                order.restored_at_epoch_end = restored_at_epoch_end
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -165,3 +186,25 @@ def resumed_batches(trainer: pl.Trainer | None) -> int:
     if not loop.restarting or loop.batch_progress.is_last_batch:
         return 0
     return loop.batch_progress.current.ready
+
+
+def restored_at_epoch_end(trainer: pl.Trainer | None) -> bool:
+    """Whether ``trainer`` was restored from a checkpoint saved at the last batch of an epoch, which may be before
+    the end of its order (``limit_train_batches``)."""
+    if trainer is None:
+        return False
+    loop = trainer.fit_loop.epoch_loop
+    return loop.restarting and loop.batch_progress.is_last_batch
+
+
+def drop_loader_built_before_restore(trainer: pl.Trainer) -> None:
+    """Make a ``fit`` that restores a checkpoint build its training dataloader again once the loops are restored.
+
+    ``trainer.estimated_stepping_batches`` (a learning-rate schedule's length, read in ``configure_optimizers``) builds
+    the training dataloader when ``max_epochs`` is set, before Lightning restores the checkpoint's loops; the fit loop
+    keeps it, built for the first epoch and never given the dataloader state the checkpoint holds, so the epoch it
+    resumes would start from its first batch again, without a word. Call this after ``configure_optimizers`` and
+    before the restore (``on_fit_start``).
+    """
+    if trainer.ckpt_path is not None:
+        trainer.fit_loop._combined_loader = None

@@ -719,7 +719,10 @@ def _masked_share(callback: ECoFLaPPruning) -> float:
 
 def _part_of_split_note(trainer: pl.Trainer, split: str) -> list[str]:
     """A note when ``limit_val_batches`` / ``limit_test_batches`` (``split`` "val" or "test") kept both runs to part
-    of the split, whose metrics would otherwise read as the whole split's."""
+    of the split, whose metrics would otherwise read as the whole split's.
+
+    The limit and the loaders' lengths are each rank's: under DDP every rank evaluates that many batches of its own
+    share (the distributed sampler deals the samples out in turn, so together they are the split's first batches)."""
     limit = getattr(trainer, f"limit_{split}_batches")
     if limit is None or (isinstance(limit, float) and limit >= 1.0):
         return []
@@ -728,7 +731,10 @@ def _part_of_split_note(trainer: pl.Trainer, split: str) -> list[str]:
     loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
     if all(has_len(loader) for loader in loaders) and batches >= sum(len(loader) for loader in loaders):
         return []  # a limit above the split's length
-    return [f"both: the first {batches} batches of the {split} split (`trainer.limit_{split}_batches` {limit})"]
+    ranks = trainer.world_size
+    each = f", {batches} on each of the {ranks} ranks" if ranks > 1 else ""
+    setting = f"`trainer.limit_{split}_batches` {limit}"
+    return [f"both: the first {batches * ranks} batches of the {split} split{each} ({setting})"]
 
 
 def comparison_table(

@@ -164,13 +164,19 @@ def sparsity_notes(result: PruningResult) -> list[str]:
         "share of them that is zero"
     ]
     if result.excluded_stacks:
-        patterns = ", ".join(result.config.exclude)
-        notes.append(f"left dense by `exclude` ({patterns}) or `include`: {', '.join(result.excluded_stacks)}")
+        notes.append(f"left dense by {excluded_by(result)}: {', '.join(result.excluded_stacks)}")
     if result.skipped_stacks:
         notes.append(f"left dense (never ran in the calibration loss): {', '.join(result.skipped_stacks)}")
     if result.prior_sparsity:
         notes.append(f"{_pct(result.prior_sparsity)} of the candidate weights were already zero before this run")
     return notes
+
+
+def excluded_by(result: PruningResult, quote: str = "") -> str:
+    """The settings that left ``result.excluded_stacks`` without a candidate weight: ``exclude`` with its patterns
+    (each between ``quote``) or ``include``; ``include`` alone where ``exclude`` is empty."""
+    patterns = ", ".join(f"{quote}{pattern}{quote}" for pattern in result.config.exclude)
+    return f"`exclude` ({patterns}) or `include`" if patterns else "`include`"
 
 
 def stage_table(result: PruningResult) -> Table:

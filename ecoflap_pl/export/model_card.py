@@ -18,7 +18,7 @@ from torch import nn
 
 from ecoflap_pl.export.checkpoint import INDEX_FILE, MASKS_FILE, SavedModel, _is_hf_model
 from ecoflap_pl.pruning import PruningResult
-from ecoflap_pl.reporting import REPORT_JSON, REPORT_PLOT, block_rows
+from ecoflap_pl.reporting import REPORT_JSON, REPORT_PLOT, block_rows, excluded_by
 
 MODEL_CARD = "README.md"
 _FORMATS = {
@@ -188,8 +188,7 @@ def _towers(result: PruningResult) -> str:
         lines.append(f"| `{tower or '<root>'}` | {weights:,} | {_pct(achieved[tower])} |")
     if result.excluded_stacks:
         stacks = ", ".join(f"`{stack}`" for stack in result.excluded_stacks)
-        patterns = ", ".join(f"`{pattern}`" for pattern in result.config.exclude)
-        lines += ["", f"Left dense by `exclude` ({patterns}) or `include`: {stacks}."]
+        lines += ["", f"Left dense by {excluded_by(result, quote='`')}: {stacks}."]
     if result.skipped_stacks:
         stacks = ", ".join(f"`{stack}`" for stack in result.skipped_stacks)
         lines += ["", f"Left dense (never ran in the calibration loss): {stacks}."]

@@ -12,8 +12,9 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -93,29 +94,48 @@ def _caption_update(
     return [_clean(p) for p in predictions], cleaned_refs
 
 
+# File descriptor 2 is the process's: two redirections that overlapped (threads scoring at once) would each put back
+# what the other had put there, leaving standard error in a deleted temporary file for the rest of the process.
+_STDERR_REDIRECT = threading.RLock()
+
+
 @contextmanager
 def _without_tokenizer_summary() -> Iterator[None]:
     """Drop the "PTBTokenizer tokenized N tokens at R tokens per second." line that Stanford's tokenizer prints on
     every call, keeping anything else it (or Python) writes to standard error meanwhile.
 
     pycocoevalcap starts the Java tokenizer with the parent's standard error and offers no option to quiet it, so the
-    file descriptor itself is redirected to a temporary file for the call and what it received is written back,
-    less that line.
+    file descriptor itself is redirected to a temporary file for the call and what it received is written back to
+    it, less that line. Where it cannot be redirected (no temporary file can be made, or the process has no standard
+    error: ``pythonw``, a service) the call runs as it is, line included: quieting it is no reason to fail a score.
     """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
+    with _STDERR_REDIRECT, ExitStack() as cleanup:
+        try:
+            capture = cleanup.enter_context(tempfile.TemporaryFile())
+            saved: int | None = os.dup(2)
+        except OSError:
+            saved = None
+        if saved is None:
+            yield
+            return
+        cleanup.callback(os.close, saved)
+        _flush_stderr()
         os.dup2(capture.fileno(), 2)
         try:
             yield
         finally:
-            sys.stderr.flush()
+            _flush_stderr()
             os.dup2(saved, 2)
-            os.close(saved)
             capture.seek(0)
-            lines = capture.read().decode(errors="replace").splitlines(keepends=True)
-            sys.stderr.write("".join(line for line in lines if not line.startswith("PTBTokenizer tokenized ")))
-            sys.stderr.flush()
+            lines = capture.read().splitlines(keepends=True)
+            with open(2, "wb", closefd=False) as stderr:
+                stderr.write(b"".join(line for line in lines if not line.startswith(b"PTBTokenizer tokenized ")))
+
+
+def _flush_stderr() -> None:
+    # Python's buffered writes go out before the descriptor changes (sys.stderr is None under pythonw)
+    if sys.stderr is not None:
+        sys.stderr.flush()
 
 
 def _tokenize(captions: dict[int, list[dict[str, str]]]) -> dict[int, list[str]]:

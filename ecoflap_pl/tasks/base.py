@@ -13,6 +13,7 @@ from torch import nn
 from typing_extensions import override
 
 from ecoflap_pl.callbacks.pruning import keep_pruning_state_in_weights_only_checkpoint
+from ecoflap_pl.datamodules.resumable import drop_loader_built_before_restore
 from ecoflap_pl.process_group import destroy_gloo_group_at_exit
 
 
@@ -114,12 +115,7 @@ class EcoflapTask(pl.LightningModule):
             fused=fused or None,
         )
         total = self.trainer.estimated_stepping_batches
-        if self.trainer.ckpt_path is not None:
-            # With `max_epochs` set, the estimate builds the training dataloader, before Lightning restores the
-            # checkpoint's loops; the fit loop would keep it, built for the first epoch and without the dataloader
-            # state the checkpoint holds, and start the epoch it resumes from its first batch again. Dropped, it is
-            # built again once the loops are restored, and given their state.
-            self.trainer.fit_loop._combined_loader = None
+        drop_loader_built_before_restore(self.trainer)  # also for a fit without the pruning callback
         endless = math.isinf(total)
         if endless:
             # Training without a known end (max_steps and max_epochs -1, stopped by max_time or a callback, or an

@@ -12,7 +12,14 @@ from torch import nn
 
 from ecoflap_pl import PruningConfig, PruningResult, prune
 from ecoflap_pl.export.model_card import _towers
-from ecoflap_pl.reporting import block_rows, candidate_table, plot_sparsity, render_table, write_report
+from ecoflap_pl.reporting import (
+    block_rows,
+    candidate_table,
+    plot_sparsity,
+    render_table,
+    sparsity_notes,
+    write_report,
+)
 from tests.callbacks.callback_toys import ToyData, ToyTask
 
 
@@ -170,3 +177,15 @@ def test_the_notes_name_the_stacks_exclude_left_dense_and_the_ranks_of_a_ddp_run
         "counts summed over the 2 ranks; seconds (wall time) and peak memory (of one process): the largest rank's"
         in lines
     )
+
+
+def test_stacks_left_dense_by_include_alone_name_no_empty_exclude() -> None:
+    """With `exclude` empty and `include` leaving a stack out, the notes read "left dense by `exclude` () or
+    `include`"."""
+    task = ToyTask()
+    batches = list(ToyData().calibration_dataloader(8))
+    config = PruningConfig(sparsity=0.5, coarse_samples=8, fine_samples=8, include=("text.*",), exclude=())
+    result = prune(task.model, batches, lambda model, batch: task.calibration_loss(batch), config)
+    assert result.excluded_stacks == ("vision",)
+    assert "left dense by `include`: vision" in sparsity_notes(result)
+    assert "Left dense by `include`: `vision`." in _towers(result)

@@ -238,3 +238,49 @@ def test_a_resumed_fine_tuning_of_a_saved_model_replaces_the_save_to_it_wrote(tm
     other = ECoFLaPPruning(**FAST, save_to=str(target))  # another fine-tuning of the same saved model
     with pytest.raises(FileExistsError, match="not empty; nothing was written"):
         quiet_trainer(max_steps=2, callbacks=[other], **settings).fit(SavedLlamaTask(folder), datamodule=Sentences())
+
+
+def test_the_steps_of_a_model_pruned_after_dense_training_count_from_pruning(tmp_path: Path) -> None:
+    """`fit --ckpt_path` of a dense checkpoint at step 2 prunes at step 2, then trains to step 5: the card said "to
+    training step 5" (the dense steps counted) where the comparison of the run's checkpoint said 3, and fine-tuning
+    the saved model 2 steps more would have counted from its report's step 2."""
+    settings = dict(num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path)
+    dense = quiet_trainer(max_steps=2, **settings)
+    dense.fit(TinyLlamaTask(), datamodule=Sentences())
+    dense.save_checkpoint(tmp_path / "dense.ckpt")
+
+    callback = ECoFLaPPruning(**FAST, save_to=str(tmp_path / "pruned"))
+    tuned = quiet_trainer(max_steps=5, callbacks=[callback], **settings)
+    tuned.fit(TinyLlamaTask(), datamodule=Sentences(), ckpt_path=tmp_path / "dense.ckpt")
+    report = json.loads((tmp_path / "pruned" / "pruning_report.json").read_text())
+    assert report["metadata"]["global_step"] == 2  # pruned at the dense checkpoint's step
+    assert report["metadata"]["export"]["fine_tuned_to_step"] == 3
+    assert "fine-tuned after pruning, to training step 3," in ModelCard.load(tmp_path / "pruned" / "README.md").text
+
+    tuned.save_checkpoint(tmp_path / "tuned.ckpt")
+    evaluator = ECoFLaPPruning(**FAST)
+    quiet_trainer(callbacks=[evaluator], limit_val_batches=1, default_root_dir=tmp_path).validate(
+        TinyLlamaTask(), datamodule=Sentences(), ckpt_path=tmp_path / "tuned.ckpt"
+    )
+    assert evaluator.fine_tuned_to_step == 3  # what `--compare_dense` notes
+
+    more = ECoFLaPPruning(**FAST, save_to=str(tmp_path / "tuned_more"))
+    quiet_trainer(max_steps=2, callbacks=[more], **settings).fit(
+        SavedLlamaTask(tmp_path / "pruned"), datamodule=Sentences()
+    )
+    assert "to training step 5," in ModelCard.load(tmp_path / "tuned_more" / "README.md").text
+
+
+def test_a_dense_checkpoint_pruned_as_it_is_evaluated_was_not_fine_tuned_after_pruning(tmp_path: Path) -> None:
+    """`validate --compare_dense --ckpt_path` of a dense checkpoint at step 2 written without the pruning callback
+    prunes it at the start of `validate`: the comparison noted "fine-tuned after pruning, to training step 2"."""
+    dense = quiet_trainer(max_steps=2, limit_val_batches=0, default_root_dir=tmp_path)
+    dense.fit(TinyLlamaTask(), datamodule=Sentences())
+    dense.save_checkpoint(tmp_path / "dense.ckpt")
+
+    evaluator = ECoFLaPPruning(**FAST)
+    quiet_trainer(callbacks=[evaluator], limit_val_batches=1, default_root_dir=tmp_path).validate(
+        TinyLlamaTask(), datamodule=Sentences(), ckpt_path=tmp_path / "dense.ckpt"
+    )
+    assert evaluator.masks_from == "pruning at the start of validate"
+    assert evaluator.fine_tuned_to_step is None

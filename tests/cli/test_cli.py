@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from transformers import Blip2ForConditionalGeneration
+from typing_extensions import override
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.cli import _masked_share, _part_of_split_note, comparison_table, main, pruned_notes
@@ -192,3 +196,33 @@ def test_the_comparison_title_of_masks_without_a_report_counts_the_masks() -> No
     callback.masks = {"a.weight": torch.tensor([[True, False], [False, False]]), "b.weight": torch.ones(4, dtype=bool)}
     assert callback.result is None
     assert _masked_share(callback) == 3 / 8
+
+
+class _RecordsSplitNote(Callback):
+    """Writes the comparison's note on the part of the val split evaluated, as rank 0 computes it, to ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.path.write_text(json.dumps(_part_of_split_note(trainer, "val")))
+
+
+@pytest.mark.distributed
+def test_the_part_of_the_split_note_counts_the_batches_of_every_rank(tmp_path: Path) -> None:
+    """Under DDP each rank evaluates `limit_val_batches` batches of its own share: the note named one rank's count,
+    "the first 1 batches", where the two ranks had evaluated the split's first 2."""
+    note = tmp_path / "note.json"
+    trainer = quiet_trainer(
+        limit_val_batches=1,
+        strategy="ddp_spawn",
+        devices=2,
+        default_root_dir=tmp_path,
+        callbacks=[_RecordsSplitNote(note)],
+    )
+    trainer.validate(ToyTask(), datamodule=ToyData(batch_size=2))  # 8 val samples: 2 batches on each rank
+    assert json.loads(note.read_text()) == [
+        "both: the first 2 batches of the val split, 1 on each of the 2 ranks (`trainer.limit_val_batches` 1)"
+    ]

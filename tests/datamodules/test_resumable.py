@@ -68,13 +68,18 @@ class _Stopped(Exception):
 
 
 def _fit(
-    root: Path, num_workers: int, stop_at: int | None = None, ckpt_path: Path | None = None, **trainer: Any
+    root: Path,
+    num_workers: int,
+    stop_at: int | None = None,
+    ckpt_path: Path | None = None,
+    task_class: type[ToyTask] = ToyTask,
+    **trainer: Any,
 ) -> tuple:
     """One fit of the pruned toy task, in ``root``, for ``STEPS`` steps (within 3 epochs, as the experiment files set
     ``max_epochs``: the task's schedule then builds the training dataloader before the checkpoint is restored); returns
     its weights and masks (the weights only, where spawned)."""
     root.mkdir(parents=True, exist_ok=True)
-    task, pruning = ToyTask(), ECoFLaPPruning(**FAST)
+    task, pruning = task_class(), ECoFLaPPruning(**FAST)
     checkpoints = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=0, save_last=True)
     trainer.setdefault("max_epochs", 3)
     run = pl.Trainer(
@@ -140,6 +145,55 @@ def test_a_fit_resumed_mid_epoch_under_ddp_equals_an_uninterrupted_one(tmp_path:
     assert _same(resumed, weights)
 
 
+class OwnSchedule(ToyTask):
+    """A task with a ``configure_optimizers`` of its own whose schedule lasts ``trainer.estimated_stepping_batches``, as
+    Lightning's documentation shows for ``OneCycleLR``."""
+
+    @override
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.01)
+        steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.LinearLR(optimizer, total_iters=steps)}
+
+
+def test_a_task_with_its_own_schedule_resumed_mid_epoch_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+    """Its schedule built the training dataloader before the restore, and only `EcoflapTask.configure_optimizers`
+    dropped that loader: the resumed epoch started from its first batch again, without a warning."""
+    weights, _ = _fit(tmp_path / "whole", 0, task_class=OwnSchedule)
+    _fit(tmp_path / "cut", 0, stop_at=3, task_class=OwnSchedule)
+    resumed, _ = _fit(tmp_path / "cut", 0, ckpt_path=tmp_path / "cut/last.ckpt", task_class=OwnSchedule)
+
+    assert _ids(tmp_path / "cut") == _ids(tmp_path / "whole")
+    assert _same(resumed, weights)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_epoch_cut_short_by_limit_train_batches_is_followed_by_a_new_order_after_a_resume(
+    tmp_path: Path, num_workers: int
+) -> None:
+    """`limit_train_batches` 3 of 5: a run resumed from the last batch of its first epoch went on with the two batches
+    left of that epoch's order, where the uninterrupted run drew the second epoch's."""
+    limited = {"limit_train_batches": 3, "max_epochs": 5}
+    weights, _ = _fit(tmp_path / "whole", num_workers, **limited)
+    _fit(tmp_path / "cut", num_workers, stop_at=3, **limited)
+    resumed, _ = _fit(tmp_path / "cut", num_workers, ckpt_path=tmp_path / "cut/last.ckpt", **limited)
+
+    assert _ids(tmp_path / "cut") == _ids(tmp_path / "whole")
+    assert _same(resumed, weights)
+
+
+@pytest.mark.distributed
+def test_an_epoch_cut_short_under_ddp_is_followed_by_a_new_order_after_a_resume(tmp_path: Path) -> None:
+    """Each rank went on with the batches left of its share of the cut epoch's order."""
+    limited = {"limit_train_batches": 2, "max_epochs": 5, "strategy": "ddp_spawn", "devices": 2, "accelerator": "cpu"}
+    weights, _ = _fit(tmp_path / "whole", 0, **limited)
+    _fit(tmp_path / "cut", 0, stop_at=2, **limited)
+    resumed, _ = _fit(tmp_path / "cut", 0, ckpt_path=tmp_path / "cut/last.ckpt", **limited)
+
+    assert [_ids(tmp_path / "cut", rank) for rank in (0, 1)] == [_ids(tmp_path / "whole", rank) for rank in (0, 1)]
+    assert _same(resumed, weights)
+
+
 def test_a_checkpoint_without_loader_state_resumes_from_the_start_of_the_epoch_with_a_warning(tmp_path: Path) -> None:
     _fit(tmp_path / "whole", 0)
     _fit(tmp_path / "cut", 0, stop_at=3)
@@ -176,3 +230,7 @@ def test_single_task_batches_go_on_from_a_state_mid_epoch_and_at_its_end() -> No
     next_epoch = batches()
     next_epoch.load_state_dict(at_end)
     assert list(next_epoch) == second
+    cut_short = batches()  # an epoch ended after two batches (`limit_train_batches`), restored there
+    cut_short.restored_at_epoch_end = True
+    cut_short.load_state_dict(state)
+    assert list(cut_short) == second

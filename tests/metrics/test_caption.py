@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from pycocoevalcap.bleu.bleu import Bleu
@@ -100,3 +104,61 @@ def test_the_tokenizer_s_summary_line_is_not_printed(capfd: pytest.CaptureFixtur
         print("a Python warning", file=sys.stderr)
     # (pytest's capfd points sys.stderr at its capture directly, so the two lines' order is not the terminal's)
     assert sorted(capfd.readouterr().err.splitlines()) == ["Exception in thread main", "a Python warning"]
+
+
+def _open_descriptors() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open file descriptors through /proc")
+def test_scores_without_a_writable_temporary_folder_leave_no_descriptor_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quieting the tokenizer needs a temporary file: where none can be made (an unwritable TMPDIR) the scores failed
+    with a FileNotFoundError and left a duplicate of standard error open on every call."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    before = _open_descriptors()
+    with _without_tokenizer_summary():
+        pass
+    assert _open_descriptors() == before
+    assert caption_scores(["a dog runs"], [["a dog running"]])["bleu_1"] > 0
+
+
+def test_scores_without_sys_stderr(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """``sys.stderr`` is None under pythonw and in some services: the scores failed with "'NoneType' object has no
+    attribute 'flush'"; the tokenizer's other output still reaches file descriptor 2."""
+    monkeypatch.setattr(sys, "stderr", None)
+    assert caption_scores(["a dog runs"], [["a dog running"]])["bleu_1"] > 0
+    with _without_tokenizer_summary():
+        os.write(2, b"PTBTokenizer tokenized 3 tokens at 10.0 tokens per second.\nException in thread main\n")
+    assert capfd.readouterr().err == "Exception in thread main\n"
+
+
+def test_two_threads_quieting_the_tokenizer_at_once_give_standard_error_back() -> None:
+    """Two threads scoring at once, the first done first: it put standard error back, then the second put back what
+    it had saved, the first one's temporary file, so everything written to standard error afterwards was lost."""
+    original, saved = os.fstat(2), os.dup(2)
+    first_inside, second_inside = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with _without_tokenizer_summary():
+            first_inside.set()
+            second_inside.wait(timeout=1)  # redirections that cannot overlap never see the second one inside
+
+    def second() -> None:
+        first_inside.wait(timeout=10)
+        with _without_tokenizer_summary():
+            second_inside.set()
+            time.sleep(0.2)  # the first thread leaves first
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        now = os.fstat(2)
+        assert (now.st_dev, now.st_ino) == (original.st_dev, original.st_ino)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
