@@ -24,6 +24,9 @@ from typing_extensions import override
 
 T = TypeVar("T")
 
+NEXT_EPOCH = "next_epoch"
+"""The key, in a :class:`ResumableLoader`'s state, of its order's state at the start of the next epoch."""
+
 
 class ResumableOrder(Sampler[T], Generic[T]):
     """An order drawn from ``generator`` once per epoch (on its first item), whose state is where the epoch stands.
@@ -61,6 +64,12 @@ class ResumableOrder(Sampler[T], Generic[T]):
         for item in order[skip:]:
             self._yielded += 1
             yield item
+
+    @property
+    def next_epoch(self) -> dict[str, Any] | None:
+        """The state at the start of the next epoch: the generator's state after this epoch's draw, no item yielded
+        (``None`` before the first draw). An epoch that ``limit_train_batches`` ends early goes on from it."""
+        return None if self._after is None else {"generator": self._after, "yielded": 0}
 
     def state_dict(self) -> dict[str, Any]:
         """Where the epoch stands: ``{"generator": state before its draw, "yielded": items yielded}``."""
@@ -123,25 +132,65 @@ class EpochDistributedSampler(StatefulDistributedSampler):
 
 
 class ResumableLoader(StatefulDataLoader):
-    """torchdata's ``StatefulDataLoader``, which warns once when a run resumed mid-epoch gets no state to restore
-    (a checkpoint written before the training dataloader's state was saved).
+    """torchdata's ``StatefulDataLoader``, restored by the ``trainer`` it serves where the epoch of the checkpoint
+    stood: mid-epoch, from the state of the batch it stopped at; at the end of the epoch, from the start of the next.
+
+    Lightning restores the state of a training dataloader only when it restarts the epoch of the checkpoint, and
+    restores it as it was: a checkpoint saved at the end of an epoch (Lightning's default ``ModelCheckpoint``) got the
+    first epoch's order again, and one that ``limit_train_batches`` ended early the rest of that epoch. Here the state
+    of an epoch that ended starts the next one, as an uninterrupted run's next iterator does (the loader of an
+    ``ResumableOrder`` saves that start beside its state). It warns once when a run resumed mid-epoch gets no state
+    to restore (a checkpoint written before the training dataloader's state was saved), and when the checkpoint was
+    saved between two optimizer steps of ``accumulate_grad_batches``, whose gradients no checkpoint holds.
 
     Args:
         *args: the ``StatefulDataLoader`` arguments.
-        resumed_batches: the batches of the current epoch the restored run has already trained on (0: none).
+        trainer: the Trainer it serves (``None``: used on its own, nothing restored).
         **kwargs: the ``StatefulDataLoader`` keyword arguments.
     """
 
-    def __init__(self, *args: Any, resumed_batches: int = 0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> None:
         with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated since: a warning every fit
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
             super().__init__(*args, **kwargs)
-        self.resumed_batches = resumed_batches
+        self.resumed_batches = resumed_batches(trainer)
+        self._epoch_ended = trainer is not None and _restored_at_epoch_end(trainer)
+        if trainer is None:
+            return
+        _warn_between_accumulated_steps(trainer, self.resumed_batches)
+        fit_loop = trainer.fit_loop
+        if self._epoch_ended and not fit_loop.restarting:
+            # Lightning leaves the state of a checkpoint saved after its epoch's end unrestored (it does not restart
+            # that epoch); taken once, so that a loader built again for a later epoch starts afresh.
+            (state,) = fit_loop._combined_loader_states_to_load
+            fit_loop._combined_loader_states_to_load = []
+            self.load_state_dict(state)
+
+    def _order(self) -> ResumableOrder | None:
+        """The order whose state is the epoch's: the batch sampler's own, or the sampler its batches are cut from."""
+        for sampler in (self.batch_sampler, self.sampler):
+            if isinstance(sampler, ResumableOrder):
+                return sampler
+        return None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        order = self._order()
+        if order is not None and order.next_epoch is not None:
+            state[NEXT_EPOCH] = order.next_epoch
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.resumed_batches = 0
-        super().load_state_dict(state_dict)
+        state = dict(state_dict)
+        next_epoch = state.pop(NEXT_EPOCH, None)
+        order = self._order()
+        if self._epoch_ended and next_epoch is not None and order is not None:
+            order.load_state_dict(next_epoch)  # a new iterator, as Lightning asks for at each epoch's start
+            return
+        super().load_state_dict(state)
 
     @override
     def __iter__(self) -> Any:
@@ -165,3 +214,25 @@ def resumed_batches(trainer: pl.Trainer | None) -> int:
     if not loop.restarting or loop.batch_progress.is_last_batch:
         return 0
     return loop.batch_progress.current.ready
+
+
+def _restored_at_epoch_end(trainer: pl.Trainer) -> bool:
+    """Whether ``trainer`` holds the training dataloader state of a checkpoint saved once its epoch had ended: after
+    the epoch's hooks (Lightning does not restart that epoch) or at its last batch (``limit_train_batches``'s too)."""
+    loop = trainer.fit_loop
+    if not loop._combined_loader_states_to_load:
+        return False
+    return not loop.restarting or loop.epoch_loop.batch_progress.is_last_batch
+
+
+def _warn_between_accumulated_steps(trainer: pl.Trainer, batches: int) -> None:
+    """Warn when ``trainer`` resumes an epoch after ``batches`` batches that end between two optimizer steps."""
+    pending = batches % trainer.accumulate_grad_batches
+    if pending:
+        rank_zero_warn(
+            f"The checkpoint resumed was saved after {batches} batches of its epoch, between two optimizer steps of "
+            f"`accumulate_grad_batches` {trainer.accumulate_grad_batches}: no checkpoint holds the gradients of its "
+            f"last {pending} batch{'es' if pending > 1 else ''}, so the next step sums fewer batches than an "
+            "uninterrupted run's and the weights differ from it. HINT: save checkpoints on optimizer steps "
+            "(`every_n_train_steps`, or `val_check_interval` a multiple of `accumulate_grad_batches`)."
+        )
