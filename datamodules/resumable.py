@@ -63,7 +63,14 @@ class ResumableOrder(Sampler[T], Generic[T]):
         self._after, self._size, self._yielded = self.generator.get_state(), len(order), skip
         for item in order[skip:]:
             self._yielded += 1
+            if self._yielded == self._size:
+                self._draw_at_end(self.generator)
+                self._after = self.generator.get_state()
             yield item
+
+    def _draw_at_end(self, generator: torch.Generator) -> None:
+        """Draws from ``generator`` once the epoch's last item is taken (none here): an epoch cut short, by
+        ``limit_train_batches``, makes none."""
 
     @property
     def next_epoch(self) -> dict[str, Any] | None:
@@ -103,6 +110,12 @@ class ShuffledIndices(ResumableOrder[int]):
         # before each permutation: drawn here too, so that a run sees its samples in the order it did before.
         torch.empty((), dtype=torch.int64).random_(generator=generator)
         return torch.randperm(self.size, generator=generator).tolist()
+
+    @override
+    def _draw_at_end(self, generator: torch.Generator) -> None:
+        # Its RandomSampler, once its epoch ran out, drew a permutation more for the `num_samples % n` samples left
+        # (none of them): drawn here too, so that every epoch after the first keeps its order as well.
+        torch.randperm(self.size, generator=generator)
 
 
 class EpochDistributedSampler(StatefulDistributedSampler):

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from typing_extensions import override
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
@@ -250,6 +250,20 @@ def test_a_checkpoint_without_loader_state_resumes_from_the_start_of_the_epoch_w
     after = _ids(tmp_path / "cut")[3:]
     assert after[0] == _ids(tmp_path / "whole")[0]  # the epoch's order starts again
     assert len(after) == STEPS - 3
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_epoch_of_an_uninterrupted_run_keeps_the_order_of_a_shuffling_dataloader(num_workers: int) -> None:
+    """The order of ``DataLoader(shuffle=True, generator=...)``, which the training dataloader replaced, in the first
+    epoch and the next ones (the demo ViT trains 16 epochs on one dataloader: its cached weights hold its order)."""
+    data = IdData(num_workers)
+    loader = data.train_dataloader()
+    generator = torch.Generator().manual_seed(data.shuffle_seed)
+    shuffled = DataLoader(data.dataset("train"), batch_size=BATCH, shuffle=True, generator=generator)
+
+    assert [[batch["id"].tolist() for batch in loader] for _ in range(3)] == [
+        [batch["id"].tolist() for batch in shuffled] for _ in range(3)
+    ]
 
 
 def test_single_task_batches_go_on_from_a_state_mid_epoch_and_at_its_end() -> None:
