@@ -200,7 +200,9 @@ class ResumableLoader(StatefulDataLoader):
         state = dict(state_dict)
         next_epoch = state.pop(NEXT_EPOCH, None)
         order = self._order()
-        if self._epoch_ended and next_epoch is not None and order is not None:
+        if self._epoch_ended and order is None:
+            return  # a DistributedSampler's order is that of its epoch, which Lightning sets: nothing to go on from
+        if self._epoch_ended and order is not None and next_epoch is not None:
             order.load_state_dict(next_epoch)  # a new iterator, as Lightning asks for at each epoch's start
             return
         super().load_state_dict(state)

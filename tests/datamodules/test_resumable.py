@@ -235,6 +235,29 @@ def test_a_fit_resumed_mid_epoch_under_ddp_equals_an_uninterrupted_one(tmp_path:
     assert _same(resumed, weights)
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("checkpoint", "stop_at", "trainer"),
+    [(EPOCH_END, 4, {}), (EVERY_STEP, 2, {"limit_train_batches": 2})],
+    ids=["epoch-end", "limited-last-batch"],
+)
+def test_a_fit_of_epochs_under_ddp_resumed_after_an_epoch_s_end_equals_an_uninterrupted_one(
+    tmp_path: Path, checkpoint: dict[str, Any], stop_at: int, trainer: dict[str, Any]
+) -> None:
+    """3 batches a rank an epoch (2 with the limit): resumed from the end of the first epoch."""
+    settings = {"checkpoint": checkpoint, "max_steps": -1, "strategy": "ddp_spawn", "devices": 2, "accelerator": "cpu"}
+    weights, _ = _fit(tmp_path / "whole", 0, **settings, **trainer)
+    _fit(tmp_path / "cut", 0, stop_at=stop_at, **settings, **trainer)
+    before = [len(_ids(tmp_path / "cut", rank)) for rank in (0, 1)]
+    loops = torch.load(tmp_path / "cut/last.ckpt", weights_only=False)["loops"]["fit_loop"]
+    trained = loops["epoch_loop.batch_progress"]["total"]["processed"]
+    resumed, _ = _fit(tmp_path / "cut", 0, ckpt_path=tmp_path / "cut/last.ckpt", **settings, **trainer)
+
+    for rank in (0, 1):
+        assert _ids(tmp_path / "cut", rank)[before[rank] :] == _ids(tmp_path / "whole", rank)[trained:]
+    assert _same(resumed, weights)
+
+
 def test_a_checkpoint_without_loader_state_resumes_from_the_start_of_the_epoch_with_a_warning(tmp_path: Path) -> None:
     _fit(tmp_path / "whole", 0)
     _fit(tmp_path / "cut", 0, stop_at=3)
