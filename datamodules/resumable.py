@@ -251,3 +251,26 @@ def _warn_between_accumulated_steps(trainer: pl.Trainer, batches: int) -> None:
             "uninterrupted run's and the weights differ from it. HINT: save checkpoints on optimizer steps "
             "(`every_n_train_steps`, or `val_check_interval` a multiple of `accumulate_grad_batches`)."
         )
+
+
+def resume_after_epoch_end_as_at_its_last_batch(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
+    """Make the loops of ``checkpoint``, saved after the end of its epoch (``on_train_epoch_end``: Lightning's default
+    ``ModelCheckpoint``), those of a checkpoint saved at the epoch's last batch (``on_train_batch_end``), in place,
+    when ``trainer`` trains to ``max_steps``.
+
+    Lightning 2.6 restarts a run with ``max_steps`` inside the epoch such a checkpoint ended: it trained one batch more
+    in it (none with validation, but then, with ``max_epochs``, it stopped an epoch early). From the last batch, which
+    only lacks the epoch's end hooks it then runs, it goes on as an uninterrupted run does.
+    """
+    loops = checkpoint.get("loops", {}).get("fit_loop")
+    if trainer.max_steps == -1 or not loops or "epoch_progress" not in loops:
+        return
+    epochs = loops["epoch_progress"]["total"]
+    batches = loops["epoch_loop.batch_progress"]
+    ended = epochs["ready"] == epochs["started"] == epochs["processed"] == epochs["completed"] + 1
+    if not (ended and batches["is_last_batch"] and len(set(batches["total"].values())) == 1):
+        return
+    for progress in ("total", "current"):
+        loops["epoch_progress"][progress]["processed"] -= 1
+        batches[progress]["completed"] -= 1
+    loops["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1  # counted again as the last batch's step ends

@@ -13,6 +13,7 @@ from torch import nn
 from typing_extensions import override
 
 from ecoflap_pl.callbacks.pruning import keep_pruning_state_in_weights_only_checkpoint
+from ecoflap_pl.datamodules.resumable import resume_after_epoch_end_as_at_its_last_batch
 from ecoflap_pl.process_group import destroy_gloo_group_at_exit
 
 
@@ -81,6 +82,14 @@ class EcoflapTask(pl.LightningModule):
         """Keep the pruning masks in weights-only checkpoints too (Lightning leaves the callbacks' state out of them).
         Overrides call ``super().on_save_checkpoint``."""
         keep_pruning_state_in_weights_only_checkpoint(self.trainer, checkpoint)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume a run with ``max_steps`` from a checkpoint saved at an epoch's end as an uninterrupted run goes on
+        (:func:`~ecoflap_pl.datamodules.resumable.resume_after_epoch_end_as_at_its_last_batch`). Overrides call
+        ``super().on_load_checkpoint``."""
+        if self._trainer is not None:
+            resume_after_epoch_end_as_at_its_last_batch(self.trainer, checkpoint)
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -146,6 +146,8 @@ ON_VAL_LOSS = {"save_last": True, "monitor": "val/loss"}
         (EPOCH_END, 12, {}),
         (EPOCH_END, 7, {"num_workers": 2}),
         (ON_VAL_LOSS, 7, {"limit_val_batches": 2}),
+        (EPOCH_END, 7, {"max_steps": STEPS}),
+        (ON_VAL_LOSS, 7, {"limit_val_batches": 2, "max_steps": STEPS}),
         (ON_VAL_LOSS, 3, {"limit_val_batches": 2, "val_check_interval": 0.5}),
         (EPOCH_END, 4, {"limit_train_batches": 3}),
         (EVERY_STEP, 3, {"limit_train_batches": 3, "num_workers": 2}),
@@ -158,6 +160,8 @@ ON_VAL_LOSS = {"save_last": True, "monitor": "val/loss"}
         "second-epoch-end",
         "epoch-end-2-workers",
         "epoch-end-after-validation",
+        "epoch-end-max-steps",
+        "epoch-end-after-validation-max-steps",
         "mid-epoch-validation",
         "limited-epoch-end",
         "limited-last-batch-2-workers",
@@ -169,10 +173,11 @@ ON_VAL_LOSS = {"save_last": True, "monitor": "val/loss"}
 def test_a_fit_of_epochs_resumed_from_any_checkpoint_equals_an_uninterrupted_one(
     tmp_path: Path, checkpoint: dict[str, Any], stop_at: int, trainer: dict[str, Any]
 ) -> None:
-    """Runs of ``max_epochs`` 3, as the experiment files (no ``max_steps``), killed before step ``stop_at`` and
-    resumed from ``last.ckpt``: at the end of an epoch (Lightning's default ``ModelCheckpoint``, with and without
-    validation), at an epoch that ``limit_train_batches`` ends early, at a validation mid-epoch, with the dataloader
-    built again each epoch, on an optimizer step of ``accumulate_grad_batches``."""
+    """Runs of ``max_epochs`` 3, as the experiment files (no ``max_steps``, unless set), killed before step ``stop_at``
+    and resumed from ``last.ckpt``: at the end of an epoch (Lightning's default ``ModelCheckpoint``, with and without
+    validation, and with ``max_steps``, which Lightning restarts inside the epoch), at an epoch that
+    ``limit_train_batches`` ends early, at a validation mid-epoch, with the dataloader built again each epoch, on an
+    optimizer step of ``accumulate_grad_batches``."""
     num_workers = trainer.pop("num_workers", 0)
     settings = {"checkpoint": checkpoint, "max_steps": -1, **trainer}
     weights, masks = _fit(tmp_path / "whole", num_workers, **settings)
