@@ -6,6 +6,8 @@ sampler and its workers; the samplers here give it a state that holds across the
 torchdata's own ``RandomSampler`` draws each epoch's permutation when its iterator is made (an extra draw per worker
 start, so the order changed with ``num_workers``), and a state taken at the last batch of an epoch, restored into the
 next one, gave that epoch another order (``RandomSampler``) or skipped it whole (``StatefulDistributedSampler``).
+A checkpoint saved once its epoch had ended (Lightning's default ``ModelCheckpoint``, an epoch that
+``limit_train_batches`` cuts short) starts the next epoch as an uninterrupted run does (:class:`ResumableLoader`).
 """
 
 from __future__ import annotations
