@@ -153,8 +153,8 @@ class ResumableLoader(StatefulDataLoader):
     Lightning restores the state of a training dataloader only when it restarts the epoch of the checkpoint, and
     restores it as it was: a checkpoint saved at the end of an epoch (Lightning's default ``ModelCheckpoint``) got the
     first epoch's order again, and one that ``limit_train_batches`` ended early the rest of that epoch. Here the state
-    of an epoch that ended starts the next one, as an uninterrupted run's next iterator does (the loader of an
-    ``ResumableOrder`` saves that start beside its state). It warns once when a run resumed mid-epoch gets no state
+    of an epoch that ended starts the next one, as an uninterrupted run's next iterator does (a loader of a
+    :class:`ResumableOrder` saves that start beside its state). It warns once when a run resumed mid-epoch gets no state
     to restore (a checkpoint written before the training dataloader's state was saved), and when the checkpoint was
     saved between two optimizer steps of ``accumulate_grad_batches``, whose gradients no checkpoint holds.
 
@@ -215,8 +215,9 @@ class ResumableLoader(StatefulDataLoader):
             rank_zero_warn(
                 f"The checkpoint resumed holds no state of the training dataloader (it was written by an earlier "
                 f"version), so the epoch it stopped in after {self.resumed_batches} batches goes on from the first "
-                "batch of a new order: some samples of this epoch are seen twice and others not at all. HINT: resume "
-                "from a checkpoint saved at the end of an epoch for a run equal to an uninterrupted one."
+                "batch of a new order: some samples of this epoch are seen twice and others not at all. HINT: for a "
+                "run equal to an uninterrupted one, start it again: checkpoints of this version keep the dataloader's "
+                "state (one of an earlier version, even saved at an epoch's end, gives the next epochs other orders)."
             )
             self.resumed_batches = 0
         return super().__iter__()
@@ -276,3 +277,21 @@ def resume_after_epoch_end_as_at_its_last_batch(trainer: pl.Trainer, checkpoint:
         loops["epoch_progress"][progress]["processed"] -= 1
         batches[progress]["completed"] -= 1
     loops["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1  # counted again as the last batch's step ends
+
+
+def warn_without_loader_state_at_epoch_end(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
+    """Warn when ``trainer``, whose DataModule serves a :class:`ResumableLoader`, resumes from a checkpoint saved at an
+    epoch's end without the training dataloader's state (an earlier version's): the epochs after it are shuffled
+    otherwise than an uninterrupted run's. A checkpoint saved mid-epoch warns as its loader starts
+    (:class:`ResumableLoader`)."""
+    loops = checkpoint.get("loops", {}).get("fit_loop")
+    if not loops or "combined_loader" in loops.get("state_dict", {}):
+        return
+    if not loops.get("epoch_loop.batch_progress", {}).get("is_last_batch"):
+        return
+    rank_zero_warn(
+        "The checkpoint resumed holds no state of the training dataloader (it was written by an earlier version), so "
+        "the epochs after it are not shuffled as an uninterrupted run's (after the first epoch, the next one trains on "
+        "its order again). HINT: for a run equal to an uninterrupted one, start it again: checkpoints of this version "
+        "keep the dataloader's state."
+    )

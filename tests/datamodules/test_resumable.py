@@ -294,6 +294,26 @@ def test_every_epoch_of_an_uninterrupted_run_keeps_the_order_of_a_shuffling_data
     ]
 
 
+def test_a_checkpoint_without_loader_state_at_an_epoch_s_end_resumes_with_a_warning(tmp_path: Path) -> None:
+    """Without the state, the loader is built while ``current_epoch`` still names the epoch that ended: the next epoch
+    trains on the first epoch's order again."""
+    settings = {"checkpoint": EPOCH_END, "max_steps": -1}
+    _fit(tmp_path / "whole", 0, **settings)
+    _fit(tmp_path / "cut", 0, stop_at=7, **settings)  # last.ckpt: the end of the first epoch
+    before = len(_ids(tmp_path / "cut"))
+    old = tmp_path / "cut/old.ckpt"
+    checkpoint = torch.load(tmp_path / "cut/last.ckpt", weights_only=False)
+    del checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # as written before the loader kept state
+    torch.save(checkpoint, old)
+
+    with pytest.warns(UserWarning, match="holds no state .* the epochs after it are not shuffled as an") as caught:
+        _fit(tmp_path / "cut", 0, ckpt_path=old, **settings)
+
+    assert len([warning for warning in caught if NO_STATE in str(warning.message)]) == 1
+    whole = _ids(tmp_path / "whole")
+    assert _ids(tmp_path / "cut")[before:][:5] == whole[:5] != whole[5:10]
+
+
 def test_single_task_batches_go_on_from_a_state_mid_epoch_and_at_its_end() -> None:
     def batches() -> SingleTaskBatches:
         return SingleTaskBatches([10, [3, 1, 4, 1, 5, 9, 2]], 3, torch.Generator().manual_seed(0))
