@@ -16,13 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from typing_extensions import override
 
 from ecoflap_pl.datamodules._io import DataFileNotFoundError, DataFormatError, check_image_files, load_image, locate
-from ecoflap_pl.datamodules.resumable import (
-    EpochDistributedSampler,
-    ResumableLoader,
-    ShuffledIndices,
-    restored_at_epoch_end,
-    resumed_batches,
-)
+from ecoflap_pl.datamodules.resumable import EpochDistributedSampler, ResumableLoader, ShuffledIndices
 from ecoflap_pl.folders import first_subfolders
 
 log = logging.getLogger(__name__)
@@ -319,8 +313,7 @@ class EcoflapDataModule(pl.LightningDataModule):
             collate_fn=self._resolve_collate_fn(),
             # the workers' base seeds, drawn apart from the order (else from the global generator)
             generator=torch.Generator().manual_seed(self.shuffle_seed + epoch),
-            resumed_batches=resumed_batches(self.trainer),
-            restored_at_epoch_end=restored_at_epoch_end(self.trainer),
+            trainer=self.trainer,
         )
 
     @override

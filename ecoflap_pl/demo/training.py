@@ -23,7 +23,7 @@ from typing_extensions import override
 from ecoflap_pl.datamodules import COCOCaptionDataModule, EcoflapDataModule, VQAv2DataModule
 from ecoflap_pl.datamodules._io import load_image
 from ecoflap_pl.datamodules.base import ImageSampleDataset, Stage
-from ecoflap_pl.datamodules.resumable import ResumableLoader, ResumableOrder, restored_at_epoch_end, resumed_batches
+from ecoflap_pl.datamodules.resumable import ResumableLoader, ResumableOrder
 from ecoflap_pl.demo.progress import StepBar
 from ecoflap_pl.tasks.base import EcoflapTask
 
@@ -189,8 +189,7 @@ class VQACaptionMixDataModule(EcoflapDataModule):
             batch_sampler=batches,
             num_workers=self.num_workers,
             collate_fn=self._resolve_collate_fn(),
-            resumed_batches=resumed_batches(self.trainer),
-            restored_at_epoch_end=restored_at_epoch_end(self.trainer),
+            trainer=self.trainer,
         )
 
 

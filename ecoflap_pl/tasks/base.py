@@ -8,12 +8,18 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from ecoflap_pl.callbacks.pruning import keep_pruning_state_in_weights_only_checkpoint
-from ecoflap_pl.datamodules.resumable import drop_loader_built_before_restore
+from ecoflap_pl.datamodules.base import EcoflapDataModule
+from ecoflap_pl.datamodules.resumable import (
+    drop_loader_built_before_restore,
+    resume_after_epoch_end_as_at_its_last_batch,
+    warn_without_loader_state_at_epoch_end,
+)
 from ecoflap_pl.process_group import destroy_gloo_group_at_exit
 
 
@@ -82,6 +88,17 @@ class EcoflapTask(pl.LightningModule):
         """Keep the pruning masks in weights-only checkpoints too (Lightning leaves the callbacks' state out of them).
         Overrides call ``super().on_save_checkpoint``."""
         keep_pruning_state_in_weights_only_checkpoint(self.trainer, checkpoint)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume a run with ``max_steps`` from a checkpoint saved at an epoch's end as an uninterrupted run goes on
+        (:func:`~ecoflap_pl.datamodules.resumable.resume_after_epoch_end_as_at_its_last_batch`), and warn when such a
+        checkpoint has no state of an ecoflap-pl training dataloader. Overrides call ``super().on_load_checkpoint``."""
+        if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return  # `validate`, `test` and `predict` do not restore the loops
+        if isinstance(getattr(self.trainer, "datamodule", None), EcoflapDataModule):  # set by fit, not declared
+            warn_without_loader_state_at_epoch_end(self.trainer, checkpoint)
+        resume_after_epoch_end_as_at_its_last_batch(self.trainer, checkpoint)
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

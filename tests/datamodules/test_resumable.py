@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from typing_extensions import override
 
 from ecoflap_pl.callbacks import ECoFLaPPruning
@@ -67,28 +67,32 @@ class _Stopped(Exception):
     pass
 
 
+EVERY_STEP = {"every_n_train_steps": 1, "save_top_k": 0, "save_last": True}
+"""The ``ModelCheckpoint`` of the runs: a checkpoint at every step, the last one ``last.ckpt``."""
+
+
 def _fit(
     root: Path,
     num_workers: int,
     stop_at: int | None = None,
     ckpt_path: Path | None = None,
+    checkpoint: dict[str, Any] = EVERY_STEP,
     task_class: type[ToyTask] = ToyTask,
     **trainer: Any,
 ) -> tuple:
     """One fit of the pruned toy task, in ``root``, for ``STEPS`` steps (within 3 epochs, as the experiment files set
-    ``max_epochs``: the task's schedule then builds the training dataloader before the checkpoint is restored); returns
-    its weights and masks (the weights only, where spawned)."""
+    ``max_epochs``: the task's schedule then builds the training dataloader before the checkpoint is restored), with a
+    ``ModelCheckpoint(**checkpoint)``; returns its weights and masks (the weights only, where spawned)."""
     root.mkdir(parents=True, exist_ok=True)
     task, pruning = task_class(), ECoFLaPPruning(**FAST)
-    checkpoints = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=0, save_last=True)
     trainer.setdefault("max_epochs", 3)
+    trainer.setdefault("max_steps", STEPS)
+    trainer.setdefault("limit_val_batches", 0)
     run = pl.Trainer(
-        max_steps=STEPS,
-        callbacks=[pruning, Seen(root, stop_at), checkpoints],
+        callbacks=[pruning, Seen(root, stop_at), ModelCheckpoint(dirpath=root, **checkpoint)],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=0,
         default_root_dir=root,
         **trainer,
     )
@@ -129,6 +133,98 @@ def test_a_fit_resumed_mid_epoch_equals_an_uninterrupted_one(
     assert _same(resumed, weights)
     assert _same(resumed_masks, masks)
     assert not [warning for warning in caught if NO_STATE in str(warning.message)]
+
+
+EPOCH_END = {"save_last": True}
+"""Lightning's default ``ModelCheckpoint``: a checkpoint at the end of each epoch (after validation, where it runs)."""
+ON_VAL_LOSS = {"save_last": True, "monitor": "val/loss"}
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "stop_at", "trainer"),
+    [
+        (EPOCH_END, 5, {}),
+        (EPOCH_END, 12, {}),
+        (EPOCH_END, 7, {"num_workers": 2}),
+        (ON_VAL_LOSS, 7, {"limit_val_batches": 2}),
+        (EPOCH_END, 7, {"max_steps": STEPS}),
+        (ON_VAL_LOSS, 7, {"limit_val_batches": 2, "max_steps": STEPS}),
+        (ON_VAL_LOSS, 3, {"limit_val_batches": 2, "val_check_interval": 0.5}),
+        (EPOCH_END, 4, {"limit_train_batches": 3}),
+        (EVERY_STEP, 3, {"limit_train_batches": 3, "num_workers": 2}),
+        (EVERY_STEP, 6, {"limit_train_batches": 0.6}),
+        (EVERY_STEP, 5, {"reload_dataloaders_every_n_epochs": 1}),
+        (EVERY_STEP, 5, {"accumulate_grad_batches": 2}),
+    ],
+    ids=[
+        "epoch-end",
+        "second-epoch-end",
+        "epoch-end-2-workers",
+        "epoch-end-after-validation",
+        "epoch-end-max-steps",
+        "epoch-end-after-validation-max-steps",
+        "mid-epoch-validation",
+        "limited-epoch-end",
+        "limited-last-batch-2-workers",
+        "limited-fraction-last-batch",
+        "reloaded-each-epoch",
+        "accumulated-step",
+    ],
+)
+def test_a_fit_of_epochs_resumed_from_any_checkpoint_equals_an_uninterrupted_one(
+    tmp_path: Path, checkpoint: dict[str, Any], stop_at: int, trainer: dict[str, Any]
+) -> None:
+    """Runs of ``max_epochs`` 3, as the experiment files (no ``max_steps``, unless set), killed before step ``stop_at``
+    and resumed from ``last.ckpt``: at the end of an epoch (Lightning's default ``ModelCheckpoint``, with and without
+    validation, and with ``max_steps``, which Lightning restarts inside the epoch), at an epoch that
+    ``limit_train_batches`` ends early, at a validation mid-epoch, with the dataloader built again each epoch, on an
+    optimizer step of ``accumulate_grad_batches``."""
+    num_workers = trainer.pop("num_workers", 0)
+    settings = {"checkpoint": checkpoint, "max_steps": -1, **trainer}
+    weights, masks = _fit(tmp_path / "whole", num_workers, **settings)
+    _fit(tmp_path / "cut", num_workers, stop_at=stop_at, **settings)
+    before = len(_ids(tmp_path / "cut"))
+    loops = torch.load(tmp_path / "cut/last.ckpt", weights_only=False)["loops"]["fit_loop"]
+    trained = loops["epoch_loop.batch_progress"]["total"]["processed"]  # the batches the checkpoint holds
+    resumed, resumed_masks = _fit(tmp_path / "cut", num_workers, ckpt_path=tmp_path / "cut/last.ckpt", **settings)
+
+    whole = _ids(tmp_path / "whole")
+    after = _ids(tmp_path / "cut")[before:]
+    assert 0 < trained <= before < len(whole)
+    assert after == whole[trained:]  # the next batches of the uninterrupted run, none replayed, none left out
+    assert _same(resumed, weights)
+    assert _same(resumed_masks, masks)
+
+
+def test_a_checkpoint_between_two_accumulated_steps_resumes_with_a_warning(tmp_path: Path) -> None:
+    """The gradients of the batches since the last optimizer step are in no checkpoint: the weights cannot equal an
+    uninterrupted run's, and the run says so."""
+    settings = {"checkpoint": ON_VAL_LOSS, "accumulate_grad_batches": 2, "val_check_interval": 3}
+    _fit(tmp_path / "cut", 0, stop_at=2, limit_val_batches=2, **settings)  # saved at the validation after batch 3
+
+    with pytest.warns(UserWarning, match="after 3 batches of its epoch, between two optimizer steps") as caught:
+        _fit(tmp_path / "cut", 0, ckpt_path=tmp_path / "cut/last.ckpt", limit_val_batches=2, **settings)
+
+    assert len([warning for warning in caught if "between two optimizer steps" in str(warning.message)]) == 1
+
+
+def test_the_calibration_subset_does_not_depend_on_the_training_order() -> None:
+    """Pruning at the start of a fit reads the same samples whatever the training dataloader has served or restored."""
+
+    def calibration_ids(data: IdData) -> list[int]:
+        return [index for batch in data.calibration_dataloader(8) for index in batch["id"].tolist()]
+
+    data = IdData()
+    before = calibration_ids(data)
+    loader = data.train_dataloader()
+    iterator = iter(loader)
+    next(iterator)
+    state = loader.state_dict()
+    restored = IdData()
+    restored.train_dataloader().load_state_dict(state)
+
+    assert calibration_ids(data) == before == calibration_ids(restored)
+    assert sorted(before) == sorted(set(before)) and len(before) == 8
 
 
 @pytest.mark.distributed
@@ -183,14 +279,25 @@ def test_an_epoch_cut_short_by_limit_train_batches_is_followed_by_a_new_order_af
 
 
 @pytest.mark.distributed
-def test_an_epoch_cut_short_under_ddp_is_followed_by_a_new_order_after_a_resume(tmp_path: Path) -> None:
-    """Each rank went on with the batches left of its share of the cut epoch's order."""
-    limited = {"limit_train_batches": 2, "max_epochs": 5, "strategy": "ddp_spawn", "devices": 2, "accelerator": "cpu"}
-    weights, _ = _fit(tmp_path / "whole", 0, **limited)
-    _fit(tmp_path / "cut", 0, stop_at=2, **limited)
-    resumed, _ = _fit(tmp_path / "cut", 0, ckpt_path=tmp_path / "cut/last.ckpt", **limited)
+@pytest.mark.parametrize(
+    ("checkpoint", "stop_at", "trainer"),
+    [(EPOCH_END, 4, {}), (EVERY_STEP, 2, {"limit_train_batches": 2})],
+    ids=["epoch-end", "limited-last-batch"],
+)
+def test_a_fit_of_epochs_under_ddp_resumed_after_an_epoch_s_end_equals_an_uninterrupted_one(
+    tmp_path: Path, checkpoint: dict[str, Any], stop_at: int, trainer: dict[str, Any]
+) -> None:
+    """3 batches a rank an epoch (2 with the limit): resumed from the end of the first epoch."""
+    settings = {"checkpoint": checkpoint, "max_steps": -1, "strategy": "ddp_spawn", "devices": 2, "accelerator": "cpu"}
+    weights, _ = _fit(tmp_path / "whole", 0, **settings, **trainer)
+    _fit(tmp_path / "cut", 0, stop_at=stop_at, **settings, **trainer)
+    before = [len(_ids(tmp_path / "cut", rank)) for rank in (0, 1)]
+    loops = torch.load(tmp_path / "cut/last.ckpt", weights_only=False)["loops"]["fit_loop"]
+    trained = loops["epoch_loop.batch_progress"]["total"]["processed"]
+    resumed, _ = _fit(tmp_path / "cut", 0, ckpt_path=tmp_path / "cut/last.ckpt", **settings, **trainer)
 
-    assert [_ids(tmp_path / "cut", rank) for rank in (0, 1)] == [_ids(tmp_path / "whole", rank) for rank in (0, 1)]
+    for rank in (0, 1):
+        assert _ids(tmp_path / "cut", rank)[before[rank] :] == _ids(tmp_path / "whole", rank)[trained:]
     assert _same(resumed, weights)
 
 
@@ -209,6 +316,40 @@ def test_a_checkpoint_without_loader_state_resumes_from_the_start_of_the_epoch_w
     after = _ids(tmp_path / "cut")[3:]
     assert after[0] == _ids(tmp_path / "whole")[0]  # the epoch's order starts again
     assert len(after) == STEPS - 3
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_epoch_of_an_uninterrupted_run_keeps_the_order_of_a_shuffling_dataloader(num_workers: int) -> None:
+    """The order of ``DataLoader(shuffle=True, generator=...)``, which the training dataloader replaced, in the first
+    epoch and the next ones (the demo ViT trains 16 epochs on one dataloader: its cached weights hold its order)."""
+    data = IdData(num_workers)
+    loader = data.train_dataloader()
+    generator = torch.Generator().manual_seed(data.shuffle_seed)
+    shuffled = DataLoader(data.dataset("train"), batch_size=BATCH, shuffle=True, generator=generator)
+
+    assert [[batch["id"].tolist() for batch in loader] for _ in range(3)] == [
+        [batch["id"].tolist() for batch in shuffled] for _ in range(3)
+    ]
+
+
+def test_a_checkpoint_without_loader_state_at_an_epoch_s_end_resumes_with_a_warning(tmp_path: Path) -> None:
+    """Without the state, the loader is built while ``current_epoch`` still names the epoch that ended: the next epoch
+    trains on the first epoch's order again."""
+    settings = {"checkpoint": EPOCH_END, "max_steps": -1}
+    _fit(tmp_path / "whole", 0, **settings)
+    _fit(tmp_path / "cut", 0, stop_at=7, **settings)  # last.ckpt: the end of the first epoch
+    before = len(_ids(tmp_path / "cut"))
+    old = tmp_path / "cut/old.ckpt"
+    checkpoint = torch.load(tmp_path / "cut/last.ckpt", weights_only=False)
+    del checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # as written before the loader kept state
+    torch.save(checkpoint, old)
+
+    with pytest.warns(UserWarning, match="holds no state .* the epochs after it are not shuffled as an") as caught:
+        _fit(tmp_path / "cut", 0, ckpt_path=old, **settings)
+
+    assert len([warning for warning in caught if NO_STATE in str(warning.message)]) == 1
+    whole = _ids(tmp_path / "whole")
+    assert _ids(tmp_path / "cut")[before:][:5] == whole[:5] != whole[5:10]
 
 
 def test_single_task_batches_go_on_from_a_state_mid_epoch_and_at_its_end() -> None:
@@ -230,7 +371,3 @@ def test_single_task_batches_go_on_from_a_state_mid_epoch_and_at_its_end() -> No
     next_epoch = batches()
     next_epoch.load_state_dict(at_end)
     assert list(next_epoch) == second
-    cut_short = batches()  # an epoch ended after two batches (`limit_train_batches`), restored there
-    cut_short.restored_at_epoch_end = True
-    cut_short.load_state_dict(state)
-    assert list(cut_short) == second
