@@ -72,6 +72,7 @@ from ecoflap_pl.option_hints import (
     unknown_class_hint,
     unknown_option_hint,
 )
+from ecoflap_pl.pruning.masks import masks_sparsity
 from ecoflap_pl.tasks.base import EcoflapTask
 
 log = logging.getLogger(__name__)
@@ -553,7 +554,9 @@ class EcoflapCLI(LightningCLI):
             if pruned_checkpoint:
                 notes.append("dense: the model the config builds, without the checkpoint")
             notes.extend(_part_of_split_note(self.trainer, "val" if self.subcommand == "validate" else "test"))
-            sparsity = callback.result.overall_sparsity if callback.result is not None else _masked_share(callback)
+            sparsity = (
+                callback.result.overall_sparsity if callback.result is not None else masks_sparsity(callback.masks)
+            )
             Console().print(comparison_table(dense[0] if dense else {}, pruned[0] if pruned else {}, sparsity, notes))
 
 
@@ -708,13 +711,6 @@ def pruned_notes(callback: ECoFLaPPruning) -> list[str]:
         steps = callback.fine_tuned_to_step
         notes.append(f"pruned: fine-tuned after pruning, to training step {steps} (the masks held fixed)")
     return notes
-
-
-def _masked_share(callback: ECoFLaPPruning) -> float:
-    """The share of the candidate weights that ``callback``'s masks prune (a checkpoint written before the report was
-    kept in it holds the masks alone)."""
-    total = sum(mask.numel() for mask in callback.masks.values())
-    return sum(int((~mask).sum()) for mask in callback.masks.values()) / total if total else 0.0
 
 
 def _part_of_split_note(trainer: pl.Trainer, split: str) -> list[str]:
