@@ -21,6 +21,7 @@ from ecoflap_pl.datamodules.resumable import (
     warn_without_loader_state_at_epoch_end,
 )
 from ecoflap_pl.process_group import destroy_gloo_group_at_exit
+from ecoflap_pl.tasks.step_seeds import STEP_SEED, base_step_seed, seed_training_batch
 
 
 class EcoflapTask(pl.LightningModule):
@@ -50,6 +51,8 @@ class EcoflapTask(pl.LightningModule):
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
+        self._restored_step_seed: int | None = None
+        self._step_seed = 0
 
     def calibration_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The scalar training loss of ``self.model`` on ``batch`` (docs/algorithm.md §2)."""
@@ -84,18 +87,35 @@ class EcoflapTask(pl.LightningModule):
         self.train()
 
     @override
+    def on_train_start(self) -> None:
+        """Take the base seed of the training steps (``ecoflap_pl/tasks/step_seeds.py``): the restored checkpoint's,
+        else ``seed_everything``'s, else a random one. Overrides call ``super().on_train_start``."""
+        self._step_seed = base_step_seed(self.trainer, self._restored_step_seed)
+        self._restored_step_seed = None
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Seed the global generators for this batch, so that a resumed fit draws the dropout masks and augmentations
+        of the uninterrupted run. Overrides call ``super().on_train_batch_start``."""
+        seed_training_batch(self._step_seed, self.trainer, batch_idx)
+
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the pruning masks in weights-only checkpoints too (Lightning leaves the callbacks' state out of them).
-        Overrides call ``super().on_save_checkpoint``."""
+        """Keep the pruning masks in weights-only checkpoints too (Lightning leaves the callbacks' state out of them),
+        and the base seed of the training steps. Overrides call ``super().on_save_checkpoint``."""
         keep_pruning_state_in_weights_only_checkpoint(self.trainer, checkpoint)
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            checkpoint[STEP_SEED] = self._step_seed
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume a run with ``max_steps`` from a checkpoint saved at an epoch's end as an uninterrupted run goes on
-        (:func:`~ecoflap_pl.datamodules.resumable.resume_after_epoch_end_as_at_its_last_batch`), and warn when such a
-        checkpoint has no state of an ecoflap-pl training dataloader. Overrides call ``super().on_load_checkpoint``."""
+        (:func:`~ecoflap_pl.datamodules.resumable.resume_after_epoch_end_as_at_its_last_batch`), warn when such a
+        checkpoint has no state of an ecoflap-pl training dataloader, and go on with the base seed of its training
+        steps. Overrides call ``super().on_load_checkpoint``."""
         if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
             return  # `validate`, `test` and `predict` do not restore the loops
+        self._restored_step_seed = checkpoint.get(STEP_SEED)
         if isinstance(getattr(self.trainer, "datamodule", None), EcoflapDataModule):  # set by fit, not declared
             warn_without_loader_state_at_epoch_end(self.trainer, checkpoint)
         resume_after_epoch_end_as_at_its_last_batch(self.trainer, checkpoint)

@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset, default_collate
 from typing_extensions import override
@@ -19,6 +23,7 @@ from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.datamodules.base import Stage
 from ecoflap_pl.demo.training import SingleTaskBatches
+from ecoflap_pl.tasks.step_seeds import STEP_SEED
 from tests.callbacks.callback_toys import FAST, ToyTask, toy_samples
 
 SAMPLES, BATCH, STEPS = 20, 4, 12  # 5 batches an epoch: the runs end in their third epoch
@@ -238,6 +243,68 @@ def test_a_fit_resumed_mid_epoch_under_ddp_equals_an_uninterrupted_one(tmp_path:
     assert [_ids(tmp_path / "cut", rank) for rank in (0, 1)] == shards
     first_epoch = [index for shard in shards for batch in shard[:3] for index in batch]  # 10 samples a rank: 3 batches
     assert sorted(first_epoch) == list(range(SAMPLES))  # each rank its own share, every sample once
+    assert _same(resumed, weights)
+
+
+class RandomStep(ToyTask):
+    """A training step that draws from every global generator, as dropout (torch) and timm's augmentations (Python's
+    ``random``, NumPy) do."""
+
+    @override
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        logits = F.dropout(self.model(batch["pixels"], batch["tokens"]), p=0.5, training=True)
+        scale = 1.0 + random.random() + float(np.random.rand())
+        return F.cross_entropy(logits * scale, batch["labels"])
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "stop_at"),
+    [(EVERY_STEP, 3), (EVERY_STEP, 7), (EPOCH_END, 7)],
+    ids=["mid-epoch", "mid-second-epoch", "epoch-end"],
+)
+def test_a_resumed_fit_draws_the_dropout_and_augmentation_of_an_uninterrupted_one(
+    tmp_path: Path, checkpoint: dict[str, Any], stop_at: int
+) -> None:
+    """Each run starts as the command does, with ``seed_everything``; the resumed run's generators start where the
+    uninterrupted run's were at step 0, not at step ``stop_at``."""
+    settings = {"checkpoint": checkpoint, "task_class": RandomStep}
+    pl.seed_everything(0, verbose=False)
+    weights, _ = _fit(tmp_path / "whole", 0, **settings)
+    pl.seed_everything(0, verbose=False)
+    _fit(tmp_path / "cut", 0, stop_at=stop_at, **settings)
+    pl.seed_everything(0, verbose=False)
+    resumed, _ = _fit(tmp_path / "cut", 0, ckpt_path=tmp_path / "cut/last.ckpt", **settings)
+    pl.seed_everything(1, verbose=False)
+    other, _ = _fit(tmp_path / "other", 0, **settings)
+
+    assert _same(resumed, weights)
+    assert not _same(other, weights)  # the draws change the weights: another seed trains others
+
+
+def test_a_resumed_fit_goes_on_with_the_random_seed_its_run_started_with(tmp_path: Path) -> None:
+    """Without ``seed_everything`` (or with another seed when resuming: LightningCLI's default draws one), the base
+    seed is the one kept in the checkpoint."""
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    _fit(tmp_path / "cut", 0, stop_at=3, task_class=RandomStep)
+    base = torch.load(tmp_path / "cut/last.ckpt", weights_only=False)[STEP_SEED]
+    os.environ["PL_GLOBAL_SEED"] = str(base)
+    weights, _ = _fit(tmp_path / "whole", 0, task_class=RandomStep)
+    pl.seed_everything(123, verbose=False)
+    resumed, _ = _fit(tmp_path / "cut", 0, ckpt_path=tmp_path / "cut/last.ckpt", task_class=RandomStep)
+
+    assert _same(resumed, weights)
+
+
+@pytest.mark.distributed
+def test_a_resumed_fit_under_ddp_draws_the_dropout_of_an_uninterrupted_one(tmp_path: Path) -> None:
+    """Each rank seeds its steps with its rank; rank 0's base seed is every rank's."""
+    settings = {"strategy": "ddp_spawn", "devices": 2, "accelerator": "cpu", "task_class": RandomStep}
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    _fit(tmp_path / "cut", 0, stop_at=4, **settings)
+    os.environ["PL_GLOBAL_SEED"] = str(torch.load(tmp_path / "cut/last.ckpt", weights_only=False)[STEP_SEED])
+    weights, _ = _fit(tmp_path / "whole", 0, **settings)
+    resumed, _ = _fit(tmp_path / "cut", 0, ckpt_path=tmp_path / "cut/last.ckpt", **settings)
+
     assert _same(resumed, weights)
 
 
