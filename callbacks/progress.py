@@ -17,11 +17,14 @@ class StageProgress:
     """One rich progress bar per pruning stage, shown while the context is open.
 
     When ``enabled`` is false (other ranks, ``progress=False``) or another live display already owns the terminal
-    (e.g. Lightning's ``RichProgressBar`` during validation), progress goes to DEBUG log lines instead.
+    (e.g. Lightning's ``RichProgressBar`` during validation), progress goes to DEBUG log lines instead. Under
+    ``world_size`` ranks the coarse bar counts the showing rank's share of the calibration batches, and says so (the
+    fine step's blocks are every rank's).
     """
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, world_size: int = 1) -> None:
         self.enabled = enabled
+        self.world_size = world_size
         self._progress: Progress | None = None
         self._tasks: dict[str, TaskID] = {}
 
@@ -46,7 +49,10 @@ class StageProgress:
             logger.debug("%s: %d/%d", stage, done, total)
             return
         if stage not in self._tasks:
-            self._tasks[stage] = self._progress.add_task(_LABELS.get(stage, stage), total=total)
+            label = _LABELS.get(stage, stage)
+            if stage == "coarse" and self.world_size > 1:
+                label = f"ECoFLaP coarse (scoring, rank 0's share of {self.world_size} ranks)"
+            self._tasks[stage] = self._progress.add_task(label, total=total)
         self._progress.update(self._tasks[stage], completed=done, total=total)
 
     def __exit__(

@@ -599,7 +599,10 @@ class ECoFLaPPruning(Callback):
                 return pl_module.calibration_loss(batch)  # type: ignore[operator]
 
         report_dir = self.report_dir or trainer.log_dir or trainer.default_root_dir  # log_dir is collective
-        with StageProgress(self.progress and trainer.is_global_zero) as progress, OffloadedWeights(model) as offloaded:
+        with (
+            StageProgress(self.progress and trainer.is_global_zero, trainer.world_size) as progress,
+            OffloadedWeights(model) as offloaded,
+        ):
             result = prune(
                 model,
                 batches,

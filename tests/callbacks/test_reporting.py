@@ -11,6 +11,7 @@ from rich.console import Console
 from torch import nn
 
 from ecoflap_pl import PruningConfig, PruningResult, prune
+from ecoflap_pl.callbacks.progress import StageProgress
 from ecoflap_pl.export.model_card import _towers
 from ecoflap_pl.reporting import (
     block_rows,
@@ -189,3 +190,20 @@ def test_stacks_left_dense_by_include_alone_name_no_empty_exclude() -> None:
     assert result.excluded_stacks == ("vision",)
     assert "left dense by `include`: vision" in sparsity_notes(result)
     assert "Left dense by `include`: `vision`." in _towers(result)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_the_coarse_bar_says_when_it_counts_one_rank_s_share(
+    capsys: pytest.CaptureFixture[str], world_size: int
+) -> None:
+    """Under DDP each rank scores its share of the calibration batches and only rank 0 shows the bars: the coarse
+    bar's count is that share (the stage table sums the ranks); the fine step's blocks are every rank's."""
+    with StageProgress(world_size=world_size) as progress:
+        progress("coarse", 3, 3)
+        progress("fine", 2, 2)
+
+    lines = capsys.readouterr().out.splitlines()
+    coarse = next(line for line in lines if "ECoFLaP coarse" in line)
+    fine = next(line for line in lines if "ECoFLaP fine" in line)
+    assert ("rank 0's share of 2 ranks" in coarse) == (world_size == 2)
+    assert "3/3" in coarse and "2/2" in fine and "rank" not in fine
