@@ -68,8 +68,20 @@ METHODS: dict[str, dict[str, Any]] = {
     # Zeroth order with the most probes that fit about 10 CPU-minutes of scoring here (zo_quality.py).
     "ecoflap_zo_4probes_wanda": {**ZEROTH, "probe_granularity": "per_block", "probes": 4, "method": "wanda"},
     "ecoflap_zo_4probes_sparsegpt": {**ZEROTH, "probe_granularity": "per_block", "probes": 4, **SPARSEGPT},
+    # The coarse step of the repository's zeroth-order preset (configs/pruning/ecoflap_zeroth_wanda.yaml): one probe
+    # per weight tensor per batch on 32 samples; the fine step keeps this benchmark's calibration size.
+    "ecoflap_zo_preset_wanda": {
+        **ZEROTH,
+        "probe_granularity": "per_tensor",
+        "probes": 1,
+        "coarse_samples": 32,
+        "method": "wanda",
+    },
     # What zeroth order's scores approach as the probes grow: its expectation, by autograd (``Bench.exact_scores``).
     "ecoflap_zo_exact_wanda": {**FIRST, "score": "grad_only", "method": "wanda"},
+    # The same 32 coarse samples scored by first order and by the exact expectation: what the preset's samples buy.
+    "ecoflap_fo_32_wanda": {**FIRST, "coarse_samples": 32, "method": "wanda"},
+    "ecoflap_zo_exact_32_wanda": {**FIRST, "score": "grad_only", "coarse_samples": 32, "method": "wanda"},
     "owl_wanda": {"importance": "uniform", "allocation": "owl", "method": "wanda"},
     "owl_sparsegpt": {"importance": "uniform", "allocation": "owl", **SPARSEGPT},
     "auto_wanda": {**FIRST, "allocation": "auto", "method": "wanda"},
@@ -77,7 +89,7 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 COARSE_SETTINGS = ("coarse_samples", "probes", "probe_granularity")
 DETERMINISTIC = {"magnitude"}
-EXACT = {"ecoflap_zo_exact_wanda"}
+EXACT = {"ecoflap_zo_exact_wanda", "ecoflap_zo_exact_32_wanda"}
 PEER_CONFIGS = ("wanda", "sparsegpt", "owl_wanda", "owl_sparsegpt")
 
 
