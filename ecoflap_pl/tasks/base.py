@@ -89,7 +89,7 @@ class EcoflapTask(pl.LightningModule):
     @override
     def on_train_start(self) -> None:
         """Take the base seed of the training steps (``ecoflap_pl/tasks/step_seeds.py``): the restored checkpoint's,
-        else ``seed_everything``'s, else a random one. Overrides call ``super().on_train_start``."""
+        else ``seed_everything``'s, else one drawn from torch's generator. Overrides call ``super().on_train_start``."""
         self._step_seed = base_step_seed(self.trainer, self._restored_step_seed)
         self._restored_step_seed = None
 
