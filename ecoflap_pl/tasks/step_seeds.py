@@ -30,10 +30,10 @@ def base_step_seed(trainer: pl.Trainer, restored: int | None) -> int:
     ``seed_everything``'s (``PL_GLOBAL_SEED``), else one drawn from torch's generator; rank 0's on every rank."""
     if restored is not None:
         return restored
-    seed = os.environ.get("PL_GLOBAL_SEED")
-    # Without `seed_everything`, one draw of torch's generator: a run seeded by `torch.manual_seed` alone (the demo's
-    # training) stays reproducible.
-    base = int(seed) % 2**64 if seed is not None else int(torch.randint(2**32, ()))
+    seed = os.environ.get("PL_GLOBAL_SEED", "")
+    # Without `seed_everything` (or with a value it would not take either), one draw of torch's generator: a run
+    # seeded by `torch.manual_seed` alone (the demo's training) stays reproducible.
+    base = int(seed) % 2**64 if seed.lstrip("-").isdigit() else int(torch.randint(2**32, ()))
     return int(trainer.strategy.broadcast(base, src=0))
 
 

@@ -23,7 +23,7 @@ from ecoflap_pl.callbacks import ECoFLaPPruning
 from ecoflap_pl.datamodules import EcoflapDataModule
 from ecoflap_pl.datamodules.base import Stage
 from ecoflap_pl.demo.training import SingleTaskBatches
-from ecoflap_pl.tasks.step_seeds import STEP_SEED
+from ecoflap_pl.tasks.step_seeds import STEP_SEED, base_step_seed
 from tests.callbacks.callback_toys import FAST, ToyTask, toy_samples
 
 SAMPLES, BATCH, STEPS = 20, 4, 12  # 5 batches an epoch: the runs end in their third epoch
@@ -293,6 +293,22 @@ def test_a_resumed_fit_goes_on_with_the_random_seed_its_run_started_with(tmp_pat
     resumed, _ = _fit(tmp_path / "cut", 0, ckpt_path=tmp_path / "cut/last.ckpt", task_class=RandomStep)
 
     assert _same(resumed, weights)
+
+
+@pytest.mark.parametrize(("environment", "expected"), [("7", 7), ("abc", None), ("", None)])
+def test_the_base_seed_is_seed_everything_s_or_one_drawn_from_torch_s_generator(
+    environment: str, expected: int | None
+) -> None:
+    """A ``PL_GLOBAL_SEED`` that ``seed_everything`` would not take either is not a seed: the draw decides, which
+    ``torch.manual_seed`` alone makes reproducible."""
+    os.environ["PL_GLOBAL_SEED"] = environment
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    torch.manual_seed(0)
+    first = base_step_seed(trainer, None)
+    torch.manual_seed(0)
+
+    assert first == base_step_seed(trainer, None) == (expected if expected is not None else first)
+    assert base_step_seed(trainer, restored=5) == 5  # a checkpoint's seed goes first
 
 
 @pytest.mark.distributed
