@@ -21,7 +21,7 @@ from ecoflap_pl.datamodules.resumable import (
     warn_without_loader_state_at_epoch_end,
 )
 from ecoflap_pl.process_group import destroy_gloo_group_at_exit
-from ecoflap_pl.tasks.step_seeds import STEP_SEED, base_step_seed, seed_training_batch
+from ecoflap_pl.tasks.step_seeds import STEP_SEED, base_step_seed, restored_step_seed, seed_training_batch
 
 
 class EcoflapTask(pl.LightningModule):
@@ -115,7 +115,7 @@ class EcoflapTask(pl.LightningModule):
         steps. Overrides call ``super().on_load_checkpoint``."""
         if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
             return  # `validate`, `test` and `predict` do not restore the loops
-        self._restored_step_seed = checkpoint.get(STEP_SEED)
+        self._restored_step_seed = restored_step_seed(checkpoint)
         if isinstance(getattr(self.trainer, "datamodule", None), EcoflapDataModule):  # set by fit, not declared
             warn_without_loader_state_at_epoch_end(self.trainer, checkpoint)
         resume_after_epoch_end_as_at_its_last_batch(self.trainer, checkpoint)

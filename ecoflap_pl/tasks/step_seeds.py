@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -23,6 +24,19 @@ import torch
 
 STEP_SEED = "ecoflap_step_seed"
 """The key, in a checkpoint, of the base seed of its run's training steps."""
+
+
+def restored_step_seed(checkpoint: dict[str, Any]) -> int | None:
+    """The base seed kept in ``checkpoint`` (``None`` in one written before it was kept); refused where it is not a
+    non-negative integer (a file changed after it was written), before the first step would fail on it."""
+    seed = checkpoint.get(STEP_SEED)
+    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
+        return seed
+    raise ValueError(
+        f"The checkpoint's `{STEP_SEED}` is {seed!r}, not the non-negative integer ecoflap-pl writes: the file was "
+        "changed after it was written. HINT: resume from another checkpoint, or delete that key from this one to seed "
+        "the training steps from `seed_everything` again."
+    )
 
 
 def base_step_seed(trainer: pl.Trainer, restored: int | None) -> int:

@@ -311,6 +311,18 @@ def test_the_base_seed_is_seed_everything_s_or_one_drawn_from_torch_s_generator(
     assert base_step_seed(trainer, restored=5) == 5  # a checkpoint's seed goes first
 
 
+@pytest.mark.parametrize("seed", ["x", -1, 1.5])
+def test_a_checkpoint_whose_base_seed_was_changed_is_refused_before_training(tmp_path: Path, seed: Any) -> None:
+    _fit(tmp_path / "cut", 0, stop_at=3, task_class=RandomStep)
+    checkpoint = torch.load(tmp_path / "cut/last.ckpt", weights_only=False)
+    checkpoint[STEP_SEED] = seed
+    torch.save(checkpoint, tmp_path / "changed.ckpt")
+
+    with pytest.raises(ValueError, match=f"`{STEP_SEED}` is {seed!r}, not the non-negative integer .* HINT: resume"):
+        _fit(tmp_path / "cut", 0, ckpt_path=tmp_path / "changed.ckpt", task_class=RandomStep)
+    assert len(_ids(tmp_path / "cut")) == 3  # no step trained
+
+
 @pytest.mark.distributed
 def test_a_resumed_fit_under_ddp_draws_the_dropout_of_an_uninterrupted_one(tmp_path: Path) -> None:
     """Each rank seeds its steps with its rank; rank 0's base seed is every rank's."""
