@@ -98,8 +98,9 @@ class ECoFLaPPruning(Callback):
     Args:
         sparsity: target fraction of zeros over all candidate weights, in [0, 1).
         max_sparsity: cap on any group's sparsity; default ``sparsity + 0.1``.
-        importance: ``"zeroth_order"`` (forward-only), ``"first_order"`` (backprop) or ``"uniform"`` (no scores;
-            with the default allocation, the uniform baseline).
+        importance: ``"zeroth_order"`` (forward-only), ``"first_order"`` (backprop), ``"gradient_norm"`` (backprop:
+            the exact expectation of zeroth order's estimates) or ``"uniform"`` (no scores; with the default
+            allocation, the uniform baseline).
         allocation: per-group sparsity strategy: ``"ecoflap"`` (the paper's rule), ``"uniform"``, ``"owl"``,
             ``"from_report"`` or ``"auto"`` (the candidate with the lowest held-out calibration loss).
         owl_m: OWL's outlier multiple ``M`` (Wanda scores above ``M`` × the block mean are outliers).

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from ecoflap_pl.pruning.field_types import PathString, check_field_types
 from ecoflap_pl.pruning.registry import normalized_name, unknown_name
 
-ImportanceName = Literal["zeroth_order", "first_order", "uniform"]
+ImportanceName = Literal["zeroth_order", "first_order", "gradient_norm", "uniform"]
 """The built-in importance estimators (``ecoflap_pl.pruning.importance``) and ``"uniform"`` (no scores); estimators
 registered later with ``register_importance`` are accepted too."""
 ScoreName = Literal["grad_only", "grad_mag_abs", "grad_mag_square"]
@@ -47,8 +47,9 @@ class PruningConfig:
         max_sparsity: cap on any group's sparsity; defaults to ``sparsity + 0.1`` (every official run), capped
             below 1. Must be ``>= sparsity``.
         importance: coarse estimator of the group scores: ``"zeroth_order"`` (forward-only, the paper's default),
-            ``"first_order"`` (backprop, streamed) or ``"uniform"`` (no scores; with the default ``allocation`` it
-            means ``allocation="uniform"``: every tensor gets ``sparsity``).
+            ``"first_order"`` (backprop, streamed), ``"gradient_norm"`` (backprop: exactly the expectation of
+            ``"zeroth_order"``'s estimates, no sampling noise) or ``"uniform"`` (no scores; with the default
+            ``allocation`` it means ``allocation="uniform"``: every tensor gets ``sparsity``).
         allocation: how group sparsities are chosen (docs/allocation.md): ``"ecoflap"`` (the paper's rule on the
             ``importance`` scores, capped at ``max_sparsity``), ``"uniform"``, ``"owl"`` (outlier-weighted, forward
             only, ``owl_m``/``owl_lambda``), ``"from_report"`` (the group sparsities of ``allocation_report``) or
@@ -210,7 +211,10 @@ class PruningConfig:
         from ecoflap_pl.pruning.score_variants import score_names
 
         hints = {
-            "importance": "'zeroth_order' is the paper's forward-only estimator; 'uniform' skips scoring.",
+            "importance": (
+                "'zeroth_order' is the paper's forward-only estimator, 'gradient_norm' its exact expectation by "
+                "backprop; 'uniform' skips scoring."
+            ),
             "score": "the official runs use 'grad_only' (zeroth order) and 'grad_mag_abs' (first order).",
             "method": "register a new fine-step method with @register_method(name, inputs=...).",
         }

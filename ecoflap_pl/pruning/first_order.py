@@ -1,7 +1,9 @@
-"""First-order importance by back-propagation, streamed so no full gradient outlives its batch."""
+"""Importance by back-propagation, streamed so no full gradient outlives its batch: the first-order sums and the
+exact gradient norms that the zeroth-order estimator estimates."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,34 +29,35 @@ def _autograd_batch(batch: Any) -> Any:
     return map_tensors(batch, lambda tensor: tensor.clone() if tensor.is_inference() else tensor)
 
 
-def first_order_sums(
+def _nothing() -> None:
+    """No callback."""
+
+
+def _streamed_backward(
     model: nn.Module,
     params: Mapping[str, nn.Parameter],
     batches: Sequence[tuple[int, Any]],
     loss_fn: LossFn,
     *,
-    score: str,
+    importance: str,
+    on_gradient: Callable[[str, torch.Tensor, torch.Tensor], None],
+    after_batch: Callable[[], None],
     monitor: StageMonitor,
-    on_batch_done: Callable[[], None] | None = None,
-) -> dict[str, float]:
-    """Per tensor, ``Σ_b Σ_i r(w_i, g_{b,i})`` with ``r`` the ``elementwise`` function of the score variant
-    (``ecoflap_pl/pruning/score_variants.py``): ``|g|`` (grad_only), ``|w|·|g|`` (grad_mag_abs) or ``w²·g²``
-    (grad_mag_square).
+) -> None:
+    """Back-propagate every batch's loss with only ``params`` requiring gradients, handing each gradient to
+    ``on_gradient(name, weight, grad)`` (both widened to at least fp32) the moment backward produces it and freeing it
+    at once, so no full gradient outlives its batch; ``after_batch()`` runs once each batch's backward is done.
 
-    Divided by the number of batches this is ``Σ_i |w_i| · mean_b |g_{b,i}|`` and its variants: linear in the
-    batches, so each parameter's gradient is reduced to one scalar by a post-accumulate hook the moment backward
-    produces it, and freed at once. Only the candidate weights require gradients during the pass; every other
-    parameter's ``requires_grad`` and ``.grad`` are restored afterwards.
+    Every parameter's ``requires_grad`` and ``.grad`` are restored afterwards. ``importance`` names the estimator in
+    the error raised for a loss that cannot be back-propagated.
     """
-    elementwise = get_score(score).elementwise
-    sums = {name: torch.zeros((), dtype=torch.float64, device=param.device) for name, param in params.items()}
     previous = {param: (param.requires_grad, param.grad) for param in model.parameters()}
     handles = []
 
     def hook_for(name: str) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
             if param.grad is not None:
-                sums[name] += elementwise(_wide(param.detach()), _wide(param.grad)).sum().double()
+                on_gradient(name, _wide(param.detach()), _wide(param.grad))
                 param.grad = None
 
         return hook
@@ -71,7 +74,7 @@ def first_order_sums(
                 loss = checked_loss(loss_fn, model, _autograd_batch(batch), batch_id)
                 if not loss.requires_grad:
                     raise ValueError(
-                        f"importance='first_order' back-propagates the calibration loss, but the loss of calibration "
+                        f"importance={importance!r} back-propagates the calibration loss, but the loss of calibration "
                         f"batch {batch_id} does not require grad (computed under torch.no_grad() or inference mode, "
                         "or detached). HINT: return the loss of the model's forward pass as it is, or use "
                         "importance='zeroth_order' (forward passes only)."
@@ -79,12 +82,94 @@ def first_order_sums(
                 loss.backward()
                 monitor.full_forwards += 1
                 monitor.backward_passes += 1
-                if on_batch_done is not None:
-                    on_batch_done()
+                after_batch()
     finally:
         for handle in handles:
             handle.remove()
         for param, (flag, grad) in previous.items():
             param.requires_grad_(flag)
             param.grad = grad
+
+
+def first_order_sums(
+    model: nn.Module,
+    params: Mapping[str, nn.Parameter],
+    batches: Sequence[tuple[int, Any]],
+    loss_fn: LossFn,
+    *,
+    score: str,
+    monitor: StageMonitor,
+    on_batch_done: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Per tensor, ``Σ_b Σ_i r(w_i, g_{b,i})`` with ``r`` the ``elementwise`` function of the score variant
+    (``ecoflap_pl/pruning/score_variants.py``): ``|g|`` (grad_only), ``|w|·|g|`` (grad_mag_abs) or ``w²·g²``
+    (grad_mag_square).
+
+    Divided by the number of batches this is ``Σ_i |w_i| · mean_b |g_{b,i}|`` and its variants: linear in the
+    batches, so each gradient is reduced to one scalar as backward produces it (:func:`_streamed_backward`).
+    """
+    elementwise = get_score(score).elementwise
+    sums = {name: torch.zeros((), dtype=torch.float64, device=param.device) for name, param in params.items()}
+
+    def add(name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        sums[name] += elementwise(weight, grad).sum().double()
+
+    _streamed_backward(
+        model,
+        params,
+        batches,
+        loss_fn,
+        importance="first_order",
+        on_gradient=add,
+        after_batch=on_batch_done or _nothing,
+        monitor=monitor,
+    )
     return {name: float(total) for name, total in sums.items()}
+
+
+EXPECTED_ABS_NORMAL = math.sqrt(2.0 / math.pi)
+"""``E|N(0, 1)|``: a Gaussian direction ``z`` gives ``E|zᵀg| = ‖g‖₂ · sqrt(2/π)``."""
+
+
+def gradient_norm_sums(
+    model: nn.Module,
+    units: Mapping[str, Sequence[str]],
+    params: Mapping[str, nn.Parameter],
+    batches: Sequence[tuple[int, Any]],
+    loss_fn: LossFn,
+    *,
+    monitor: StageMonitor,
+    on_batch_done: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """``s_u = Σ_b sqrt(2/π) · ‖∇_u L_b‖₂`` for every unit ``u`` (a list of parameter names), by back-propagation.
+
+    This is exactly the expectation of the zeroth-order sums (``zeroth_order.py``) over their Gaussian directions:
+    one probe of unit ``u`` on batch ``b`` gives ``|ĝ| = |zᵀ∇_u L_b|`` (up to the ``O(ε²)`` of the finite
+    difference), whose mean is ``sqrt(2/π) · ‖∇_u L_b‖₂``; a unit of several tensors (``per_block``) has one
+    direction for all of them, so its norm is that of the concatenated gradient. Per batch only one squared norm per
+    tensor is kept (in fp64); the norm is not linear in the batches, so it is taken before the batches are summed.
+    """
+    squares: dict[str, torch.Tensor] = {}
+    sums = {unit: 0.0 for unit in units}
+
+    def add(name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        squares[name] = torch.linalg.vector_norm(grad, dtype=torch.float64).square()
+
+    def end_batch() -> None:
+        for unit, names in units.items():
+            sums[unit] += EXPECTED_ABS_NORMAL * math.sqrt(float(sum(squares[n] for n in names if n in squares)))
+        squares.clear()
+        if on_batch_done is not None:
+            on_batch_done()
+
+    _streamed_backward(
+        model,
+        params,
+        batches,
+        loss_fn,
+        importance="gradient_norm",
+        on_gradient=add,
+        after_batch=end_batch,
+        monitor=monitor,
+    )
+    return sums

@@ -3,7 +3,7 @@
 An estimator is a pair registered under a name with :func:`register_importance`: ``measure(request)`` returns raw
 per-unit sums over this rank's calibration batches (linear in the batches, so the pipeline sums them over ranks),
 and ``combine(raw, request, batch_count)`` turns the global sums into group scores with the configured score
-variant. Both built-ins report the **mean over the coarse batches** (docs/algorithm.md §2, Scale), so first- and
+variant. The built-ins report the **mean over the coarse batches** (docs/algorithm.md §2, Scale), so first- and
 zeroth-order scores are on the same per-batch scale. ``PruningConfig.importance`` picks the estimator
 (``"uniform"`` means no estimator: no scores).
 """
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from ecoflap_pl.pruning.fast_zeroth_order import fast_zeroth_order_sums
-from ecoflap_pl.pruning.first_order import first_order_sums
+from ecoflap_pl.pruning.first_order import first_order_sums, gradient_norm_sums
 from ecoflap_pl.pruning.loss import LossFn
 from ecoflap_pl.pruning.monitor import StageMonitor
 from ecoflap_pl.pruning.registry import Registry
@@ -107,7 +107,7 @@ def get_importance(name: str) -> ImportanceEstimator:
     return _ESTIMATORS.lookup(name)
 
 
-def _zeroth_order_combine(raw: Mapping[str, float], request: ImportanceRequest, batch_count: int) -> dict[str, float]:
+def _unit_scalar_combine(raw: Mapping[str, float], request: ImportanceRequest, batch_count: int) -> dict[str, float]:
     """``from_scalar(mean_b s, weights)`` per unit (a group, or each tensor of it, summed); offloaded weights are
     read one group at a time, resident."""
     variant, residency, model = get_score(request.config.score), request.residency, request.model
@@ -122,21 +122,24 @@ def _zeroth_order_combine(raw: Mapping[str, float], request: ImportanceRequest, 
     return scores
 
 
-@register_importance("zeroth_order", combine=_zeroth_order_combine)
+def _probe_units(request: ImportanceRequest) -> dict[str, list[str]]:
+    """Unit -> its parameter names: each tensor alone (``per_tensor``) or the tensors of a group (``per_block``)."""
+    if request.config.probe_granularity == "per_block":
+        return {group: list(members) for group, members in request.groups.items()}
+    return {name: [name] for name in request.params}
+
+
+@register_importance("zeroth_order", combine=_unit_scalar_combine)
 def zeroth_order_measure(request: ImportanceRequest) -> dict[str, float]:
     """Forward-only two-point estimates, per tensor or per group (``probe_granularity``), summed over batches:
     replays from the recorded dense block outputs, or full forwards per probe (``activation_storage: recompute``).
 
     A model with offloaded weights (``request.residency``) takes either path by parameter name, each unit's weights
     held resident while it is probed."""
-    config, params = request.config, request.params
-    if config.probe_granularity == "per_block":
-        names = {group: list(members) for group, members in request.groups.items()}
-    else:
-        names = {name: [name] for name in params}
+    config = request.config
     return fast_zeroth_order_sums(
         request.model,
-        names,
+        _probe_units(request),
         request.batches,
         request.loss_fn,
         eps=config.eps,
@@ -164,6 +167,23 @@ def first_order_measure(request: ImportanceRequest) -> dict[str, float]:
         request.batches,
         request.loss_fn,
         score=request.config.score,
+        monitor=request.monitor,
+        on_batch_done=request.tick(len(request.batches)),
+    )
+
+
+@register_importance("gradient_norm", combine=_unit_scalar_combine)
+def gradient_norm_measure(request: ImportanceRequest) -> dict[str, float]:
+    """What ``zeroth_order`` estimates, computed exactly: per unit (``probe_granularity``) and batch
+    ``sqrt(2/π)·‖∇_u L_b‖₂`` by streamed back-propagation, summed over batches; the score variants apply as for
+    zeroth order. One backward per batch instead of two forwards per unit and probe, no sampling noise, but the
+    memory of a backward pass."""
+    return gradient_norm_sums(
+        request.model,
+        _probe_units(request),
+        request.params,
+        request.batches,
+        request.loss_fn,
         monitor=request.monitor,
         on_batch_done=request.tick(len(request.batches)),
     )

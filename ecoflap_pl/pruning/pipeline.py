@@ -29,7 +29,7 @@ from ecoflap_pl.pruning.discovery import (
     order_stacks,
 )
 from ecoflap_pl.pruning.fine import AllReduce, fine_prune_
-from ecoflap_pl.pruning.importance import ImportanceRequest, get_importance
+from ecoflap_pl.pruning.importance import ImportanceRequest, get_importance, importance_names
 from ecoflap_pl.pruning.loss import LossFn, checked_loss
 from ecoflap_pl.pruning.monitor import StageMonitor, StageStats, over_ranks
 from ecoflap_pl.pruning.residency import Residency, resident
@@ -485,7 +485,10 @@ def score_groups(
     """
     _check_inputs(model, calibration_batches, loss_fn, config, rank, world_size)
     if config.importance == "uniform":
-        raise ValueError("`importance` must be 'zeroth_order' or 'first_order' to score groups, got 'uniform'.")
+        raise ValueError(
+            f"`importance` must be an estimator to score groups ({', '.join(map(repr, importance_names()))}), got "
+            "'uniform'."
+        )
     batch_sizes = [batch_size(batch) for batch in calibration_batches]
     _check_shards(batch_sizes, config, world_size, ("coarse",))
     _warn(_short_calibration(batch_sizes, config, ("coarse",), holdout=False))

@@ -58,7 +58,7 @@ class TwoPointSums:
             logger.warning(
                 "Zeroth-order probes of %d of %d units saw no change of the loss (most: %s, of %d probes each); their "
                 "scores sit at the loss's precision floor. HINT: raise `eps` (now %g), run the loss in fp32/fp64, or "
-                "use importance='first_order'.",
+                "use importance='gradient_norm' (the same scores, exact, by back-propagation).",
                 len(self.flat),
                 len(self.sums),
                 ", ".join(f"{unit} {self.flat[unit]}" for unit in worst),

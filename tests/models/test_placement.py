@@ -118,10 +118,11 @@ def test_failed_pruning_restores_the_offloaded_weights(saved):
     assert torch.equal(offloaded(ids).logits, dense)
 
 
-def test_scores_needing_every_weight_at_once_are_refused(saved):
+@pytest.mark.parametrize("importance", ["first_order", "gradient_norm"])
+def test_scores_needing_every_weight_at_once_are_refused(saved, importance):
     _, _, offloaded = saved
     with OffloadedWeights(offloaded) as weights, pytest.raises(ValueError, match="HINT: use importance='zeroth_order'"):
-        prune(offloaded, _batches(), _loss, PruningConfig(sparsity=0.5, importance="first_order"), residency=weights)
+        prune(offloaded, _batches(), _loss, PruningConfig(sparsity=0.5, importance=importance), residency=weights)
 
 
 @pytest.mark.parametrize("importance", ["uniform", "zeroth_order"])

@@ -232,6 +232,80 @@ def test_first_order_group_scores_match_slow_reference(score, aggregate):
     assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["embed.weight"]
 
 
+@pytest.mark.parametrize(
+    ("probe_granularity", "score", "aggregate"),
+    [
+        ("per_tensor", "grad_only", "sum"),
+        ("per_tensor", "grad_mag_abs", "avg"),
+        ("per_block", "grad_only", "sum"),
+        ("per_block", "grad_mag_square", "sum"),
+    ],
+)
+def test_gradient_norm_group_scores_match_autograd_norms(probe_granularity, score, aggregate):
+    """s_u = sqrt(2/π) · mean_b ‖∇_u L_b‖₂ (a block's gradient concatenated for ``per_block``), through the variant
+    of zeroth order (s, s·Σ|w|, s²·Σw²) and the aggregate."""
+    torch.manual_seed(0)
+    model = ToyModel().double().eval()
+    batches = double_batches(3, size=4)
+    groups = {f"layers.{i}": (f"layers.{i}.fc1.weight", f"layers.{i}.fc2.weight") for i in range(3)}
+    units = groups if probe_granularity == "per_block" else {n: (n,) for names in groups.values() for n in names}
+    gradients = [autograd_gradients(model, batch) for batch in batches]
+    params = dict(model.named_parameters())
+
+    def variant(names):
+        s = (
+            math.sqrt(2 / math.pi)
+            * sum(math.sqrt(sum(float(g[n].square().sum()) for n in names)) for g in gradients)
+            / len(batches)
+        )
+        weights = [params[n].detach() for n in names]
+        return {
+            "grad_only": s,
+            "grad_mag_abs": s * sum(float(w.abs().sum()) for w in weights),
+            "grad_mag_square": s * s * sum(float(w.square().sum()) for w in weights),
+        }[score]
+
+    expected = {}
+    for group, names in groups.items():
+        total = sum(variant(units[u]) for u in units if u == group or u in names)
+        expected[group] = total / sum(params[n].numel() for n in names) if aggregate == "avg" else total
+
+    model.embed.weight.requires_grad_(False)
+    leftover = torch.full_like(model.head.weight, 7.0)
+    model.head.weight.grad = leftover
+    before = snapshot(model)
+    config = PruningConfig(
+        sparsity=0.5,
+        importance="gradient_norm",
+        probe_granularity=probe_granularity,
+        score=score,
+        aggregate=aggregate,
+        coarse_samples=12,
+    )
+    scores = score_groups(model, batches, toy_loss, config)
+
+    assert scores.scores == pytest.approx(expected, rel=1e-6)  # the variants sum the weights in fp32
+    assert scores.stats.backward_passes == 3 and scores.stats.full_forwards == 3
+    assert_bit_identical(model, before)
+    assert model.head.weight.grad is leftover
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "head.weight")
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["embed.weight"]
+
+
+@pytest.mark.parametrize("probe_granularity", ["per_tensor", "per_block"])
+def test_zeroth_order_scores_average_to_the_gradient_norm_scores(probe_granularity):
+    """``gradient_norm`` is what ``zeroth_order`` estimates: with many probes the estimates approach it."""
+    torch.manual_seed(0)
+    model = ToyModel().double().eval()
+    batches = double_batches(2, size=4)
+    config = PruningConfig(sparsity=0.5, probe_granularity=probe_granularity, coarse_samples=8, eps=1e-4)
+    exact = score_groups(model, batches, toy_loss, replace(config, importance="gradient_norm"))
+    estimated = score_groups(model, batches, toy_loss, replace(config, probes=400))
+    # per group: the mean of 800 (or 1,600) |N(0, 1)| draws, relative standard error at most 2.7%
+    assert estimated.scores == pytest.approx(exact.scores, rel=0.1)
+    assert estimated.scores != pytest.approx(exact.scores, rel=1e-3)  # estimates, not the same computation
+
+
 def test_probes_below_the_loss_precision_are_reported(toy_model, caplog):
     """ε so small that fp32 losses cannot tell θ+εz from θ−εz: scores are 0 and a warning says why."""
     config = PruningConfig(coarse_samples=8, eps=1e-12)

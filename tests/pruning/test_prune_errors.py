@@ -128,7 +128,8 @@ def test_scores_from_other_settings(toy_model):
 
 
 def test_scoring_with_uniform_importance(toy_model):
-    with pytest.raises(ValueError, match=r"`importance` must be 'zeroth_order' or 'first_order' to score groups"):
+    estimators = r"\('zeroth_order', 'first_order', 'gradient_norm'\)"
+    with pytest.raises(ValueError, match=rf"`importance` must be an estimator to score groups {estimators}"):
         score_groups(toy_model, toy_batches(1), toy_loss, PruningConfig(importance="uniform"))
 
 

@@ -148,6 +148,7 @@ def _partly_frozen_in_train_mode(model: nn.Module) -> None:
 
 
 METHODS = ("wanda", "sparsegpt", "magnitude")
+ESTIMATORS = ("zeroth_order", "first_order", "gradient_norm")
 FAMILIES = ("blip2_opt", "blip2_t5", "llama", "vilt", "eva", "clip")
 STEPS = [
     *((importance, method, "unstructured") for importance in ("zeroth_order", "first_order") for method in METHODS),
@@ -179,7 +180,7 @@ def test_prune_changes_only_the_masked_weights(family, importance, method, struc
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("importance", ["zeroth_order", "first_order"])
+@pytest.mark.parametrize("importance", ESTIMATORS)
 def test_score_groups_leaves_the_model_as_it_was(family, importance):
     model, batches, loss_fn = family_case(family)
     _partly_frozen_in_train_mode(model)
@@ -197,7 +198,7 @@ def test_an_eval_mode_bf16_model_stays_so_and_its_weights_are_masked_without_rou
     assert_as_before(model, before, result.masks)
 
 
-@pytest.mark.parametrize("importance", ["zeroth_order", "first_order"])
+@pytest.mark.parametrize("importance", ESTIMATORS)
 def test_pruning_under_no_grad_leaves_grad_mode_off(importance):
     model, batches, loss_fn = family_case("llama")
     with torch.no_grad():
@@ -207,7 +208,7 @@ def test_pruning_under_no_grad_leaves_grad_mode_off(importance):
 
 
 @pytest.mark.parametrize("family", ["llama", "vit"])
-@pytest.mark.parametrize("importance", ["zeroth_order", "first_order"])
+@pytest.mark.parametrize("importance", ESTIMATORS)
 def test_pruning_under_inference_mode_prunes_as_outside_it(family, importance):
     """A notebook cell under ``torch.inference_mode()``, its calibration batches made there too: the zeroth-order
     step failed ("Inference tensors do not track version counter"), the first-order one could not back-propagate
@@ -349,7 +350,7 @@ def test_an_exception_mid_way_leaves_the_model_as_it_was(family, importance, met
     assert_as_before(model, before)
 
 
-@pytest.mark.parametrize("importance", ["zeroth_order", "first_order"])
+@pytest.mark.parametrize("importance", ESTIMATORS)
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("broken batch")], ids=["interrupt", "error"])
 def test_an_exception_while_scoring_groups_leaves_the_model_as_it_was(importance, error):
     model, batches, loss_fn = family_case("blip2_opt")
@@ -360,7 +361,7 @@ def test_an_exception_while_scoring_groups_leaves_the_model_as_it_was(importance
     assert_as_before(model, before)
 
 
-@pytest.mark.parametrize("importance", ["zeroth_order", "first_order"])
+@pytest.mark.parametrize("importance", ESTIMATORS)
 @pytest.mark.parametrize("when", [0.0, 0.5, 1.0], ids=["first-read", "half-way", "last-read"])
 def test_an_interrupt_from_the_batch_sequence_leaves_the_model_as_it_was(importance, when):
     config = _config(importance, "sparsegpt", "unstructured")

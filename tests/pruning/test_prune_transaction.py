@@ -96,7 +96,7 @@ def test_bad_structure_for_a_later_tower_is_refused_before_any_work():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("importance", ["zeroth_order", "first_order"])
+@pytest.mark.parametrize("importance", ["zeroth_order", "first_order", "gradient_norm"])
 def test_non_finite_loss_names_the_batch(bad, importance):
     model = two_towers()
     before = snapshot(model)

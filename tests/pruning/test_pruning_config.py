@@ -49,7 +49,10 @@ def test_round_trip():
         ({"sparsity": -0.1}, r"`sparsity` must be in \[0, 1\)"),
         ({"sparsity": 0.5, "max_sparsity": 0.4}, r"`max_sparsity` must be in \[sparsity, 1\)"),
         ({"sparsity": 0.5, "max_sparsity": 1.0}, r"`max_sparsity` must be in"),
-        ({"importance": "hessian"}, r"`importance` must be one of \['zeroth_order', 'first_order', 'uniform'\]"),
+        (
+            {"importance": "hessian"},
+            r"`importance` must be one of \['zeroth_order', 'first_order', 'gradient_norm', 'uniform'\]",
+        ),
         ({"score": "grad"}, r"`score` must be one of"),
         ({"aggregate": "max"}, r"`aggregate` must be one of"),
         ({"granularity": "head"}, r"`granularity` must be one of"),

@@ -193,7 +193,8 @@ def test_nan_in_one_batch_names_the_batch():
     )
 
 
-def test_first_order_with_a_loss_that_does_not_require_grad():
+@pytest.mark.parametrize("importance", ["first_order", "gradient_norm"])
+def test_back_propagation_with_a_loss_that_does_not_require_grad(importance):
     def detached_loss(model, batch):
         with torch.no_grad():
             return toy_loss(model, batch)
@@ -201,10 +202,10 @@ def test_first_order_with_a_loss_that_does_not_require_grad():
     refused(
         seeded_toy_model(),
         ValueError,
-        r"does not require grad .* importance='zeroth_order'",
+        rf"importance='{importance}' back-propagates .* does not require grad .* importance='zeroth_order'",
         toy_batches(2),
         detached_loss,
-        PruningConfig(importance="first_order", **CONFIG),
+        PruningConfig(importance=importance, **CONFIG),
     )
 
 
@@ -247,7 +248,7 @@ def test_one_calibration_batch_on_another_device_or_of_another_dtype_is_named(mo
     )
 
 
-@pytest.mark.parametrize("importance", ["zeroth_order", "first_order", "uniform"])
+@pytest.mark.parametrize("importance", ["zeroth_order", "first_order", "gradient_norm", "uniform"])
 def test_a_loss_that_pops_from_the_batch_prunes_as_one_that_reads_it(importance):
     """``labels = batch.pop("labels")`` in ``loss_fn`` (the Hugging Face Trainer's ``compute_loss`` recipe): the
     first pass took the labels out of the user's calibration batch, and the next one ended in a bare
