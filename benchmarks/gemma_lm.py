@@ -33,14 +33,13 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from _bible_text import write_texts
 from _gemma import gemma_directory
-from _reference import block_reference, exact_gradient_norms
 from _results import publish_section, validate_on_cpu
 
 from ecoflap_pl.datamodules import TextDataModule
@@ -57,6 +56,7 @@ PEER_SCRIPT = ROOT / "benchmarks" / "peer" / "llmcompressor_gemma.py"
 SPARSEGPT = {"method": "sparsegpt", "comparison": "per_matrix"}
 ZEROTH = {"importance": "zeroth_order", "score": "grad_only", "aggregate": "sum"}
 FIRST = {"importance": "first_order", "score": "grad_mag_abs", "aggregate": "sum"}
+EXACT = {**ZEROTH, "importance": "gradient_norm", "probe_granularity": "per_tensor"}
 METHODS: dict[str, dict[str, Any]] = {
     "magnitude": {"importance": "uniform", "method": "magnitude"},
     "wanda": {"importance": "uniform", "method": "wanda"},
@@ -77,11 +77,11 @@ METHODS: dict[str, dict[str, Any]] = {
         "coarse_samples": 32,
         "method": "wanda",
     },
-    # What zeroth order's scores approach as the probes grow: its expectation, by autograd (``Bench.exact_scores``).
-    "ecoflap_zo_exact_wanda": {**FIRST, "score": "grad_only", "method": "wanda"},
+    # What per-tensor zeroth order's scores approach as the probes grow: their expectation (``gradient_norm``).
+    "ecoflap_zo_exact_wanda": {**EXACT, "method": "wanda"},
     # The same 32 coarse samples scored by first order and by the exact expectation: what the preset's samples buy.
     "ecoflap_fo_32_wanda": {**FIRST, "coarse_samples": 32, "method": "wanda"},
-    "ecoflap_zo_exact_32_wanda": {**FIRST, "score": "grad_only", "coarse_samples": 32, "method": "wanda"},
+    "ecoflap_zo_exact_32_wanda": {**EXACT, "coarse_samples": 32, "method": "wanda"},
     "owl_wanda": {"importance": "uniform", "allocation": "owl", "method": "wanda"},
     "owl_sparsegpt": {"importance": "uniform", "allocation": "owl", **SPARSEGPT},
     "auto_wanda": {**FIRST, "allocation": "auto", "method": "wanda"},
@@ -89,7 +89,6 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 COARSE_SETTINGS = ("coarse_samples", "probes", "probe_granularity")
 DETERMINISTIC = {"magnitude"}
-EXACT = {"ecoflap_zo_exact_wanda", "ecoflap_zo_exact_32_wanda"}
 PEER_CONFIGS = ("wanda", "sparsegpt", "owl_wanda", "owl_sparsegpt")
 
 
@@ -160,20 +159,6 @@ class Bench:
         }
         return PruningConfig(sparsity=sparsity, seed=seed, **{**defaults, **METHODS[method]})
 
-    def exact_scores(
-        self, model: torch.nn.Module, batches: list[dict[str, Any]], loss: Any, config: PruningConfig
-    ) -> GroupScores:
-        """The zeroth-order scores' expectation with infinitely many per-tensor probes (up to ``sqrt(2/π)``):
-        ``Σ_batches Σ_tensors ‖∇_W L_b‖₂`` of each block on the coarse batches, by autograd, in place of the
-        first-order scores of ``config`` (whose groups, sizes and settings it keeps); its seconds include both."""
-        layout = score_groups(model, batches, loss, config)
-        started = time.perf_counter()
-        coarse = batches[: -(-config.coarse_samples // self.args.batch_size)]
-        names = [name for names in layout.groups.values() for name in names]
-        exact = block_reference(exact_gradient_norms(model, coarse, loss, names), layout.groups)
-        stats = replace(layout.stats, seconds=layout.stats.seconds + time.perf_counter() - started)
-        return replace(layout, scores=exact, stats=stats)
-
     def run(self, method: str, sparsity: float, seed: int) -> Run:
         self.restore()
         config = self.config(method, sparsity, seed)
@@ -181,11 +166,8 @@ class Bench:
         scores = None
         if config.allocation in ("ecoflap", "auto") and config.importance != "uniform":
             key = (config.importance, config.probe_granularity, config.probes, config.coarse_samples, seed)
-            if method in EXACT:
-                key = ("exact", *key[1:])
             if key not in self._scores:
-                score = self.exact_scores if method in EXACT else score_groups
-                self._scores[key] = score(self.task.model, batches, self.loss, config)
+                self._scores[key] = score_groups(self.task.model, batches, self.loss, config)
             scores = self._scores[key]
         with torch.no_grad():
             result = prune(self.task.model, batches, self.loss, config, scores=scores)
@@ -399,7 +381,8 @@ def main(argv: list[str] | None = None) -> None:
             f"262k-vocabulary head are not). Calibration: KJV Old Testament chapters, {args.coarse_samples} coarse / "
             f"{args.fine_samples} fine samples of {args.max_length} tokens; zeroth order with probe_granularity "
             f"{args.probe_granularity}, 1 probe per batch; first order scores Σ|g·w| (`grad_mag_abs`), zeroth "
-            "order Σ|ĝ| (`grad_only`), `ecoflap_zo_exact_*` its expectation Σ_b Σ_W ‖∇_W L_b‖₂ by autograd; "
+            "order Σ|ĝ| (`grad_only`), `ecoflap_zo_exact_*` the per-tensor probes' expectation sqrt(2/π)·Σ_b Σ_W "
+            "‖∇_W L_b‖₂ by back-propagation (`importance: gradient_norm`); "
             f"`auto` holds out {args.auto_holdout_samples} more. "
             f"Perplexity: {args.eval_documents} KJV New Testament chapters, first "
             f"{args.max_length} tokens each. Mean ± standard deviation over the seeds listed (calibration subset and "
