@@ -8,6 +8,8 @@ scaled-down config (tens of millions of parameters) and scored with the model's 
   (``max_probe_replicas=1``), and with prefix reuse and 8 probes per forward (the default),
 - ``zeroth_order`` with one probe per block (``per_block``),
 - ``first_order`` (streamed back-propagation),
+- ``gradient_norm`` (the per-tensor zeroth-order estimate's expectation by the same streamed back-propagation, so its
+  ranking must equal the reference's),
 
 all with ``score="grad_only"``, ``aggregate="sum"``. For each: full forward passes, backward passes, wall time, peak
 resident memory, and the Spearman rank correlation of its block scores with an exact reference computed by autograd:
@@ -70,6 +72,7 @@ METHODS = {
     },
     "zeroth_order/per_block": {"importance": "zeroth_order", "probe_granularity": "per_block"},
     "first_order": {"importance": "first_order"},
+    "gradient_norm": {"importance": "gradient_norm", "probe_granularity": "per_tensor"},
 }
 PLAIN, FAST = "zeroth_order/per_tensor, plain loop", "zeroth_order/per_tensor, prefix reuse + 8 probes per forward"
 WORKERS = (*METHODS, "reference", "fine", "grid")
