@@ -333,7 +333,9 @@ def render(args: argparse.Namespace, argv: list[str], results: dict[str, Any], l
             "Spearman ρ: rank correlation over all groups (blocks), then within each tower, with the exact reference "
             "Σ_batches Σ_tensors ‖∇_W L‖₂ from autograd (what the per-tensor zeroth-order probe estimates, times "
             "sqrt(2/π)); all use `score=grad_only`, `aggregate=sum`, one probe per batch, ε = 1e-3. First order "
-            "sums |g| elementwise (an L1 norm), per-block probes measure the norm of the whole block's gradient. "
+            "sums |g| elementwise (an L1 norm), per-block probes measure the norm of the whole block's gradient; "
+            "`gradient_norm` is the engine's own computation of the reference (streamed back-propagation), so its ρ "
+            "must be 1. "
             "Peak RSS is the resident set of the whole process (Python, torch, model, data); RSS growth is the peak "
             "minus the resident set once the model and data were loaded.",
             "",
