@@ -45,8 +45,9 @@ def _streamed_backward(
     monitor: StageMonitor,
 ) -> None:
     """Back-propagate every batch's loss with only ``params`` requiring gradients, handing each gradient to
-    ``on_gradient(name, weight, grad)`` (both widened to at least fp32) the moment backward produces it and freeing it
-    at once, so no full gradient outlives its batch; ``after_batch()`` runs once each batch's backward is done.
+    ``on_gradient(name, weight, grad)`` (the weight detached, both in the parameter's dtype) the moment backward
+    produces it and freeing it at once, so no full gradient outlives its batch; ``after_batch()`` runs once each
+    batch's backward is done.
 
     Every parameter's ``requires_grad`` and ``.grad`` are restored afterwards. ``importance`` names the estimator in
     the error raised for a loss that cannot be back-propagated.
@@ -57,7 +58,7 @@ def _streamed_backward(
     def hook_for(name: str) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
             if param.grad is not None:
-                on_gradient(name, _wide(param.detach()), _wide(param.grad))
+                on_gradient(name, param.detach(), param.grad)
                 param.grad = None
 
         return hook
@@ -112,7 +113,7 @@ def first_order_sums(
     sums = {name: torch.zeros((), dtype=torch.float64, device=param.device) for name, param in params.items()}
 
     def add(name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
-        sums[name] += elementwise(weight, grad).sum().double()
+        sums[name] += elementwise(_wide(weight), _wide(grad)).sum().double()
 
     _streamed_backward(
         model,
@@ -147,13 +148,14 @@ def gradient_norm_sums(
     one probe of unit ``u`` on batch ``b`` gives ``|ĝ| = |zᵀ∇_u L_b|`` (up to the ``O(ε²)`` of the finite
     difference), whose mean is ``sqrt(2/π) · ‖∇_u L_b‖₂``; a unit of several tensors (``per_block``) has one
     direction for all of them, so its norm is that of the concatenated gradient. Per batch only one squared norm per
-    tensor is kept (in fp64); the norm is not linear in the batches, so it is taken before the batches are summed.
+    tensor is kept (computed in at least fp32, kept in fp64); the norm is not linear in the batches, so it is taken
+    before the batches are summed.
     """
     squares: dict[str, torch.Tensor] = {}
     sums = {unit: 0.0 for unit in units}
 
     def add(name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
-        squares[name] = torch.linalg.vector_norm(grad, dtype=torch.float64).square()
+        squares[name] = torch.linalg.vector_norm(_wide(grad)).double().square()
 
     def end_batch() -> None:
         for unit, names in units.items():

@@ -306,6 +306,22 @@ def test_zeroth_order_scores_average_to_the_gradient_norm_scores(probe_granulari
     assert estimated.scores != pytest.approx(exact.scores, rel=1e-3)  # estimates, not the same computation
 
 
+def test_gradient_norm_of_a_bf16_model_is_that_of_its_fp32_copy_within_bf16_rounding():
+    """A bf16 model scores like its fp32 copy within bf16 rounding, and is left bf16, its weights untouched."""
+    torch.manual_seed(0)
+    model = ToyModel().eval()
+    batches = toy_batches(2)
+    config = PruningConfig(sparsity=0.5, importance="gradient_norm", coarse_samples=8)
+    reference = score_groups(model, batches, toy_loss, config)
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    before = snapshot(low)
+    low_batches = [{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in b.items()} for b in batches]
+    scores = score_groups(low, low_batches, toy_loss, config)
+    assert scores.scores == pytest.approx(reference.scores, rel=0.05)
+    assert_bit_identical(low, before)
+    assert all(p.dtype == torch.bfloat16 and p.grad is None for p in low.parameters())
+
+
 def test_probes_below_the_loss_precision_are_reported(toy_model, caplog):
     """ε so small that fp32 losses cannot tell θ+εz from θ−εz: scores are 0 and a warning says why."""
     config = PruningConfig(coarse_samples=8, eps=1e-12)
