@@ -2,7 +2,8 @@
 
 A variant is a pair of pure functions registered under a name with :func:`register_score`:
 ``elementwise(weight, grad)`` for the first-order estimator (per element, summed by the caller) and
-``from_scalar(s, weights)`` for the zeroth-order estimator, whose gradient estimate ``s`` is one scalar per unit.
+``from_scalar(s, weights)`` for the zeroth-order and gradient-norm estimators, whose gradient magnitude ``s`` is one
+scalar per unit.
 ``PruningConfig.score`` picks it; only the chosen variant is computed.
 """
 
