@@ -118,7 +118,8 @@ class ECoFLaPPruning(Callback):
         fine_samples: calibration samples of the fine pass.
         eps: zeroth-order perturbation size.
         probes: zeroth-order random directions per batch.
-        probe_granularity: ``"per_tensor"`` or ``"per_block"`` zeroth-order probes.
+        probe_granularity: ``"per_tensor"`` or ``"per_block"`` zeroth-order probes (and the units whose gradient
+            norms ``gradient_norm`` takes).
         prune_per_model: meet the sparsity budget inside each tower separately.
         include: glob patterns of parameter names to consider.
         exclude: glob patterns of parameter names never pruned (default: the BLIP-2 Q-Former).

@@ -79,7 +79,8 @@ class PruningConfig:
         eps: zeroth-order perturbation size ε.
         probes: zeroth-order probes (random directions) per batch.
         probe_granularity: one probe per weight tensor (``"per_tensor"``, faithful) or one direction for all
-            tensors of a group (``"per_block"``, #groups instead of #tensors forward pairs).
+            tensors of a group (``"per_block"``, #groups instead of #tensors forward pairs); for ``gradient_norm``,
+            whether the norm is taken per tensor or over the group's tensors together.
         prune_per_model: meet the budget separately inside each tower.
         include: glob patterns of parameter names to consider (default: every candidate).
         exclude: glob patterns of parameter names never pruned (default: the BLIP-2 Q-Former).
