@@ -29,10 +29,6 @@ def _autograd_batch(batch: Any) -> Any:
     return map_tensors(batch, lambda tensor: tensor.clone() if tensor.is_inference() else tensor)
 
 
-def _nothing() -> None:
-    """No callback."""
-
-
 def _streamed_backward(
     model: nn.Module,
     params: Mapping[str, nn.Parameter],
@@ -41,13 +37,13 @@ def _streamed_backward(
     *,
     importance: str,
     on_gradient: Callable[[str, torch.Tensor, torch.Tensor], None],
-    after_batch: Callable[[], None],
+    after_batch: Callable[[], None] | None,
     monitor: StageMonitor,
 ) -> None:
     """Back-propagate every batch's loss with only ``params`` requiring gradients, handing each gradient to
     ``on_gradient(name, weight, grad)`` (the weight detached, both in the parameter's dtype) the moment backward
-    produces it and freeing it at once, so no full gradient outlives its batch; ``after_batch()`` runs once each
-    batch's backward is done.
+    produces it and freeing it at once, so no full gradient outlives its batch; ``after_batch()``, if given, runs once
+    each batch's backward is done.
 
     Every parameter's ``requires_grad`` and ``.grad`` are restored afterwards. ``importance`` names the estimator in
     the error raised for a loss that cannot be back-propagated.
@@ -83,7 +79,8 @@ def _streamed_backward(
                 loss.backward()
                 monitor.full_forwards += 1
                 monitor.backward_passes += 1
-                after_batch()
+                if after_batch is not None:
+                    after_batch()
     finally:
         for handle in handles:
             handle.remove()
@@ -122,7 +119,7 @@ def first_order_sums(
         loss_fn,
         importance="first_order",
         on_gradient=add,
-        after_batch=on_batch_done or _nothing,
+        after_batch=on_batch_done,
         monitor=monitor,
     )
     return {name: float(total) for name, total in sums.items()}
