@@ -91,7 +91,10 @@ class PruningConfig:
             prefix reuse are kept: ``"auto"`` (on the devices their blocks ran on while they take at most a quarter
             of the first one's free memory, else on the CPU), ``"device"``, ``"cpu"`` (offloaded), or
             ``"recompute"`` (record nothing: one full forward per probe, weights perturbed in place; the reference
-            loop). Fine step: ``"cpu"`` also keeps the recorded block inputs and the propagated hidden states in CPU
+            loop). First order and gradient norm: ``"recompute"`` keeps only each block's inputs between the forward
+            and the backward pass and runs every block again during backward (activation checkpointing: the same
+            scores, about one more forward of the blocks per batch); the other values keep what autograd saves.
+            Fine step: ``"cpu"`` also keeps the recorded block inputs and the propagated hidden states in CPU
             memory (each block's are moved to its device for its replay; for models whose activations do not fit
             the device beside the weights); the other values keep them where the model produced them.
         max_probe_replicas: zeroth order: most probes evaluated in one forward on copies of the calibration batch

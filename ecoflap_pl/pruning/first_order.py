@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from ecoflap_pl.pruning.block_outputs import map_tensors, tensor_leaves
+from ecoflap_pl.pruning.block_outputs import CallKey, answered_calls, map_tensors, stack_blocks, tensor_leaves
 from ecoflap_pl.pruning.loss import LossFn, checked_loss
 from ecoflap_pl.pruning.monitor import StageMonitor
 from ecoflap_pl.pruning.score_variants import get_score
@@ -29,6 +31,31 @@ def _autograd_batch(batch: Any) -> Any:
     return map_tensors(batch, lambda tensor: tensor.clone() if tensor.is_inference() else tensor)
 
 
+def _kept_activations(model: nn.Module, storage: str, monitor: StageMonitor) -> AbstractContextManager[Any]:
+    """What the forward keeps for backward: everything autograd saves, or with ``activation_storage: recompute`` only
+    each block call's inputs (activation checkpointing of every block of every discovered stack; each block run again
+    during backward is counted in ``monitor.block_forwards``)."""
+    if storage != "recompute":
+        return nullcontext()
+
+    def checkpointed(_: CallKey, run: Callable[[], Any]) -> Any:
+        runs = 0
+
+        def counted() -> Any:
+            nonlocal runs
+            if runs:  # the second run is backward's
+                monitor.block_forwards += 1
+            runs += 1
+            return run()
+
+        # torch's non-reentrant checkpoint keeps what ``run`` closes over (the block's inputs) and nothing the block
+        # saves for backward, and runs the block again when backward reaches it. Hugging Face's own gradient
+        # checkpointing cannot serve here: it acts only in train mode, and pruning runs the model in eval mode.
+        return checkpoint(counted, use_reentrant=False)
+
+    return answered_calls(stack_blocks(model), checkpointed)
+
+
 def _streamed_backward(
     model: nn.Module,
     params: Mapping[str, nn.Parameter],
@@ -36,6 +63,7 @@ def _streamed_backward(
     loss_fn: LossFn,
     *,
     importance: str,
+    storage: str,
     on_gradient: Callable[[str, torch.Tensor, torch.Tensor], None],
     after_batch: Callable[[], None] | None,
     monitor: StageMonitor,
@@ -43,7 +71,9 @@ def _streamed_backward(
     """Back-propagate every batch's loss with only ``params`` requiring gradients, handing each gradient to
     ``on_gradient(name, weight, grad)`` (the weight detached, both in the parameter's dtype) the moment backward
     produces it and freeing it at once, so no full gradient outlives its batch; ``after_batch()``, if given, runs once
-    each batch's backward is done.
+    each batch's backward is done. ``storage`` is ``activation_storage``: ``"recompute"`` keeps only each block's
+    inputs between the forward and the backward pass and runs every block again during backward (one more forward
+    of the blocks per batch, the same gradients); any other value keeps what autograd saves, on the device.
 
     Every parameter's ``requires_grad`` and ``.grad`` are restored afterwards. ``importance`` names the estimator in
     the error raised for a loss that cannot be back-propagated.
@@ -66,7 +96,7 @@ def _streamed_backward(
         for name, param in params.items():
             param.requires_grad_(True)
             handles.append(param.register_post_accumulate_grad_hook(hook_for(name)))
-        with torch.enable_grad():
+        with torch.enable_grad(), _kept_activations(model, storage, monitor):
             for batch_id, batch in batches:
                 loss = checked_loss(loss_fn, model, _autograd_batch(batch), batch_id)
                 if not loss.requires_grad:
@@ -97,6 +127,7 @@ def first_order_sums(
     *,
     score: str,
     monitor: StageMonitor,
+    storage: str = "auto",
     on_batch_done: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Per tensor, ``Σ_b Σ_i r(w_i, g_{b,i})`` with ``r`` the ``elementwise`` function of the score variant
@@ -118,6 +149,7 @@ def first_order_sums(
         batches,
         loss_fn,
         importance="first_order",
+        storage=storage,
         on_gradient=add,
         after_batch=on_batch_done,
         monitor=monitor,
@@ -137,6 +169,7 @@ def gradient_norm_sums(
     loss_fn: LossFn,
     *,
     monitor: StageMonitor,
+    storage: str = "auto",
     on_batch_done: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """``s_u = Σ_b sqrt(2/π) · ‖∇_u L_b‖₂`` for every unit ``u`` (a list of parameter names), by back-propagation.
@@ -167,6 +200,7 @@ def gradient_norm_sums(
         batches,
         loss_fn,
         importance="gradient_norm",
+        storage=storage,
         on_gradient=add,
         after_batch=end_batch,
         monitor=monitor,

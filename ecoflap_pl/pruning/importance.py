@@ -168,6 +168,7 @@ def first_order_measure(request: ImportanceRequest) -> dict[str, float]:
         request.loss_fn,
         score=request.config.score,
         monitor=request.monitor,
+        storage=request.config.activation_storage,
         on_batch_done=request.tick(len(request.batches)),
     )
 
@@ -177,7 +178,7 @@ def gradient_norm_measure(request: ImportanceRequest) -> dict[str, float]:
     """What ``zeroth_order`` estimates, computed exactly: per unit (``probe_granularity``) and batch
     ``sqrt(2/π)·‖∇_u L_b‖₂`` by streamed back-propagation, summed over batches; the score variants apply as for
     zeroth order. One backward per batch instead of two forwards per unit and probe, no sampling noise, but the
-    memory of a backward pass."""
+    memory of a backward pass (``activation_storage: recompute`` checkpoints every block)."""
     return gradient_norm_sums(
         request.model,
         _probe_units(request),
@@ -185,5 +186,6 @@ def gradient_norm_measure(request: ImportanceRequest) -> dict[str, float]:
         request.batches,
         request.loss_fn,
         monitor=request.monitor,
+        storage=request.config.activation_storage,
         on_batch_done=request.tick(len(request.batches)),
     )

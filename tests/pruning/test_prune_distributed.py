@@ -22,6 +22,10 @@ CONFIGS = {
     "gradient_norm_per_block": PruningConfig(
         sparsity=0.5, importance="gradient_norm", probe_granularity="per_block", coarse_samples=16, fine_samples=16
     ),
+    # Every block checkpointed: each rank runs its blocks again in its own backward passes.
+    "gradient_norm_recomputed": PruningConfig(
+        sparsity=0.5, importance="gradient_norm", activation_storage="recompute", coarse_samples=16, fine_samples=16
+    ),
     # 2 batches score, 2 prune, the last 2 are held out (one per rank, their losses all-reduced).
     "auto": PruningConfig(
         sparsity=0.6, allocation="auto", coarse_samples=8, fine_samples=8, auto_holdout_samples=8, owl_m=2.0
