@@ -14,8 +14,9 @@ Each method runs in its own fresh process (so the peak GPU memory is that method
 - ECoFLaP zeroth-order + Wanda (the default ``PruningConfig``: one probe per weight tensor per batch, prefix reuse
   and up to 8 probes per forward), the same with up to 32 probes per forward (``max_probe_replicas``; the memory
   left still bounds it), and with the plain loop (one full forward per probe) for comparison,
-- ECoFLaP first-order + Wanda, and ECoFLaP + Wanda on ``importance="gradient_norm"`` (the zeroth-order scores'
-  expectation by back-propagation; ``gpu_session.py`` leaves it out to fit its 10 minutes),
+- ECoFLaP first-order + Wanda (also with ``activation_storage="recompute"``: every block checkpointed), and ECoFLaP +
+  Wanda on ``importance="gradient_norm"`` (the zeroth-order scores' expectation by back-propagation);
+  ``gpu_session.py`` leaves the last two out to fit its 10 minutes,
 - uniform Wanda (stacked block replays, the default, and one calibration batch per replay), uniform SparseGPT and
   magnitude pruning.
 
@@ -78,6 +79,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "zeroth_order_plain": {"importance": "zeroth_order", "method": "wanda", "activation_storage": "recompute"},
     "zeroth_order_32_replicas": {"importance": "zeroth_order", "method": "wanda", "max_probe_replicas": 32},
     "first_order": {"importance": "first_order", "method": "wanda"},
+    "first_order_recompute": {"importance": "first_order", "method": "wanda", "activation_storage": "recompute"},
     "gradient_norm": {"importance": "gradient_norm", "method": "wanda"},
     "wanda": {"importance": "uniform", "method": "wanda"},
     "wanda_one_batch_replays": {"importance": "uniform", "method": "wanda", "fine_replay_batches": 1},
@@ -89,6 +91,7 @@ LABELS = {
     "zeroth_order_plain": "ECoFLaP zeroth-order (plain loop) + Wanda",
     "zeroth_order_32_replicas": "ECoFLaP zeroth-order + Wanda, up to 32 probes per forward",
     "first_order": "ECoFLaP first-order + Wanda",
+    "first_order_recompute": "ECoFLaP first-order + Wanda, every block recomputed in backward",
     "gradient_norm": "ECoFLaP gradient-norm (zeroth order's expectation, by backprop) + Wanda",
     "wanda": "Wanda (uniform)",
     "wanda_one_batch_replays": "Wanda (uniform, one batch per replay)",
@@ -102,6 +105,7 @@ RUN_ORDER = (
     "wanda",
     "wanda_one_batch_replays",
     "first_order",
+    "first_order_recompute",
     "gradient_norm",
     "zeroth_order",
     "zeroth_order_32_replicas",
