@@ -4,8 +4,9 @@ A seeded random LLaMA-shaped model (long sequences, so that activations outweigh
 hundreds of image and text tokens) is scored by ``first_order`` and ``gradient_norm`` with
 ``activation_storage: auto`` (autograd keeps what it saves) and ``recompute`` (every block checkpointed), each in a
 fresh process so that its peak resident memory is its own. Reported per row: wall time, blocks run again during
-backward, the bytes autograd keeps for backward outside checkpointed blocks (weights excluded; counted through a
-saved-tensor hook, exact), the process's peak resident memory above the model and data, and whether the scores equal
+backward, the bytes kept from the forward for backward per batch (weights excluded): what autograd saves outside
+checkpointed blocks (counted through a saved-tensor hook) plus, with ``recompute``, the inputs each checkpointed
+block holds; the process's peak resident memory above the model and data, and whether the scores equal
 those of ``auto``. A no-grad forward over the same batches gives the inference floor.
 
 Usage::
@@ -29,6 +30,7 @@ from _results import publish_section
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ecoflap_pl import PruningConfig, score_groups
+from ecoflap_pl.pruning.block_outputs import stack_blocks, tensor_leaves
 from ecoflap_pl.pruning.monitor import StageMonitor
 
 SECTION = "## Back-propagated coarse step: keeping activations or recomputing blocks"
@@ -81,6 +83,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         stats = monitor.stats.to_dict()
         return {"stats": stats, "rss_before": before, "kept_bytes": 0, "scores": None}
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    held: set[int] = set()  # storages of the block inputs counted in the current forward
     kept = 0
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -89,11 +92,31 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             kept += tensor.numel() * tensor.element_size()
         return tensor
 
+    def block_inputs(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # what a checkpointed block keeps for backward: its inputs (each storage once per forward; the engine's
+        # discovery forward runs without grad and keeps nothing)
+        nonlocal kept
+        if not torch.is_grad_enabled():
+            return
+        for tensor in tensor_leaves((args, kwargs)):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights | held:
+                held.add(storage.data_ptr())
+                kept += storage.nbytes()
+
+    def measured_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        held.clear()
+        return _loss(model, batch)
+
     config = PruningConfig(
         sparsity=0.5, coarse_samples=args.batches * args.batch_size, probe_granularity="per_tensor", **settings
     )
+    blocks = stack_blocks(model).values() if settings["activation_storage"] == "recompute" else []
+    hooks = [block.register_forward_pre_hook(block_inputs, with_kwargs=True) for block in blocks]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        scores = score_groups(model, batches, _loss, config)
+        scores = score_groups(model, batches, measured_loss, config)
+    for hook in hooks:
+        hook.remove()
     return {
         "stats": scores.stats.to_dict(),
         "rss_before": before,
@@ -112,7 +135,7 @@ def _worker_args(args: argparse.Namespace, row: str) -> list[str]:
 def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     floor = results["forward only (no grad)"]["stats"]
     lines = [
-        "| coarse step | wall s | blocks run again in backward | kept by autograd per batch MiB | peak RSS growth MiB "
+        "| coarse step | wall s | blocks run again in backward | kept for backward per batch MiB | peak RSS growth MiB "
         "| scores equal to `auto`'s |",
         "|---|---|---|---|---|---|",
     ]

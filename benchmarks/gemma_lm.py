@@ -82,6 +82,7 @@ METHODS: dict[str, dict[str, Any]] = {
     # The same 32 coarse samples scored by first order and by the exact expectation: what the preset's samples buy.
     "ecoflap_fo_32_wanda": {**FIRST, "coarse_samples": 32, "method": "wanda"},
     "ecoflap_zo_exact_32_wanda": {**EXACT, "coarse_samples": 32, "method": "wanda"},
+    "ecoflap_zo_exact_32_sparsegpt": {**EXACT, "coarse_samples": 32, **SPARSEGPT},
     "owl_wanda": {"importance": "uniform", "allocation": "owl", "method": "wanda"},
     "owl_sparsegpt": {"importance": "uniform", "allocation": "owl", **SPARSEGPT},
     "auto_wanda": {**FIRST, "allocation": "auto", "method": "wanda"},
