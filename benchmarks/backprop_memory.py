@@ -31,7 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ecoflap_pl import PruningConfig, score_groups
 from ecoflap_pl.pruning.block_outputs import stack_blocks, tensor_leaves
-from ecoflap_pl.pruning.monitor import StageMonitor
+from ecoflap_pl.pruning.monitor import StageMonitor, resident_bytes
 
 SECTION = "## Back-propagated coarse step: keeping activations or recomputing blocks"
 ROWS: dict[str, dict[str, str]] = {
@@ -56,11 +56,6 @@ def _config(args: argparse.Namespace) -> LlamaConfig:
     )
 
 
-def _rss() -> int:
-    with open("/proc/self/statm", encoding="utf-8") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
 
@@ -75,7 +70,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.batches)
     ]
     settings = ROWS[args.worker]
-    before = _rss()
+    before = resident_bytes()
     if not settings:
         with StageMonitor(torch.device("cpu")) as monitor, torch.no_grad():
             for batch in batches:

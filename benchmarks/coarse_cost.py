@@ -51,7 +51,7 @@ from ecoflap_pl import PruningConfig, prune, score_groups
 from ecoflap_pl.models.tiny import tiny_config
 from ecoflap_pl.models.tokenizers import IMAGE_ID
 from ecoflap_pl.pruning.fast_zeroth_order import fast_zeroth_order_sums
-from ecoflap_pl.pruning.monitor import StageMonitor
+from ecoflap_pl.pruning.monitor import StageMonitor, resident_bytes
 
 logger = logging.getLogger("coarse_cost")
 METHODS = {
@@ -79,11 +79,6 @@ WORKERS = (*METHODS, "reference", "fine", "grid")
 SECTION = "## Coarse step cost"
 VOCAB = 512
 FIRST_WORD_ID = 8
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def build(args: argparse.Namespace) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
@@ -157,7 +152,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         batches = batches[: -(-args.fine_samples // args.batch_size)]
     elif args.worker not in ("reference", "grid"):
         batches = batches[: -(-args.samples // args.batch_size)]
-    rss_before = _rss_bytes()
+    rss_before = resident_bytes()
     if args.worker in METHODS:
         scores = _scores(model, batches, args, **METHODS[args.worker])
         return {"scores": scores.scores, "stats": scores.stats.to_dict(), "rss_before": rss_before}

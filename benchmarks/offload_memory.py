@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import threading
 import time
 
@@ -22,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ecoflap_pl import PruningConfig, prune
 from ecoflap_pl.models.placement import OffloadedWeights
+from ecoflap_pl.pruning.monitor import resident_bytes
 
 LAYERS = 8
 
@@ -38,28 +38,23 @@ def _config() -> LlamaConfig:
     )
 
 
-def _rss() -> int:
-    with open("/proc/self/statm", encoding="utf-8") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 class PeakSampler(threading.Thread):
     """Samples the resident set size every millisecond until stopped."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.peak = _rss()
+        self.peak = resident_bytes()
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, resident_bytes())
             time.sleep(0.001)
 
     def stop(self) -> int:
         self._stop_event.set()
         self.join()
-        return max(self.peak, _rss())
+        return max(self.peak, resident_bytes())
 
 
 def build(folder: str) -> None:
@@ -84,7 +79,7 @@ def prune_model(folder: str, offload: str | None, importance: str) -> None:
     config = PruningConfig(
         sparsity=0.5, importance=importance, coarse_samples=2, fine_samples=4, max_probe_replicas=4, eps=1e-2
     )
-    before = _rss()
+    before = resident_bytes()
     sampler = PeakSampler()
     sampler.start()
     with OffloadedWeights(model) as weights:

@@ -81,7 +81,8 @@ def over_ranks(
     )
 
 
-def _rss_bytes() -> int:
+def resident_bytes() -> int:
+    """The process's resident set size in bytes (0 where ``/proc`` cannot tell it)."""
     try:
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * _PAGE_SIZE
@@ -121,14 +122,14 @@ class StageMonitor:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.005):
-            self._peak_rss = max(self._peak_rss, _rss_bytes())
+            self._peak_rss = max(self._peak_rss, resident_bytes())
 
     def __enter__(self) -> StageMonitor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            self._peak_rss = _rss_bytes()
+            self._peak_rss = resident_bytes()
             self._sampler = threading.Thread(target=self._sample, daemon=True)
             self._sampler.start()
         self._start = time.perf_counter()
@@ -142,7 +143,7 @@ class StageMonitor:
             self._stop.set()
             if self._sampler is not None:
                 self._sampler.join()
-            peak, kind = max(self._peak_rss, _rss_bytes()), "cpu_rss"
+            peak, kind = max(self._peak_rss, resident_bytes()), "cpu_rss"
         self.stats = StageStats(
             self.full_forwards,
             self.block_forwards,
