@@ -95,7 +95,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             return
         for tensor in tensor_leaves((args, kwargs)):
             storage = tensor.untyped_storage()
-            if storage.data_ptr() not in weights | held:
+            if storage.data_ptr() not in weights and storage.data_ptr() not in held:
                 held.add(storage.data_ptr())
                 kept += storage.nbytes()
 

@@ -9,7 +9,7 @@ import torch
 
 from ecoflap_pl import PruningConfig, score_groups
 from ecoflap_pl.pruning.block_outputs import stack_blocks
-from tests.pruning.pruning_helpers import FAMILIES, assert_bit_identical, family_case, snapshot
+from tests.pruning.pruning_helpers import FAMILIES, assert_bit_identical, family_case, own_block_outputs, snapshot
 
 ESTIMATORS = ("first_order", "gradient_norm")
 
@@ -29,25 +29,6 @@ def kept_and_scores(model, batches, loss_fn, config):
     return scores, kept
 
 
-def block_calls(model, batches, loss_fn):
-    """How many times the blocks of the discovered stacks run over one forward of every batch."""
-    calls = 0
-
-    def count(*_):
-        nonlocal calls
-        calls += 1
-
-    handles = [block.register_forward_pre_hook(count) for block in stack_blocks(model).values()]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                loss_fn(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("importance", ESTIMATORS)
 def test_recomputed_blocks_give_the_same_scores_keeping_less(family, importance):
@@ -63,7 +44,8 @@ def test_recomputed_blocks_give_the_same_scores_keeping_less(family, importance)
     )
     assert recomputed.scores == kept_scores.scores
     assert kept_scores.stats.block_forwards == 0
-    assert recomputed.stats.block_forwards == block_calls(model, batches, loss_fn) > 0
+    calls = own_block_outputs(model, list(stack_blocks(model).values()), batches, loss_fn)
+    assert recomputed.stats.block_forwards == sum(map(len, calls)) > 0
     assert recomputed.stats.backward_passes == kept_scores.stats.backward_passes == len(batches)
     assert kept_recomputing < kept
     assert_bit_identical(model, before)
