@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
-import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ecoflap_pl import PruningConfig, prune
 from ecoflap_pl.models.placement import OffloadedWeights
-from ecoflap_pl.pruning.monitor import resident_bytes
+from ecoflap_pl.pruning.monitor import StageMonitor, resident_bytes
 
 LAYERS = 8
 
@@ -36,25 +34,6 @@ def _config() -> LlamaConfig:
         num_key_value_heads=4,
         max_position_embeddings=64,
     )
-
-
-class PeakSampler(threading.Thread):
-    """Samples the resident set size every millisecond until stopped."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.peak = resident_bytes()
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.peak = max(self.peak, resident_bytes())
-            time.sleep(0.001)
-
-    def stop(self) -> int:
-        self._stop_event.set()
-        self.join()
-        return max(self.peak, resident_bytes())
 
 
 def build(folder: str) -> None:
@@ -80,11 +59,9 @@ def prune_model(folder: str, offload: str | None, importance: str) -> None:
         sparsity=0.5, importance=importance, coarse_samples=2, fine_samples=4, max_probe_replicas=4, eps=1e-2
     )
     before = resident_bytes()
-    sampler = PeakSampler()
-    sampler.start()
-    with OffloadedWeights(model) as weights:
+    with StageMonitor(torch.device("cpu")) as monitor, OffloadedWeights(model) as weights:
         result = prune(model, batches, loss_fn, config, residency=weights if weights.modules else None)
-    peak = sampler.stop()
+    peak = monitor.stats.peak_memory_bytes
     print(
         json.dumps(
             {
