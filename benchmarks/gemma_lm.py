@@ -27,12 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,16 @@ METHODS: dict[str, dict[str, Any]] = {
 COARSE_SETTINGS = ("coarse_samples", "probes", "probe_granularity")
 DETERMINISTIC = {"magnitude"}
 PEER_CONFIGS = ("wanda", "sparsegpt", "owl_wanda", "owl_sparsegpt")
+# The recommended configuration against the baselines, seed by seed: every tool prunes with the same calibration
+# documents for a seed, so a paired comparison removes the spread the seeds share.
+RECOMMENDED = ("ecoflap-pl", "auto_sparsegpt")
+BASELINES = (
+    ("ecoflap-pl", "wanda"),
+    ("ecoflap-pl", "sparsegpt"),
+    ("ecoflap-pl", "owl_sparsegpt"),
+    ("llm-compressor", "sparsegpt"),
+    ("llm-compressor", "owl_sparsegpt"),
+)
 
 
 @dataclass(frozen=True)
@@ -284,6 +296,40 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def paired_table(runs: list[Run], sparsities: list[float]) -> list[str]:
+    """Markdown lines: on the seeds both ran, how often the recommended configuration's perplexity is lower than each
+    baseline's and the geometric mean of their ratios (below 1: the recommended one is better)."""
+
+    def by_seed(tool: str, method: str, sparsity: float) -> dict[int, float]:
+        return {
+            r.seed: r.perplexity
+            for r in runs
+            if r.tool == tool and r.method == method and abs(r.sparsity - sparsity) < 1e-9
+        }
+
+    header = " | ".join(f"{100 * s:.0f}%" for s in sparsities)
+    lines = [
+        f"Paired by seed, `{RECOMMENDED[1]}` against each baseline (seeds both ran: lower on k of n, geometric mean of "
+        "the perplexity ratios):",
+        "",
+        f"| baseline | {header} |",
+        "|---|" + "---|" * len(sparsities),
+    ]
+    for tool, method in BASELINES:
+        cells = []
+        for sparsity in sparsities:
+            ours, theirs = by_seed(*RECOMMENDED, sparsity), by_seed(tool, method, sparsity)
+            seeds = sorted(ours.keys() & theirs.keys())
+            if not seeds:
+                cells.append("not run")
+                continue
+            lower = sum(ours[seed] < theirs[seed] for seed in seeds)
+            ratio = math.exp(statistics.mean(math.log(ours[seed] / theirs[seed]) for seed in seeds))
+            cells.append(f"{lower}/{len(seeds)}, ×{ratio:.3f}")
+        lines.append(f"| {tool} {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def table(runs: list[Run], args: argparse.Namespace) -> str:
     dense = {r.tool: r.perplexity for r in runs if r.method == "dense"}
     header = " | ".join(f"{100 * s:.0f}%" for s in args.sparsities)
@@ -308,13 +354,15 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
     notes = [f"{m} ({', '.join(f'{k} {v}' for k, v in settings.items())})" for m, settings in own.items() if settings]
     if notes:
         lines += ["", "Methods whose coarse step departs from the settings above: " + "; ".join(notes) + "."]
+    lines += ["", *paired_table(runs, args.sparsities)]
     picks = [r for r in runs if r.chosen]
     if picks:
-        lines += [
-            "",
-            "Candidates chosen by `auto`: "
-            + "; ".join(f"{r.method} {100 * r.sparsity:.0f}% seed {r.seed}: {r.chosen}" for r in picks),
-        ]
+        summary = []
+        for method, sparsity in sorted({(r.method, r.sparsity) for r in picks}):
+            counts = Counter(r.chosen for r in picks if r.method == method and r.sparsity == sparsity)
+            listed = ", ".join(f"{choice} {count}x" for choice, count in sorted(counts.items()))
+            summary.append(f"{method} {100 * sparsity:.0f}% (n={sum(counts.values())}): {listed}")
+        lines += ["", "Candidates chosen by `auto`: " + "; ".join(summary) + "."]
     return "\n".join(lines)
 
 
