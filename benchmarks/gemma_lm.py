@@ -50,6 +50,7 @@ from ecoflap_pl.tasks import LanguageModelingTask
 
 logger = logging.getLogger("gemma_lm")
 SECTION = "## Gemma-3-270M perplexity (real pretrained weights)"
+DEFAULT_FINE_SAMPLES = 8
 ROOT = Path(__file__).resolve().parent.parent
 PEER_PYTHON = ROOT / ".venv-llmcompressor" / "bin" / "python"
 PEER_SCRIPT = ROOT / "benchmarks" / "peer" / "llmcompressor_gemma.py"
@@ -298,7 +299,8 @@ def _cell(values: list[float]) -> str:
 
 def paired_table(runs: list[Run], sparsities: list[float]) -> list[str]:
     """Markdown lines: on the seeds both ran, how often the recommended configuration's perplexity is lower than each
-    baseline's and the geometric mean of their ratios (below 1: the recommended one is better)."""
+    baseline's and the geometric mean of their ratios (below 1: the recommended one is better); baselines never run
+    beside it are left out."""
 
     def by_seed(tool: str, method: str, sparsity: float) -> dict[int, float]:
         return {
@@ -326,7 +328,8 @@ def paired_table(runs: list[Run], sparsities: list[float]) -> list[str]:
             lower = sum(ours[seed] < theirs[seed] for seed in seeds)
             ratio = math.exp(statistics.mean(math.log(ours[seed] / theirs[seed]) for seed in seeds))
             cells.append(f"{lower}/{len(seeds)}, ×{ratio:.3f}")
-        lines.append(f"| {tool} {method} | " + " | ".join(cells) + " |")
+        if any(cell != "not run" for cell in cells):
+            lines.append(f"| {tool} {method} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -344,7 +347,6 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
     for tool, method in rows:
         chosen = [r for r in runs if r.tool == tool and r.method == method]
         if not chosen:
-            lines.append(f"| {tool} | {method} | " + " | ".join("not run" for _ in args.sparsities) + " | | |")
             continue
         cells = [_cell([r.perplexity for r in chosen if abs(r.sparsity - s) < 1e-9]) for s in args.sparsities]
         seconds = statistics.mean(r.prune_seconds for r in chosen)
@@ -383,7 +385,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peer-configs", nargs="+", default=list(PEER_CONFIGS), choices=list(PEER_CONFIGS))
     parser.add_argument("--max-length", type=int, default=128, help="tokens per document")
     parser.add_argument("--coarse-samples", type=int, default=4)
-    parser.add_argument("--fine-samples", type=int, default=8)
+    parser.add_argument(
+        "--fine-samples",
+        type=int,
+        default=DEFAULT_FINE_SAMPLES,
+        help=f"fine-step samples; other than {DEFAULT_FINE_SAMPLES}, the table is a section of its own "
+        "(give it its own --json)",
+    )
     parser.add_argument("--probe-granularity", default="per_block", choices=["per_block", "per_tensor"])
     parser.add_argument("--auto-holdout-samples", type=int, default=4, help="held-out samples of `auto`")
     parser.add_argument("--eval-documents", type=int, default=16, help="New Testament chapters evaluated")
@@ -417,9 +425,10 @@ def main(argv: list[str] | None = None) -> None:
         runs = load_runs(args.json)
     minutes = (time.time() - started) / 60
     command = " ".join(["python", "benchmarks/gemma_lm.py", *(argv if argv is not None else sys.argv[1:])])
+    heading = SECTION if args.fine_samples == DEFAULT_FINE_SAMPLES else f"{SECTION}, {args.fine_samples} fine samples"
     section = "\n".join(
         [
-            SECTION,
+            heading,
             "",
             f"Command: `{command}`"
             + (f" (the table of the runs in `{args.json}`)" if args.report_only else f", {minutes:.0f} min"),
@@ -441,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
             "",
         ]
     )
-    publish_section(section, SECTION, args.write)
+    publish_section(section, heading, args.write)
 
 
 if __name__ == "__main__":
