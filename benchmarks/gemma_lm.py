@@ -352,7 +352,8 @@ def table(runs: list[Run], args: argparse.Namespace) -> str:
         seconds = statistics.mean(r.prune_seconds for r in chosen)
         seeds = ",".join(str(s) for s in sorted({r.seed for r in chosen}))
         lines.append(f"| {tool} | {method} | " + " | ".join(cells) + f" | {seconds:.0f} | {seeds} |")
-    own = {m: {k: v for k, v in METHODS[m].items() if k in COARSE_SETTINGS} for m in METHODS}
+    ran = {r.method for r in runs if r.tool == "ecoflap-pl"}
+    own = {m: {k: v for k, v in METHODS[m].items() if k in COARSE_SETTINGS} for m in METHODS if m in ran}
     notes = [f"{m} ({', '.join(f'{k} {v}' for k, v in settings.items())})" for m, settings in own.items() if settings]
     if notes:
         lines += ["", "Methods whose coarse step departs from the settings above: " + "; ".join(notes) + "."]
