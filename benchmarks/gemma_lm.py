@@ -416,6 +416,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     started = time.time()
     runs = load_runs(args.json)
+    if args.report_only and not any(run.method != "dense" for run in runs):
+        raise SystemExit(f"{args.json} holds no pruned runs, so there is no table to write. HINT: check --json.")
     if not args.report_only:
         done = {run.key for run in runs}
         bench = Bench(args)

@@ -49,3 +49,12 @@ def test_auto_picks_are_counted_per_method_and_sparsity(gemma_lm) -> None:
         "Candidates chosen by `auto`: auto_sparsegpt 50% (n=1): owl(lambda=0.08) 1x; "
         "auto_sparsegpt 70% (n=3): ecoflap(max_sparsity=0.8) 1x, uniform 2x."
     ) in text
+
+
+def test_a_report_from_a_file_without_runs_is_refused_and_writes_nothing(gemma_lm, tmp_path) -> None:
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## Gemma-3-270M perplexity (real pretrained weights)\n\nkept\n")
+    before = results.read_text()
+    with pytest.raises(SystemExit, match="HINT: check --json"):
+        gemma_lm.main(["--report-only", "--json", str(tmp_path / "typo.jsonl"), "--write", str(results)])
+    assert results.read_text() == before
