@@ -11,7 +11,8 @@ seconds of a run include its scoring, as if it had run alone. Seeds vary the cal
 
 The peer, llm-compressor, runs in its own environment (``benchmarks/peer/setup_llmcompressor.sh``) through
 ``benchmarks/peer/llmcompressor_gemma.py`` on the same weights, the same calibration documents of each seed and the
-same evaluation documents; its rows join the same table.
+same evaluation documents; its rows join the same table. Because the documents are shared, the report also compares
+the recommended configuration with each baseline seed by seed (wins and the geometric mean of the perplexity ratios).
 
 Runs are appended to a JSON-lines file as they finish; a rerun skips the runs already there, so a sweep can be
 resumed, extended with new methods, or split over processes (``--parts``) that share the file.
@@ -20,6 +21,9 @@ Usage::
 
     pip install -e ".[bench]" && bash benchmarks/peer/setup_llmcompressor.sh
     python benchmarks/gemma_lm.py --write benchmarks/RESULTS.md
+    # the 64-sample table, a section of its own:
+    python benchmarks/gemma_lm.py --fine-samples 64 --sparsities 0.7 --json benchmarks/gemma_lm_64.jsonl \
+        --write benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
